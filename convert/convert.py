@@ -1,0 +1,152 @@
+"""HF model dir → TRT-LLM checkpoint dir (config.json + rank{r}.safetensors), streaming.
+
+Order of work: read the config, check the parallel layout, plan every rank (every source tensor
+located and shape-checked), and only then read weights. Files go to ``<out>.partial/`` and the
+directory is renamed to ``<out>`` when every rank is complete and read back. A run interrupted
+(Ctrl-C, SIGTERM) keeps ``<out>.partial/`` with its finished ranks; a rerun with the same inputs
+and options redoes only the unfinished ones. A run that fails for any other reason removes it.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from safetensors import safe_open
+from tqdm import tqdm
+
+from .errors import UserError
+from .hf_config import from_hugging_face, model_shape, preflight, read_hf_config
+from .plan import rank_plan
+from .source import SourceCheckpoint
+from .writer import iter_chunks, nbytes, write_file
+
+FINGERPRINT = "fingerprint.json"
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a write; partial output is kept for resume."""
+
+
+def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool) -> str:
+    source = SourceCheckpoint(model_dir)
+    total = sum(nbytes(t.shape, t.dtype) for t in plan)
+    tmp = Path(path + ".tmp")
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"rank {rank}", position=rank,
+              leave=False, disable=not progress) as bar:
+        def produce(t):
+            bar.set_postfix_str(t.name.replace("transformer.", ""), refresh=False)
+            for piece in t.pieces:
+                yield from iter_chunks(source, piece, t.dtype)
+
+        write_file(tmp, plan, produce, on_bytes=bar.update)
+    os.replace(tmp, path)
+    return path
+
+
+def _fingerprint(config: dict, plans, source: SourceCheckpoint) -> dict:
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for plan in plans:
+        for t in plan:
+            h.update(repr((t.name, t.shape, str(t.dtype), [asdict(p) for p in t.pieces])).encode())
+    for f in source.files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return {"sha256": h.hexdigest()}
+
+
+def _verify_files(tmp: Path, plans) -> None:
+    """Read every written file back with safetensors and compare its index with the plan."""
+    for rank, plan in enumerate(plans):
+        with safe_open(str(tmp / f"rank{rank}.safetensors"), framework="pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        want = {t.name: tuple(t.shape) for t in plan}
+        if got != want:
+            raise AssertionError(f"rank{rank}.safetensors does not hold the planned tensors")
+
+
+def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
+                       workers: int = 1, force: bool = False, progress: bool = True,
+                       quantization: dict | None = None) -> dict:
+    """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    hf = read_hf_config(model_dir)
+    shape = model_shape(hf)
+    preflight(shape, tp, pp)
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir} already exists: choose another --output or pass --force to "
+                        f"replace it")
+    config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization)
+    source = SourceCheckpoint(model_dir)
+    world = tp * pp
+    plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"])
+             for r in range(world)]
+    fingerprint = _fingerprint(config, plans, source)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir.parent, os.W_OK):
+        raise UserError(f"cannot write to {out_dir.parent}: it is read-only for this user; "
+                        f"choose another --output")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        try:
+            old = json.loads((tmp / FINGERPRINT).read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != fingerprint:
+            shutil.rmtree(tmp)
+    tmp.mkdir(exist_ok=True)
+    (tmp / FINGERPRINT).write_text(json.dumps(fingerprint))
+    todo = [r for r in range(world) if not (tmp / f"rank{r}.safetensors").is_file()]
+    try:
+        _run_ranks(model_dir, plans, tmp, todo, workers, progress)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _verify_files(tmp, plans)
+        (tmp / FINGERPRINT).unlink()
+        if out_dir.exists():  # --force: swap the new one in, then drop the old one
+            old_dir = out_dir.with_name(out_dir.name + ".old")
+            shutil.rmtree(old_dir, ignore_errors=True)
+            os.replace(out_dir, old_dir)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except (KeyboardInterrupt, Interrupted):
+        for leftover in tmp.glob("*.tmp"):
+            leftover.unlink()
+        raise Interrupted(f"interrupted: finished ranks are kept in {tmp}; rerun the same command "
+                          f"to finish only the remaining ranks")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write the checkpoint to {out_dir.parent}: {e.strerror or e}; "
+                        f"free space or choose another --output")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return config
+
+
+def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool) -> None:
+    jobs = [(str(model_dir), plans[r], str(tmp / f"rank{r}.safetensors"), r, progress)
+            for r in todo]
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            _write_rank(*job)
+        return
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
+                                initializer=tqdm.set_lock, initargs=(ctx.RLock(),)) as pool:
+        futures = [pool.submit(_write_rank, *job) for job in jobs]
+        try:
+            for fut in cf.as_completed(futures):
+                fut.result()
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise

@@ -1,0 +1,202 @@
+"""``from_hugging_face``: a Hugging Face config → TensorRT-LLM checkpoint ``config.json``.
+
+Field names and meanings follow TensorRT-LLM 1.2's ``PretrainedConfig`` / ``LLaMAConfig`` /
+``QWenConfig`` (``tensorrt_llm/models/{modeling_utils,llama/config,qwen/config}.py``) and what
+nvidia-modelopt 0.47's ``export_tensorrt_llm_checkpoint`` writes. Unknown keys inside ``mapping``
+or ``quantization`` make TensorRT-LLM raise at load time, so those two blocks hold only known keys.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+# HF architecture -> (family name in convert.families, TRT-LLM architecture name)
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def read_hf_config(model_dir):
+    """Load a local HF config with transformers' AutoConfig; one clear line on any problem."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model directory {model_dir} does not exist: pass a local Hugging Face "
+                        f"model directory (config.json + *.safetensors) or a bundled example name")
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{model_dir / 'config.json'} is not valid JSON ({e}); re-download the model")
+    archs = raw.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"architecture {arch!r} in {model_dir / 'config.json'} is not supported; "
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a bad config
+        raise UserError(f"cannot read {model_dir / 'config.json'} with transformers: {e}")
+
+
+def _rope(hf) -> tuple[float, dict | None]:
+    """(rotary_base, rotary_scaling) from transformers-4 ``rope_theta``/``rope_scaling`` or
+    transformers-5 ``rope_parameters``. TRT-LLM reads the scaling dict's ``type`` key
+    (``rope_type`` is the newer HF spelling), so both are written."""
+    params = getattr(hf, "rope_parameters", None)
+    scaling = dict(params) if isinstance(params, dict) else None
+    old = getattr(hf, "rope_scaling", None)
+    if scaling is None and isinstance(old, dict):
+        scaling = dict(old)
+    theta = getattr(hf, "rope_theta", None)
+    if theta is None and scaling is not None:
+        theta = scaling.get("rope_theta")
+    if theta is None:
+        theta = 10000.0
+    if scaling is not None:
+        scaling.pop("rope_theta", None)
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in (None, "default"):
+            scaling = None
+        else:
+            if kind not in ("llama3", "linear", "dynamic"):
+                raise UserError(f"rope scaling type {kind!r} is not supported; supported: llama3, "
+                                f"linear, dynamic")
+            scaling["type"] = kind
+            scaling["rope_type"] = kind
+    return float(theta), scaling
+
+
+def resolve_dtype(dtype: str, hf) -> str:
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPES)}")
+        return dtype
+    src = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
+    src = str(src).replace("torch.", "") if src is not None else None
+    # float32 checkpoints build as float16 engines, as TensorRT-LLM's infer_dtype does.
+    return src if src in ("float16", "bfloat16") else "float16"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers that decide how a model can be split."""
+
+    family: str
+    layers: int
+    heads: int
+    kv_heads: int
+    head_size: int
+    hidden: int
+    inter: int
+    vocab: int
+    tied: bool
+    attn_bias: bool    # q/k/v biases
+    dense_bias: bool   # o_proj bias
+    mlp_bias: bool
+
+
+def model_shape(hf) -> Shape:
+    arch = hf.architectures[0]
+    family = SUPPORTED_ARCHITECTURES[arch]
+    heads = hf.num_attention_heads
+    head_size = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    llama_bias = bool(getattr(hf, "attention_bias", False))
+    return Shape(
+        family=family,
+        layers=hf.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+        head_size=head_size,
+        hidden=hf.hidden_size,
+        inter=hf.intermediate_size,
+        vocab=hf.vocab_size,
+        tied=bool(getattr(hf, "tie_word_embeddings", False)),
+        attn_bias=True if family == "qwen2" else llama_bias,  # Qwen2 always has q/k/v bias
+        dense_bias=False if family == "qwen2" else llama_bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+    )
+
+
+def valid_tp_values(shape: Shape, limit: int = 64) -> list[int]:
+    return [t for t in range(1, limit + 1) if not _tp_problem(shape, t)]
+
+
+def _tp_problem(shape: Shape, tp: int) -> str | None:
+    if shape.heads % tp:
+        return f"{shape.heads} attention heads are not divisible by tp {tp}"
+    kv = shape.kv_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        return f"{kv} key/value heads cannot be split over tp {tp} (need kv % tp == 0 or tp % kv == 0)"
+    if shape.inter % tp:
+        return f"intermediate size {shape.inter} is not divisible by tp {tp}"
+    return None
+
+
+def preflight(shape: Shape, tp: int, pp: int) -> None:
+    """Check the parallel layout before any weight is read; one line naming the numbers."""
+    if tp < 1 or pp < 1:
+        raise UserError(f"--tp and --pp must be >= 1 (got tp {tp}, pp {pp})")
+    problem = _tp_problem(shape, tp)
+    if problem:
+        valid = ", ".join(map(str, valid_tp_values(shape, max(8, tp))))
+        raise UserError(f"cannot split this model over tp {tp}: {problem}; valid --tp values: {valid}")
+    if pp > shape.layers:
+        raise UserError(f"--pp {pp} is larger than the model's {shape.layers} layers; "
+                        f"use --pp between 1 and {shape.layers}")
+
+
+def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    """Layers of one pipeline stage: contiguous, the first stages take the remainder."""
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
+
+
+def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
+                      quantization: dict | None = None) -> dict:
+    """The TRT-LLM checkpoint config.json for ``hf`` (a transformers config)."""
+    shape = model_shape(hf)
+    preflight(shape, tp, pp)
+    rotary_base, rotary_scaling = _rope(hf)
+    dtype = resolve_dtype(dtype, hf)
+    arch = hf.architectures[0]
+    config = {
+        "architecture": arch,
+        "dtype": dtype,
+        "logits_dtype": "float32",
+        "vocab_size": shape.vocab,
+        "hidden_size": shape.hidden,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_size": shape.head_size,
+        "intermediate_size": shape.inter,
+        "hidden_act": hf.hidden_act,
+        "norm_epsilon": float(hf.rms_norm_eps),
+        "max_position_embeddings": hf.max_position_embeddings,
+        "position_embedding_type": "rope_gpt_neox",
+        "rotary_base": rotary_base,
+        "rotary_scaling": rotary_scaling,
+        "rotary_pct": 1.0,
+        "use_parallel_embedding": True,
+        "embedding_sharding_dim": 0,
+        "tie_word_embeddings": shape.tied,
+        "share_embedding_table": False,
+        "attn_bias": shape.attn_bias,
+        "mlp_bias": shape.mlp_bias,
+        "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
+        "quantization": quantization or {"quant_algo": None, "kv_cache_quant_algo": None},
+    }
+    if shape.family == "qwen2":
+        config["qwen_type"] = "qwen2"
+        config["seq_length"] = getattr(hf, "seq_length", 8192)
+    return config

@@ -1,0 +1,93 @@
+"""The weight plan: for every rank, the tensors to write and the source slices each is made of.
+
+Built and checked completely (every source tensor present, every shape as the config says) before
+a single weight byte is read, so a bad checkpoint fails in seconds with the tensor's name.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+from .families import FAMILIES, Rule
+from .hf_config import Shape, pp_layer_range
+from .shard import RULES, Piece, RankCtx, stacked_shape
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    pieces: tuple[Piece, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def expected_source_shape(name: str, s: Shape) -> tuple[int, ...] | None:
+    """The shape a HF tensor must have for this config (None: not checked)."""
+    q, kv, h, i = s.heads * s.head_size, s.kv_heads * s.head_size, s.hidden, s.inter
+    table = [
+        (r"embed_tokens\.weight|lm_head\.weight", (s.vocab, h)),
+        (r"(input_layernorm|post_attention_layernorm|norm)\.weight", (h,)),
+        (r"q_proj\.weight", (q, h)), (r"q_proj\.bias", (q,)),
+        (r"[kv]_proj\.weight", (kv, h)), (r"[kv]_proj\.bias", (kv,)),
+        (r"o_proj\.weight", (h, q)), (r"o_proj\.bias", (h,)),
+        (r"(gate_proj|up_proj)\.weight", (i, h)), (r"(gate_proj|up_proj)\.bias", (i,)),
+        (r"down_proj\.weight", (h, i)), (r"down_proj\.bias", (h,)),
+    ]
+    for pattern, shape in table:
+        if re.search(r"(^|\.)" + pattern + "$", name):
+            return shape
+    return None
+
+
+def _resolve(rule: Rule, i: int | None, source) -> tuple[str, ...]:
+    names = tuple(n.format(i=i) for n in rule.sources)
+    if all(n in source for n in names):
+        return names
+    if rule.fallback:
+        fb = tuple(n.format(i=i) for n in rule.fallback)
+        if all(n in source for n in fb):
+            return fb
+    missing = next(n for n in names if n not in source)
+    raise UserError(f"tensor {missing} is missing from the safetensors in {source.dir}; "
+                    f"the checkpoint is incomplete or not a {rule.target.split('.')[0]} model of "
+                    f"this config: re-download it")
+
+
+def _check_shapes(names, source, shape: Shape):
+    for n in names:
+        want = expected_source_shape(n, shape)
+        got = source.shape(n)
+        if want is not None and tuple(got) != want:
+            raise UserError(f"tensor {n} in {source.meta[n][0].name} has shape {list(got)} but "
+                            f"config.json implies {list(want)}: the weights do not match the config")
+
+
+def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str) -> list[OutputTensor]:
+    """The tensors of one rank (rank = pp_rank * tp + tp_rank), in a fixed order."""
+    family = FAMILIES[shape.family]
+    pp_rank, tp_rank = divmod(rank, tp)
+    ctx = RankCtx(tp_rank=tp_rank, tp=tp, shape=shape)
+    out_dtype = TORCH_DTYPES[dtype]
+    items: list[tuple[Rule, int | None, int | None]] = []  # (rule, hf layer, local layer)
+    if pp_rank == 0:
+        items += [(r, None, None) for r in family.embed]
+    for local, layer in enumerate(pp_layer_range(shape.layers, pp, pp_rank)):
+        items += [(r, layer, local) for r in family.layer]
+    if pp_rank == pp - 1:
+        items += [(r, None, None) for r in family.head]
+    plan = []
+    for rule, layer, local in items:
+        if rule.when and not getattr(shape, rule.when):
+            continue
+        names = _resolve(rule, layer, source)
+        _check_shapes(names, source, shape)
+        pieces = RULES[rule.shard](names, [source.shape(n) for n in names], ctx)
+        target = rule.target.format(i=local)
+        plan.append(OutputTensor(target, tuple(pieces), stacked_shape(pieces), out_dtype))
+    plan.sort(key=lambda t: t.name)
+    return plan

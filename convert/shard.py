@@ -1,0 +1,89 @@
+"""Shard rules: which slices of which source tensors make one rank's tensor.
+
+A rule returns a list of ``Piece``s stacked along dim 0: a slice of a source tensor, or zero rows
+(vocabulary padding). Shapes therefore follow from the pieces without reading any data, which lets
+the writer lay out a file's header before a byte of weights is read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .hf_config import Shape
+
+
+@dataclass(frozen=True)
+class Piece:
+    source: str | None                # None: zero padding
+    index: tuple[slice, ...]          # slices into the source tensor (empty: all of it)
+    shape: tuple[int, ...]            # shape of this piece
+
+
+@dataclass(frozen=True)
+class RankCtx:
+    tp_rank: int
+    tp: int
+    shape: Shape
+
+
+def _rows(name: str, full: tuple[int, ...], start: int, stop: int) -> Piece:
+    return Piece(name, (slice(start, stop),), (stop - start, *full[1:]))
+
+
+def replicated(names, shapes, ctx):
+    return [Piece(names[0], (), shapes[0])]
+
+
+def column(names, shapes, ctx):
+    n = shapes[0][0]
+    k = n // ctx.tp
+    return [_rows(names[0], shapes[0], ctx.tp_rank * k, (ctx.tp_rank + 1) * k)]
+
+
+def row(names, shapes, ctx):
+    full = shapes[0]
+    k = full[1] // ctx.tp
+    a = ctx.tp_rank * k
+    return [Piece(names[0], (slice(None), slice(a, a + k)), (full[0], k))]
+
+
+def kv_heads_for_rank(kv: int, tp: int, rank: int) -> range:
+    """The kv heads rank ``rank`` holds: its share, or the one its q heads use when kv < tp."""
+    if kv >= tp:
+        per = kv // tp
+        return range(rank * per, (rank + 1) * per)
+    h = rank * kv // tp
+    return range(h, h + 1)
+
+
+def qkv(names, shapes, ctx):
+    s, r, tp, hd = ctx.shape, ctx.tp_rank, ctx.tp, ctx.shape.head_size
+    q_per = s.heads // tp
+    pieces = [_rows(names[0], shapes[0], r * q_per * hd, (r + 1) * q_per * hd)]
+    kv = kv_heads_for_rank(s.kv_heads, tp, r)
+    for name, full in zip(names[1:], shapes[1:]):
+        pieces.append(_rows(name, full, kv.start * hd, kv.stop * hd))
+    return pieces
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    return -(-vocab // tp) * tp
+
+
+def vocab(names, shapes, ctx):
+    full = shapes[0]
+    v = full[0]
+    per = padded_vocab(v, ctx.tp) // ctx.tp
+    start = ctx.tp_rank * per
+    stop = min(start + per, v)
+    pieces = [_rows(names[0], full, start, stop)] if stop > start else []
+    pad = per - max(0, stop - start)
+    if pad:
+        pieces.append(Piece(None, (), (pad, *full[1:])))
+    return pieces
+
+
+RULES = {"replicated": replicated, "column": column, "row": row, "qkv": qkv, "vocab": vocab}
+
+
+def stacked_shape(pieces: list[Piece]) -> tuple[int, ...]:
+    return (sum(p.shape[0] for p in pieces), *pieces[0].shape[1:])
