@@ -7,11 +7,11 @@ Exit status: 0 done; 1 ``--verify`` found a mismatch; 2 bad input (one line on s
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
 
+from convert import interrupt
 from convert.errors import UserError
 
 EXIT_MISMATCH, EXIT_USER, EXIT_NO_ENGINE, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -45,26 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupt.install()
     try:
         return run(args)
     except UserError as e:
         print(f"build_engine: error: {e}", file=sys.stderr)
         return e.exit_code
+    except interrupt.Interrupted as e:
+        print(f"build_engine: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("build_engine: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as e:  # noqa: BLE001 - Interrupted from convert
-        from convert.convert import Interrupted
-
-        if isinstance(e, Interrupted):
-            print(f"build_engine: {e}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        raise
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def run(args) -> int:

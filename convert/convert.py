@@ -20,17 +20,15 @@ from pathlib import Path
 from safetensors import safe_open
 from tqdm import tqdm
 
+from . import interrupt
 from .errors import UserError
+from .interrupt import Interrupted
 from .hf_config import from_hugging_face, model_shape, preflight, read_hf_config
 from .plan import rank_plan
 from .source import SourceCheckpoint
 from .writer import iter_chunks, nbytes, write_file
 
 FINGERPRINT = "fingerprint.json"
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during a write; partial output is kept for resume."""
 
 
 def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool) -> str:
@@ -44,7 +42,15 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool) -> s
             for piece in t.pieces:
                 yield from iter_chunks(source, piece, t.dtype)
 
-        write_file(tmp, plan, produce, on_bytes=bar.update)
+        def on_bytes(n):
+            bar.update(n)
+            interrupt.check()
+
+        try:
+            write_file(tmp, plan, produce, on_bytes=on_bytes)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, path)
     return path
 
@@ -89,23 +95,25 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
              for r in range(world)]
     fingerprint = _fingerprint(config, plans, source)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir.parent, os.W_OK):
-        raise UserError(f"cannot write to {out_dir.parent}: it is read-only for this user; "
-                        f"choose another --output")
     tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        try:
-            old = json.loads((tmp / FINGERPRINT).read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != fingerprint:
-            shutil.rmtree(tmp)
-    tmp.mkdir(exist_ok=True)
-    (tmp / FINGERPRINT).write_text(json.dumps(fingerprint))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            try:
+                old = json.loads((tmp / FINGERPRINT).read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != fingerprint:
+                shutil.rmtree(tmp)
+        tmp.mkdir(exist_ok=True)
+        (tmp / FINGERPRINT).write_text(json.dumps(fingerprint))
+    except OSError as e:
+        raise UserError(f"cannot write to {out_dir.parent}: {e.strerror or e}; "
+                        f"choose another --output")
     todo = [r for r in range(world) if not (tmp / f"rank{r}.safetensors").is_file()]
     try:
-        _run_ranks(model_dir, plans, tmp, todo, workers, progress)
+        with interrupt.deferred():
+            _run_ranks(model_dir, plans, tmp, todo, workers, progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _verify_files(tmp, plans)
         (tmp / FINGERPRINT).unlink()
@@ -140,13 +148,27 @@ def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool) 
             _write_rank(*job)
         return
     ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
-                                initializer=tqdm.set_lock, initargs=(ctx.RLock(),)) as pool:
-        futures = [pool.submit(_write_rank, *job) for job in jobs]
-        try:
-            for fut in cf.as_completed(futures):
+    pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
+                                  initializer=_worker_init, initargs=(ctx.RLock(),))
+    futures = [pool.submit(_write_rank, *job) for job in jobs]
+    try:
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=0.1, return_when=cf.FIRST_EXCEPTION)
+            for fut in done:
                 fut.result()
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+            interrupt.check()
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()  # a worker mid-write; its .tmp file is removed by the caller
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _worker_init(lock) -> None:
+    tqdm.set_lock(lock)
+    interrupt.install()
+    interrupt._state["deferred"] = 1
