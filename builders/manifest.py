@@ -1,0 +1,163 @@
+"""``DIR/build.json``: what went in, with which options and software, how long each stage took,
+and every file that came out (sha256 + size).
+
+Hashes are streamed in fixed-size chunks (files can be many GB). Keys are written sorted and
+lists are in a fixed order (files sorted by path), so two builds with the same inputs, options
+and outputs differ only in timings and the creation time. The file is written to a temporary
+name and renamed, so a ``build.json`` is always complete.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import enum
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+
+MANIFEST_NAME = "build.json"
+SCHEMA_VERSION = 1
+CHUNK_BYTES = 8 * 2**20
+
+# name in build.json → distribution names to look up (first found wins)
+_VERSIONED = {
+    "torch": ("torch",),
+    "transformers": ("transformers",),
+    "safetensors": ("safetensors",),
+    "modelopt": ("nvidia-modelopt", "nvidia_modelopt"),
+    "tensorrt_llm": ("tensorrt_llm", "tensorrt-llm"),
+    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt_cu12"),
+}
+# files of a HF model directory worth hashing: weights, configs, tokenizer files
+_INPUT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt",
+                   ".tiktoken", ".py"}
+
+
+def sha256_file(path, chunk_size: int = CHUNK_BYTES) -> str:
+    """The sha256 of a file, read ``chunk_size`` bytes at a time."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk_size)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(view)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _dist_version(names) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def software_versions() -> dict:
+    """python and the libraries that shape the outputs; None for what is not installed.
+    Read from package metadata: nothing is imported."""
+    out = {"python": platform.python_version()}
+    for key, names in _VERSIONED.items():
+        out[key] = _dist_version(names)
+    out["trtllm_engine_builder"] = _dist_version(("trtllm-engine-builder",))
+    return out
+
+
+def _jsonable(value):
+    """Options and inputs as plain JSON (paths → str, dataclasses/Namespaces → dicts)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    elif isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_jsonable(v) for v in value]
+        return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, enum.Enum):
+        return _jsonable(value.value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
+                  suffixes: set[str] | None = None, recursive: bool = True) -> list[dict]:
+    root = Path(root)
+    paths = root.rglob("*") if recursive else root.iterdir()
+    entries = []
+    for p in paths:
+        if not p.is_file() or p.is_symlink() or p.resolve() in exclude:
+            continue
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # caches, partial files
+        if suffixes is not None and p.suffix.lower() not in suffixes:
+            continue
+        entries.append({"path": rel.as_posix(), "size": p.stat().st_size,
+                        "sha256": sha256_file(p)})
+    return sorted(entries, key=lambda e: e["path"])
+
+
+def describe_inputs(inputs: dict) -> dict:
+    """``inputs`` with ``model_dir`` (or ``model``) expanded: its absolute path and the sha256
+    and size of each weight shard, config and tokenizer file at its top level."""
+    out = _jsonable(dict(inputs))
+    key = "model_dir" if "model_dir" in inputs else ("model" if "model" in inputs else None)
+    if key is not None and inputs[key] is not None and Path(inputs[key]).is_dir():
+        model_dir = Path(inputs[key]).resolve()
+        out[key] = str(model_dir)
+        out["model_files"] = _file_entries(model_dir, suffixes=_INPUT_SUFFIXES, recursive=False)
+    return out
+
+
+def build_manifest(output_dir, *, inputs: dict, options: dict, stage_timings: dict,
+                   outputs_root=None) -> dict:
+    """The manifest as a dict (what :func:`write_manifest` writes)."""
+    output_dir = Path(output_dir)
+    outputs_root = Path(outputs_root) if outputs_root is not None else output_dir
+    manifest_path = (output_dir / MANIFEST_NAME).resolve()
+    timings = {str(k): (round(float(v), 3) if v is not None else None)
+               for k, v in dict(stage_timings).items()}
+    return {
+        "schema": SCHEMA_VERSION,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "inputs": describe_inputs(inputs),
+        "options": _jsonable(options),
+        "versions": software_versions(),
+        "stage_timings_s": timings,
+        "outputs": {
+            "root": str(outputs_root.resolve()),
+            "files": _file_entries(outputs_root, exclude={manifest_path}),
+        },
+    }
+
+
+def write_manifest(output_dir, *, inputs: dict, options: dict, stage_timings: dict,
+                   outputs_root=None) -> Path:
+    """Write ``output_dir/build.json`` and return its path.
+
+    inputs: e.g. ``{"model_dir": DIR, "model": "smollm2"}`` — ``model_dir`` is expanded into
+        the sha256 of each shard; other keys are recorded as given.
+    options: every option of the run (a dict, dataclass or argparse Namespace).
+    stage_timings: stage name → seconds.
+    outputs_root: the directory whose files are listed (default ``output_dir``); build.json
+        itself is never listed.
+    """
+    output_dir = Path(output_dir)
+    manifest = build_manifest(output_dir, inputs=inputs, options=options,
+                              stage_timings=stage_timings, outputs_root=outputs_root)
+    path = output_dir / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

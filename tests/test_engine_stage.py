@@ -1,0 +1,625 @@
+"""Contract tests of the engine stage (builders/engine.py).
+
+TensorRT-LLM cannot be installed here, so the stage is tested against its seam
+(``builders.engine.Backend``) with TEST DOUBLES that build nothing:
+
+- ``RecordingFakeTrtllm``: the whole seam, in-process; records what reaches TensorRT-LLM.
+- ``write_fake_trtllm_package``: a stand-in ``tensorrt_llm`` package on PYTHONPATH, so the real
+  ``TrtllmBackend`` and its per-rank worker subprocess run for real and their calls into
+  TensorRT-LLM's Python API (PluginConfig / BuildConfig / build_model / Engine.save) are recorded.
+
+The real thing is exercised by tests/test_trtllm_real.py on a GPU host.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import threading
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from builders import engine as E
+from builders.engine import (BUILT, FAILED, NOT_BUILT, CONTAINER, INSTALL_COMMAND, EngineOptions,
+                             TrtllmBackend, add_engine_arguments, build_engines,
+                             engine_command_hint, options_from_args, trtllm_build_args)
+from convert.errors import UserError
+
+# What reaches TensorRT-LLM for every rank with default options: trtllm-build's names and the
+# values trtllm-build 1.2 would pass (gemm_plugin unset = TensorRT-LLM's own default).
+DEFAULT_TRTLLM_ARGS = {
+    "max_batch_size": 2048,
+    "max_input_len": 1024,
+    "max_seq_len": None,
+    "max_num_tokens": 8192,
+    "max_beam_width": 1,
+    "gpt_attention_plugin": "auto",
+    "gemm_swiglu_plugin": "disable",
+    "low_latency_gemm_plugin": "disable",
+    "paged_kv_cache": "enable",
+    "remove_input_padding": "enable",
+    "context_fmha": "enable",
+    "use_paged_context_fmha": "enable",
+    "use_fp8_context_fmha": "enable",
+    "use_fused_mlp": "enable",
+    "multiple_profiles": "disable",
+    "log_level": "info",
+}
+
+
+class RecordingFakeTrtllm:
+    """TEST DOUBLE of the TensorRT-LLM seam (``builders.engine.Backend``); it compiles nothing.
+
+    It records every ``build_rank`` call (rank, the trtllm-build args it was given, device, log
+    path), counts how many calls are in flight at once, writes placeholder files named like
+    TensorRT-LLM's outputs (``rank{r}.engine``; ``config.json`` from rank 0) that are NOT
+    engines, and can be told to report a version, a GPU count or an import error, to fail some
+    ranks (exit status 1 and a traceback-like log), or to exit 0 without writing anything.
+    ``barrier``: a threading.Barrier every call waits on, to prove calls overlap.
+    """
+
+    def __init__(self, *, version="1.2.1", gpus=8, import_error=None, fail_ranks=(),
+                 silent_ranks=(), barrier=None):
+        self._version, self._gpus, self._import_error = version, gpus, import_error
+        self.fail_ranks, self.silent_ranks = set(fail_ranks), set(silent_ranks)
+        self.barrier = barrier
+        self.calls: list[dict] = []
+        self._lock = threading.Lock()
+        self.active = 0
+        self.max_active = 0
+        self.devices_in_flight: set = set()
+        self.device_clashes = 0
+
+    def version(self):
+        return self._version
+
+    def import_error(self):
+        return self._import_error
+
+    def gpu_count(self):
+        return self._gpus
+
+    def build_rank(self, rank, checkpoint_dir, out_dir, trtllm_args, log_path, *, device=None,
+                   cancel=None):
+        with self._lock:
+            self.calls.append({"rank": rank, "args": dict(trtllm_args), "device": device,
+                               "checkpoint_dir": Path(checkpoint_dir), "log": Path(log_path)})
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            if device in self.devices_in_flight:
+                self.device_clashes += 1
+            self.devices_in_flight.add(device)
+        try:
+            if self.barrier is not None:
+                self.barrier.wait(timeout=10)
+            lines = [f"fake build of rank {rank} on device {device}"]
+            if rank in self.fail_ranks:
+                lines += ["Traceback (most recent call last):", '  File "build.py", line 1',
+                          f"RuntimeError: fake failure in rank {rank}"]
+                Path(log_path).write_text("\n".join(lines) + "\n")
+                return 1
+            Path(log_path).write_text("\n".join(lines) + "\n")
+            if rank not in self.silent_ranks:
+                (Path(out_dir) / f"rank{rank}.engine").write_bytes(b"placeholder, not an engine")
+                if rank == 0:
+                    (Path(out_dir) / "config.json").write_text('{"placeholder": true}')
+            return 0
+        finally:
+            with self._lock:
+                self.active -= 1
+                self.devices_in_flight.discard(device)
+
+
+def make_checkpoint(root: Path, tp: int = 2, pp: int = 1, quant_algo=None) -> Path:
+    """A hand-written TRT-LLM checkpoint dir: real config.json, placeholder rank files."""
+    ckpt = root / "out" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    config = {
+        "architecture": "LlamaForCausalLM", "dtype": "float16", "logits_dtype": "float16",
+        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "hidden_size": 256, "head_size": 32, "intermediate_size": 688, "vocab_size": 1000,
+        "max_position_embeddings": 2048, "hidden_act": "silu", "norm_epsilon": 1e-6,
+        "position_embedding_type": "rope_gpt_neox",
+        "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
+        "quantization": {"quant_algo": quant_algo, "kv_cache_quant_algo": None,
+                         "exclude_modules": ["lm_head"]},
+    }
+    (ckpt / "config.json").write_text(json.dumps(config))
+    for r in range(tp * pp):
+        (ckpt / f"rank{r}.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    return ckpt
+
+
+def engine_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.engine"))
+
+
+# --- options and what reaches TensorRT-LLM ---------------------------------------------------
+
+def test_default_flags_reach_trtllm_for_every_rank(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    fake = RecordingFakeTrtllm()
+    res = build_engines(ckpt, tmp_path / "out" / "engines", backend=fake)
+    assert res.status == BUILT and res.exit_code == 0 and res.ok
+    assert sorted(c["rank"] for c in fake.calls) == [0, 1]
+    for call in fake.calls:
+        assert call["args"] == DEFAULT_TRTLLM_ARGS
+        assert call["checkpoint_dir"] == ckpt
+    engines = tmp_path / "out" / "engines"
+    assert res.engines_dir == engines
+    assert sorted(p.name for p in engines.iterdir()) == ["config.json", "logs", "rank0.engine",
+                                                         "rank1.engine"]
+    assert sorted(p.name for p in (engines / "logs").iterdir()) == ["rank0.log", "rank1.log"]
+    assert "fake build of rank 1" in (engines / "logs" / "rank1.log").read_text()
+    assert not (tmp_path / "out" / "engines.partial").exists()
+    assert [r.status for r in res.ranks] == ["built", "built"]
+    assert res.trtllm_version == "1.2.1"
+    d = json.loads(json.dumps(res.as_dict()))  # for build.json
+    assert d["status"] == "built" and d["ranks"][1]["log"] == str(engines / "logs" / "rank1.log")
+
+
+def test_overrides_reach_trtllm(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=1)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", type=int, default=1)  # the converter's; must not clash
+    add_engine_arguments(parser)
+    ns = parser.parse_args([
+        "--workers", "7", "--max-batch-size", "8", "--max-input-len", "512",
+        "--max-seq-len", "4096", "--max-num-tokens", "2048", "--max-beam-width", "4",
+        "--gemm-plugin", "auto", "--gpt-attention-plugin", "bfloat16",
+        "--paged-kv-cache", "disable", "--remove-input-padding", "disable",
+        "--context-fmha", "disable", "--use-paged-context-fmha", "disable",
+        "--use-fp8-context-fmha", "disable", "--use-fused-mlp", "disable",
+        "--multiple-profiles", "enable", "--log-level", "verbose", "--build-workers", "3"])
+    opts = options_from_args(ns)
+    fake = RecordingFakeTrtllm()
+    assert build_engines(ckpt, tmp_path / "out" / "engines", opts, backend=fake).ok
+    assert fake.calls[0]["args"] == {
+        "max_batch_size": 8, "max_input_len": 512, "max_seq_len": 4096, "max_num_tokens": 2048,
+        "max_beam_width": 4, "gemm_plugin": "auto", "gpt_attention_plugin": "bfloat16",
+        "gemm_swiglu_plugin": "disable", "low_latency_gemm_plugin": "disable",
+        "paged_kv_cache": "disable", "remove_input_padding": "disable",
+        "context_fmha": "disable", "use_paged_context_fmha": "disable",
+        "use_fp8_context_fmha": "disable", "use_fused_mlp": "disable",
+        "multiple_profiles": "enable", "log_level": "verbose"}
+    assert ns.workers == 7 and opts.build_workers == 3  # build_workers never reaches TRT-LLM
+
+
+def test_argparse_defaults_are_the_dataclass_defaults():
+    parser = argparse.ArgumentParser()
+    group = add_engine_arguments(parser)
+    assert options_from_args(parser.parse_args([])) == EngineOptions()
+    flags = {a.option_strings[0] for a in group._group_actions}
+    assert {"--max-batch-size", "--max-input-len", "--max-seq-len", "--max-num-tokens",
+            "--gemm-plugin", "--gpt-attention-plugin", "--paged-kv-cache",
+            "--remove-input-padding", "--context-fmha", "--use-fp8-context-fmha",
+            "--multiple-profiles", "--max-beam-width", "--build-workers",
+            "--log-level"} <= flags
+    assert "--workers" not in flags and "--tp" not in flags
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--paged-kv-cache", "maybe"])
+
+
+def test_fp8_quantized_checkpoint_flags(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=1, quant_algo="FP8")
+    fake = RecordingFakeTrtllm()
+    opts = EngineOptions(gemm_plugin="fp8", gemm_swiglu_plugin="fp8",
+                         low_latency_gemm_plugin="fp8")
+    assert build_engines(ckpt, tmp_path / "out" / "engines", opts, backend=fake).ok
+    args = fake.calls[0]["args"]
+    assert (args["gemm_plugin"], args["gemm_swiglu_plugin"], args["low_latency_gemm_plugin"],
+            args["use_fp8_context_fmha"], args["use_fused_mlp"]) == ("fp8",) * 3 + ("enable",) * 2
+
+
+@pytest.mark.parametrize("quant", [None, "W8A8_SQ_PER_CHANNEL", "W4A16_AWQ"])
+@pytest.mark.parametrize("flag", ["gemm_plugin", "gemm_swiglu_plugin", "low_latency_gemm_plugin"])
+def test_fp8_plugins_refused_without_fp8_checkpoint(tmp_path, quant, flag):
+    ckpt = make_checkpoint(tmp_path, tp=1, quant_algo=quant)
+    fake = RecordingFakeTrtllm()
+    with pytest.raises(UserError, match="needs a checkpoint quantized as FP8"):
+        build_engines(ckpt, tmp_path / "out" / "engines", {flag: "fp8"}, backend=fake)
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"max_batch_size": 0}, "--max-batch-size must be a whole number >= 1"),
+    ({"max_seq_len": -5}, "--max-seq-len must be a whole number >= 1"),
+    ({"build_workers": 0}, "--build-workers must be a whole number >= 1"),
+    ({"paged_kv_cache": True}, "--paged-kv-cache must be one of enable, disable"),
+    ({"gemm_plugin": "int8"}, "--gemm-plugin must be one of"),
+    ({"gemm_swiglu_plugin": "fp8", "use_fused_mlp": "disable"}, "needs --use-fused-mlp enable"),
+])
+def test_bad_option_values_are_user_errors(tmp_path, bad, match):
+    ckpt = make_checkpoint(tmp_path, tp=1)
+    with pytest.raises(UserError, match=match):
+        build_engines(ckpt, tmp_path / "out" / "engines", bad, backend=RecordingFakeTrtllm())
+
+
+# --- parallelism -------------------------------------------------------------------------------
+
+def test_ranks_run_in_parallel_up_to_build_workers(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=2, pp=2)
+    # every call waits until another one is in flight: passes only if 2 run at once
+    fake = RecordingFakeTrtllm(gpus=8, barrier=threading.Barrier(2))
+    said = []
+    res = build_engines(ckpt, tmp_path / "out" / "engines", {"build_workers": 2}, backend=fake,
+                        progress=said.append)
+    assert res.ok, res.message
+    assert "2 in parallel" in res.message
+    assert sum("built in" in s for s in said) == 4
+    assert fake.max_active == 2
+    assert fake.device_clashes == 0  # two builds never share a GPU
+    assert {c["device"] for c in fake.calls} == {"0", "1"}
+    assert engine_files(tmp_path / "out" / "engines") == [f"rank{r}.engine" for r in range(4)]
+
+
+def test_parallelism_capped_by_visible_gpus(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    ckpt = make_checkpoint(tmp_path, tp=4)
+    fake = RecordingFakeTrtllm(gpus=1)
+    assert build_engines(ckpt, tmp_path / "out" / "engines", {"build_workers": 4},
+                         backend=fake).ok
+    assert fake.max_active == 1
+    assert {c["device"] for c in fake.calls} == {"0"}
+
+
+def test_devices_follow_cuda_visible_devices(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    fake = RecordingFakeTrtllm(gpus=2, barrier=threading.Barrier(2))
+    assert build_engines(ckpt, tmp_path / "out" / "engines", {"build_workers": 2},
+                         backend=fake).ok
+    assert {c["device"] for c in fake.calls} == {"5", "7"}
+
+
+# --- failure -----------------------------------------------------------------------------------
+
+def test_one_failing_rank_fails_the_stage_with_its_log_tail(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=3)
+    out = tmp_path / "out"
+    fake = RecordingFakeTrtllm(fail_ranks={1})
+    res = build_engines(ckpt, out / "engines", backend=fake)
+    assert res.status == FAILED and res.exit_code == E.EXIT_BUILD_FAILED and not res.ok
+    assert "rank 1" in res.message and "exit status 1" in res.message
+    assert "RuntimeError: fake failure in rank 1" in res.message      # the log tail
+    assert "RuntimeError: fake failure in rank 1" in res.log_tail
+    assert [r.status for r in res.ranks] == ["built", "failed", "skipped"]  # no rank after it
+    # nothing that looks like engines; logs kept aside
+    assert not (out / "engines").exists()
+    assert not (out / "engines.partial").exists()
+    assert engine_files(out) == []
+    assert res.logs_dir == out / "engines.failed-logs"
+    assert sorted(p.name for p in res.logs_dir.iterdir()) == ["rank0.log", "rank1.log"]
+    assert str(res.logs_dir / "rank1.log") in res.message
+
+
+def test_failure_in_parallel_build_leaves_no_engines(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=4)
+    out = tmp_path / "out"
+    fake = RecordingFakeTrtllm(fail_ranks={2}, gpus=4)
+    res = build_engines(ckpt, out / "engines", {"build_workers": 4}, backend=fake)
+    assert res.status == FAILED
+    assert "fake failure in rank 2" in res.message
+    assert not (out / "engines").exists() and engine_files(out) == []
+
+
+def test_rank_that_exits_0_without_an_engine_is_a_failure(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    res = build_engines(ckpt, tmp_path / "out" / "engines",
+                        backend=RecordingFakeTrtllm(silent_ranks={1}))
+    assert res.status == FAILED
+    assert "rank 1 (exited 0 but wrote no rank1.engine)" in res.message
+    assert not (tmp_path / "out" / "engines").exists()
+
+
+def test_existing_engines_need_force_and_are_replaced_only_after_success(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=1)
+    engines = tmp_path / "out" / "engines"
+    assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm()).ok
+    with pytest.raises(UserError, match="already exists; pass --force"):
+        build_engines(ckpt, engines, backend=RecordingFakeTrtllm())
+    (engines / "stale.txt").write_text("old")
+    assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), force=True).ok
+    assert not (engines / "stale.txt").exists() and (engines / "rank0.engine").is_file()
+    # a forced rebuild that fails leaves no engines (the old ones belong to a replaced checkpoint)
+    res = build_engines(ckpt, engines, backend=RecordingFakeTrtllm(fail_ranks={0}), force=True)
+    assert res.status == FAILED and not engines.exists()
+    # and the next success clears the failed logs
+    assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm()).ok
+    assert not (tmp_path / "out" / "engines.failed-logs").exists()
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda c: (c / "rank1.safetensors").unlink(), "rank1.safetensors missing"),
+    (lambda c: (c / "config.json").unlink(), "config.json not found"),
+    (lambda c: (c / "config.json").write_text("{not json"), "is not a TensorRT-LLM checkpoint"),
+])
+def test_incomplete_checkpoint_is_a_user_error(tmp_path, damage, match):
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    damage(ckpt)
+    fake = RecordingFakeTrtllm()
+    with pytest.raises(UserError, match=match):
+        build_engines(ckpt, tmp_path / "out" / "engines", backend=fake)
+    assert fake.calls == [] and not (tmp_path / "out" / "engines").exists()
+
+
+# --- not built: no TensorRT-LLM, wrong version, no GPU -------------------------------------------
+
+def test_hint_format():
+    assert engine_command_hint(Path("out/checkpoint"), Path("out"), EngineOptions()) == \
+        "build_engine --from-checkpoint out/checkpoint --output out"
+    assert engine_command_hint("my out/checkpoint", "my out",
+                               {"max_batch_size": 8, "gemm_plugin": "auto",
+                                "paged_kv_cache": "disable", "build_workers": 2}) == (
+        "build_engine --from-checkpoint 'my out/checkpoint' --output 'my out' "
+        "--max-batch-size 8 --gemm-plugin auto --paged-kv-cache disable --build-workers 2")
+
+
+def _assert_not_built(res, tmp_path, hint):
+    assert res.status == NOT_BUILT and res.exit_code == 3 and not res.ok
+    assert "\n" not in res.message
+    assert res.message.count(". ") == 0 and res.message.startswith("Engines were not built")
+    assert res.message.endswith("run: " + hint)
+    assert res.command_hint == hint
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]  # nothing written
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None,
+                    reason="tensorrt_llm is installed here; tests/test_trtllm_real.py covers it")
+def test_without_trtllm_the_real_backend_says_how_to_finish(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    opts = EngineOptions(max_batch_size=16, max_seq_len=2048)
+    res = build_engines(ckpt, tmp_path / "out" / "engines", opts, backend=TrtllmBackend())
+    hint = (f"build_engine --from-checkpoint {ckpt} --output {tmp_path / 'out'} "
+            "--max-batch-size 16 --max-seq-len 2048")
+    _assert_not_built(res, tmp_path, hint)
+    assert "TensorRT-LLM is not installed" in res.message
+    assert INSTALL_COMMAND in res.message and CONTAINER in res.message
+
+
+@pytest.mark.parametrize("version, why", [
+    ("1.3.0rc2", "1.3 removed the TensorRT engine backend"),
+    ("1.4.0", "1.3 removed the TensorRT engine backend"),
+    ("0.11.0", "releases before 0.12 do not read this checkpoint format"),
+])
+def test_version_out_of_range_says_what_to_install(tmp_path, version, why):
+    ckpt = make_checkpoint(tmp_path, tp=1)
+    fake = RecordingFakeTrtllm(version=version)
+    res = build_engines(ckpt, tmp_path / "out" / "engines", backend=fake)
+    _assert_not_built(res, tmp_path, engine_command_hint(ckpt, tmp_path / "out"))
+    assert f"TensorRT-LLM {version} is installed" in res.message and why in res.message
+    assert 'pip install "tensorrt_llm<1.3" --extra-index-url https://pypi.nvidia.com' \
+        in res.message
+    assert "nvcr.io/nvidia/tensorrt-llm/release:1.2.1" in res.message
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize("version, ok", [
+    ("0.12.0", True), ("0.12.0.dev2024073000", True), ("0.21.0", True), ("1.0.0", True),
+    ("1.2.0rc6", True), ("1.2.1", True), ("0.11.0", False), ("1.3.0", False),
+    ("1.3.0rc10", False), ("2.0", False), ("unknown", False),
+])
+def test_version_window(version, ok):
+    assert E.version_in_range(version) is ok
+
+
+def test_no_gpu_is_not_built(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=1)
+    fake = RecordingFakeTrtllm(gpus=0)
+    res = build_engines(ckpt, tmp_path / "out" / "engines", backend=fake)
+    _assert_not_built(res, tmp_path, engine_command_hint(ckpt, tmp_path / "out"))
+    assert "no NVIDIA GPU is visible" in res.message and fake.calls == []
+
+
+def test_broken_import_is_not_built(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=1)
+    fake = RecordingFakeTrtllm(import_error="ImportError: libnvinfer.so.10: cannot open")
+    res = build_engines(ckpt, tmp_path / "out" / "engines", backend=fake)
+    _assert_not_built(res, tmp_path, engine_command_hint(ckpt, tmp_path / "out"))
+    assert "import tensorrt_llm 1.2.1 fails (ImportError: libnvinfer.so.10" in res.message
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None,
+                    reason="tensorrt_llm is installed here")
+def test_real_probe_reports_the_import_error(tmp_path):
+    class InstalledButMissing(TrtllmBackend):
+        def version(self):
+            return "1.2.1"
+
+        def gpu_count(self):
+            return 1
+
+    ckpt = make_checkpoint(tmp_path, tp=1)
+    res = build_engines(ckpt, tmp_path / "out" / "engines", backend=InstalledButMissing())
+    assert res.status == NOT_BUILT
+    assert "No module named 'tensorrt_llm'" in res.message
+
+
+# --- the real backend and worker, against a stand-in tensorrt_llm package ----------------------
+
+FAKE_TRTLLM_FILES = {
+    "tensorrt_llm/__init__.py": '''
+        """TEST DOUBLE of the tensorrt_llm package, written by tests/test_engine_stage.py.
+
+        It has only the names builders.engine's worker uses, records what they receive into
+        $FAKE_TRTLLM_RECORD/rank{r}.json and writes placeholder files; it builds no engine."""
+        __version__ = "1.2.1"
+    ''',
+    "tensorrt_llm/logger.py": '''
+        class _Logger:
+            level = None
+
+            def set_level(self, level):
+                self.level = level
+
+        logger = _Logger()
+    ''',
+    "tensorrt_llm/plugin/__init__.py": '''
+        class PluginConfig:
+            def __init__(self, **kwargs):
+                self.kwargs, self.validated = kwargs, False
+
+            @classmethod
+            def from_arguments(cls, args):
+                return cls(**vars(args))
+
+            def validate(self):
+                self.validated = True
+    ''',
+    "tensorrt_llm/builder.py": '''
+        class BuildConfig:
+            def __init__(self, config, plugin_config):
+                self.config, self.plugin_config = config, plugin_config
+
+            @classmethod
+            def from_dict(cls, config, plugin_config=None):
+                return cls(dict(config), plugin_config)
+    ''',
+    "tensorrt_llm/models/__init__.py": '''
+        import json
+
+        class _Quant:
+            def __init__(self, d):
+                self.quant_algo = d.get("quant_algo")
+
+        class PretrainedConfig:
+            def __init__(self, d):
+                self.d, self.quantization = d, _Quant(d.get("quantization") or {})
+
+            @classmethod
+            def from_json_file(cls, path):
+                with open(path) as f:
+                    return cls(json.load(f))
+    ''',
+    "tensorrt_llm/commands/__init__.py": "",
+    "tensorrt_llm/commands/build.py": '''
+        import json
+        import os
+
+        from ..logger import logger
+
+        class _PlaceholderEngine:
+            def __init__(self, record):
+                self.record = record
+
+            def save(self, out_dir):
+                rank = self.record["rank"]
+                with open(os.path.join(out_dir, f"rank{rank}.engine"), "wb") as f:
+                    f.write(b"placeholder written by the fake tensorrt_llm, not an engine")
+                if rank == 0:
+                    with open(os.path.join(out_dir, "config.json"), "w") as f:
+                        json.dump({"placeholder": True}, f)
+                rec = os.path.join(os.environ["FAKE_TRTLLM_RECORD"], f"rank{rank}.json")
+                with open(rec, "w") as f:
+                    json.dump(dict(self.record, saved_to=out_dir), f)
+
+        def build_model(build_config, rank=0, ckpt_dir=None, model_config=None, model_cls=None,
+                        dry_run=False, **kwargs):
+            if os.environ.get("FAKE_TRTLLM_FAIL") == str(rank):
+                raise RuntimeError(f"fake build failure in rank {rank}")
+            return _PlaceholderEngine({
+                "rank": rank, "ckpt_dir": ckpt_dir, "build_config": build_config.config,
+                "plugin_config": build_config.plugin_config.kwargs,
+                "plugin_validated": build_config.plugin_config.validated,
+                "kwargs": kwargs, "log_level": logger.level,
+                "architecture": model_config.d["architecture"],
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            })
+    ''',
+}
+
+
+@pytest.fixture
+def fake_trtllm(tmp_path, monkeypatch):
+    """Put the stand-in tensorrt_llm on the workers' PYTHONPATH; return the record dir."""
+    site = tmp_path / "fake_site"
+    for rel, text in FAKE_TRTLLM_FILES.items():
+        p = site / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(text).lstrip())
+    record = tmp_path / "record"
+    record.mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("FAKE_TRTLLM_RECORD", str(record))
+    monkeypatch.delenv("FAKE_TRTLLM_FAIL", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return record
+
+
+class _TwoGpus(TrtllmBackend):
+    """The real backend, told it has a supported TensorRT-LLM and 2 GPUs (there are none here)."""
+
+    def version(self):
+        return "1.2.1"
+
+    def gpu_count(self):
+        return 2
+
+
+def test_real_worker_calls_trtllm_python_api_like_trtllm_build(tmp_path, fake_trtllm):
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    backend = TrtllmBackend()
+    assert backend.import_error() is None  # the probe subprocess imports the stand-in
+    work = tmp_path / "work"
+    work.mkdir()
+    args = trtllm_build_args(EngineOptions(max_batch_size=8, gemm_plugin="auto",
+                                           log_level="verbose"))
+    rc = backend.build_rank(1, ckpt, work, args, work / "rank1.log", device="3")
+    assert rc == 0, (work / "rank1.log").read_text()
+    rec = json.loads((fake_trtllm / "rank1.json").read_text())
+    assert rec["rank"] == 1 and rec["ckpt_dir"] == str(ckpt.resolve())
+    assert rec["saved_to"] == str(work.resolve())
+    assert rec["cuda_visible_devices"] == "3"
+    assert rec["log_level"] == "verbose"
+    assert rec["architecture"] == "LlamaForCausalLM"
+    assert rec["plugin_config"] == {k: v for k, v in args.items() if k in E.PLUGIN_KEYS}
+    assert rec["plugin_config"]["gemm_plugin"] == "auto"
+    assert rec["plugin_validated"] is True
+    assert rec["build_config"] == {
+        "max_batch_size": 8, "max_input_len": 1024, "max_seq_len": None, "max_num_tokens": 8192,
+        "max_beam_width": 1, "opt_num_tokens": None, "strongly_typed": True,
+        "output_timing_cache": None, "input_timing_cache": None}
+    assert rec["kwargs"] == {"use_fused_mlp": True}
+    assert (work / "rank1.engine").is_file()
+    log = (work / "rank1.log").read_text()
+    assert "CUDA_VISIBLE_DEVICES=3" in log and "rank 1: TensorRT-LLM 1.2.1" in log
+
+
+def test_real_worker_turns_fused_mlp_off_for_non_fp8_quantization(tmp_path, fake_trtllm):
+    ckpt = make_checkpoint(tmp_path, tp=1, quant_algo="W8A8_SQ_PER_CHANNEL")
+    work = tmp_path / "work"
+    work.mkdir()
+    rc = TrtllmBackend().build_rank(0, ckpt, work, trtllm_build_args(EngineOptions()),
+                                    work / "rank0.log", device="0")
+    assert rc == 0, (work / "rank0.log").read_text()
+    assert json.loads((fake_trtllm / "rank0.json").read_text())["kwargs"] == \
+        {"use_fused_mlp": False}
+
+
+def test_real_backend_end_to_end_two_ranks_two_gpus(tmp_path, fake_trtllm):
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    res = build_engines(ckpt, tmp_path / "out" / "engines", {"build_workers": 2},
+                        backend=_TwoGpus())
+    assert res.ok, res.message
+    recs = [json.loads((fake_trtllm / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(r["cuda_visible_devices"] for r in recs) == ["0", "1"]
+    engines = tmp_path / "out" / "engines"
+    assert engine_files(engines) == ["rank0.engine", "rank1.engine"]
+    assert (engines / "config.json").is_file()
+    for r in (0, 1):
+        assert f"rank {r}: saved to" in (engines / "logs" / f"rank{r}.log").read_text()
+
+
+def test_real_backend_failing_rank_reports_the_traceback(tmp_path, fake_trtllm, monkeypatch):
+    monkeypatch.setenv("FAKE_TRTLLM_FAIL", "1")
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    out = tmp_path / "out"
+    res = build_engines(ckpt, out / "engines", backend=_TwoGpus())
+    assert res.status == FAILED and res.exit_code == 4
+    assert "rank 1 (exit status 1)" in res.message
+    assert "RuntimeError: fake build failure in rank 1" in res.message
+    assert not (out / "engines").exists() and engine_files(out) == []
+    assert "Traceback" in (out / "engines.failed-logs" / "rank1.log").read_text()
