@@ -1,8 +1,9 @@
 """``build_engine``: HF model → TRT-LLM checkpoint → engines → Triton model repository.
 
 Exit status: 0 done; 1 ``--verify`` found a mismatch; 2 bad input (one line on stderr);
-3 the checkpoint (and Triton repository) were written but engines were not built here;
-130 interrupted (finished ranks kept for resume).
+3 the checkpoint (and Triton repository) were written but engines were not built here
+(no TensorRT-LLM <= 1.2 or no GPU; the message gives the command to finish on a GPU host);
+4 an engine build failed (its rank's log is shown); 130 interrupted (finished ranks kept for resume).
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a Hugging Face Llama/Mistral/Qwen2 model into a sharded (optionally "
                     "quantized) TensorRT-LLM checkpoint, engines and a Triton model repository.")
     g = p.add_argument_group("model and layout")
+    g.add_argument("--from-checkpoint", type=Path, metavar="CKPT_DIR",
+                   help="skip conversion: build engines (and the Triton repository) from an "
+                        "existing TRT-LLM checkpoint dir, e.g. on a GPU host")
     g.add_argument("--model", help="local HF model dir, or a bundled example name "
                                    "(smollm2, llama, tiny-llama, tiny-mistral, tiny-qwen2)")
     g.add_argument("--output", required=True, type=Path, help="output directory")
@@ -40,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true",
                    help="after conversion, run the checkpoint on CPU with TensorRT-LLM's "
                         "semantics and compare its logits with the HF model")
+    from builders.engine import add_engine_arguments
+
+    add_engine_arguments(p)
     return p
 
 
@@ -60,34 +67,53 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    from builders.engine import build_engines, options_from_args
+    from builders.manifest import write_manifest
     from convert.convert import convert_checkpoint
     from examples.registry import resolve_model
 
-    if not args.model:
-        raise UserError("--model is required: a local HF model dir or a bundled example name")
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1 (got {args.workers})")
-    model_dir = resolve_model(args.model)
     out = Path(args.output)
-    ckpt = out / "checkpoint"
-    timings = {}
-    t0 = time.perf_counter()
-    config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                workers=args.workers, force=args.force,
-                                progress=not args.no_progress)
-    timings["checkpoint"] = time.perf_counter() - t0
-    m = config["mapping"]
-    print(f"checkpoint: {ckpt} ({m['world_size']} rank(s), tp {m['tp_size']}, pp {m['pp_size']}, "
-          f"{config['dtype']}) in {timings['checkpoint']:.1f}s")
-    if args.verify:
-        from convert.reference import verify
+    timings: dict[str, float] = {}
+    inputs: dict = {}
+    if args.from_checkpoint:
+        if args.model:
+            raise UserError("give either --model or --from-checkpoint, not both")
+        ckpt = Path(args.from_checkpoint)
+        inputs["checkpoint_dir"] = str(ckpt.resolve())
+        model_dir = None
+    else:
+        if not args.model:
+            raise UserError("--model is required: a local HF model dir or a bundled example name "
+                            "(or --from-checkpoint CKPT_DIR)")
+        model_dir = resolve_model(args.model)
+        inputs.update(model=args.model, model_dir=str(model_dir.resolve()))
+        ckpt = out / "checkpoint"
+        t0 = time.perf_counter()
+        config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                    workers=args.workers, force=args.force,
+                                    progress=not args.no_progress)
+        timings["checkpoint"] = time.perf_counter() - t0
+        m = config["mapping"]
+        print(f"checkpoint: {ckpt} ({m['world_size']} rank(s), tp {m['tp_size']}, "
+              f"pp {m['pp_size']}, {config['dtype']}) in {timings['checkpoint']:.1f}s")
+        if args.verify:
+            from convert.reference import verify
 
-        result = verify(ckpt, model_dir)
-        print(f"verify: {result}")
-        if not result.get("passed"):
-            return EXIT_MISMATCH
+            t0 = time.perf_counter()
+            result = verify(ckpt, model_dir)
+            timings["verify"] = time.perf_counter() - t0
+            print(f"verify: {result}")
+            if not result.get("passed"):
+                return EXIT_MISMATCH
     if args.checkpoint_only:
+        write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
         return 0
-    print("engines: the builder stage is not part of this version yet; the run ends after the "
-          "checkpoint")
-    return EXIT_NO_ENGINE
+    t0 = time.perf_counter()
+    engines = build_engines(ckpt, out / "engines", options_from_args(args), force=args.force)
+    timings["engines"] = time.perf_counter() - t0
+    write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
+    stream = sys.stdout if engines.exit_code == 0 else sys.stderr
+    print(f"engines: {engines.message}", file=stream)
+    return engines.exit_code
