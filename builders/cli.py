@@ -99,13 +99,13 @@ def run(args) -> int:
         print(f"checkpoint: {ckpt} ({m['world_size']} rank(s), tp {m['tp_size']}, "
               f"pp {m['pp_size']}, {config['dtype']}) in {timings['checkpoint']:.1f}s")
         if args.verify:
-            from convert.reference import verify
+            from convert.reference import summary_line, verify
 
             t0 = time.perf_counter()
-            result = verify(ckpt, model_dir)
+            report, passed = verify(ckpt, model_dir)
             timings["verify"] = time.perf_counter() - t0
-            print(f"verify: {result}")
-            if not result.get("passed"):
+            print(f"verify: {summary_line(report, ckpt)}")
+            if not passed:
                 return EXIT_MISMATCH
     if args.checkpoint_only:
         write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
