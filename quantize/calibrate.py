@@ -1,0 +1,524 @@
+"""Calibration with nvidia-modelopt, and the quantized tensors a TensorRT-LLM checkpoint needs.
+
+* :func:`calibrate` loads the HF model (or takes one), cuts the calibration text into
+  ``spec.calib_size`` samples of ``spec.calib_seq_len`` tokens and runs ``mtq.quantize`` with
+  ``spec.modelopt_config()`` (tqdm bar per calibration pass). The model is modified in place.
+* :func:`extract_quant_state` reads the calibrated model and returns, per HF linear module
+  (``model.layers.0.self_attn.q_proj``, ...) and per attention module, the UNSHARDED tensors in
+  exactly the values nvidia-modelopt 0.47's ``export_tensorrt_llm_checkpoint`` writes, including its
+  fusion pre-processing (q/k/v re-smoothed to one pre_quant_scale and sharing one activation scale;
+  FP8 gate/up sharing scales). It does not modify the model.
+* :func:`shard_quant_state` is the reference for naming and splitting them into one TP rank's
+  TensorRT-LLM tensors (``transformer.layers.{i}.attention.qkv.*`` ...), as modelopt's export does.
+
+Weight-only formats (W8A16 / W4A16) need none of this: the checkpoint carries the float weights and
+only ``quant_algo`` changes; trtllm-build quantizes them (see quantize/NOTES.md). With a quantized
+KV cache they still need :func:`calibrate` for the k/v scales, which :func:`extract_quant_state`
+returns alone.
+
+See quantize/NOTES.md for the per-format table (tensors, how computed, how split).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from convert.errors import UserError
+
+from .formats import FP8, SMOOTHQUANT, W4A16_AWQ, QuantSpec
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "calibrate",
+    "extract_quant_state",
+    "shard_quant_state",
+    "make_calib_batches",
+    "tokenize_text",
+    "resolve_device",
+]
+
+# HF Llama-family module names -> TensorRT-LLM names (see ../shared/notes/trtllm-checkpoint.md).
+ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+TRTLLM_MLP = {"gate_proj": "mlp.fc", "up_proj": "mlp.gate", "down_proj": "mlp.proj"}
+COLUMN = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+ROW = {"o_proj", "down_proj"}
+KV_SCALES = ("k_cache_scaling_factor", "v_cache_scaling_factor", "kv_cache_scaling_factor")
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' (or None): cuda when available, else cpu."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"calibration device {device} requested but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def _load_model(hf_dir: Path, device: torch.device, dtype: torch.dtype | None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype is None:
+        if device.type == "cpu":
+            dtype = torch.float32  # CPU half-precision matmuls are slow or missing
+        else:
+            cfg = AutoConfig.from_pretrained(hf_dir)
+            dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+            if isinstance(dtype, str):
+                dtype = getattr(torch, dtype, None)
+            if dtype not in (torch.float16, torch.bfloat16):
+                dtype = torch.float16
+    import transformers
+
+    # transformers >= 4.56 takes dtype=, older releases torch_dtype=
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kw = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the model in {hf_dir} for calibration: {e}") from None
+    return model.to(device).eval()
+
+
+def _load_tokenizer(hf_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(hf_dir)
+    except Exception as e:  # transformers raises many types for a missing/broken tokenizer
+        raise UserError(f"calibration needs the model's tokenizer but {hf_dir} has none that loads "
+                        f"({type(e).__name__}); add tokenizer files to the model directory") from None
+
+
+def tokenize_text(text: str, tokenizer) -> list[int]:
+    """Token ids of ``text`` without special tokens.
+
+    ``tokenizer``: a Hugging Face tokenizer, or any callable ``str -> list[int]``.
+    """
+    if hasattr(tokenizer, "encode"):
+        try:  # verbose=False: no "longer than the maximum sequence length" warning for the whole text
+            ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
+        except TypeError:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        ids = tokenizer(text)
+    ids = list(ids.tolist() if isinstance(ids, Tensor) else ids)
+    if not ids:
+        raise UserError("the calibration text produced no tokens; give a longer --calib-data file")
+    return ids
+
+
+def _bos_if_added(tokenizer) -> int | None:
+    """The BOS id when the tokenizer itself prepends one to a text (Llama: yes; GPT-2/Qwen2 style: no)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or not hasattr(tokenizer, "encode"):
+        return None
+    try:
+        added = tokenizer.encode("", add_special_tokens=True)
+    except Exception:  # a tokenizer that cannot encode "" adds nothing we need
+        return None
+    return bos if bos in list(added) else None
+
+
+def make_calib_batches(ids: list[int], calib_size: int, seq_len: int, batch_size: int,
+                       bos_token_id: int | None = None) -> list[Tensor]:
+    """Cut a token stream into ``calib_size`` samples of ``seq_len`` tokens, batched.
+
+    Samples are consecutive, non-overlapping windows when the stream is long enough; otherwise
+    ``calib_size`` evenly spaced (overlapping) windows. A stream shorter than ``seq_len`` gives
+    samples of the whole stream. With ``bos_token_id`` each sample starts with BOS (then
+    ``seq_len - 1`` text tokens), as the model sees text at inference.
+    """
+    body = seq_len - 1 if bos_token_id is not None and seq_len > 1 else seq_len
+    n = len(ids)
+    length = min(body, n)
+    if calib_size * length <= n:
+        starts = [i * length for i in range(calib_size)]
+    else:
+        span = n - length
+        starts = [round(span * i / (calib_size - 1)) if calib_size > 1 else 0 for i in range(calib_size)]
+    stream = torch.tensor(ids, dtype=torch.long)
+    samples = [stream[s:s + length] for s in starts]
+    if bos_token_id is not None and seq_len > 1:
+        bos = torch.tensor([bos_token_id], dtype=torch.long)
+        samples = [torch.cat([bos, s]) for s in samples]
+    return [torch.stack(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+
+
+def calibrate(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *,
+              tokenizer=None, device: str | torch.device | None = "auto",
+              dtype: torch.dtype | None = None, progress: bool = True):
+    """Calibrate a model for ``spec`` with modelopt and return it (quantizers inserted, in place).
+
+    ``hf_dir_or_model``: a Hugging Face model directory, or an already loaded ``*ForCausalLM``
+    (used as is, on its own device; ``device``/``dtype`` then only place the inputs).
+    ``calib_text``: the text (default: ``spec.read_calib_text()``). ``tokenizer``: HF tokenizer or
+    ``str -> list[int]`` callable (default: the one in the model directory).
+    ``dtype`` (loading only): default float32 on CPU, the model's fp16/bf16 on GPU.
+    """
+    if not spec.needs_calibration:
+        raise ValueError(f"{spec.name} needs no calibration")
+    import modelopt.torch.quantization as mtq
+    from tqdm.auto import tqdm
+
+    if isinstance(hf_dir_or_model, (str, Path)):
+        hf_dir = Path(hf_dir_or_model)
+        dev = resolve_device(device)
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(hf_dir)
+        model = _load_model(hf_dir, dev, dtype)
+    else:
+        model = hf_dir_or_model.eval()
+        dev = next(model.parameters()).device
+        if tokenizer is None:
+            src = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+            if not src:
+                raise UserError("calibration needs a tokenizer: pass tokenizer= or a model directory")
+            tokenizer = _load_tokenizer(Path(src))
+
+    text = spec.read_calib_text() if calib_text is None else calib_text
+    if not text.strip():
+        raise UserError("the calibration text is empty")
+    ids = tokenize_text(text, tokenizer)
+    bos = _bos_if_added(tokenizer)
+    batches = make_calib_batches(ids, spec.calib_size, spec.calib_seq_len, spec.calib_batch_size, bos)
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and max(ids) >= vocab:
+        raise UserError(f"the tokenizer produced id {max(ids)} but the model's vocab_size is {vocab}; "
+                        "the tokenizer does not belong to this model")
+
+    passes = [0]
+
+    def forward_loop(m):
+        passes[0] += 1
+        bar = tqdm(batches, desc=f"calibrating ({spec.name}, pass {passes[0]})", unit="batch",
+                   disable=not progress, file=sys.stderr, leave=False)
+        with torch.no_grad():
+            for batch in bar:
+                m(input_ids=batch.to(dev), use_cache=False)
+
+    return mtq.quantize(model, spec.modelopt_config(), forward_loop)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction: modelopt's export math, per HF module, unsharded
+# ---------------------------------------------------------------------------------------------
+
+
+_NUM_BITS = {SMOOTHQUANT: 8, FP8: (4, 3), W4A16_AWQ: 4}
+
+
+def _sanitize_amax(amax: Tensor, maxbound: float) -> Tensor:
+    """TensorQuantizer.export_amax's clean-up: 0/NaN -> maxbound, then clamp to the dtype's range."""
+    a = torch.nan_to_num(torch.where(amax == 0, torch.full_like(amax, maxbound), amax), nan=maxbound)
+    fi = torch.finfo(a.dtype)
+    return a.clamp(min=fi.tiny, max=fi.max)
+
+
+def _enabled(q) -> bool:
+    return q is not None and q.is_enabled
+
+
+def _linear_modules(model) -> dict[str, torch.nn.Module]:
+    """{'model.layers.0.self_attn.q_proj': module, ...} for the Llama-family decoder linears."""
+    pat = re.compile(r"^(.*\.layers\.\d+)\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$")
+    return {n: m for n, m in model.named_modules() if pat.match(n)}
+
+
+def _layer_prefixes(model) -> list[str]:
+    pat = re.compile(r"^(.*\.layers\.(\d+))\.self_attn$")
+    found = []
+    for n, _ in model.named_modules():
+        m = pat.match(n)
+        if m:
+            found.append((int(m.group(2)), m.group(1)))
+    return [p for _, p in sorted(found)]
+
+
+class _Lin:
+    """One HF linear as modelopt's export sees it after preprocess_linear_fusion."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.m = module
+        self.weight = module.weight.detach()
+        iq = getattr(module, "input_quantizer", None)
+        self.iq = iq
+        self.wq = getattr(module, "weight_quantizer", None)
+        pqs = getattr(iq, "_pre_quant_scale", None) if iq is not None else None
+        self.pqs_enabled = iq is not None and iq.pre_quant_scale is not None
+        self.pqs = pqs.detach() if pqs is not None else None
+        self.weight_amax: Tensor | None = None  # set when re-smoothing re-collected it
+        self.input_amax = iq.amax.detach() if _enabled(iq) and iq.amax is not None else None
+        self.fused_weight_amax: Tensor | None = None  # FP8 per-tensor: max over the fused group
+
+
+def _fuse(group: list[_Lin], block: int | None) -> None:
+    """modelopt.torch.export.quant_utils.preprocess_linear_fusion, without touching the modules."""
+    head = group[0]
+    if head.pqs_enabled:
+        avg = torch.mean(torch.stack([g.pqs for g in group]), dim=0)
+        for g in group:
+            if not torch.equal(g.pqs, avg):
+                # _update_pre_quant_scale: de-smooth and re-smooth in fp32, back to the weight dtype,
+                # then the weight quantizer re-collects its amax from the new weight.
+                dt = g.weight.dtype
+                g.weight = (g.weight.to(torch.float32) * g.pqs.to(torch.float32)
+                            / avg.to(torch.float32)).to(dt)
+                g.pqs = avg.to(g.pqs.dtype)
+                g.weight_amax = _weight_absmax(g.weight, g.wq, block)
+    if head.input_amax is not None:
+        amax = torch.max(torch.stack([g.input_amax for g in group]))
+        for g in group:
+            g.input_amax = amax
+    if _enabled(head.wq) and head.wq.amax is not None and head.wq.amax.numel() == 1:
+        amax = torch.max(torch.stack([g.wq.amax.detach() for g in group]))
+        for g in group:
+            g.fused_weight_amax = amax
+
+
+def _weight_absmax(w: Tensor, wq, block: int | None) -> Tensor:
+    """What the weight quantizer's max calibrator collects: per row (axis 0) or per block."""
+    if block:
+        out, inp = w.shape
+        return w.reshape(out, inp // block, block).abs().amax(dim=-1)
+    if wq.axis is None:
+        return w.abs().amax()
+    return w.abs().amax(dim=1)  # axis=0: one amax per output channel
+
+
+def _weight_scale(lin: _Lin, block: int | None) -> Tensor:
+    wq = lin.wq
+    mb = float(wq.maxbound)
+    if lin.fused_weight_amax is not None:  # per-tensor (FP8): group max, exported as [1]
+        return _sanitize_amax(lin.fused_weight_amax, mb).reshape(1).float() / mb
+    if lin.weight_amax is not None:  # re-collected after re-smoothing
+        return _sanitize_amax(lin.weight_amax, mb).float() / mb
+    return wq.export_amax().detach().float() / mb
+
+
+def _act_scale(lin: _Lin) -> Tensor | None:
+    if lin.input_amax is None:
+        return None
+    mb = float(lin.iq.maxbound)
+    return _sanitize_amax(lin.input_amax, mb).reshape(1).float() / mb
+
+
+def _pack_int4(weight: Tensor, scale: Tensor, block: int) -> Tensor:
+    """modelopt's pack_int4_in_uint8 (+ the int8 view the TRT-LLM export applies): [out/2, in] int8.
+
+    Two signed int4 per byte along the OUTPUT dim: low nibble = row 2k, high nibble = row 2k+1.
+    """
+    out, inp = weight.shape
+    q = (weight / scale[:, torch.arange(inp) // block]).round().clamp(-8, 7).to(torch.int8)
+    pairs = q.T.reshape(inp, out // 2, 2)
+    packed = (pairs[..., 0] & 0x0F) | ((pairs[..., 1] & 0x0F) << 4)
+    return packed.T.contiguous().view(torch.uint8).view(torch.int8)
+
+
+def _quantize_weight(lin: _Lin, scale: Tensor, algo: str, block: int | None) -> Tensor:
+    w = lin.weight
+    if algo == SMOOTHQUANT:
+        return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+    if algo == FP8:
+        return (w / scale).to(torch.float8_e4m3fn)
+    if algo == W4A16_AWQ:
+        return _pack_int4(w, scale, block)
+    raise ValueError(algo)
+
+
+@torch.no_grad()
+def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
+    """The quantized tensors of a calibrated model, per HF module, unsharded, on CPU.
+
+    Keys (``P`` = an HF linear such as ``model.layers.0.self_attn.q_proj``; ``A`` = an attention
+    module such as ``model.layers.0.self_attn``):
+
+    * SmoothQuant: ``P.weight`` int8 [out, in] (smoothed), ``P.weights_scaling_factor`` f32 [out],
+      ``P.activation_scaling_factor`` f32 [1], ``P.prequant_scaling_factor`` ``dtype`` [in]
+    * FP8: ``P.weight`` float8_e4m3fn [out, in], ``P.weights_scaling_factor`` f32 [1],
+      ``P.activation_scaling_factor`` f32 [1]
+    * AWQ: ``P.weight`` int8 [out/2, in] (packed int4), ``P.weights_scaling_factor`` f32
+      [out, in/group], ``P.prequant_scaling_factor`` ``dtype`` [in]
+    * KV cache (any format): ``A.k_cache_scaling_factor``, ``A.v_cache_scaling_factor``,
+      ``A.kv_cache_scaling_factor`` f32 [1]
+
+    q/k/v carry identical ``prequant_scaling_factor`` and ``activation_scaling_factor`` (and FP8
+    ``weights_scaling_factor``); with FP8 so do gate_proj/up_proj — the fused layer takes them once.
+    ``dtype``: the checkpoint dtype (modelopt casts prequant_scaling_factor to it).
+    Weight-only formats have no linear tensors here (the float weights go into the checkpoint).
+    """
+    algo = spec.quant_algo if spec.quant_algo in (SMOOTHQUANT, FP8, W4A16_AWQ) else None
+    block = spec.group_size if algo == W4A16_AWQ else None
+    out: dict[str, Tensor] = {}
+    layers = _layer_prefixes(model)
+    if not layers:
+        raise UserError("no decoder layers named '*.layers.N.self_attn' found: not a Llama-family model")
+    linears = _linear_modules(model)
+
+    if algo is not None:
+        for prefix in layers:
+            lins = {}
+            for short in ATTN_LINEARS:
+                lins[short] = _Lin(linears[f"{prefix}.self_attn.{short}"])
+            for short in MLP_LINEARS:
+                lins[short] = _Lin(linears[f"{prefix}.mlp.{short}"])
+            for short, lin in lins.items():
+                if not _enabled(lin.wq) or lin.wq.num_bits != _NUM_BITS[algo]:
+                    raise UserError(f"{prefix}: {short} has no enabled {algo} weight quantizer; was the "
+                                    f"model calibrated for {spec.name}?")
+            # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4).
+            _fuse([lins["q_proj"], lins["k_proj"], lins["v_proj"]], block)
+            if algo == FP8:
+                _fuse([lins["gate_proj"], lins["up_proj"]], block)
+            for short, lin in lins.items():
+                sub = "self_attn" if short in ATTN_LINEARS else "mlp"
+                p = f"{prefix}.{sub}.{short}"
+                wsf = _weight_scale(lin, block)
+                out[f"{p}.weight"] = _quantize_weight(lin, wsf, algo, block).cpu()
+                out[f"{p}.weights_scaling_factor"] = wsf.cpu()
+                a = _act_scale(lin)
+                if a is not None:
+                    out[f"{p}.activation_scaling_factor"] = a.cpu()
+                if lin.pqs is not None:
+                    out[f"{p}.prequant_scaling_factor"] = lin.pqs.squeeze().to(dtype).cpu()
+
+    if spec.kv_cache_quant_algo is not None:
+        for prefix in layers:
+            attn = model.get_submodule(f"{prefix}.self_attn")
+            kq, vq = getattr(attn, "k_bmm_quantizer", None), getattr(attn, "v_bmm_quantizer", None)
+            if not (_enabled(kq) and _enabled(vq)) or kq.amax is None or vq.amax is None:
+                raise UserError(f"{prefix}.self_attn has no calibrated KV-cache quantizers; was the "
+                                f"model calibrated for {spec.name}?")
+            scales = []
+            for q in (kq, vq):
+                s = q.export_amax().detach().float() / float(q.maxbound)
+                if spec.kv_cache_quant_algo == "FP8":  # modelopt clamps FP8 KV scales to >= 1
+                    s = torch.max(s, torch.tensor([1.0], dtype=torch.float, device=s.device))
+                scales.append(s.reshape(1).cpu())
+            k, v = scales
+            out[f"{prefix}.self_attn.k_cache_scaling_factor"] = k
+            out[f"{prefix}.self_attn.v_cache_scaling_factor"] = v
+            out[f"{prefix}.self_attn.kv_cache_scaling_factor"] = torch.maximum(v, k)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference sharding: HF per-module state -> one TP rank's TensorRT-LLM tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunk(t: Tensor, tp: int, rank: int, dim: int) -> Tensor:
+    if t.shape[dim] % tp:
+        raise UserError(f"cannot split a dimension of size {t.shape[dim]} across {tp} ranks")
+    return torch.chunk(t, tp, dim=dim)[rank].contiguous()
+
+
+def _dup_kv(t: Tensor, rows_per_head: int, num_kv_heads: int, tp: int) -> Tensor:
+    """modelopt's dup_kv_weight: repeat each kv head's rows so that every rank gets its head."""
+    if tp <= num_kv_heads:
+        return t
+    reps = tp // num_kv_heads
+    shape = t.shape
+    return t.reshape(num_kv_heads, rows_per_head, *shape[1:]).repeat_interleave(reps, dim=0).reshape(
+        num_kv_heads * reps * rows_per_head, *shape[1:])
+
+
+def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads: int, num_kv_heads: int,
+                      tp: int, rank: int, layer_prefix: str = "model.layers") -> dict[str, Tensor]:
+    """One TP rank's quantization tensors with TensorRT-LLM names, from :func:`extract_quant_state`.
+
+    Split rules (modelopt 0.47 ``postprocess._split_model_config_for_tp`` + ``build_qkv``):
+    column-parallel (q/k/v per head, gate_proj -> mlp.fc, up_proj -> mlp.gate): weight rows (packed
+    int4: rows/2), per-channel / per-group weight scales split on dim 0; prequant and activation
+    scales replicated. Row-parallel (o_proj -> attention.dense, down_proj -> mlp.proj): weight and
+    AWQ group scales split on dim 1, prequant split on dim 0, SmoothQuant per-channel weight scales
+    (one per output row) and activation scales replicated. Per-tensor (FP8) and KV scales replicated.
+    kv heads < tp: k/v rows duplicated per head first (modelopt refuses this for SmoothQuant).
+    The float parts (biases, norms, embeddings, lm_head) are the converter's; only weight, the
+    scaling factors and the KV scales are returned.
+    """
+    algo = spec.quant_algo if spec.quant_algo in (SMOOTHQUANT, FP8, W4A16_AWQ) else None
+    out: dict[str, Tensor] = {}
+    idx = sorted({int(m.group(1)) for k in state
+                  for m in [re.match(re.escape(layer_prefix) + r"\.(\d+)\.", k)] if m})
+    for i in idx:
+        src = f"{layer_prefix}.{i}"
+        dst = f"transformer.layers.{i}"
+        if algo is not None:
+            q_w = state[f"{src}.self_attn.q_proj.weight"]
+            head_rows = q_w.shape[0] // num_heads  # rows per head (head_dim, or head_dim/2 packed)
+            # ---- qkv: [q_r; k_r; v_r]
+            parts = []
+            for short in ("q_proj", "k_proj", "v_proj"):
+                w = state[f"{src}.self_attn.{short}.weight"]
+                if short != "q_proj":
+                    w = _dup_kv(w, head_rows, num_kv_heads, tp)
+                parts.append(_chunk(w, tp, rank, 0))
+            out[f"{dst}.attention.qkv.weight"] = torch.cat(parts)
+            q_s = state[f"{src}.self_attn.q_proj.weights_scaling_factor"]
+            if q_s.numel() == 1:  # FP8: identical after fusion
+                out[f"{dst}.attention.qkv.weights_scaling_factor"] = q_s.clone()
+            else:
+                scale_rows = q_s.shape[0] // num_heads
+                if tp > num_kv_heads and q_s.dim() == 1:
+                    raise UserError("SmoothQuant cannot duplicate per-channel k/v scales for kv heads < tp")
+                sp = []
+                for short in ("q_proj", "k_proj", "v_proj"):
+                    s = state[f"{src}.self_attn.{short}.weights_scaling_factor"]
+                    if short != "q_proj":
+                        s = _dup_kv(s, scale_rows, num_kv_heads, tp)
+                    sp.append(_chunk(s, tp, rank, 0))
+                out[f"{dst}.attention.qkv.weights_scaling_factor"] = torch.cat(sp)
+            for suffix in ("activation_scaling_factor", "prequant_scaling_factor"):
+                key = f"{src}.self_attn.q_proj.{suffix}"
+                if key in state:
+                    out[f"{dst}.attention.qkv.{suffix}"] = state[key].clone()
+            # ---- the other linears
+            others = [("self_attn.o_proj", "attention.dense", "row")] + [
+                (f"mlp.{s}", TRTLLM_MLP[s], "row" if s in ROW else "column") for s in MLP_LINEARS]
+            for hf, trt, kind in others:
+                w = state[f"{src}.{hf}.weight"]
+                s = state[f"{src}.{hf}.weights_scaling_factor"]
+                if kind == "column":
+                    out[f"{dst}.{trt}.weight"] = _chunk(w, tp, rank, 0)
+                    out[f"{dst}.{trt}.weights_scaling_factor"] = (
+                        s.clone() if s.numel() == 1 else _chunk(s, tp, rank, 0))
+                else:
+                    out[f"{dst}.{trt}.weight"] = _chunk(w, tp, rank, 1)
+                    out[f"{dst}.{trt}.weights_scaling_factor"] = (
+                        _chunk(s, tp, rank, 1) if s.dim() == 2 else s.clone())
+                a = state.get(f"{src}.{hf}.activation_scaling_factor")
+                if a is not None:
+                    out[f"{dst}.{trt}.activation_scaling_factor"] = a.clone()
+                p = state.get(f"{src}.{hf}.prequant_scaling_factor")
+                if p is not None:
+                    out[f"{dst}.{trt}.prequant_scaling_factor"] = (
+                        p.clone() if kind == "column" else _chunk(p, tp, rank, 0))
+        for name in KV_SCALES:
+            key = f"{src}.self_attn.{name}"
+            if key in state:
+                out[f"{dst}.attention.{name}"] = state[key].clone()
+    return out
+
+
+def quant_state_names(spec: QuantSpec) -> Iterable[str]:
+    """Suffixes each quantized TensorRT-LLM linear carries for ``spec`` (besides bias)."""
+    if spec.quant_algo == SMOOTHQUANT:
+        return ("weight", "weights_scaling_factor", "activation_scaling_factor", "prequant_scaling_factor")
+    if spec.quant_algo == FP8:
+        return ("weight", "weights_scaling_factor", "activation_scaling_factor")
+    if spec.quant_algo == W4A16_AWQ:
+        return ("weight", "weights_scaling_factor", "prequant_scaling_factor")
+    return ()
+
