@@ -40,7 +40,7 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool) -> s
         def produce(t):
             bar.set_postfix_str(t.name.replace("transformer.", ""), refresh=False)
             for piece in t.pieces:
-                yield from iter_chunks(source, piece, t.dtype)
+                yield from iter_chunks(source, piece, t.dtype, spans=True)
 
         def on_bytes(n):
             bar.update(n)

@@ -1,12 +1,19 @@
 """Lazy access to a Hugging Face checkpoint's safetensors shards.
 
 Nothing is read until a slice is asked for: shapes and dtypes come from the file headers, and
-``read(name, index)`` pulls only the bytes of that slice (``safe_open(...).get_slice``), so memory
-does not grow with the model.
+``read(name, index)`` pulls only the bytes of that slice, so memory does not grow with the model.
+
+Reads are ``pread`` calls at the offsets the header gives, straight into the returned tensor (one
+copy out of the page cache). Nothing is memory-mapped: a mapping's touched pages count in the
+process's RSS and would grow it to the size of the shards read. ``span(name)`` exposes where a
+tensor's bytes are (file descriptor, offset), so the writer can copy them file to file in the
+kernel when no conversion is needed. Indexing other than plain slices falls back to safetensors'
+``get_slice``.
 """
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -27,6 +34,11 @@ _ST_DTYPES = {
 
 def read_header(path: Path) -> dict:
     """The JSON header of a safetensors file, checked against the file size."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(header, absolute offset of the data section)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -42,7 +54,7 @@ def read_header(path: Path) -> dict:
                   default=0)
         if end > data_len:
             raise ValueError(f"tensor data needs {end} bytes but the file holds {data_len}")
-        return header
+        return header, 8 + n
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e}); it may be truncated "
                         f"or corrupt: re-download it")
@@ -55,15 +67,32 @@ class SourceCheckpoint:
         self.dir = Path(model_dir)
         self.files = self._find_files()
         self.meta: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
+        self._offsets: dict[str, int] = {}  # name -> absolute file offset of its first byte
         for path in self.files:
-            for name, info in read_header(path).items():
+            header, data_start = _read_header(path)
+            for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 dtype = _ST_DTYPES.get(info["dtype"])
                 if dtype is None:
                     raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-                self.meta[name] = (path, tuple(info["shape"]), dtype)
+                shape = tuple(info["shape"])
+                try:
+                    begin, end = (int(x) for x in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise UserError(f"{path}: tensor {name} has no valid data_offsets; the file "
+                                    f"is corrupt: re-download it")
+                numel = 1
+                for d in shape:
+                    numel *= d
+                if end - begin != numel * dtype.itemsize or begin < 0:
+                    raise UserError(f"{path}: tensor {name} spans {end - begin} bytes but its "
+                                    f"shape {list(shape)} and dtype need {numel * dtype.itemsize}; "
+                                    f"the file is corrupt: re-download it")
+                self.meta[name] = (path, shape, dtype)
+                self._offsets[name] = data_start + begin
         self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
 
     def _find_files(self) -> list[Path]:
         index = self.dir / INDEX
@@ -96,7 +125,51 @@ class SourceCheckpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self.meta[name][2]
 
+    def span(self, name: str) -> tuple[int, int]:
+        """(open read-only fd, absolute offset) of ``name``'s bytes (row-major, its dtype)."""
+        return self._fd(self.meta[name][0]), self._offsets[name]
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise UserError(f"cannot open {path}: {e.strerror or e}")
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._handles.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def read_rows_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Fill ``out`` (contiguous, the tensor's dtype, shape ``(n, *shape[1:])``) with rows
+        ``start:start+n`` of ``name``; return ``out``."""
+        path, shape, dtype = self.meta[name]
+        row = 1
+        for d in shape[1:]:
+            row *= d
+        nb = out.numel() * dtype.itemsize
+        if out.dtype != dtype or not out.is_contiguous() or start < 0 or \
+                start * row + out.numel() > row * (shape[0] if shape else 1):
+            raise ValueError(f"read_rows_into({name}): bad out {tuple(out.shape)} {out.dtype}")
+        if nb:
+            pread_exact(self._fd(path), _byte_view(out), self._offsets[name] + start * row *
+                        dtype.itemsize, path)
+        return out
+
     def read(self, name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:
+        fast = self._read_fast(name, index)
+        if fast is not None:
+            return fast
         path = self.meta[name][0]
         handle = self._handles.get(path)
         if handle is None:
@@ -106,3 +179,46 @@ class SourceCheckpoint:
             return part[index] if index else part[:]
         except Exception as e:  # safetensors raises its own error types
             raise UserError(f"cannot read tensor {name} from {path} ({e}); the file may be corrupt")
+
+    def _read_fast(self, name: str, index) -> torch.Tensor | None:
+        """Plain slices (step 1) with pread; None when the index needs the general path."""
+        path, shape, dtype = self.meta[name]
+        index = tuple(index)
+        if len(index) > len(shape) or not all(
+                isinstance(s, slice) and s.step in (None, 1) for s in index):
+            return None
+        bounds = [s.indices(d)[:2] for s, d in zip(index, shape)]
+        bounds = [(a, max(a, b)) for a, b in bounds]
+        bounds += [(0, d) for d in shape[len(bounds):]]
+        if not shape:  # a scalar
+            out = torch.empty((), dtype=dtype)
+            if dtype.itemsize:
+                pread_exact(self._fd(path), _byte_view(out.reshape(1)), self._offsets[name], path)
+            return out
+        (r0, r1), rest = bounds[0], bounds[1:]
+        full_rest = all(a == 0 and b == d for (a, b), d in zip(rest, shape[1:]))
+        if not full_rest and any(a != 0 or b != d for (a, b), d in zip(rest[1:], shape[2:])):
+            return None  # slices beyond dim 1: rare, left to safetensors
+        rows = torch.empty((r1 - r0, *shape[1:]), dtype=dtype)
+        if rows.numel():
+            self.read_rows_into(name, r0, rows)
+        if full_rest:
+            return rows
+        (c0, c1) = rest[0]
+        return rows[:, c0:c1].contiguous()
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of contiguous ``t``'s storage."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def pread_exact(fd: int, buf: memoryview, offset: int, path=None) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset``; a short file is a corrupt checkpoint."""
+    done, n = 0, len(buf)
+    while done < n:
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got <= 0:
+            raise UserError(f"{path or fd} ends early at byte {offset + done}; the file is "
+                            f"truncated: re-download it")
+        done += got

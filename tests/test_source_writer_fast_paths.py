@@ -1,0 +1,98 @@
+"""The I/O fast paths (pread reads, kernel file-to-file copies, reused conversion buffers) give
+exactly what safetensors and modelopt give, for fp16/bf16/fp32 sources, tp 1/2/4, GQA with
+kv < tp, vocabulary padding, and with the kernel copy unavailable."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from convert import writer
+from convert.convert import convert_checkpoint
+from convert.source import SourceCheckpoint
+
+
+def modelopt_export(model, out_dir, tp: int):
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    model.config.rope_theta = model.config.rope_parameters["rope_theta"]  # transformers >= 5
+    export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=torch.float16,
+                                   export_dir=out_dir, inference_tensor_parallel=tp)
+    return out_dir
+
+
+def assert_same_checkpoint(ours, theirs, world):
+    from safetensors.torch import load_file
+
+    for r in range(world):
+        a = load_file(ours / f"rank{r}.safetensors")
+        b = load_file(theirs / f"rank{r}.safetensors")
+        assert sorted(a) == sorted(b), f"rank {r}: names differ: {set(a) ^ set(b)}"
+        for name in b:
+            assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), (r, name)
+
+
+@pytest.mark.parametrize("src_dtype,tp,kv,vocab", [
+    (torch.float16, 1, 4, 1000),
+    (torch.float16, 2, 4, 1000),
+    (torch.float16, 4, 2, 1001),    # kv < tp, padded vocab: zero pieces and duplicated kv rows
+    (torch.bfloat16, 2, 4, 1000),   # converted through the reused buffers
+])
+def test_fast_paths_match_modelopt(tmp_path, tiny_model, src_dtype, tp, kv, vocab):
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    model = make_tiny_model(hf_dir, num_key_value_heads=kv, vocab_size=vocab,
+                            num_hidden_layers=2, dtype=src_dtype, max_shard_size="300KB")
+    ours = tmp_path / "ours"
+    convert_checkpoint(hf_dir, ours, tp=tp, dtype="float16", progress=False)
+    theirs = modelopt_export(model.to(src_dtype), tmp_path / "modelopt", tp)
+    assert_same_checkpoint(ours, theirs, tp)
+
+
+def test_without_kernel_copy(tmp_path, tiny_model, monkeypatch):
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    make_tiny_model(hf_dir, num_hidden_layers=2, dtype=torch.float16)
+    convert_checkpoint(hf_dir, tmp_path / "a", tp=2, dtype="float16", progress=False)
+    monkeypatch.setattr(writer, "_kernel_copy", [False])
+    convert_checkpoint(hf_dir, tmp_path / "b", tp=2, dtype="float16", progress=False)
+    for r in range(2):
+        assert (tmp_path / "a" / f"rank{r}.safetensors").read_bytes() == \
+            (tmp_path / "b" / f"rank{r}.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_read_equals_safetensors_slices(tmp_path, dtype):
+    from examples.tiny import make_tiny_model
+
+    make_tiny_model(tmp_path, num_hidden_layers=1, dtype=dtype)
+    src = SourceCheckpoint(tmp_path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    rows, cols = src.shape(name)
+    indices = [(), (slice(3, 17),), (slice(None), slice(8, 40)), (slice(5, 9), slice(0, cols)),
+               (slice(0, 0),), (slice(2, 2), slice(1, 3)), (slice(-4, None),)]
+    with safe_open(str(src.meta[name][0]), framework="pt") as f:
+        for index in indices:
+            got = src.read(name, index)
+            want = f.get_slice(name)[index] if index else f.get_tensor(name)
+            assert got.dtype == want.dtype and torch.equal(got, want), index
+            assert got.is_contiguous()
+    norm = "model.layers.0.input_layernorm.weight"
+    with safe_open(str(src.meta[norm][0]), framework="pt") as f:
+        assert torch.equal(src.read(norm), f.get_tensor(norm))
+        assert torch.equal(src.read(norm, (slice(4, 9),)), f.get_tensor(norm)[4:9])
+
+
+def test_corrupt_offsets_are_a_user_error(tmp_path):
+    import json
+    import struct
+
+    from convert.errors import UserError
+
+    t = {"dtype": "F16", "shape": [4, 4], "data_offsets": [0, 16]}  # needs 32 bytes
+    raw = json.dumps({"w": t}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(32))
+    with pytest.raises(UserError, match="corrupt"):
+        SourceCheckpoint(tmp_path)
