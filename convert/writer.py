@@ -35,14 +35,14 @@ ST_DTYPE_NAMES = {
     torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 16 * 2**20
 # Direct I/O: "auto" (files of DIRECT_MIN_BYTES and DIRECT_MEM_FRACTION of the available memory
 # or more, see _direct_io_wanted), "1" (every file), "0" (never); the environment variable
 # BUILD_ENGINE_DIRECT_IO overrides it.
 DIRECT_IO = "auto"
 DIRECT_MIN_BYTES = 64 * 2**20
 DIRECT_MEM_FRACTION = 1 / 4
-DIRECT_BUFFER = 16 * 2**20
+DIRECT_BUFFER = 8 * 2**20
 DIRECT_ALIGN = 4096
 
 
@@ -167,6 +167,8 @@ def _fast_chunks(source, piece, dtype, start, rest, max_bytes):
         src_row *= d
     if start < 0 or start + rows > full[0]:
         return None
+    if rows == 0:
+        return iter(())
 
     def copy_spans():
         fd, base = source.span(piece.source)
