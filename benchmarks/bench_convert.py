@@ -583,8 +583,9 @@ def main(argv=None) -> int:
         cp_t, cps_t = cp.t, cps.t
         head = (f"Model: **{a.preset}** layer shapes, **{layers} layers**, {a.dtype}, "
                 f"{gb:.2f} GB in {len(list(model.glob('*.safetensors')))} shards; "
-                f"{a.repeat} run(s) per case (median wall). Input in the page cache (read once "
-                f"before the timed runs); `sync` before each run. Measured "
+                f"{a.repeat} run(s) per case, interleaved (median wall). Warm runs: input read "
+                f"into the page cache right before the run; cold runs: input evicted first; "
+                f"`sync` before each run. Measured "
                 f"{time.strftime('%Y-%m-%d')} on {info['nproc']} CPU(s), {info['ram_gib']} GiB "
                 f"RAM, {info['disk']}; Python {info['python']}, torch {info['torch']}.")
         table = fmt_table(rows, cp_t, cps_t, gb)
