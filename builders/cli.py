@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after conversion, run the checkpoint on CPU with TensorRT-LLM's "
                         "semantics and compare its logits with the HF model")
     from builders.engine import add_engine_arguments
+    from builders.triton_repo import add_triton_arguments
 
     add_engine_arguments(p)
+    add_triton_arguments(p)
     return p
 
 
@@ -83,12 +85,14 @@ def run(args) -> int:
         ckpt = Path(args.from_checkpoint)
         inputs["checkpoint_dir"] = str(ckpt.resolve())
         model_dir = None
+        _check_triton_args(args, model_dir)
     else:
         if not args.model:
             raise UserError("--model is required: a local HF model dir or a bundled example name "
                             "(or --from-checkpoint CKPT_DIR)")
         model_dir = resolve_model(args.model)
         inputs.update(model=args.model, model_dir=str(model_dir.resolve()))
+        _check_triton_args(args, model_dir)
         ckpt = out / "checkpoint"
         t0 = time.perf_counter()
         config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,
@@ -111,9 +115,62 @@ def run(args) -> int:
         write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
         return 0
     t0 = time.perf_counter()
-    engines = build_engines(ckpt, out / "engines", options_from_args(args), force=args.force)
+    engine_options = options_from_args(args)
+    # the Triton repository is written here even without engines; the GPU host then only builds
+    # the engines (same options, so the same engine config.json the repository was filled from)
+    hint_flags = () if args.triton_target == "none" else ("--triton-target", "none")
+    engines = build_engines(ckpt, out / "engines", engine_options, force=args.force,
+                            hint_flags=hint_flags)
     timings["engines"] = time.perf_counter() - t0
-    write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
     stream = sys.stdout if engines.exit_code == 0 else sys.stderr
     print(f"engines: {engines.message}", file=stream)
+    if engines.exit_code in (0, EXIT_NO_ENGINE) and args.triton_target != "none":
+        t0 = time.perf_counter()
+        repo = _write_triton(args, out, ckpt, model_dir, engine_options,
+                             engines_built=engines.exit_code == 0)
+        timings["triton"] = time.perf_counter() - t0
+        print(f"triton: {repo} ({args.triton_target} model repository, validated with Triton's "
+              f"ModelConfig schema); launch: {repo / 'launch_triton.sh'}")
+    write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
     return engines.exit_code
+
+
+def _check_triton_args(args, model_dir) -> None:
+    """Refuse, before any work, Triton options that would fail after the conversion."""
+    from builders.triton_repo import TritonOptions, check_tokenizer
+
+    if args.checkpoint_only or args.triton_target == "none":
+        return
+    TritonOptions.from_any(args)  # ranges and choices, one line each
+    if args.triton_target == "pytorch":
+        raise UserError("--triton-target pytorch serves a Hugging Face checkpoint on TensorRT-LLM's "
+                        "PyTorch backend, not engines; use --triton-target engine (or none) here")
+    if args.from_checkpoint and args.tokenizer_dir is None:
+        raise UserError("--from-checkpoint needs --tokenizer-dir DIR (the HF model dir with the "
+                        "tokenizer files) for the Triton pre/postprocessing models, or pass "
+                        "--triton-target none")
+    where = "--tokenizer-dir" if args.tokenizer_dir is not None else "model dir"
+    try:
+        check_tokenizer(args.tokenizer_dir or model_dir, what=where)
+    except UserError as e:
+        raise UserError(f"{e} (or --triton-target none to skip the Triton repository)") from None
+
+
+def _write_triton(args, out: Path, ckpt: Path, model_dir, engine_options, *, engines_built: bool):
+    """DIR/triton for the engines: from the engines' own config.json when they were built here,
+    else from the checkpoint config and the engine options (what trtllm-build will write)."""
+    import json
+
+    from builders.triton_repo import (engine_config_from_checkpoint, validate_repo,
+                                      write_engine_repo)
+
+    if engines_built:
+        engine_config = None
+    else:
+        ckpt_config = json.loads((ckpt / "config.json").read_text())
+        engine_config = engine_config_from_checkpoint(ckpt_config, engine_options)
+    repo = write_engine_repo(out / "triton", engine_dir=out / "engines",
+                             tokenizer_dir=args.tokenizer_dir or model_dir,
+                             engine_config=engine_config, options=args)
+    validate_repo(repo)
+    return repo

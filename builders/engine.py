@@ -271,12 +271,12 @@ def trtllm_build_args(options: EngineOptions) -> dict:
     return out
 
 
-def engine_command_hint(checkpoint_dir, output_dir, options=None) -> str:
+def engine_command_hint(checkpoint_dir, output_dir, options=None, extra_flags=()) -> str:
     """The command that builds the engines of ``checkpoint_dir`` into ``output_dir/engines``
-    with the same engine options (only non-default flags are spelled out)."""
+    with the same engine options (only non-default flags are spelled out), plus ``extra_flags``."""
     opts = EngineOptions.from_any(options)
     parts = ["build_engine", "--from-checkpoint", str(checkpoint_dir), "--output", str(output_dir)]
-    parts += opts.cli_flags()
+    parts += opts.cli_flags() + list(extra_flags)
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -586,10 +586,12 @@ def _rmtree(path: Path) -> None:
 
 
 def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend | None = None,
-                  force: bool = False, progress=None) -> EngineBuildResult:
+                  force: bool = False, progress=None, hint_flags=()) -> EngineBuildResult:
     """Compile one engine per rank of ``checkpoint_dir`` into ``engines_dir``.
 
     ``options``: EngineOptions, a mapping or an argparse Namespace (see :func:`options_from_args`).
+    ``hint_flags``: extra flags for the finish-on-a-GPU-host command (e.g. the caller's Triton
+    choices).
     ``progress``: optional callable(str) told when each rank starts and ends.
     Returns an :class:`EngineBuildResult` (see the module docstring for statuses and exit codes).
     """
@@ -598,7 +600,7 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
     opts = EngineOptions.from_any(options)
     config, world = read_checkpoint_layout(checkpoint_dir)
     _check_options_against_checkpoint(opts, config)
-    hint = engine_command_hint(checkpoint_dir, engines_dir.parent, opts)
+    hint = engine_command_hint(checkpoint_dir, engines_dir.parent, opts, hint_flags)
     backend = backend if backend is not None else TrtllmBackend()
 
     avail = check_trtllm(backend)

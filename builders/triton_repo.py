@@ -702,7 +702,7 @@ class _Paths:
         return self.serve(self.out_dir)
 
 
-def _check_tokenizer(tokenizer_dir, vocab_size: int | None = None,
+def check_tokenizer(tokenizer_dir, vocab_size: int | None = None,
                      what: str = "--tokenizer-dir") -> Path:
     if tokenizer_dir is None:
         raise UserError("the Triton repository needs a tokenizer: pass --tokenizer-dir (the HF "
@@ -956,7 +956,7 @@ def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict
                             f"first or pass the checkpoint config") from None
     engine = _read_engine_config(engine_config)
     _check_batching(engine, opts.batching_strategy)
-    tok_dir = _check_tokenizer(tokenizer_dir or opts.tokenizer_dir, engine.vocab_size)
+    tok_dir = check_tokenizer(tokenizer_dir or opts.tokenizer_dir, engine.vocab_size)
     batch = opts.triton_max_batch_size or min(64, engine.max_batch_size)
     paths = _Paths(Path(out_dir).expanduser().absolute(), opts.triton_model_root)
     engine_path = paths.serve(engine_dir)
@@ -1048,7 +1048,7 @@ def write_llmapi_repo(out_dir, *, model_dir, tokenizer_dir=None, tp: int = 1, pp
     model = _check_hf_model_dir(model_dir)
     tok_dir = tokenizer_dir or opts.tokenizer_dir
     # LLM(...) loads the tokenizer from the model dir unless told otherwise: check it loads
-    _check_tokenizer(tok_dir or model, what="--tokenizer-dir" if tok_dir else "model dir")
+    check_tokenizer(tok_dir or model, what="--tokenizer-dir" if tok_dir else "model dir")
     paths = _Paths(Path(out_dir).expanduser().absolute(), opts.triton_model_root)
     model_path = paths.serve(model)
     tokenizer_path = paths.serve(tok_dir) if tok_dir is not None else None

@@ -509,9 +509,15 @@ FAKE_TRTLLM_FILES = {
                 rank = self.record["rank"]
                 with open(os.path.join(out_dir, f"rank{rank}.engine"), "wb") as f:
                     f.write(b"placeholder written by the fake tensorrt_llm, not an engine")
-                if rank == 0:
+                if rank == 0:  # shaped like a real engine config.json: the checkpoint
+                    # config + the build config with its plugin config (placeholder values)
+                    plugin = {k: (v == "enable") if v in ("enable", "disable") else v
+                              for k, v in self.record["plugin_config"].items()}
                     with open(os.path.join(out_dir, "config.json"), "w") as f:
-                        json.dump({"placeholder": True}, f)
+                        json.dump({"version": "1.2.1-fake",
+                                   "pretrained_config": self.record["pretrained_config"],
+                                   "build_config": dict(self.record["build_config"],
+                                                        plugin_config=plugin)}, f)
                 rec = os.path.join(os.environ["FAKE_TRTLLM_RECORD"], f"rank{rank}.json")
                 with open(rec, "w") as f:
                     json.dump(dict(self.record, saved_to=out_dir), f)
@@ -526,6 +532,7 @@ FAKE_TRTLLM_FILES = {
                 "plugin_validated": build_config.plugin_config.validated,
                 "kwargs": kwargs, "log_level": logger.level,
                 "architecture": model_config.d["architecture"],
+                "pretrained_config": model_config.d,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             })
     ''',
