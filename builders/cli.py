@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="weight dtype (auto: the model's fp16/bf16, float16 for fp32 models)")
     g.add_argument("--workers", type=int, default=1,
-                   help="ranks converted in parallel (processes; default 1)")
+                   help="ranks converted in parallel (processes), and engines built in parallel "
+                        "(one GPU each) unless --build-workers says otherwise (default 1)")
     g.add_argument("--force", action="store_true", help="replace existing outputs")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = p.add_argument_group("stages")
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     from builders.triton_repo import add_triton_arguments
 
     add_engine_arguments(p)
+    p.set_defaults(build_workers=None)  # None: follow --workers (trtllm-build's --workers)
     add_triton_arguments(p)
     return p
 
@@ -76,6 +78,7 @@ def run(args) -> int:
 
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1 (got {args.workers})")
+    _defaults_from_other_flags(args)
     out = Path(args.output)
     timings: dict[str, float] = {}
     inputs: dict = {}
@@ -133,6 +136,13 @@ def run(args) -> int:
               f"ModelConfig schema); launch: {repo / 'launch_triton.sh'}")
     write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
     return engines.exit_code
+
+
+def _defaults_from_other_flags(args) -> None:
+    """Defaults that follow other flags: --build-workers follows --workers (trtllm-build has
+    one --workers for both)."""
+    if args.build_workers is None:
+        args.build_workers = args.workers
 
 
 def _check_triton_args(args, model_dir) -> None:

@@ -156,7 +156,7 @@ OPTION_SPECS: tuple[_Spec, ...] = (
     _Spec("log_level", str, "info", _LOGGER, "TensorRT-LLM log level in the rank logs",
           _LOG_LEVELS),
     _Spec("build_workers", int, 1, _LOCAL, "ranks built at once, one GPU each (capped at the "
-          "number of visible GPUs); the converter's --workers is separate"),
+          "number of visible GPUs); build_engine's default: its --workers"),
 )
 _SPECS = {s.name: s for s in OPTION_SPECS}
 PLUGIN_KEYS = tuple(s.name for s in OPTION_SPECS if s.target == _PLUGIN)

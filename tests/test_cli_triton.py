@@ -122,3 +122,16 @@ def test_pytorch_repository_is_not_for_engines(tmp_path, smollm2_dir, capsys):
     (line,) = _error_lines(capsys.readouterr().err)
     assert rc == 2 and "--triton-target pytorch" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_workers_also_sets_the_engine_build_parallelism_unless_build_workers_is_given():
+    from builders.cli import _defaults_from_other_flags, build_parser
+
+    def parsed(*argv):
+        args = build_parser().parse_args(["--model", "m", "--output", "o", *argv])
+        _defaults_from_other_flags(args)
+        return E.options_from_args(args).build_workers
+
+    assert parsed() == 1
+    assert parsed("--workers", "4") == 4
+    assert parsed("--workers", "4", "--build-workers", "2") == 2
