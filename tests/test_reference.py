@@ -353,11 +353,12 @@ def test_bad_inputs_are_user_errors(tmp_path, fp16_tp2):
 
 def test_unsupported_quant_algo_and_dynamic_rope(tmp_path, fp16_tp2):
     _, good = fp16_tp2
-    fp8 = edit_copy(good, tmp_path / "fp8", edit_config=lambda c: c["quantization"].update(quant_algo="FP8"))
-    with pytest.raises(UserError, match="quant_algo FP8 is not supported by the reference reader yet"):
-        ReferenceModel(fp8)
-    kv = edit_copy(good, tmp_path / "kv", edit_config=lambda c: c["quantization"].update(kv_cache_quant_algo="INT8"))
-    with pytest.raises(UserError, match="kv_cache_quant_algo INT8 is not supported"):
+    # (FP8, AWQ, SmoothQuant, weight-only and INT8/FP8 KV kernels exist: tests/test_reference_quant.py)
+    w4a8 = edit_copy(good, tmp_path / "w4a8", edit_config=lambda c: c["quantization"].update(quant_algo="W4A8_AWQ"))
+    with pytest.raises(UserError, match="quant_algo W4A8_AWQ is not supported by the reference reader yet"):
+        ReferenceModel(w4a8)
+    kv = edit_copy(good, tmp_path / "kv", edit_config=lambda c: c["quantization"].update(kv_cache_quant_algo="NVFP4"))
+    with pytest.raises(UserError, match="kv_cache_quant_algo NVFP4 is not supported"):
         ReferenceModel(kv)
     dyn = edit_copy(good, tmp_path / "dyn", edit_config=lambda c: c.update(rotary_scaling={"type": "dynamic", "factor": 2.0}))
     with pytest.raises(UserError, match="'dynamic' is not supported"):
