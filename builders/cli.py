@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from builders.engine import build_engines, options_from_args
-    from builders.manifest import write_manifest
+    from builders.manifest import InputHashing, write_manifest
     from convert.convert import convert_checkpoint
     from examples.registry import resolve_model
 
@@ -96,6 +96,7 @@ def run(args) -> int:
         model_dir = resolve_model(args.model)
         inputs.update(model=args.model, model_dir=str(model_dir.resolve()))
         _check_triton_args(args, model_dir)
+        inputs = InputHashing(inputs)  # build.json's shard hashes, while converting
         ckpt = out / "checkpoint"
         t0 = time.perf_counter()
         config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,

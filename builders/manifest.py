@@ -17,6 +17,8 @@ import importlib.metadata
 import json
 import os
 import platform
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MANIFEST_NAME = "build.json"
@@ -90,11 +92,17 @@ def _jsonable(value):
     return str(value)
 
 
+def _hash_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
                   suffixes: set[str] | None = None, recursive: bool = True) -> list[dict]:
+    """Path, size and sha256 of the files under ``root``, sorted by path. Files are hashed in
+    parallel threads (hashlib releases the GIL on large buffers: ~1.4 GB/s per core here)."""
     root = Path(root)
     paths = root.rglob("*") if recursive else root.iterdir()
-    entries = []
+    chosen = []
     for p in paths:
         if not p.is_file() or p.is_symlink() or p.resolve() in exclude:
             continue
@@ -103,9 +111,38 @@ def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
             continue  # caches, partial files
         if suffixes is not None and p.suffix.lower() not in suffixes:
             continue
-        entries.append({"path": rel.as_posix(), "size": p.stat().st_size,
-                        "sha256": sha256_file(p)})
+        chosen.append((rel.as_posix(), p))
+    # biggest first, so one large file does not start last
+    chosen.sort(key=lambda item: -item[1].stat().st_size)
+    with ThreadPoolExecutor(max_workers=_hash_threads()) as pool:
+        digests = list(pool.map(lambda item: sha256_file(item[1]), chosen))
+    entries = [{"path": rel, "size": p.stat().st_size, "sha256": d}
+               for (rel, p), d in zip(chosen, digests)]
     return sorted(entries, key=lambda e: e["path"])
+
+
+class InputHashing:
+    """:func:`describe_inputs` started in a background thread, so hashing the model's shards
+    overlaps the conversion (which waits on the disk most of the time) instead of following it.
+    Pass it as ``inputs=`` to :func:`write_manifest`; ``result()`` waits for it."""
+
+    def __init__(self, inputs: dict):
+        self._inputs, self._result, self._error = dict(inputs), None, None
+        # a daemon thread: a run that fails or is interrupted exits without waiting for it
+        self._thread = threading.Thread(target=self._run, name="hash-inputs", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = describe_inputs(self._inputs)
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self._error = e
+
+    def result(self) -> dict:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def describe_inputs(inputs: dict) -> dict:
@@ -120,7 +157,7 @@ def describe_inputs(inputs: dict) -> dict:
     return out
 
 
-def build_manifest(output_dir, *, inputs: dict, options: dict, stage_timings: dict,
+def build_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, stage_timings: dict,
                    outputs_root=None) -> dict:
     """The manifest as a dict (what :func:`write_manifest` writes)."""
     output_dir = Path(output_dir)
@@ -131,7 +168,7 @@ def build_manifest(output_dir, *, inputs: dict, options: dict, stage_timings: di
     return {
         "schema": SCHEMA_VERSION,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "inputs": describe_inputs(inputs),
+        "inputs": inputs.result() if isinstance(inputs, InputHashing) else describe_inputs(inputs),
         "options": _jsonable(options),
         "versions": software_versions(),
         "stage_timings_s": timings,
@@ -142,7 +179,7 @@ def build_manifest(output_dir, *, inputs: dict, options: dict, stage_timings: di
     }
 
 
-def write_manifest(output_dir, *, inputs: dict, options: dict, stage_timings: dict,
+def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, stage_timings: dict,
                    outputs_root=None) -> Path:
     """Write ``output_dir/build.json`` and return its path.
 

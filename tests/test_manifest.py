@@ -118,3 +118,28 @@ def test_deterministic_key_order_and_rewrite(build_dir):
     strip = lambda t: {k: v for k, v in json.loads(t).items() if k != "created_utc"}  # noqa: E731
     assert strip(text1) == strip(text2)           # build.json never lists itself
     assert not any(p.name.startswith(".build.json") for p in out.iterdir())
+
+
+def test_background_input_hashing_gives_the_same_manifest(build_dir):
+    from builders.manifest import InputHashing, build_manifest
+
+    model, out = build_dir
+    inputs = {"model": "x", "model_dir": str(model)}
+    direct = build_manifest(out, inputs=inputs, options={}, stage_timings={})
+    background = build_manifest(out, inputs=InputHashing(inputs), options={}, stage_timings={})
+    assert background["inputs"] == direct["inputs"]
+    assert [f["sha256"] for f in direct["inputs"]["model_files"]] == [
+        _sha(model / n) for n in ("config.json", "model-00001-of-00002.safetensors",
+                                  "model-00002-of-00002.safetensors", "tokenizer.json")]
+    assert background["outputs"] == direct["outputs"]
+
+
+def test_background_input_hashing_reraises_its_error(tmp_path, monkeypatch):
+    import builders.manifest as M
+
+    def broken(inputs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(M, "describe_inputs", broken)
+    with pytest.raises(OSError, match="disk gone"):
+        M.InputHashing({"model_dir": str(tmp_path)}).result()
