@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true",
                    help="after conversion, run the checkpoint on CPU with TensorRT-LLM's "
                         "semantics and compare its logits with the HF model")
+    s.add_argument("--eval-ppl", metavar="FILE",
+                   help="after conversion, print the perplexity of the checkpoint (CPU reference "
+                        "reader) and of the HF model on this text file (first 4096 tokens, "
+                        "windows of 256)")
     from builders.engine import add_engine_arguments
     from builders.triton_repo import add_triton_arguments
 
@@ -98,6 +102,11 @@ def run(args) -> int:
         _check_triton_args(args, model_dir)
         inputs = InputHashing(inputs)  # build.json's shard hashes, while converting
         ckpt = out / "checkpoint"
+        ppl_text = None
+        if getattr(args, "eval_ppl", None):
+            from convert.perplexity import read_text_file
+
+            ppl_text = read_text_file(args.eval_ppl)  # bad file: one line, before any work
         t0 = time.perf_counter()
         config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                     workers=args.workers, force=args.force,
@@ -115,6 +124,13 @@ def run(args) -> int:
             print(f"verify: {summary_line(report, ckpt)}")
             if not passed:
                 return EXIT_MISMATCH
+        if ppl_text is not None:
+            from convert.perplexity import checkpoint_ppl, hf_ppl, ppl_line
+
+            t0 = time.perf_counter()
+            print(ppl_line("checkpoint", checkpoint_ppl(ckpt, ppl_text, hf_dir=model_dir)))
+            print(ppl_line("Hugging Face model", hf_ppl(model_dir, ppl_text)))
+            timings["eval_ppl"] = time.perf_counter() - t0
     if args.checkpoint_only:
         write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
         return 0

@@ -1,0 +1,192 @@
+"""Quality of each quantization format on SmolLM2-135M: perplexity through the CPU reference reader.
+
+    python benchmarks/bench_quality.py --write-md BENCHMARKS.md      # ~15-25 min on 2 CPU cores
+
+Calibration: /work/shared/data/shakespeare.txt (``--calib-file``), ``--calib-size`` x ``--calib-seq-len``
+tokens (default 16 x 256: CPU calibration is the cost; the converter's default is 32 x 512).
+Evaluation: a fixed slice of /work/shared/data/austen.txt (``--eval-file``, from character
+``--eval-offset``), ``--ppl-tokens`` tokens in windows of ``--ppl-seq-len`` (each window scored from
+its own start), the same windows for every row. Every checkpoint is fp16 at tp 1 and runs through
+``convert.reference`` (TensorRT-LLM's semantics on CPU, quantization simulated).
+
+Columns: "ours" = this project's converter (``convert_checkpoint``; calibrated formats through the
+quantized converter once it exists, else "pending"); "modelopt" = nvidia-modelopt 0.47's own
+``export_tensorrt_llm_checkpoint`` of the same calibrated model; "pytorch target" = the unified HF
+checkpoint read back by ``convert.unified_reader`` when that module offers ``checkpoint_perplexity``
+(hook; "–" otherwise). The table is written between ``<!-- quality:begin -->`` and
+``<!-- quality:end -->`` in the markdown file.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from convert.perplexity import checkpoint_ppl, hf_ppl, windows, tokenize  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+
+# (label, quant_algo, kv dtype, smoothquant alpha, awq block) -- one table row each
+ROWS = [
+    ("fp16", None, None, None, None),
+    ("W8A16 (int8 weight-only)", "W8A16", None, None, None),
+    ("W4A16 (int4 weight-only)", "W4A16", None, None, None),
+    ("SmoothQuant W8A8, alpha 1.0", "W8A8_SQ_PER_CHANNEL", None, 1.0, None),
+    ("SmoothQuant W8A8, alpha 0.5", "W8A8_SQ_PER_CHANNEL", None, 0.5, None),
+    ("FP8", "FP8", None, None, None),
+    ("FP8 + FP8 KV cache", "FP8", "fp8", None, None),
+    ("INT4 AWQ, group 64", "W4A16_AWQ", None, None, 64),
+    ("fp16 + INT8 KV cache", None, "int8", None, None),
+    ("fp16 + FP8 KV cache", None, "fp8", None, None),
+]
+WEIGHT_ONLY = {"W8A16", "W4A16"}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def ours_checkpoint(hf_dir, out, algo, kv):
+    """Our converter's checkpoint, or None when it cannot write this format yet."""
+    from convert.convert import convert_checkpoint
+
+    if kv is not None or (algo is not None and algo not in WEIGHT_ONLY):
+        return None  # calibrated formats: the quantized converter (build_engine --smoothquant ...) is pending
+    q = None if algo is None else {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    convert_checkpoint(hf_dir, out, dtype="float16", progress=False, quantization=q)
+    return out
+
+
+def modelopt_checkpoint(hf_dir, out, algo, kv, alpha, block, calib_text, tok, args):
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    from quantize.calibrate import calibrate
+    from quantize.formats import QuantSpec
+
+    spec = QuantSpec.create(algo, kv_cache_dtype=kv, smoothquant_alpha=alpha, awq_block_size=block,
+                            calib_size=args.calib_size, calib_seq_len=args.calib_seq_len, calib_batch_size=1)
+    t = time.time()
+    model = calibrate(hf_dir, spec, calib_text, tokenizer=tok, device="cpu", progress=False)
+    calib_s = time.time() - t
+    model.config.rope_theta = model.config.rope_parameters["rope_theta"]  # transformers >= 5 quirk
+    export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=torch.float16, export_dir=out,
+                                   inference_tensor_parallel=1)
+    return out, calib_s
+
+
+def unified_ppl(hf_dir, algo, kv, text, tok, args):
+    """Hook for the PyTorch-target (unified HF checkpoint) column."""
+    try:
+        from convert import unified_reader
+    except ImportError:
+        return None
+    fn = getattr(unified_reader, "checkpoint_perplexity", None)
+    return None if fn is None else fn(hf_dir, algo, kv, text, tok, args)
+
+
+def fmt(p, base):
+    if p is None:
+        return "pending"
+    return f"{p:.3f} ({100 * (p / base - 1):+.2f} %)"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="HF dir (default: the cached SmolLM2-135M)")
+    ap.add_argument("--calib-file", default=str(SHARED / "shakespeare.txt"))
+    ap.add_argument("--eval-file", default=str(SHARED / "austen.txt"))
+    ap.add_argument("--eval-offset", type=int, default=100_000, help="first character of the eval slice")
+    ap.add_argument("--calib-size", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=256)
+    ap.add_argument("--ppl-seq-len", type=int, default=256)
+    ap.add_argument("--ppl-tokens", type=int, default=2048)
+    ap.add_argument("--only", default=None, help="comma-separated row numbers (1-based) to run")
+    ap.add_argument("--write-md", default=None, help="markdown file whose quality block is replaced")
+    args = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    if args.model is None:
+        from examples.smollm2 import prepare_smollm2
+
+        args.model = str(prepare_smollm2())
+    tok = AutoTokenizer.from_pretrained(args.model)
+    calib_text = Path(args.calib_file).read_text(encoding="utf-8")
+    raw = Path(args.eval_file).read_text(encoding="utf-8")[args.eval_offset:]
+    need_chars = args.ppl_tokens * 8
+    eval_text = raw[:need_chars]
+    n_tok = windows(tokenize(eval_text, tok), args.ppl_seq_len, args.ppl_tokens).numel()
+    kw = dict(seq_len=args.ppl_seq_len, max_tokens=args.ppl_tokens)
+
+    t0 = time.time()
+    hf = hf_ppl(args.model, eval_text, tok, **kw)
+    log(f"HF: {hf['perplexity']:.4f} over {hf['tokens']} tokens")
+    rows = []
+    only = {int(i) for i in args.only.split(",")} if args.only else None
+    work = Path(tempfile.mkdtemp(prefix="bench_quality_", dir=REPO.parent))
+    try:
+        for i, (label, algo, kv, alpha, block) in enumerate(ROWS, 1):
+            if only and i not in only:
+                continue
+            t = time.time()
+            ours = mo = calib_s = None
+            d = ours_checkpoint(args.model, work / f"ours{i}", algo, kv)
+            if d is not None:
+                ours = checkpoint_ppl(d, eval_text, tok, **kw)["perplexity"]
+            if algo not in WEIGHT_ONLY and (algo is not None or kv is not None):
+                d, calib_s = modelopt_checkpoint(args.model, work / f"mo{i}", algo, kv, alpha, block,
+                                                 calib_text, tok, args)
+                mo = checkpoint_ppl(d, eval_text, tok, **kw)["perplexity"]
+            uni = unified_ppl(args.model, algo, kv, eval_text, tok, args)
+            rows.append((label, algo, kv, ours, mo, uni, calib_s, time.time() - t))
+            log(f"{label}: ours {ours} modelopt {mo} unified {uni} calib {calib_s} ({time.time() - t:.0f}s)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    base = hf["perplexity"]
+    lines = [
+        f"Model: SmolLM2-135M ({args.model}), fp16 checkpoints at tp 1, perplexity through the CPU reference "
+        f"reader (TensorRT-LLM semantics, quantization simulated). Evaluation: {n_tok} tokens of "
+        f"`{Path(args.eval_file).name}` from character {args.eval_offset} in {n_tok // args.ppl_seq_len} "
+        f"windows of {args.ppl_seq_len} ({hf['tokens']} scored). Calibration: `{Path(args.calib_file).name}`, "
+        f"{args.calib_size} samples x {args.calib_seq_len} tokens, fp32 on CPU. Measured "
+        f"{time.strftime('%Y-%m-%d')} on {platform.machine()}, torch {torch.__version__}; whole run "
+        f"{time.time() - t0:.0f} s. Percentages are vs the HF model.",
+        "",
+        f"HF model (float32 compute): **{base:.3f}**",
+        "",
+        "| format | quant_algo / KV | ours | modelopt export | PyTorch target (unified) | calibration s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for label, algo, kv, ours, mo, uni, calib_s, _ in rows:
+        cal = "" if calib_s is None else f"{calib_s:.0f}"
+        mo_s = "–" if (algo in WEIGHT_ONLY or (algo is None and kv is None)) else fmt(mo, base)
+        lines.append(f"| {label} | {algo or 'none'} / {kv or '–'} | {fmt(ours, base)} | {mo_s} | "
+                     f"{'–' if uni is None else fmt(uni, base)} | {cal} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write_md:
+        p = Path(args.write_md)
+        s = p.read_text(encoding="utf-8")
+        b, e = "<!-- quality:begin -->", "<!-- quality:end -->"
+        if b in s and e in s:
+            s = s[: s.index(b) + len(b)] + "\n" + table + "\n" + s[s.index(e):]
+        else:
+            s = s.rstrip("\n") + "\n\n" + b + "\n" + table + "\n" + e + "\n"
+        p.write_text(s, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
