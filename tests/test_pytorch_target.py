@@ -1,0 +1,126 @@
+"""--target pytorch: modelopt's unified HF checkpoint (convert/unified.py), its reference-reader
+loader (convert/unified_reader.py) and the stage (builders/pytorch_target.py).
+
+The checkpoint must equal what nvidia-modelopt 0.47's ``export_hf_checkpoint`` writes for the same
+calibrated model: names, shapes, dtypes, values, hf_quant_config.json and config.json's
+quantization_config. Tiny random models, 4 calibration samples x 64 tokens (fast on 2 cores).
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from convert.errors import UserError
+from convert.unified import check_supported, write_unified_checkpoint
+from quantize.calibrate import calibrate
+from quantize.formats import DEFAULT_CALIB_DATA, QuantSpec
+
+# hidden and every input size a multiple of 128 (AWQ group 128); 8 heads, 4 kv heads.
+TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
+            vocab_size=1000, num_hidden_layers=2)
+
+
+def byte_tokenizer(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def calib_text():
+    return DEFAULT_CALIB_DATA.read_text(encoding="utf-8")[:20000]
+
+
+def small(algo=None, kv=None, **kw) -> QuantSpec:
+    return QuantSpec.create(algo, kv_cache_dtype=kv, calib_size=4, calib_seq_len=64,
+                            calib_batch_size=2, **kw)
+
+
+def make_model(tmp_path, **overrides):
+    from examples.tiny import make_tiny_model
+
+    cfg = dict(TINY)
+    cfg.update(overrides)
+    return tmp_path / "hf", make_tiny_model(tmp_path / "hf", **cfg).float().eval()
+
+
+def modelopt_unified(model, out_dir, dtype):
+    """modelopt's own export of (a copy of) the calibrated model: the reference."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    m = copy.deepcopy(model)  # the export fuses / re-smooths / packs the model in place
+    export_hf_checkpoint(m, dtype=dtype, export_dir=out_dir)
+    return out_dir
+
+
+def assert_same_checkpoint(ours_dir, theirs_dir):
+    ours, theirs = load_file(ours_dir / "model.safetensors"), load_file(theirs_dir / "model.safetensors")
+    assert sorted(ours) == sorted(theirs), f"names differ: {sorted(set(ours) ^ set(theirs))}"
+    for name, b in theirs.items():
+        a = ours[name]
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
+        if a.dtype == torch.float8_e4m3fn:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a, b), f"{name}: values differ"
+    q_ours, q_theirs = ours_dir / "hf_quant_config.json", theirs_dir / "hf_quant_config.json"
+    assert q_ours.is_file() == q_theirs.is_file()
+    if q_theirs.is_file():
+        assert json.loads(q_ours.read_text()) == json.loads(q_theirs.read_text())
+    c_ours = json.loads((ours_dir / "config.json").read_text())
+    c_theirs = json.loads((theirs_dir / "config.json").read_text())
+    assert c_ours.get("quantization_config") == c_theirs.get("quantization_config")
+    return ours
+
+
+@pytest.mark.parametrize("algo,kv,kw,overrides", [
+    ("W8A8_SQ_PER_CHANNEL", None, {}, {}),
+    ("FP8", "fp8", {}, {}),
+    ("W4A16_AWQ", None, {}, {}),
+    ("W4A16_AWQ", "fp8", {"awq_block_size": 64}, {"intermediate_size": 320}),
+    (None, "fp8", {}, {}),
+])
+def test_unified_checkpoint_matches_modelopt_export(tmp_path, calib_text, algo, kv, kw, overrides):
+    hf_dir, model = make_model(tmp_path, **overrides)
+    spec = small(algo, kv, **kw)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    write_unified_checkpoint(hf_dir, tmp_path / "ours", spec, calibrated_model=model, progress=False)
+    theirs = modelopt_unified(model, tmp_path / "modelopt", torch.float32)
+    assert_same_checkpoint(tmp_path / "ours", theirs)
+
+
+def test_weight_only_int8_streams_and_matches_modelopt(tmp_path):
+    import modelopt.torch.quantization as mtq
+
+    hf_dir, model = make_model(tmp_path)
+    spec = small("W8A16")
+    assert not spec.needs_calibration
+    write_unified_checkpoint(hf_dir, tmp_path / "ours", spec, progress=False)  # no model loaded
+    ref = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.INT8_WEIGHT_ONLY_CFG), None)
+    theirs = modelopt_unified(ref, tmp_path / "modelopt", torch.float32)
+    assert_same_checkpoint(tmp_path / "ours", theirs)
+
+
+def test_unquantized_is_the_source_weights(tmp_path):
+    hf_dir, model = make_model(tmp_path)
+    write_unified_checkpoint(hf_dir, tmp_path / "ours", small(), progress=False)
+    theirs = modelopt_unified(model, tmp_path / "modelopt", torch.float32)
+    assert_same_checkpoint(tmp_path / "ours", theirs)
+    assert not (tmp_path / "ours" / "hf_quant_config.json").exists()
+
+
+@pytest.mark.parametrize("algo,kv,message", [
+    ("W4A16", None, "--int4-weight-only has no modelopt unified-checkpoint format"),
+    ("FP8", None, None),
+    ("W8A8_SQ_PER_CHANNEL", "int8", "--kv-cache-dtype int8 has no modelopt unified-checkpoint format"),
+])
+def test_unsupported_formats_are_refused(algo, kv, message):
+    spec = QuantSpec.create(algo, kv_cache_dtype=kv)
+    if message is None:
+        check_supported(spec)
+        return
+    with pytest.raises(UserError, match=message.replace("-", r"\-")) as e:
+        check_supported(spec)
+    assert "\n" not in str(e.value) and e.value.exit_code == 2
