@@ -87,6 +87,11 @@ def test_smollm2_engine_builds_and_generates(smollm2_dir, tmp_path):
     assert config["pretrained_config"]["architecture"] == "LlamaForCausalLM"
     assert (engines / "logs" / "rank0.log").is_file()
     assert not (out / "engines.partial").exists()
+    # the Triton repository, filled from the real engine config.json
+    from builders.triton_repo import validate_repo
+
+    models = validate_repo(out / "triton")
+    assert models["tensorrt_llm"].max_batch_size == min(64, config["build_config"]["max_batch_size"])
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     ids = tok(PROMPT, add_special_tokens=False)["input_ids"]
