@@ -66,6 +66,10 @@ def load_checkpoint(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise UserError(f"checkpoint directory {d} does not exist (expected config.json + rank*.safetensors)")
+    from .unified_reader import is_unified_checkpoint, load_unified  # modelopt unified HF checkpoint
+
+    if is_unified_checkpoint(d):
+        return load_unified(d)
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{cfg_path} is missing: {d} is not a TensorRT-LLM checkpoint directory")

@@ -124,3 +124,67 @@ def test_unsupported_formats_are_refused(algo, kv, message):
     with pytest.raises(UserError, match=message.replace("-", r"\-")) as e:
         check_supported(spec)
     assert "\n" not in str(e.value) and e.value.exit_code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference reader on unified checkpoints (convert/unified_reader.py -> the same kernels)
+# ---------------------------------------------------------------------------------------------
+
+# (quant_algo, kv, max rel err vs modelopt's fake-quant model, min argmax agreement). The fake-quant
+# model is the calibrated one after modelopt's own first export step (requantize_resmooth_fused_llm_layers:
+# shared-input linears fused, AWQ scales folded into the norms), i.e. the model the checkpoint holds.
+# FP8 differs a little more: TensorRT-LLM's PyTorch backend re-quantizes q/k/v and gate/up to the
+# max scale of the group (FP8QDQLinearMethod.rescale_fused_weights), which the reader reproduces.
+READER_CASES = {
+    "sq": ("W8A8_SQ_PER_CHANNEL", None, 4e-2, 0.9),
+    "fp8_kv": ("FP8", "fp8", 1.2e-1, 0.75),
+    "awq": ("W4A16_AWQ", None, 5e-3, 0.98),
+}
+
+
+def eval_ids(text):
+    return torch.tensor([byte_tokenizer(text[5000:5064]), byte_tokenizer(text[9000:9064])])
+
+
+@pytest.mark.parametrize("case", list(READER_CASES))
+def test_reader_on_unified_matches_modelopt_fake_quant(tmp_path, calib_text, case):
+    from convert.reference import compare_with_hf
+
+    algo, kv, tol, agree = READER_CASES[case]
+    hf_dir, model = make_model(tmp_path)
+    float_model = copy.deepcopy(model)
+    spec = small(algo, kv)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    write_unified_checkpoint(hf_dir, tmp_path / "ours", spec, calibrated_model=model, progress=False)
+    ids = eval_ids(calib_text)
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+    fake_quant = copy.deepcopy(model)
+    with torch.no_grad():
+        requantize_resmooth_fused_llm_layers(fake_quant)
+    r = compare_with_hf(tmp_path / "ours", fake_quant, input_ids=ids)
+    rf = compare_with_hf(tmp_path / "ours", float_model, input_ids=ids)
+    print(f"\n{case}: rel err vs modelopt fake quant {r['rel_err']:.3e}, argmax {r['argmax_agreement']:.3f}; "
+          f"vs float {rf['rel_err']:.3e}")
+    assert r["rel_err"] < tol and r["argmax_agreement"] >= agree, r
+    assert rf["rel_err"] > r["rel_err"]  # the format really quantizes
+
+
+def test_reader_on_unified_unquantized_and_weight_only(tmp_path, calib_text):
+    from convert.reference import compare_with_hf
+
+    hf_dir, model = make_model(tmp_path)
+    ids = eval_ids(calib_text)
+    write_unified_checkpoint(hf_dir, tmp_path / "plain", small(), progress=False)
+    r = compare_with_hf(tmp_path / "plain", model, input_ids=ids)
+    assert r["rel_err"] < 1e-5 and r["argmax_agreement"] == 1.0, r
+    write_unified_checkpoint(hf_dir, tmp_path / "w8", small("W8A16"), progress=False)
+    import modelopt.torch.quantization as mtq
+
+    fake_quant = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.INT8_WEIGHT_ONLY_CFG), None)
+    r8 = compare_with_hf(tmp_path / "w8", fake_quant, input_ids=ids)
+    r8f = compare_with_hf(tmp_path / "w8", model, input_ids=ids)
+    print(f"\nunquantized rel err {r['rel_err']:.2e}; W8A16 vs modelopt fake quant {r8['rel_err']:.2e}, "
+          f"vs float {r8f['rel_err']:.2e}")
+    assert r8["rel_err"] < 5e-4 and r8["argmax_agreement"] == 1.0, r8  # measured 9.9e-5
+    assert r8f["rel_err"] > 10 * r8["rel_err"]

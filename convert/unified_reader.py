@@ -1,0 +1,204 @@
+"""Loader of modelopt "unified" HF checkpoints for the CPU reference reader (convert/reference.py).
+
+``load_unified(dir) -> (config, [rank0 tensors])`` maps a unified checkpoint (what
+convert/unified.py and modelopt's ``export_hf_checkpoint`` write) into the TensorRT-LLM tp-1
+checkpoint form the reader already runs, so the same kernels (reference.py / reference_quant.py)
+serve both targets: one set of kernels, two loaders.
+
+Names (``NAMES``): ``model.embed_tokens`` -> ``transformer.vocab_embedding``, q/k/v ->
+``attention.qkv`` (concatenated along the output dim), ``o_proj`` -> ``attention.dense``,
+``gate_proj`` -> ``mlp.fc`` (the SiLU branch), ``up_proj`` -> ``mlp.gate``, ``down_proj`` ->
+``mlp.proj``, norms -> ``input_layernorm`` / ``post_layernorm`` / ``ln_f``; suffixes
+(``SUFFIXES``): ``weight_scale`` -> ``weights_scaling_factor``, ``input_scale`` ->
+``activation_scaling_factor`` [1], ``pre_quant_scale`` -> ``prequant_scaling_factor``.
+
+How TensorRT-LLM's PyTorch backend loads the fused layers (``tensorrt_llm/_torch/modules/linear.py``),
+reproduced here where the formats need it:
+
+* FP8 (``FP8QDQLinearMethod.rescale_fused_weights``): q/k/v (and gate/up) get the max of their
+  input scales and of their weight scales; each shard is re-quantized: fp8 -> model dtype,
+  ``* own scale / max scale`` -> fp8. Our mlp.fc / mlp.gate take the same fused scales and weights.
+* W8A8_SQ_PER_CHANNEL: q/k/v share pre_quant_scale and input_scale (modelopt fused them before
+  export, checked here); per-channel weight scales are concatenated.
+* W4A16_AWQ: packed int4 [out/2, in] concatenated along out (even row counts keep the nibble pairs);
+  the q/k/v and gate/up pre_quant_scale was folded into the norms by the export, so those linears get
+  a pre_quant_scale of ones.
+* FP8 KV cache: ``kv_cache_scaling_factor`` = max(k_scale, v_scale) (the single scale of the
+  TRT-LLM checkpoint form, as modelopt's TRT-LLM export computes it).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+Tensor = torch.Tensor
+
+SUFFIXES = {"weight": "weight", "bias": "bias", "weight_scale": "weights_scaling_factor",
+            "input_scale": "activation_scaling_factor", "pre_quant_scale": "prequant_scaling_factor"}
+#: unified module (after model.layers.i.) -> TRT-LLM module; q/k/v are fused separately.
+NAMES = {"self_attn.o_proj": "attention.dense", "mlp.gate_proj": "mlp.fc",
+         "mlp.up_proj": "mlp.gate", "mlp.down_proj": "mlp.proj",
+         "input_layernorm": "input_layernorm", "post_attention_layernorm": "post_layernorm"}
+GLOBAL_NAMES = {"model.embed_tokens.weight": "transformer.vocab_embedding.weight",
+                "model.norm.weight": "transformer.ln_f.weight", "lm_head.weight": "lm_head.weight"}
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.([a-z_]+)$")
+
+
+def is_unified_checkpoint(d) -> bool:
+    """True for a HF-style directory (config.json with ``architectures``, no TRT-LLM ``mapping``)."""
+    p = Path(d) / "config.json"
+    try:
+        c = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(c, dict) and "architectures" in c and "mapping" not in c
+
+
+def _trtllm_quantization(d: Path) -> dict:
+    p = d / "hf_quant_config.json"
+    if not p.is_file():
+        return {"quant_algo": None, "kv_cache_quant_algo": None}
+    try:
+        q = json.loads(p.read_text(encoding="utf-8"))["quantization"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{p} is not a modelopt hf_quant_config.json ({e})") from None
+    out = {"quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo")}
+    for k in ("group_size", "has_zero_point", "pre_quant_scale"):
+        if k in q:
+            out[k] = q[k]
+    if out["quant_algo"] is not None:
+        out["exclude_modules"] = ["lm_head"]  # the only linear modelopt leaves unquantized here
+    return out
+
+
+def _fp8_fuse(parts: list[dict], dtype: torch.dtype) -> dict:
+    """TensorRT-LLM PyTorch backend's FP8 fused-shard loading: max scales, re-quantized shards."""
+    wmax = torch.stack([p["weight_scale"].float().reshape(()) for p in parts]).max()
+    out = {"weights_scaling_factor": wmax.reshape(1),
+           "weight": [(p["weight"].to(dtype) * p["weight_scale"].float().reshape(())).div(wmax)
+                      .to(torch.float8_e4m3fn) for p in parts]}
+    if all("input_scale" in p for p in parts):
+        out["activation_scaling_factor"] = torch.stack(
+            [p["input_scale"].float().reshape(()) for p in parts]).max().reshape(1)
+    return out
+
+
+def _shared(parts: list[dict], key: str, where: str) -> Tensor | None:
+    vals = [p.get(key) for p in parts]
+    if all(v is None for v in vals):
+        return None
+    if any(v is None or not torch.equal(v, vals[0]) for v in vals):
+        raise UserError(f"{where}: {key} differs between the fused linears; the checkpoint was not "
+                        "exported with modelopt's shared-input fusion")
+    return vals[0]
+
+
+def _fuse(parts: list[dict], algo: str | None, dtype: torch.dtype, where: str) -> dict:
+    """One TRT-LLM module from linears that share an input (q/k/v; gate and up for FP8)."""
+    if algo == "FP8":
+        f = _fp8_fuse(parts, dtype)
+        return f
+    out = {"weight": [p["weight"] for p in parts]}
+    if "bias" in parts[0]:
+        out["bias"] = [p["bias"] for p in parts]
+    if "weight_scale" in parts[0]:
+        out["weights_scaling_factor"] = [p["weight_scale"] for p in parts]
+    a = _shared(parts, "input_scale", where)
+    if a is not None:
+        out["activation_scaling_factor"] = a.float().reshape(1)
+    pqs = _shared(parts, "pre_quant_scale", where)
+    if pqs is not None:
+        out["prequant_scaling_factor"] = pqs
+    elif algo == "W4A16_AWQ":  # folded into the norm by the export: identity here
+        out["prequant_scaling_factor"] = torch.ones(parts[0]["weight"].shape[1], dtype=dtype)
+    return out
+
+
+def _single(p: dict, algo: str | None, dtype: torch.dtype) -> dict:
+    out = {}
+    for k, v in p.items():
+        if k in ("k_scale", "v_scale"):
+            continue
+        if k not in SUFFIXES:
+            raise UserError(f"unexpected tensor suffix {k!r} in a unified checkpoint")
+        out[SUFFIXES[k]] = v.float().reshape(1) if k == "input_scale" or (
+            k == "weight_scale" and algo == "FP8") else v
+    if algo == "W4A16_AWQ" and "prequant_scaling_factor" not in out and "weight" in out \
+            and not out["weight"].is_floating_point():
+        out["prequant_scaling_factor"] = torch.ones(out["weight"].shape[1], dtype=dtype)
+    return out
+
+
+def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
+    """(TRT-LLM config.json dict, [rank-0 tensors]) of a unified HF checkpoint, at tp 1."""
+    from safetensors.torch import load_file
+
+    from .hf_config import from_hugging_face, read_hf_config
+    from .source import SourceCheckpoint
+
+    d = Path(ckpt_dir)
+    quant = _trtllm_quantization(d)
+    hf = read_hf_config(d)
+    config = from_hugging_face(hf, dtype="auto", tp=1, pp=1, quantization=quant)
+    dtype = _TORCH_DTYPES.get(config["dtype"], torch.float32)
+    algo = quant["quant_algo"]
+    src = SourceCheckpoint(d)  # validates the files (index, shards, headers) with one-line errors
+    files = list(src.files)
+    src.close()
+    tensors: dict[str, Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(f))
+        except Exception as e:  # safetensors raises its own types for corrupt files
+            raise UserError(f"cannot read {f}: {e}") from None
+
+    layers: dict[int, dict[str, dict[str, Tensor]]] = {}
+    out: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        if name in GLOBAL_NAMES:
+            out[GLOBAL_NAMES[name]] = t
+            continue
+        m = _LAYER.match(name)
+        if not m:
+            raise UserError(f"{d}: tensor {name} is not a Llama-family unified checkpoint name")
+        layers.setdefault(int(m.group(1)), {}).setdefault(m.group(2), {})[m.group(3)] = t
+    if "lm_head.weight" not in out and "transformer.vocab_embedding.weight" in out:
+        out["lm_head.weight"] = out["transformer.vocab_embedding.weight"]  # tied embeddings
+
+    for i, mods in sorted(layers.items()):
+        pre = f"transformer.layers.{i}"
+        qkv = [mods.get(f"self_attn.{s}_proj") for s in "qkv"]
+        if any(p is None or "weight" not in p for p in qkv):
+            raise UserError(f"{d}: layer {i} lacks self_attn.q/k/v_proj weights")
+        groups = {"attention.qkv": qkv}
+        if algo == "FP8":  # TRT-LLM fuses gate/up into one module: shared scales
+            gate_up = [mods["mlp.gate_proj"], mods["mlp.up_proj"]]
+            f = _fuse(gate_up, algo, dtype, f"layer {i} mlp")
+            for j, tn in enumerate(("mlp.fc", "mlp.gate")):
+                for k, v in f.items():
+                    out[f"{pre}.{tn}.{k}"] = v[j] if isinstance(v, list) else v
+        for tn, parts in groups.items():
+            for k, v in _fuse(parts, algo, dtype, f"layer {i} {tn}").items():
+                out[f"{pre}.{tn}.{k}"] = torch.cat(v) if isinstance(v, list) else v
+        for un, tn in NAMES.items():
+            if tn in ("mlp.fc", "mlp.gate") and algo == "FP8":
+                continue
+            if un not in mods:
+                raise UserError(f"{d}: layer {i} lacks {un}")
+            for k, v in _single(mods[un], algo, dtype).items():
+                out[f"{pre}.{tn}.{k}"] = v
+        ks = mods["self_attn.k_proj"].get("k_scale")
+        vs = mods["self_attn.v_proj"].get("v_scale")
+        if quant["kv_cache_quant_algo"] is not None:
+            if ks is None or vs is None:
+                raise UserError(f"{d}: layer {i} lacks k_proj.k_scale / v_proj.v_scale for the "
+                                f"{quant['kv_cache_quant_algo']} KV cache")
+            out[f"{pre}.attention.kv_cache_scaling_factor"] = torch.maximum(
+                ks.float().reshape(1), vs.float().reshape(1))
+    return config, [out]
