@@ -188,3 +188,50 @@ def test_reader_on_unified_unquantized_and_weight_only(tmp_path, calib_text):
           f"vs float {r8f['rel_err']:.2e}")
     assert r8["rel_err"] < 5e-4 and r8["argmax_agreement"] == 1.0, r8  # measured 9.9e-5
     assert r8f["rel_err"] > 10 * r8["rel_err"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: DIR/hf_quantized + DIR/triton (LLM-API repository)
+# ---------------------------------------------------------------------------------------------
+
+from test_triton_repo import tokenizer_dir  # noqa: E402,F401  (a real small BPE tokenizer fixture)
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1)])
+def test_stage_writes_checkpoint_and_validated_llmapi_repo(tmp_path, tokenizer_dir, tp, pp):
+    import shutil
+
+    import yaml
+
+    from builders.pytorch_target import build_pytorch_target
+    from builders.triton_repo import check_llmapi_model_yaml, validate_repo
+
+    hf_dir, _ = make_model(tmp_path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    out = tmp_path / "out"
+    res = build_pytorch_target(hf_dir, out, small("W8A16"), tp=tp, pp=pp, progress=False)
+    assert res["checkpoint"] == out / "hf_quantized" and (out / "hf_quantized" / "tokenizer.json").is_file()
+    configs = validate_repo(res["triton"])  # Triton's ModelConfig schema
+    assert "tensorrt_llm" in configs
+    data = yaml.safe_load((res["triton"] / "tensorrt_llm" / "1" / "model.yaml").read_text())
+    check_llmapi_model_yaml(data)
+    assert data["tensor_parallel_size"] == tp and data["pipeline_parallel_size"] == pp
+    assert data["model"] == str((out / "hf_quantized").absolute())
+    assert json.loads((out / "hf_quantized" / "hf_quant_config.json").read_text())["quantization"][
+        "quant_algo"] == "W8A16"
+
+
+def test_stage_refuses_before_writing(tmp_path, tokenizer_dir):
+    from builders.pytorch_target import build_pytorch_target
+
+    hf_dir, _ = make_model(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="--kv-cache-dtype int8 has no modelopt unified"):
+        build_pytorch_target(hf_dir, out, QuantSpec.create("FP8", kv_cache_dtype=None) and
+                             QuantSpec.create(None, kv_cache_dtype="int8"), progress=False)
+    with pytest.raises(UserError, match="not divisible by tp 3"):
+        build_pytorch_target(hf_dir, out, small(), tp=3, progress=False)
+    with pytest.raises(UserError, match="tokenizer"):  # the tiny model has no tokenizer
+        build_pytorch_target(hf_dir, out, small(), progress=False)
+    assert not out.exists()
