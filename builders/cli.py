@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="replace existing outputs")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = p.add_argument_group("stages")
+    s.add_argument("--target", choices=["engine", "pytorch"], default="engine",
+                   help="engine (default): TRT-LLM checkpoint + engines (TensorRT-LLM <= 1.2.x); "
+                        "pytorch: modelopt unified HF checkpoint in DIR/hf_quantized + LLM-API "
+                        "Triton repository, for TensorRT-LLM's PyTorch backend")
     s.add_argument("--checkpoint-only", action="store_true",
                    help="stop after writing DIR/checkpoint")
     s.add_argument("--verify", action="store_true",
@@ -99,6 +103,8 @@ def run(args) -> int:
                             "(or --from-checkpoint CKPT_DIR)")
         model_dir = resolve_model(args.model)
         inputs.update(model=args.model, model_dir=str(model_dir.resolve()))
+        if getattr(args, "target", "engine") == "pytorch":
+            return _run_pytorch_target(args, model_dir, out, inputs)
         _check_triton_args(args, model_dir)
         inputs = InputHashing(inputs)  # build.json's shard hashes, while converting
         ckpt = out / "checkpoint"
@@ -153,6 +159,34 @@ def run(args) -> int:
               f"ModelConfig schema); launch: {repo / 'launch_triton.sh'}")
     write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
     return engines.exit_code
+
+
+def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
+    """--target pytorch: DIR/hf_quantized (unified checkpoint) + DIR/triton (LLM-API repo)."""
+    from builders.manifest import write_manifest
+    from builders.pytorch_target import build_pytorch_target
+    from quantize.formats import QuantSpec
+
+    spec = QuantSpec.from_args(args)
+    triton = args.triton_target != "none" and not args.checkpoint_only
+    t0 = time.perf_counter()
+    res = build_pytorch_target(model_dir, out, spec, tp=args.tp, pp=args.pp, triton_options=args,
+                               triton=triton, force=args.force, progress=not args.no_progress)
+    timings = {"hf_quantized": time.perf_counter() - t0}
+    print(f"hf_quantized: {res['checkpoint']} (modelopt unified checkpoint, {spec.name}) "
+          f"in {timings['hf_quantized']:.1f}s")
+    if res["triton"] is not None:
+        print(f"triton: {res['triton']} (LLM-API model repository for TensorRT-LLM's PyTorch "
+              f"backend, validated); launch: {res['triton'] / 'launch_triton.sh'}")
+    if args.verify:
+        from convert.reference import summary_line, verify
+
+        report, passed = verify(res["checkpoint"], model_dir)
+        print(f"verify: {summary_line(report, res['checkpoint'])}")
+        if not passed:
+            return EXIT_MISMATCH
+    write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
+    return 0
 
 
 def _defaults_from_other_flags(args) -> None:

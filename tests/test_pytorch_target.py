@@ -235,3 +235,49 @@ def test_stage_refuses_before_writing(tmp_path, tokenizer_dir):
     with pytest.raises(UserError, match="tokenizer"):  # the tiny model has no tokenizer
         build_pytorch_target(hf_dir, out, small(), progress=False)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# build_engine --target pytorch
+# ---------------------------------------------------------------------------------------------
+
+def _has_flag(flag: str) -> bool:
+    from builders.cli import build_parser
+
+    return any(flag in a.option_strings for a in build_parser()._actions)
+
+
+def test_cli_target_pytorch(tmp_path, tokenizer_dir, capsys):
+    import shutil
+
+    from builders.cli import main
+
+    hf_dir, model = make_model(tmp_path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    out = tmp_path / "out"
+    rc = main(["--model", str(hf_dir), "--target", "pytorch", "--output", str(out), "--verify",
+               "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "verify: PASS" in text and (out / "triton" / "tensorrt_llm" / "config.pbtxt").is_file()
+    assert (out / "build.json").is_file() and not (out / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--int4-weight-only"], "--int4-weight-only has no modelopt unified-checkpoint format"),
+    (["--smoothquant", "--kv-cache-dtype", "int8"], "--kv-cache-dtype int8 has no modelopt unified"),
+    (["--tp", "3"], "not divisible by tp 3"),
+])
+def test_cli_target_pytorch_refusals(tmp_path, capsys, argv, message):
+    from builders.cli import main
+
+    if not all(_has_flag(a) for a in argv if a.startswith("--")):
+        pytest.skip(f"build_engine has no {argv[0]} flag yet (quantization flags not wired into the CLI)")
+    hf_dir, _ = make_model(tmp_path)
+    out = tmp_path / "out"
+    capsys.readouterr()  # the tiny model's own save progress
+    rc = main(["--model", str(hf_dir), "--target", "pytorch", "--output", str(out), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
