@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     from builders.engine import add_engine_arguments
     from builders.triton_repo import add_triton_arguments
 
+    from quantize.formats import add_quant_arguments
+
+    add_quant_arguments(p)
     add_engine_arguments(p)
     p.set_defaults(build_workers=None)  # None: follow --workers (trtllm-build's --workers)
     add_triton_arguments(p)
@@ -83,6 +86,7 @@ def run(args) -> int:
     from builders.manifest import InputHashing, write_manifest
     from convert.convert import convert_checkpoint
     from examples.registry import resolve_model
+    from quantize.formats import QuantSpec
 
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1 (got {args.workers})")
@@ -101,6 +105,7 @@ def run(args) -> int:
         if not args.model:
             raise UserError("--model is required: a local HF model dir or a bundled example name "
                             "(or --from-checkpoint CKPT_DIR)")
+        quant = QuantSpec.from_args(args)  # bad combinations / calib file: before any work
         model_dir = resolve_model(args.model)
         inputs.update(model=args.model, model_dir=str(model_dir.resolve()))
         if getattr(args, "target", "engine") == "pytorch":
@@ -116,11 +121,12 @@ def run(args) -> int:
         t0 = time.perf_counter()
         config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                     workers=args.workers, force=args.force,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, quant=quant)
         timings["checkpoint"] = time.perf_counter() - t0
         m = config["mapping"]
         print(f"checkpoint: {ckpt} ({m['world_size']} rank(s), tp {m['tp_size']}, "
-              f"pp {m['pp_size']}, {config['dtype']}) in {timings['checkpoint']:.1f}s")
+              f"pp {m['pp_size']}, {config['dtype']}, {quant.name}) in "
+              f"{timings['checkpoint']:.1f}s")
         if args.verify:
             from convert.reference import summary_line, verify
 

@@ -14,7 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from safetensors import safe_open
@@ -23,10 +23,11 @@ from tqdm import tqdm
 from . import interrupt
 from .errors import UserError
 from .interrupt import Interrupted
-from .hf_config import from_hugging_face, model_shape, preflight, read_hf_config
+from .hf_config import from_hugging_face, model_shape, pp_layer_range, preflight, read_hf_config
 from .plan import rank_plan
 from .source import SourceCheckpoint
 from .writer import iter_chunks, nbytes, write_file
+from quantize.apply import MemoryTensor, preflight_quant, vocab_multiple
 
 FINGERPRINT = "fingerprint.json"
 
@@ -39,6 +40,9 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool) -> s
               leave=False, disable=not progress) as bar:
         def produce(t):
             bar.set_postfix_str(t.name.replace("transformer.", ""), refresh=False)
+            if isinstance(t, MemoryTensor):  # calibrated weights and scales
+                yield t.tensor
+                return
             for piece in t.pieces:
                 yield from iter_chunks(source, piece, t.dtype, spans=True)
 
@@ -55,9 +59,10 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool) -> s
     return path
 
 
-def _fingerprint(config: dict, plans, source: SourceCheckpoint) -> dict:
+def _fingerprint(config: dict, plans, source: SourceCheckpoint, quant=None) -> dict:
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True).encode())
+    h.update(repr(quant).encode())
     for plan in plans:
         for t in plan:
             h.update(repr((t.name, t.shape, str(t.dtype), [asdict(p) for p in t.pieces])).encode())
@@ -79,25 +84,48 @@ def _verify_files(tmp: Path, plans) -> None:
 
 def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True,
-                       quantization: dict | None = None) -> dict:
-    """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config."""
+                       quantization: dict | None = None, quant=None,
+                       calibrated_model=None) -> dict:
+    """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
+
+    ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
+    and only declare ``quant_algo`` (trtllm-build quantizes them); calibrated formats
+    (SmoothQuant, FP8, AWQ, KV cache) calibrate the model with modelopt first (or use
+    ``calibrated_model``, already calibrated for ``quant``) and write modelopt's tensors for the
+    quantized linears. ``quantization``: a raw ``quantization`` block (no calibration; for tests
+    and benchmarks), ignored when ``quant`` is given.
+    """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf = read_hf_config(model_dir)
     shape = model_shape(hf)
     preflight(shape, tp, pp)
+    preflight_quant(quant, shape, tp, pp)
+    shape = replace(shape, vocab_multiple=vocab_multiple(quant))
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose another --output or pass --force to "
                         f"replace it")
+    if quant is not None:
+        quantization = quant.to_trtllm_quantization() if quant.is_quantized else None
     config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization)
+    config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
     source = SourceCheckpoint(model_dir)
     world = tp * pp
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"])
              for r in range(world)]
-    fingerprint = _fingerprint(config, plans, source)
+    calibrated = quant is not None and quant.needs_calibration
+    if calibrated:
+        plans = _calibrated_plans(model_dir, plans, shape, quant, config, calibrated_model,
+                                  progress)
+        workers = 1  # the calibrated tensors are in this process's memory
+    fingerprint = _fingerprint(config, plans, source, quant)
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists() and calibrated:
+            # never resume a calibrated run: calibration on a GPU is not bit-reproducible, and
+            # ranks of two calibrations must not be mixed
+            shutil.rmtree(tmp)
         if tmp.exists():
             try:
                 old = json.loads((tmp / FINGERPRINT).read_text())
@@ -138,6 +166,31 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return config
+
+
+def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibrated_model,
+                      progress: bool):
+    """Calibrate (modelopt, on the calibration text), then put each rank's quantized linears
+    and KV-cache scales into its plan."""
+    from quantize.apply import apply_to_plan, stage_tensors
+    from quantize.calibrate import calibrate, extract_quant_state, shard_quant_state
+
+    from .plan import TORCH_DTYPES
+
+    model = calibrated_model
+    if model is None:
+        model = calibrate(model_dir, quant, progress=progress)
+    state = extract_quant_state(model, quant, dtype=TORCH_DTYPES[config["dtype"]])
+    del model
+    tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
+    out = []
+    for r, plan in enumerate(plans):
+        pp_rank, tp_rank = divmod(r, tp)
+        tensors = shard_quant_state(state, quant, num_heads=shape.heads,
+                                    num_kv_heads=shape.kv_heads, tp=tp, rank=tp_rank)
+        layers = pp_layer_range(shape.layers, pp, pp_rank)
+        out.append(apply_to_plan(plan, stage_tensors(tensors, layers)))
+    return out
 
 
 def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool) -> None:

@@ -102,6 +102,14 @@ class Shape:
     attn_bias: bool    # q/k/v biases
     dense_bias: bool   # o_proj bias
     mlp_bias: bool
+    vocab_multiple: int = 1  # the padded vocabulary is a multiple of this and of tp (AWQ: 64)
+
+    @property
+    def padded_vocab(self) -> int:
+        """Vocabulary size before the tp split (see ``convert.shard.padded_vocab``)."""
+        from .shard import padded_vocab
+
+        return padded_vocab(self.vocab, 1, self.vocab_multiple)
 
 
 def model_shape(hf) -> Shape:

@@ -6,6 +6,7 @@ the writer lay out a file's header before a byte of weights is read.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .hf_config import Shape
@@ -65,14 +66,16 @@ def qkv(names, shapes, ctx):
     return pieces
 
 
-def padded_vocab(vocab: int, tp: int) -> int:
-    return -(-vocab // tp) * tp
+def padded_vocab(vocab: int, tp: int, multiple: int = 1) -> int:
+    """``vocab`` rounded up to a multiple of ``tp`` and of ``multiple`` (their lcm)."""
+    m = math.lcm(tp, multiple)
+    return -(-vocab // m) * m
 
 
 def vocab(names, shapes, ctx):
     full = shapes[0]
     v = full[0]
-    per = padded_vocab(v, ctx.tp) // ctx.tp
+    per = padded_vocab(v, ctx.tp, ctx.shape.vocab_multiple) // ctx.tp
     start = ctx.tp_rank * per
     stop = min(start + per, v)
     pieces = [_rows(names[0], full, start, stop)] if stop > start else []

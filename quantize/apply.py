@@ -1,0 +1,107 @@
+"""Quantization in the converter: preflight of a format against the model's per-rank shapes, and the
+calibrated tensors placed into the converter's per-rank weight plan.
+
+The float plan (``convert.plan.rank_plan``) streams every tensor from the source shards. For a
+calibrated format (SmoothQuant, FP8, AWQ, KV cache) the five linears of each layer are replaced by
+what :func:`quantize.calibrate.shard_quant_state` computes for that rank (quantized weight and its
+scales, modelopt's names, shapes, dtypes and values), and the KV-cache scales are added; norms,
+embedding and lm_head still stream from the source, as modelopt writes them unchanged. Weight-only
+formats (W8A16/W4A16) keep the float plan entirely: trtllm-build quantizes the weights.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from convert.errors import UserError
+from convert.hf_config import Shape
+
+from .formats import W4A16_AWQ, QuantSpec, check_awq_divisibility, check_kv_head_duplication
+
+#: modelopt's export pads embedding and lm_head rows to a multiple of 64 for AWQ
+#: (``postprocess.pad_embedding_lm_head``, applied for int4_awq) and writes that vocab_size.
+AWQ_VOCAB_MULTIPLE = 64
+#: TensorRT-LLM's weight-only GEMM kernels (fpA_intB) need the GEMM's K (input features per rank)
+#: to be a multiple of 64 (the CUTLASS tile K of the mixed-input kernels; see NVIDIA/TensorRT-LLM
+#: issue #729: "Weight only quant requires K % 64 == 0").
+WEIGHT_ONLY_K_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class MemoryTensor:
+    """An output tensor computed in memory (calibrated weights and scales), in a rank's plan next to
+    ``convert.plan.OutputTensor``s (which stream from the source)."""
+
+    name: str
+    tensor: torch.Tensor
+    pieces: tuple = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+
+def per_rank_in_dims(shape: Shape, tp: int) -> dict[str, int]:
+    """Input features of each quantizable linear on one rank (TensorRT-LLM names)."""
+    return {"attention.qkv": shape.hidden, "attention.dense": shape.heads * shape.head_size // tp,
+            "mlp.fc": shape.hidden, "mlp.gate": shape.hidden, "mlp.proj": shape.inter // tp}
+
+
+def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int) -> None:
+    """Refuse, before calibration or any read, a format the model's per-rank shapes cannot take."""
+    if spec is None or not spec.is_quantized:
+        return
+    dims = per_rank_in_dims(shape, tp)
+    if spec.quant_algo == W4A16_AWQ:
+        check_awq_divisibility(dims, spec.group_size)
+    if spec.is_weight_only:
+        for name, k in dims.items():
+            if k % WEIGHT_ONLY_K_MULTIPLE:
+                raise UserError(f"{spec.quant_algo}: {name} has {k} input features per rank, not a "
+                                f"multiple of {WEIGHT_ONLY_K_MULTIPLE} as TensorRT-LLM's weight-only "
+                                f"kernels need; choose another --tp or format")
+    check_kv_head_duplication(spec, shape.kv_heads, tp)
+
+
+def vocab_multiple(spec: QuantSpec | None) -> int:
+    return AWQ_VOCAB_MULTIPLE if spec is not None and spec.quant_algo == W4A16_AWQ else 1
+
+
+_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.(.*)$")
+
+
+def stage_tensors(rank_tensors: Mapping[str, torch.Tensor], layers: range) -> dict[str, torch.Tensor]:
+    """One pipeline stage's share of ``rank_tensors`` (global layer numbers), renumbered from 0
+    as TensorRT-LLM numbers a stage's layers."""
+    out = {}
+    for name, t in rank_tensors.items():
+        m = _LAYER.match(name)
+        if m is None:
+            raise AssertionError(f"unexpected quantized tensor {name}")
+        i = int(m.group(1))
+        if i in layers:
+            out[f"transformer.layers.{i - layers.start}.{m.group(2)}"] = t
+    return out
+
+
+def apply_to_plan(plan: list, tensors: Mapping[str, torch.Tensor]) -> list:
+    """``plan`` with the entries named in ``tensors`` replaced by them and the others added, sorted
+    by name as the float plan is."""
+    replaced = {t.name for t in plan} & set(tensors)
+    for name in replaced:
+        planned = next(t for t in plan if t.name == name)
+        got = tensors[name]
+        # a quantized weight may change dtype and (packed int4) its row count, never its meaning
+        if got.dim() != len(planned.shape):
+            raise AssertionError(f"{name}: calibrated {list(got.shape)} vs planned {list(planned.shape)}")
+    out = [t for t in plan if t.name not in replaced]
+    out += [MemoryTensor(name, t.contiguous()) for name, t in tensors.items()]
+    out.sort(key=lambda t: t.name)
+    return out
