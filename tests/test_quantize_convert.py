@@ -188,3 +188,25 @@ def test_bad_quantization_input_is_one_line_exit_2_and_writes_nothing(tmp_path, 
     assert rc == 2
     assert needle in _error_line(capsys.readouterr().err)
     assert not out.exists() and not (tmp_path / "out" / "checkpoint.partial").exists()
+
+
+def test_cli_smoothquant_tp3_with_verify_on_smollm2(tmp_path, smollm2_dir, capsys):
+    """The user's command, end to end on CPU: calibrate, write 3 ranks, check them with the
+    reference reader against the float model on real text (exit 0 only when it passes)."""
+    out = tmp_path / "out"
+    # 8 x 128 calibration tokens: SmoothQuant (alpha 1) calibrated on less loses too much on
+    # SmolLM2 for --verify's bounds vs the float model (2 x 32: rel err 0.63; 8 x 128: 0.22)
+    rc = main(["--model", str(smollm2_dir), "--tp", "3", "--smoothquant", "--calib-size", "8",
+               "--calib-seq-len", "128", "--output", str(out), "--checkpoint-only", "--verify",
+               "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "W8A8_SQ_PER_CHANNEL (alpha 1)" in text
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("verify: ")]
+    assert line.startswith("verify: PASS") and "W8A8_SQ_PER_CHANNEL vs the float model" in line
+    cfg = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert cfg["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
+        "config.json", "rank0.safetensors", "rank1.safetensors", "rank2.safetensors"]
+    manifest = json.loads((out / "build.json").read_text())
+    assert manifest["options"]["smoothquant"] == 1.0
