@@ -119,10 +119,17 @@ def run(args) -> int:
 
             ppl_text = read_text_file(args.eval_ppl)  # bad file: one line, before any work
         t0 = time.perf_counter()
+        quant_timings: dict[str, float] = {}
         config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                     workers=args.workers, force=args.force,
-                                    progress=not args.no_progress, quant=quant)
+                                    progress=not args.no_progress, quant=quant,
+                                    timings=quant_timings)
         timings["checkpoint"] = time.perf_counter() - t0
+        timings.update(quant_timings)  # included in "checkpoint"
+        if quant_timings:
+            print(f"calibration: {quant_timings['calibration']:.1f}s (model load, modelopt forward passes "
+                  f"over {quant.calib_size} x {quant.calib_seq_len} tokens), quantized tensors: "
+                  f"{quant_timings['quantized_tensors']:.1f}s")
         m = config["mapping"]
         print(f"checkpoint: {ckpt} ({m['world_size']} rank(s), tp {m['tp_size']}, "
               f"pp {m['pp_size']}, {config['dtype']}, {quant.name}) in "

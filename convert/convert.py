@@ -14,6 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def _verify_files(tmp: Path, plans) -> None:
 def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True,
                        quantization: dict | None = None, quant=None,
-                       calibrated_model=None) -> dict:
+                       calibrated_model=None, timings: dict | None = None) -> dict:
     """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
 
     ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
@@ -93,7 +94,9 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     (SmoothQuant, FP8, AWQ, KV cache) calibrate the model with modelopt first (or use
     ``calibrated_model``, already calibrated for ``quant``) and write modelopt's tensors for the
     quantized linears. ``quantization``: a raw ``quantization`` block (no calibration; for tests
-    and benchmarks), ignored when ``quant`` is given.
+    and benchmarks), ignored when ``quant`` is given. ``timings``: a dict that receives the
+    seconds spent calibrating (``calibration``) and computing the quantized tensors
+    (``quantized_tensors``).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf = read_hf_config(model_dir)
@@ -115,7 +118,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     calibrated = quant is not None and quant.needs_calibration
     if calibrated:
         plans = _calibrated_plans(model_dir, plans, shape, quant, config, calibrated_model,
-                                  progress)
+                                  progress, timings if timings is not None else {})
         workers = 1  # the calibrated tensors are in this process's memory
     fingerprint = _fingerprint(config, plans, source, quant)
 
@@ -169,7 +172,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
 
 
 def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibrated_model,
-                      progress: bool):
+                      progress: bool, timings: dict):
     """Calibrate (modelopt, on the calibration text), then put each rank's quantized linears
     and KV-cache scales into its plan."""
     from quantize.apply import apply_to_plan, stage_tensors
@@ -178,8 +181,10 @@ def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibr
     from .plan import TORCH_DTYPES
 
     model = calibrated_model
+    t0 = time.perf_counter()
     if model is None:
         model = calibrate(model_dir, quant, progress=progress)
+    t1 = time.perf_counter()
     state = extract_quant_state(model, quant, dtype=TORCH_DTYPES[config["dtype"]])
     del model
     tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
@@ -190,6 +195,7 @@ def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibr
                                     num_kv_heads=shape.kv_heads, tp=tp, rank=tp_rank)
         layers = pp_layer_range(shape.layers, pp, pp_rank)
         out.append(apply_to_plan(plan, stage_tensors(tensors, layers)))
+    timings.update(calibration=t1 - t0, quantized_tensors=time.perf_counter() - t1)
     return out
 
 

@@ -210,3 +210,6 @@ def test_cli_smoothquant_tp3_with_verify_on_smollm2(tmp_path, smollm2_dir, capsy
         "config.json", "rank0.safetensors", "rank1.safetensors", "rank2.safetensors"]
     manifest = json.loads((out / "build.json").read_text())
     assert manifest["options"]["smoothquant"] == 1.0
+    t = manifest["stage_timings_s"]
+    assert 0 < t["quantized_tensors"] < t["calibration"] < t["checkpoint"]
+    assert any(ln.startswith("calibration: ") for ln in text.splitlines())
