@@ -9,11 +9,12 @@ Evaluation: a fixed slice of /work/shared/data/austen.txt (``--eval-file``, from
 its own start), the same windows for every row. Every checkpoint is fp16 at tp 1 and runs through
 ``convert.reference`` (TensorRT-LLM's semantics on CPU, quantization simulated).
 
-Columns: "ours" = this project's converter (``convert_checkpoint``; calibrated formats through the
-quantized converter once it exists, else "pending"); "modelopt" = nvidia-modelopt 0.47's own
-``export_tensorrt_llm_checkpoint`` of the same calibrated model; "pytorch target" = the unified HF
-checkpoint read back by ``convert.unified_reader`` when that module offers ``checkpoint_perplexity``
-(hook; "–" otherwise). The table is written between ``<!-- quality:begin -->`` and
+Columns (one modelopt calibration per row feeds all three): "ours" = this project's converter
+(``convert_checkpoint(..., quant=spec, calibrated_model=model)``, what ``build_engine`` writes);
+"modelopt" = nvidia-modelopt 0.47's own ``export_tensorrt_llm_checkpoint`` of the same calibrated
+model; "PyTorch target" = our modelopt "unified" HF checkpoint (``--target pytorch``,
+``convert.unified.write_unified_checkpoint`` of the same model) read by ``convert.unified_reader``
+("–": a format the unified checkpoint does not have). The table is written between ``<!-- quality:begin -->`` and
 ``<!-- quality:end -->`` in the markdown file.
 """
 from __future__ import annotations
@@ -57,42 +58,57 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def ours_checkpoint(hf_dir, out, algo, kv):
-    """Our converter's checkpoint, or None when it cannot write this format yet."""
+def spec_for(algo, kv, alpha, block, args):
+    from quantize.formats import QuantSpec
+
+    return QuantSpec.create(algo, kv_cache_dtype=kv, smoothquant_alpha=alpha, awq_block_size=block,
+                            calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
+                            calib_batch_size=1)
+
+
+def calibrated_model(hf_dir, spec, calib_text, tok):
+    """modelopt's calibration of the HF model for ``spec`` (None when the format needs none),
+    and its seconds. One calibrated model feeds all three columns of a row."""
+    from quantize.calibrate import calibrate
+
+    if not spec.needs_calibration:
+        return None, None
+    t = time.time()
+    model = calibrate(hf_dir, spec, calib_text, tokenizer=tok, device="cpu", progress=False)
+    return model, time.time() - t
+
+
+def ours_checkpoint(hf_dir, out, spec, model):
+    """This project's TRT-LLM checkpoint (build_engine's converter) for ``spec``."""
     from convert.convert import convert_checkpoint
 
-    if kv is not None or (algo is not None and algo not in WEIGHT_ONLY):
-        return None  # calibrated formats: the quantized converter (build_engine --smoothquant ...) is pending
-    q = None if algo is None else {"quant_algo": algo, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
-    convert_checkpoint(hf_dir, out, dtype="float16", progress=False, quantization=q)
+    convert_checkpoint(hf_dir, out, dtype="float16", progress=False, quant=spec,
+                       calibrated_model=model)
     return out
 
 
-def modelopt_checkpoint(hf_dir, out, algo, kv, alpha, block, calib_text, tok, args):
+def modelopt_checkpoint(out, model):
+    """nvidia-modelopt's own export_tensorrt_llm_checkpoint of the same calibrated model."""
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    from quantize.calibrate import calibrate
-    from quantize.formats import QuantSpec
-
-    spec = QuantSpec.create(algo, kv_cache_dtype=kv, smoothquant_alpha=alpha, awq_block_size=block,
-                            calib_size=args.calib_size, calib_seq_len=args.calib_seq_len, calib_batch_size=1)
-    t = time.time()
-    model = calibrate(hf_dir, spec, calib_text, tokenizer=tok, device="cpu", progress=False)
-    calib_s = time.time() - t
-    model.config.rope_theta = model.config.rope_parameters["rope_theta"]  # transformers >= 5 quirk
-    export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=torch.float16, export_dir=out,
+    m = copy.deepcopy(model)  # the export re-smooths / pads the model in place
+    m.config.rope_theta = m.config.rope_parameters["rope_theta"]  # transformers >= 5 quirk
+    export_tensorrt_llm_checkpoint(m, decoder_type="llama", dtype=torch.float16, export_dir=out,
                                    inference_tensor_parallel=1)
-    return out, calib_s
+    return out
 
 
-def unified_ppl(hf_dir, algo, kv, text, tok, args):
-    """Hook for the PyTorch-target (unified HF checkpoint) column."""
+def unified_checkpoint(hf_dir, out, spec, model):
+    """The PyTorch target: our modelopt "unified" HF checkpoint (None: format not supported)."""
+    from convert.errors import UserError
+    from convert.unified import check_supported, write_unified_checkpoint
+
     try:
-        from convert import unified_reader
-    except ImportError:
+        check_supported(spec)
+    except UserError:
         return None
-    fn = getattr(unified_reader, "checkpoint_perplexity", None)
-    return None if fn is None else fn(hf_dir, algo, kv, text, tok, args)
+    write_unified_checkpoint(hf_dir, out, spec, calibrated_model=model, progress=False)
+    return out
 
 
 def fmt(p, base):
@@ -140,15 +156,18 @@ def main(argv=None) -> int:
             if only and i not in only:
                 continue
             t = time.time()
-            ours = mo = calib_s = None
-            d = ours_checkpoint(args.model, work / f"ours{i}", algo, kv)
+            spec = spec_for(algo, kv, alpha, block, args)
+            model, calib_s = calibrated_model(args.model, spec, calib_text, tok)
+            ours = checkpoint_ppl(ours_checkpoint(args.model, work / f"ours{i}", spec, model),
+                                  eval_text, tok, **kw)["perplexity"]
+            mo = uni = None
+            if model is not None:
+                mo = checkpoint_ppl(modelopt_checkpoint(work / f"mo{i}", model), eval_text, tok,
+                                    **kw)["perplexity"]
+            d = unified_checkpoint(args.model, work / f"uni{i}", spec, model)
             if d is not None:
-                ours = checkpoint_ppl(d, eval_text, tok, **kw)["perplexity"]
-            if algo not in WEIGHT_ONLY and (algo is not None or kv is not None):
-                d, calib_s = modelopt_checkpoint(args.model, work / f"mo{i}", algo, kv, alpha, block,
-                                                 calib_text, tok, args)
-                mo = checkpoint_ppl(d, eval_text, tok, **kw)["perplexity"]
-            uni = unified_ppl(args.model, algo, kv, eval_text, tok, args)
+                uni = checkpoint_ppl(d, eval_text, tok, **kw)["perplexity"]
+            del model
             rows.append((label, algo, kv, ours, mo, uni, calib_s, time.time() - t))
             log(f"{label}: ours {ours} modelopt {mo} unified {uni} calib {calib_s} ({time.time() - t:.0f}s)")
     finally:
