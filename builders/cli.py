@@ -187,6 +187,11 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
     from quantize.formats import QuantSpec
 
     spec = QuantSpec.from_args(args)
+    if spec.quant_algo == "W8A8_SQ_PER_CHANNEL":
+        print("build_engine: note: TensorRT-LLM's PyTorch backend has no INT8 SmoothQuant method "
+              "(tensorrt_llm/_torch/modules/linear.py get_quant_method; see README, Targets): this "
+              "unified checkpoint is for other loaders of modelopt's format; for TensorRT-LLM use "
+              "--fp8, --awq or --int8-weight-only, or --target engine", file=sys.stderr)
     triton = args.triton_target != "none" and not args.checkpoint_only
     t0 = time.perf_counter()
     res = build_pytorch_target(model_dir, out, spec, tp=args.tp, pp=args.pp, triton_options=args,
