@@ -187,11 +187,6 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
     from quantize.formats import QuantSpec
 
     spec = QuantSpec.from_args(args)
-    if spec.quant_algo == "W8A8_SQ_PER_CHANNEL":
-        print("build_engine: note: TensorRT-LLM's PyTorch backend has no INT8 SmoothQuant method "
-              "(tensorrt_llm/_torch/modules/linear.py get_quant_method; see README, Targets): this "
-              "unified checkpoint is for other loaders of modelopt's format; for TensorRT-LLM use "
-              "--fp8, --awq or --int8-weight-only, or --target engine", file=sys.stderr)
     triton = args.triton_target != "none" and not args.checkpoint_only
     t0 = time.perf_counter()
     res = build_pytorch_target(model_dir, out, spec, tp=args.tp, pp=args.pp, triton_options=args,
@@ -199,13 +194,23 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
     timings = {"hf_quantized": time.perf_counter() - t0}
     print(f"hf_quantized: {res['checkpoint']} (modelopt unified checkpoint, {spec.name}) "
           f"in {timings['hf_quantized']:.1f}s")
+    if spec.quant_algo == "W8A8_SQ_PER_CHANNEL":
+        print("build_engine: note: TensorRT-LLM's PyTorch backend has no INT8 SmoothQuant method "
+              "(tensorrt_llm/_torch/modules/linear.py get_quant_method; see README, Targets): this "
+              "unified checkpoint is for other loaders of modelopt's format; for TensorRT-LLM use "
+              "--fp8, --awq or --int8-weight-only, or --target engine", file=sys.stderr)
     if res["triton"] is not None:
         print(f"triton: {res['triton']} (LLM-API model repository for TensorRT-LLM's PyTorch "
               f"backend, validated); launch: {res['triton'] / 'launch_triton.sh'}")
     if args.verify:
         from convert.reference import summary_line, verify
 
-        report, passed = verify(res["checkpoint"], model_dir)
+        if spec.is_quantized:  # on real text, as for the engine target
+            report, passed = verify(res["checkpoint"], model_dir,
+                                    text=spec.read_calib_text()[:2000],
+                                    tokenizer=_tokenizer(model_dir))
+        else:
+            report, passed = verify(res["checkpoint"], model_dir)
         print(f"verify: {summary_line(report, res['checkpoint'])}")
         if not passed:
             return EXIT_MISMATCH

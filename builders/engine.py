@@ -73,6 +73,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from convert.atomic import swap_into_place
 from convert.errors import UserError
 
 # --- version window and the words used when it is not met -----------------------------------
@@ -699,14 +700,7 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
                                  trtllm_version=avail.version, ranks=ranks,
                                  seconds=time.perf_counter() - t0, log_tail=tail)
 
-    if engines_dir.exists():  # force: swap the old one out only now that the new one is complete
-        old = engines_dir.with_name(engines_dir.name + ".old")
-        _rmtree(old)
-        os.replace(engines_dir, old)
-        os.replace(work, engines_dir)
-        _rmtree(old)
-    else:
-        os.replace(work, engines_dir)
+    swap_into_place(work, engines_dir)  # an old one (force) goes only now that the new is complete
     _rmtree(failed_logs)
     for rb in ranks:
         rb.log = engines_dir / "logs" / rb.log.name

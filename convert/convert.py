@@ -22,6 +22,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from . import interrupt
+from .atomic import swap_into_place
 from .errors import UserError
 from .interrupt import Interrupted
 from .hf_config import from_hugging_face, model_shape, pp_layer_range, preflight, read_hf_config
@@ -148,14 +149,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _verify_files(tmp, plans)
         (tmp / FINGERPRINT).unlink()
-        if out_dir.exists():  # --force: swap the new one in, then drop the old one
-            old_dir = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old_dir, ignore_errors=True)
-            os.replace(out_dir, old_dir)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        swap_into_place(tmp, out_dir)  # an existing one only with --force (checked above)
     except (KeyboardInterrupt, Interrupted):
         for leftover in tmp.glob("*.tmp"):
             leftover.unlink()

@@ -42,7 +42,6 @@ tensors are copied from the source file by file, never loaded all at once.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import swap_into_place
 from .errors import UserError
 from .source import SourceCheckpoint
 from .writer import write_file
@@ -364,14 +364,7 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
         for f in COPIED_FILES:
             if (model_dir / f).is_file():
                 shutil.copyfile(model_dir / f, tmp / f)
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}; free space or choose another --output")

@@ -43,3 +43,11 @@ def shared_text():
         return text[:max_chars] if max_chars else text
 
     return read
+
+
+@pytest.fixture(scope="session")
+def calib_text():
+    """The first 20k characters of the shipped calibration text (quantization tests)."""
+    from quantize.formats import DEFAULT_CALIB_DATA
+
+    return DEFAULT_CALIB_DATA.read_text(encoding="utf-8")[:20000]

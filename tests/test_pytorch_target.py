@@ -17,20 +17,8 @@ from safetensors.torch import load_file
 from convert.errors import UserError
 from convert.unified import check_supported, write_unified_checkpoint
 from quantize.calibrate import calibrate
-from quantize.formats import DEFAULT_CALIB_DATA, QuantSpec
-
-# hidden and every input size a multiple of 128 (AWQ group 128); 8 heads, 4 kv heads.
-TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
-            vocab_size=1000, num_hidden_layers=2)
-
-
-def byte_tokenizer(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
-@pytest.fixture(scope="module")
-def calib_text():
-    return DEFAULT_CALIB_DATA.read_text(encoding="utf-8")[:20000]
+from quantize.formats import QuantSpec
+from quant_common import TINY, byte_tokenizer
 
 
 def small(algo=None, kv=None, **kw) -> QuantSpec:

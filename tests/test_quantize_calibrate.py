@@ -28,25 +28,13 @@ from quantize.formats import (
     check_awq_divisibility,
     check_kv_head_duplication,
 )
-
-# hidden and every per-rank input size a multiple of 128 (AWQ); 8 heads, 4 kv heads, head_dim 32.
-TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
-            vocab_size=1000, num_hidden_layers=2)
+from quant_common import TINY, byte_tokenizer
 
 
 def parse(*argv: str) -> QuantSpec:
     p = argparse.ArgumentParser()
     add_quant_arguments(p)
     return QuantSpec.from_args(p.parse_args(list(argv)))
-
-
-def byte_tokenizer(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
-@pytest.fixture(scope="module")
-def calib_text():
-    return DEFAULT_CALIB_DATA.read_text(encoding="utf-8")[:20000]
 
 
 def make_model(tmp_path, **overrides):

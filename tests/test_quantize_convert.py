@@ -18,25 +18,14 @@ from safetensors.torch import load_file
 from builders.cli import main
 from convert.convert import convert_checkpoint
 from quantize.calibrate import calibrate
-from quantize.formats import DEFAULT_CALIB_DATA, TRTLLM_DEFAULT_EXCLUDE_MODULES, QuantSpec
+from quantize.formats import TRTLLM_DEFAULT_EXCLUDE_MODULES, QuantSpec
+from quant_common import TINY, byte_tokenizer
 
-# every per-rank input a multiple of 128 at tp 1 and 2 (AWQ); 8 heads, 4 kv heads, head_dim 32
-TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
-            vocab_size=1000, num_hidden_layers=2)
 # config keys where this project deliberately differs from modelopt's export (see
 # tests/test_convert_vs_modelopt.py): TensorRT-LLM's own converter's logits_dtype and extra keys
 CONFIG_KEYS_DIFFERENT_BY_DESIGN = {"logits_dtype", "rank", "residual_mlp", "rmsnorm", "bias",
                                    "decoder", "lm_head_bias", "producer", "rotary_scaling",
                                    "tie_word_embeddings", "attn_bias", "mlp_bias"}
-
-
-def byte_tokenizer(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
-@pytest.fixture(scope="module")
-def calib_text():
-    return DEFAULT_CALIB_DATA.read_text(encoding="utf-8")[:20000]
 
 
 def spec_for(algo, kv=None, block=None, **calib):

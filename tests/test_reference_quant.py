@@ -29,21 +29,7 @@ from convert.errors import UserError
 from convert.perplexity import checkpoint_ppl, hf_ppl, windows
 from convert.reference import LINEAR_KERNELS, QuantSpec as ReaderSpec, ReferenceModel, compare_with_hf, verify
 from convert.reference_quant import unpack_int4_rows
-
-# hidden and every per-rank input a multiple of 128 (AWQ group 128); 8 heads, 4 kv heads.
-TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
-            vocab_size=1000, num_hidden_layers=2)
-
-
-def byte_tokenizer(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
-@pytest.fixture(scope="module")
-def calib_text():
-    from quantize.formats import DEFAULT_CALIB_DATA
-
-    return DEFAULT_CALIB_DATA.read_text(encoding="utf-8")[:20000]
+from quant_common import TINY, byte_tokenizer
 
 
 @pytest.fixture(scope="module")
