@@ -24,10 +24,18 @@ from .formats import W4A16_AWQ, QuantSpec, check_awq_divisibility, check_kv_head
 #: modelopt's export pads embedding and lm_head rows to a multiple of 64 for AWQ
 #: (``postprocess.pad_embedding_lm_head``, applied for int4_awq) and writes that vocab_size.
 AWQ_VOCAB_MULTIPLE = 64
-#: TensorRT-LLM's weight-only GEMM kernels (fpA_intB) need the GEMM's K (input features per rank)
-#: to be a multiple of 64 (the CUTLASS tile K of the mixed-input kernels; see NVIDIA/TensorRT-LLM
-#: issue #729: "Weight only quant requires K % 64 == 0").
-WEIGHT_ONLY_K_MULTIPLE = 64
+#: TensorRT-LLM's weight-only GEMMs (fpA_intB) take the weight as [K = input features per rank,
+#: N = output features per rank] and trtllm-build lays it out for the kernels with
+#: ``preprocess_weights_for_mixed_gemm`` (cpp/tensorrt_llm/kernels/cutlass_kernels/
+#: cutlass_preprocessors.cpp), which refuses other shapes:
+#: - K: ``interleave_column_major_tensor`` needs ``K % rows_per_tile == 0`` with rows_per_tile the
+#:   kernels' ThreadblockK = 64 for uint8 and uint4b (cutlass_extensions/.../mixed_gemm_B_layout.h,
+#:   Turing and newer); the file says "Our kernels only handle dims which are multiples of 64 for
+#:   weight-only quantization" (also NVIDIA/TensorRT-LLM issue #729).
+#: - N: ``subbyte_transpose`` needs both dims' byte counts to be multiples of 32 (its vector width):
+#:   N % 32 for int8, N % 64 for packed int4.
+#: {quant_algo: (K multiple, N multiple)}
+WEIGHT_ONLY_MULTIPLES = {"W8A16": (64, 32), "W4A16": (64, 64)}
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,14 @@ def per_rank_in_dims(shape: Shape, tp: int) -> dict[str, int]:
             "mlp.fc": shape.hidden, "mlp.gate": shape.hidden, "mlp.proj": shape.inter // tp}
 
 
+def per_rank_out_dims(shape: Shape, tp: int) -> dict[str, int]:
+    """Output features of each quantizable linear on one rank (kv heads duplicated when tp > kv)."""
+    kv = max(shape.kv_heads // tp, 1)
+    return {"attention.qkv": (shape.heads // tp + 2 * kv) * shape.head_size,
+            "attention.dense": shape.hidden, "mlp.fc": shape.inter // tp,
+            "mlp.gate": shape.inter // tp, "mlp.proj": shape.hidden}
+
+
 def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int) -> None:
     """Refuse, before calibration or any read, a format the model's per-rank shapes cannot take."""
     if spec is None or not spec.is_quantized:
@@ -62,11 +78,14 @@ def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int) -> N
     if spec.quant_algo == W4A16_AWQ:
         check_awq_divisibility(dims, spec.group_size)
     if spec.is_weight_only:
-        for name, k in dims.items():
-            if k % WEIGHT_ONLY_K_MULTIPLE:
-                raise UserError(f"{spec.quant_algo}: {name} has {k} input features per rank, not a "
-                                f"multiple of {WEIGHT_ONLY_K_MULTIPLE} as TensorRT-LLM's weight-only "
-                                f"kernels need; choose another --tp or format")
+        k_multiple, n_multiple = WEIGHT_ONLY_MULTIPLES[spec.quant_algo]
+        checks = [(name, "input", k, k_multiple) for name, k in dims.items()]
+        checks += [(name, "output", n, n_multiple) for name, n in per_rank_out_dims(shape, tp).items()]
+        for name, what, n, multiple in checks:
+            if n % multiple:
+                raise UserError(f"{spec.quant_algo}: {name} has {n} {what} features per rank, not a "
+                                f"multiple of {multiple} as TensorRT-LLM's weight-only kernels need; "
+                                f"choose another --tp or format")
     check_kv_head_duplication(spec, shape.kv_heads, tp)
 
 

@@ -48,12 +48,15 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
-def assert_same_checkpoint(ours_dir, theirs_dir):
+def assert_same_checkpoint(ours_dir, theirs_dir, *, quantization_by_design=False):
+    """Every tensor of every rank bit-identical; config.json equal but for the keys that differ by
+    design (and the ``quantization`` block when ``quantization_by_design``)."""
     ours_cfg = json.loads((ours_dir / "config.json").read_text())
     theirs_cfg = json.loads((theirs_dir / "config.json").read_text())
-    assert list(ours_cfg["quantization"].items()) == list(theirs_cfg["quantization"].items())
+    if not quantization_by_design:
+        assert list(ours_cfg["quantization"].items()) == list(theirs_cfg["quantization"].items())
     for key in set(ours_cfg) | set(theirs_cfg):
-        if key not in CONFIG_KEYS_DIFFERENT_BY_DESIGN:
+        if key not in CONFIG_KEYS_DIFFERENT_BY_DESIGN | {"quantization"}:
             assert ours_cfg.get(key) == theirs_cfg.get(key), key
     world = theirs_cfg["mapping"]["world_size"]
     for r in range(world):
@@ -127,6 +130,55 @@ def test_weight_only_is_the_float_checkpoint_with_its_quant_algo(tmp_path, tiny_
         name = f"rank{r}.safetensors"
         assert (tmp_path / "wo" / "checkpoint" / name).read_bytes() == \
             (tmp_path / "fp16" / "checkpoint" / name).read_bytes()
+
+
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16"])
+def test_weight_only_with_kv_cache_is_float_weights_plus_modelopt_kv_scales(tmp_path, calib_text,
+                                                                            algo):
+    """Weight-only + INT8 KV cache: only the KV quantizers are calibrated; every tensor equals
+    modelopt's export of that calibrated model (float linears, KV-cache scales), and the
+    quantization block is TensorRT-LLM's weight-only one with the KV algorithm."""
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    model = make_tiny_model(hf_dir, **TINY).float().eval()
+    spec = spec_for(algo, "int8")
+    assert spec.needs_calibration
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    for tp in (1, 2):
+        ours = tmp_path / f"ours_tp{tp}"
+        convert_checkpoint(hf_dir, ours, tp=tp, dtype="float16", progress=False, quant=spec,
+                           calibrated_model=model)
+        theirs = modelopt_export(model, tmp_path / f"modelopt_tp{tp}", tp)
+        assert_same_checkpoint(ours, theirs, quantization_by_design=True)
+        cfg = json.loads((ours / "config.json").read_text())
+        assert cfg["quantization"] == {"quant_algo": algo, "kv_cache_quant_algo": "INT8",
+                                       "exclude_modules": list(TRTLLM_DEFAULT_EXCLUDE_MODULES)}
+        rank0 = load_file(ours / "rank0.safetensors")
+        assert rank0["transformer.layers.0.attention.qkv.weight"].dtype == torch.float16
+        assert rank0["transformer.layers.0.attention.kv_cache_scaling_factor"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape,flag,needle", [
+    # hidden 160: qkv/fc/gate read 160 inputs (K % 64 != 0) for int8 and int4 alike
+    (dict(hidden_size=160, num_attention_heads=5, num_key_value_heads=5, intermediate_size=320),
+     "--int8-weight-only", "W8A16: attention.qkv has 160 input features per rank, not a multiple of 64"),
+    # head_dim 16, one kv head: qkv has (8 + 2) x 16 = 160 outputs; packed int4 needs N % 64
+    (dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=1, intermediate_size=256),
+     "--int4-weight-only", "W4A16: attention.qkv has 160 output features per rank, not a multiple of 64"),
+])
+def test_weight_only_refuses_shapes_trtllm_kernels_cannot_take(tmp_path, tiny_model, capsys, shape,
+                                                               flag, needle):
+    hf_dir, _ = tiny_model(**dict(TINY, **shape))
+    out = tmp_path / "out"
+    rc = main(["--model", str(hf_dir), "--output", str(out), "--checkpoint-only", "--no-progress",
+               flag])
+    assert rc == 2
+    assert needle in _error_line(capsys.readouterr().err)
+    assert not out.exists()
+    if flag == "--int4-weight-only":  # int8 needs only N % 32: the same model converts
+        assert main(["--model", str(hf_dir), "--output", str(out), "--checkpoint-only",
+                     "--no-progress", "--int8-weight-only"]) == 0
 
 
 def test_smoothquant_tp3_on_smollm2_equals_modelopt_and_verifies(tmp_path, smollm2_dir,
