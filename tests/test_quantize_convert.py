@@ -181,6 +181,53 @@ def test_weight_only_refuses_shapes_trtllm_kernels_cannot_take(tmp_path, tiny_mo
                      "--no-progress", "--int8-weight-only"]) == 0
 
 
+@pytest.mark.parametrize("first,second", [(None, "W8A16"), ("W8A16", "W4A16"),
+                                          ("W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL")])
+def test_interrupted_run_is_never_resumed_with_files_of_another_spec(tmp_path, calib_text,
+                                                                   monkeypatch, first, second):
+    """A .partial left by an interrupted run is reused only by the same float/weight-only
+    command; another spec rewrites every rank, and a calibrated run never resumes (a new
+    calibration must not be mixed with ranks of an earlier one)."""
+    import convert.convert as cc
+    from convert.interrupt import Interrupted
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    model = make_tiny_model(hf_dir, **TINY).float().eval()
+    specs = {algo: spec_for(algo) if algo else None for algo in (first, second)}
+    for spec in specs.values():
+        if spec is not None and spec.needs_calibration:
+            calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+
+    def convert(algo, out):
+        return convert_checkpoint(hf_dir, out, tp=2, dtype="float16", progress=False,
+                                  quant=specs[algo], calibrated_model=model)
+
+    real, written = cc._write_rank, []
+
+    def stop_at_rank1(model_dir, plan, path, rank, progress):
+        if rank == 1:
+            raise KeyboardInterrupt
+        return real(model_dir, plan, path, rank, progress)
+
+    def spy(model_dir, plan, path, rank, progress):
+        written.append(rank)
+        return real(model_dir, plan, path, rank, progress)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(cc, "_write_rank", stop_at_rank1)
+    with pytest.raises(Interrupted):
+        convert(first, out)
+    assert (tmp_path / "out.partial" / "rank0.safetensors").is_file()
+    monkeypatch.setattr(cc, "_write_rank", spy)
+    convert(second, out)
+    assert written == [0, 1]
+    monkeypatch.setattr(cc, "_write_rank", real)
+    convert(second, tmp_path / "fresh")
+    for name in ("config.json", "rank0.safetensors", "rank1.safetensors"):
+        assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+
+
 def test_smoothquant_tp3_on_smollm2_equals_modelopt_and_verifies(tmp_path, smollm2_dir,
                                                                   shared_text):
     """The headline: SmolLM2-135M (9 heads, 3 kv heads) with --smoothquant at tp 3."""
