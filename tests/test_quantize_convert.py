@@ -34,12 +34,12 @@ def spec_for(algo, kv=None, block=None, **calib):
                                | calib))
 
 
-def modelopt_export(model, out_dir, tp):
+def modelopt_export(model, out_dir, tp, dtype=torch.float16):
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
     m = copy.deepcopy(model)  # the export re-smooths / pads the model in place
     m.config.rope_theta = m.config.rope_parameters["rope_theta"]  # transformers >= 5 quirk
-    export_tensorrt_llm_checkpoint(m, decoder_type="llama", dtype=torch.float16,
+    export_tensorrt_llm_checkpoint(m, decoder_type="llama", dtype=dtype,
                                    export_dir=out_dir, inference_tensor_parallel=tp)
     return out_dir
 
@@ -92,6 +92,26 @@ def test_calibrated_checkpoint_equals_modelopt_export(tmp_path, calib_text, algo
                                     quant=spec, calibrated_model=model)
         assert config["quantization"] == spec.to_trtllm_quantization()
         assert_same_checkpoint(ours, modelopt_export(model, tmp_path / f"modelopt_tp{tp}", tp))
+
+
+@pytest.mark.parametrize("algo,kv,block", [("W8A8_SQ_PER_CHANNEL", "int8", None),
+                                           ("W4A16_AWQ", "fp8", 64)], ids=["sq_kv_int8", "awq64"])
+def test_bfloat16_model_equals_modelopt_bfloat16_export(tmp_path, calib_text, algo, kv, block):
+    """A bf16 source with --dtype auto: the checkpoint is bf16 (norms, embedding, lm_head,
+    prequant scales) and still equals modelopt's bf16 export tensor for tensor."""
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    model = make_tiny_model(hf_dir, dtype=torch.bfloat16, **TINY).float().eval()
+    spec = spec_for(algo, kv, block)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    for tp in (1, 2):
+        ours = tmp_path / f"ours_tp{tp}"
+        config = convert_checkpoint(hf_dir, ours, tp=tp, progress=False, quant=spec,
+                                    calibrated_model=model)
+        assert config["dtype"] == "bfloat16"
+        assert_same_checkpoint(ours, modelopt_export(model, tmp_path / f"modelopt_tp{tp}", tp,
+                                                     dtype=torch.bfloat16))
 
 
 def test_pipeline_stages_hold_their_layers_renumbered(tmp_path, calib_text):
