@@ -111,6 +111,7 @@ def run(args) -> int:
         if getattr(args, "target", "engine") == "pytorch":
             return _run_pytorch_target(args, model_dir, out, inputs)
         _check_triton_args(args, model_dir)
+        tokenizer = _quant_tokenizer(args, quant, model_dir)  # before any work
         inputs = InputHashing(inputs)  # build.json's shard hashes, while converting
         ckpt = out / "checkpoint"
         ppl_text = None
@@ -142,7 +143,7 @@ def run(args) -> int:
                 # on real text (the calibration text's start): argmax agreement with the float
                 # model is meaningful there, unlike on random ids, for a format's coarse logits
                 report, passed = verify(ckpt, model_dir, text=quant.read_calib_text()[:2000],
-                                        tokenizer=_tokenizer(model_dir))
+                                        tokenizer=tokenizer)
             else:
                 report, passed = verify(ckpt, model_dir)
             timings["verify"] = time.perf_counter() - t0
@@ -216,6 +217,21 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
             return EXIT_MISMATCH
     write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
     return 0
+
+
+def _quant_tokenizer(args, quant, model_dir):
+    """The tokenizer that calibration and a quantized --verify (real text) need, loaded up front so
+    that a model without one is refused before any work (one line, exit 2); None when not needed.
+    A missing model directory is left to the converter's own message."""
+    from quantize.calibrate import load_tokenizer
+
+    verify_text = args.verify and quant.is_quantized
+    if not (quant.needs_calibration or verify_text) or not (model_dir / "config.json").is_file():
+        return None
+    if verify_text:
+        return load_tokenizer(model_dir, "--verify of a quantized checkpoint (on real text)",
+                              "; or drop --verify")
+    return load_tokenizer(model_dir)
 
 
 def _tokenizer(model_dir):

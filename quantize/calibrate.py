@@ -91,14 +91,18 @@ def _load_model(hf_dir: Path, device: torch.device, dtype: torch.dtype | None):
     return model.to(device).eval()
 
 
-def _load_tokenizer(hf_dir: Path):
+def load_tokenizer(hf_dir: Path, purpose: str = "calibration", fix: str = ""):
+    """The model's HF tokenizer; UserError naming ``purpose`` (and ``fix``, an extra remedy) when
+    the directory has none that loads."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(hf_dir)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
-        raise UserError(f"calibration needs the model's tokenizer but {hf_dir} has none that loads "
-                        f"({type(e).__name__}); add tokenizer files to the model directory") from None
+        raise UserError(f"{purpose} needs the model's tokenizer but {hf_dir} has none that loads "
+                        f"({type(e).__name__}); add tokenizer files to the model directory"
+                        f"{fix}") from None
+
 
 
 def tokenize_text(text: str, tokenizer) -> list[int]:
@@ -176,7 +180,7 @@ def calibrate(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *
         hf_dir = Path(hf_dir_or_model)
         dev = resolve_device(device)
         if tokenizer is None:
-            tokenizer = _load_tokenizer(hf_dir)
+            tokenizer = load_tokenizer(hf_dir)
         model = _load_model(hf_dir, dev, dtype)
     else:
         model = hf_dir_or_model.eval()
@@ -185,7 +189,7 @@ def calibrate(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *
             src = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
             if not src:
                 raise UserError("calibration needs a tokenizer: pass tokenizer= or a model directory")
-            tokenizer = _load_tokenizer(Path(src))
+            tokenizer = load_tokenizer(Path(src))
 
     text = spec.read_calib_text() if calib_text is None else calib_text
     if not text.strip():

@@ -298,6 +298,24 @@ def test_bad_quantization_input_is_one_line_exit_2_and_writes_nothing(tmp_path, 
     assert not out.exists() and not (tmp_path / "out" / "checkpoint.partial").exists()
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["--smoothquant"], "calibration needs the model's tokenizer but"),
+    (["--int8-weight-only", "--verify"],
+     "--verify of a quantized checkpoint (on real text) needs the model's tokenizer but"),
+])
+def test_model_without_tokenizer_is_refused_before_any_work(tmp_path, tiny_model, capsys, argv,
+                                                            needle):
+    """Calibration and a quantized --verify read real text: a model directory without a tokenizer
+    (the tiny random models have none) is one line, exit 2, nothing written."""
+    hf_dir, _ = tiny_model(**TINY)
+    out = tmp_path / "out"
+    rc = main(["--model", str(hf_dir), "--output", str(out), "--checkpoint-only", "--no-progress",
+               *argv])
+    assert rc == 2
+    assert needle in _error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_cli_smoothquant_tp3_with_verify_on_smollm2(tmp_path, smollm2_dir, capsys):
     """The user's command, end to end on CPU: calibrate, write 3 ranks, check them with the
     reference reader against the float model on real text (exit 0 only when it passes)."""
