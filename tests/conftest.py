@@ -31,16 +31,23 @@ def smollm2_dir():
     return prepare_smollm2()
 
 
+TEST_DATA = REPO / "tests" / "data"  # prefixes of the same texts (see tests/data/README.md)
+
+
 @pytest.fixture(scope="session")
 def shared_text():
-    """Public-domain text from ../shared/data, or skip with the reason."""
+    """Public-domain text from ../shared/data, else its prefix shipped in tests/data; skip with
+    the reason only when a test asks for more than that prefix holds."""
 
     def read(name: str, max_chars: int | None = None) -> str:
         p = SHARED_DATA / name
-        if not p.exists():
-            pytest.skip(f"{p} is absent (shared/ data not present beside the project)")
-        text = p.read_text(encoding="utf-8", errors="replace")
-        return text[:max_chars] if max_chars else text
+        if p.exists():
+            text = p.read_text(encoding="utf-8", errors="replace")
+            return text[:max_chars] if max_chars else text
+        text = (TEST_DATA / name).read_text(encoding="utf-8")
+        if max_chars is None or max_chars > len(text):
+            pytest.skip(f"{p} is absent and tests/data/{name} holds only {len(text)} characters")
+        return text[:max_chars]
 
     return read
 
