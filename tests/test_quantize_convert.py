@@ -48,15 +48,17 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
-def assert_same_checkpoint(ours_dir, theirs_dir, *, quantization_by_design=False):
+def assert_same_checkpoint(ours_dir, theirs_dir, *, quantization_by_design=False,
+                           extra_config_keys=frozenset()):
     """Every tensor of every rank bit-identical; config.json equal but for the keys that differ by
-    design (and the ``quantization`` block when ``quantization_by_design``)."""
+    design (and ``extra_config_keys``, and the ``quantization`` block when
+    ``quantization_by_design``)."""
     ours_cfg = json.loads((ours_dir / "config.json").read_text())
     theirs_cfg = json.loads((theirs_dir / "config.json").read_text())
     if not quantization_by_design:
         assert list(ours_cfg["quantization"].items()) == list(theirs_cfg["quantization"].items())
     for key in set(ours_cfg) | set(theirs_cfg):
-        if key not in CONFIG_KEYS_DIFFERENT_BY_DESIGN | {"quantization"}:
+        if key not in CONFIG_KEYS_DIFFERENT_BY_DESIGN | {"quantization"} | extra_config_keys:
             assert ours_cfg.get(key) == theirs_cfg.get(key), key
     world = theirs_cfg["mapping"]["world_size"]
     for r in range(world):
@@ -112,6 +114,34 @@ def test_bfloat16_model_equals_modelopt_bfloat16_export(tmp_path, calib_text, al
         assert config["dtype"] == "bfloat16"
         assert_same_checkpoint(ours, modelopt_export(model, tmp_path / f"modelopt_tp{tp}", tp,
                                                      dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("algo,kv", [("W8A8_SQ_PER_CHANNEL", "int8"), ("W4A16_AWQ", "fp8")],
+                         ids=["sq_kv_int8", "awq128_kv_fp8"])
+def test_qwen2_with_qkv_bias_equals_modelopt_export(tmp_path, calib_text, algo, kv):
+    """Qwen2 (q/k/v biases, modelopt decoder_type "qwen"): quantized qkv with its float bias per
+    rank, every tensor as modelopt writes it. config.json: our Qwen2 keys come from TensorRT-LLM's
+    own converter (qwen_type, seq_length), which modelopt's manual config path does not write."""
+    from examples.tiny import make_tiny_model
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    hf_dir = tmp_path / "hf"
+    model = make_tiny_model(hf_dir, family="qwen2", **TINY).float().eval()
+    spec = spec_for(algo, kv)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    for tp in (1, 2):
+        ours = tmp_path / f"ours_tp{tp}"
+        convert_checkpoint(hf_dir, ours, tp=tp, dtype="float16", progress=False, quant=spec,
+                           calibrated_model=model)
+        assert "transformer.layers.0.attention.qkv.bias" in load_file(ours / "rank0.safetensors")
+        m = copy.deepcopy(model)
+        m.config.rope_theta = m.config.rope_parameters["rope_theta"]
+        theirs = tmp_path / f"modelopt_tp{tp}"
+        export_tensorrt_llm_checkpoint(m, decoder_type="qwen", dtype=torch.float16,
+                                       export_dir=theirs, inference_tensor_parallel=tp)
+        for key in ("qwen_type", "seq_length"):
+            assert key in json.loads((ours / "config.json").read_text())
+        assert_same_checkpoint(ours, theirs, extra_config_keys={"qwen_type", "seq_length"})
 
 
 def test_pipeline_stages_hold_their_layers_renumbered(tmp_path, calib_text):
