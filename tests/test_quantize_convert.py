@@ -144,6 +144,37 @@ def test_qwen2_with_qkv_bias_equals_modelopt_export(tmp_path, calib_text, algo, 
         assert_same_checkpoint(ours, theirs, extra_config_keys={"qwen_type", "seq_length"})
 
 
+@pytest.mark.parametrize("algo,kv,block", [("FP8", "fp8", None), ("W4A16_AWQ", "int8", 64)],
+                         ids=["fp8_kv_fp8", "awq64_kv_int8"])
+def test_kv_heads_duplicated_across_ranks_equal_modelopt_export(tmp_path, calib_text, algo, kv,
+                                                                 block):
+    """2 kv heads over tp 4: each rank gets a copy of its kv head's weights and scales (modelopt's
+    dup_kv_weight), for FP8 (scalar scales) and AWQ (packed int4 rows, group scales)."""
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    model = make_tiny_model(hf_dir, **dict(TINY, num_key_value_heads=2)).float().eval()
+    spec = spec_for(algo, kv, block)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    ours = tmp_path / "ours"
+    convert_checkpoint(hf_dir, ours, tp=4, dtype="float16", progress=False, quant=spec,
+                       calibrated_model=model)
+    assert_same_checkpoint(ours, modelopt_export(model, tmp_path / "modelopt", 4))
+
+
+def test_smoothquant_refuses_more_ranks_than_kv_heads(tmp_path, tiny_model, capsys):
+    """modelopt cannot duplicate SmoothQuant's per-channel k/v scales: one line, exit 2, before
+    calibration, nothing written."""
+    hf_dir, _ = tiny_model(**dict(TINY, num_key_value_heads=2))
+    out = tmp_path / "out"
+    rc = main(["--model", str(hf_dir), "--output", str(out), "--checkpoint-only", "--no-progress",
+               "--smoothquant", "--tp", "4"])
+    assert rc == 2
+    assert "--smoothquant with --tp 4 needs at least 4 KV heads (the model has 2)" in \
+        _error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_pipeline_stages_hold_their_layers_renumbered(tmp_path, calib_text):
     """pp 2 x tp 2: stage 1 holds HF layer 1 as its layer 0, with the tp-2 tensors of that layer."""
     from examples.tiny import make_tiny_model
@@ -278,6 +309,38 @@ def test_interrupted_run_is_never_resumed_with_files_of_another_spec(tmp_path, c
         assert (out / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
 
 
+@pytest.mark.slow  # two modelopt calibrations per case (~10-20 s each on 2 CPU cores)
+@pytest.mark.parametrize("argv,algo,kv,block", [
+    (["--smoothquant", "--kv-cache-dtype", "int8"], "W8A8_SQ_PER_CHANNEL", "int8", None),
+    (["--awq", "--awq-block-size", "64", "--kv-cache-dtype", "fp8"], "W4A16_AWQ", "fp8", 64),
+], ids=["sq_kv_int8", "awq64_kv_fp8"])
+def test_cli_calibration_equals_modelopt_export_of_an_independent_calibration(
+        tmp_path, smollm2_dir, argv, algo, kv, block):
+    """The user's path, where build_engine loads and calibrates the model itself (the tests above
+    hand the converter a model calibrated once): its checkpoint equals modelopt's export of a
+    second, independent calibration of the same model (``calibrate`` loading it and tokenizing the
+    default text on its own), every tensor of both tp-2 ranks bit for bit. So calibration on CPU
+    is deterministic and the CLI feeds it exactly the samples ``calibrate`` builds. The tiny random
+    model borrows SmolLM2's tokenizer (vocab 49152) so that the CLI can read text."""
+    import shutil
+
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    make_tiny_model(hf_dir, dtype=torch.float16, **dict(TINY, vocab_size=49152))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, hf_dir / name)
+    calib = ["--calib-size", "4", "--calib-seq-len", "64"]
+    assert main(["--model", str(hf_dir), "--output", str(tmp_path / "out"), "--tp", "2",
+                 "--checkpoint-only", "--no-progress", *argv, *calib]) == 0
+    ours = tmp_path / "out" / "checkpoint"
+    spec = QuantSpec.create(algo, kv_cache_dtype=kv, awq_block_size=block, calib_size=4,
+                            calib_seq_len=64)
+    model = calibrate(hf_dir, spec, progress=False)  # loads, tokenizes the default text itself
+    assert_same_checkpoint(ours, modelopt_export(model, tmp_path / "modelopt", 2))
+
+
+@pytest.mark.slow  # real SmolLM2-135M: calibration, modelopt's export, reference reader
 def test_smoothquant_tp3_on_smollm2_equals_modelopt_and_verifies(tmp_path, smollm2_dir,
                                                                   shared_text):
     """The headline: SmolLM2-135M (9 heads, 3 kv heads) with --smoothquant at tp 3."""
@@ -346,6 +409,7 @@ def test_model_without_tokenizer_is_refused_before_any_work(tmp_path, tiny_model
     assert not out.exists()
 
 
+@pytest.mark.slow  # real SmolLM2-135M: 8 x 128 calibration tokens and --verify (~1-2 min)
 def test_cli_smoothquant_tp3_with_verify_on_smollm2(tmp_path, smollm2_dir, capsys):
     """The user's command, end to end on CPU: calibrate, write 3 ranks, check them with the
     reference reader against the float model on real text (exit 0 only when it passes)."""
