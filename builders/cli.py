@@ -222,12 +222,14 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
 def _quant_tokenizer(args, quant, model_dir):
     """The tokenizer that calibration and a quantized --verify (real text) need, loaded up front so
     that a model without one is refused before any work (one line, exit 2); None when not needed.
-    A missing model directory is left to the converter's own message."""
+    The model's own refusals (missing config, tp/pp, format vs shapes) come first."""
+    from convert.convert import preflight_conversion
     from quantize.calibrate import load_tokenizer
 
     verify_text = args.verify and quant.is_quantized
-    if not (quant.needs_calibration or verify_text) or not (model_dir / "config.json").is_file():
+    if not (quant.needs_calibration or verify_text):
         return None
+    preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant)
     if verify_text:
         return load_tokenizer(model_dir, "--verify of a quantized checkpoint (on real text)",
                               "; or drop --verify")

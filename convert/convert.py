@@ -84,6 +84,16 @@ def _verify_files(tmp: Path, plans) -> None:
             raise AssertionError(f"rank{rank}.safetensors does not hold the planned tensors")
 
 
+def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None):
+    """Read the model's config and refuse a parallel layout or quantization format it cannot take
+    (one line, before any weight is read or any calibration); return (HF config, Shape)."""
+    hf = read_hf_config(Path(model_dir))
+    shape = model_shape(hf)
+    preflight(shape, tp, pp)
+    preflight_quant(quant, shape, tp, pp)
+    return hf, shape
+
+
 def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True,
                        quantization: dict | None = None, quant=None,
@@ -100,10 +110,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     (``quantized_tensors``).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    hf = read_hf_config(model_dir)
-    shape = model_shape(hf)
-    preflight(shape, tp, pp)
-    preflight_quant(quant, shape, tp, pp)
+    hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant)
     shape = replace(shape, vocab_multiple=vocab_multiple(quant))
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose another --output or pass --force to "

@@ -144,6 +144,37 @@ def test_qwen2_with_qkv_bias_equals_modelopt_export(tmp_path, calib_text, algo, 
         assert_same_checkpoint(ours, theirs, extra_config_keys={"qwen_type", "seq_length"})
 
 
+@pytest.mark.parametrize("algo,kv,block", [("FP8", "fp8", None), ("W4A16_AWQ", "int8", 64)],
+                         ids=["fp8_kv_fp8", "awq64_kv_int8"])
+def test_kv_heads_duplicated_across_ranks_equal_modelopt_export(tmp_path, calib_text, algo, kv,
+                                                                 block):
+    """2 kv heads over tp 4: each rank gets a copy of its kv head's weights and scales (modelopt's
+    dup_kv_weight), for FP8 (scalar scales) and AWQ (packed int4 rows, group scales)."""
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    model = make_tiny_model(hf_dir, **dict(TINY, num_key_value_heads=2)).float().eval()
+    spec = spec_for(algo, kv, block)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    ours = tmp_path / "ours"
+    convert_checkpoint(hf_dir, ours, tp=4, dtype="float16", progress=False, quant=spec,
+                       calibrated_model=model)
+    assert_same_checkpoint(ours, modelopt_export(model, tmp_path / "modelopt", 4))
+
+
+def test_smoothquant_refuses_more_ranks_than_kv_heads(tmp_path, tiny_model, capsys):
+    """modelopt cannot duplicate SmoothQuant's per-channel k/v scales: one line, exit 2, before
+    calibration, nothing written."""
+    hf_dir, _ = tiny_model(**dict(TINY, num_key_value_heads=2))
+    out = tmp_path / "out"
+    rc = main(["--model", str(hf_dir), "--output", str(out), "--checkpoint-only", "--no-progress",
+               "--smoothquant", "--tp", "4"])
+    assert rc == 2
+    assert "--smoothquant with --tp 4 needs at least 4 KV heads (the model has 2)" in \
+        _error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_pipeline_stages_hold_their_layers_renumbered(tmp_path, calib_text):
     """pp 2 x tp 2: stage 1 holds HF layer 1 as its layer 0, with the tp-2 tensors of that layer."""
     from examples.tiny import make_tiny_model
