@@ -97,6 +97,9 @@ def run(args) -> int:
     if args.from_checkpoint:
         if args.model:
             raise UserError("give either --model or --from-checkpoint, not both")
+        if QuantSpec.from_args(args).is_quantized:  # a checkpoint is quantized when converted
+            raise UserError("quantization flags apply when converting with --model; a "
+                            "--from-checkpoint checkpoint keeps its own quantization (drop them)")
         ckpt = Path(args.from_checkpoint)
         inputs["checkpoint_dir"] = str(ckpt.resolve())
         model_dir = None

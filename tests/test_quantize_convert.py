@@ -410,6 +410,22 @@ def test_model_without_tokenizer_is_refused_before_any_work(tmp_path, tiny_model
 
 
 @pytest.mark.slow  # real SmolLM2-135M: 8 x 128 calibration tokens and --verify (~1-2 min)
+def test_quant_flags_with_from_checkpoint_are_refused(tmp_path, tiny_model, capsys):
+    """--from-checkpoint builds an existing checkpoint: a quantization flag there would be silently
+    ignored, so it is refused (one line, exit 2, nothing written)."""
+    hf_dir, _ = tiny_model(**TINY)
+    assert main(["--model", str(hf_dir), "--output", str(tmp_path / "fp16"), "--checkpoint-only",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    rc = main(["--from-checkpoint", str(tmp_path / "fp16" / "checkpoint"), "--output", str(out),
+               "--no-progress", "--int8-weight-only"])
+    assert rc == 2
+    assert "quantization flags apply when converting with --model" in \
+        _error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_cli_smoothquant_tp3_with_verify_on_smollm2(tmp_path, smollm2_dir, capsys):
     """The user's command, end to end on CPU: calibrate, write 3 ranks, check them with the
     reference reader against the float model on real text (exit 0 only when it passes)."""
