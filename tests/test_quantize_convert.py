@@ -175,6 +175,30 @@ def test_smoothquant_refuses_more_ranks_than_kv_heads(tmp_path, tiny_model, caps
     assert not out.exists()
 
 
+@pytest.mark.parametrize("algo,kv,tp", [("W4A16_AWQ", "fp8", 1), ("W8A8_SQ_PER_CHANNEL", "int8", 2)],
+                         ids=["awq128_kv_fp8_tp1_pp2", "sq_kv_int8_tp2_pp2"])
+def test_pipeline_parallel_equals_modelopt_pp_export(tmp_path, calib_text, algo, kv, tp):
+    """pp 2 over 4 layers: every rank equals modelopt's export with inference_pipeline_parallel
+    (stage layers renumbered from 0, embedding on the first stage, ln_f/lm_head on the last, AWQ's
+    padded vocabulary)."""
+    from examples.tiny import make_tiny_model
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    hf_dir = tmp_path / "hf"
+    model = make_tiny_model(hf_dir, **dict(TINY, num_hidden_layers=4)).float().eval()
+    spec = spec_for(algo, kv)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    ours = tmp_path / "ours"
+    convert_checkpoint(hf_dir, ours, tp=tp, pp=2, dtype="float16", progress=False, quant=spec,
+                       calibrated_model=model)
+    m = copy.deepcopy(model)
+    m.config.rope_theta = m.config.rope_parameters["rope_theta"]
+    theirs = tmp_path / "modelopt"
+    export_tensorrt_llm_checkpoint(m, decoder_type="llama", dtype=torch.float16, export_dir=theirs,
+                                   inference_tensor_parallel=tp, inference_pipeline_parallel=2)
+    assert_same_checkpoint(ours, theirs)
+
+
 def test_pipeline_stages_hold_their_layers_renumbered(tmp_path, calib_text):
     """pp 2 x tp 2: stage 1 holds HF layer 1 as its layer 0, with the tp-2 tensors of that layer."""
     from examples.tiny import make_tiny_model
