@@ -34,8 +34,11 @@ AWQ_VOCAB_MULTIPLE = 64
 #:   weight-only quantization" (also NVIDIA/TensorRT-LLM issue #729).
 #: - N: ``subbyte_transpose`` needs both dims' byte counts to be multiples of 32 (its vector width):
 #:   N % 32 for int8, N % 64 for packed int4.
+#: AWQ's packed int4 weights go through the same preprocessing (``preprocess_weights_for_mixed_gemm``
+#: with ``torch.quint4x2`` in TensorRT-LLM's AWQ/GPTQ weight loaders), so W4A16_AWQ has the int4
+#: limits too (its K is also a multiple of the AWQ group, checked separately).
 #: {quant_algo: (K multiple, N multiple)}
-WEIGHT_ONLY_MULTIPLES = {"W8A16": (64, 32), "W4A16": (64, 64)}
+WEIGHT_ONLY_MULTIPLES = {"W8A16": (64, 32), "W4A16": (64, 64), W4A16_AWQ: (64, 64)}
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int) -> N
     dims = per_rank_in_dims(shape, tp)
     if spec.quant_algo == W4A16_AWQ:
         check_awq_divisibility(dims, spec.group_size)
-    if spec.is_weight_only:
+    if spec.quant_algo in WEIGHT_ONLY_MULTIPLES:
         k_multiple, n_multiple = WEIGHT_ONLY_MULTIPLES[spec.quant_algo]
         checks = [(name, "input", k, k_multiple) for name, k in dims.items()]
         checks += [(name, "output", n, n_multiple) for name, n in per_rank_out_dims(shape, tp).items()]

@@ -271,13 +271,16 @@ def test_weight_only_with_kv_cache_is_float_weights_plus_modelopt_kv_scales(tmp_
     # head_dim 16, one kv head: qkv has (8 + 2) x 16 = 160 outputs; packed int4 needs N % 64
     (dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=1, intermediate_size=256),
      "--int4-weight-only", "W4A16: attention.qkv has 160 output features per rank, not a multiple of 64"),
+    # AWQ's packed int4 goes through the same kernel preprocessing (refused before calibration)
+    (dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=1, intermediate_size=256),
+     "--awq", "W4A16_AWQ: attention.qkv has 160 output features per rank, not a multiple of 64"),
 ])
 def test_weight_only_refuses_shapes_trtllm_kernels_cannot_take(tmp_path, tiny_model, capsys, shape,
                                                                flag, needle):
     hf_dir, _ = tiny_model(**dict(TINY, **shape))
     out = tmp_path / "out"
     rc = main(["--model", str(hf_dir), "--output", str(out), "--checkpoint-only", "--no-progress",
-               flag])
+               flag, *(["--awq-block-size", "64"] if flag == "--awq" else [])])
     assert rc == 2
     assert needle in _error_line(capsys.readouterr().err)
     assert not out.exists()
