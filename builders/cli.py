@@ -139,16 +139,10 @@ def run(args) -> int:
               f"pp {m['pp_size']}, {config['dtype']}, {quant.name}) in "
               f"{timings['checkpoint']:.1f}s")
         if args.verify:
-            from convert.reference import summary_line, verify
+            from convert.reference import summary_line
 
             t0 = time.perf_counter()
-            if quant.is_quantized:
-                # on real text (the calibration text's start): argmax agreement with the float
-                # model is meaningful there, unlike on random ids, for a format's coarse logits
-                report, passed = verify(ckpt, model_dir, text=quant.read_calib_text()[:2000],
-                                        tokenizer=tokenizer)
-            else:
-                report, passed = verify(ckpt, model_dir)
+            report, passed = _verify(ckpt, model_dir, quant, tokenizer)
             timings["verify"] = time.perf_counter() - t0
             print(f"verify: {summary_line(report, ckpt)}")
             if not passed:
@@ -207,14 +201,15 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
         print(f"triton: {res['triton']} (LLM-API model repository for TensorRT-LLM's PyTorch "
               f"backend, validated); launch: {res['triton'] / 'launch_triton.sh'}")
     if args.verify:
-        from convert.reference import summary_line, verify
+        from convert.reference import summary_line
 
-        if spec.is_quantized:  # on real text, as for the engine target
-            report, passed = verify(res["checkpoint"], model_dir,
-                                    text=spec.read_calib_text()[:2000],
-                                    tokenizer=_tokenizer(model_dir))
-        else:
-            report, passed = verify(res["checkpoint"], model_dir)
+        tokenizer = None
+        if spec.is_quantized:
+            from quantize.calibrate import load_tokenizer
+
+            tokenizer = load_tokenizer(model_dir, "--verify of a quantized checkpoint (on real text)",
+                                       "; or drop --verify")
+        report, passed = _verify(res["checkpoint"], model_dir, spec, tokenizer)
         print(f"verify: {summary_line(report, res['checkpoint'])}")
         if not passed:
             return EXIT_MISMATCH
@@ -239,10 +234,15 @@ def _quant_tokenizer(args, quant, model_dir):
     return load_tokenizer(model_dir)
 
 
-def _tokenizer(model_dir):
-    from transformers import AutoTokenizer
+def _verify(ckpt, model_dir, quant, tokenizer):
+    """The reference reader's check of a written checkpoint against the float HF model. A quantized
+    one is checked on real text (the calibration text's start): argmax agreement with the float
+    model is meaningful there, unlike on random ids, for a format's coarse logits."""
+    from convert.reference import verify
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    if quant.is_quantized:
+        return verify(ckpt, model_dir, text=quant.read_calib_text()[:2000], tokenizer=tokenizer)
+    return verify(ckpt, model_dir)
 
 
 def _defaults_from_other_flags(args) -> None:
