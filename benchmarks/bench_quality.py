@@ -7,13 +7,13 @@ tokens (default 16 x 256: CPU calibration is the cost; the converter's default i
 Evaluation: a fixed slice of /work/shared/data/austen.txt (``--eval-file``, from character
 ``--eval-offset``), ``--ppl-tokens`` tokens in windows of ``--ppl-seq-len`` (each window scored from
 its own start), the same windows for every row. Every checkpoint is fp16 at tp 1 and runs through
-``convert.reference`` (TensorRT-LLM's semantics on CPU, quantization simulated).
+``verify.reference`` (TensorRT-LLM's semantics on CPU, quantization simulated).
 
 Columns (one modelopt calibration per row feeds all three): "ours" = this project's converter
 (``convert_checkpoint(..., quant=spec, calibrated_model=model)``, what ``build_engine`` writes);
 "modelopt" = nvidia-modelopt 0.47's own ``export_tensorrt_llm_checkpoint`` of the same calibrated
 model; "PyTorch target" = our modelopt "unified" HF checkpoint (``--target pytorch``,
-``convert.unified.write_unified_checkpoint`` of the same model) read by ``convert.unified_reader``
+``convert.unified.write_unified_checkpoint`` of the same model) read by ``verify.unified_reader``
 ("–": a format the unified checkpoint does not have). The table is written between ``<!-- quality:begin -->`` and
 ``<!-- quality:end -->`` in the markdown file.
 """
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from convert.perplexity import checkpoint_ppl, hf_ppl, windows, tokenize  # noqa: E402
+from verify.perplexity import checkpoint_ppl, hf_ppl, windows, tokenize  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 

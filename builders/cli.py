@@ -119,7 +119,7 @@ def run(args) -> int:
         ckpt = out / "checkpoint"
         ppl_text = None
         if getattr(args, "eval_ppl", None):
-            from convert.perplexity import read_text_file
+            from verify.perplexity import read_text_file
 
             ppl_text = read_text_file(args.eval_ppl)  # bad file: one line, before any work
         t0 = time.perf_counter()
@@ -139,7 +139,7 @@ def run(args) -> int:
               f"pp {m['pp_size']}, {config['dtype']}, {quant.name}) in "
               f"{timings['checkpoint']:.1f}s")
         if args.verify:
-            from convert.reference import summary_line
+            from verify.reference import summary_line
 
             t0 = time.perf_counter()
             report, passed = _verify(ckpt, model_dir, quant, tokenizer)
@@ -148,7 +148,7 @@ def run(args) -> int:
             if not passed:
                 return EXIT_MISMATCH
         if ppl_text is not None:
-            from convert.perplexity import checkpoint_ppl, hf_ppl, ppl_line
+            from verify.perplexity import checkpoint_ppl, hf_ppl, ppl_line
 
             t0 = time.perf_counter()
             print(ppl_line("checkpoint", checkpoint_ppl(ckpt, ppl_text, hf_dir=model_dir)))
@@ -201,7 +201,7 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
         print(f"triton: {res['triton']} (LLM-API model repository for TensorRT-LLM's PyTorch "
               f"backend, validated); launch: {res['triton'] / 'launch_triton.sh'}")
     if args.verify:
-        from convert.reference import summary_line
+        from verify.reference import summary_line
 
         tokenizer = None
         if spec.is_quantized:
@@ -238,7 +238,7 @@ def _verify(ckpt, model_dir, quant, tokenizer):
     """The reference reader's check of a written checkpoint against the float HF model. A quantized
     one is checked on real text (the calibration text's start): argmax agreement with the float
     model is meaningful there, unlike on random ids, for a format's coarse logits."""
-    from convert.reference import verify
+    from verify.reference import verify
 
     if quant.is_quantized:
         return verify(ckpt, model_dir, text=quant.read_calib_text()[:2000], tokenizer=tokenizer)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from convert.convert import convert_checkpoint
-from convert.reference import ReferenceModel, compare_with_hf, verify
+from verify.reference import ReferenceModel, compare_with_hf, verify
 
 CASES = {
     "mha": dict(num_key_value_heads=8),

@@ -1,5 +1,5 @@
 """--target pytorch: modelopt's unified HF checkpoint (convert/unified.py), its reference-reader
-loader (convert/unified_reader.py) and the stage (builders/pytorch_target.py).
+loader (verify/unified_reader.py) and the stage (builders/pytorch_target.py).
 
 The checkpoint must equal what nvidia-modelopt 0.47's ``export_hf_checkpoint`` writes for the same
 calibrated model: names, shapes, dtypes, values, hf_quant_config.json and config.json's
@@ -115,7 +115,7 @@ def test_unsupported_formats_are_refused(algo, kv, message):
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference reader on unified checkpoints (convert/unified_reader.py -> the same kernels)
+# The reference reader on unified checkpoints (verify/unified_reader.py -> the same kernels)
 # ---------------------------------------------------------------------------------------------
 
 # (quant_algo, kv, max rel err vs modelopt's fake-quant model, min argmax agreement). The fake-quant
@@ -136,7 +136,7 @@ def eval_ids(text):
 
 @pytest.mark.parametrize("case", list(READER_CASES))
 def test_reader_on_unified_matches_modelopt_fake_quant(tmp_path, calib_text, case):
-    from convert.reference import compare_with_hf
+    from verify.reference import compare_with_hf
 
     algo, kv, tol, agree = READER_CASES[case]
     hf_dir, model = make_model(tmp_path)
@@ -159,7 +159,7 @@ def test_reader_on_unified_matches_modelopt_fake_quant(tmp_path, calib_text, cas
 
 
 def test_reader_on_unified_unquantized_and_weight_only(tmp_path, calib_text):
-    from convert.reference import compare_with_hf
+    from verify.reference import compare_with_hf
 
     hf_dir, model = make_model(tmp_path)
     ids = eval_ids(calib_text)
@@ -400,7 +400,7 @@ def test_smollm2_reader_on_unified_follows_modelopt_fake_quant(smollm2_unified, 
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from convert.reference import ReferenceModel, compare_with_hf
+    from verify.reference import ReferenceModel, compare_with_hf
 
     ours_dir, _, model = smollm2_unified(READER_CASE)
     tok = AutoTokenizer.from_pretrained(smollm2_dir)

@@ -373,7 +373,7 @@ def test_smoothquant_tp3_on_smollm2_equals_modelopt_and_verifies(tmp_path, smoll
     """The headline: SmolLM2-135M (9 heads, 3 kv heads) with --smoothquant at tp 3."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from convert.reference import compare_with_hf
+    from verify.reference import compare_with_hf
 
     spec = spec_for("W8A8_SQ_PER_CHANNEL", calib_size=2, calib_seq_len=32, calib_batch_size=1)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()

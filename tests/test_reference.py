@@ -1,4 +1,4 @@
-"""The CPU reference reader (convert/reference.py) against Hugging Face logits.
+"""The CPU reference reader (verify/reference.py) against Hugging Face logits.
 
 Checkpoints come from two writers, never from this project's converter:
 * nvidia-modelopt 0.47's ``export_tensorrt_llm_checkpoint`` (the format reference). It always writes
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from convert.errors import UserError
-from convert.reference import (LINEAR_KERNELS, ReferenceModel, compare_with_hf, load_checkpoint, main,
+from verify.reference import (LINEAR_KERNELS, ReferenceModel, compare_with_hf, load_checkpoint, main,
                                register_linear, verify)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -405,7 +405,7 @@ def test_cli_exit_codes(tmp_path, fp16_tp2, capsys):
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "convert.reference", str(tmp_path / "missing"), "--hf", str(tmp_path)],
+    p = subprocess.run([sys.executable, "-m", "verify.reference", str(tmp_path / "missing"), "--hf", str(tmp_path)],
                        capture_output=True, text=True, cwd=str(Path(__file__).parents[1]))
     assert p.returncode == 2, p.stderr
     assert p.stdout == "" and len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error:")

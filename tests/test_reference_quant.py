@@ -1,5 +1,5 @@
-"""The CPU reference reader on quantized checkpoints (convert/reference_quant.py) and perplexity
-(convert/perplexity.py).
+"""The CPU reference reader on quantized checkpoints (verify/reference_quant.py) and perplexity
+(verify/perplexity.py).
 
 * Calibrated formats: tiny random models calibrated by nvidia-modelopt 0.47 (4 samples x 64 byte
   tokens), exported by modelopt's ``export_tensorrt_llm_checkpoint`` at tp 1 and 2; the reader's
@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from convert.errors import UserError
-from convert.perplexity import checkpoint_ppl, hf_ppl, windows
-from convert.reference import LINEAR_KERNELS, QuantSpec as ReaderSpec, ReferenceModel, compare_with_hf, verify
-from convert.reference_quant import unpack_int4_rows
+from verify.perplexity import checkpoint_ppl, hf_ppl, windows
+from verify.reference import LINEAR_KERNELS, QuantSpec as ReaderSpec, ReferenceModel, compare_with_hf, verify
+from verify.reference_quant import unpack_int4_rows
 from quant_common import TINY, byte_tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Loader of modelopt "unified" HF checkpoints for the CPU reference reader (convert/reference.py).
+"""Loader of modelopt "unified" HF checkpoints for the CPU reference reader (verify/reference.py).
 
 ``load_unified(dir) -> (config, [rank0 tensors])`` maps a unified checkpoint (what
 convert/unified.py and modelopt's ``export_hf_checkpoint`` write) into the TensorRT-LLM tp-1
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from convert.errors import UserError
 
 Tensor = torch.Tensor
 
@@ -139,8 +139,8 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
     """(TRT-LLM config.json dict, [rank-0 tensors]) of a unified HF checkpoint, at tp 1."""
     from safetensors.torch import load_file
 
-    from .hf_config import from_hugging_face, read_hf_config
-    from .source import SourceCheckpoint
+    from convert.hf_config import from_hugging_face, read_hf_config
+    from convert.source import SourceCheckpoint
 
     d = Path(ckpt_dir)
     quant = _trtllm_quantization(d)

@@ -26,12 +26,12 @@ causal grouped-query attention, SiLU-gated MLP ``proj(silu(fc(x)) * gate(x))``. 
 
 Quantized formats plug in as small functions: see ``LINEAR_KERNELS`` / ``register_linear`` and
 ``KV_CACHE_KERNELS`` / ``register_kv_cache``. The unquantized kernels live here; the quantized ones
-(SmoothQuant, FP8, AWQ, weight-only INT8/INT4, INT8/FP8 KV cache) in ``convert/reference_quant.py``,
+(SmoothQuant, FP8, AWQ, weight-only INT8/INT4, INT8/FP8 KV cache) in ``verify/reference_quant.py``,
 registered when this module is imported.
 
 Command line::
 
-    python -m convert.reference CKPT_DIR --hf HF_DIR [--text "..."]
+    python -m verify.reference CKPT_DIR --hf HF_DIR [--text "..."]
 
 prints one line; exit 0 when the logits match, 1 on a mismatch, 2 on bad input.
 """
@@ -50,7 +50,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from convert.errors import UserError
 
 Tensor = torch.Tensor
 
@@ -566,7 +566,7 @@ MIN_ARGMAX_AGREEMENT = {"float32": 0.99, "float16": 0.9, "bfloat16": 0.8}
 # quantization error, which depends on the model (outliers, depth), so these thresholds are sanity
 # bounds that catch layout/scale errors (a wrong or misplaced tensor gives rel err ~0.6..1+ and argmax
 # agreement near chance), not quality targets: quality is measured by perplexity (BENCHMARKS.md
-# "Quality", ``python -m convert.reference --eval-ppl``). Measured rel err vs the float model on tiny
+# "Quality", ``python -m verify.reference --eval-ppl``). Measured rel err vs the float model on tiny
 # random models (the hardest case: no structure, 2 layers of random weights; calibration 4 x 64):
 #   W8A8_SQ_PER_CHANNEL 0.19   FP8 0.11   W4A16_AWQ (group 128) 0.36   KV INT8 1.4e-2   KV FP8 4e-2
 #   W8A16 1.8e-2; W4A16 (per channel) 0.32 with 47 % argmax agreement (tiny, hidden 128)
@@ -702,7 +702,7 @@ def summary_line(report: dict, ckpt_dir) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m convert.reference",
+        prog="python -m verify.reference",
         description="Run a TensorRT-LLM checkpoint on CPU with TensorRT-LLM's semantics and compare its "
                     "logits with the Hugging Face model. Exit 0: match, 1: mismatch, 2: bad input.")
     ap.add_argument("ckpt_dir", help="TensorRT-LLM checkpoint directory (config.json + rank*.safetensors)")
@@ -744,8 +744,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main: the quantized kernels register into ``convert.reference``'s
+    # Run the imported module's main: the quantized kernels register into ``verify.reference``'s
     # tables, not into this ``__main__`` copy's.
-    from convert.reference import main as _main
+    from verify.reference import main as _main
 
     sys.exit(_main())

@@ -1,7 +1,7 @@
 """Quantized kernels of the CPU reference reader: what a TensorRT-LLM (1.2-era) engine computes for
 each ``quant_algo`` / ``kv_cache_quant_algo`` of a checkpoint, simulated in float32 on CPU.
 
-Registered into ``convert.reference``'s dispatch tables on import (``convert.reference`` imports this
+Registered into ``verify.reference``'s dispatch tables on import (``verify.reference`` imports this
 module at its end). Each linear kernel gets one rank's module tensors by suffix and returns
 ``x @ W^T`` without bias. The engine-side sources each kernel follows:
 
@@ -42,7 +42,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import UserError
+from convert.errors import UserError
 from .reference import QuantSpec, _require, register_kv_cache, register_linear
 
 Tensor = torch.Tensor

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from convert.errors import UserError
 
 Tensor = torch.Tensor
 
