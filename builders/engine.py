@@ -3,491 +3,83 @@
 
 Interface to TensorRT-LLM, and why
 ----------------------------------
-Engines exist only in TensorRT-LLM 0.12 … 1.2.x (1.3 removed the TensorRT backend). Two
-documented entry points build them: the ``trtllm-build`` command and the Python functions it is
-made of (``tensorrt_llm.commands.build.build_model`` → ``tensorrt_llm.builder.build`` →
-``Engine.save``). ``trtllm-build`` was not chosen because it always builds *every* rank of a
-checkpoint in one process: it has no single-rank option, its ``--workers`` is silently capped at
-``torch.cuda.device_count()``, all ranks write to one interleaved stdout, and one failing rank
-ends in the generic "Engine building failed, please check error log." after the other ranks'
-files have already been written into the output directory.
+Engines exist only in TensorRT-LLM ≤ 1.2.x (1.3 removed the TensorRT backend). ``trtllm-build``
+was not used because it always builds *every* rank of a checkpoint in one process: no rank
+subset, ``--workers`` silently capped at the visible GPUs, one interleaved stdout, and one failing
+rank ends in "Engine building failed, please check error log." after the other ranks' files were
+written. So each rank is built by its own subprocess (:mod:`builders.engine_worker`) making the
+calls trtllm-build makes for that rank. This gives a log per rank (``logs/rank{r}.log``), up to
+``--build-workers`` ranks at once each pinned to its GPU with ``CUDA_VISIBLE_DEVICES``, a failed
+rank known by its exit status and reported with its log tail, and TensorRT-LLM imported only in
+workers. Every call into TensorRT-LLM goes through :class:`builders.engine_backend.Backend`; what
+crosses it for a rank is a flat dict of trtllm-build option names to values
+(:func:`builders.engine_options.trtllm_build_args`).
 
-So each rank is built by its own subprocess, ``python -m builders.engine --rank R ...`` (the
-worker at the bottom of this module), which calls TensorRT-LLM's Python API for that one rank in
-the same way ``trtllm-build`` does for each of its ranks: ``PluginConfig.from_arguments`` with the
-plugin flags under their trtllm-build names and values ("enable"/"disable", "auto"/dtype),
-``BuildConfig.from_dict`` with the size limits, ``PretrainedConfig.from_json_file`` and
-``build_model(build_config, rank, checkpoint_dir, model_config)``, then ``engine.save``. Those
-names and signatures are the same from 0.12 to 1.2. This gives:
-
-- a log per rank, ``logs/rank{r}.log`` (the subprocess's stdout and stderr);
-- up to ``--build-workers`` ranks at once, each pinned to its own GPU with
-  ``CUDA_VISIBLE_DEVICES`` (concurrency is capped at the number of visible GPUs, as
-  trtllm-build caps its workers);
-- a failing rank known by its exit status, reported with the tail of its own log;
-- a process boundary: TensorRT-LLM is imported only in workers, never in this process.
-
-All calls into TensorRT-LLM go through one seam, the :class:`Backend` protocol
-(``version``, ``import_error``, ``gpu_count``, ``build_rank``); :class:`TrtllmBackend` is the
-real one. What crosses the seam for a rank is a flat dict of trtllm-build option names to the
-values trtllm-build would receive (see :func:`trtllm_build_args`).
+Ranks and nodes
+---------------
+``ranks`` (``--ranks A-B``) builds only those ranks, e.g. one node of a multi-node world. Every
+run builds its ranks in a private directory, then moves them into ``engines.partial/``, shared by
+the runs of one world; the run that lands the last rank renames it to ``engines``. So
+``engines/`` only ever appears complete, and two runs with disjoint ranks give the same files as
+one full run. ``engines.partial/.fingerprint.json`` (checkpoint config + options) keeps runs with
+different inputs from mixing; ``.ranks/rank{r}.json`` records the host and GPU (name, compute
+capability) each engine was built on, and a run whose GPU differs from an existing rank's is
+refused: engines run only on the GPU type they were built for (NVIDIA/TensorRT-LLM#222).
 
 Results and failures
 --------------------
 :func:`build_engines` returns an :class:`EngineBuildResult` whose ``status`` is
 
-- ``"built"`` (exit code 0): every rank succeeded; the work directory ``engines.partial`` was
-  renamed to ``engines`` (replacing an old one only with ``force``);
-- ``"not_built"`` (exit code 3, the CLI's EXIT_NO_ENGINE): TensorRT-LLM is missing, outside
-  [0.12, 1.3), does not import, or no GPU is visible; ``message`` is one sentence that ends with
-  the exact command finishing the job on a GPU host (:func:`engine_command_hint`). Nothing is
-  written;
+- ``"built"`` (exit code 0): every rank asked for succeeded; ``complete`` tells whether
+  ``engines`` is now in place (replacing an old one only with ``force``) or other ranks are
+  still missing from ``engines.partial``;
+- ``"not_built"`` (exit code 3, the CLI's EXIT_NO_ENGINE): TensorRT-LLM is missing, outside the
+  supported window, does not import, or no GPU is visible; ``message`` is one sentence ending
+  with the exact command that finishes the job on a GPU host. Nothing is written;
 - ``"failed"`` (exit code 4): a rank's build failed. No new rank is started, running ones are
-  stopped, ``message`` names the failed rank(s) and holds the tail of the first failed rank's log.
-  The partial engines are deleted (a rank's engine is useless without the others and can be many
-  GB), the logs are kept in ``DIR/engines.failed-logs/``, and no ``DIR/engines`` is left behind
-  (with ``force`` an older one is removed too: it was built from a checkpoint that is being
-  replaced, and must not pass for the result of this run).
+  stopped, ``message`` names the failed rank(s) and holds the tail of the first failed rank's
+  log. This run's engines are deleted, its logs kept in ``DIR/engines.failed-logs/``; ranks that
+  other runs put in ``engines.partial`` stay. With ``force`` an older ``engines`` is removed too.
 
-It raises :class:`convert.errors.UserError` (exit code 2) only for input mistakes: a missing or
-incomplete checkpoint, an invalid option value, an existing ``engines`` without ``force``.
+It raises :class:`convert.errors.UserError` (exit code 2) for input mistakes: a missing or
+incomplete checkpoint, an invalid option value or rank range, an existing ``engines`` without
+``force``, ranks of other inputs or of another GPU type in ``engines.partial``.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
-import importlib.metadata
-import importlib.util
+import hashlib
 import json
 import os
 import queue
 import re
-import shlex
 import shutil
-import subprocess
-import sys
+import socket
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
+from builders.engine_backend import (CONTAINER, INSTALL_COMMAND, MAX_VERSION_EXCLUSIVE,  # noqa: F401
+                                     MIN_VERSION, REQUIREMENT, Availability, Backend,
+                                     TrtllmBackend, check_trtllm, parse_version,
+                                     version_in_range, visible_device_ids)
+from builders.engine_options import (BUILD_KEYS, KV_CACHE_TYPES, OPTION_SPECS,  # noqa: F401
+                                     PLUGIN_KEYS, SPECS, EngineOptions, add_engine_arguments,
+                                     deduced_max_seq_len, effective_lengths,
+                                     engine_command_hint, options_from_args, parse_ranks,
+                                     trtllm_build_args)
 from convert.atomic import swap_into_place
 from convert.errors import UserError
-
-# --- version window and the words used when it is not met -----------------------------------
-
-MIN_VERSION = (0, 12)          # first release whose checkpoint format and build_model we target
-MAX_VERSION_EXCLUSIVE = (1, 3)  # 1.3 removed the TensorRT engine backend
-REQUIREMENT = "tensorrt_llm>=0.12,<1.3"
-INSTALL_COMMAND = 'pip install "tensorrt_llm<1.3" --extra-index-url https://pypi.nvidia.com'
-CONTAINER = "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
 
 BUILT, NOT_BUILT, FAILED = "built", "not_built", "failed"
 EXIT_BUILT, EXIT_NOT_BUILT, EXIT_BUILD_FAILED = 0, 3, 4
 LOG_TAIL_LINES = 25
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FINGERPRINT = ".fingerprint.json"
+_RANK_FILE = re.compile(r"rank(\d+)[._]")  # rank{r}.engine, rank{r}_managed_weights.safetensors
+RANK_RECORDS = ".ranks"
 
-# --- options -----------------------------------------------------------------------------------
-
-_PLUGIN_DTYPES = ("auto", "float16", "bfloat16", "float32", "disable")
-_GEMM_CHOICES = ("auto", "float16", "bfloat16", "float32", "int32", "fp8", "nvfp4", "disable")
-_ONOFF = ("enable", "disable")
-_LOG_LEVELS = ("internal_error", "error", "warning", "info", "verbose", "debug", "trace")
-
-# Where each option goes in TensorRT-LLM: BuildConfig ("build"), PluginConfig ("plugin"), the
-# TRT-LLM logger ("logger"), or nowhere, used by this stage only ("local").
-_BUILD, _PLUGIN, _LOGGER, _LOCAL = "build", "plugin", "logger", "local"
-
-
-@dataclass(frozen=True)
-class _Spec:
-    name: str                       # = trtllm-build's option name (dest); CLI flag uses dashes
-    kind: type
-    default: object
-    target: str
-    help: str
-    choices: tuple | None = None
-    optional: bool = False          # None allowed (meaning: not passed, TRT-LLM decides)
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-# Defaults are those of trtllm-build in TensorRT-LLM 1.2 (BuildConfig / PluginConfig fields).
-# They are always passed explicitly, so the same flags give the same engine on 0.12 … 1.2, whose
-# own defaults differ (e.g. max_batch_size 256 and use_fp8_context_fmha off in early releases).
-OPTION_SPECS: tuple[_Spec, ...] = (
-    _Spec("max_batch_size", int, 2048, _BUILD,
-          "maximum number of requests the engine can schedule at once"),
-    _Spec("max_input_len", int, 1024, _BUILD, "maximum prompt length of one request"),
-    _Spec("max_seq_len", int, None, _BUILD,
-          "maximum total length (prompt + output) of one request (default: the model's "
-          "max_position_embeddings, scaled by its rope factor)", optional=True),
-    _Spec("max_num_tokens", int, 8192, _BUILD,
-          "maximum number of batched input tokens per step after padding removal"),
-    _Spec("max_beam_width", int, 1, _BUILD, "maximum beam width for beam search"),
-    _Spec("gpt_attention_plugin", str, "auto", _PLUGIN,
-          "attention plugin dtype ('auto' = the checkpoint dtype)", _PLUGIN_DTYPES),
-    _Spec("gemm_plugin", str, None, _PLUGIN,
-          "cuBLASLt GEMM plugin for the non-quantized GEMMs ('fp8' needs an FP8 checkpoint; "
-          "default: not set, TensorRT-LLM's own choice, i.e. off except for NVFP4)",
-          _GEMM_CHOICES, optional=True),
-    _Spec("gemm_swiglu_plugin", str, "disable", _PLUGIN,
-          "fused GEMM+SwiGLU for the gated MLP: FP8 checkpoints on Hopper only, needs "
-          "--use-fused-mlp enable", ("fp8", "disable")),
-    _Spec("low_latency_gemm_plugin", str, "disable", _PLUGIN,
-          "low-latency GEMM plugin: FP8 checkpoints only", ("fp8", "disable")),
-    _Spec("paged_kv_cache", str, "enable", _PLUGIN, "paged KV cache (needed by Triton's "
-          "in-flight batching)", _ONOFF),
-    _Spec("remove_input_padding", str, "enable", _PLUGIN, "pack the tokens of a batch together",
-          _ONOFF),
-    _Spec("context_fmha", str, "enable", _PLUGIN, "fused multi-head attention in the context "
-          "phase", _ONOFF),
-    _Spec("use_paged_context_fmha", str, "enable", _PLUGIN, "paged context FMHA (KV-cache reuse, "
-          "chunked context; turned off by TensorRT-LLM for an INT8 KV cache)", _ONOFF),
-    _Spec("use_fp8_context_fmha", str, "enable", _PLUGIN, "FP8 context FMHA: takes effect only "
-          "for FP8/W4A8_AWQ/NVFP4 checkpoints on SM>=89, ignored otherwise", _ONOFF),
-    _Spec("use_fused_mlp", str, "enable", _PLUGIN, "fuse the two GEMMs of the gated MLP "
-          "(TensorRT-LLM applies it to unquantized and FP8 checkpoints)", _ONOFF),
-    _Spec("multiple_profiles", str, "disable", _PLUGIN, "several TensorRT optimization "
-          "profiles (longer build, faster without the GEMM plugin)", _ONOFF),
-    _Spec("log_level", str, "info", _LOGGER, "TensorRT-LLM log level in the rank logs",
-          _LOG_LEVELS),
-    _Spec("build_workers", int, 1, _LOCAL, "ranks built at once, one GPU each (capped at the "
-          "number of visible GPUs); build_engine's default: its --workers"),
-)
-_SPECS = {s.name: s for s in OPTION_SPECS}
-PLUGIN_KEYS = tuple(s.name for s in OPTION_SPECS if s.target == _PLUGIN)
-BUILD_KEYS = tuple(s.name for s in OPTION_SPECS if s.target == _BUILD)
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """Every engine option, named as trtllm-build names it (``--build-workers`` excepted)."""
-
-    max_batch_size: int = 2048
-    max_input_len: int = 1024
-    max_seq_len: int | None = None
-    max_num_tokens: int = 8192
-    max_beam_width: int = 1
-    gpt_attention_plugin: str = "auto"
-    gemm_plugin: str | None = None
-    gemm_swiglu_plugin: str = "disable"
-    low_latency_gemm_plugin: str = "disable"
-    paged_kv_cache: str = "enable"
-    remove_input_padding: str = "enable"
-    context_fmha: str = "enable"
-    use_paged_context_fmha: str = "enable"
-    use_fp8_context_fmha: str = "enable"
-    use_fused_mlp: str = "enable"
-    multiple_profiles: str = "disable"
-    log_level: str = "info"
-    build_workers: int = 1
-
-    @classmethod
-    def from_any(cls, options) -> "EngineOptions":
-        """From an EngineOptions, a mapping or an argparse Namespace (unknown names ignored)."""
-        if options is None:
-            return cls()
-        if isinstance(options, cls):
-            opts = options
-        else:
-            src = vars(options) if isinstance(options, argparse.Namespace) else dict(options)
-            opts = cls(**{f.name: src[f.name] for f in fields(cls) if f.name in src})
-        opts.validate()
-        return opts
-
-    def validate(self) -> None:
-        for spec in OPTION_SPECS:
-            value = getattr(self, spec.name)
-            if value is None and spec.optional:
-                continue
-            if spec.kind is int:
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise UserError(f"{spec.flag} must be a whole number >= 1 (got {value!r})")
-            elif spec.choices is not None and value not in spec.choices:
-                raise UserError(f"{spec.flag} must be one of {', '.join(spec.choices)} "
-                                f"(got {value!r})")
-        if self.gemm_swiglu_plugin == "fp8" and self.use_fused_mlp != "enable":
-            raise UserError("--gemm-swiglu-plugin fp8 needs --use-fused-mlp enable "
-                            "(TensorRT-LLM refuses the GEMM+SwiGLU plugin without the fused MLP)")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def cli_flags(self, only_changed: bool = True) -> list[str]:
-        """``--flag value`` pairs for build_engine (by default only those that differ from the
-        defaults, which is enough to reproduce these options)."""
-        out = []
-        for spec in OPTION_SPECS:
-            value = getattr(self, spec.name)
-            if value is None or (only_changed and value == spec.default):
-                continue
-            out += [spec.flag, str(value)]
-        return out
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser):
-    """Add the engine options to ``parser`` as one argument group and return the group.
-
-    Flags are trtllm-build's names with dashes (``--max-batch-size``, ``--gemm-plugin``,
-    ``--paged-kv-cache enable|disable``, ...); ``dest`` is trtllm-build's underscore name. The
-    number of ranks in parallel is ``--build-workers`` because ``--workers`` belongs to the
-    converter. Tensor/pipeline parallel sizes come from the checkpoint's config.json.
-    """
-    g = parser.add_argument_group(
-        "engines", "TensorRT-LLM engine build (trtllm-build's options and 1.2 defaults; "
-                   "needs tensorrt_llm>=0.12,<1.3 and an NVIDIA GPU)")
-    for spec in OPTION_SPECS:
-        default_txt = "not set" if spec.default is None else spec.default
-        kwargs = dict(dest=spec.name, default=spec.default, type=spec.kind,
-                      help=f"{spec.help} (default: {default_txt})")
-        if spec.choices:
-            kwargs["choices"] = spec.choices
-            kwargs["metavar"] = "{" + ",".join(spec.choices) + "}"
-        g.add_argument(spec.flag, **kwargs)
-    return g
-
-
-def options_from_args(args: argparse.Namespace) -> EngineOptions:
-    return EngineOptions.from_any(args)
-
-
-def trtllm_build_args(options: EngineOptions) -> dict:
-    """The dict that reaches TensorRT-LLM for each rank: trtllm-build option names → the values
-    trtllm-build would pass on (strings for plugin flags, ints for sizes). An unset optional
-    plugin (``gemm_plugin``) is left out so TensorRT-LLM keeps its own default; ``max_seq_len``
-    is always present (``None`` = deduce from the model, as trtllm-build does)."""
-    out = {}
-    for spec in OPTION_SPECS:
-        if spec.target == _LOCAL:
-            continue
-        value = getattr(options, spec.name)
-        if value is None and spec.target == _PLUGIN:
-            continue
-        out[spec.name] = value
-    return out
-
-
-def engine_command_hint(checkpoint_dir, output_dir, options=None, extra_flags=()) -> str:
-    """The command that builds the engines of ``checkpoint_dir`` into ``output_dir/engines``
-    with the same engine options (only non-default flags are spelled out), plus ``extra_flags``."""
-    opts = EngineOptions.from_any(options)
-    parts = ["build_engine", "--from-checkpoint", str(checkpoint_dir), "--output", str(output_dir)]
-    parts += opts.cli_flags() + list(extra_flags)
-    return " ".join(shlex.quote(p) for p in parts)
-
-
-# --- the seam ----------------------------------------------------------------------------------
-
-@runtime_checkable
-class Backend(Protocol):
-    """Everything this stage asks of TensorRT-LLM."""
-
-    def version(self) -> str | None:
-        """The installed TensorRT-LLM version, or None when it is not installed."""
-
-    def import_error(self) -> str | None:
-        """None when ``import tensorrt_llm`` works, else the error, one line."""
-
-    def gpu_count(self) -> int:
-        """Number of NVIDIA GPUs visible to a build."""
-
-    def build_rank(self, rank: int, checkpoint_dir: Path, out_dir: Path, trtllm_args: dict,
-                   log_path: Path, *, device: str | None = None,
-                   cancel: threading.Event | None = None) -> int:
-        """Build ``out_dir/rank{rank}.engine`` (and ``out_dir/config.json`` for rank 0) on GPU
-        ``device`` (a CUDA_VISIBLE_DEVICES entry), writing all output to ``log_path``; return
-        the exit status (0 = success). Stop early when ``cancel`` is set."""
-
-
-def _dist_version(*names: str) -> str | None:
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def _visible_device_ids(n: int) -> list[str]:
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None and env.strip():
-        ids = [x.strip() for x in env.split(",") if x.strip()]
-        return ids[:n]
-    return [str(i) for i in range(n)]
-
-
-class TrtllmBackend:
-    """The real TensorRT-LLM, used through ``python -m builders.engine`` worker subprocesses.
-
-    Nothing here imports tensorrt_llm: the version comes from the installed distribution's
-    metadata, importability from a subprocess probe, the GPU count from torch or nvidia-smi.
-    """
-
-    PROBE_TIMEOUT_S = 600
-
-    def __init__(self, python: str | None = None):
-        self.python = python or sys.executable
-        self._probe: dict | None = None
-
-    # availability
-    def _run_probe(self) -> dict:
-        if self._probe is None:
-            code = ("import json, tensorrt_llm; "
-                    "print('TRTLLM_PROBE ' + json.dumps({'version': tensorrt_llm.__version__}))")
-            try:
-                p = subprocess.run([self.python, "-c", code], capture_output=True, text=True,
-                                   timeout=self.PROBE_TIMEOUT_S, env=self._env(None))
-            except subprocess.TimeoutExpired:
-                self._probe = {"error": f"import tensorrt_llm took over {self.PROBE_TIMEOUT_S}s"}
-                return self._probe
-            line = next((x for x in p.stdout.splitlines() if x.startswith("TRTLLM_PROBE ")), None)
-            if p.returncode == 0 and line:
-                self._probe = json.loads(line.split(" ", 1)[1])
-            else:
-                err = [x for x in (p.stderr or p.stdout).strip().splitlines() if x.strip()]
-                self._probe = {"error": err[-1].strip() if err else f"exit status {p.returncode}"}
-        return self._probe
-
-    def version(self) -> str | None:
-        v = _dist_version("tensorrt_llm", "tensorrt-llm")
-        if v is not None:
-            return v
-        try:
-            spec = importlib.util.find_spec("tensorrt_llm")
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None:
-            return None
-        return self._run_probe().get("version", "unknown")  # a source tree on the path
-
-    def import_error(self) -> str | None:
-        return self._run_probe().get("error")
-
-    def gpu_count(self) -> int:
-        try:
-            import torch
-
-            n = torch.cuda.device_count()
-            if n:
-                return n
-        except Exception:  # noqa: BLE001 - a broken torch just means: ask nvidia-smi
-            pass
-        smi = shutil.which("nvidia-smi")
-        if not smi:
-            return 0
-        try:
-            p = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return 0
-        n = sum(1 for line in p.stdout.splitlines() if line.startswith("GPU "))
-        env = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if env is not None:
-            n = min(n, len([x for x in env.split(",") if x.strip() and x.strip() != "-1"]))
-        return n
-
-    # building
-    def _env(self, device: str | None) -> dict:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(PROJECT_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        env["PYTHONUNBUFFERED"] = "1"
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = device
-        return env
-
-    def worker_command(self, rank: int, checkpoint_dir: Path, out_dir: Path,
-                       trtllm_args: dict) -> list[str]:
-        return [self.python, "-m", "builders.engine", "--rank", str(rank),
-                "--checkpoint-dir", str(Path(checkpoint_dir).resolve()),
-                "--output-dir", str(Path(out_dir).resolve()),
-                "--trtllm-args", json.dumps(trtllm_args, sort_keys=True)]
-
-    def build_rank(self, rank, checkpoint_dir, out_dir, trtllm_args, log_path, *, device=None,
-                   cancel=None) -> int:
-        cmd = self.worker_command(rank, checkpoint_dir, out_dir, trtllm_args)
-        log_path = Path(log_path)
-        with open(log_path, "w", encoding="utf-8") as log:
-            log.write(f"# rank {rank} on CUDA_VISIBLE_DEVICES={device}\n# {shlex.join(cmd)}\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=self._env(device),
-                                    cwd=str(log_path.parent))
-            try:
-                while True:
-                    try:
-                        return proc.wait(timeout=0.5)
-                    except subprocess.TimeoutExpired:
-                        if cancel is not None and cancel.is_set():
-                            _stop(proc)
-                            return proc.returncode
-            except BaseException:
-                _stop(proc)
-                raise
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-# --- availability ------------------------------------------------------------------------------
-
-def parse_version(text: str | None) -> tuple[int, int] | None:
-    m = re.match(r"\s*v?(\d+)\.(\d+)", text or "")
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def version_in_range(text: str | None) -> bool:
-    v = parse_version(text)
-    return v is not None and MIN_VERSION <= v < MAX_VERSION_EXCLUSIVE
-
-
-@dataclass
-class Availability:
-    ok: bool
-    version: str | None
-    gpus: int
-    reason: str | None  # a clause: "because ..." (None when ok)
-
-
-def check_trtllm(backend: Backend) -> Availability:
-    """Installed? In [0.12, 1.3)? A GPU visible? Importable? — in that order, cheapest first."""
-    version = backend.version()
-    if version is None:
-        return Availability(False, None, 0, "TensorRT-LLM is not installed here (install it with "
-                            f"{INSTALL_COMMAND}, or use the {CONTAINER} container)")
-    parsed = parse_version(version)
-    if parsed is not None and not version_in_range(version):
-        why = ("1.3 removed the TensorRT engine backend" if parsed >= MAX_VERSION_EXCLUSIVE
-               else "releases before 0.12 do not read this checkpoint format")
-        return Availability(False, version, 0, f"TensorRT-LLM {version} is installed but engines "
-                            f"need {REQUIREMENT} ({why}): install one with {INSTALL_COMMAND} or "
-                            f"use the {CONTAINER} container")
-    gpus = backend.gpu_count()
-    if gpus < 1:
-        return Availability(False, version, 0, "no NVIDIA GPU is visible here (torch.cuda and "
-                            "nvidia-smi found none) and TensorRT engines are compiled on the GPU "
-                            "they will run on")
-    err = backend.import_error()
-    if err:
-        return Availability(False, version, gpus, f"import tensorrt_llm {version} fails ({err})")
-    if parsed is None:
-        return Availability(False, version, gpus, f"the installed TensorRT-LLM reports version "
-                            f"{version!r}, which is not a release in {REQUIREMENT}")
-    return Availability(True, version, gpus, None)
-
-
-# --- results -----------------------------------------------------------------------------------
 
 @dataclass
 class RankBuild:
@@ -496,6 +88,7 @@ class RankBuild:
     returncode: int | None = None
     seconds: float = 0.0
     device: str | None = None
+    gpu: dict | None = None     # {"name", "compute_capability"} of the GPU it was built on
     log: Path | None = None
     error: str | None = None
 
@@ -505,12 +98,15 @@ class EngineBuildResult:
     status: str                 # BUILT | NOT_BUILT | FAILED
     message: str
     command_hint: str
-    engines_dir: Path | None = None     # set when built
+    engines_dir: Path | None = None     # set when built and complete
     logs_dir: Path | None = None        # engines/logs when built, engines.failed-logs on failure
     trtllm_version: str | None = None
-    ranks: list[RankBuild] = field(default_factory=list)
+    ranks: list[RankBuild] = field(default_factory=list)   # the ranks this run was asked for
     seconds: float = 0.0
     log_tail: str | None = None
+    complete: bool = False      # every rank of the world is in engines/
+    world_size: int = 0
+    built_on: dict = field(default_factory=dict)  # rank → its .ranks record, all runs so far
 
     @property
     def ok(self) -> bool:
@@ -526,13 +122,15 @@ class EngineBuildResult:
             d[k] = str(d[k]) if d[k] is not None else None
         for r in d["ranks"]:
             r["log"] = str(r["log"]) if r["log"] is not None else None
+        d["built_on"] = {str(k): v for k, v in sorted(self.built_on.items())}
         return d
 
 
-# --- the stage ---------------------------------------------------------------------------------
+# --- inputs ----------------------------------------------------------------------------------
 
-def read_checkpoint_layout(checkpoint_dir: Path) -> tuple[dict, int]:
-    """The checkpoint's config.json and world size, after checking every rank file is there."""
+def read_checkpoint_layout(checkpoint_dir: Path, ranks=None) -> tuple[dict, int]:
+    """The checkpoint's config.json and world size, after checking that the rank files of
+    ``ranks`` (default: all) are there."""
     checkpoint_dir = Path(checkpoint_dir)
     cfg_path = checkpoint_dir / "config.json"
     if not cfg_path.is_file():
@@ -549,7 +147,8 @@ def read_checkpoint_layout(checkpoint_dir: Path) -> tuple[dict, int]:
         raise UserError(f"{cfg_path}: mapping world_size {world} != tp_size {tp} x pp_size {pp}")
     if not config.get("architecture"):
         raise UserError(f"{cfg_path} has no 'architecture'")
-    missing = [f"rank{r}.safetensors" for r in range(world)
+    wanted = range(world) if ranks is None else ranks
+    missing = [f"rank{r}.safetensors" for r in wanted
                if not (checkpoint_dir / f"rank{r}.safetensors").is_file()]
     if missing:
         raise UserError(f"checkpoint {checkpoint_dir} is incomplete: {', '.join(missing)} missing "
@@ -564,9 +163,79 @@ def _check_options_against_checkpoint(opts: EngineOptions, config: dict) -> None
                         ("low_latency_gemm_plugin", {"fp8": "FP8"})):
         value = getattr(opts, name)
         if value in needs and quant != needs[value]:
-            raise UserError(f"{_SPECS[name].flag} {value} needs a checkpoint quantized as "
+            raise UserError(f"{SPECS[name].flag} {value} needs a checkpoint quantized as "
                             f"{needs[value]} (its scaling factors), but this checkpoint's "
                             f"quant_algo is {quant}")
+
+
+def _fingerprint(checkpoint_dir: Path, args: dict) -> dict:
+    h = hashlib.sha256((Path(checkpoint_dir) / "config.json").read_bytes())
+    h.update(json.dumps(args, sort_keys=True).encode())
+    return {"sha256": h.hexdigest()}
+
+
+def _gpu_label(gpu: dict) -> str:
+    return f"{gpu['name']} (compute capability {gpu['compute_capability']})"
+
+
+def _same_gpu(a: dict | None, b: dict | None) -> bool:
+    return a is None or b is None or (a["name"], a["compute_capability"]) == \
+        (b["name"], b["compute_capability"])
+
+
+def _host_gpu(backend: Backend, devices: list[str]) -> dict | None:
+    """The GPU type this run builds on; a host mixing GPU types in one run is refused."""
+    gpus = {d: backend.gpu(d) for d in devices}
+    known = [(d, g) for d, g in gpus.items() if g is not None]
+    for d, g in known[1:]:
+        if not _same_gpu(known[0][1], g):
+            raise UserError(f"GPU {known[0][0]} is {_gpu_label(known[0][1])} but GPU {d} is "
+                            f"{_gpu_label(g)}: the engines of one model must be built on one GPU "
+                            f"type; set CUDA_VISIBLE_DEVICES to GPUs of the same type")
+    return known[0][1] if known else None
+
+
+def _read_records(stage: Path) -> dict:
+    out = {}
+    for p in sorted((stage / RANK_RECORDS).glob("rank*.json")):
+        try:
+            rec = json.loads(p.read_text(encoding="utf-8"))
+            out[int(rec["rank"])] = rec
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def _prepare_stage(stage: Path, engines_dir: Path, fingerprint: dict, gpu: dict | None,
+                   subset: bool, force: bool) -> None:
+    """Make ``engines.partial`` ready for this run's ranks: a full run starts it afresh; a rank
+    subset joins it if it holds ranks of the same inputs built on the same GPU type."""
+    if not subset or (force and not _read_records(stage)):
+        _rmtree(stage)
+    elif stage.exists():
+        fp = stage / FINGERPRINT
+        try:
+            old = json.loads(fp.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if old != fingerprint:
+            if not force:
+                raise UserError(f"{stage} holds ranks built from another checkpoint or with other "
+                                f"engine options; use the same ones, or pass --force to discard "
+                                f"them")
+            _rmtree(stage)
+        else:
+            for r, rec in sorted(_read_records(stage).items()):
+                if not _same_gpu(rec.get("gpu"), gpu):
+                    raise UserError(
+                        f"{stage / f'rank{r}.engine'} was built on {_gpu_label(rec['gpu'])} "
+                        f"(host {rec.get('host')}) but this host's GPU is {_gpu_label(gpu)}: "
+                        f"TensorRT engines run only on the GPU type they were built for "
+                        f"(NVIDIA/TensorRT-LLM#222); build these ranks on a host with that GPU, "
+                        f"or rebuild every rank here with --force")
+    (stage / "logs").mkdir(parents=True, exist_ok=True)
+    (stage / RANK_RECORDS).mkdir(exist_ok=True)
+    (stage / FINGERPRINT).write_text(json.dumps(fingerprint), encoding="utf-8")
 
 
 def _tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
@@ -586,55 +255,25 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend | None = None,
-                  force: bool = False, progress=None, hint_flags=()) -> EngineBuildResult:
-    """Compile one engine per rank of ``checkpoint_dir`` into ``engines_dir``.
+# --- running the ranks -----------------------------------------------------------------------
 
-    ``options``: EngineOptions, a mapping or an argparse Namespace (see :func:`options_from_args`).
-    ``hint_flags``: extra flags for the finish-on-a-GPU-host command (e.g. the caller's Triton
-    choices).
-    ``progress``: optional callable(str) told when each rank starts and ends.
-    Returns an :class:`EngineBuildResult` (see the module docstring for statuses and exit codes).
-    """
-    t0 = time.perf_counter()
-    checkpoint_dir, engines_dir = Path(checkpoint_dir), Path(engines_dir)
-    opts = EngineOptions.from_any(options)
-    config, world = read_checkpoint_layout(checkpoint_dir)
-    _check_options_against_checkpoint(opts, config)
-    hint = engine_command_hint(checkpoint_dir, engines_dir.parent, opts, hint_flags)
-    backend = backend if backend is not None else TrtllmBackend()
-
-    avail = check_trtllm(backend)
-    if not avail.ok:
-        reason = " ".join(avail.reason.split())  # one line, whatever an import error printed
-        msg = f"Engines were not built because {reason}; to build them on a GPU host run: {hint}"
-        return EngineBuildResult(NOT_BUILT, msg, hint,
-                                 trtllm_version=avail.version,
-                                 seconds=time.perf_counter() - t0)
-
-    if engines_dir.exists() and not force:
-        raise UserError(f"{engines_dir} already exists; pass --force to replace it")
-    work = engines_dir.with_name(engines_dir.name + ".partial")
-    failed_logs = engines_dir.with_name(engines_dir.name + ".failed-logs")
-    _rmtree(work)
-    (work / "logs").mkdir(parents=True)
-
-    args = trtllm_build_args(opts)
-    device_ids = _visible_device_ids(max(1, min(opts.build_workers, world, avail.gpus))) or ["0"]
-    n_parallel = len(device_ids)
+def _run_ranks(backend: Backend, checkpoint_dir: Path, work: Path, args: dict, todo: list[int],
+               device_ids: list[str], gpu: dict | None, progress) -> list[RankBuild]:
+    """Build ``todo`` into ``work`` (``work/logs`` for the logs), at most one rank per device at
+    a time; stop starting (and stop running) ranks after the first failure."""
     devices: queue.Queue = queue.Queue()
     for d in device_ids:
         devices.put(d)
     cancel, first_failure = threading.Event(), threading.Lock()
-    ranks = [RankBuild(r, "skipped", log=work / "logs" / f"rank{r}.log") for r in range(world)]
+    builds = {r: RankBuild(r, "skipped", log=work / "logs" / f"rank{r}.log") for r in todo}
 
     def one(rank: int) -> None:
-        rb = ranks[rank]
+        rb = builds[rank]
         if cancel.is_set():
             return
         device = devices.get()
         start = time.perf_counter()
-        rb.device = device
+        rb.device, rb.gpu = device, gpu
         try:
             if progress:
                 progress(f"rank {rank}: building on GPU {device}")
@@ -666,114 +305,155 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
             rb.seconds = time.perf_counter() - start
             devices.put(device)
 
+    with cf.ThreadPoolExecutor(max_workers=len(device_ids), thread_name_prefix="engine") as pool:
+        futures = [pool.submit(one, r) for r in todo]
+        try:
+            for fut in futures:
+                fut.result()
+        except BaseException:
+            cancel.set()  # before the pool's exit waits: running builds are stopped
+            raise
+    return [builds[r] for r in todo]
+
+
+def _land(work: Path, stage: Path, ranks: list[RankBuild], version: str | None) -> None:
+    """Move this run's finished ranks (engines, rank 0's config.json, logs) into the stage and
+    record where each was built; each file is one rename."""
+    host = socket.gethostname()
+    for rb in ranks:
+        names = [p.name for p in work.iterdir() if p.is_file() and (
+            _RANK_FILE.match(p.name) and _RANK_FILE.match(p.name).group(1) == str(rb.rank)
+            or rb.rank == 0 and not _RANK_FILE.match(p.name))]  # rank 0: config.json & co
+        for name in names:
+            os.replace(work / name, stage / name)
+        os.replace(rb.log, stage / "logs" / rb.log.name)
+        rb.log = stage / "logs" / rb.log.name
+        record = {"rank": rb.rank, "host": host, "device": rb.device, "gpu": rb.gpu,
+                  "tensorrt_llm": version}
+        tmp = stage / RANK_RECORDS / f".rank{rb.rank}.json.tmp"
+        tmp.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, stage / RANK_RECORDS / f"rank{rb.rank}.json")
+
+
+def _complete(stage: Path, world: int) -> bool:
+    return (stage / "config.json").is_file() and all(
+        (stage / f"rank{r}.engine").is_file() for r in range(world))
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend | None = None,
+                  force: bool = False, progress=None, hint_flags=(), ranks=None
+                  ) -> EngineBuildResult:
+    """Compile one engine per rank of ``checkpoint_dir`` (or per rank of ``ranks``, a list or an
+    ``"A-B"`` string) into ``engines_dir``.
+
+    ``options``: EngineOptions, a mapping or an argparse Namespace (see :func:`options_from_args`).
+    ``hint_flags``: extra flags for the finish-on-a-GPU-host command (e.g. the caller's Triton
+    choices). ``progress``: optional callable(str) told when each rank starts and ends.
+    Returns an :class:`EngineBuildResult` (see the module docstring for statuses and exit codes).
+    """
+    t0 = time.perf_counter()
+    checkpoint_dir, engines_dir = Path(checkpoint_dir), Path(engines_dir)
+    opts = EngineOptions.from_any(options)
+    config, world = read_checkpoint_layout(checkpoint_dir, ranks=[])
+    todo = parse_ranks(ranks, world) if ranks is None or isinstance(ranks, str) else \
+        parse_ranks(f"{min(ranks)}-{max(ranks)}", world)
+    read_checkpoint_layout(checkpoint_dir, ranks=todo)
+    subset = len(todo) < world
+    _check_options_against_checkpoint(opts, config)
+    if subset:
+        hint_flags = tuple(hint_flags) + ("--ranks", f"{todo[0]}-{todo[-1]}")
+    hint = engine_command_hint(checkpoint_dir, engines_dir.parent, opts, hint_flags)
+    backend = backend if backend is not None else TrtllmBackend()
+
+    avail = check_trtllm(backend)
+    if not avail.ok:
+        reason = " ".join(avail.reason.split())  # one line, whatever an import error printed
+        msg = f"Engines were not built because {reason}; to build them on a GPU host run: {hint}"
+        return EngineBuildResult(NOT_BUILT, msg, hint, trtllm_version=avail.version,
+                                 seconds=time.perf_counter() - t0, world_size=world)
+
+    if engines_dir.exists() and not force:
+        raise UserError(f"{engines_dir} already exists; pass --force to replace it")
+    stage = engines_dir.with_name(engines_dir.name + ".partial")
+    failed_logs = engines_dir.with_name(engines_dir.name + ".failed-logs")
+    device_ids = visible_device_ids(max(1, min(opts.build_workers, len(todo), avail.gpus))) \
+        or ["0"]
+    gpu = _host_gpu(backend, device_ids)
+    args = trtllm_build_args(opts)
+    _prepare_stage(stage, engines_dir, _fingerprint(checkpoint_dir, args), gpu, subset, force)
+    if force and subset:
+        _rmtree(engines_dir)  # a full run replaces it only once complete (swap_into_place)
+    # this run's private directory: TensorRT-LLM writes here, finished ranks are then moved
+    work = stage / f".run-{todo[0]}-{todo[-1]}-{os.getpid()}"
+    _rmtree(work)
+    (work / "logs").mkdir(parents=True)
     try:
-        with cf.ThreadPoolExecutor(max_workers=n_parallel, thread_name_prefix="engine") as pool:
-            futures = [pool.submit(one, r) for r in range(world)]
-            try:
-                for fut in futures:
-                    fut.result()
-            except BaseException:
-                cancel.set()  # before the pool's exit waits: running builds are stopped
-                raise
+        builds = _run_ranks(backend, checkpoint_dir, work, args, todo, device_ids, gpu, progress)
     except BaseException:
         _rmtree(work)
         raise
 
-    failed = [rb for rb in ranks if rb.status == "failed"]
-    if failed or any(rb.status != "built" for rb in ranks):
-        _rmtree(failed_logs)
-        os.replace(work / "logs", failed_logs)
-        _rmtree(work)
-        if force:
-            _rmtree(engines_dir)
-        for rb in ranks:
-            rb.log = failed_logs / rb.log.name
-        first = failed[0] if failed else next(rb for rb in ranks if rb.status != "built")
-        tail = _tail(first.log)
-        how = first.error or f"exit status {first.returncode}"
-        others = [rb.rank for rb in failed[1:]]
-        msg = (f"Engine build failed for rank {first.rank} ({how}); no {engines_dir} was written; "
-               f"logs are in {failed_logs}"
-               + (f"; ranks {others} failed too" if others else "")
-               + f". Last lines of {first.log}:\n{tail}")
-        return EngineBuildResult(FAILED, msg, hint, logs_dir=failed_logs,
-                                 trtllm_version=avail.version, ranks=ranks,
-                                 seconds=time.perf_counter() - t0, log_tail=tail)
-
-    swap_into_place(work, engines_dir)  # an old one (force) goes only now that the new is complete
+    if any(rb.status != "built" for rb in builds):
+        return _failed(builds, work, stage, engines_dir, failed_logs, force, subset, hint, avail,
+                       world, t0)
+    _land(work, stage, builds, avail.version)
+    _rmtree(work)
+    records = _read_records(stage)
+    complete = _complete(stage, world)
+    if complete:
+        (stage / FINGERPRINT).unlink()
+        swap_into_place(stage, engines_dir)  # an old one (force) goes only now
+        for rb in builds:
+            rb.log = engines_dir / "logs" / rb.log.name
     _rmtree(failed_logs)
-    for rb in ranks:
-        rb.log = engines_dir / "logs" / rb.log.name
     seconds = time.perf_counter() - t0
-    msg = (f"engines: {engines_dir} ({world} rank(s), TensorRT-LLM {avail.version}, "
-           f"{n_parallel} in parallel) in {seconds:.1f}s")
-    return EngineBuildResult(BUILT, msg, hint, engines_dir=engines_dir,
-                             logs_dir=engines_dir / "logs", trtllm_version=avail.version,
-                             ranks=ranks, seconds=seconds)
+    which = f"rank(s) {todo[0]}-{todo[-1]} of {world}" if subset else f"{world} rank(s)"
+    if complete:
+        msg = (f"engines: {engines_dir} ({which}, TensorRT-LLM {avail.version}, "
+               f"{len(device_ids)} in parallel) in {seconds:.1f}s")
+    else:
+        missing = [r for r in range(world) if r not in records]
+        msg = (f"engines: {which} built into {stage} in {seconds:.1f}s; {engines_dir} appears "
+               f"when the other ranks are built there too (missing: {_ranges(missing)})")
+    return EngineBuildResult(BUILT, msg, hint, engines_dir=engines_dir if complete else None,
+                             logs_dir=(engines_dir if complete else stage) / "logs",
+                             trtllm_version=avail.version, ranks=builds, seconds=seconds,
+                             complete=complete, world_size=world, built_on=records)
 
 
-# --- the worker: one rank, inside a subprocess, with TensorRT-LLM imported ----------------------
-
-def _build_one_rank(rank: int, checkpoint_dir: str, output_dir: str, trtllm_args: dict) -> None:
-    from tensorrt_llm.builder import BuildConfig
-    from tensorrt_llm.commands.build import build_model
-    from tensorrt_llm.logger import logger
-    from tensorrt_llm.models import PretrainedConfig
-    from tensorrt_llm.plugin import PluginConfig
-
-    args = dict(trtllm_args)
-    logger.set_level(args.pop("log_level", "info"))
-    import tensorrt_llm
-
-    print(f"[builders.engine] rank {rank}: TensorRT-LLM {tensorrt_llm.__version__}, "
-          f"args {json.dumps(args, sort_keys=True)}", flush=True)
-
-    # Plugin flags keep trtllm-build's string values: PluginConfig turns "enable"/"disable"
-    # into booleans / None itself, and ignores names an older release does not have.
-    plugin_config = PluginConfig.from_arguments(
-        argparse.Namespace(**{k: args[k] for k in PLUGIN_KEYS if k in args}))
-    if hasattr(plugin_config, "validate"):
-        plugin_config.validate()
-    build_dict = {k: args.get(k) for k in BUILD_KEYS}
-    build_dict.update({
-        "opt_num_tokens": None,          # from_dict needs the key; None = trtllm-build default
-        "strongly_typed": True,          # what trtllm-build always passes
-        "output_timing_cache": None,     # trtllm-build would drop model.cache into the cwd
-        "input_timing_cache": None,
-    })
-    build_config = BuildConfig.from_dict(build_dict, plugin_config=plugin_config)
-    model_config = PretrainedConfig.from_json_file(os.path.join(checkpoint_dir, "config.json"))
-
-    # Releases before 1.0 read the fused-MLP switch from build_model's kwargs, and trtllm-build
-    # turns it off there for quantized checkpoints other than FP8 / mixed precision.
-    quant = getattr(getattr(model_config, "quantization", None), "quant_algo", None)
-    use_fused_mlp = args.get("use_fused_mlp") == "enable" and (
-        not quant or quant in ("FP8", "MIXED_PRECISION"))
-    engine = build_model(build_config, rank, checkpoint_dir, model_config,
-                         use_fused_mlp=use_fused_mlp)
-    if engine is None:
-        raise RuntimeError("build_model returned no engine")
-    engine.save(output_dir)
-    print(f"[builders.engine] rank {rank}: saved to {output_dir}", flush=True)
+def _ranges(ranks: list[int]) -> str:
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)
 
 
-def _worker_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m builders.engine",
-                                description="Build one rank's TensorRT engine (internal worker "
-                                            "of build_engine; one process per rank).")
-    p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--checkpoint-dir", required=True)
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--trtllm-args", required=True, help="JSON: trtllm-build option → value")
-    a = p.parse_args(argv)
-    try:
-        _build_one_rank(a.rank, a.checkpoint_dir, a.output_dir, json.loads(a.trtllm_args))
-    except BaseException:  # noqa: BLE001 - the traceback goes to the rank log, the status out
-        traceback.print_exc()
-        sys.stderr.flush()
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker_main())
+def _failed(builds, work, stage, engines_dir, failed_logs, force, subset, hint, avail, world,
+            t0) -> EngineBuildResult:
+    _rmtree(failed_logs)
+    os.replace(work / "logs", failed_logs)
+    _rmtree(work)
+    if not subset:
+        _rmtree(stage)
+    if force:
+        _rmtree(engines_dir)
+    for rb in builds:
+        rb.log = failed_logs / rb.log.name
+    failed = [rb for rb in builds if rb.status == "failed"]
+    first = failed[0] if failed else next(rb for rb in builds if rb.status != "built")
+    tail = _tail(first.log)
+    how = first.error or f"exit status {first.returncode}"
+    others = [rb.rank for rb in failed[1:]]
+    msg = (f"Engine build failed for rank {first.rank} ({how}); no {engines_dir} was written; "
+           f"logs are in {failed_logs}"
+           + (f"; ranks {others} failed too" if others else "")
+           + f". Last lines of {first.log}:\n{tail}")
+    return EngineBuildResult(FAILED, msg, hint, logs_dir=failed_logs,
+                             trtllm_version=avail.version, ranks=builds,
+                             seconds=time.perf_counter() - t0, log_tail=tail, world_size=world)

@@ -4,7 +4,8 @@ TensorRT-LLM cannot be installed here, so the stage is tested against its seam
 (``builders.engine.Backend``) with TEST DOUBLES that build nothing:
 
 - ``RecordingFakeTrtllm``: the whole seam, in-process; records what reaches TensorRT-LLM.
-- ``write_fake_trtllm_package``: a stand-in ``tensorrt_llm`` package on PYTHONPATH, so the real
+- ``tests/trtllm_api_doubles.py``: stand-in ``tensorrt_llm`` packages on PYTHONPATH, one per API
+  generation (1.0/1.1 ``BuildConfig.from_dict``, 1.2 pydantic ``BuildConfig``), so the real
   ``TrtllmBackend`` and its per-rank worker subprocess run for real and their calls into
   TensorRT-LLM's Python API (PluginConfig / BuildConfig / build_model / Engine.save) are recorded.
 
@@ -16,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import threading
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from builders.engine import (BUILT, FAILED, NOT_BUILT, CONTAINER, INSTALL_COMMAN
                              TrtllmBackend, add_engine_arguments, build_engines,
                              engine_command_hint, options_from_args, trtllm_build_args)
 from convert.errors import UserError
+from trtllm_api_doubles import GENERATIONS, PYDANTIC_1_2, write_package
 
 # What reaches TensorRT-LLM for every rank with default options: trtllm-build's names and the
 # values trtllm-build 1.2 would pass (gemm_plugin unset = TensorRT-LLM's own default).
@@ -35,10 +36,10 @@ DEFAULT_TRTLLM_ARGS = {
     "max_seq_len": None,
     "max_num_tokens": 8192,
     "max_beam_width": 1,
+    "kv_cache_type": "paged",
     "gpt_attention_plugin": "auto",
     "gemm_swiglu_plugin": "disable",
     "low_latency_gemm_plugin": "disable",
-    "paged_kv_cache": "enable",
     "remove_input_padding": "enable",
     "context_fmha": "enable",
     "use_paged_context_fmha": "enable",
@@ -56,13 +57,17 @@ class RecordingFakeTrtllm:
     path), counts how many calls are in flight at once, writes placeholder files named like
     TensorRT-LLM's outputs (``rank{r}.engine``; ``config.json`` from rank 0) that are NOT
     engines, and can be told to report a version, a GPU count or an import error, to fail some
-    ranks (exit status 1 and a traceback-like log), or to exit 0 without writing anything.
+    ranks (exit status 1 and a traceback-like log), or to exit 0 without writing anything;
+    ``gpu(device)`` reports ``gpu_name``/``cc`` (or ``gpu_by_device[device]``) as the GPU.
     ``barrier``: a threading.Barrier every call waits on, to prove calls overlap.
     """
 
     def __init__(self, *, version="1.2.1", gpus=8, import_error=None, fail_ranks=(),
-                 silent_ranks=(), barrier=None):
+                 silent_ranks=(), barrier=None, gpu_name="NVIDIA H100 80GB HBM3", cc="9.0",
+                 gpu_by_device=None):
         self._version, self._gpus, self._import_error = version, gpus, import_error
+        self._gpu = {"name": gpu_name, "compute_capability": cc}
+        self._gpu_by_device = dict(gpu_by_device or {})
         self.fail_ranks, self.silent_ranks = set(fail_ranks), set(silent_ranks)
         self.barrier = barrier
         self.calls: list[dict] = []
@@ -80,6 +85,9 @@ class RecordingFakeTrtllm:
 
     def gpu_count(self):
         return self._gpus
+
+    def gpu(self, device):
+        return self._gpu_by_device.get(device, self._gpu)
 
     def build_rank(self, rank, checkpoint_dir, out_dir, trtllm_args, log_path, *, device=None,
                    cancel=None):
@@ -149,8 +157,12 @@ def test_default_flags_reach_trtllm_for_every_rank(tmp_path):
         assert call["checkpoint_dir"] == ckpt
     engines = tmp_path / "out" / "engines"
     assert res.engines_dir == engines
-    assert sorted(p.name for p in engines.iterdir()) == ["config.json", "logs", "rank0.engine",
-                                                         "rank1.engine"]
+    assert sorted(p.name for p in engines.iterdir()) == [".ranks", "config.json", "logs",
+                                                         "rank0.engine", "rank1.engine"]
+    rec = json.loads((engines / ".ranks" / "rank1.json").read_text())
+    assert rec["gpu"] == {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    assert rec["rank"] == 1 and rec["tensorrt_llm"] == "1.2.1" and rec["host"]
+    assert res.complete and res.world_size == 2 and sorted(res.built_on) == [0, 1]
     assert sorted(p.name for p in (engines / "logs").iterdir()) == ["rank0.log", "rank1.log"]
     assert "fake build of rank 1" in (engines / "logs" / "rank1.log").read_text()
     assert not (tmp_path / "out" / "engines.partial").exists()
@@ -169,7 +181,7 @@ def test_overrides_reach_trtllm(tmp_path):
         "--workers", "7", "--max-batch-size", "8", "--max-input-len", "512",
         "--max-seq-len", "4096", "--max-num-tokens", "2048", "--max-beam-width", "4",
         "--gemm-plugin", "auto", "--gpt-attention-plugin", "bfloat16",
-        "--paged-kv-cache", "disable", "--remove-input-padding", "disable",
+        "--kv-cache-type", "continuous", "--remove-input-padding", "disable",
         "--context-fmha", "disable", "--use-paged-context-fmha", "disable",
         "--use-fp8-context-fmha", "disable", "--use-fused-mlp", "disable",
         "--multiple-profiles", "enable", "--log-level", "verbose", "--build-workers", "3"])
@@ -180,7 +192,7 @@ def test_overrides_reach_trtllm(tmp_path):
         "max_batch_size": 8, "max_input_len": 512, "max_seq_len": 4096, "max_num_tokens": 2048,
         "max_beam_width": 4, "gemm_plugin": "auto", "gpt_attention_plugin": "bfloat16",
         "gemm_swiglu_plugin": "disable", "low_latency_gemm_plugin": "disable",
-        "paged_kv_cache": "disable", "remove_input_padding": "disable",
+        "kv_cache_type": "continuous", "remove_input_padding": "disable",
         "context_fmha": "disable", "use_paged_context_fmha": "disable",
         "use_fp8_context_fmha": "disable", "use_fused_mlp": "disable",
         "multiple_profiles": "enable", "log_level": "verbose"}
@@ -193,13 +205,15 @@ def test_argparse_defaults_are_the_dataclass_defaults():
     assert options_from_args(parser.parse_args([])) == EngineOptions()
     flags = {a.option_strings[0] for a in group._group_actions}
     assert {"--max-batch-size", "--max-input-len", "--max-seq-len", "--max-num-tokens",
-            "--gemm-plugin", "--gpt-attention-plugin", "--paged-kv-cache",
+            "--gemm-plugin", "--gpt-attention-plugin", "--kv-cache-type", "--paged-kv-cache",
             "--remove-input-padding", "--context-fmha", "--use-fp8-context-fmha",
             "--multiple-profiles", "--max-beam-width", "--build-workers",
             "--log-level"} <= flags
     assert "--workers" not in flags and "--tp" not in flags
     with pytest.raises(SystemExit):
         parser.parse_args(["--paged-kv-cache", "maybe"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-type", "paged_v2"])
 
 
 def test_fp8_quantized_checkpoint_flags(tmp_path):
@@ -354,7 +368,7 @@ def test_hint_format():
                                {"max_batch_size": 8, "gemm_plugin": "auto",
                                 "paged_kv_cache": "disable", "build_workers": 2}) == (
         "build_engine --from-checkpoint 'my out/checkpoint' --output 'my out' "
-        "--max-batch-size 8 --gemm-plugin auto --paged-kv-cache disable --build-workers 2")
+        "--max-batch-size 8 --kv-cache-type continuous --gemm-plugin auto --build-workers 2")
 
 
 def _assert_not_built(res, tmp_path, hint):
@@ -383,7 +397,8 @@ def test_without_trtllm_the_real_backend_says_how_to_finish(tmp_path):
 @pytest.mark.parametrize("version, why", [
     ("1.3.0rc2", "1.3 removed the TensorRT engine backend"),
     ("1.4.0", "1.3 removed the TensorRT engine backend"),
-    ("0.11.0", "releases before 0.12 do not read this checkpoint format"),
+    ("0.21.0", "checked against the 1.0 to 1.2 Python API only"),
+    ("0.12.0", "checked against the 1.0 to 1.2 Python API only"),
 ])
 def test_version_out_of_range_says_what_to_install(tmp_path, version, why):
     ckpt = make_checkpoint(tmp_path, tp=1)
@@ -391,14 +406,14 @@ def test_version_out_of_range_says_what_to_install(tmp_path, version, why):
     res = build_engines(ckpt, tmp_path / "out" / "engines", backend=fake)
     _assert_not_built(res, tmp_path, engine_command_hint(ckpt, tmp_path / "out"))
     assert f"TensorRT-LLM {version} is installed" in res.message and why in res.message
-    assert 'pip install "tensorrt_llm<1.3" --extra-index-url https://pypi.nvidia.com' \
+    assert 'pip install "tensorrt_llm>=1.0,<1.3" --extra-index-url https://pypi.nvidia.com' \
         in res.message
     assert "nvcr.io/nvidia/tensorrt-llm/release:1.2.1" in res.message
     assert fake.calls == []
 
 
 @pytest.mark.parametrize("version, ok", [
-    ("0.12.0", True), ("0.12.0.dev2024073000", True), ("0.21.0", True), ("1.0.0", True),
+    ("0.12.0", False), ("0.21.0", False), ("1.0.0rc4", True), ("1.0.0", True), ("1.1.0", True),
     ("1.2.0rc6", True), ("1.2.1", True), ("0.11.0", False), ("1.3.0", False),
     ("1.3.0rc10", False), ("2.0", False), ("unknown", False),
 ])
@@ -438,115 +453,10 @@ def test_real_probe_reports_the_import_error(tmp_path):
     assert "No module named 'tensorrt_llm'" in res.message
 
 
-# --- the real backend and worker, against a stand-in tensorrt_llm package ----------------------
+# --- the real backend and worker, against the stand-in tensorrt_llm packages ------------------
 
-FAKE_TRTLLM_FILES = {
-    "tensorrt_llm/__init__.py": '''
-        """TEST DOUBLE of the tensorrt_llm package, written by tests/test_engine_stage.py.
-
-        It has only the names builders.engine's worker uses, records what they receive into
-        $FAKE_TRTLLM_RECORD/rank{r}.json and writes placeholder files; it builds no engine."""
-        __version__ = "1.2.1"
-    ''',
-    "tensorrt_llm/logger.py": '''
-        class _Logger:
-            level = None
-
-            def set_level(self, level):
-                self.level = level
-
-        logger = _Logger()
-    ''',
-    "tensorrt_llm/plugin/__init__.py": '''
-        class PluginConfig:
-            def __init__(self, **kwargs):
-                self.kwargs, self.validated = kwargs, False
-
-            @classmethod
-            def from_arguments(cls, args):
-                return cls(**vars(args))
-
-            def validate(self):
-                self.validated = True
-    ''',
-    "tensorrt_llm/builder.py": '''
-        class BuildConfig:
-            def __init__(self, config, plugin_config):
-                self.config, self.plugin_config = config, plugin_config
-
-            @classmethod
-            def from_dict(cls, config, plugin_config=None):
-                return cls(dict(config), plugin_config)
-    ''',
-    "tensorrt_llm/models/__init__.py": '''
-        import json
-
-        class _Quant:
-            def __init__(self, d):
-                self.quant_algo = d.get("quant_algo")
-
-        class PretrainedConfig:
-            def __init__(self, d):
-                self.d, self.quantization = d, _Quant(d.get("quantization") or {})
-
-            @classmethod
-            def from_json_file(cls, path):
-                with open(path) as f:
-                    return cls(json.load(f))
-    ''',
-    "tensorrt_llm/commands/__init__.py": "",
-    "tensorrt_llm/commands/build.py": '''
-        import json
-        import os
-
-        from ..logger import logger
-
-        class _PlaceholderEngine:
-            def __init__(self, record):
-                self.record = record
-
-            def save(self, out_dir):
-                rank = self.record["rank"]
-                with open(os.path.join(out_dir, f"rank{rank}.engine"), "wb") as f:
-                    f.write(b"placeholder written by the fake tensorrt_llm, not an engine")
-                if rank == 0:  # shaped like a real engine config.json: the checkpoint
-                    # config + the build config with its plugin config (placeholder values)
-                    plugin = {k: (v == "enable") if v in ("enable", "disable") else v
-                              for k, v in self.record["plugin_config"].items()}
-                    with open(os.path.join(out_dir, "config.json"), "w") as f:
-                        json.dump({"version": "1.2.1-fake",
-                                   "pretrained_config": self.record["pretrained_config"],
-                                   "build_config": dict(self.record["build_config"],
-                                                        plugin_config=plugin)}, f)
-                rec = os.path.join(os.environ["FAKE_TRTLLM_RECORD"], f"rank{rank}.json")
-                with open(rec, "w") as f:
-                    json.dump(dict(self.record, saved_to=out_dir), f)
-
-        def build_model(build_config, rank=0, ckpt_dir=None, model_config=None, model_cls=None,
-                        dry_run=False, **kwargs):
-            if os.environ.get("FAKE_TRTLLM_FAIL") == str(rank):
-                raise RuntimeError(f"fake build failure in rank {rank}")
-            return _PlaceholderEngine({
-                "rank": rank, "ckpt_dir": ckpt_dir, "build_config": build_config.config,
-                "plugin_config": build_config.plugin_config.kwargs,
-                "plugin_validated": build_config.plugin_config.validated,
-                "kwargs": kwargs, "log_level": logger.level,
-                "architecture": model_config.d["architecture"],
-                "pretrained_config": model_config.d,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            })
-    ''',
-}
-
-
-@pytest.fixture
-def fake_trtllm(tmp_path, monkeypatch):
-    """Put the stand-in tensorrt_llm on the workers' PYTHONPATH; return the record dir."""
-    site = tmp_path / "fake_site"
-    for rel, text in FAKE_TRTLLM_FILES.items():
-        p = site / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(textwrap.dedent(text).lstrip())
+def _install_double(tmp_path, monkeypatch, files) -> Path:
+    site = write_package(tmp_path / "fake_site", files)
     record = tmp_path / "record"
     record.mkdir()
     monkeypatch.setenv("PYTHONPATH", str(site))
@@ -556,8 +466,22 @@ def fake_trtllm(tmp_path, monkeypatch):
     return record
 
 
+@pytest.fixture
+def fake_trtllm(tmp_path, monkeypatch):
+    """TEST DOUBLE: the 1.2 (pydantic) stand-in tensorrt_llm on the workers' PYTHONPATH; returns
+    the record dir."""
+    return _install_double(tmp_path, monkeypatch, PYDANTIC_1_2)
+
+
+@pytest.fixture(params=sorted(GENERATIONS))
+def any_trtllm(request, tmp_path, monkeypatch):
+    """TEST DOUBLE: each API generation's stand-in tensorrt_llm in turn; returns the record dir."""
+    return _install_double(tmp_path, monkeypatch, GENERATIONS[request.param])
+
+
 class _TwoGpus(TrtllmBackend):
-    """The real backend, told it has a supported TensorRT-LLM and 2 GPUs (there are none here)."""
+    """TEST DOUBLE: the real backend, told it has a supported TensorRT-LLM and 2 GPUs of one type
+    (there are none here)."""
 
     def version(self):
         return "1.2.1"
@@ -565,53 +489,84 @@ class _TwoGpus(TrtllmBackend):
     def gpu_count(self):
         return 2
 
+    def gpu(self, device):
+        return {"name": "TEST DOUBLE GPU", "compute_capability": "9.0"}
 
-def test_real_worker_calls_trtllm_python_api_like_trtllm_build(tmp_path, fake_trtllm):
+
+def test_real_worker_calls_trtllm_python_api_like_trtllm_build(tmp_path, any_trtllm):
     ckpt = make_checkpoint(tmp_path, tp=2)
     backend = TrtllmBackend()
     assert backend.import_error() is None  # the probe subprocess imports the stand-in
     work = tmp_path / "work"
     work.mkdir()
     args = trtllm_build_args(EngineOptions(max_batch_size=8, gemm_plugin="auto",
-                                           log_level="verbose"))
+                                           log_level="verbose", kv_cache_type="continuous"))
     rc = backend.build_rank(1, ckpt, work, args, work / "rank1.log", device="3")
-    assert rc == 0, (work / "rank1.log").read_text()
-    rec = json.loads((fake_trtllm / "rank1.json").read_text())
+    log = (work / "rank1.log").read_text()
+    assert rc == 0, log
+    rec = json.loads((any_trtllm / "rank1.json").read_text())
     assert rec["rank"] == 1 and rec["ckpt_dir"] == str(ckpt.resolve())
     assert rec["saved_to"] == str(work.resolve())
     assert rec["cuda_visible_devices"] == "3"
     assert rec["log_level"] == "verbose"
     assert rec["architecture"] == "LlamaForCausalLM"
-    assert rec["plugin_config"] == {k: v for k, v in args.items() if k in E.PLUGIN_KEYS}
-    assert rec["plugin_config"]["gemm_plugin"] == "auto"
-    assert rec["plugin_validated"] is True
+    plugin_args = {k: v for k, v in args.items() if k in E.PLUGIN_KEYS}
+    assert "kv_cache_type" not in plugin_args and "paged_kv_cache" not in plugin_args
+    plugin = rec["plugin_config"]
+    if "1.2.1" in log:  # pydantic PluginConfig: "enable"/"disable" became booleans
+        want = {k: {"enable": True, "disable": None if k.endswith("_plugin") else False}.get(v, v)
+                for k, v in plugin_args.items()}
+        assert {k: plugin[k] for k in want} == want
+        assert plugin["paged_kv_cache"] is None  # left to kv_cache_type, as trtllm-build 1.2
+    else:
+        assert {k: plugin[k] for k in plugin_args} == plugin_args
+    assert plugin["gemm_plugin"] == "auto" and plugin["validated"] is True
     assert rec["build_config"] == {
         "max_batch_size": 8, "max_input_len": 1024, "max_seq_len": None, "max_num_tokens": 8192,
         "max_beam_width": 1, "opt_num_tokens": None, "strongly_typed": True,
-        "output_timing_cache": None, "input_timing_cache": None}
+        "kv_cache_type": "CONTINUOUS", "input_timing_cache": None,
+        # 1.0's from_dict takes None; 1.2's field is not Optional, so its default stays and
+        # TensorRT-LLM writes the cache into the worker's scratch cwd (gone afterwards)
+        "output_timing_cache": None if "1.0.0" in log else "model.cache"}
     assert rec["kwargs"] == {"use_fused_mlp": True}
     assert (work / "rank1.engine").is_file()
-    log = (work / "rank1.log").read_text()
-    assert "CUDA_VISIBLE_DEVICES=3" in log and "rank 1: TensorRT-LLM 1.2.1" in log
+    assert "CUDA_VISIBLE_DEVICES=3" in log
+    assert sorted(p.name for p in work.iterdir()) == ["rank1.engine", "rank1.log"]
+    assert not list(tmp_path.rglob("model.cache"))
 
 
-def test_real_worker_turns_fused_mlp_off_for_non_fp8_quantization(tmp_path, fake_trtllm):
+def test_worker_picks_the_build_config_form_by_inspecting_the_class(tmp_path, any_trtllm):
+    """1.2's BuildConfig has no from_dict and 1.0's is not a pydantic model: the worker must
+    choose by looking, so each double's log names the form it used."""
+    ckpt = make_checkpoint(tmp_path, tp=1)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert TrtllmBackend().build_rank(0, ckpt, work, trtllm_build_args(EngineOptions()),
+                                      work / "rank0.log", device="0") == 0
+    log = (work / "rank0.log").read_text()
+    form = "pydantic" if "TensorRT-LLM 1.2.1" in log else "from_dict"
+    assert f"(BuildConfig: {form})" in log
+    assert json.loads((any_trtllm / "rank0.json").read_text())["build_config"][
+        "kv_cache_type"] == "PAGED"
+
+
+def test_real_worker_turns_fused_mlp_off_for_non_fp8_quantization(tmp_path, any_trtllm):
     ckpt = make_checkpoint(tmp_path, tp=1, quant_algo="W8A8_SQ_PER_CHANNEL")
     work = tmp_path / "work"
     work.mkdir()
     rc = TrtllmBackend().build_rank(0, ckpt, work, trtllm_build_args(EngineOptions()),
                                     work / "rank0.log", device="0")
     assert rc == 0, (work / "rank0.log").read_text()
-    assert json.loads((fake_trtllm / "rank0.json").read_text())["kwargs"] == \
+    assert json.loads((any_trtllm / "rank0.json").read_text())["kwargs"] == \
         {"use_fused_mlp": False}
 
 
-def test_real_backend_end_to_end_two_ranks_two_gpus(tmp_path, fake_trtllm):
+def test_real_backend_end_to_end_two_ranks_two_gpus(tmp_path, any_trtllm):
     ckpt = make_checkpoint(tmp_path, tp=2)
     res = build_engines(ckpt, tmp_path / "out" / "engines", {"build_workers": 2},
                         backend=_TwoGpus())
     assert res.ok, res.message
-    recs = [json.loads((fake_trtllm / f"rank{r}.json").read_text()) for r in (0, 1)]
+    recs = [json.loads((any_trtllm / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sorted(r["cuda_visible_devices"] for r in recs) == ["0", "1"]
     engines = tmp_path / "out" / "engines"
     assert engine_files(engines) == ["rank0.engine", "rank1.engine"]
@@ -620,7 +575,7 @@ def test_real_backend_end_to_end_two_ranks_two_gpus(tmp_path, fake_trtllm):
         assert f"rank {r}: saved to" in (engines / "logs" / f"rank{r}.log").read_text()
 
 
-def test_real_backend_failing_rank_reports_the_traceback(tmp_path, fake_trtllm, monkeypatch):
+def test_real_backend_failing_rank_reports_the_traceback(tmp_path, any_trtllm, monkeypatch):
     monkeypatch.setenv("FAKE_TRTLLM_FAIL", "1")
     ckpt = make_checkpoint(tmp_path, tp=2)
     out = tmp_path / "out"
