@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=1,
                    help="ranks converted in parallel (processes), and engines built in parallel "
                         "(one GPU each) unless --build-workers says otherwise (default 1)")
+    g.add_argument("--ranks", metavar="A-B",
+                   help="convert and/or build only ranks A to B (or one rank R) of the world, "
+                        "e.g. the ranks of one node of a multi-node build; the checkpoint config "
+                        "and the Triton repository still describe the whole world, and each "
+                        "output appears (renamed from its .partial dir) when its last rank lands "
+                        "(default: all ranks)")
     g.add_argument("--force", action="store_true", help="replace existing outputs")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = p.add_argument_group("stages")
@@ -117,6 +123,7 @@ def run(args) -> int:
         tokenizer = _quant_tokenizer(args, quant, model_dir)  # before any work
         inputs = InputHashing(inputs)  # build.json's shard hashes, while converting
         ckpt = out / "checkpoint"
+        ranks = _conversion_ranks(args)
         ppl_text = None
         if getattr(args, "eval_ppl", None):
             from verify.perplexity import read_text_file
@@ -127,7 +134,7 @@ def run(args) -> int:
         config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                     workers=args.workers, force=args.force,
                                     progress=not args.no_progress, quant=quant,
-                                    timings=quant_timings)
+                                    timings=quant_timings, ranks=ranks)
         timings["checkpoint"] = time.perf_counter() - t0
         timings.update(quant_timings)  # included in "checkpoint"
         if quant_timings:
@@ -135,6 +142,10 @@ def run(args) -> int:
                   f"over {quant.calib_size} x {quant.calib_seq_len} tokens), quantized tensors: "
                   f"{quant_timings['quantized_tensors']:.1f}s")
         m = config["mapping"]
+        if not ckpt.is_dir():  # --ranks: other ranks are still to come
+            ckpt = ckpt.with_name(ckpt.name + ".partial")
+            print(f"checkpoint: rank(s) {args.ranks} of {m['world_size']} written into {ckpt}; "
+                  f"{out / 'checkpoint'} appears when the other ranks are written there too")
         print(f"checkpoint: {ckpt} ({m['world_size']} rank(s), tp {m['tp_size']}, "
               f"pp {m['pp_size']}, {config['dtype']}, {quant.name}) in "
               f"{timings['checkpoint']:.1f}s")
@@ -163,19 +174,48 @@ def run(args) -> int:
     # the engines (same options, so the same engine config.json the repository was filled from)
     hint_flags = () if args.triton_target == "none" else ("--triton-target", "none")
     engines = build_engines(ckpt, out / "engines", engine_options, force=args.force,
-                            hint_flags=hint_flags)
+                            hint_flags=hint_flags, ranks=args.ranks)
     timings["engines"] = time.perf_counter() - t0
     stream = sys.stdout if engines.exit_code == 0 else sys.stderr
     print(f"engines: {engines.message}", file=stream)
+    # the Triton repository describes the whole world: written by the run that completes it
+    whole = engines.complete if engines.exit_code == 0 else not ckpt.name.endswith(".partial")
     if engines.exit_code in (0, EXIT_NO_ENGINE) and args.triton_target != "none":
-        t0 = time.perf_counter()
-        repo = _write_triton(args, out, ckpt, model_dir, engine_options,
-                             engines_built=engines.exit_code == 0)
-        timings["triton"] = time.perf_counter() - t0
-        print(f"triton: {repo} ({args.triton_target} model repository, validated with Triton's "
-              f"ModelConfig schema); launch: {repo / 'launch_triton.sh'}")
-    write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
+        if whole:
+            t0 = time.perf_counter()
+            repo = _write_triton(args, out, ckpt, model_dir, engine_options,
+                                 engines_built=engines.exit_code == 0)
+            timings["triton"] = time.perf_counter() - t0
+            print(f"triton: {repo} ({args.triton_target} model repository, validated with "
+                  f"Triton's ModelConfig schema); launch: {repo / 'launch_triton.sh'}")
+        else:
+            print("triton: not written yet: the run that completes every rank writes it")
+    write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings,
+                   engines=_engine_record(engines))
     return engines.exit_code
+
+
+def _conversion_ranks(args):
+    """--ranks for the conversion (checked against tp x pp before any work); None = all. A
+    check of the whole checkpoint (--verify, --eval-ppl) needs every rank in this run."""
+    if args.ranks is None:
+        return None
+    from builders.engine_options import parse_ranks
+
+    ranks = parse_ranks(args.ranks, args.tp * args.pp)
+    if len(ranks) < args.tp * args.pp and (args.verify or getattr(args, "eval_ppl", None)):
+        raise UserError("--verify and --eval-ppl run the whole checkpoint: drop them with "
+                        "--ranks, or run them where every rank is converted")
+    return ranks
+
+
+def _engine_record(engines) -> dict:
+    """build.json's account of the engines: which ranks this run built, on which GPU each rank
+    of the output was built (all runs so far), and whether the world is complete."""
+    return {"status": engines.status, "world_size": engines.world_size,
+            "complete": engines.complete, "tensorrt_llm": engines.trtllm_version,
+            "ranks_built_here": [rb.rank for rb in engines.ranks if rb.status == "built"],
+            "built_on": {str(r): rec for r, rec in sorted(engines.built_on.items())}}
 
 
 def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:

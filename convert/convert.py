@@ -5,6 +5,12 @@ located and shape-checked), and only then read weights. Files go to ``<out>.part
 directory is renamed to ``<out>`` when every rank is complete and read back. A run interrupted
 (Ctrl-C, SIGTERM) keeps ``<out>.partial/`` with its finished ranks; a rerun with the same inputs
 and options redoes only the unfinished ones. A run that fails for any other reason removes it.
+
+``ranks`` (``--ranks A-B``, one node of a multi-node world) writes only those ranks (and the
+whole world's config.json) into ``<out>.partial/``, which runs for other ranks share; the run
+that writes the last rank renames it. Its fingerprint leaves out file times (each node has its
+own copy of the model), a different one is refused instead of discarded (it holds other nodes'
+work), and a failing run removes only its own unfinished files.
 """
 from __future__ import annotations
 
@@ -61,7 +67,8 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool) -> s
     return path
 
 
-def _fingerprint(config: dict, plans, source: SourceCheckpoint, quant=None) -> dict:
+def _fingerprint(config: dict, plans, source: SourceCheckpoint, quant=None,
+                 mtimes: bool = True) -> dict:
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True).encode())
     h.update(repr(quant).encode())
@@ -70,7 +77,7 @@ def _fingerprint(config: dict, plans, source: SourceCheckpoint, quant=None) -> d
             h.update(repr((t.name, t.shape, str(t.dtype), [asdict(p) for p in t.pieces])).encode())
     for f in source.files:
         st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns if mtimes else ''}".encode())
     return {"sha256": h.hexdigest()}
 
 
@@ -97,7 +104,8 @@ def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None):
 def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True,
                        quantization: dict | None = None, quant=None,
-                       calibrated_model=None, timings: dict | None = None) -> dict:
+                       calibrated_model=None, timings: dict | None = None,
+                       ranks=None) -> dict:
     """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
 
     ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
@@ -107,7 +115,8 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     quantized linears. ``quantization``: a raw ``quantization`` block (no calibration; for tests
     and benchmarks), ignored when ``quant`` is given. ``timings``: a dict that receives the
     seconds spent calibrating (``calibration``) and computing the quantized tensors
-    (``quantized_tensors``).
+    (``quantized_tensors``). ``ranks``: write only these ranks (see the module docstring); the
+    checkpoint is in ``out_dir`` once every rank is, else in ``out_dir.partial``.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant)
@@ -121,6 +130,14 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
     source = SourceCheckpoint(model_dir)
     world = tp * pp
+    wanted = list(range(world)) if ranks is None else sorted(ranks)
+    subset = len(wanted) < world
+    if subset and quant is not None and quant.needs_calibration:
+        raise UserError(f"--ranks cannot split a calibrated format ({quant.name}) over runs: the "
+                        "ranks of two calibrations must not be mixed; convert every rank in one "
+                        "run (CPU only) and use --ranks with --from-checkpoint for the engines")
+    if subset and force:
+        shutil.rmtree(out_dir, ignore_errors=True)  # a new generation is being written
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"])
              for r in range(world)]
     calibrated = quant is not None and quant.needs_calibration
@@ -128,7 +145,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
         plans = _calibrated_plans(model_dir, plans, shape, quant, config, calibrated_model,
                                   progress, timings if timings is not None else {})
         workers = 1  # the calibrated tensors are in this process's memory
-    fingerprint = _fingerprint(config, plans, source, quant)
+    fingerprint = _fingerprint(config, plans, source, quant, mtimes=not subset)
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
     try:
@@ -143,17 +160,22 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
             except (OSError, json.JSONDecodeError):
                 old = None
             if old != fingerprint:
+                if subset and not force:
+                    raise UserError(f"{tmp} holds ranks converted from other inputs or options; "
+                                    f"rerun with the same ones, or pass --force to discard them")
                 shutil.rmtree(tmp)
         tmp.mkdir(exist_ok=True)
         (tmp / FINGERPRINT).write_text(json.dumps(fingerprint))
     except OSError as e:
         raise UserError(f"cannot write to {out_dir.parent}: {e.strerror or e}; "
                         f"choose another --output")
-    todo = [r for r in range(world) if not (tmp / f"rank{r}.safetensors").is_file()]
+    todo = [r for r in wanted if not (tmp / f"rank{r}.safetensors").is_file()]
     try:
         with interrupt.deferred():
             _run_ranks(model_dir, plans, tmp, todo, workers, progress)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _write_config(tmp, config)
+        if not all((tmp / f"rank{r}.safetensors").is_file() for r in range(world)):
+            return config  # other ranks are still to come (--ranks)
         _verify_files(tmp, plans)
         (tmp / FINGERPRINT).unlink()
         swap_into_place(tmp, out_dir)  # an existing one only with --force (checked above)
@@ -163,13 +185,29 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
         raise Interrupted(f"interrupted: finished ranks are kept in {tmp}; rerun the same command "
                           f"to finish only the remaining ranks")
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp, todo if subset else None)
         raise UserError(f"cannot write the checkpoint to {out_dir.parent}: {e.strerror or e}; "
                         f"free space or choose another --output")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp, todo if subset else None)
         raise
     return config
+
+
+def _write_config(tmp: Path, config: dict) -> None:
+    """config.json, written whole under a temporary name (runs for other ranks write the same)."""
+    part = tmp / f".config.json.{os.getpid()}.tmp"
+    part.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(part, tmp / "config.json")
+
+
+def _discard(tmp: Path, own_ranks) -> None:
+    """After a failure: the whole work dir, or with --ranks only this run's unfinished files."""
+    if own_ranks is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    for r in own_ranks:
+        (tmp / f"rank{r}.safetensors.tmp").unlink(missing_ok=True)
 
 
 def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibrated_model,

@@ -585,3 +585,152 @@ def test_real_backend_failing_rank_reports_the_traceback(tmp_path, any_trtllm, m
     assert "RuntimeError: fake build failure in rank 1" in res.message
     assert not (out / "engines").exists() and engine_files(out) == []
     assert "Traceback" in (out / "engines.failed-logs" / "rank1.log").read_text()
+
+
+# --- --ranks: one node's ranks, GPU records, mixing refused -------------------------------------
+
+def _tree(root: Path, skip=(".ranks",)) -> dict:
+    """Every file under root (relative path → bytes), except the per-host GPU records."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(part in skip for part in p.relative_to(root).parts)}
+
+
+def test_two_runs_with_disjoint_ranks_equal_one_full_run(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=2, pp=2)
+    full = tmp_path / "full" / "engines"
+    assert build_engines(ckpt, full, backend=RecordingFakeTrtllm()).ok
+    split = tmp_path / "split" / "engines"
+    first = RecordingFakeTrtllm()
+    res = build_engines(ckpt, split, backend=first, ranks="0-1")
+    assert res.ok and not res.complete and res.engines_dir is None
+    assert sorted(c["rank"] for c in first.calls) == [0, 1]
+    assert not split.exists()  # engines/ appears only complete
+    assert "missing: 2-3" in res.message and "engines.partial" in res.message
+    assert res.command_hint.endswith("--ranks 0-1")
+    second = RecordingFakeTrtllm()
+    res = build_engines(ckpt, split, backend=second, ranks="2-3")
+    assert res.ok and res.complete and res.engines_dir == split
+    assert sorted(c["rank"] for c in second.calls) == [2, 3]
+    assert not split.with_name("engines.partial").exists()
+    assert _tree(split) == _tree(full)  # engines, config.json and logs, byte for byte
+    assert sorted(res.built_on) == [0, 1, 2, 3]
+    assert all(rec["gpu"]["name"] == "NVIDIA H100 80GB HBM3" for rec in res.built_on.values())
+
+
+def test_ranks_from_another_gpu_type_are_not_mixed_in(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=4)
+    engines = tmp_path / "out" / "engines"
+    assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), ranks="0-1").ok
+    stage = engines.with_name("engines.partial")
+    before = _tree(stage, skip=())
+    other = RecordingFakeTrtllm(gpu_name="NVIDIA A100-SXM4-80GB", cc="8.0")
+    with pytest.raises(UserError) as e:
+        build_engines(ckpt, engines, backend=other, ranks="2-3")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "rank0.engine was built on NVIDIA H100 80GB HBM3 (compute capability 9.0)" in msg
+    assert "this host's GPU is NVIDIA A100-SXM4-80GB (compute capability 8.0)" in msg
+    assert "NVIDIA/TensorRT-LLM#222" in msg and "--force" in msg
+    assert other.calls == [] and _tree(stage, skip=()) == before and not engines.exists()
+    # the same GPU type joins; --force rebuilding every rank here replaces the other GPU's ranks
+    assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), ranks="2-3").complete
+    res = build_engines(ckpt, engines, backend=other, force=True)
+    assert res.complete and {r["gpu"]["compute_capability"] for r in res.built_on.values()} \
+        == {"8.0"}
+
+
+def test_a_host_mixing_gpu_types_in_one_run_is_refused(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    fake = RecordingFakeTrtllm(gpus=2, gpu_by_device={"1": {"name": "NVIDIA L40S",
+                                                            "compute_capability": "8.9"}})
+    with pytest.raises(UserError, match="GPU 0 is NVIDIA H100 80GB HBM3 .* but GPU 1 is "
+                                        "NVIDIA L40S"):
+        build_engines(ckpt, tmp_path / "out" / "engines", {"build_workers": 2}, backend=fake)
+    assert fake.calls == []
+
+
+def test_ranks_with_other_options_are_not_mixed_in(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    engines = tmp_path / "out" / "engines"
+    assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), ranks="0").ok
+    fake = RecordingFakeTrtllm()
+    with pytest.raises(UserError, match="holds ranks built from another checkpoint or with "
+                                        "other engine options"):
+        build_engines(ckpt, engines, {"max_batch_size": 8}, backend=fake, ranks="1")
+    assert fake.calls == []
+
+
+def test_a_failing_subset_run_keeps_the_other_runs_ranks(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=4)
+    engines = tmp_path / "out" / "engines"
+    assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), ranks="0-1").ok
+    res = build_engines(ckpt, engines, backend=RecordingFakeTrtllm(fail_ranks={3}), ranks="2-3")
+    assert res.status == FAILED
+    stage = engines.with_name("engines.partial")
+    assert engine_files(stage) == ["rank0.engine", "rank1.engine"]  # none of the failed run's
+    assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), ranks="2-3").complete
+
+
+@pytest.mark.parametrize("ranks, match", [
+    ("2-5", r"--ranks 2-5 is not a range inside the world of 4 rank\(s\) \(0-3\)"),
+    ("3-1", "is not a range inside"),
+    ("a-b", "--ranks must be A-B or R with whole numbers"),
+])
+def test_bad_rank_ranges_are_user_errors(tmp_path, ranks, match):
+    ckpt = make_checkpoint(tmp_path, tp=4)
+    fake = RecordingFakeTrtllm()
+    with pytest.raises(UserError, match=match):
+        build_engines(ckpt, tmp_path / "out" / "engines", backend=fake, ranks=ranks)
+    assert fake.calls == []
+
+
+def test_a_rank_subset_needs_only_its_own_checkpoint_files(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=4)
+    (ckpt / "rank0.safetensors").unlink()  # e.g. a node that converted ranks 2-3 only
+    assert build_engines(ckpt, tmp_path / "out" / "engines", backend=RecordingFakeTrtllm(),
+                         ranks="2-3").ok
+    with pytest.raises(UserError, match="rank0.safetensors missing"):
+        build_engines(ckpt, tmp_path / "out" / "engines", backend=RecordingFakeTrtllm(),
+                      ranks="0-1")
+
+
+# --- --kv-cache-type / --paged-kv-cache, --max-seq-len ------------------------------------------
+
+def test_paged_kv_cache_is_the_deprecated_spelling_of_kv_cache_type(capsys):
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert options_from_args(parser.parse_args(["--paged-kv-cache", "disable"])).kv_cache_type \
+        == "continuous"
+    assert "--paged-kv-cache is deprecated" in capsys.readouterr().err
+    assert options_from_args(parser.parse_args([])).kv_cache_type == "paged"
+    assert options_from_args(parser.parse_args(["--kv-cache-type", "disabled"])).paged_kv_cache \
+        == "disable"
+    with pytest.raises(UserError, match="--paged-kv-cache enable contradicts --kv-cache-type "
+                                        "continuous"):
+        options_from_args(parser.parse_args(["--paged-kv-cache", "enable",
+                                             "--kv-cache-type", "continuous"]))
+
+
+@pytest.mark.parametrize("scaling, want", [
+    (None, 2048),
+    ({"type": "linear", "factor": 4.0}, 8192),
+    ({"rope_type": "dynamic", "factor": 1.5}, 3072),
+    ({"rope_type": "yarn", "factor": 2.5}, 5120),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, 2048),
+    ({"type": "longrope", "factor": 4.0}, 2048),
+])
+def test_deduced_max_seq_len_follows_trtllm(scaling, want):
+    config = {"max_position_embeddings": 2048, "rotary_scaling": scaling}
+    assert E.deduced_max_seq_len(config) == want
+    assert E.effective_lengths(EngineOptions(max_input_len=4096), config) == \
+        {"max_seq_len": want, "max_input_len": min(4096, want)}
+    assert E.deduced_max_seq_len({"max_position_embeddings": 1001,
+                                  "rotary_scaling": {"type": "linear", "factor": 1.5}}) == 1502
+
+
+def test_max_seq_len_help_says_what_trtllm_does():
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "not for llama3/longrope/su scaling" in text
+    assert "scaled by its rope factor" not in text
