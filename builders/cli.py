@@ -120,10 +120,10 @@ def run(args) -> int:
         if getattr(args, "target", "engine") == "pytorch":
             return _run_pytorch_target(args, model_dir, out, inputs)
         _check_triton_args(args, model_dir)
+        ranks = _conversion_ranks(args, quant)
         tokenizer = _quant_tokenizer(args, quant, model_dir)  # before any work
         inputs = InputHashing(inputs)  # build.json's shard hashes, while converting
         ckpt = out / "checkpoint"
-        ranks = _conversion_ranks(args)
         ppl_text = None
         if getattr(args, "eval_ppl", None):
             from verify.perplexity import read_text_file
@@ -195,17 +195,24 @@ def run(args) -> int:
     return engines.exit_code
 
 
-def _conversion_ranks(args):
+def _conversion_ranks(args, quant):
     """--ranks for the conversion (checked against tp x pp before any work); None = all. A
-    check of the whole checkpoint (--verify, --eval-ppl) needs every rank in this run."""
+    check of the whole checkpoint (--verify, --eval-ppl) needs every rank in this run, and the
+    ranks of a calibrated format come from one calibration."""
     if args.ranks is None:
         return None
     from builders.engine_options import parse_ranks
 
     ranks = parse_ranks(args.ranks, args.tp * args.pp)
-    if len(ranks) < args.tp * args.pp and (args.verify or getattr(args, "eval_ppl", None)):
+    if len(ranks) == args.tp * args.pp:
+        return ranks
+    if args.verify or getattr(args, "eval_ppl", None):
         raise UserError("--verify and --eval-ppl run the whole checkpoint: drop them with "
                         "--ranks, or run them where every rank is converted")
+    if quant.needs_calibration:
+        raise UserError(f"--ranks cannot split a calibrated format ({quant.name}) over runs: "
+                        "the ranks of two calibrations must not be mixed; convert every rank in "
+                        "one run (CPU only) and use --ranks with --from-checkpoint for engines")
     return ranks
 
 

@@ -411,11 +411,11 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
     seconds = time.perf_counter() - t0
     which = f"rank(s) {todo[0]}-{todo[-1]} of {world}" if subset else f"{world} rank(s)"
     if complete:
-        msg = (f"engines: {engines_dir} ({which}, TensorRT-LLM {avail.version}, "
+        msg = (f"{engines_dir} ({which}, TensorRT-LLM {avail.version}, "
                f"{len(device_ids)} in parallel) in {seconds:.1f}s")
     else:
         missing = [r for r in range(world) if r not in records]
-        msg = (f"engines: {which} built into {stage} in {seconds:.1f}s; {engines_dir} appears "
+        msg = (f"{which} built into {stage} in {seconds:.1f}s; {engines_dir} appears "
                f"when the other ranks are built there too (missing: {_ranges(missing)})")
     return EngineBuildResult(BUILT, msg, hint, engines_dir=engines_dir if complete else None,
                              logs_dir=(engines_dir if complete else stage) / "logs",
