@@ -118,6 +118,10 @@ def run(args) -> int:
         model_dir = resolve_model(args.model)
         inputs.update(model=args.model, model_dir=str(model_dir.resolve()))
         if getattr(args, "target", "engine") == "pytorch":
+            if args.ranks is not None:
+                raise UserError("--ranks splits a TensorRT-LLM checkpoint and its engines over "
+                                "runs (--target engine); the PyTorch target's unified "
+                                "checkpoint is written whole: drop --ranks")
             return _run_pytorch_target(args, model_dir, out, inputs)
         _check_triton_args(args, model_dir)
         ranks = _conversion_ranks(args, quant)

@@ -1,4 +1,4 @@
-"""The real thing, on a GPU host with TensorRT-LLM 0.12 … 1.2.x: SmolLM2-135M → build_engine
+"""The real thing, on a GPU host with TensorRT-LLM 1.0 … 1.2.x: SmolLM2-135M → build_engine
 (checkpoint, then engines through the real backend) → one greedy generation with TensorRT-LLM's
 runtime, checked against the Hugging Face model.
 
