@@ -401,10 +401,8 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
     _land(work, stage, builds, avail.version)
     _rmtree(work)
     records = _read_records(stage)
-    complete = _complete(stage, world)
+    complete = _complete(stage, world) and _promote(stage, engines_dir, world)
     if complete:
-        (stage / FINGERPRINT).unlink()
-        swap_into_place(stage, engines_dir)  # an old one (force) goes only now
         for rb in builds:
             rb.log = engines_dir / "logs" / rb.log.name
     _rmtree(failed_logs)
@@ -421,6 +419,28 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
                              logs_dir=(engines_dir if complete else stage) / "logs",
                              trtllm_version=avail.version, ranks=builds, seconds=seconds,
                              complete=complete, world_size=world, built_on=records)
+
+
+def _promote(stage: Path, engines_dir: Path, world: int, wait_s: float = 120.0) -> bool:
+    """Rename the complete stage to ``engines_dir`` (replacing an old one only now). Two runs
+    landing their last ranks at once: the one that creates ``engines.lock`` renames, the other
+    waits for the result."""
+    lock = engines_dir.with_name(engines_dir.name + ".lock")
+    try:
+        lock.mkdir()
+    except FileExistsError:
+        deadline = time.monotonic() + wait_s
+        while lock.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return _complete(engines_dir, world)
+    try:
+        if not stage.is_dir():  # promoted by a run that took the lock just before us
+            return _complete(engines_dir, world)
+        (stage / FINGERPRINT).unlink(missing_ok=True)
+        swap_into_place(stage, engines_dir)
+        return True
+    finally:
+        lock.rmdir()
 
 
 def _ranges(ranks: list[int]) -> str:

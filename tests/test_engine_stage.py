@@ -734,3 +734,18 @@ def test_max_seq_len_help_says_what_trtllm_does():
     text = " ".join(parser.format_help().split())
     assert "not for llama3/longrope/su scaling" in text
     assert "scaled by its rope factor" not in text
+
+
+def test_two_runs_completing_at_once_promote_the_engines_once(tmp_path):
+    """The run holding engines.lock renames engines.partial; the other finds it done."""
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    engines = tmp_path / "out" / "engines"
+    assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), ranks="0").ok
+    assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), ranks="1").complete
+    lock = engines.with_name("engines.lock")
+    lock.mkdir()  # as if another run were renaming right now
+    assert E._promote(engines.with_name("engines.partial"), engines, 2, wait_s=0.2) is True
+    lock.rmdir()
+    # the lock's holder, finding the stage already gone, reports the promoted engines too
+    assert E._promote(engines.with_name("engines.partial"), engines, 2) is True
+    assert not lock.exists() and engine_files(engines) == ["rank0.engine", "rank1.engine"]
