@@ -129,36 +129,36 @@ class TrtllmBackend:
                 return n
         except Exception:  # noqa: BLE001 - a broken torch just means: ask nvidia-smi
             pass
-        n = len(self._smi_gpus())
+        smi = shutil.which("nvidia-smi")
+        if not smi:
+            return 0
+        try:
+            p = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return 0
+        n = sum(1 for line in p.stdout.splitlines() if line.startswith("GPU "))
         env = os.environ.get("CUDA_VISIBLE_DEVICES")
         if env is not None:
             n = min(n, len([x for x in env.split(",") if x.strip() and x.strip() != "-1"]))
         return n
 
     def gpu(self, device: str) -> dict | None:
-        # nvidia-smi numbers GPUs as CUDA_VISIBLE_DEVICES does (both by PCI bus order when
-        # CUDA_DEVICE_ORDER=PCI_BUS_ID, the usual cluster setting); torch would renumber them
-        by_index = {g["index"]: g for g in self._smi_gpus()}
-        g = by_index.get(str(device))
-        return None if g is None else {"name": g["name"],
-                                       "compute_capability": g["compute_capability"]}
-
-    def _smi_gpus(self) -> list[dict]:
+        """From nvidia-smi, whose indices are what CUDA_VISIBLE_DEVICES names (with the usual
+        CUDA_DEVICE_ORDER=PCI_BUS_ID; UUIDs match as well); None when it cannot tell."""
         smi = shutil.which("nvidia-smi")
         if not smi:
-            return []
+            return None
         try:
-            p = subprocess.run([smi, "--query-gpu=index,name,compute_cap",
+            p = subprocess.run([smi, "--query-gpu=index,uuid,name,compute_cap",
                                 "--format=csv,noheader"], capture_output=True, text=True,
                                timeout=60)
         except (OSError, subprocess.TimeoutExpired):
-            return []
-        gpus = []
-        for line in p.stdout.splitlines():
+            return None
+        for line in p.stdout.splitlines() if p.returncode == 0 else []:
             parts = [x.strip() for x in line.split(",")]
-            if len(parts) == 3 and parts[0].isdigit():
-                gpus.append({"index": parts[0], "name": parts[1], "compute_capability": parts[2]})
-        return gpus
+            if len(parts) == 4 and str(device).strip() in (parts[0], parts[1]):
+                return {"name": parts[2], "compute_capability": parts[3]}
+        return None
 
     # building
     def _env(self, device: str | None) -> dict:

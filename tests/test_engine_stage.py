@@ -749,3 +749,18 @@ def test_two_runs_completing_at_once_promote_the_engines_once(tmp_path):
     # the lock's holder, finding the stage already gone, reports the promoted engines too
     assert E._promote(engines.with_name("engines.partial"), engines, 2) is True
     assert not lock.exists() and engine_files(engines) == ["rank0.engine", "rank1.engine"]
+
+
+def test_real_backend_reads_the_gpu_from_nvidia_smi(tmp_path, monkeypatch):
+    """TEST DOUBLE of nvidia-smi on PATH answering the query the backend makes."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text('#!/bin/sh\n[ "$1" = "--query-gpu=index,uuid,name,compute_cap" ] || exit 9\n'
+                   'echo "0, GPU-aaaa, NVIDIA H100 80GB HBM3, 9.0"\n'
+                   'echo "1, GPU-bbbb, NVIDIA A100-SXM4-80GB, 8.0"\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:/usr/bin:/bin")
+    b = TrtllmBackend()
+    assert b.gpu("1") == {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+    assert b.gpu("GPU-aaaa") == {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    assert b.gpu("7") is None
