@@ -224,6 +224,7 @@ def _engine_record(engines) -> dict:
     """build.json's account of the engines: which ranks this run built, on which GPU each rank
     of the output was built (all runs so far), and whether the world is complete."""
     return {"status": engines.status, "world_size": engines.world_size,
+            "lengths": engines.lengths,  # max_seq_len as TensorRT-LLM deduces it, input clipped
             "complete": engines.complete, "tensorrt_llm": engines.trtllm_version,
             "ranks_built_here": [rb.rank for rb in engines.ranks if rb.status == "built"],
             "built_on": {str(r): rec for r, rec in sorted(engines.built_on.items())}}

@@ -107,6 +107,7 @@ class EngineBuildResult:
     complete: bool = False      # every rank of the world is in engines/
     world_size: int = 0
     built_on: dict = field(default_factory=dict)  # rank → its .ranks record, all runs so far
+    lengths: dict = field(default_factory=dict)   # max_seq_len / max_input_len the engine gets
 
     @property
     def ok(self) -> bool:
@@ -362,6 +363,7 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
     read_checkpoint_layout(checkpoint_dir, ranks=todo)
     subset = len(todo) < world
     _check_options_against_checkpoint(opts, config)
+    lengths = effective_lengths(opts, config)
     if subset:
         hint_flags = tuple(hint_flags) + ("--ranks", f"{todo[0]}-{todo[-1]}")
     hint = engine_command_hint(checkpoint_dir, engines_dir.parent, opts, hint_flags)
@@ -372,7 +374,8 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
         reason = " ".join(avail.reason.split())  # one line, whatever an import error printed
         msg = f"Engines were not built because {reason}; to build them on a GPU host run: {hint}"
         return EngineBuildResult(NOT_BUILT, msg, hint, trtllm_version=avail.version,
-                                 seconds=time.perf_counter() - t0, world_size=world)
+                                 seconds=time.perf_counter() - t0, world_size=world,
+                                 lengths=lengths)
 
     if engines_dir.exists() and not force:
         raise UserError(f"{engines_dir} already exists; pass --force to replace it")
@@ -418,7 +421,8 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
     return EngineBuildResult(BUILT, msg, hint, engines_dir=engines_dir if complete else None,
                              logs_dir=(engines_dir if complete else stage) / "logs",
                              trtllm_version=avail.version, ranks=builds, seconds=seconds,
-                             complete=complete, world_size=world, built_on=records)
+                             complete=complete, world_size=world, built_on=records,
+                             lengths=lengths)
 
 
 def _promote(stage: Path, engines_dir: Path, world: int, wait_s: float = 120.0) -> bool:

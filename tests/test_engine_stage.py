@@ -764,3 +764,11 @@ def test_real_backend_reads_the_gpu_from_nvidia_smi(tmp_path, monkeypatch):
     assert b.gpu("1") == {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
     assert b.gpu("GPU-aaaa") == {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     assert b.gpu("7") is None
+
+
+def test_result_reports_the_lengths_the_engine_gets(tmp_path):
+    ckpt = make_checkpoint(tmp_path, tp=1)  # max_position_embeddings 2048, no rope scaling
+    res = build_engines(ckpt, tmp_path / "out" / "engines", {"max_input_len": 4096},
+                        backend=RecordingFakeTrtllm())
+    assert res.lengths == {"max_seq_len": 2048, "max_input_len": 2048}  # clipped, as TRT-LLM
+    assert json.loads(json.dumps(res.as_dict()))["lengths"]["max_seq_len"] == 2048
