@@ -180,8 +180,9 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
         (tmp / FINGERPRINT).unlink()
         swap_into_place(tmp, out_dir)  # an existing one only with --force (checked above)
     except (KeyboardInterrupt, Interrupted):
-        for leftover in tmp.glob("*.tmp"):
-            leftover.unlink()
+        # only this run's unfinished files: with --ranks, other runs may be writing theirs
+        for leftover in (tmp / f"rank{r}.safetensors.tmp" for r in todo):
+            leftover.unlink(missing_ok=True)
         raise Interrupted(f"interrupted: finished ranks are kept in {tmp}; rerun the same command "
                           f"to finish only the remaining ranks")
     except OSError as e:
