@@ -112,3 +112,26 @@ def test_from_checkpoint_on_another_gpu_type_refuses_to_mix_in_one_line(tmp_path
     assert "built on NVIDIA H100 80GB HBM3 (compute capability 9.0)" in err[0]
     assert "NVIDIA A100-SXM4-80GB (compute capability 8.0)" in err[0]
     assert a100.calls == [] and not (out / "engines").exists()
+
+
+def test_conversion_ranks_of_other_options_are_not_mixed_in(tmp_path, tiny_model):
+    from convert.convert import convert_checkpoint
+    from convert.errors import UserError
+
+    hf_dir, _ = tiny_model()
+    ckpt = tmp_path / "out" / "checkpoint"
+    convert_checkpoint(hf_dir, ckpt, tp=2, dtype="float16", progress=False, ranks=[0])
+    part = ckpt.with_name("checkpoint.partial")
+    assert not ckpt.exists() and sorted(p.name for p in part.iterdir()) == [
+        "config.json", "fingerprint.json", "rank0.safetensors"]
+    before = (part / "rank0.safetensors").read_bytes()
+    with pytest.raises(UserError, match="holds ranks converted from other inputs or options"):
+        convert_checkpoint(hf_dir, ckpt, tp=2, dtype="bfloat16", progress=False, ranks=[1])
+    assert (part / "rank0.safetensors").read_bytes() == before
+    convert_checkpoint(hf_dir, ckpt, tp=2, dtype="float16", progress=False, ranks=[1])
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "rank0.safetensors",
+                                                      "rank1.safetensors"]
+    full = tmp_path / "full" / "checkpoint"
+    convert_checkpoint(hf_dir, full, tp=2, dtype="float16", progress=False)
+    for name in ("config.json", "rank0.safetensors", "rank1.safetensors"):
+        assert (ckpt / name).read_bytes() == (full / name).read_bytes()
