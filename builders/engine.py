@@ -61,6 +61,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+# the options and the seam are re-exported: callers (cli, tests) import them from here
 from builders.engine_backend import (CONTAINER, INSTALL_COMMAND, MAX_VERSION_EXCLUSIVE,  # noqa: F401
                                      MIN_VERSION, REQUIREMENT, Availability, Backend,
                                      TrtllmBackend, check_trtllm, parse_version,
