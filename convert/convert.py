@@ -26,6 +26,7 @@ from .atomic import swap_into_place
 from .errors import UserError
 from .interrupt import Interrupted
 from .hf_config import from_hugging_face, model_shape, pp_layer_range, preflight, read_hf_config
+from .moe import moe_layout, preflight_moe_quant
 from .plan import rank_plan
 from .source import SourceCheckpoint
 from .writer import iter_chunks, nbytes, write_file
@@ -84,20 +85,24 @@ def _verify_files(tmp: Path, plans) -> None:
             raise AssertionError(f"rank{rank}.safetensors does not hold the planned tensors")
 
 
-def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None):
+def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None,
+                         moe_tp: int | None = None, moe_ep: int | None = None):
     """Read the model's config and refuse a parallel layout or quantization format it cannot take
     (one line, before any weight is read or any calibration); return (HF config, Shape)."""
     hf = read_hf_config(Path(model_dir))
     shape = model_shape(hf)
     preflight(shape, tp, pp)
+    moe = moe_layout(shape, tp, moe_tp, moe_ep)
     preflight_quant(quant, shape, tp, pp)
+    preflight_moe_quant(quant, shape, moe)
     return hf, shape
 
 
 def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True,
                        quantization: dict | None = None, quant=None,
-                       calibrated_model=None, timings: dict | None = None) -> dict:
+                       calibrated_model=None, timings: dict | None = None,
+                       moe_tp: int | None = None, moe_ep: int | None = None) -> dict:
     """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
 
     ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
@@ -107,21 +112,25 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     quantized linears. ``quantization``: a raw ``quantization`` block (no calibration; for tests
     and benchmarks), ignored when ``quant`` is given. ``timings``: a dict that receives the
     seconds spent calibrating (``calibration``) and computing the quantized tensors
-    (``quantized_tensors``).
+    (``quantized_tensors``). ``moe_tp``/``moe_ep``: the experts' split of a mixture-of-experts
+    model (``convert.moe``; default moe_tp = tp, moe_ep = 1).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant)
+    hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant, moe_tp=moe_tp,
+                                     moe_ep=moe_ep)
+    moe = moe_layout(shape, tp, moe_tp, moe_ep)
     shape = replace(shape, vocab_multiple=vocab_multiple(quant))
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose another --output or pass --force to "
                         f"replace it")
     if quant is not None:
         quantization = quant.to_trtllm_quantization() if quant.is_quantized else None
-    config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization)
+    config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization,
+                               moe_tp=moe.moe_tp, moe_ep=moe.moe_ep)
     config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
     source = SourceCheckpoint(model_dir)
     world = tp * pp
-    plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"])
+    plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"], moe=moe)
              for r in range(world)]
     calibrated = quant is not None and quant.needs_calibration
     if calibrated:
