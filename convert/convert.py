@@ -26,11 +26,12 @@ from .atomic import swap_into_place
 from .errors import UserError
 from .interrupt import Interrupted
 from .hf_config import from_hugging_face, model_shape, pp_layer_range, preflight, read_hf_config
-from .moe import moe_layout, preflight_moe_quant
+from .moe import MoeLayout, moe_layout
 from .plan import rank_plan
 from .source import SourceCheckpoint
 from .writer import iter_chunks, nbytes, write_file
 from quantize.apply import MemoryTensor, preflight_quant, vocab_multiple
+from quantize.moe import moe_exclude_modules, preflight_moe_quant
 
 FINGERPRINT = "fingerprint.json"
 
@@ -125,6 +126,8 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
                         f"replace it")
     if quant is not None:
         quantization = quant.to_trtllm_quantization() if quant.is_quantized else None
+        if shape.experts and quantization and "exclude_modules" in quantization:
+            quantization["exclude_modules"] = moe_exclude_modules(quant, shape)  # + routers
     config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization,
                                moe_tp=moe.moe_tp, moe_ep=moe.moe_ep)
     config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
@@ -187,6 +190,7 @@ def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibr
     and KV-cache scales into its plan."""
     from quantize.apply import apply_to_plan, stage_tensors
     from quantize.calibrate import calibrate, extract_quant_state, shard_quant_state
+    from quantize.moe import extract_moe_state, shard_moe_state
 
     from .plan import TORCH_DTYPES
 
@@ -196,13 +200,17 @@ def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibr
         model = calibrate(model_dir, quant, progress=progress)
     t1 = time.perf_counter()
     state = extract_quant_state(model, quant, dtype=TORCH_DTYPES[config["dtype"]])
+    moe_state = extract_moe_state(model, quant) if shape.experts else {}
     del model
-    tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
+    mapping = config["mapping"]
+    tp, pp = mapping["tp_size"], mapping["pp_size"]
+    moe = MoeLayout(mapping.get("moe_tp_size", tp), mapping.get("moe_ep_size", 1))
     out = []
     for r, plan in enumerate(plans):
         pp_rank, tp_rank = divmod(r, tp)
         tensors = shard_quant_state(state, quant, num_heads=shape.heads,
                                     num_kv_heads=shape.kv_heads, tp=tp, rank=tp_rank)
+        tensors.update(shard_moe_state(moe_state, moe, tp_rank, shape.experts))
         layers = pp_layer_range(shape.layers, pp, pp_rank)
         out.append(apply_to_plan(plan, stage_tensors(tensors, layers)))
     timings.update(calibration=t1 - t0, quantized_tensors=time.perf_counter() - t1)

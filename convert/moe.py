@@ -77,10 +77,3 @@ def moe_config(shape) -> dict:
     return {"num_experts": shape.experts, "top_k": shape.top_k,
             "normalization_mode": shape.moe_normalization}
 
-
-def preflight_moe_quant(spec, shape, layout: MoeLayout) -> None:
-    """Quantization formats this converter does not write for experts, refused before any work."""
-    if not getattr(shape, "experts", 0) or spec is None or not spec.is_quantized:
-        return
-    raise UserError(f"{spec.name} is not supported for mixture-of-experts models yet; convert "
-                    f"without a quantization flag")

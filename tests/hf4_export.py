@@ -6,10 +6,13 @@ Run by tests/test_moe.py in a subprocess with the private transformers 4 copy fi
 (setup.sh installs it into .cache/; see ``hf4_dir``). Usage::
 
     python tests/hf4_export.py HF_DIR OUT_ROOT --tp 1 2 4 [--dtype float16] [--ids IDS.pt]
+        [--quant ALGO] [--kv int8|fp8] [--calib-text FILE]
 
 writes ``OUT_ROOT/tp{N}/`` (config.json + rank*.safetensors) per tp, and with ``--ids`` the
 float32 logits of the transformers-4 model on those ids to ``OUT_ROOT/logits.pt`` (so a test can
-check that both transformers versions read the same weights).
+check that both transformers versions read the same weights). With ``--quant``/``--kv`` the model
+is first calibrated by this repository's ``quantize.calibrate.calibrate`` (the same modelopt config
+and calibration batches as build_engine; byte tokenizer, 4 x 64 tokens of FILE).
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[1])
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--ids")
+    ap.add_argument("--quant")
+    ap.add_argument("--kv")
+    ap.add_argument("--calib-text")
     a = ap.parse_args()
     assert transformers.__version__.startswith("4."), transformers.__version__
     model = AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32).eval()
@@ -51,6 +57,19 @@ def main() -> None:
         with torch.no_grad():
             logits = model(input_ids=torch.load(a.ids)).logits.float()
         torch.save(logits, out / "logits.pt")
+    if a.quant or a.kv:
+        import sys
+
+        sys.path.insert(0, str(REPO))
+        from quant_common import byte_tokenizer
+        from quantize.calibrate import calibrate
+        from quantize.formats import QuantSpec
+
+        spec = QuantSpec.create(a.quant, kv_cache_dtype=a.kv, calib_size=4, calib_seq_len=64,
+                                calib_batch_size=2)
+        if spec.needs_calibration:
+            text = Path(a.calib_text).read_text(encoding="utf-8")
+            calibrate(model, spec, text, tokenizer=byte_tokenizer, progress=False)
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
     for tp in a.tp:
