@@ -45,12 +45,13 @@ def mixtral(tmp_path_factory):
     return d, model.float().eval()
 
 
-def hf4_export(hf_dir, out_root, tps, ids=None, dtype="float16"):
-    """Run tests/hf4_export.py (modelopt's export on transformers 4.57.1) in a subprocess."""
+def hf4_export(hf_dir, out_root, tps, ids=None, dtype="float16", extra=()):
+    """Run tests/hf4_export.py (modelopt's export on transformers 4.57.1) in a subprocess;
+    ``extra``: its calibration flags (--quant, --kv, --calib-text)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(hf4_dir())] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     cmd = [sys.executable, str(REPO / "tests" / "hf4_export.py"), str(hf_dir), str(out_root),
-           "--dtype", dtype, "--tp", *map(str, tps)]
+           "--dtype", dtype, *extra, "--tp", *map(str, tps)]
     if ids is not None:
         torch.save(ids, Path(out_root).parent / "ids.pt")
         cmd += ["--ids", str(Path(out_root).parent / "ids.pt")]
