@@ -119,6 +119,10 @@ def run(args) -> int:
         model_dir = resolve_model(args.model)
         inputs.update(model=args.model, model_dir=str(model_dir.resolve()))
         if getattr(args, "target", "engine") == "pytorch":
+            if args.moe_tp is not None or args.moe_ep is not None:
+                raise UserError("--moe-tp/--moe-ep split a TRT-LLM checkpoint (--target engine); "
+                                "the PyTorch backend takes moe_tensor_parallel_size / "
+                                "moe_expert_parallel_size when it loads the model: drop them")
             return _run_pytorch_target(args, model_dir, out, inputs)
         _check_triton_args(args, model_dir)
         tokenizer = _quant_tokenizer(args, quant, model_dir)  # before any work

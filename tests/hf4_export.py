@@ -6,7 +6,7 @@ Run by tests/test_moe.py in a subprocess with the private transformers 4 copy fi
 (setup.sh installs it into .cache/; see ``hf4_dir``). Usage::
 
     python tests/hf4_export.py HF_DIR OUT_ROOT --tp 1 2 4 [--dtype float16] [--ids IDS.pt]
-        [--quant ALGO] [--kv int8|fp8] [--calib-text FILE]
+        [--quant ALGO] [--kv int8|fp8] [--calib-text FILE] [--unified]
 
 writes ``OUT_ROOT/tp{N}/`` (config.json + rank*.safetensors) per tp, and with ``--ids`` the
 float32 logits of the transformers-4 model on those ids to ``OUT_ROOT/logits.pt`` (so a test can
@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--quant")
     ap.add_argument("--kv")
     ap.add_argument("--calib-text")
+    ap.add_argument("--unified", action="store_true",
+                    help="also export_hf_checkpoint (float32) to OUT_ROOT/unified")
     a = ap.parse_args()
     assert transformers.__version__.startswith("4."), transformers.__version__
     model = AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32).eval()
@@ -72,6 +74,10 @@ def main() -> None:
             calibrate(model, spec, text, tokenizer=byte_tokenizer, progress=False)
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
+    if a.unified:
+        from modelopt.torch.export import export_hf_checkpoint
+
+        export_hf_checkpoint(model, dtype=torch.float32, export_dir=out / "unified")
     for tp in a.tp:
         export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=getattr(torch, a.dtype),
                                        export_dir=out / f"tp{tp}", inference_tensor_parallel=tp)

@@ -64,7 +64,8 @@ def hf4_export(hf_dir, out_root, tps, ids=None, dtype="float16", extra=()):
 def modelopt_float(mixtral, tmp_path_factory):
     hf_dir, _ = mixtral
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
-    root = hf4_export(hf_dir, tmp_path_factory.mktemp("modelopt") / "export", [1, 2, 4], ids=ids)
+    root = hf4_export(hf_dir, tmp_path_factory.mktemp("modelopt") / "export", [1, 2, 4], ids=ids,
+                      extra=["--unified"])
     return root, ids
 
 
@@ -194,3 +195,31 @@ def test_moe_flags_on_a_dense_model_refused(tmp_path, tiny_model):
                          "--moe-ep", "2")
     assert rc == 2 and "this model has no experts" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@needs_hf4
+def test_target_pytorch_equals_modelopt_unified_export(tmp_path, mixtral, modelopt_float):
+    """--target pytorch (float): the unified checkpoint equals modelopt 0.47's export_hf_checkpoint
+    (of the transformers-4 model; on transformers 5's fused experts it raises NotImplementedError)
+    tensor for tensor, and --verify runs it through the reference reader."""
+    hf_dir, _ = mixtral
+    root, _ = modelopt_float
+    out = tmp_path / "out"
+    rc, stdout, err = run_cli("--model", hf_dir, "--output", out, "--target", "pytorch",
+                              "--triton-target", "none", "--verify", "--no-progress")
+    assert rc == 0, err
+    assert "verify: PASS" in stdout
+    ours = load_file(out / "hf_quantized" / "model.safetensors")
+    theirs = load_file(root / "unified" / "model.safetensors")
+    assert_equal_tensors(ours, theirs, "unified")
+
+
+def test_target_pytorch_refuses_quantized_moe_and_moe_flags(tmp_path, mixtral):
+    hf_dir, _ = mixtral
+    for flags, expect in ((["--int8-weight-only"], "not supported for mixture-of-experts"),
+                          (["--moe-ep", "2", "--tp", "2"], "--moe-tp/--moe-ep split a TRT-LLM")):
+        out = tmp_path / "out"
+        rc, _, err = run_cli("--model", hf_dir, "--output", out, "--target", "pytorch",
+                             "--triton-target", "none", *flags)
+        assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
