@@ -129,7 +129,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
         if shape.experts and quantization and "exclude_modules" in quantization:
             quantization["exclude_modules"] = moe_exclude_modules(quant, shape)  # + routers
     config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization,
-                               moe_tp=moe.moe_tp, moe_ep=moe.moe_ep)
+                               moe_tp=moe_tp, moe_ep=moe_ep)
     config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
     source = SourceCheckpoint(model_dir)
     world = tp * pp
