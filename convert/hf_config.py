@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .moe import NORMALIZATION_RENORMALIZE, moe_config, moe_layout
 
 # HF architecture -> (family name in convert.families, TRT-LLM architecture name)
 SUPPORTED_ARCHITECTURES = {
@@ -144,7 +145,8 @@ def _moe_fields(hf, family: str) -> dict:
     TensorRT-LLM's LLaMAConfig.from_hugging_face sets for model_type mixtral."""
     if family != "mixtral":
         return {}
-    return dict(experts=hf.num_local_experts, top_k=hf.num_experts_per_tok, moe_normalization=1)
+    return dict(experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                moe_normalization=NORMALIZATION_RENORMALIZE)
 
 
 def valid_tp_values(shape: Shape, limit: int = 64) -> list[int]:
@@ -186,8 +188,6 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
                       quantization: dict | None = None, moe_tp: int | None = None,
                       moe_ep: int | None = None) -> dict:
     """The TRT-LLM checkpoint config.json for ``hf`` (a transformers config)."""
-    from .moe import moe_config, moe_layout
-
     shape = model_shape(hf)
     preflight(shape, tp, pp)
     moe = moe_layout(shape, tp, moe_tp, moe_ep)

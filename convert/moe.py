@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
-#: tensorrt_llm.layers.moe.MoeConfig.ExpertScaleNormalizationMode
+#: tensorrt_llm.layers.moe.MoeConfig.ExpertScaleNormalizationMode: NONE (softmax, then top-k) = 0,
+#: RENORMALIZE (top-k, then softmax over those k; Mixtral) = 1
 NORMALIZATION_NONE, NORMALIZATION_RENORMALIZE = 0, 1
 
 

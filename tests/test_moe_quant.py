@@ -164,3 +164,28 @@ def test_weight_only_expert_shapes_refused(tmp_path):
                          "--int8-weight-only")
     assert rc == 2 and "experts' mlp.proj has 160 input features per rank" in err, err
     assert not out.exists()
+
+
+def test_every_expert_gets_a_weight_scale_and_an_unrouted_layer_is_refused(mixtral_q, calib_text):
+    """An expert that saw no calibration token (simulated: its weight quantizer's amax removed,
+    as max calibration leaves it when no token reaches the expert) still gets its weight's
+    absolute max as scale, the same value calibration gives; a layer whose experts saw no token
+    at all (no activation amax) is refused naming it, never written with a zero or NaN scale."""
+    from quantize.moe import extract_moe_state
+
+    hf_dir, _ = mixtral_q
+    spec = QuantSpec.create("FP8", **CALIB)
+    model = calibrate(_fresh(hf_dir), spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    before = extract_moe_state(model, spec)
+    experts = model.model.layers[1].mlp.experts
+    q = experts.gate_up_proj_weight_quantizers[2]
+    q._amax = torch.zeros_like(q._amax)  # what an uncalibrated amax looks like: zero
+    after = extract_moe_state(model, spec)
+    for name, t in before.items():
+        assert torch.equal(_bits(after[name]), _bits(t)), name
+        if "scaling_factor" in name:
+            assert torch.isfinite(t).all() and (t > 0).all(), name
+    experts.down_proj_input_quantizer._amax = torch.zeros_like(
+        experts.down_proj_input_quantizer._amax)
+    with pytest.raises(UserError, match="layer 1: no calibration token reached its experts"):
+        extract_moe_state(model, spec)
