@@ -223,3 +223,18 @@ def test_target_pytorch_refuses_quantized_moe_and_moe_flags(tmp_path, mixtral):
                              "--triton-target", "none", *flags)
         assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_routing_modes_follow_their_definitions():
+    """RENORMALIZE (1): top-k logits then softmax over them = HF Mixtral's softmax, top-k,
+    divide by the kept sum; NONE (0): softmax over all experts, top-k kept as they are."""
+    from verify.reference_moe import MoeSpec, route
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 8, generator=g), torch.randn(6, 8, generator=g)
+    probs = torch.softmax(x @ w.t(), dim=-1)
+    top, ids = torch.topk(probs, 2, dim=-1)
+    for mode, want in ((1, top / top.sum(-1, keepdim=True)), (0, top)):
+        got_ids, got_w = route(x, w, MoeSpec(6, 2, mode, 1, 1))
+        assert torch.equal(got_ids, ids)
+        torch.testing.assert_close(got_w, want)
