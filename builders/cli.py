@@ -21,7 +21,7 @@ EXIT_MISMATCH, EXIT_USER, EXIT_NO_ENGINE, EXIT_INTERRUPTED = 1, 2, 3, 130
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="build_engine",
-        description="Convert a Hugging Face Llama/Mistral/Qwen2 model into a sharded (optionally "
+        description="Convert a Hugging Face Llama/Mistral/Qwen2/Mixtral model into a sharded (optionally "
                     "quantized) TensorRT-LLM checkpoint, engines and a Triton model repository.")
     g = p.add_argument_group("model and layout")
     g.add_argument("--from-checkpoint", type=Path, metavar="CKPT_DIR",
@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, type=Path, help="output directory")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    g.add_argument("--moe-tp", type=int, metavar="N",
+                   help="mixture of experts (Mixtral): split every expert's intermediate "
+                        "dimension N ways (TensorRT-LLM's moe_tp_size; default: tp, or tp / "
+                        "--moe-ep); --moe-tp x --moe-ep must equal --tp")
+    g.add_argument("--moe-ep", type=int, metavar="N",
+                   help="mixture of experts: expert parallelism, each rank holding experts / N "
+                        "whole experts (moe_ep_size; default: 1, or tp / --moe-tp)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="weight dtype (auto: the model's fp16/bf16, float16 for fp32 models)")
     g.add_argument("--workers", type=int, default=1,
@@ -122,6 +129,10 @@ def run(args) -> int:
                 raise UserError("--ranks splits a TensorRT-LLM checkpoint and its engines over "
                                 "runs (--target engine); the PyTorch target's unified "
                                 "checkpoint is written whole: drop --ranks")
+            if args.moe_tp is not None or args.moe_ep is not None:
+                raise UserError("--moe-tp/--moe-ep split a TRT-LLM checkpoint (--target engine); "
+                                "the PyTorch backend takes moe_tensor_parallel_size / "
+                                "moe_expert_parallel_size when it loads the model: drop them")
             return _run_pytorch_target(args, model_dir, out, inputs)
         _check_triton_args(args, model_dir)
         ranks = _conversion_ranks(args, quant)
@@ -138,7 +149,8 @@ def run(args) -> int:
         config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                     workers=args.workers, force=args.force,
                                     progress=not args.no_progress, quant=quant,
-                                    timings=quant_timings, ranks=ranks)
+                                    timings=quant_timings, ranks=ranks, moe_tp=args.moe_tp,
+                                    moe_ep=args.moe_ep)
         timings["checkpoint"] = time.perf_counter() - t0
         timings.update(quant_timings)  # included in "checkpoint"
         if quant_timings:
@@ -279,7 +291,8 @@ def _quant_tokenizer(args, quant, model_dir):
     verify_text = args.verify and quant.is_quantized
     if not (quant.needs_calibration or verify_text):
         return None
-    preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant)
+    preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant, moe_tp=args.moe_tp,
+                         moe_ep=args.moe_ep)
     if verify_text:
         return load_tokenizer(model_dir, "--verify of a quantized checkpoint (on real text)",
                               "; or drop --verify")

@@ -35,7 +35,12 @@ def preflight(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_opti
     for name, v in (("tp", tp), ("pp", pp)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"--{name} must be a whole number >= 1 (got {v!r})")
-    tp_preflight(model_shape(read_hf_config(model_dir)), tp, pp)
+    shape = model_shape(read_hf_config(model_dir))
+    tp_preflight(shape, tp, pp)
+    if shape.experts and spec.is_quantized:
+        raise UserError(f"--target pytorch with {spec.name} is not supported for mixture-of-"
+                        f"experts models yet (the unified checkpoint is written unquantized only); "
+                        f"use --target engine or drop the quantization flags")
     out_dir = Path(out_dir)
     for sub in (CHECKPOINT_DIR,) + ((TRITON_DIR,) if triton else ()):
         if (out_dir / sub).exists() and not force:

@@ -26,6 +26,8 @@ class Rule:
     when: str | None = None        # a Shape attribute that must be true (e.g. "attn_bias")
     fallback: tuple[str, ...] = ()  # sources used when the primary ones are absent (tied lm_head)
     linear: str | None = None      # the quantizable linear this weight belongs to (its TRT-LLM prefix)
+    experts: bool = False          # one stack over this rank's experts ({e} in sources: expert index)
+    dtype: str | None = None       # written in this dtype, not the checkpoint's (MoE router: float32)
 
 
 _L = "model.layers.{i}."
@@ -62,6 +64,21 @@ LLAMA_HEAD = (
 )
 
 
+# Mixtral (tensorrt_llm/models/llama/convert.py, the has_moe_tp() path; ../shared/notes/moe.md):
+# attention and norms as Llama; the router unquantized, unsplit, float32; experts stacked over the
+# rank's expert-parallel block into [E_local, 2*I/moe_tp, H] with each expert's w3 (up) slice FIRST,
+# then w1 (gate; SiLU branch), the inverse of dense Llama's fc/gate naming, and w2 into
+# [E_local, H, I/moe_tp].
+_M = _L + "block_sparse_moe."
+MIXTRAL_LAYER = tuple(r for r in LLAMA_LAYER if ".mlp." not in r.target) + (
+    Rule(_T + "mlp.router.weight", (_M + "gate.weight",), "replicated", dtype="float32"),
+    Rule(_T + "mlp.fc.weight", (_M + "experts.{e}.w3.weight", _M + "experts.{e}.w1.weight"),
+         "expert_column", experts=True, linear=_T + "mlp.fc"),
+    Rule(_T + "mlp.proj.weight", (_M + "experts.{e}.w2.weight",), "expert_row", experts=True,
+         linear=_T + "mlp.proj"),
+)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -74,4 +91,5 @@ class Family:
 FAMILIES = {
     "llama": Family("llama", LLAMA_EMBED, LLAMA_LAYER, LLAMA_HEAD),
     "qwen2": Family("qwen2", LLAMA_EMBED, LLAMA_LAYER, LLAMA_HEAD),
+    "mixtral": Family("mixtral", LLAMA_EMBED, MIXTRAL_LAYER, LLAMA_HEAD),
 }

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .moe import NORMALIZATION_RENORMALIZE, moe_config, moe_layout
 
 # HF architecture -> (family name in convert.families, TRT-LLM architecture name)
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
 }
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -103,6 +105,9 @@ class Shape:
     dense_bias: bool   # o_proj bias
     mlp_bias: bool
     vocab_multiple: int = 1  # the padded vocabulary is a multiple of this and of tp (AWQ: 64)
+    experts: int = 0         # mixture of experts (convert.moe): experts per layer, 0 = dense MLP
+    top_k: int = 0           # experts each token is routed to
+    moe_normalization: int = 0  # TensorRT-LLM's ExpertScaleNormalizationMode (Mixtral: 1)
 
     @property
     def padded_vocab(self) -> int:
@@ -131,7 +136,17 @@ def model_shape(hf) -> Shape:
         attn_bias=True if family == "qwen2" else llama_bias,  # Qwen2 always has q/k/v bias
         dense_bias=False if family == "qwen2" else llama_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        **_moe_fields(hf, family),
     )
+
+
+def _moe_fields(hf, family: str) -> dict:
+    """Mixtral: num_local_experts, num_experts_per_tok; top-k then softmax (RENORMALIZE), as
+    TensorRT-LLM's LLaMAConfig.from_hugging_face sets for model_type mixtral."""
+    if family != "mixtral":
+        return {}
+    return dict(experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                moe_normalization=NORMALIZATION_RENORMALIZE)
 
 
 def valid_tp_values(shape: Shape, limit: int = 64) -> list[int]:
@@ -144,7 +159,7 @@ def _tp_problem(shape: Shape, tp: int) -> str | None:
     kv = shape.kv_heads
     if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
         return f"{kv} key/value heads cannot be split over tp {tp} (need kv % tp == 0 or tp % kv == 0)"
-    if shape.inter % tp:
+    if shape.inter % tp and not shape.experts:  # experts: split by moe_tp (convert.moe)
         return f"intermediate size {shape.inter} is not divisible by tp {tp}"
     return None
 
@@ -170,10 +185,12 @@ def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
 
 
 def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
-                      quantization: dict | None = None) -> dict:
+                      quantization: dict | None = None, moe_tp: int | None = None,
+                      moe_ep: int | None = None) -> dict:
     """The TRT-LLM checkpoint config.json for ``hf`` (a transformers config)."""
     shape = model_shape(hf)
     preflight(shape, tp, pp)
+    moe = moe_layout(shape, tp, moe_tp, moe_ep)
     rotary_base, rotary_scaling = _rope(hf)
     dtype = resolve_dtype(dtype, hf)
     arch = hf.architectures[0]
@@ -204,6 +221,11 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
         "quantization": quantization or {"quant_algo": None, "kv_cache_quant_algo": None},
     }
+    if shape.experts:
+        # TensorRT-LLM's MoE layer takes the gated activation explicitly (LLaMAConfig: mixtral)
+        config["hidden_act"] = "swiglu"
+        config["moe"] = moe_config(shape)
+        config["mapping"].update(moe_tp_size=moe.moe_tp, moe_ep_size=moe.moe_ep)
     if shape.family == "qwen2":
         config["qwen_type"] = "qwen2"
         config["seq_length"] = getattr(hf, "seq_length", 8192)

@@ -24,6 +24,8 @@ class RankCtx:
     tp_rank: int
     tp: int
     shape: Shape
+    moe_tp: int = 1        # experts' intermediate split (convert.moe)
+    moe_tp_rank: int = 0
 
 
 def _rows(name: str, full: tuple[int, ...], start: int, stop: int) -> Piece:
@@ -85,7 +87,25 @@ def vocab(names, shapes, ctx):
     return pieces
 
 
-RULES = {"replicated": replicated, "column": column, "row": row, "qkv": qkv, "vocab": vocab}
+def expert_column(names, shapes, ctx):
+    """One expert's fc: each source's (w3, then w1) rows of this moe_tp rank, one after the other."""
+    pieces = []
+    for name, full in zip(names, shapes):
+        k = full[0] // ctx.moe_tp
+        pieces.append(_rows(name, full, ctx.moe_tp_rank * k, (ctx.moe_tp_rank + 1) * k))
+    return pieces
+
+
+def expert_row(names, shapes, ctx):
+    """One expert's proj (w2): the input columns of this moe_tp rank."""
+    full = shapes[0]
+    k = full[1] // ctx.moe_tp
+    a = ctx.moe_tp_rank * k
+    return [Piece(names[0], (slice(None), slice(a, a + k)), (full[0], k))]
+
+
+RULES = {"replicated": replicated, "column": column, "row": row, "qkv": qkv, "vocab": vocab,
+         "expert_column": expert_column, "expert_row": expert_row}
 
 
 def stacked_shape(pieces: list[Piece]) -> tuple[int, ...]:

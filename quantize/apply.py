@@ -78,12 +78,15 @@ def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int) -> N
     if spec is None or not spec.is_quantized:
         return
     dims = per_rank_in_dims(shape, tp)
+    if getattr(shape, "experts", 0):  # a MoE model's MLP GEMMs: quantize.moe.preflight_moe_quant
+        dims = {k: v for k, v in dims.items() if not k.startswith("mlp.")}
     if spec.quant_algo == W4A16_AWQ:
         check_awq_divisibility(dims, spec.group_size)
     if spec.quant_algo in WEIGHT_ONLY_MULTIPLES:
         k_multiple, n_multiple = WEIGHT_ONLY_MULTIPLES[spec.quant_algo]
         checks = [(name, "input", k, k_multiple) for name, k in dims.items()]
-        checks += [(name, "output", n, n_multiple) for name, n in per_rank_out_dims(shape, tp).items()]
+        checks += [(name, "output", n, n_multiple) for name, n in per_rank_out_dims(shape, tp).items()
+                   if name in dims]
         for name, what, n, multiple in checks:
             if n % multiple:
                 raise UserError(f"{spec.quant_algo}: {name} has {n} {what} features per rank, not a "
