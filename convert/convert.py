@@ -84,12 +84,14 @@ def _verify_files(tmp: Path, plans) -> None:
             raise AssertionError(f"rank{rank}.safetensors does not hold the planned tensors")
 
 
-def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None):
+def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None,
+                         pad_heads: bool = False):
     """Read the model's config and refuse a parallel layout or quantization format it cannot take
-    (one line, before any weight is read or any calibration); return (HF config, Shape)."""
+    (one line, before any weight is read or any calibration); return (HF config, Shape). With
+    ``pad_heads`` the Shape carries the head padding tp needs (``shape.padding``; None if none)."""
     hf = read_hf_config(Path(model_dir))
-    shape = model_shape(hf)
-    preflight(shape, tp, pp)
+    sq = quant is not None and quant.quant_algo == "W8A8_SQ_PER_CHANNEL"
+    shape = preflight(model_shape(hf), tp, pp, pad_heads=pad_heads, no_kv_duplication=sq)
     preflight_quant(quant, shape, tp, pp)
     return hf, shape
 
@@ -97,7 +99,8 @@ def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None):
 def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True,
                        quantization: dict | None = None, quant=None,
-                       calibrated_model=None, timings: dict | None = None) -> dict:
+                       calibrated_model=None, timings: dict | None = None,
+                       pad_heads: bool = False) -> dict:
     """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
 
     ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
@@ -107,17 +110,19 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     quantized linears. ``quantization``: a raw ``quantization`` block (no calibration; for tests
     and benchmarks), ignored when ``quant`` is given. ``timings``: a dict that receives the
     seconds spent calibrating (``calibration``) and computing the quantized tensors
-    (``quantized_tensors``).
+    (``quantized_tensors``). ``pad_heads``: pad the attention heads exactly when tp does not
+    divide them (``convert.heads``); a no-op when it does.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant)
+    hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant, pad_heads=pad_heads)
     shape = replace(shape, vocab_multiple=vocab_multiple(quant))
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose another --output or pass --force to "
                         f"replace it")
     if quant is not None:
         quantization = quant.to_trtllm_quantization() if quant.is_quantized else None
-    config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization)
+    config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization,
+                               pad_heads=pad_heads)
     config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
     source = SourceCheckpoint(model_dir)
     world = tp * pp
@@ -179,6 +184,7 @@ def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibr
     from quantize.apply import apply_to_plan, stage_tensors
     from quantize.calibrate import calibrate, extract_quant_state, shard_quant_state
 
+    from .heads import pad_quant_state
     from .plan import TORCH_DTYPES
 
     model = calibrated_model
@@ -188,12 +194,13 @@ def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibr
     t1 = time.perf_counter()
     state = extract_quant_state(model, quant, dtype=TORCH_DTYPES[config["dtype"]])
     del model
+    state = pad_quant_state(state, shape.padding)  # calibrated on the real heads, then padded
     tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
     out = []
     for r, plan in enumerate(plans):
         pp_rank, tp_rank = divmod(r, tp)
-        tensors = shard_quant_state(state, quant, num_heads=shape.heads,
-                                    num_kv_heads=shape.kv_heads, tp=tp, rank=tp_rank)
+        tensors = shard_quant_state(state, quant, num_heads=shape.tp_heads,
+                                    num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank)
         layers = pp_layer_range(shape.layers, pp, pp_rank)
         out.append(apply_to_plan(plan, stage_tensors(tensors, layers)))
     timings.update(calibration=t1 - t0, quantized_tensors=time.perf_counter() - t1)
