@@ -158,14 +158,14 @@ def describe_inputs(inputs: dict) -> dict:
 
 
 def build_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, stage_timings: dict,
-                   outputs_root=None) -> dict:
+                   outputs_root=None, layout: dict | None = None) -> dict:
     """The manifest as a dict (what :func:`write_manifest` writes)."""
     output_dir = Path(output_dir)
     outputs_root = Path(outputs_root) if outputs_root is not None else output_dir
     manifest_path = (output_dir / MANIFEST_NAME).resolve()
     timings = {str(k): (round(float(v), 3) if v is not None else None)
                for k, v in dict(stage_timings).items()}
-    return {
+    manifest = {
         "schema": SCHEMA_VERSION,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "inputs": inputs.result() if isinstance(inputs, InputHashing) else describe_inputs(inputs),
@@ -177,10 +177,13 @@ def build_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
             "files": _file_entries(outputs_root, exclude={manifest_path}),
         },
     }
+    if layout:
+        manifest["layout"] = _jsonable(layout)
+    return manifest
 
 
 def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, stage_timings: dict,
-                   outputs_root=None) -> Path:
+                   outputs_root=None, layout: dict | None = None) -> Path:
     """Write ``output_dir/build.json`` and return its path.
 
     inputs: e.g. ``{"model_dir": DIR, "model": "smollm2"}`` — ``model_dir`` is expanded into
@@ -189,10 +192,13 @@ def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
     stage_timings: stage name → seconds.
     outputs_root: the directory whose files are listed (default ``output_dir``); build.json
         itself is never listed.
+    layout: how the model was laid out beyond the options, e.g. ``{"head_padding": {...}}``
+        (``convert.heads.HeadPadding.as_dict``: head counts and the extra cost), or ``None``.
     """
     output_dir = Path(output_dir)
     manifest = build_manifest(output_dir, inputs=inputs, options=options,
-                              stage_timings=stage_timings, outputs_root=outputs_root)
+                              stage_timings=stage_timings, outputs_root=outputs_root,
+                              layout=layout)
     path = output_dir / MANIFEST_NAME
     tmp = path.with_name(f".{MANIFEST_NAME}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")

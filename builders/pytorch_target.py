@@ -35,7 +35,7 @@ def preflight(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_opti
     for name, v in (("tp", tp), ("pp", pp)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"--{name} must be a whole number >= 1 (got {v!r})")
-    tp_preflight(model_shape(read_hf_config(model_dir)), tp, pp)
+    tp_preflight(model_shape(read_hf_config(model_dir)), tp, pp, can_pad=False)
     out_dir = Path(out_dir)
     for sub in (CHECKPOINT_DIR,) + ((TRITON_DIR,) if triton else ()):
         if (out_dir / sub).exists() and not force:

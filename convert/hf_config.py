@@ -161,11 +161,12 @@ def _tp_problem(shape: Shape, tp: int) -> str | None:
 
 
 def preflight(shape: Shape, tp: int, pp: int, *, pad_heads: bool = False,
-              no_kv_duplication: bool = False) -> Shape:
+              no_kv_duplication: bool = False, can_pad: bool = True) -> Shape:
     """Check the parallel layout before any weight is read; one line naming the numbers and the
     fix. Returns ``shape``, with its head padding set when ``pad_heads`` and tp needs it (never
     otherwise: a model whose heads tp divides is not padded). ``no_kv_duplication``: the format
-    needs at least tp KV heads (SmoothQuant), which the padding then provides."""
+    needs at least tp KV heads (SmoothQuant), which the padding then provides. ``can_pad=False``:
+    a target that cannot pad (the refusal does not suggest --pad-heads)."""
     if tp < 1 or pp < 1:
         raise UserError(f"--tp and --pp must be >= 1 (got tp {tp}, pp {pp})")
     problem = _tp_problem(shape, tp)
@@ -176,7 +177,7 @@ def preflight(shape: Shape, tp: int, pp: int, *, pad_heads: bool = False,
             padding = None  # the heads split already, or the MLP does not: padding cannot help
     if problem and not (pad_heads and padding):
         valid = ", ".join(map(str, valid_tp_values(shape, max(8, tp))))
-        fix = f"; or add --pad-heads to pad {padding.describe()}" if padding else ""
+        fix = f"; or add --pad-heads to pad {padding.describe()}" if padding and can_pad else ""
         raise UserError(f"cannot split this model over tp {tp}: {problem}; valid --tp values: "
                         f"{valid}{fix}")
     if pp > shape.layers:
