@@ -124,15 +124,17 @@ def test_padded_heads_that_are_not_zero_are_caught(tmp_path, tiny_model):
     assert not passed and report["rel_err"] > 1e-2, report
 
 
-# (quant_algo, kv cache dtype, AWQ block, max rel err of padded tp 2/4 vs unpadded tp 1 logits)
+# (quant_algo, kv cache dtype, AWQ block, max rel err of padded tp 2/4 vs unpadded tp 1 logits;
+# None: weight-only, whose row-parallel layers trtllm-build quantizes per rank, so tp 1 and tp 2
+# differ by quantization noise whatever the padding: perplexity only)
 QUANT_CASES = {
     "sq": ("W8A8_SQ_PER_CHANNEL", None, None, 1e-2),
     "sq_kv_int8": ("W8A8_SQ_PER_CHANNEL", "int8", None, 1e-2),
     "fp8_kv_fp8": ("FP8", "fp8", None, 1e-2),
     "awq64": ("W4A16_AWQ", None, 64, 1e-2),
     "kv_int8": (None, "int8", None, 1e-2),
-    "w8a16": ("W8A16", None, None, 5e-2),
-    "w4a16": ("W4A16", None, None, 2e-1),
+    "w8a16": ("W8A16", None, None, None),
+    "w4a16": ("W4A16", None, None, None),
 }
 
 
@@ -162,18 +164,58 @@ def test_padded_quantized_checkpoint_equals_the_unpadded_one(tmp_path, tiny_mode
     convert_checkpoint(hf_dir, tmp_path / "tp1", tp=1, **kw)
     ids = torch.tensor([byte_tokenizer(calib_text[5000:5064]), byte_tokenizer(calib_text[9000:9064])])
     base = _logits(tmp_path / "tp1", ids)
-    text = calib_text[:6000]
+    text = calib_text[:1000]
     base_ppl = checkpoint_ppl(tmp_path / "tp1", text, tokenizer=byte_tokenizer, seq_len=64,
                               vocab=1000)["perplexity"]
     for tp in (2, 4):
         ck = tmp_path / f"tp{tp}"
         cfg = convert_checkpoint(hf_dir, ck, tp=tp, pad_heads=True, **kw)
         assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (12, 4)
-        got = _logits(ck, ids)
-        rel = float((got - base).norm() / base.norm())
-        assert rel < tol, (tp, rel)
+        if tol is not None:
+            got = _logits(ck, ids)
+            rel = float((got - base).norm() / base.norm())
+            assert rel < tol, (tp, rel)
         ppl = checkpoint_ppl(ck, text, tokenizer=byte_tokenizer, seq_len=64, vocab=1000)["perplexity"]
-        assert abs(ppl / base_ppl - 1) < 0.005, (tp, ppl, base_ppl)
+        # W4A16 on this random model: 1.0 % at tp 2 from trtllm-build's per-rank quantization of
+        # the row-parallel layers alone (the padding is byte-exact: the test below)
+        assert abs(ppl / base_ppl - 1) < (0.02 if algo == "W4A16" else 0.005), (tp, ppl, base_ppl)
+
+
+def _hand_padded_hf(model, out):
+    """An independent padding, in Hugging Face terms: the same model with 12 heads / 4 KV heads
+    (head_dim 64 explicit), the new heads' q/k/v rows and o_proj columns zero."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 12, 4, 64
+    padded = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    sd = padded.state_dict()
+    for name, t in model.state_dict().items():
+        z = torch.zeros_like(sd[name])
+        z[tuple(slice(0, n) for n in t.shape)] = t
+        sd[name] = z
+    padded.load_state_dict(sd)
+    padded.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("algo,dtype", [(None, "float16"), ("W8A16", "float16"),
+                                        ("W4A16", "bfloat16")])
+def test_padded_checkpoint_equals_a_hand_padded_model_unpadded(tmp_path, tiny_model, algo, dtype):
+    """Float and weight-only: the padded tp-2 checkpoint is, tensor for tensor, the ordinary tp-2
+    conversion of the model padded by hand in HF terms (so its engines are too)."""
+    hf_dir, model = tiny_model("qwen2", **SMOL_ATTN)
+    hand = _hand_padded_hf(model, tmp_path / "hand")
+    spec = _spec(algo, None, None)
+    a = convert_checkpoint(hf_dir, tmp_path / "a", tp=2, dtype=dtype, progress=False, quant=spec,
+                           pad_heads=True)
+    b = convert_checkpoint(hand, tmp_path / "b", tp=2, dtype=dtype, progress=False, quant=spec)
+    assert a == b
+    for r in range(2):
+        ta, tb = (load_file(d / f"rank{r}.safetensors") for d in (tmp_path / "a", tmp_path / "b"))
+        assert sorted(ta) == sorted(tb)
+        for name in ta:
+            assert torch.equal(ta[name], tb[name]), (r, name)
 
 
 def test_padded_smoothquant_pipeline_stages(tmp_path, tiny_model, calib_text):
