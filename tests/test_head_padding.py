@@ -109,6 +109,17 @@ def test_padded_float_checkpoint_equals_the_hf_model(tmp_path, tiny_model, famil
     assert (qp == npad) or qkv[(qp - npad) * 64 - 1].abs().sum() > 0
 
 
+def test_padding_with_kv_heads_duplicated_over_ranks(tmp_path, tiny_model):
+    """6 heads / 1 KV head at tp 4: padded to 12 / 2, each KV head duplicated on two ranks."""
+    hf_dir, model = tiny_model(hidden_size=384, intermediate_size=768, num_attention_heads=6,
+                               num_key_value_heads=1)
+    cfg = convert_checkpoint(hf_dir, tmp_path / "ck", tp=4, dtype="float32", progress=False,
+                             pad_heads=True)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (12, 2)
+    report, passed = verify(tmp_path / "ck", model)
+    assert passed and report["rel_err"] < 1e-5, report
+
+
 def test_padded_heads_that_are_not_zero_are_caught(tmp_path, tiny_model):
     """The check can fail: padded v rows and dense columns made non-zero change the logits."""
     hf_dir, model = tiny_model(**SMOL_ATTN)
@@ -126,13 +137,15 @@ def test_padded_heads_that_are_not_zero_are_caught(tmp_path, tiny_model):
 
 # (quant_algo, kv cache dtype, AWQ block, max rel err of padded tp 2/4 vs unpadded tp 1 logits;
 # None: weight-only, whose row-parallel layers trtllm-build quantizes per rank, so tp 1 and tp 2
-# differ by quantization noise whatever the padding: perplexity only)
+# differ by quantization noise whatever the padding: perplexity only). Measured: calibrated formats
+# 0 .. 4.3e-7 (the same quantized values; fp16 sums split over ranks), INT8 KV only 1.9e-5;
+# perplexity ratio - 1: calibrated <= 8.5e-6, W8A16 1.8e-3 (tp 2), W4A16 1.0e-2 (tp 2), 5.9e-3 (tp 4).
 QUANT_CASES = {
-    "sq": ("W8A8_SQ_PER_CHANNEL", None, None, 1e-2),
-    "sq_kv_int8": ("W8A8_SQ_PER_CHANNEL", "int8", None, 1e-2),
-    "fp8_kv_fp8": ("FP8", "fp8", None, 1e-2),
-    "awq64": ("W4A16_AWQ", None, 64, 1e-2),
-    "kv_int8": (None, "int8", None, 1e-2),
+    "sq": ("W8A8_SQ_PER_CHANNEL", None, None, 1e-4),
+    "sq_kv_int8": ("W8A8_SQ_PER_CHANNEL", "int8", None, 1e-4),
+    "fp8_kv_fp8": ("FP8", "fp8", None, 1e-4),
+    "awq64": ("W4A16_AWQ", None, 64, 1e-4),
+    "kv_int8": (None, "int8", None, 1e-4),
     "w8a16": ("W8A16", None, None, None),
     "w4a16": ("W4A16", None, None, None),
 }
@@ -230,7 +243,7 @@ def test_padded_smoothquant_pipeline_stages(tmp_path, tiny_model, calib_text):
     convert_checkpoint(hf_dir, tmp_path / "pp2", tp=2, pp=2, pad_heads=True, **kw)
     ids = torch.tensor([byte_tokenizer(calib_text[5000:5064])])
     base, got = _logits(tmp_path / "tp1", ids), _logits(tmp_path / "pp2", ids)
-    assert float((got - base).norm() / base.norm()) < 1e-2
+    assert float((got - base).norm() / base.norm()) < 1e-4
 
 
 def test_awq_group_wider_than_the_real_dense_input_is_refused(tmp_path, tiny_model):
