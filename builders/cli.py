@@ -106,6 +106,9 @@ def run(args) -> int:
     if args.from_checkpoint:
         if args.model:
             raise UserError("give either --model or --from-checkpoint, not both")
+        if args.pad_heads:  # a checkpoint's heads were laid out when it was converted
+            raise UserError("--pad-heads applies when converting with --model; a --from-checkpoint "
+                            "checkpoint keeps its own head layout (drop --pad-heads)")
         if QuantSpec.from_args(args).is_quantized:  # a checkpoint is quantized when converted
             raise UserError("quantization flags apply when converting with --model; a "
                             "--from-checkpoint checkpoint keeps its own quantization (drop them)")

@@ -93,7 +93,11 @@ class HeadAxis:
 #: linear) -> where its heads are. Per-tensor (one-element) scales and tensors not listed carry no
 #: head axis (q/k/v smoothers and activation scales are over the hidden input; o_proj's SmoothQuant
 #: per-output-channel scales are over hidden) and are left as they are. Packed int4 rows (AWQ) pad
-#: with 0 bytes = two zero nibbles. A new quantized format adds its rows here.
+#: with 0 bytes = two zero nibbles. A new quantized format adds its rows here, keyed the same way
+#: (unsharded, HF module names, before ``shard_quant_state``), e.g. for TensorRT-LLM's SmoothQuant
+#: plugin tensors: the o_proj ``smoother`` [1, q] -> HeadAxis(1, "q", 1.0), q/k/v
+#: ``per_channel_scale`` [1, out] -> HeadAxis(1, "q"/"kv", 1.0). Per-token activation scales need
+#: nothing: the padded channels are exactly zero, so they never change a token's amax.
 QUANT_HEAD_AXES = {
     "q_proj.weight": HeadAxis(0, "q", 0.0),
     "k_proj.weight": HeadAxis(0, "kv", 0.0),

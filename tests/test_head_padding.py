@@ -265,3 +265,10 @@ def test_pytorch_target_refuses_padding_in_one_line(tmp_path, tiny_model, capsys
     assert rc == 2 and "\n" not in err and err.startswith(
         "build_engine: error: --target pytorch cannot pad heads (9 -> 12 heads")
     assert not (tmp_path / "o").exists()
+
+
+def test_pad_heads_with_from_checkpoint_is_refused(tmp_path, capsys):
+    rc = main(["--from-checkpoint", str(tmp_path / "ck"), "--pad-heads", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == ("build_engine: error: --pad-heads applies when converting with --model; "
+                               "a --from-checkpoint checkpoint keeps its own head layout (drop --pad-heads)")
