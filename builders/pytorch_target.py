@@ -36,7 +36,7 @@ def preflight(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_opti
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"--{name} must be a whole number >= 1 (got {v!r})")
     shape = model_shape(read_hf_config(model_dir))
-    tp_preflight(shape, tp, pp)
+    tp_preflight(shape, tp, pp, can_pad=False)
     if shape.experts and spec.is_quantized:
         raise UserError(f"--target pytorch with {spec.name} is not supported for mixture-of-"
                         f"experts models yet (the unified checkpoint is written unquantized only); "

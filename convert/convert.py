@@ -94,12 +94,14 @@ def _verify_files(tmp: Path, plans) -> None:
 
 
 def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None,
-                         moe_tp: int | None = None, moe_ep: int | None = None):
+                         moe_tp: int | None = None, moe_ep: int | None = None,
+                         pad_heads: bool = False):
     """Read the model's config and refuse a parallel layout or quantization format it cannot take
-    (one line, before any weight is read or any calibration); return (HF config, Shape)."""
+    (one line, before any weight is read or any calibration); return (HF config, Shape). With
+    ``pad_heads`` the Shape carries the head padding tp needs (``shape.padding``; None if none)."""
     hf = read_hf_config(Path(model_dir))
-    shape = model_shape(hf)
-    preflight(shape, tp, pp)
+    sq = quant is not None and quant.quant_algo == "W8A8_SQ_PER_CHANNEL"
+    shape = preflight(model_shape(hf), tp, pp, pad_heads=pad_heads, no_kv_duplication=sq)
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
     preflight_quant(quant, shape, tp, pp)
     preflight_moe_quant(quant, shape, moe)
@@ -111,7 +113,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
                        quantization: dict | None = None, quant=None,
                        calibrated_model=None, timings: dict | None = None,
                        ranks=None, moe_tp: int | None = None,
-                       moe_ep: int | None = None) -> dict:
+                       moe_ep: int | None = None, pad_heads: bool = False) -> dict:
     """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
 
     ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
@@ -124,11 +126,12 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     (``quantized_tensors``). ``ranks``: write only these ranks (see the module docstring); the
     checkpoint is in ``out_dir`` once every rank is, else in ``out_dir.partial``.
     ``moe_tp``/``moe_ep``: the experts' split of a mixture-of-experts
-    model (``convert.moe``; default moe_tp = tp, moe_ep = 1).
+    model (``convert.moe``; default moe_tp = tp, moe_ep = 1). ``pad_heads``: pad the attention
+    heads exactly when tp does not divide them (``convert.heads``); a no-op when it does.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant, moe_tp=moe_tp,
-                                     moe_ep=moe_ep)
+                                     moe_ep=moe_ep, pad_heads=pad_heads)
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
     shape = replace(shape, vocab_multiple=vocab_multiple(quant))
     if out_dir.exists() and not force:
@@ -139,7 +142,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
         if shape.experts and quantization and "exclude_modules" in quantization:
             quantization["exclude_modules"] = moe_exclude_modules(quant, shape)  # + routers
     config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization,
-                               moe_tp=moe_tp, moe_ep=moe_ep)
+                               moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)
     config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
     source = SourceCheckpoint(model_dir)
     world = tp * pp
@@ -232,6 +235,7 @@ def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibr
     from quantize.calibrate import calibrate, extract_quant_state, shard_quant_state
     from quantize.moe import extract_moe_state, shard_moe_state
 
+    from .heads import pad_quant_state
     from .plan import TORCH_DTYPES
 
     model = calibrated_model
@@ -242,14 +246,15 @@ def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibr
     state = extract_quant_state(model, quant, dtype=TORCH_DTYPES[config["dtype"]])
     moe_state = extract_moe_state(model, quant) if shape.experts else {}
     del model
+    state = pad_quant_state(state, shape.padding)  # calibrated on the real heads, then padded
     mapping = config["mapping"]
     tp, pp = mapping["tp_size"], mapping["pp_size"]
     moe = MoeLayout(mapping.get("moe_tp_size", tp), mapping.get("moe_ep_size", 1))
     out = []
     for r, plan in enumerate(plans):
         pp_rank, tp_rank = divmod(r, tp)
-        tensors = shard_quant_state(state, quant, num_heads=shape.heads,
-                                    num_kv_heads=shape.kv_heads, tp=tp, rank=tp_rank)
+        tensors = shard_quant_state(state, quant, num_heads=shape.tp_heads,
+                                    num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank)
         tensors.update(shard_moe_state(moe_state, moe, tp_rank, shape.experts))
         layers = pp_layer_range(shape.layers, pp, pp_rank)
         out.append(apply_to_plan(plan, stage_tensors(tensors, layers)))

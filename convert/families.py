@@ -5,9 +5,10 @@ stage). Shard rules are defined in ``convert.shard``:
 
 - ``replicated``: the same tensor on every rank (norms, row-parallel biases)
 - ``column``: split dim 0 (output features) — mlp.fc / mlp.gate and their biases
-- ``row``: split dim 1 (input features); outputs are summed over ranks — attention.dense, mlp.proj
+- ``row``: split dim 1 (input features); outputs are summed over ranks — mlp.proj
+- ``dense``: ``row`` for attention.dense, with zero input columns for padded heads (--pad-heads)
 - ``qkv``: fuse q, k, v per rank: [this rank's q heads; its k heads; its v heads], with kv heads
-  duplicated when there are fewer kv heads than ranks
+  duplicated when there are fewer kv heads than ranks, and zero rows for padded heads
 - ``vocab``: split dim 0 after padding the vocabulary to a multiple of tp (embedding, lm_head)
 
 TensorRT-LLM naming trap (``tensorrt_llm/models/llama/convert.py``): ``mlp.fc`` is HF ``gate_proj``
@@ -44,7 +45,7 @@ LLAMA_LAYER = (
     Rule(_T + "attention.qkv.weight", tuple(s + ".weight" for s in _ATTN_QKV), "qkv",
          linear=_T + "attention.qkv"),
     Rule(_T + "attention.qkv.bias", tuple(s + ".bias" for s in _ATTN_QKV), "qkv", when="attn_bias"),
-    Rule(_T + "attention.dense.weight", (_L + "self_attn.o_proj.weight",), "row",
+    Rule(_T + "attention.dense.weight", (_L + "self_attn.o_proj.weight",), "dense",
          linear=_T + "attention.dense"),
     Rule(_T + "attention.dense.bias", (_L + "self_attn.o_proj.bias",), "replicated",
          when="dense_bias"),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .heads import HeadPadding, choose_padding
 from .moe import NORMALIZATION_RENORMALIZE, moe_config, moe_layout
 
 # HF architecture -> (family name in convert.families, TRT-LLM architecture name)
@@ -108,6 +109,16 @@ class Shape:
     experts: int = 0         # mixture of experts (convert.moe): experts per layer, 0 = dense MLP
     top_k: int = 0           # experts each token is routed to
     moe_normalization: int = 0  # TensorRT-LLM's ExpertScaleNormalizationMode (Mixtral: 1)
+    padding: HeadPadding | None = None  # --pad-heads: zero heads added for tp (convert.heads)
+
+    @property
+    def tp_heads(self) -> int:
+        """q heads as the checkpoint lays them out (padded when ``padding`` is active)."""
+        return self.padding.padded_heads if self.padding else self.heads
+
+    @property
+    def tp_kv_heads(self) -> int:
+        return self.padding.padded_kv_heads if self.padding else self.kv_heads
 
     @property
     def padded_vocab(self) -> int:
@@ -154,9 +165,9 @@ def valid_tp_values(shape: Shape, limit: int = 64) -> list[int]:
 
 
 def _tp_problem(shape: Shape, tp: int) -> str | None:
-    if shape.heads % tp:
-        return f"{shape.heads} attention heads are not divisible by tp {tp}"
-    kv = shape.kv_heads
+    if shape.tp_heads % tp:
+        return f"{shape.tp_heads} attention heads are not divisible by tp {tp}"
+    kv = shape.tp_kv_heads
     if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
         return f"{kv} key/value heads cannot be split over tp {tp} (need kv % tp == 0 or tp % kv == 0)"
     if shape.inter % tp and not shape.experts:  # experts: split by moe_tp (convert.moe)
@@ -164,17 +175,36 @@ def _tp_problem(shape: Shape, tp: int) -> str | None:
     return None
 
 
-def preflight(shape: Shape, tp: int, pp: int) -> None:
-    """Check the parallel layout before any weight is read; one line naming the numbers."""
+def preflight(shape: Shape, tp: int, pp: int, *, pad_heads: bool = False,
+              no_kv_duplication: bool = False, can_pad: bool = True) -> Shape:
+    """Check the parallel layout before any weight is read; one line naming the numbers and the
+    fix. Returns ``shape``, with its head padding set when ``pad_heads`` and tp needs it (never
+    otherwise: a model whose heads tp divides is not padded). ``no_kv_duplication``: the format
+    needs at least tp KV heads (SmoothQuant), which the padding then provides. ``can_pad=False``:
+    a target that cannot pad (the refusal does not suggest --pad-heads)."""
     if tp < 1 or pp < 1:
         raise UserError(f"--tp and --pp must be >= 1 (got tp {tp}, pp {pp})")
     problem = _tp_problem(shape, tp)
+    padding = None
     if problem:
+        padding = choose_padding(shape.heads, shape.kv_heads, tp, no_kv_duplication=no_kv_duplication)
+        if padding is not None and (not padding.active or _tp_problem(_padded(shape, padding), tp)):
+            padding = None  # the heads split already, or the MLP does not: padding cannot help
+    if problem and not (pad_heads and padding):
         valid = ", ".join(map(str, valid_tp_values(shape, max(8, tp))))
-        raise UserError(f"cannot split this model over tp {tp}: {problem}; valid --tp values: {valid}")
+        fix = f"; or add --pad-heads to pad {padding.describe()}" if padding and can_pad else ""
+        raise UserError(f"cannot split this model over tp {tp}: {problem}; valid --tp values: "
+                        f"{valid}{fix}")
     if pp > shape.layers:
         raise UserError(f"--pp {pp} is larger than the model's {shape.layers} layers; "
                         f"use --pp between 1 and {shape.layers}")
+    return _padded(shape, padding) if problem else shape
+
+
+def _padded(shape: Shape, padding: HeadPadding) -> Shape:
+    from dataclasses import replace
+
+    return replace(shape, padding=padding)
 
 
 def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
@@ -186,10 +216,12 @@ def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
 
 def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
                       quantization: dict | None = None, moe_tp: int | None = None,
-                      moe_ep: int | None = None) -> dict:
-    """The TRT-LLM checkpoint config.json for ``hf`` (a transformers config)."""
-    shape = model_shape(hf)
-    preflight(shape, tp, pp)
+                      moe_ep: int | None = None, pad_heads: bool = False) -> dict:
+    """The TRT-LLM checkpoint config.json for ``hf`` (a transformers config). With head padding
+    (``pad_heads`` and a tp that needs it) the head counts are the padded ones and ``head_size``
+    (always written) no longer equals hidden_size / heads."""
+    shape = preflight(model_shape(hf), tp, pp, pad_heads=pad_heads,
+                      no_kv_duplication=(quantization or {}).get("quant_algo") == "W8A8_SQ_PER_CHANNEL")
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
     rotary_base, rotary_scaling = _rope(hf)
     dtype = resolve_dtype(dtype, hf)
@@ -201,8 +233,8 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         "vocab_size": shape.vocab,
         "hidden_size": shape.hidden,
         "num_hidden_layers": shape.layers,
-        "num_attention_heads": shape.heads,
-        "num_key_value_heads": shape.kv_heads,
+        "num_attention_heads": shape.tp_heads,
+        "num_key_value_heads": shape.tp_kv_heads,
         "head_size": shape.head_size,
         "intermediate_size": shape.inter,
         "hidden_act": hf.hidden_act,
