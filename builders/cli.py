@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reader) and of the HF model on this text file (first 4096 tokens, "
                         "windows of 256)")
     from builders.engine import add_engine_arguments
-    from builders.triton_repo import add_triton_arguments
+    from builders.triton import add_triton_arguments
 
     from quantize.formats import add_quant_arguments
 
@@ -254,7 +254,7 @@ def _defaults_from_other_flags(args) -> None:
 
 def _check_triton_args(args, model_dir) -> None:
     """Refuse, before any work, Triton options that would fail after the conversion."""
-    from builders.triton_repo import TritonOptions, check_tokenizer
+    from builders.triton import TritonOptions, check_tokenizer
 
     if args.checkpoint_only or args.triton_target == "none":
         return
@@ -278,7 +278,7 @@ def _write_triton(args, out: Path, ckpt: Path, model_dir, engine_options, *, eng
     else from the checkpoint config and the engine options (what trtllm-build will write)."""
     import json
 
-    from builders.triton_repo import (engine_config_from_checkpoint, validate_repo,
+    from builders.triton import (engine_config_from_checkpoint, validate_repo,
                                       write_engine_repo)
 
     if engines_built:

@@ -10,7 +10,7 @@ import pytest
 
 import builders.engine as E
 from builders.cli import main
-from builders.triton_repo import validate_repo
+from builders.triton import validate_repo
 from test_engine_stage import _TwoGpus, fake_trtllm  # noqa: F401  (fixture, test double)
 
 
@@ -31,7 +31,7 @@ def _error_lines(err: str) -> list[str]:
 
 def _pbtxt_param(text: str, key: str) -> str:
     """The string_value of parameter ``key`` in a config.pbtxt (parsed with Triton's schema)."""
-    from builders.triton_repo import parse_config
+    from builders.triton import parse_config
 
     return parse_config(text).parameters[key].string_value
 

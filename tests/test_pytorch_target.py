@@ -192,7 +192,7 @@ def test_stage_writes_checkpoint_and_validated_llmapi_repo(tmp_path, tokenizer_d
     import yaml
 
     from builders.pytorch_target import build_pytorch_target
-    from builders.triton_repo import check_llmapi_model_yaml, validate_repo
+    from builders.triton import check_llmapi_model_yaml, validate_repo
 
     hf_dir, _ = make_model(tmp_path)
     for f in tokenizer_dir.iterdir():

@@ -1,4 +1,4 @@
-"""Triton model repositories (builders/triton_repo.py): schema, values, validation, and the
+"""Triton model repositories (builders/triton/): schema, values, validation, and the
 pre/postprocessing, BLS and LLM-API model.py files run against a real tokenizer.
 
 Triton itself cannot run here, so the models' ``model.py`` files are executed with test doubles:
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-from builders import triton_repo as tr
+from builders import triton as tr
 from convert.errors import UserError
 
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen.txt"
@@ -478,8 +478,8 @@ def _one_line(e: UserError) -> str:
      "unfilled template placeholder ${batching_strategy}"),
     (lambda t: t.replace('name: "output_ids"', 'name: "output_token_ids"'),
      "has no such output"),
-    (lambda t: t.replace('name: "input_lengths"\n    data_type: TYPE_INT32',
-                         'name: "input_lengths"\n    data_type: TYPE_INT64'),
+    (lambda t: t.replace('name: "input_lengths"\n  data_type: TYPE_INT32',
+                         'name: "input_lengths"\n  data_type: TYPE_INT64'),
      "is TYPE_INT32 but input 'input_lengths' of 'tensorrt_llm' is TYPE_INT64"),
     (lambda t: t.replace('name: "tensorrt_llm"', 'name: "trtllm"', 1),
      "differs from its directory"),
@@ -508,7 +508,7 @@ def test_broken_repositories_fail_validation(tmp_path, tokenizer_dir):
     repo = engine_repo(tmp_path / "c", tokenizer_dir)
     ens = repo / "ensemble" / "config.pbtxt"
     text = ens.read_text()
-    feed = 'key: "SEQUENCE_LENGTH"\n        value: "_SEQUENCE_LENGTH"'
+    feed = 'key: "SEQUENCE_LENGTH"\n      value: "_SEQUENCE_LENGTH"'
     assert text.count(feed) == 1
     ens.write_text(text.replace(feed, feed.replace("_SEQUENCE_LENGTH", "_SEQ_LEN")))
     with pytest.raises(UserError, match="'_SEQ_LEN', which is neither an ensemble input"):

@@ -1,6 +1,6 @@
 """Triton Python-backend model "preprocessing": prompt text -> token ids for "tensorrt_llm".
 
-Written by build_engine (builders/triton_repo.py) into the Triton model repository. It plays the
+Written by build_engine (builders/triton) into the Triton model repository. It plays the
 part of tensorrtllm_backend's inflight_batcher_llm/preprocessing for text-only decoder models,
 with the same tensor names (see config.pbtxt beside the version directory):
 

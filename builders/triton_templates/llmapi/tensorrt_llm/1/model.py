@@ -1,6 +1,6 @@
 """Triton Python-backend model "tensorrt_llm" for current TensorRT-LLM (LLM API, PyTorch backend).
 
-Written by build_engine (builders/triton_repo.py) into the Triton model repository. It follows
+Written by build_engine (builders/triton) into the Triton model repository. It follows
 the contract of NVIDIA/TensorRT-LLM's triton_backend/all_models/llmapi/tensorrt_llm/1/model.py
 (whose model.py + helpers.py can be dropped in instead of this file):
 
