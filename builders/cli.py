@@ -247,9 +247,12 @@ def _verify(ckpt, model_dir, quant, tokenizer):
 
 def _defaults_from_other_flags(args) -> None:
     """Defaults that follow other flags: --build-workers follows --workers (trtllm-build has
-    one --workers for both)."""
+    one --workers for both); --triton-target follows --target (the repository that target's
+    output is served with), so build.json and triton_repo.json record what was written."""
     if args.build_workers is None:
         args.build_workers = args.workers
+    if getattr(args, "triton_target", "none") is None:
+        args.triton_target = getattr(args, "target", "engine")
 
 
 def _check_triton_args(args, model_dir) -> None:

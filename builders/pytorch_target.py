@@ -42,7 +42,7 @@ def preflight(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_opti
             raise UserError(f"{out_dir / sub} already exists: choose another --output or pass "
                             "--force to replace it")
     if triton:
-        opts = TritonOptions.from_any(triton_options)
+        opts = TritonOptions.from_any(triton_options).for_target("pytorch")
         tok = opts.tokenizer_dir
         check_tokenizer(tok or model_dir, what="--tokenizer-dir" if tok else "model dir")
 

@@ -2,6 +2,7 @@
 derived from the checkpoint config and the engine build options before the engines exist."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from convert.errors import UserError
@@ -9,7 +10,9 @@ from convert.errors import UserError
 # trtllm-build's defaults in TensorRT-LLM 1.2 (BuildConfig), used when a value is not given
 _BUILD_DEFAULTS = {"max_batch_size": 2048, "max_input_len": 1024, "max_seq_len": None,
                    "max_num_tokens": 8192, "max_beam_width": 1}
-_LOGITS_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}
+# The C++ tensorrtllm backend returns logits as FP32 or FP16 only (model_instance_state.cc throws
+# "Logits type is not supported" otherwise), so a bfloat16 engine has no Triton data type here.
+_LOGITS_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 
 
 def build_option(options, name, default):
@@ -22,17 +25,25 @@ def build_option(options, name, default):
     return default if value is None else value
 
 
-def _deduced_max_seq_len(pretrained: dict) -> int | None:
-    """max_seq_len as trtllm-build deduces it when not given: max_position_embeddings times the
-    rope scaling factor (not for the su/longrope/llama3/yarn kinds, whose factor is not a
-    length multiplier)."""
-    n = pretrained.get("max_position_embeddings")
-    if not n:
-        return None
+def _deduced_max_seq_len(pretrained: dict) -> int:
+    """max_seq_len as trtllm-build deduces it when not given (tensorrt_llm/builder.py
+    _init_max_seq_len): max_position_embeddings (2048 without one), times the rope scaling
+    factor rounded up, except for the su/longrope/llama3/yarn kinds, whose factor is not a length
+    multiplier."""
+    n = pretrained.get("max_position_embeddings") or 2048
     scaling = pretrained.get("rotary_scaling") or {}
     kind = scaling.get("type", scaling.get("rope_type"))
     factor = scaling.get("factor", 1.0) if kind not in ("su", "longrope", "llama3", "yarn") else 1
-    return int(n * (factor or 1))
+    return int(math.ceil(n * factor)) if factor and factor != 1 else int(n)
+
+
+def _paged_kv_cache(build_options) -> bool:
+    """TensorRT-LLM 1.2 spells it --kv_cache_type paged|continuous|disabled; older releases
+    --paged_kv_cache enable|disable. Either option name is read."""
+    kv_type = build_option(build_options, "kv_cache_type", None)
+    if kv_type is not None:
+        return str(kv_type).lower() == "paged"
+    return build_option(build_options, "paged_kv_cache", "enable") != "disable"
 
 
 def engine_config_from_checkpoint(checkpoint_config: dict, build_options=None) -> dict:
@@ -53,8 +64,10 @@ def engine_config_from_checkpoint(checkpoint_config: dict, build_options=None) -
     build = {k: build_option(build_options, k, d) for k, d in _BUILD_DEFAULTS.items()}
     if build["max_seq_len"] is None:
         build["max_seq_len"] = _deduced_max_seq_len(checkpoint_config)
+    # trtllm-build clips a longer max_input_len to max_seq_len (with a warning)
+    build["max_input_len"] = min(int(build["max_input_len"]), int(build["max_seq_len"]))
     plugin = {
-        "paged_kv_cache": build_option(build_options, "paged_kv_cache", "enable") != "disable",
+        "paged_kv_cache": _paged_kv_cache(build_options),
         "remove_input_padding":
             build_option(build_options, "remove_input_padding", "enable") != "disable",
         "gpt_attention_plugin": build_option(build_options, "gpt_attention_plugin", "auto"),
@@ -98,6 +111,10 @@ def read_engine_config(engine_config: dict) -> EngineInfo:
         raise UserError(f"engine config: mapping {mapping} is inconsistent (world_size must be "
                         f"tp_size * pp_size)")
     logits_dtype = pre.get("logits_dtype") or "float32"
+    if logits_dtype == "bfloat16":
+        raise UserError("engine config: logits_dtype bfloat16 cannot be served by Triton's "
+                        "tensorrtllm backend (float32 or float16 logits only); convert the "
+                        "checkpoint with logits_dtype float32")
     if logits_dtype not in _LOGITS_TYPES:
         raise UserError(f"engine config: logits_dtype {logits_dtype!r} is not one of "
                         f"{', '.join(_LOGITS_TYPES)}")
@@ -112,20 +129,18 @@ def read_engine_config(engine_config: dict) -> EngineInfo:
 
 
 def check_batching(engine: EngineInfo, strategy: str) -> None:
-    """In-flight batching needs what trtllm-build enables by default; an engine built without
-    them only works with V1 (static batching)."""
-    if strategy == "V1":
-        return
+    """In-flight batching needs what trtllm-build enables by default (an engine built without
+    them would need the deprecated V1 static batching, which is not offered)."""
     missing = []
     p = engine.plugin
     if p.get("paged_kv_cache") is False:
-        missing.append("--paged-kv-cache enable")
+        missing.append("a paged KV cache (--kv-cache-type paged)")
     if p.get("remove_input_padding") is False:
         missing.append("--remove-input-padding enable")
     if p.get("gpt_attention_plugin") in ("disable", None) and "gpt_attention_plugin" in p:
         missing.append("--gpt-attention-plugin auto")
     if missing:
         raise UserError(f"--batching-strategy {strategy} needs an engine built with "
-                        f"{', '.join(missing)}; rebuild with it or use --batching-strategy V1")
+                        f"{', '.join(missing)}; rebuild the engines with it")
 
 

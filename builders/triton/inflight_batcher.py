@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path
 
 from builders.triton.engine_config import EngineInfo, check_batching, read_engine_config
-from builders.triton.launch import ENGINE_CURL, ENGINE_CURL_STREAM, launch_command, launch_script
+from builders.triton.launch import (ENGINE_CURL, ENGINE_CURL_STREAM, launch_command,
+                                    launch_script, slurm_launch_command)
 from builders.triton.model_config import (cpu_instances, dynamic_batching, pb_bool, render,
                                           string_params, tensor)
 from builders.triton.options import TritonOptions
@@ -250,7 +252,7 @@ def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict
     ``options``: TritonOptions, or the CLI Namespace.
     Returns ``out_dir``. Raises UserError (one line) for bad inputs.
     """
-    opts = TritonOptions.from_any(options)
+    opts = TritonOptions.from_any(options).for_target("engine")
     if engine_config is None:  # the engines exist already: read their config.json
         cfg_path = Path(engine_dir) / "config.json"
         try:
@@ -283,7 +285,13 @@ def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict
         requests = [ENGINE_CURL] + ([ENGINE_CURL_STREAM] if opts.decoupled else [])
         note = (f"Engines: {engine_path} (world size {engine.world_size} = tp {engine.tp} x "
                 f"pp {engine.pp}: one tritonserver process per rank).")
-        write_file(tmp / LAUNCH_SCRIPT, launch_script(repo, engine.world_size, note, requests),
+        script = launch_script(
+            repo, engine.world_size, note, requests,
+            required=(posixpath.join(engine_path, "config.json"),),
+            rank_file=posixpath.join(engine_path, "rank{rank}.engine"),
+            missing_hint="build the engines first (build_engine --from-checkpoint on a GPU host "
+                         "with TensorRT-LLM <= 1.2)")
+        write_file(tmp / LAUNCH_SCRIPT, script,
                executable=True)
         info = {
             "generated_by": "build_engine (builders/triton)",
@@ -296,6 +304,7 @@ def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict
             "max_input_len": engine.max_input_len, "max_seq_len": engine.max_seq_len,
             "logits_datatype": engine.logits_type,
             "launch": launch_command(repo, engine.world_size),
+            "launch_slurm": slurm_launch_command(repo, engine.world_size),
             "requests": requests, "external_paths": sorted(paths.external),
             "options": opts.as_dict(),
         }

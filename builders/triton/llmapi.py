@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path
 
 from builders.triton.engine_config import build_option
@@ -56,7 +57,7 @@ def write_llmapi_repo(out_dir, *, model_dir, tokenizer_dir=None, tp: int = 1, pp
     ``--max-batch-size``, ``--max-num-tokens``, ``--max-seq-len``, ``--max-beam-width``, passed
     only when not None).
     """
-    opts = TritonOptions.from_any(options)
+    opts = TritonOptions.from_any(options).for_target("pytorch")
     for name, v in (("tp", tp), ("pp", pp)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"--{name} must be a whole number >= 1 (got {v!r})")
@@ -91,7 +92,9 @@ def write_llmapi_repo(out_dir, *, model_dir, tokenizer_dir=None, tp: int = 1, pp
         copy_template("llmapi/tensorrt_llm/1/model.py", d / "1" / "model.py")
         note = (f"LLM-API (PyTorch backend) serving {model_path} with tp {tp} x pp {pp}: one "
                 f"tritonserver process; TensorRT-LLM starts the {tp * pp} GPU workers itself.")
-        write_file(tmp / LAUNCH_SCRIPT, launch_script(repo, 1, note, [LLMAPI_CURL]),
+        write_file(tmp / LAUNCH_SCRIPT, launch_script(
+            repo, 1, note, [LLMAPI_CURL], required=(posixpath.join(model_path, "config.json"),),
+            missing_hint="the model directory must be at this path on the serving host"),
                executable=True)
         info = {
             "generated_by": "build_engine (builders/triton)",

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from convert.errors import UserError
 
-BATCHING_STRATEGIES = ("inflight_fused_batching", "inflight_batching", "V1")
+# V1 (static batching) is not offered: tensorrtllm_backend deprecated it, and in-flight batching
+# serves every engine this project builds (paged KV cache, packed inputs, attention plugin).
+BATCHING_STRATEGIES = ("inflight_fused_batching", "inflight_batching")
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
 TARGETS = ("engine", "pytorch", "none")
 
@@ -16,7 +18,7 @@ TARGETS = ("engine", "pytorch", "none")
 class TritonOptions:
     """Options of the Triton repository writers (the ``add_triton_arguments`` flags)."""
 
-    triton_target: str = "engine"
+    triton_target: str | None = None            # None: the target's own layout (engine/pytorch)
     tokenizer_dir: str | None = None
     triton_max_batch_size: int | None = None     # None: min(64, the engine's max_batch_size)
     decoupled: bool = False
@@ -59,7 +61,7 @@ class TritonOptions:
                 raise UserError(f"--{name.replace('_', '-')} must be a whole number >= {low} "
                                 f"(got {value!r})")
 
-        if self.triton_target not in TARGETS:
+        if self.triton_target is not None and self.triton_target not in TARGETS:
             raise UserError(f"--triton-target must be one of {', '.join(TARGETS)} "
                             f"(got {self.triton_target!r})")
         if self.triton_max_batch_size is not None:
@@ -67,6 +69,10 @@ class TritonOptions:
         whole("max_queue_delay_microseconds", self.max_queue_delay_microseconds, 0)
         whole("max_queue_size", self.max_queue_size, 0)
         whole("triton_instance_count", self.triton_instance_count, 1)
+        if str(self.batching_strategy).lower() == "v1":
+            raise UserError("--batching-strategy V1 (static batching) is deprecated by Triton's "
+                            "tensorrtllm backend and not offered; use inflight_fused_batching "
+                            "(the default)")
         if self.batching_strategy not in BATCHING_STRATEGIES:
             raise UserError(f"--batching-strategy must be one of {', '.join(BATCHING_STRATEGIES)}"
                             f" (got {self.batching_strategy!r})")
@@ -81,6 +87,15 @@ class TritonOptions:
         if root is not None and (not root.startswith("/") or "${" in root):
             raise UserError(f"--triton-model-root must be an absolute path on the serving host, "
                             f"e.g. /models (got {root!r})")
+
+    def for_target(self, target: str) -> "TritonOptions":
+        """These options for the repository of ``target`` ("engine" or "pytorch"): an unset
+        --triton-target becomes it; a different one is refused (never silently ignored)."""
+        if self.triton_target not in (None, target):
+            raise UserError(f"--triton-target {self.triton_target} does not apply to --target "
+                            f"{target}, which writes the {target} repository (the default) or "
+                            f"none (--triton-target none)")
+        return replace(self, triton_target=target)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,11 +112,11 @@ def add_triton_arguments(parser: argparse.ArgumentParser):
     g = parser.add_argument_group(
         "triton", "Triton model repository (DIR/triton): tensorrtllm_backend's "
                   "inflight_batcher_llm layout for engines, or the LLM-API layout (pytorch)")
-    g.add_argument("--triton-target", choices=TARGETS, default="engine",
+    g.add_argument("--triton-target", choices=TARGETS, default=None,
                    help="engine: ensemble/preprocessing/tensorrt_llm/postprocessing for the "
-                        "TensorRT engines (TensorRT-LLM <= 1.2); pytorch: the LLM-API Python "
-                        "model (current TensorRT-LLM, no engines); none: no repository "
-                        "(default: engine)")
+                        "TensorRT engines (TensorRT-LLM <= 1.2; --target engine); pytorch: the "
+                        "LLM-API Python model (--target pytorch, no engines); none: no "
+                        "repository (default: the one that --target writes)")
     g.add_argument("--tokenizer-dir", type=Path, default=None,
                    help="tokenizer for pre/postprocessing (default: the HF model dir; required "
                         "with --from-checkpoint)")
@@ -112,10 +127,11 @@ def add_triton_arguments(parser: argparse.ArgumentParser):
     g.add_argument("--decoupled", action="store_true",
                    help="decoupled transaction policy: needed for streaming (stream=true, "
                         "generate_stream) (default: off)")
-    g.add_argument("--batching-strategy", choices=BATCHING_STRATEGIES,
-                   default="inflight_fused_batching",
+    g.add_argument("--batching-strategy", default="inflight_fused_batching",
+                   metavar="{" + ",".join(BATCHING_STRATEGIES) + "}",
                    help="gpt_model_type of the tensorrt_llm model (default: "
-                        "inflight_fused_batching)")
+                        "inflight_fused_batching; V1 static batching is deprecated upstream and "
+                        "refused)")
     g.add_argument("--batch-scheduler-policy", choices=SCHEDULER_POLICIES,
                    default="guaranteed_no_evict",
                    help="TensorRT-LLM capacity scheduler (default: guaranteed_no_evict)")
