@@ -15,6 +15,7 @@ from builders.triton.repo_files import (BLS, ENSEMBLE, LAUNCH_SCRIPT, POSTPROCES
                                         PREPROCESSING, REPO_INFO, TENSORRT_LLM, ServePaths,
                                         check_tokenizer, copy_template, copy_tokenizer,
                                         write_atomically, write_file)
+from builders.triton.tokens import special_token_ids
 from convert.errors import UserError
 
 # upstream's default location of the orchestrator-mode worker inside the Triton TRT-LLM container
@@ -154,8 +155,12 @@ _PRE_TO_LLM = (("INPUT_ID", "input_ids"), ("REQUEST_INPUT_LEN", "input_lengths")
 
 
 def engine_model_configs(*, engine: EngineInfo, opts: TritonOptions, engine_path: str,
-                         tokenizer_path: str, batch: int) -> dict[str, dict]:
-    """The config dicts (ModelConfig field names) of the engine repository's models."""
+                         tokenizer_path: str, batch: int, tokens: dict | None = None
+                         ) -> dict[str, dict]:
+    """The config dicts (ModelConfig field names) of the engine repository's models; ``tokens``:
+    :func:`builders.triton.tokens.special_token_ids` of the model (the preprocessing model's
+    defaults for END_ID / PAD_ID and its default stop words)."""
+    tokens = tokens or {"end_id": -1, "pad_id": 0, "stop_token_ids": []}
     lt = engine.logits_type
     cfgs = {}
     cfgs[PREPROCESSING] = {
@@ -166,7 +171,9 @@ def engine_model_configs(*, engine: EngineInfo, opts: TritonOptions, engine_path
         "instance_group": cpu_instances(opts.triton_instance_count),
         "parameters": string_params({
             "tokenizer_dir": tokenizer_path, "add_special_tokens": "true",
-            "max_input_len": engine.max_input_len or 0, "trust_remote_code": "false"}),
+            "max_input_len": engine.max_input_len or 0, "trust_remote_code": "false",
+            "end_id": tokens["end_id"], "pad_id": tokens["pad_id"],
+            "stop_token_ids": json.dumps(tokens["stop_token_ids"])}),
     }
     llm_params = {
         "gpt_model_type": opts.batching_strategy,
@@ -270,8 +277,9 @@ def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict
         tokenizer_path = paths.serve(paths.out_dir / PREPROCESSING / "1" / "tokenizer")
     else:
         tokenizer_path = paths.serve(tok_dir)
+    tokens = special_token_ids(tok_dir)
     cfgs = engine_model_configs(engine=engine, opts=opts, engine_path=engine_path,
-                                tokenizer_path=tokenizer_path, batch=batch)
+                                tokenizer_path=tokenizer_path, batch=batch, tokens=tokens)
     repo = paths.repo
 
     def build(tmp: Path) -> None:
@@ -302,7 +310,7 @@ def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict
             "architecture": engine.architecture, "dtype": engine.dtype,
             "triton_max_batch_size": batch, "engine_max_batch_size": engine.max_batch_size,
             "max_input_len": engine.max_input_len, "max_seq_len": engine.max_seq_len,
-            "logits_datatype": engine.logits_type,
+            "logits_datatype": engine.logits_type, **tokens,
             "launch": launch_command(repo, engine.world_size),
             "launch_slurm": slurm_launch_command(repo, engine.world_size),
             "requests": requests, "external_paths": sorted(paths.external),

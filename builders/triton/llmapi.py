@@ -13,6 +13,7 @@ from builders.triton.options import TritonOptions
 from builders.triton.repo_files import (LAUNCH_SCRIPT, REPO_INFO, TENSORRT_LLM, ServePaths,
                                         check_tokenizer, copy_template, write_atomically,
                                         write_file)
+from builders.triton.tokens import special_token_ids
 from convert.errors import UserError
 
 
@@ -102,6 +103,8 @@ def write_llmapi_repo(out_dir, *, model_dir, tokenizer_dir=None, tp: int = 1, pp
             "model_repository": repo, "models": [TENSORRT_LLM], "model_dir": model_path,
             "tokenizer_dir": tokenizer_path or model_path, "tp_size": tp, "pp_size": pp,
             "world_size": tp * pp, "launch": launch_command(repo, 1), "requests": [LLMAPI_CURL],
+            # for people and tools: TensorRT-LLM's LLM reads the same from the model dir itself
+            **special_token_ids(tok_dir or model),
             "trtllm_serve": trtllm_serve_command(model_path, tp=tp, pp=pp, options=opts,
                                                  llm_args=llm_args,
                                                  tokenizer_path=tokenizer_path),
