@@ -18,7 +18,8 @@ import pytest
 
 from builders import triton as tr
 from convert.errors import UserError
-from test_triton_repo import checkpoint_config, engine_repo, params, tokenizer_dir  # noqa: F401
+from test_triton_repo import (checkpoint_config, engine_repo, params, pb_utils,  # noqa: F401
+                              tokenizer_dir)
 
 
 def _recorder(bin_dir: Path, name: str, log: Path) -> Path:
@@ -162,3 +163,33 @@ def test_repositories_record_their_target(tmp_path, tokenizer_dir):
     (hf / "config.json").unlink()  # the model moved away: one line, exit 2
     res = _run(script)
     assert res.returncode == 2 and f"{hf.resolve()}/config.json is missing" in res.stderr
+
+
+def test_llmapi_model_py_leaves_the_mpi_environment(tmp_path, tokenizer_dir, pb_utils,
+                                                    monkeypatch):
+    """Started under `mpirun -n 1` (launch_triton.sh, as upstream's launch_triton_server.py), the
+    LLM-API model.py leaves OMPI_*/PMIX_* alone, as upstream's model.py does; the LLM (the
+    fake_tensorrt_llm test double) is created with the environment tritonserver got."""
+    import sys
+
+    from test_triton_repo import _hf_dir, fake_tensorrt_llm, init_model
+
+    job = {"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0", "PMIX_RANK": "0"}
+    for k, v in job.items():
+        monkeypatch.setenv(k, v)
+    seen = {}
+    trtllm = fake_tensorrt_llm()
+    real_init = trtllm.LLM.__init__
+
+    def init(self, **kw):
+        seen.update({k: os.environ.get(k) for k in job})
+        real_init(self, **kw)
+
+    trtllm.LLM.__init__ = init
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", trtllm)
+    repo = tr.write_llmapi_repo(tmp_path / "triton", model_dir=_hf_dir(tmp_path, tokenizer_dir))
+    model = init_model(repo, "tensorrt_llm")
+    try:
+        assert seen == job and all(os.environ.get(k) == v for k, v in job.items())
+    finally:
+        model.finalize()
