@@ -282,7 +282,7 @@ def _write_triton(args, out: Path, ckpt: Path, model_dir, engine_options, *, eng
     import json
 
     from builders.triton import (engine_config_from_checkpoint, validate_repo,
-                                      write_engine_repo)
+                                 write_engine_repo)
 
     if engines_built:
         engine_config = None

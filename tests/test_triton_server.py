@@ -275,16 +275,23 @@ def test_decoupled_streaming_on_real_tritonserver(tmp_path, smollm2_dir):
         server.stop()
 
 
-def test_llmapi_repository_on_real_tritonserver(tmp_path, smollm2_dir):
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_llmapi_repository_on_real_tritonserver(tmp_path, smollm2_dir, decoupled):
     """--target pytorch: the LLM-API repository (our model.py, model.yaml) with the stand-in
-    tensorrt_llm package returns the HF greedy text for POST /v2/models/tensorrt_llm/generate."""
+    tensorrt_llm package returns the HF greedy text for POST /v2/models/tensorrt_llm/generate,
+    and with --decoupled streams it (generate_stream, "streaming": true)."""
     out = tmp_path / "out"
-    repo = _build(out, "--target", "pytorch")  # served as generated
+    repo = _build(out, "--target", "pytorch", *(["--decoupled"] if decoupled else []))
     expected = _hf_greedy(smollm2_dir, PROMPT, NEW_TOKENS)
-    server = Server(repo, tmp_path, extra_paths=[DOUBLES / "llmapi_site"])
+    server = Server(repo, tmp_path, extra_paths=[DOUBLES / "llmapi_site"])  # served as generated
     try:
-        got = server.generate("tensorrt_llm", {"text_input": PROMPT,
-                                               "sampling_param_max_tokens": NEW_TOKENS})
-        assert got["text_output"] == expected
+        body = {"text_input": PROMPT, "sampling_param_max_tokens": NEW_TOKENS}
+        if decoupled:
+            events = server.generate_stream("tensorrt_llm", {**body, "streaming": True})
+            pieces = [e.get("text_output", "") for e in events]
+            assert len([p for p in pieces if p]) > 1, pieces
+            assert "".join(pieces) == expected, pieces
+        else:
+            assert server.generate("tensorrt_llm", body)["text_output"] == expected
     finally:
         server.stop()
