@@ -18,7 +18,8 @@ inflight_batcher_llm``)::
       tensorrt_llm/        config.pbtxt, 1/          (backend "tensorrtllm", gpt_model_path)
       postprocessing/      config.pbtxt, 1/model.py  (Python backend: token ids → text, our own)
       tensorrt_llm_bls/    config.pbtxt, 1/model.py  (only with --triton-bls; our own BLS model)
-      launch_triton.sh     the tritonserver command line (mpirun, one process per rank)
+      launch_triton.sh     the tritonserver command line (mpirun, one process per rank; or
+                           "slurm": srun --mpi=pmix, one task per rank)
       triton_repo.json     what was written, for people and tools (Triton ignores plain files)
 
 Every ``config.pbtxt`` is *filled*: there is no ``${...}`` left. Instead of copying NVIDIA's
@@ -45,9 +46,11 @@ later, on a GPU host), so :func:`engine_config_from_checkpoint` produces the sam
 checkpoint's ``config.json`` and the engine build options (``--max-batch-size`` ...), which is
 what trtllm-build will put there. A bare checkpoint config is accepted too (build defaults).
 Used from it: ``mapping`` (world size → ``mpirun -n``), ``logits_dtype`` (the data type of the
-logits outputs; the C++ backend checks it equals the engine's), ``vocab_size`` (checked against
+logits outputs, float32 or float16: the C++ backend checks it equals the engine's and serves no
+other), ``vocab_size`` (checked against
 the tokenizer), ``max_batch_size`` (cap of the Triton batch size), ``max_beam_width``,
-``max_input_len`` (checked by the preprocessing model), ``plugin_config`` (in-flight batching
+``max_input_len`` (checked by the preprocessing model; deduced and clipped to max_seq_len as
+trtllm-build does), ``plugin_config`` (in-flight batching
 needs the paged KV cache, packed inputs and the attention plugin).
 
 Paths
