@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reader) and of the HF model on this text file (first 4096 tokens, "
                         "windows of 256)")
     from builders.engine import add_engine_arguments
-    from builders.triton_repo import add_triton_arguments
+    from builders.triton import add_triton_arguments
 
     from quantize.formats import add_quant_arguments
 
@@ -356,14 +356,17 @@ def _verify(ckpt, model_dir, quant, tokenizer):
 
 def _defaults_from_other_flags(args) -> None:
     """Defaults that follow other flags: --build-workers follows --workers (trtllm-build has
-    one --workers for both)."""
+    one --workers for both); --triton-target follows --target (the repository that target's
+    output is served with), so build.json and triton_repo.json record what was written."""
     if args.build_workers is None:
         args.build_workers = args.workers
+    if getattr(args, "triton_target", "none") is None:
+        args.triton_target = getattr(args, "target", "engine")
 
 
 def _check_triton_args(args, model_dir) -> None:
     """Refuse, before any work, Triton options that would fail after the conversion."""
-    from builders.triton_repo import TritonOptions, check_tokenizer
+    from builders.triton import TritonOptions, check_tokenizer
 
     if args.checkpoint_only or args.triton_target == "none":
         return
@@ -387,8 +390,8 @@ def _write_triton(args, out: Path, ckpt: Path, model_dir, engine_options, *, eng
     else from the checkpoint config and the engine options (what trtllm-build will write)."""
     import json
 
-    from builders.triton_repo import (engine_config_from_checkpoint, validate_repo,
-                                      write_engine_repo)
+    from builders.triton import (engine_config_from_checkpoint, validate_repo,
+                                 write_engine_repo)
 
     if engines_built:
         engine_config = None
