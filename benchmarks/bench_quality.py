@@ -16,6 +16,11 @@ model; "PyTorch target" = our modelopt "unified" HF checkpoint (``--target pytor
 ``convert.unified.write_unified_checkpoint`` of the same model) read by ``verify.unified_reader``
 ("–": a format the unified checkpoint does not have). The table is written between ``<!-- quality:begin -->`` and
 ``<!-- quality:end -->`` in the markdown file.
+
+``--smoothquant-table``: instead, the SmoothQuant recipes side by side (TensorRT-LLM's four plugin
+formats, alpha 0.5 / 0.75 / 1.0 / auto, and modelopt's recipe), written between
+``<!-- sq-quality:begin -->`` and ``<!-- sq-quality:end -->``. One forward-hook range capture feeds
+every plugin row (ranges do not depend on alpha); each modelopt row is its own calibration.
 """
 from __future__ import annotations
 
@@ -52,6 +57,20 @@ ROWS = [
     ("fp16 + FP8 KV cache", None, "fp8", None, None),
 ]
 WEIGHT_ONLY = {"W8A16", "W4A16"}
+
+# --smoothquant-table rows: (label, quant_algo, alpha ("auto": searched))
+PT = "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+SQ_ROWS = [
+    ("TensorRT-LLM per-channel + per-token, alpha 0.5 (TensorRT-LLM's default alpha)", PT, 0.5),
+    ("TensorRT-LLM per-channel + per-token, alpha 0.75 (default `--smoothquant`)", PT, 0.75),
+    ("TensorRT-LLM per-channel + per-token, alpha 1.0", PT, 1.0),
+    ("TensorRT-LLM per-channel + per-token, alpha auto (per layer)", PT, "auto"),
+    ("TensorRT-LLM per-tensor weights + per-token, alpha 0.5", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", 0.5),
+    ("TensorRT-LLM per-channel + static per-tensor, alpha 0.5", "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN", 0.5),
+    ("TensorRT-LLM per-tensor + static per-tensor, alpha 0.5", "W8A8_SQ_PER_TENSOR_PLUGIN", 0.5),
+    ("modelopt recipe (`--sq-recipe modelopt`), alpha 1.0", "W8A8_SQ_PER_CHANNEL", 1.0),
+    ("modelopt recipe, alpha 0.5", "W8A8_SQ_PER_CHANNEL", 0.5),
+]
 
 
 def log(*a):
@@ -117,6 +136,60 @@ def fmt(p, base):
     return f"{p:.3f} ({100 * (p / base - 1):+.2f} %)"
 
 
+def sq_rows(args, tok, calib_text, eval_text, kw, work):
+    """The --smoothquant-table rows: (label, algo, alpha, ppl, calibration s, note)."""
+    from quantize.calibrate import calibration_inputs
+    from quantize.formats import QuantSpec
+    from quantize.smoothquant import (SEARCH_TOKENS, PluginCalibration, capture_ranges, search_alphas,
+                                      smooth_model)
+
+    out = []
+    spec0 = QuantSpec.create(PT, calib_size=args.calib_size, calib_seq_len=args.calib_seq_len)
+    t = time.time()
+    model, batches, _ = calibration_inputs(args.model, spec0, calib_text, tokenizer=tok, device="cpu")
+    ranges = capture_ranges(model, batches, keep_inputs=SEARCH_TOKENS)
+    capture_s = time.time() - t
+    n = len(model.model.layers)
+    for i, (label, algo, alpha) in enumerate(SQ_ROWS):
+        t = time.time()
+        note = ""
+        spec = QuantSpec.create(algo, smoothquant_alpha=alpha, calib_size=args.calib_size,
+                                calib_seq_len=args.calib_seq_len, calib_batch_size=1)
+        if spec.is_sq_plugin:
+            if alpha == "auto":
+                alphas, _ = search_alphas(model, ranges, algo)
+                note = "alphas " + " ".join(f"{a:g}" for a in alphas)
+            else:
+                alphas = [alpha] * n
+            cal = PluginCalibration(smooth_model(model, ranges, alphas), alphas)
+            calib_s = capture_s + time.time() - t
+        else:
+            cal, calib_s = calibrated_model(args.model, spec, calib_text, tok)
+        ppl = checkpoint_ppl(ours_checkpoint(args.model, work / f"sq{i}", spec, cal), eval_text, tok,
+                             **kw)["perplexity"]
+        out.append((label, algo, alpha, ppl, calib_s, note))
+        log(f"{label}: {ppl:.4f} ({time.time() - t:.0f}s) {note}")
+    return out
+
+
+def sq_table(rows, base) -> list[str]:
+    lines = ["| recipe | quant_algo | alpha | perplexity (vs float) | calibration s |", "|---|---|---:|---:|---:|"]
+    for label, algo, alpha, ppl, calib_s, _ in rows:
+        lines.append(f"| {label} | {algo} | {alpha} | {fmt(ppl, base)} | {calib_s:.0f} |")
+    notes = [f"{label}: {note}" for label, *_, note in rows if note]
+    return lines + ([""] + [f"Chosen by `--smoothquant auto`: {n}" for n in notes] if notes else [])
+
+
+def write_block(path, begin, end, table):
+    p = Path(path)
+    s = p.read_text(encoding="utf-8")
+    if begin in s and end in s:
+        s = s[: s.index(begin) + len(begin)] + "\n" + table + "\n" + s[s.index(end):]
+    else:
+        s = s.rstrip("\n") + "\n\n" + begin + "\n" + table + "\n" + end + "\n"
+    p.write_text(s, encoding="utf-8")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF dir (default: the cached SmolLM2-135M)")
@@ -129,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--only", default=None, help="comma-separated row numbers (1-based) to run")
     ap.add_argument("--write-md", default=None, help="markdown file whose quality block is replaced")
+    ap.add_argument("--smoothquant-table", action="store_true",
+                    help="the SmoothQuant recipes table instead of the formats table")
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -148,6 +223,25 @@ def main(argv=None) -> int:
     t0 = time.time()
     hf = hf_ppl(args.model, eval_text, tok, **kw)
     log(f"HF: {hf['perplexity']:.4f} over {hf['tokens']} tokens")
+    if args.smoothquant_table:
+        work = Path(tempfile.mkdtemp(prefix="bench_sq_", dir=REPO.parent))
+        try:
+            rows = sq_rows(args, tok, calib_text, eval_text, kw, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        base = hf["perplexity"]
+        table = "\n".join([
+            f"Model: SmolLM2-135M, fp16 checkpoints at tp 1 written by this project's converter, perplexity through "
+            f"the CPU reference reader (quantization simulated, per-token scales included). Evaluation: {n_tok} "
+            f"tokens of `{Path(args.eval_file).name}` from character {args.eval_offset}, windows of "
+            f"{args.ppl_seq_len}. Calibration: `{Path(args.calib_file).name}`, {args.calib_size} x "
+            f"{args.calib_seq_len} tokens, fp32 on CPU. Measured {time.strftime('%Y-%m-%d')}, whole run "
+            f"{time.time() - t0:.0f} s.", "", f"HF model (float32 compute): **{base:.3f}**", "",
+            *sq_table(rows, base)])
+        print(table)
+        if args.write_md:
+            write_block(args.write_md, "<!-- sq-quality:begin -->", "<!-- sq-quality:end -->", table)
+        return 0
     rows = []
     only = {int(i) for i in args.only.split(",")} if args.only else None
     work = Path(tempfile.mkdtemp(prefix="bench_quality_", dir=REPO.parent))

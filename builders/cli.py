@@ -116,6 +116,7 @@ def run(args) -> int:
     timings: dict[str, float] = {}
     inputs: dict = {}
     layout = None
+    extra: dict = {}  # build.json "options" beyond the flags: the quantization recipe and its gate
     if args.from_checkpoint:
         if args.model:
             raise UserError("give either --model or --from-checkpoint, not both")
@@ -134,6 +135,8 @@ def run(args) -> int:
             raise UserError("--model is required: a local HF model dir or a bundled example name "
                             "(or --from-checkpoint CKPT_DIR)")
         quant = QuantSpec.from_args(args)  # bad combinations / calib file: before any work
+        if args.smoothquant == "default":  # build.json records the alpha the recipe used
+            args.smoothquant = quant.smoothquant_alpha
         model_dir = resolve_model(args.model)
         inputs.update(model=args.model, model_dir=str(model_dir.resolve()))
         pad_heads = args.pad_heads or pads_heads_by_default(args.model)
@@ -161,15 +164,22 @@ def run(args) -> int:
             ppl_text = read_text_file(args.eval_ppl)  # bad file: one line, before any work
         t0 = time.perf_counter()
         quant_timings: dict[str, float] = {}
+        quant_report: dict = {}
+        if quant.recipe:
+            print(f"SmoothQuant recipe: {quant.recipe}")
         config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                     workers=args.workers, force=args.force,
                                     progress=not args.no_progress, quant=quant,
                                     timings=quant_timings, ranks=ranks, moe_tp=args.moe_tp,
-                                    moe_ep=args.moe_ep, pad_heads=pad_heads)
+                                    moe_ep=args.moe_ep, pad_heads=pad_heads,
+                                    quant_report=quant_report)
         timings["checkpoint"] = time.perf_counter() - t0
         timings.update(quant_timings)  # included in "checkpoint"
+        if quant_report.get("alphas") and quant.sq_alpha_search:
+            print(f"SmoothQuant alpha per layer (searched): {' '.join(f'{a:g}' for a in quant_report['alphas'])}")
         if quant_timings:
-            print(f"calibration: {quant_timings['calibration']:.1f}s (model load, modelopt forward passes "
+            how = "forward hooks" if quant.is_sq_plugin else "modelopt forward passes"
+            print(f"calibration: {quant_timings['calibration']:.1f}s (model load, {how} "
                   f"over {quant.calib_size} x {quant.calib_seq_len} tokens), quantized tensors: "
                   f"{quant_timings['quantized_tensors']:.1f}s")
         m = config["mapping"]
@@ -180,6 +190,19 @@ def run(args) -> int:
         print(f"checkpoint: {ckpt} ({m['world_size']} rank(s), tp {m['tp_size']}, "
               f"pp {m['pp_size']}, {config['dtype']}, {quant.name}) in "
               f"{timings['checkpoint']:.1f}s")
+        if quant.needs_calibration:
+            t0 = time.perf_counter()
+            gate = _quality_gate(ckpt, model_dir, quant, tokenizer)
+            timings["quality_gate"] = time.perf_counter() - t0
+            extra["quantization"] = {"quant_algo": quant.quant_algo, "recipe": quant.recipe or quant.name,
+                                     **quant_report, "quality_gate": gate}
+            if not gate["passed"]:
+                _discard(out, ckpt)
+                print(f"build_engine: error: the quality gate failed: perplexity +{gate['increase_pct']:.2f}% over "
+                      f"the float model > --max-ppl-increase {quant.max_ppl_increase:g}%; nothing was kept "
+                      f"(try another recipe or alpha, e.g. --smoothquant auto, or more --calib-size)",
+                      file=sys.stderr)
+                return EXIT_MISMATCH
         if args.verify:
             from verify.reference import summary_line
 
@@ -197,7 +220,8 @@ def run(args) -> int:
             print(ppl_line("Hugging Face model", hf_ppl(model_dir, ppl_text)))
             timings["eval_ppl"] = time.perf_counter() - t0
     if args.checkpoint_only:
-        write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings, layout=layout)
+        write_manifest(out, inputs=inputs, options={**vars(args), **extra}, stage_timings=timings,
+                       layout=layout)
         return 0
     t0 = time.perf_counter()
     engine_options = options_from_args(args)
@@ -221,7 +245,7 @@ def run(args) -> int:
                   f"Triton's ModelConfig schema); launch: {repo / 'launch_triton.sh'}")
         else:
             print("triton: not written yet: the run that completes every rank writes it")
-    write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings,
+    write_manifest(out, inputs=inputs, options={**vars(args), **extra}, stage_timings=timings,
                    engines=_engine_record(engines), layout=layout)
     return engines.exit_code
 
@@ -272,10 +296,27 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
     print(f"hf_quantized: {res['checkpoint']} (modelopt unified checkpoint, {spec.name}) "
           f"in {timings['hf_quantized']:.1f}s")
     if spec.quant_algo == "W8A8_SQ_PER_CHANNEL":
-        print("build_engine: note: TensorRT-LLM's PyTorch backend has no INT8 SmoothQuant method "
+        print("build_engine: note: --target pytorch writes SmoothQuant as modelopt's recipe "
+              "(W8A8_SQ_PER_CHANNEL, the only one a unified checkpoint has), and TensorRT-LLM's PyTorch "
+              "backend has no INT8 SmoothQuant method "
               "(tensorrt_llm/_torch/modules/linear.py get_quant_method; see README, Targets): this "
               "unified checkpoint is for other loaders of modelopt's format; for TensorRT-LLM use "
               "--fp8, --awq or --int8-weight-only, or --target engine", file=sys.stderr)
+    extra: dict = {}
+    if spec.needs_calibration:  # the quality gate of a calibrated run, on the unified checkpoint
+        from quantize.calibrate import load_tokenizer
+
+        t0 = time.perf_counter()
+        gate = _quality_gate(res["checkpoint"], model_dir, spec, load_tokenizer(model_dir))
+        timings["quality_gate"] = time.perf_counter() - t0
+        extra["quantization"] = {"quant_algo": spec.quant_algo, "recipe": spec.recipe or spec.name,
+                                 "quality_gate": gate}
+        if not gate["passed"]:
+            _discard(out, res["checkpoint"])
+            print(f"build_engine: error: the quality gate failed: perplexity +{gate['increase_pct']:.2f}% over "
+                  f"the float model > --max-ppl-increase {spec.max_ppl_increase:g}%; nothing was kept",
+                  file=sys.stderr)
+            return EXIT_MISMATCH
     if res["triton"] is not None:
         print(f"triton: {res['triton']} (LLM-API model repository for TensorRT-LLM's PyTorch "
               f"backend, validated); launch: {res['triton'] / 'launch_triton.sh'}")
@@ -292,7 +333,7 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
         print(f"verify: {summary_line(report, res['checkpoint'])}")
         if not passed:
             return EXIT_MISMATCH
-    write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
+    write_manifest(out, inputs=inputs, options={**vars(args), **extra}, stage_timings=timings)
     return 0
 
 
@@ -341,6 +382,35 @@ def _quant_tokenizer(args, quant, model_dir):
         return load_tokenizer(model_dir, "--verify of a quantized checkpoint (on real text)",
                               "; or drop --verify")
     return load_tokenizer(model_dir)
+
+
+def _quality_gate(ckpt, model_dir, quant, tokenizer) -> dict:
+    """Measure (and print) the quantized checkpoint against the float model on held-back calibration
+    text; ``passed`` is False only for a breach of --max-ppl-increase."""
+    from quantize.calibrate import held_back_ids
+    from verify.quality_gate import GATE_TOKENS, gate_line, measure
+
+    ids, overlaps = held_back_ids(quant.read_calib_text(), tokenizer, quant, GATE_TOKENS)
+    r = measure(ckpt, model_dir, ids)
+    limit = quant.max_ppl_increase
+    print(gate_line(quant.recipe or quant.name, r, overlaps, limit))
+    return {**r, "overlaps_calibration": overlaps, "max_ppl_increase": limit,
+            "passed": limit is None or r["increase_pct"] <= limit}
+
+
+def _discard(out: Path, ckpt: Path) -> None:
+    """A run that failed its quality gate keeps nothing that looks complete: its checkpoint goes, and
+    so do the outputs of an earlier run it was replacing (--force), which would now look current."""
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    for name in ("engines", "triton"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "build.json").unlink(missing_ok=True)
+    try:
+        out.rmdir()  # only when nothing else is in it
+    except OSError:
+        pass
 
 
 def _verify(ckpt, model_dir, quant, tokenizer):

@@ -100,7 +100,7 @@ def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None,
     (one line, before any weight is read or any calibration); return (HF config, Shape). With
     ``pad_heads`` the Shape carries the head padding tp needs (``shape.padding``; None if none)."""
     hf = read_hf_config(Path(model_dir))
-    sq = quant is not None and quant.quant_algo == "W8A8_SQ_PER_CHANNEL"
+    sq = quant is not None and (quant.quant_algo or "").startswith("W8A8_SQ")  # no kv duplication
     shape = preflight(model_shape(hf), tp, pp, pad_heads=pad_heads, no_kv_duplication=sq)
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
     preflight_quant(quant, shape, tp, pp)
@@ -113,7 +113,8 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
                        quantization: dict | None = None, quant=None,
                        calibrated_model=None, timings: dict | None = None,
                        ranks=None, moe_tp: int | None = None,
-                       moe_ep: int | None = None, pad_heads: bool = False) -> dict:
+                       moe_ep: int | None = None, pad_heads: bool = False,
+                       quant_report: dict | None = None) -> dict:
     """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
 
     ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
@@ -128,6 +129,8 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     ``moe_tp``/``moe_ep``: the experts' split of a mixture-of-experts
     model (``convert.moe``; default moe_tp = tp, moe_ep = 1). ``pad_heads``: pad the attention
     heads exactly when tp does not divide them (``convert.heads``); a no-op when it does.
+    ``quant_report``: a dict that receives what calibration chose (the
+    SmoothQuant plugin recipe's per-layer ``alphas`` and alpha-search errors).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant, moe_tp=moe_tp,
@@ -159,7 +162,8 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     calibrated = quant is not None and quant.needs_calibration
     if calibrated:
         plans = _calibrated_plans(model_dir, plans, shape, quant, config, calibrated_model,
-                                  progress, timings if timings is not None else {})
+                                  progress, timings if timings is not None else {},
+                                  quant_report if quant_report is not None else {})
         workers = 1  # the calibrated tensors are in this process's memory
     fingerprint = _fingerprint(config, plans, source, quant, mtimes=not subset)
 
@@ -228,36 +232,53 @@ def _discard(tmp: Path, own_ranks) -> None:
 
 
 def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibrated_model,
-                      progress: bool, timings: dict):
-    """Calibrate (modelopt, on the calibration text), then put each rank's quantized linears
-    and KV-cache scales into its plan."""
+                      progress: bool, timings: dict, report: dict):
+    """Calibrate (modelopt, or forward hooks for TensorRT-LLM's SmoothQuant plugin recipe, on the
+    calibration text), then put each rank's quantized linears and KV-cache scales into its plan."""
     from quantize.apply import apply_to_plan, stage_tensors
-    from quantize.calibrate import calibrate, extract_quant_state, shard_quant_state
     from quantize.moe import extract_moe_state, shard_moe_state
 
-    from .heads import pad_quant_state
+    from .heads import pad_quant_state, pad_sq_plugin_layers
     from .plan import TORCH_DTYPES
 
-    model = calibrated_model
-    t0 = time.perf_counter()
-    if model is None:
-        model = calibrate(model_dir, quant, progress=progress)
-    t1 = time.perf_counter()
-    state = extract_quant_state(model, quant, dtype=TORCH_DTYPES[config["dtype"]])
-    moe_state = extract_moe_state(model, quant) if shape.experts else {}
-    del model
-    state = pad_quant_state(state, shape.padding)  # calibrated on the real heads, then padded
     mapping = config["mapping"]
     tp, pp = mapping["tp_size"], mapping["pp_size"]
     moe = MoeLayout(mapping.get("moe_tp_size", tp), mapping.get("moe_ep_size", 1))
+    dtype = TORCH_DTYPES[config["dtype"]]
+    t0 = time.perf_counter()
+    if quant.is_sq_plugin:
+        from quantize.smoothquant import calibrate_plugin, plugin_rank_tensors
+
+        cal = calibrated_model or calibrate_plugin(model_dir, quant, progress=progress)
+        t1 = time.perf_counter()
+        config["quantization"]["smoothquant_val"] = cal.smoothquant_val
+        report.update(alphas=list(cal.alphas), **({"alpha_search": cal.search} if cal.search else {}))
+        sq_layers = pad_sq_plugin_layers(cal.layers, shape.padding)  # calibrated on the real heads
+
+        def rank_tensors(tp_rank):
+            return plugin_rank_tensors(sq_layers, quant, num_heads=shape.tp_heads,
+                                       num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank,
+                                       norm_dtype=dtype)
+    else:
+        from quantize.calibrate import calibrate, extract_quant_state, shard_quant_state
+
+        model = calibrated_model if calibrated_model is not None else calibrate(model_dir, quant, progress=progress)
+        t1 = time.perf_counter()
+        state = extract_quant_state(model, quant, dtype=dtype)
+        moe_state = extract_moe_state(model, quant) if shape.experts else {}
+        del model
+        state = pad_quant_state(state, shape.padding)  # calibrated on the real heads, then padded
+
+        def rank_tensors(tp_rank):
+            tensors = shard_quant_state(state, quant, num_heads=shape.tp_heads,
+                                        num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank)
+            tensors.update(shard_moe_state(moe_state, moe, tp_rank, shape.experts))
+            return tensors
     out = []
     for r, plan in enumerate(plans):
         pp_rank, tp_rank = divmod(r, tp)
-        tensors = shard_quant_state(state, quant, num_heads=shape.tp_heads,
-                                    num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank)
-        tensors.update(shard_moe_state(moe_state, moe, tp_rank, shape.experts))
         layers = pp_layer_range(shape.layers, pp, pp_rank)
-        out.append(apply_to_plan(plan, stage_tensors(tensors, layers)))
+        out.append(apply_to_plan(plan, stage_tensors(rank_tensors(tp_rank), layers)))
     timings.update(calibration=t1 - t0, quantized_tensors=time.perf_counter() - t1)
     return out
 

@@ -18,7 +18,7 @@ The padded count is the smallest number of whole groups that tp can split (``kv 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -137,4 +137,46 @@ def pad_quant_state(state: dict, padding: HeadPadding | None) -> dict:
             out[name] = t
         else:
             out[name] = pad_axis(t, spec, padding, name)
+    return out
+
+
+# TensorRT-LLM's plugin SmoothQuant (quantize.smoothquant): its per-layer int8 linears are padded
+# after quantization (a zero row would give a per-channel scale of 127 / 0). qkv's rows per q|k|v
+# section and dense's input columns are the head axes; o_proj's smoother (dense input) pads with 1.
+_Q_ROWS, _KV_ROWS = HeadAxis(0, "q", 0.0), HeadAxis(0, "kv", 0.0)
+_ROW_WEIGHTS = ("w_col", "w_tensor")
+_ROW_SCALES = ("w_quant_orig_c", "w_quant_orig_t", "y_accum_quant_c", "y_accum_quant_t")
+
+
+def _pad_sections(t: torch.Tensor, sections, padding: HeadPadding, value: float) -> torch.Tensor:
+    q, k, v = t.split(list(sections))
+    return torch.cat([pad_axis(q, replace(_Q_ROWS, value=value), padding),
+                      pad_axis(k, replace(_KV_ROWS, value=value), padding),
+                      pad_axis(v, replace(_KV_ROWS, value=value), padding)])
+
+
+def pad_sq_plugin_layers(layers: list, padding: HeadPadding | None) -> list:
+    """``quantize.smoothquant.SmoothedLayer``s of the real model padded to ``padding``'s heads:
+    zero int8 rows (qkv) and input columns (dense), neutral scales and smoother (1)."""
+    if padding is None or not padding.active:
+        return layers
+    out = []
+    for layer in layers:
+        mha = padding.heads == padding.kv_heads  # as plugin_rank_tensors derives it
+        q8 = dict(layer.int8(mha))
+        sections = layer.qkv.sections
+        qkv = q8["qkv"]
+        q8["qkv"] = replace(qkv, **{f: _pad_sections(getattr(qkv, f), sections, padding, 0.0)
+                                   for f in _ROW_WEIGHTS},
+                            **{f: _pad_sections(getattr(qkv, f), sections, padding, 1.0)
+                               for f in _ROW_SCALES})
+        dense = q8["dense"]
+        q8["dense"] = replace(dense, **{f: pad_axis(getattr(dense, f), HeadAxis(1, "q", 0.0), padding)
+                                       for f in _ROW_WEIGHTS})
+        padded_sections = tuple(s * padding.count(kind)[1] // padding.count(kind)[0]
+                                for s, kind in zip(sections, ("q", "kv", "kv")))
+        out.append(replace(layer, qkv=replace(layer.qkv, sections=padded_sections),
+                           dense_smoother=pad_axis(layer.dense_smoother, HeadAxis(0, "q", 1.0),
+                                                   padding),
+                           _int8=q8))
     return out

@@ -221,7 +221,8 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
     (``pad_heads`` and a tp that needs it) the head counts are the padded ones and ``head_size``
     (always written) no longer equals hidden_size / heads."""
     shape = preflight(model_shape(hf), tp, pp, pad_heads=pad_heads,
-                      no_kv_duplication=(quantization or {}).get("quant_algo") == "W8A8_SQ_PER_CHANNEL")
+                      no_kv_duplication=str((quantization or {}).get("quant_algo") or "")
+                      .startswith("W8A8_SQ"))
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
     rotary_base, rotary_scaling = _rope(hf)
     dtype = resolve_dtype(dtype, hf)

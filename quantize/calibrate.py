@@ -171,11 +171,30 @@ def calibrate(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *
     ``str -> list[int]`` callable (default: the one in the model directory).
     ``dtype`` (loading only): default float32 on CPU, the model's fp16/bf16 on GPU.
     """
-    if not spec.needs_calibration:
-        raise ValueError(f"{spec.name} needs no calibration")
+    if not spec.needs_calibration or spec.is_sq_plugin:
+        raise ValueError(f"{spec.name} needs no modelopt calibration")
     import modelopt.torch.quantization as mtq
     from tqdm.auto import tqdm
 
+    model, batches, dev = calibration_inputs(hf_dir_or_model, spec, calib_text, tokenizer=tokenizer,
+                                             device=device, dtype=dtype)
+    passes = [0]
+
+    def forward_loop(m):
+        passes[0] += 1
+        bar = tqdm(batches, desc=f"calibrating ({spec.name}, pass {passes[0]})", unit="batch",
+                   disable=not progress, file=sys.stderr, leave=False)
+        with torch.no_grad():
+            for batch in bar:
+                m(input_ids=batch.to(dev), use_cache=False)
+
+    return mtq.quantize(model, spec.modelopt_config(), forward_loop)
+
+
+def calibration_inputs(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *,
+                       tokenizer=None, device="auto", dtype=None):
+    """(model in eval mode, calibration batches, device) for :func:`calibrate` and the SmoothQuant
+    plugin recipe's range capture (same arguments as :func:`calibrate`)."""
     if isinstance(hf_dir_or_model, (str, Path)):
         hf_dir = Path(hf_dir_or_model)
         dev = resolve_device(device)
@@ -201,18 +220,21 @@ def calibrate(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *
     if vocab is not None and max(ids) >= vocab:
         raise UserError(f"the tokenizer produced id {max(ids)} but the model's vocab_size is {vocab}; "
                         "the tokenizer does not belong to this model")
+    return model, batches, dev
 
-    passes = [0]
 
-    def forward_loop(m):
-        passes[0] += 1
-        bar = tqdm(batches, desc=f"calibrating ({spec.name}, pass {passes[0]})", unit="batch",
-                   disable=not progress, file=sys.stderr, leave=False)
-        with torch.no_grad():
-            for batch in bar:
-                m(input_ids=batch.to(dev), use_cache=False)
-
-    return mtq.quantize(model, spec.modelopt_config(), forward_loop)
+def held_back_ids(text: str, tokenizer, spec: QuantSpec, max_tokens: int = 1024) -> tuple[list[int], bool]:
+    """Tokens of the calibration text that calibration did not see (those after its
+    ``calib_size`` windows), at most ``max_tokens``; when fewer than 128 are left, the text's last
+    ``max_tokens`` tokens and True (they overlap the calibration windows)."""
+    ids = tokenize_text(text, tokenizer)
+    bos = _bos_if_added(tokenizer)
+    body = spec.calib_seq_len - 1 if bos is not None and spec.calib_seq_len > 1 else spec.calib_seq_len
+    used = spec.calib_size * min(body, len(ids))
+    rest = ids[used:used + max_tokens]
+    if used <= len(ids) and len(rest) >= 128:
+        return rest, False
+    return ids[-max_tokens:], True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,12 @@ Formats (TensorRT-LLM ``QuantAlgo`` names; see quantize/NOTES.md for the tensors
 flag                quant_algo                 how
 ==================  =========================  ==========================================
 (none)              None                       fp16/bf16 weights
---smoothquant [A]   W8A8_SQ_PER_CHANNEL        modelopt INT8_SMOOTHQUANT_CFG, alpha A
+--smoothquant [A]   W8A8_SQ_PER_CHANNEL_       TensorRT-LLM's own SmoothQuant (convert_checkpoint.py
+                    PER_TOKEN_PLUGIN           --smoothquant A --per_channel --per_token), alpha A
+                                               (default 0.75; ``auto``: searched); --sq-weights /
+                                               --sq-activations pick the other three plugin formats
+  --sq-recipe       W8A8_SQ_PER_CHANNEL        modelopt INT8_SMOOTHQUANT_CFG, alpha A (default 1.0)
+    modelopt
 --fp8               FP8                        modelopt FP8_DEFAULT_CFG
 --awq               W4A16_AWQ                  modelopt INT4_AWQ_CFG (group 128 or 64)
 --int8-weight-only  W8A16                      float weights; trtllm-build quantizes them
@@ -27,7 +32,6 @@ flag                quant_algo                 how
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 from dataclasses import dataclass
@@ -36,119 +40,12 @@ from typing import Iterable, Mapping
 
 from convert.errors import UserError
 
-# ---------------------------------------------------------------------------------------------
-# Defaults (sources in quantize/NOTES.md)
-# ---------------------------------------------------------------------------------------------
-
-#: SmoothQuant migration strength when ``--smoothquant`` is given without a value. modelopt's
-#: ``INT8_SMOOTHQUANT_CFG`` names the algorithm "smoothquant" with no alpha, so its
-#: ``SmoothQuantCalibConfig.alpha`` default applies: 1.0 (modelopt 0.47,
-#: modelopt/torch/quantization/config.py). TensorRT-LLM's modelopt flow
-#: (tensorrt_llm/quantization/quantize_by_modelopt.py, ``--qformat int8_sq``) uses that config
-#: unchanged, overriding alpha to 0.5 only for Gemma. (0.5 is the SmoothQuant paper's value and the
-#: default ``QuantConfig.smoothquant_val`` of TensorRT-LLM's own *plugin* SmoothQuant converters,
-#: a different checkpoint format.)
-DEFAULT_SMOOTHQUANT_ALPHA = 1.0
-
-#: AWQ group size: INT4_AWQ_CFG's block size, TensorRT-LLM's ``QuantConfig.group_size`` default and
-#: ``examples/quantization/quantize.py --awq_block_size`` default.
-DEFAULT_AWQ_GROUP_SIZE = 128
-#: Group sizes TensorRT-LLM's W4A16 groupwise GEMM (weight-only groupwise plugin) accepts.
-AWQ_GROUP_SIZES = (64, 128)
-
-#: Calibration defaults: TensorRT-LLM's quantize.py uses 512 x 512 (and caps AWQ at 32 samples);
-#: our shipped text is ~25k tokens, so 32 non-overlapping samples of 512 tokens fit in it.
-DEFAULT_CALIB_SIZE = 32
-DEFAULT_CALIB_SEQ_LEN = 512
-DEFAULT_CALIB_BATCH_SIZE = 1
-
-#: The calibration text shipped with the package (public-domain Shakespeare, see NOTES.md).
-DEFAULT_CALIB_DATA = Path(__file__).resolve().parent / "data" / "calib_default.txt"
-
-#: What modelopt 0.47 writes as ``exclude_modules`` for its single-format exports (SmoothQuant,
-#: FP8, AWQ): every linear without an enabled quantizer, summarised — for Llama-family models
-#: only the lm_head (``*lm_head*`` is disabled in all of modelopt's default configs).
-MODELOPT_EXCLUDE_MODULES = ("lm_head",)
-
-#: TensorRT-LLM's own default list (``tensorrt_llm/quantization/quantize.py: quantize_layers``,
-#: used when ``exclude_modules`` is absent/null). Writing any list replaces it, so the weight-only
-#: formats (which TensorRT-LLM, not modelopt, quantizes at build time) write it in full: with only
-#: ``["lm_head"]`` the vocab embedding would become a WeightOnlyQuantEmbedding expecting int8 rows.
-TRTLLM_DEFAULT_EXCLUDE_MODULES = (
-    "*lm_head",
-    "*router",
-    "*vocab_embedding",
-    "*position_embedding",
-    "*block_embedding",
-    "*shared_expert_gate",
-)
-
-SMOOTHQUANT = "W8A8_SQ_PER_CHANNEL"
-FP8 = "FP8"
-W8A16 = "W8A16"
-W4A16 = "W4A16"
-W4A16_AWQ = "W4A16_AWQ"
-WEIGHT_ONLY_ALGOS = (W8A16, W4A16)
-#: quant_algo values whose tensors modelopt computes (calibration + extract_quant_state).
-MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ)
-
-KV_CACHE_DTYPES = {"int8": "INT8", "fp8": "FP8"}
-
-# flag attribute -> (quant_algo, flag as typed)
-_WEIGHT_FLAGS = (
-    ("smoothquant", SMOOTHQUANT, "--smoothquant"),
-    ("fp8", FP8, "--fp8"),
-    ("int8_weight_only", W8A16, "--int8-weight-only"),
-    ("int4_weight_only", W4A16, "--int4-weight-only"),
-    ("awq", W4A16_AWQ, "--awq"),
-)
-
-
-def add_quant_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Add the quantization and calibration flags to ``parser`` (in their own argument group)."""
-    g = parser.add_argument_group(
-        "quantization",
-        "At most one weight format; --kv-cache-dtype combines with any of them (except int8 with "
-        "--fp8). SmoothQuant, FP8, AWQ and a quantized KV cache are calibrated with "
-        "nvidia-modelopt on --calib-data.")
-    g.add_argument("--smoothquant", nargs="?", type=_alpha, const=DEFAULT_SMOOTHQUANT_ALPHA,
-                   default=None, metavar="ALPHA",
-                   help="INT8 weights and activations, SmoothQuant per-channel (W8A8_SQ_PER_CHANNEL). "
-                        f"ALPHA in [0, 1] is the migration strength (default {DEFAULT_SMOOTHQUANT_ALPHA}, "
-                        "modelopt's INT8_SMOOTHQUANT_CFG default).")
-    g.add_argument("--fp8", action="store_true",
-                   help="FP8 (e4m3) weights and activations, per-tensor scales (FP8; Ada/Hopper and newer).")
-    g.add_argument("--int8-weight-only", action="store_true",
-                   help="INT8 weight-only (W8A16); no calibration, trtllm-build quantizes the weights.")
-    g.add_argument("--int4-weight-only", action="store_true",
-                   help="INT4 weight-only, per channel (W4A16); no calibration, trtllm-build quantizes.")
-    g.add_argument("--awq", action="store_true",
-                   help="INT4 AWQ, group-wise weights with activation-aware scales (W4A16_AWQ).")
-    g.add_argument("--awq-block-size", type=int, default=None, metavar="N",
-                   help=f"AWQ group size, one of {', '.join(map(str, AWQ_GROUP_SIZES))} "
-                        f"(default {DEFAULT_AWQ_GROUP_SIZE}).")
-    g.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default=None,
-                   help="Quantize the KV cache (calibrated per-layer scales).")
-    g.add_argument("--calib-data", type=Path, default=None, metavar="FILE",
-                   help="Plain UTF-8 text used for calibration (default: the shipped "
-                        "quantize/data/calib_default.txt, public-domain Shakespeare).")
-    g.add_argument("--calib-size", type=int, default=DEFAULT_CALIB_SIZE, metavar="N",
-                   help=f"Number of calibration samples (default {DEFAULT_CALIB_SIZE}).")
-    g.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN, metavar="N",
-                   help=f"Tokens per calibration sample (default {DEFAULT_CALIB_SEQ_LEN}).")
-    g.add_argument("--calib-batch-size", type=int, default=DEFAULT_CALIB_BATCH_SIZE, metavar="N",
-                   help=f"Samples per forward pass during calibration (default {DEFAULT_CALIB_BATCH_SIZE}).")
-    return g
-
-
-def _alpha(text: str) -> float:
-    try:
-        a = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"SmoothQuant alpha must be a number in [0, 1], got {text!r}")
-    if not (0.0 <= a <= 1.0) or math.isnan(a):
-        raise argparse.ArgumentTypeError(f"SmoothQuant alpha must be in [0, 1], got {text}")
-    return a
+from .algos import (  # noqa: F401  (re-exported: the formats' names live here for callers)
+    ALL_ALGOS, AWQ_GROUP_SIZES, DEFAULT_AWQ_GROUP_SIZE, DEFAULT_CALIB_BATCH_SIZE, DEFAULT_CALIB_DATA,
+    DEFAULT_CALIB_SEQ_LEN, DEFAULT_CALIB_SIZE, DEFAULT_SMOOTHQUANT_ALPHA, DEFAULT_SQ_PLUGIN_ALPHA, FP8,
+    KV_CACHE_DTYPES, MODELOPT_ALGOS, MODELOPT_EXCLUDE_MODULES, SMOOTHQUANT, SQ_PLUGIN, SQ_PLUGIN_ALGOS,
+    SQ_RECIPES, TRTLLM_DEFAULT_EXCLUDE_MODULES, W4A16, W4A16_AWQ, W8A16, WEIGHT_ONLY_ALGOS, _WEIGHT_FLAGS)
+from .flags import add_quant_arguments, sq_algo  # noqa: F401  (add_quant_arguments re-exported)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +69,9 @@ class QuantSpec:
     has_zero_point: bool = False
     pre_quant_scale: bool = False
     exclude_modules: tuple[str, ...] | None = None
-    smoothquant_alpha: float | None = None
+    smoothquant_alpha: float | None = None  # None with sq_alpha_search: chosen per layer at calibration
+    sq_alpha_search: bool = False
+    max_ppl_increase: float | None = None
     calib_data: Path = DEFAULT_CALIB_DATA
     calib_size: int = DEFAULT_CALIB_SIZE
     calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN
@@ -181,7 +80,7 @@ class QuantSpec:
     # ----- construction -----------------------------------------------------------------------
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "QuantSpec":
+    def from_args(cls, args) -> "QuantSpec":
         """Validate the parsed flags (see :func:`add_quant_arguments`); raise UserError on a mistake."""
         chosen = [(algo, flag) for attr, algo, flag in _WEIGHT_FLAGS
                   if getattr(args, attr, None) not in (None, False)]
@@ -190,13 +89,19 @@ class QuantSpec:
                 f"choose one weight quantization format, got {' and '.join(f for _, f in chosen)}; "
                 "--kv-cache-dtype can be combined with any one of them")
         quant_algo = chosen[0][0] if chosen else None
-        kv_flag = getattr(args, "kv_cache_dtype", None)
-        awq_block = getattr(args, "awq_block_size", None)
+        alpha = getattr(args, "smoothquant", None)
+        if quant_algo == SMOOTHQUANT:
+            quant_algo = sq_algo(args)
+        else:
+            for flag in ("sq_recipe", "sq_activations", "sq_weights"):
+                if getattr(args, flag, None) is not None:
+                    raise UserError(f"--{flag.replace('_', '-')} applies to --smoothquant; add it or drop the flag")
         return cls.create(
             quant_algo,
-            kv_cache_dtype=kv_flag,
-            smoothquant_alpha=getattr(args, "smoothquant", None),
-            awq_block_size=awq_block,
+            kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
+            smoothquant_alpha=None if alpha == "default" else alpha,
+            awq_block_size=getattr(args, "awq_block_size", None),
+            max_ppl_increase=getattr(args, "max_ppl_increase", None),
             calib_data=getattr(args, "calib_data", None),
             calib_size=getattr(args, "calib_size", DEFAULT_CALIB_SIZE),
             calib_seq_len=getattr(args, "calib_seq_len", DEFAULT_CALIB_SEQ_LEN),
@@ -205,12 +110,12 @@ class QuantSpec:
 
     @classmethod
     def create(cls, quant_algo: str | None = None, *, kv_cache_dtype: str | None = None,
-               smoothquant_alpha: float | None = None, awq_block_size: int | None = None,
-               calib_data: str | Path | None = None, calib_size: int = DEFAULT_CALIB_SIZE,
+               smoothquant_alpha: float | str | None = None, awq_block_size: int | None = None,
+               max_ppl_increase: float | None = None, calib_data: str | Path | None = None, calib_size: int = DEFAULT_CALIB_SIZE,
                calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN,
                calib_batch_size: int = DEFAULT_CALIB_BATCH_SIZE) -> "QuantSpec":
         """Build and validate a spec from TensorRT-LLM names (what ``from_args`` calls)."""
-        valid = (None,) + tuple(a for _, a, _ in _WEIGHT_FLAGS)
+        valid = (None,) + ALL_ALGOS
         if quant_algo not in valid:
             raise UserError(f"unknown quant_algo {quant_algo!r}; supported: "
                             f"{', '.join(str(a) for a in valid)}")
@@ -224,13 +129,26 @@ class QuantSpec:
                 "--fp8 with --kv-cache-dtype int8 is not supported: TensorRT-LLM's FP8 recipe pairs "
                 "FP8 GEMMs with an FP8 KV cache (FP8 context FMHA); use --kv-cache-dtype fp8")
 
-        alpha = None
-        if quant_algo == SMOOTHQUANT:
-            alpha = DEFAULT_SMOOTHQUANT_ALPHA if smoothquant_alpha is None else float(smoothquant_alpha)
-            if not (0.0 <= alpha <= 1.0):
-                raise UserError(f"--smoothquant alpha must be in [0, 1], got {alpha}")
+        alpha, search = None, False
+        if quant_algo in (SMOOTHQUANT, *SQ_PLUGIN):
+            if smoothquant_alpha == "auto":
+                if quant_algo == SMOOTHQUANT:
+                    raise UserError("--smoothquant auto searches alpha for TensorRT-LLM's recipe only; give "
+                                    "--sq-recipe modelopt a number (default 1.0) or drop --sq-recipe")
+                search = True
+            else:
+                default = DEFAULT_SMOOTHQUANT_ALPHA if quant_algo == SMOOTHQUANT else DEFAULT_SQ_PLUGIN_ALPHA
+                alpha = default if smoothquant_alpha is None else float(smoothquant_alpha)
+                if not (0.0 <= alpha <= 1.0):
+                    raise UserError(f"--smoothquant alpha must be in [0, 1], got {alpha}")
+            if quant_algo in SQ_PLUGIN and kv == "FP8":
+                raise UserError("--kv-cache-dtype fp8 with TensorRT-LLM's SmoothQuant recipe: its converter "
+                                "writes a placeholder FP8 KV scale of 1.0; use --kv-cache-dtype int8, or "
+                                "--sq-recipe modelopt for a calibrated FP8 KV cache")
         elif smoothquant_alpha is not None:
             raise UserError("a SmoothQuant alpha was given without --smoothquant")
+        if max_ppl_increase is not None and not (max_ppl_increase >= 0 and math.isfinite(max_ppl_increase)):
+            raise UserError(f"--max-ppl-increase must be a percentage >= 0, got {max_ppl_increase}")
 
         group_size = None
         if awq_block_size is not None and quant_algo != W4A16_AWQ:
@@ -251,7 +169,7 @@ class QuantSpec:
         elif quant_algo in MODELOPT_ALGOS:
             exclude = MODELOPT_EXCLUDE_MODULES
         else:
-            exclude = None  # modelopt writes no exclude_modules without quantized linears
+            exclude = None  # modelopt (and TensorRT-LLM's plugin SQ converter) write none / null
 
         spec = cls(
             quant_algo=quant_algo,
@@ -261,11 +179,16 @@ class QuantSpec:
             pre_quant_scale=quant_algo == W4A16_AWQ,
             exclude_modules=exclude,
             smoothquant_alpha=alpha,
+            sq_alpha_search=search,
+            max_ppl_increase=max_ppl_increase,
             calib_data=Path(calib_data) if calib_data is not None else DEFAULT_CALIB_DATA,
             calib_size=calib_size,
             calib_seq_len=calib_seq_len,
             calib_batch_size=calib_batch_size,
         )
+        if max_ppl_increase is not None and not spec.needs_calibration:
+            raise UserError("--max-ppl-increase gates calibrated formats (SmoothQuant, FP8, AWQ, a quantized "
+                            "KV cache); drop it or add one")
         if spec.needs_calibration or calib_data is not None:
             check_calib_file(spec.calib_data)
         return spec
@@ -284,14 +207,35 @@ class QuantSpec:
     @property
     def needs_calibration(self) -> bool:
         """True when modelopt must run calibration data through the model (SQ, FP8, AWQ, KV cache)."""
-        return self.quant_algo in MODELOPT_ALGOS or self.kv_cache_quant_algo is not None
+        return (self.quant_algo in MODELOPT_ALGOS or self.is_sq_plugin
+                or self.kv_cache_quant_algo is not None)
+
+    @property
+    def is_sq_plugin(self) -> bool:
+        """TensorRT-LLM's own SmoothQuant (forward-hook ranges, quantize/smoothquant.py), not modelopt."""
+        return self.quant_algo in SQ_PLUGIN
+
+    @property
+    def recipe(self) -> str | None:
+        """The SmoothQuant recipe in words (None: not SmoothQuant): one name, one numerics contract."""
+        if self.quant_algo == SMOOTHQUANT:
+            return (f"modelopt {SMOOTHQUANT} (alpha {self.smoothquant_alpha:g}): int8 weights per channel, "
+                    "int8 activations with one static scale per tensor")
+        if not self.is_sq_plugin:
+            return None
+        per_channel, per_token = next(k for k, v in SQ_PLUGIN_ALGOS.items() if v == self.quant_algo)
+        alpha = "searched per layer" if self.sq_alpha_search else f"{self.smoothquant_alpha:g}"
+        return (f"TensorRT-LLM {self.quant_algo} (alpha {alpha}): int8 weights "
+                f"{'per channel' if per_channel else 'per tensor'}, int8 activations "
+                f"{'per token (dynamic)' if per_token else 'per tensor (static)'}")
 
     @property
     def name(self) -> str:
         """Short human name, e.g. 'W4A16_AWQ (group 128) + INT8 KV cache'."""
         parts = []
-        if self.quant_algo == SMOOTHQUANT:
-            parts.append(f"{self.quant_algo} (alpha {self.smoothquant_alpha:g})")
+        if self.quant_algo == SMOOTHQUANT or self.is_sq_plugin:
+            alpha = "auto" if self.sq_alpha_search else f"{self.smoothquant_alpha:g}"
+            parts.append(f"{self.quant_algo} (alpha {alpha})")
         elif self.quant_algo == W4A16_AWQ:
             parts.append(f"{self.quant_algo} (group {self.group_size})")
         elif self.quant_algo:
@@ -312,8 +256,8 @@ class QuantSpec:
         (FP8: modelopt's FP8_KV_CFG; INT8: the same with num_bits 8). Weight-only formats with a
         quantized KV cache calibrate the KV cache alone (every other quantizer disabled).
         """
-        if not self.needs_calibration:
-            return None
+        if not self.needs_calibration or self.is_sq_plugin:
+            return None  # the plugin recipe calibrates with forward hooks (quantize/smoothquant.py)
         import modelopt.torch.quantization as mtq
 
         if self.quant_algo == SMOOTHQUANT:
@@ -344,6 +288,10 @@ class QuantSpec:
         KV only / none: {quant_algo: null, kv_cache_quant_algo}   (no exclude_modules, as modelopt)
         W8A16 / W4A16: {quant_algo, kv_cache_quant_algo, exclude_modules: TensorRT-LLM's defaults}
         """
+        if self.is_sq_plugin:  # TensorRT-LLM's QuantConfig fields, as its convert_checkpoint.py writes them
+            return {"quant_algo": self.quant_algo, "kv_cache_quant_algo": self.kv_cache_quant_algo,
+                    "group_size": 128, "smoothquant_val": self.smoothquant_alpha, "clamp_val": None,
+                    "has_zero_point": False, "pre_quant_scale": False, "exclude_modules": None}
         q: dict = {"quant_algo": self.quant_algo, "kv_cache_quant_algo": self.kv_cache_quant_algo}
         if self.quant_algo == W4A16_AWQ:
             q["group_size"] = self.group_size
@@ -422,7 +370,7 @@ def check_kv_head_duplication(spec: QuantSpec, num_kv_heads: int, tp: int) -> No
     (``build_qkv`` raises "Duplicating KV heads per-channel scales is not supported".) FP8 (scalar
     scales) and AWQ (2-D group scales) duplicate fine.
     """
-    if spec.quant_algo == SMOOTHQUANT and tp > num_kv_heads:
+    if spec.quant_algo in (SMOOTHQUANT, *SQ_PLUGIN) and tp > num_kv_heads:
         raise UserError(f"--smoothquant with --tp {tp} needs at least {tp} KV heads (the model has "
                         f"{num_kv_heads}): per-channel k/v scales cannot be duplicated across ranks; "
                         f"use --tp {num_kv_heads} or less, or another format")

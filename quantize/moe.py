@@ -38,7 +38,7 @@ import torch
 from convert.errors import UserError
 from convert.moe import MoeLayout
 
-from .formats import FP8, SMOOTHQUANT, W4A16_AWQ, QuantSpec
+from .formats import FP8, W4A16_AWQ, QuantSpec
 
 Tensor = torch.Tensor
 FP8_MAX = 448.0
@@ -52,7 +52,7 @@ def preflight_moe_quant(spec: QuantSpec | None, shape, layout: MoeLayout) -> Non
     if not getattr(shape, "experts", 0) or spec is None or spec.quant_algo is None:
         return
     algo = spec.quant_algo
-    if algo == SMOOTHQUANT:
+    if algo.startswith("W8A8_SQ"):  # modelopt's recipe and TensorRT-LLM's plugin ones
         raise UserError("--smoothquant is not supported for mixture-of-experts models: "
                         "TensorRT-LLM's MoE layer has no INT8 SmoothQuant GEMM and modelopt 0.47 "
                         "cannot export it; use --fp8 or --int8-weight-only")

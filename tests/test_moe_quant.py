@@ -140,6 +140,8 @@ def _fresh(hf_dir):
 
 @pytest.mark.parametrize("algo,flag,expect", [
     ("W8A8_SQ_PER_CHANNEL", "--smoothquant", "--smoothquant is not supported for mixture-of-experts"),
+    ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "--smoothquant",
+     "--smoothquant is not supported for mixture-of-experts"),
     ("W4A16_AWQ", "--awq", "--awq is not supported for mixture-of-experts"),
 ])
 def test_unsupported_moe_formats_refused(tmp_path, mixtral_q, algo, flag, expect):

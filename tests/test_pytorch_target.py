@@ -256,6 +256,27 @@ def test_cli_target_pytorch(tmp_path, tokenizer_dir, capsys):
     assert json.loads((out / "build.json").read_text())["options"]["triton_target"] == "pytorch"
 
 
+def test_cli_target_pytorch_smoothquant_is_modelopts_recipe_and_gated(tmp_path, tokenizer_dir, capsys):
+    """--target pytorch --smoothquant: modelopt's recipe (its only SmoothQuant), the quality gate
+    printed and recorded in build.json."""
+    import shutil
+
+    from builders.cli import main
+
+    hf_dir, model = make_model(tmp_path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    out = tmp_path / "out"
+    rc = main(["--model", str(hf_dir), "--target", "pytorch", "--output", str(out), "--smoothquant",
+               "--calib-size", "2", "--calib-seq-len", "32", "--checkpoint-only", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    (gate,) = [ln for ln in text.splitlines() if ln.startswith("quality gate (modelopt W8A8_SQ_PER_CHANNEL")]
+    assert "top-1 agreement" in gate
+    q = json.loads((out / "build.json").read_text())["options"]["quantization"]
+    assert q["quant_algo"] == "W8A8_SQ_PER_CHANNEL" and q["quality_gate"]["passed"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--int4-weight-only"], "--int4-weight-only has no modelopt unified-checkpoint format"),
     (["--smoothquant", "--kv-cache-dtype", "int8"], "--kv-cache-dtype int8 has no modelopt unified"),

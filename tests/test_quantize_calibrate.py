@@ -112,8 +112,8 @@ def check_against_modelopt(model, spec, tmp_path, tps=(1, 2)):
 
 
 @pytest.mark.parametrize("argv,overrides,tps", [
-    (["--smoothquant"], {}, (1, 2)),
-    (["--smoothquant", "0.5", "--kv-cache-dtype", "int8"], {}, (1, 2)),
+    (["--smoothquant", "--sq-recipe", "modelopt"], {}, (1, 2)),
+    (["--smoothquant", "0.5", "--sq-recipe", "modelopt", "--kv-cache-dtype", "int8"], {}, (1, 2)),
     (["--fp8"], {}, (1, 2)),
     (["--fp8", "--kv-cache-dtype", "fp8"], {}, (1, 2, 8)),      # tp 8 > 4 kv heads: k/v duplicated
     (["--awq"], {"intermediate_size": 768}, (1, 2)),
@@ -172,7 +172,9 @@ def test_kv_cache_only_with_weight_only_format(tmp_path, calib_text):
 
 
 def test_smoothquant_kv_heads_below_tp_is_rejected_like_modelopt(tmp_path, calib_text):
-    spec = small(parse("--smoothquant"))
+    spec = small(parse("--smoothquant", "--sq-recipe", "modelopt"))
+    with pytest.raises(UserError, match="needs at least 8 KV heads"):
+        check_kv_head_duplication(small(parse("--smoothquant")), num_kv_heads=4, tp=8)
     with pytest.raises(UserError, match="needs at least 8 KV heads"):
         check_kv_head_duplication(spec, num_kv_heads=4, tp=8)
     check_kv_head_duplication(small(parse("--awq")), num_kv_heads=4, tp=8)
@@ -237,10 +239,10 @@ def test_defaults_and_formats():
     assert not none.is_quantized and not none.needs_calibration and none.modelopt_config() is None
     assert none.to_trtllm_quantization() == {"quant_algo": None, "kv_cache_quant_algo": None}
 
-    sq = parse("--smoothquant")
+    sq = parse("--smoothquant", "--sq-recipe", "modelopt")
     assert sq.quant_algo == "W8A8_SQ_PER_CHANNEL" and sq.smoothquant_alpha == DEFAULT_SMOOTHQUANT_ALPHA == 1.0
     assert sq.modelopt_config()["algorithm"] == {"method": "smoothquant", "alpha": 1.0}
-    assert parse("--smoothquant", "0.5").modelopt_config()["algorithm"]["alpha"] == 0.5
+    assert parse("--smoothquant", "0.5", "--sq-recipe", "modelopt").modelopt_config()["algorithm"]["alpha"] == 0.5
     assert sq.to_trtllm_quantization() == {"quant_algo": "W8A8_SQ_PER_CHANNEL", "kv_cache_quant_algo": None,
                                            "exclude_modules": ["lm_head"]}
     assert sq.calib_data == DEFAULT_CALIB_DATA and sq.needs_calibration
@@ -298,6 +300,38 @@ def test_calib_file_errors(tmp_path):
     good.write_text("some words")
     assert parse("--fp8", "--calib-data", str(good)).read_calib_text() == "some words"
     assert parse("--int4-weight-only").calib_data == DEFAULT_CALIB_DATA  # not needed, not read
+
+
+@pytest.mark.parametrize("argv,algo,alpha", [
+    ((), "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", 0.75),
+    (("0.75", "--sq-activations", "tensor"), "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN", 0.75),
+    (("--sq-weights", "tensor"), "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", 0.75),
+    (("1", "--sq-weights", "tensor", "--sq-activations", "tensor", "--sq-recipe", "trtllm"),
+     "W8A8_SQ_PER_TENSOR_PLUGIN", 1.0),
+])
+def test_smoothquant_recipes(argv, algo, alpha):
+    """--smoothquant is TensorRT-LLM's plugin recipe (per channel + per token, alpha 0.75 by default);
+    its config block is TensorRT-LLM's QuantConfig as convert_checkpoint.py writes it."""
+    sq = parse("--smoothquant", *argv)
+    assert (sq.quant_algo, sq.smoothquant_alpha, sq.is_sq_plugin, sq.needs_calibration) == (algo, alpha, True, True)
+    assert sq.modelopt_config() is None and algo in sq.recipe
+    assert sq.to_trtllm_quantization() == {
+        "quant_algo": algo, "kv_cache_quant_algo": None, "group_size": 128, "smoothquant_val": alpha,
+        "clamp_val": None, "has_zero_point": False, "pre_quant_scale": False, "exclude_modules": None}
+    auto = parse("--smoothquant", "auto", *argv[1:] if argv and argv[0][0].isdigit() else argv)
+    assert auto.sq_alpha_search and auto.smoothquant_alpha is None and auto.quant_algo == algo
+
+
+@pytest.mark.parametrize("argv,match", [
+    (("--sq-recipe", "modelopt"), "applies to --smoothquant"),
+    (("--smoothquant", "--sq-recipe", "modelopt", "--sq-activations", "token"), "drop --sq-activations"),
+    (("--smoothquant", "auto", "--sq-recipe", "modelopt"), "searches alpha for TensorRT-LLM's recipe only"),
+    (("--smoothquant", "--kv-cache-dtype", "fp8"), "placeholder FP8 KV scale"),
+    (("--smoothquant", "--max-ppl-increase", "-1"), "must be a percentage >= 0"),
+])
+def test_smoothquant_recipe_mistakes(argv, match):
+    with pytest.raises(UserError, match=match):
+        parse(*argv)
 
 
 def test_smoothquant_alpha_range():

@@ -338,7 +338,7 @@ def test_interrupted_run_is_never_resumed_with_files_of_another_spec(tmp_path, c
 
 @pytest.mark.slow  # two modelopt calibrations per case (~10-20 s each on 2 CPU cores)
 @pytest.mark.parametrize("argv,algo,kv,block", [
-    (["--smoothquant", "--kv-cache-dtype", "int8"], "W8A8_SQ_PER_CHANNEL", "int8", None),
+    (["--smoothquant", "--sq-recipe", "modelopt", "--kv-cache-dtype", "int8"], "W8A8_SQ_PER_CHANNEL", "int8", None),
     (["--awq", "--awq-block-size", "64", "--kv-cache-dtype", "fp8"], "W4A16_AWQ", "fp8", 64),
 ], ids=["sq_kv_int8", "awq64_kv_fp8"])
 def test_cli_calibration_equals_modelopt_export_of_an_independent_calibration(
@@ -454,25 +454,47 @@ def test_quant_flags_with_from_checkpoint_are_refused(tmp_path, tiny_model, caps
 
 
 def test_cli_smoothquant_tp3_with_verify_on_smollm2(tmp_path, smollm2_dir, capsys):
-    """The user's command, end to end on CPU: calibrate, write 3 ranks, check them with the
-    reference reader against the float model on real text (exit 0 only when it passes)."""
+    """The user's command, end to end on CPU, with the default recipe (TensorRT-LLM's
+    W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN, alpha 0.75): calibrate, write 3 ranks, print the recipe and
+    the quality gate, check the ranks with the reference reader against the float model on real text
+    (exit 0 only when it passes)."""
     out = tmp_path / "out"
-    # 8 x 128 calibration tokens: SmoothQuant (alpha 1) calibrated on less loses too much on
-    # SmolLM2 for --verify's bounds vs the float model (2 x 32: rel err 0.63; 8 x 128: 0.22)
     rc = main(["--model", str(smollm2_dir), "--tp", "3", "--smoothquant", "--calib-size", "8",
                "--calib-seq-len", "128", "--output", str(out), "--checkpoint-only", "--verify",
                "--no-progress"])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "W8A8_SQ_PER_CHANNEL (alpha 1)" in text
+    algo = "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    assert f"SmoothQuant recipe: TensorRT-LLM {algo} (alpha 0.75): int8 weights per channel, int8 " \
+           "activations per token (dynamic)" in text
+    (gate,) = [ln for ln in text.splitlines() if ln.startswith("quality gate (")]
+    assert "perplexity" in gate and "top-1 agreement" in gate and "held-back calibration text" in gate
     (line,) = [ln for ln in text.splitlines() if ln.startswith("verify: ")]
-    assert line.startswith("verify: PASS") and "W8A8_SQ_PER_CHANNEL vs the float model" in line
+    assert line.startswith("verify: PASS") and f"{algo} vs the float model" in line
     cfg = json.loads((out / "checkpoint" / "config.json").read_text())
-    assert cfg["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    assert (cfg["quantization"]["quant_algo"], cfg["quantization"]["smoothquant_val"]) == (algo, 0.75)
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
         "config.json", "rank0.safetensors", "rank1.safetensors", "rank2.safetensors"]
     manifest = json.loads((out / "build.json").read_text())
-    assert manifest["options"]["smoothquant"] == 1.0
+    assert manifest["options"]["smoothquant"] == 0.75
+    q = manifest["options"]["quantization"]
+    assert q["quant_algo"] == algo and q["alphas"] == [0.75] * 30 and algo in q["recipe"]
+    assert q["quality_gate"]["passed"] and q["quality_gate"]["increase_pct"] < 5
     t = manifest["stage_timings_s"]
-    assert 0 < t["quantized_tensors"] < t["calibration"] < t["checkpoint"]
+    assert 0 < t["quantized_tensors"] < t["checkpoint"] and t["quality_gate"] > 0
     assert any(ln.startswith("calibration: ") for ln in text.splitlines())
+
+
+def test_cli_quality_gate_breach_exits_1_and_keeps_nothing(tmp_path, smollm2_dir, capsys):
+    """A recipe that hurts SmolLM2 (static per-tensor activations and weights, alpha 1) with
+    --max-ppl-increase 2: exit 1, the numbers on stderr, no checkpoint and no output directory left."""
+    out = tmp_path / "out"
+    rc = main(["--model", str(smollm2_dir), "--output", str(out), "--smoothquant", "1", "--sq-weights",
+               "tensor", "--sq-activations", "tensor", "--calib-size", "4", "--calib-seq-len", "64",
+               "--max-ppl-increase", "2", "--checkpoint-only", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 1, captured.out
+    (gate,) = [ln for ln in captured.out.splitlines() if ln.startswith("quality gate (")]
+    assert "W8A8_SQ_PER_TENSOR_PLUGIN" in gate and "limit +2%: BREACH" in gate
+    assert "the quality gate failed: perplexity +" in captured.err and "nothing was kept" in captured.err
+    assert not out.exists()

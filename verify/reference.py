@@ -212,6 +212,19 @@ def _kv_cache_plain(k: Tensor, v: Tensor, params: Mapping[str, Tensor], qcfg: Qu
 
 from . import reference_quant  # noqa: E402,F401  (registers the quantized kernels)
 from .reference_moe import MoeSpec, moe_partial  # noqa: E402
+from . import reference_sq  # noqa: E402,F401  (TensorRT-LLM's SmoothQuant plugin kernels)
+
+# Tensors outside a linear's own module that its kernel reads, by linear (under the layer prefix):
+# TensorRT-LLM's SmoothQuant plugin formats quantize a linear's input with the preceding norm's
+# ``scale_to_int`` or the block's ``quantization_scaling_factor``; passed to the kernel as
+# ``input_scale`` when the checkpoint has them.
+LINEAR_INPUT_SCALES = {
+    "attention.qkv": "input_layernorm.scale_to_int",
+    "attention.dense": "attention.quantization_scaling_factor",
+    "mlp.fc": "post_layernorm.scale_to_int",
+    "mlp.gate": "post_layernorm.scale_to_int",
+    "mlp.proj": "mlp.quantization_scaling_factor",
+}
 
 
 def linear(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec, module: str = "",
@@ -403,6 +416,17 @@ class ReferenceModel:
             raise UserError(f"rank{p * self.tp + t}.safetensors: tensor {name} is missing")
         return m[key]
 
+    def _lin(self, p: int, t: int, name: str) -> dict[str, Tensor]:
+        """A linear's tensors on one rank, plus its ``input_scale`` (see LINEAR_INPUT_SCALES)."""
+        params = self._mod(p, t, name)
+        layer, _, short = name.partition(".")[2].partition(".")[2].partition(".")
+        src = LINEAR_INPUT_SCALES.get(short)
+        if src is None:
+            return params
+        mod, _, key = f"transformer.layers.{layer}.{src}".rpartition(".")
+        scale = self.ranks[p][t].get(mod, {}).get(key)
+        return params if scale is None else {**params, "input_scale": scale}
+
     def _norm(self, x: Tensor, w: Tensor) -> Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -462,7 +486,7 @@ class ReferenceModel:
         """Sum of every rank's partial product, then each rank adds its own copy of the bias."""
         total = None
         for t in range(self.tp):
-            y = linear(xs[t], self._mod(p, t, name), self.qcfg, name, add_bias=False)
+            y = linear(xs[t], self._lin(p, t, name), self.qcfg, name, add_bias=False)
             total = y if total is None else total + y            # all-reduce
         outs = []
         for t in range(self.tp):
@@ -480,7 +504,7 @@ class ReferenceModel:
         for t in range(self.tp):
             x = self._norm(hs[t], self._w(p, t, f"{L}.input_layernorm.weight"))
             name = f"{L}.attention.qkv"
-            qkv = linear(x, self._mod(p, t, name), self.qcfg, name)
+            qkv = linear(x, self._lin(p, t, name), self.qcfg, name)
             if qkv.shape[-1] != (qn + 2 * kn) * hd:
                 raise UserError(f"rank{p * self.tp + t}: {name} gives {qkv.shape[-1]} outputs, expected "
                                 f"({qn} q + 2 x {kn} kv heads) x head_size {hd} = {(qn + 2 * kn) * hd}")
@@ -510,8 +534,8 @@ class ReferenceModel:
         mids = []
         for t in range(self.tp):
             x = self._norm(hs[t], self._w(p, t, f"{L}.post_layernorm.weight"))
-            fc = linear(x, self._mod(p, t, f"{L}.mlp.fc"), self.qcfg, f"{L}.mlp.fc")
-            gate = linear(x, self._mod(p, t, f"{L}.mlp.gate"), self.qcfg, f"{L}.mlp.gate")
+            fc = linear(x, self._lin(p, t, f"{L}.mlp.fc"), self.qcfg, f"{L}.mlp.fc")
+            gate = linear(x, self._lin(p, t, f"{L}.mlp.gate"), self.qcfg, f"{L}.mlp.gate")
             mids.append(F.silu(fc) * gate)
         proj = self._row_parallel(p, f"{L}.mlp.proj", mids)
         return [hs[t] + proj[t] for t in range(self.tp)]
@@ -589,6 +613,10 @@ QUANT_TOLERANCE = {
     "W8A16": (0.05, 0.85),
     "W4A16": (0.5, 0.3),
     "W8A8_SQ_PER_CHANNEL": (0.4, 0.5),
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": (0.3, 0.6),
+    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN": (0.3, 0.6),
+    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN": (0.4, 0.5),
+    "W8A8_SQ_PER_TENSOR_PLUGIN": (0.4, 0.5),
     "FP8": (0.3, 0.6),
     "W4A16_AWQ": (0.6, 0.3),
 }

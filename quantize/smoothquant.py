@@ -1,0 +1,474 @@
+"""TensorRT-LLM's own SmoothQuant (the plugin formats ``W8A8_SQ_*_PLUGIN``), as its 1.2-era
+``convert_checkpoint.py --smoothquant A [--per_channel] [--per_token]`` computes them
+(``tensorrt_llm/models/llama/convert.py``: ``capture_activation_range``, ``smooth_llama_model``,
+``generate_int8``, ``get_tllm_linear_sq_weight``; ``models/convert_utils.py``: ``smooth_gemm``,
+``apply_smoothing``). The tensor table is in quantize/NOTES.md.
+
+Three steps, each a plain function:
+
+1. :func:`capture_ranges` (model, calibration batches) -> per HF linear ``{"x": max|input| per
+   input channel, "y": max|output| per output channel}`` (float32), recorded by forward hooks
+   exactly like TensorRT-LLM's ``capture_activation_range``. Forward hooks, not modelopt: the
+   plugin formats need the *output* maxima ``y`` (static ``act_scale``, the INT8 KV scale), which
+   modelopt's SmoothQuant calibration does not record, and its smoothing (one ``pre_quant_scale``
+   per linear, re-averaged over q/k/v) is a different contract. The hooks record the same
+   per-channel input maxima modelopt's max calibrator would.
+2. :func:`smooth_layer` folds the smoothers into the norms (qkv, fc/gate) or keeps them as
+   ``smoother`` (dense, proj) for one decoder layer's float weights, and :func:`int8_linear`
+   quantizes each linear (``generate_int8``), unsharded.
+3. :func:`shard_layer` cuts one layer into one TP rank's TensorRT-LLM tensors.
+
+The arithmetic runs on the float32 weights (the model as calibrated on CPU; TensorRT-LLM's
+script runs in the HF dtype on a GPU); smoothers in float64 as ``smooth_gemm`` computes them.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from convert.errors import UserError
+
+from .formats import SQ_PLUGIN_ALGOS, QuantSpec
+
+Tensor = torch.Tensor
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+#: alpha candidates of ``--smoothquant auto``
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def plugin_mode(quant_algo: str) -> tuple[bool, bool]:
+    """(per-channel weights, per-token activations) of a plugin quant_algo."""
+    for key, algo in SQ_PLUGIN_ALGOS.items():
+        if algo == quant_algo:
+            return key
+    raise ValueError(f"{quant_algo} is not a SmoothQuant plugin format")
+
+
+def hf_layers(model) -> list:
+    """The decoder layers of a Llama-family HF causal LM."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise UserError("no decoder layers at model.model.layers: not a Llama-family model")
+    return list(layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Activation ranges
+# ---------------------------------------------------------------------------------------------
+
+
+def _linears(model) -> dict[str, torch.nn.Linear]:
+    """{'model.layers.0.self_attn.q_proj': module, ...}: the decoder's seven linears per layer."""
+    out = {}
+    for i, layer in enumerate(hf_layers(model)):
+        for short in ATTN:
+            out[f"model.layers.{i}.self_attn.{short}"] = getattr(layer.self_attn, short)
+        for short in MLP:
+            out[f"model.layers.{i}.mlp.{short}"] = getattr(layer.mlp, short)
+    return out
+
+
+@torch.no_grad()
+def capture_ranges(model, batches: Iterable[Tensor], *, progress: bool = False,
+                   keep_inputs: int = 0) -> dict[str, dict[str, Tensor]]:
+    """Per decoder linear, ``x`` = max |input| per input channel and ``y`` = max |output| per output
+    channel over every token of ``batches`` (float32, CPU), as TensorRT-LLM's
+    ``capture_activation_range`` records them.
+
+    ``keep_inputs`` > 0: also keep up to that many input rows (tokens, evenly strided over the
+    batches) per linear as ``"inputs"`` [n, in] -- what the alpha search measures its error on.
+    """
+    from tqdm.auto import tqdm
+
+    batches = list(batches)
+    total = sum(int(b.numel()) for b in batches)
+    stride = max(1, total // keep_inputs) if keep_inputs else 0
+    ranges: dict[str, dict[str, Tensor]] = {}
+
+    def hook(name, module, args, output):
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        y = output.detach().reshape(-1, output.shape[-1])
+        r = ranges.setdefault(name, {})
+        for key, t in (("x", x), ("y", y)):
+            m = t.abs().amax(dim=0).float().cpu()
+            r[key] = m if key not in r else torch.maximum(r[key], m)
+        if stride:
+            r.setdefault("_rows", []).append(x[::stride].float().cpu())
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=name: hook(n, mod, a, o))
+               for name, m in _linears(model).items()]
+    dev = next(model.parameters()).device
+    try:
+        bar = tqdm(batches, desc="calibrating (activation ranges)", unit="batch",
+                   disable=not progress, file=sys.stderr, leave=False)
+        for batch in bar:
+            model(input_ids=batch.to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for r in ranges.values():
+        rows = r.pop("_rows", None)
+        if rows is not None:
+            r["inputs"] = torch.cat(rows)[:keep_inputs]
+    return ranges
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Smoothing and int8 quantization of one layer (unsharded)
+# ---------------------------------------------------------------------------------------------
+
+
+def smoother(weights: list[Tensor], x: Tensor, alpha: float) -> Tensor:
+    """``smooth_gemm``: s_j = clamp(x_j^alpha / max_rows |W[:, j]|^(1 - alpha), min=1e-5), float64,
+    the weight maximum taken jointly over ``weights`` (q/k/v, or gate/up)."""
+    wmax = torch.cat([w.abs().amax(dim=0, keepdim=True) for w in weights]).amax(dim=0)
+    return (x.to(torch.float64).pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
+
+
+@dataclass
+class Lin:
+    """One quantizable linear after smoothing: float weight [out, in], input maxima ``x`` (float64,
+    divided by the smoother), output maxima ``y``; ``sections``: the output widths of q/k/v (qkv only)."""
+
+    weight: Tensor
+    x: Tensor
+    y: Tensor
+    sections: tuple[int, ...] | None = None
+
+
+@dataclass
+class SmoothedLayer:
+    qkv: Lin
+    dense: Lin
+    fc: Lin      # HF gate_proj
+    gate: Lin    # HF up_proj
+    proj: Lin
+    input_norm: Tensor
+    post_norm: Tensor
+    dense_smoother: Tensor   # float32
+    proj_smoother: Tensor    # float32
+    _int8: dict | None = None
+
+    def int8(self, mha: bool = False) -> dict[str, "Int8Linear"]:
+        """:func:`int8_linear` of the five linears (computed once, shared by every rank)."""
+        if self._int8 is None:
+            self._int8 = {n: int8_linear(getattr(self, n), mha=mha and n == "qkv")
+                          for n in ("qkv", "dense", "fc", "gate", "proj")}
+        return self._int8
+
+
+def _smooth(ws: list[Tensor], s: Tensor) -> list[Tensor]:
+    """``apply_smoothing``'s ``W.mul_(s)``: computed in float64, stored in the weight's dtype."""
+    return [(w.to(torch.float64) * s.view(1, -1)).to(w.dtype) for w in ws]
+
+
+def smooth_layer(w: Mapping[str, Tensor], norms: tuple[Tensor, Tensor],
+                 ranges: Mapping[str, Mapping[str, Tensor]], alpha: float) -> SmoothedLayer:
+    """``smooth_llama_model`` for one layer. ``w``: HF short name -> float weight [out, in];
+    ``norms``: (input_layernorm, post_attention_layernorm) weights; ``ranges``: short name ->
+    captured ``x``/``y``."""
+    in_norm, post_norm = norms
+    q, k, v = w["q_proj"], w["k_proj"], w["v_proj"]
+    s = smoother([torch.cat([q, k, v])], ranges["q_proj"]["x"], alpha)
+    qkv = _smooth([torch.cat([q, k, v])], s)[0]
+    in_norm = (in_norm.to(torch.float64) / s).to(in_norm.dtype)
+    y_qkv = torch.cat([ranges[n]["y"] for n in ("q_proj", "k_proj", "v_proj")])
+    lin_qkv = Lin(qkv, ranges["q_proj"]["x"] / s, y_qkv, (q.shape[0], k.shape[0], v.shape[0]))
+
+    s_o = smoother([w["o_proj"]], ranges["o_proj"]["x"], alpha)
+    lin_dense = Lin(_smooth([w["o_proj"]], s_o)[0], ranges["o_proj"]["x"] / s_o, ranges["o_proj"]["y"])
+
+    gate, up = w["gate_proj"], w["up_proj"]
+    s_m = smoother([torch.cat([gate, up])], ranges["gate_proj"]["x"], alpha)
+    gate_s, up_s = _smooth([gate, up], s_m)
+    post_norm = (post_norm.to(torch.float64) / s_m).to(post_norm.dtype)
+    lin_fc = Lin(gate_s, ranges["gate_proj"]["x"] / s_m, ranges["gate_proj"]["y"])
+    lin_gate = Lin(up_s, ranges["up_proj"]["x"] / s_m, ranges["up_proj"]["y"])
+
+    s_d = smoother([w["down_proj"]], ranges["down_proj"]["x"], alpha)
+    lin_proj = Lin(_smooth([w["down_proj"]], s_d)[0], ranges["down_proj"]["x"] / s_d, ranges["down_proj"]["y"])
+    return SmoothedLayer(lin_qkv, lin_dense, lin_fc, lin_gate, lin_proj, in_norm, post_norm,
+                         s_o.float(), s_d.float())
+
+
+@dataclass
+class Int8Linear:
+    """``generate_int8`` of one linear, in [out, in] orientation (TensorRT-LLM's ``.t()`` of it).
+
+    ``w_col`` / ``w_tensor``: int8 weights quantized per output channel / per tensor (qkv: per q, k, v);
+    ``*_c`` / ``*_t``: per-output-channel scales (float32, [out]) for the same two choices;
+    ``x_scale`` = 127 / max x, ``y_scale`` = max y / 127 (float32 scalars)."""
+
+    w_col: Tensor
+    w_tensor: Tensor
+    w_quant_orig_c: Tensor
+    w_quant_orig_t: Tensor
+    y_accum_quant_c: Tensor
+    y_accum_quant_t: Tensor
+    x_orig_quant: Tensor
+    y_quant_orig: Tensor
+
+
+def _rdiv(c: float, t: Tensor) -> Tensor:
+    """c / t correctly rounded (torch's ``c / t`` is ``t.reciprocal() * c``: two roundings)."""
+    return torch.div(torch.full_like(t, c), t)
+
+
+def _to_i8(t: Tensor) -> Tensor:
+    return torch.round(t).clamp(-127, 127).to(torch.int8)  # round half to even, as numpy's round
+
+
+def int8_linear(lin: Lin, mha: bool = False) -> Int8Linear:
+    """``generate_int8``: int8 weights (per channel and per tensor) and the scales of both activation
+    modes. qkv (``lin.sections``): per tensor means one scale each for q, k and v. ``mha``: the qkv
+    of a model with as many kv heads as heads (TensorRT-LLM's multi_query_mode=False branch, which
+    multiplies by 127/wmax where the GQA branch divides by wmax/127)."""
+    wf = lin.weight.float()
+    wmax = wf.abs().amax(dim=1)                                  # per output channel
+    if lin.sections:
+        parts = wmax.split(list(lin.sections))
+        wmax_t = torch.cat([p.max().expand(p.numel()) for p in parts])
+    else:
+        wmax_t = wmax.max().expand(wmax.numel())
+    orig_quant_c = _rdiv(127.0, wmax)                            # float32, as numpy's 127. / array
+    orig_quant_t = _rdiv(127.0, wmax_t)
+    quant_orig_c = _rdiv(1.0, orig_quant_c)
+    quant_orig_t = _rdiv(1.0, orig_quant_t)
+    if lin.sections and not mha:
+        w_t = _to_i8(wf / quant_orig_t[:, None])
+    else:
+        w_t = _to_i8(wf * orig_quant_t[:, None])
+    x_oq = 127.0 / float(lin.x.max())
+    y_oq = 127.0 / float(lin.y.max())
+    return Int8Linear(
+        w_col=_to_i8(wf * orig_quant_c[:, None]), w_tensor=w_t,
+        w_quant_orig_c=quant_orig_c, w_quant_orig_t=quant_orig_t,
+        y_accum_quant_c=(y_oq / (x_oq * orig_quant_c.double())).float(),
+        y_accum_quant_t=(y_oq / (x_oq * orig_quant_t.double())).float(),
+        x_orig_quant=torch.tensor(x_oq, dtype=torch.float32),
+        y_quant_orig=torch.tensor(float(lin.y.max()) / 127.0, dtype=torch.float32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. One rank's tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def _qkv_rows(t: Tensor, sections: tuple[int, ...], tp: int, rank: int) -> Tensor:
+    """[q_r; k_r; v_r] of a tensor whose dim 0 is the q|k|v output (multi_query_split)."""
+    return torch.cat([torch.chunk(p, tp, dim=0)[rank] for p in t.split(list(sections))])
+
+
+def _linear_tensors(prefix: str, q: Int8Linear, *, per_channel: bool, per_token: bool, kind: str,
+                    tp: int, rank: int, sections=None) -> dict[str, Tensor]:
+    """``get_tllm_linear_sq_weight`` for one linear: weight, per_channel_scale, act_scale."""
+    w = q.w_col if per_channel else q.w_tensor
+    if per_token:
+        scale = q.w_quant_orig_c if per_channel else q.w_quant_orig_t
+    else:
+        scale = q.y_accum_quant_c if per_channel else q.y_accum_quant_t
+    if kind == "qkv":
+        w, scale = _qkv_rows(w, sections, tp, rank), _qkv_rows(scale, sections, tp, rank)
+    elif kind == "column":
+        w = torch.chunk(w, tp, dim=0)[rank]
+        scale = torch.chunk(scale, tp, dim=0)[rank] if per_channel else scale[:1]
+    else:  # row-parallel: the input dim is split, the output (and its scales) stay whole
+        w = torch.chunk(w, tp, dim=1)[rank]
+        scale = scale if per_channel else scale[:1]
+    out = {f"{prefix}.weight": w.contiguous(),
+           f"{prefix}.per_channel_scale": scale.float().reshape(1, -1).contiguous()}
+    if not per_token:
+        out[f"{prefix}.act_scale"] = q.y_quant_orig.reshape(1, 1).clone()
+    return out
+
+
+def shard_layer(layer: SmoothedLayer, quant_algo: str, *, tp: int, rank: int, prefix: str,
+                norm_dtype: torch.dtype, mha: bool = False, int8_kv: bool = False) -> dict[str, Tensor]:
+    """One decoder layer's plugin-SmoothQuant tensors for TP rank ``rank`` (TensorRT-LLM names under
+    ``prefix``, e.g. ``transformer.layers.3``): the five linears, the smoothed norms (in
+    ``norm_dtype``), ``scale_to_int``, ``quantization_scaling_factor``, ``smoother`` and, with
+    ``int8_kv``, TensorRT-LLM's INT8 KV scale (max |q,k,v output| / 127)."""
+    per_channel, per_token = plugin_mode(quant_algo)
+    kw = dict(per_channel=per_channel, per_token=per_token, tp=tp, rank=rank)
+    q = layer.int8(mha)
+    out = {}
+    out.update(_linear_tensors(f"{prefix}.attention.qkv", q["qkv"], kind="qkv",
+                               sections=layer.qkv.sections, **kw))
+    out.update(_linear_tensors(f"{prefix}.attention.dense", q["dense"], kind="row", **kw))
+    out.update(_linear_tensors(f"{prefix}.mlp.fc", q["fc"], kind="column", **kw))
+    out.update(_linear_tensors(f"{prefix}.mlp.gate", q["gate"], kind="column", **kw))
+    out.update(_linear_tensors(f"{prefix}.mlp.proj", q["proj"], kind="row", **kw))
+    one = torch.ones(1, dtype=torch.float32)
+    out[f"{prefix}.input_layernorm.scale_to_int"] = one.clone() if per_token else q["qkv"].x_orig_quant.reshape(1)
+    out[f"{prefix}.post_layernorm.scale_to_int"] = one.clone() if per_token else q["fc"].x_orig_quant.reshape(1)
+    if not per_token:
+        out[f"{prefix}.attention.quantization_scaling_factor"] = q["dense"].x_orig_quant.reshape(1)
+        out[f"{prefix}.mlp.quantization_scaling_factor"] = q["proj"].x_orig_quant.reshape(1)
+    out[f"{prefix}.attention.dense.smoother"] = torch.chunk(layer.dense_smoother, tp)[rank].reshape(1, -1).contiguous()
+    out[f"{prefix}.mlp.proj.smoother"] = torch.chunk(layer.proj_smoother, tp)[rank].reshape(1, -1).contiguous()
+    out[f"{prefix}.input_layernorm.weight"] = layer.input_norm.to(norm_dtype)
+    out[f"{prefix}.post_layernorm.weight"] = layer.post_norm.to(norm_dtype)
+    if int8_kv:
+        out[f"{prefix}.attention.kv_cache_scaling_factor"] = (layer.qkv.y.max() / 127.0).float().reshape(1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_weights(model, i: int) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+    """Layer ``i``'s float weights by HF short name, and its two norm weights (detached, float32)."""
+    layer = hf_layers(model)[i]
+    w = {n: getattr(layer.self_attn, n).weight.detach().float() for n in ATTN}
+    w.update({n: getattr(layer.mlp, n).weight.detach().float() for n in MLP})
+    norms = (layer.input_layernorm.weight.detach().float(),
+             layer.post_attention_layernorm.weight.detach().float())
+    return w, norms
+
+
+def layer_ranges(ranges: Mapping[str, Mapping[str, Tensor]], i: int) -> dict[str, Mapping[str, Tensor]]:
+    out = {n: ranges[f"model.layers.{i}.self_attn.{n}"] for n in ATTN}
+    out.update({n: ranges[f"model.layers.{i}.mlp.{n}"] for n in MLP})
+    return out
+
+
+def smooth_model(model, ranges, alphas: list[float]) -> list[SmoothedLayer]:
+    """Every layer smoothed with its alpha (``alphas[i]``)."""
+    out = []
+    for i in range(len(hf_layers(model))):
+        w, norms = layer_weights(model, i)
+        out.append(smooth_layer(w, norms, layer_ranges(ranges, i), alphas[i]))
+    return out
+
+
+def plugin_rank_tensors(layers: list[SmoothedLayer], spec: QuantSpec, *, num_heads: int,
+                        num_kv_heads: int, tp: int, rank: int, norm_dtype: torch.dtype) -> dict[str, Tensor]:
+    """Every layer's tensors for one TP rank (global layer numbers, ``transformer.layers.{i}``)."""
+    if tp > num_kv_heads:
+        raise UserError(f"--smoothquant with --tp {tp} needs at least {tp} KV heads (the model has {num_kv_heads})")
+    out = {}
+    for i, layer in enumerate(layers):
+        out.update(shard_layer(layer, spec.quant_algo, tp=tp, rank=rank, prefix=f"transformer.layers.{i}",
+                               norm_dtype=norm_dtype, mha=num_heads == num_kv_heads,
+                               int8_kv=spec.kv_cache_quant_algo == "INT8"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# --smoothquant auto: alpha per layer
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_quant_output(x: Tensor, lin: Lin, q: Int8Linear, *, per_channel: bool, per_token: bool) -> Tensor:
+    """What the plugin GEMM returns for the smoothed input rows ``x`` [n, in] (already divided by the
+    smoother), simulated in float32: int8 activations (per token: 127 / row max; static:
+    ``x_orig_quant``) times the int8 weight and its scales."""
+    if per_token:
+        amax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-6)
+        xq = torch.round(x * (127.0 / amax)).clamp(-128, 127) * (amax / 127.0)
+    else:
+        sc = q.x_orig_quant
+        xq = torch.round(x * sc).clamp(-128, 127) / sc
+    w = (q.w_col.float() * q.w_quant_orig_c[:, None] if per_channel
+         else q.w_tensor.float() * q.w_quant_orig_t[:, None])
+    return xq @ w.t()
+
+
+def layer_error(layer: SmoothedLayer, smoothers: Mapping[str, Tensor], inputs: Mapping[str, Tensor],
+                ref: Mapping[str, Tensor], quant_algo: str, mha: bool = False) -> float:
+    """Sum over qkv, dense, fc+gate, proj of ||quantized output - float output||^2 / ||float output||^2
+    on the kept calibration inputs (float, unsmoothed; ``ref``: their float outputs)."""
+    per_channel, per_token = plugin_mode(quant_algo)
+    total = 0.0
+    for group, members in (("qkv", ("qkv",)), ("dense", ("dense",)), ("mlp", ("fc", "gate")), ("proj", ("proj",))):
+        x = (inputs[group].double() / smoothers[group]).float()
+        err = norm = 0.0
+        for name in members:
+            lin = getattr(layer, name)
+            got = fake_quant_output(x, lin, int8_linear(lin, mha and name == "qkv"),
+                                    per_channel=per_channel, per_token=per_token)
+            err += float((got - ref[name]).pow(2).sum())
+            norm += float(ref[name].pow(2).sum())
+        total += err / max(norm, 1e-30)
+    return total
+
+
+def search_alphas(model, ranges, quant_algo: str, grid=ALPHA_GRID, mha: bool = False) -> tuple[list[float], dict]:
+    """Per layer, the alpha of ``grid`` with the smallest :func:`layer_error` on the inputs kept by
+    ``capture_ranges(..., keep_inputs=N)``. Returns (alphas, {"per_layer_error": ..., "grid": ...})."""
+    alphas, errors = [], []
+    for i in range(len(hf_layers(model))):
+        w, norms = layer_weights(model, i)
+        r = layer_ranges(ranges, i)
+        if "inputs" not in r["q_proj"]:
+            raise ValueError("search_alphas needs capture_ranges(..., keep_inputs=N)")
+        inputs = {"qkv": r["q_proj"]["inputs"], "dense": r["o_proj"]["inputs"],
+                  "mlp": r["gate_proj"]["inputs"], "proj": r["down_proj"]["inputs"]}
+        ref = {"qkv": inputs["qkv"] @ torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]]).t(),
+               "dense": inputs["dense"] @ w["o_proj"].t(), "fc": inputs["mlp"] @ w["gate_proj"].t(),
+               "gate": inputs["mlp"] @ w["up_proj"].t(), "proj": inputs["proj"] @ w["down_proj"].t()}
+        best = None
+        for a in grid:
+            layer = smooth_layer(w, norms, r, a)
+            smoothers = {"qkv": smoother([torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]])], r["q_proj"]["x"], a),
+                         "dense": smoother([w["o_proj"]], r["o_proj"]["x"], a),
+                         "mlp": smoother([torch.cat([w["gate_proj"], w["up_proj"]])], r["gate_proj"]["x"], a),
+                         "proj": smoother([w["down_proj"]], r["down_proj"]["x"], a)}
+            e = layer_error(layer, smoothers, inputs, ref, quant_algo, mha)
+            if best is None or e < best[1]:
+                best = (a, e)
+        alphas.append(best[0])
+        errors.append(best[1])
+    return alphas, {"grid": list(grid), "per_layer_error": errors}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+#: calibration input rows kept per linear for ``--smoothquant auto``
+SEARCH_TOKENS = 1024
+
+
+@dataclass
+class PluginCalibration:
+    """A calibrated model smoothed for the plugin recipe: what :func:`plugin_rank_tensors` shards."""
+
+    layers: list[SmoothedLayer]
+    alphas: list[float]
+    search: dict | None = None
+
+    @property
+    def smoothquant_val(self) -> float:
+        """config.json's ``smoothquant_val``: the alpha (with a per-layer search, their mean;
+        informational, TensorRT-LLM does not read it when building)."""
+        return round(sum(self.alphas) / len(self.alphas), 4)
+
+
+def calibrate_plugin(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *,
+                     tokenizer=None, progress: bool = True) -> PluginCalibration:
+    """Load (or take) the model, capture its activation ranges on the calibration text, choose alpha
+    (``spec.smoothquant_alpha``, or searched per layer), and smooth every layer."""
+    from .calibrate import calibration_inputs
+
+    model, batches, _ = calibration_inputs(hf_dir_or_model, spec, calib_text, tokenizer=tokenizer)
+    keep = SEARCH_TOKENS if spec.sq_alpha_search else 0
+    ranges = capture_ranges(model, batches, progress=progress, keep_inputs=keep)
+    n = len(hf_layers(model))
+    cfg = model.config
+    mha = getattr(cfg, "num_key_value_heads", None) in (None, cfg.num_attention_heads)
+    search = None
+    if spec.sq_alpha_search:
+        alphas, search = search_alphas(model, ranges, spec.quant_algo, mha=mha)
+    else:
+        alphas = [spec.smoothquant_alpha] * n
+    return PluginCalibration(smooth_model(model, ranges, alphas), alphas, search)
