@@ -3,11 +3,13 @@ exactly what safetensors and modelopt give, for fp16/bf16/fp32 sources, tp 1/2/4
 kv < tp, vocabulary padding, and with the kernel copy unavailable."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from safetensors import safe_open
 
-from convert import writer
+from convert import digests, writer
 from convert.convert import convert_checkpoint
 from convert.source import SourceCheckpoint
 
@@ -114,8 +116,8 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp):
     sinks = []
     real_open = writer._open_sink
 
-    def spy(path, planned):
-        fd, sink = real_open(path, planned)
+    def spy(path):
+        fd, sink = real_open(path)
         sinks.append(type(sink).__name__)
         return fd, sink
 
@@ -127,6 +129,9 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp):
         a = (tmp_path / "buffered" / f"rank{r}.safetensors").read_bytes()
         b = (tmp_path / "direct" / f"rank{r}.safetensors").read_bytes()
         assert len(a) % 4096 and a == b
+        # the writer's own sha256 (hash thread, padded tail left out), recorded for build.json
+        assert digests.known(tmp_path / "direct" / f"rank{r}.safetensors") == \
+            hashlib.sha256(b).hexdigest()
 
 
 def test_direct_io_write_error_surfaces(tmp_path, monkeypatch):
