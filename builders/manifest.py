@@ -1,7 +1,9 @@
 """``DIR/build.json``: what went in, with which options and software, how long each stage took,
 and every file that came out (sha256 + size).
 
-Hashes are streamed in fixed-size chunks (files can be many GB). Keys are written sorted and
+Output files the converter wrote in this process carry the sha256 its writer took while writing
+them (``convert.digests``: same inode, size and mtime), so they are not read back; other files'
+hashes are streamed in fixed-size chunks (files can be many GB). Keys are written sorted and
 lists are in a fixed order (files sorted by path), so two builds with the same inputs, options
 and outputs differ only in timings and the creation time. The file is written to a temporary
 name and renamed, so a ``build.json`` is always complete.
@@ -51,6 +53,13 @@ def sha256_file(path, chunk_size: int = CHUNK_BYTES) -> str:
                 break
             h.update(view[:n])
     return h.hexdigest()
+
+
+def _sha256_of(path: Path) -> str:
+    """The writer's digest of a file it wrote (unchanged since), else read and hashed."""
+    from convert.digests import known
+
+    return known(path) or sha256_file(path)
 
 
 def _dist_version(names) -> str | None:
@@ -115,7 +124,7 @@ def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
     # biggest first, so one large file does not start last
     chosen.sort(key=lambda item: -item[1].stat().st_size)
     with ThreadPoolExecutor(max_workers=_hash_threads()) as pool:
-        digests = list(pool.map(lambda item: sha256_file(item[1]), chosen))
+        digests = list(pool.map(lambda item: _sha256_of(item[1]), chosen))
     entries = [{"path": rel, "size": p.stat().st_size, "sha256": d}
                for (rel, p), d in zip(chosen, digests)]
     return sorted(entries, key=lambda e: e["path"])

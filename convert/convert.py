@@ -35,7 +35,7 @@ from .hf_config import from_hugging_face, model_shape, pp_layer_range, preflight
 from .moe import MoeLayout, moe_layout
 from .plan import rank_plan
 from .source import SourceCheckpoint
-from .writer import iter_chunks, nbytes, write_file
+from .writer import iter_chunks, nbytes, wait_durable, write_file
 from quantize.apply import MemoryTensor, preflight_quant, vocab_multiple
 from quantize.moe import moe_exclude_modules, preflight_moe_quant
 
@@ -61,11 +61,19 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool) -> s
             interrupt.check()
 
         try:
-            write_file(tmp, plan, produce, on_bytes=on_bytes)
+            # returns before the fsync: rank r+1 is written while rank r is fsynced, and the
+            # rename that marks rank r complete follows its fsync (wait_durable)
+            write_file(tmp, plan, produce, on_bytes=on_bytes, then=lambda: os.replace(tmp, path))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    os.replace(tmp, path)
+    return path
+
+
+def _write_rank_durable(*job) -> str:
+    """_write_rank in a worker process: returns once the rank is fsynced and renamed."""
+    path = _write_rank(*job)
+    wait_durable()
     return path
 
 
@@ -287,13 +295,18 @@ def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool) 
     jobs = [(str(model_dir), plans[r], str(tmp / f"rank{r}.safetensors"), r, progress)
             for r in todo]
     if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            _write_rank(*job)
+        try:
+            for job in jobs:
+                _write_rank(*job)
+        except BaseException:
+            wait_durable(raise_errors=False)
+            raise
+        wait_durable()
         return
     ctx = mp.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
                                   initializer=_worker_init, initargs=(ctx.RLock(),))
-    futures = [pool.submit(_write_rank, *job) for job in jobs]
+    futures = [pool.submit(_write_rank_durable, *job) for job in jobs]
     try:
         pending = set(futures)
         while pending:

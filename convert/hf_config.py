@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config_json import normalised_config
 from .errors import UserError
 from .heads import HeadPadding, choose_padding
 from .moe import NORMALIZATION_RENORMALIZE, moe_config, moe_layout
@@ -25,8 +26,10 @@ SUPPORTED_ARCHITECTURES = {
 DTYPES = ("float16", "bfloat16", "float32")
 
 
-def read_hf_config(model_dir):
-    """Load a local HF config with transformers' AutoConfig; one clear line on any problem."""
+def read_hf_config(model_dir, *, auto_config: bool = False):
+    """A local HF config as transformers' AutoConfig normalises it: read without transformers
+    where ``convert.config_json`` reproduces that exactly, else (or with ``auto_config``) with
+    AutoConfig; one clear line on any problem."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist: pass a local Hugging Face "
@@ -42,6 +45,9 @@ def read_hf_config(model_dir):
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"architecture {arch!r} in {model_dir / 'config.json'} is not supported; "
                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    fast = None if auto_config else normalised_config(raw)
+    if fast is not None:
+        return fast
     from transformers import AutoConfig
 
     try:

@@ -8,17 +8,25 @@ gives the same bytes.
 Hot path (``iter_chunks(..., spans=True)`` into ``write_file``): a run of rows that needs no
 conversion (same dtype, all columns) is a ``FileSpan``; rows that need a column slice
 (row-parallel weights) or a dtype change are read with ``pread`` into one reused buffer and
-converted/compacted into another, so no chunk is allocated per step. Big files are written with
+converted/compacted into another, so no chunk is allocated per step. Files are written with
 ``O_DIRECT`` (spans are ``pread`` into aligned staging buffers that a thread writes out), which on
-the VM measured in BENCHMARKS.md is 2-4x faster than going through the page cache; smaller ones
-through the page cache, spans copied file to file by the kernel (``copy_file_range``, as ``cp``
-does). See ``_direct_io_wanted``.
+the VM measured in BENCHMARKS.md is 2-4x faster than going through the page cache. Every staging
+buffer is also fed to a sha256 on another thread, and the digest is recorded (convert.digests)
+for build.json, which therefore never reads an output back. Where the file system refuses
+``O_DIRECT`` (tmpfs) or ``BUILD_ENGINE_DIRECT_IO=0``, files go through the page cache, spans copied
+file to file by the kernel (``copy_file_range``, as ``cp`` does; build.json then hashes them).
+
+``write_file(..., then=...)`` returns before its fsync: the fsync, and then ``then`` (the rename
+that marks the file complete), run on a thread while the caller writes the next file;
+``wait_durable()`` waits for them.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import mmap
 import os
@@ -29,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from . import digests
+
 ST_DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -36,12 +46,9 @@ ST_DTYPE_NAMES = {
     torch.float8_e5m2: "F8_E5M2",
 }
 CHUNK_BYTES = 16 * 2**20
-# Direct I/O: "auto" (files of DIRECT_MIN_BYTES and DIRECT_MEM_FRACTION of the available memory
-# or more, see _direct_io_wanted), "1" (every file), "0" (never); the environment variable
-# BUILD_ENGINE_DIRECT_IO overrides it.
+# Direct I/O: "auto" and "1" (every file, where the file system takes it), "0" (never); the
+# environment variable BUILD_ENGINE_DIRECT_IO overrides it.
 DIRECT_IO = "auto"
-DIRECT_MIN_BYTES = 64 * 2**20
-DIRECT_MEM_FRACTION = 1 / 4
 DIRECT_BUFFER = 8 * 2**20
 DIRECT_ALIGN = 4096
 
@@ -253,15 +260,20 @@ def _copy_span(span: FileSpan, dst: int) -> None:
 
 
 class _BufferedSink:
-    """Appends to ``fd`` through the page cache: ``os.write`` and in-kernel ``copy_file_range``."""
+    """Appends to ``fd`` through the page cache: ``os.write`` and in-kernel ``copy_file_range``.
+    Its sha256 is known only when no span went through the kernel (``digest()`` None otherwise)."""
 
     def __init__(self, fd: int):
         self.fd = fd
+        self._hash = hashlib.sha256()
 
     def write(self, data: memoryview) -> None:
+        if self._hash is not None:
+            self._hash.update(data)
         _write_all(self.fd, data)
 
     def copy(self, span: FileSpan) -> None:
+        self._hash = None  # those bytes never reach user space: build.json reads the file
         _copy_span(span, self.fd)
 
     def close(self) -> None:
@@ -270,29 +282,49 @@ class _BufferedSink:
     def abort(self) -> None:
         pass
 
+    def digest(self) -> str | None:
+        return self._hash.hexdigest() if self._hash is not None else None
+
 
 class _DirectSink:
-    """Appends to an ``O_DIRECT`` fd through aligned staging buffers that a thread writes out.
+    """Appends to an ``O_DIRECT`` fd through aligned staging buffers, hashed by one thread and
+    written out by another.
 
     Source spans are ``pread`` straight into the staging buffer (one copy out of the page cache)
     and go to the disk by DMA: no page-cache copy, allocation or writeback of the output, which on
     a VM costs more CPU than the disk takes to write it (see BENCHMARKS.md). The main thread fills
-    one buffer while the thread writes the previous one. The tail is padded to the alignment and
-    the file truncated to its real length on close.
+    one buffer while the hash thread updates the file's sha256 with the previous one and the
+    writer thread writes the one before (hashlib and write release the GIL). The tail is padded
+    to the alignment and the file truncated to its real length on close.
     """
 
-    def __init__(self, fd: int, buf_bytes: int | None = None, nbufs: int = 3):
+    def __init__(self, fd: int, buf_bytes: int | None = None, nbufs: int = 4):
         buf_bytes = buf_bytes or DIRECT_BUFFER
         self.fd, self.size, self.length = fd, buf_bytes, 0
         self._bufs = [mmap.mmap(-1, buf_bytes) for _ in range(nbufs)]  # page-aligned
         self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._to_hash: queue.SimpleQueue = queue.SimpleQueue()
         self._full: queue.SimpleQueue = queue.SimpleQueue()
         for b in self._bufs[1:]:
             self._free.put(b)
         self._cur, self._view, self._pos = self._bufs[0], memoryview(self._bufs[0]), 0
+        self._hash = hashlib.sha256()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="direct-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run_hash, name="direct-hash", daemon=True),
+                         threading.Thread(target=self._run, name="direct-writer", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _run_hash(self) -> None:
+        while True:
+            item = self._to_hash.get()
+            if item is None:
+                self._full.put(None)
+                return
+            buf, n, real = item
+            with memoryview(buf) as view:
+                self._hash.update(view[:real])  # the padding of the tail is not the file's
+            self._full.put((buf, n))
 
     def _run(self) -> None:
         while True:
@@ -302,7 +334,8 @@ class _DirectSink:
             buf, n = item
             try:
                 if self._error is None:
-                    self._write(memoryview(buf)[:n])
+                    with memoryview(buf) as view:
+                        self._write(view[:n])
             except BaseException as e:  # surfaced in the main thread at its next call
                 self._error = e
             finally:
@@ -323,9 +356,9 @@ class _DirectSink:
         if self._error is not None:
             raise self._error
 
-    def _submit(self, n: int) -> None:
+    def _submit(self, n: int, real: int | None = None) -> None:
         self._check()
-        self._full.put((self._cur, n))
+        self._to_hash.put((self._cur, n, n if real is None else real))
         self._cur = self._free.get()
         self._view, self._pos = memoryview(self._cur), 0
 
@@ -360,19 +393,21 @@ class _DirectSink:
         if self._pos:
             padded = -(-self._pos // DIRECT_ALIGN) * DIRECT_ALIGN
             self._view[self._pos:padded] = bytes(padded - self._pos)
-            self._submit(padded)
-        self._full.put(None)
-        self._thread.join()
-        self._release()
+            self._submit(padded, self._pos)
+        self._stop()
         self._check()
         os.ftruncate(self.fd, self.length)
 
     def abort(self) -> None:
-        self._full.put(None)
-        self._thread.join()
-        self._release()
+        self._stop()
 
-    def _release(self) -> None:
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+    def _stop(self) -> None:
+        self._to_hash.put(None)
+        for t in self._threads:
+            t.join()
         self._view.release()
         for b in self._bufs:
             try:
@@ -381,38 +416,17 @@ class _DirectSink:
                 pass
 
 
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def _direct_io_wanted(planned: int) -> bool:
-    """auto: O_DIRECT for files of at least DIRECT_MIN_BYTES and 1/4 of the available memory.
-
-    A smaller file is better left in the page cache: the next reader (build.json's sha256 of
-    the outputs, the engine build) finds it there, and re-reading it from disk costs more than
-    the page-cache copy saves. A bigger one would evict the source shards (and itself) anyway.
-    """
+def _direct_io_wanted() -> bool:
+    """O_DIRECT unless BUILD_ENGINE_DIRECT_IO says no. Every size: the outputs are hashed while
+    written (no read-back for build.json), and the page-cache copy of the output costs more CPU on
+    a VM than the disk takes to write it (BENCHMARKS.md)."""
     mode = os.environ.get("BUILD_ENGINE_DIRECT_IO", DIRECT_IO).lower()
-    if mode in ("0", "off", "no", "false") or not hasattr(os, "O_DIRECT"):
-        return False
-    if mode in ("1", "on", "yes", "true"):
-        return True
-    return planned >= DIRECT_MIN_BYTES and planned >= _available_memory() * DIRECT_MEM_FRACTION
+    return mode not in ("0", "off", "no", "false") and hasattr(os, "O_DIRECT")
 
 
-def _open_sink(path: Path, planned: int):
+def _open_sink(path: Path):
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-    if _direct_io_wanted(planned):
+    if _direct_io_wanted():
         try:
             fd = os.open(path, flags | os.O_DIRECT, 0o666)
         except OSError as e:
@@ -428,16 +442,47 @@ def _open_sink(path: Path, planned: int):
     return fd, _BufferedSink(fd)
 
 
-def write_file(path: Path, tensors, produce, on_bytes=None) -> None:
+_durable: list[cf.Future] = []
+_durable_pool: list[cf.ThreadPoolExecutor] = []
+
+
+def _finish(fd: int, digest: str | None, then) -> None:
+    """fsync, record the digest (the file's final size and mtime are its key), close, then."""
+    try:
+        os.fsync(fd)
+        if digest is not None:
+            digests.record(fd, digest)
+    finally:
+        os.close(fd)
+    if then is not None:
+        then()
+
+
+def wait_durable(raise_errors: bool = True) -> None:
+    """Wait for the fsyncs (and their ``then``) that ``write_file(..., then=...)`` left running;
+    raise the first one's error."""
+    pending, _durable[:] = list(_durable), []
+    first = None
+    for fut in pending:
+        try:
+            fut.result()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            first = first or e
+    if first is not None and raise_errors:
+        raise first
+
+
+def write_file(path: Path, tensors, produce, on_bytes=None, then=None) -> None:
     """Write ``tensors`` (with name/shape/dtype) to ``path``; ``produce(t)`` yields t's chunks
     (tensors, or ``FileSpan``s copied as they are).
 
     ``on_bytes(n)`` is called as data is written (progress). Each chunk's size is checked, so a
-    wrong plan cannot produce a file whose header lies. The file is fsynced before returning.
+    wrong plan cannot produce a file whose header lies. The file is fsynced before returning; with
+    ``then`` (e.g. the rename that marks the file complete), the fsync and then ``then()`` run on
+    a thread and this returns at once (``wait_durable()`` waits for them, in order).
     """
     header = header_bytes(tensors)
-    planned = len(header) + sum(nbytes(t.shape, t.dtype) for t in tensors)
-    fd, sink = _open_sink(Path(path), planned)
+    fd, sink = _open_sink(Path(path))
     try:
         sink.write(memoryview(header))
         for t in tensors:
@@ -459,9 +504,13 @@ def write_file(path: Path, tensors, produce, on_bytes=None) -> None:
             if done != want:
                 raise AssertionError(f"{t.name}: wrote {done} bytes, planned {want}")
         sink.close()
-        os.fsync(fd)
     except BaseException:
         sink.abort()
-        raise
-    finally:
         os.close(fd)
+        raise
+    if then is None:
+        _finish(fd, sink.digest(), None)
+        return
+    if not _durable_pool:
+        _durable_pool.append(cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync"))
+    _durable.append(_durable_pool[0].submit(_finish, fd, sink.digest(), then))

@@ -116,3 +116,136 @@ def test_real_config_roundtrip(tmp_path):
     _llama().save_pretrained(tmp_path)
     hf = AutoConfig.from_pretrained(tmp_path)
     assert from_hugging_face(hf)["vocab_size"] == 1000
+
+
+# --- config.json read without transformers (convert/config_json.py) vs AutoConfig -------------
+
+_L31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 8192}
+# real configs' fields (Llama-3.1-8B, Mistral-7B-v0.1, Qwen2-7B, Mixtral-8x7B), shrunk where it
+# does not matter, plus each family's minimal config (class defaults) and every rope variant
+_CONFIGS = {
+    "llama31": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+                "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "num_hidden_layers": 32, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0, "rope_scaling": _L31_ROPE, "torch_dtype": "bfloat16",
+                "max_position_embeddings": 131072, "tie_word_embeddings": False,
+                "attention_bias": False, "mlp_bias": False, "hidden_act": "silu"},
+    "llama31_t5_rope_parameters": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                   "rope_parameters": dict(_L31_ROPE, rope_theta=500000.0),
+                                   "dtype": "bfloat16", "max_position_embeddings": 131072},
+    "llama3_no_original_max": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                               "rope_scaling": {k: v for k, v in _L31_ROPE.items()
+                                                if k != "original_max_position_embeddings"},
+                               "max_position_embeddings": 131072},
+    "llama_linear_old_type_key": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                  "rope_scaling": {"type": "linear", "factor": 2.0},
+                                  "torch_dtype": "float16"},
+    "llama_dynamic": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                      "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}, "rope_theta": 1e6},
+    "llama_default_rope_type": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                "rope_scaling": {"rope_type": "default"}, "torch_dtype": "float32"},
+    "llama_rope_scaling_null": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                "rope_scaling": None, "head_dim": 64, "num_key_value_heads": None,
+                                "attention_bias": True, "mlp_bias": True,
+                                "tie_word_embeddings": True},
+    "llama_minimal": {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+    "smollm2_like": {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                     "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                     "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152,
+                     "rope_theta": 100000, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                     "max_position_embeddings": 8192, "rms_norm_eps": 1e-05},
+    "mistral7b": {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                  "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 32000,
+                  "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "bfloat16",
+                  "max_position_embeddings": 32768, "rms_norm_eps": 1e-5},
+    "mistral_minimal": {"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
+    "mistral_arch_llama_type": {"architectures": ["MistralForCausalLM"], "model_type": "llama"},
+    "qwen2_7b": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+                 "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
+                 "num_hidden_layers": 28, "vocab_size": 152064, "rope_theta": 1000000.0,
+                 "use_sliding_window": False, "sliding_window": 131072, "max_window_layers": 28,
+                 "torch_dtype": "bfloat16", "max_position_embeddings": 131072,
+                 "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "seq_length": 32768},
+    "qwen2_minimal_head_dim": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                               "head_dim": 256, "rope_scaling": {"type": "linear", "factor": 4}},
+    "mixtral8x7b": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                    "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                    "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 32000,
+                    "num_local_experts": 8, "num_experts_per_tok": 2, "rope_theta": 1e6,
+                    "torch_dtype": "bfloat16", "max_position_embeddings": 32768,
+                    "rms_norm_eps": 1e-5, "router_aux_loss_coef": 0.02},
+    "mixtral_minimal_num_experts": {"architectures": ["MixtralForCausalLM"],
+                                    "model_type": "mixtral", "num_experts": 4,
+                                    "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+}
+
+
+def _both(tmp_path, raw):
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    fast = read_hf_config(tmp_path)
+    auto = read_hf_config(tmp_path, auto_config=True)
+    return fast, auto
+
+
+@pytest.mark.parametrize("name", sorted(_CONFIGS))
+def test_config_json_without_transformers_equals_autoconfig(tmp_path, name):
+    """What the converter takes from the config (shape, dtype, rope, every field of the TRT-LLM
+    config.json at several layouts) is the same read without transformers as with AutoConfig."""
+    from transformers import PreTrainedConfig
+
+    fast, auto = _both(tmp_path, _CONFIGS[name])
+    assert not isinstance(fast, PreTrainedConfig), "expected the transformers-free reader"
+    assert isinstance(auto, PreTrainedConfig)
+    assert model_shape(fast) == model_shape(auto)
+    for dtype in ("auto", "float16"):
+        for tp, pp in ((1, 1), (valid_tp_values(model_shape(auto), 8)[1], 2)):
+            assert from_hugging_face(fast, dtype=dtype, tp=tp, pp=pp) == \
+                from_hugging_face(auto, dtype=dtype, tp=tp, pp=pp)
+
+
+@pytest.mark.parametrize("raw", [
+    {"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+    {"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+    {"model_type": "llama", "partial_rotary_factor": 0.5},
+    {"model_type": "llama", "vocab_size": 1000.0},
+    {"model_type": "llama", "hidden_size": 100, "num_attention_heads": 3},
+    {"model_type": "llama", "torch_dtype": "auto"},
+    {"model_type": "llama", "original_max_position_embeddings": 4096,
+     "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0}, "max_position_embeddings": 131072},
+    {"model_type": "llama", "rope_scaling": {"full_attention": {"rope_type": "default"}}},
+    {"model_type": "gemma"},
+    {},
+], ids=["yarn", "llama3_missing_keys", "partial_rotary", "float_vocab", "bad_heads",
+        "dtype_auto", "top_level_original_max", "nested_rope", "other_model_type", "no_model_type"])
+def test_config_json_falls_back_to_autoconfig(tmp_path, raw):
+    """What the reader does not reproduce exactly goes to AutoConfig: its result, or its error
+    as the one-line UserError (exactly as before)."""
+    from transformers import PreTrainedConfig
+
+    raw = dict(raw, architectures=["LlamaForCausalLM"])
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    try:
+        got = read_hf_config(tmp_path)
+    except UserError as e:
+        with pytest.raises(UserError) as auto:
+            read_hf_config(tmp_path, auto_config=True)
+        assert str(e) == str(auto.value) and "with transformers" in str(e)
+    else:
+        assert isinstance(got, PreTrainedConfig)
+
+
+def test_conversion_does_not_import_transformers(tmp_path, tiny_model):
+    """A float conversion reads config.json without importing transformers (4-6 s here)."""
+    import subprocess
+    import sys
+
+    hf_dir, _ = tiny_model()
+    code = ("import sys; from convert.convert import convert_checkpoint; "
+            f"convert_checkpoint({str(hf_dir)!r}, {str(tmp_path / 'out')!r}, tp=2, progress=False); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    assert (tmp_path / "out" / "rank1.safetensors").is_file()

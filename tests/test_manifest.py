@@ -143,3 +143,38 @@ def test_background_input_hashing_reraises_its_error(tmp_path, monkeypatch):
     monkeypatch.setattr(M, "describe_inputs", broken)
     with pytest.raises(OSError, match="disk gone"):
         M.InputHashing({"model_dir": str(tmp_path)}).result()
+
+
+def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, monkeypatch):
+    """build_engine --checkpoint-only: build.json's sha256 of each rank file is the one the
+    writer took while writing it (a hash per O_DIRECT staging buffer): it equals hashlib over
+    the file's bytes and the file is never read back for it; a file changed afterwards is hashed
+    from disk again (the writer's digest is tied to its size and mtime)."""
+    import builders.manifest as M
+    from builders.cli import main
+    from convert import digests
+
+    hf_dir, _ = tiny_model()
+    read_back = []
+    real = M.sha256_file
+    monkeypatch.setattr(M, "sha256_file", lambda p, *a, **k: read_back.append(Path(p).name)
+                        or real(p, *a, **k))
+    out = tmp_path / "out"
+    assert main(["--model", str(hf_dir), "--tp", "2", "--output", str(out), "--no-progress",
+                 "--checkpoint-only"]) == 0
+    files = {e["path"]: e for e in json.loads((out / MANIFEST_NAME).read_text())["outputs"]["files"]}
+    ranks = [out / "checkpoint" / f"rank{r}.safetensors" for r in range(2)]
+    for p in ranks:
+        assert files[f"checkpoint/{p.name}"]["sha256"] == _sha(p)
+        assert files[f"checkpoint/{p.name}"]["size"] == p.stat().st_size
+    if digests.known(ranks[0]) is None:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT: rank files go through the page cache")
+    assert not [n for n in read_back if n.startswith("rank")], read_back
+    assert "config.json" in read_back  # small files the writer did not write: read as before
+
+    with open(ranks[0], "r+b") as f:  # same size, new bytes: the recorded digest no longer holds
+        f.write(b"\0" * 8)
+    assert digests.known(ranks[0]) is None
+    write_manifest(out, inputs={}, options={}, stage_timings={})
+    files = {e["path"]: e for e in json.loads((out / MANIFEST_NAME).read_text())["outputs"]["files"]}
+    assert files["checkpoint/rank0.safetensors"]["sha256"] == _sha(ranks[0])

@@ -3,11 +3,13 @@ exactly what safetensors and modelopt give, for fp16/bf16/fp32 sources, tp 1/2/4
 kv < tp, vocabulary padding, and with the kernel copy unavailable."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from safetensors import safe_open
 
-from convert import writer
+from convert import digests, writer
 from convert.convert import convert_checkpoint
 from convert.source import SourceCheckpoint
 
@@ -114,8 +116,8 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp):
     sinks = []
     real_open = writer._open_sink
 
-    def spy(path, planned):
-        fd, sink = real_open(path, planned)
+    def spy(path):
+        fd, sink = real_open(path)
         sinks.append(type(sink).__name__)
         return fd, sink
 
@@ -127,6 +129,9 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp):
         a = (tmp_path / "buffered" / f"rank{r}.safetensors").read_bytes()
         b = (tmp_path / "direct" / f"rank{r}.safetensors").read_bytes()
         assert len(a) % 4096 and a == b
+        # the writer's own sha256 (hash thread, padded tail left out), recorded for build.json
+        assert digests.known(tmp_path / "direct" / f"rank{r}.safetensors") == \
+            hashlib.sha256(b).hexdigest()
 
 
 def test_direct_io_write_error_surfaces(tmp_path, monkeypatch):
@@ -150,3 +155,71 @@ def test_direct_io_write_error_surfaces(tmp_path, monkeypatch):
         convert_checkpoint(hf_dir, tmp_path / "out", tp=2, dtype="float16", progress=False)
     assert calls and not (tmp_path / "out").exists()
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_fsync_of_a_rank_overlaps_the_next_rank_and_precedes_its_rename(tmp_path, monkeypatch):
+    """Rank 0's fsync runs while rank 1 is written (here it waits until rank 1's file is opened:
+    without the overlap it would time out), and rank 0's rename to its final name follows its
+    fsync; both ranks end complete and identical to a run with the fsync inline."""
+    import os
+    import threading
+    from pathlib import Path
+
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    make_tiny_model(hf_dir, num_hidden_layers=2, dtype=torch.float16)
+    convert_checkpoint(hf_dir, tmp_path / "ref", tp=2, progress=False)
+    events, overlapped, rank1_opened = [], [], threading.Event()
+    real_open, real_fsync, real_replace = writer._open_sink, os.fsync, os.replace
+
+    def spy_open(path):
+        if Path(path).name == "rank1.safetensors.tmp":
+            rank1_opened.set()
+        return real_open(path)
+
+    def slow_fsync(fd):
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        if name == "rank0.safetensors.tmp":
+            overlapped.append(rank1_opened.wait(30))
+        real_fsync(fd)
+        events.append(("fsync", name))
+
+    def spy_replace(src, dst):
+        events.append(("rename", Path(src).name))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(writer, "_open_sink", spy_open)
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    convert_checkpoint(hf_dir, tmp_path / "out", tp=2, progress=False)
+    assert overlapped == [True]
+    for r in range(2):
+        tmp = f"rank{r}.safetensors.tmp"
+        assert events.index(("fsync", tmp)) < events.index(("rename", tmp))
+        assert (tmp_path / "out" / f"rank{r}.safetensors").read_bytes() == \
+            (tmp_path / "ref" / f"rank{r}.safetensors").read_bytes()
+
+
+def test_failed_background_fsync_fails_the_run_and_leaves_nothing(tmp_path, monkeypatch):
+    """An fsync error on the fsync thread (here: EIO on rank 0) reaches the caller as a one-line
+    UserError; the rank is never renamed complete and nothing is left behind."""
+    import errno
+    import os
+
+    from convert.errors import UserError
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    make_tiny_model(hf_dir, num_hidden_layers=2, dtype=torch.float16)
+    real_fsync = os.fsync
+
+    def failing(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("rank0.safetensors.tmp"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(UserError, match="Input/output error"):
+        convert_checkpoint(hf_dir, tmp_path / "out", tp=2, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -1,0 +1,134 @@
+"""A model's ``config.json`` normalised as transformers 5's ``AutoConfig`` does, without importing
+transformers (whose import, with torch's distributed/dynamo modules it pulls in, costs 4-6 s of
+a conversion that otherwise moves bytes at disk speed; see BENCHMARKS.md).
+
+Only what ``convert.hf_config`` reads is reproduced, for the four supported ``model_type``s, from
+``transformers/models/<type>/configuration_<type>.py`` (class defaults, ``head_dim`` and
+``num_key_value_heads`` filled in ``__post_init__``, Mixtral's ``num_experts`` alias) and
+``modeling_rope_utils.py`` (``rope_scaling`` before ``rope_parameters``, ``rope_theta`` and the
+class's default theta moved into the dict, ``type`` -> ``rope_type``, llama3's
+``original_max_position_embeddings``). Anything else — another transformers major version, an
+unknown ``model_type`` or rope type, a value of an unexpected type, a config transformers would
+reject or normalise in ways not reproduced here — returns None, and the caller uses AutoConfig
+(its result and its error messages). tests/test_hf_config.py compares both on every family and
+rope variant.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from types import SimpleNamespace
+
+_COMMON = dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False)
+# class defaults of what hf_config reads (transformers 5.x configuration_<model_type>.py)
+DEFAULTS = {
+    "llama": dict(_COMMON, intermediate_size=11008, num_key_value_heads=None,
+                  max_position_embeddings=2048, attention_bias=False, mlp_bias=False,
+                  head_dim=None),
+    "mistral": dict(_COMMON, intermediate_size=14336, num_key_value_heads=8, head_dim=None,
+                    max_position_embeddings=4096 * 32),
+    "qwen2": dict(_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+                  max_position_embeddings=32768),
+    "mixtral": dict(_COMMON, intermediate_size=14336, num_key_value_heads=8, head_dim=None,
+                    max_position_embeddings=4096 * 32, rms_norm_eps=1e-5, num_experts_per_tok=2,
+                    num_local_experts=8),
+}
+DEFAULT_THETA = {"mixtral": 1e6}  # RotaryEmbeddingConfigMixin.default_theta otherwise: 10000
+_ROPE_REQUIRED = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                             "original_max_position_embeddings")}
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+         "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+         "num_experts_per_tok", "num_local_experts")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def _transformers_major() -> int | None:
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def normalised_config(raw: dict):
+    """``raw`` (a parsed config.json) as the attributes AutoConfig would give; None where this
+    does not reproduce AutoConfig exactly (then use AutoConfig)."""
+    model_type = raw.get("model_type")
+    if model_type not in DEFAULTS or _transformers_major() != 5:
+        return None
+    fields = dict(raw)
+    if model_type == "mixtral" and "num_experts" in fields:  # MixtralConfig.attribute_map
+        if "num_local_experts" in fields:
+            return None
+        fields["num_local_experts"] = fields.pop("num_experts")
+    for key, default in DEFAULTS[model_type].items():
+        fields.setdefault(key, default)
+    if not _types_ok(fields):
+        return None
+    heads, hidden = fields["num_attention_heads"], fields["hidden_size"]
+    if heads <= 0 or hidden % heads:
+        return None  # transformers refuses it (validate_architecture): its message
+    if "head_dim" in DEFAULTS[model_type] and fields["head_dim"] is None:
+        fields["head_dim"] = hidden // heads
+    if fields["num_key_value_heads"] is None:
+        fields["num_key_value_heads"] = heads
+    head_dim = fields.get("head_dim") or hidden // heads
+    if head_dim > 4 and head_dim % 2:
+        return None  # transformers refuses an odd rotary dimension
+    if "dtype" in fields and "torch_dtype" in fields and fields["dtype"] != fields["torch_dtype"]:
+        return None
+    dtype = fields.get("dtype", fields.pop("torch_dtype", None))
+    if dtype is not None and dtype not in _DTYPES:
+        return None
+    fields["dtype"] = dtype
+    rope = _rope_parameters(fields, model_type)
+    if rope is None:
+        return None
+    fields["rope_parameters"] = rope
+    fields["rope_scaling"] = rope  # transformers 5 keeps the old name as an alias
+    fields.pop("rope_theta", None)
+    return SimpleNamespace(**fields)
+
+
+def _types_ok(fields: dict) -> bool:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in _INTS:
+        v = fields.get(key)
+        if v is not None and not is_int(v):
+            return False
+    if any(not isinstance(fields.get(k, False), bool) for k in _BOOLS):
+        return False
+    eps = fields["rms_norm_eps"]
+    return (isinstance(eps, (int, float)) and not isinstance(eps, bool)
+            and isinstance(fields["hidden_act"], str)
+            and isinstance(fields.get("architectures"), list))
+
+
+def _rope_parameters(fields: dict, model_type: str) -> dict | None:
+    """modeling_rope_utils' convert_rope_params_to_dict + standardize_rope_params, for a flat
+    (not per-layer-type) dict without partial rotary; None for anything else."""
+    scaling, params = fields.get("rope_scaling"), fields.get("rope_parameters")
+    rope = scaling or params or {}
+    if not isinstance(rope, dict) or "partial_rotary_factor" in fields \
+            or "original_max_position_embeddings" in fields:
+        return None
+    rope = dict(rope)
+    if any(isinstance(v, dict) or v is None for v in rope.values()) \
+            or "partial_rotary_factor" in rope:
+        return None  # nested per layer type, or a NoPE entry
+    theta = fields.get("rope_theta", DEFAULT_THETA.get(model_type, 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        return None
+    rope.setdefault("rope_theta", theta)
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    kind = rope["rope_type"]
+    if kind not in _ROPE_REQUIRED:
+        return None
+    if kind == "llama3":
+        rope.setdefault("original_max_position_embeddings", fields["max_position_embeddings"])
+    if any(k not in rope for k in _ROPE_REQUIRED[kind]):
+        return None  # transformers raises its KeyError naming the missing keys
+    return rope
