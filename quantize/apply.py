@@ -13,11 +13,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from convert.errors import UserError
-from convert.hf_config import Shape
+from common.errors import UserError
+
+if TYPE_CHECKING:  # the converter's model shape; only its attributes are read here
+    from convert.hf_config import Shape
 
 from .formats import W4A16_AWQ, QuantSpec, check_awq_divisibility, check_kv_head_duplication
 
