@@ -35,7 +35,7 @@ from .hf_config import from_hugging_face, model_shape, pp_layer_range, preflight
 from .plan import rank_plan
 from .source import SourceCheckpoint
 from .writer import iter_chunks, nbytes, write_file
-from quantize.apply import MemoryTensor, preflight_quant, vocab_multiple
+from quantize.apply import MemoryTensor, StagedTensor, preflight_quant, vocab_multiple
 
 FINGERPRINT = "fingerprint.json"
 
@@ -48,7 +48,7 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool) -> s
               leave=False, disable=not progress) as bar:
         def produce(t):
             bar.set_postfix_str(t.name.replace("transformer.", ""), refresh=False)
-            if isinstance(t, MemoryTensor):  # calibrated weights and scales
+            if isinstance(t, (MemoryTensor, StagedTensor)):  # calibrated weights and scales
                 yield t.tensor
                 return
             for piece in t.pieces:
@@ -105,7 +105,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
                        workers: int = 1, force: bool = False, progress: bool = True,
                        quantization: dict | None = None, quant=None,
                        calibrated_model=None, timings: dict | None = None,
-                       ranks=None) -> dict:
+                       ranks=None, calibration=None) -> dict:
     """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
 
     ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
@@ -117,6 +117,10 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     seconds spent calibrating (``calibration``) and computing the quantized tensors
     (``quantized_tensors``). ``ranks``: write only these ranks (see the module docstring); the
     checkpoint is in ``out_dir`` once every rank is, else in ``out_dir.partial``.
+    ``calibration``: a ``quantize.run.CalibrationRun`` (layer-wise calibration from the
+    safetensors: where its store is, reuse, device, text, tokenizer); without one (and without
+    ``calibrated_model``) a default one calibrates into a store next to ``out_dir`` that is
+    removed once the checkpoint is written.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant)
@@ -141,9 +145,15 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"])
              for r in range(world)]
     calibrated = quant is not None and quant.needs_calibration
+    if calibrated and calibrated_model is None and calibration is None:
+        from quantize.run import CalibrationRun
+
+        calibration = CalibrationRun(store=out_dir.with_name(out_dir.name + ".calibration"),
+                                     temporary=True)
     if calibrated:
-        plans = _calibrated_plans(model_dir, plans, shape, quant, config, calibrated_model,
-                                  progress, timings if timings is not None else {})
+        plans = _calibrated_plans(model_dir, source, plans, shape, quant, config,
+                                  calibrated_model, calibration, out_dir, progress,
+                                  timings if timings is not None else {})
         workers = 1  # the calibrated tensors are in this process's memory
     fingerprint = _fingerprint(config, plans, source, quant, mtimes=not subset)
 
@@ -179,6 +189,8 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
         _verify_files(tmp, plans)
         (tmp / FINGERPRINT).unlink()
         swap_into_place(tmp, out_dir)  # an existing one only with --force (checked above)
+        if calibrated and calibrated_model is None:
+            calibration.done()
     except (KeyboardInterrupt, Interrupted):
         # only this run's unfinished files: with --ranks, other runs may be writing theirs
         for leftover in (tmp / f"rank{r}.safetensors.tmp" for r in todo):
@@ -211,23 +223,34 @@ def _discard(tmp: Path, own_ranks) -> None:
         (tmp / f"rank{r}.safetensors.tmp").unlink(missing_ok=True)
 
 
-def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibrated_model,
-                      progress: bool, timings: dict):
+def _calibrated_plans(model_dir: Path, source, plans, shape, quant, config: dict,
+                      calibrated_model, calibration, out_dir: Path, progress: bool,
+                      timings: dict):
     """Calibrate (modelopt, on the calibration text), then put each rank's quantized linears
-    and KV-cache scales into its plan."""
-    from quantize.apply import apply_to_plan, stage_tensors
-    from quantize.calibrate import calibrate, extract_quant_state, shard_quant_state
-
+    and KV-cache scales into its plan: layer by layer from the safetensors into a calibration
+    store that the writer streams from, or from an already calibrated in-memory model."""
+    from quantize.apply import LayerShards, apply_to_plan, stage_tensors
+    from quantize.calibrate import extract_quant_state, shard_quant_state
     from .plan import TORCH_DTYPES
 
-    model = calibrated_model
-    t0 = time.perf_counter()
-    if model is None:
-        model = calibrate(model_dir, quant, progress=progress)
-    t1 = time.perf_counter()
-    state = extract_quant_state(model, quant, dtype=TORCH_DTYPES[config["dtype"]])
-    del model
+    dtype = TORCH_DTYPES[config["dtype"]]
     tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
+    if calibrated_model is None:
+        load_layer = calibration.calibrate(model_dir, source, quant, progress=progress, timings=timings)
+        t1 = time.perf_counter()
+        shards = LayerShards(lambda i: load_layer(i, dtype), quant, num_heads=shape.heads,
+                             num_kv_heads=shape.kv_heads, tp=tp)
+        out = []
+        for r, plan in enumerate(plans):
+            pp_rank, tp_rank = divmod(r, tp)
+            layers = pp_layer_range(shape.layers, pp, pp_rank)
+            out.append(apply_to_plan(plan, shards.staged(layers, tp_rank)))
+        timings.update(quantized_tensors=time.perf_counter() - t1)
+        return out
+    model = calibrated_model
+    t0 = t1 = time.perf_counter()
+    state = extract_quant_state(model, quant, dtype=dtype)
+    del model
     out = []
     for r, plan in enumerate(plans):
         pp_rank, tp_rank = divmod(r, tp)

@@ -212,11 +212,13 @@ def _register_attentions(model) -> None:
     register_hf_attentions_on_the_fly(model)
 
 
-def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, *, calib_text: str | None = None,
-                        tokenizer=None, device: torch.device, out_dtype: torch.dtype = torch.float16,
-                        fingerprint: dict, progress: bool = True) -> dict:
-    """Calibrate every decoder layer into ``store`` (resuming a store of the same fingerprint);
-    return the store's manifest (quantize/store.py). ``out_dtype``: the checkpoint dtype."""
+def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: list[Tensor], *,
+                        device: torch.device, fingerprint: dict, progress: bool = True,
+                        timings: dict | None = None) -> dict:
+    """Calibrate every decoder layer on ``batches`` (:func:`calib_batches`) into ``store``,
+    resuming a store of the same ``fingerprint``; return the store's manifest (quantize/store.py).
+    ``timings`` receives the seconds of the input capture (``calibration_inputs``) and of the
+    layers (``calibration_layers``)."""
     from tqdm.auto import tqdm
 
     hf_dir = Path(hf_dir)
@@ -224,8 +226,8 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, *, calib_t
     done = cstore.begin(store, fingerprint)
     if done.get("complete"):
         return done
-    text = spec.read_calib_text() if calib_text is None else calib_text
-    batches = calib_batches(spec, text, tokenizer)
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
     hf_dtype = _config_dtype(hf_dir)
     dtype = compute_dtype(device, hf_dtype)
     model = meta_model(hf_dir, dtype)
@@ -235,19 +237,22 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, *, calib_t
     n = len(layers)
     start = done.get("layers_done", 0)
     passes_in = [firsts] if start == 0 else cstore.load_inputs(store, device)
+    t1 = time.perf_counter()
+    timings["calibration_inputs"] = t1 - t0
     bar = tqdm(total=n, initial=start, desc=f"calibrating {spec.name}", unit="layer",
                disable=not progress, file=sys.stderr)
-    t0 = time.perf_counter()
     for i in range(start, n):
         prefix = f"{layers_name}.{i}"
         layer = _materialise(layers[i], source, prefix, device, dtype)
         shell = _shell(layers_name, i, layer)
         passes_in = _calibrate_layer(shell, prefix, spec, passes_in, kwargs[i])
-        state = extract_quant_state(shell, spec, dtype=out_dtype)
+        # prequant scales kept in the calibration's precision; cast when sharded (store.py)
+        state = extract_quant_state(shell, spec, dtype=dtype)
         del shell, layer
         cstore.finish_layer(store, i, state, passes_in if i + 1 < n else None)
         bar.update(1)
     bar.close()
+    timings["calibration_layers"] = time.perf_counter() - t1
     return cstore.complete(store, n, seconds=time.perf_counter() - t0)
 
 
