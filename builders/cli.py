@@ -122,10 +122,15 @@ def run(args) -> int:
                 raise UserError("--ranks splits a TensorRT-LLM checkpoint and its engines over "
                                 "runs (--target engine); the PyTorch target's unified "
                                 "checkpoint is written whole: drop --ranks")
+            if args.calibration is not None:
+                raise UserError("--calibration is reused by TensorRT-LLM checkpoints (--target "
+                                "engine); the PyTorch target calibrates its unified checkpoint "
+                                "itself: drop --calibration")
             return _run_pytorch_target(args, model_dir, out, inputs)
         _check_triton_args(args, model_dir)
         ranks = _conversion_ranks(args, quant)
         tokenizer = _quant_tokenizer(args, quant, model_dir)  # before any work
+        _memory_plan(args, quant, model_dir, out)  # refuses before any work
         inputs = InputHashing(inputs)  # build.json's shard hashes, while converting
         ckpt = out / "checkpoint"
         ppl_text = None
@@ -138,12 +143,15 @@ def run(args) -> int:
         config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                     workers=args.workers, force=args.force,
                                     progress=not args.no_progress, quant=quant,
-                                    timings=quant_timings, ranks=ranks)
+                                    timings=quant_timings, ranks=ranks,
+                                    calibration=_calibration_run(args, out, quant, tokenizer))
         timings["checkpoint"] = time.perf_counter() - t0
         timings.update(quant_timings)  # included in "checkpoint"
         if quant_timings:
-            print(f"calibration: {quant_timings['calibration']:.1f}s (model load, modelopt forward passes "
-                  f"over {quant.calib_size} x {quant.calib_seq_len} tokens), quantized tensors: "
+            how = ("reused " + str(args.calibration) if args.calibration is not None
+                   else f"layer by layer, modelopt forward passes over {quant.calib_size} x "
+                        f"{quant.calib_seq_len} tokens")
+            print(f"calibration: {quant_timings['calibration']:.1f}s ({how}), quantized tensors: "
                   f"{quant_timings['quantized_tensors']:.1f}s")
         m = config["mapping"]
         if not ckpt.is_dir():  # --ranks: other ranks are still to come
@@ -267,6 +275,43 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
             return EXIT_MISMATCH
     write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
     return 0
+
+
+def _memory_plan(args, quant, model_dir, out: Path) -> None:
+    """Print the expected peak host RAM / device memory / disk per stage; refuse (one line, exit
+    2, nothing written) what this machine cannot hold."""
+    from convert.convert import preflight_conversion
+    from quantize import memory
+    from quantize.calibrate import resolve_device
+
+    _, shape = preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant)
+    device = resolve_device(args.calib_device).type if quant.needs_calibration else "cpu"
+    reused = getattr(args, "calibration", None) is not None
+    stages = memory.plan(shape, quant, tp=args.tp, pp=args.pp, device=device,
+                         out_dtype_bytes=4 if args.dtype == "float32" else 2,
+                         keep_store=not reused)
+    if reused:
+        stages = [s for s in stages if s.name != "calibration"]
+    print(f"memory plan: {memory.describe(stages)}")
+    memory.check(stages, out, device)
+
+
+def _calibration_run(args, out: Path, quant, tokenizer):
+    """The layer-wise calibration of this build: into OUTPUT/calibration (kept: reusable with
+    --calibration, resumable), or the --calibration store of an earlier build; None when the
+    format needs none."""
+    from quantize.run import CalibrationRun
+
+    if not quant.needs_calibration:
+        if getattr(args, "calibration", None) is not None:
+            raise UserError(f"--calibration applies to calibrated formats; {quant.name} needs none "
+                            f"(drop --calibration)")
+        return None
+    device = getattr(args, "calib_device", "auto")
+    if getattr(args, "calibration", None) is not None:
+        return CalibrationRun(store=Path(args.calibration), reuse=True, device=device,
+                              tokenizer=tokenizer)
+    return CalibrationRun(store=out / "calibration", device=device, tokenizer=tokenizer)
 
 
 def _quant_tokenizer(args, quant, model_dir):

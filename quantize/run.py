@@ -55,7 +55,6 @@ class CalibrationRun:
                 raise UserError(f"cannot write the calibration store {store}: {e.strerror or e}; "
                                 f"free space or choose another --output") from None
         timings["calibration"] = time.perf_counter() - t0
-        timings["calibration_reused"] = bool(self.reuse)
         n = man.get("num_layers")
         if n is None or cstore.num_layers(store) != n:
             raise UserError(f"calibration store {store} is missing layer files; delete it and "

@@ -112,8 +112,13 @@ def test_bfloat16_model_equals_modelopt_bfloat16_export(tmp_path, calib_text, al
     prequant scales) and still equals modelopt's bf16 export tensor for tensor."""
     from examples.tiny import make_tiny_model
 
+    from transformers import AutoModelForCausalLM
+
     hf_dir = tmp_path / "hf"
-    model = make_tiny_model(hf_dir, dtype=torch.bfloat16, **TINY).float().eval()
+    make_tiny_model(hf_dir, dtype=torch.bfloat16, **TINY)
+    # the reference loads the bf16 files as the whole-model path did (from_pretrained in fp32):
+    # an in-memory .to(bf16).float() would also round the rotary inv_freq buffer to bf16
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     spec = spec_for(algo, kv, block)
     calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
     for tp in (1, 2):
