@@ -27,6 +27,7 @@ source`` (the converter passes its ``SourceCheckpoint``), so this module needs n
 from __future__ import annotations
 
 import copy
+import gc
 import sys
 import time
 from pathlib import Path
@@ -152,7 +153,7 @@ def layer_inputs(model, source, batches: list[Tensor], device: torch.device, dty
 
 def _materialise(layer_meta, source, prefix: str, device: torch.device, dtype: torch.dtype):
     """A real copy of one decoder layer with its weights from ``source`` (cast as from_pretrained)."""
-    layer = copy.deepcopy(layer_meta).to_empty(device=device)
+    layer = copy.deepcopy(layer_meta)  # on meta: the weights below are assigned, never copied
     if any(True for _ in layer.buffers()):
         raise UserError(f"{prefix} has buffers; layer-wise calibration does not know this layer type")
     state = {}
@@ -249,11 +250,24 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
         # prequant scales kept in the calibration's precision; cast when sharded (store.py)
         state = extract_quant_state(shell, spec, dtype=dtype)
         del shell, layer
+        gc.collect()  # modelopt's hooks make reference cycles: free this layer before the next
         cstore.finish_layer(store, i, state, passes_in if i + 1 < n else None)
+        del state
+        _trim()
         bar.update(1)
     bar.close()
     timings["calibration_layers"] = time.perf_counter() - t1
     return cstore.complete(store, n, seconds=time.perf_counter() - t0)
+
+
+def _trim() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise and RSS creeps by layer)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _config_dtype(hf_dir: Path):
