@@ -180,22 +180,18 @@ def _shell(layers_name: str, index: int, layer) -> torch.nn.Module:
     return root
 
 
-def _calibrate_layer(shell, layer_path: str, spec: QuantSpec, passes_in: list[list[Tensor]],
-                     kwargs: list[dict]) -> list[list[Tensor]]:
-    """mtq.quantize one layer on its cached inputs; its outputs per forward-loop call."""
+def _calibrate_layer(shell, runner: LayerRunner, i: int, spec: QuantSpec,
+                     passes_in: list[list[Tensor]]) -> list[list[Tensor]]:
+    """mtq.quantize layer ``i`` (inside ``shell``) on its cached inputs; its outputs per
+    forward-loop call (pass k gets the previous layer's pass-k outputs)."""
     import modelopt.torch.quantization as mtq
 
     produced: list[list[Tensor]] = []
+    path = runner.prefix(i)
 
     def loop(root):
-        layer = root.get_submodule(layer_path)
         ins = passes_in[min(len(produced), len(passes_in) - 1)]
-        outs = []
-        with torch.no_grad():
-            for h, kw in zip(ins, kwargs):
-                o = layer(h, **kw)
-                outs.append(o[0] if isinstance(o, tuple) else o)
-        produced.append(outs)
+        produced.append(runner.forward(root.get_submodule(path), i, ins))
 
     mtq.quantize(shell, spec.modelopt_config(), loop)
     # passes that gave the same outputs share one buffer (no KV quantizers: all of them)
@@ -213,6 +209,40 @@ def _register_attentions(model) -> None:
     register_hf_attentions_on_the_fly(model)
 
 
+class LayerRunner:
+    """The model's decoder layers one at a time, fed exactly as inside the whole model: the seam
+    for any per-layer calibration (modelopt here; range capture by forward hooks works the same:
+    hook ``materialise(i)``'s linears, run :meth:`forward`, pass its outputs on)."""
+
+    def __init__(self, hf_dir, source, batches: list[Tensor], device: torch.device):
+        self.source, self.device = source, device
+        self.dtype = compute_dtype(device, _config_dtype(Path(hf_dir)))
+        model = meta_model(Path(hf_dir), self.dtype)
+        _register_attentions(model)
+        #: the first layer's inputs per batch; per layer per batch the model's keyword arguments
+        self.first_inputs, self.kwargs = layer_inputs(model, source, batches, device, self.dtype)
+        self.layers_name, self.layers = _layers_path(model)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def prefix(self, i: int) -> str:
+        return f"{self.layers_name}.{i}"
+
+    def materialise(self, i: int):
+        """Layer ``i`` with its weights, in the compute dtype on the device."""
+        return _materialise(self.layers[i], self.source, self.prefix(i), self.device, self.dtype)
+
+    @torch.no_grad()
+    def forward(self, layer, i: int, inputs: list[Tensor]) -> list[Tensor]:
+        """``layer``'s outputs on ``inputs`` (one per batch), called as the model calls it."""
+        outs = []
+        for h, kw in zip(inputs, self.kwargs[i]):
+            o = layer(h, **kw)
+            outs.append(o[0] if isinstance(o, tuple) else o)
+        return outs
+
+
 def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: list[Tensor], *,
                         device: torch.device, fingerprint: dict, progress: bool = True,
                         timings: dict | None = None) -> dict:
@@ -222,34 +252,26 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
     layers (``calibration_layers``)."""
     from tqdm.auto import tqdm
 
-    hf_dir = Path(hf_dir)
     store = Path(store)
     done = cstore.begin(store, fingerprint)
     if done.get("complete"):
         return done
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    hf_dtype = _config_dtype(hf_dir)
-    dtype = compute_dtype(device, hf_dtype)
-    model = meta_model(hf_dir, dtype)
-    _register_attentions(model)
-    firsts, kwargs = layer_inputs(model, source, batches, device, dtype)
-    layers_name, layers = _layers_path(model)
-    n = len(layers)
+    runner = LayerRunner(hf_dir, source, batches, device)
+    n = len(runner)
     start = done.get("layers_done", 0)
-    passes_in = [firsts] if start == 0 else cstore.load_inputs(store, device)
+    passes_in = [runner.first_inputs] if start == 0 else cstore.load_inputs(store, device)
     t1 = time.perf_counter()
     timings["calibration_inputs"] = t1 - t0
     bar = tqdm(total=n, initial=start, desc=f"calibrating {spec.name}", unit="layer",
                disable=not progress, file=sys.stderr)
     for i in range(start, n):
-        prefix = f"{layers_name}.{i}"
-        layer = _materialise(layers[i], source, prefix, device, dtype)
-        shell = _shell(layers_name, i, layer)
-        passes_in = _calibrate_layer(shell, prefix, spec, passes_in, kwargs[i])
+        shell = _shell(runner.layers_name, i, runner.materialise(i))
+        passes_in = _calibrate_layer(shell, runner, i, spec, passes_in)
         # prequant scales kept in the calibration's precision; cast when sharded (store.py)
-        state = extract_quant_state(shell, spec, dtype=dtype)
-        del shell, layer
+        state = extract_quant_state(shell, spec, dtype=runner.dtype)
+        del shell
         gc.collect()  # modelopt's hooks make reference cycles: free this layer before the next
         cstore.finish_layer(store, i, state, passes_in if i + 1 < n else None)
         del state

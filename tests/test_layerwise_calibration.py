@@ -131,9 +131,9 @@ def test_calibration_killed_mid_way_resumes_from_the_last_finished_layer(tmp_pat
     calls = []
     real = lw._calibrate_layer
 
-    def spy(shell, path, *a):
-        calls.append(path)
-        return real(shell, path, *a)
+    def spy(shell, runner, i, *a):
+        calls.append(runner.prefix(i))
+        return real(shell, runner, i, *a)
 
     monkeypatch.setattr(lw, "_calibrate_layer", spy)
     spec = QuantSpec.create("W4A16_AWQ", kv_cache_dtype="int8", awq_block_size=64, calib_size=4,
