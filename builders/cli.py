@@ -288,8 +288,7 @@ def _memory_plan(args, quant, model_dir, out: Path) -> None:
     device = resolve_device(args.calib_device).type if quant.needs_calibration else "cpu"
     reused = getattr(args, "calibration", None) is not None
     stages = memory.plan(shape, quant, tp=args.tp, pp=args.pp, device=device,
-                         out_dtype_bytes=4 if args.dtype == "float32" else 2,
-                         keep_store=not reused)
+                         out_dtype_bytes=4 if args.dtype == "float32" else 2)
     if reused:
         stages = [s for s in stages if s.name != "calibration"]
     print(f"memory plan: {memory.describe(stages)}")

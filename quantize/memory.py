@@ -49,9 +49,16 @@ def _layer_linear_params(s) -> int:
     return s.hidden * (2 * q + 2 * kv) + 3 * s.hidden * s.inter
 
 
+#: the whole-model path (from_pretrained in fp32): measured 0.58 GB + 6.0 bytes per parameter
+#: (the float32 copy + the mapped fp16 source at the end of from_pretrained)
+WHOLE_BASE, WHOLE_PER_PARAM = 0.58 * GB, 6.0
+
+
 def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2,
-         keep_store: bool = True) -> list[Stage]:
-    """The stages of a conversion with ``spec`` (None or not quantized: the float converter)."""
+         layerwise: bool = True) -> list[Stage]:
+    """The stages of a conversion with ``spec`` (None or not quantized: the float converter).
+    ``layerwise`` False: the calibration loads the whole model (formats without a layer-wise
+    path)."""
     p_lin = _layer_linear_params(shape)
     algo = spec.quant_algo if spec is not None and spec.quant_algo in WEIGHT_BYTES else None
     wbytes = WEIGHT_BYTES.get(algo, out_dtype_bytes)
@@ -72,7 +79,13 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
         extracted = p_lin * (wbytes if algo else 0)
         work = layer + acts + temps + rows
         store_disk = extracted * shape.layers
-        if device == "cpu":
+        if not layerwise:
+            params = shape.layers * (p_lin + 2 * shape.hidden) + \
+                shape.vocab * shape.hidden * (1 if shape.tied else 2)
+            whole = WHOLE_BASE + WHOLE_PER_PARAM * params
+            stages.append(Stage("calibration", whole if device == "cpu" else WHOLE_BASE,
+                                0.0 if device == "cpu" else CUDA_CONTEXT + params * c, 0.0))
+        elif device == "cpu":
             stages.append(Stage("calibration", HOST_BASE + work + extracted, 0.0, store_disk))
         else:
             stages.append(Stage("calibration", HOST_BASE + acts + rows + extracted,
@@ -80,8 +93,8 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
         write_host = WRITE_BASE + 2.5 * extracted  # a layer loaded, sharded, in the writer
     else:
         write_host = WRITE_BASE
-    stages.append(Stage("checkpoint", write_host, 0.0,
-                        ckpt_disk + (store_disk if keep_store else 0.0)))
+    # the calibration stage's disk is its store (OUTPUT/calibration); the checkpoint's, its ranks
+    stages.append(Stage("checkpoint", write_host, 0.0, ckpt_disk))
     return stages
 
 
