@@ -156,7 +156,7 @@ def test_memory_plan_refuses_before_any_work(tmp_path, smollm2_dir, capsys, monk
     monkeypatch.setenv("BUILD_ENGINE_MEMORY_LIMIT", "300M")
     out = tmp_path / "out"
     rc = main(["--model", str(smollm2_dir), "--output", str(out), "--checkpoint-only",
-               "--no-progress", "--smoothquant", "--calib-device", "cpu"])
+               "--no-progress", "--fp8", "--calib-device", "cpu"])
     captured = capsys.readouterr()
     assert rc == 2
     lines = [ln for ln in captured.err.splitlines() if ln.startswith("build_engine: error:")]
