@@ -154,15 +154,23 @@ def main(argv=None) -> int:
                     help="comma list of preset:layers:format[:whole|:bare]")
     ap.add_argument("--write-md", type=Path, default=None)
     ap.add_argument("--keep-models", action="store_true")
+    ap.add_argument("--append", action="store_true",
+                    help="add these rows to the table of earlier runs (WORK/results.json)")
     a = ap.parse_args(argv)
     from examples.smollm2 import prepare_smollm2
 
     smol = prepare_smollm2()
     a.work.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
+    saved = a.work / "results.json"
+    old = json.loads(saved.read_text()) if a.append and saved.is_file() else {"rows": [], "load": []}
     results = [run_row(a.work, row, smol) for row in a.rows.split(",")]
-    load = f"load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (2 cores)"
-    md = table(results, load)
+    rows = {r["row"]: r for r in old["rows"]}
+    rows.update({r["row"]: r for r in results})
+    loads = old["load"] + [f"{load0[0]:.1f} -> {os.getloadavg()[0]:.1f}"]
+    saved.write_text(json.dumps({"rows": list(rows.values()), "load": loads}, indent=1))
+    load = f"load average (start -> end of each run of the script) {', '.join(loads)}; 2 cores"
+    md = table(list(rows.values()), load)
     print(md)
     if a.write_md:
         text = a.write_md.read_text()
