@@ -93,7 +93,7 @@ def run_row(work: Path, row: str, smol: Path) -> dict:
     preset, layers, fmt, *mode = row.split(":")
     mode = mode[0] if mode else "layerwise"
     model = make_model(work, preset, int(layers), smol)
-    out = work / "out"
+    out = work / f"out-{row.replace(':', '_')}"  # per row: invocations may run side by side
     shutil.rmtree(out, ignore_errors=True)
     log = work / f"{row.replace(':', '_')}.log"
     algo = {"sq": "W8A8_SQ_PER_CHANNEL", "fp8": "FP8", "awq": "W4A16_AWQ"}[fmt]
