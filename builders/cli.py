@@ -21,17 +21,32 @@ EXIT_MISMATCH, EXIT_USER, EXIT_NO_ENGINE, EXIT_INTERRUPTED = 1, 2, 3, 130
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="build_engine",
-        description="Convert a Hugging Face Llama/Mistral/Qwen2 model into a sharded (optionally "
+        description="Convert a Hugging Face Llama/Mistral/Qwen2/Mixtral model into a sharded (optionally "
                     "quantized) TensorRT-LLM checkpoint, engines and a Triton model repository.")
     g = p.add_argument_group("model and layout")
     g.add_argument("--from-checkpoint", type=Path, metavar="CKPT_DIR",
                    help="skip conversion: build engines (and the Triton repository) from an "
                         "existing TRT-LLM checkpoint dir, e.g. on a GPU host")
-    g.add_argument("--model", help="local HF model dir, or a bundled example name "
-                                   "(smollm2, llama, tiny-llama, tiny-mistral, tiny-qwen2)")
+    g.add_argument("--model", help="local HF model dir, or a bundled example name: smollm2 "
+                                   "(the real SmolLM2-135M-Instruct: 9 heads, 3 KV heads; tp 1, 3), "
+                                   "llama (the same model with --pad-heads implied: tp 2 and 4 pad "
+                                   "it exactly to 12 heads / 4 KV heads), tiny-llama, tiny-mistral, "
+                                   "tiny-qwen2 (tiny random models)")
     g.add_argument("--output", required=True, type=Path, help="output directory")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    g.add_argument("--moe-tp", type=int, metavar="N",
+                   help="mixture of experts (Mixtral): split every expert's intermediate "
+                        "dimension N ways (TensorRT-LLM's moe_tp_size; default: tp, or tp / "
+                        "--moe-ep); --moe-tp x --moe-ep must equal --tp")
+    g.add_argument("--moe-ep", type=int, metavar="N",
+                   help="mixture of experts: expert parallelism, each rank holding experts / N "
+                        "whole experts (moe_ep_size; default: 1, or tp / --moe-tp)")
+    g.add_argument("--pad-heads", action="store_true",
+                   help="when --tp does not divide the attention heads, add zero heads (whole KV "
+                        "groups) to the smallest count it does: exact (same logits), at the cost "
+                        "of more attention compute and KV cache (printed, and in build.json); a "
+                        "no-op when tp divides the heads. Engine target only")
     g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="weight dtype (auto: the model's fp16/bf16, float16 for fp32 models)")
     g.add_argument("--workers", type=int, default=1,
@@ -60,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reader) and of the HF model on this text file (first 4096 tokens, "
                         "windows of 256)")
     from builders.engine import add_engine_arguments
-    from builders.triton_repo import add_triton_arguments
+    from builders.triton import add_triton_arguments
 
     from quantize.formats import add_quant_arguments
 
@@ -91,7 +106,7 @@ def run(args) -> int:
     from builders.engine import build_engines, options_from_args
     from builders.manifest import InputHashing, write_manifest
     from convert.convert import convert_checkpoint
-    from examples.registry import resolve_model
+    from examples.registry import pads_heads_by_default, resolve_model
     from quantize.formats import QuantSpec
 
     if args.workers < 1:
@@ -100,9 +115,13 @@ def run(args) -> int:
     out = Path(args.output)
     timings: dict[str, float] = {}
     inputs: dict = {}
+    layout = None
     if args.from_checkpoint:
         if args.model:
             raise UserError("give either --model or --from-checkpoint, not both")
+        if args.pad_heads:  # a checkpoint's heads were laid out when it was converted
+            raise UserError("--pad-heads applies when converting with --model; a --from-checkpoint "
+                            "checkpoint keeps its own head layout (drop --pad-heads)")
         if QuantSpec.from_args(args).is_quantized:  # a checkpoint is quantized when converted
             raise UserError("quantization flags apply when converting with --model; a "
                             "--from-checkpoint checkpoint keeps its own quantization (drop them)")
@@ -117,6 +136,7 @@ def run(args) -> int:
         quant = QuantSpec.from_args(args)  # bad combinations / calib file: before any work
         model_dir = resolve_model(args.model)
         inputs.update(model=args.model, model_dir=str(model_dir.resolve()))
+        pad_heads = args.pad_heads or pads_heads_by_default(args.model)
         if getattr(args, "target", "engine") == "pytorch":
             if args.ranks is not None:
                 raise UserError("--ranks splits a TensorRT-LLM checkpoint and its engines over "
@@ -126,11 +146,17 @@ def run(args) -> int:
                 raise UserError("--calibration is reused by TensorRT-LLM checkpoints (--target "
                                 "engine); the PyTorch target calibrates its unified checkpoint "
                                 "itself: drop --calibration")
+            if args.moe_tp is not None or args.moe_ep is not None:
+                raise UserError("--moe-tp/--moe-ep split a TRT-LLM checkpoint (--target engine); "
+                                "the PyTorch backend takes moe_tensor_parallel_size / "
+                                "moe_expert_parallel_size when it loads the model: drop them")
+            _refuse_padding_for_pytorch(args, model_dir, pad_heads)
             return _run_pytorch_target(args, model_dir, out, inputs)
+        layout = _head_padding(args, model_dir, quant, pad_heads)  # tp refusal: before any work
         _check_triton_args(args, model_dir)
         ranks = _conversion_ranks(args, quant)
         tokenizer = _quant_tokenizer(args, quant, model_dir)  # before any work
-        _memory_plan(args, quant, model_dir, out)  # refuses before any work
+        _memory_plan(args, quant, model_dir, out, pad_heads)  # refuses before any work
         inputs = InputHashing(inputs)  # build.json's shard hashes, while converting
         ckpt = out / "checkpoint"
         ppl_text = None
@@ -143,7 +169,8 @@ def run(args) -> int:
         config = convert_checkpoint(model_dir, ckpt, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                     workers=args.workers, force=args.force,
                                     progress=not args.no_progress, quant=quant,
-                                    timings=quant_timings, ranks=ranks,
+                                    timings=quant_timings, ranks=ranks, moe_tp=args.moe_tp,
+                                    moe_ep=args.moe_ep, pad_heads=pad_heads,
                                     calibration=_calibration_run(args, out, quant, tokenizer))
         timings["checkpoint"] = time.perf_counter() - t0
         timings.update(quant_timings)  # included in "checkpoint"
@@ -178,7 +205,7 @@ def run(args) -> int:
             print(ppl_line("Hugging Face model", hf_ppl(model_dir, ppl_text)))
             timings["eval_ppl"] = time.perf_counter() - t0
     if args.checkpoint_only:
-        write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings)
+        write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings, layout=layout)
         return 0
     t0 = time.perf_counter()
     engine_options = options_from_args(args)
@@ -203,7 +230,7 @@ def run(args) -> int:
         else:
             print("triton: not written yet: the run that completes every rank writes it")
     write_manifest(out, inputs=inputs, options=vars(args), stage_timings=timings,
-                   engines=_engine_record(engines))
+                   engines=_engine_record(engines), layout=layout)
     return engines.exit_code
 
 
@@ -277,18 +304,21 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
     return 0
 
 
-def _memory_plan(args, quant, model_dir, out: Path) -> None:
+def _memory_plan(args, quant, model_dir, out: Path, pad_heads: bool) -> None:
     """Print the expected peak host RAM / device memory / disk per stage; refuse (one line, exit
     2, nothing written) what this machine cannot hold."""
     from convert.convert import preflight_conversion
     from quantize import memory
     from quantize.calibrate import resolve_device
 
-    _, shape = preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant)
+    _, shape = preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant,
+                                    moe_tp=args.moe_tp, moe_ep=args.moe_ep, pad_heads=pad_heads)
     device = resolve_device(args.calib_device).type if quant.needs_calibration else "cpu"
     reused = getattr(args, "calibration", None) is not None
+    # mixture-of-experts models calibrate whole (no layer-wise path for experts yet)
     stages = memory.plan(shape, quant, tp=args.tp, pp=args.pp, device=device,
-                         out_dtype_bytes=4 if args.dtype == "float32" else 2)
+                         out_dtype_bytes=4 if args.dtype == "float32" else 2,
+                         layerwise=not shape.experts)
     if reused:
         stages = [s for s in stages if s.name != "calibration"]
     print(f"memory plan: {memory.describe(stages)}")
@@ -313,17 +343,47 @@ def _calibration_run(args, out: Path, quant, tokenizer):
     return CalibrationRun(store=out / "calibration", device=device, tokenizer=tokenizer)
 
 
+def _head_padding(args, model_dir, quant, pad_heads: bool) -> dict | None:
+    """Check tp against the heads (one line naming --pad-heads when it would help), print the
+    padding that will be applied, or that --pad-heads has nothing to do; build.json's layout."""
+    from convert.convert import preflight_conversion
+
+    _, shape = preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant,
+                                    moe_tp=args.moe_tp, moe_ep=args.moe_ep, pad_heads=pad_heads)
+    if shape.padding is not None:
+        print(f"heads: padded {shape.padding.describe()} so that tp {args.tp} splits them")
+        return {"head_padding": shape.padding.as_dict()}
+    if args.pad_heads:
+        print(f"build_engine: note: --pad-heads: {shape.heads} heads / {shape.kv_heads} KV heads "
+              f"already split over tp {args.tp}; nothing padded", file=sys.stderr)
+    return None
+
+
+def _refuse_padding_for_pytorch(args, model_dir, pad_heads: bool) -> None:
+    """--target pytorch writes a Hugging Face checkpoint that TensorRT-LLM's PyTorch backend
+    splits over tp itself when it loads it: a padded layout is not ours to choose there."""
+    from convert.hf_config import model_shape, preflight, read_hf_config
+
+    if not pad_heads:
+        return
+    shape = preflight(model_shape(read_hf_config(model_dir)), args.tp, args.pp, pad_heads=True,
+                      can_pad=False)
+    if shape.padding is not None:
+        raise UserError(f"--target pytorch cannot pad heads ({shape.padding.describe()}): the "
+                        f"PyTorch backend splits the Hugging Face checkpoint's {shape.heads} heads "
+                        f"over tp itself when it loads it; use a --tp that divides them or "
+                        f"--target engine")
+
+
 def _quant_tokenizer(args, quant, model_dir):
     """The tokenizer that calibration and a quantized --verify (real text) need, loaded up front so
     that a model without one is refused before any work (one line, exit 2); None when not needed.
-    The model's own refusals (missing config, tp/pp, format vs shapes) come first."""
-    from convert.convert import preflight_conversion
+    The model's own refusals (missing config, tp/pp, format vs shapes) come first (_head_padding)."""
     from quantize.calibrate import load_tokenizer
 
     verify_text = args.verify and quant.is_quantized
     if not (quant.needs_calibration or verify_text):
         return None
-    preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant)
     if verify_text:
         return load_tokenizer(model_dir, "--verify of a quantized checkpoint (on real text)",
                               "; or drop --verify")
@@ -343,14 +403,17 @@ def _verify(ckpt, model_dir, quant, tokenizer):
 
 def _defaults_from_other_flags(args) -> None:
     """Defaults that follow other flags: --build-workers follows --workers (trtllm-build has
-    one --workers for both)."""
+    one --workers for both); --triton-target follows --target (the repository that target's
+    output is served with), so build.json and triton_repo.json record what was written."""
     if args.build_workers is None:
         args.build_workers = args.workers
+    if getattr(args, "triton_target", "none") is None:
+        args.triton_target = getattr(args, "target", "engine")
 
 
 def _check_triton_args(args, model_dir) -> None:
     """Refuse, before any work, Triton options that would fail after the conversion."""
-    from builders.triton_repo import TritonOptions, check_tokenizer
+    from builders.triton import TritonOptions, check_tokenizer
 
     if args.checkpoint_only or args.triton_target == "none":
         return
@@ -374,8 +437,8 @@ def _write_triton(args, out: Path, ckpt: Path, model_dir, engine_options, *, eng
     else from the checkpoint config and the engine options (what trtllm-build will write)."""
     import json
 
-    from builders.triton_repo import (engine_config_from_checkpoint, validate_repo,
-                                      write_engine_repo)
+    from builders.triton import (engine_config_from_checkpoint, validate_repo,
+                                 write_engine_repo)
 
     if engines_built:
         engine_config = None

@@ -158,7 +158,8 @@ def describe_inputs(inputs: dict) -> dict:
 
 
 def build_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, stage_timings: dict,
-                   outputs_root=None, engines: dict | None = None) -> dict:
+                   outputs_root=None, engines: dict | None = None,
+                   layout: dict | None = None) -> dict:
     """The manifest as a dict (what :func:`write_manifest` writes)."""
     output_dir = Path(output_dir)
     outputs_root = Path(outputs_root) if outputs_root is not None else output_dir
@@ -179,11 +180,14 @@ def build_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
     }
     if engines is not None:
         manifest["engines"] = _jsonable(engines)
+    if layout:
+        manifest["layout"] = _jsonable(layout)
     return manifest
 
 
 def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, stage_timings: dict,
-                   outputs_root=None, engines: dict | None = None) -> Path:
+                   outputs_root=None, engines: dict | None = None,
+                   layout: dict | None = None) -> Path:
     """Write ``output_dir/build.json`` and return its path.
 
     inputs: e.g. ``{"model_dir": DIR, "model": "smollm2"}`` — ``model_dir`` is expanded into
@@ -194,11 +198,13 @@ def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
         itself is never listed.
     engines: the engine stage's record (ranks built here, host and GPU of every rank, whether
         the world is complete), written as ``engines``.
+    layout: how the model was laid out beyond the options, e.g. ``{"head_padding": {...}}``
+        (``convert.heads.HeadPadding.as_dict``: head counts and the extra cost), or ``None``.
     """
     output_dir = Path(output_dir)
     manifest = build_manifest(output_dir, inputs=inputs, options=options,
                               stage_timings=stage_timings, outputs_root=outputs_root,
-                              engines=engines)
+                              engines=engines, layout=layout)
     path = output_dir / MANIFEST_NAME
     tmp = path.with_name(f".{MANIFEST_NAME}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")

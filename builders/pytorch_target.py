@@ -5,7 +5,7 @@ Writes, from the same model and quantization flags as the engine target,
 * ``DIR/hf_quantized/``: modelopt's unified HF checkpoint (convert/unified.py), which
   ``tensorrt_llm.LLM(model=DIR/hf_quantized)``, ``trtllm-serve`` and the LLM-API Triton backend load;
 * ``DIR/triton/``: TensorRT-LLM's LLM-API Triton model repository for it
-  (builders/triton_repo.py ``write_llmapi_repo``), validated with Triton's ModelConfig schema
+  (builders/triton/llmapi.py ``write_llmapi_repo``), validated with Triton's ModelConfig schema
   (``validate_repo``) before it is renamed into place.
 
 Everything a user can get wrong is checked before the (possibly long) calibration: the format
@@ -27,7 +27,7 @@ TRITON_DIR = "triton"
 def preflight(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_options=None,
               triton: bool = True, force: bool = False) -> None:
     """Every check that needs no weights: one-line UserError, nothing written."""
-    from builders.triton_repo import TritonOptions, check_tokenizer
+    from builders.triton import TritonOptions, check_tokenizer
     from convert.hf_config import model_shape, preflight as tp_preflight, read_hf_config
     from convert.unified import check_supported
 
@@ -35,14 +35,19 @@ def preflight(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_opti
     for name, v in (("tp", tp), ("pp", pp)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"--{name} must be a whole number >= 1 (got {v!r})")
-    tp_preflight(model_shape(read_hf_config(model_dir)), tp, pp)
+    shape = model_shape(read_hf_config(model_dir))
+    tp_preflight(shape, tp, pp, can_pad=False)
+    if shape.experts and spec.is_quantized:
+        raise UserError(f"--target pytorch with {spec.name} is not supported for mixture-of-"
+                        f"experts models yet (the unified checkpoint is written unquantized only); "
+                        f"use --target engine or drop the quantization flags")
     out_dir = Path(out_dir)
     for sub in (CHECKPOINT_DIR,) + ((TRITON_DIR,) if triton else ()):
         if (out_dir / sub).exists() and not force:
             raise UserError(f"{out_dir / sub} already exists: choose another --output or pass "
                             "--force to replace it")
     if triton:
-        opts = TritonOptions.from_any(triton_options)
+        opts = TritonOptions.from_any(triton_options).for_target("pytorch")
         tok = opts.tokenizer_dir
         check_tokenizer(tok or model_dir, what="--tokenizer-dir" if tok else "model dir")
 
@@ -56,7 +61,7 @@ def build_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
     Returns {"checkpoint": Path, "triton": Path | None, "hf_quant_config": dict | None}.
     ``calibrated_model``/``calib_text``/``tokenizer``: see convert.unified.write_unified_checkpoint.
     """
-    from builders.triton_repo import validate_repo, write_llmapi_repo
+    from builders.triton import validate_repo, write_llmapi_repo
     from convert.unified import write_unified_checkpoint
 
     preflight(model_dir, out_dir, spec, tp=tp, pp=pp, triton_options=triton_options,

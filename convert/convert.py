@@ -32,10 +32,12 @@ from .atomic import swap_into_place
 from .errors import UserError
 from .interrupt import Interrupted
 from .hf_config import from_hugging_face, model_shape, pp_layer_range, preflight, read_hf_config
+from .moe import MoeLayout, moe_layout
 from .plan import rank_plan
 from .source import SourceCheckpoint
 from .writer import iter_chunks, nbytes, write_file
 from quantize.apply import MemoryTensor, StagedTensor, preflight_quant, vocab_multiple
+from quantize.moe import moe_exclude_modules, preflight_moe_quant
 
 FINGERPRINT = "fingerprint.json"
 
@@ -91,13 +93,18 @@ def _verify_files(tmp: Path, plans) -> None:
             raise AssertionError(f"rank{rank}.safetensors does not hold the planned tensors")
 
 
-def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None):
+def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None,
+                         moe_tp: int | None = None, moe_ep: int | None = None,
+                         pad_heads: bool = False):
     """Read the model's config and refuse a parallel layout or quantization format it cannot take
-    (one line, before any weight is read or any calibration); return (HF config, Shape)."""
+    (one line, before any weight is read or any calibration); return (HF config, Shape). With
+    ``pad_heads`` the Shape carries the head padding tp needs (``shape.padding``; None if none)."""
     hf = read_hf_config(Path(model_dir))
-    shape = model_shape(hf)
-    preflight(shape, tp, pp)
+    sq = quant is not None and quant.quant_algo == "W8A8_SQ_PER_CHANNEL"
+    shape = preflight(model_shape(hf), tp, pp, pad_heads=pad_heads, no_kv_duplication=sq)
+    moe = moe_layout(shape, tp, moe_tp, moe_ep)
     preflight_quant(quant, shape, tp, pp)
+    preflight_moe_quant(quant, shape, moe)
     return hf, shape
 
 
@@ -105,7 +112,9 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
                        workers: int = 1, force: bool = False, progress: bool = True,
                        quantization: dict | None = None, quant=None,
                        calibrated_model=None, timings: dict | None = None,
-                       ranks=None, calibration=None) -> dict:
+                       ranks=None, moe_tp: int | None = None,
+                       moe_ep: int | None = None, pad_heads: bool = False,
+                       calibration=None) -> dict:
     """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
 
     ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
@@ -117,20 +126,28 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     seconds spent calibrating (``calibration``) and computing the quantized tensors
     (``quantized_tensors``). ``ranks``: write only these ranks (see the module docstring); the
     checkpoint is in ``out_dir`` once every rank is, else in ``out_dir.partial``.
+    ``moe_tp``/``moe_ep``: the experts' split of a mixture-of-experts
+    model (``convert.moe``; default moe_tp = tp, moe_ep = 1). ``pad_heads``: pad the attention
+    heads exactly when tp does not divide them (``convert.heads``); a no-op when it does.
     ``calibration``: a ``quantize.run.CalibrationRun`` (layer-wise calibration from the
     safetensors: where its store is, reuse, device, text, tokenizer); without one (and without
     ``calibrated_model``) a default one calibrates into a store next to ``out_dir`` that is
     removed once the checkpoint is written.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant)
+    hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant, moe_tp=moe_tp,
+                                     moe_ep=moe_ep, pad_heads=pad_heads)
+    moe = moe_layout(shape, tp, moe_tp, moe_ep)
     shape = replace(shape, vocab_multiple=vocab_multiple(quant))
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose another --output or pass --force to "
                         f"replace it")
     if quant is not None:
         quantization = quant.to_trtllm_quantization() if quant.is_quantized else None
-    config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization)
+        if shape.experts and quantization and "exclude_modules" in quantization:
+            quantization["exclude_modules"] = moe_exclude_modules(quant, shape)  # + routers
+    config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization,
+                               moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)
     config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
     source = SourceCheckpoint(model_dir)
     world = tp * pp
@@ -142,10 +159,16 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
                         "run (CPU only) and use --ranks with --from-checkpoint for the engines")
     if subset and force:
         shutil.rmtree(out_dir, ignore_errors=True)  # a new generation is being written
-    plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"])
+    plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"], moe=moe)
              for r in range(world)]
     calibrated = quant is not None and quant.needs_calibration
-    if calibrated and calibrated_model is None and calibration is None:
+    layerwise = calibrated and calibrated_model is None and not shape.experts
+    if not layerwise:
+        if calibration is not None and calibration.reuse and calibrated:
+            raise UserError("--calibration reuses a layer-wise calibration; a mixture-of-experts "
+                            "model is calibrated whole: drop --calibration")
+        calibration = None
+    elif calibration is None:
         from quantize.run import CalibrationRun
 
         calibration = CalibrationRun(store=out_dir.with_name(out_dir.name + ".calibration"),
@@ -189,7 +212,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
         _verify_files(tmp, plans)
         (tmp / FINGERPRINT).unlink()
         swap_into_place(tmp, out_dir)  # an existing one only with --force (checked above)
-        if calibrated and calibrated_model is None:
+        if layerwise:
             calibration.done()
     except (KeyboardInterrupt, Interrupted):
         # only this run's unfinished files: with --ranks, other runs may be writing theirs
@@ -227,19 +250,26 @@ def _calibrated_plans(model_dir: Path, source, plans, shape, quant, config: dict
                       calibrated_model, calibration, out_dir: Path, progress: bool,
                       timings: dict):
     """Calibrate (modelopt, on the calibration text), then put each rank's quantized linears
-    and KV-cache scales into its plan: layer by layer from the safetensors into a calibration
-    store that the writer streams from, or from an already calibrated in-memory model."""
+    and KV-cache scales into its plan: dense models layer by layer from the safetensors into a
+    calibration store that the writer streams from; a model calibrated in memory, or a
+    mixture-of-experts model (loaded whole: its experts have no layer-wise path yet), from the
+    calibrated model."""
     from quantize.apply import LayerShards, apply_to_plan, stage_tensors
-    from quantize.calibrate import extract_quant_state, shard_quant_state
+    from quantize.calibrate import calibrate, extract_quant_state, shard_quant_state
+    from quantize.moe import extract_moe_state, shard_moe_state
+
+    from .heads import pad_quant_state
     from .plan import TORCH_DTYPES
 
     dtype = TORCH_DTYPES[config["dtype"]]
-    tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
-    if calibrated_model is None:
+    mapping = config["mapping"]
+    tp, pp = mapping["tp_size"], mapping["pp_size"]
+    if calibration is not None:
         load_layer = calibration.calibrate(model_dir, source, quant, progress=progress, timings=timings)
         t1 = time.perf_counter()
-        shards = LayerShards(lambda i: load_layer(i, dtype), quant, num_heads=shape.heads,
-                             num_kv_heads=shape.kv_heads, tp=tp)
+        # calibrated on the real heads, then padded (per layer)
+        shards = LayerShards(lambda i: pad_quant_state(load_layer(i, dtype), shape.padding), quant,
+                             num_heads=shape.tp_heads, num_kv_heads=shape.tp_kv_heads, tp=tp)
         out = []
         for r, plan in enumerate(plans):
             pp_rank, tp_rank = divmod(r, tp)
@@ -248,14 +278,21 @@ def _calibrated_plans(model_dir: Path, source, plans, shape, quant, config: dict
         timings.update(quantized_tensors=time.perf_counter() - t1)
         return out
     model = calibrated_model
-    t0 = t1 = time.perf_counter()
+    t0 = time.perf_counter()
+    if model is None:
+        model = calibrate(model_dir, quant, progress=progress)
+    t1 = time.perf_counter()
     state = extract_quant_state(model, quant, dtype=dtype)
+    moe_state = extract_moe_state(model, quant) if shape.experts else {}
     del model
+    state = pad_quant_state(state, shape.padding)  # calibrated on the real heads, then padded
+    moe = MoeLayout(mapping.get("moe_tp_size", tp), mapping.get("moe_ep_size", 1))
     out = []
     for r, plan in enumerate(plans):
         pp_rank, tp_rank = divmod(r, tp)
-        tensors = shard_quant_state(state, quant, num_heads=shape.heads,
-                                    num_kv_heads=shape.kv_heads, tp=tp, rank=tp_rank)
+        tensors = shard_quant_state(state, quant, num_heads=shape.tp_heads,
+                                    num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank)
+        tensors.update(shard_moe_state(moe_state, moe, tp_rank, shape.experts))
         layers = pp_layer_range(shape.layers, pp, pp_rank)
         out.append(apply_to_plan(plan, stage_tensors(tensors, layers)))
     timings.update(calibration=t1 - t0, quantized_tensors=time.perf_counter() - t1)

@@ -5,9 +5,10 @@ stage). Shard rules are defined in ``convert.shard``:
 
 - ``replicated``: the same tensor on every rank (norms, row-parallel biases)
 - ``column``: split dim 0 (output features) — mlp.fc / mlp.gate and their biases
-- ``row``: split dim 1 (input features); outputs are summed over ranks — attention.dense, mlp.proj
+- ``row``: split dim 1 (input features); outputs are summed over ranks — mlp.proj
+- ``dense``: ``row`` for attention.dense, with zero input columns for padded heads (--pad-heads)
 - ``qkv``: fuse q, k, v per rank: [this rank's q heads; its k heads; its v heads], with kv heads
-  duplicated when there are fewer kv heads than ranks
+  duplicated when there are fewer kv heads than ranks, and zero rows for padded heads
 - ``vocab``: split dim 0 after padding the vocabulary to a multiple of tp (embedding, lm_head)
 
 TensorRT-LLM naming trap (``tensorrt_llm/models/llama/convert.py``): ``mlp.fc`` is HF ``gate_proj``
@@ -26,6 +27,8 @@ class Rule:
     when: str | None = None        # a Shape attribute that must be true (e.g. "attn_bias")
     fallback: tuple[str, ...] = ()  # sources used when the primary ones are absent (tied lm_head)
     linear: str | None = None      # the quantizable linear this weight belongs to (its TRT-LLM prefix)
+    experts: bool = False          # one stack over this rank's experts ({e} in sources: expert index)
+    dtype: str | None = None       # written in this dtype, not the checkpoint's (MoE router: float32)
 
 
 _L = "model.layers.{i}."
@@ -42,7 +45,7 @@ LLAMA_LAYER = (
     Rule(_T + "attention.qkv.weight", tuple(s + ".weight" for s in _ATTN_QKV), "qkv",
          linear=_T + "attention.qkv"),
     Rule(_T + "attention.qkv.bias", tuple(s + ".bias" for s in _ATTN_QKV), "qkv", when="attn_bias"),
-    Rule(_T + "attention.dense.weight", (_L + "self_attn.o_proj.weight",), "row",
+    Rule(_T + "attention.dense.weight", (_L + "self_attn.o_proj.weight",), "dense",
          linear=_T + "attention.dense"),
     Rule(_T + "attention.dense.bias", (_L + "self_attn.o_proj.bias",), "replicated",
          when="dense_bias"),
@@ -62,6 +65,21 @@ LLAMA_HEAD = (
 )
 
 
+# Mixtral (tensorrt_llm/models/llama/convert.py, the has_moe_tp() path; ../shared/notes/moe.md):
+# attention and norms as Llama; the router unquantized, unsplit, float32; experts stacked over the
+# rank's expert-parallel block into [E_local, 2*I/moe_tp, H] with each expert's w3 (up) slice FIRST,
+# then w1 (gate; SiLU branch), the inverse of dense Llama's fc/gate naming, and w2 into
+# [E_local, H, I/moe_tp].
+_M = _L + "block_sparse_moe."
+MIXTRAL_LAYER = tuple(r for r in LLAMA_LAYER if ".mlp." not in r.target) + (
+    Rule(_T + "mlp.router.weight", (_M + "gate.weight",), "replicated", dtype="float32"),
+    Rule(_T + "mlp.fc.weight", (_M + "experts.{e}.w3.weight", _M + "experts.{e}.w1.weight"),
+         "expert_column", experts=True, linear=_T + "mlp.fc"),
+    Rule(_T + "mlp.proj.weight", (_M + "experts.{e}.w2.weight",), "expert_row", experts=True,
+         linear=_T + "mlp.proj"),
+)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -74,4 +92,5 @@ class Family:
 FAMILIES = {
     "llama": Family("llama", LLAMA_EMBED, LLAMA_LAYER, LLAMA_HEAD),
     "qwen2": Family("qwen2", LLAMA_EMBED, LLAMA_LAYER, LLAMA_HEAD),
+    "mixtral": Family("mixtral", LLAMA_EMBED, MIXTRAL_LAYER, LLAMA_HEAD),
 }

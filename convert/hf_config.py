@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .heads import HeadPadding, choose_padding
+from .moe import NORMALIZATION_RENORMALIZE, moe_config, moe_layout
 
 # HF architecture -> (family name in convert.families, TRT-LLM architecture name)
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "MixtralForCausalLM": "mixtral",
 }
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -103,6 +106,19 @@ class Shape:
     dense_bias: bool   # o_proj bias
     mlp_bias: bool
     vocab_multiple: int = 1  # the padded vocabulary is a multiple of this and of tp (AWQ: 64)
+    experts: int = 0         # mixture of experts (convert.moe): experts per layer, 0 = dense MLP
+    top_k: int = 0           # experts each token is routed to
+    moe_normalization: int = 0  # TensorRT-LLM's ExpertScaleNormalizationMode (Mixtral: 1)
+    padding: HeadPadding | None = None  # --pad-heads: zero heads added for tp (convert.heads)
+
+    @property
+    def tp_heads(self) -> int:
+        """q heads as the checkpoint lays them out (padded when ``padding`` is active)."""
+        return self.padding.padded_heads if self.padding else self.heads
+
+    @property
+    def tp_kv_heads(self) -> int:
+        return self.padding.padded_kv_heads if self.padding else self.kv_heads
 
     @property
     def padded_vocab(self) -> int:
@@ -131,7 +147,17 @@ def model_shape(hf) -> Shape:
         attn_bias=True if family == "qwen2" else llama_bias,  # Qwen2 always has q/k/v bias
         dense_bias=False if family == "qwen2" else llama_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        **_moe_fields(hf, family),
     )
+
+
+def _moe_fields(hf, family: str) -> dict:
+    """Mixtral: num_local_experts, num_experts_per_tok; top-k then softmax (RENORMALIZE), as
+    TensorRT-LLM's LLaMAConfig.from_hugging_face sets for model_type mixtral."""
+    if family != "mixtral":
+        return {}
+    return dict(experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                moe_normalization=NORMALIZATION_RENORMALIZE)
 
 
 def valid_tp_values(shape: Shape, limit: int = 64) -> list[int]:
@@ -139,27 +165,46 @@ def valid_tp_values(shape: Shape, limit: int = 64) -> list[int]:
 
 
 def _tp_problem(shape: Shape, tp: int) -> str | None:
-    if shape.heads % tp:
-        return f"{shape.heads} attention heads are not divisible by tp {tp}"
-    kv = shape.kv_heads
+    if shape.tp_heads % tp:
+        return f"{shape.tp_heads} attention heads are not divisible by tp {tp}"
+    kv = shape.tp_kv_heads
     if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
         return f"{kv} key/value heads cannot be split over tp {tp} (need kv % tp == 0 or tp % kv == 0)"
-    if shape.inter % tp:
+    if shape.inter % tp and not shape.experts:  # experts: split by moe_tp (convert.moe)
         return f"intermediate size {shape.inter} is not divisible by tp {tp}"
     return None
 
 
-def preflight(shape: Shape, tp: int, pp: int) -> None:
-    """Check the parallel layout before any weight is read; one line naming the numbers."""
+def preflight(shape: Shape, tp: int, pp: int, *, pad_heads: bool = False,
+              no_kv_duplication: bool = False, can_pad: bool = True) -> Shape:
+    """Check the parallel layout before any weight is read; one line naming the numbers and the
+    fix. Returns ``shape``, with its head padding set when ``pad_heads`` and tp needs it (never
+    otherwise: a model whose heads tp divides is not padded). ``no_kv_duplication``: the format
+    needs at least tp KV heads (SmoothQuant), which the padding then provides. ``can_pad=False``:
+    a target that cannot pad (the refusal does not suggest --pad-heads)."""
     if tp < 1 or pp < 1:
         raise UserError(f"--tp and --pp must be >= 1 (got tp {tp}, pp {pp})")
     problem = _tp_problem(shape, tp)
+    padding = None
     if problem:
+        padding = choose_padding(shape.heads, shape.kv_heads, tp, no_kv_duplication=no_kv_duplication)
+        if padding is not None and (not padding.active or _tp_problem(_padded(shape, padding), tp)):
+            padding = None  # the heads split already, or the MLP does not: padding cannot help
+    if problem and not (pad_heads and padding):
         valid = ", ".join(map(str, valid_tp_values(shape, max(8, tp))))
-        raise UserError(f"cannot split this model over tp {tp}: {problem}; valid --tp values: {valid}")
+        fix = f"; or add --pad-heads to pad {padding.describe()}" if padding and can_pad else ""
+        raise UserError(f"cannot split this model over tp {tp}: {problem}; valid --tp values: "
+                        f"{valid}{fix}")
     if pp > shape.layers:
         raise UserError(f"--pp {pp} is larger than the model's {shape.layers} layers; "
                         f"use --pp between 1 and {shape.layers}")
+    return _padded(shape, padding) if problem else shape
+
+
+def _padded(shape: Shape, padding: HeadPadding) -> Shape:
+    from dataclasses import replace
+
+    return replace(shape, padding=padding)
 
 
 def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
@@ -170,10 +215,14 @@ def pp_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
 
 
 def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
-                      quantization: dict | None = None) -> dict:
-    """The TRT-LLM checkpoint config.json for ``hf`` (a transformers config)."""
-    shape = model_shape(hf)
-    preflight(shape, tp, pp)
+                      quantization: dict | None = None, moe_tp: int | None = None,
+                      moe_ep: int | None = None, pad_heads: bool = False) -> dict:
+    """The TRT-LLM checkpoint config.json for ``hf`` (a transformers config). With head padding
+    (``pad_heads`` and a tp that needs it) the head counts are the padded ones and ``head_size``
+    (always written) no longer equals hidden_size / heads."""
+    shape = preflight(model_shape(hf), tp, pp, pad_heads=pad_heads,
+                      no_kv_duplication=(quantization or {}).get("quant_algo") == "W8A8_SQ_PER_CHANNEL")
+    moe = moe_layout(shape, tp, moe_tp, moe_ep)
     rotary_base, rotary_scaling = _rope(hf)
     dtype = resolve_dtype(dtype, hf)
     arch = hf.architectures[0]
@@ -184,8 +233,8 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         "vocab_size": shape.vocab,
         "hidden_size": shape.hidden,
         "num_hidden_layers": shape.layers,
-        "num_attention_heads": shape.heads,
-        "num_key_value_heads": shape.kv_heads,
+        "num_attention_heads": shape.tp_heads,
+        "num_key_value_heads": shape.tp_kv_heads,
         "head_size": shape.head_size,
         "intermediate_size": shape.inter,
         "hidden_act": hf.hidden_act,
@@ -204,6 +253,11 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         "mapping": {"world_size": tp * pp, "tp_size": tp, "pp_size": pp},
         "quantization": quantization or {"quant_algo": None, "kv_cache_quant_algo": None},
     }
+    if shape.experts:
+        # TensorRT-LLM's MoE layer takes the gated activation explicitly (LLaMAConfig: mixtral)
+        config["hidden_act"] = "swiglu"
+        config["moe"] = moe_config(shape)
+        config["mapping"].update(moe_tp_size=moe.moe_tp, moe_ep_size=moe.moe_ep)
     if shape.family == "qwen2":
         config["qwen_type"] = "qwen2"
         config["seq_length"] = getattr(hf, "seq_length", 8192)

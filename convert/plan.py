@@ -13,6 +13,7 @@ import torch
 from .errors import UserError
 from .families import FAMILIES, Rule
 from .hf_config import Shape, pp_layer_range
+from .moe import MoeLayout
 from .shard import RULES, Piece, RankCtx, stacked_shape
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -37,6 +38,8 @@ def expected_source_shape(name: str, s: Shape) -> tuple[int, ...] | None:
         (r"o_proj\.weight", (h, q)), (r"o_proj\.bias", (h,)),
         (r"(gate_proj|up_proj)\.weight", (i, h)), (r"(gate_proj|up_proj)\.bias", (i,)),
         (r"down_proj\.weight", (h, i)), (r"down_proj\.bias", (h,)),
+        (r"block_sparse_moe\.gate\.weight", (s.experts, h)),
+        (r"experts\.\d+\.w[13]\.weight", (i, h)), (r"experts\.\d+\.w2\.weight", (h, i)),
     ]
     for pattern, shape in table:
         if re.search(r"(^|\.)" + pattern + "$", name):
@@ -44,8 +47,8 @@ def expected_source_shape(name: str, s: Shape) -> tuple[int, ...] | None:
     return None
 
 
-def _resolve(rule: Rule, i: int | None, source) -> tuple[str, ...]:
-    names = tuple(n.format(i=i) for n in rule.sources)
+def _resolve(rule: Rule, i: int | None, source, e: int | None = None) -> tuple[str, ...]:
+    names = tuple(n.format(i=i, e=e) for n in rule.sources)
     if all(n in source for n in names):
         return names
     if rule.fallback:
@@ -67,11 +70,14 @@ def _check_shapes(names, source, shape: Shape):
                             f"config.json implies {list(want)}: the weights do not match the config")
 
 
-def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str) -> list[OutputTensor]:
+def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str,
+              moe: MoeLayout | None = None) -> list[OutputTensor]:
     """The tensors of one rank (rank = pp_rank * tp + tp_rank), in a fixed order."""
     family = FAMILIES[shape.family]
     pp_rank, tp_rank = divmod(rank, tp)
-    ctx = RankCtx(tp_rank=tp_rank, tp=tp, shape=shape)
+    moe = moe or MoeLayout(tp, 1)
+    ctx = RankCtx(tp_rank=tp_rank, tp=tp, shape=shape, moe_tp=moe.moe_tp,
+                  moe_tp_rank=moe.ranks(tp_rank)[0])
     out_dtype = TORCH_DTYPES[dtype]
     items: list[tuple[Rule, int | None, int | None]] = []  # (rule, hf layer, local layer)
     if pp_rank == 0:
@@ -84,10 +90,30 @@ def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str) 
     for rule, layer, local in items:
         if rule.when and not getattr(shape, rule.when):
             continue
+        if rule.experts:
+            plan.append(_expert_stack(rule, layer, local, source, shape, ctx,
+                                      moe.experts(shape.experts, tp_rank), out_dtype))
+            continue
         names = _resolve(rule, layer, source)
         _check_shapes(names, source, shape)
         pieces = RULES[rule.shard](names, [source.shape(n) for n in names], ctx)
         target = rule.target.format(i=local)
-        plan.append(OutputTensor(target, tuple(pieces), stacked_shape(pieces), out_dtype))
+        plan.append(OutputTensor(target, tuple(pieces), stacked_shape(pieces),
+                                 TORCH_DTYPES[rule.dtype] if rule.dtype else out_dtype))
     plan.sort(key=lambda t: t.name)
     return plan
+
+
+def _expert_stack(rule: Rule, layer: int, local: int, source, shape: Shape, ctx: RankCtx,
+                  experts: range, dtype: torch.dtype) -> OutputTensor:
+    """[E_local, *one expert's rank tensor]: each expert's pieces in expert order. Row-major,
+    that is the pieces stacked along dim 0, so the writer streams it piece by piece (memory
+    bounded by a chunk, never by the stack)."""
+    pieces: list[Piece] = []
+    for e in experts:
+        names = _resolve(rule, layer, source, e)
+        _check_shapes(names, source, shape)
+        pieces += RULES[rule.shard](names, [source.shape(n) for n in names], ctx)
+    per_expert = stacked_shape(pieces[:len(pieces) // len(experts)])
+    return OutputTensor(rule.target.format(i=local), tuple(pieces), (len(experts), *per_expert),
+                        dtype)

@@ -1,7 +1,7 @@
 """Shard rules: which slices of which source tensors make one rank's tensor.
 
 A rule returns a list of ``Piece``s stacked along dim 0: a slice of a source tensor, or zero rows
-(vocabulary padding). Shapes therefore follow from the pieces without reading any data, which lets
+(vocabulary and head padding); a piece may end in zero columns (head padding of attention.dense). Shapes therefore follow from the pieces without reading any data, which lets
 the writer lay out a file's header before a byte of weights is read.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ class Piece:
     source: str | None                # None: zero padding
     index: tuple[slice, ...]          # slices into the source tensor (empty: all of it)
     shape: tuple[int, ...]            # shape of this piece
+    pad_cols: int = 0                 # zero columns appended (head padding of attention.dense)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class RankCtx:
     tp_rank: int
     tp: int
     shape: Shape
+    moe_tp: int = 1        # experts' intermediate split (convert.moe)
+    moe_tp_rank: int = 0
 
 
 def _rows(name: str, full: tuple[int, ...], start: int, stop: int) -> Piece:
@@ -47,6 +50,33 @@ def row(names, shapes, ctx):
     return [Piece(names[0], (slice(None), slice(a, a + k)), (full[0], k))]
 
 
+def dense(names, shapes, ctx):
+    """attention.dense: ``row``, over the padded q heads when heads are padded (zero columns for
+    the new heads, which come last)."""
+    s = ctx.shape
+    if s.padding is None:
+        return row(names, shapes, ctx)
+    full, hd = shapes[0], s.head_size
+    k = s.tp_heads * hd // ctx.tp
+    a = ctx.tp_rank * k
+    b = min(a + k, s.heads * hd)
+    if b <= a:
+        return [Piece(None, (), (full[0], k))]
+    return [Piece(names[0], (slice(None), slice(a, b)), (full[0], k), pad_cols=k - (b - a))]
+
+
+def _head_rows(name, full, heads: range, real: int, hd: int) -> list[Piece]:
+    """Rows of ``heads`` (head_size ``hd`` rows each); heads >= ``real`` are zero padding."""
+    pieces = []
+    stop = min(heads.stop, real)
+    if stop > heads.start:
+        pieces.append(_rows(name, full, heads.start * hd, stop * hd))
+    pad = heads.stop - max(heads.start, stop)
+    if pad:
+        pieces.append(Piece(None, (), (pad * hd, *full[1:])))
+    return pieces
+
+
 def kv_heads_for_rank(kv: int, tp: int, rank: int) -> range:
     """The kv heads rank ``rank`` holds: its share, or the one its q heads use when kv < tp."""
     if kv >= tp:
@@ -58,11 +88,11 @@ def kv_heads_for_rank(kv: int, tp: int, rank: int) -> range:
 
 def qkv(names, shapes, ctx):
     s, r, tp, hd = ctx.shape, ctx.tp_rank, ctx.tp, ctx.shape.head_size
-    q_per = s.heads // tp
-    pieces = [_rows(names[0], shapes[0], r * q_per * hd, (r + 1) * q_per * hd)]
-    kv = kv_heads_for_rank(s.kv_heads, tp, r)
+    q_per = s.tp_heads // tp  # padded heads (zero rows) come after the real ones
+    pieces = _head_rows(names[0], shapes[0], range(r * q_per, (r + 1) * q_per), s.heads, hd)
+    kv = kv_heads_for_rank(s.tp_kv_heads, tp, r)
     for name, full in zip(names[1:], shapes[1:]):
-        pieces.append(_rows(name, full, kv.start * hd, kv.stop * hd))
+        pieces += _head_rows(name, full, kv, s.kv_heads, hd)
     return pieces
 
 
@@ -85,7 +115,25 @@ def vocab(names, shapes, ctx):
     return pieces
 
 
-RULES = {"replicated": replicated, "column": column, "row": row, "qkv": qkv, "vocab": vocab}
+def expert_column(names, shapes, ctx):
+    """One expert's fc: each source's (w3, then w1) rows of this moe_tp rank, one after the other."""
+    pieces = []
+    for name, full in zip(names, shapes):
+        k = full[0] // ctx.moe_tp
+        pieces.append(_rows(name, full, ctx.moe_tp_rank * k, (ctx.moe_tp_rank + 1) * k))
+    return pieces
+
+
+def expert_row(names, shapes, ctx):
+    """One expert's proj (w2): the input columns of this moe_tp rank."""
+    full = shapes[0]
+    k = full[1] // ctx.moe_tp
+    a = ctx.moe_tp_rank * k
+    return [Piece(names[0], (slice(None), slice(a, a + k)), (full[0], k))]
+
+
+RULES = {"replicated": replicated, "column": column, "row": row, "dense": dense, "qkv": qkv,
+         "vocab": vocab, "expert_column": expert_column, "expert_row": expert_row}
 
 
 def stacked_shape(pieces: list[Piece]) -> tuple[int, ...]:

@@ -118,6 +118,9 @@ def iter_chunks(source, piece, dtype: torch.dtype, max_bytes: int = CHUNK_BYTES,
     With ``spans=True`` (for ``write_file``), chunks may also be ``FileSpan``s, and a yielded
     tensor is only valid until the next one is asked for (buffers are reused).
     """
+    if getattr(piece, "pad_cols", 0):
+        yield from _with_zero_columns(source, piece, dtype, max_bytes)
+        return
     rows = piece.shape[0]
     row_elems = 1
     for d in piece.shape[1:]:
@@ -143,6 +146,17 @@ def iter_chunks(source, piece, dtype: torch.dtype, max_bytes: int = CHUNK_BYTES,
     for a in range(0, rows, step):
         b = min(rows, a + step)
         yield source.read(piece.source, (slice(start + a, start + b), *rest)).to(dtype)
+
+
+def _with_zero_columns(source, piece, dtype, max_bytes):
+    """A 2-D piece whose last ``pad_cols`` columns are zeros (padded heads): its source columns
+    chunk by chunk, each followed by the zeros (small tensors: one layer's attention.dense)."""
+    import dataclasses
+
+    rows, cols = piece.shape
+    inner = dataclasses.replace(piece, shape=(rows, cols - piece.pad_cols), pad_cols=0)
+    for chunk in iter_chunks(source, inner, dtype, max_bytes):
+        yield torch.cat([chunk, torch.zeros((chunk.shape[0], piece.pad_cols), dtype=dtype)], dim=1)
 
 
 def _fast_chunks(source, piece, dtype, start, rest, max_bytes):

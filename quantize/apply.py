@@ -64,14 +64,14 @@ class MemoryTensor:
 
 def per_rank_in_dims(shape: Shape, tp: int) -> dict[str, int]:
     """Input features of each quantizable linear on one rank (TensorRT-LLM names)."""
-    return {"attention.qkv": shape.hidden, "attention.dense": shape.heads * shape.head_size // tp,
+    return {"attention.qkv": shape.hidden, "attention.dense": shape.tp_heads * shape.head_size // tp,
             "mlp.fc": shape.hidden, "mlp.gate": shape.hidden, "mlp.proj": shape.inter // tp}
 
 
 def per_rank_out_dims(shape: Shape, tp: int) -> dict[str, int]:
     """Output features of each quantizable linear on one rank (kv heads duplicated when tp > kv)."""
-    kv = max(shape.kv_heads // tp, 1)
-    return {"attention.qkv": (shape.heads // tp + 2 * kv) * shape.head_size,
+    kv = max(shape.tp_kv_heads // tp, 1)
+    return {"attention.qkv": (shape.tp_heads // tp + 2 * kv) * shape.head_size,
             "attention.dense": shape.hidden, "mlp.fc": shape.inter // tp,
             "mlp.gate": shape.inter // tp, "mlp.proj": shape.hidden}
 
@@ -81,18 +81,23 @@ def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int) -> N
     if spec is None or not spec.is_quantized:
         return
     dims = per_rank_in_dims(shape, tp)
+    if getattr(shape, "experts", 0):  # a MoE model's MLP GEMMs: quantize.moe.preflight_moe_quant
+        dims = {k: v for k, v in dims.items() if not k.startswith("mlp.")}
     if spec.quant_algo == W4A16_AWQ:
+        if shape.padding is not None:  # calibration runs on the unpadded model's dense input
+            dims = {**dims, "attention.dense (unpadded)": shape.heads * shape.head_size}
         check_awq_divisibility(dims, spec.group_size)
     if spec.quant_algo in WEIGHT_ONLY_MULTIPLES:
         k_multiple, n_multiple = WEIGHT_ONLY_MULTIPLES[spec.quant_algo]
         checks = [(name, "input", k, k_multiple) for name, k in dims.items()]
-        checks += [(name, "output", n, n_multiple) for name, n in per_rank_out_dims(shape, tp).items()]
+        checks += [(name, "output", n, n_multiple) for name, n in per_rank_out_dims(shape, tp).items()
+                   if name in dims]
         for name, what, n, multiple in checks:
             if n % multiple:
                 raise UserError(f"{spec.quant_algo}: {name} has {n} {what} features per rank, not a "
                                 f"multiple of {multiple} as TensorRT-LLM's weight-only kernels need; "
                                 f"choose another --tp or format")
-    check_kv_head_duplication(spec, shape.kv_heads, tp)
+    check_kv_head_duplication(spec, shape.tp_kv_heads, tp)
 
 
 def vocab_multiple(spec: QuantSpec | None) -> int:

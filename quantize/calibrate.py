@@ -376,14 +376,15 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
             for short in ATTN_LINEARS:
                 lins[short] = _Lin(linears[f"{prefix}.self_attn.{short}"])
             for short in MLP_LINEARS:
-                lins[short] = _Lin(linears[f"{prefix}.mlp.{short}"])
+                if f"{prefix}.mlp.{short}" in linears:  # absent: experts (quantize/moe.py)
+                    lins[short] = _Lin(linears[f"{prefix}.mlp.{short}"])
             for short, lin in lins.items():
                 if not _enabled(lin.wq) or lin.wq.num_bits != _NUM_BITS[algo]:
                     raise UserError(f"{prefix}: {short} has no enabled {algo} weight quantizer; was the "
                                     f"model calibrated for {spec.name}?")
             # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4).
             _fuse([lins["q_proj"], lins["k_proj"], lins["v_proj"]], block)
-            if algo == FP8:
+            if algo == FP8 and "gate_proj" in lins:
                 _fuse([lins["gate_proj"], lins["up_proj"]], block)
             for short, lin in lins.items():
                 sub = "self_attn" if short in ATTN_LINEARS else "mlp"
@@ -492,6 +493,8 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
             others = [("self_attn.o_proj", "attention.dense", "row")] + [
                 (f"mlp.{s}", TRTLLM_MLP[s], "row" if s in ROW else "column") for s in MLP_LINEARS]
             for hf, trt, kind in others:
+                if f"{src}.{hf}.weight" not in state:  # a MoE layer's experts: quantize/moe.py
+                    continue
                 w = state[f"{src}.{hf}.weight"]
                 s = state[f"{src}.{hf}.weights_scaling_factor"]
                 if kind == "column":

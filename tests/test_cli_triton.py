@@ -10,7 +10,7 @@ import pytest
 
 import builders.engine as E
 from builders.cli import main
-from builders.triton_repo import validate_repo
+from builders.triton import validate_repo
 from test_engine_stage import _TwoGpus, fake_trtllm  # noqa: F401  (fixture, test double)
 
 
@@ -31,7 +31,7 @@ def _error_lines(err: str) -> list[str]:
 
 def _pbtxt_param(text: str, key: str) -> str:
     """The string_value of parameter ``key`` in a config.pbtxt (parsed with Triton's schema)."""
-    from builders.triton_repo import parse_config
+    from builders.triton import parse_config
 
     return parse_config(text).parameters[key].string_value
 
@@ -53,7 +53,7 @@ def test_without_trtllm_the_run_writes_checkpoint_and_triton_then_says_how_to_fi
     pre = (out / "triton" / "preprocessing" / "config.pbtxt").read_text()
     assert _pbtxt_param(pre, "tokenizer_dir") == str(Path(smollm2_dir).absolute())
     launch = (out / "triton" / "launch_triton.sh").read_text()
-    assert launch.count('"$TRITONSERVER"') == 3  # one process per rank (mpirun, tp 3)
+    assert launch.count('-n 1 "$TRITONSERVER"') == 3  # one process per rank (mpirun, tp 3)
     # one sentence, with the command that finishes the job on a GPU host (engines only: the
     # repository written here already matches what that build will produce)
     msg = [ln for ln in cap.err.splitlines() if ln.startswith("engines:")]
@@ -80,7 +80,7 @@ def test_built_engines_fill_the_repository_from_their_own_config(tmp_path, smoll
     assert models["tensorrt_llm"].max_batch_size == 8
     assert models["tensorrt_llm"].model_transaction_policy.decoupled is True
     launch = (out / "triton" / "launch_triton.sh").read_text()
-    assert launch.count('"$TRITONSERVER"') == 1
+    assert launch.count('-n 1 "$TRITONSERVER"') == 1
 
 
 def test_model_without_tokenizer_is_refused_before_any_work(tmp_path, tiny_model, capsys):

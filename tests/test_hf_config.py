@@ -70,10 +70,17 @@ def test_preflight_names_numbers_and_valid_values():
     with pytest.raises(UserError) as e:
         preflight(s, 2, 1)
     msg = str(e.value)
-    assert "9 attention heads" in msg and "tp 2" in msg and msg.endswith("valid --tp values: 1, 3")  # 1536 % 9 != 0
+    assert "9 attention heads" in msg and "tp 2" in msg and msg.endswith(  # 1536 % 9 != 0
+        "valid --tp values: 1, 3; or add --pad-heads to pad 9 -> 12 heads, 3 -> 4 KV heads (exact; "
+        "+33 % attention compute and KV cache)")
     assert "\n" not in msg
     assert valid_tp_values(s) == [1, 3]
-    preflight(s, 3, 1)
+    assert preflight(s, 3, 1, pad_heads=True).padding is None  # tp divides the heads: not padded
+    padded = preflight(s, 2, 1, pad_heads=True)
+    assert (padded.tp_heads, padded.tp_kv_heads, padded.heads) == (12, 4, 9)
+    cfg = from_hugging_face(_llama(num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                                   intermediate_size=1536), tp=2, pad_heads=True)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_size"]) == (12, 4, 64)
 
 
 def test_preflight_kv_and_pp():

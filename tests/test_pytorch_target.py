@@ -192,7 +192,7 @@ def test_stage_writes_checkpoint_and_validated_llmapi_repo(tmp_path, tokenizer_d
     import yaml
 
     from builders.pytorch_target import build_pytorch_target
-    from builders.triton_repo import check_llmapi_model_yaml, validate_repo
+    from builders.triton import check_llmapi_model_yaml, validate_repo
 
     hf_dir, _ = make_model(tmp_path)
     for f in tokenizer_dir.iterdir():
@@ -250,12 +250,17 @@ def test_cli_target_pytorch(tmp_path, tokenizer_dir, capsys):
     assert rc == 0, text
     assert "verify: PASS" in text and (out / "triton" / "tensorrt_llm" / "config.pbtxt").is_file()
     assert (out / "build.json").is_file() and not (out / "checkpoint").exists()
+    # the repository written is the LLM-API one, and both records say so
+    info = json.loads((out / "triton" / "triton_repo.json").read_text())
+    assert info["target"] == "pytorch" and info["options"]["triton_target"] == "pytorch"
+    assert json.loads((out / "build.json").read_text())["options"]["triton_target"] == "pytorch"
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--int4-weight-only"], "--int4-weight-only has no modelopt unified-checkpoint format"),
     (["--smoothquant", "--kv-cache-dtype", "int8"], "--kv-cache-dtype int8 has no modelopt unified"),
     (["--tp", "3"], "not divisible by tp 3"),
+    (["--triton-target", "engine"], "--triton-target engine does not apply to --target pytorch"),
 ])
 def test_cli_target_pytorch_refusals(tmp_path, capsys, argv, message):
     from builders.cli import main

@@ -1,4 +1,4 @@
-"""Triton model repositories (builders/triton_repo.py): schema, values, validation, and the
+"""Triton model repositories (builders/triton/): schema, values, validation, and the
 pre/postprocessing, BLS and LLM-API model.py files run against a real tokenizer.
 
 Triton itself cannot run here, so the models' ``model.py`` files are executed with test doubles:
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
-from builders import triton_repo as tr
+from builders import triton as tr
 from convert.errors import UserError
 
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen.txt"
@@ -315,7 +315,9 @@ def params(cfg) -> dict:
 def no_placeholders(repo: Path):
     for f in repo.rglob("*"):
         if f.is_file() and f.suffix in (".pbtxt", ".yaml", ".sh", ".json"):
-            text = f.read_text().replace("${TRITON_MODEL_REPO", "").replace("${TRITONSERVER", "")
+            text = f.read_text()
+            for shell_var in ("${TRITON_MODEL_REPO", "${TRITONSERVER", "${1:-", "${SLURM_PROCID"):
+                text = text.replace(shell_var, "")  # launch_triton.sh's own bash expansions
             assert "${" not in text, f
 
 
@@ -478,8 +480,8 @@ def _one_line(e: UserError) -> str:
      "unfilled template placeholder ${batching_strategy}"),
     (lambda t: t.replace('name: "output_ids"', 'name: "output_token_ids"'),
      "has no such output"),
-    (lambda t: t.replace('name: "input_lengths"\n    data_type: TYPE_INT32',
-                         'name: "input_lengths"\n    data_type: TYPE_INT64'),
+    (lambda t: t.replace('name: "input_lengths"\n  data_type: TYPE_INT32',
+                         'name: "input_lengths"\n  data_type: TYPE_INT64'),
      "is TYPE_INT32 but input 'input_lengths' of 'tensorrt_llm' is TYPE_INT64"),
     (lambda t: t.replace('name: "tensorrt_llm"', 'name: "trtllm"', 1),
      "differs from its directory"),
@@ -508,7 +510,7 @@ def test_broken_repositories_fail_validation(tmp_path, tokenizer_dir):
     repo = engine_repo(tmp_path / "c", tokenizer_dir)
     ens = repo / "ensemble" / "config.pbtxt"
     text = ens.read_text()
-    feed = 'key: "SEQUENCE_LENGTH"\n        value: "_SEQUENCE_LENGTH"'
+    feed = 'key: "SEQUENCE_LENGTH"\n      value: "_SEQUENCE_LENGTH"'
     assert text.count(feed) == 1
     ens.write_text(text.replace(feed, feed.replace("_SEQUENCE_LENGTH", "_SEQ_LEN")))
     with pytest.raises(UserError, match="'_SEQ_LEN', which is neither an ensemble input"):
@@ -533,9 +535,25 @@ def test_bad_inputs_are_user_errors(tmp_path, tokenizer_dir):
                              engine_config=small)
     no_paged = tr.engine_config_from_checkpoint(checkpoint_config(),
                                                 {"paged_kv_cache": "disable"})
-    with pytest.raises(UserError, match="--paged-kv-cache enable"):
+    with pytest.raises(UserError, match="paged KV cache"):
         tr.write_engine_repo(tmp_path / "t", tokenizer_dir=tokenizer_dir, engine_dir=tmp_path,
                              engine_config=no_paged)
+    continuous = tr.engine_config_from_checkpoint(checkpoint_config(),  # TensorRT-LLM 1.2 spelling
+                                                  {"kv_cache_type": "continuous"})
+    with pytest.raises(UserError, match="paged KV cache"):
+        tr.write_engine_repo(tmp_path / "t", tokenizer_dir=tokenizer_dir, engine_dir=tmp_path,
+                             engine_config=continuous)
+    bf16 = {"pretrained_config": checkpoint_config(logits_dtype="bfloat16"), "build_config": {}}
+    with pytest.raises(UserError, match="logits_dtype bfloat16 cannot be served"):
+        tr.write_engine_repo(tmp_path / "t", tokenizer_dir=tokenizer_dir, engine_dir=tmp_path,
+                             engine_config=bf16)
+    with pytest.raises(UserError, match="--batching-strategy V1 .* deprecated"):
+        tr.write_engine_repo(tmp_path / "t", tokenizer_dir=tokenizer_dir, **kw,
+                             options={"batching_strategy": "V1"})
+    with pytest.raises(UserError, match="--triton-target pytorch does not apply to --target "
+                                        "engine"):
+        tr.write_engine_repo(tmp_path / "t", tokenizer_dir=tokenizer_dir, **kw,
+                             options={"triton_target": "pytorch"})
     with pytest.raises(UserError, match="neither an engine config.json"):
         tr.write_engine_repo(tmp_path / "t", tokenizer_dir=tokenizer_dir, engine_dir=tmp_path,
                              engine_config={"hidden_size": 4})
@@ -593,11 +611,13 @@ def test_add_triton_arguments_defaults_and_parsing():
         (None, False, "inflight_fused_batching", 0.9, 0, True, False, None)
     args = p.parse_args(["--triton-max-batch-size", "8", "--decoupled", "--triton-bls",
                          "--tokenizer-dir", "/tok", "--no-exclude-input-in-output",
-                         "--batching-strategy", "V1", "--triton-target", "pytorch"])
+                         "--batching-strategy", "inflight_batching", "--triton-target",
+                         "pytorch"])
     opts = tr.TritonOptions.from_any(argparse.Namespace(**vars(args), max_batch_size=4))
     assert (opts.triton_max_batch_size, opts.decoupled, opts.triton_bls, opts.tokenizer_dir,
             opts.exclude_input_in_output, opts.batching_strategy, opts.triton_target) == \
-        (8, True, True, "/tok", False, "V1", "pytorch")
+        (8, True, True, "/tok", False, "inflight_batching", "pytorch")
+    assert tr.TritonOptions.from_any(p.parse_args([])).triton_target is None  # follows --target
     with pytest.raises(UserError, match="--triton-max-batch-size must be a whole number"):
         tr.TritonOptions.from_any({"triton_max_batch_size": 0})
 

@@ -88,7 +88,7 @@ def test_smollm2_engine_builds_and_generates(smollm2_dir, tmp_path):
     assert (engines / "logs" / "rank0.log").is_file()
     assert not (out / "engines.partial").exists()
     # the Triton repository, filled from the real engine config.json
-    from builders.triton_repo import validate_repo
+    from builders.triton import validate_repo
 
     models = validate_repo(out / "triton")
     assert models["tensorrt_llm"].max_batch_size == min(64, config["build_config"]["max_batch_size"])

@@ -19,7 +19,8 @@ parallelism combines them on GPUs:
   first stage, ``ln_f`` and ``lm_head`` on the last; tp rank r of stage p hands its hidden state to
   tp rank r of stage p + 1.
 
-Model: Llama-family decoder (Llama, Mistral, Qwen2): RMSNorm, GPT-NeoX rotary (``rotate_half``)
+Model: Llama-family decoder (Llama, Mistral, Qwen2; Mixtral's mixture of experts in
+``verify/reference_moe.py``): RMSNorm, GPT-NeoX rotary (``rotate_half``)
 with optional ``rotary_scaling`` (``llama3`` and ``linear``, computed as transformers does),
 causal grouped-query attention, SiLU-gated MLP ``proj(silu(fc(x)) * gate(x))``. Note the names:
 ``mlp.fc`` is HF ``gate_proj`` (the SiLU branch) and ``mlp.gate`` is HF ``up_proj``.
@@ -210,6 +211,7 @@ def _kv_cache_plain(k: Tensor, v: Tensor, params: Mapping[str, Tensor], qcfg: Qu
 
 
 from . import reference_quant  # noqa: E402,F401  (registers the quantized kernels)
+from .reference_moe import MoeSpec, moe_partial  # noqa: E402
 
 
 def linear(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec, module: str = "",
@@ -335,14 +337,13 @@ class ReferenceModel:
         pe = c.get("position_embedding_type", "rope_gpt_neox")
         if pe != "rope_gpt_neox":
             raise UserError(f"{where}: position_embedding_type {pe!r} is not supported (rope_gpt_neox only)")
+        self.moe = MoeSpec.from_config(c, self.tp, where)  # None: dense MLP
         act = c.get("hidden_act", "silu")
-        if act != "silu":
-            raise UserError(f"{where}: hidden_act {act!r} is not supported (silu only, {arch or 'Llama'} family)")
+        if act != ("swiglu" if self.moe else "silu"):
+            raise UserError(f"{where}: hidden_act {act!r} is not supported (silu only, {arch or 'Llama'} family; "
+                            f"swiglu for mixture-of-experts)")
         if c.get("residual_mlp"):
             raise UserError(f"{where}: residual_mlp is not supported by the reference reader")
-        moe = c.get("moe") or {}
-        if int(c.get("moe_num_experts", 0) or moe.get("num_experts", 0) or 0) > 0:
-            raise UserError(f"{where}: mixture-of-experts checkpoints are not supported by the reference reader")
         if self.heads % self.tp:
             raise UserError(f"{where}: num_attention_heads {self.heads} is not divisible by tp_size {self.tp}")
         if self.kv_heads % self.tp and self.tp % self.kv_heads:
@@ -503,6 +504,8 @@ class ReferenceModel:
         dense = self._row_parallel(p, f"{L}.attention.dense", attn_out)
         hs = [hs[t] + dense[t] for t in range(self.tp)]
 
+        if self.moe:
+            return self._moe_mlp(p, L, hs)
         # MLP: proj(silu(fc(x)) * gate(x)); fc = HF gate_proj, gate = HF up_proj
         mids = []
         for t in range(self.tp):
@@ -512,6 +515,16 @@ class ReferenceModel:
             mids.append(F.silu(fc) * gate)
         proj = self._row_parallel(p, f"{L}.mlp.proj", mids)
         return [hs[t] + proj[t] for t in range(self.tp)]
+
+    def _moe_mlp(self, p: int, L: str, hs: list[Tensor]) -> list[Tensor]:
+        """Mixture of experts (verify/reference_moe.py): every rank's partial, all-reduced."""
+        total = None
+        for t in range(self.tp):
+            x = self._norm(hs[t], self._w(p, t, f"{L}.post_layernorm.weight"))
+            mods = {m: self._mod(p, t, f"{L}.mlp.{m}") for m in ("router", "fc", "proj")}
+            y = moe_partial(x, mods, self.moe, t, linear, self.qcfg, f"{L}.mlp")
+            total = y if total is None else total + y            # all-reduce
+        return [hs[t] + total for t in range(self.tp)]
 
     def _logits(self, hs: list[Tensor]) -> Tensor:
         p = self.pp - 1

@@ -177,7 +177,9 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
         if any(p is None or "weight" not in p for p in qkv):
             raise UserError(f"{d}: layer {i} lacks self_attn.q/k/v_proj weights")
         groups = {"attention.qkv": qkv}
-        if algo == "FP8":  # TRT-LLM fuses gate/up into one module: shared scales
+        moe = _moe_layer(mods, algo, d, i)  # Mixtral: router + stacked experts, else {}
+        out.update({f"{pre}.{k}": v for k, v in moe.items()})
+        if algo == "FP8" and not moe:  # TRT-LLM fuses gate/up into one module: shared scales
             gate_up = [mods["mlp.gate_proj"], mods["mlp.up_proj"]]
             f = _fuse(gate_up, algo, dtype, f"layer {i} mlp")
             for j, tn in enumerate(("mlp.fc", "mlp.gate")):
@@ -187,7 +189,7 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
             for k, v in _fuse(parts, algo, dtype, f"layer {i} {tn}").items():
                 out[f"{pre}.{tn}.{k}"] = torch.cat(v) if isinstance(v, list) else v
         for un, tn in NAMES.items():
-            if tn in ("mlp.fc", "mlp.gate") and algo == "FP8":
+            if tn in ("mlp.fc", "mlp.gate") and algo == "FP8" or moe and tn.startswith("mlp."):
                 continue
             if un not in mods:
                 raise UserError(f"{d}: layer {i} lacks {un}")
@@ -202,3 +204,29 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
             out[f"{pre}.attention.kv_cache_scaling_factor"] = torch.maximum(
                 ks.float().reshape(1), vs.float().reshape(1))
     return config, [out]
+
+
+def _moe_layer(mods: dict, algo: str | None, d: Path, i: int) -> dict[str, Tensor]:
+    """A Mixtral layer's MoE in the TRT-LLM checkpoint form the reader runs: ``mlp.router.weight``
+    (float32) and the experts stacked, ``mlp.fc`` = [w3; w1] per expert, ``mlp.proj`` = w2
+    (float unified checkpoints only; quantized MoE is refused by ``--target pytorch``)."""
+    router = mods.get("block_sparse_moe.gate")
+    if router is None:
+        return {}
+    if algo is not None:
+        raise UserError(f"{d}: quantized mixture-of-experts unified checkpoints are not supported "
+                        f"by the reference reader")
+    experts = sorted(int(m.group(1)) for k in mods
+                     if (m := re.match(r"^block_sparse_moe\.experts\.(\d+)\.w1$", k)))
+    if experts != list(range(len(experts))) or not experts:
+        raise UserError(f"{d}: layer {i} has experts {experts}, expected 0..N-1")
+
+    def w(e, n):
+        got = mods.get(f"block_sparse_moe.experts.{e}.{n}", {}).get("weight")
+        if got is None:
+            raise UserError(f"{d}: layer {i} lacks block_sparse_moe.experts.{e}.{n}.weight")
+        return got
+
+    return {"mlp.router.weight": router["weight"].float(),
+            "mlp.fc.weight": torch.stack([torch.cat([w(e, "w3"), w(e, "w1")]) for e in experts]),
+            "mlp.proj.weight": torch.stack([w(e, "w2") for e in experts])}

@@ -1,6 +1,6 @@
 """Triton Python-backend model "postprocessing": token ids from "tensorrt_llm" -> text.
 
-Written by build_engine (builders/triton_repo.py) into the Triton model repository, in the part
+Written by build_engine (builders/triton) into the Triton model repository, in the part
 of tensorrtllm_backend's inflight_batcher_llm/postprocessing, with the same tensor names:
 
 inputs   TOKENS_BATCH [-1, -1] int32 (per request: [beams, tokens], the backend's output_ids),

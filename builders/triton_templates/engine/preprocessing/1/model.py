@@ -1,6 +1,6 @@
 """Triton Python-backend model "preprocessing": prompt text -> token ids for "tensorrt_llm".
 
-Written by build_engine (builders/triton_repo.py) into the Triton model repository. It plays the
+Written by build_engine (builders/triton) into the Triton model repository. It plays the
 part of tensorrtllm_backend's inflight_batcher_llm/preprocessing for text-only decoder models,
 with the same tensor names (see config.pbtxt beside the version directory):
 
@@ -12,8 +12,12 @@ outputs  INPUT_ID [-1] int32 (right-padded with the pad id), REQUEST_INPUT_LEN [
          both padded, ids with 0 and offsets with -1), OUT_END_ID / OUT_PAD_ID [1] int32
 
 Parameters: tokenizer_dir (required), add_special_tokens (default true), max_input_len (0: no
-check), trust_remote_code (default false). END_ID defaults to the tokenizer's eos token (-1 if it
-has none), PAD_ID to its pad token, else END_ID.
+check), trust_remote_code (default false), end_id / pad_id / stop_token_ids (a JSON list): the
+model's own, written by build_engine from the tokenizer and generation_config.json. END_ID and
+PAD_ID default to end_id and pad_id (without them: the tokenizer's eos token, -1 if it has none,
+and its pad token, else END_ID). Each of stop_token_ids (the model's other eos tokens, e.g.
+Llama-3's <|eot_id|> beside <|end_of_text|>) is added to every request's stop words, so
+generation stops where Hugging Face's generate stops.
 
 ``triton_python_backend_utils`` exists only inside Triton's Python backend; tests put a stand-in
 module under that name in ``sys.modules`` before loading this file.
@@ -62,8 +66,11 @@ class TritonPythonModel:
             tokenizer_dir, trust_remote_code=_flag(config, "trust_remote_code", False))
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
-        self.end_id = -1 if eos is None else int(eos)
-        self.pad_id = int(pad) if pad is not None else (self.end_id if eos is not None else 0)
+        self.end_id = int(_parameter(config, "end_id", -1 if eos is None else eos))
+        self.pad_id = int(_parameter(config, "pad_id", pad if pad is not None else (
+            self.end_id if self.end_id >= 0 else 0)))
+        self.stop_token_ids = [int(i) for i in json.loads(_parameter(config, "stop_token_ids",
+                                                                      "[]"))]
         self.dtypes = {}
         for name in ("INPUT_ID", "REQUEST_INPUT_LEN", "REQUEST_OUTPUT_LEN", "BAD_WORDS_IDS",
                      "STOP_WORDS_IDS", "OUT_END_ID", "OUT_PAD_ID"):
@@ -132,21 +139,23 @@ class TritonPythonModel:
             self._tensor("BAD_WORDS_IDS", self._word_lists(
                 self._input(request, "BAD_WORDS_DICT"), batch)),
             self._tensor("STOP_WORDS_IDS", self._word_lists(
-                self._input(request, "STOP_WORDS_DICT"), batch)),
+                self._input(request, "STOP_WORDS_DICT"), batch, self.stop_token_ids)),
             self._tensor("OUT_END_ID", end_id),
             self._tensor("OUT_PAD_ID", pad_id),
         ]
 
-    def _word_lists(self, words, batch):
-        """[batch, n] strings -> [batch, 2, width] int32 in TensorRT-LLM's word-list format."""
-        if words is None:
+    def _word_lists(self, words, batch, token_words=()):
+        """[batch, n] strings (and one-token words ``token_words`` for every row) -> [batch, 2,
+        width] int32 in TensorRT-LLM's word-list format."""
+        if words is None and not token_words:
             return np.zeros((batch, 2, 0), dtype=np.int32)
-        words = np.asarray(words, dtype=object).reshape(batch, -1)
+        words = (np.zeros((batch, 0), dtype=object) if words is None
+                 else np.asarray(words, dtype=object).reshape(batch, -1))
         flat, offsets = [], []
         for row in words:
             ids, ends = [], []
-            for word in row:
-                tokens = self.tokenizer.encode(_text(word), add_special_tokens=False)
+            encoded = [self.tokenizer.encode(_text(w), add_special_tokens=False) for w in row]
+            for tokens in encoded + [[t] for t in token_words]:
                 if tokens:
                     ids += tokens
                     ends.append(len(ids))

@@ -1,7 +1,7 @@
 """Triton Python-backend model "tensorrt_llm_bls": the ensemble's pipeline as Business Logic
 Scripting (preprocessing -> tensorrt_llm -> postprocessing, called with pb_utils.InferenceRequest).
 
-Written by build_engine (builders/triton_repo.py) into the Triton model repository, in the part
+Written by build_engine (builders/triton) into the Triton model repository, in the part
 of tensorrtllm_backend's inflight_batcher_llm/tensorrt_llm_bls (text-only: no draft models). Its
 inputs and outputs are the ensemble's (text_input, max_tokens, ... -> text_output, ...).
 Where each input goes is the "input_routes" parameter: {input name: ["pre"|"llm", tensor name of

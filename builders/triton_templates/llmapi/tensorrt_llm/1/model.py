@@ -1,6 +1,6 @@
 """Triton Python-backend model "tensorrt_llm" for current TensorRT-LLM (LLM API, PyTorch backend).
 
-Written by build_engine (builders/triton_repo.py) into the Triton model repository. It follows
+Written by build_engine (builders/triton) into the Triton model repository. It follows
 the contract of NVIDIA/TensorRT-LLM's triton_backend/all_models/llmapi/tensorrt_llm/1/model.py
 (whose model.py + helpers.py can be dropped in instead of this file):
 
@@ -25,7 +25,6 @@ module under that name (and a stand-in ``tensorrt_llm``) in ``sys.modules`` firs
 """
 import asyncio
 import json
-import os
 import threading
 from pathlib import Path
 
@@ -39,11 +38,6 @@ _SAMPLING = {f"sampling_param_{k}": k for k in (
     "seed", "best_of", "exclude_input_from_output")}
 _EXTRA_OUTPUTS = {"return_finish_reason": "finish_reason", "return_stop_reason": "stop_reason",
                   "return_cumulative_logprob": "cumulative_logprob"}
-# Job variables of an enclosing mpirun: with them TensorRT-LLM would take this process for an
-# MPI rank of a bigger job instead of spawning its own workers (upstream clears the same kind).
-_MPI_JOB_PREFIXES = ("OMPI_COMM_WORLD_", "OMPI_UNIVERSE_SIZE", "OMPI_FIRST_RANKS",
-                     "OMPI_APP_CTX_NUM_PROCS", "OMPI_MCA_orte_", "ORTE_", "PMIX_RANK",
-                     "PMIX_NAMESPACE", "PMIX_SERVER_", "PMI_RANK", "PMI_SIZE", "PMI_FD")
 
 
 def load_model_yaml(path=MODEL_YAML):
@@ -87,9 +81,9 @@ class TritonPythonModel:
         self.decoupled = bool(triton["decoupled"])
         out = pb_utils.get_output_config_by_name(model_config, "text_output")
         self.text_dtype = pb_utils.triton_string_to_numpy(out["data_type"])
-        for key in list(os.environ):
-            if key.startswith(_MPI_JOB_PREFIXES):
-                del os.environ[key]
+        # The environment is left as tritonserver got it, as upstream's model.py does
+        # (tensorrtllm_backend v0.19.0-v1.0.0 all_models/llmapi): launched by mpirun -n 1 like
+        # upstream's launch_triton_server.py, TensorRT-LLM then spawns its tp x pp workers itself.
         from tensorrt_llm import LLM, SamplingParams
 
         try:

@@ -1,0 +1,140 @@
+"""Exact attention-head padding (``--pad-heads``): a layout step of the weight plan, like vocabulary
+padding, for a tp that does not divide the model's heads.
+
+Whole KV groups are added at the end: each new KV head has zero k/v weights (and biases) and its
+group of ``heads / kv_heads`` new q heads has zero q weights (and biases); ``attention.dense`` gets
+zero input columns for the new q heads. A new head's q and k are zero, its attention is uniform over
+zero values, so its output is exactly zero and the zero dense columns add nothing: the padded model
+computes the same function, and the real heads keep their KV head (GQA grouping is unchanged).
+Because every padded activation is exactly zero, no quantization statistic depends on it; the
+calibration itself runs on the unpadded model (real heads only) and its tensors are padded
+afterwards (:func:`pad_quant_state`) with neutral values: 0 for weights, 1 for scales.
+
+The padded count is the smallest number of whole groups that tp can split (``kv % tp == 0`` or
+``tp % kv == 0``, as TensorRT-LLM's attention needs). The checkpoint config then carries the padded
+``num_attention_heads`` / ``num_key_value_heads`` and an explicit ``head_size`` (TensorRT-LLM 1.2's
+``PretrainedConfig`` takes ``head_size`` when given and only otherwise derives it as
+``hidden_size // num_attention_heads``; its Llama/Qwen attention is built from ``config.head_size``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class HeadPadding:
+    heads: int
+    kv_heads: int
+    padded_heads: int
+    padded_kv_heads: int
+
+    @property
+    def active(self) -> bool:
+        return self.padded_heads != self.heads
+
+    def count(self, kind: str) -> tuple[int, int]:
+        """(real, padded) head count of ``kind`` ("q" or "kv")."""
+        return (self.heads, self.padded_heads) if kind == "q" else (self.kv_heads, self.padded_kv_heads)
+
+    @property
+    def cost_percent(self) -> int:
+        """Extra attention compute (q heads) and KV cache (kv heads): the same ratio, whole groups."""
+        return round(100 * (self.padded_heads - self.heads) / self.heads)
+
+    def describe(self) -> str:
+        kv = (f", {self.kv_heads} -> {self.padded_kv_heads} KV heads"
+              if self.padded_kv_heads != self.kv_heads else "")
+        return (f"{self.heads} -> {self.padded_heads} heads{kv} (exact; +{self.cost_percent} % "
+                f"attention compute and KV cache)")
+
+    def as_dict(self) -> dict:
+        return {"num_attention_heads": [self.heads, self.padded_heads],
+                "num_key_value_heads": [self.kv_heads, self.padded_kv_heads],
+                "extra_attention_compute_percent": self.cost_percent,
+                "extra_kv_cache_percent": self.cost_percent,
+                "summary": self.describe()}
+
+
+def kv_split_ok(kv: int, tp: int) -> bool:
+    return (kv >= tp and kv % tp == 0) or (kv < tp and tp % kv == 0)
+
+
+def choose_padding(heads: int, kv_heads: int, tp: int, *, no_kv_duplication: bool = False
+                   ) -> HeadPadding | None:
+    """The smallest whole-group padding that tp splits; None when heads and kv heads already split
+    (``no_kv_duplication``: also at least tp kv heads, as SmoothQuant needs)."""
+    if heads % kv_heads:
+        return None  # not a grouped layout this can pad
+    group = heads // kv_heads
+    for kv in range(kv_heads, kv_heads * tp + 1):
+        if (group * kv) % tp == 0 and kv_split_ok(kv, tp) and not (no_kv_duplication and kv < tp):
+            return HeadPadding(heads, kv_heads, group * kv, kv)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantized tensors: which axis carries heads, and the neutral value of a padded channel.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadAxis:
+    axis: int            # the axis laid out head by head (rows of q/k/v, input columns of o_proj)
+    heads: str           # "q" or "kv": whose head count it follows
+    value: float         # padded channels: 0 for weights, 1 for scales and smoothers (neutral)
+    ndim: int | None = None  # only tensors of this rank (e.g. AWQ's 2-D group scales of o_proj)
+
+
+#: HF-module suffix of a tensor of ``quantize.calibrate.extract_quant_state`` (unsharded, per HF
+#: linear) -> where its heads are. Per-tensor (one-element) scales and tensors not listed carry no
+#: head axis (q/k/v smoothers and activation scales are over the hidden input; o_proj's SmoothQuant
+#: per-output-channel scales are over hidden) and are left as they are. Packed int4 rows (AWQ) pad
+#: with 0 bytes = two zero nibbles. A new quantized format adds its rows here, keyed the same way
+#: (unsharded, HF module names, before ``shard_quant_state``), e.g. for TensorRT-LLM's SmoothQuant
+#: plugin tensors: the o_proj ``smoother`` [1, q] -> HeadAxis(1, "q", 1.0), q/k/v
+#: ``per_channel_scale`` [1, out] -> HeadAxis(1, "q"/"kv", 1.0). Per-token activation scales need
+#: nothing: the padded channels are exactly zero, so they never change a token's amax.
+QUANT_HEAD_AXES = {
+    "q_proj.weight": HeadAxis(0, "q", 0.0),
+    "k_proj.weight": HeadAxis(0, "kv", 0.0),
+    "v_proj.weight": HeadAxis(0, "kv", 0.0),
+    "q_proj.weights_scaling_factor": HeadAxis(0, "q", 1.0),     # SQ [out], AWQ [out, in/group]
+    "k_proj.weights_scaling_factor": HeadAxis(0, "kv", 1.0),
+    "v_proj.weights_scaling_factor": HeadAxis(0, "kv", 1.0),
+    "o_proj.weight": HeadAxis(1, "q", 0.0),
+    "o_proj.weights_scaling_factor": HeadAxis(1, "q", 1.0, ndim=2),  # AWQ [hidden, q/group]
+    "o_proj.prequant_scaling_factor": HeadAxis(0, "q", 1.0),    # SQ / AWQ smoother [q]
+}
+
+
+def pad_axis(t: torch.Tensor, spec: HeadAxis, padding: HeadPadding, name: str = "") -> torch.Tensor:
+    """``t`` with its head axis grown from the real to the padded head count, new channels at the
+    end filled with ``spec.value``."""
+    real, padded = padding.count(spec.heads)
+    size = t.shape[spec.axis]
+    if (size * padded) % real:
+        raise UserError(f"{name}: {size} channels do not split into {real} heads, so heads cannot "
+                        f"be padded exactly (an AWQ group wider than a head? try --awq-block-size 64)")
+    extra = size * padded // real - size
+    shape = list(t.shape)
+    shape[spec.axis] = extra
+    fill = torch.full(shape, spec.value, dtype=torch.float32).to(t.dtype)
+    return torch.cat([t, fill], dim=spec.axis)
+
+
+def pad_quant_state(state: dict, padding: HeadPadding | None) -> dict:
+    """The calibrated, unsharded tensors of the real model padded to ``padding``'s head counts."""
+    if padding is None or not padding.active:
+        return state
+    out = {}
+    for name, t in state.items():
+        spec = next((s for suffix, s in QUANT_HEAD_AXES.items() if name.endswith("." + suffix)), None)
+        if spec is None or t.numel() == 1 or (spec.ndim is not None and t.dim() != spec.ndim):
+            out[name] = t
+        else:
+            out[name] = pad_axis(t, spec, padding, name)
+    return out

@@ -1,0 +1,159 @@
+"""Quantized mixture-of-experts layers (Mixtral): which formats, and the calibrated expert tensors.
+
+What nvidia-modelopt 0.47's ``export_tensorrt_llm_checkpoint`` writes for a calibrated Mixtral
+(``modelopt/torch/export/layer_utils.py``: ``build_stacked_experts``, ``_build_stacked_linear``),
+read from its export of a transformers-4 model (tests/test_moe_quant.py compares them):
+
+* FP8: ``mlp.fc.weight`` float8 [E, 2I, H] = per expert [w3; w1] quantized with ONE per-expert
+  scale, the max of w1's and w3's (modelopt pre-fuses each expert's w1/w3:
+  ``preprocess_linear_fusion``); ``mlp.fc.weights_scaling_factor`` f32 [E, 1]; ``mlp.proj.*`` the
+  same for w2; ``activation_scaling_factor`` f32 [1] per module, the max over the experts ("the moe
+  plugin only supports a single activation scaling factor for all experts"). The router stays
+  float32 and is listed in ``exclude_modules``.
+* W8A16 / W4A16 (weight-only): the float experts and the quant_algo; trtllm-build quantizes the
+  3-D expert weights itself (``weight_only_quantize`` transposes the last two dims for dim > 2).
+* INT8 / FP8 KV cache: attention only, as for dense models.
+
+Calibration runs on transformers 5, where modelopt wraps the fused ``MixtralExperts``
+(``_QuantFusedExperts``): one weight quantizer per expert for ``gate_up_proj`` ([w1; w3]) and
+``down_proj``, one input quantizer per projection shared by all experts. Their values are those of
+the transformers-4 export: an expert's fused weight amax is max(w1 amax, w3 amax), and the shared
+input amax is the max over every (token, expert) pair that was routed, which is the max over the
+experts of the per-expert amaxes. Every expert gets a weight scale whether or not calibration
+routed a token to it: a max-calibrated weight amax is the weight's own absolute max (the value
+used where the quantizer holds none); an activation scale is per layer, and a layer whose experts
+saw no token at all is refused naming it.
+
+Refused for MoE (one line, before any work): SmoothQuant (modelopt 0.47's export fails on
+Mixtral's stacked experts, and TensorRT-LLM's MoE plugin has no INT8 SmoothQuant GEMM) and AWQ
+(modelopt 0.47's AWQ search does not visit transformers 5's fused experts: they would be written
+as plain round-to-nearest INT4 with an identity pre-quant scale, not AWQ).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from convert.errors import UserError
+from convert.moe import MoeLayout
+
+from .formats import FP8, SMOOTHQUANT, W4A16_AWQ, QuantSpec
+
+Tensor = torch.Tensor
+FP8_MAX = 448.0
+#: (K multiple, N multiple) of TensorRT-LLM's weight-only GEMMs (as quantize/apply.py's table)
+_WEIGHT_ONLY = {"W8A16": (64, 32), "W4A16": (64, 64)}
+
+
+def preflight_moe_quant(spec: QuantSpec | None, shape, layout: MoeLayout) -> None:
+    """Refuse, before any work, a format this converter does not write for experts, or expert
+    GEMM shapes TensorRT-LLM's weight-only kernels cannot take."""
+    if not getattr(shape, "experts", 0) or spec is None or spec.quant_algo is None:
+        return
+    algo = spec.quant_algo
+    if algo == SMOOTHQUANT:
+        raise UserError("--smoothquant is not supported for mixture-of-experts models: "
+                        "TensorRT-LLM's MoE layer has no INT8 SmoothQuant GEMM and modelopt 0.47 "
+                        "cannot export it; use --fp8 or --int8-weight-only")
+    if algo == W4A16_AWQ:
+        raise UserError("--awq is not supported for mixture-of-experts models: modelopt 0.47's "
+                        "AWQ search skips transformers 5's fused experts (they would be plain "
+                        "round-to-nearest INT4, not AWQ); use --int4-weight-only or --fp8")
+    if algo in _WEIGHT_ONLY:
+        k_mult, n_mult = _WEIGHT_ONLY[algo]
+        inter = shape.inter // layout.moe_tp
+        gemms = {"experts' mlp.fc": (shape.hidden, 2 * inter), "experts' mlp.proj": (inter, shape.hidden)}
+        for name, (k, n) in gemms.items():
+            for what, v, mult in (("input", k, k_mult), ("output", n, n_mult)):
+                if v % mult:
+                    raise UserError(f"{algo}: {name} has {v} {what} features per rank, not a "
+                                    f"multiple of {mult} as TensorRT-LLM's weight-only kernels "
+                                    f"need; choose another --moe-tp or format")
+
+
+def moe_exclude_modules(spec: QuantSpec, shape) -> list[str] | None:
+    """config.json's ``exclude_modules`` for a MoE model: modelopt lists each layer's router with
+    lm_head for its calibrated formats (a set there: compare without order); the weight-only
+    formats keep TensorRT-LLM's defaults, which hold ``*router``."""
+    if spec.exclude_modules is None or spec.quant_algo != FP8:
+        return None if spec.exclude_modules is None else list(spec.exclude_modules)
+    return list(spec.exclude_modules) + [f"transformer.layers.{i}.mlp.router"
+                                         for i in range(shape.layers)]
+
+
+def _experts_modules(model) -> dict[int, torch.nn.Module]:
+    pat = re.compile(r"^(?:.*\.)?layers\.(\d+)\.mlp\.experts$")
+    return {int(m.group(1)): mod for n, mod in model.named_modules() if (m := pat.match(n))}
+
+
+def _amax(q) -> Tensor | None:
+    a = getattr(q, "amax", None) if q is not None and q.is_enabled else None
+    if a is None or not torch.isfinite(a).all() or bool((a == 0).all()):
+        return None
+    return a.detach().float().reshape(())
+
+
+def _weight_scales(weights: Tensor, quantizers) -> Tensor:
+    """[E, 1] per-expert FP8 scales: the quantizer's amax, or the weight's abs max where the
+    expert saw no calibration token (what max calibration of that weight gives)."""
+    out = []
+    for e in range(weights.shape[0]):
+        a = _amax(quantizers[e]) if quantizers is not None else None
+        if a is None:
+            a = weights[e].detach().abs().amax().float()
+        out.append(a.clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX)
+    return torch.stack(out).reshape(-1, 1)
+
+
+@torch.no_grad()
+def extract_moe_state(model, spec: QuantSpec) -> dict[str, Tensor]:
+    """FP8 expert tensors of a calibrated transformers-5 Mixtral, unsharded, TensorRT-LLM layout:
+    ``transformer.layers.{i}.mlp.{fc,proj}.{weight,weights_scaling_factor,
+    activation_scaling_factor}`` with every expert on dim 0 (see the module docstring)."""
+    if spec.quant_algo != FP8:
+        return {}
+    out: dict[str, Tensor] = {}
+    experts = _experts_modules(model)
+    if not experts:
+        raise UserError("no '*.layers.N.mlp.experts' modules found: not a Mixtral model")
+    for i, mod in sorted(experts.items()):
+        gate_up = getattr(mod, "gate_up_proj", None)
+        if not isinstance(gate_up, Tensor) or gate_up.dim() != 3:
+            raise UserError(f"layer {i}: experts are not transformers 5's fused MixtralExperts")
+        inter = gate_up.shape[1] // 2
+        w1, w3 = gate_up[:, :inter], gate_up[:, inter:]
+        for trt, weight, stem in (("mlp.fc", torch.cat([w3, w1], dim=1), "gate_up_proj"),
+                                  ("mlp.proj", mod.down_proj, "down_proj")):
+            iq = getattr(mod, f"{stem}_input_quantizer", None)
+            act = _amax(iq)
+            if act is None:
+                raise UserError(f"layer {i}: no calibration token reached its experts "
+                                f"({stem} has no activation amax); calibrate with more text "
+                                f"(--calib-size) or another --calib-data")
+            wsf = _weight_scales(weight, getattr(mod, f"{stem}_weight_quantizers", None))
+            p = f"transformer.layers.{i}.{trt}"
+            out[f"{p}.weight"] = (weight / wsf[:, :, None]).to(torch.float8_e4m3fn).cpu()
+            out[f"{p}.weights_scaling_factor"] = wsf.cpu()
+            out[f"{p}.activation_scaling_factor"] = (act / FP8_MAX).reshape(1).cpu()
+    return out
+
+
+def shard_moe_state(state: dict[str, Tensor], layout: MoeLayout, tp_rank: int,
+                    num_experts: int) -> dict[str, Tensor]:
+    """Rank ``tp_rank``'s expert tensors: its expert block; fc rows [w3; w1] and proj columns cut
+    to its moe_tp slice (per expert, each half separately); per-tensor scales as they are."""
+    moe_tp_rank, _ = layout.ranks(tp_rank)
+    block = layout.experts(num_experts, tp_rank)
+    out = {}
+    for name, t in state.items():
+        if t.dim() == 3 or name.endswith("weights_scaling_factor"):
+            t = t[block.start:block.stop]
+        if t.dim() == 3 and name.endswith("fc.weight"):
+            up, gate = t.chunk(2, dim=1)
+            t = torch.cat([up.chunk(layout.moe_tp, dim=1)[moe_tp_rank],
+                           gate.chunk(layout.moe_tp, dim=1)[moe_tp_rank]], dim=1)
+        elif t.dim() == 3:  # proj: [E, H, I] split on I
+            t = t.chunk(layout.moe_tp, dim=2)[moe_tp_rank]
+        out[name] = t.contiguous()
+    return out

@@ -1,0 +1,124 @@
+"""Mixture-of-experts layers for the CPU reference reader (verify/reference.py), with TensorRT-LLM's
+semantics (``tensorrt_llm/layers/moe.py`` ``MixtureOfExperts``, ../shared/notes/moe.md):
+
+* router: ``mlp.router.weight`` [num_experts, hidden], float32, the same on every rank; the
+  logits are computed in float32 from the normed hidden state;
+* routing by ``moe.normalization_mode``: NONE (0) softmax over all experts then the top-k
+  probabilities as they are; RENORMALIZE (1, Mixtral) top-k logits then softmax over those k;
+* experts: rank ``t`` holds the experts ``[ep_rank*E/ep, (ep_rank+1)*E/ep)`` (``moe_ep_rank =
+  t % moe_ep_size``) and of each the ``moe_tp_rank = t // moe_ep_size`` slice of the intermediate
+  dimension: ``mlp.fc.weight`` [E_local, 2*I/moe_tp, H] = [w3 (up); w1 (gate)], ``swiglu`` =
+  silu(second half) * first half, ``mlp.proj.weight`` [E_local, H, I/moe_tp];
+* each rank's routed, weighted sum over its own experts and slices is a partial result; the ranks'
+  partials are summed (all-reduce), as for a row-parallel linear.
+
+An expert's linear runs through the reader's linear kernels with that expert's tensors
+(``expert_params``), so quantized formats plug in through the same ``LINEAR_KERNELS``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from convert.errors import UserError
+
+Tensor = torch.Tensor
+
+NORMALIZATION_MODES = {0: "NONE", 1: "RENORMALIZE"}
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    num_experts: int
+    top_k: int
+    normalization_mode: int
+    moe_tp: int
+    moe_ep: int
+
+    @classmethod
+    def from_config(cls, c: dict, tp: int, where) -> "MoeSpec | None":
+        """The checkpoint's MoE settings (``moe`` block, or the legacy flat ``moe_*`` keys)."""
+        moe = c.get("moe") or {}
+        experts = int(moe.get("num_experts", c.get("moe_num_experts", 0)) or 0)
+        if experts <= 0:
+            return None
+        top_k = int(moe.get("top_k", c.get("moe_top_k", 0)) or 0)
+        mode = moe.get("normalization_mode", c.get("moe_normalization_mode", 1))
+        mode = 1 if mode is None else int(mode)
+        if mode not in NORMALIZATION_MODES:
+            raise UserError(f"{where}: moe.normalization_mode {mode} is not supported by the "
+                            f"reference reader (supported: 0 NONE, 1 RENORMALIZE)")
+        if not 1 <= top_k <= experts:
+            raise UserError(f"{where}: moe.top_k {top_k} must lie in [1, num_experts {experts}]")
+        m = c.get("mapping") or {}
+        moe_tp = int(m.get("moe_tp_size") or tp)
+        moe_ep = int(m.get("moe_ep_size") or max(1, tp // moe_tp))
+        if moe_tp * moe_ep != tp or experts % moe_ep:
+            raise UserError(f"{where}: mapping moe_tp_size {moe_tp} x moe_ep_size {moe_ep} must "
+                            f"equal tp_size {tp} and divide num_experts {experts}")
+        return cls(experts, top_k, mode, moe_tp, moe_ep)
+
+    def local_experts(self, t: int) -> range:
+        per = self.num_experts // self.moe_ep
+        ep_rank = t % self.moe_ep
+        return range(ep_rank * per, (ep_rank + 1) * per)
+
+
+def route(x: Tensor, router_w: Tensor, spec: MoeSpec) -> tuple[Tensor, Tensor]:
+    """(expert ids [tokens, k], weights [tokens, k] float32) for ``x`` [tokens, hidden]."""
+    logits = x.float() @ router_w.float().t()
+    if spec.normalization_mode == 1:  # RENORMALIZE: top-k, then softmax over the k
+        top, ids = torch.topk(logits, spec.top_k, dim=-1)
+        return ids, torch.softmax(top, dim=-1)
+    probs = torch.softmax(logits, dim=-1)  # NONE: softmax, then the top-k as they are
+    top, ids = torch.topk(probs, spec.top_k, dim=-1)
+    return ids, top
+
+
+def expert_params(params: Mapping[str, Tensor], j: int, e_local: int) -> dict[str, Tensor]:
+    """Expert ``j``'s tensors out of a stacked module's (first dim = experts on this rank);
+    tensors shared by the experts (e.g. FP8's per-tensor activation scale) as they are."""
+    out = {}
+    for k, v in params.items():
+        per_expert = v.dim() >= 2 and v.shape[0] == e_local or k == "weight"
+        out[k] = v[j] if per_expert else v
+    return out
+
+
+def moe_partial(x: Tensor, params: Mapping[str, Mapping[str, Tensor]], spec: MoeSpec, t: int,
+                linear, qcfg, prefix: str) -> Tensor:
+    """Rank ``t``'s partial MoE output for ``x`` [batch, seq, hidden] (before the all-reduce).
+
+    ``params``: module suffix ('router', 'fc', 'proj') -> that module's tensors on this rank;
+    ``linear(x, params, qcfg, module, add_bias=False)``: the reader's kernel dispatch."""
+    router = params["router"].get("weight")
+    if router is None:
+        raise UserError(f"tensor {prefix}.router.weight is missing")
+    if tuple(router.shape[:1]) != (spec.num_experts,):
+        raise UserError(f"{prefix}.router.weight has {router.shape[0]} rows, expected "
+                        f"num_experts {spec.num_experts}")
+    b, s, h = x.shape
+    flat = x.reshape(-1, h)
+    ids, weights = route(flat, router, spec)
+    experts = spec.local_experts(t)
+    fc, proj = params["fc"], params["proj"]
+    for name, mod in (("fc", fc), ("proj", proj)):
+        w = mod.get("weight")
+        if w is None or w.shape[0] != len(experts):
+            raise UserError(f"{prefix}.{name}.weight must stack this rank's {len(experts)} experts "
+                            f"on dim 0, got {None if w is None else tuple(w.shape)}")
+    out = torch.zeros_like(flat)
+    for j, e in enumerate(experts):
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe = flat[tok]
+        up_gate = linear(xe, expert_params(fc, j, len(experts)), qcfg, f"{prefix}.fc", add_bias=False)
+        up, gate = up_gate.chunk(2, dim=-1)
+        ye = linear(F.silu(gate) * up, expert_params(proj, j, len(experts)), qcfg,
+                    f"{prefix}.proj", add_bias=False)
+        out.index_add_(0, tok, (ye.float() * weights[tok, slot, None]).to(out.dtype))
+    return out.view(b, s, h)
