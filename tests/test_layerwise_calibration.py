@@ -172,3 +172,28 @@ def test_memory_plan_refuses_before_any_work(tmp_path, smollm2_dir, capsys, monk
     stages = memory.plan(shape, QuantSpec.create("W8A8_SQ_PER_CHANNEL"), tp=1, pp=1, device="cpu")
     memory.check(stages, out, "cpu")  # passes
     assert 0.3e9 < stages[0].host < 64e9
+
+
+@pytest.mark.parametrize("algo,kv", [("W8A8_SQ_PER_CHANNEL", "int8"), ("FP8", "fp8")])
+def test_padded_heads_layerwise_equal_the_whole_model_calibration(tmp_path, calib_text, algo, kv):
+    """--pad-heads (9 heads / 3 KV heads over tp 2 and 4): the layer-wise calibration, padded per
+    layer, writes the same files as the whole-model calibration (from_pretrained in fp32) padded
+    whole."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from examples.tiny import make_tiny_model
+    from quantize.calibrate import calibrate
+
+    hf = tmp_path / "hf"
+    make_tiny_model(hf, **dict(TINY, hidden_size=576, intermediate_size=768,
+                               num_attention_heads=9, num_key_value_heads=3))
+    spec = _spec(algo, kv)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    for tp in (2, 4):
+        kw = dict(tp=tp, pad_heads=True, dtype="float16", progress=False, quant=spec)
+        convert_checkpoint(hf, tmp_path / f"whole{tp}", calibrated_model=model, **kw)
+        convert_checkpoint(hf, tmp_path / f"lw{tp}", calibration=_run(tmp_path / f"s{tp}", calib_text),
+                           **kw)
+        _same_dirs(tmp_path / f"lw{tp}", tmp_path / f"whole{tp}")
