@@ -145,6 +145,10 @@ def run(args) -> int:
                 raise UserError("--ranks splits a TensorRT-LLM checkpoint and its engines over "
                                 "runs (--target engine); the PyTorch target's unified "
                                 "checkpoint is written whole: drop --ranks")
+            if args.calibration is not None:
+                raise UserError("--calibration is reused by TensorRT-LLM checkpoints (--target "
+                                "engine); the PyTorch target calibrates its unified checkpoint "
+                                "itself: drop --calibration")
             if args.moe_tp is not None or args.moe_ep is not None:
                 raise UserError("--moe-tp/--moe-ep split a TRT-LLM checkpoint (--target engine); "
                                 "the PyTorch backend takes moe_tensor_parallel_size / "
@@ -155,6 +159,7 @@ def run(args) -> int:
         _check_triton_args(args, model_dir)
         ranks = _conversion_ranks(args, quant)
         tokenizer = _quant_tokenizer(args, quant, model_dir)  # before any work
+        _memory_plan(args, quant, model_dir, out, pad_heads)  # refuses before any work
         inputs = InputHashing(inputs)  # build.json's shard hashes, while converting
         ckpt = out / "checkpoint"
         ppl_text = None
@@ -172,15 +177,20 @@ def run(args) -> int:
                                     progress=not args.no_progress, quant=quant,
                                     timings=quant_timings, ranks=ranks, moe_tp=args.moe_tp,
                                     moe_ep=args.moe_ep, pad_heads=pad_heads,
-                                    quant_report=quant_report)
+                                    quant_report=quant_report,
+                                    calibration=_calibration_run(args, out, quant, tokenizer))
         timings["checkpoint"] = time.perf_counter() - t0
         timings.update(quant_timings)  # included in "checkpoint"
         if quant_report.get("alphas") and quant.sq_alpha_search:
             print(f"SmoothQuant alpha per layer (searched): {' '.join(f'{a:g}' for a in quant_report['alphas'])}")
         if quant_timings:
-            how = "forward hooks" if quant.is_sq_plugin else "modelopt forward passes"
-            print(f"calibration: {quant_timings['calibration']:.1f}s (model load, {how} "
-                  f"over {quant.calib_size} x {quant.calib_seq_len} tokens), quantized tensors: "
+            if args.calibration is not None:
+                how = f"reused {args.calibration}"
+            else:
+                how = ("forward hooks on the whole model" if quant.is_sq_plugin else
+                       "modelopt forward passes, layer by layer for dense models")
+                how += f" over {quant.calib_size} x {quant.calib_seq_len} tokens"
+            print(f"calibration: {quant_timings['calibration']:.1f}s ({how}), quantized tensors: "
                   f"{quant_timings['quantized_tensors']:.1f}s")
         m = config["mapping"]
         if not ckpt.is_dir():  # --ranks: other ranks are still to come
@@ -335,6 +345,45 @@ def _run_pytorch_target(args, model_dir, out: Path, inputs: dict) -> int:
             return EXIT_MISMATCH
     write_manifest(out, inputs=inputs, options={**vars(args), **extra}, stage_timings=timings)
     return 0
+
+
+def _memory_plan(args, quant, model_dir, out: Path, pad_heads: bool) -> None:
+    """Print the expected peak host RAM / device memory / disk per stage; refuse (one line, exit
+    2, nothing written) what this machine cannot hold."""
+    from convert.convert import preflight_conversion
+    from quantize import memory
+    from quantize.calibrate import resolve_device
+
+    _, shape = preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant,
+                                    moe_tp=args.moe_tp, moe_ep=args.moe_ep, pad_heads=pad_heads)
+    device = resolve_device(args.calib_device).type if quant.needs_calibration else "cpu"
+    reused = getattr(args, "calibration", None) is not None
+    # mixture-of-experts models calibrate whole (no layer-wise path for experts yet)
+    stages = memory.plan(shape, quant, tp=args.tp, pp=args.pp, device=device,
+                         out_dtype_bytes=4 if args.dtype == "float32" else 2,
+                         layerwise=not shape.experts)
+    if reused:
+        stages = [s for s in stages if s.name != "calibration"]
+    print(f"memory plan: {memory.describe(stages)}")
+    memory.check(stages, out, device)
+
+
+def _calibration_run(args, out: Path, quant, tokenizer):
+    """The layer-wise calibration of this build: into OUTPUT/calibration (kept: reusable with
+    --calibration, resumable), or the --calibration store of an earlier build; None when the
+    format needs none."""
+    from quantize.run import CalibrationRun
+
+    if not quant.needs_calibration:
+        if getattr(args, "calibration", None) is not None:
+            raise UserError(f"--calibration applies to calibrated formats; {quant.name} needs none "
+                            f"(drop --calibration)")
+        return None
+    device = getattr(args, "calib_device", "auto")
+    if getattr(args, "calibration", None) is not None:
+        return CalibrationRun(store=Path(args.calibration), reuse=True, device=device,
+                              tokenizer=tokenizer)
+    return CalibrationRun(store=out / "calibration", device=device, tokenizer=tokenizer)
 
 
 def _head_padding(args, model_dir, quant, pad_heads: bool) -> dict | None:

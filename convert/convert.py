@@ -36,7 +36,7 @@ from .moe import MoeLayout, moe_layout
 from .plan import rank_plan
 from .source import SourceCheckpoint
 from .writer import iter_chunks, nbytes, wait_durable, write_file
-from quantize.apply import MemoryTensor, preflight_quant, vocab_multiple
+from quantize.apply import MemoryTensor, StagedTensor, preflight_quant, vocab_multiple
 from quantize.moe import moe_exclude_modules, preflight_moe_quant
 
 FINGERPRINT = "fingerprint.json"
@@ -50,7 +50,7 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool) -> s
               leave=False, disable=not progress) as bar:
         def produce(t):
             bar.set_postfix_str(t.name.replace("transformer.", ""), refresh=False)
-            if isinstance(t, MemoryTensor):  # calibrated weights and scales
+            if isinstance(t, (MemoryTensor, StagedTensor)):  # calibrated weights and scales
                 yield t.tensor
                 return
             for piece in t.pieces:
@@ -122,7 +122,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
                        calibrated_model=None, timings: dict | None = None,
                        ranks=None, moe_tp: int | None = None,
                        moe_ep: int | None = None, pad_heads: bool = False,
-                       quant_report: dict | None = None) -> dict:
+                       quant_report: dict | None = None, calibration=None) -> dict:
     """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
 
     ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
@@ -139,6 +139,10 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     heads exactly when tp does not divide them (``convert.heads``); a no-op when it does.
     ``quant_report``: a dict that receives what calibration chose (the
     SmoothQuant plugin recipe's per-layer ``alphas`` and alpha-search errors).
+    ``calibration``: a ``quantize.run.CalibrationRun`` (layer-wise calibration from the
+    safetensors: where its store is, reuse, device, text, tokenizer); without one (and without
+    ``calibrated_model``) a default one calibrates into a store next to ``out_dir`` that is
+    removed once the checkpoint is written.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant, moe_tp=moe_tp,
@@ -168,9 +172,24 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"], moe=moe)
              for r in range(world)]
     calibrated = quant is not None and quant.needs_calibration
+    # modelopt's formats on dense models; TensorRT-LLM's plugin SmoothQuant and MoE: whole model
+    layerwise = calibrated and calibrated_model is None and not shape.experts \
+        and not quant.is_sq_plugin
+    if not layerwise:
+        if calibration is not None and calibration.reuse and calibrated:
+            raise UserError("--calibration reuses a layer-wise calibration; a mixture-of-experts "
+                            "model or TensorRT-LLM's plugin SmoothQuant recipe is calibrated whole: "
+                            "drop --calibration")
+        calibration = None
+    elif calibration is None:
+        from quantize.run import CalibrationRun
+
+        calibration = CalibrationRun(store=out_dir.with_name(out_dir.name + ".calibration"),
+                                     temporary=True)
     if calibrated:
-        plans = _calibrated_plans(model_dir, plans, shape, quant, config, calibrated_model,
-                                  progress, timings if timings is not None else {},
+        plans = _calibrated_plans(model_dir, source, plans, shape, quant, config,
+                                  calibrated_model, calibration, out_dir, progress,
+                                  timings if timings is not None else {},
                                   quant_report if quant_report is not None else {})
         workers = 1  # the calibrated tensors are in this process's memory
     fingerprint = _fingerprint(config, plans, source, quant, mtimes=not subset)
@@ -207,6 +226,8 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
         _verify_files(tmp, plans)
         (tmp / FINGERPRINT).unlink()
         swap_into_place(tmp, out_dir)  # an existing one only with --force (checked above)
+        if layerwise:
+            calibration.done()
     except (KeyboardInterrupt, Interrupted):
         # only this run's unfinished files: with --ranks, other runs may be writing theirs
         for leftover in (tmp / f"rank{r}.safetensors.tmp" for r in todo):
@@ -239,56 +260,96 @@ def _discard(tmp: Path, own_ranks) -> None:
         (tmp / f"rank{r}.safetensors.tmp").unlink(missing_ok=True)
 
 
-def _calibrated_plans(model_dir: Path, plans, shape, quant, config: dict, calibrated_model,
-                      progress: bool, timings: dict, report: dict):
-    """Calibrate (modelopt, or forward hooks for TensorRT-LLM's SmoothQuant plugin recipe, on the
-    calibration text), then put each rank's quantized linears and KV-cache scales into its plan."""
-    from quantize.apply import apply_to_plan, stage_tensors
-    from quantize.moe import extract_moe_state, shard_moe_state
+def _calibrated_plans(model_dir: Path, source, plans, shape, quant, config: dict,
+                      calibrated_model, calibration, out_dir: Path, progress: bool,
+                      timings: dict, report: dict):
+    """Calibrate on the calibration text, then put each rank's quantized linears and KV-cache
+    scales into its plan: TensorRT-LLM's SmoothQuant plugin recipe by forward hooks on the whole
+    model (quantize.smoothquant); modelopt's formats on dense models layer by layer from the
+    safetensors into a calibration store that the writer streams from (``calibration``); a model
+    calibrated in memory, or a mixture-of-experts model (loaded whole: its experts have no
+    layer-wise path yet), from the calibrated model."""
+    from quantize.apply import LayerShards, apply_to_plan, stage_tensors
 
-    from .heads import pad_quant_state, pad_sq_plugin_layers
+    from .heads import pad_quant_state
     from .plan import TORCH_DTYPES
 
-    mapping = config["mapping"]
-    tp, pp = mapping["tp_size"], mapping["pp_size"]
-    moe = MoeLayout(mapping.get("moe_tp_size", tp), mapping.get("moe_ep_size", 1))
     dtype = TORCH_DTYPES[config["dtype"]]
+    tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
+
+    def planned(rank_tensors):  # rank_tensors(tp_rank, layers) -> the rank's staged tensors
+        out = []
+        for r, plan in enumerate(plans):
+            pp_rank, tp_rank = divmod(r, tp)
+            out.append(apply_to_plan(plan, rank_tensors(tp_rank, pp_layer_range(shape.layers, pp,
+                                                                                pp_rank))))
+        return out
+
     t0 = time.perf_counter()
     if quant.is_sq_plugin:
-        from quantize.smoothquant import calibrate_plugin, plugin_rank_tensors
-
-        cal = calibrated_model or calibrate_plugin(model_dir, quant, progress=progress)
+        rank_tensors = _sq_plugin_tensors(model_dir, shape, quant, config, calibrated_model,
+                                          progress, report, dtype)
+    elif calibration is not None:
+        load_layer = calibration.calibrate(model_dir, source, quant, progress=progress,
+                                           timings=timings)
         t1 = time.perf_counter()
-        config["quantization"]["smoothquant_val"] = cal.smoothquant_val
-        report.update(alphas=list(cal.alphas), **({"alpha_search": cal.search} if cal.search else {}))
-        sq_layers = pad_sq_plugin_layers(cal.layers, shape.padding)  # calibrated on the real heads
-
-        def rank_tensors(tp_rank):
-            return plugin_rank_tensors(sq_layers, quant, num_heads=shape.tp_heads,
-                                       num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank,
-                                       norm_dtype=dtype)
+        # calibrated on the real heads, then padded (per layer)
+        shards = LayerShards(lambda i: pad_quant_state(load_layer(i, dtype), shape.padding), quant,
+                             num_heads=shape.tp_heads, num_kv_heads=shape.tp_kv_heads, tp=tp)
+        out = planned(lambda tp_rank, layers: shards.staged(layers, tp_rank))
+        timings.update(quantized_tensors=time.perf_counter() - t1)
+        return out
     else:
-        from quantize.calibrate import calibrate, extract_quant_state, shard_quant_state
-
-        model = calibrated_model if calibrated_model is not None else calibrate(model_dir, quant, progress=progress)
-        t1 = time.perf_counter()
-        state = extract_quant_state(model, quant, dtype=dtype)
-        moe_state = extract_moe_state(model, quant) if shape.experts else {}
-        del model
-        state = pad_quant_state(state, shape.padding)  # calibrated on the real heads, then padded
-
-        def rank_tensors(tp_rank):
-            tensors = shard_quant_state(state, quant, num_heads=shape.tp_heads,
-                                        num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank)
-            tensors.update(shard_moe_state(moe_state, moe, tp_rank, shape.experts))
-            return tensors
-    out = []
-    for r, plan in enumerate(plans):
-        pp_rank, tp_rank = divmod(r, tp)
-        layers = pp_layer_range(shape.layers, pp, pp_rank)
-        out.append(apply_to_plan(plan, stage_tensors(rank_tensors(tp_rank), layers)))
+        rank_tensors = _modelopt_tensors(model_dir, shape, quant, config, calibrated_model,
+                                         progress, dtype)
+    t1 = time.perf_counter()
+    out = planned(lambda tp_rank, layers: stage_tensors(rank_tensors(tp_rank), layers))
     timings.update(calibration=t1 - t0, quantized_tensors=time.perf_counter() - t1)
     return out
+
+
+def _sq_plugin_tensors(model_dir, shape, quant, config, calibrated_model, progress, report, dtype):
+    """TensorRT-LLM's plugin SmoothQuant: calibrate (forward hooks), pad, and return the per-rank
+    tensor function."""
+    from quantize.smoothquant import calibrate_plugin, plugin_rank_tensors
+
+    from .heads import pad_sq_plugin_layers
+
+    cal = calibrated_model or calibrate_plugin(model_dir, quant, progress=progress)
+    config["quantization"]["smoothquant_val"] = cal.smoothquant_val
+    report.update(alphas=list(cal.alphas), **({"alpha_search": cal.search} if cal.search else {}))
+    sq_layers = pad_sq_plugin_layers(cal.layers, shape.padding)  # calibrated on the real heads
+    tp = config["mapping"]["tp_size"]
+    return lambda tp_rank: plugin_rank_tensors(sq_layers, quant, num_heads=shape.tp_heads,
+                                               num_kv_heads=shape.tp_kv_heads, tp=tp,
+                                               rank=tp_rank, norm_dtype=dtype)
+
+
+def _modelopt_tensors(model_dir, shape, quant, config, calibrated_model, progress, dtype):
+    """modelopt's formats from a whole calibrated model (given, or loaded and calibrated here):
+    the per-rank tensor function (dense and expert tensors, heads padded)."""
+    from quantize.calibrate import calibrate, extract_quant_state, shard_quant_state
+    from quantize.moe import extract_moe_state, shard_moe_state
+
+    from .heads import pad_quant_state
+
+    model = calibrated_model
+    if model is None:
+        model = calibrate(model_dir, quant, progress=progress)
+    state = extract_quant_state(model, quant, dtype=dtype)
+    moe_state = extract_moe_state(model, quant) if shape.experts else {}
+    del model
+    state = pad_quant_state(state, shape.padding)  # calibrated on the real heads, then padded
+    mapping = config["mapping"]
+    tp = mapping["tp_size"]
+    moe = MoeLayout(mapping.get("moe_tp_size", tp), mapping.get("moe_ep_size", 1))
+
+    def rank_tensors(tp_rank):
+        tensors = shard_quant_state(state, quant, num_heads=shape.tp_heads,
+                                    num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank)
+        tensors.update(shard_moe_state(moe_state, moe, tp_rank, shape.experts))
+        return tensors
+    return rank_tensors
 
 
 def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool) -> None:

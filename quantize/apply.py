@@ -13,11 +13,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from convert.errors import UserError
-from convert.hf_config import Shape
+from common.errors import UserError
+
+if TYPE_CHECKING:  # the converter's model shape; only its attributes are read here
+    from convert.hf_config import Shape
 
 from .formats import W4A16_AWQ, QuantSpec, check_awq_divisibility, check_kv_head_duplication
 
@@ -126,9 +129,59 @@ def apply_to_plan(plan: list, tensors: Mapping[str, torch.Tensor]) -> list:
         planned = next(t for t in plan if t.name == name)
         got = tensors[name]
         # a quantized weight may change dtype and (packed int4) its row count, never its meaning
-        if got.dim() != len(planned.shape):
+        if len(got.shape) != len(planned.shape):
             raise AssertionError(f"{name}: calibrated {list(got.shape)} vs planned {list(planned.shape)}")
     out = [t for t in plan if t.name not in replaced]
-    out += [MemoryTensor(name, t.contiguous()) for name, t in tensors.items()]
+    out += [t if isinstance(t, StagedTensor) else MemoryTensor(name, t.contiguous())
+            for name, t in tensors.items()]
     out.sort(key=lambda t: t.name)
     return out
+
+
+class StagedTensor:
+    """An output tensor read from the calibration store only when the writer reaches it (one
+    layer's shards cached at a time, see :class:`LayerShards`), so that a rank's quantized
+    tensors are never all in memory."""
+
+    pieces = ()
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, load):
+        self.name, self.shape, self.dtype, self._load = name, tuple(shape), dtype, load
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self._load()
+
+
+class LayerShards:
+    """One tp rank's TensorRT-LLM tensors of one layer, from the calibration store, the last one
+    asked for kept (the writer goes through a rank's layers in order)."""
+
+    def __init__(self, load_layer, spec: QuantSpec, *, num_heads: int, num_kv_heads: int, tp: int):
+        self.load_layer, self.spec, self.tp = load_layer, spec, tp
+        self.heads = (num_heads, num_kv_heads)
+        self._key, self._value = None, None
+
+    def get(self, layer: int, tp_rank: int) -> dict[str, torch.Tensor]:
+        from .calibrate import shard_quant_state
+
+        if self._key != (layer, tp_rank):
+            self._value = None  # free the previous layer first
+            state = self.load_layer(layer)
+            self._value = shard_quant_state(state, self.spec, num_heads=self.heads[0],
+                                            num_kv_heads=self.heads[1], tp=self.tp, rank=tp_rank)
+            self._key = (layer, tp_rank)
+        return self._value
+
+    def staged(self, layers: range, tp_rank: int) -> dict[str, StagedTensor]:
+        """The stage's tensors (renumbered from 0) as StagedTensors; reads each layer once here
+        for the shapes."""
+        out = {}
+        for i in layers:
+            for name, t in self.get(i, tp_rank).items():
+                local = stage_tensors({name: t}, layers)
+                (lname,) = local
+                out[lname] = StagedTensor(lname, t.shape, t.dtype,
+                                          lambda i=i, n=name: self.get(i, tp_rank)[n].contiguous())
+        self._key = self._value = None
+        return out

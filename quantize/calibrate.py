@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from convert.errors import UserError
+from common.errors import UserError
 
 from .formats import FP8, SMOOTHQUANT, W4A16_AWQ, QuantSpec
 

@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from convert.errors import UserError
+from common.errors import UserError
 
 from .algos import (AWQ_GROUP_SIZES, DEFAULT_AWQ_GROUP_SIZE, DEFAULT_CALIB_BATCH_SIZE, DEFAULT_CALIB_SEQ_LEN,
                     DEFAULT_CALIB_SIZE, DEFAULT_SMOOTHQUANT_ALPHA, DEFAULT_SQ_PLUGIN_ALPHA, KV_CACHE_DTYPES,
@@ -61,6 +61,17 @@ def add_quant_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
                    help=f"Number of calibration samples (default {DEFAULT_CALIB_SIZE}).")
     g.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN, metavar="N",
                    help=f"Tokens per calibration sample (default {DEFAULT_CALIB_SEQ_LEN}).")
+    g.add_argument("--calib-device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="Where the layer-by-layer calibration runs (default auto: cuda when a GPU is "
+                        "visible). Only one decoder layer and the calibration activations are held "
+                        "there at a time; float32 on cpu, the model's fp16/bf16 on cuda.")
+    g.add_argument("--calibration", type=Path, default=None, metavar="PATH",
+                   help="Reuse the calibration/ directory of an earlier build (same model, "
+                        "calibration text and quantization flags; any --tp/--pp/--target) instead "
+                        "of calibrating again. Without it the calibration is saved in "
+                        "OUTPUT/calibration/, and an interrupted one resumes from its last "
+                        "finished layer when the same command is rerun. modelopt's formats only "
+                        "(not TensorRT-LLM's plugin SmoothQuant recipe, nor mixture of experts).")
     g.add_argument("--calib-batch-size", type=int, default=DEFAULT_CALIB_BATCH_SIZE, metavar="N",
                    help=f"Samples per forward pass during calibration (default {DEFAULT_CALIB_BATCH_SIZE}).")
     return g

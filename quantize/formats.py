@@ -1,7 +1,7 @@
 """Quantization options: the command-line flags, their validation, and what each format means.
 
 ``add_quant_arguments(parser)`` adds the flags; ``QuantSpec.from_args(args)`` validates them before
-any work starts (one-line :class:`convert.errors.UserError` on a mistake) and returns a frozen
+any work starts (one-line :class:`common.errors.UserError` on a mistake) and returns a frozen
 :class:`QuantSpec` that says
 
 * what the TensorRT-LLM checkpoint declares (``quant_algo``, ``kv_cache_quant_algo``, ...; see
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from convert.errors import UserError
+from common.errors import UserError
 
 from .algos import (  # noqa: F401  (re-exported: the formats' names live here for callers)
     ALL_ALGOS, AWQ_GROUP_SIZES, DEFAULT_AWQ_GROUP_SIZE, DEFAULT_CALIB_BATCH_SIZE, DEFAULT_CALIB_DATA,

@@ -32,13 +32,16 @@ as plain round-to-nearest INT4 with an identity pre-quant scale, not AWQ).
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 
-from convert.errors import UserError
-from convert.moe import MoeLayout
+from common.errors import UserError
 
 from .formats import FP8, W4A16_AWQ, QuantSpec
+
+if TYPE_CHECKING:  # the converter's expert layout; only its attributes are read here
+    from convert.moe import MoeLayout
 
 Tensor = torch.Tensor
 FP8_MAX = 448.0

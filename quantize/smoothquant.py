@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from convert.errors import UserError
+from common.errors import UserError
 
 from .formats import SQ_PLUGIN_ALGOS, QuantSpec
 

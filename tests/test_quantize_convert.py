@@ -19,6 +19,7 @@ from builders.cli import main
 from convert.convert import convert_checkpoint
 from quantize.calibrate import calibrate
 from quantize.formats import TRTLLM_DEFAULT_EXCLUDE_MODULES, QuantSpec
+from quantize.run import CalibrationRun
 from quant_common import TINY, byte_tokenizer
 
 # config keys where this project deliberately differs from modelopt's export (see
@@ -32,6 +33,14 @@ def spec_for(algo, kv=None, block=None, **calib):
     return QuantSpec.create(algo, kv_cache_dtype=kv, awq_block_size=block,
                             **({"calib_size": 4, "calib_seq_len": 64, "calib_batch_size": 2}
                                | calib))
+
+
+def lw(tmp_path, text, tokenizer=byte_tokenizer):
+    """The converter's own calibration (layer by layer from the safetensors, the default) on
+    ``text``; the tests compare its checkpoint with modelopt's export of a whole-model
+    ``mtq.quantize`` of the same model on the same text."""
+    return CalibrationRun(store=tmp_path / "calibration", temporary=True, device="cpu",
+                          calib_text=text, tokenizer=tokenizer)
 
 
 def modelopt_export(model, out_dir, tp, dtype=torch.float16):
@@ -91,7 +100,7 @@ def test_calibrated_checkpoint_equals_modelopt_export(tmp_path, calib_text, algo
     for tp in (1, 2):
         ours = tmp_path / f"ours_tp{tp}"
         config = convert_checkpoint(hf_dir, ours, tp=tp, dtype="float16", progress=False,
-                                    quant=spec, calibrated_model=model)
+                                    quant=spec, calibration=lw(tmp_path, calib_text))
         assert config["quantization"] == spec.to_trtllm_quantization()
         assert_same_checkpoint(ours, modelopt_export(model, tmp_path / f"modelopt_tp{tp}", tp))
 
@@ -103,14 +112,19 @@ def test_bfloat16_model_equals_modelopt_bfloat16_export(tmp_path, calib_text, al
     prequant scales) and still equals modelopt's bf16 export tensor for tensor."""
     from examples.tiny import make_tiny_model
 
+    from transformers import AutoModelForCausalLM
+
     hf_dir = tmp_path / "hf"
-    model = make_tiny_model(hf_dir, dtype=torch.bfloat16, **TINY).float().eval()
+    make_tiny_model(hf_dir, dtype=torch.bfloat16, **TINY)
+    # the reference loads the bf16 files as the whole-model path did (from_pretrained in fp32):
+    # an in-memory .to(bf16).float() would also round the rotary inv_freq buffer to bf16
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     spec = spec_for(algo, kv, block)
     calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
     for tp in (1, 2):
         ours = tmp_path / f"ours_tp{tp}"
         config = convert_checkpoint(hf_dir, ours, tp=tp, progress=False, quant=spec,
-                                    calibrated_model=model)
+                                    calibration=lw(tmp_path, calib_text))
         assert config["dtype"] == "bfloat16"
         assert_same_checkpoint(ours, modelopt_export(model, tmp_path / f"modelopt_tp{tp}", tp,
                                                      dtype=torch.bfloat16))
@@ -132,7 +146,7 @@ def test_qwen2_with_qkv_bias_equals_modelopt_export(tmp_path, calib_text, algo, 
     for tp in (1, 2):
         ours = tmp_path / f"ours_tp{tp}"
         convert_checkpoint(hf_dir, ours, tp=tp, dtype="float16", progress=False, quant=spec,
-                           calibrated_model=model)
+                           calibration=lw(tmp_path, calib_text))
         assert "transformer.layers.0.attention.qkv.bias" in load_file(ours / "rank0.safetensors")
         m = copy.deepcopy(model)
         m.config.rope_theta = m.config.rope_parameters["rope_theta"]
@@ -158,7 +172,7 @@ def test_kv_heads_duplicated_across_ranks_equal_modelopt_export(tmp_path, calib_
     calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
     ours = tmp_path / "ours"
     convert_checkpoint(hf_dir, ours, tp=4, dtype="float16", progress=False, quant=spec,
-                       calibrated_model=model)
+                       calibration=lw(tmp_path, calib_text))
     assert_same_checkpoint(ours, modelopt_export(model, tmp_path / "modelopt", 4))
 
 
@@ -190,7 +204,7 @@ def test_pipeline_parallel_equals_modelopt_pp_export(tmp_path, calib_text, algo,
     calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
     ours = tmp_path / "ours"
     convert_checkpoint(hf_dir, ours, tp=tp, pp=2, dtype="float16", progress=False, quant=spec,
-                       calibrated_model=model)
+                       calibration=lw(tmp_path, calib_text))
     m = copy.deepcopy(model)
     m.config.rope_theta = m.config.rope_parameters["rope_theta"]
     theirs = tmp_path / "modelopt"
@@ -208,9 +222,9 @@ def test_pipeline_stages_hold_their_layers_renumbered(tmp_path, calib_text):
     spec = spec_for("FP8")
     calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
     convert_checkpoint(hf_dir, tmp_path / "tp2", tp=2, dtype="float16", progress=False,
-                       quant=spec, calibrated_model=model)
+                       quant=spec, calibration=lw(tmp_path, calib_text))
     convert_checkpoint(hf_dir, tmp_path / "pp2", tp=2, pp=2, dtype="float16", progress=False,
-                       quant=spec, calibrated_model=model)
+                       quant=spec, calibration=lw(tmp_path, calib_text))
     for tp_rank in (0, 1):
         flat = load_file(tmp_path / "tp2" / f"rank{tp_rank}.safetensors")
         stage1 = load_file(tmp_path / "pp2" / f"rank{2 + tp_rank}.safetensors")
@@ -253,7 +267,7 @@ def test_weight_only_with_kv_cache_is_float_weights_plus_modelopt_kv_scales(tmp_
     for tp in (1, 2):
         ours = tmp_path / f"ours_tp{tp}"
         convert_checkpoint(hf_dir, ours, tp=tp, dtype="float16", progress=False, quant=spec,
-                           calibrated_model=model)
+                           calibration=lw(tmp_path, calib_text))
         theirs = modelopt_export(model, tmp_path / f"modelopt_tp{tp}", tp)
         assert_same_checkpoint(ours, theirs, quantization_by_design=True)
         cfg = json.loads((ours / "config.json").read_text())
@@ -309,7 +323,7 @@ def test_interrupted_run_is_never_resumed_with_files_of_another_spec(tmp_path, c
 
     def convert(algo, out):
         return convert_checkpoint(hf_dir, out, tp=2, dtype="float16", progress=False,
-                                  quant=specs[algo], calibrated_model=model)
+                                  quant=specs[algo], calibration=lw(tmp_path, calib_text))
 
     real, written = cc._write_rank, []
 
@@ -377,10 +391,11 @@ def test_smoothquant_tp3_on_smollm2_equals_modelopt_and_verifies(tmp_path, smoll
 
     spec = spec_for("W8A8_SQ_PER_CHANNEL", calib_size=2, calib_seq_len=32, calib_batch_size=1)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    calibrate(model, spec, shared_text("shakespeare.txt", 20000), progress=False)
+    text = shared_text("shakespeare.txt", 20000)
+    calibrate(model, spec, text, progress=False)
     ours = tmp_path / "ours"
     convert_checkpoint(smollm2_dir, ours, tp=3, progress=False, quant=spec,
-                       calibrated_model=model)
+                       calibration=lw(tmp_path, text, AutoTokenizer.from_pretrained(smollm2_dir)))
     assert_same_checkpoint(ours, modelopt_export(model, tmp_path / "modelopt", 3))
     # the reference reader runs our ranks like the engine; its logits follow modelopt's
     # fake-quant model (the calibrated model's own forward), not just the float one

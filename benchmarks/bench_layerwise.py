@@ -1,0 +1,191 @@
+"""Layer-wise calibration at real shapes: peak RSS flat in depth, the memory plan against measured
+peaks, and the whole-model path side by side where it fits.
+
+1. Writes random HF Llama checkpoints of 8B layer shapes (4 and 16 layers) and 7B layer shapes
+   (32 layers, 13.5 GB), vocabulary 49152 with SmolLM2-135M's tokenizer copied in (so the real
+   calibration text tokenizes), fp16, with ``bench_convert.write_model`` (never held in memory).
+2. Runs ``python -m builders --checkpoint-only --calib-device cpu --calib-size 4 --calib-seq-len
+   64`` with each format under ``/usr/bin/time -v``: wall time, peak RSS, the memory plan it
+   printed (its largest host figure), build.json's stage timings (input capture, layers,
+   sharding, checkpoint).
+3. The whole-model path (``quantize.calibrate.calibrate`` loading the model with from_pretrained in
+   fp32, then ``convert_checkpoint(calibrated_model=...)``) for the same command where it fits.
+4. Bare forward passes: the float model's forward over the same batches, timed alone (the floor
+   for calibration time), where the fp32 model fits.
+
+    python benchmarks/bench_layerwise.py                       # everything (~30-40 min on 2 cores)
+    python benchmarks/bench_layerwise.py --rows 8b:4:sq,8b:16:sq --write-md BENCHMARKS.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_convert as bc  # noqa: E402
+
+bc.PRESETS["8b-smol"] = dict(bc.PRESETS["8b"], vocab=49152)
+bc.PRESETS["7b-smol"] = dict(bc.PRESETS["7b"], vocab=49152)
+FLAGS = {"sq": ["--smoothquant"], "fp8": ["--fp8"], "awq": ["--awq"]}
+DEFAULT_ROWS = ("8b:4:sq,8b:16:sq,8b:4:fp8,8b:16:fp8,8b:4:awq,8b:16:awq,7b:32:sq,"
+                "8b:4:sq:whole,8b:4:sq:bare")
+MARK_BEGIN, MARK_END = "<!-- layerwise:begin -->", "<!-- layerwise:end -->"
+
+WHOLE = """
+import sys, time, json; sys.path.insert(0, {repo!r})
+from pathlib import Path
+from convert.convert import convert_checkpoint
+from quantize.calibrate import calibrate
+from quantize.formats import QuantSpec
+spec = QuantSpec.create({algo!r}, calib_size=4, calib_seq_len=64)
+t0 = time.perf_counter()
+model = calibrate({model!r}, spec, device="cpu", progress=False)
+t1 = time.perf_counter()
+convert_checkpoint({model!r}, Path({out!r}), progress=False, quant=spec, calibrated_model=model)
+print("whole-model calibration: %.1fs, checkpoint %.1fs" % (t1 - t0, time.perf_counter() - t1))
+"""
+
+BARE = """
+import sys, time, torch; sys.path.insert(0, {repo!r})
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from quantize.formats import QuantSpec
+from quantize.layerwise import calib_batches
+spec = QuantSpec.create("W8A8_SQ_PER_CHANNEL", calib_size=4, calib_seq_len=64)
+batches = calib_batches(spec, spec.read_calib_text(), AutoTokenizer.from_pretrained({model!r}))
+model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32).eval()
+t0 = time.perf_counter()
+with torch.no_grad():
+    for b in batches:
+        model(input_ids=b, use_cache=False)
+print("bare forward: %.2fs" % (time.perf_counter() - t0))
+"""
+
+
+def make_model(work: Path, preset: str, layers: int, tokenizer_from: Path) -> Path:
+    d = work / f"hf-{preset}-{layers}l"
+    if not (d / "config.json").is_file():
+        shutil.rmtree(d, ignore_errors=True)
+        bc.write_model(d, f"{preset}-smol", layers, "float16", 2.0)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_from / name).is_file():
+            shutil.copy(tokenizer_from / name, d / name)
+    return d
+
+
+def plan_peak(text: str) -> float | None:
+    m = re.search(r"^memory plan: (.*)$", text, re.M)
+    if not m:
+        return None
+    return max(float(x) for x in re.findall(r"host ([0-9.]+) GB", m.group(1)))
+
+
+def run_row(work: Path, row: str, smol: Path) -> dict:
+    preset, layers, fmt, *mode = row.split(":")
+    mode = mode[0] if mode else "layerwise"
+    model = make_model(work, preset, int(layers), smol)
+    out = work / f"out-{row.replace(':', '_')}"  # per row: invocations may run side by side
+    shutil.rmtree(out, ignore_errors=True)
+    log = work / f"{row.replace(':', '_')}.log"
+    algo = {"sq": "W8A8_SQ_PER_CHANNEL", "fp8": "FP8", "awq": "W4A16_AWQ"}[fmt]
+    if mode == "whole":
+        cmd = [sys.executable, "-c", WHOLE.format(repo=str(REPO), algo=algo, model=str(model),
+                                                  out=str(out / "checkpoint"))]
+    elif mode == "bare":
+        cmd = [sys.executable, "-c", BARE.format(repo=str(REPO), model=str(model))]
+    else:
+        extra = ["--sq-recipe", "modelopt"] if fmt == "sq" and bc.cli_has("--sq-recipe") else []
+        cmd = [sys.executable, "-m", "builders", "--model", str(model), "--output", str(out),
+               "--checkpoint-only", "--no-progress", "--calib-device", "cpu", "--calib-size", "4",
+               "--calib-seq-len", "64", *FLAGS[fmt], *extra]
+    wall, rss, tree, rc, text = bc.timed(cmd, log)
+    res = {"row": row, "preset": preset, "layers": int(layers), "format": fmt, "mode": mode,
+           "rc": rc, "wall_s": round(wall, 1), "peak_rss_gb": round(rss / 1024, 2),
+           "model_gb": round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e9, 2)}
+    if rc != 0:
+        res["error"] = text.split("\tCommand being timed")[0].strip().splitlines()[-1:]
+    res["plan_host_gb"] = plan_peak(text)
+    bj = out / "build.json"
+    if bj.is_file():
+        res["stages"] = json.loads(bj.read_text()).get("stage_timings_s", {})
+    for pat, key in ((r"whole-model calibration: ([0-9.]+)s", "whole_calibration_s"),
+                     (r"bare forward: ([0-9.]+)s", "bare_forward_s")):
+        m = re.search(pat, text)
+        if m:
+            res[key] = float(m.group(1))
+    shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def table(results: list[dict], load: str) -> str:
+    lines = [f"Machine load during the run: {load}", "",
+             "| model | layers | format | path | peak RSS | plan (host) | plan / peak | calibration "
+             "(inputs + layers) | whole run |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        st = r.get("stages", {})
+        cal = (f"{st.get('calibration', 0):.1f} s ({st.get('calibration_inputs', 0):.1f} + "
+               f"{st.get('calibration_layers', 0):.1f})" if st else
+               (f"{r['whole_calibration_s']:.1f} s" if "whole_calibration_s" in r else
+                (f"bare forward {r['bare_forward_s']:.2f} s" if "bare_forward_s" in r else "")))
+        plan = r.get("plan_host_gb")
+        ratio = f"{plan / r['peak_rss_gb']:.2f}" if plan and r["rc"] == 0 else ""
+        status = "" if r["rc"] == 0 else f" (failed: {r.get('error')})"
+        lines.append(f"| {r['preset']}-shaped, {r['model_gb']} GB | {r['layers']} | {r['format']} | "
+                     f"{r['mode']} | {r['peak_rss_gb']:.2f} GB{status} | "
+                     f"{f'{plan:.2f} GB' if plan else ''} | {ratio} | {cal} | {r['wall_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_layerwise"))
+    ap.add_argument("--rows", default=DEFAULT_ROWS,
+                    help="comma list of preset:layers:format[:whole|:bare]")
+    ap.add_argument("--write-md", type=Path, default=None)
+    ap.add_argument("--keep-models", action="store_true")
+    ap.add_argument("--append", action="store_true",
+                    help="add these rows to the table of earlier runs (WORK/results.json)")
+    a = ap.parse_args(argv)
+    from examples.smollm2 import prepare_smollm2
+
+    smol = prepare_smollm2()
+    a.work.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()
+    saved = a.work / "results.json"
+    old = json.loads(saved.read_text()) if a.append and saved.is_file() else {"rows": [], "load": []}
+    results = [run_row(a.work, row, smol) for row in a.rows.split(",")]
+    rows = {r["row"]: r for r in old["rows"]}
+    rows.update({r["row"]: r for r in results})
+    loads = old["load"] + [f"{load0[0]:.1f} -> {os.getloadavg()[0]:.1f}"]
+    saved.write_text(json.dumps({"rows": list(rows.values()), "load": loads}, indent=1))
+    load = f"load average (start -> end of each run of the script) {', '.join(loads)}; 2 cores"
+    md = table(list(rows.values()), load)
+    print(md)
+    if a.write_md:
+        text = a.write_md.read_text()
+        block = f"{MARK_BEGIN}\n{md}\n{MARK_END}"
+        if MARK_BEGIN in text:
+            text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: block,
+                          text, flags=re.S)
+        else:
+            text += "\n" + block + "\n"
+        a.write_md.write_text(text)
+    if not a.keep_models:
+        for d in a.work.glob("hf-*"):
+            shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

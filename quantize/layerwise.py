@@ -1,0 +1,303 @@
+"""Calibration one decoder layer at a time, straight from the safetensors.
+
+Peak memory is one layer's weights plus the calibration activations, whatever the depth. The
+result is modelopt's whole-model ``mtq.quantize`` bit for bit (tests/test_quantize_convert.py),
+because each layer sees exactly what it sees inside the whole model
+(../shared/notes/layerwise-calibration.md):
+
+* the layer inputs the model builds (embedding, rotary ``position_embeddings``, the mask and
+  every other keyword) are caught by running the model's own forward with the decoder layers
+  replaced by recorders: a model skeleton on the meta device, only the embedding rows the
+  calibration ids use and the rotary embedding made real;
+* each layer is ``mtq.quantize``d alone, with the same config, on the cached inputs; the next
+  layer's inputs are this layer's outputs during that calibration forward (quantizers
+  collecting), not a float forward afterwards (SmoothQuant/AWQ smooth the weights in place);
+* multi-pass algorithms (awq_lite: a cache pass, then a search pass with the KV quantizers
+  switched on between them) replay pass-synchronously: layer i's k-th forward-loop call gets the
+  outputs layer i-1 produced in ITS k-th call.
+
+Each finished layer's quantized tensors (what :func:`quantize.calibrate.extract_quant_state`
+returns for it, unsharded) go to ``store/layer_NNNNN.safetensors`` with the next layer's inputs
+(``store/inputs.safetensors``), so an interrupted calibration resumes from the last finished layer
+and the store can be re-sharded for any tp/pp (quantize/store.py).
+
+The weights come through ``source``: anything with ``read(name, index=())`` and ``name in
+source`` (the converter passes its ``SourceCheckpoint``), so this module needs no converter code.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common.errors import UserError
+
+from .calibrate import _bos_if_added, extract_quant_state, make_calib_batches, tokenize_text
+from .formats import QuantSpec
+from . import store as cstore
+
+Tensor = torch.Tensor
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: the model's forward needs to go no further."""
+
+
+class _RowEmbedding(torch.nn.Module):
+    """The rows of an embedding table that ``ids`` use, looked up as the full table would be."""
+
+    def __init__(self, uniq: Tensor, rows: Tensor):
+        super().__init__()
+        self.register_buffer("uniq", uniq, persistent=False)
+        self.register_buffer("rows", rows, persistent=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.rows[torch.searchsorted(self.uniq, ids)]
+
+
+def compute_dtype(device: torch.device, hf_dtype) -> torch.dtype:
+    """What the whole-model path loads in: float32 on CPU, the model's fp16/bf16 on a GPU."""
+    if device.type == "cpu":
+        return torch.float32
+    return hf_dtype if hf_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def meta_model(hf_dir: Path, dtype: torch.dtype):
+    """The model's skeleton on the meta device (config, module classes, attention choice)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(hf_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the model config in {hf_dir} for calibration: {e}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _layers_path(model) -> tuple[str, torch.nn.ModuleList]:
+    for name, mod in model.named_modules():
+        if name.endswith("layers") and isinstance(mod, torch.nn.ModuleList):
+            return name, mod
+    raise UserError("no decoder layers (a '*.layers' module list) found: not a Llama-family model")
+
+
+def calib_batches(spec: QuantSpec, text: str, tokenizer) -> list[Tensor]:
+    """The calibration batches exactly as :func:`quantize.calibrate.calibrate` cuts them."""
+    if not text.strip():
+        raise UserError("the calibration text is empty")
+    ids = tokenize_text(text, tokenizer)
+    bos = _bos_if_added(tokenizer)
+    return make_calib_batches(ids, spec.calib_size, spec.calib_seq_len, spec.calib_batch_size, bos)
+
+
+@torch.no_grad()
+def layer_inputs(model, source, batches: list[Tensor], device: torch.device, dtype: torch.dtype):
+    """(embedding outputs per batch, per layer per batch the keyword arguments the model passes).
+
+    Runs the model's own forward with every decoder layer replaced by a recorder; only the used
+    embedding rows and the rotary embedding are real.
+    """
+    emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    weight = f"{emb_name}.weight"
+    if weight not in source:
+        raise UserError(f"the model's safetensors have no {weight}")
+    vocab = model.get_input_embeddings().num_embeddings
+    uniq = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
+    if int(uniq.max()) >= vocab:
+        raise UserError(f"the tokenizer produced id {int(uniq.max())} but the model's vocab_size is "
+                        f"{vocab}; the tokenizer does not belong to this model")
+    rows = torch.stack([source.read(weight, (slice(int(i), int(i) + 1),))[0] for i in uniq])
+    parent, _, leaf = emb_name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    setattr(owner, leaf, _RowEmbedding(uniq.to(device), rows.to(device=device, dtype=dtype)))
+    for name, mod in list(model.named_modules()):
+        if type(mod).__name__.endswith("RotaryEmbedding"):
+            p, _, leaf = name.rpartition(".")
+            real = type(mod)(config=mod.config).to(device)
+            setattr(model.get_submodule(p) if p else model, leaf, real)
+    _, layers = _layers_path(model)
+    firsts: list[Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
+
+    def recorder(i):
+        def forward(hidden_states, *args, **kw):
+            if args:
+                raise UserError("the model passes decoder layers positional arguments; "
+                                "layer-wise calibration does not know this architecture")
+            if i == 0:
+                firsts.append(hidden_states)
+            kwargs[i].append(kw)
+            if i == len(layers) - 1:
+                raise _Stop
+            return hidden_states
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)  # the instance keeps its attributes (attention_type, ...)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    return firsts, kwargs
+
+
+def _materialise(layer_meta, source, prefix: str, device: torch.device, dtype: torch.dtype):
+    """A real copy of one decoder layer with its weights from ``source`` (cast as from_pretrained)."""
+    layer = copy.deepcopy(layer_meta)  # on meta: the weights below are assigned, never copied
+    if any(True for _ in layer.buffers()):
+        raise UserError(f"{prefix} has buffers; layer-wise calibration does not know this layer type")
+    state = {}
+    for name, p in layer_meta.named_parameters():
+        key = f"{prefix}.{name}"
+        if key not in source:
+            raise UserError(f"the model's safetensors have no {key}")
+        state[name] = source.read(key).to(device=device, dtype=p.dtype)
+    layer.load_state_dict(state, strict=True, assign=True)
+    return layer.eval()
+
+
+def _shell(layers_name: str, index: int, layer) -> torch.nn.Module:
+    """A container giving ``layer`` its whole-model name (``model.layers.5``), so that modelopt's
+    wildcards and extract_quant_state's names match the whole model's."""
+    root = torch.nn.Module()
+    node = root
+    parts = layers_name.split(".")
+    for part in parts[:-1]:
+        child = torch.nn.Module()
+        node.add_module(part, child)
+        node = child
+    node.add_module(parts[-1], torch.nn.ModuleDict({str(index): layer}))
+    return root
+
+
+def _calibrate_layer(shell, runner: LayerRunner, i: int, spec: QuantSpec,
+                     passes_in: list[list[Tensor]]) -> list[list[Tensor]]:
+    """mtq.quantize layer ``i`` (inside ``shell``) on its cached inputs; its outputs per
+    forward-loop call (pass k gets the previous layer's pass-k outputs)."""
+    import modelopt.torch.quantization as mtq
+
+    produced: list[list[Tensor]] = []
+    path = runner.prefix(i)
+
+    def loop(root):
+        ins = passes_in[min(len(produced), len(passes_in) - 1)]
+        produced.append(runner.forward(root.get_submodule(path), i, ins))
+
+    mtq.quantize(shell, spec.modelopt_config(), loop)
+    # passes that gave the same outputs share one buffer (no KV quantizers: all of them)
+    for k in range(len(produced) - 1, 0, -1):
+        if all(torch.equal(a, b) for a, b in zip(produced[k], produced[k - 1])):
+            produced[k] = produced[k - 1]
+    return produced
+
+
+def _register_attentions(model) -> None:
+    """modelopt registers HF attention classes for KV-cache quantization only when it quantizes a
+    whole PreTrainedModel; a lone layer needs them registered from the skeleton first."""
+    from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
+
+    register_hf_attentions_on_the_fly(model)
+
+
+class LayerRunner:
+    """The model's decoder layers one at a time, fed exactly as inside the whole model: the seam
+    for any per-layer calibration (modelopt here; range capture by forward hooks works the same:
+    hook ``materialise(i)``'s linears, run :meth:`forward`, pass its outputs on)."""
+
+    def __init__(self, hf_dir, source, batches: list[Tensor], device: torch.device):
+        self.source, self.device = source, device
+        self.dtype = compute_dtype(device, _config_dtype(Path(hf_dir)))
+        model = meta_model(Path(hf_dir), self.dtype)
+        _register_attentions(model)
+        #: the first layer's inputs per batch; per layer per batch the model's keyword arguments
+        self.first_inputs, self.kwargs = layer_inputs(model, source, batches, device, self.dtype)
+        self.layers_name, self.layers = _layers_path(model)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def prefix(self, i: int) -> str:
+        return f"{self.layers_name}.{i}"
+
+    def materialise(self, i: int):
+        """Layer ``i`` with its weights, in the compute dtype on the device."""
+        return _materialise(self.layers[i], self.source, self.prefix(i), self.device, self.dtype)
+
+    @torch.no_grad()
+    def forward(self, layer, i: int, inputs: list[Tensor]) -> list[Tensor]:
+        """``layer``'s outputs on ``inputs`` (one per batch), called as the model calls it."""
+        outs = []
+        for h, kw in zip(inputs, self.kwargs[i]):
+            o = layer(h, **kw)
+            outs.append(o[0] if isinstance(o, tuple) else o)
+        return outs
+
+
+def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: list[Tensor], *,
+                        device: torch.device, fingerprint: dict, progress: bool = True,
+                        timings: dict | None = None) -> dict:
+    """Calibrate every decoder layer on ``batches`` (:func:`calib_batches`) into ``store``,
+    resuming a store of the same ``fingerprint``; return the store's manifest (quantize/store.py).
+    ``timings`` receives the seconds of the input capture (``calibration_inputs``) and of the
+    layers (``calibration_layers``)."""
+    from tqdm.auto import tqdm
+
+    store = Path(store)
+    done = cstore.begin(store, fingerprint)
+    if done.get("complete"):
+        return done
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
+    runner = LayerRunner(hf_dir, source, batches, device)
+    n = len(runner)
+    start = done.get("layers_done", 0)
+    passes_in = [runner.first_inputs] if start == 0 else cstore.load_inputs(store, device)
+    t1 = time.perf_counter()
+    timings["calibration_inputs"] = t1 - t0
+    bar = tqdm(total=n, initial=start, desc=f"calibrating {spec.name}", unit="layer",
+               disable=not progress, file=sys.stderr)
+    for i in range(start, n):
+        shell = _shell(runner.layers_name, i, runner.materialise(i))
+        passes_in = _calibrate_layer(shell, runner, i, spec, passes_in)
+        # prequant scales kept in the calibration's precision; cast when sharded (store.py)
+        state = extract_quant_state(shell, spec, dtype=runner.dtype)
+        del shell
+        gc.collect()  # modelopt's hooks make reference cycles: free this layer before the next
+        cstore.finish_layer(store, i, state, passes_in if i + 1 < n else None)
+        del state
+        _trim()
+        bar.update(1)
+    bar.close()
+    timings["calibration_layers"] = time.perf_counter() - t1
+    return cstore.complete(store, n, seconds=time.perf_counter() - t0)
+
+
+def _trim() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise and RSS creeps by layer)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _config_dtype(hf_dir: Path):
+    import json
+
+    try:
+        cfg = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None

@@ -1,0 +1,173 @@
+"""The memory plan: before any work, the expected peak host RAM, device memory and output disk of
+each stage, from the model's shape, the format, the calibration size and the device; a build that
+cannot fit is refused with the numbers (one line, exit 2, nothing written) instead of being
+OOM-killed an hour in.
+
+The figures are a model of the layer-wise calibration (quantize/layerwise.py): a fixed process
+base plus one decoder layer (weights in the compute dtype and modelopt's working copies), the
+calibration activations (layer inputs and, per forward-loop pass, outputs), one batch's forward
+temporaries and the embedding rows the calibration ids use. The coefficients are fitted to the
+measured peaks in BENCHMARKS.md (benchmarks/layerwise_calibration.py), which checks them.
+
+``BUILD_ENGINE_MEMORY_LIMIT`` (bytes, or with a K/M/G suffix) replaces the host RAM this machine
+has available (for tests, and to keep a build inside a share of a machine).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import UserError
+
+from .formats import FP8, SMOOTHQUANT, W4A16_AWQ
+
+GB = 1e9
+#: RSS of a process that has imported torch, transformers and modelopt (measured 0.50 GB) plus
+#: the converter's writer (the float converter peaks at 0.35-0.39 GB in all).
+HOST_BASE = 0.62 * GB
+WRITE_BASE = 0.40 * GB
+CUDA_CONTEXT = 0.6 * GB
+#: modelopt's working memory per layer, in multiples of the layer's weights (fitted, see above)
+LAYER_FACTOR = {SMOOTHQUANT: 1.6, FP8: 1.3, W4A16_AWQ: 1.8, None: 1.1}
+#: bytes per weight in the checkpoint for each format's quantized linears
+WEIGHT_BYTES = {SMOOTHQUANT: 1.0, FP8: 1.0, W4A16_AWQ: 0.5}
+
+
+@dataclass
+class Stage:
+    name: str
+    host: float
+    device: float
+    disk: float
+
+
+def _layer_linear_params(s) -> int:
+    q = s.heads * s.head_size
+    kv = s.kv_heads * s.head_size
+    return s.hidden * (2 * q + 2 * kv) + 3 * s.hidden * s.inter
+
+
+#: the whole-model path (from_pretrained in fp32): measured 0.58 GB + 6.0 bytes per parameter
+#: (the float32 copy + the mapped fp16 source at the end of from_pretrained)
+WHOLE_BASE, WHOLE_PER_PARAM = 0.58 * GB, 6.0
+
+
+def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2,
+         layerwise: bool = True) -> list[Stage]:
+    """The stages of a conversion with ``spec`` (None or not quantized: the float converter).
+    ``layerwise`` False: the calibration loads the whole model (formats without a layer-wise
+    path)."""
+    p_lin = _layer_linear_params(shape)
+    algo = spec.quant_algo if spec is not None and spec.quant_algo in WEIGHT_BYTES else None
+    wbytes = WEIGHT_BYTES.get(algo, out_dtype_bytes)
+    lin_disk = p_lin * wbytes * shape.layers
+    emb = shape.vocab * shape.hidden * out_dtype_bytes
+    ckpt_disk = lin_disk + emb * (1 if shape.tied else 2) + 3 * shape.hidden * shape.layers * 4
+    stages = []
+    calibrated = spec is not None and spec.needs_calibration
+    store_disk = 0.0
+    if calibrated:
+        c = 4 if device == "cpu" else 2
+        n, seq, b = spec.calib_size, spec.calib_seq_len, spec.calib_batch_size
+        layer = p_lin * c * LAYER_FACTOR[algo]
+        passes = 2 if algo == W4A16_AWQ else 1
+        acts = n * seq * shape.hidden * c * (1 + passes)
+        temps = b * seq * (3 * shape.inter + 6 * shape.hidden) * c + b * shape.heads * seq * seq * c
+        rows = min(shape.vocab, n * seq) * shape.hidden * c
+        extracted = p_lin * (wbytes if algo else 0)
+        work = layer + acts + temps + rows
+        store_disk = extracted * shape.layers
+        if not layerwise:
+            params = shape.layers * (p_lin + 2 * shape.hidden) + \
+                shape.vocab * shape.hidden * (1 if shape.tied else 2)
+            whole = WHOLE_BASE + WHOLE_PER_PARAM * params
+            stages.append(Stage("calibration", whole if device == "cpu" else WHOLE_BASE,
+                                0.0 if device == "cpu" else CUDA_CONTEXT + params * c, 0.0))
+        elif device == "cpu":
+            stages.append(Stage("calibration", HOST_BASE + work + extracted, 0.0, store_disk))
+        else:
+            stages.append(Stage("calibration", HOST_BASE + acts + rows + extracted,
+                                CUDA_CONTEXT + work, store_disk))
+        write_host = WRITE_BASE + 2.5 * extracted  # a layer loaded, sharded, in the writer
+    else:
+        write_host = WRITE_BASE
+    # the calibration stage's disk is its store (OUTPUT/calibration); the checkpoint's, its ranks
+    stages.append(Stage("checkpoint", write_host, 0.0, ckpt_disk))
+    return stages
+
+
+def host_limit() -> tuple[float, str]:
+    """(bytes of host RAM a build may use, where that figure comes from)."""
+    env = os.environ.get("BUILD_ENGINE_MEMORY_LIMIT")
+    if env:
+        return _parse_bytes(env), "BUILD_ENGINE_MEMORY_LIMIT"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 + _own_rss(), "available RAM"
+    except OSError:
+        pass
+    return float("inf"), "unknown"
+
+
+def _own_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _parse_bytes(text: str) -> float:
+    t = text.strip().upper().rstrip("B").rstrip("I")
+    mult = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        return float(t[:-1] if t[-1:] in "KMGT" else t) * mult
+    except ValueError:
+        raise UserError(f"BUILD_ENGINE_MEMORY_LIMIT={text!r} is not a size; give bytes or e.g. 8G")
+
+
+def device_limit(device: str) -> float:
+    if device != "cuda":
+        return float("inf")
+    import torch
+
+    return float(torch.cuda.mem_get_info()[0])
+
+
+def disk_free(out: Path) -> float:
+    p = Path(out).resolve()
+    while not p.exists():
+        p = p.parent
+    return float(shutil.disk_usage(p).free)
+
+
+def describe(stages: list[Stage]) -> str:
+    return "; ".join(f"{s.name}: host {s.host / GB:.2f} GB, device {s.device / GB:.2f} GB, "
+                     f"disk {s.disk / GB:.2f} GB" for s in stages)
+
+
+def check(stages: list[Stage], out: Path, device: str) -> None:
+    """Refuse (one line) a plan this machine cannot hold."""
+    host, source = host_limit()
+    dev = device_limit(device)
+    disk = disk_free(out)
+    for s in stages:
+        if s.host > host:
+            raise UserError(f"memory plan: the {s.name} stage needs ~{s.host / GB:.2f} GB of host "
+                            f"RAM but {host / GB:.2f} GB is available ({source}); lower "
+                            f"--calib-size/--calib-seq-len, calibrate with --calib-device cuda, "
+                            f"or use a machine with more memory")
+        if s.device > dev:
+            raise UserError(f"memory plan: the {s.name} stage needs ~{s.device / GB:.2f} GB of GPU "
+                            f"memory but {dev / GB:.2f} GB is free; lower --calib-size/"
+                            f"--calib-seq-len or use --calib-device cpu")
+    total_disk = sum(s.disk for s in stages)
+    if total_disk > disk:
+        raise UserError(f"memory plan: the output needs ~{total_disk / GB:.2f} GB of disk but "
+                        f"{disk / GB:.2f} GB is free under {out}; free space or choose another "
+                        f"--output")

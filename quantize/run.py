@@ -1,0 +1,67 @@
+"""One calibration of a build: where its store is, whether it is reused, on which device, on what
+text — and the step that fills (or checks) the store before the converter shards it."""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.errors import UserError
+
+from . import store as cstore
+from .calibrate import load_tokenizer, resolve_device
+from .formats import QuantSpec
+
+
+@dataclass
+class CalibrationRun:
+    """``store``: the calibration directory (``DIR/calibration``); ``reuse``: it must already hold
+    a complete calibration of the same inputs (``--calibration PATH``); ``temporary``: remove it
+    once the checkpoint is written; ``device``: ``cpu``, ``cuda`` or ``auto``; ``calib_text`` /
+    ``tokenizer``: default the spec's text and the model's tokenizer."""
+
+    store: Path
+    reuse: bool = False
+    temporary: bool = False
+    device: str = "auto"
+    calib_text: str | None = None
+    tokenizer: object = None
+
+    def calibrate(self, model_dir: Path, source, spec: QuantSpec, *, progress: bool = True,
+                  timings: dict | None = None):
+        """Fill (resume, or check when reused) the store; return ``load_layer(i, dtype)``."""
+        from .layerwise import calib_batches, calibrate_layerwise, compute_dtype, _config_dtype
+
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        store = Path(self.store)
+        tokenizer = self.tokenizer if self.tokenizer is not None else load_tokenizer(model_dir)
+        text = spec.read_calib_text() if self.calib_text is None else self.calib_text
+        batches = calib_batches(spec, text, tokenizer)
+        device = resolve_device(self.device)
+        cdtype = compute_dtype(device, _config_dtype(Path(model_dir)))
+        fp = cstore.fingerprint(list(source.files), Path(model_dir) / "config.json", batches, spec,
+                                device.type, cdtype)
+        if self.reuse:
+            man = cstore.check_reusable(store, fp)
+        else:
+            try:
+                man = calibrate_layerwise(model_dir, source, spec, store, batches, device=device,
+                                          fingerprint=fp, progress=progress, timings=timings)
+            except OSError as e:
+                raise UserError(f"cannot write the calibration store {store}: {e.strerror or e}; "
+                                f"free space or choose another --output") from None
+        timings["calibration"] = time.perf_counter() - t0
+        n = man.get("num_layers")
+        if n is None or cstore.num_layers(store) != n:
+            raise UserError(f"calibration store {store} is missing layer files; delete it and "
+                            f"calibrate again")
+        return lambda i, dtype: cstore.load_layer(store, i, dtype)
+
+    def done(self) -> None:
+        """After the checkpoint is written: a temporary store goes."""
+        if self.temporary:
+            shutil.rmtree(self.store, ignore_errors=True)

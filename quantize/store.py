@@ -1,0 +1,184 @@
+"""The calibration store: calibrate once, shard many.
+
+A directory (``DIR/calibration/`` of a build, reused with ``--calibration PATH``) holding
+
+* ``calibration.json``: format version, the recipe (format, options), the fingerprint (model files,
+  calibration token ids, options, compute device type and dtype), how many layers are finished,
+  whether it is complete;
+* ``layer_NNNNN.safetensors``: that layer's quantized tensors, unsharded, HF names, exactly what
+  :func:`quantize.calibrate.extract_quant_state` returns for it (prequant scales kept in the
+  calibration's own precision; cast to the checkpoint dtype when sharded);
+* ``inputs_NNNNN.safetensors`` (while calibrating): the inputs of the next layer to calibrate, one
+  set per forward-loop pass, so that an interrupted calibration resumes from the last finished
+  layer with the same bytes.
+
+Every file is written under a temporary name and renamed, the manifest last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from common.errors import UserError
+
+MANIFEST = "calibration.json"
+VERSION = 1
+
+
+def fingerprint(model_files: list[Path], config_json: Path, batches: list[torch.Tensor], spec,
+                device_type: str, compute_dtype: torch.dtype) -> dict:
+    """What decides a calibration's result: the model's weights (each safetensors file's name,
+    size and header), its config, the calibration token ids, the format's options and where
+    (CPU fp32 vs GPU half precision) it runs."""
+    files = {}
+    for f in model_files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            files[f.name] = [f.stat().st_size, hashlib.sha256(fh.read(n)).hexdigest()]
+    ids = hashlib.sha256()
+    for b in batches:
+        ids.update(str(list(b.shape)).encode())
+        ids.update(b.to(torch.int64).numpy().tobytes())
+    return {"model_files": files,
+            "config": hashlib.sha256(config_json.read_bytes()).hexdigest(),
+            "calibration_ids": ids.hexdigest(),
+            "recipe": recipe(spec),
+            "device": device_type, "compute_dtype": str(compute_dtype).replace("torch.", "")}
+
+
+def recipe(spec) -> dict:
+    return {"format": spec.name, "quant_algo": spec.quant_algo,
+            "kv_cache_quant_algo": spec.kv_cache_quant_algo,
+            "smoothquant_alpha": getattr(spec, "smoothquant_alpha", None),
+            "group_size": spec.group_size, "calib_size": spec.calib_size,
+            "calib_seq_len": spec.calib_seq_len, "calib_batch_size": spec.calib_batch_size,
+            "modelopt_config": repr(spec.modelopt_config())}
+
+
+def read_manifest(store: Path) -> dict | None:
+    try:
+        return json.loads((store / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def begin(store: Path, fp: dict) -> dict:
+    """The manifest to continue from: the existing one when its fingerprint is ``fp`` (resume, or
+    complete), else a fresh, empty store."""
+    old = read_manifest(store)
+    if old is not None and old.get("version") == VERSION and old.get("fingerprint") == fp:
+        return old
+    if store.exists():
+        shutil.rmtree(store)
+    store.mkdir(parents=True)
+    man = {"version": VERSION, "fingerprint": fp, "layers_done": 0, "complete": False}
+    _write_json(store / MANIFEST, man)
+    return man
+
+
+def check_reusable(store: Path, fp: dict) -> dict:
+    """``--calibration PATH``: its manifest when complete and made from the same inputs; else one line."""
+    man = read_manifest(store)
+    if man is None:
+        raise UserError(f"--calibration {store} holds no {MANIFEST}; give the calibration/ "
+                        f"directory of an earlier build")
+    if not man.get("complete"):
+        raise UserError(f"--calibration {store} is incomplete ({man.get('layers_done', 0)} "
+                        f"layers); rerun the build that made it to finish it")
+    old = man.get("fingerprint", {})
+    diff = [k for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k)]
+    if diff:
+        raise UserError(f"--calibration {store} was made from other inputs ({', '.join(diff)} "
+                        f"differ); use the same model, calibration text and quantization flags, "
+                        f"or drop --calibration to calibrate afresh")
+    return man
+
+
+def _layer_file(store: Path, i: int) -> Path:
+    return store / f"layer_{i:05d}.safetensors"
+
+
+def _inputs_file(store: Path, i: int) -> Path:
+    return store / f"inputs_{i:05d}.safetensors"
+
+
+def finish_layer(store: Path, i: int, state: dict, next_inputs) -> None:
+    """Record layer ``i`` finished: its tensors, the next layer's inputs, then the manifest."""
+    path = _layer_file(store, i)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+    if next_inputs is not None:
+        distinct, index = [], []
+        for p in next_inputs:
+            j = next((k for k, d in enumerate(distinct) if d is p), None)
+            if j is None:
+                distinct.append(p)
+                j = len(distinct) - 1
+            index.append(j)
+        tensors = {f"p{k}.b{b}": t.contiguous().cpu() for k, p in enumerate(distinct)
+                   for b, t in enumerate(p)}
+        ipath = _inputs_file(store, i + 1)
+        tmp = ipath.with_name(ipath.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"passes": ",".join(map(str, index)),
+                                                "batches": str(len(next_inputs[0]))})
+        os.replace(tmp, ipath)
+    man = read_manifest(store)
+    man["layers_done"] = i + 1
+    _write_json(store / MANIFEST, man)
+    _inputs_file(store, i).unlink(missing_ok=True)
+
+
+def load_inputs(store: Path, device) -> list[list[torch.Tensor]]:
+    """The saved inputs of the next layer to calibrate (per pass, per batch)."""
+    man = read_manifest(store)
+    path = _inputs_file(store, man["layers_done"])
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = f.metadata()
+        n = int(meta["batches"])
+        distinct = {}
+        index = [int(x) for x in meta["passes"].split(",")]
+        for j in sorted(set(index)):
+            distinct[j] = [f.get_tensor(f"p{j}.b{b}") for b in range(n)]
+    return [distinct[j] for j in index]
+
+
+def complete(store: Path, num_layers: int, seconds: float) -> dict:
+    man = read_manifest(store)
+    man.update(complete=True, num_layers=num_layers, seconds=round(seconds, 3))
+    for p in store.glob("inputs_*.safetensors"):
+        p.unlink()
+    _write_json(store / MANIFEST, man)
+    return man
+
+
+_PQS = "prequant_scaling_factor"
+
+
+def load_layer(store: Path, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Layer ``i``'s unsharded tensors, prequant scales in the checkpoint ``dtype`` (as modelopt
+    writes them)."""
+    out = {}
+    with safe_open(str(_layer_file(store, i)), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            out[k] = t.to(dtype) if k.endswith(_PQS) else t
+    return out
+
+
+def num_layers(store: Path) -> int:
+    return len([p for p in store.glob("layer_*.safetensors") if re.match(r"layer_\d+\.", p.name)])
