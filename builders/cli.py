@@ -358,10 +358,11 @@ def _memory_plan(args, quant, model_dir, out: Path, pad_heads: bool) -> None:
                                     moe_tp=args.moe_tp, moe_ep=args.moe_ep, pad_heads=pad_heads)
     device = resolve_device(args.calib_device).type if quant.needs_calibration else "cpu"
     reused = getattr(args, "calibration", None) is not None
-    # mixture-of-experts models calibrate whole (no layer-wise path for experts yet)
+    # mixture-of-experts models and TensorRT-LLM's plugin SmoothQuant calibrate whole (no
+    # layer-wise path for experts or forward-hook range capture yet)
     stages = memory.plan(shape, quant, tp=args.tp, pp=args.pp, device=device,
                          out_dtype_bytes=4 if args.dtype == "float32" else 2,
-                         layerwise=not shape.experts)
+                         layerwise=not shape.experts and not quant.is_sq_plugin)
     if reused:
         stages = [s for s in stages if s.name != "calibration"]
     print(f"memory plan: {memory.describe(stages)}")

@@ -5,7 +5,6 @@ and the availability checks (installed? supported release? GPU? importable?).
 """
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -18,6 +17,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from builders.manifest import dist_version
 
 # The releases whose engine-building API was read (README, "TensorRT-LLM calls"): the 1.0/1.1
 # sources (dataclass BuildConfig.from_dict) and 1.2 (pydantic BuildConfig, NVIDIA/TensorRT-LLM
@@ -54,15 +55,6 @@ class Backend(Protocol):
         """Build ``out_dir/rank{rank}.engine`` (and ``out_dir/config.json`` for rank 0) on GPU
         ``device``, writing all output to ``log_path``; return the exit status (0 = success).
         Stop early when ``cancel`` is set."""
-
-
-def _dist_version(*names: str) -> str | None:
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def visible_device_ids(n: int) -> list[str]:
@@ -106,7 +98,7 @@ class TrtllmBackend:
         return self._probe
 
     def version(self) -> str | None:
-        v = _dist_version("tensorrt_llm", "tensorrt-llm")
+        v = dist_version("tensorrt_llm", "tensorrt-llm")
         if v is not None:
             return v
         try:

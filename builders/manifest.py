@@ -62,7 +62,8 @@ def _sha256_of(path: Path) -> str:
     return known(path) or sha256_file(path)
 
 
-def _dist_version(names) -> str | None:
+def dist_version(*names: str) -> str | None:
+    """The installed version of the first of ``names`` (distribution spellings) found, or None."""
     for name in names:
         try:
             return importlib.metadata.version(name)
@@ -76,8 +77,8 @@ def software_versions() -> dict:
     Read from package metadata: nothing is imported."""
     out = {"python": platform.python_version()}
     for key, names in _VERSIONED.items():
-        out[key] = _dist_version(names)
-    out["trtllm_engine_builder"] = _dist_version(("trtllm-engine-builder",))
+        out[key] = dist_version(*names)
+    out["trtllm_engine_builder"] = dist_version("trtllm-engine-builder")
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common.errors import UserError
 
-from .formats import FP8, SMOOTHQUANT, W4A16_AWQ
+from .formats import FP8, SMOOTHQUANT, SQ_PLUGIN, W4A16_AWQ
 
 GB = 1e9
 #: RSS of a process that has imported torch, transformers and modelopt (measured 0.50 GB) plus
@@ -32,7 +32,9 @@ CUDA_CONTEXT = 0.6 * GB
 #: modelopt's working memory per layer, in multiples of the layer's weights (fitted, see above)
 LAYER_FACTOR = {SMOOTHQUANT: 1.6, FP8: 1.3, W4A16_AWQ: 1.8, None: 1.1}
 #: bytes per weight in the checkpoint for each format's quantized linears
-WEIGHT_BYTES = {SMOOTHQUANT: 1.0, FP8: 1.0, W4A16_AWQ: 0.5}
+WEIGHT_BYTES = {SMOOTHQUANT: 1.0, FP8: 1.0, W4A16_AWQ: 0.5, **{a: 1.0 for a in SQ_PLUGIN}}
+# TensorRT-LLM's plugin SmoothQuant calibrates the whole model (layerwise=False): no layer factor
+LAYER_FACTOR.update({a: LAYER_FACTOR[SMOOTHQUANT] for a in SQ_PLUGIN})
 
 
 @dataclass

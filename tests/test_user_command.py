@@ -37,7 +37,10 @@ def test_the_users_command_as_typed(tmp_path, smollm2_dir):
             "cache) so that tp 2 splits them") in p.stdout
     assert "verify: PASS" in p.stdout, p.stdout
     cfg = json.loads((out / "checkpoint" / "config.json").read_text())
-    assert cfg["mapping"]["tp_size"] == 2 and cfg["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    # --smoothquant: TensorRT-LLM's per-channel / per-token plugin recipe (the default)
+    assert cfg["mapping"]["tp_size"] == 2
+    assert cfg["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
+    assert "quality gate (" in p.stdout + p.stderr
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_size"]) == (12, 4, 64)
     assert sorted(f.name for f in (out / "checkpoint").iterdir()) == [
         "config.json", "rank0.safetensors", "rank1.safetensors"]
