@@ -103,7 +103,6 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from builders.engine import build_engines, options_from_args
     from builders.manifest import InputHashing, write_manifest
     from convert.convert import convert_checkpoint
     from examples.registry import pads_heads_by_default, resolve_model
@@ -141,18 +140,7 @@ def run(args) -> int:
         inputs.update(model=args.model, model_dir=str(model_dir.resolve()))
         pad_heads = args.pad_heads or pads_heads_by_default(args.model)
         if getattr(args, "target", "engine") == "pytorch":
-            if args.ranks is not None:
-                raise UserError("--ranks splits a TensorRT-LLM checkpoint and its engines over "
-                                "runs (--target engine); the PyTorch target's unified "
-                                "checkpoint is written whole: drop --ranks")
-            if args.calibration is not None:
-                raise UserError("--calibration is reused by TensorRT-LLM checkpoints (--target "
-                                "engine); the PyTorch target calibrates its unified checkpoint "
-                                "itself: drop --calibration")
-            if args.moe_tp is not None or args.moe_ep is not None:
-                raise UserError("--moe-tp/--moe-ep split a TRT-LLM checkpoint (--target engine); "
-                                "the PyTorch backend takes moe_tensor_parallel_size / "
-                                "moe_expert_parallel_size when it loads the model: drop them")
+            _refuse_engine_only_flags(args)
             _refuse_padding_for_pytorch(args, model_dir, pad_heads)
             return _run_pytorch_target(args, model_dir, out, inputs)
         layout = _head_padding(args, model_dir, quant, pad_heads)  # tp refusal: before any work
@@ -181,17 +169,7 @@ def run(args) -> int:
                                     calibration=_calibration_run(args, out, quant, tokenizer))
         timings["checkpoint"] = time.perf_counter() - t0
         timings.update(quant_timings)  # included in "checkpoint"
-        if quant_report.get("alphas") and quant.sq_alpha_search:
-            print(f"SmoothQuant alpha per layer (searched): {' '.join(f'{a:g}' for a in quant_report['alphas'])}")
-        if quant_timings:
-            if args.calibration is not None:
-                how = f"reused {args.calibration}"
-            else:
-                how = ("forward hooks on the whole model" if quant.is_sq_plugin else
-                       "modelopt forward passes, layer by layer for dense models")
-                how += f" over {quant.calib_size} x {quant.calib_seq_len} tokens"
-            print(f"calibration: {quant_timings['calibration']:.1f}s ({how}), quantized tensors: "
-                  f"{quant_timings['quantized_tensors']:.1f}s")
+        _print_calibration(args, quant, quant_timings, quant_report)
         m = config["mapping"]
         if not ckpt.is_dir():  # --ranks: other ranks are still to come
             ckpt = ckpt.with_name(ckpt.name + ".partial")
@@ -233,6 +211,48 @@ def run(args) -> int:
         write_manifest(out, inputs=inputs, options={**vars(args), **extra}, stage_timings=timings,
                        layout=layout)
         return 0
+    engines = _engines_and_triton(args, out, ckpt, model_dir, timings)
+    write_manifest(out, inputs=inputs, options={**vars(args), **extra}, stage_timings=timings,
+                   engines=_engine_record(engines), layout=layout)
+    return engines.exit_code
+
+
+def _refuse_engine_only_flags(args) -> None:
+    """--target pytorch: the flags that only shape a TensorRT-LLM checkpoint, refused in one line."""
+    if args.ranks is not None:
+        raise UserError("--ranks splits a TensorRT-LLM checkpoint and its engines over "
+                        "runs (--target engine); the PyTorch target's unified "
+                        "checkpoint is written whole: drop --ranks")
+    if args.calibration is not None:
+        raise UserError("--calibration is reused by TensorRT-LLM checkpoints (--target "
+                        "engine); the PyTorch target calibrates its unified checkpoint "
+                        "itself: drop --calibration")
+    if args.moe_tp is not None or args.moe_ep is not None:
+        raise UserError("--moe-tp/--moe-ep split a TRT-LLM checkpoint (--target engine); "
+                        "the PyTorch backend takes moe_tensor_parallel_size / "
+                        "moe_expert_parallel_size when it loads the model: drop them")
+
+
+def _print_calibration(args, quant, quant_timings: dict, quant_report: dict) -> None:
+    if quant_report.get("alphas") and quant.sq_alpha_search:
+        print(f"SmoothQuant alpha per layer (searched): {' '.join(f'{a:g}' for a in quant_report['alphas'])}")
+    if not quant_timings:
+        return
+    if args.calibration is not None:
+        how = f"reused {args.calibration}"
+    else:
+        how = ("forward hooks on the whole model" if quant.is_sq_plugin else
+               "modelopt forward passes, layer by layer for dense models")
+        how += f" over {quant.calib_size} x {quant.calib_seq_len} tokens"
+    print(f"calibration: {quant_timings['calibration']:.1f}s ({how}), quantized tensors: "
+          f"{quant_timings['quantized_tensors']:.1f}s")
+
+
+def _engines_and_triton(args, out: Path, ckpt: Path, model_dir, timings: dict):
+    """Build the engines (or say how to on a GPU host), then write the Triton repository when
+    this run completes the world; return the engine stage's result."""
+    from builders.engine import build_engines, options_from_args
+
     t0 = time.perf_counter()
     engine_options = options_from_args(args)
     # the Triton repository is written here even without engines; the GPU host then only builds
@@ -243,21 +263,20 @@ def run(args) -> int:
     timings["engines"] = time.perf_counter() - t0
     stream = sys.stdout if engines.exit_code == 0 else sys.stderr
     print(f"engines: {engines.message}", file=stream)
+    if engines.exit_code not in (0, EXIT_NO_ENGINE) or args.triton_target == "none":
+        return engines
     # the Triton repository describes the whole world: written by the run that completes it
     whole = engines.complete if engines.exit_code == 0 else not ckpt.name.endswith(".partial")
-    if engines.exit_code in (0, EXIT_NO_ENGINE) and args.triton_target != "none":
-        if whole:
-            t0 = time.perf_counter()
-            repo = _write_triton(args, out, ckpt, model_dir, engine_options,
-                                 engines_built=engines.exit_code == 0)
-            timings["triton"] = time.perf_counter() - t0
-            print(f"triton: {repo} ({args.triton_target} model repository, validated with "
-                  f"Triton's ModelConfig schema); launch: {repo / 'launch_triton.sh'}")
-        else:
-            print("triton: not written yet: the run that completes every rank writes it")
-    write_manifest(out, inputs=inputs, options={**vars(args), **extra}, stage_timings=timings,
-                   engines=_engine_record(engines), layout=layout)
-    return engines.exit_code
+    if not whole:
+        print("triton: not written yet: the run that completes every rank writes it")
+        return engines
+    t0 = time.perf_counter()
+    repo = _write_triton(args, out, ckpt, model_dir, engine_options,
+                         engines_built=engines.exit_code == 0)
+    timings["triton"] = time.perf_counter() - t0
+    print(f"triton: {repo} ({args.triton_target} model repository, validated with "
+          f"Triton's ModelConfig schema); launch: {repo / 'launch_triton.sh'}")
+    return engines
 
 
 def _conversion_ranks(args, quant):
