@@ -91,12 +91,30 @@ def hf_tensors(p: dict, layers: int):
     yield "lm_head.weight", (p["vocab"], h)
 
 
+def write_shards(out: Path, shards: list, produce) -> int:
+    """Write ``shards`` (lists of planned tensors) as a sharded HF model into ``out``, each file
+    streamed by ``produce``, with its ``model.safetensors.index.json``; return the bytes written."""
+    from convert.writer import nbytes, write_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_file(out / fname, shard, produce)
+        for t in shard:
+            weight_map[t.name] = fname
+            total += nbytes(t.shape, t.dtype)
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
+
+
 def write_model(out: Path, preset: str, layers: int, dtype: str, shard_gb: float) -> int:
     """Write a random HF Llama checkpoint to ``out`` shard by shard; return its weight bytes."""
     import torch
     from transformers import LlamaConfig
 
-    from convert.writer import nbytes, write_file
+    from convert.writer import nbytes
 
     p = PRESETS[preset]
     tdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
@@ -128,16 +146,7 @@ def write_model(out: Path, preset: str, layers: int, dtype: str, shard_gb: float
             n = min(step, rows - a)
             yield torch.randn((n, cols), generator=g).mul_(0.02).to(tdtype)
 
-    out.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_file(out / fname, shard, produce)
-        for t in shard:
-            weight_map[t.name] = fname
-            total += nbytes(t.shape, t.dtype)
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    total = write_shards(out, shards, produce)
     LlamaConfig(
         vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["inter"],
         num_hidden_layers=layers, num_attention_heads=p["heads"], num_key_value_heads=p["kv"],

@@ -18,7 +18,6 @@ is shared) under ``/usr/bin/time -v`` with the /proc process-tree sampler of ben
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
@@ -30,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import timed  # noqa: E402  (the same /usr/bin/time + /proc tree sampler)
+from bench_convert import timed, write_shards  # noqa: E402  (the same /usr/bin/time + /proc tree sampler)
 
 SHAPE = dict(hidden=4096, inter=14336, experts=8, top_k=2, heads=32, kv=8, vocab=32000,
              theta=1e6)
@@ -75,7 +74,7 @@ def write_mixtral(out: Path, layers: int, shard_gb: float = 2.0) -> int:
     import torch
     from transformers import MixtralConfig
 
-    from convert.writer import nbytes, write_file
+    from convert.writer import nbytes
 
     @dataclass
     class T:
@@ -106,16 +105,7 @@ def write_mixtral(out: Path, layers: int, shard_gb: float = 2.0) -> int:
             n = min(step, rows - a)
             yield block[shift:shift + n * cols].view(n, cols)
 
-    out.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_file(out / fname, shard, produce)
-        for t in shard:
-            weight_map[t.name] = fname
-            total += nbytes(t.shape, t.dtype)
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    total = write_shards(out, shards, produce)
     p = SHAPE
     MixtralConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["inter"],
                   num_hidden_layers=layers, num_attention_heads=p["heads"],
