@@ -125,7 +125,7 @@ def test_pytorch_repository_is_not_for_engines(tmp_path, smollm2_dir, capsys):
 
 
 def test_workers_also_sets_the_engine_build_parallelism_unless_build_workers_is_given():
-    from builders.cli import _defaults_from_other_flags, build_parser
+    from builders.cli_args import build_parser, defaults_from_other_flags as _defaults_from_other_flags
 
     def parsed(*argv):
         args = build_parser().parse_args(["--model", "m", "--output", "o", *argv])

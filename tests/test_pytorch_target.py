@@ -230,7 +230,7 @@ def test_stage_refuses_before_writing(tmp_path, tokenizer_dir):
 # ---------------------------------------------------------------------------------------------
 
 def _has_flag(flag: str) -> bool:
-    from builders.cli import build_parser
+    from builders.cli_args import build_parser
 
     return any(flag in a.option_strings for a in build_parser()._actions)
 

@@ -1,0 +1,89 @@
+"""The checks of a written checkpoint: the quality gate of a calibrated run, ``--verify`` (logits
+against the HF model) and ``--eval-ppl``; a failed gate leaves nothing that looks complete."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def quality_gate(ckpt, model_dir, quant, tokenizer) -> dict:
+    """Measure (and print) the quantized checkpoint against the float model on held-back calibration
+    text; ``passed`` is False only for a breach of --max-ppl-increase."""
+    from quantize.calibrate import held_back_ids
+    from verify.quality_gate import GATE_TOKENS, gate_line, measure
+
+    ids, overlaps = held_back_ids(quant.read_calib_text(), tokenizer, quant, GATE_TOKENS)
+    r = measure(ckpt, model_dir, ids)
+    limit = quant.max_ppl_increase
+    print(gate_line(quant.recipe or quant.name, r, overlaps, limit))
+    return {**r, "overlaps_calibration": overlaps, "max_ppl_increase": limit,
+            "passed": limit is None or r["increase_pct"] <= limit}
+
+
+def discard(out: Path, ckpt: Path) -> None:
+    """A run that failed its quality gate keeps nothing that looks complete: its checkpoint goes, and
+    so do the outputs of an earlier run it was replacing (--force), which would now look current."""
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    for name in ("engines", "triton"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "build.json").unlink(missing_ok=True)
+    try:
+        out.rmdir()  # only when nothing else is in it
+    except OSError:
+        pass
+
+
+def verify(ckpt, model_dir, quant, tokenizer):
+    """The reference reader's check of a written checkpoint against the float HF model. A quantized
+    one is checked on real text (the calibration text's start): argmax agreement with the float
+    model is meaningful there, unlike on random ids, for a format's coarse logits."""
+    from verify.reference import verify
+
+    if quant.is_quantized:
+        return verify(ckpt, model_dir, text=quant.read_calib_text()[:2000], tokenizer=tokenizer)
+    return verify(ckpt, model_dir)
+
+
+def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict) -> dict:
+    """The quality gate of a calibrated run, timed; on a breach of --max-ppl-increase nothing is
+    kept and the run fails (one line). Returns build.json's "quantization" record."""
+    import time
+
+    from common.errors import UserError
+
+    t0 = time.perf_counter()
+    gate = quality_gate(ckpt, model_dir, quant, tokenizer)
+    timings["quality_gate"] = time.perf_counter() - t0
+    if not gate["passed"]:
+        discard(out, ckpt)
+        raise UserError(f"the quality gate failed: perplexity +{gate['increase_pct']:.2f}% over the "
+                        f"float model > --max-ppl-increase {quant.max_ppl_increase:g}%; nothing was "
+                        f"kept (try another recipe or alpha, e.g. --smoothquant auto, or more "
+                        f"--calib-size)", exit_code=1)
+    return {"quant_algo": quant.quant_algo, "recipe": quant.recipe or quant.name, "quality_gate": gate}
+
+
+def verify_step(ckpt: Path, model_dir, quant, tokenizer, timings: dict) -> bool:
+    """--verify: print the reference reader's verdict; False on a mismatch."""
+    import time
+
+    from verify.reference import summary_line
+
+    t0 = time.perf_counter()
+    report, passed = verify(ckpt, model_dir, quant, tokenizer)
+    timings["verify"] = time.perf_counter() - t0
+    print(f"verify: {summary_line(report, ckpt)}")
+    return passed
+
+
+def eval_ppl_step(ckpt: Path, model_dir, text: str, timings: dict) -> None:
+    """--eval-ppl: the checkpoint's and the HF model's perplexity on the user's text."""
+    import time
+
+    from verify.perplexity import checkpoint_ppl, hf_ppl, ppl_line
+
+    t0 = time.perf_counter()
+    print(ppl_line("checkpoint", checkpoint_ppl(ckpt, text, hf_dir=model_dir)))
+    print(ppl_line("Hugging Face model", hf_ppl(model_dir, text)))
+    timings["eval_ppl"] = time.perf_counter() - t0

@@ -1,0 +1,84 @@
+"""``build_engine``'s command line: the flags of each stage (the quantization, engine and Triton
+flags come from their own rooms) and the defaults that follow other flags."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="build_engine",
+        description="Convert a Hugging Face Llama/Mistral/Qwen2/Mixtral model into a sharded (optionally "
+                    "quantized) TensorRT-LLM checkpoint, engines and a Triton model repository.")
+    g = p.add_argument_group("model and layout")
+    g.add_argument("--from-checkpoint", type=Path, metavar="CKPT_DIR",
+                   help="skip conversion: build engines (and the Triton repository) from an "
+                        "existing TRT-LLM checkpoint dir, e.g. on a GPU host")
+    g.add_argument("--model", help="local HF model dir, or a bundled example name: smollm2 "
+                                   "(the real SmolLM2-135M-Instruct: 9 heads, 3 KV heads; tp 1, 3), "
+                                   "llama (the same model with --pad-heads implied: tp 2 and 4 pad "
+                                   "it exactly to 12 heads / 4 KV heads), tiny-llama, tiny-mistral, "
+                                   "tiny-qwen2 (tiny random models)")
+    g.add_argument("--output", required=True, type=Path, help="output directory")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    g.add_argument("--moe-tp", type=int, metavar="N",
+                   help="mixture of experts (Mixtral): split every expert's intermediate "
+                        "dimension N ways (TensorRT-LLM's moe_tp_size; default: tp, or tp / "
+                        "--moe-ep); --moe-tp x --moe-ep must equal --tp")
+    g.add_argument("--moe-ep", type=int, metavar="N",
+                   help="mixture of experts: expert parallelism, each rank holding experts / N "
+                        "whole experts (moe_ep_size; default: 1, or tp / --moe-tp)")
+    g.add_argument("--pad-heads", action="store_true",
+                   help="when --tp does not divide the attention heads, add zero heads (whole KV "
+                        "groups) to the smallest count it does: exact (same logits), at the cost "
+                        "of more attention compute and KV cache (printed, and in build.json); a "
+                        "no-op when tp divides the heads. Engine target only")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="weight dtype (auto: the model's fp16/bf16, float16 for fp32 models)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="ranks converted in parallel (processes), and engines built in parallel "
+                        "(one GPU each) unless --build-workers says otherwise (default 1)")
+    g.add_argument("--ranks", metavar="A-B",
+                   help="convert and/or build only ranks A to B (or one rank R) of the world, "
+                        "e.g. the ranks of one node of a multi-node build; the checkpoint config "
+                        "and the Triton repository still describe the whole world, and each "
+                        "output appears (renamed from its .partial dir) when its last rank lands "
+                        "(default: all ranks)")
+    g.add_argument("--force", action="store_true", help="replace existing outputs")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s = p.add_argument_group("stages")
+    s.add_argument("--target", choices=["engine", "pytorch"], default="engine",
+                   help="engine (default): TRT-LLM checkpoint + engines (TensorRT-LLM <= 1.2.x); "
+                        "pytorch: modelopt unified HF checkpoint in DIR/hf_quantized + LLM-API "
+                        "Triton repository, for TensorRT-LLM's PyTorch backend")
+    s.add_argument("--checkpoint-only", action="store_true",
+                   help="stop after writing DIR/checkpoint")
+    s.add_argument("--verify", action="store_true",
+                   help="after conversion, run the checkpoint on CPU with TensorRT-LLM's "
+                        "semantics and compare its logits with the HF model")
+    s.add_argument("--eval-ppl", metavar="FILE",
+                   help="after conversion, print the perplexity of the checkpoint (CPU reference "
+                        "reader) and of the HF model on this text file (first 4096 tokens, "
+                        "windows of 256)")
+    from builders.engine import add_engine_arguments
+    from builders.triton import add_triton_arguments
+
+    from quantize.formats import add_quant_arguments
+
+    add_quant_arguments(p)
+    add_engine_arguments(p)
+    p.set_defaults(build_workers=None)  # None: follow --workers (trtllm-build's --workers)
+    add_triton_arguments(p)
+    return p
+
+
+def defaults_from_other_flags(args) -> None:
+    """Defaults that follow other flags: --build-workers follows --workers (trtllm-build has
+    one --workers for both); --triton-target follows --target (the repository that target's
+    output is served with), so build.json and triton_repo.json record what was written."""
+    if args.build_workers is None:
+        args.build_workers = args.workers
+    if getattr(args, "triton_target", "none") is None:
+        args.triton_target = getattr(args, "target", "engine")

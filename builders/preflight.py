@@ -1,0 +1,154 @@
+"""The refusals of a ``build_engine`` run before any work: layout, ranks, tokenizer, memory, Triton
+options (each one line, exit 2, nothing written), and what they decide (head padding, the ranks
+of this run, the calibration store)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from common.errors import UserError
+
+
+def refuse_engine_only_flags(args) -> None:
+    """--target pytorch: the flags that only shape a TensorRT-LLM checkpoint, refused in one line."""
+    if args.ranks is not None:
+        raise UserError("--ranks splits a TensorRT-LLM checkpoint and its engines over "
+                        "runs (--target engine); the PyTorch target's unified "
+                        "checkpoint is written whole: drop --ranks")
+    if args.calibration is not None:
+        raise UserError("--calibration is reused by TensorRT-LLM checkpoints (--target "
+                        "engine); the PyTorch target calibrates its unified checkpoint "
+                        "itself: drop --calibration")
+    if args.moe_tp is not None or args.moe_ep is not None:
+        raise UserError("--moe-tp/--moe-ep split a TRT-LLM checkpoint (--target engine); "
+                        "the PyTorch backend takes moe_tensor_parallel_size / "
+                        "moe_expert_parallel_size when it loads the model: drop them")
+
+
+def refuse_padding_for_pytorch(args, model_dir, pad_heads: bool) -> None:
+    """--target pytorch writes a Hugging Face checkpoint that TensorRT-LLM's PyTorch backend
+    splits over tp itself when it loads it: a padded layout is not ours to choose there."""
+    from convert.hf_config import model_shape, preflight, read_hf_config
+
+    if not pad_heads:
+        return
+    shape = preflight(model_shape(read_hf_config(model_dir)), args.tp, args.pp, pad_heads=True,
+                      can_pad=False)
+    if shape.padding is not None:
+        raise UserError(f"--target pytorch cannot pad heads ({shape.padding.describe()}): the "
+                        f"PyTorch backend splits the Hugging Face checkpoint's {shape.heads} heads "
+                        f"over tp itself when it loads it; use a --tp that divides them or "
+                        f"--target engine")
+
+
+def head_padding(args, model_dir, quant, pad_heads: bool) -> dict | None:
+    """Check tp against the heads (one line naming --pad-heads when it would help), print the
+    padding that will be applied, or that --pad-heads has nothing to do; build.json's layout."""
+    from convert.convert import preflight_conversion
+
+    _, shape = preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant,
+                                    moe_tp=args.moe_tp, moe_ep=args.moe_ep, pad_heads=pad_heads)
+    if shape.padding is not None:
+        print(f"heads: padded {shape.padding.describe()} so that tp {args.tp} splits them")
+        return {"head_padding": shape.padding.as_dict()}
+    if args.pad_heads:
+        print(f"build_engine: note: --pad-heads: {shape.heads} heads / {shape.kv_heads} KV heads "
+              f"already split over tp {args.tp}; nothing padded", file=sys.stderr)
+    return None
+
+
+def conversion_ranks(args, quant):
+    """--ranks for the conversion (checked against tp x pp before any work); None = all. A
+    check of the whole checkpoint (--verify, --eval-ppl) needs every rank in this run, and the
+    ranks of a calibrated format come from one calibration."""
+    if args.ranks is None:
+        return None
+    from builders.engine_options import parse_ranks
+
+    ranks = parse_ranks(args.ranks, args.tp * args.pp)
+    if len(ranks) == args.tp * args.pp:
+        return ranks
+    if args.verify or getattr(args, "eval_ppl", None):
+        raise UserError("--verify and --eval-ppl run the whole checkpoint: drop them with "
+                        "--ranks, or run them where every rank is converted")
+    if quant.needs_calibration:
+        raise UserError(f"--ranks cannot split a calibrated format ({quant.name}) over runs: "
+                        "the ranks of two calibrations must not be mixed; convert every rank in "
+                        "one run (CPU only) and use --ranks with --from-checkpoint for engines")
+    return ranks
+
+
+def quant_tokenizer(args, quant, model_dir):
+    """The tokenizer that calibration and a quantized --verify (real text) need, loaded up front so
+    that a model without one is refused before any work (one line, exit 2); None when not needed.
+    The model's own refusals (missing config, tp/pp, format vs shapes) come first (_head_padding)."""
+    from quantize.calibrate import load_tokenizer
+
+    verify_text = args.verify and quant.is_quantized
+    if not (quant.needs_calibration or verify_text):
+        return None
+    if verify_text:
+        return load_tokenizer(model_dir, "--verify of a quantized checkpoint (on real text)",
+                              "; or drop --verify")
+    return load_tokenizer(model_dir)
+
+
+def memory_plan(args, quant, model_dir, out: Path, pad_heads: bool) -> None:
+    """Print the expected peak host RAM / device memory / disk per stage; refuse (one line, exit
+    2, nothing written) what this machine cannot hold."""
+    from convert.convert import preflight_conversion
+    from quantize import memory
+    from quantize.calibrate import resolve_device
+
+    _, shape = preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant,
+                                    moe_tp=args.moe_tp, moe_ep=args.moe_ep, pad_heads=pad_heads)
+    device = resolve_device(args.calib_device).type if quant.needs_calibration else "cpu"
+    reused = getattr(args, "calibration", None) is not None
+    # mixture-of-experts models and TensorRT-LLM's plugin SmoothQuant calibrate whole (no
+    # layer-wise path for experts or forward-hook range capture yet)
+    stages = memory.plan(shape, quant, tp=args.tp, pp=args.pp, device=device,
+                         out_dtype_bytes=4 if args.dtype == "float32" else 2,
+                         layerwise=not shape.experts and not quant.is_sq_plugin)
+    if reused:
+        stages = [s for s in stages if s.name != "calibration"]
+    print(f"memory plan: {memory.describe(stages)}")
+    memory.check(stages, out, device)
+
+
+def calibration_run(args, out: Path, quant, tokenizer):
+    """The layer-wise calibration of this build: into OUTPUT/calibration (kept: reusable with
+    --calibration, resumable), or the --calibration store of an earlier build; None when the
+    format needs none."""
+    from quantize.run import CalibrationRun
+
+    if not quant.needs_calibration:
+        if getattr(args, "calibration", None) is not None:
+            raise UserError(f"--calibration applies to calibrated formats; {quant.name} needs none "
+                            f"(drop --calibration)")
+        return None
+    device = getattr(args, "calib_device", "auto")
+    if getattr(args, "calibration", None) is not None:
+        return CalibrationRun(store=Path(args.calibration), reuse=True, device=device,
+                              tokenizer=tokenizer)
+    return CalibrationRun(store=out / "calibration", device=device, tokenizer=tokenizer)
+
+
+def check_triton_args(args, model_dir) -> None:
+    """Refuse, before any work, Triton options that would fail after the conversion."""
+    from builders.triton import TritonOptions, check_tokenizer
+
+    if args.checkpoint_only or args.triton_target == "none":
+        return
+    TritonOptions.from_any(args)  # ranges and choices, one line each
+    if args.triton_target == "pytorch":
+        raise UserError("--triton-target pytorch serves a Hugging Face checkpoint on TensorRT-LLM's "
+                        "PyTorch backend, not engines; use --triton-target engine (or none) here")
+    if args.from_checkpoint and args.tokenizer_dir is None:
+        raise UserError("--from-checkpoint needs --tokenizer-dir DIR (the HF model dir with the "
+                        "tokenizer files) for the Triton pre/postprocessing models, or pass "
+                        "--triton-target none")
+    where = "--tokenizer-dir" if args.tokenizer_dir is not None else "model dir"
+    try:
+        check_tokenizer(args.tokenizer_dir or model_dir, what=where)
+    except UserError as e:
+        raise UserError(f"{e} (or --triton-target none to skip the Triton repository)") from None
