@@ -162,8 +162,19 @@ def engine_model_configs(*, engine: EngineInfo, opts: TritonOptions, engine_path
     defaults for END_ID / PAD_ID and its default stop words)."""
     tokens = tokens or {"end_id": -1, "pad_id": 0, "stop_token_ids": []}
     lt = engine.logits_type
-    cfgs = {}
-    cfgs[PREPROCESSING] = {
+    cfgs = {PREPROCESSING: _preprocessing(engine, opts, tokenizer_path, batch, tokens),
+            TENSORRT_LLM: _tensorrt_llm(engine, opts, engine_path, tokenizer_path, batch),
+            POSTPROCESSING: _postprocessing(lt, opts, tokenizer_path, batch),
+            ENSEMBLE: _ensemble(lt, batch)}
+    if opts.triton_bls:
+        cfgs[BLS] = _bls(lt, opts, batch)
+    return cfgs
+
+
+def _preprocessing(engine: EngineInfo, opts: TritonOptions, tokenizer_path: str, batch: int,
+                   tokens: dict) -> dict:
+    lt = engine.logits_type
+    return {
         "name": PREPROCESSING, "backend": "python", "max_batch_size": batch,
         "dynamic_batching": dynamic_batching(batch, opts),
         "input": [tensor(t, lt) for t in _PRE_INPUTS],
@@ -175,6 +186,11 @@ def engine_model_configs(*, engine: EngineInfo, opts: TritonOptions, engine_path
             "end_id": tokens["end_id"], "pad_id": tokens["pad_id"],
             "stop_token_ids": json.dumps(tokens["stop_token_ids"])}),
     }
+
+
+def _tensorrt_llm(engine: EngineInfo, opts: TritonOptions, engine_path: str, tokenizer_path: str,
+                  batch: int) -> dict:
+    lt = engine.logits_type
     llm_params = {
         "gpt_model_type": opts.batching_strategy,
         "gpt_model_path": engine_path,
@@ -193,7 +209,7 @@ def engine_model_configs(*, engine: EngineInfo, opts: TritonOptions, engine_path
         "guided_decoding_backend": "",
         "xgrammar_tokenizer_info_path": "",
     }
-    cfgs[TENSORRT_LLM] = {
+    return {
         "name": TENSORRT_LLM, "backend": "tensorrtllm", "max_batch_size": batch,
         "model_transaction_policy": {"decoupled": opts.decoupled},
         "dynamic_batching": dynamic_batching(batch, opts),
@@ -202,15 +218,22 @@ def engine_model_configs(*, engine: EngineInfo, opts: TritonOptions, engine_path
         "instance_group": cpu_instances(1),
         "parameters": string_params(llm_params),
     }
-    cfgs[POSTPROCESSING] = {
+
+
+def _postprocessing(lt, opts: TritonOptions, tokenizer_path: str, batch: int) -> dict:
+    return {
         "name": POSTPROCESSING, "backend": "python", "max_batch_size": batch,
         "dynamic_batching": {},
         "input": [tensor(t, lt) for t in _POST_INPUTS],
         "output": [tensor(t, lt) for t in _POST_OUTPUTS],
         "instance_group": cpu_instances(opts.triton_instance_count),
         "parameters": string_params({"tokenizer_dir": tokenizer_path, "skip_special_tokens": "true",
-                               "trust_remote_code": "false"}),
+                                     "trust_remote_code": "false"}),
     }
+
+
+def _ensemble(lt, batch: int) -> dict:
+    """preprocessing -> tensorrt_llm -> postprocessing, the client's tensors routed to each step."""
     pre_step = {"model_name": PREPROCESSING, "model_version": -1, "input_map": {},
                 "output_map": {o[0]: "_" + o[0] for o in _PRE_OUTPUTS}}
     llm_step = {"model_name": TENSORRT_LLM, "model_version": -1,
@@ -225,28 +248,29 @@ def engine_model_configs(*, engine: EngineInfo, opts: TritonOptions, engine_path
                  "input_map": {"TOKENS_BATCH": "_TOKENS_BATCH",
                                "SEQUENCE_LENGTH": "_SEQUENCE_LENGTH"},
                  "output_map": {"OUTPUT": "text_output"}}
-    cfgs[ENSEMBLE] = {
+    return {
         "name": ENSEMBLE, "platform": "ensemble", "max_batch_size": batch,
         "input": [tensor(t, lt) for t in _CLIENT_INPUTS],
         "output": [tensor(t, lt) for t in _CLIENT_OUTPUTS],
         "ensemble_scheduling": {"step": [pre_step, llm_step, post_step]},
     }
-    if opts.triton_bls:
-        cfgs[BLS] = {
-            "name": BLS, "backend": "python", "max_batch_size": batch,
-            "model_transaction_policy": {"decoupled": opts.decoupled},
-            "input": [tensor(t, lt) for t in _CLIENT_INPUTS],
-            "output": [tensor(t, lt) for t in _CLIENT_OUTPUTS],
-            "instance_group": cpu_instances(opts.triton_instance_count),
-            "parameters": string_params({
-                "preprocessing_model_name": PREPROCESSING,
-                "tensorrt_llm_model_name": TENSORRT_LLM,
-                "postprocessing_model_name": POSTPROCESSING,
-                # BLS tensor name → (model, that model's tensor name), read by its model.py
-                "input_routes": json.dumps({n: list(r) for n, _, _, _, r in _CLIENT_INPUTS},
-                                           sort_keys=True)}),
-        }
-    return cfgs
+
+
+def _bls(lt, opts: TritonOptions, batch: int) -> dict:
+    return {
+        "name": BLS, "backend": "python", "max_batch_size": batch,
+        "model_transaction_policy": {"decoupled": opts.decoupled},
+        "input": [tensor(t, lt) for t in _CLIENT_INPUTS],
+        "output": [tensor(t, lt) for t in _CLIENT_OUTPUTS],
+        "instance_group": cpu_instances(opts.triton_instance_count),
+        "parameters": string_params({
+            "preprocessing_model_name": PREPROCESSING,
+            "tensorrt_llm_model_name": TENSORRT_LLM,
+            "postprocessing_model_name": POSTPROCESSING,
+            # BLS tensor name -> (model, that model's tensor name), read by its model.py
+            "input_routes": json.dumps({n: list(r) for n, _, _, _, r in _CLIENT_INPUTS},
+                                       sort_keys=True)}),
+    }
 
 
 def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict | None,
@@ -260,14 +284,8 @@ def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict
     Returns ``out_dir``. Raises UserError (one line) for bad inputs.
     """
     opts = TritonOptions.from_any(options).for_target("engine")
-    if engine_config is None:  # the engines exist already: read their config.json
-        cfg_path = Path(engine_dir) / "config.json"
-        try:
-            engine_config = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{cfg_path}: cannot read the engine config ({e}); build the engines "
-                            f"first or pass the checkpoint config") from None
-    engine = read_engine_config(engine_config)
+    engine = read_engine_config(engine_config if engine_config is not None
+                                else _built_engine_config(engine_dir))
     check_batching(engine, opts.batching_strategy)
     tok_dir = check_tokenizer(tokenizer_dir or opts.tokenizer_dir, engine.vocab_size)
     batch = opts.triton_max_batch_size or min(64, engine.max_batch_size)
@@ -299,25 +317,39 @@ def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict
             rank_file=posixpath.join(engine_path, "rank{rank}.engine"),
             missing_hint="build the engines first (build_engine --from-checkpoint on a GPU host "
                          "with TensorRT-LLM <= 1.2)")
-        write_file(tmp / LAUNCH_SCRIPT, script,
-               executable=True)
-        info = {
-            "generated_by": "build_engine (builders/triton)",
-            "target": "engine", "layout": "tensorrtllm_backend all_models/inflight_batcher_llm",
-            "model_repository": repo, "models": sorted(cfgs),
-            "engine_dir": engine_path, "tokenizer_dir": tokenizer_path,
-            "world_size": engine.world_size, "tp_size": engine.tp, "pp_size": engine.pp,
-            "architecture": engine.architecture, "dtype": engine.dtype,
-            "triton_max_batch_size": batch, "engine_max_batch_size": engine.max_batch_size,
-            "max_input_len": engine.max_input_len, "max_seq_len": engine.max_seq_len,
-            "logits_datatype": engine.logits_type, **tokens,
-            "launch": launch_command(repo, engine.world_size),
-            "launch_slurm": slurm_launch_command(repo, engine.world_size),
-            "requests": requests, "external_paths": sorted(paths.external),
-            "options": opts.as_dict(),
-        }
+        write_file(tmp / LAUNCH_SCRIPT, script, executable=True)
+        info = _repo_info(engine, opts, repo, cfgs, engine_path, tokenizer_path, batch, tokens,
+                          requests, paths)
         write_file(tmp / REPO_INFO, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
     return write_atomically(out_dir, opts, build)
 
 
+def _built_engine_config(engine_dir) -> dict:
+    """The engines exist already: their config.json."""
+    cfg_path = Path(engine_dir) / "config.json"
+    try:
+        return json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg_path}: cannot read the engine config ({e}); build the engines "
+                        f"first or pass the checkpoint config") from None
+
+
+def _repo_info(engine: EngineInfo, opts: TritonOptions, repo, cfgs: dict, engine_path: str,
+               tokenizer_path: str, batch: int, tokens: dict, requests: list, paths) -> dict:
+    """triton_repo.json: what was written and how to launch it."""
+    return {
+        "generated_by": "build_engine (builders/triton)",
+        "target": "engine", "layout": "tensorrtllm_backend all_models/inflight_batcher_llm",
+        "model_repository": repo, "models": sorted(cfgs),
+        "engine_dir": engine_path, "tokenizer_dir": tokenizer_path,
+        "world_size": engine.world_size, "tp_size": engine.tp, "pp_size": engine.pp,
+        "architecture": engine.architecture, "dtype": engine.dtype,
+        "triton_max_batch_size": batch, "engine_max_batch_size": engine.max_batch_size,
+        "max_input_len": engine.max_input_len, "max_seq_len": engine.max_seq_len,
+        "logits_datatype": engine.logits_type, **tokens,
+        "launch": launch_command(repo, engine.world_size),
+        "launch_slurm": slurm_launch_command(repo, engine.world_size),
+        "requests": requests, "external_paths": sorted(paths.external),
+        "options": opts.as_dict(),
+    }
