@@ -115,62 +115,21 @@ class QuantSpec:
                calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN,
                calib_batch_size: int = DEFAULT_CALIB_BATCH_SIZE) -> "QuantSpec":
         """Build and validate a spec from TensorRT-LLM names (what ``from_args`` calls)."""
-        valid = (None,) + ALL_ALGOS
-        if quant_algo not in valid:
-            raise UserError(f"unknown quant_algo {quant_algo!r}; supported: "
-                            f"{', '.join(str(a) for a in valid)}")
-        if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise UserError(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported; choose int8 or fp8")
-        kv = KV_CACHE_DTYPES.get(kv_cache_dtype) if kv_cache_dtype else None
-
-        # Combinations TensorRT-LLM has no recipe for.
-        if quant_algo == FP8 and kv == "INT8":
-            raise UserError(
-                "--fp8 with --kv-cache-dtype int8 is not supported: TensorRT-LLM's FP8 recipe pairs "
-                "FP8 GEMMs with an FP8 KV cache (FP8 context FMHA); use --kv-cache-dtype fp8")
-
-        alpha, search = None, False
-        if quant_algo in (SMOOTHQUANT, *SQ_PLUGIN):
-            if smoothquant_alpha == "auto":
-                if quant_algo == SMOOTHQUANT:
-                    raise UserError("--smoothquant auto searches alpha for TensorRT-LLM's recipe only; give "
-                                    "--sq-recipe modelopt a number (default 1.0) or drop --sq-recipe")
-                search = True
-            else:
-                default = DEFAULT_SMOOTHQUANT_ALPHA if quant_algo == SMOOTHQUANT else DEFAULT_SQ_PLUGIN_ALPHA
-                alpha = default if smoothquant_alpha is None else float(smoothquant_alpha)
-                if not (0.0 <= alpha <= 1.0):
-                    raise UserError(f"--smoothquant alpha must be in [0, 1], got {alpha}")
-            if quant_algo in SQ_PLUGIN and kv == "FP8":
-                raise UserError("--kv-cache-dtype fp8 with TensorRT-LLM's SmoothQuant recipe: its converter "
-                                "writes a placeholder FP8 KV scale of 1.0; use --kv-cache-dtype int8, or "
-                                "--sq-recipe modelopt for a calibrated FP8 KV cache")
-        elif smoothquant_alpha is not None:
-            raise UserError("a SmoothQuant alpha was given without --smoothquant")
+        kv = _check_algo_and_kv(quant_algo, kv_cache_dtype)
+        alpha, search = _smoothquant_alpha(quant_algo, smoothquant_alpha, kv)
         if max_ppl_increase is not None and not (max_ppl_increase >= 0 and math.isfinite(max_ppl_increase)):
             raise UserError(f"--max-ppl-increase must be a percentage >= 0, got {max_ppl_increase}")
-
-        group_size = None
-        if awq_block_size is not None and quant_algo != W4A16_AWQ:
-            raise UserError("--awq-block-size only applies to --awq; add --awq or drop it")
-        if quant_algo == W4A16_AWQ:
-            group_size = DEFAULT_AWQ_GROUP_SIZE if awq_block_size is None else int(awq_block_size)
-            if group_size not in AWQ_GROUP_SIZES:
-                raise UserError(f"--awq-block-size {group_size} is not supported by TensorRT-LLM's "
-                                f"INT4 group-wise kernels; use one of {', '.join(map(str, AWQ_GROUP_SIZES))}")
-
+        group_size = _awq_group_size(quant_algo, awq_block_size)
         for name, value in (("--calib-size", calib_size), ("--calib-seq-len", calib_seq_len),
                             ("--calib-batch-size", calib_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UserError(f"{name} must be a positive integer, got {value}")
-
         if quant_algo in WEIGHT_ONLY_ALGOS:
             exclude = TRTLLM_DEFAULT_EXCLUDE_MODULES
         elif quant_algo in MODELOPT_ALGOS:
             exclude = MODELOPT_EXCLUDE_MODULES
         else:
             exclude = None  # modelopt (and TensorRT-LLM's plugin SQ converter) write none / null
-
         spec = cls(
             quant_algo=quant_algo,
             kv_cache_quant_algo=kv,
@@ -374,3 +333,55 @@ def check_kv_head_duplication(spec: QuantSpec, num_kv_heads: int, tp: int) -> No
         raise UserError(f"--smoothquant with --tp {tp} needs at least {tp} KV heads (the model has "
                         f"{num_kv_heads}): per-channel k/v scales cannot be duplicated across ranks; "
                         f"use --tp {num_kv_heads} or less, or another format")
+
+
+def _check_algo_and_kv(quant_algo: str | None, kv_cache_dtype: str | None) -> str | None:
+    """The KV cache's quant_algo, after refusing unknown names and combinations TensorRT-LLM has
+    no recipe for."""
+    valid = (None,) + ALL_ALGOS
+    if quant_algo not in valid:
+        raise UserError(f"unknown quant_algo {quant_algo!r}; supported: "
+                        f"{', '.join(str(a) for a in valid)}")
+    if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise UserError(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported; choose int8 or fp8")
+    kv = KV_CACHE_DTYPES.get(kv_cache_dtype) if kv_cache_dtype else None
+    if quant_algo == FP8 and kv == "INT8":
+        raise UserError(
+            "--fp8 with --kv-cache-dtype int8 is not supported: TensorRT-LLM's FP8 recipe pairs "
+            "FP8 GEMMs with an FP8 KV cache (FP8 context FMHA); use --kv-cache-dtype fp8")
+    return kv
+
+
+def _smoothquant_alpha(quant_algo: str | None, value, kv: str | None) -> tuple[float | None, bool]:
+    """(alpha, search per layer) of a SmoothQuant recipe; (None, False) for the other formats."""
+    if quant_algo not in (SMOOTHQUANT, *SQ_PLUGIN):
+        if value is not None:
+            raise UserError("a SmoothQuant alpha was given without --smoothquant")
+        return None, False
+    if value == "auto":
+        if quant_algo == SMOOTHQUANT:
+            raise UserError("--smoothquant auto searches alpha for TensorRT-LLM's recipe only; give "
+                            "--sq-recipe modelopt a number (default 1.0) or drop --sq-recipe")
+        alpha, search = None, True
+    else:
+        default = DEFAULT_SMOOTHQUANT_ALPHA if quant_algo == SMOOTHQUANT else DEFAULT_SQ_PLUGIN_ALPHA
+        alpha, search = (default if value is None else float(value)), False
+        if not (0.0 <= alpha <= 1.0):
+            raise UserError(f"--smoothquant alpha must be in [0, 1], got {alpha}")
+    if quant_algo in SQ_PLUGIN and kv == "FP8":
+        raise UserError("--kv-cache-dtype fp8 with TensorRT-LLM's SmoothQuant recipe: its converter "
+                        "writes a placeholder FP8 KV scale of 1.0; use --kv-cache-dtype int8, or "
+                        "--sq-recipe modelopt for a calibrated FP8 KV cache")
+    return alpha, search
+
+
+def _awq_group_size(quant_algo: str | None, awq_block_size: int | None) -> int | None:
+    if awq_block_size is not None and quant_algo != W4A16_AWQ:
+        raise UserError("--awq-block-size only applies to --awq; add --awq or drop it")
+    if quant_algo != W4A16_AWQ:
+        return None
+    group_size = DEFAULT_AWQ_GROUP_SIZE if awq_block_size is None else int(awq_block_size)
+    if group_size not in AWQ_GROUP_SIZES:
+        raise UserError(f"--awq-block-size {group_size} is not supported by TensorRT-LLM's "
+                        f"INT4 group-wise kernels; use one of {', '.join(map(str, AWQ_GROUP_SIZES))}")
+    return group_size
