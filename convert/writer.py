@@ -7,8 +7,10 @@ gives the same bytes.
 
 Hot path (``iter_chunks(..., spans=True)`` into ``write_file``): a run of rows that needs no
 conversion (same dtype, all columns) is a ``FileSpan``; rows that need a column slice
-(row-parallel weights) or a dtype change are read with ``pread`` into one reused buffer and
-converted/compacted into another, so no chunk is allocated per step. Files are written with
+(row-parallel weights, zero columns of padded heads) or a dtype change are read with ``pread``
+into one reused buffer and compacted (as bytes, numpy) or converted (torch, imported only then)
+into another, so no chunk is allocated per step and a float conversion without casts never
+imports torch. Zero padding is a ``ByteChunk`` of zero bytes. Files are written with
 ``O_DIRECT`` (spans are ``pread`` into aligned staging buffers that a thread writes out), which on
 the VM measured in BENCHMARKS.md is 2-4x faster than going through the page cache. Every staging
 buffer is also fed to a sha256 on another thread, and the digest is recorded (convert.digests)
@@ -35,25 +37,23 @@ import struct
 import threading
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from . import digests
+from .dtypes import DType, as_dtype
 
-ST_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
 CHUNK_BYTES = 16 * 2**20
 # Direct I/O: "auto" and "1" (every file, where the file system takes it), "0" (never); the
 # environment variable BUILD_ENGINE_DIRECT_IO overrides it.
 DIRECT_IO = "auto"
 DIRECT_BUFFER = 8 * 2**20
 DIRECT_ALIGN = 4096
+# Same-dtype column slices and zero padding are moved as bytes (numpy), so a float conversion
+# never imports torch; False: through torch, as dtype casts are (tests compare the two).
+BYTE_COPIES = True
 
 
-def nbytes(shape, dtype: torch.dtype) -> int:
+def nbytes(shape, dtype) -> int:
     n = 1
     for d in shape:
         n *= d
@@ -65,7 +65,7 @@ def header_bytes(tensors) -> bytes:
     header, offset = {}, 0
     for t in tensors:
         size = nbytes(t.shape, t.dtype)
-        header[t.name] = {"dtype": ST_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+        header[t.name] = {"dtype": as_dtype(t.dtype).st, "shape": list(t.shape),
                           "data_offsets": [offset, offset + size]}
         offset += size
     header["__metadata__"] = {"format": "pt"}
@@ -79,11 +79,17 @@ class FileSpan:
 
     __slots__ = ("fd", "offset", "nbytes", "dtype")
 
-    def __init__(self, fd: int, offset: int, nbytes: int, dtype: torch.dtype):
+    def __init__(self, fd: int, offset: int, nbytes: int, dtype: DType):
         self.fd, self.offset, self.nbytes, self.dtype = fd, offset, nbytes, dtype
 
 
-_ZEROS: dict[torch.dtype, torch.Tensor] = {}
+class ByteChunk:
+    """Bytes in the planned layout and dtype (a reused buffer: valid until the next chunk)."""
+
+    __slots__ = ("data", "dtype")
+
+    def __init__(self, data: memoryview, dtype: DType):
+        self.data, self.dtype = data, dtype
 
 
 class _BufferPool:
@@ -92,42 +98,46 @@ class _BufferPool:
     the process's memory stays flat whatever the model size."""
 
     def __init__(self):
-        self._free: list[torch.Tensor] = []
+        self._free: list[np.ndarray] = []
 
     @contextlib.contextmanager
     def take(self, nbytes: int):
-        fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+        fits = [i for i, b in enumerate(self._free) if b.size >= nbytes]
         if fits:
-            best = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+            best = self._free.pop(min(fits, key=lambda i: self._free[i].size))
         else:
-            best = torch.empty(nbytes, dtype=torch.uint8)
+            best = np.empty(nbytes, dtype=np.uint8)
         try:
             yield best[:nbytes]
         finally:
             self._free.append(best)
-            self._free = sorted(self._free, key=lambda b: -b.numel())[:4]
+            self._free = sorted(self._free, key=lambda b: -b.size)[:4]
 
 
 _BUFFERS = _BufferPool()
+_ZERO_BYTES = [memoryview(b"")]
 
 
-def _zeros(n_elems: int, dtype: torch.dtype) -> torch.Tensor:
-    z = _ZEROS.get(dtype)
-    if z is None or z.numel() < n_elems:
-        z = _ZEROS[dtype] = torch.zeros(max(n_elems, 2**20), dtype=dtype)
-    return z[:n_elems]
+def _zero_bytes(n: int) -> memoryview:
+    if len(_ZERO_BYTES[0]) < n:
+        _ZERO_BYTES[0] = memoryview(bytes(max(n, 2**20)))
+    return _ZERO_BYTES[0][:n]
 
 
-def iter_chunks(source, piece, dtype: torch.dtype, max_bytes: int = CHUNK_BYTES, *,
-                spans: bool = False):
-    """Yield ``piece`` (a convert.shard.Piece) as tensors of ``dtype``, a few rows at a time.
+def _torch_view(buf: np.ndarray, dtype: DType, shape):
+    """``buf`` (uint8) as a torch tensor of ``dtype`` and ``shape`` (same memory)."""
+    import torch
 
-    With ``spans=True`` (for ``write_file``), chunks may also be ``FileSpan``s, and a yielded
-    tensor is only valid until the next one is asked for (buffers are reused).
+    return torch.from_numpy(buf).view(dtype.torch).view(*shape)
+
+
+def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, spans: bool = False):
+    """Yield ``piece`` (a convert.shard.Piece) in ``dtype`` (a DType or torch dtype), a few rows
+    at a time: torch tensors, or with ``spans=True`` (for ``write_file``) also ``FileSpan``s and
+    ``ByteChunk``s, which need no torch; a yielded chunk is then only valid until the next one is
+    asked for (buffers are reused).
     """
-    if getattr(piece, "pad_cols", 0):
-        yield from _with_zero_columns(source, piece, dtype, max_bytes)
-        return
+    dtype = as_dtype(dtype)
     rows = piece.shape[0]
     row_elems = 1
     for d in piece.shape[1:]:
@@ -137,22 +147,27 @@ def iter_chunks(source, piece, dtype: torch.dtype, max_bytes: int = CHUNK_BYTES,
     if piece.source is None:
         for a in range(0, rows, step):
             n = min(step, rows - a)
-            if spans:
-                yield _zeros(n * row_elems, dtype).view(n, *piece.shape[1:])
+            if spans and BYTE_COPIES:
+                yield ByteChunk(_zero_bytes(n * row_elems * dtype.itemsize), dtype)
             else:
-                yield torch.zeros((n, *piece.shape[1:]), dtype=dtype)
+                import torch
+
+                yield torch.zeros((n, *piece.shape[1:]), dtype=dtype.torch)
         return
     first = piece.index[0] if piece.index else slice(None)
     start = first.start or 0
     rest = tuple(piece.index[1:])
-    if spans and hasattr(source, "span") and hasattr(source, "read_rows_into"):
+    if spans and hasattr(source, "span") and hasattr(source, "read_rows_bytes"):
         fast = _fast_chunks(source, piece, dtype, start, rest, max_bytes)
         if fast is not None:
             yield from fast
             return
+    if getattr(piece, "pad_cols", 0):
+        yield from _with_zero_columns(source, piece, dtype, max_bytes)
+        return
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        yield source.read(piece.source, (slice(start + a, start + b), *rest)).to(dtype)
+        yield source.read(piece.source, (slice(start + a, start + b), *rest)).to(dtype.torch)
 
 
 def _with_zero_columns(source, piece, dtype, max_bytes):
@@ -160,18 +175,22 @@ def _with_zero_columns(source, piece, dtype, max_bytes):
     chunk by chunk, each followed by the zeros (small tensors: one layer's attention.dense)."""
     import dataclasses
 
+    import torch
+
     rows, cols = piece.shape
     inner = dataclasses.replace(piece, shape=(rows, cols - piece.pad_cols), pad_cols=0)
     for chunk in iter_chunks(source, inner, dtype, max_bytes):
-        yield torch.cat([chunk, torch.zeros((chunk.shape[0], piece.pad_cols), dtype=dtype)], dim=1)
+        yield torch.cat([chunk, torch.zeros((chunk.shape[0], piece.pad_cols), dtype=chunk.dtype)],
+                        dim=1)
 
 
-def _fast_chunks(source, piece, dtype, start, rest, max_bytes):
+def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
     """Chunks of a piece whose index is (rows[, columns of a 2-D tensor]); None otherwise."""
     full = tuple(source.shape(piece.source))
     src_dtype = source.dtype(piece.source)
     rows = piece.shape[0]
-    if not full or len(rest) > 1 or (rest and len(full) != 2):
+    pad = getattr(piece, "pad_cols", 0)
+    if not full or len(rest) > 1 or (rest and len(full) != 2) or (pad and len(full) != 2):
         return None
     if rest:
         s = rest[0]
@@ -181,8 +200,11 @@ def _fast_chunks(source, piece, dtype, start, rest, max_bytes):
         cols = (c0, c1) if (c0, c1) != (0, full[1]) else None
     else:
         cols = None
-    if tuple(piece.shape[1:]) != ((c1 - c0,) if cols else tuple(full[1:])):
+    kept = (c1 - c0,) if cols else tuple(full[1:])
+    if tuple(piece.shape[1:]) != ((kept[0] + pad,) if pad else kept):
         return None
+    if pad and cols is None:
+        cols = (0, full[1])
     src_row = 1
     for d in full[1:]:
         src_row *= d
@@ -190,6 +212,7 @@ def _fast_chunks(source, piece, dtype, start, rest, max_bytes):
         return None
     if rows == 0:
         return iter(())
+    same = src_dtype == dtype
 
     def copy_spans():
         fd, base = source.span(piece.source)
@@ -200,24 +223,38 @@ def _fast_chunks(source, piece, dtype, start, rest, max_bytes):
             yield FileSpan(fd, base + (start + a) * row_bytes, n * row_bytes, dtype)
 
     def converted():
-        # rows are read whole (contiguous in the file) into `raw`, then sliced/converted into `out`
+        # rows are read whole (contiguous in the file) into `raw`, then sliced (as bytes) or
+        # converted (torch) into `out`, whose rows end in the zero columns of `pad`
         step = max(1, max_bytes // max(1, src_row * max(src_dtype.itemsize, dtype.itemsize)))
         step = min(step, rows)
         out_row = 1
         for d in piece.shape[1:]:
             out_row *= d
-        with _BUFFERS.take(step * src_row * src_dtype.itemsize) as raw_bytes, \
-                _BUFFERS.take(step * out_row * dtype.itemsize) as out_bytes:
-            raw = raw_bytes.view(src_dtype).view(step, *full[1:])
-            out = out_bytes.view(dtype).view(step, *piece.shape[1:])
+        isz, osz = src_dtype.itemsize, dtype.itemsize
+        with _BUFFERS.take(step * src_row * isz) as raw_bytes, \
+                _BUFFERS.take(step * out_row * osz) as out_bytes:
+            raw = raw_bytes.reshape(step, src_row * isz)
+            out = out_bytes.reshape(step, out_row * osz)
+            a0, a1 = (cols[0] * isz, cols[1] * isz) if cols else (0, src_row * isz)
+            kept = (a1 - a0) // isz * osz  # bytes of kept columns in an output row
+            if pad:
+                out[:, kept:] = 0
+            if not (same and BYTE_COPIES):
+                src_view = _torch_view(raw_bytes, src_dtype, (step, *full[1:]))
+                dst_view = _torch_view(out_bytes, dtype, (step, *piece.shape[1:]))
+                c0, c1 = (a0 // isz, a1 // isz)
             for a in range(0, rows, step):
                 n = min(step, rows - a)
-                source.read_rows_into(piece.source, start + a, raw[:n])
-                view = raw[:n, cols[0]:cols[1]] if cols else raw[:n]
-                out[:n].copy_(view)
-                yield out[:n]
+                source.read_rows_bytes(piece.source, start + a, raw[:n].reshape(-1).data)
+                if same and BYTE_COPIES:
+                    out[:n, :kept] = raw[:n, a0:a1]
+                elif len(full) == 2:
+                    dst_view[:n, :c1 - c0].copy_(src_view[:n, c0:c1])
+                else:
+                    dst_view[:n].copy_(src_view[:n])
+                yield ByteChunk(out[:n].reshape(-1).data, dtype)
 
-    if cols is None and src_dtype == dtype:
+    if cols is None and same:
         return copy_spans()
     return converted()
 
@@ -473,8 +510,9 @@ def wait_durable(raise_errors: bool = True) -> None:
 
 
 def write_file(path: Path, tensors, produce, on_bytes=None, then=None) -> None:
-    """Write ``tensors`` (with name/shape/dtype) to ``path``; ``produce(t)`` yields t's chunks
-    (tensors, or ``FileSpan``s copied as they are).
+    """Write ``tensors`` (with name/shape/dtype, a DType or torch dtype) to ``path``;
+    ``produce(t)`` yields t's chunks (torch tensors, or ``FileSpan``s / ``ByteChunk``s written as
+    they are).
 
     ``on_bytes(n)`` is called as data is written (progress). Each chunk's size is checked, so a
     wrong plan cannot produce a file whose header lies. The file is fsynced before returning; with
@@ -487,14 +525,20 @@ def write_file(path: Path, tensors, produce, on_bytes=None, then=None) -> None:
         sink.write(memoryview(header))
         for t in tensors:
             want = nbytes(t.shape, t.dtype)
+            planned = as_dtype(t.dtype)
             done = 0
             for chunk in produce(t):
-                if chunk.dtype != t.dtype:
+                if as_dtype(chunk.dtype) != planned:
                     raise AssertionError(f"{t.name}: produced {chunk.dtype}, planned {t.dtype}")
                 if isinstance(chunk, FileSpan):
                     sink.copy(chunk)
                     n = chunk.nbytes
-                else:
+                elif isinstance(chunk, ByteChunk):
+                    sink.write(chunk.data)
+                    n = len(chunk.data)
+                else:  # a torch tensor (so torch is imported already)
+                    import torch
+
                     data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
                     sink.write(memoryview(data))
                     n = data.nbytes
