@@ -325,14 +325,16 @@ class _BufferedSink:
 
 class _DirectSink:
     """Appends to an ``O_DIRECT`` fd through aligned staging buffers, hashed by one thread and
-    written out by another.
+    written out by another, side by side.
 
     Source spans are ``pread`` straight into the staging buffer (one copy out of the page cache)
     and go to the disk by DMA: no page-cache copy, allocation or writeback of the output, which on
     a VM costs more CPU than the disk takes to write it (see BENCHMARKS.md). The main thread fills
-    one buffer while the hash thread updates the file's sha256 with the previous one and the
-    writer thread writes the one before (hashlib and write release the GIL). The tail is padded
-    to the alignment and the file truncated to its real length on close.
+    one buffer while the hash thread updates the file's sha256 and the writer thread writes the
+    ones filled before, each in order and neither waiting for the other (a buffer is reused once
+    both are done with it; hashlib and write release the GIL), so the hash is never between a
+    buffer and the disk. The tail is padded to the alignment and the file truncated to its real
+    length on close.
     """
 
     def __init__(self, fd: int, buf_bytes: int | None = None, nbufs: int = 4):
@@ -342,6 +344,8 @@ class _DirectSink:
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._to_hash: queue.SimpleQueue = queue.SimpleQueue()
         self._full: queue.SimpleQueue = queue.SimpleQueue()
+        self._users: dict[int, int] = {}  # id(buffer) -> threads still using it (hash, write)
+        self._lock = threading.Lock()
         for b in self._bufs[1:]:
             self._free.put(b)
         self._cur, self._view, self._pos = self._bufs[0], memoryview(self._bufs[0]), 0
@@ -352,16 +356,23 @@ class _DirectSink:
         for t in self._threads:
             t.start()
 
+    def _release(self, buf) -> None:
+        with self._lock:
+            left = self._users[id(buf)] = self._users[id(buf)] - 1
+        if not left:
+            self._free.put(buf)
+
     def _run_hash(self) -> None:
         while True:
             item = self._to_hash.get()
             if item is None:
-                self._full.put(None)
                 return
-            buf, n, real = item
-            with memoryview(buf) as view:
-                self._hash.update(view[:real])  # the padding of the tail is not the file's
-            self._full.put((buf, n))
+            buf, real = item
+            try:
+                with memoryview(buf) as view:
+                    self._hash.update(view[:real])  # the padding of the tail is not the file's
+            finally:
+                self._release(buf)
 
     def _run(self) -> None:
         while True:
@@ -376,7 +387,7 @@ class _DirectSink:
             except BaseException as e:  # surfaced in the main thread at its next call
                 self._error = e
             finally:
-                self._free.put(buf)
+                self._release(buf)
 
     def _write(self, data: memoryview) -> None:
         try:
@@ -395,7 +406,10 @@ class _DirectSink:
 
     def _submit(self, n: int, real: int | None = None) -> None:
         self._check()
-        self._to_hash.put((self._cur, n, n if real is None else real))
+        with self._lock:
+            self._users[id(self._cur)] = 2
+        self._to_hash.put((self._cur, n if real is None else real))
+        self._full.put((self._cur, n))
         self._cur = self._free.get()
         self._view, self._pos = memoryview(self._cur), 0
 
@@ -443,6 +457,7 @@ class _DirectSink:
 
     def _stop(self) -> None:
         self._to_hash.put(None)
+        self._full.put(None)
         for t in self._threads:
             t.join()
         self._view.release()
