@@ -1,6 +1,6 @@
 """A float conversion without casts (fp16 -> fp16, bf16 -> bf16; tp, pp, head and vocabulary
 padding, --ranks) runs without importing torch or transformers, and writes the same bytes as the
-torch path (``writer.BYTE_COPIES = False``: column slices and zero padding through torch, as dtype
+torch path (``chunks.BYTE_COPIES = False``: column slices and zero padding through torch, as dtype
 casts go)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from convert import writer
+from convert import chunks
 from convert.convert import convert_checkpoint
 from convert.dtypes import BY_ST, as_dtype
 
@@ -78,12 +78,12 @@ def test_float_cli_imports_neither_torch_nor_transformers(tmp_path, case):
 
 
 def _convert_torch_path(hf, out, **kw):
-    old = writer.BYTE_COPIES
-    writer.BYTE_COPIES = False
+    old = chunks.BYTE_COPIES
+    chunks.BYTE_COPIES = False
     try:
         convert_checkpoint(hf, out, progress=False, **kw)
     finally:
-        writer.BYTE_COPIES = old
+        chunks.BYTE_COPIES = old
 
 
 def assert_same_files(a, b):
@@ -103,8 +103,8 @@ def assert_same_files(a, b):
 def test_byte_copies_equal_torch_copies(tmp_path, monkeypatch, src, dtype, tp, pp, kw):
     hf = make(tmp_path, "hf", dtype=src, **kw)
     calls = []
-    real = writer._torch_view
-    monkeypatch.setattr(writer, "_torch_view", lambda *a: calls.append(1) or real(*a))
+    real = chunks._torch_view
+    monkeypatch.setattr(chunks, "_torch_view", lambda *a: calls.append(1) or real(*a))
     convert_checkpoint(hf, tmp_path / "bytes", tp=tp, pp=pp, dtype=dtype, progress=False)
     torch_views = len(calls)
     _convert_torch_path(hf, tmp_path / "torch", tp=tp, pp=pp, dtype=dtype)
