@@ -136,9 +136,9 @@ def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
 class InputHashing:
     """:func:`describe_inputs` started in a background thread, so hashing the model's shards
     overlaps the conversion (which waits on the disk most of the time) instead of following it.
-    One thread: at the disk's pace the conversion keeps about half a core busy (its copy and the
-    outputs' sha256), so on a 2-core machine one hashing core finishes within the conversion
-    while one hashing thread per core would take the CPU the copy needs. Pass it as ``inputs=``
+    One thread: at the disk's write pace the conversion needs about half a core (its copy and
+    the outputs' sha256, by estimate), so on a 2-core machine one hashing thread can finish within
+    the conversion, while one per core would take the CPU the copy needs. Pass it as ``inputs=``
     to :func:`write_manifest`; ``result()`` waits for it."""
 
     def __init__(self, inputs: dict):
