@@ -5,7 +5,7 @@ A run of rows that needs no conversion (same dtype, all columns) is a ``FileSpan
 are: the sink copies them file to file or ``pread``s them into its staging buffer). Rows that need a
 column slice (row-parallel weights, zero columns of padded heads) or a dtype change are read with
 ``pread`` into one reused buffer and compacted as bytes (numpy) or converted (torch, imported only
-then) into another: a ``ByteChunk``. Zero padding is a ``ByteChunk`` of zero bytes. So no chunk is
+then; exact widenings fp16/bf16 -> fp32 in numpy) into another: a ``ByteChunk``. Zero padding is a ``ByteChunk`` of zero bytes. So no chunk is
 allocated per step, and a float conversion without casts never imports torch (``BYTE_COPIES``).
 """
 from __future__ import annotations
@@ -77,6 +77,23 @@ def _torch_view(buf: np.ndarray, dtype: DType, shape):
     import torch
 
     return torch.from_numpy(buf).view(dtype.torch).view(*shape)
+
+
+def _widen(src: DType, dst: DType):
+    """The exact widening casts (fp16/bf16 -> fp32, e.g. a Mixtral router written in float32) in
+    numpy, bit for bit what torch gives: ``f(raw_rows, out_rows, c0, c1)`` on byte rows, or None."""
+    if dst.st != "F32" or src.st not in ("F16", "BF16"):
+        return None
+
+    def f16(raw, out, c0, c1):
+        np.copyto(out.view(np.float32)[:, :c1 - c0], raw.view(np.float16)[:, c0:c1])
+
+    def bf16(raw, out, c0, c1):  # a bfloat16 is the top half of the float32 of the same value
+        dst = out.view(np.uint32)[:, :c1 - c0]
+        np.copyto(dst, raw.view(np.uint16)[:, c0:c1])
+        dst <<= 16
+
+    return f16 if src.st == "F16" else bf16
 
 
 def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, spans: bool = False):
@@ -187,15 +204,18 @@ def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
             kept = (a1 - a0) // isz * osz  # bytes of kept columns in an output row
             if pad:
                 out[:, kept:] = 0
-            if not (same and BYTE_COPIES):
+            c0, c1 = (a0 // isz, a1 // isz)
+            widen = BYTE_COPIES and _widen(src_dtype, dtype)
+            if not (same and BYTE_COPIES) and not widen:
                 src_view = _torch_view(raw_bytes, src_dtype, (step, *full[1:]))
                 dst_view = _torch_view(out_bytes, dtype, (step, *piece.shape[1:]))
-                c0, c1 = (a0 // isz, a1 // isz)
             for a in range(0, rows, step):
                 n = min(step, rows - a)
                 source.read_rows_bytes(piece.source, start + a, raw[:n].reshape(-1).data)
                 if same and BYTE_COPIES:
                     out[:n, :kept] = raw[:n, a0:a1]
+                elif widen:
+                    widen(raw[:n], out[:n], c0, c1)
                 elif len(full) == 2:
                     dst_view[:n, :c1 - c0].copy_(src_view[:n, c0:c1])
                 else:

@@ -112,7 +112,8 @@ def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None,
     shape = preflight(model_shape(hf), tp, pp, pad_heads=pad_heads, no_kv_duplication=sq)
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
     preflight_quant(quant, shape, tp, pp)
-    if shape.experts:  # quantize.moe imports torch: not on a dense model's float path
+    if shape.experts and quant is not None and quant.quant_algo is not None:
+        # quantize.moe imports torch: not on the float path (it checks quantized experts only)
         from quantize.moe import preflight_moe_quant
 
         preflight_moe_quant(quant, shape, moe)

@@ -49,7 +49,7 @@ def test_dtype_table_matches_torch_and_safetensors():
 
 
 @pytest.mark.parametrize("case", ["fp16 tp2 pp2", "bf16 tp2", "padded heads qwen2 tp2",
-                                  "ranks"])
+                                  "ranks", "mixtral bf16 moe_ep2"])
 def test_float_cli_imports_neither_torch_nor_transformers(tmp_path, case):
     if case == "bf16 tp2":
         hf, flags = make(tmp_path, "hf", dtype=torch.bfloat16), ["--tp", 2, "--dtype", "bfloat16"]
@@ -57,6 +57,9 @@ def test_float_cli_imports_neither_torch_nor_transformers(tmp_path, case):
         hf = make(tmp_path, "hf", family="qwen2", dtype=torch.float16, hidden_size=48,
                   num_attention_heads=6, num_key_value_heads=3, head_dim=8)
         flags = ["--tp", 2, "--pad-heads", "--dtype", "float16"]
+    elif case == "mixtral bf16 moe_ep2":  # the router is written in float32: an exact widening
+        hf = make(tmp_path, "hf", family="mixtral", dtype=torch.bfloat16)
+        flags = ["--tp", 2, "--moe-ep", 2, "--dtype", "bfloat16"]
     else:
         hf, flags = make(tmp_path, "hf", dtype=torch.float16), ["--tp", 2, "--pp", 2,
                                                                 "--dtype", "float16"]
@@ -71,7 +74,8 @@ def test_float_cli_imports_neither_torch_nor_transformers(tmp_path, case):
     # the same checkpoint as the torch path, byte for byte
     ref = tmp_path / "ref"
     kw = dict(tp=2, pp=1 if "pp2" not in case and case != "ranks" else 2,
-              dtype=flags[flags.index("--dtype") + 1], pad_heads="--pad-heads" in flags)
+              dtype=flags[flags.index("--dtype") + 1], pad_heads="--pad-heads" in flags,
+              moe_ep=2 if "--moe-ep" in flags else None)
     _convert_torch_path(hf, ref, **kw)
     assert_same_files(out / "checkpoint", ref)
     assert (out / "build.json").is_file()
@@ -99,6 +103,7 @@ def assert_same_files(a, b):
     (torch.bfloat16, "bfloat16", 2, 1, {}),
     (torch.float16, "float16", 4, 1, dict(num_key_value_heads=2, vocab_size=1001)),  # kv < tp
     (torch.bfloat16, "float16", 2, 1, {}),  # a cast: torch on both sides, same code
+    (torch.float16, "float16", 2, 1, dict(family="mixtral")),  # router fp16 -> fp32 in numpy
 ])
 def test_byte_copies_equal_torch_copies(tmp_path, monkeypatch, src, dtype, tp, pp, kw):
     hf = make(tmp_path, "hf", dtype=src, **kw)
@@ -111,4 +116,4 @@ def test_byte_copies_equal_torch_copies(tmp_path, monkeypatch, src, dtype, tp, p
     assert len(calls) > torch_views  # the torch path went through torch
     assert_same_files(tmp_path / "bytes", tmp_path / "torch")
     if src == as_dtype(dtype).torch:
-        assert torch_views == 0  # no cast: the slices and padding went as bytes
+        assert torch_views == 0  # no cast but widening: slices, padding, router as numpy
