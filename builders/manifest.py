@@ -107,9 +107,11 @@ def _hash_threads() -> int:
 
 
 def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
-                  suffixes: set[str] | None = None, recursive: bool = True) -> list[dict]:
+                  suffixes: set[str] | None = None, recursive: bool = True,
+                  threads: int | None = None) -> list[dict]:
     """Path, size and sha256 of the files under ``root``, sorted by path. Files are hashed in
-    parallel threads (hashlib releases the GIL on large buffers: ~1.4 GB/s per core here)."""
+    parallel threads (hashlib releases the GIL on large buffers: ~1.4 GB/s per core here;
+    ``threads``: how many, default one per core up to 4)."""
     root = Path(root)
     paths = root.rglob("*") if recursive else root.iterdir()
     chosen = []
@@ -124,7 +126,7 @@ def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
         chosen.append((rel.as_posix(), p))
     # biggest first, so one large file does not start last
     chosen.sort(key=lambda item: -item[1].stat().st_size)
-    with ThreadPoolExecutor(max_workers=_hash_threads()) as pool:
+    with ThreadPoolExecutor(max_workers=threads or _hash_threads()) as pool:
         digests = list(pool.map(lambda item: _sha256_of(item[1]), chosen))
     entries = [{"path": rel, "size": p.stat().st_size, "sha256": d}
                for (rel, p), d in zip(chosen, digests)]
@@ -134,7 +136,10 @@ def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
 class InputHashing:
     """:func:`describe_inputs` started in a background thread, so hashing the model's shards
     overlaps the conversion (which waits on the disk most of the time) instead of following it.
-    Pass it as ``inputs=`` to :func:`write_manifest`; ``result()`` waits for it."""
+    One thread: at the disk's write pace the conversion needs about half a core (its copy and
+    the outputs' sha256, by estimate), so on a 2-core machine one hashing thread can finish within
+    the conversion, while one per core would take the CPU the copy needs. Pass it as ``inputs=``
+    to :func:`write_manifest`; ``result()`` waits for it."""
 
     def __init__(self, inputs: dict):
         self._inputs, self._result, self._error = dict(inputs), None, None
@@ -144,7 +149,7 @@ class InputHashing:
 
     def _run(self) -> None:
         try:
-            self._result = describe_inputs(self._inputs)
+            self._result = describe_inputs(self._inputs, threads=1)
         except BaseException as e:  # noqa: BLE001 - re-raised by result()
             self._error = e
 
@@ -155,7 +160,7 @@ class InputHashing:
         return self._result
 
 
-def describe_inputs(inputs: dict) -> dict:
+def describe_inputs(inputs: dict, threads: int | None = None) -> dict:
     """``inputs`` with ``model_dir`` (or ``model``) expanded: its absolute path and the sha256
     and size of each weight shard, config and tokenizer file at its top level."""
     out = _jsonable(dict(inputs))
@@ -163,7 +168,8 @@ def describe_inputs(inputs: dict) -> dict:
     if key is not None and inputs[key] is not None and Path(inputs[key]).is_dir():
         model_dir = Path(inputs[key]).resolve()
         out[key] = str(model_dir)
-        out["model_files"] = _file_entries(model_dir, suffixes=_INPUT_SUFFIXES, recursive=False)
+        out["model_files"] = _file_entries(model_dir, suffixes=_INPUT_SUFFIXES, recursive=False,
+                                           threads=threads)
     return out
 
 

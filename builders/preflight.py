@@ -82,11 +82,11 @@ def quant_tokenizer(args, quant, model_dir):
     """The tokenizer that calibration and a quantized --verify (real text) need, loaded up front so
     that a model without one is refused before any work (one line, exit 2); None when not needed.
     The model's own refusals (missing config, tp/pp, format vs shapes) come first (_head_padding)."""
-    from quantize.calibrate import load_tokenizer
-
     verify_text = args.verify and quant.is_quantized
     if not (quant.needs_calibration or verify_text):
         return None
+    from quantize.calibrate import load_tokenizer  # imports torch: not on the float path
+
     if verify_text:
         return load_tokenizer(model_dir, "--verify of a quantized checkpoint (on real text)",
                               "; or drop --verify")
@@ -98,11 +98,14 @@ def memory_plan(args, quant, model_dir, out: Path, pad_heads: bool) -> None:
     2, nothing written) what this machine cannot hold."""
     from convert.convert import preflight_conversion
     from quantize import memory
-    from quantize.calibrate import resolve_device
 
     _, shape = preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant,
                                     moe_tp=args.moe_tp, moe_ep=args.moe_ep, pad_heads=pad_heads)
-    device = resolve_device(args.calib_device).type if quant.needs_calibration else "cpu"
+    device = "cpu"
+    if quant.needs_calibration:  # quantize.calibrate imports torch: not on the float path
+        from quantize.calibrate import resolve_device
+
+        device = resolve_device(args.calib_device).type
     reused = getattr(args, "calibration", None) is not None
     # mixture-of-experts models and TensorRT-LLM's plugin SmoothQuant calibrate whole (no
     # layer-wise path for experts or forward-hook range capture yet)
@@ -119,13 +122,13 @@ def calibration_run(args, out: Path, quant, tokenizer):
     """The layer-wise calibration of this build: into OUTPUT/calibration (kept: reusable with
     --calibration, resumable), or the --calibration store of an earlier build; None when the
     format needs none."""
-    from quantize.run import CalibrationRun
-
     if not quant.needs_calibration:
         if getattr(args, "calibration", None) is not None:
             raise UserError(f"--calibration applies to calibrated formats; {quant.name} needs none "
                             f"(drop --calibration)")
         return None
+    from quantize.run import CalibrationRun  # imports torch: calibrated formats only
+
     device = getattr(args, "calib_device", "auto")
     if getattr(args, "calibration", None) is not None:
         return CalibrationRun(store=Path(args.calibration), reuse=True, device=device,

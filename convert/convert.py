@@ -37,7 +37,6 @@ from .plan import rank_plan
 from .source import SourceCheckpoint
 from .writer import iter_chunks, nbytes, wait_durable, write_file
 from quantize.apply import MemoryTensor, StagedTensor, preflight_quant, vocab_multiple
-from quantize.moe import moe_exclude_modules, preflight_moe_quant
 
 FINGERPRINT = "fingerprint.json"
 
@@ -94,7 +93,8 @@ def _fingerprint(config: dict, plans, source: SourceCheckpoint, quant=None,
 def _verify_files(tmp: Path, plans) -> None:
     """Read every written file back with safetensors and compare its index with the plan."""
     for rank, plan in enumerate(plans):
-        with safe_open(str(tmp / f"rank{rank}.safetensors"), framework="pt") as f:
+        # framework="numpy": reading the index needs no torch (float conversions never import it)
+        with safe_open(str(tmp / f"rank{rank}.safetensors"), framework="numpy") as f:
             got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         want = {t.name: tuple(t.shape) for t in plan}
         if got != want:
@@ -112,7 +112,11 @@ def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None,
     shape = preflight(model_shape(hf), tp, pp, pad_heads=pad_heads, no_kv_duplication=sq)
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
     preflight_quant(quant, shape, tp, pp)
-    preflight_moe_quant(quant, shape, moe)
+    if shape.experts and quant is not None and quant.quant_algo is not None:
+        # quantize.moe imports torch: not on the float path (it checks quantized experts only)
+        from quantize.moe import preflight_moe_quant
+
+        preflight_moe_quant(quant, shape, moe)
     return hf, shape
 
 
@@ -155,6 +159,8 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     if quant is not None:
         quantization = quant.to_trtllm_quantization() if quant.is_quantized else None
         if shape.experts and quantization and "exclude_modules" in quantization:
+            from quantize.moe import moe_exclude_modules
+
             quantization["exclude_modules"] = moe_exclude_modules(quant, shape)  # + routers
     config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization,
                                moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)

@@ -19,10 +19,12 @@ The padded count is the smallest number of whole groups that tp can split (``kv 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # the padding of calibrated tensors computes with torch; the plan does not
+    import torch
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ QUANT_HEAD_AXES = {
 def pad_axis(t: torch.Tensor, spec: HeadAxis, padding: HeadPadding, name: str = "") -> torch.Tensor:
     """``t`` with its head axis grown from the real to the padded head count, new channels at the
     end filled with ``spec.value``."""
+    import torch
+
     real, padded = padding.count(spec.heads)
     size = t.shape[spec.axis]
     if (size * padded) % real:
@@ -149,6 +153,8 @@ _ROW_SCALES = ("w_quant_orig_c", "w_quant_orig_t", "y_accum_quant_c", "y_accum_q
 
 
 def _pad_sections(t: torch.Tensor, sections, padding: HeadPadding, value: float) -> torch.Tensor:
+    import torch
+
     q, k, v = t.split(list(sections))
     return torch.cat([pad_axis(q, replace(_Q_ROWS, value=value), padding),
                       pad_axis(k, replace(_KV_ROWS, value=value), padding),

@@ -8,15 +8,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
+from .dtypes import BY_NAME, DType
 from .errors import UserError
 from .families import FAMILIES, Rule
 from .hf_config import Shape, pp_layer_range
 from .moe import MoeLayout
 from .shard import RULES, Piece, RankCtx, stacked_shape
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def __getattr__(name):
+    # TORCH_DTYPES for the calibrated paths, built on first use: the float path never imports torch
+    if name == "TORCH_DTYPES":
+        return {n: BY_NAME[n].torch for n in ("float16", "bfloat16", "float32")}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,7 @@ class OutputTensor:
     name: str
     pieces: tuple[Piece, ...]
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType  # bytes-level (convert.dtypes); ``.torch`` where a transform computes
 
 
 def expected_source_shape(name: str, s: Shape) -> tuple[int, ...] | None:
@@ -78,7 +83,7 @@ def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str,
     moe = moe or MoeLayout(tp, 1)
     ctx = RankCtx(tp_rank=tp_rank, tp=tp, shape=shape, moe_tp=moe.moe_tp,
                   moe_tp_rank=moe.ranks(tp_rank)[0])
-    out_dtype = TORCH_DTYPES[dtype]
+    out_dtype = BY_NAME[dtype]
     items: list[tuple[Rule, int | None, int | None]] = []  # (rule, hf layer, local layer)
     if pp_rank == 0:
         items += [(r, None, None) for r in family.embed]
@@ -99,13 +104,13 @@ def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str,
         pieces = RULES[rule.shard](names, [source.shape(n) for n in names], ctx)
         target = rule.target.format(i=local)
         plan.append(OutputTensor(target, tuple(pieces), stacked_shape(pieces),
-                                 TORCH_DTYPES[rule.dtype] if rule.dtype else out_dtype))
+                                 BY_NAME[rule.dtype] if rule.dtype else out_dtype))
     plan.sort(key=lambda t: t.name)
     return plan
 
 
 def _expert_stack(rule: Rule, layer: int, local: int, source, shape: Shape, ctx: RankCtx,
-                  experts: range, dtype: torch.dtype) -> OutputTensor:
+                  experts: range, dtype: DType) -> OutputTensor:
     """[E_local, *one expert's rank tensor]: each expert's pieces in expert order. Row-major,
     that is the pieces stacked along dim 0, so the writer streams it piece by piece (memory
     bounded by a chunk, never by the stack)."""

@@ -9,6 +9,10 @@ process's RSS and would grow it to the size of the shards read. ``span(name)`` e
 tensor's bytes are (file descriptor, offset), so the writer can copy them file to file in the
 kernel when no conversion is needed. Indexing other than plain slices falls back to safetensors'
 ``get_slice``.
+
+Dtypes are ``convert.dtypes.DType``s (safetensors' names, item sizes): opening a checkpoint and
+reading bytes (``read_rows_bytes``) never imports torch; ``read`` and ``read_rows_into`` return or
+fill torch tensors and import it then.
 """
 from __future__ import annotations
 
@@ -17,19 +21,15 @@ import os
 import struct
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING
 
+from .dtypes import BY_ST, DType
 from .errors import UserError
 
-INDEX = "model.safetensors.index.json"
+if TYPE_CHECKING:
+    import torch
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
+INDEX = "model.safetensors.index.json"
 
 
 def read_header(path: Path) -> dict:
@@ -66,14 +66,14 @@ class SourceCheckpoint:
     def __init__(self, model_dir):
         self.dir = Path(model_dir)
         self.files = self._find_files()
-        self.meta: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
+        self.meta: dict[str, tuple[Path, tuple[int, ...], DType]] = {}
         self._offsets: dict[str, int] = {}  # name -> absolute file offset of its first byte
         for path in self.files:
             header, data_start = _read_header(path)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
-                dtype = _ST_DTYPES.get(info["dtype"])
+                dtype = BY_ST.get(info["dtype"])
                 if dtype is None:
                     raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
                 shape = tuple(info["shape"])
@@ -122,7 +122,7 @@ class SourceCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.meta[name][1]
 
-    def dtype(self, name: str) -> torch.dtype:
+    def dtype(self, name: str) -> DType:
         return self.meta[name][2]
 
     def span(self, name: str) -> tuple[int, int]:
@@ -160,18 +160,23 @@ class SourceCheckpoint:
     def read_rows_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """Fill ``out`` (contiguous, the tensor's dtype, shape ``(n, *shape[1:])``) with rows
         ``start:start+n`` of ``name``; return ``out``."""
+        if str(out.dtype) != str(self.meta[name][2]) or not out.is_contiguous():
+            raise ValueError(f"read_rows_into({name}): bad out {tuple(out.shape)} {out.dtype}")
+        self.read_rows_bytes(name, start, _byte_view(out))
+        return out
+
+    def read_rows_bytes(self, name: str, start: int, buf: memoryview) -> None:
+        """Fill ``buf`` (bytes, a whole number of rows) with rows from ``start`` of ``name``."""
         path, shape, dtype = self.meta[name]
-        row = 1
+        row = dtype.itemsize
         for d in shape[1:]:
             row *= d
-        nb = out.numel() * dtype.itemsize
-        if out.dtype != dtype or not out.is_contiguous() or start < 0 or \
-                start * row + out.numel() > row * (shape[0] if shape else 1):
-            raise ValueError(f"read_rows_into({name}): bad out {tuple(out.shape)} {out.dtype}")
+        nb = len(buf)
+        if start < 0 or (nb % row if row else nb) or \
+                start * row + nb > row * (shape[0] if shape else 1):
+            raise ValueError(f"read_rows_bytes({name}): bad buffer of {nb} bytes at row {start}")
         if nb:
-            pread_exact(self._fd(path), _byte_view(out), self._offsets[name] + start * row *
-                        dtype.itemsize, path)
-        return out
+            pread_exact(self._fd(path), buf, self._offsets[name] + start * row, path)
 
     def read(self, name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:
         fast = self._read_fast(name, index)
@@ -180,6 +185,8 @@ class SourceCheckpoint:
         path = self.meta[name][0]
         handle = self._handles.get(path)
         if handle is None:
+            from safetensors import safe_open
+
             handle = self._handles[path] = safe_open(str(path), framework="pt")
         try:
             part = handle.get_slice(name)
@@ -189,7 +196,10 @@ class SourceCheckpoint:
 
     def _read_fast(self, name: str, index) -> torch.Tensor | None:
         """Plain slices (step 1) with pread; None when the index needs the general path."""
+        import torch
+
         path, shape, dtype = self.meta[name]
+        dtype = dtype.torch
         index = tuple(index)
         if len(index) > len(shape) or not all(
                 isinstance(s, slice) and s.step in (None, 1) for s in index):
@@ -217,6 +227,8 @@ class SourceCheckpoint:
 
 def _byte_view(t: torch.Tensor) -> memoryview:
     """A writable byte view of contiguous ``t``'s storage."""
+    import torch
+
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 

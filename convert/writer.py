@@ -5,10 +5,9 @@ header depend only on shapes and dtypes, so the header is written first and each
 are streamed after it in row chunks. A file is never held in memory, and the same plan always
 gives the same bytes.
 
-Hot path (``iter_chunks(..., spans=True)`` into ``write_file``): a run of rows that needs no
-conversion (same dtype, all columns) is a ``FileSpan``; rows that need a column slice
-(row-parallel weights) or a dtype change are read with ``pread`` into one reused buffer and
-converted/compacted into another, so no chunk is allocated per step. Files are written with
+Hot path (``iter_chunks(..., spans=True)`` into ``write_file``): chunks are ``FileSpan``s (bytes
+of a source file, already in the output's layout) and ``ByteChunk``s (compacted or converted rows,
+zero padding), see convert.chunks; torch tensors are taken too. Files are written with
 ``O_DIRECT`` (spans are ``pread`` into aligned staging buffers that a thread writes out), which on
 the VM measured in BENCHMARKS.md is 2-4x faster than going through the page cache. Every staging
 buffer is also fed to a sha256 on another thread, and the digest is recorded (convert.digests)
@@ -23,7 +22,6 @@ that marks the file complete), run on a thread while the caller writes the next 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import errno
 import fcntl
 import hashlib
@@ -35,17 +33,10 @@ import struct
 import threading
 from pathlib import Path
 
-import torch
-
 from . import digests
+from .chunks import CHUNK_BYTES, ByteChunk, FileSpan, iter_chunks  # noqa: F401 (re-exported)
+from .dtypes import as_dtype
 
-ST_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-CHUNK_BYTES = 16 * 2**20
 # Direct I/O: "auto" and "1" (every file, where the file system takes it), "0" (never); the
 # environment variable BUILD_ENGINE_DIRECT_IO overrides it.
 DIRECT_IO = "auto"
@@ -53,7 +44,7 @@ DIRECT_BUFFER = 8 * 2**20
 DIRECT_ALIGN = 4096
 
 
-def nbytes(shape, dtype: torch.dtype) -> int:
+def nbytes(shape, dtype) -> int:
     n = 1
     for d in shape:
         n *= d
@@ -65,161 +56,13 @@ def header_bytes(tensors) -> bytes:
     header, offset = {}, 0
     for t in tensors:
         size = nbytes(t.shape, t.dtype)
-        header[t.name] = {"dtype": ST_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+        header[t.name] = {"dtype": as_dtype(t.dtype).st, "shape": list(t.shape),
                           "data_offsets": [offset, offset + size]}
         offset += size
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors itself pads
     return struct.pack("<Q", len(raw)) + raw
-
-
-class FileSpan:
-    """``nbytes`` bytes of an open file at ``offset``, already in the planned layout and dtype."""
-
-    __slots__ = ("fd", "offset", "nbytes", "dtype")
-
-    def __init__(self, fd: int, offset: int, nbytes: int, dtype: torch.dtype):
-        self.fd, self.offset, self.nbytes, self.dtype = fd, offset, nbytes, dtype
-
-
-_ZEROS: dict[torch.dtype, torch.Tensor] = {}
-
-
-class _BufferPool:
-    """Byte buffers reused from chunk to chunk and tensor to tensor, so the conversion path
-    allocates (and page-faults in) its buffers once per process instead of once per tensor:
-    the process's memory stays flat whatever the model size."""
-
-    def __init__(self):
-        self._free: list[torch.Tensor] = []
-
-    @contextlib.contextmanager
-    def take(self, nbytes: int):
-        fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
-        if fits:
-            best = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-        else:
-            best = torch.empty(nbytes, dtype=torch.uint8)
-        try:
-            yield best[:nbytes]
-        finally:
-            self._free.append(best)
-            self._free = sorted(self._free, key=lambda b: -b.numel())[:4]
-
-
-_BUFFERS = _BufferPool()
-
-
-def _zeros(n_elems: int, dtype: torch.dtype) -> torch.Tensor:
-    z = _ZEROS.get(dtype)
-    if z is None or z.numel() < n_elems:
-        z = _ZEROS[dtype] = torch.zeros(max(n_elems, 2**20), dtype=dtype)
-    return z[:n_elems]
-
-
-def iter_chunks(source, piece, dtype: torch.dtype, max_bytes: int = CHUNK_BYTES, *,
-                spans: bool = False):
-    """Yield ``piece`` (a convert.shard.Piece) as tensors of ``dtype``, a few rows at a time.
-
-    With ``spans=True`` (for ``write_file``), chunks may also be ``FileSpan``s, and a yielded
-    tensor is only valid until the next one is asked for (buffers are reused).
-    """
-    if getattr(piece, "pad_cols", 0):
-        yield from _with_zero_columns(source, piece, dtype, max_bytes)
-        return
-    rows = piece.shape[0]
-    row_elems = 1
-    for d in piece.shape[1:]:
-        row_elems *= d
-    row_bytes = max(1, row_elems * dtype.itemsize)
-    step = max(1, max_bytes // row_bytes)
-    if piece.source is None:
-        for a in range(0, rows, step):
-            n = min(step, rows - a)
-            if spans:
-                yield _zeros(n * row_elems, dtype).view(n, *piece.shape[1:])
-            else:
-                yield torch.zeros((n, *piece.shape[1:]), dtype=dtype)
-        return
-    first = piece.index[0] if piece.index else slice(None)
-    start = first.start or 0
-    rest = tuple(piece.index[1:])
-    if spans and hasattr(source, "span") and hasattr(source, "read_rows_into"):
-        fast = _fast_chunks(source, piece, dtype, start, rest, max_bytes)
-        if fast is not None:
-            yield from fast
-            return
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        yield source.read(piece.source, (slice(start + a, start + b), *rest)).to(dtype)
-
-
-def _with_zero_columns(source, piece, dtype, max_bytes):
-    """A 2-D piece whose last ``pad_cols`` columns are zeros (padded heads): its source columns
-    chunk by chunk, each followed by the zeros (small tensors: one layer's attention.dense)."""
-    import dataclasses
-
-    rows, cols = piece.shape
-    inner = dataclasses.replace(piece, shape=(rows, cols - piece.pad_cols), pad_cols=0)
-    for chunk in iter_chunks(source, inner, dtype, max_bytes):
-        yield torch.cat([chunk, torch.zeros((chunk.shape[0], piece.pad_cols), dtype=dtype)], dim=1)
-
-
-def _fast_chunks(source, piece, dtype, start, rest, max_bytes):
-    """Chunks of a piece whose index is (rows[, columns of a 2-D tensor]); None otherwise."""
-    full = tuple(source.shape(piece.source))
-    src_dtype = source.dtype(piece.source)
-    rows = piece.shape[0]
-    if not full or len(rest) > 1 or (rest and len(full) != 2):
-        return None
-    if rest:
-        s = rest[0]
-        if not isinstance(s, slice) or s.step not in (None, 1):
-            return None
-        c0, c1 = s.indices(full[1])[:2]
-        cols = (c0, c1) if (c0, c1) != (0, full[1]) else None
-    else:
-        cols = None
-    if tuple(piece.shape[1:]) != ((c1 - c0,) if cols else tuple(full[1:])):
-        return None
-    src_row = 1
-    for d in full[1:]:
-        src_row *= d
-    if start < 0 or start + rows > full[0]:
-        return None
-    if rows == 0:
-        return iter(())
-
-    def copy_spans():
-        fd, base = source.span(piece.source)
-        row_bytes = src_row * dtype.itemsize
-        step = max(1, max_bytes // max(1, row_bytes))
-        for a in range(0, rows, step):
-            n = min(step, rows - a)
-            yield FileSpan(fd, base + (start + a) * row_bytes, n * row_bytes, dtype)
-
-    def converted():
-        # rows are read whole (contiguous in the file) into `raw`, then sliced/converted into `out`
-        step = max(1, max_bytes // max(1, src_row * max(src_dtype.itemsize, dtype.itemsize)))
-        step = min(step, rows)
-        out_row = 1
-        for d in piece.shape[1:]:
-            out_row *= d
-        with _BUFFERS.take(step * src_row * src_dtype.itemsize) as raw_bytes, \
-                _BUFFERS.take(step * out_row * dtype.itemsize) as out_bytes:
-            raw = raw_bytes.view(src_dtype).view(step, *full[1:])
-            out = out_bytes.view(dtype).view(step, *piece.shape[1:])
-            for a in range(0, rows, step):
-                n = min(step, rows - a)
-                source.read_rows_into(piece.source, start + a, raw[:n])
-                view = raw[:n, cols[0]:cols[1]] if cols else raw[:n]
-                out[:n].copy_(view)
-                yield out[:n]
-
-    if cols is None and src_dtype == dtype:
-        return copy_spans()
-    return converted()
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -288,14 +131,16 @@ class _BufferedSink:
 
 class _DirectSink:
     """Appends to an ``O_DIRECT`` fd through aligned staging buffers, hashed by one thread and
-    written out by another.
+    written out by another, side by side.
 
     Source spans are ``pread`` straight into the staging buffer (one copy out of the page cache)
     and go to the disk by DMA: no page-cache copy, allocation or writeback of the output, which on
     a VM costs more CPU than the disk takes to write it (see BENCHMARKS.md). The main thread fills
-    one buffer while the hash thread updates the file's sha256 with the previous one and the
-    writer thread writes the one before (hashlib and write release the GIL). The tail is padded
-    to the alignment and the file truncated to its real length on close.
+    one buffer while the hash thread updates the file's sha256 and the writer thread writes the
+    ones filled before, each in order and neither waiting for the other (a buffer is reused once
+    both are done with it; hashlib and write release the GIL), so the hash is never between a
+    buffer and the disk. The tail is padded to the alignment and the file truncated to its real
+    length on close.
     """
 
     def __init__(self, fd: int, buf_bytes: int | None = None, nbufs: int = 4):
@@ -305,6 +150,8 @@ class _DirectSink:
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._to_hash: queue.SimpleQueue = queue.SimpleQueue()
         self._full: queue.SimpleQueue = queue.SimpleQueue()
+        self._users: dict[int, int] = {}  # id(buffer) -> threads still using it (hash, write)
+        self._lock = threading.Lock()
         for b in self._bufs[1:]:
             self._free.put(b)
         self._cur, self._view, self._pos = self._bufs[0], memoryview(self._bufs[0]), 0
@@ -315,16 +162,23 @@ class _DirectSink:
         for t in self._threads:
             t.start()
 
+    def _release(self, buf) -> None:
+        with self._lock:
+            left = self._users[id(buf)] = self._users[id(buf)] - 1
+        if not left:
+            self._free.put(buf)
+
     def _run_hash(self) -> None:
         while True:
             item = self._to_hash.get()
             if item is None:
-                self._full.put(None)
                 return
-            buf, n, real = item
-            with memoryview(buf) as view:
-                self._hash.update(view[:real])  # the padding of the tail is not the file's
-            self._full.put((buf, n))
+            buf, real = item
+            try:
+                with memoryview(buf) as view:
+                    self._hash.update(view[:real])  # the padding of the tail is not the file's
+            finally:
+                self._release(buf)
 
     def _run(self) -> None:
         while True:
@@ -339,7 +193,7 @@ class _DirectSink:
             except BaseException as e:  # surfaced in the main thread at its next call
                 self._error = e
             finally:
-                self._free.put(buf)
+                self._release(buf)
 
     def _write(self, data: memoryview) -> None:
         try:
@@ -358,7 +212,10 @@ class _DirectSink:
 
     def _submit(self, n: int, real: int | None = None) -> None:
         self._check()
-        self._to_hash.put((self._cur, n, n if real is None else real))
+        with self._lock:
+            self._users[id(self._cur)] = 2
+        self._to_hash.put((self._cur, n if real is None else real))
+        self._full.put((self._cur, n))
         self._cur = self._free.get()
         self._view, self._pos = memoryview(self._cur), 0
 
@@ -406,6 +263,7 @@ class _DirectSink:
 
     def _stop(self) -> None:
         self._to_hash.put(None)
+        self._full.put(None)
         for t in self._threads:
             t.join()
         self._view.release()
@@ -473,8 +331,9 @@ def wait_durable(raise_errors: bool = True) -> None:
 
 
 def write_file(path: Path, tensors, produce, on_bytes=None, then=None) -> None:
-    """Write ``tensors`` (with name/shape/dtype) to ``path``; ``produce(t)`` yields t's chunks
-    (tensors, or ``FileSpan``s copied as they are).
+    """Write ``tensors`` (with name/shape/dtype, a DType or torch dtype) to ``path``;
+    ``produce(t)`` yields t's chunks (torch tensors, or ``FileSpan``s / ``ByteChunk``s written as
+    they are).
 
     ``on_bytes(n)`` is called as data is written (progress). Each chunk's size is checked, so a
     wrong plan cannot produce a file whose header lies. The file is fsynced before returning; with
@@ -487,14 +346,20 @@ def write_file(path: Path, tensors, produce, on_bytes=None, then=None) -> None:
         sink.write(memoryview(header))
         for t in tensors:
             want = nbytes(t.shape, t.dtype)
+            planned = as_dtype(t.dtype)
             done = 0
             for chunk in produce(t):
-                if chunk.dtype != t.dtype:
+                if as_dtype(chunk.dtype) != planned:
                     raise AssertionError(f"{t.name}: produced {chunk.dtype}, planned {t.dtype}")
                 if isinstance(chunk, FileSpan):
                     sink.copy(chunk)
                     n = chunk.nbytes
-                else:
+                elif isinstance(chunk, ByteChunk):
+                    sink.write(chunk.data)
+                    n = len(chunk.data)
+                else:  # a torch tensor (so torch is imported already)
+                    import torch
+
                     data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
                     sink.write(memoryview(data))
                     n = data.nbytes

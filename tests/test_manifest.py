@@ -137,7 +137,7 @@ def test_background_input_hashing_gives_the_same_manifest(build_dir):
 def test_background_input_hashing_reraises_its_error(tmp_path, monkeypatch):
     import builders.manifest as M
 
-    def broken(inputs):
+    def broken(inputs, **kw):
         raise OSError("disk gone")
 
     monkeypatch.setattr(M, "describe_inputs", broken)
