@@ -12,6 +12,8 @@ read from its export of a transformers-4 model (tests/test_moe_quant.py compares
   float32 and is listed in ``exclude_modules``.
 * W8A16 / W4A16 (weight-only): the float experts and the quant_algo; trtllm-build quantizes the
   3-D expert weights itself (``weight_only_quantize`` transposes the last two dims for dim > 2).
+* W4A16_AWQ: ``mlp.fc`` / ``mlp.proj`` packed int4 per expert, group scales and pre-quant scales
+  stacked on dim 0 (quantize/moe_awq.py); the routers listed in ``exclude_modules`` as for FP8.
 * INT8 / FP8 KV cache: attention only, as for dense models.
 
 Calibration runs on transformers 5, where modelopt wraps the fused ``MixtralExperts``
@@ -24,10 +26,12 @@ routed a token to it: a max-calibrated weight amax is the weight's own absolute 
 used where the quantizer holds none); an activation scale is per layer, and a layer whose experts
 saw no token at all is refused naming it.
 
+INT4-AWQ: calibrated on transformers 4's per-expert block (quantize/moe_blocks.py: modelopt 0.47's
+AWQ search does not visit transformers 5's fused experts), tensors in quantize/moe_awq.py; every
+expert input per rank must hold whole AWQ groups.
+
 Refused for MoE (one line, before any work): SmoothQuant (modelopt 0.47's export fails on
-Mixtral's stacked experts, and TensorRT-LLM's MoE plugin has no INT8 SmoothQuant GEMM) and AWQ
-(modelopt 0.47's AWQ search does not visit transformers 5's fused experts: they would be written
-as plain round-to-nearest INT4 with an identity pre-quant scale, not AWQ).
+Mixtral's stacked experts, and TensorRT-LLM's MoE plugin has no INT8 SmoothQuant GEMM).
 """
 from __future__ import annotations
 

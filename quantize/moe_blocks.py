@@ -23,6 +23,7 @@ from .formats import W4A16_AWQ, QuantSpec
 
 Tensor = torch.Tensor
 
+
 class Hf4MixtralExpert(nn.Module):
     """transformers 4.57's ``MixtralBlockSparseTop2MLP``: w2(act(w1 x) * w3 x)."""
 
@@ -94,12 +95,13 @@ def unfuse_experts(model: nn.Module, spec: QuantSpec) -> nn.Module:
     fused experts are left as they are. Returns ``model``."""
     if spec.quant_algo != W4A16_AWQ:
         return model
-    blocks = [(n, m) for n, m in model.named_modules()
-              if _MLP.match(n) and isinstance(getattr(getattr(m, "experts", None), "gate_up_proj",
-                                                      None), Tensor)]
-    for name, block in blocks:
+    names = [n for n, m in model.named_modules()
+             if _MLP.match(n) and isinstance(getattr(getattr(m, "experts", None), "gate_up_proj",
+                                                     None), Tensor)]
+    for name in names:  # one layer at a time: its fused experts are freed once replaced
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Hf4MixtralSparseMoeBlock(block))
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Hf4MixtralSparseMoeBlock(getattr(parent, child)))
     return model
 
 

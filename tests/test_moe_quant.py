@@ -209,16 +209,21 @@ def test_unsupported_moe_formats_refused(tmp_path, mixtral_q, algo, flag, expect
     assert not out.exists()
 
 
-def test_weight_only_expert_shapes_refused(tmp_path):
-    """An expert GEMM TensorRT-LLM's weight-only kernels cannot take: refused before any work."""
+@pytest.mark.parametrize("inter,flags,expect", [
+    (160, ["--int8-weight-only"], "experts' mlp.proj has 160 input features per rank"),
+    (384, ["--tp", "2", "--awq"], "--awq: experts' mlp.proj input size per rank 192 is not a "
+                                  "multiple of the AWQ group size 128"),
+])
+def test_expert_shapes_refused(tmp_path, inter, flags, expect):
+    """An expert GEMM TensorRT-LLM's weight-only kernels cannot take, or AWQ groups that do not
+    tile a rank's expert input: refused before any work."""
     from examples.tiny import make_tiny_model
 
     hf_dir = tmp_path / "hf"
-    make_tiny_model(hf_dir, family="mixtral", **dict(TINY, intermediate_size=160))
+    make_tiny_model(hf_dir, family="mixtral", **dict(TINY, intermediate_size=inter))
     out = tmp_path / "out"
-    rc, _, err = run_cli("--model", hf_dir, "--output", out, "--checkpoint-only",
-                         "--int8-weight-only")
-    assert rc == 2 and "experts' mlp.proj has 160 input features per rank" in err, err
+    rc, _, err = run_cli("--model", hf_dir, "--output", out, "--checkpoint-only", *flags)
+    assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 
 
