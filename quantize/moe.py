@@ -42,7 +42,7 @@ import torch
 
 from common.errors import UserError
 
-from .formats import FP8, W4A16_AWQ, QuantSpec, check_awq_divisibility
+from .formats import AWQ_GROUP_SIZES, FP8, W4A16_AWQ, QuantSpec
 from .moe_awq import extract_awq_experts
 
 if TYPE_CHECKING:  # the converter's expert layout; only its attributes are read here
@@ -67,7 +67,15 @@ def preflight_moe_quant(spec: QuantSpec | None, shape, layout: MoeLayout) -> Non
     inter = shape.inter // layout.moe_tp
     gemms = {"experts' mlp.fc": (shape.hidden, 2 * inter), "experts' mlp.proj": (inter, shape.hidden)}
     if algo == W4A16_AWQ:  # whole AWQ groups per rank, as modelopt's export and TRT-LLM need
-        check_awq_divisibility({name: k for name, (k, _) in gemms.items()}, spec.group_size)
+        g = spec.group_size
+        for name, (k, _) in gemms.items():
+            if k % g:
+                alt = [a for a in AWQ_GROUP_SIZES if a != g and k % a == 0]
+                fix = f"a --moe-tp that keeps it a multiple of {g}" if name.endswith("proj") \
+                    else "another format"
+                raise UserError(f"--awq: {name} input size per rank {k} is not a multiple of the "
+                                f"AWQ group size {g}; choose {fix}"
+                                + (f", or --awq-block-size {alt[0]}" if alt else ""))
     if algo in _WEIGHT_ONLY:
         k_mult, n_mult = _WEIGHT_ONLY[algo]
         for name, (k, n) in gemms.items():

@@ -212,7 +212,7 @@ def test_unsupported_moe_formats_refused(tmp_path, mixtral_q, algo, flag, expect
 @pytest.mark.parametrize("inter,flags,expect", [
     (160, ["--int8-weight-only"], "experts' mlp.proj has 160 input features per rank"),
     (384, ["--tp", "2", "--awq"], "--awq: experts' mlp.proj input size per rank 192 is not a "
-                                  "multiple of the AWQ group size 128"),
+                                  "multiple of the AWQ group size 128; choose a --moe-tp"),
 ])
 def test_expert_shapes_refused(tmp_path, inter, flags, expect):
     """An expert GEMM TensorRT-LLM's weight-only kernels cannot take, or AWQ groups that do not
