@@ -343,7 +343,7 @@ def _modelopt_tensors(model_dir, shape, quant, config, calibrated_model, progres
     if model is None:
         model = calibrate(model_dir, quant, progress=progress)
     state = extract_quant_state(model, quant, dtype=dtype)
-    moe_state = extract_moe_state(model, quant) if shape.experts else {}
+    moe_state = extract_moe_state(model, quant, dtype) if shape.experts else {}
     del model
     state = pad_quant_state(state, shape.padding)  # calibrated on the real heads, then padded
     mapping = config["mapping"]

@@ -30,6 +30,7 @@ import torch
 from common.errors import UserError
 
 from .formats import FP8, SMOOTHQUANT, W4A16_AWQ, QuantSpec
+from .moe_blocks import unfuse_experts
 
 Tensor = torch.Tensor
 
@@ -178,6 +179,7 @@ def calibrate(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *
 
     model, batches, dev = calibration_inputs(hf_dir_or_model, spec, calib_text, tokenizer=tokenizer,
                                              device=device, dtype=dtype)
+    unfuse_experts(model, spec)  # AWQ: per-expert linears, as transformers 4 (quantize/moe_blocks.py)
     passes = [0]
 
     def forward_loop(m):

@@ -12,6 +12,8 @@ read from its export of a transformers-4 model (tests/test_moe_quant.py compares
   float32 and is listed in ``exclude_modules``.
 * W8A16 / W4A16 (weight-only): the float experts and the quant_algo; trtllm-build quantizes the
   3-D expert weights itself (``weight_only_quantize`` transposes the last two dims for dim > 2).
+* W4A16_AWQ: ``mlp.fc`` / ``mlp.proj`` packed int4 per expert, group scales and pre-quant scales
+  stacked on dim 0 (quantize/moe_awq.py); the routers listed in ``exclude_modules`` as for FP8.
 * INT8 / FP8 KV cache: attention only, as for dense models.
 
 Calibration runs on transformers 5, where modelopt wraps the fused ``MixtralExperts``
@@ -24,10 +26,12 @@ routed a token to it: a max-calibrated weight amax is the weight's own absolute 
 used where the quantizer holds none); an activation scale is per layer, and a layer whose experts
 saw no token at all is refused naming it.
 
+INT4-AWQ: calibrated on transformers 4's per-expert block (quantize/moe_blocks.py: modelopt 0.47's
+AWQ search does not visit transformers 5's fused experts), tensors in quantize/moe_awq.py; every
+expert input per rank must hold whole AWQ groups.
+
 Refused for MoE (one line, before any work): SmoothQuant (modelopt 0.47's export fails on
-Mixtral's stacked experts, and TensorRT-LLM's MoE plugin has no INT8 SmoothQuant GEMM) and AWQ
-(modelopt 0.47's AWQ search does not visit transformers 5's fused experts: they would be written
-as plain round-to-nearest INT4 with an identity pre-quant scale, not AWQ).
+Mixtral's stacked experts, and TensorRT-LLM's MoE plugin has no INT8 SmoothQuant GEMM).
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ import torch
 
 from common.errors import UserError
 
-from .formats import FP8, W4A16_AWQ, QuantSpec
+from .formats import AWQ_GROUP_SIZES, FP8, W4A16_AWQ, QuantSpec
+from .moe_awq import extract_awq_experts
 
 if TYPE_CHECKING:  # the converter's expert layout; only its attributes are read here
     from convert.moe import MoeLayout
@@ -46,7 +51,7 @@ if TYPE_CHECKING:  # the converter's expert layout; only its attributes are read
 Tensor = torch.Tensor
 FP8_MAX = 448.0
 #: (K multiple, N multiple) of TensorRT-LLM's weight-only GEMMs (as quantize/apply.py's table)
-_WEIGHT_ONLY = {"W8A16": (64, 32), "W4A16": (64, 64)}
+_WEIGHT_ONLY = {"W8A16": (64, 32), "W4A16": (64, 64), W4A16_AWQ: (64, 64)}
 
 
 def preflight_moe_quant(spec: QuantSpec | None, shape, layout: MoeLayout) -> None:
@@ -59,14 +64,20 @@ def preflight_moe_quant(spec: QuantSpec | None, shape, layout: MoeLayout) -> Non
         raise UserError("--smoothquant is not supported for mixture-of-experts models: "
                         "TensorRT-LLM's MoE layer has no INT8 SmoothQuant GEMM and modelopt 0.47 "
                         "cannot export it; use --fp8 or --int8-weight-only")
-    if algo == W4A16_AWQ:
-        raise UserError("--awq is not supported for mixture-of-experts models: modelopt 0.47's "
-                        "AWQ search skips transformers 5's fused experts (they would be plain "
-                        "round-to-nearest INT4, not AWQ); use --int4-weight-only or --fp8")
+    inter = shape.inter // layout.moe_tp
+    gemms = {"experts' mlp.fc": (shape.hidden, 2 * inter), "experts' mlp.proj": (inter, shape.hidden)}
+    if algo == W4A16_AWQ:  # whole AWQ groups per rank, as modelopt's export and TRT-LLM need
+        g = spec.group_size
+        for name, (k, _) in gemms.items():
+            if k % g:
+                alt = [a for a in AWQ_GROUP_SIZES if a != g and k % a == 0]
+                fix = f"a --moe-tp that keeps it a multiple of {g}" if name.endswith("proj") \
+                    else "another format"
+                raise UserError(f"--awq: {name} input size per rank {k} is not a multiple of the "
+                                f"AWQ group size {g}; choose {fix}"
+                                + (f", or --awq-block-size {alt[0]}" if alt else ""))
     if algo in _WEIGHT_ONLY:
         k_mult, n_mult = _WEIGHT_ONLY[algo]
-        inter = shape.inter // layout.moe_tp
-        gemms = {"experts' mlp.fc": (shape.hidden, 2 * inter), "experts' mlp.proj": (inter, shape.hidden)}
         for name, (k, n) in gemms.items():
             for what, v, mult in (("input", k, k_mult), ("output", n, n_mult)):
                 if v % mult:
@@ -79,7 +90,7 @@ def moe_exclude_modules(spec: QuantSpec, shape) -> list[str] | None:
     """config.json's ``exclude_modules`` for a MoE model: modelopt lists each layer's router with
     lm_head for its calibrated formats (a set there: compare without order); the weight-only
     formats keep TensorRT-LLM's defaults, which hold ``*router``."""
-    if spec.exclude_modules is None or spec.quant_algo != FP8:
+    if spec.exclude_modules is None or spec.quant_algo not in (FP8, W4A16_AWQ):
         return None if spec.exclude_modules is None else list(spec.exclude_modules)
     return list(spec.exclude_modules) + [f"transformer.layers.{i}.mlp.router"
                                          for i in range(shape.layers)]
@@ -110,10 +121,13 @@ def _weight_scales(weights: Tensor, quantizers) -> Tensor:
 
 
 @torch.no_grad()
-def extract_moe_state(model, spec: QuantSpec) -> dict[str, Tensor]:
-    """FP8 expert tensors of a calibrated transformers-5 Mixtral, unsharded, TensorRT-LLM layout:
-    ``transformer.layers.{i}.mlp.{fc,proj}.{weight,weights_scaling_factor,
-    activation_scaling_factor}`` with every expert on dim 0 (see the module docstring)."""
+def extract_moe_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
+    """Expert tensors of a calibrated Mixtral, unsharded, TensorRT-LLM layout, every expert on dim
+    0: FP8 (transformers 5's fused experts) ``transformer.layers.{i}.mlp.{fc,proj}.{weight,
+    weights_scaling_factor,activation_scaling_factor}`` (see the module docstring); AWQ
+    (per-expert calibration) quantize/moe_awq.py, ``dtype`` the checkpoint's (pre-quant scales)."""
+    if spec.quant_algo == W4A16_AWQ:
+        return extract_awq_experts(model, spec, dtype)
     if spec.quant_algo != FP8:
         return {}
     out: dict[str, Tensor] = {}
@@ -144,19 +158,23 @@ def extract_moe_state(model, spec: QuantSpec) -> dict[str, Tensor]:
 
 def shard_moe_state(state: dict[str, Tensor], layout: MoeLayout, tp_rank: int,
                     num_experts: int) -> dict[str, Tensor]:
-    """Rank ``tp_rank``'s expert tensors: its expert block; fc rows [w3; w1] and proj columns cut
-    to its moe_tp slice (per expert, each half separately); per-tensor scales as they are."""
+    """Rank ``tp_rank``'s expert tensors: its expert block; fc rows [w3; w1] (weight, AWQ group
+    scales) and proj input columns (weight, AWQ group scales, pre-quant scale) cut to its moe_tp
+    slice (fc per expert, each half separately); per-tensor scales and fc's pre-quant scale
+    (its input is the hidden state) as they are."""
     moe_tp_rank, _ = layout.ranks(tp_rank)
     block = layout.experts(num_experts, tp_rank)
     out = {}
     for name, t in state.items():
-        if t.dim() == 3 or name.endswith("weights_scaling_factor"):
+        if t.dim() >= 2:  # per expert (activation scales are one [1] per module)
             t = t[block.start:block.stop]
-        if t.dim() == 3 and name.endswith("fc.weight"):
+        if t.dim() == 3 and ".fc." in name:
             up, gate = t.chunk(2, dim=1)
             t = torch.cat([up.chunk(layout.moe_tp, dim=1)[moe_tp_rank],
                            gate.chunk(layout.moe_tp, dim=1)[moe_tp_rank]], dim=1)
-        elif t.dim() == 3:  # proj: [E, H, I] split on I
+        elif t.dim() == 3:  # proj: [E, H, I] (and [E, H, I/g]) split on I
             t = t.chunk(layout.moe_tp, dim=2)[moe_tp_rank]
+        elif name.endswith("proj.prequant_scaling_factor"):  # [E, I]
+            t = t.chunk(layout.moe_tp, dim=1)[moe_tp_rank]
         out[name] = t.contiguous()
     return out

@@ -6,7 +6,7 @@ Run by tests/test_moe.py in a subprocess with the private transformers 4 copy fi
 (setup.sh installs it into .cache/; see ``hf4_dir``). Usage::
 
     python tests/hf4_export.py HF_DIR OUT_ROOT --tp 1 2 4 [--dtype float16] [--ids IDS.pt]
-        [--quant ALGO] [--kv int8|fp8] [--calib-text FILE] [--unified]
+        [--quant ALGO] [--kv int8|fp8] [--awq-block-size G] [--calib-text FILE] [--unified]
 
 writes ``OUT_ROOT/tp{N}/`` (config.json + rank*.safetensors) per tp, and with ``--ids`` the
 float32 logits of the transformers-4 model on those ids to ``OUT_ROOT/logits.pt`` (so a test can
@@ -17,6 +17,7 @@ and calibration batches as build_engine; byte tokenizer, 4 x 64 tokens of FILE).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--ids")
     ap.add_argument("--quant")
     ap.add_argument("--kv")
+    ap.add_argument("--awq-block-size", type=int)
     ap.add_argument("--calib-text")
     ap.add_argument("--unified", action="store_true",
                     help="also export_hf_checkpoint (float32) to OUT_ROOT/unified")
@@ -53,6 +55,15 @@ def main() -> None:
     theta = (raw.get("rope_parameters") or {}).get("rope_theta", raw.get("rope_theta"))
     if theta is not None:
         model.config.rope_theta = theta
+    # transformers 4 leaves the weights as views into the mmap'd safetensors file, at whatever
+    # alignment the file gives (24 bytes mod 64 for the tiny Mixtral's experts), and torch's CPU
+    # linear of ONE token row (an expert that gets a single token) rounds differently for a
+    # weight not 16-byte aligned (measured: up to 1.1e-5 on a random 512x256 linear). Fresh copies
+    # (64-byte aligned, as transformers 5's fused experts and our per-expert copies are) keep the
+    # reference's numbers independent of the file layout.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
     out = Path(a.out_root)
     out.mkdir(parents=True, exist_ok=True)
     if a.ids:
@@ -67,8 +78,8 @@ def main() -> None:
         from quantize.calibrate import calibrate
         from quantize.formats import QuantSpec
 
-        spec = QuantSpec.create(a.quant, kv_cache_dtype=a.kv, calib_size=4, calib_seq_len=64,
-                                calib_batch_size=2)
+        spec = QuantSpec.create(a.quant, kv_cache_dtype=a.kv, awq_block_size=a.awq_block_size,
+                                calib_size=4, calib_seq_len=64, calib_batch_size=2)
         if spec.needs_calibration:
             text = Path(a.calib_text).read_text(encoding="utf-8")
             calibrate(model, spec, text, tokenizer=byte_tokenizer, progress=False)
@@ -78,9 +89,10 @@ def main() -> None:
         from modelopt.torch.export import export_hf_checkpoint
 
         export_hf_checkpoint(model, dtype=torch.float32, export_dir=out / "unified")
-    for tp in a.tp:
-        export_tensorrt_llm_checkpoint(model, decoder_type="llama", dtype=getattr(torch, a.dtype),
-                                       export_dir=out / f"tp{tp}", inference_tensor_parallel=tp)
+    for tp in a.tp:  # on a copy: the export re-smooths and pads (AWQ vocab) the model in place
+        export_tensorrt_llm_checkpoint(copy.deepcopy(model), decoder_type="llama",
+                                       dtype=getattr(torch, a.dtype), export_dir=out / f"tp{tp}",
+                                       inference_tensor_parallel=tp)
 
 
 if __name__ == "__main__":

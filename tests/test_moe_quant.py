@@ -1,9 +1,10 @@
 """Quantized Mixtral: our checkpoint equals nvidia-modelopt 0.47's export of an independent
 calibration (transformers 4.57.1 in a subprocess, tests/hf4_export.py; ours calibrates on
-transformers 5's fused experts) bit for bit at tp 1, tp 2 (moe_tp 2), tp 2 (moe_ep 2) and tp 4
-(2 x 2), for each format modelopt exports for MoE and TensorRT-LLM runs: FP8 (+ FP8 KV cache),
-INT8 / INT4 weight-only (float experts + quant_algo; + INT8 KV cache). SmoothQuant and AWQ are
-refused for MoE (quantize/moe.py says why). Expert-parallel layouts are checked against
+transformers 5's fused experts; for AWQ, unfused into transformers 4's per-expert linears) bit for
+bit at tp 1, tp 2 (moe_tp 2), tp 2 (moe_ep 2) and tp 4 (2 x 2), for each format modelopt exports
+for MoE and TensorRT-LLM runs: FP8 (+ FP8 KV cache), INT4-AWQ (group 128 + INT8 KV cache, group 64
++ FP8 KV cache), INT8 / INT4 weight-only (float experts + quant_algo; + INT8 KV cache).
+SmoothQuant is refused for MoE (quantize/moe.py says why). Expert-parallel layouts are checked against
 modelopt's export as tests/test_moe.py derives them (TensorRT-LLM's Mapping formulas)."""
 from __future__ import annotations
 
@@ -70,31 +71,37 @@ def assert_rank_equal(ours, want, where):
         assert torch.equal(_bits(a), _bits(b)), f"{where}: {name} values differ"
 
 
-# (our quant_algo, our kv, the modelopt export's quant / kv: weight-only = float export)
+# (our quant_algo, our kv, AWQ group, the modelopt export's quant / kv: weight-only = float
+# export, layouts). AWQ 128 stops at tp 2: at tp 4 attention.dense has 64 inputs per rank, fewer
+# than a group (refused by our preflight, and modelopt's export fails on it).
 FORMATS = [
-    ("FP8", "fp8", "FP8", "fp8"),
-    ("W8A16", "int8", None, "int8"),
-    ("W4A16", None, None, None),
+    ("FP8", "fp8", None, "FP8", "fp8", LAYOUTS),
+    ("W8A16", "int8", None, None, "int8", LAYOUTS),
+    ("W4A16", None, None, None, None, LAYOUTS),
+    ("W4A16_AWQ", "int8", 128, "W4A16_AWQ", "int8", LAYOUTS[:3]),
+    ("W4A16_AWQ", "fp8", 64, "W4A16_AWQ", "fp8", LAYOUTS),
 ]
 
 
 @needs_hf4
-@pytest.mark.parametrize("algo,kv,mo_algo,mo_kv", FORMATS)
-def test_quantized_equals_modelopt_export(tmp_path, mixtral_q, calib_file, algo, kv, mo_algo,
-                                          mo_kv):
+@pytest.mark.parametrize("algo,kv,group,mo_algo,mo_kv,layouts", FORMATS,
+                         ids=["fp8_kv_fp8", "w8a16_kv_int8", "w4a16", "awq128_kv_int8",
+                              "awq64_kv_fp8"])
+def test_quantized_equals_modelopt_export(tmp_path, mixtral_q, calib_file, algo, kv, group,
+                                          mo_algo, mo_kv, layouts):
+    """AWQ: ours calibrates transformers 5's experts unfused into transformers 4's per-expert
+    linears (quantize/moe_blocks.py), modelopt's reference a real transformers-4.57 model."""
     hf_dir, _ = mixtral_q
-    cmd_q = (["--quant", mo_algo] if mo_algo else []) + (["--kv", mo_kv] if mo_kv else [])
-    root = hf4_export(hf_dir, tmp_path / "modelopt", [1, 2, 4],
+    cmd_q = (["--quant", mo_algo] if mo_algo else []) + (["--kv", mo_kv] if mo_kv else []) + (
+        ["--awq-block-size", str(group)] if group else [])
+    root = hf4_export(hf_dir, tmp_path / "modelopt", sorted({tp for tp, _, _ in layouts}),
                       extra=cmd_q + ["--calib-text", str(calib_file)])
-    spec = QuantSpec.create(algo, kv_cache_dtype=kv, **CALIB)
+    spec = QuantSpec.create(algo, kv_cache_dtype=kv, awq_block_size=group, **CALIB)
     model = None
     if spec.needs_calibration:  # once for every layout, as build_engine calibrates once
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        calibrate(model, spec, calib_file.read_text(encoding="utf-8"), tokenizer=byte_tokenizer,
-                  progress=False)
-    for tp, moe_tp, moe_ep in LAYOUTS:
+        model = calibrate(_fresh(hf_dir), spec, calib_file.read_text(encoding="utf-8"),
+                          tokenizer=byte_tokenizer, progress=False)
+    for tp, moe_tp, moe_ep in layouts:
         out = tmp_path / f"ours_{tp}_{moe_tp}_{moe_ep}"
         cfg = convert_checkpoint(hf_dir, out, tp=tp, moe_tp=moe_tp, moe_ep=moe_ep,
                                  dtype="float16", quant=spec, calibrated_model=model,
@@ -113,23 +120,71 @@ def test_quantized_equals_modelopt_export(tmp_path, mixtral_q, calib_file, algo,
             assert ours["kv_cache_quant_algo"] == theirs["kv_cache_quant_algo"]
 
 
-@needs_hf4
-def test_fp8_reader_logits_near_hf(tmp_path, mixtral_q, calib_text):
-    """FP8 experts through the reference reader (per-expert weight scales, shared activation
-    scale) stay within the FP8 bound of the float HF model at an expert-parallel layout."""
+@pytest.mark.parametrize("algo,group,bound", [("FP8", None, 0.3), ("W4A16_AWQ", 64, 0.5)])
+def test_reader_logits_near_hf(tmp_path, mixtral_q, calib_text, algo, group, bound):
+    """Quantized experts through the reference reader (FP8: per-expert weight scales, shared
+    activation scale; AWQ: per-expert int4 groups and pre-quant scales) stay within the format's
+    bound of the float HF model at an expert-parallel layout (tp 4 = moe_tp 2 x moe_ep 2); INT4 on
+    this random 2-layer model: 0.34 relative (round-to-nearest W4A16: 0.39-0.40)."""
     from verify.reference import verify
 
     hf_dir, model = mixtral_q
-    spec = QuantSpec.create("FP8", **CALIB)
-    out = tmp_path / "fp8"
+    spec = QuantSpec.create(algo, awq_block_size=group, **CALIB)
+    out = tmp_path / algo
+    calibrated = calibrate(_fresh(hf_dir), spec, calib_text, tokenizer=byte_tokenizer,
+                           progress=False)
     convert_checkpoint(hf_dir, out, tp=4, moe_tp=2, moe_ep=2, dtype="float16", quant=spec,
-                       calibrated_model=calibrate(_fresh(hf_dir), spec, calib_text,
-                                                  tokenizer=byte_tokenizer, progress=False),
-                       progress=False)
+                       calibrated_model=calibrated, progress=False)
     ids = torch.tensor([byte_tokenizer(calib_text[:200])])
     report, ok = verify(out, model, input_ids=ids)
     assert ok, report
-    assert 1e-3 < report["rel_err"] < 0.3, report  # quantized (not float), within FP8's bound
+    assert 1e-3 < report["rel_err"] < bound, report  # quantized (not float), within the bound
+    if algo == "W4A16_AWQ":  # the reader runs exactly the int4 weights the checkpoint holds
+        for name, tp, moe_tp, moe_ep in (("tp1", 1, None, None), ("tp4", 4, 2, 2)):
+            convert_checkpoint(hf_dir, tmp_path / name, tp=tp, moe_tp=moe_tp, moe_ep=moe_ep,
+                               dtype="float32", quant=spec, calibrated_model=calibrated,
+                               progress=False)  # float32: no activation rounding to compare
+        exact, _ = verify(tmp_path / "tp4", dequantized_awq_model(hf_dir, tmp_path / "tp1"),
+                          input_ids=ids)
+        assert exact["rel_err"] < 1e-5, exact  # measured 6.3e-7
+
+
+def _unpack_int4(packed, scale, group):
+    """An independent reading of modelopt's int4 packing: two signed int4 a byte along the output
+    dim (low nibble = even row), times the per-group scale."""
+    b = packed.view(torch.uint8).to(torch.int16)
+    lo, hi = b & 0x0F, b >> 4
+    q = torch.stack([lo, hi], dim=-2).flatten(-3, -2)  # rows 2k, 2k+1
+    q = torch.where(q > 7, q - 16, q).float()
+    return q * scale.float().repeat_interleave(group, dim=-1)
+
+
+def dequantized_awq_model(hf_dir, ckpt):
+    """The float32 HF Mixtral with every AWQ linear of the tp-1 checkpoint ``ckpt`` put back as the
+    float weight it computes with (an independent reading of the format): dequantized int4 times the pre-quant scale on its inputs
+    (y = (x * s) W^T = x (W * s)^T); experts' mlp.fc = [w3; w1] -> gate_up_proj = [w1; w3]."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    group = cfg["quantization"]["group_size"]
+    t = load_file(ckpt / "rank0.safetensors")
+    model = _fresh(hf_dir)
+
+    def weight(p):
+        w = _unpack_int4(t[f"{p}.weight"], t[f"{p}.weights_scaling_factor"], group)
+        return w * t[f"{p}.prequant_scaling_factor"].float().unsqueeze(-2)
+
+    heads, kv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_size"]
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            p = f"transformer.layers.{i}"
+            q, k, v = weight(f"{p}.attention.qkv").split([heads * hd, kv * hd, kv * hd])
+            attn = layer.self_attn
+            for lin, w in ((attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v),
+                           (attn.o_proj, weight(f"{p}.attention.dense"))):
+                lin.weight.copy_(w)
+            up, gate = weight(f"{p}.mlp.fc").chunk(2, dim=1)
+            layer.mlp.experts.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
+            layer.mlp.experts.down_proj.copy_(weight(f"{p}.mlp.proj"))
+    return model
 
 
 def _fresh(hf_dir):
@@ -142,7 +197,6 @@ def _fresh(hf_dir):
     ("W8A8_SQ_PER_CHANNEL", "--smoothquant", "--smoothquant is not supported for mixture-of-experts"),
     ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "--smoothquant",
      "--smoothquant is not supported for mixture-of-experts"),
-    ("W4A16_AWQ", "--awq", "--awq is not supported for mixture-of-experts"),
 ])
 def test_unsupported_moe_formats_refused(tmp_path, mixtral_q, algo, flag, expect):
     hf_dir, _ = mixtral_q
@@ -155,16 +209,21 @@ def test_unsupported_moe_formats_refused(tmp_path, mixtral_q, algo, flag, expect
     assert not out.exists()
 
 
-def test_weight_only_expert_shapes_refused(tmp_path):
-    """An expert GEMM TensorRT-LLM's weight-only kernels cannot take: refused before any work."""
+@pytest.mark.parametrize("inter,flags,expect", [
+    (160, ["--int8-weight-only"], "experts' mlp.proj has 160 input features per rank"),
+    (384, ["--tp", "2", "--awq"], "--awq: experts' mlp.proj input size per rank 192 is not a "
+                                  "multiple of the AWQ group size 128; choose a --moe-tp"),
+])
+def test_expert_shapes_refused(tmp_path, inter, flags, expect):
+    """An expert GEMM TensorRT-LLM's weight-only kernels cannot take, or AWQ groups that do not
+    tile a rank's expert input: refused before any work."""
     from examples.tiny import make_tiny_model
 
     hf_dir = tmp_path / "hf"
-    make_tiny_model(hf_dir, family="mixtral", **dict(TINY, intermediate_size=160))
+    make_tiny_model(hf_dir, family="mixtral", **dict(TINY, intermediate_size=inter))
     out = tmp_path / "out"
-    rc, _, err = run_cli("--model", hf_dir, "--output", out, "--checkpoint-only",
-                         "--int8-weight-only")
-    assert rc == 2 and "experts' mlp.proj has 160 input features per rank" in err, err
+    rc, _, err = run_cli("--model", hf_dir, "--output", out, "--checkpoint-only", *flags)
+    assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 
 
@@ -191,3 +250,60 @@ def test_every_expert_gets_a_weight_scale_and_an_unrouted_layer_is_refused(mixtr
         experts.down_proj_input_quantizer._amax)
     with pytest.raises(UserError, match="layer 1: no calibration token reached its experts"):
         extract_moe_state(model, spec)
+
+
+def test_awq_expert_without_a_calibration_token_is_refused_naming_it(mixtral_q, calib_text):
+    """AWQ cannot calibrate an expert that no calibration token reached (modelopt would give it a
+    pre-quant scale of ones and average that into the layer's): refused naming the layer and the
+    experts. One calibration token, top 2 of 4 experts: two experts of layer 0 see nothing; which
+    ones is read independently from the float model's router."""
+    from quantize.moe import extract_moe_state
+
+    hf_dir, model = mixtral_q
+    spec = QuantSpec.create("W4A16_AWQ", awq_block_size=64, calib_size=1, calib_seq_len=1,
+                            calib_batch_size=1)
+    token = byte_tokenizer(calib_text)[:1]
+    routed = []
+    hook = model.model.layers[0].mlp.gate.register_forward_hook(
+        lambda mod, inp, out: routed.extend(out[2].flatten().tolist()))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([token]))
+    hook.remove()
+    unrouted = ", ".join(str(e) for e in range(EXPERTS) if e not in routed)
+    calibrated = calibrate(_fresh(hf_dir), spec, calib_text, tokenizer=byte_tokenizer,
+                           progress=False)
+    with pytest.raises(UserError, match=f"--awq: layer 0: experts {unrouted} saw no calibration "
+                                        f"token"):
+        extract_moe_state(calibrated, spec)
+
+
+def test_awq_cli_with_quality_gate(tmp_path, smollm2_dir):
+    """The user's command for an AWQ Mixtral at tp 2 (moe_ep 2): build_engine calibrates, writes,
+    and its quality gate (reference reader vs the float model on held-back text) passes a 10 %
+    perplexity limit. The tiny random model borrows SmolLM2's tokenizer so the CLI reads text."""
+    import shutil
+
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    make_tiny_model(hf_dir, family="mixtral", dtype=torch.float16,
+                    **dict(TINY, vocab_size=49152))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, hf_dir / name)
+    out = tmp_path / "out"
+    rc, stdout, err = run_cli("--model", hf_dir, "--output", out, "--tp", "2", "--moe-ep", "2",
+                              "--checkpoint-only", "--no-progress", "--awq", "--awq-block-size",
+                              "64", "--calib-size", "4", "--calib-seq-len", "64",
+                              "--max-ppl-increase", "10")
+    assert rc == 0, err[-3000:]
+    gate = [ln for ln in (stdout + err).splitlines() if ln.startswith("quality gate")]
+    assert len(gate) == 1 and "W4A16_AWQ (group 64)" in gate[0] and "PASS" in gate[0], gate
+    cfg = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert cfg["quantization"]["quant_algo"] == "W4A16_AWQ"
+    assert cfg["mapping"]["moe_ep_size"] == 2
+    ranks = [load_file(out / "checkpoint" / f"rank{r}.safetensors") for r in range(2)]
+    for r in ranks:  # each rank: its 2 experts, int4 packed, positive finite scales
+        assert r["transformer.layers.0.mlp.fc.weight"].shape == (2, 512, 256)
+        for name, t in r.items():
+            if "scaling_factor" in name:
+                assert torch.isfinite(t.float()).all() and (t.float() > 0).all(), name
