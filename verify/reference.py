@@ -50,6 +50,11 @@ from .kernels import (KV_CACHE_KERNELS, LINEAR_INPUT_SCALES, LINEAR_KERNELS, Qua
                       linear, register_kv_cache, register_linear)
 from .model import ReferenceModel, rotary_inv_freq  # noqa: F401
 
+__all__ = ["KV_CACHE_KERNELS", "KV_TOLERANCE", "LINEAR_INPUT_SCALES", "LINEAR_KERNELS", "MIN_ARGMAX_AGREEMENT",
+           "QUANT_TOLERANCE", "QuantSpec", "REL_TOLERANCE", "ReferenceModel", "UNIT_ROUNDOFF", "compare_with_hf",
+           "linear", "load_checkpoint", "main", "pp_layers", "register_kv_cache", "register_linear",
+           "rotary_inv_freq", "summary_line", "tolerance_for", "verify"]
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
