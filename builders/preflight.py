@@ -111,7 +111,8 @@ def memory_plan(args, quant, model_dir, out: Path, pad_heads: bool) -> None:
     # layer-wise path for experts or forward-hook range capture yet)
     stages = memory.plan(shape, quant, tp=args.tp, pp=args.pp, device=device,
                          out_dtype_bytes=4 if args.dtype == "float32" else 2,
-                         layerwise=not shape.experts and not quant.is_sq_plugin)
+                         layerwise=not shape.experts and not quant.is_sq_plugin,
+                         checks=memory.checks(args.verify, getattr(args, "eval_ppl", None)))
     if reused:
         stages = [s for s in stages if s.name != "calibration"]
     print(f"memory plan: {memory.describe(stages)}")

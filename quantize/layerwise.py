@@ -214,11 +214,13 @@ class LayerRunner:
     for any per-layer calibration (modelopt here; range capture by forward hooks works the same:
     hook ``materialise(i)``'s linears, run :meth:`forward`, pass its outputs on)."""
 
-    def __init__(self, hf_dir, source, batches: list[Tensor], device: torch.device):
+    def __init__(self, hf_dir, source, batches: list[Tensor], device: torch.device,
+                 quantizing: bool = True):
         self.source, self.device = source, device
         self.dtype = compute_dtype(device, _config_dtype(Path(hf_dir)))
         model = meta_model(Path(hf_dir), self.dtype)
-        _register_attentions(model)
+        if quantizing:  # False: a float run (verify/float_model.py), modelopt not needed
+            _register_attentions(model)
         #: the first layer's inputs per batch; per layer per batch the model's keyword arguments
         self.first_inputs, self.kwargs = layer_inputs(model, source, batches, device, self.dtype)
         self.layers_name, self.layers = _layers_path(model)

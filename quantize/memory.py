@@ -6,7 +6,9 @@ OOM-killed an hour in.
 The figures are a model of the layer-wise calibration (quantize/layerwise.py): a fixed process
 base plus one decoder layer (weights in the compute dtype and modelopt's working copies), the
 calibration activations (layer inputs and, per forward-loop pass, outputs), one batch's forward
-temporaries and the embedding rows the calibration ids use. The coefficients are fitted to the
+temporaries and the embedding rows the calibration ids use. The verification stage (the quality gate after every
+calibration, ``--verify``, ``--eval-ppl``: verify/) runs the float model and then the checkpoint one
+layer at a time too: one float32 layer, the windows' hidden states, one batch's logits. The coefficients are fitted to the
 measured peaks in BENCHMARKS.md (benchmarks/layerwise_calibration.py), which checks them.
 
 ``BUILD_ENGINE_MEMORY_LIMIT`` (bytes, or with a K/M/G suffix) replaces the host RAM this machine
@@ -57,10 +59,11 @@ WHOLE_BASE, WHOLE_PER_PARAM = 0.58 * GB, 6.0
 
 
 def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2,
-         layerwise: bool = True) -> list[Stage]:
+         layerwise: bool = True, checks: tuple = ()) -> list[Stage]:
     """The stages of a conversion with ``spec`` (None or not quantized: the float converter).
     ``layerwise`` False: the calibration loads the whole model (formats without a layer-wise
-    path)."""
+    path). ``checks``: the verification runs asked for besides the quality gate that follows
+    every calibration (``VERIFY_TOKENS``, ``EVAL_PPL_TOKENS``)."""
     p_lin = _layer_linear_params(shape)
     algo = spec.quant_algo if spec is not None and spec.quant_algo in WEIGHT_BYTES else None
     wbytes = WEIGHT_BYTES.get(algo, out_dtype_bytes)
@@ -97,7 +100,50 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
         write_host = WRITE_BASE
     # the calibration stage's disk is its store (OUTPUT/calibration); the checkpoint's, its ranks
     stages.append(Stage("checkpoint", write_host, 0.0, ckpt_disk))
+    checks = (*checks, GATE_TOKENS) if calibrated else checks
+    if checks:
+        stages.append(verify_stage(shape, algo, tp=tp, out_dtype_bytes=out_dtype_bytes, checks=checks))
     return stages
+
+
+#: (tokens whose hidden states are held at once, tokens whose logits are scored at once) of each
+#: run of the reference reader against the float model (verify/): the quality gate (4 windows of
+#: 256, scored one by one), --verify (the calibration text's first 2000 characters, or 2 x 32
+#: random ids, as one batch), --eval-ppl (16 windows of 256 in batches of 4)
+GATE_TOKENS, VERIFY_TOKENS, EVAL_PPL_TOKENS = (1024, 256), (1024, 1024), (4096, 1024)
+HEAD_CHUNK_ROWS = 8192  # verify/model.py HEAD_CHUNK: lm_head rows made float32 at a time
+
+
+def checks(verify: bool, eval_ppl) -> tuple:
+    """The verification runs a build asked for besides the quality gate."""
+    return (VERIFY_TOKENS,) * bool(verify) + (EVAL_PPL_TOKENS,) * bool(eval_ppl)
+
+
+def verify_stage(shape, algo, *, tp: int, out_dtype_bytes: int, checks) -> Stage:
+    """The verification stage (verify/): the float model, then the checkpoint, one decoder layer
+    at a time over every window (a mixture-of-experts float model loads whole), then each batch's
+    logits with the embedding / lm_head table as stored and float32 chunks of it."""
+    held = max(c[0] for c in checks)
+    scored = max(c[1] for c in checks)
+    experts = max(1, shape.experts)
+    mlp = 3 * shape.hidden * shape.inter * experts
+    p_layer = _layer_linear_params(shape) - 3 * shape.hidden * shape.inter + mlp
+    largest = shape.hidden * max(shape.inter, (shape.heads + 2 * shape.kv_heads) * shape.head_size)
+    # the float layer in float32 (+ the tensor being cast); the checkpoint's layer as stored
+    # (+ its largest linear dequantized to float32 by the kernel)
+    float_layer = p_layer * 4 + largest * 2
+    if shape.experts:
+        params = shape.layers * (p_layer + 2 * shape.hidden) + \
+            shape.vocab * shape.hidden * (1 if shape.tied else 2)
+        float_layer = WHOLE_BASE + WHOLE_PER_PARAM * params - HOST_BASE
+    ckpt_layer = p_layer * WEIGHT_BYTES.get(algo, out_dtype_bytes) + largest * 4
+    acts = held * shape.hidden * 4 * (2 + tp)  # a layer's inputs and outputs (the reader: per tp rank)
+    temps = GATE_TOKENS[1] * (3 * shape.inter + 6 * shape.hidden) * 4 + \
+        shape.heads * GATE_TOKENS[1] ** 2 * 4 * 2
+    logits = scored * shape.vocab * (4 + 8 + 8)  # float32 logits, float64 copy, log-softmax
+    table = shape.vocab * shape.hidden * out_dtype_bytes + HEAD_CHUNK_ROWS * shape.hidden * 6
+    host = HOST_BASE + acts + max(max(float_layer, ckpt_layer) + temps, logits + table)
+    return Stage("verification", host, 0.0, 0.0)
 
 
 def host_limit() -> tuple[float, str]:
@@ -160,9 +206,10 @@ def check(stages: list[Stage], out: Path, device: str) -> None:
     disk = disk_free(out)
     for s in stages:
         if s.host > host:
+            fix = "drop --verify/--eval-ppl" if s.name == "verification" else \
+                "lower --calib-size/--calib-seq-len, calibrate with --calib-device cuda"
             raise UserError(f"memory plan: the {s.name} stage needs ~{s.host / GB:.2f} GB of host "
-                            f"RAM but {host / GB:.2f} GB is available ({source}); lower "
-                            f"--calib-size/--calib-seq-len, calibrate with --calib-device cuda, "
+                            f"RAM but {host / GB:.2f} GB is available ({source}); {fix}, "
                             f"or use a machine with more memory")
         if s.device > dev:
             raise UserError(f"memory plan: the {s.name} stage needs ~{s.device / GB:.2f} GB of GPU "

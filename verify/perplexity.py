@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -47,18 +47,27 @@ def perplexity_of(forward: Callable[[Tensor], Tensor], wins: Tensor, batch_size:
 
     ``vocab``: only the first ``vocab`` logits are used (drops a checkpoint's padded vocabulary rows).
     """
-    nll, count = 0.0, 0
+    batches = batches_of(wins, batch_size)
     with torch.no_grad():
-        for i in range(0, wins.shape[0], batch_size):
-            batch = wins[i:i + batch_size]
-            logits = forward(batch).float()
-            if vocab is not None:
-                logits = logits[..., :vocab]
-            lp = F.log_softmax(logits[:, :-1].double(), dim=-1)
-            nll -= float(lp.gather(-1, batch[:, 1:, None]).sum())
-            count += batch[:, 1:].numel()
+        return perplexity_over(batches, (forward(b) for b in batches), vocab)
+
+
+def batches_of(wins: Tensor, batch_size: int = 4) -> list[Tensor]:
+    return [wins[i:i + batch_size] for i in range(0, wins.shape[0], batch_size)]
+
+
+def perplexity_over(batches: list[Tensor], logits: Iterable[Tensor], vocab: int | None = None) -> dict:
+    """Perplexity from each batch's logits (in the order of ``batches``: [b, s] windows)."""
+    nll, count = 0.0, 0
+    for batch, lg in zip(batches, logits, strict=True):
+        lg = lg.float()
+        if vocab is not None:
+            lg = lg[..., :vocab]
+        lp = F.log_softmax(lg[:, :-1].double(), dim=-1)
+        nll -= float(lp.gather(-1, batch[:, 1:, None]).sum())
+        count += batch[:, 1:].numel()
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
-            "windows": int(wins.shape[0]), "seq_len": int(wins.shape[1])}
+            "windows": sum(b.shape[0] for b in batches), "seq_len": int(batches[0].shape[1])}
 
 
 def _tokenizer_for(tokenizer, hf_dir):
@@ -81,10 +90,10 @@ def checkpoint_ppl(ckpt_dir, text: str, tokenizer=None, seq_len: int = 256, max_
     ``vocab``: score only the first ``vocab`` logits (default: the tokenizer's vocabulary when it is
     smaller than the checkpoint's, e.g. modelopt's AWQ export pads the vocabulary to a multiple of 64).
     """
-    from .reference import ReferenceModel
+    from .model import ReferenceModel
 
     tok = _tokenizer_for(tokenizer, hf_dir)
-    ref = reference or ReferenceModel(ckpt_dir)
+    ref = reference or ReferenceModel(ckpt_dir, lazy=True)
     ids = tokenize(text, tok)
     wins = windows(ids, seq_len, max_tokens)
     if int(wins.max()) >= ref.vocab_size:
@@ -93,19 +102,20 @@ def checkpoint_ppl(ckpt_dir, text: str, tokenizer=None, seq_len: int = 256, max_
     if vocab is None:
         tv = len(tok) if hasattr(tok, "__len__") else None
         vocab = tv if tv is not None and tv < ref.vocab_size else None
-    return perplexity_of(ref.forward, wins, batch_size, vocab)
+    batches = batches_of(wins, batch_size)
+    return perplexity_over(batches, ref.forward_windows(batches), vocab)
 
 
 def hf_ppl(hf_model_or_dir, text: str, tokenizer=None, seq_len: int = 256, max_tokens: int | None = 4096,
            *, batch_size: int = 4) -> dict:
-    """Perplexity of a Hugging Face causal LM (a loaded model, or a directory loaded in float32)."""
-    from .reference import _load_hf
+    """Perplexity of a Hugging Face causal LM (a loaded model, or a directory run in float32 one
+    layer at a time: verify/float_model.py)."""
+    from .float_model import float_logits
 
     hf_dir = hf_model_or_dir if isinstance(hf_model_or_dir, (str, Path)) else None
     tok = _tokenizer_for(tokenizer, hf_dir)
-    model = _load_hf(hf_model_or_dir)
-    wins = windows(tokenize(text, tok), seq_len, max_tokens)
-    return perplexity_of(lambda b: model(input_ids=b).logits, wins, batch_size)
+    batches = batches_of(windows(tokenize(text, tok), seq_len, max_tokens), batch_size)
+    return perplexity_over(batches, float_logits(hf_model_or_dir, batches))
 
 
 def read_text_file(path) -> str:

@@ -1,4 +1,4 @@
-"""Mixture-of-experts layers for the CPU reference reader (verify/reference.py), with TensorRT-LLM's
+"""Mixture-of-experts layers for the CPU reference reader (verify/model.py), with TensorRT-LLM's
 semantics (``tensorrt_llm/layers/moe.py`` ``MixtureOfExperts``, ../shared/notes/moe.md):
 
 * router: ``mlp.router.weight`` [num_experts, hidden], float32, the same on every rank; the

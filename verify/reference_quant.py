@@ -1,7 +1,7 @@
 """Quantized kernels of the CPU reference reader: what a TensorRT-LLM (1.2-era) engine computes for
 each ``quant_algo`` / ``kv_cache_quant_algo`` of a checkpoint, simulated in float32 on CPU.
 
-Registered into ``verify.reference``'s dispatch tables on import (``verify.reference`` imports this
+Registered into ``verify.kernels``' dispatch tables on import (``verify.kernels`` imports this
 module at its end). Each linear kernel gets one rank's module tensors by suffix and returns
 ``x @ W^T`` without bias. The engine-side sources each kernel follows:
 
@@ -43,7 +43,7 @@ from typing import Mapping
 import torch
 
 from convert.errors import UserError
-from .reference import QuantSpec, _require, register_kv_cache, register_linear
+from .kernels import QuantSpec, _require, register_kv_cache, register_linear
 
 Tensor = torch.Tensor
 

@@ -1,7 +1,7 @@
 """TensorRT-LLM's SmoothQuant plugin formats in the CPU reference reader (``W8A8_SQ_*_PLUGIN``, what
 TensorRT-LLM's own ``convert_checkpoint.py --smoothquant`` writes), simulated in float32.
 
-Registered into ``verify.reference``'s kernel table on import. The engine side, read from
+Registered into ``verify.kernels``' kernel table on import. The engine side, read from
 ``tensorrt_llm/quantization/layers.py`` (``SmoothQuantRmsNorm``, ``SmoothQuantLinear`` /
 ``SmoothQuantRowLinear``, ``SmoothQuantAttention``, ``SmoothQuantGatedMLP``) and ``functional.py``
 (``smooth_quant_gemm``, ``quantize_per_token``, ``quantize_tensor``):
@@ -24,7 +24,7 @@ import torch
 
 from convert.errors import UserError
 
-from .reference import QuantSpec, _require, register_linear
+from .kernels import QuantSpec, _require, register_linear
 
 Tensor = torch.Tensor
 

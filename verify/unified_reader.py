@@ -2,7 +2,7 @@
 
 ``load_unified(dir) -> (config, [rank0 tensors])`` maps a unified checkpoint (what
 convert/unified.py and modelopt's ``export_hf_checkpoint`` write) into the TensorRT-LLM tp-1
-checkpoint form the reader already runs, so the same kernels (reference.py / reference_quant.py)
+checkpoint form the reader already runs, so the same kernels (kernels.py / reference_quant.py)
 serve both targets: one set of kernels, two loaders.
 
 Names (``NAMES``): ``model.embed_tokens`` -> ``transformer.vocab_embedding``, q/k/v ->
