@@ -218,6 +218,7 @@ class LayerRunner:
         self.source, self.device = source, device
         self.dtype = compute_dtype(device, _config_dtype(Path(hf_dir)))
         model = meta_model(Path(hf_dir), self.dtype)
+        self.config = model.config
         _register_attentions(model)
         #: the first layer's inputs per batch; per layer per batch the model's keyword arguments
         self.first_inputs, self.kwargs = layer_inputs(model, source, batches, device, self.dtype)
@@ -243,6 +244,15 @@ class LayerRunner:
         return outs
 
 
+def _modelopt_layer(runner: LayerRunner, i: int, spec: QuantSpec,
+                    passes_in: list[list[Tensor]]) -> tuple[dict, list[list[Tensor]]]:
+    """Layer ``i`` calibrated with modelopt: its extracted tensors and its outputs per pass."""
+    shell = _shell(runner.layers_name, i, runner.materialise(i))
+    passes_out = _calibrate_layer(shell, runner, i, spec, passes_in)
+    # prequant scales kept in the calibration's precision; cast when sharded (store.py)
+    return extract_quant_state(shell, spec, dtype=runner.dtype), passes_out
+
+
 def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: list[Tensor], *,
                         device: torch.device, fingerprint: dict, progress: bool = True,
                         timings: dict | None = None) -> dict:
@@ -266,12 +276,12 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
     timings["calibration_inputs"] = t1 - t0
     bar = tqdm(total=n, initial=start, desc=f"calibrating {spec.name}", unit="layer",
                disable=not progress, file=sys.stderr)
+    if spec.is_sq_plugin:  # TensorRT-LLM's recipe: range hooks, smoothing, int8 per layer
+        from .sq_layerwise import calibrate_plugin_layer as calibrate_one
+    else:
+        calibrate_one = _modelopt_layer
     for i in range(start, n):
-        shell = _shell(runner.layers_name, i, runner.materialise(i))
-        passes_in = _calibrate_layer(shell, runner, i, spec, passes_in)
-        # prequant scales kept in the calibration's precision; cast when sharded (store.py)
-        state = extract_quant_state(shell, spec, dtype=runner.dtype)
-        del shell
+        state, passes_in = calibrate_one(runner, i, spec, passes_in)
         gc.collect()  # modelopt's hooks make reference cycles: free this layer before the next
         cstore.finish_layer(store, i, state, passes_in if i + 1 < n else None)
         del state

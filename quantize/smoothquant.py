@@ -6,7 +6,8 @@
 
 Three steps, each a plain function:
 
-1. :func:`capture_ranges` (model, calibration batches) -> per HF linear ``{"x": max|input| per
+1. :class:`RangeHooks` on a decoder layer's linears (or :func:`capture_ranges` over a whole
+   model) -> per HF linear ``{"x": max|input| per
    input channel, "y": max|output| per output channel}`` (float32), recorded by forward hooks
    exactly like TensorRT-LLM's ``capture_activation_range``. Forward hooks, not modelopt: the
    plugin formats need the *output* maxima ``y`` (static ``act_scale``, the INT8 KV scale), which
@@ -17,6 +18,10 @@ Three steps, each a plain function:
    ``smoother`` (dense, proj) for one decoder layer's float weights, and :func:`int8_linear`
    quantizes each linear (``generate_int8``), unsharded.
 3. :func:`shard_layer` cuts one layer into one TP rank's TensorRT-LLM tensors.
+
+Builds run these one decoder layer at a time from the safetensors (quantize/sq_layerwise.py);
+:func:`calibrate_plugin` runs them on a whole loaded model (the reference the layer-wise path is
+tested against). ``--smoothquant auto``'s alpha search is in quantize/sq_search.py.
 
 The arithmetic runs on the float32 weights (the model as calibrated on CPU; TensorRT-LLM's
 script runs in the HF dtype on a GPU); smoothers in float64 as ``smooth_gemm`` computes them.
@@ -37,8 +42,6 @@ Tensor = torch.Tensor
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-#: alpha candidates of ``--smoothquant auto``
-ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def plugin_mode(quant_algo: str) -> tuple[bool, bool]:
@@ -63,60 +66,89 @@ def hf_layers(model) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
+def layer_linears(layer) -> dict[str, torch.nn.Linear]:
+    """One decoder layer's seven linears by HF short name (``q_proj`` ... ``down_proj``)."""
+    out = {short: getattr(layer.self_attn, short) for short in ATTN}
+    out.update({short: getattr(layer.mlp, short) for short in MLP})
+    return out
+
+
 def _linears(model) -> dict[str, torch.nn.Linear]:
     """{'model.layers.0.self_attn.q_proj': module, ...}: the decoder's seven linears per layer."""
     out = {}
     for i, layer in enumerate(hf_layers(model)):
-        for short in ATTN:
-            out[f"model.layers.{i}.self_attn.{short}"] = getattr(layer.self_attn, short)
-        for short in MLP:
-            out[f"model.layers.{i}.mlp.{short}"] = getattr(layer.mlp, short)
+        for short, m in layer_linears(layer).items():
+            out[f"model.layers.{i}.{'self_attn' if short in ATTN else 'mlp'}.{short}"] = m
     return out
+
+
+class RangeHooks:
+    """Forward hooks on ``linears`` ({name: module}) recording, over every call, ``x`` = max |input|
+    per input channel and ``y`` = max |output| per output channel (float32, CPU), as TensorRT-LLM's
+    ``capture_activation_range`` does; with ``stride`` > 0 also every ``stride``-th input row of
+    each call (what the alpha search measures its error on). A context manager: the hooks go on
+    exit; :meth:`ranges` then gives ``{name: {"x", "y"[, "inputs"]}}``."""
+
+    def __init__(self, linears: Mapping[str, torch.nn.Module], stride: int = 0):
+        self.linears, self.stride = linears, stride
+        self._ranges: dict[str, dict[str, Tensor]] = {}
+        self._handles: list = []
+
+    def _hook(self, name, args, output):
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        y = output.detach().reshape(-1, output.shape[-1])
+        r = self._ranges.setdefault(name, {})
+        for key, t in (("x", x), ("y", y)):
+            m = t.abs().amax(dim=0).float().cpu()
+            r[key] = m if key not in r else torch.maximum(r[key], m)
+        if self.stride:
+            r.setdefault("_rows", []).append(x[::self.stride].float().cpu())
+
+    def __enter__(self):
+        self._handles = [m.register_forward_hook(lambda mod, a, o, n=name: self._hook(n, a, o))
+                         for name, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def ranges(self, keep_inputs: int = 0) -> dict[str, dict[str, Tensor]]:
+        for r in self._ranges.values():
+            rows = r.pop("_rows", None)
+            if rows is not None:
+                r["inputs"] = torch.cat(rows)[:keep_inputs]
+        return self._ranges
+
+
+def keep_stride(tokens: int, keep_inputs: int) -> int:
+    """The row stride that keeps about ``keep_inputs`` input rows out of ``tokens`` (0: none)."""
+    return max(1, tokens // keep_inputs) if keep_inputs else 0
 
 
 @torch.no_grad()
 def capture_ranges(model, batches: Iterable[Tensor], *, progress: bool = False,
                    keep_inputs: int = 0) -> dict[str, dict[str, Tensor]]:
-    """Per decoder linear, ``x`` = max |input| per input channel and ``y`` = max |output| per output
-    channel over every token of ``batches`` (float32, CPU), as TensorRT-LLM's
-    ``capture_activation_range`` records them.
+    """Per decoder linear of the whole model, ``x`` = max |input| per input channel and ``y`` =
+    max |output| per output channel over every token of ``batches`` (float32, CPU), as
+    TensorRT-LLM's ``capture_activation_range`` records them (:class:`RangeHooks`).
 
     ``keep_inputs`` > 0: also keep up to that many input rows (tokens, evenly strided over the
     batches) per linear as ``"inputs"`` [n, in] -- what the alpha search measures its error on.
+    The layer-wise calibration (quantize/sq_layerwise.py) records the same per layer.
     """
     from tqdm.auto import tqdm
 
     batches = list(batches)
-    total = sum(int(b.numel()) for b in batches)
-    stride = max(1, total // keep_inputs) if keep_inputs else 0
-    ranges: dict[str, dict[str, Tensor]] = {}
-
-    def hook(name, module, args, output):
-        x = args[0].detach().reshape(-1, args[0].shape[-1])
-        y = output.detach().reshape(-1, output.shape[-1])
-        r = ranges.setdefault(name, {})
-        for key, t in (("x", x), ("y", y)):
-            m = t.abs().amax(dim=0).float().cpu()
-            r[key] = m if key not in r else torch.maximum(r[key], m)
-        if stride:
-            r.setdefault("_rows", []).append(x[::stride].float().cpu())
-
-    handles = [m.register_forward_hook(lambda mod, a, o, n=name: hook(n, mod, a, o))
-               for name, m in _linears(model).items()]
     dev = next(model.parameters()).device
-    try:
+    stride = keep_stride(sum(int(b.numel()) for b in batches), keep_inputs)
+    with RangeHooks(_linears(model), stride) as hooks:
         bar = tqdm(batches, desc="calibrating (activation ranges)", unit="batch",
                    disable=not progress, file=sys.stderr, leave=False)
         for batch in bar:
             model(input_ids=batch.to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    for r in ranges.values():
-        rows = r.pop("_rows", None)
-        if rows is not None:
-            r["inputs"] = torch.cat(rows)[:keep_inputs]
-    return ranges
+    return hooks.ranges(keep_inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,11 +166,13 @@ def smoother(weights: list[Tensor], x: Tensor, alpha: float) -> Tensor:
 @dataclass
 class Lin:
     """One quantizable linear after smoothing: float weight [out, in], input maxima ``x`` (float64,
-    divided by the smoother), output maxima ``y``; ``sections``: the output widths of q/k/v (qkv only)."""
+    divided by the smoother), output maxima ``y``; ``sections``: the output widths of q/k/v (qkv only).
+    A layer read back from the calibration store (quantize/sq_layerwise.py) has its int8 form
+    only: no ``weight`` and ``x``, and ``y`` is qkv's maximum (the INT8 KV scale's input)."""
 
-    weight: Tensor
-    x: Tensor
-    y: Tensor
+    weight: Tensor | None
+    x: Tensor | None
+    y: Tensor | None
     sections: tuple[int, ...] | None = None
 
 
@@ -327,9 +361,12 @@ def shard_layer(layer: SmoothedLayer, quant_algo: str, *, tp: int, rank: int, pr
 
 def layer_weights(model, i: int) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
     """Layer ``i``'s float weights by HF short name, and its two norm weights (detached, float32)."""
-    layer = hf_layers(model)[i]
-    w = {n: getattr(layer.self_attn, n).weight.detach().float() for n in ATTN}
-    w.update({n: getattr(layer.mlp, n).weight.detach().float() for n in MLP})
+    return module_weights(hf_layers(model)[i])
+
+
+def module_weights(layer) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+    """A decoder layer's float weights by HF short name, and its two norm weights (detached, float32)."""
+    w = {n: m.weight.detach().float() for n, m in layer_linears(layer).items()}
     norms = (layer.input_layernorm.weight.detach().float(),
              layer.post_attention_layernorm.weight.detach().float())
     return w, norms
@@ -357,86 +394,28 @@ def plugin_rank_tensors(layers: list[SmoothedLayer], spec: QuantSpec, *, num_hea
         raise UserError(f"--smoothquant with --tp {tp} needs at least {tp} KV heads (the model has {num_kv_heads})")
     out = {}
     for i, layer in enumerate(layers):
-        out.update(shard_layer(layer, spec.quant_algo, tp=tp, rank=rank, prefix=f"transformer.layers.{i}",
-                               norm_dtype=norm_dtype, mha=num_heads == num_kv_heads,
-                               int8_kv=spec.kv_cache_quant_algo == "INT8"))
+        out.update(plugin_layer_tensors(i, layer, spec, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                        tp=tp, rank=rank, norm_dtype=norm_dtype))
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# --smoothquant auto: alpha per layer
-# ---------------------------------------------------------------------------------------------
+def plugin_layer_tensors(i: int, layer: SmoothedLayer, spec: QuantSpec, *, num_heads: int,
+                         num_kv_heads: int, tp: int, rank: int, norm_dtype: torch.dtype) -> dict[str, Tensor]:
+    """Layer ``i``'s tensors for one TP rank (``transformer.layers.{i}``)."""
+    return shard_layer(layer, spec.quant_algo, tp=tp, rank=rank, prefix=f"transformer.layers.{i}",
+                       norm_dtype=norm_dtype, mha=num_heads == num_kv_heads,
+                       int8_kv=spec.kv_cache_quant_algo == "INT8")
 
 
-def fake_quant_output(x: Tensor, lin: Lin, q: Int8Linear, *, per_channel: bool, per_token: bool) -> Tensor:
-    """What the plugin GEMM returns for the smoothed input rows ``x`` [n, in] (already divided by the
-    smoother), simulated in float32: int8 activations (per token: 127 / row max; static:
-    ``x_orig_quant``) times the int8 weight and its scales."""
-    if per_token:
-        amax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-6)
-        xq = torch.round(x * (127.0 / amax)).clamp(-128, 127) * (amax / 127.0)
-    else:
-        sc = q.x_orig_quant
-        xq = torch.round(x * sc).clamp(-128, 127) / sc
-    w = (q.w_col.float() * q.w_quant_orig_c[:, None] if per_channel
-         else q.w_tensor.float() * q.w_quant_orig_t[:, None])
-    return xq @ w.t()
+def is_mha(config) -> bool:
+    """As many KV heads as heads (TensorRT-LLM's multi_query_mode=False qkv branch)."""
+    return getattr(config, "num_key_value_heads", None) in (None, config.num_attention_heads)
 
 
-def layer_error(layer: SmoothedLayer, smoothers: Mapping[str, Tensor], inputs: Mapping[str, Tensor],
-                ref: Mapping[str, Tensor], quant_algo: str, mha: bool = False) -> float:
-    """Sum over qkv, dense, fc+gate, proj of ||quantized output - float output||^2 / ||float output||^2
-    on the kept calibration inputs (float, unsmoothed; ``ref``: their float outputs)."""
-    per_channel, per_token = plugin_mode(quant_algo)
-    total = 0.0
-    for group, members in (("qkv", ("qkv",)), ("dense", ("dense",)), ("mlp", ("fc", "gate")), ("proj", ("proj",))):
-        x = (inputs[group].double() / smoothers[group]).float()
-        err = norm = 0.0
-        for name in members:
-            lin = getattr(layer, name)
-            got = fake_quant_output(x, lin, int8_linear(lin, mha and name == "qkv"),
-                                    per_channel=per_channel, per_token=per_token)
-            err += float((got - ref[name]).pow(2).sum())
-            norm += float(ref[name].pow(2).sum())
-        total += err / max(norm, 1e-30)
-    return total
-
-
-def search_alphas(model, ranges, quant_algo: str, grid=ALPHA_GRID, mha: bool = False) -> tuple[list[float], dict]:
-    """Per layer, the alpha of ``grid`` with the smallest :func:`layer_error` on the inputs kept by
-    ``capture_ranges(..., keep_inputs=N)``. Returns (alphas, {"per_layer_error": ..., "grid": ...})."""
-    alphas, errors = [], []
-    for i in range(len(hf_layers(model))):
-        w, norms = layer_weights(model, i)
-        r = layer_ranges(ranges, i)
-        if "inputs" not in r["q_proj"]:
-            raise ValueError("search_alphas needs capture_ranges(..., keep_inputs=N)")
-        inputs = {"qkv": r["q_proj"]["inputs"], "dense": r["o_proj"]["inputs"],
-                  "mlp": r["gate_proj"]["inputs"], "proj": r["down_proj"]["inputs"]}
-        ref = {"qkv": inputs["qkv"] @ torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]]).t(),
-               "dense": inputs["dense"] @ w["o_proj"].t(), "fc": inputs["mlp"] @ w["gate_proj"].t(),
-               "gate": inputs["mlp"] @ w["up_proj"].t(), "proj": inputs["proj"] @ w["down_proj"].t()}
-        best = None
-        for a in grid:
-            layer = smooth_layer(w, norms, r, a)
-            smoothers = {"qkv": smoother([torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]])], r["q_proj"]["x"], a),
-                         "dense": smoother([w["o_proj"]], r["o_proj"]["x"], a),
-                         "mlp": smoother([torch.cat([w["gate_proj"], w["up_proj"]])], r["gate_proj"]["x"], a),
-                         "proj": smoother([w["down_proj"]], r["down_proj"]["x"], a)}
-            e = layer_error(layer, smoothers, inputs, ref, quant_algo, mha)
-            if best is None or e < best[1]:
-                best = (a, e)
-        alphas.append(best[0])
-        errors.append(best[1])
-    return alphas, {"grid": list(grid), "per_layer_error": errors}
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------------------------
-
-#: calibration input rows kept per linear for ``--smoothquant auto``
-SEARCH_TOKENS = 1024
+def smoothquant_val(alphas: list[float]) -> float:
+    """config.json's ``smoothquant_val``: the alpha (with a per-layer search, their mean;
+    informational, TensorRT-LLM does not read it when building)."""
+    return round(sum(alphas) / len(alphas), 4)
 
 
 @dataclass
@@ -449,23 +428,26 @@ class PluginCalibration:
 
     @property
     def smoothquant_val(self) -> float:
-        """config.json's ``smoothquant_val``: the alpha (with a per-layer search, their mean;
-        informational, TensorRT-LLM does not read it when building)."""
-        return round(sum(self.alphas) / len(self.alphas), 4)
+        return smoothquant_val(self.alphas)
 
 
 def calibrate_plugin(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *,
                      tokenizer=None, progress: bool = True) -> PluginCalibration:
-    """Load (or take) the model, capture its activation ranges on the calibration text, choose alpha
-    (``spec.smoothquant_alpha``, or searched per layer), and smooth every layer."""
+    """Load (or take) the WHOLE model, capture its activation ranges on the calibration text, choose
+    alpha (``spec.smoothquant_alpha``, or searched per layer), and smooth every layer.
+
+    The whole-model reference: builds calibrate layer by layer from the safetensors
+    (quantize/sq_layerwise.py), which tests/test_sq_plugin_layerwise.py checks against this bit for
+    bit; kept for those tests, ``convert_checkpoint(calibrated_model=...)`` and
+    benchmarks/bench_quality.py."""
     from .calibrate import calibration_inputs
+    from .sq_search import SEARCH_TOKENS, search_alphas
 
     model, batches, _ = calibration_inputs(hf_dir_or_model, spec, calib_text, tokenizer=tokenizer)
     keep = SEARCH_TOKENS if spec.sq_alpha_search else 0
     ranges = capture_ranges(model, batches, progress=progress, keep_inputs=keep)
     n = len(hf_layers(model))
-    cfg = model.config
-    mha = getattr(cfg, "num_key_value_heads", None) in (None, cfg.num_attention_heads)
+    mha = is_mha(model.config)
     search = None
     if spec.sq_alpha_search:
         alphas, search = search_alphas(model, ranges, spec.quant_algo, mha=mha)
