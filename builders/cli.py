@@ -241,8 +241,8 @@ def _print_calibration(args, quant, quant_timings: dict, quant_report: dict) -> 
     if args.calibration is not None:
         how = f"reused {args.calibration}"
     else:
-        how = ("forward hooks on the whole model" if quant.is_sq_plugin else
-               "modelopt forward passes, layer by layer for dense models")
+        how = ("forward hooks" if quant.is_sq_plugin else "modelopt forward passes") + \
+            ", layer by layer for dense models"
         how += f" over {quant.calib_size} x {quant.calib_seq_len} tokens"
     print(f"calibration: {quant_timings['calibration']:.1f}s ({how}), quantized tensors: "
           f"{quant_timings['quantized_tensors']:.1f}s")
@@ -377,11 +377,10 @@ def _memory_plan(args, quant, model_dir, out: Path, pad_heads: bool) -> None:
                                     moe_tp=args.moe_tp, moe_ep=args.moe_ep, pad_heads=pad_heads)
     device = resolve_device(args.calib_device).type if quant.needs_calibration else "cpu"
     reused = getattr(args, "calibration", None) is not None
-    # mixture-of-experts models and TensorRT-LLM's plugin SmoothQuant calibrate whole (no
-    # layer-wise path for experts or forward-hook range capture yet)
+    # mixture-of-experts models calibrate whole (no layer-wise path for experts yet)
     stages = memory.plan(shape, quant, tp=args.tp, pp=args.pp, device=device,
                          out_dtype_bytes=4 if args.dtype == "float32" else 2,
-                         layerwise=not shape.experts and not quant.is_sq_plugin)
+                         layerwise=not shape.experts)
     if reused:
         stages = [s for s in stages if s.name != "calibration"]
     print(f"memory plan: {memory.describe(stages)}")
