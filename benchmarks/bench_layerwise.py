@@ -15,8 +15,9 @@ peaks, and the whole-model path side by side where it fits.
 5. ``:ckpt`` rows: the layer-wise conversion alone (``convert_checkpoint`` with its calibration
    store, no quality gate) with the memory plan the CLI prints for it.
 
-Formats: ``sqp`` is ``--smoothquant``'s default (TensorRT-LLM's plugin recipe), ``sq`` modelopt's
-SmoothQuant (``--sq-recipe modelopt``), ``fp8``, ``awq``.
+Formats: ``sqp`` is ``--smoothquant``'s default (TensorRT-LLM's plugin recipe), ``sqpa`` the same
+with ``--smoothquant auto``, ``sq`` modelopt's SmoothQuant (``--sq-recipe modelopt``), ``fp8``,
+``awq``.
 
     python benchmarks/bench_layerwise.py                       # everything (~30-40 min on 2 cores)
     python benchmarks/bench_layerwise.py --rows 8b:4:sqp,8b:16:sqp --write-md BENCHMARKS.md
@@ -43,10 +44,11 @@ bc.PRESETS["8b-smol"] = dict(bc.PRESETS["8b"], vocab=49152)
 bc.PRESETS["7b-smol"] = dict(bc.PRESETS["7b"], vocab=49152)
 #: row formats: sqp = --smoothquant's default (TensorRT-LLM's plugin recipe, per channel / per
 #: token, alpha 0.75), sq = modelopt's SmoothQuant recipe
-FLAGS = {"sqp": ["--smoothquant"], "sq": ["--smoothquant", "--sq-recipe", "modelopt"],
-         "fp8": ["--fp8"], "awq": ["--awq"]}
-ALGOS = {"sqp": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "sq": "W8A8_SQ_PER_CHANNEL", "fp8": "FP8",
-         "awq": "W4A16_AWQ"}
+FLAGS = {"sqp": ["--smoothquant"], "sqpa": ["--smoothquant", "auto"],
+         "sq": ["--smoothquant", "--sq-recipe", "modelopt"], "fp8": ["--fp8"], "awq": ["--awq"]}
+ALGOS = {"sqp": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "sqpa": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+         "sq": "W8A8_SQ_PER_CHANNEL", "fp8": "FP8", "awq": "W4A16_AWQ"}
+ALPHAS = {"sqpa": "auto"}  # sqpa: --smoothquant auto (alpha searched per layer)
 DEFAULT_ROWS = ("8b:4:sqp,8b:16:sqp,8b:4:sq,8b:4:fp8,8b:16:fp8,8b:4:awq,8b:16:awq,7b:32:sqp,"
                 "8b:4:sqp:whole,8b:4:sqp:bare")
 MARK_BEGIN, MARK_END = "<!-- layerwise:begin -->", "<!-- layerwise:end -->"
@@ -58,7 +60,7 @@ from convert.convert import convert_checkpoint
 from quantize.calibrate import calibrate
 from quantize.formats import QuantSpec
 from quantize.smoothquant import calibrate_plugin
-spec = QuantSpec.create({algo!r}, calib_size=4, calib_seq_len=64)
+spec = QuantSpec.create({algo!r}, smoothquant_alpha={alpha!r}, calib_size=4, calib_seq_len=64)
 t0 = time.perf_counter()
 if spec.is_sq_plugin:
     model = calibrate_plugin({model!r}, spec, progress=False)  # loads on "auto": CPU here
@@ -78,7 +80,7 @@ from convert.convert import convert_checkpoint, preflight_conversion
 from quantize import memory
 from quantize.formats import QuantSpec
 from quantize.run import CalibrationRun
-spec = QuantSpec.create({algo!r}, calib_size=4, calib_seq_len=64)
+spec = QuantSpec.create({algo!r}, smoothquant_alpha={alpha!r}, calib_size=4, calib_seq_len=64)
 _, shape = preflight_conversion({model!r}, quant=spec)
 print("memory plan: " + memory.describe(memory.plan(shape, spec, tp=1, pp=1, device="cpu")))
 t0 = time.perf_counter()
@@ -133,9 +135,10 @@ def run_row(work: Path, row: str, smol: Path) -> dict:
     algo = ALGOS[fmt]
     if mode == "ckpt":
         cmd = [sys.executable, "-c", CKPT.format(repo=str(REPO), algo=algo, model=str(model),
-                                                 out=str(out))]
+                                                 out=str(out), alpha=ALPHAS.get(fmt))]
     elif mode == "whole":
-        cmd = [sys.executable, "-c", WHOLE.format(repo=str(REPO), algo=algo, model=str(model),
+        cmd = [sys.executable, "-c", WHOLE.format(repo=str(REPO), algo=algo, alpha=ALPHAS.get(fmt),
+                                                  model=str(model),
                                                   out=str(out / "checkpoint"))]
     elif mode == "bare":
         cmd = [sys.executable, "-c", BARE.format(repo=str(REPO), model=str(model))]
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_layerwise"))
     ap.add_argument("--rows", default=DEFAULT_ROWS,
                     help="comma list of preset:layers:format[:whole|:bare|:ckpt] (format: sqp, "
-                         "sq, fp8, awq)")
+                         "sqpa, sq, fp8, awq)")
     ap.add_argument("--write-md", type=Path, default=None)
     ap.add_argument("--keep-models", action="store_true")
     ap.add_argument("--append", action="store_true",

@@ -12,6 +12,8 @@ because each layer sees exactly what it sees inside the whole model
 * each layer is ``mtq.quantize``d alone, with the same config, on the cached inputs; the next
   layer's inputs are this layer's outputs during that calibration forward (quantizers
   collecting), not a float forward afterwards (SmoothQuant/AWQ smooth the weights in place);
+  TensorRT-LLM's plugin SmoothQuant recipe instead records its ranges with forward hooks on the
+  layer's linears during that forward and smooths/quantizes the layer (quantize/sq_layerwise.py);
 * multi-pass algorithms (awq_lite: a cache pass, then a search pass with the KV quantizers
   switched on between them) replay pass-synchronously: layer i's k-th forward-loop call gets the
   outputs layer i-1 produced in ITS k-th call.
@@ -211,8 +213,9 @@ def _register_attentions(model) -> None:
 
 class LayerRunner:
     """The model's decoder layers one at a time, fed exactly as inside the whole model: the seam
-    for any per-layer calibration (modelopt here; range capture by forward hooks works the same:
-    hook ``materialise(i)``'s linears, run :meth:`forward`, pass its outputs on)."""
+    for any per-layer calibration (modelopt here; the plugin SmoothQuant's range hooks in
+    quantize/sq_layerwise.py: hook ``materialise(i)``'s linears, run :meth:`forward`, pass its
+    outputs on)."""
 
     def __init__(self, hf_dir, source, batches: list[Tensor], device: torch.device):
         self.source, self.device = source, device

@@ -112,7 +112,7 @@ class RangeHooks:
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
-        self._handles = []
+        self._handles, self.linears = [], {}  # no reference to the modules after the capture
 
     def ranges(self, keep_inputs: int = 0) -> dict[str, dict[str, Tensor]]:
         for r in self._ranges.values():
@@ -156,10 +156,22 @@ def capture_ranges(model, batches: Iterable[Tensor], *, progress: bool = False,
 # ---------------------------------------------------------------------------------------------
 
 
+#: rows per block of the element-wise passes over a weight: bounds their temporaries (a float64
+#: copy of an 8B MLP weight is 0.47 GB) without changing a single value (element-wise ops and
+#: maxima give the same bits in any blocking)
+ROWS = 2048
+
+
+def _absmax(w: Tensor, dim: int) -> Tensor:
+    """max |w| along ``dim`` (0: per column, 1: per row), in blocks of rows (a maximum is exact)."""
+    blocks = [b.abs().amax(dim=dim) for b in w.split(ROWS)]
+    return torch.cat(blocks) if dim == 1 else torch.stack(blocks).amax(dim=0)
+
+
 def smoother(weights: list[Tensor], x: Tensor, alpha: float) -> Tensor:
     """``smooth_gemm``: s_j = clamp(x_j^alpha / max_rows |W[:, j]|^(1 - alpha), min=1e-5), float64,
     the weight maximum taken jointly over ``weights`` (q/k/v, or gate/up)."""
-    wmax = torch.cat([w.abs().amax(dim=0, keepdim=True) for w in weights]).amax(dim=0)
+    wmax = torch.stack([_absmax(w, 0) for w in weights]).amax(dim=0)
     return (x.to(torch.float64).pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
 
 
@@ -197,38 +209,61 @@ class SmoothedLayer:
         return self._int8
 
 
-def _smooth(ws: list[Tensor], s: Tensor) -> list[Tensor]:
-    """``apply_smoothing``'s ``W.mul_(s)``: computed in float64, stored in the weight's dtype."""
-    return [(w.to(torch.float64) * s.view(1, -1)).to(w.dtype) for w in ws]
+def _smooth(ws: list[Tensor], s: Tensor) -> Tensor:
+    """``apply_smoothing``'s ``W.mul_(s)`` of ``ws`` stacked by rows: computed in float64 (in blocks
+    of rows), stored in the weights' dtype."""
+    out = torch.empty((sum(w.shape[0] for w in ws), ws[0].shape[1]), dtype=ws[0].dtype,
+                      device=ws[0].device)
+    row = 0
+    for w in ws:
+        for b in w.split(ROWS):
+            out[row:row + b.shape[0]] = (b.to(torch.float64) * s.view(1, -1)).to(w.dtype)
+            row += b.shape[0]
+    return out
 
 
 def smooth_layer(w: Mapping[str, Tensor], norms: tuple[Tensor, Tensor],
-                 ranges: Mapping[str, Mapping[str, Tensor]], alpha: float) -> SmoothedLayer:
+                 ranges: Mapping[str, Mapping[str, Tensor]], alpha: float, *,
+                 release: bool = False) -> SmoothedLayer:
     """``smooth_llama_model`` for one layer. ``w``: HF short name -> float weight [out, in];
     ``norms``: (input_layernorm, post_attention_layernorm) weights; ``ranges``: short name ->
-    captured ``x``/``y``."""
+    captured ``x``/``y``. ``release``: pop each weight from ``w`` (a dict) once smoothed, so that
+    a caller holding no other reference frees it (one layer's float weights, not two)."""
     in_norm, post_norm = norms
     q, k, v = w["q_proj"], w["k_proj"], w["v_proj"]
-    s = smoother([torch.cat([q, k, v])], ranges["q_proj"]["x"], alpha)
-    qkv = _smooth([torch.cat([q, k, v])], s)[0]
+    sections = (q.shape[0], k.shape[0], v.shape[0])
+    s = smoother([q, k, v], ranges["q_proj"]["x"], alpha)
+    qkv = _smooth([q, k, v], s)
+    del q, k, v
+    _release(w, release, "q_proj", "k_proj", "v_proj")
     in_norm = (in_norm.to(torch.float64) / s).to(in_norm.dtype)
     y_qkv = torch.cat([ranges[n]["y"] for n in ("q_proj", "k_proj", "v_proj")])
-    lin_qkv = Lin(qkv, ranges["q_proj"]["x"] / s, y_qkv, (q.shape[0], k.shape[0], v.shape[0]))
+    lin_qkv = Lin(qkv, ranges["q_proj"]["x"] / s, y_qkv, sections)
 
     s_o = smoother([w["o_proj"]], ranges["o_proj"]["x"], alpha)
-    lin_dense = Lin(_smooth([w["o_proj"]], s_o)[0], ranges["o_proj"]["x"] / s_o, ranges["o_proj"]["y"])
+    lin_dense = Lin(_smooth([w["o_proj"]], s_o), ranges["o_proj"]["x"] / s_o, ranges["o_proj"]["y"])
+    _release(w, release, "o_proj")
 
     gate, up = w["gate_proj"], w["up_proj"]
-    s_m = smoother([torch.cat([gate, up])], ranges["gate_proj"]["x"], alpha)
-    gate_s, up_s = _smooth([gate, up], s_m)
+    s_m = smoother([gate, up], ranges["gate_proj"]["x"], alpha)
+    gate_s, up_s = _smooth([gate], s_m), _smooth([up], s_m)
+    del gate, up
+    _release(w, release, "gate_proj", "up_proj")
     post_norm = (post_norm.to(torch.float64) / s_m).to(post_norm.dtype)
     lin_fc = Lin(gate_s, ranges["gate_proj"]["x"] / s_m, ranges["gate_proj"]["y"])
     lin_gate = Lin(up_s, ranges["up_proj"]["x"] / s_m, ranges["up_proj"]["y"])
 
     s_d = smoother([w["down_proj"]], ranges["down_proj"]["x"], alpha)
-    lin_proj = Lin(_smooth([w["down_proj"]], s_d)[0], ranges["down_proj"]["x"] / s_d, ranges["down_proj"]["y"])
+    lin_proj = Lin(_smooth([w["down_proj"]], s_d), ranges["down_proj"]["x"] / s_d, ranges["down_proj"]["y"])
+    _release(w, release, "down_proj")
     return SmoothedLayer(lin_qkv, lin_dense, lin_fc, lin_gate, lin_proj, in_norm, post_norm,
                          s_o.float(), s_d.float())
+
+
+def _release(w, release: bool, *names: str) -> None:
+    if release:
+        for n in names:
+            w.pop(n)
 
 
 @dataclass
@@ -239,8 +274,8 @@ class Int8Linear:
     ``*_c`` / ``*_t``: per-output-channel scales (float32, [out]) for the same two choices;
     ``x_scale`` = 127 / max x, ``y_scale`` = max y / 127 (float32 scalars)."""
 
-    w_col: Tensor
-    w_tensor: Tensor
+    w_col: Tensor | None
+    w_tensor: Tensor | None
     w_quant_orig_c: Tensor
     w_quant_orig_t: Tensor
     y_accum_quant_c: Tensor
@@ -258,13 +293,23 @@ def _to_i8(t: Tensor) -> Tensor:
     return torch.round(t).clamp(-127, 127).to(torch.int8)  # round half to even, as numpy's round
 
 
-def int8_linear(lin: Lin, mha: bool = False) -> Int8Linear:
+def _i8_rows(wf: Tensor, scale: Tensor, divide: bool) -> Tensor:
+    """``_to_i8(wf / scale[:, None])`` (or ``*``), in blocks of rows."""
+    out = torch.empty(wf.shape, dtype=torch.int8, device=wf.device)
+    for a in range(0, wf.shape[0], ROWS):
+        b, sc = wf[a:a + ROWS], scale[a:a + ROWS, None]
+        out[a:a + ROWS] = _to_i8(b / sc if divide else b * sc)
+    return out
+
+
+def int8_linear(lin: Lin, mha: bool = False, only: str | None = None) -> Int8Linear:
     """``generate_int8``: int8 weights (per channel and per tensor) and the scales of both activation
     modes. qkv (``lin.sections``): per tensor means one scale each for q, k and v. ``mha``: the qkv
     of a model with as many kv heads as heads (TensorRT-LLM's multi_query_mode=False branch, which
-    multiplies by 127/wmax where the GQA branch divides by wmax/127)."""
+    multiplies by 127/wmax where the GQA branch divides by wmax/127). ``only`` ``"col"`` or
+    ``"tensor"``: that int8 weight only (the other is None)."""
     wf = lin.weight.float()
-    wmax = wf.abs().amax(dim=1)                                  # per output channel
+    wmax = _absmax(wf, 1)                                        # per output channel
     if lin.sections:
         parts = wmax.split(list(lin.sections))
         wmax_t = torch.cat([p.max().expand(p.numel()) for p in parts])
@@ -274,14 +319,16 @@ def int8_linear(lin: Lin, mha: bool = False) -> Int8Linear:
     orig_quant_t = _rdiv(127.0, wmax_t)
     quant_orig_c = _rdiv(1.0, orig_quant_c)
     quant_orig_t = _rdiv(1.0, orig_quant_t)
-    if lin.sections and not mha:
-        w_t = _to_i8(wf / quant_orig_t[:, None])
-    else:
-        w_t = _to_i8(wf * orig_quant_t[:, None])
+    w_t = w_c = None
+    if only != "col":
+        w_t = (_i8_rows(wf, quant_orig_t, True) if lin.sections and not mha
+               else _i8_rows(wf, orig_quant_t, False))
+    if only != "tensor":
+        w_c = _i8_rows(wf, orig_quant_c, False)
     x_oq = 127.0 / float(lin.x.max())
     y_oq = 127.0 / float(lin.y.max())
     return Int8Linear(
-        w_col=_to_i8(wf * orig_quant_c[:, None]), w_tensor=w_t,
+        w_col=w_c, w_tensor=w_t,
         w_quant_orig_c=quant_orig_c, w_quant_orig_t=quant_orig_t,
         y_accum_quant_c=(y_oq / (x_oq * orig_quant_c.double())).float(),
         y_accum_quant_t=(y_oq / (x_oq * orig_quant_t.double())).float(),

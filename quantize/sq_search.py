@@ -44,7 +44,8 @@ def layer_error(layer: SmoothedLayer, smoothers: Mapping[str, Tensor], inputs: M
         err = norm = 0.0
         for name in members:
             lin = getattr(layer, name)
-            got = fake_quant_output(x, lin, int8_linear(lin, mha and name == "qkv"),
+            q = int8_linear(lin, mha and name == "qkv", only="col" if per_channel else "tensor")
+            got = fake_quant_output(x, lin, q,
                                     per_channel=per_channel, per_token=per_token)
             err += float((got - ref[name]).pow(2).sum())
             norm += float(ref[name].pow(2).sum())
