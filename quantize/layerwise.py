@@ -217,12 +217,14 @@ class LayerRunner:
     quantize/sq_layerwise.py: hook ``materialise(i)``'s linears, run :meth:`forward`, pass its
     outputs on)."""
 
-    def __init__(self, hf_dir, source, batches: list[Tensor], device: torch.device):
+    def __init__(self, hf_dir, source, batches: list[Tensor], device: torch.device, *,
+                 modelopt: bool = True):
         self.source, self.device = source, device
         self.dtype = compute_dtype(device, _config_dtype(Path(hf_dir)))
         model = meta_model(Path(hf_dir), self.dtype)
         self.config = model.config
-        _register_attentions(model)
+        if modelopt:  # not for range hooks (the plugin SmoothQuant): modelopt's import is ~5 s
+            _register_attentions(model)
         #: the first layer's inputs per batch; per layer per batch the model's keyword arguments
         self.first_inputs, self.kwargs = layer_inputs(model, source, batches, device, self.dtype)
         self.layers_name, self.layers = _layers_path(model)
@@ -271,7 +273,7 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
         return done
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    runner = LayerRunner(hf_dir, source, batches, device)
+    runner = LayerRunner(hf_dir, source, batches, device, modelopt=not spec.is_sq_plugin)
     n = len(runner)
     start = done.get("layers_done", 0)
     passes_in = [runner.first_inputs] if start == 0 else cstore.load_inputs(store, device)
@@ -285,7 +287,8 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
         calibrate_one = _modelopt_layer
     for i in range(start, n):
         state, passes_in = calibrate_one(runner, i, spec, passes_in)
-        gc.collect()  # modelopt's hooks make reference cycles: free this layer before the next
+        if not spec.is_sq_plugin:  # range hooks leave no cycles, and a full collection costs ~2 s
+            gc.collect()  # modelopt's hooks make reference cycles: free this layer before the next
         cstore.finish_layer(store, i, state, passes_in if i + 1 < n else None)
         del state
         _trim()

@@ -96,8 +96,9 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
                                 0.0 if device == "cpu" else CUDA_CONTEXT + params * c, 0.0))
         elif device == "cpu":
             stages.append(Stage("calibration", HOST_BASE + work + extracted, 0.0, store_disk))
-        else:
-            stages.append(Stage("calibration", HOST_BASE + acts + rows + extracted,
+        else:  # the plugin recipe smooths the layer on the CPU in float32
+            smoothing = p_lin * 4 * (LAYER_FACTOR[algo] + search) if algo in SQ_PLUGIN else 0.0
+            stages.append(Stage("calibration", HOST_BASE + acts + rows + extracted + smoothing,
                                 CUDA_CONTEXT + work, store_disk))
         write_host = WRITE_BASE + 2.5 * extracted  # a layer loaded, sharded, in the writer
     else:

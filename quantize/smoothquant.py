@@ -412,10 +412,11 @@ def layer_weights(model, i: int) -> tuple[dict[str, Tensor], tuple[Tensor, Tenso
 
 
 def module_weights(layer) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
-    """A decoder layer's float weights by HF short name, and its two norm weights (detached, float32)."""
-    w = {n: m.weight.detach().float() for n, m in layer_linears(layer).items()}
-    norms = (layer.input_layernorm.weight.detach().float(),
-             layer.post_attention_layernorm.weight.detach().float())
+    """A decoder layer's float weights by HF short name, and its two norm weights (detached,
+    float32, on the CPU where the ranges are: a layer calibrated on a GPU is smoothed on the CPU)."""
+    w = {n: m.weight.detach().float().cpu() for n, m in layer_linears(layer).items()}
+    norms = (layer.input_layernorm.weight.detach().float().cpu(),
+             layer.post_attention_layernorm.weight.detach().float().cpu())
     return w, norms
 
 

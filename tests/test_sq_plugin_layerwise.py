@@ -210,3 +210,61 @@ def test_plugin_calibration_killed_mid_way_resumes_from_the_last_finished_layer(
                        calibration=_run(tmp_path / "fresh_store", calib_text))
     assert calls == [0, 1, 2, 3]
     assert_same_checkpoints(tmp_path / "out", tmp_path / "fresh")
+
+
+def test_memory_plan_counts_the_plugin_recipe_layer_by_layer(tmp_path, smollm2_dir, capsys,
+                                                             monkeypatch):
+    """build_engine --smoothquant prints (and checks against) the layer-wise calibration figure,
+    not the whole-model one: a limit below it is refused in one line before any work."""
+    from builders.cli import main
+    from convert.convert import preflight_conversion
+    from quantize import memory
+
+    spec = QuantSpec.create(VARIANTS[0], calib_size=4, calib_seq_len=64)
+    _, shape = preflight_conversion(smollm2_dir, quant=spec)
+    lw = memory.plan(shape, spec, tp=1, pp=1, device="cpu")[0].host
+    whole = memory.plan(shape, spec, tp=1, pp=1, device="cpu", layerwise=False)[0].host
+    assert lw < whole / 1.5
+    monkeypatch.setenv("BUILD_ENGINE_MEMORY_LIMIT", str(int(lw * 0.9)))
+    out = tmp_path / "out"
+    rc = main(["--model", str(smollm2_dir), "--output", str(out), "--checkpoint-only",
+               "--no-progress", "--smoothquant", "--calib-device", "cpu", "--calib-size", "4",
+               "--calib-seq-len", "64"])
+    captured = capsys.readouterr()
+    assert rc == 2 and not out.exists()
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("build_engine: error:")]
+    assert len(lines) == 1 and f"the calibration stage needs ~{lw / 1e9:.2f} GB" in lines[0]
+
+
+def test_a_calibrated_layer_is_freed_without_a_garbage_collection(tmp_path, calib_text):
+    """The layer loop skips gc.collect for the plugin recipe (a full collection costs seconds per
+    layer): the materialised layer and its float weights must then be freed by reference counting
+    alone, or memory would grow with depth."""
+    import gc
+    import weakref
+
+    from examples.tiny import make_tiny_model
+    from convert.source import SourceCheckpoint
+    from quantize.layerwise import LayerRunner, calib_batches
+    from quantize.sq_layerwise import calibrate_plugin_layer
+
+    hf = tmp_path / "hf"
+    make_tiny_model(hf, **TINY)
+    spec = QuantSpec.create(VARIANTS[0], smoothquant_alpha="auto", **CALIB)
+    runner = LayerRunner(hf, SourceCheckpoint(hf), calib_batches(spec, calib_text, byte_tokenizer),
+                         torch.device("cpu"), modelopt=False)
+    refs = []
+    real = runner.materialise
+
+    def materialise(i):
+        layer = real(i)
+        refs.extend(weakref.ref(t) for t in (layer, layer.mlp.up_proj.weight))
+        return layer
+
+    runner.materialise = materialise
+    gc.disable()
+    try:
+        state, outs = calibrate_plugin_layer(runner, 0, spec, [runner.first_inputs])
+        assert refs and all(r() is None for r in refs)
+    finally:
+        gc.enable()
