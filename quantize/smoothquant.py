@@ -123,8 +123,7 @@ class RangeHooks:
 
 
 def keep_stride(tokens: int, keep_inputs: int) -> int:
-    """The row stride that keeps about ``keep_inputs`` input rows out of ``tokens`` (0: none)."""
-    return max(1, tokens // keep_inputs) if keep_inputs else 0
+    return max(1, tokens // keep_inputs) if keep_inputs else 0  # ~keep_inputs rows of tokens
 
 
 @torch.no_grad()
@@ -156,9 +155,8 @@ def capture_ranges(model, batches: Iterable[Tensor], *, progress: bool = False,
 # ---------------------------------------------------------------------------------------------
 
 
-#: rows per block of the element-wise passes over a weight: bounds their temporaries (a float64
-#: copy of an 8B MLP weight is 0.47 GB) without changing a single value (element-wise ops and
-#: maxima give the same bits in any blocking)
+#: rows per block of the element-wise passes over a weight: bounds their temporaries (a float64 8B
+#: MLP weight is 0.47 GB); element-wise ops and maxima give the same bits in any blocking
 ROWS = 2048
 
 
@@ -261,9 +259,8 @@ def smooth_layer(w: Mapping[str, Tensor], norms: tuple[Tensor, Tensor],
 
 
 def _release(w, release: bool, *names: str) -> None:
-    if release:
-        for n in names:
-            w.pop(n)
+    for n in names if release else ():
+        w.pop(n)
 
 
 @dataclass
@@ -412,8 +409,7 @@ def layer_weights(model, i: int) -> tuple[dict[str, Tensor], tuple[Tensor, Tenso
 
 
 def module_weights(layer) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
-    """A decoder layer's float weights by HF short name, and its two norm weights (detached,
-    float32, on the CPU where the ranges are: a layer calibrated on a GPU is smoothed on the CPU)."""
+    """A layer's float weights by HF short name and its two norms (float32, on the CPU, as the ranges)."""
     w = {n: m.weight.detach().float().cpu() for n, m in layer_linears(layer).items()}
     norms = (layer.input_layernorm.weight.detach().float().cpu(),
              layer.post_attention_layernorm.weight.detach().float().cpu())
