@@ -185,7 +185,8 @@ def run(args) -> int:
             extra["quantization"] = {"quant_algo": quant.quant_algo, "recipe": quant.recipe or quant.name,
                                      **quant_report, "quality_gate": gate}
             if not gate["passed"]:
-                _discard(out, ckpt)
+                # this run's own calibration store goes too (a --calibration PATH is kept)
+                _discard(out, ckpt, None if args.calibration else out / "calibration")
                 print(f"build_engine: error: the quality gate failed: perplexity +{gate['increase_pct']:.2f}% over "
                       f"the float model > --max-ppl-increase {quant.max_ppl_increase:g}%; nothing was kept "
                       f"(try another recipe or alpha, e.g. --smoothquant auto, or more --calib-size)",
@@ -466,12 +467,15 @@ def _quality_gate(ckpt, model_dir, quant, tokenizer) -> dict:
             "passed": limit is None or r["increase_pct"] <= limit}
 
 
-def _discard(out: Path, ckpt: Path) -> None:
-    """A run that failed its quality gate keeps nothing that looks complete: its checkpoint goes, and
-    so do the outputs of an earlier run it was replacing (--force), which would now look current."""
+def _discard(out: Path, ckpt: Path, store: Path | None = None) -> None:
+    """A run that failed its quality gate keeps nothing that looks complete: its checkpoint (and
+    ``store``, its calibration) goes, and so do the outputs of an earlier run it was replacing
+    (--force), which would now look current."""
     import shutil
 
     shutil.rmtree(ckpt, ignore_errors=True)
+    if store is not None:
+        shutil.rmtree(store, ignore_errors=True)
     for name in ("engines", "triton"):
         shutil.rmtree(out / name, ignore_errors=True)
     (out / "build.json").unlink(missing_ok=True)
