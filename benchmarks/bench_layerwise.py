@@ -12,9 +12,15 @@ peaks, and the whole-model path side by side where it fits.
    fp32, then ``convert_checkpoint(calibrated_model=...)``) for the same command where it fits.
 4. Bare forward passes: the float model's forward over the same batches, timed alone (the floor
    for calibration time), where the fp32 model fits.
+5. ``:ckpt`` rows: the layer-wise conversion alone (``convert_checkpoint`` with its calibration
+   store, no quality gate) with the memory plan the CLI prints for it.
+
+Formats: ``sqp`` is ``--smoothquant``'s default (TensorRT-LLM's plugin recipe), ``sqpa`` the same
+with ``--smoothquant auto``, ``sq`` modelopt's SmoothQuant (``--sq-recipe modelopt``), ``fp8``,
+``awq``.
 
     python benchmarks/bench_layerwise.py                       # everything (~30-40 min on 2 cores)
-    python benchmarks/bench_layerwise.py --rows 8b:4:sq,8b:16:sq --write-md BENCHMARKS.md
+    python benchmarks/bench_layerwise.py --rows 8b:4:sqp,8b:16:sqp --write-md BENCHMARKS.md
 """
 from __future__ import annotations
 
@@ -36,9 +42,15 @@ import bench_convert as bc  # noqa: E402
 
 bc.PRESETS["8b-smol"] = dict(bc.PRESETS["8b"], vocab=49152)
 bc.PRESETS["7b-smol"] = dict(bc.PRESETS["7b"], vocab=49152)
-FLAGS = {"sq": ["--smoothquant"], "fp8": ["--fp8"], "awq": ["--awq"]}
-DEFAULT_ROWS = ("8b:4:sq,8b:16:sq,8b:4:fp8,8b:16:fp8,8b:4:awq,8b:16:awq,7b:32:sq,"
-                "8b:4:sq:whole,8b:4:sq:bare")
+#: row formats: sqp = --smoothquant's default (TensorRT-LLM's plugin recipe, per channel / per
+#: token, alpha 0.75), sq = modelopt's SmoothQuant recipe
+FLAGS = {"sqp": ["--smoothquant"], "sqpa": ["--smoothquant", "auto"],
+         "sq": ["--smoothquant", "--sq-recipe", "modelopt"], "fp8": ["--fp8"], "awq": ["--awq"]}
+ALGOS = {"sqp": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "sqpa": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+         "sq": "W8A8_SQ_PER_CHANNEL", "fp8": "FP8", "awq": "W4A16_AWQ"}
+ALPHAS = {"sqpa": "auto"}  # sqpa: --smoothquant auto (alpha searched per layer)
+DEFAULT_ROWS = ("8b:4:sqp,8b:16:sqp,8b:4:sq,8b:4:fp8,8b:16:fp8,8b:4:awq,8b:16:awq,7b:32:sqp,"
+                "8b:4:sqp:whole,8b:4:sqp:bare")
 MARK_BEGIN, MARK_END = "<!-- layerwise:begin -->", "<!-- layerwise:end -->"
 
 WHOLE = """
@@ -47,12 +59,36 @@ from pathlib import Path
 from convert.convert import convert_checkpoint
 from quantize.calibrate import calibrate
 from quantize.formats import QuantSpec
-spec = QuantSpec.create({algo!r}, calib_size=4, calib_seq_len=64)
+from quantize.smoothquant import calibrate_plugin
+spec = QuantSpec.create({algo!r}, smoothquant_alpha={alpha!r}, calib_size=4, calib_seq_len=64)
 t0 = time.perf_counter()
-model = calibrate({model!r}, spec, device="cpu", progress=False)
+if spec.is_sq_plugin:
+    model = calibrate_plugin({model!r}, spec, progress=False)  # loads on "auto": CPU here
+else:
+    model = calibrate({model!r}, spec, device="cpu", progress=False)
 t1 = time.perf_counter()
 convert_checkpoint({model!r}, Path({out!r}), progress=False, quant=spec, calibrated_model=model)
 print("whole-model calibration: %.1fs, checkpoint %.1fs" % (t1 - t0, time.perf_counter() - t1))
+"""
+
+#: the layer-wise conversion alone (calibration + sharding, no quality gate), with the memory plan
+#: the CLI would print for it
+CKPT = """
+import sys, time; sys.path.insert(0, {repo!r})
+from pathlib import Path
+from convert.convert import convert_checkpoint, preflight_conversion
+from quantize import memory
+from quantize.formats import QuantSpec
+from quantize.run import CalibrationRun
+spec = QuantSpec.create({algo!r}, smoothquant_alpha={alpha!r}, calib_size=4, calib_seq_len=64)
+_, shape = preflight_conversion({model!r}, quant=spec)
+print("memory plan: " + memory.describe(memory.plan(shape, spec, tp=1, pp=1, device="cpu")))
+t0 = time.perf_counter()
+timings = {{}}
+convert_checkpoint({model!r}, Path({out!r}) / "checkpoint", progress=False, quant=spec,
+                   timings=timings, calibration=CalibrationRun(store=Path({out!r}) / "calibration",
+                                                               device="cpu"))
+print("layer-wise checkpoint: %.1fs (%s)" % (time.perf_counter() - t0, timings))
 """
 
 BARE = """
@@ -96,17 +132,20 @@ def run_row(work: Path, row: str, smol: Path) -> dict:
     out = work / f"out-{row.replace(':', '_')}"  # per row: invocations may run side by side
     shutil.rmtree(out, ignore_errors=True)
     log = work / f"{row.replace(':', '_')}.log"
-    algo = {"sq": "W8A8_SQ_PER_CHANNEL", "fp8": "FP8", "awq": "W4A16_AWQ"}[fmt]
-    if mode == "whole":
-        cmd = [sys.executable, "-c", WHOLE.format(repo=str(REPO), algo=algo, model=str(model),
+    algo = ALGOS[fmt]
+    if mode == "ckpt":
+        cmd = [sys.executable, "-c", CKPT.format(repo=str(REPO), algo=algo, model=str(model),
+                                                 out=str(out), alpha=ALPHAS.get(fmt))]
+    elif mode == "whole":
+        cmd = [sys.executable, "-c", WHOLE.format(repo=str(REPO), algo=algo, alpha=ALPHAS.get(fmt),
+                                                  model=str(model),
                                                   out=str(out / "checkpoint"))]
     elif mode == "bare":
         cmd = [sys.executable, "-c", BARE.format(repo=str(REPO), model=str(model))]
     else:
-        extra = ["--sq-recipe", "modelopt"] if fmt == "sq" and bc.cli_has("--sq-recipe") else []
         cmd = [sys.executable, "-m", "builders", "--model", str(model), "--output", str(out),
                "--checkpoint-only", "--no-progress", "--calib-device", "cpu", "--calib-size", "4",
-               "--calib-seq-len", "64", *FLAGS[fmt], *extra]
+               "--calib-seq-len", "64", *FLAGS[fmt]]
     wall, rss, tree, rc, text = bc.timed(cmd, log)
     res = {"row": row, "preset": preset, "layers": int(layers), "format": fmt, "mode": mode,
            "rc": rc, "wall_s": round(wall, 1), "peak_rss_gb": round(rss / 1024, 2),
@@ -151,7 +190,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_layerwise"))
     ap.add_argument("--rows", default=DEFAULT_ROWS,
-                    help="comma list of preset:layers:format[:whole|:bare]")
+                    help="comma list of preset:layers:format[:whole|:bare|:ckpt] (format: sqp, "
+                         "sqpa, sq, fp8, awq)")
     ap.add_argument("--write-md", type=Path, default=None)
     ap.add_argument("--keep-models", action="store_true")
     ap.add_argument("--append", action="store_true",

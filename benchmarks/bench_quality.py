@@ -140,8 +140,8 @@ def sq_rows(args, tok, calib_text, eval_text, kw, work):
     """The --smoothquant-table rows: (label, algo, alpha, ppl, calibration s, note)."""
     from quantize.calibrate import calibration_inputs
     from quantize.formats import QuantSpec
-    from quantize.smoothquant import (SEARCH_TOKENS, PluginCalibration, capture_ranges, search_alphas,
-                                      smooth_model)
+    from quantize.smoothquant import PluginCalibration, capture_ranges, smooth_model
+    from quantize.sq_search import SEARCH_TOKENS, search_alphas
 
     out = []
     spec0 = QuantSpec.create(PT, calib_size=args.calib_size, calib_seq_len=args.calib_seq_len)

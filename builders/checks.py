@@ -19,12 +19,15 @@ def quality_gate(ckpt, model_dir, quant, tokenizer) -> dict:
             "passed": limit is None or r["increase_pct"] <= limit}
 
 
-def discard(out: Path, ckpt: Path) -> None:
-    """A run that failed its quality gate keeps nothing that looks complete: its checkpoint goes, and
-    so do the outputs of an earlier run it was replacing (--force), which would now look current."""
+def discard(out: Path, ckpt: Path, store: Path | None = None) -> None:
+    """A run that failed its quality gate keeps nothing that looks complete: its checkpoint (and
+    ``store``, its calibration) goes, and so do the outputs of an earlier run it was replacing
+    (--force), which would now look current."""
     import shutil
 
     shutil.rmtree(ckpt, ignore_errors=True)
+    if store is not None:
+        shutil.rmtree(store, ignore_errors=True)
     for name in ("engines", "triton"):
         shutil.rmtree(out / name, ignore_errors=True)
     (out / "build.json").unlink(missing_ok=True)
@@ -45,9 +48,11 @@ def verify(ckpt, model_dir, quant, tokenizer):
     return verify(ckpt, model_dir)
 
 
-def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict) -> dict:
+def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict,
+              store: Path | None = None) -> dict:
     """The quality gate of a calibrated run, timed; on a breach of --max-ppl-increase nothing is
-    kept and the run fails (one line). Returns build.json's "quantization" record."""
+    kept (``store``: this run's own calibration store) and the run fails (one line). Returns
+    build.json's "quantization" record."""
     import time
 
     from common.errors import UserError
@@ -56,7 +61,7 @@ def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict)
     gate = quality_gate(ckpt, model_dir, quant, tokenizer)
     timings["quality_gate"] = time.perf_counter() - t0
     if not gate["passed"]:
-        discard(out, ckpt)
+        discard(out, ckpt, store)
         raise UserError(f"the quality gate failed: perplexity +{gate['increase_pct']:.2f}% over the "
                         f"float model > --max-ppl-increase {quant.max_ppl_increase:g}%; nothing was "
                         f"kept (try another recipe or alpha, e.g. --smoothquant auto, or more "

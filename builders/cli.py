@@ -131,7 +131,8 @@ def _convert(args, out: Path, quant, timings: dict, extra: dict):
     _print_calibration(args, quant, quant_timings, quant_report)
     ckpt = _print_checkpoint(args, out, ckpt, config, quant, timings)
     if quant.needs_calibration:
-        record = checks.gate_step(out, ckpt, model_dir, quant, tokenizer, timings)
+        own_store = None if args.calibration else out / "calibration"  # --calibration PATH is kept
+        record = checks.gate_step(out, ckpt, model_dir, quant, tokenizer, timings, own_store)
         extra["quantization"] = {**record, **quant_report, "quality_gate": record["quality_gate"]}
     if args.verify and not checks.verify_step(ckpt, model_dir, quant, tokenizer, timings):
         return EXIT_MISMATCH
@@ -161,8 +162,8 @@ def _print_calibration(args, quant, quant_timings: dict, quant_report: dict) -> 
     if args.calibration is not None:
         how = f"reused {args.calibration}"
     else:
-        how = ("forward hooks on the whole model" if quant.is_sq_plugin else
-               "modelopt forward passes, layer by layer for dense models")
+        how = ("forward hooks" if quant.is_sq_plugin else "modelopt forward passes") + \
+            ", layer by layer for dense models"
         how += f" over {quant.calib_size} x {quant.calib_seq_len} tokens"
     print(f"calibration: {quant_timings['calibration']:.1f}s ({how}), quantized tensors: "
           f"{quant_timings['quantized_tensors']:.1f}s")

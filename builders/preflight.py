@@ -107,11 +107,10 @@ def memory_plan(args, quant, model_dir, out: Path, pad_heads: bool) -> None:
 
         device = resolve_device(args.calib_device).type
     reused = getattr(args, "calibration", None) is not None
-    # mixture-of-experts models and TensorRT-LLM's plugin SmoothQuant calibrate whole (no
-    # layer-wise path for experts or forward-hook range capture yet)
+    # mixture-of-experts models calibrate whole (no layer-wise path for experts yet)
     stages = memory.plan(shape, quant, tp=args.tp, pp=args.pp, device=device,
                          out_dtype_bytes=4 if args.dtype == "float32" else 2,
-                         layerwise=not shape.experts and not quant.is_sq_plugin,
+                         layerwise=not shape.experts,
                          checks=memory.checks(args.verify, getattr(args, "eval_ppl", None)))
     if reused:
         stages = [s for s in stages if s.name != "calibration"]

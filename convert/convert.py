@@ -178,14 +178,12 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"], moe=moe)
              for r in range(world)]
     calibrated = quant is not None and quant.needs_calibration
-    # modelopt's formats on dense models; TensorRT-LLM's plugin SmoothQuant and MoE: whole model
-    layerwise = calibrated and calibrated_model is None and not shape.experts \
-        and not quant.is_sq_plugin
+    # every format on dense models layer by layer; mixture-of-experts models: whole model
+    layerwise = calibrated and calibrated_model is None and not shape.experts
     if not layerwise:
         if calibration is not None and calibration.reuse and calibrated:
             raise UserError("--calibration reuses a layer-wise calibration; a mixture-of-experts "
-                            "model or TensorRT-LLM's plugin SmoothQuant recipe is calibrated whole: "
-                            "drop --calibration")
+                            "model is calibrated whole: drop --calibration")
         calibration = None
     elif calibration is None:
         from quantize.run import CalibrationRun
@@ -270,11 +268,12 @@ def _calibrated_plans(model_dir: Path, source, plans, shape, quant, config: dict
                       calibrated_model, calibration, out_dir: Path, progress: bool,
                       timings: dict, report: dict):
     """Calibrate on the calibration text, then put each rank's quantized linears and KV-cache
-    scales into its plan: TensorRT-LLM's SmoothQuant plugin recipe by forward hooks on the whole
-    model (quantize.smoothquant); modelopt's formats on dense models layer by layer from the
-    safetensors into a calibration store that the writer streams from (``calibration``); a model
-    calibrated in memory, or a mixture-of-experts model (loaded whole: its experts have no
-    layer-wise path yet), from the calibrated model."""
+    scales into its plan: dense models layer by layer from the safetensors into a calibration
+    store that the writer streams from (``calibration``; modelopt's formats, or TensorRT-LLM's
+    plugin SmoothQuant by forward hooks: quantize.sq_layerwise); a model calibrated in memory
+    (``calibrated_model``: a modelopt-calibrated model or a ``PluginCalibration``), or a
+    mixture-of-experts model (loaded whole: its experts have no layer-wise path yet), from the
+    calibrated model."""
     from quantize.apply import LayerShards, apply_to_plan, stage_tensors
 
     from .heads import pad_quant_state
@@ -292,19 +291,22 @@ def _calibrated_plans(model_dir: Path, source, plans, shape, quant, config: dict
         return out
 
     t0 = time.perf_counter()
-    if quant.is_sq_plugin:
-        rank_tensors = _sq_plugin_tensors(model_dir, shape, quant, config, calibrated_model,
-                                          progress, report, dtype)
-    elif calibration is not None:
+    if calibration is not None:
         load_layer = calibration.calibrate(model_dir, source, quant, progress=progress,
                                            timings=timings)
         t1 = time.perf_counter()
-        # calibrated on the real heads, then padded (per layer)
-        shards = LayerShards(lambda i: pad_quant_state(load_layer(i, dtype), shape.padding), quant,
-                             num_heads=shape.tp_heads, num_kv_heads=shape.tp_kv_heads, tp=tp)
+        if quant.is_sq_plugin:
+            shards = _sq_plugin_shards(calibration.store, load_layer, shape, quant, config,
+                                       report, dtype)
+        else:  # calibrated on the real heads, then padded (per layer)
+            shards = LayerShards(lambda i: pad_quant_state(load_layer(i, dtype), shape.padding),
+                                 quant, num_heads=shape.tp_heads, num_kv_heads=shape.tp_kv_heads,
+                                 tp=tp)
         out = planned(lambda tp_rank, layers: shards.staged(layers, tp_rank))
         timings.update(quantized_tensors=time.perf_counter() - t1)
         return out
+    if quant.is_sq_plugin:
+        rank_tensors = _sq_plugin_tensors(shape, quant, config, calibrated_model, report, dtype)
     else:
         rank_tensors = _modelopt_tensors(model_dir, shape, quant, config, calibrated_model,
                                          progress, dtype)
@@ -314,14 +316,38 @@ def _calibrated_plans(model_dir: Path, source, plans, shape, quant, config: dict
     return out
 
 
-def _sq_plugin_tensors(model_dir, shape, quant, config, calibrated_model, progress, report, dtype):
-    """TensorRT-LLM's plugin SmoothQuant: calibrate (forward hooks), pad, and return the per-rank
-    tensor function."""
-    from quantize.smoothquant import calibrate_plugin, plugin_rank_tensors
+def _sq_plugin_shards(store, load_layer, shape, quant, config, report, dtype):
+    """TensorRT-LLM's plugin SmoothQuant from a layer-wise calibration store: each layer read
+    back, its heads padded, cut per rank (quantize.apply.LayerShards)."""
+    from quantize.apply import LayerShards
+    from quantize.smoothquant import plugin_layer_tensors, smoothquant_val
+    from quantize.sq_layerwise import stored_alphas, stored_layer
 
     from .heads import pad_sq_plugin_layers
 
-    cal = calibrated_model or calibrate_plugin(model_dir, quant, progress=progress)
+    alphas, search = stored_alphas(store, shape.layers)
+    config["quantization"]["smoothquant_val"] = smoothquant_val(alphas)
+    report.update(alphas=alphas, **({"alpha_search": search} if search else {}))
+    tp = config["mapping"]["tp_size"]
+    heads = dict(num_heads=shape.tp_heads, num_kv_heads=shape.tp_kv_heads)
+
+    def load(i):  # calibrated on the real heads, then padded
+        return pad_sq_plugin_layers([stored_layer(load_layer(i, dtype), quant.quant_algo)],
+                                    shape.padding)[0]
+
+    def shard(i, layer, tp_rank):
+        return plugin_layer_tensors(i, layer, quant, tp=tp, rank=tp_rank, norm_dtype=dtype, **heads)
+    return LayerShards(load, quant, tp=tp, shard=shard, **heads)
+
+
+def _sq_plugin_tensors(shape, quant, config, cal, report, dtype):
+    """TensorRT-LLM's plugin SmoothQuant from a whole-model ``PluginCalibration``
+    (``quantize.smoothquant.calibrate_plugin``, the reference): pad, and return the per-rank
+    tensor function."""
+    from quantize.smoothquant import plugin_rank_tensors
+
+    from .heads import pad_sq_plugin_layers
+
     config["quantization"]["smoothquant_val"] = cal.smoothquant_val
     report.update(alphas=list(cal.alphas), **({"alpha_search": cal.search} if cal.search else {}))
     sq_layers = pad_sq_plugin_layers(cal.layers, shape.padding)  # calibrated on the real heads

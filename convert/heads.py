@@ -172,13 +172,14 @@ def pad_sq_plugin_layers(layers: list, padding: HeadPadding | None) -> list:
         q8 = dict(layer.int8(mha))
         sections = layer.qkv.sections
         qkv = q8["qkv"]
+        # a layer from the calibration store has one of the two int8 weights (None: unused)
         q8["qkv"] = replace(qkv, **{f: _pad_sections(getattr(qkv, f), sections, padding, 0.0)
-                                   for f in _ROW_WEIGHTS},
+                                   for f in _ROW_WEIGHTS if getattr(qkv, f) is not None},
                             **{f: _pad_sections(getattr(qkv, f), sections, padding, 1.0)
                                for f in _ROW_SCALES})
         dense = q8["dense"]
         q8["dense"] = replace(dense, **{f: pad_axis(getattr(dense, f), HeadAxis(1, "q", 0.0), padding)
-                                       for f in _ROW_WEIGHTS})
+                                       for f in _ROW_WEIGHTS if getattr(dense, f) is not None})
         padded_sections = tuple(s * padding.count(kind)[1] // padding.count(kind)[0]
                                 for s, kind in zip(sections, ("q", "kv", "kv")))
         out.append(replace(layer, qkv=replace(layer.qkv, sections=padded_sections),

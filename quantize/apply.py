@@ -155,21 +155,27 @@ class StagedTensor:
 
 class LayerShards:
     """One tp rank's TensorRT-LLM tensors of one layer, from the calibration store, the last one
-    asked for kept (the writer goes through a rank's layers in order)."""
+    asked for kept (the writer goes through a rank's layers in order). ``shard(i, layer, tp_rank)``
+    cuts what ``load_layer(i)`` returns into a rank's tensors (global layer names); default:
+    modelopt's formats (:func:`quantize.calibrate.shard_quant_state`)."""
 
-    def __init__(self, load_layer, spec: QuantSpec, *, num_heads: int, num_kv_heads: int, tp: int):
+    def __init__(self, load_layer, spec: QuantSpec, *, num_heads: int, num_kv_heads: int, tp: int,
+                 shard=None):
         self.load_layer, self.spec, self.tp = load_layer, spec, tp
         self.heads = (num_heads, num_kv_heads)
+        self.shard = shard or self._modelopt_shard
         self._key, self._value = None, None
 
-    def get(self, layer: int, tp_rank: int) -> dict[str, torch.Tensor]:
+    def _modelopt_shard(self, i: int, state, tp_rank: int) -> dict[str, torch.Tensor]:
         from .calibrate import shard_quant_state
 
+        return shard_quant_state(state, self.spec, num_heads=self.heads[0],
+                                 num_kv_heads=self.heads[1], tp=self.tp, rank=tp_rank)
+
+    def get(self, layer: int, tp_rank: int) -> dict[str, torch.Tensor]:
         if self._key != (layer, tp_rank):
             self._value = None  # free the previous layer first
-            state = self.load_layer(layer)
-            self._value = shard_quant_state(state, self.spec, num_heads=self.heads[0],
-                                            num_kv_heads=self.heads[1], tp=self.tp, rank=tp_rank)
+            self._value = self.shard(layer, self.load_layer(layer), tp_rank)
             self._key = (layer, tp_rank)
         return self._value
 

@@ -70,8 +70,8 @@ def add_quant_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
                         "calibration text and quantization flags; any --tp/--pp/--target) instead "
                         "of calibrating again. Without it the calibration is saved in "
                         "OUTPUT/calibration/, and an interrupted one resumes from its last "
-                        "finished layer when the same command is rerun. modelopt's formats only "
-                        "(not TensorRT-LLM's plugin SmoothQuant recipe, nor mixture of experts).")
+                        "finished layer when the same command is rerun. Dense models only (a "
+                        "mixture-of-experts model is calibrated whole).")
     g.add_argument("--calib-batch-size", type=int, default=DEFAULT_CALIB_BATCH_SIZE, metavar="N",
                    help=f"Samples per forward pass during calibration (default {DEFAULT_CALIB_BATCH_SIZE}).")
     return g

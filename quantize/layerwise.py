@@ -12,6 +12,8 @@ because each layer sees exactly what it sees inside the whole model
 * each layer is ``mtq.quantize``d alone, with the same config, on the cached inputs; the next
   layer's inputs are this layer's outputs during that calibration forward (quantizers
   collecting), not a float forward afterwards (SmoothQuant/AWQ smooth the weights in place);
+  TensorRT-LLM's plugin SmoothQuant recipe instead records its ranges with forward hooks on the
+  layer's linears during that forward and smooths/quantizes the layer (quantize/sq_layerwise.py);
 * multi-pass algorithms (awq_lite: a cache pass, then a search pass with the KV quantizers
   switched on between them) replay pass-synchronously: layer i's k-th forward-loop call gets the
   outputs layer i-1 produced in ITS k-th call.
@@ -211,15 +213,17 @@ def _register_attentions(model) -> None:
 
 class LayerRunner:
     """The model's decoder layers one at a time, fed exactly as inside the whole model: the seam
-    for any per-layer calibration (modelopt here; range capture by forward hooks works the same:
-    hook ``materialise(i)``'s linears, run :meth:`forward`, pass its outputs on)."""
+    for any per-layer calibration (modelopt here; the plugin SmoothQuant's range hooks in
+    quantize/sq_layerwise.py: hook ``materialise(i)``'s linears, run :meth:`forward`, pass its
+    outputs on)."""
 
-    def __init__(self, hf_dir, source, batches: list[Tensor], device: torch.device,
-                 quantizing: bool = True):
+    def __init__(self, hf_dir, source, batches: list[Tensor], device: torch.device, *,
+                 modelopt: bool = True):
         self.source, self.device = source, device
         self.dtype = compute_dtype(device, _config_dtype(Path(hf_dir)))
         model = meta_model(Path(hf_dir), self.dtype)
-        if quantizing:  # False: a float run (verify/float_model.py), modelopt not needed
+        self.config = model.config
+        if modelopt:  # not for range hooks (plugin SmoothQuant) nor a float run (verify/): its import is ~5 s
             _register_attentions(model)
         #: the first layer's inputs per batch; per layer per batch the model's keyword arguments
         self.first_inputs, self.kwargs = layer_inputs(model, source, batches, device, self.dtype)
@@ -245,6 +249,15 @@ class LayerRunner:
         return outs
 
 
+def _modelopt_layer(runner: LayerRunner, i: int, spec: QuantSpec,
+                    passes_in: list[list[Tensor]]) -> tuple[dict, list[list[Tensor]]]:
+    """Layer ``i`` calibrated with modelopt: its extracted tensors and its outputs per pass."""
+    shell = _shell(runner.layers_name, i, runner.materialise(i))
+    passes_out = _calibrate_layer(shell, runner, i, spec, passes_in)
+    # prequant scales kept in the calibration's precision; cast when sharded (store.py)
+    return extract_quant_state(shell, spec, dtype=runner.dtype), passes_out
+
+
 def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: list[Tensor], *,
                         device: torch.device, fingerprint: dict, progress: bool = True,
                         timings: dict | None = None) -> dict:
@@ -260,7 +273,7 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
         return done
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    runner = LayerRunner(hf_dir, source, batches, device)
+    runner = LayerRunner(hf_dir, source, batches, device, modelopt=not spec.is_sq_plugin)
     n = len(runner)
     start = done.get("layers_done", 0)
     passes_in = [runner.first_inputs] if start == 0 else cstore.load_inputs(store, device)
@@ -268,13 +281,14 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
     timings["calibration_inputs"] = t1 - t0
     bar = tqdm(total=n, initial=start, desc=f"calibrating {spec.name}", unit="layer",
                disable=not progress, file=sys.stderr)
+    if spec.is_sq_plugin:  # TensorRT-LLM's recipe: range hooks, smoothing, int8 per layer
+        from .sq_layerwise import calibrate_plugin_layer as calibrate_one
+    else:
+        calibrate_one = _modelopt_layer
     for i in range(start, n):
-        shell = _shell(runner.layers_name, i, runner.materialise(i))
-        passes_in = _calibrate_layer(shell, runner, i, spec, passes_in)
-        # prequant scales kept in the calibration's precision; cast when sharded (store.py)
-        state = extract_quant_state(shell, spec, dtype=runner.dtype)
-        del shell
-        gc.collect()  # modelopt's hooks make reference cycles: free this layer before the next
+        state, passes_in = calibrate_one(runner, i, spec, passes_in)
+        if not spec.is_sq_plugin:  # range hooks leave no cycles, and a full collection costs ~2 s
+            gc.collect()  # modelopt's hooks make reference cycles: free this layer before the next
         cstore.finish_layer(store, i, state, passes_in if i + 1 < n else None)
         del state
         _trim()

@@ -3,13 +3,14 @@ each stage, from the model's shape, the format, the calibration size and the dev
 cannot fit is refused with the numbers (one line, exit 2, nothing written) instead of being
 OOM-killed an hour in.
 
-The figures are a model of the layer-wise calibration (quantize/layerwise.py): a fixed process
-base plus one decoder layer (weights in the compute dtype and modelopt's working copies), the
+The figures are a model of the layer-wise calibration (quantize/layerwise.py; the plugin
+SmoothQuant recipe's quantize/sq_layerwise.py): a fixed process base plus one decoder layer
+(weights in the compute dtype and modelopt's or the smoothing's working copies), the
 calibration activations (layer inputs and, per forward-loop pass, outputs), one batch's forward
 temporaries and the embedding rows the calibration ids use. The verification stage (the quality gate after every
 calibration, ``--verify``, ``--eval-ppl``: verify/) runs the float model and then the checkpoint one
 layer at a time too: one float32 layer, the windows' hidden states, one batch's logits. The coefficients are fitted to the
-measured peaks in BENCHMARKS.md (benchmarks/layerwise_calibration.py), which checks them.
+measured peaks in BENCHMARKS.md (benchmarks/bench_layerwise.py), which checks them.
 
 ``BUILD_ENGINE_MEMORY_LIMIT`` (bytes, or with a K/M/G suffix) replaces the host RAM this machine
 has available (for tests, and to keep a build inside a share of a machine).
@@ -33,10 +34,15 @@ WRITE_BASE = 0.40 * GB
 CUDA_CONTEXT = 0.6 * GB
 #: modelopt's working memory per layer, in multiples of the layer's weights (fitted, see above)
 LAYER_FACTOR = {SMOOTHQUANT: 1.6, FP8: 1.3, W4A16_AWQ: 1.8, None: 1.1}
+#: ``--smoothquant auto``: each alpha tried smooths a whole copy of the layer and quantizes it
+#: (fitted: 8B-shaped, 4 x 64 tokens, CPU: 3.46 GB peak RSS)
+PLUGIN_SEARCH_EXTRA = 1.5
+PLUGIN_LAYER_FACTOR = 1.4  # fitted: 8B-shaped, 4 x 64 tokens, CPU: 1.98 GB peak RSS
 #: bytes per weight in the checkpoint for each format's quantized linears
 WEIGHT_BYTES = {SMOOTHQUANT: 1.0, FP8: 1.0, W4A16_AWQ: 0.5, **{a: 1.0 for a in SQ_PLUGIN}}
-# TensorRT-LLM's plugin SmoothQuant calibrates the whole model (layerwise=False): no layer factor
-LAYER_FACTOR.update({a: LAYER_FACTOR[SMOOTHQUANT] for a in SQ_PLUGIN})
+# TensorRT-LLM's plugin SmoothQuant, layer by layer (quantize/sq_layerwise.py): the layer, its
+# smoothed copy made group by group as the original is freed, float64 passes in blocks of rows
+LAYER_FACTOR.update({a: PLUGIN_LAYER_FACTOR for a in SQ_PLUGIN})
 
 
 @dataclass
@@ -76,7 +82,8 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
     if calibrated:
         c = 4 if device == "cpu" else 2
         n, seq, b = spec.calib_size, spec.calib_seq_len, spec.calib_batch_size
-        layer = p_lin * c * LAYER_FACTOR[algo]
+        search = PLUGIN_SEARCH_EXTRA if getattr(spec, "sq_alpha_search", False) else 0.0
+        layer = p_lin * c * (LAYER_FACTOR[algo] + search)
         passes = 2 if algo == W4A16_AWQ else 1
         acts = n * seq * shape.hidden * c * (1 + passes)
         temps = b * seq * (3 * shape.inter + 6 * shape.hidden) * c + b * shape.heads * seq * seq * c
@@ -92,8 +99,9 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
                                 0.0 if device == "cpu" else CUDA_CONTEXT + params * c, 0.0))
         elif device == "cpu":
             stages.append(Stage("calibration", HOST_BASE + work + extracted, 0.0, store_disk))
-        else:
-            stages.append(Stage("calibration", HOST_BASE + acts + rows + extracted,
+        else:  # the plugin recipe smooths the layer on the CPU in float32
+            smoothing = p_lin * 4 * (LAYER_FACTOR[algo] + search) if algo in SQ_PLUGIN else 0.0
+            stages.append(Stage("calibration", HOST_BASE + acts + rows + extracted + smoothing,
                                 CUDA_CONTEXT + work, store_disk))
         write_host = WRITE_BASE + 2.5 * extracted  # a layer loaded, sharded, in the writer
     else:

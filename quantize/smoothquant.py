@@ -6,7 +6,8 @@
 
 Three steps, each a plain function:
 
-1. :func:`capture_ranges` (model, calibration batches) -> per HF linear ``{"x": max|input| per
+1. :class:`RangeHooks` on a decoder layer's linears (or :func:`capture_ranges` over a whole
+   model) -> per HF linear ``{"x": max|input| per
    input channel, "y": max|output| per output channel}`` (float32), recorded by forward hooks
    exactly like TensorRT-LLM's ``capture_activation_range``. Forward hooks, not modelopt: the
    plugin formats need the *output* maxima ``y`` (static ``act_scale``, the INT8 KV scale), which
@@ -17,6 +18,10 @@ Three steps, each a plain function:
    ``smoother`` (dense, proj) for one decoder layer's float weights, and :func:`int8_linear`
    quantizes each linear (``generate_int8``), unsharded.
 3. :func:`shard_layer` cuts one layer into one TP rank's TensorRT-LLM tensors.
+
+Builds run these one decoder layer at a time from the safetensors (quantize/sq_layerwise.py);
+:func:`calibrate_plugin` runs them on a whole loaded model (the reference the layer-wise path is
+tested against). ``--smoothquant auto``'s alpha search is in quantize/sq_search.py.
 
 The arithmetic runs on the float32 weights (the model as calibrated on CPU; TensorRT-LLM's
 script runs in the HF dtype on a GPU); smoothers in float64 as ``smooth_gemm`` computes them.
@@ -37,8 +42,6 @@ Tensor = torch.Tensor
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-#: alpha candidates of ``--smoothquant auto``
-ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def plugin_mode(quant_algo: str) -> tuple[bool, bool]:
@@ -63,60 +66,88 @@ def hf_layers(model) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
+def layer_linears(layer) -> dict[str, torch.nn.Linear]:
+    """One decoder layer's seven linears by HF short name (``q_proj`` ... ``down_proj``)."""
+    out = {short: getattr(layer.self_attn, short) for short in ATTN}
+    out.update({short: getattr(layer.mlp, short) for short in MLP})
+    return out
+
+
 def _linears(model) -> dict[str, torch.nn.Linear]:
     """{'model.layers.0.self_attn.q_proj': module, ...}: the decoder's seven linears per layer."""
     out = {}
     for i, layer in enumerate(hf_layers(model)):
-        for short in ATTN:
-            out[f"model.layers.{i}.self_attn.{short}"] = getattr(layer.self_attn, short)
-        for short in MLP:
-            out[f"model.layers.{i}.mlp.{short}"] = getattr(layer.mlp, short)
+        for short, m in layer_linears(layer).items():
+            out[f"model.layers.{i}.{'self_attn' if short in ATTN else 'mlp'}.{short}"] = m
     return out
+
+
+class RangeHooks:
+    """Forward hooks on ``linears`` ({name: module}) recording, over every call, ``x`` = max |input|
+    per input channel and ``y`` = max |output| per output channel (float32, CPU), as TensorRT-LLM's
+    ``capture_activation_range`` does; with ``stride`` > 0 also every ``stride``-th input row of
+    each call (what the alpha search measures its error on). A context manager: the hooks go on
+    exit; :meth:`ranges` then gives ``{name: {"x", "y"[, "inputs"]}}``."""
+
+    def __init__(self, linears: Mapping[str, torch.nn.Module], stride: int = 0):
+        self.linears, self.stride = linears, stride
+        self._ranges: dict[str, dict[str, Tensor]] = {}
+        self._handles: list = []
+
+    def _hook(self, name, args, output):
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        y = output.detach().reshape(-1, output.shape[-1])
+        r = self._ranges.setdefault(name, {})
+        for key, t in (("x", x), ("y", y)):
+            m = t.abs().amax(dim=0).float().cpu()
+            r[key] = m if key not in r else torch.maximum(r[key], m)
+        if self.stride:
+            r.setdefault("_rows", []).append(x[::self.stride].float().cpu())
+
+    def __enter__(self):
+        self._handles = [m.register_forward_hook(lambda mod, a, o, n=name: self._hook(n, a, o))
+                         for name, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles, self.linears = [], {}  # no reference to the modules after the capture
+
+    def ranges(self, keep_inputs: int = 0) -> dict[str, dict[str, Tensor]]:
+        for r in self._ranges.values():
+            rows = r.pop("_rows", None)
+            if rows is not None:
+                r["inputs"] = torch.cat(rows)[:keep_inputs]
+        return self._ranges
+
+
+def keep_stride(tokens: int, keep_inputs: int) -> int:
+    return max(1, tokens // keep_inputs) if keep_inputs else 0  # ~keep_inputs rows of tokens
 
 
 @torch.no_grad()
 def capture_ranges(model, batches: Iterable[Tensor], *, progress: bool = False,
                    keep_inputs: int = 0) -> dict[str, dict[str, Tensor]]:
-    """Per decoder linear, ``x`` = max |input| per input channel and ``y`` = max |output| per output
-    channel over every token of ``batches`` (float32, CPU), as TensorRT-LLM's
-    ``capture_activation_range`` records them.
+    """Per decoder linear of the whole model, ``x`` = max |input| per input channel and ``y`` =
+    max |output| per output channel over every token of ``batches`` (float32, CPU), as
+    TensorRT-LLM's ``capture_activation_range`` records them (:class:`RangeHooks`).
 
     ``keep_inputs`` > 0: also keep up to that many input rows (tokens, evenly strided over the
     batches) per linear as ``"inputs"`` [n, in] -- what the alpha search measures its error on.
+    The layer-wise calibration (quantize/sq_layerwise.py) records the same per layer.
     """
     from tqdm.auto import tqdm
 
     batches = list(batches)
-    total = sum(int(b.numel()) for b in batches)
-    stride = max(1, total // keep_inputs) if keep_inputs else 0
-    ranges: dict[str, dict[str, Tensor]] = {}
-
-    def hook(name, module, args, output):
-        x = args[0].detach().reshape(-1, args[0].shape[-1])
-        y = output.detach().reshape(-1, output.shape[-1])
-        r = ranges.setdefault(name, {})
-        for key, t in (("x", x), ("y", y)):
-            m = t.abs().amax(dim=0).float().cpu()
-            r[key] = m if key not in r else torch.maximum(r[key], m)
-        if stride:
-            r.setdefault("_rows", []).append(x[::stride].float().cpu())
-
-    handles = [m.register_forward_hook(lambda mod, a, o, n=name: hook(n, mod, a, o))
-               for name, m in _linears(model).items()]
     dev = next(model.parameters()).device
-    try:
+    stride = keep_stride(sum(int(b.numel()) for b in batches), keep_inputs)
+    with RangeHooks(_linears(model), stride) as hooks:
         bar = tqdm(batches, desc="calibrating (activation ranges)", unit="batch",
                    disable=not progress, file=sys.stderr, leave=False)
         for batch in bar:
             model(input_ids=batch.to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    for r in ranges.values():
-        rows = r.pop("_rows", None)
-        if rows is not None:
-            r["inputs"] = torch.cat(rows)[:keep_inputs]
-    return ranges
+    return hooks.ranges(keep_inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,21 +155,34 @@ def capture_ranges(model, batches: Iterable[Tensor], *, progress: bool = False,
 # ---------------------------------------------------------------------------------------------
 
 
+#: rows per block of the element-wise passes over a weight: bounds their temporaries (a float64 8B
+#: MLP weight is 0.47 GB); element-wise ops and maxima give the same bits in any blocking
+ROWS = 2048
+
+
+def _absmax(w: Tensor, dim: int) -> Tensor:
+    """max |w| along ``dim`` (0: per column, 1: per row), in blocks of rows (a maximum is exact)."""
+    blocks = [b.abs().amax(dim=dim) for b in w.split(ROWS)]
+    return torch.cat(blocks) if dim == 1 else torch.stack(blocks).amax(dim=0)
+
+
 def smoother(weights: list[Tensor], x: Tensor, alpha: float) -> Tensor:
     """``smooth_gemm``: s_j = clamp(x_j^alpha / max_rows |W[:, j]|^(1 - alpha), min=1e-5), float64,
     the weight maximum taken jointly over ``weights`` (q/k/v, or gate/up)."""
-    wmax = torch.cat([w.abs().amax(dim=0, keepdim=True) for w in weights]).amax(dim=0)
+    wmax = torch.stack([_absmax(w, 0) for w in weights]).amax(dim=0)
     return (x.to(torch.float64).pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
 
 
 @dataclass
 class Lin:
     """One quantizable linear after smoothing: float weight [out, in], input maxima ``x`` (float64,
-    divided by the smoother), output maxima ``y``; ``sections``: the output widths of q/k/v (qkv only)."""
+    divided by the smoother), output maxima ``y``; ``sections``: the output widths of q/k/v (qkv only).
+    A layer read back from the calibration store (quantize/sq_layerwise.py) has its int8 form
+    only: no ``weight`` and ``x``, and ``y`` is qkv's maximum (the INT8 KV scale's input)."""
 
-    weight: Tensor
-    x: Tensor
-    y: Tensor
+    weight: Tensor | None
+    x: Tensor | None
+    y: Tensor | None
     sections: tuple[int, ...] | None = None
 
 
@@ -163,38 +207,60 @@ class SmoothedLayer:
         return self._int8
 
 
-def _smooth(ws: list[Tensor], s: Tensor) -> list[Tensor]:
-    """``apply_smoothing``'s ``W.mul_(s)``: computed in float64, stored in the weight's dtype."""
-    return [(w.to(torch.float64) * s.view(1, -1)).to(w.dtype) for w in ws]
+def _smooth(ws: list[Tensor], s: Tensor) -> Tensor:
+    """``apply_smoothing``'s ``W.mul_(s)`` of ``ws`` stacked by rows: computed in float64 (in blocks
+    of rows), stored in the weights' dtype."""
+    out = torch.empty((sum(w.shape[0] for w in ws), ws[0].shape[1]), dtype=ws[0].dtype,
+                      device=ws[0].device)
+    row = 0
+    for w in ws:
+        for b in w.split(ROWS):
+            out[row:row + b.shape[0]] = (b.to(torch.float64) * s.view(1, -1)).to(w.dtype)
+            row += b.shape[0]
+    return out
 
 
 def smooth_layer(w: Mapping[str, Tensor], norms: tuple[Tensor, Tensor],
-                 ranges: Mapping[str, Mapping[str, Tensor]], alpha: float) -> SmoothedLayer:
+                 ranges: Mapping[str, Mapping[str, Tensor]], alpha: float, *,
+                 release: bool = False) -> SmoothedLayer:
     """``smooth_llama_model`` for one layer. ``w``: HF short name -> float weight [out, in];
     ``norms``: (input_layernorm, post_attention_layernorm) weights; ``ranges``: short name ->
-    captured ``x``/``y``."""
+    captured ``x``/``y``. ``release``: pop each weight from ``w`` (a dict) once smoothed, so that
+    a caller holding no other reference frees it (one layer's float weights, not two)."""
     in_norm, post_norm = norms
     q, k, v = w["q_proj"], w["k_proj"], w["v_proj"]
-    s = smoother([torch.cat([q, k, v])], ranges["q_proj"]["x"], alpha)
-    qkv = _smooth([torch.cat([q, k, v])], s)[0]
+    sections = (q.shape[0], k.shape[0], v.shape[0])
+    s = smoother([q, k, v], ranges["q_proj"]["x"], alpha)
+    qkv = _smooth([q, k, v], s)
+    del q, k, v
+    _release(w, release, "q_proj", "k_proj", "v_proj")
     in_norm = (in_norm.to(torch.float64) / s).to(in_norm.dtype)
     y_qkv = torch.cat([ranges[n]["y"] for n in ("q_proj", "k_proj", "v_proj")])
-    lin_qkv = Lin(qkv, ranges["q_proj"]["x"] / s, y_qkv, (q.shape[0], k.shape[0], v.shape[0]))
+    lin_qkv = Lin(qkv, ranges["q_proj"]["x"] / s, y_qkv, sections)
 
     s_o = smoother([w["o_proj"]], ranges["o_proj"]["x"], alpha)
-    lin_dense = Lin(_smooth([w["o_proj"]], s_o)[0], ranges["o_proj"]["x"] / s_o, ranges["o_proj"]["y"])
+    lin_dense = Lin(_smooth([w["o_proj"]], s_o), ranges["o_proj"]["x"] / s_o, ranges["o_proj"]["y"])
+    _release(w, release, "o_proj")
 
     gate, up = w["gate_proj"], w["up_proj"]
-    s_m = smoother([torch.cat([gate, up])], ranges["gate_proj"]["x"], alpha)
-    gate_s, up_s = _smooth([gate, up], s_m)
+    s_m = smoother([gate, up], ranges["gate_proj"]["x"], alpha)
+    gate_s, up_s = _smooth([gate], s_m), _smooth([up], s_m)
+    del gate, up
+    _release(w, release, "gate_proj", "up_proj")
     post_norm = (post_norm.to(torch.float64) / s_m).to(post_norm.dtype)
     lin_fc = Lin(gate_s, ranges["gate_proj"]["x"] / s_m, ranges["gate_proj"]["y"])
     lin_gate = Lin(up_s, ranges["up_proj"]["x"] / s_m, ranges["up_proj"]["y"])
 
     s_d = smoother([w["down_proj"]], ranges["down_proj"]["x"], alpha)
-    lin_proj = Lin(_smooth([w["down_proj"]], s_d)[0], ranges["down_proj"]["x"] / s_d, ranges["down_proj"]["y"])
+    lin_proj = Lin(_smooth([w["down_proj"]], s_d), ranges["down_proj"]["x"] / s_d, ranges["down_proj"]["y"])
+    _release(w, release, "down_proj")
     return SmoothedLayer(lin_qkv, lin_dense, lin_fc, lin_gate, lin_proj, in_norm, post_norm,
                          s_o.float(), s_d.float())
+
+
+def _release(w, release: bool, *names: str) -> None:
+    for n in names if release else ():
+        w.pop(n)
 
 
 @dataclass
@@ -205,8 +271,8 @@ class Int8Linear:
     ``*_c`` / ``*_t``: per-output-channel scales (float32, [out]) for the same two choices;
     ``x_scale`` = 127 / max x, ``y_scale`` = max y / 127 (float32 scalars)."""
 
-    w_col: Tensor
-    w_tensor: Tensor
+    w_col: Tensor | None
+    w_tensor: Tensor | None
     w_quant_orig_c: Tensor
     w_quant_orig_t: Tensor
     y_accum_quant_c: Tensor
@@ -224,13 +290,23 @@ def _to_i8(t: Tensor) -> Tensor:
     return torch.round(t).clamp(-127, 127).to(torch.int8)  # round half to even, as numpy's round
 
 
-def int8_linear(lin: Lin, mha: bool = False) -> Int8Linear:
+def _i8_rows(wf: Tensor, scale: Tensor, divide: bool) -> Tensor:
+    """``_to_i8(wf / scale[:, None])`` (or ``*``), in blocks of rows."""
+    out = torch.empty(wf.shape, dtype=torch.int8, device=wf.device)
+    for a in range(0, wf.shape[0], ROWS):
+        b, sc = wf[a:a + ROWS], scale[a:a + ROWS, None]
+        out[a:a + ROWS] = _to_i8(b / sc if divide else b * sc)
+    return out
+
+
+def int8_linear(lin: Lin, mha: bool = False, only: str | None = None) -> Int8Linear:
     """``generate_int8``: int8 weights (per channel and per tensor) and the scales of both activation
     modes. qkv (``lin.sections``): per tensor means one scale each for q, k and v. ``mha``: the qkv
     of a model with as many kv heads as heads (TensorRT-LLM's multi_query_mode=False branch, which
-    multiplies by 127/wmax where the GQA branch divides by wmax/127)."""
+    multiplies by 127/wmax where the GQA branch divides by wmax/127). ``only`` ``"col"`` or
+    ``"tensor"``: that int8 weight only (the other is None)."""
     wf = lin.weight.float()
-    wmax = wf.abs().amax(dim=1)                                  # per output channel
+    wmax = _absmax(wf, 1)                                        # per output channel
     if lin.sections:
         parts = wmax.split(list(lin.sections))
         wmax_t = torch.cat([p.max().expand(p.numel()) for p in parts])
@@ -240,14 +316,16 @@ def int8_linear(lin: Lin, mha: bool = False) -> Int8Linear:
     orig_quant_t = _rdiv(127.0, wmax_t)
     quant_orig_c = _rdiv(1.0, orig_quant_c)
     quant_orig_t = _rdiv(1.0, orig_quant_t)
-    if lin.sections and not mha:
-        w_t = _to_i8(wf / quant_orig_t[:, None])
-    else:
-        w_t = _to_i8(wf * orig_quant_t[:, None])
+    w_t = w_c = None
+    if only != "col":
+        w_t = (_i8_rows(wf, quant_orig_t, True) if lin.sections and not mha
+               else _i8_rows(wf, orig_quant_t, False))
+    if only != "tensor":
+        w_c = _i8_rows(wf, orig_quant_c, False)
     x_oq = 127.0 / float(lin.x.max())
     y_oq = 127.0 / float(lin.y.max())
     return Int8Linear(
-        w_col=_to_i8(wf * orig_quant_c[:, None]), w_tensor=w_t,
+        w_col=w_c, w_tensor=w_t,
         w_quant_orig_c=quant_orig_c, w_quant_orig_t=quant_orig_t,
         y_accum_quant_c=(y_oq / (x_oq * orig_quant_c.double())).float(),
         y_accum_quant_t=(y_oq / (x_oq * orig_quant_t.double())).float(),
@@ -327,11 +405,14 @@ def shard_layer(layer: SmoothedLayer, quant_algo: str, *, tp: int, rank: int, pr
 
 def layer_weights(model, i: int) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
     """Layer ``i``'s float weights by HF short name, and its two norm weights (detached, float32)."""
-    layer = hf_layers(model)[i]
-    w = {n: getattr(layer.self_attn, n).weight.detach().float() for n in ATTN}
-    w.update({n: getattr(layer.mlp, n).weight.detach().float() for n in MLP})
-    norms = (layer.input_layernorm.weight.detach().float(),
-             layer.post_attention_layernorm.weight.detach().float())
+    return module_weights(hf_layers(model)[i])
+
+
+def module_weights(layer) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+    """A layer's float weights by HF short name and its two norms (float32, on the CPU, as the ranges)."""
+    w = {n: m.weight.detach().float().cpu() for n, m in layer_linears(layer).items()}
+    norms = (layer.input_layernorm.weight.detach().float().cpu(),
+             layer.post_attention_layernorm.weight.detach().float().cpu())
     return w, norms
 
 
@@ -357,86 +438,28 @@ def plugin_rank_tensors(layers: list[SmoothedLayer], spec: QuantSpec, *, num_hea
         raise UserError(f"--smoothquant with --tp {tp} needs at least {tp} KV heads (the model has {num_kv_heads})")
     out = {}
     for i, layer in enumerate(layers):
-        out.update(shard_layer(layer, spec.quant_algo, tp=tp, rank=rank, prefix=f"transformer.layers.{i}",
-                               norm_dtype=norm_dtype, mha=num_heads == num_kv_heads,
-                               int8_kv=spec.kv_cache_quant_algo == "INT8"))
+        out.update(plugin_layer_tensors(i, layer, spec, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                        tp=tp, rank=rank, norm_dtype=norm_dtype))
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# --smoothquant auto: alpha per layer
-# ---------------------------------------------------------------------------------------------
+def plugin_layer_tensors(i: int, layer: SmoothedLayer, spec: QuantSpec, *, num_heads: int,
+                         num_kv_heads: int, tp: int, rank: int, norm_dtype: torch.dtype) -> dict[str, Tensor]:
+    """Layer ``i``'s tensors for one TP rank (``transformer.layers.{i}``)."""
+    return shard_layer(layer, spec.quant_algo, tp=tp, rank=rank, prefix=f"transformer.layers.{i}",
+                       norm_dtype=norm_dtype, mha=num_heads == num_kv_heads,
+                       int8_kv=spec.kv_cache_quant_algo == "INT8")
 
 
-def fake_quant_output(x: Tensor, lin: Lin, q: Int8Linear, *, per_channel: bool, per_token: bool) -> Tensor:
-    """What the plugin GEMM returns for the smoothed input rows ``x`` [n, in] (already divided by the
-    smoother), simulated in float32: int8 activations (per token: 127 / row max; static:
-    ``x_orig_quant``) times the int8 weight and its scales."""
-    if per_token:
-        amax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-6)
-        xq = torch.round(x * (127.0 / amax)).clamp(-128, 127) * (amax / 127.0)
-    else:
-        sc = q.x_orig_quant
-        xq = torch.round(x * sc).clamp(-128, 127) / sc
-    w = (q.w_col.float() * q.w_quant_orig_c[:, None] if per_channel
-         else q.w_tensor.float() * q.w_quant_orig_t[:, None])
-    return xq @ w.t()
+def is_mha(config) -> bool:
+    """As many KV heads as heads (TensorRT-LLM's multi_query_mode=False qkv branch)."""
+    return getattr(config, "num_key_value_heads", None) in (None, config.num_attention_heads)
 
 
-def layer_error(layer: SmoothedLayer, smoothers: Mapping[str, Tensor], inputs: Mapping[str, Tensor],
-                ref: Mapping[str, Tensor], quant_algo: str, mha: bool = False) -> float:
-    """Sum over qkv, dense, fc+gate, proj of ||quantized output - float output||^2 / ||float output||^2
-    on the kept calibration inputs (float, unsmoothed; ``ref``: their float outputs)."""
-    per_channel, per_token = plugin_mode(quant_algo)
-    total = 0.0
-    for group, members in (("qkv", ("qkv",)), ("dense", ("dense",)), ("mlp", ("fc", "gate")), ("proj", ("proj",))):
-        x = (inputs[group].double() / smoothers[group]).float()
-        err = norm = 0.0
-        for name in members:
-            lin = getattr(layer, name)
-            got = fake_quant_output(x, lin, int8_linear(lin, mha and name == "qkv"),
-                                    per_channel=per_channel, per_token=per_token)
-            err += float((got - ref[name]).pow(2).sum())
-            norm += float(ref[name].pow(2).sum())
-        total += err / max(norm, 1e-30)
-    return total
-
-
-def search_alphas(model, ranges, quant_algo: str, grid=ALPHA_GRID, mha: bool = False) -> tuple[list[float], dict]:
-    """Per layer, the alpha of ``grid`` with the smallest :func:`layer_error` on the inputs kept by
-    ``capture_ranges(..., keep_inputs=N)``. Returns (alphas, {"per_layer_error": ..., "grid": ...})."""
-    alphas, errors = [], []
-    for i in range(len(hf_layers(model))):
-        w, norms = layer_weights(model, i)
-        r = layer_ranges(ranges, i)
-        if "inputs" not in r["q_proj"]:
-            raise ValueError("search_alphas needs capture_ranges(..., keep_inputs=N)")
-        inputs = {"qkv": r["q_proj"]["inputs"], "dense": r["o_proj"]["inputs"],
-                  "mlp": r["gate_proj"]["inputs"], "proj": r["down_proj"]["inputs"]}
-        ref = {"qkv": inputs["qkv"] @ torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]]).t(),
-               "dense": inputs["dense"] @ w["o_proj"].t(), "fc": inputs["mlp"] @ w["gate_proj"].t(),
-               "gate": inputs["mlp"] @ w["up_proj"].t(), "proj": inputs["proj"] @ w["down_proj"].t()}
-        best = None
-        for a in grid:
-            layer = smooth_layer(w, norms, r, a)
-            smoothers = {"qkv": smoother([torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]])], r["q_proj"]["x"], a),
-                         "dense": smoother([w["o_proj"]], r["o_proj"]["x"], a),
-                         "mlp": smoother([torch.cat([w["gate_proj"], w["up_proj"]])], r["gate_proj"]["x"], a),
-                         "proj": smoother([w["down_proj"]], r["down_proj"]["x"], a)}
-            e = layer_error(layer, smoothers, inputs, ref, quant_algo, mha)
-            if best is None or e < best[1]:
-                best = (a, e)
-        alphas.append(best[0])
-        errors.append(best[1])
-    return alphas, {"grid": list(grid), "per_layer_error": errors}
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------------------------
-
-#: calibration input rows kept per linear for ``--smoothquant auto``
-SEARCH_TOKENS = 1024
+def smoothquant_val(alphas: list[float]) -> float:
+    """config.json's ``smoothquant_val``: the alpha (with a per-layer search, their mean;
+    informational, TensorRT-LLM does not read it when building)."""
+    return round(sum(alphas) / len(alphas), 4)
 
 
 @dataclass
@@ -449,23 +472,26 @@ class PluginCalibration:
 
     @property
     def smoothquant_val(self) -> float:
-        """config.json's ``smoothquant_val``: the alpha (with a per-layer search, their mean;
-        informational, TensorRT-LLM does not read it when building)."""
-        return round(sum(self.alphas) / len(self.alphas), 4)
+        return smoothquant_val(self.alphas)
 
 
 def calibrate_plugin(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *,
                      tokenizer=None, progress: bool = True) -> PluginCalibration:
-    """Load (or take) the model, capture its activation ranges on the calibration text, choose alpha
-    (``spec.smoothquant_alpha``, or searched per layer), and smooth every layer."""
+    """Load (or take) the WHOLE model, capture its activation ranges on the calibration text, choose
+    alpha (``spec.smoothquant_alpha``, or searched per layer), and smooth every layer.
+
+    The whole-model reference: builds calibrate layer by layer from the safetensors
+    (quantize/sq_layerwise.py), which tests/test_sq_plugin_layerwise.py checks against this bit for
+    bit; kept for those tests, ``convert_checkpoint(calibrated_model=...)`` and
+    benchmarks/bench_quality.py."""
     from .calibrate import calibration_inputs
+    from .sq_search import SEARCH_TOKENS, search_alphas
 
     model, batches, _ = calibration_inputs(hf_dir_or_model, spec, calib_text, tokenizer=tokenizer)
     keep = SEARCH_TOKENS if spec.sq_alpha_search else 0
     ranges = capture_ranges(model, batches, progress=progress, keep_inputs=keep)
     n = len(hf_layers(model))
-    cfg = model.config
-    mha = getattr(cfg, "num_key_value_heads", None) in (None, cfg.num_attention_heads)
+    mha = is_mha(model.config)
     search = None
     if spec.sq_alpha_search:
         alphas, search = search_alphas(model, ranges, spec.quant_algo, mha=mha)

@@ -108,7 +108,7 @@ def check_reusable(store: Path, fp: dict) -> dict:
     return man
 
 
-def _layer_file(store: Path, i: int) -> Path:
+def layer_path(store: Path, i: int) -> Path:
     return store / f"layer_{i:05d}.safetensors"
 
 
@@ -118,7 +118,7 @@ def _inputs_file(store: Path, i: int) -> Path:
 
 def finish_layer(store: Path, i: int, state: dict, next_inputs) -> None:
     """Record layer ``i`` finished: its tensors, the next layer's inputs, then the manifest."""
-    path = _layer_file(store, i)
+    path = layer_path(store, i)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp))
     os.replace(tmp, path)
@@ -173,7 +173,7 @@ def load_layer(store: Path, i: int, dtype: torch.dtype) -> dict[str, torch.Tenso
     """Layer ``i``'s unsharded tensors, prequant scales in the checkpoint ``dtype`` (as modelopt
     writes them)."""
     out = {}
-    with safe_open(str(_layer_file(store, i)), framework="pt") as f:
+    with safe_open(str(layer_path(store, i)), framework="pt") as f:
         for k in f.keys():
             t = f.get_tensor(k)
             out[k] = t.to(dtype) if k.endswith(_PQS) else t

@@ -280,7 +280,7 @@ def test_smollm2_tp3_default_recipe_equals_trtllm_formulas(tmp_path, smollm2_dir
 def test_alpha_search_picks_per_layer_minimum_and_writes_it(tmp_path, tiny_model, calib_text):
     """--smoothquant auto: each layer's alpha is the grid value with the smallest quantized-output
     error, and the checkpoint is TensorRT-LLM's formulas with those per-layer alphas."""
-    from quantize.smoothquant import ALPHA_GRID, layer_ranges, layer_weights, search_alphas
+    from quantize.sq_search import ALPHA_GRID, search_alphas
 
     hf_dir, model = tiny_model("llama", **TINY)
     spec = QuantSpec.create("W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", smoothquant_alpha="auto", **CALIB)

@@ -87,7 +87,7 @@ def _layerwise_logits(d: Path, batches: Sequence[Tensor]) -> Iterator[Tensor]:
     source = SourceCheckpoint(d)
     try:
         cpu = torch.device("cpu")
-        runner = LayerRunner(d, source, list(batches), cpu, quantizing=False)
+        runner = LayerRunner(d, source, list(batches), cpu, modelopt=False)
         hs = runner.first_inputs
         for i in range(len(runner)):
             layer = runner.materialise(i)
