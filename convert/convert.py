@@ -41,12 +41,15 @@ from quantize.apply import MemoryTensor, StagedTensor, preflight_quant, vocab_mu
 FINGERPRINT = "fingerprint.json"
 
 
-def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool) -> str:
+def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
+                parallel: bool = False) -> str:
     source = SourceCheckpoint(model_dir)
     total = sum(nbytes(t.shape, t.dtype) for t in plan)
     tmp = Path(path + ".tmp")
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"rank {rank}", position=rank,
-              leave=False, disable=not progress) as bar:
+    # one line per rank only when ranks run side by side: a bar at position r > 0 leaves the
+    # cursor mid-line, and what the run prints next would start there
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"rank {rank}",
+              position=rank if parallel else None, leave=False, disable=not progress) as bar:
         def produce(t):
             bar.set_postfix_str(t.name.replace("transformer.", ""), refresh=False)
             if isinstance(t, (MemoryTensor, StagedTensor)):  # calibrated weights and scales
@@ -399,7 +402,7 @@ def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool) 
     ctx = mp.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
                                   initializer=_worker_init, initargs=(ctx.RLock(),))
-    futures = [pool.submit(_write_rank_durable, *job) for job in jobs]
+    futures = [pool.submit(_write_rank_durable, *job, True) for job in jobs]
     try:
         pending = set(futures)
         while pending:
