@@ -155,6 +155,11 @@ class RankTensors:
     def has(self, prefix: str) -> bool:
         return prefix in self._modules
 
+    @property
+    def tensors(self) -> dict[str, Tensor] | None:
+        """The tensors by full name when held in memory (None for a rank read from disk)."""
+        return self._mem
+
     def layer_modules(self, i: int) -> list[str]:
         head = f"transformer.layers.{i}."
         return [p for p in self._modules if (p + ".").startswith(head)]

@@ -55,10 +55,10 @@ def _fp32_once(model):
     cost."""
     for stage in model.ranks:
         for rank in stage:
-            for tensors in rank.values():
-                for key, value in tensors.items():
-                    if value.dtype in (torch.float16, torch.bfloat16):
-                        tensors[key] = value.float()
+            tensors = rank.tensors  # the reader holds this checkpoint in memory (not lazy)
+            for key, value in tensors.items():
+                if value.dtype in (torch.float16, torch.bfloat16):
+                    tensors[key] = value.float()
     return model
 
 

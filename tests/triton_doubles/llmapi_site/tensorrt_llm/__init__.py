@@ -33,10 +33,10 @@ class LLM:
         self.model = ReferenceModel(model)
         for stage in self.model.ranks:  # speed only: the exact fp32 cast once, not at every use
             for rank in stage:
-                for tensors in rank.values():
-                    for key, value in tensors.items():
-                        if value.dtype in (torch.float16, torch.bfloat16):
-                            tensors[key] = value.float()
+                tensors = rank.tensors  # held in memory (the reader is not lazy here)
+                for key, value in tensors.items():
+                    if value.dtype in (torch.float16, torch.bfloat16):
+                        tensors[key] = value.float()
 
     def _tokens(self, prompt, max_tokens):
         ids = self.tokenizer(prompt).input_ids
