@@ -363,7 +363,8 @@ def _sq_plugin_tensors(shape, quant, config, cal, report, dtype):
 def _modelopt_tensors(model_dir, shape, quant, config, calibrated_model, progress, dtype):
     """modelopt's formats from a whole calibrated model (given, or loaded and calibrated here):
     the per-rank tensor function (dense and expert tensors, heads padded)."""
-    from quantize.calibrate import calibrate, extract_quant_state, shard_quant_state
+    from quantize.calibrate import calibrate
+    from quantize.modelopt_state import extract_quant_state, shard_quant_state
     from quantize.moe import extract_moe_state, shard_moe_state
 
     from .heads import pad_quant_state

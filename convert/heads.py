@@ -91,7 +91,7 @@ class HeadAxis:
     ndim: int | None = None  # only tensors of this rank (e.g. AWQ's 2-D group scales of o_proj)
 
 
-#: HF-module suffix of a tensor of ``quantize.calibrate.extract_quant_state`` (unsharded, per HF
+#: HF-module suffix of a tensor of ``quantize.modelopt_state.extract_quant_state`` (unsharded, per HF
 #: linear) -> where its heads are. Per-tensor (one-element) scales and tensors not listed carry no
 #: head axis (q/k/v smoothers and activation scales are over the hidden input; o_proj's SmoothQuant
 #: per-output-channel scales are over hidden) and are left as they are. Packed int4 rows (AWQ) pad

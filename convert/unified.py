@@ -171,7 +171,7 @@ def weight_only_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     modelopt: max calibration of the weight quantizer (axis 0) → export_amax (0 → 127) / 127, then
     ``(w / scale[:, None]).round().clamp(-128, 127)``.
     """
-    from quantize.calibrate import _sanitize_amax
+    from quantize.modelopt_state import _sanitize_amax
 
     scale = _sanitize_amax(w.abs().amax(dim=1).float(), 127.0) / 127.0
     return _int8_rows(w, scale), scale
@@ -184,8 +184,8 @@ def unified_quant_tensors(model, spec, dtype: torch.dtype) -> dict[str, Tensor]:
     Linear weights (quantized) and their scales, AWQ's folded norms, KV-cache scales. ``dtype``:
     the checkpoint's float dtype (quantized weights are computed from the weights in it).
     """
-    from quantize.calibrate import (ATTN_LINEARS, MLP_LINEARS, _act_scale, _fuse, _Lin,
-                                    _layer_prefixes, _linear_modules, _pack_int4, _weight_scale)
+    from quantize.modelopt_state import (ATTN_LINEARS, MLP_LINEARS, _act_scale, _fuse, _Lin,
+                                         _layer_prefixes, _linear_modules, _pack_int4, _weight_scale)
 
     algo = spec.quant_algo
     fmt = FORMATS[algo]

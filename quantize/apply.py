@@ -3,7 +3,7 @@ calibrated tensors placed into the converter's per-rank weight plan.
 
 The float plan (``convert.plan.rank_plan``) streams every tensor from the source shards. For a
 calibrated format (SmoothQuant, FP8, AWQ, KV cache) the five linears of each layer are replaced by
-what :func:`quantize.calibrate.shard_quant_state` computes for that rank (quantized weight and its
+what :func:`quantize.modelopt_state.shard_quant_state` computes for that rank (quantized weight and its
 scales, modelopt's names, shapes, dtypes and values), and the KV-cache scales are added; norms,
 embedding and lm_head still stream from the source, as modelopt writes them unchanged. Weight-only
 formats (W8A16/W4A16) keep the float plan entirely: trtllm-build quantizes the weights.
@@ -157,7 +157,7 @@ class LayerShards:
     """One tp rank's TensorRT-LLM tensors of one layer, from the calibration store, the last one
     asked for kept (the writer goes through a rank's layers in order). ``shard(i, layer, tp_rank)``
     cuts what ``load_layer(i)`` returns into a rank's tensors (global layer names); default:
-    modelopt's formats (:func:`quantize.calibrate.shard_quant_state`)."""
+    modelopt's formats (:func:`quantize.modelopt_state.shard_quant_state`)."""
 
     def __init__(self, load_layer, spec: QuantSpec, *, num_heads: int, num_kv_heads: int, tp: int,
                  shard=None):
@@ -167,7 +167,7 @@ class LayerShards:
         self._key, self._value = None, None
 
     def _modelopt_shard(self, i: int, state, tp_rank: int) -> dict[str, torch.Tensor]:
-        from .calibrate import shard_quant_state
+        from .modelopt_state import shard_quant_state
 
         return shard_quant_state(state, self.spec, num_heads=self.heads[0],
                                  num_kv_heads=self.heads[1], tp=self.tp, rank=tp_rank)

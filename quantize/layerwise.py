@@ -18,7 +18,7 @@ because each layer sees exactly what it sees inside the whole model
   switched on between them) replay pass-synchronously: layer i's k-th forward-loop call gets the
   outputs layer i-1 produced in ITS k-th call.
 
-Each finished layer's quantized tensors (what :func:`quantize.calibrate.extract_quant_state`
+Each finished layer's quantized tensors (what :func:`quantize.modelopt_state.extract_quant_state`
 returns for it, unsharded) go to ``store/layer_NNNNN.safetensors`` with the next layer's inputs
 (``store/inputs.safetensors``), so an interrupted calibration resumes from the last finished layer
 and the store can be re-sharded for any tp/pp (quantize/store.py).
@@ -38,7 +38,8 @@ import torch
 
 from common.errors import UserError
 
-from .calibrate import _bos_if_added, extract_quant_state, make_calib_batches, tokenize_text
+from .calibrate import _bos_if_added, make_calib_batches, tokenize_text
+from .modelopt_state import extract_quant_state
 from .formats import QuantSpec
 from . import store as cstore
 

@@ -23,7 +23,7 @@ import torch
 
 from common.errors import UserError
 
-from .calibrate import _enabled, _fuse, _Lin, _quantize_weight, _weight_scale
+from .modelopt_state import _enabled, _fuse, _Lin, _quantize_weight, _weight_scale
 from .formats import W4A16_AWQ, QuantSpec
 from .moe_blocks import unfused_blocks
 

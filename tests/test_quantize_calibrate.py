@@ -13,12 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from convert.errors import UserError
-from quantize.calibrate import (
-    calibrate,
-    extract_quant_state,
-    make_calib_batches,
-    shard_quant_state,
-)
+from quantize.calibrate import calibrate, make_calib_batches
+from quantize.modelopt_state import extract_quant_state, shard_quant_state
 from quantize.formats import (
     DEFAULT_CALIB_DATA,
     DEFAULT_SMOOTHQUANT_ALPHA,

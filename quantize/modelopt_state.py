@@ -1,0 +1,351 @@
+"""What a modelopt-calibrated model gives a TensorRT-LLM checkpoint, as modelopt 0.47's
+``export_tensorrt_llm_checkpoint`` writes it.
+
+* :func:`extract_quant_state` reads the calibrated model and returns, per HF linear module
+  (``model.layers.0.self_attn.q_proj``, ...) and per attention module, the UNSHARDED tensors in
+  exactly the values modelopt's export writes, including its fusion pre-processing (q/k/v
+  re-smoothed to one pre_quant_scale and sharing one activation scale; FP8 gate/up sharing
+  scales). It does not modify the model.
+* :func:`shard_quant_state` is the reference for naming and splitting them into one TP rank's
+  TensorRT-LLM tensors (``transformer.layers.{i}.attention.qkv.*`` ...), as modelopt's export does.
+
+See quantize/NOTES.md for the per-format table (tensors, how computed, how split).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from common.errors import UserError
+
+from .formats import FP8, SMOOTHQUANT, W4A16_AWQ, QuantSpec
+
+Tensor = torch.Tensor
+
+__all__ = ["extract_quant_state", "shard_quant_state", "quant_state_names"]
+
+# HF Llama-family module names -> TensorRT-LLM names (see ../shared/notes/trtllm-checkpoint.md).
+ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+TRTLLM_MLP = {"gate_proj": "mlp.fc", "up_proj": "mlp.gate", "down_proj": "mlp.proj"}
+COLUMN = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+ROW = {"o_proj", "down_proj"}
+KV_SCALES = ("k_cache_scaling_factor", "v_cache_scaling_factor", "kv_cache_scaling_factor")
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction: modelopt's export math, per HF module, unsharded
+# ---------------------------------------------------------------------------------------------
+
+
+_NUM_BITS = {SMOOTHQUANT: 8, FP8: (4, 3), W4A16_AWQ: 4}
+
+
+def _sanitize_amax(amax: Tensor, maxbound: float) -> Tensor:
+    """TensorQuantizer.export_amax's clean-up: 0/NaN -> maxbound, then clamp to the dtype's range."""
+    a = torch.nan_to_num(torch.where(amax == 0, torch.full_like(amax, maxbound), amax), nan=maxbound)
+    fi = torch.finfo(a.dtype)
+    return a.clamp(min=fi.tiny, max=fi.max)
+
+
+def _enabled(q) -> bool:
+    return q is not None and q.is_enabled
+
+
+def _linear_modules(model) -> dict[str, torch.nn.Module]:
+    """{'model.layers.0.self_attn.q_proj': module, ...} for the Llama-family decoder linears."""
+    pat = re.compile(r"^(.*\.layers\.\d+)\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$")
+    return {n: m for n, m in model.named_modules() if pat.match(n)}
+
+
+def _layer_prefixes(model) -> list[str]:
+    pat = re.compile(r"^(.*\.layers\.(\d+))\.self_attn$")
+    found = []
+    for n, _ in model.named_modules():
+        m = pat.match(n)
+        if m:
+            found.append((int(m.group(2)), m.group(1)))
+    return [p for _, p in sorted(found)]
+
+
+class _Lin:
+    """One HF linear as modelopt's export sees it after preprocess_linear_fusion."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.m = module
+        self.weight = module.weight.detach()
+        iq = getattr(module, "input_quantizer", None)
+        self.iq = iq
+        self.wq = getattr(module, "weight_quantizer", None)
+        pqs = getattr(iq, "_pre_quant_scale", None) if iq is not None else None
+        self.pqs_enabled = iq is not None and iq.pre_quant_scale is not None
+        self.pqs = pqs.detach() if pqs is not None else None
+        self.weight_amax: Tensor | None = None  # set when re-smoothing re-collected it
+        self.input_amax = iq.amax.detach() if _enabled(iq) and iq.amax is not None else None
+        self.fused_weight_amax: Tensor | None = None  # FP8 per-tensor: max over the fused group
+
+
+def _fuse(group: list[_Lin], block: int | None) -> None:
+    """modelopt.torch.export.quant_utils.preprocess_linear_fusion, without touching the modules."""
+    head = group[0]
+    if head.pqs_enabled:
+        avg = torch.mean(torch.stack([g.pqs for g in group]), dim=0)
+        for g in group:
+            if not torch.equal(g.pqs, avg):
+                # _update_pre_quant_scale: de-smooth and re-smooth in fp32, back to the weight dtype,
+                # then the weight quantizer re-collects its amax from the new weight.
+                dt = g.weight.dtype
+                g.weight = (g.weight.to(torch.float32) * g.pqs.to(torch.float32)
+                            / avg.to(torch.float32)).to(dt)
+                g.pqs = avg.to(g.pqs.dtype)
+                g.weight_amax = _weight_absmax(g.weight, g.wq, block)
+    if head.input_amax is not None:
+        amax = torch.max(torch.stack([g.input_amax for g in group]))
+        for g in group:
+            g.input_amax = amax
+    if _enabled(head.wq) and head.wq.amax is not None and head.wq.amax.numel() == 1:
+        amax = torch.max(torch.stack([g.wq.amax.detach() for g in group]))
+        for g in group:
+            g.fused_weight_amax = amax
+
+
+def _weight_absmax(w: Tensor, wq, block: int | None) -> Tensor:
+    """What the weight quantizer's max calibrator collects: per row (axis 0) or per block."""
+    if block:
+        out, inp = w.shape
+        return w.reshape(out, inp // block, block).abs().amax(dim=-1)
+    if wq.axis is None:
+        return w.abs().amax()
+    return w.abs().amax(dim=1)  # axis=0: one amax per output channel
+
+
+def _weight_scale(lin: _Lin, block: int | None) -> Tensor:
+    wq = lin.wq
+    mb = float(wq.maxbound)
+    if lin.fused_weight_amax is not None:  # per-tensor (FP8): group max, exported as [1]
+        return _sanitize_amax(lin.fused_weight_amax, mb).reshape(1).float() / mb
+    if lin.weight_amax is not None:  # re-collected after re-smoothing
+        return _sanitize_amax(lin.weight_amax, mb).float() / mb
+    return wq.export_amax().detach().float() / mb
+
+
+def _act_scale(lin: _Lin) -> Tensor | None:
+    if lin.input_amax is None:
+        return None
+    mb = float(lin.iq.maxbound)
+    return _sanitize_amax(lin.input_amax, mb).reshape(1).float() / mb
+
+
+def _pack_int4(weight: Tensor, scale: Tensor, block: int) -> Tensor:
+    """modelopt's pack_int4_in_uint8 (+ the int8 view the TRT-LLM export applies): [out/2, in] int8.
+
+    Two signed int4 per byte along the OUTPUT dim: low nibble = row 2k, high nibble = row 2k+1.
+    """
+    out, inp = weight.shape
+    q = (weight / scale[:, torch.arange(inp) // block]).round().clamp(-8, 7).to(torch.int8)
+    pairs = q.T.reshape(inp, out // 2, 2)
+    packed = (pairs[..., 0] & 0x0F) | ((pairs[..., 1] & 0x0F) << 4)
+    return packed.T.contiguous().view(torch.uint8).view(torch.int8)
+
+
+def _quantize_weight(lin: _Lin, scale: Tensor, algo: str, block: int | None) -> Tensor:
+    w = lin.weight
+    if algo == SMOOTHQUANT:
+        return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+    if algo == FP8:
+        return (w / scale).to(torch.float8_e4m3fn)
+    if algo == W4A16_AWQ:
+        return _pack_int4(w, scale, block)
+    raise ValueError(algo)
+
+
+@torch.no_grad()
+def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float16) -> dict[str, Tensor]:
+    """The quantized tensors of a calibrated model, per HF module, unsharded, on CPU.
+
+    Keys (``P`` = an HF linear such as ``model.layers.0.self_attn.q_proj``; ``A`` = an attention
+    module such as ``model.layers.0.self_attn``):
+
+    * SmoothQuant: ``P.weight`` int8 [out, in] (smoothed), ``P.weights_scaling_factor`` f32 [out],
+      ``P.activation_scaling_factor`` f32 [1], ``P.prequant_scaling_factor`` ``dtype`` [in]
+    * FP8: ``P.weight`` float8_e4m3fn [out, in], ``P.weights_scaling_factor`` f32 [1],
+      ``P.activation_scaling_factor`` f32 [1]
+    * AWQ: ``P.weight`` int8 [out/2, in] (packed int4), ``P.weights_scaling_factor`` f32
+      [out, in/group], ``P.prequant_scaling_factor`` ``dtype`` [in]
+    * KV cache (any format): ``A.k_cache_scaling_factor``, ``A.v_cache_scaling_factor``,
+      ``A.kv_cache_scaling_factor`` f32 [1]
+
+    q/k/v carry identical ``prequant_scaling_factor`` and ``activation_scaling_factor`` (and FP8
+    ``weights_scaling_factor``); with FP8 so do gate_proj/up_proj — the fused layer takes them once.
+    ``dtype``: the checkpoint dtype (modelopt casts prequant_scaling_factor to it).
+    Weight-only formats have no linear tensors here (the float weights go into the checkpoint).
+    """
+    algo = spec.quant_algo if spec.quant_algo in (SMOOTHQUANT, FP8, W4A16_AWQ) else None
+    block = spec.group_size if algo == W4A16_AWQ else None
+    out: dict[str, Tensor] = {}
+    layers = _layer_prefixes(model)
+    if not layers:
+        raise UserError("no decoder layers named '*.layers.N.self_attn' found: not a Llama-family model")
+    linears = _linear_modules(model)
+
+    if algo is not None:
+        for prefix in layers:
+            lins = {}
+            for short in ATTN_LINEARS:
+                lins[short] = _Lin(linears[f"{prefix}.self_attn.{short}"])
+            for short in MLP_LINEARS:
+                if f"{prefix}.mlp.{short}" in linears:  # absent: experts (quantize/moe.py)
+                    lins[short] = _Lin(linears[f"{prefix}.mlp.{short}"])
+            for short, lin in lins.items():
+                if not _enabled(lin.wq) or lin.wq.num_bits != _NUM_BITS[algo]:
+                    raise UserError(f"{prefix}: {short} has no enabled {algo} weight quantizer; was the "
+                                    f"model calibrated for {spec.name}?")
+            # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4).
+            _fuse([lins["q_proj"], lins["k_proj"], lins["v_proj"]], block)
+            if algo == FP8 and "gate_proj" in lins:
+                _fuse([lins["gate_proj"], lins["up_proj"]], block)
+            for short, lin in lins.items():
+                sub = "self_attn" if short in ATTN_LINEARS else "mlp"
+                p = f"{prefix}.{sub}.{short}"
+                wsf = _weight_scale(lin, block)
+                out[f"{p}.weight"] = _quantize_weight(lin, wsf, algo, block).cpu()
+                out[f"{p}.weights_scaling_factor"] = wsf.cpu()
+                a = _act_scale(lin)
+                if a is not None:
+                    out[f"{p}.activation_scaling_factor"] = a.cpu()
+                if lin.pqs is not None:
+                    out[f"{p}.prequant_scaling_factor"] = lin.pqs.squeeze().to(dtype).cpu()
+
+    if spec.kv_cache_quant_algo is not None:
+        for prefix in layers:
+            attn = model.get_submodule(f"{prefix}.self_attn")
+            kq, vq = getattr(attn, "k_bmm_quantizer", None), getattr(attn, "v_bmm_quantizer", None)
+            if not (_enabled(kq) and _enabled(vq)) or kq.amax is None or vq.amax is None:
+                raise UserError(f"{prefix}.self_attn has no calibrated KV-cache quantizers; was the "
+                                f"model calibrated for {spec.name}?")
+            scales = []
+            for q in (kq, vq):
+                s = q.export_amax().detach().float() / float(q.maxbound)
+                if spec.kv_cache_quant_algo == "FP8":  # modelopt clamps FP8 KV scales to >= 1
+                    s = torch.max(s, torch.tensor([1.0], dtype=torch.float, device=s.device))
+                scales.append(s.reshape(1).cpu())
+            k, v = scales
+            out[f"{prefix}.self_attn.k_cache_scaling_factor"] = k
+            out[f"{prefix}.self_attn.v_cache_scaling_factor"] = v
+            out[f"{prefix}.self_attn.kv_cache_scaling_factor"] = torch.maximum(v, k)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference sharding: HF per-module state -> one TP rank's TensorRT-LLM tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunk(t: Tensor, tp: int, rank: int, dim: int) -> Tensor:
+    if t.shape[dim] % tp:
+        raise UserError(f"cannot split a dimension of size {t.shape[dim]} across {tp} ranks")
+    return torch.chunk(t, tp, dim=dim)[rank].contiguous()
+
+
+def _dup_kv(t: Tensor, rows_per_head: int, num_kv_heads: int, tp: int) -> Tensor:
+    """modelopt's dup_kv_weight: repeat each kv head's rows so that every rank gets its head."""
+    if tp <= num_kv_heads:
+        return t
+    reps = tp // num_kv_heads
+    shape = t.shape
+    return t.reshape(num_kv_heads, rows_per_head, *shape[1:]).repeat_interleave(reps, dim=0).reshape(
+        num_kv_heads * reps * rows_per_head, *shape[1:])
+
+
+def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads: int, num_kv_heads: int,
+                      tp: int, rank: int, layer_prefix: str = "model.layers") -> dict[str, Tensor]:
+    """One TP rank's quantization tensors with TensorRT-LLM names, from :func:`extract_quant_state`.
+
+    Split rules (modelopt 0.47 ``postprocess._split_model_config_for_tp`` + ``build_qkv``):
+    column-parallel (q/k/v per head, gate_proj -> mlp.fc, up_proj -> mlp.gate): weight rows (packed
+    int4: rows/2), per-channel / per-group weight scales split on dim 0; prequant and activation
+    scales replicated. Row-parallel (o_proj -> attention.dense, down_proj -> mlp.proj): weight and
+    AWQ group scales split on dim 1, prequant split on dim 0, SmoothQuant per-channel weight scales
+    (one per output row) and activation scales replicated. Per-tensor (FP8) and KV scales replicated.
+    kv heads < tp: k/v rows duplicated per head first (modelopt refuses this for SmoothQuant).
+    The float parts (biases, norms, embeddings, lm_head) are the converter's; only weight, the
+    scaling factors and the KV scales are returned.
+    """
+    algo = spec.quant_algo if spec.quant_algo in (SMOOTHQUANT, FP8, W4A16_AWQ) else None
+    out: dict[str, Tensor] = {}
+    idx = sorted({int(m.group(1)) for k in state
+                  for m in [re.match(re.escape(layer_prefix) + r"\.(\d+)\.", k)] if m})
+    for i in idx:
+        src = f"{layer_prefix}.{i}"
+        dst = f"transformer.layers.{i}"
+        if algo is not None:
+            q_w = state[f"{src}.self_attn.q_proj.weight"]
+            head_rows = q_w.shape[0] // num_heads  # rows per head (head_dim, or head_dim/2 packed)
+            # ---- qkv: [q_r; k_r; v_r]
+            parts = []
+            for short in ("q_proj", "k_proj", "v_proj"):
+                w = state[f"{src}.self_attn.{short}.weight"]
+                if short != "q_proj":
+                    w = _dup_kv(w, head_rows, num_kv_heads, tp)
+                parts.append(_chunk(w, tp, rank, 0))
+            out[f"{dst}.attention.qkv.weight"] = torch.cat(parts)
+            q_s = state[f"{src}.self_attn.q_proj.weights_scaling_factor"]
+            if q_s.numel() == 1:  # FP8: identical after fusion
+                out[f"{dst}.attention.qkv.weights_scaling_factor"] = q_s.clone()
+            else:
+                scale_rows = q_s.shape[0] // num_heads
+                if tp > num_kv_heads and q_s.dim() == 1:
+                    raise UserError("SmoothQuant cannot duplicate per-channel k/v scales for kv heads < tp")
+                sp = []
+                for short in ("q_proj", "k_proj", "v_proj"):
+                    s = state[f"{src}.self_attn.{short}.weights_scaling_factor"]
+                    if short != "q_proj":
+                        s = _dup_kv(s, scale_rows, num_kv_heads, tp)
+                    sp.append(_chunk(s, tp, rank, 0))
+                out[f"{dst}.attention.qkv.weights_scaling_factor"] = torch.cat(sp)
+            for suffix in ("activation_scaling_factor", "prequant_scaling_factor"):
+                key = f"{src}.self_attn.q_proj.{suffix}"
+                if key in state:
+                    out[f"{dst}.attention.qkv.{suffix}"] = state[key].clone()
+            # ---- the other linears
+            others = [("self_attn.o_proj", "attention.dense", "row")] + [
+                (f"mlp.{s}", TRTLLM_MLP[s], "row" if s in ROW else "column") for s in MLP_LINEARS]
+            for hf, trt, kind in others:
+                if f"{src}.{hf}.weight" not in state:  # a MoE layer's experts: quantize/moe.py
+                    continue
+                w = state[f"{src}.{hf}.weight"]
+                s = state[f"{src}.{hf}.weights_scaling_factor"]
+                if kind == "column":
+                    out[f"{dst}.{trt}.weight"] = _chunk(w, tp, rank, 0)
+                    out[f"{dst}.{trt}.weights_scaling_factor"] = (
+                        s.clone() if s.numel() == 1 else _chunk(s, tp, rank, 0))
+                else:
+                    out[f"{dst}.{trt}.weight"] = _chunk(w, tp, rank, 1)
+                    out[f"{dst}.{trt}.weights_scaling_factor"] = (
+                        _chunk(s, tp, rank, 1) if s.dim() == 2 else s.clone())
+                a = state.get(f"{src}.{hf}.activation_scaling_factor")
+                if a is not None:
+                    out[f"{dst}.{trt}.activation_scaling_factor"] = a.clone()
+                p = state.get(f"{src}.{hf}.prequant_scaling_factor")
+                if p is not None:
+                    out[f"{dst}.{trt}.prequant_scaling_factor"] = (
+                        p.clone() if kind == "column" else _chunk(p, tp, rank, 0))
+        for name in KV_SCALES:
+            key = f"{src}.self_attn.{name}"
+            if key in state:
+                out[f"{dst}.attention.{name}"] = state[key].clone()
+    return out
+
+
+def quant_state_names(spec: QuantSpec) -> Iterable[str]:
+    """Suffixes each quantized TensorRT-LLM linear carries for ``spec`` (besides bias)."""
+    if spec.quant_algo == SMOOTHQUANT:
+        return ("weight", "weights_scaling_factor", "activation_scaling_factor", "prequant_scaling_factor")
+    if spec.quant_algo == FP8:
+        return ("weight", "weights_scaling_factor", "activation_scaling_factor")
+    if spec.quant_algo == W4A16_AWQ:
+        return ("weight", "weights_scaling_factor", "prequant_scaling_factor")
+    return ()
+
