@@ -159,20 +159,14 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose another --output or pass --force to "
                         f"replace it")
-    if quant is not None:
-        quantization = quant.to_trtllm_quantization() if quant.is_quantized else None
-        if shape.experts and quantization and "exclude_modules" in quantization:
-            from quantize.moe import moe_exclude_modules
-
-            quantization["exclude_modules"] = moe_exclude_modules(quant, shape)  # + routers
-    config = from_hugging_face(hf, dtype=dtype, tp=tp, pp=pp, quantization=quantization,
-                               moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)
-    config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
+    config = _checkpoint_config(hf, shape, quant, quantization, dtype=dtype, tp=tp, pp=pp,
+                                moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)
     source = SourceCheckpoint(model_dir)
     world = tp * pp
     wanted = list(range(world)) if ranks is None else sorted(ranks)
     subset = len(wanted) < world
-    if subset and quant is not None and quant.needs_calibration:
+    calibrated = quant is not None and quant.needs_calibration
+    if subset and calibrated:
         raise UserError(f"--ranks cannot split a calibrated format ({quant.name}) over runs: the "
                         "ranks of two calibrations must not be mixed; convert every rank in one "
                         "run (CPU only) and use --ranks with --from-checkpoint for the engines")
@@ -180,19 +174,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
         shutil.rmtree(out_dir, ignore_errors=True)  # a new generation is being written
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"], moe=moe)
              for r in range(world)]
-    calibrated = quant is not None and quant.needs_calibration
-    # every format on dense models layer by layer; mixture-of-experts models: whole model
-    layerwise = calibrated and calibrated_model is None and not shape.experts
-    if not layerwise:
-        if calibration is not None and calibration.reuse and calibrated:
-            raise UserError("--calibration reuses a layer-wise calibration; a mixture-of-experts "
-                            "model is calibrated whole: drop --calibration")
-        calibration = None
-    elif calibration is None:
-        from quantize.run import CalibrationRun
-
-        calibration = CalibrationRun(store=out_dir.with_name(out_dir.name + ".calibration"),
-                                     temporary=True)
+    calibration = _calibration_run(calibration, calibrated, calibrated_model, shape, out_dir)
     if calibrated:
         plans = _calibrated_plans(model_dir, source, plans, shape, quant, config,
                                   calibrated_model, calibration, out_dir, progress,
@@ -200,7 +182,72 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
                                   quant_report if quant_report is not None else {})
         workers = 1  # the calibrated tensors are in this process's memory
     fingerprint = _fingerprint(config, plans, source, quant, mtimes=not subset)
+    tmp = _staging_dir(out_dir, fingerprint, calibrated=calibrated, subset=subset, force=force)
+    todo = [r for r in wanted if not (tmp / f"rank{r}.safetensors").is_file()]
+    try:
+        with interrupt.deferred():
+            _run_ranks(model_dir, plans, tmp, todo, workers, progress)
+        _write_config(tmp, config)
+        if not all((tmp / f"rank{r}.safetensors").is_file() for r in range(world)):
+            return config  # other ranks are still to come (--ranks)
+        _verify_files(tmp, plans)
+        (tmp / FINGERPRINT).unlink()
+        swap_into_place(tmp, out_dir)  # an existing one only with --force (checked above)
+        if calibration is not None:
+            calibration.done()
+    except (KeyboardInterrupt, Interrupted):
+        # only this run's unfinished files: with --ranks, other runs may be writing theirs
+        for leftover in (tmp / f"rank{r}.safetensors.tmp" for r in todo):
+            leftover.unlink(missing_ok=True)
+        raise Interrupted(f"interrupted: finished ranks are kept in {tmp}; rerun the same command "
+                          f"to finish only the remaining ranks")
+    except OSError as e:
+        _discard(tmp, todo if subset else None)
+        raise UserError(f"cannot write the checkpoint to {out_dir.parent}: {e.strerror or e}; "
+                        f"free space or choose another --output")
+    except BaseException:
+        _discard(tmp, todo if subset else None)
+        raise
+    return config
 
+
+
+def _checkpoint_config(hf, shape, quant, quantization, **layout) -> dict:
+    """The checkpoint's config.json: from_hugging_face with the format's quantization block
+    (mixture-of-experts routers added to its exclusions) and the (AWQ-padded) vocabulary."""
+    if quant is not None:
+        quantization = quant.to_trtllm_quantization() if quant.is_quantized else None
+        if shape.experts and quantization and "exclude_modules" in quantization:
+            from quantize.moe import moe_exclude_modules
+
+            quantization["exclude_modules"] = moe_exclude_modules(quant, shape)  # + routers
+    config = from_hugging_face(hf, quantization=quantization, **layout)
+    config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
+    return config
+
+
+def _calibration_run(calibration, calibrated: bool, calibrated_model, shape, out_dir: Path):
+    """The layer-wise calibration of this conversion, or None: every calibrated format on dense
+    models goes layer by layer (a default run into a temporary store when none is given);
+    mixture-of-experts models and an already calibrated model do not."""
+    layerwise = calibrated and calibrated_model is None and not shape.experts
+    if not layerwise:
+        if calibration is not None and calibration.reuse and calibrated:
+            raise UserError("--calibration reuses a layer-wise calibration; a mixture-of-experts "
+                            "model is calibrated whole: drop --calibration")
+        return None
+    if calibration is None:
+        from quantize.run import CalibrationRun
+
+        calibration = CalibrationRun(store=out_dir.with_name(out_dir.name + ".calibration"),
+                                     temporary=True)
+    return calibration
+
+
+def _staging_dir(out_dir: Path, fingerprint: dict, *, calibrated: bool, subset: bool,
+                 force: bool) -> Path:
+    """OUT.partial, holding the fingerprint of what is written into it: ranks of an earlier run
+    of the same inputs and options are kept (resume, --ranks), others refused or discarded."""
     tmp = out_dir.with_name(out_dir.name + ".partial")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -223,33 +270,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     except OSError as e:
         raise UserError(f"cannot write to {out_dir.parent}: {e.strerror or e}; "
                         f"choose another --output")
-    todo = [r for r in wanted if not (tmp / f"rank{r}.safetensors").is_file()]
-    try:
-        with interrupt.deferred():
-            _run_ranks(model_dir, plans, tmp, todo, workers, progress)
-        _write_config(tmp, config)
-        if not all((tmp / f"rank{r}.safetensors").is_file() for r in range(world)):
-            return config  # other ranks are still to come (--ranks)
-        _verify_files(tmp, plans)
-        (tmp / FINGERPRINT).unlink()
-        swap_into_place(tmp, out_dir)  # an existing one only with --force (checked above)
-        if layerwise:
-            calibration.done()
-    except (KeyboardInterrupt, Interrupted):
-        # only this run's unfinished files: with --ranks, other runs may be writing theirs
-        for leftover in (tmp / f"rank{r}.safetensors.tmp" for r in todo):
-            leftover.unlink(missing_ok=True)
-        raise Interrupted(f"interrupted: finished ranks are kept in {tmp}; rerun the same command "
-                          f"to finish only the remaining ranks")
-    except OSError as e:
-        _discard(tmp, todo if subset else None)
-        raise UserError(f"cannot write the checkpoint to {out_dir.parent}: {e.strerror or e}; "
-                        f"free space or choose another --output")
-    except BaseException:
-        _discard(tmp, todo if subset else None)
-        raise
-    return config
-
+    return tmp
 
 def _write_config(tmp: Path, config: dict) -> None:
     """config.json, written whole under a temporary name (runs for other ranks write the same)."""
