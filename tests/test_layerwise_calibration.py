@@ -4,9 +4,6 @@ refusal, and one-line refusals of a store made from other inputs."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
@@ -15,7 +12,7 @@ from common.errors import UserError
 from convert.convert import convert_checkpoint
 from quantize.formats import QuantSpec
 from quantize.run import CalibrationRun
-from quant_common import TINY, byte_tokenizer
+from quant_common import TINY, byte_tokenizer, run_killed_after_layer_1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,30 +82,6 @@ def test_reusing_a_calibration_of_other_inputs_is_refused_in_one_line(tmp_path, 
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
-KILLED_RUN = textwrap.dedent("""
-    import os, sys
-    sys.path[:0] = [{repo!r}, {tests!r}]
-    import quantize.store as cs
-    from convert.convert import convert_checkpoint
-    from quantize.formats import QuantSpec
-    from quantize.run import CalibrationRun
-    from quant_common import byte_tokenizer
-
-    real = cs.finish_layer
-    def finish_then_die(store, i, *a):
-        real(store, i, *a)
-        if i == 1:
-            os.kill(os.getpid(), 9)  # SIGKILL: no clean-up of any kind
-    cs.finish_layer = finish_then_die
-    spec = QuantSpec.create("W4A16_AWQ", kv_cache_dtype="int8", awq_block_size=64, calib_size=4,
-                            calib_seq_len=32, calib_batch_size=2)
-    convert_checkpoint({hf!r}, {out!r}, dtype="float16", progress=False, quant=spec,
-                       calibration=CalibrationRun(store={store!r}, device="cpu",
-                                                  calib_text=open({text!r}).read(),
-                                                  tokenizer=byte_tokenizer))
-""")
-
-
 def test_calibration_killed_mid_way_resumes_from_the_last_finished_layer(tmp_path, calib_text,
                                                                          monkeypatch):
     """AWQ + INT8 KV (two passes replayed pass by pass, so the saved inputs hold both): a run
@@ -121,10 +94,10 @@ def test_calibration_killed_mid_way_resumes_from_the_last_finished_layer(tmp_pat
     make_tiny_model(hf, **dict(TINY, num_hidden_layers=4, intermediate_size=640))
     (tmp_path / "text.txt").write_text(calib_text)
     store = tmp_path / "calibration"
-    script = KILLED_RUN.format(repo=REPO, tests=os.path.join(REPO, "tests"), hf=str(hf),
-                               out=str(tmp_path / "out"), store=str(store),
-                               text=str(tmp_path / "text.txt"))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = run_killed_after_layer_1(hf, tmp_path / "out", store, tmp_path / "text.txt",
+                                    dict(quant_algo="W4A16_AWQ", kv_cache_dtype="int8",
+                                         awq_block_size=64, calib_size=4, calib_seq_len=32,
+                                         calib_batch_size=2), dtype="float16")
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert sorted(p.name for p in store.glob("layer_*")) == ["layer_00000.safetensors",
                                                               "layer_00001.safetensors"]

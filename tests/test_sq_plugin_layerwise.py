@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from convert.convert import convert_checkpoint
 from quantize.formats import QuantSpec
 from quantize.run import CalibrationRun
 from quantize.smoothquant import calibrate_plugin
-from quant_common import TINY, byte_tokenizer
+from quant_common import TINY, byte_tokenizer, run_killed_after_layer_1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
@@ -151,29 +148,6 @@ def test_plugin_calibration_reused_for_tp2_equals_a_fresh_run(tmp_path, calib_te
                            calibration=_run(store, calib_text, reuse=True))
 
 
-KILLED_RUN = textwrap.dedent("""
-    import os, sys
-    sys.path[:0] = [{repo!r}, {tests!r}]
-    import quantize.store as cs
-    from convert.convert import convert_checkpoint
-    from quantize.formats import QuantSpec
-    from quantize.run import CalibrationRun
-    from quant_common import byte_tokenizer
-
-    real = cs.finish_layer
-    def finish_then_die(store, i, *a):
-        real(store, i, *a)
-        if i == 1:
-            os.kill(os.getpid(), 9)  # SIGKILL: no clean-up of any kind
-    cs.finish_layer = finish_then_die
-    spec = QuantSpec.create({algo!r}, calib_size=4, calib_seq_len=64, calib_batch_size=2)
-    convert_checkpoint({hf!r}, {out!r}, progress=False, quant=spec,
-                       calibration=CalibrationRun(store={store!r}, device="cpu",
-                                                  calib_text=open({text!r}).read(),
-                                                  tokenizer=byte_tokenizer))
-""")
-
-
 def test_plugin_calibration_killed_mid_way_resumes_from_the_last_finished_layer(tmp_path, calib_text,
                                                                                 monkeypatch):
     """A plugin calibration SIGKILLed after layer 1 of 4 resumes at layer 2 (from the saved
@@ -186,10 +160,9 @@ def test_plugin_calibration_killed_mid_way_resumes_from_the_last_finished_layer(
     (tmp_path / "text.txt").write_text(calib_text)
     store = tmp_path / "calibration"
     algo = VARIANTS[3]
-    script = KILLED_RUN.format(repo=REPO, tests=os.path.join(REPO, "tests"), hf=str(hf),
-                               out=str(tmp_path / "out"), store=str(store), algo=algo,
-                               text=str(tmp_path / "text.txt"))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = run_killed_after_layer_1(hf, tmp_path / "out", store, tmp_path / "text.txt",
+                                    dict(quant_algo=algo, calib_size=4, calib_seq_len=64,
+                                         calib_batch_size=2))
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert sorted(p.name for p in store.glob("layer_*")) == ["layer_00000.safetensors",
                                                               "layer_00001.safetensors"]
