@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from common.heap import release_memory
 
 from .calibrate import _bos_if_added, make_calib_batches, tokenize_text
 from .modelopt_state import extract_quant_state
@@ -292,21 +293,11 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
             gc.collect()  # modelopt's hooks make reference cycles: free this layer before the next
         cstore.finish_layer(store, i, state, passes_in if i + 1 < n else None)
         del state
-        _trim()
+        release_memory()
         bar.update(1)
     bar.close()
     timings["calibration_layers"] = time.perf_counter() - t1
     return cstore.complete(store, n, seconds=time.perf_counter() - t0)
-
-
-def _trim() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them otherwise and RSS creeps by layer)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _config_dtype(hf_dir: Path):

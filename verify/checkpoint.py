@@ -168,17 +168,6 @@ class RankTensors:
         self._held.clear()
 
 
-def release_memory() -> None:
-    """Give freed heap pages back to the OS after a layer (glibc keeps them otherwise, and the
-    process's RSS would creep layer by layer)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def pp_layers(num_layers: int, pp_size: int, pp_rank: int, partition=None) -> list[int]:
     """Global layer indices of pipeline stage ``pp_rank`` (TensorRT-LLM's Mapping.pp_layers)."""
     if partition:

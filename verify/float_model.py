@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from convert.errors import UserError
 
-from .checkpoint import release_memory
+from common.heap import release_memory
 from .model import HEAD_CHUNK
 
 Tensor = torch.Tensor

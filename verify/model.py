@@ -22,9 +22,10 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from common.heap import release_memory
 from convert.errors import UserError
 
-from .checkpoint import LAYER_RE, mapping, open_checkpoint, pp_layers, release_memory
+from .checkpoint import LAYER_RE, mapping, open_checkpoint, pp_layers
 from .kernels import KV_CACHE_KERNELS, LINEAR_INPUT_SCALES, LINEAR_KERNELS, QuantSpec, linear, names_of
 from .reference_moe import MoeSpec, moe_partial
 
