@@ -15,8 +15,9 @@ Three steps, each a plain function:
    per linear, re-averaged over q/k/v) is a different contract. The hooks record the same
    per-channel input maxima modelopt's max calibrator would.
 2. :func:`smooth_layer` folds the smoothers into the norms (qkv, fc/gate) or keeps them as
-   ``smoother`` (dense, proj) for one decoder layer's float weights, and :func:`int8_linear`
-   quantizes each linear (``generate_int8``), unsharded.
+   ``smoother`` (dense, proj) for one decoder layer's float weights, and ``int8_linear``
+   quantizes each linear (``generate_int8``), unsharded; the per-weight arithmetic of both is in
+   quantize/sq_int8.py.
 3. :func:`shard_layer` cuts one layer into one TP rank's TensorRT-LLM tensors.
 
 Builds run these one decoder layer at a time from the safetensors (quantize/sq_layerwise.py);
@@ -37,6 +38,7 @@ import torch
 from common.errors import UserError
 
 from .formats import SQ_PLUGIN_ALGOS, QuantSpec
+from .sq_int8 import Int8Linear, Lin, column_absmax, int8_linear, smoother_from_absmax
 
 Tensor = torch.Tensor
 
@@ -155,37 +157,6 @@ def capture_ranges(model, batches: Iterable[Tensor], *, progress: bool = False,
 # ---------------------------------------------------------------------------------------------
 
 
-#: rows per block of the element-wise passes over a weight: bounds their temporaries (a float64 8B
-#: MLP weight is 0.47 GB); element-wise ops and maxima give the same bits in any blocking
-ROWS = 2048
-
-
-def _absmax(w: Tensor, dim: int) -> Tensor:
-    """max |w| along ``dim`` (0: per column, 1: per row), in blocks of rows (a maximum is exact)."""
-    blocks = [b.abs().amax(dim=dim) for b in w.split(ROWS)]
-    return torch.cat(blocks) if dim == 1 else torch.stack(blocks).amax(dim=0)
-
-
-def smoother(weights: list[Tensor], x: Tensor, alpha: float) -> Tensor:
-    """``smooth_gemm``: s_j = clamp(x_j^alpha / max_rows |W[:, j]|^(1 - alpha), min=1e-5), float64,
-    the weight maximum taken jointly over ``weights`` (q/k/v, or gate/up)."""
-    wmax = torch.stack([_absmax(w, 0) for w in weights]).amax(dim=0)
-    return (x.to(torch.float64).pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
-
-
-@dataclass
-class Lin:
-    """One quantizable linear after smoothing: float weight [out, in], input maxima ``x`` (float64,
-    divided by the smoother), output maxima ``y``; ``sections``: the output widths of q/k/v (qkv only).
-    A layer read back from the calibration store (quantize/sq_layerwise.py) has its int8 form
-    only: no ``weight`` and ``x``, and ``y`` is qkv's maximum (the INT8 KV scale's input)."""
-
-    weight: Tensor | None
-    x: Tensor | None
-    y: Tensor | None
-    sections: tuple[int, ...] | None = None
-
-
 @dataclass
 class SmoothedLayer:
     qkv: Lin
@@ -207,131 +178,44 @@ class SmoothedLayer:
         return self._int8
 
 
-def _smooth(ws: list[Tensor], s: Tensor) -> Tensor:
-    """``apply_smoothing``'s ``W.mul_(s)`` of ``ws`` stacked by rows: computed in float64 (in blocks
-    of rows), stored in the weights' dtype."""
-    out = torch.empty((sum(w.shape[0] for w in ws), ws[0].shape[1]), dtype=ws[0].dtype,
-                      device=ws[0].device)
-    row = 0
-    for w in ws:
-        for b in w.split(ROWS):
-            out[row:row + b.shape[0]] = (b.to(torch.float64) * s.view(1, -1)).to(w.dtype)
-            row += b.shape[0]
-    return out
+#: the weights that share a smoother: group -> HF short names (TensorRT-LLM smooths q/k/v jointly
+#: into the input norm, gate/up jointly into the post-attention norm)
+SMOOTH_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "dense": ("o_proj",),
+                 "mlp": ("gate_proj", "up_proj"), "proj": ("down_proj",)}
+
+
+def weight_absmax(w: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Per smoother group, the column maxima of its weights (what the smoothers depend on besides
+    alpha; the alpha search computes them once per layer)."""
+    return {g: column_absmax([w[n] for n in names]) for g, names in SMOOTH_GROUPS.items()}
 
 
 def smooth_layer(w: Mapping[str, Tensor], norms: tuple[Tensor, Tensor],
                  ranges: Mapping[str, Mapping[str, Tensor]], alpha: float, *,
-                 release: bool = False) -> SmoothedLayer:
+                 wmax: Mapping[str, Tensor] | None = None) -> SmoothedLayer:
     """``smooth_llama_model`` for one layer. ``w``: HF short name -> float weight [out, in];
     ``norms``: (input_layernorm, post_attention_layernorm) weights; ``ranges``: short name ->
-    captured ``x``/``y``. ``release``: pop each weight from ``w`` (a dict) once smoothed, so that
-    a caller holding no other reference frees it (one layer's float weights, not two)."""
+    captured ``x``/``y``; ``wmax``: :func:`weight_absmax` of ``w`` if already known. The linears
+    keep references to ``w``'s weights and their smoothers: the smoothed weights are computed
+    as they are quantized (quantize/sq_int8.py), never stored."""
+    wmax = weight_absmax(w) if wmax is None else wmax
+    s = {g: smoother_from_absmax(wmax[g], ranges[names[0]]["x"], alpha)
+         for g, names in SMOOTH_GROUPS.items()}
+
+    def lin(group: str, short: str, **kw) -> Lin:
+        return Lin(kw.pop("parts", (w[short],)), ranges[short]["x"] / s[group],
+                   kw.pop("y", ranges[short]["y"]), s=s[group], **kw)
+
+    q, k, v = (w[n] for n in SMOOTH_GROUPS["qkv"])
+    y_qkv = torch.cat([ranges[n]["y"] for n in SMOOTH_GROUPS["qkv"]])
+    qkv = lin("qkv", "q_proj", parts=(q, k, v), y=y_qkv,
+              sections=(q.shape[0], k.shape[0], v.shape[0]))
     in_norm, post_norm = norms
-    q, k, v = w["q_proj"], w["k_proj"], w["v_proj"]
-    sections = (q.shape[0], k.shape[0], v.shape[0])
-    s = smoother([q, k, v], ranges["q_proj"]["x"], alpha)
-    qkv = _smooth([q, k, v], s)
-    del q, k, v
-    _release(w, release, "q_proj", "k_proj", "v_proj")
-    in_norm = (in_norm.to(torch.float64) / s).to(in_norm.dtype)
-    y_qkv = torch.cat([ranges[n]["y"] for n in ("q_proj", "k_proj", "v_proj")])
-    lin_qkv = Lin(qkv, ranges["q_proj"]["x"] / s, y_qkv, sections)
-
-    s_o = smoother([w["o_proj"]], ranges["o_proj"]["x"], alpha)
-    lin_dense = Lin(_smooth([w["o_proj"]], s_o), ranges["o_proj"]["x"] / s_o, ranges["o_proj"]["y"])
-    _release(w, release, "o_proj")
-
-    gate, up = w["gate_proj"], w["up_proj"]
-    s_m = smoother([gate, up], ranges["gate_proj"]["x"], alpha)
-    gate_s, up_s = _smooth([gate], s_m), _smooth([up], s_m)
-    del gate, up
-    _release(w, release, "gate_proj", "up_proj")
-    post_norm = (post_norm.to(torch.float64) / s_m).to(post_norm.dtype)
-    lin_fc = Lin(gate_s, ranges["gate_proj"]["x"] / s_m, ranges["gate_proj"]["y"])
-    lin_gate = Lin(up_s, ranges["up_proj"]["x"] / s_m, ranges["up_proj"]["y"])
-
-    s_d = smoother([w["down_proj"]], ranges["down_proj"]["x"], alpha)
-    lin_proj = Lin(_smooth([w["down_proj"]], s_d), ranges["down_proj"]["x"] / s_d, ranges["down_proj"]["y"])
-    _release(w, release, "down_proj")
-    return SmoothedLayer(lin_qkv, lin_dense, lin_fc, lin_gate, lin_proj, in_norm, post_norm,
-                         s_o.float(), s_d.float())
-
-
-def _release(w, release: bool, *names: str) -> None:
-    for n in names if release else ():
-        w.pop(n)
-
-
-@dataclass
-class Int8Linear:
-    """``generate_int8`` of one linear, in [out, in] orientation (TensorRT-LLM's ``.t()`` of it).
-
-    ``w_col`` / ``w_tensor``: int8 weights quantized per output channel / per tensor (qkv: per q, k, v);
-    ``*_c`` / ``*_t``: per-output-channel scales (float32, [out]) for the same two choices;
-    ``x_scale`` = 127 / max x, ``y_scale`` = max y / 127 (float32 scalars)."""
-
-    w_col: Tensor | None
-    w_tensor: Tensor | None
-    w_quant_orig_c: Tensor
-    w_quant_orig_t: Tensor
-    y_accum_quant_c: Tensor
-    y_accum_quant_t: Tensor
-    x_orig_quant: Tensor
-    y_quant_orig: Tensor
-
-
-def _rdiv(c: float, t: Tensor) -> Tensor:
-    """c / t correctly rounded (torch's ``c / t`` is ``t.reciprocal() * c``: two roundings)."""
-    return torch.div(torch.full_like(t, c), t)
-
-
-def _to_i8(t: Tensor) -> Tensor:
-    return torch.round(t).clamp(-127, 127).to(torch.int8)  # round half to even, as numpy's round
-
-
-def _i8_rows(wf: Tensor, scale: Tensor, divide: bool) -> Tensor:
-    """``_to_i8(wf / scale[:, None])`` (or ``*``), in blocks of rows."""
-    out = torch.empty(wf.shape, dtype=torch.int8, device=wf.device)
-    for a in range(0, wf.shape[0], ROWS):
-        b, sc = wf[a:a + ROWS], scale[a:a + ROWS, None]
-        out[a:a + ROWS] = _to_i8(b / sc if divide else b * sc)
-    return out
-
-
-def int8_linear(lin: Lin, mha: bool = False, only: str | None = None) -> Int8Linear:
-    """``generate_int8``: int8 weights (per channel and per tensor) and the scales of both activation
-    modes. qkv (``lin.sections``): per tensor means one scale each for q, k and v. ``mha``: the qkv
-    of a model with as many kv heads as heads (TensorRT-LLM's multi_query_mode=False branch, which
-    multiplies by 127/wmax where the GQA branch divides by wmax/127). ``only`` ``"col"`` or
-    ``"tensor"``: that int8 weight only (the other is None)."""
-    wf = lin.weight.float()
-    wmax = _absmax(wf, 1)                                        # per output channel
-    if lin.sections:
-        parts = wmax.split(list(lin.sections))
-        wmax_t = torch.cat([p.max().expand(p.numel()) for p in parts])
-    else:
-        wmax_t = wmax.max().expand(wmax.numel())
-    orig_quant_c = _rdiv(127.0, wmax)                            # float32, as numpy's 127. / array
-    orig_quant_t = _rdiv(127.0, wmax_t)
-    quant_orig_c = _rdiv(1.0, orig_quant_c)
-    quant_orig_t = _rdiv(1.0, orig_quant_t)
-    w_t = w_c = None
-    if only != "col":
-        w_t = (_i8_rows(wf, quant_orig_t, True) if lin.sections and not mha
-               else _i8_rows(wf, orig_quant_t, False))
-    if only != "tensor":
-        w_c = _i8_rows(wf, orig_quant_c, False)
-    x_oq = 127.0 / float(lin.x.max())
-    y_oq = 127.0 / float(lin.y.max())
-    return Int8Linear(
-        w_col=w_c, w_tensor=w_t,
-        w_quant_orig_c=quant_orig_c, w_quant_orig_t=quant_orig_t,
-        y_accum_quant_c=(y_oq / (x_oq * orig_quant_c.double())).float(),
-        y_accum_quant_t=(y_oq / (x_oq * orig_quant_t.double())).float(),
-        x_orig_quant=torch.tensor(x_oq, dtype=torch.float32),
-        y_quant_orig=torch.tensor(float(lin.y.max()) / 127.0, dtype=torch.float32),
-    )
+    in_norm = (in_norm.to(torch.float64) / s["qkv"]).to(in_norm.dtype)
+    post_norm = (post_norm.to(torch.float64) / s["mlp"]).to(post_norm.dtype)
+    return SmoothedLayer(qkv, lin("dense", "o_proj"), lin("mlp", "gate_proj"),
+                         lin("mlp", "up_proj"), lin("proj", "down_proj"), in_norm, post_norm,
+                         s["dense"].float(), s["proj"].float())
 
 
 # ---------------------------------------------------------------------------------------------

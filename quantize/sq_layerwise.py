@@ -24,8 +24,9 @@ from safetensors import safe_open
 
 from . import store as cstore
 from .formats import QuantSpec
-from .smoothquant import (Int8Linear, Lin, RangeHooks, SmoothedLayer, int8_linear, is_mha,
-                          keep_stride, layer_linears, module_weights, plugin_mode, smooth_layer)
+from .smoothquant import (RangeHooks, SmoothedLayer, is_mha, keep_stride, layer_linears,
+                          module_weights, plugin_mode, smooth_layer, weight_absmax)
+from .sq_int8 import Int8Linear, Lin, int8_linear
 from .sq_search import ALPHA_GRID, SEARCH_TOKENS, search_layer_alpha
 
 Tensor = torch.Tensor
@@ -46,28 +47,31 @@ def calibrate_plugin_layer(runner, i: int, spec: QuantSpec,
         outputs = runner.forward(layer, i, inputs)
     ranges = hooks.ranges(keep)
     w, norms = module_weights(layer)
-    del layer, hooks  # the weights live on in ``w`` only: smoothing frees them one by one
+    del layer, hooks  # the weights live on in ``w`` only: quantizing frees them one by one
     mha = is_mha(runner.config)
     error = None
+    wmax = weight_absmax(w)
     if spec.sq_alpha_search:
-        alpha, error = search_layer_alpha(w, norms, ranges, spec.quant_algo, mha=mha)
+        alpha, error = search_layer_alpha(w, norms, ranges, spec.quant_algo, mha=mha, wmax=wmax)
     else:
         alpha = spec.smoothquant_alpha
-    smoothed = smooth_layer(w, norms, ranges, alpha, release=True)
+    smoothed = smooth_layer(w, norms, ranges, alpha, wmax=wmax)
+    del w
     return layer_tensors(smoothed, spec.quant_algo, mha, alpha, error), [outputs]
 
 
 def layer_tensors(layer: SmoothedLayer, quant_algo: str, mha: bool, alpha: float,
                   error: float | None) -> dict[str, Tensor]:
-    """What the store keeps of one smoothed layer (see the module docstring); frees the layer's
-    smoothed float weights as their int8 form is made (the same values as ``layer.int8(mha)``)."""
+    """What the store keeps of one smoothed layer (see the module docstring); drops the layer's
+    references to its float weights as their int8 form is made (the same values as
+    ``layer.int8(mha)``), so a caller holding no other reference frees them one by one."""
     per_channel, _ = plugin_mode(quant_algo)
     mode = "col" if per_channel else "tensor"
     out = {}
     for name in LINEARS:
         lin = getattr(layer, name)
         q = int8_linear(lin, mha and name == "qkv", only=mode)
-        lin.weight = None
+        lin.parts = None  # the layer's last reference to this float weight
         out[f"{name}.weight"] = q.w_col if per_channel else q.w_tensor
         out.update({f"{name}.{f}": getattr(q, f) for f in _SCALES})
     out.update(input_norm=layer.input_norm, post_norm=layer.post_norm,

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .smoothquant import (Int8Linear, Lin, SmoothedLayer, hf_layers, int8_linear, layer_ranges,
-                          layer_weights, plugin_mode, smooth_layer, smoother)
+from .smoothquant import (SmoothedLayer, hf_layers, layer_ranges, layer_weights, plugin_mode,
+                          smooth_layer, weight_absmax)
+from .sq_int8 import Int8Linear, Lin, int8_linear
 
 Tensor = torch.Tensor
 
@@ -33,14 +34,14 @@ def fake_quant_output(x: Tensor, lin: Lin, q: Int8Linear, *, per_channel: bool, 
     return xq @ w.t()
 
 
-def layer_error(layer: SmoothedLayer, smoothers: Mapping[str, Tensor], inputs: Mapping[str, Tensor],
-                ref: Mapping[str, Tensor], quant_algo: str, mha: bool = False) -> float:
+def layer_error(layer: SmoothedLayer, inputs: Mapping[str, Tensor], ref: Mapping[str, Tensor],
+                quant_algo: str, mha: bool = False) -> float:
     """Sum over qkv, dense, fc+gate, proj of ||quantized output - float output||^2 / ||float output||^2
     on the kept calibration inputs (float, unsmoothed; ``ref``: their float outputs)."""
     per_channel, per_token = plugin_mode(quant_algo)
     total = 0.0
     for group, members in (("qkv", ("qkv",)), ("dense", ("dense",)), ("mlp", ("fc", "gate")), ("proj", ("proj",))):
-        x = (inputs[group].double() / smoothers[group]).float()
+        x = (inputs[group].double() / getattr(layer, members[0]).s).float()
         err = norm = 0.0
         for name in members:
             lin = getattr(layer, name)
@@ -67,9 +68,10 @@ def search_alphas(model, ranges, quant_algo: str, grid=ALPHA_GRID, mha: bool = F
 
 def search_layer_alpha(w: Mapping[str, Tensor], norms: tuple[Tensor, Tensor],
                        r: Mapping[str, Mapping[str, Tensor]], quant_algo: str, grid=ALPHA_GRID,
-                       mha: bool = False) -> tuple[float, float]:
+                       mha: bool = False, wmax: Mapping[str, Tensor] | None = None) -> tuple[float, float]:
     """One layer's (alpha, error): the first alpha of ``grid`` with the smallest :func:`layer_error`
-    (``r``: its ranges by HF short name, with the kept ``inputs``)."""
+    (``r``: its ranges by HF short name, with the kept ``inputs``; ``wmax``: ``weight_absmax(w)``
+    if already known)."""
     if "inputs" not in r["q_proj"]:
         raise ValueError("search_layer_alpha needs ranges captured with keep_inputs=N")
     inputs = {"qkv": r["q_proj"]["inputs"], "dense": r["o_proj"]["inputs"],
@@ -78,13 +80,9 @@ def search_layer_alpha(w: Mapping[str, Tensor], norms: tuple[Tensor, Tensor],
            "dense": inputs["dense"] @ w["o_proj"].t(), "fc": inputs["mlp"] @ w["gate_proj"].t(),
            "gate": inputs["mlp"] @ w["up_proj"].t(), "proj": inputs["proj"] @ w["down_proj"].t()}
     best = None
+    wmax = weight_absmax(w) if wmax is None else wmax
     for a in grid:
-        layer = smooth_layer(w, norms, r, a)
-        smoothers = {"qkv": smoother([torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]])], r["q_proj"]["x"], a),
-                     "dense": smoother([w["o_proj"]], r["o_proj"]["x"], a),
-                     "mlp": smoother([torch.cat([w["gate_proj"], w["up_proj"]])], r["gate_proj"]["x"], a),
-                     "proj": smoother([w["down_proj"]], r["down_proj"]["x"], a)}
-        e = layer_error(layer, smoothers, inputs, ref, quant_algo, mha)
+        e = layer_error(smooth_layer(w, norms, r, a, wmax=wmax), inputs, ref, quant_algo, mha)
         if best is None or e < best[1]:
             best = (a, e)
     return best

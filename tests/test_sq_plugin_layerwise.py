@@ -48,10 +48,10 @@ def assert_same_checkpoints(got, want):
 
 def layerwise_equals_whole(tmp_path, hf_dir, spec, text, tp, tokenizer=byte_tokenizer, **kw):
     """Convert with the whole-model calibration and with the layer-wise one; the same bytes, and
-    the same report (alphas, search errors). The layer-wise side runs its element-wise weight
-    passes in blocks of 96 rows (smoothquant.ROWS: these models are smaller than the default
-    block), so the blocking is shown not to change a bit either."""
-    import quantize.smoothquant as sq
+    the same report (alphas, search errors). The layer-wise side runs its fused weight passes in
+    blocks of 5000 elements (sq_int8.BLOCK_ELEMENTS, not a multiple of any row: these models are
+    smaller than the default block), so the blocking is shown not to change a bit either."""
+    import quantize.sq_int8 as sq
 
     cal = calibrate_plugin(hf_dir, spec, text, tokenizer=tokenizer, progress=False)
     whole, lw = tmp_path / f"whole-tp{tp}", tmp_path / f"lw-tp{tp}"
@@ -59,7 +59,7 @@ def layerwise_equals_whole(tmp_path, hf_dir, spec, text, tp, tokenizer=byte_toke
     convert_checkpoint(hf_dir, whole, tp=tp, quant=spec, calibrated_model=cal, progress=False,
                        quant_report=report_whole, **kw)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sq, "ROWS", 96)
+        mp.setattr(sq, "BLOCK_ELEMENTS", 5000)
         convert_checkpoint(hf_dir, lw, tp=tp, quant=spec, progress=False, quant_report=report_lw,
                            calibration=_run(tmp_path / f"store-tp{tp}", text, tokenizer), **kw)
     assert_same_checkpoints(lw, whole)
