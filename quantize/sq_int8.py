@@ -24,7 +24,9 @@ import torch
 Tensor = torch.Tensor
 
 #: elements per block of the fused passes: 1 MB of float32 (2 MB of float64), within a core's
-#: cache, so the passes after the first read of a block do not go to memory
+#: cache, so the passes after the first read of a block do not go to memory. Every block-sized
+#: temporary is a scratch buffer allocated once per weight: a fresh 1 MB tensor per block is an
+#: mmap and 256 page faults whenever glibc's mmap threshold is below it (measured: 4x the time)
 BLOCK_ELEMENTS = 1 << 18
 
 
@@ -37,8 +39,10 @@ def column_absmax(weights: list[Tensor]) -> Tensor:
     out = None
     for w in weights:
         n = _rows_per_block(w.shape[1])
+        scratch = torch.empty((min(n, w.shape[0]), w.shape[1]), dtype=w.dtype, device=w.device)
         for a in range(0, w.shape[0], n):
-            m = w[a:a + n].abs().amax(dim=0)
+            b = w[a:a + n]
+            m = torch.abs(b, out=scratch[:b.shape[0]]).amax(dim=0)
             out = m if out is None else torch.maximum(out, m)
     return out
 
@@ -81,8 +85,9 @@ def smoothed_blocks(lin: Lin) -> Iterator[tuple[int, Tensor]]:
     for w in lin.parts:
         n = _rows_per_block(w.shape[1])
         if lin.s is not None:
-            wide = torch.empty((n, w.shape[1]), dtype=torch.float64, device=w.device)
-            narrow = torch.empty((n, w.shape[1]), dtype=w.dtype, device=w.device)
+            shape = (min(n, w.shape[0]), w.shape[1])
+            wide = torch.empty(shape, dtype=torch.float64, device=w.device)
+            narrow = torch.empty(shape, dtype=w.dtype, device=w.device)
         for a in range(0, w.shape[0], n):
             b = w[a:a + n]
             if lin.s is not None:
@@ -138,7 +143,7 @@ def int8_linear(lin: Lin, mha: bool = False, only: str | None = None) -> Int8Lin
     tmp = torch.empty((min(rows, _rows_per_block(cols)), cols), dtype=torch.float32, device=device)
     for a, b in smoothed_blocks(lin):               # pass 1: row maxima, the per-channel weight
         k = b.shape[0]
-        wmax[a:a + k] = b.abs().amax(dim=1)
+        torch.amax(torch.abs(b, out=tmp[:k]), dim=1, out=wmax[a:a + k])
         if w_c is not None:
             _to_i8(b, _rdiv(127.0, wmax[a:a + k]), False, tmp[:k], w_c[a:a + k])
     if lin.sections:
