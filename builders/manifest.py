@@ -143,8 +143,8 @@ class InputHashing:
     One thread: BLAKE3 hashes ~5 GB/s on one core, ~3 GB/s with the reads from the page cache
     (measured: 2.14 GB in 0.5-0.8 s of CPU), so a 7B-shaped 8-layer model (3.76 GB) takes ~1 s,
     well within a conversion that moves the same bytes at the disk's pace, while a thread per
-    core would take CPU from the conversion's copy and its own hash of the outputs. Pass it as ``inputs=``
-    to :func:`write_manifest`; ``result()`` waits for it."""
+    core would take CPU from the conversion's copy and its own hash of the outputs. Pass it as
+    ``inputs=`` to :func:`write_manifest`; ``result()`` waits for it."""
 
     def __init__(self, inputs: dict):
         self._inputs, self._result, self._error = dict(inputs), None, None
