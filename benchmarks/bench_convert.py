@@ -9,8 +9,8 @@
    - ``cp -r`` of the model dir (the floor on this disk), and ``cp -r`` followed by an fsync of
      every copied file (``sync FILE...``), since our converter fsyncs each file it writes;
    - ``build_engine --checkpoint-only --no-progress`` in fp16 at each ``--tp`` (the whole
-     command, as a user runs it: imports, conversion, build.json with its sha256 of inputs and
-     outputs); its "checkpoint ... in Xs" line gives the conversion stage;
+     command, as a user runs it: imports, conversion, build.json with its BLAKE3 digests of
+     inputs and outputs); its "checkpoint ... in Xs" line gives the conversion stage;
    - ``convert_checkpoint()`` alone, timed after its imports (the part convert/ owns);
    - the same two with ``BUILD_ENGINE_DIRECT_IO=0`` (through the page cache; by default every
      rank file is written with O_DIRECT and hashed while written);

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after conversion, print the perplexity of the checkpoint (CPU reference "
                         "reader) and of the HF model on this text file (first 4096 tokens, "
                         "windows of 256)")
-    from builders.engine import add_engine_arguments
+    # engine_options, not builders.engine: a --checkpoint-only run never loads the engine stage
+    from builders.engine_options import add_engine_arguments
     from builders.triton import add_triton_arguments
 
     from quantize.formats import add_quant_arguments

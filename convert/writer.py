@@ -10,10 +10,11 @@ of a source file, already in the output's layout) and ``ByteChunk``s (compacted 
 zero padding), see convert.chunks; torch tensors are taken too. Files are written with
 ``O_DIRECT`` (spans are ``pread`` into aligned staging buffers that a thread writes out), which on
 the VM measured in BENCHMARKS.md is 2-4x faster than going through the page cache. Every staging
-buffer is also fed to a sha256 on another thread, and the digest is recorded (convert.digests)
-for build.json, which therefore never reads an output back. Where the file system refuses
-``O_DIRECT`` (tmpfs) or ``BUILD_ENGINE_DIRECT_IO=0``, files go through the page cache, spans copied
-file to file by the kernel (``copy_file_range``, as ``cp`` does; build.json then hashes them).
+buffer is also fed to a BLAKE3 hash on another thread, and the digest is recorded
+(convert.digests) for build.json, which therefore never reads an output back. Where the file
+system refuses ``O_DIRECT`` (tmpfs) or ``BUILD_ENGINE_DIRECT_IO=0``, files go through the page
+cache, spans copied file to file by the kernel (``copy_file_range``, as ``cp`` does; build.json
+then hashes them).
 
 ``write_file(..., then=...)`` returns before its fsync: the fsync, and then ``then`` (the rename
 that marks the file complete), run on a thread while the caller writes the next file;
@@ -24,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import errno
 import fcntl
-import hashlib
 import json
 import mmap
 import os
@@ -32,6 +32,8 @@ import queue
 import struct
 import threading
 from pathlib import Path
+
+import blake3
 
 from . import digests
 from .chunks import CHUNK_BYTES, ByteChunk, FileSpan, iter_chunks  # noqa: F401 (re-exported)
@@ -104,11 +106,12 @@ def _copy_span(span: FileSpan, dst: int) -> None:
 
 class _BufferedSink:
     """Appends to ``fd`` through the page cache: ``os.write`` and in-kernel ``copy_file_range``.
-    Its sha256 is known only when no span went through the kernel (``digest()`` None otherwise)."""
+    Its BLAKE3 digest is known only when no span went through the kernel (``digest()`` None
+    otherwise)."""
 
     def __init__(self, fd: int):
         self.fd = fd
-        self._hash = hashlib.sha256()
+        self._hash = blake3.blake3()
 
     def write(self, data: memoryview) -> None:
         if self._hash is not None:
@@ -136,11 +139,12 @@ class _DirectSink:
     Source spans are ``pread`` straight into the staging buffer (one copy out of the page cache)
     and go to the disk by DMA: no page-cache copy, allocation or writeback of the output, which on
     a VM costs more CPU than the disk takes to write it (see BENCHMARKS.md). The main thread fills
-    one buffer while the hash thread updates the file's sha256 and the writer thread writes the
-    ones filled before, each in order and neither waiting for the other (a buffer is reused once
-    both are done with it; hashlib and write release the GIL), so the hash is never between a
-    buffer and the disk. The tail is padded to the alignment and the file truncated to its real
-    length on close.
+    one buffer while the hash thread updates the file's BLAKE3 hash and the writer thread writes
+    the ones filled before, each in order and neither waiting for the other (a buffer is reused
+    once both are done with it; blake3's update and write release the GIL), so the hash is never
+    between a buffer and the disk. BLAKE3, not sha256: one core hashes ~5 GB/s here against
+    sha256's ~1.6, so the hash thread needs about a third of a core at the disk's pace. The tail
+    is padded to the alignment and the file truncated to its real length on close.
     """
 
     def __init__(self, fd: int, buf_bytes: int | None = None, nbufs: int = 4):
@@ -155,7 +159,7 @@ class _DirectSink:
         for b in self._bufs[1:]:
             self._free.put(b)
         self._cur, self._view, self._pos = self._bufs[0], memoryview(self._bufs[0]), 0
-        self._hash = hashlib.sha256()
+        self._hash = blake3.blake3()
         self._error: BaseException | None = None
         self._threads = [threading.Thread(target=self._run_hash, name="direct-hash", daemon=True),
                          threading.Thread(target=self._run, name="direct-writer", daemon=True)]

@@ -1,18 +1,22 @@
-"""builders/manifest.py: DIR/build.json — hashes, versions, options, timings, outputs."""
+"""builders/manifest.py: DIR/build.json — BLAKE3 digests, versions, options, timings, outputs."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 from pathlib import Path
 
+import blake3
 import pytest
 
 from builders.engine import EngineOptions
-from builders.manifest import MANIFEST_NAME, sha256_file, software_versions, write_manifest
+from builders.manifest import MANIFEST_NAME, file_digest, software_versions, write_manifest
+
+# BLAKE3 of no bytes: the reference test vector (BLAKE3 spec, test_vectors.json, input_len 0),
+# what `b3sum` prints for an empty file
+B3_EMPTY = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 
 
 def _dist(name):
@@ -43,18 +47,20 @@ def build_dir(tmp_path):
     return model, out
 
 
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+def _b3(p: Path) -> str:
+    """BLAKE3 of the file's bytes, one-shot over what is on disk (independent of the streaming)."""
+    return blake3.blake3(p.read_bytes()).hexdigest()
 
 
-def test_streamed_sha256_matches_hashlib(tmp_path):
+def test_streamed_digest_is_blake3_of_the_bytes(tmp_path):
     p = tmp_path / "blob"
     p.write_bytes(os.urandom(100_003))
-    assert sha256_file(p) == _sha(p)
-    assert sha256_file(p, chunk_size=7) == _sha(p)   # many partial chunks
+    assert file_digest(p) == _b3(p)
+    assert file_digest(p, chunk_size=7) == _b3(p)     # many partial chunks
+    assert file_digest(p, chunk_size=1024) == _b3(p)  # BLAKE3's chunk size: a tail of 675 bytes
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
-    assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+    assert file_digest(empty) == _b3(empty) == B3_EMPTY
 
 
 def test_manifest_contents(build_dir):
@@ -69,21 +75,23 @@ def test_manifest_contents(build_dir):
     m = json.loads(path.read_text())
     assert sorted(m) == ["created_utc", "inputs", "options", "outputs", "schema", "stage_timings_s",
                          "versions"]
-    # inputs: each shard (and config/tokenizer) with its sha256; README is not an input
+    assert m["schema"] == 2  # 2: BLAKE3 file digests (1 had sha256)
+    # inputs: each shard (and config/tokenizer) with its BLAKE3 digest; README is not an input
     assert m["inputs"]["model_dir"] == str(model.resolve())
     assert m["inputs"]["model"] == "tiny-llama"
     files = {f["path"]: f for f in m["inputs"]["model_files"]}
     assert sorted(files) == ["config.json", "model-00001-of-00002.safetensors",
                              "model-00002-of-00002.safetensors", "tokenizer.json"]
     for name, f in files.items():
-        assert f["sha256"] == _sha(model / name) and f["size"] == (model / name).stat().st_size
+        assert sorted(f) == ["blake3", "path", "size"]
+        assert f["blake3"] == _b3(model / name) and f["size"] == (model / name).stat().st_size
     # every option, as JSON
     assert m["options"]["tp"] == 2 and m["options"]["output"] == str(out)
     assert m["options"]["engine"] == opts.as_dict()
     assert m["options"]["engine"]["max_batch_size"] == 8
     assert m["options"]["cli"] == {"force": True}
     assert m["stage_timings_s"] == {"checkpoint": 1.235, "engines": 2.0, "triton": None}
-    # every output file except build.json itself, with sha256 and size, sorted
+    # every output file except build.json itself, with BLAKE3 digest and size, sorted
     outs = m["outputs"]["files"]
     assert [f["path"] for f in outs] == sorted(f["path"] for f in outs)
     assert [f["path"] for f in outs] == [
@@ -91,7 +99,8 @@ def test_manifest_contents(build_dir):
         "engines/rank0.engine", "triton/tensorrt_llm/config.pbtxt"]
     for f in outs:
         p = out / f["path"]
-        assert f["sha256"] == _sha(p) and f["size"] == p.stat().st_size
+        assert sorted(f) == ["blake3", "path", "size"]
+        assert f["blake3"] == _b3(p) and f["size"] == p.stat().st_size
     assert m["outputs"]["root"] == str(out.resolve())
 
 
@@ -128,8 +137,8 @@ def test_background_input_hashing_gives_the_same_manifest(build_dir):
     direct = build_manifest(out, inputs=inputs, options={}, stage_timings={})
     background = build_manifest(out, inputs=InputHashing(inputs), options={}, stage_timings={})
     assert background["inputs"] == direct["inputs"]
-    assert [f["sha256"] for f in direct["inputs"]["model_files"]] == [
-        _sha(model / n) for n in ("config.json", "model-00001-of-00002.safetensors",
+    assert [f["blake3"] for f in direct["inputs"]["model_files"]] == [
+        _b3(model / n) for n in ("config.json", "model-00001-of-00002.safetensors",
                                   "model-00002-of-00002.safetensors", "tokenizer.json")]
     assert background["outputs"] == direct["outputs"]
 
@@ -146,8 +155,8 @@ def test_background_input_hashing_reraises_its_error(tmp_path, monkeypatch):
 
 
 def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, monkeypatch):
-    """build_engine --checkpoint-only: build.json's sha256 of each rank file is the one the
-    writer took while writing it (a hash per O_DIRECT staging buffer): it equals hashlib over
+    """build_engine --checkpoint-only: build.json's BLAKE3 digest of each rank file is the one
+    the writer took while writing it (a hash per O_DIRECT staging buffer): it equals BLAKE3 over
     the file's bytes and the file is never read back for it; a file changed afterwards is hashed
     from disk again (the writer's digest is tied to its size and mtime)."""
     import builders.manifest as M
@@ -156,8 +165,8 @@ def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, mon
 
     hf_dir, _ = tiny_model()
     read_back = []
-    real = M.sha256_file
-    monkeypatch.setattr(M, "sha256_file", lambda p, *a, **k: read_back.append(Path(p).name)
+    real = M.file_digest
+    monkeypatch.setattr(M, "file_digest", lambda p, *a, **k: read_back.append(Path(p).name)
                         or real(p, *a, **k))
     out = tmp_path / "out"
     assert main(["--model", str(hf_dir), "--tp", "2", "--output", str(out), "--no-progress",
@@ -165,7 +174,7 @@ def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, mon
     files = {e["path"]: e for e in json.loads((out / MANIFEST_NAME).read_text())["outputs"]["files"]}
     ranks = [out / "checkpoint" / f"rank{r}.safetensors" for r in range(2)]
     for p in ranks:
-        assert files[f"checkpoint/{p.name}"]["sha256"] == _sha(p)
+        assert files[f"checkpoint/{p.name}"]["blake3"] == _b3(p)
         assert files[f"checkpoint/{p.name}"]["size"] == p.stat().st_size
     if digests.known(ranks[0]) is None:
         pytest.skip(f"{tmp_path} does not take O_DIRECT: rank files go through the page cache")
@@ -177,4 +186,4 @@ def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, mon
     assert digests.known(ranks[0]) is None
     write_manifest(out, inputs={}, options={}, stage_timings={})
     files = {e["path"]: e for e in json.loads((out / MANIFEST_NAME).read_text())["outputs"]["files"]}
-    assert files["checkpoint/rank0.safetensors"]["sha256"] == _sha(ranks[0])
+    assert files["checkpoint/rank0.safetensors"]["blake3"] == _b3(ranks[0])

@@ -3,8 +3,7 @@ exactly what safetensors and modelopt give, for fp16/bf16/fp32 sources, tp 1/2/4
 kv < tp, vocabulary padding, and with the kernel copy unavailable."""
 from __future__ import annotations
 
-import hashlib
-
+import blake3
 import pytest
 import torch
 from safetensors import safe_open
@@ -129,9 +128,47 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp):
         a = (tmp_path / "buffered" / f"rank{r}.safetensors").read_bytes()
         b = (tmp_path / "direct" / f"rank{r}.safetensors").read_bytes()
         assert len(a) % 4096 and a == b
-        # the writer's own sha256 (hash thread, padded tail left out), recorded for build.json
+        # the writer's own BLAKE3 digest (hash thread, padded tail left out), for build.json
         assert digests.known(tmp_path / "direct" / f"rank{r}.safetensors") == \
-            hashlib.sha256(b).hexdigest()
+            blake3.blake3(b).hexdigest()
+
+
+def test_buffered_writer_digest_is_blake3_unless_the_kernel_copied(tmp_path, monkeypatch):
+    """Page-cache writes (BUILD_ENGINE_DIRECT_IO=0): when every byte passed through user space
+    (header, a torch tensor, a ByteChunk) the writer records the file's BLAKE3 digest for
+    build.json; a FileSpan copied by the kernel leaves none (build.json then reads the file)."""
+    import os
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from convert.dtypes import as_dtype
+
+    monkeypatch.setenv("BUILD_ENGINE_DIRECT_IO", "0")
+    f16 = as_dtype("float16")
+    a = torch.arange(6, dtype=torch.float16).reshape(2, 3)
+    b = np.linspace(0, 1, 5, dtype=np.float16)
+    tensors = [SimpleNamespace(name="a", shape=(2, 3), dtype=f16),
+               SimpleNamespace(name="b", shape=(5,), dtype=f16)]
+    chunks = {"a": [a], "b": [writer.ByteChunk(b.view(np.uint8).data, f16)]}
+    path = tmp_path / "user.safetensors"
+    writer.write_file(path, tensors, lambda t: chunks[t.name])
+    assert digests.known(path) == blake3.blake3(path.read_bytes()).hexdigest()
+    with safe_open(path, "np") as f:
+        assert (f.get_tensor("a") == a.numpy()).all() and (f.get_tensor("b") == b).all()
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(b.tobytes())
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        spans = {"a": [a], "b": [writer.FileSpan(fd, 0, b.nbytes, f16)]}
+        path = tmp_path / "kernel.safetensors"
+        writer.write_file(path, tensors, lambda t: spans[t.name])
+    finally:
+        os.close(fd)
+    assert digests.known(path) is None
+    with safe_open(path, "np") as f:
+        assert (f.get_tensor("b") == b).all()
 
 
 def test_direct_io_write_error_surfaces(tmp_path, monkeypatch):
