@@ -25,6 +25,7 @@ with ``--smoothquant auto``, ``sq`` modelopt's SmoothQuant (``--sq-recipe modelo
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -98,12 +99,36 @@ from quantize.formats import QuantSpec
 from quantize.layerwise import calib_batches
 spec = QuantSpec.create("W8A8_SQ_PER_CHANNEL", calib_size=4, calib_seq_len=64)
 batches = calib_batches(spec, spec.read_calib_text(), AutoTokenizer.from_pretrained({model!r}))
-model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32).eval()
 t0 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32).eval()
+t1 = time.perf_counter()
 with torch.no_grad():
     for b in batches:
         model(input_ids=b, use_cache=False)
-print("bare forward: %.2fs" % (time.perf_counter() - t0))
+print("bare load: %.2fs" % (t1 - t0))
+print("bare forward: %.2fs" % (time.perf_counter() - t1))
+"""
+
+#: the layer-wise path's own floor: the same LayerRunner (calibration ids embedded, then each layer
+#: read from the safetensors, cast to float32 and run on the batches), nothing calibrated or stored
+LWBARE = """
+import sys, time, torch; sys.path.insert(0, {repo!r})
+from convert.source import SourceCheckpoint
+from quantize.calibrate import load_tokenizer
+from quantize.formats import QuantSpec
+from quantize.layerwise import LayerRunner, calib_batches
+spec = QuantSpec.create("W8A8_SQ_PER_CHANNEL", calib_size=4, calib_seq_len=64)
+t0 = time.perf_counter()
+batches = calib_batches(spec, spec.read_calib_text(), load_tokenizer({model!r}))
+runner = LayerRunner({model!r}, SourceCheckpoint({model!r}), batches, torch.device("cpu"),
+                     modelopt=False)
+t1 = time.perf_counter()
+h = runner.first_inputs
+for i in range(len(runner)):
+    layer = runner.materialise(i)
+    h = runner.forward(layer, i, h)
+    del layer
+print("layer-wise bare: inputs %.2fs, layers %.2fs" % (t1 - t0, time.perf_counter() - t1))
 """
 
 
@@ -142,6 +167,8 @@ def run_row(work: Path, row: str, smol: Path) -> dict:
                                                   out=str(out / "checkpoint"))]
     elif mode == "bare":
         cmd = [sys.executable, "-c", BARE.format(repo=str(REPO), model=str(model))]
+    elif mode == "lwbare":
+        cmd = [sys.executable, "-c", LWBARE.format(repo=str(REPO), model=str(model))]
     else:
         cmd = [sys.executable, "-m", "builders", "--model", str(model), "--output", str(out),
                "--checkpoint-only", "--no-progress", "--calib-device", "cpu", "--calib-size", "4",
@@ -157,13 +184,61 @@ def run_row(work: Path, row: str, smol: Path) -> dict:
     if bj.is_file():
         res["stages"] = json.loads(bj.read_text()).get("stage_timings_s", {})
     for pat, key in ((r"whole-model calibration: ([0-9.]+)s", "whole_calibration_s"),
-                     (r"bare forward: ([0-9.]+)s", "bare_forward_s")):
+                     (r"bare load: ([0-9.]+)s", "bare_load_s"),
+                     (r"bare forward: ([0-9.]+)s", "bare_forward_s"),
+                     (r"layer-wise bare: inputs ([0-9.]+)s", "lwbare_inputs_s"),
+                     (r"layer-wise bare: .*layers ([0-9.]+)s", "lwbare_layers_s")):
         m = re.search(pat, text)
         if m:
             res[key] = float(m.group(1))
+    m = re.search(r"layer-wise checkpoint: [0-9.]+s \((\{.*\})\)", text)
+    if m and "stages" not in res:  # :ckpt rows print convert_checkpoint's stage timings
+        res["stages"] = ast.literal_eval(m.group(1))
     shutil.rmtree(out, ignore_errors=True)
     print(json.dumps(res), flush=True)
     return res
+
+
+def _calibration_cell(r: dict) -> str:
+    st = r.get("stages", {})
+    if st:
+        return (f"{st.get('calibration', 0):.1f} s ({st.get('calibration_inputs', 0):.1f} + "
+                f"{st.get('calibration_layers', 0):.1f})")
+    if "whole_calibration_s" in r:
+        return f"{r['whole_calibration_s']:.1f} s"
+    if "bare_forward_s" in r:
+        return (f"bare: load {r.get('bare_load_s', 0):.1f} s + forward {r['bare_forward_s']:.1f} s")
+    if "lwbare_layers_s" in r:
+        return (f"layer-wise bare: {r['lwbare_inputs_s'] + r['lwbare_layers_s']:.1f} s "
+                f"({r['lwbare_inputs_s']:.1f} + {r['lwbare_layers_s']:.1f})")
+    return ""
+
+
+def _floor_s(r: dict) -> float | None:
+    """A bare row's forward passes with their weight loading, in seconds (None: not measured)."""
+    if "lwbare_layers_s" in r:
+        return r["lwbare_inputs_s"] + r["lwbare_layers_s"]
+    if "bare_load_s" in r:
+        return r["bare_load_s"] + r["bare_forward_s"]
+    return None
+
+
+def time_summary(results: list[dict]) -> list[str]:
+    """Per :ckpt row with a bare row of the same model, the ratio the issue asks for: calibration
+    time against the bare forward passes with their weight loading (layer-wise and whole)."""
+    lines = []
+    by = {(r["preset"], r["layers"], r["format"], r["mode"]): r for r in results if r["rc"] == 0}
+    for (preset, layers, fmt, mode), r in sorted(by.items()):
+        cal = r.get("stages", {}).get("calibration") if mode == "ckpt" else None
+        for bmode in ("lwbare", "bare") if cal else ():
+            b = by.get((preset, layers, "sqp", bmode))
+            floor = _floor_s(b) if b else None
+            if floor:
+                lines.append(f"- {preset}-shaped {layers} layers {fmt}: calibration {cal:.1f} s = "
+                             f"{cal / floor:.2f}x the {bmode} forward passes with their weight "
+                             f"loading ({floor:.1f} s); whole process {r['wall_s']:.1f} s vs "
+                             f"{b['wall_s']:.1f} s = {r['wall_s'] / b['wall_s']:.2f}x")
+    return lines
 
 
 def table(results: list[dict], load: str) -> str:
@@ -173,16 +248,16 @@ def table(results: list[dict], load: str) -> str:
              "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         st = r.get("stages", {})
-        cal = (f"{st.get('calibration', 0):.1f} s ({st.get('calibration_inputs', 0):.1f} + "
-               f"{st.get('calibration_layers', 0):.1f})" if st else
-               (f"{r['whole_calibration_s']:.1f} s" if "whole_calibration_s" in r else
-                (f"bare forward {r['bare_forward_s']:.2f} s" if "bare_forward_s" in r else "")))
+        cal = _calibration_cell(r)
         plan = r.get("plan_host_gb")
         ratio = f"{plan / r['peak_rss_gb']:.2f}" if plan and r["rc"] == 0 else ""
         status = "" if r["rc"] == 0 else f" (failed: {r.get('error')})"
         lines.append(f"| {r['preset']}-shaped, {r['model_gb']} GB | {r['layers']} | {r['format']} | "
                      f"{r['mode']} | {r['peak_rss_gb']:.2f} GB{status} | "
                      f"{f'{plan:.2f} GB' if plan else ''} | {ratio} | {cal} | {r['wall_s']:.0f} s |")
+    summary = time_summary(results)
+    if summary:
+        lines += ["", "Time against the bare forward passes (goal: within 1.2x):", *summary]
     return "\n".join(lines)
 
 
@@ -190,7 +265,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_layerwise"))
     ap.add_argument("--rows", default=DEFAULT_ROWS,
-                    help="comma list of preset:layers:format[:whole|:bare|:ckpt] (format: sqp, "
+                    help="comma list of preset:layers:format[:whole|:bare|:lwbare|:ckpt] (format: sqp, "
                          "sqpa, sq, fp8, awq)")
     ap.add_argument("--write-md", type=Path, default=None)
     ap.add_argument("--keep-models", action="store_true")
