@@ -116,20 +116,26 @@ def _inputs_file(store: Path, i: int) -> Path:
     return store / f"inputs_{i:05d}.safetensors"
 
 
-def _standalone(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when it is its whole storage (safetensors writes it from there), else a
-    contiguous copy (views and expanded tensors: safetensors refuses shared storage). No copy of
-    a layer's int8 weights: the store is written while the next layer calibrates."""
-    whole = t.is_contiguous() and t.storage_offset() == 0 and \
-        t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    return t if whole else t.contiguous().clone()
+def _standalone(state: dict) -> dict:
+    """``state``'s tensors, each as itself when it is its whole storage and the first to use it
+    (safetensors writes it from there), else a contiguous copy (views, expanded tensors, one
+    tensor under several names: safetensors refuses shared storage). No copy of a layer's int8
+    weights: the store is written while the next layer calibrates."""
+    out, seen = {}, set()
+    for k, t in state.items():
+        ptr = t.untyped_storage().data_ptr()
+        whole = t.is_contiguous() and t.storage_offset() == 0 and ptr not in seen and \
+            t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        seen.add(ptr)
+        out[k] = t if whole else t.contiguous().clone()
+    return out
 
 
 def finish_layer(store: Path, i: int, state: dict, next_inputs) -> None:
     """Record layer ``i`` finished: its tensors, the next layer's inputs, then the manifest."""
     path = layer_path(store, i)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: _standalone(v) for k, v in state.items()}, str(tmp))
+    save_file(_standalone(state), str(tmp))
     os.replace(tmp, path)
     if next_inputs is not None:
         distinct, index = [], []
