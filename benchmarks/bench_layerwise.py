@@ -143,11 +143,14 @@ def make_model(work: Path, preset: str, layers: int, tokenizer_from: Path) -> Pa
     return d
 
 
-def plan_peak(text: str) -> float | None:
+def plan_peak(text: str, stages: tuple[str, ...] | None = None) -> float | None:
+    """The largest host figure of the memory plan the run printed (of ``stages`` only, if given:
+    a :ckpt row runs no verification)."""
     m = re.search(r"^memory plan: (.*)$", text, re.M)
     if not m:
         return None
-    return max(float(x) for x in re.findall(r"host ([0-9.]+) GB", m.group(1)))
+    return max(float(x) for name, x in re.findall(r"(\w+): host ([0-9.]+) GB", m.group(1))
+               if stages is None or name in stages)
 
 
 def run_row(work: Path, row: str, smol: Path) -> dict:
@@ -179,7 +182,7 @@ def run_row(work: Path, row: str, smol: Path) -> dict:
            "model_gb": round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e9, 2)}
     if rc != 0:
         res["error"] = text.split("\tCommand being timed")[0].strip().splitlines()[-1:]
-    res["plan_host_gb"] = plan_peak(text)
+    res["plan_host_gb"] = plan_peak(text, ("calibration", "checkpoint") if mode == "ckpt" else None)
     bj = out / "build.json"
     if bj.is_file():
         res["stages"] = json.loads(bj.read_text()).get("stage_timings_s", {})

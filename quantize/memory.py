@@ -34,14 +34,17 @@ WRITE_BASE = 0.40 * GB
 CUDA_CONTEXT = 0.6 * GB
 #: modelopt's working memory per layer, in multiples of the layer's weights (fitted, see above)
 LAYER_FACTOR = {SMOOTHQUANT: 1.6, FP8: 1.3, W4A16_AWQ: 1.8, None: 1.1}
-#: ``--smoothquant auto``: each alpha tried smooths a whole copy of the layer and quantizes it
-#: (fitted: 8B-shaped, 4 x 64 tokens, CPU: 3.46 GB peak RSS)
-PLUGIN_SEARCH_EXTRA = 1.5
-PLUGIN_LAYER_FACTOR = 1.4  # fitted: 8B-shaped, 4 x 64 tokens, CPU: 1.98 GB peak RSS
+#: TensorRT-LLM's plugin SmoothQuant, layer by layer (quantize/sq_layerwise.py): the layer's float32
+#: weights only (smoothing and int8 rounding run in cache-sized blocks, quantize/sq_int8.py) and
+#: no modelopt import; the previous layer's int8 tensors, written while this one calibrates, are
+#: the plan's ``extracted`` (fitted: 8B-shaped, 4 x 64 tokens, CPU: 1.50 GB peak RSS)
+PLUGIN_LAYER_FACTOR = 1.0
+PLUGIN_HOST_BASE = HOST_BASE - 0.11 * GB  # measured: modelopt's import is 0.11 GB of RSS
+#: ``--smoothquant auto``: per alpha tried, the five int8 linears and one dequantized to float32
+#: (fitted: 8B-shaped, 4 x 64 tokens, CPU: 1.94 GB peak RSS)
+PLUGIN_SEARCH_EXTRA = 0.55
 #: bytes per weight in the checkpoint for each format's quantized linears
 WEIGHT_BYTES = {SMOOTHQUANT: 1.0, FP8: 1.0, W4A16_AWQ: 0.5, **{a: 1.0 for a in SQ_PLUGIN}}
-# TensorRT-LLM's plugin SmoothQuant, layer by layer (quantize/sq_layerwise.py): the layer, its
-# smoothed copy made group by group as the original is freed, float64 passes in blocks of rows
 LAYER_FACTOR.update({a: PLUGIN_LAYER_FACTOR for a in SQ_PLUGIN})
 
 
@@ -83,6 +86,7 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
         c = 4 if device == "cpu" else 2
         n, seq, b = spec.calib_size, spec.calib_seq_len, spec.calib_batch_size
         search = PLUGIN_SEARCH_EXTRA if getattr(spec, "sq_alpha_search", False) else 0.0
+        base = PLUGIN_HOST_BASE if algo in SQ_PLUGIN else HOST_BASE
         layer = p_lin * c * (LAYER_FACTOR[algo] + search)
         passes = 2 if algo == W4A16_AWQ else 1
         acts = n * seq * shape.hidden * c * (1 + passes)
@@ -98,10 +102,10 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
             stages.append(Stage("calibration", whole if device == "cpu" else WHOLE_BASE,
                                 0.0 if device == "cpu" else CUDA_CONTEXT + params * c, 0.0))
         elif device == "cpu":
-            stages.append(Stage("calibration", HOST_BASE + work + extracted, 0.0, store_disk))
+            stages.append(Stage("calibration", base + work + extracted, 0.0, store_disk))
         else:  # the plugin recipe smooths the layer on the CPU in float32
             smoothing = p_lin * 4 * (LAYER_FACTOR[algo] + search) if algo in SQ_PLUGIN else 0.0
-            stages.append(Stage("calibration", HOST_BASE + acts + rows + extracted + smoothing,
+            stages.append(Stage("calibration", base + acts + rows + extracted + smoothing,
                                 CUDA_CONTEXT + work, store_disk))
         write_host = WRITE_BASE + 2.5 * extracted  # a layer loaded, sharded, in the writer
     else:
