@@ -7,7 +7,8 @@ peaks, and the whole-model path side by side where it fits.
 2. Runs ``python -m builders --checkpoint-only --calib-device cpu --calib-size 4 --calib-seq-len
    64`` with each format under ``/usr/bin/time -v``: wall time, peak RSS, the memory plan it
    printed (its largest host figure), build.json's stage timings (input capture, layers,
-   sharding, checkpoint).
+   sharding, checkpoint). Every row starts warm: the model's files are read into the page cache
+   first.
 3. The whole-model path (``quantize.calibrate.calibrate`` loading the model with from_pretrained in
    fp32, then ``convert_checkpoint(calibrated_model=...)``) for the same command where it fits.
 4. Bare forward passes: the float model's forward over the same batches, timed alone (the floor
@@ -98,8 +99,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from quantize.formats import QuantSpec
 from quantize.layerwise import calib_batches
 spec = QuantSpec.create("W8A8_SQ_PER_CHANNEL", calib_size=4, calib_seq_len=64)
+t0 = time.perf_counter()  # from the tokenizer on, as the calibration stage of the other rows
 batches = calib_batches(spec, spec.read_calib_text(), AutoTokenizer.from_pretrained({model!r}))
-t0 = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32).eval()
 t1 = time.perf_counter()
 with torch.no_grad():
@@ -143,6 +144,16 @@ def make_model(work: Path, preset: str, layers: int, tokenizer_from: Path) -> Pa
     return d
 
 
+def warm(model: Path) -> None:
+    """Read the model's files into the page cache before a row, so that every row starts warm
+    (an earlier row or another benchmark may have evicted them; a cold row measures the disk)."""
+    buf = bytearray(8 * 2**20)
+    for f in sorted(model.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
 def plan_peak(text: str, stages: tuple[str, ...] | None = None) -> float | None:
     """The largest host figure of the memory plan the run printed (of ``stages`` only, if given:
     a :ckpt row runs no verification)."""
@@ -157,6 +168,7 @@ def run_row(work: Path, row: str, smol: Path) -> dict:
     preset, layers, fmt, *mode = row.split(":")
     mode = mode[0] if mode else "layerwise"
     model = make_model(work, preset, int(layers), smol)
+    warm(model)
     out = work / f"out-{row.replace(':', '_')}"  # per row: invocations may run side by side
     shutil.rmtree(out, ignore_errors=True)
     log = work / f"{row.replace(':', '_')}.log"
