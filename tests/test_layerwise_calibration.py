@@ -121,6 +121,39 @@ def test_calibration_killed_mid_way_resumes_from_the_last_finished_layer(tmp_pat
     _same_dirs(tmp_path / "out", tmp_path / "fresh")
 
 
+def test_a_store_write_failing_on_its_thread_stops_the_build_in_one_line(tmp_path, calib_text,
+                                                                          monkeypatch):
+    """A layer's store files are written on a thread beside the next layer: a write that fails
+    there (disk full at the last layer) still stops the build with the one-line error, the
+    checkpoint is not written, and the store records only the layers whose files are complete
+    (so a rerun resumes from there)."""
+    import errno
+
+    import quantize.store as cs
+    from examples.tiny import make_tiny_model
+
+    hf = tmp_path / "hf"
+    make_tiny_model(hf, **dict(TINY, num_hidden_layers=3))
+    real = cs.save_file
+
+    def full_disk(tensors, path, **kw):
+        if "layer_00002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, **kw)
+
+    monkeypatch.setattr(cs, "save_file", full_disk)
+    out, store = tmp_path / "ckpt", tmp_path / "calibration"
+    with pytest.raises(UserError, match=r"cannot write the calibration store .*: No space left on "
+                                        r"device; free space or choose another --output"):
+        convert_checkpoint(hf, out, dtype="float16", progress=False, quant=_spec(),
+                           calibration=_run(store, calib_text))
+    assert not out.exists()
+    man = cs.read_manifest(store)
+    assert man["layers_done"] == 2 and not man["complete"]
+    assert sorted(p.name for p in store.glob("layer_*.safetensors")) == [
+        "layer_00000.safetensors", "layer_00001.safetensors"]
+
+
 def test_memory_plan_refuses_before_any_work(tmp_path, smollm2_dir, capsys, monkeypatch):
     """A host RAM limit below the plan's calibration peak: one line with the numbers, exit 2,
     nothing written; a limit above it is printed and passes the check."""
