@@ -54,11 +54,6 @@ def smoother_from_absmax(wmax: Tensor, x: Tensor, alpha: float) -> Tensor:
     return (x.to(torch.float64).pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
 
 
-def smoother(weights: list[Tensor], x: Tensor, alpha: float) -> Tensor:
-    """:func:`smoother_from_absmax` of ``weights`` (q/k/v, or gate/up) and input maxima ``x``."""
-    return smoother_from_absmax(column_absmax(weights), x, alpha)
-
-
 @dataclass
 class Lin:
     """One quantizable linear after smoothing: its weight is ``parts`` stacked by rows (q, k, v for
