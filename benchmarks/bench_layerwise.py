@@ -256,6 +256,27 @@ def time_summary(results: list[dict]) -> list[str]:
     return lines
 
 
+def round_ratios(rounds: list[list[dict]]) -> list[str]:
+    """Per :ckpt row with a :lwbare row of the same model, its calibration time over the floor's
+    in each round (rows measured minutes apart on a shared VM move by +-20 %: a ratio within one
+    round compares like with like)."""
+    lines = ["Calibration / layer-wise floor, per round (interleaved):"]
+    for r in rounds[0]:
+        if r["mode"] != "ckpt" or r["rc"] != 0:
+            continue
+        per = []
+        for rnd in rounds:
+            by = {(x["preset"], x["layers"], x["mode"]): x for x in rnd if x["rc"] == 0}
+            c, f = by.get((r["preset"], r["layers"], "ckpt")), by.get((r["preset"], r["layers"], "lwbare"))
+            if c and f and "stages" in c and _floor_s(f):
+                per.append(c["stages"]["calibration"] / _floor_s(f))
+        if per:
+            med = sorted(per)[len(per) // 2]
+            lines.append(f"- {r['preset']}-shaped {r['layers']} layers {r['format']}: "
+                         f"{', '.join(f'{x:.2f}' for x in per)} (median {med:.2f})")
+    return lines
+
+
 def table(results: list[dict], load: str) -> str:
     lines = [f"Machine load during the run: {load}", "",
              "| model | layers | format | path | peak RSS | plan (host) | plan / peak | calibration "
@@ -283,6 +304,9 @@ def main(argv=None) -> int:
                     help="comma list of preset:layers:format[:whole|:bare|:lwbare|:ckpt] (format: sqp, "
                          "sqpa, sq, fp8, awq)")
     ap.add_argument("--write-md", type=Path, default=None)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the rows this many times, interleaved; the table keeps the last "
+                         "round, and the calibration / layer-wise floor ratio is given per round")
     ap.add_argument("--keep-models", action="store_true")
     ap.add_argument("--append", action="store_true",
                     help="add these rows to the table of earlier runs (WORK/results.json)")
@@ -294,13 +318,16 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()
     saved = a.work / "results.json"
     old = json.loads(saved.read_text()) if a.append and saved.is_file() else {"rows": [], "load": []}
-    results = [run_row(a.work, row, smol) for row in a.rows.split(",")]
+    rounds = [[run_row(a.work, row, smol) for row in a.rows.split(",")] for _ in range(a.rounds)]
+    results = rounds[-1]
     rows = {r["row"]: r for r in old["rows"]}
     rows.update({r["row"]: r for r in results})
     loads = old["load"] + [f"{load0[0]:.1f} -> {os.getloadavg()[0]:.1f}"]
     saved.write_text(json.dumps({"rows": list(rows.values()), "load": loads}, indent=1))
     load = f"load average (start -> end of each run of the script) {', '.join(loads)}; 2 cores"
     md = table(list(rows.values()), load)
+    if a.rounds > 1:
+        md += "\n\n" + "\n".join(round_ratios(rounds))
     print(md)
     if a.write_md:
         text = a.write_md.read_text()
