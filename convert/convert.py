@@ -163,13 +163,8 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
                                 moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)
     source = SourceCheckpoint(model_dir)
     world = tp * pp
-    wanted = list(range(world)) if ranks is None else sorted(ranks)
-    subset = len(wanted) < world
     calibrated = quant is not None and quant.needs_calibration
-    if subset and calibrated:
-        raise UserError(f"--ranks cannot split a calibrated format ({quant.name}) over runs: the "
-                        "ranks of two calibrations must not be mixed; convert every rank in one "
-                        "run (CPU only) and use --ranks with --from-checkpoint for the engines")
+    wanted, subset = _wanted_ranks(ranks, world, quant if calibrated else None)
     if subset and force:
         shutil.rmtree(out_dir, ignore_errors=True)  # a new generation is being written
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"], moe=moe)
@@ -184,15 +179,38 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     fingerprint = _fingerprint(config, plans, source, quant, mtimes=not subset)
     tmp = _staging_dir(out_dir, fingerprint, calibrated=calibrated, subset=subset, force=force)
     todo = [r for r in wanted if not (tmp / f"rank{r}.safetensors").is_file()]
+    _write_staged(model_dir, out_dir, tmp, plans, config, todo=todo, subset=subset,
+                  workers=workers, progress=progress, calibration=calibration)
+    return config
+
+
+def _wanted_ranks(ranks, world: int, calibrated_quant) -> tuple[list[int], bool]:
+    """(the ranks this run writes, whether that is a subset of the world); a calibrated format
+    (``calibrated_quant``, else None) cannot be split over runs."""
+    wanted = list(range(world)) if ranks is None else sorted(ranks)
+    subset = len(wanted) < world
+    if subset and calibrated_quant is not None:
+        raise UserError(f"--ranks cannot split a calibrated format ({calibrated_quant.name}) over "
+                        "runs: the ranks of two calibrations must not be mixed; convert every "
+                        "rank in one run (CPU only) and use --ranks with --from-checkpoint for "
+                        "the engines")
+    return wanted, subset
+
+
+def _write_staged(model_dir: Path, out_dir: Path, tmp: Path, plans, config: dict, *, todo,
+                  subset: bool, workers: int, progress: bool, calibration) -> None:
+    """Write ranks ``todo`` and config.json into the staging dir ``tmp``; once every rank of the
+    world is there, check the files and swap ``tmp`` into ``out_dir``. Interrupted: the finished
+    ranks stay in ``tmp`` for a rerun; any other failure removes this run's files."""
     try:
         with interrupt.deferred():
             _run_ranks(model_dir, plans, tmp, todo, workers, progress)
         _write_config(tmp, config)
-        if not all((tmp / f"rank{r}.safetensors").is_file() for r in range(world)):
-            return config  # other ranks are still to come (--ranks)
+        if not all((tmp / f"rank{r}.safetensors").is_file() for r in range(len(plans))):
+            return  # other ranks are still to come (--ranks)
         _verify_files(tmp, plans)
         (tmp / FINGERPRINT).unlink()
-        swap_into_place(tmp, out_dir)  # an existing one only with --force (checked above)
+        swap_into_place(tmp, out_dir)  # an existing one only with --force (checked by the caller)
         if calibration is not None:
             calibration.done()
     except (KeyboardInterrupt, Interrupted):
@@ -208,8 +226,6 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     except BaseException:
         _discard(tmp, todo if subset else None)
         raise
-    return config
-
 
 
 def _checkpoint_config(hf, shape, quant, quantization, **layout) -> dict:
