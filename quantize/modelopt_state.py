@@ -259,6 +259,19 @@ def _dup_kv(t: Tensor, rows_per_head: int, num_kv_heads: int, tp: int) -> Tensor
         num_kv_heads * reps * rows_per_head, *shape[1:])
 
 
+def _qkv_rank(state: Mapping[str, Tensor], src: str, suffix: str, rows_per_head: int,
+              num_kv_heads: int, tp: int, rank: int) -> Tensor:
+    """Rank ``rank``'s [q_r; k_r; v_r] of the tensor ``suffix`` (weight, or per-row scales) of the
+    layer ``src``'s q/k/v projections, k/v heads duplicated first when tp > kv heads."""
+    parts = []
+    for short in ("q_proj", "k_proj", "v_proj"):
+        t = state[f"{src}.self_attn.{short}.{suffix}"]
+        if short != "q_proj":
+            t = _dup_kv(t, rows_per_head, num_kv_heads, tp)
+        parts.append(_chunk(t, tp, rank, 0))
+    return torch.cat(parts)
+
+
 def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads: int, num_kv_heads: int,
                       tp: int, rank: int, layer_prefix: str = "model.layers") -> dict[str, Tensor]:
     """One TP rank's quantization tensors with TensorRT-LLM names, from :func:`extract_quant_state`.
@@ -284,13 +297,8 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
             q_w = state[f"{src}.self_attn.q_proj.weight"]
             head_rows = q_w.shape[0] // num_heads  # rows per head (head_dim, or head_dim/2 packed)
             # ---- qkv: [q_r; k_r; v_r]
-            parts = []
-            for short in ("q_proj", "k_proj", "v_proj"):
-                w = state[f"{src}.self_attn.{short}.weight"]
-                if short != "q_proj":
-                    w = _dup_kv(w, head_rows, num_kv_heads, tp)
-                parts.append(_chunk(w, tp, rank, 0))
-            out[f"{dst}.attention.qkv.weight"] = torch.cat(parts)
+            out[f"{dst}.attention.qkv.weight"] = _qkv_rank(state, src, "weight", head_rows,
+                                                           num_kv_heads, tp, rank)
             q_s = state[f"{src}.self_attn.q_proj.weights_scaling_factor"]
             if q_s.numel() == 1:  # FP8: identical after fusion
                 out[f"{dst}.attention.qkv.weights_scaling_factor"] = q_s.clone()
@@ -298,13 +306,8 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
                 scale_rows = q_s.shape[0] // num_heads
                 if tp > num_kv_heads and q_s.dim() == 1:
                     raise UserError("SmoothQuant cannot duplicate per-channel k/v scales for kv heads < tp")
-                sp = []
-                for short in ("q_proj", "k_proj", "v_proj"):
-                    s = state[f"{src}.self_attn.{short}.weights_scaling_factor"]
-                    if short != "q_proj":
-                        s = _dup_kv(s, scale_rows, num_kv_heads, tp)
-                    sp.append(_chunk(s, tp, rank, 0))
-                out[f"{dst}.attention.qkv.weights_scaling_factor"] = torch.cat(sp)
+                out[f"{dst}.attention.qkv.weights_scaling_factor"] = _qkv_rank(
+                    state, src, "weights_scaling_factor", scale_rows, num_kv_heads, tp, rank)
             for suffix in ("activation_scaling_factor", "prequant_scaling_factor"):
                 key = f"{src}.self_attn.q_proj.{suffix}"
                 if key in state:
