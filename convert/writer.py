@@ -42,7 +42,9 @@ from .dtypes import as_dtype
 # Direct I/O: "auto" and "1" (every file, where the file system takes it), "0" (never); the
 # environment variable BUILD_ENGINE_DIRECT_IO overrides it.
 DIRECT_IO = "auto"
-DIRECT_BUFFER = 8 * 2**20
+# 32 MiB: one O_DIRECT write of 32 MiB reaches this VM's disk 0.5-0.9 s sooner per 3.76 GB than
+# 8 MiB writes (BENCHMARKS.md, issue 15); 4 buffers, 128 MiB of RSS
+DIRECT_BUFFER = 32 * 2**20
 DIRECT_ALIGN = 4096
 
 
