@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from common.errors import UserError
+
+from .direct_save import save
 
 MANIFEST = "calibration.json"
 VERSION = 1
@@ -60,7 +61,8 @@ def recipe(spec) -> dict:
             "smoothquant_alpha": getattr(spec, "smoothquant_alpha", None),
             "group_size": spec.group_size, "calib_size": spec.calib_size,
             "calib_seq_len": spec.calib_seq_len, "calib_batch_size": spec.calib_batch_size,
-            "modelopt_config": repr(spec.modelopt_config())}
+            # max-calibrated formats are calibrated by our own hooks (no modelopt import)
+            "modelopt_config": None if spec.is_max_calibrated else repr(spec.modelopt_config())}
 
 
 def read_manifest(store: Path) -> dict | None:
@@ -116,26 +118,11 @@ def _inputs_file(store: Path, i: int) -> Path:
     return store / f"inputs_{i:05d}.safetensors"
 
 
-def _standalone(state: dict) -> dict:
-    """``state``'s tensors, each as itself when it is its whole storage and the first to use it
-    (safetensors writes it from there), else a contiguous copy (views, expanded tensors, one
-    tensor under several names: safetensors refuses shared storage). No copy of a layer's int8
-    weights: the store is written while the next layer calibrates."""
-    out, seen = {}, set()
-    for k, t in state.items():
-        ptr = t.untyped_storage().data_ptr()
-        whole = t.is_contiguous() and t.storage_offset() == 0 and ptr not in seen and \
-            t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        seen.add(ptr)
-        out[k] = t if whole else t.contiguous().clone()
-    return out
-
-
 def finish_layer(store: Path, i: int, state: dict, next_inputs) -> None:
     """Record layer ``i`` finished: its tensors, the next layer's inputs, then the manifest."""
     path = layer_path(store, i)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(_standalone(state), str(tmp))
+    save(state, str(tmp))  # O_DIRECT: the page cache's CPU stays with the next layer
     os.replace(tmp, path)
     if next_inputs is not None:
         distinct, index = [], []
@@ -149,7 +136,7 @@ def finish_layer(store: Path, i: int, state: dict, next_inputs) -> None:
                    for b, t in enumerate(p)}
         ipath = _inputs_file(store, i + 1)
         tmp = ipath.with_name(ipath.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"passes": ",".join(map(str, index)),
+        save(tensors, str(tmp), metadata={"passes": ",".join(map(str, index)),
                                                 "batches": str(len(next_inputs[0]))})
         os.replace(tmp, ipath)
     man = read_manifest(store)

@@ -134,14 +134,14 @@ def test_a_store_write_failing_on_its_thread_stops_the_build_in_one_line(tmp_pat
 
     hf = tmp_path / "hf"
     make_tiny_model(hf, **dict(TINY, num_hidden_layers=3))
-    real = cs.save_file
+    real = cs.save
 
     def full_disk(tensors, path, **kw):
         if "layer_00002" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, **kw)
 
-    monkeypatch.setattr(cs, "save_file", full_disk)
+    monkeypatch.setattr(cs, "save", full_disk)
     out, store = tmp_path / "ckpt", tmp_path / "calibration"
     with pytest.raises(UserError, match=r"cannot write the calibration store .*: No space left on "
                                         r"device; free space or choose another --output"):
