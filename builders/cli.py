@@ -162,7 +162,8 @@ def _print_calibration(args, quant, quant_timings: dict, quant_report: dict) -> 
     if args.calibration is not None:
         how = f"reused {args.calibration}"
     else:
-        how = ("forward hooks" if quant.is_sq_plugin else "modelopt forward passes") + \
+        hooks = quant.is_sq_plugin or quant.is_max_calibrated
+        how = ("forward hooks" if hooks else "modelopt forward passes") + \
             ", layer by layer for dense models"
         how += f" over {quant.calib_size} x {quant.calib_seq_len} tokens"
     print(f"calibration: {quant_timings['calibration']:.1f}s ({how}), quantized tensors: "

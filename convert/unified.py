@@ -171,9 +171,9 @@ def weight_only_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     modelopt: max calibration of the weight quantizer (axis 0) → export_amax (0 → 127) / 127, then
     ``(w / scale[:, None]).round().clamp(-128, 127)``.
     """
-    from quantize.modelopt_state import _sanitize_amax
+    from quantize.modelopt_state import sanitize_amax
 
-    scale = _sanitize_amax(w.abs().amax(dim=1).float(), 127.0) / 127.0
+    scale = sanitize_amax(w.abs().amax(dim=1).float(), 127.0) / 127.0
     return _int8_rows(w, scale), scale
 
 

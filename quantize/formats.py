@@ -175,6 +175,13 @@ class QuantSpec:
         return self.quant_algo in SQ_PLUGIN
 
     @property
+    def is_max_calibrated(self) -> bool:
+        """modelopt's ``max`` algorithm (FP8, a KV cache alone): running maxima, which the
+        layer-wise calibration records with forward hooks (quantize/max_layerwise.py)."""
+        return (self.needs_calibration and not self.is_sq_plugin
+                and self.quant_algo not in (SMOOTHQUANT, W4A16_AWQ))
+
+    @property
     def recipe(self) -> str | None:
         """The SmoothQuant recipe in words (None: not SmoothQuant): one name, one numerics contract."""
         if self.quant_algo == SMOOTHQUANT:

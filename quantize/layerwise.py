@@ -13,7 +13,9 @@ because each layer sees exactly what it sees inside the whole model
   layer's inputs are this layer's outputs during that calibration forward (quantizers
   collecting), not a float forward afterwards (SmoothQuant/AWQ smooth the weights in place);
   TensorRT-LLM's plugin SmoothQuant recipe instead records its ranges with forward hooks on the
-  layer's linears during that forward and smooths/quantizes the layer (quantize/sq_layerwise.py);
+  layer's linears during that forward and smooths/quantizes the layer (quantize/sq_layerwise.py),
+  and modelopt's ``max`` formats (FP8, a KV cache alone) record the same running maxima as its
+  quantizers with forward hooks (quantize/max_layerwise.py), without modelopt;
 * multi-pass algorithms (awq_lite: a cache pass, then a search pass with the KV quantizers
   switched on between them) replay pass-synchronously: layer i's k-th forward-loop call gets the
   outputs layer i-1 produced in ITS k-th call.
@@ -242,6 +244,10 @@ class LayerRunner:
         """Layer ``i`` with its weights, in the compute dtype on the device."""
         return _materialise(self.layers[i], self.source, self.prefix(i), self.device, self.dtype)
 
+    def named(self, i: int, layer) -> torch.nn.Module:
+        """``layer`` (layer ``i``) in a shell giving it its whole-model name (``model.layers.5``)."""
+        return _shell(self.layers_name, i, layer)
+
     @torch.no_grad()
     def forward(self, layer, i: int, inputs: list[Tensor]) -> list[Tensor]:
         """``layer``'s outputs on ``inputs`` (one per batch), called as the model calls it."""
@@ -255,7 +261,7 @@ class LayerRunner:
 def _modelopt_layer(runner: LayerRunner, i: int, spec: QuantSpec,
                     passes_in: list[list[Tensor]]) -> tuple[dict, list[list[Tensor]]]:
     """Layer ``i`` calibrated with modelopt: its extracted tensors and its outputs per pass."""
-    shell = _shell(runner.layers_name, i, runner.materialise(i))
+    shell = runner.named(i, runner.materialise(i))
     passes_out = _calibrate_layer(shell, runner, i, spec, passes_in)
     # prequant scales kept in the calibration's precision; cast when sharded (store.py)
     return extract_quant_state(shell, spec, dtype=runner.dtype), passes_out
@@ -276,7 +282,14 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
         return done
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    runner = LayerRunner(hf_dir, source, batches, device, modelopt=not spec.is_sq_plugin)
+    if spec.is_sq_plugin:  # TensorRT-LLM's recipe: range hooks, smoothing, int8 per layer
+        from .sq_layerwise import calibrate_plugin_layer as calibrate_one
+    elif spec.is_max_calibrated:  # FP8, KV caches: modelopt's running maxima, by forward hooks
+        from .max_layerwise import calibrate_max_layer as calibrate_one
+    else:
+        calibrate_one = _modelopt_layer
+    uses_modelopt = calibrate_one is _modelopt_layer
+    runner = LayerRunner(hf_dir, source, batches, device, modelopt=uses_modelopt)
     n = len(runner)
     start = done.get("layers_done", 0)
     passes_in = [runner.first_inputs] if start == 0 else cstore.load_inputs(store, device)
@@ -284,10 +297,6 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
     timings["calibration_inputs"] = t1 - t0
     bar = tqdm(total=n, initial=start, desc=f"calibrating {spec.name}", unit="layer",
                disable=not progress, file=sys.stderr)
-    if spec.is_sq_plugin:  # TensorRT-LLM's recipe: range hooks, smoothing, int8 per layer
-        from .sq_layerwise import calibrate_plugin_layer as calibrate_one
-    else:
-        calibrate_one = _modelopt_layer
     # a layer's store files are written on a thread while the next layer calibrates (at 8B shapes
     # ~0.3-0.5 s of page-cache writing per layer); one write in flight, in layer order, so the
     # store's manifest still records only layers whose files are complete
@@ -295,7 +304,7 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
         written = None
         for i in range(start, n):
             state, passes_in = calibrate_one(runner, i, spec, passes_in)
-            if not spec.is_sq_plugin:  # range hooks leave no cycles; a full collection costs ~2 s
+            if uses_modelopt:  # hooks of our own leave no cycles; a full collection costs ~2 s
                 gc.collect()  # modelopt's hooks make reference cycles: free the layer first
             if written is not None:
                 written.result()  # re-raises the previous write's error

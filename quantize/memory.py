@@ -32,13 +32,17 @@ GB = 1e9
 HOST_BASE = 0.62 * GB
 WRITE_BASE = 0.40 * GB
 CUDA_CONTEXT = 0.6 * GB
-#: modelopt's working memory per layer, in multiples of the layer's weights (fitted, see above)
-LAYER_FACTOR = {SMOOTHQUANT: 1.6, FP8: 1.3, W4A16_AWQ: 1.8, None: 1.1}
+#: working memory per layer, in multiples of the layer's weights (fitted, see above): modelopt's
+#: for SmoothQuant and AWQ; for FP8 the forward-hook max calibration's (quantize/max_layerwise.py:
+#: the float32 layer only, its fp8 weights made in blocks; fitted: 8B-shaped, 4 x 64 tokens, CPU:
+#: 1.50 / 1.51 GB peak RSS at 4 / 16 layers); a KV cache alone: 1.1, as fitted for modelopt
+LAYER_FACTOR = {SMOOTHQUANT: 1.6, FP8: 1.0, W4A16_AWQ: 1.8, None: 1.1}
 #: TensorRT-LLM's plugin SmoothQuant, layer by layer (quantize/sq_layerwise.py): the layer's float32
 #: weights only (smoothing and int8 rounding run in cache-sized blocks, quantize/sq_int8.py) and
 #: no modelopt import; the previous layer's int8 tensors, written while this one calibrates, are
 #: the plan's ``extracted`` (fitted: 8B-shaped, 4 x 64 tokens, CPU: 1.50 GB peak RSS)
 PLUGIN_LAYER_FACTOR = 1.0
+#: calibrations by forward hooks (plugin SmoothQuant, FP8, KV cache alone) import no modelopt
 PLUGIN_HOST_BASE = HOST_BASE - 0.11 * GB  # measured: modelopt's import is 0.11 GB of RSS
 #: ``--smoothquant auto``: per alpha tried, the five int8 linears and one dequantized to float32
 #: (fitted: 8B-shaped, 4 x 64 tokens, CPU: 1.94 GB peak RSS)
@@ -86,7 +90,8 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
         c = 4 if device == "cpu" else 2
         n, seq, b = spec.calib_size, spec.calib_seq_len, spec.calib_batch_size
         search = PLUGIN_SEARCH_EXTRA if getattr(spec, "sq_alpha_search", False) else 0.0
-        base = PLUGIN_HOST_BASE if algo in SQ_PLUGIN else HOST_BASE
+        hooks = algo in SQ_PLUGIN or spec.is_max_calibrated
+        base = PLUGIN_HOST_BASE if hooks and layerwise else HOST_BASE
         layer = p_lin * c * (LAYER_FACTOR[algo] + search)
         passes = 2 if algo == W4A16_AWQ else 1
         acts = n * seq * shape.hidden * c * (1 + passes)

@@ -1,0 +1,147 @@
+"""modelopt's ``max`` calibration (FP8 GEMMs, INT8/FP8 KV caches) one decoder layer at a time,
+with forward hooks instead of ``mtq.quantize``.
+
+``max`` calibration is nothing but running maxima: during its forward pass every enabled
+TensorQuantizer collects ``max(|max(x)|, |min(x)|)`` of what it sees (quantization off, so the
+layer computes in float) and keeps the largest over the batches. For the formats that use it
+(``FP8_DEFAULT_CFG``: per-tensor input and weight quantizers on every linear; the KV entries:
+per-tensor ``k_bmm_quantizer`` / ``v_bmm_quantizer`` on the key and value states the attention
+interface receives, after RoPE, before the kv heads are repeated) that is what the hooks below
+record, on the same tensors, in the same dtype. The records then stand where modelopt's
+quantizers stand on the layer's modules, so :func:`quantize.modelopt_state.extract_quant_state`
+extracts the tensors with its own arithmetic: the result is modelopt's bit for bit (the
+modelopt export equality tests: FP8 + FP8 KV, INT8 KV only, bf16, Qwen2 bias, pp, kv-head
+duplication), without importing modelopt (~5 s) or wrapping every module (its weight quantizers
+re-read each weight on every calibration batch).
+
+The layer's outputs of that same forward are the next layer's inputs, as in the whole model.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import ExitStack, contextmanager
+
+import torch
+
+from common.errors import UserError
+
+from .formats import FP8, QuantSpec
+from .modelopt_state import ATTN_LINEARS, MLP_LINEARS, extract_quant_state, sanitize_amax
+
+Tensor = torch.Tensor
+
+_FP8_BITS = (4, 3)
+
+
+class MaxRecord:
+    """A per-tensor max calibrator's result in the shape extraction reads a modelopt
+    ``TensorQuantizer`` (``amax``, ``maxbound``, ``export_amax()`` ...): the running
+    ``max(|x|)`` of every tensor given to :meth:`collect`."""
+
+    is_enabled = True
+    axis = None
+    pre_quant_scale = None
+    _pre_quant_scale = None
+
+    def __init__(self, num_bits, what: str):
+        self.num_bits, self.what = num_bits, what
+        self.amax: Tensor | None = None
+
+    @property
+    def maxbound(self) -> float:
+        return 448.0 if self.num_bits == _FP8_BITS else float((1 << (self.num_bits - 1)) - 1)
+
+    def collect(self, x: Tensor) -> None:
+        lo, hi = torch.aminmax(x.detach())
+        amax = torch.maximum(hi.abs(), lo.abs())  # modelopt's reduce_amax, without a copy of x
+        if not torch.isfinite(amax):
+            raise UserError(f"{self.what} has non-finite values during calibration; check the "
+                            f"model's weights and dtype")
+        self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
+
+    def export_amax(self) -> Tensor:
+        """TensorQuantizer.export_amax for a per-tensor amax: sanitised, shape [1]."""
+        return sanitize_amax(self.amax, self.maxbound).unsqueeze(0)
+
+
+def _linears(layer) -> dict[str, torch.nn.Module]:
+    found = {}
+    for sub, names in (("self_attn", ATTN_LINEARS), ("mlp", MLP_LINEARS)):
+        parent = getattr(layer, sub, None)
+        for n in names:
+            mod = getattr(parent, n, None) if parent is not None else None
+            if not isinstance(mod, torch.nn.Linear):
+                raise UserError(f"decoder layer has no Linear {sub}.{n}; layer-wise max "
+                                f"calibration knows Llama-family layers only")
+            found[f"{sub}.{n}"] = mod
+    return found
+
+
+@contextmanager
+def _input_records(linears: dict[str, torch.nn.Module], prefix: str):
+    """Every linear's input maximum (``input_quantizer``), collected by a forward pre-hook."""
+    handles = []
+    for name, mod in linears.items():
+        rec = MaxRecord(_FP8_BITS, f"{prefix}.{name}'s input")
+        mod.input_quantizer = rec
+        handles.append(mod.register_forward_pre_hook(lambda _m, args, r=rec: r.collect(args[0])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _kv_records(attn: torch.nn.Module, num_bits, prefix: str):
+    """The key/value states' maxima as modelopt's ``_QuantAttention`` sees them: the attention
+    interface of the layer's module (eager, or the registered one) wrapped for this forward."""
+    module = inspect.getmodule(type(attn))
+    impl = getattr(getattr(attn, "config", None), "_attn_implementation", None)
+    eager = impl in (None, "eager")
+    if eager and not hasattr(module, "eager_attention_forward"):
+        raise UserError(f"{type(attn).__name__} has no eager_attention_forward: layer-wise KV-cache "
+                        f"calibration does not know this attention")
+    original = module.eager_attention_forward if eager else module.ALL_ATTENTION_FUNCTIONS[impl]
+    attn.k_bmm_quantizer = k = MaxRecord(num_bits, f"{prefix}.self_attn's keys")
+    attn.v_bmm_quantizer = v = MaxRecord(num_bits, f"{prefix}.self_attn's values")
+
+    def recording(mod, query, key, value, *args, **kwargs):
+        if mod is attn:
+            k.collect(key)
+            v.collect(value)
+        return original(mod, query, key, value, *args, **kwargs)
+
+    if eager:
+        module.eager_attention_forward = recording
+    else:
+        module.ALL_ATTENTION_FUNCTIONS[impl] = recording
+    try:
+        yield
+    finally:
+        if eager:
+            module.eager_attention_forward = original
+        else:
+            module.ALL_ATTENTION_FUNCTIONS[impl] = original
+
+
+@torch.no_grad()
+def calibrate_max_layer(runner, i: int, spec: QuantSpec,
+                        passes_in: list[list[Tensor]]) -> tuple[dict[str, Tensor], list[list[Tensor]]]:
+    """Layer ``i``'s extracted tensors (``extract_quant_state``'s, unsharded) and its outputs
+    (one pass) on ``passes_in[0]``."""
+    prefix = runner.prefix(i)
+    layer = runner.materialise(i)
+    linears = _linears(layer) if spec.quant_algo == FP8 else {}
+    with ExitStack() as stack:
+        if linears:
+            stack.enter_context(_input_records(linears, prefix))
+        if spec.kv_cache_quant_algo is not None:
+            bits = _FP8_BITS if spec.kv_cache_quant_algo == "FP8" else 8
+            stack.enter_context(_kv_records(layer.self_attn, bits, prefix))
+        outputs = runner.forward(layer, i, passes_in[0])
+    for name, mod in linears.items():
+        w = MaxRecord(_FP8_BITS, f"{prefix}.{name}.weight")
+        w.collect(mod.weight)  # the weight quantizer sees the same weight on every batch
+        mod.weight_quantizer = w
+    return extract_quant_state(runner.named(i, layer), spec, dtype=runner.dtype), [outputs]
