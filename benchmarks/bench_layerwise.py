@@ -266,8 +266,10 @@ def round_ratios(rounds: list[list[dict]]) -> list[str]:
             continue
         per = []
         for rnd in rounds:
-            by = {(x["preset"], x["layers"], x["mode"]): x for x in rnd if x["rc"] == 0}
-            c, f = by.get((r["preset"], r["layers"], "ckpt")), by.get((r["preset"], r["layers"], "lwbare"))
+            by = {(x["preset"], x["layers"], x["mode"], x["format"] if x["mode"] == "ckpt" else None): x
+                  for x in rnd if x["rc"] == 0}  # one floor per model, a ckpt row per format
+            c = by.get((r["preset"], r["layers"], "ckpt", r["format"]))
+            f = by.get((r["preset"], r["layers"], "lwbare", None))
             if c and f and "stages" in c and _floor_s(f):
                 per.append(c["stages"]["calibration"] / _floor_s(f))
         if per:
