@@ -298,8 +298,8 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
     bar = tqdm(total=n, initial=start, desc=f"calibrating {spec.name}", unit="layer",
                disable=not progress, file=sys.stderr)
     # a layer's store files are written on a thread while the next layer calibrates (at 8B shapes
-    # ~0.3-0.5 s of page-cache writing per layer); one write in flight, in layer order, so the
-    # store's manifest still records only layers whose files are complete
+    # ~0.2 s per layer, O_DIRECT); one write in flight, in layer order, so the store's manifest
+    # still records only layers whose files are complete
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibration-store") as pool:
         written = None
         for i in range(start, n):

@@ -35,7 +35,7 @@ CUDA_CONTEXT = 0.6 * GB
 #: working memory per layer, in multiples of the layer's weights (fitted, see above): modelopt's
 #: for SmoothQuant and AWQ; for FP8 the forward-hook max calibration's (quantize/max_layerwise.py:
 #: the float32 layer only, its fp8 weights made in blocks; fitted: 8B-shaped, 4 x 64 tokens, CPU:
-#: 1.50 / 1.51 GB peak RSS at 4 / 16 layers); a KV cache alone: 1.1, as fitted for modelopt
+#: 1.49 / 1.50 GB peak RSS at 4 / 16 layers); a KV cache alone: 1.1, as fitted for modelopt
 LAYER_FACTOR = {SMOOTHQUANT: 1.6, FP8: 1.0, W4A16_AWQ: 1.8, None: 1.1}
 #: TensorRT-LLM's plugin SmoothQuant, layer by layer (quantize/sq_layerwise.py): the layer's float32
 #: weights only (smoothing and int8 rounding run in cache-sized blocks, quantize/sq_int8.py) and
