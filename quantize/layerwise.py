@@ -18,7 +18,8 @@ because each layer sees exactly what it sees inside the whole model
   quantizers with forward hooks (quantize/max_layerwise.py), without modelopt;
 * multi-pass algorithms (awq_lite: a cache pass, then a search pass with the KV quantizers
   switched on between them) replay pass-synchronously: layer i's k-th forward-loop call gets the
-  outputs layer i-1 produced in ITS k-th call.
+  outputs layer i-1 produced in ITS k-th call; awq_lite's search pass itself runs with each
+  alpha's quantized weight made once per linear (quantize/awq_search.py).
 
 Each finished layer's quantized tensors (what :func:`quantize.modelopt_state.extract_quant_state`
 returns for it, unsharded) go to ``store/layer_NNNNN.safetensors`` with the next layer's inputs
@@ -198,7 +199,13 @@ def _calibrate_layer(shell, runner: LayerRunner, i: int, spec: QuantSpec,
 
     def loop(root):
         ins = passes_in[min(len(produced), len(passes_in) - 1)]
-        produced.append(runner.forward(root.get_submodule(path), i, ins))
+        layer = root.get_submodule(path)
+        if _awq_searching(layer):  # each alpha's quantized weight once, not once per batch
+            from .awq_search import search_pass
+
+            produced.append(search_pass(runner, layer, i, ins))
+        else:
+            produced.append(runner.forward(layer, i, ins))
 
     mtq.quantize(shell, spec.modelopt_config(), loop)
     # passes that gave the same outputs share one buffer (no KV quantizers: all of them)
@@ -206,6 +213,13 @@ def _calibrate_layer(shell, runner: LayerRunner, i: int, spec: QuantSpec,
         if all(torch.equal(a, b) for a, b in zip(produced[k], produced[k - 1])):
             produced[k] = produced[k - 1]
     return produced
+
+
+def _awq_searching(layer) -> bool:
+    """True in awq_lite's search pass (its helper class's ``cache_mode`` is off after the cache
+    pass)."""
+    helper = next((m.awq_lite for m in layer.modules() if hasattr(m, "awq_lite")), None)
+    return helper is not None and not type(helper).cache_mode
 
 
 def _register_attentions(model) -> None:

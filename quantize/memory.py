@@ -95,6 +95,8 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
         layer = p_lin * c * (LAYER_FACTOR[algo] + search)
         passes = 2 if algo == W4A16_AWQ else 1
         acts = n * seq * shape.hidden * c * (1 + passes)
+        if algo == W4A16_AWQ:  # the search holds every batch's linear inputs + one linear's outputs
+            acts += n * seq * (3 * shape.hidden + 2 * shape.inter) * c
         temps = b * seq * (3 * shape.inter + 6 * shape.hidden) * c + b * shape.heads * seq * seq * c
         rows = min(shape.vocab, n * seq) * shape.hidden * c
         extracted = p_lin * (wbytes if algo else 0)
