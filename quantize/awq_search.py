@@ -42,8 +42,7 @@ def _search_linear(m, xs: list[Tensor]) -> None:
     """awq_lite's search-pass losses of linear ``m`` over the recorded inputs ``xs``."""
     h = m.awq_lite
     _drop_pre_quant_scales(m)  # the float output: no scales, weight not quantized
-    refs = [F.linear(x, m.weight, m.bias) for x in xs]
-    refs = [m.output_quantizer(r) for r in refs]
+    refs = [m.output_quantizer(F.linear(x, m.weight, m.bias)) for x in xs]
     for alpha in h.loss:
         s = _awq_scale(h.act_scale, h.weight_scale, alpha)
         m.input_quantizer.pre_quant_scale = (1 / s).to(m.weight.dtype)

@@ -48,7 +48,7 @@ def _raw(t: torch.Tensor) -> memoryview:
 
 
 class _Aligned:
-    """Appends to an ``O_DIRECT`` fd through one aligned buffer; ``close`` pads the tail and
+    """Appends to an ``O_DIRECT`` fd through one aligned buffer; ``finish`` pads the tail and
     truncates the file to its real length."""
 
     def __init__(self, fd: int):
@@ -69,13 +69,23 @@ class _Aligned:
                 done += os.write(self.fd, view[done:n])
         self.pos = 0
 
-    def close(self) -> None:
+    def finish(self) -> None:
         if self.pos:
             padded = -(-self.pos // _ALIGN) * _ALIGN
             self.buf[self.pos:padded] = bytes(padded - self.pos)
             self._flush(padded)
         os.ftruncate(self.fd, self.length)
-        self.buf.close()
+
+
+def _write_direct(fd: int, tensors: dict[str, torch.Tensor], metadata: dict | None) -> None:
+    out = _Aligned(fd)
+    try:
+        out.put(memoryview(_header(tensors, metadata)))
+        for t in tensors.values():
+            out.put(_raw(t))
+        out.finish()
+    finally:
+        out.buf.close()
 
 
 def _standalone(state: dict) -> dict:
@@ -102,18 +112,12 @@ def save(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = No
             raise
         return save_file(_standalone(tensors), path, metadata=metadata)
     try:
-        out = _Aligned(fd)
-        try:
-            out.put(memoryview(_header(tensors, metadata)))
-            for t in tensors.values():
-                out.put(_raw(t))
-            out.close()
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            os.close(fd)  # refused at the first write (no O_DIRECT after all): the plain way
-            fd = -1
-            return save_file(_standalone(tensors), path, metadata=metadata)
+        _write_direct(fd, tensors, metadata)
+        return
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        # refused at the first write (no O_DIRECT after all): the plain way, below
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
+    save_file(_standalone(tensors), path, metadata=metadata)

@@ -91,7 +91,7 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
         n, seq, b = spec.calib_size, spec.calib_seq_len, spec.calib_batch_size
         search = PLUGIN_SEARCH_EXTRA if getattr(spec, "sq_alpha_search", False) else 0.0
         hooks = algo in SQ_PLUGIN or spec.is_max_calibrated
-        base = PLUGIN_HOST_BASE if hooks and layerwise else HOST_BASE
+        base = PLUGIN_HOST_BASE if hooks else HOST_BASE  # used by the layer-wise stages only
         layer = p_lin * c * (LAYER_FACTOR[algo] + search)
         passes = 2 if algo == W4A16_AWQ else 1
         acts = n * seq * shape.hidden * c * (1 + passes)

@@ -137,7 +137,7 @@ def finish_layer(store: Path, i: int, state: dict, next_inputs) -> None:
         ipath = _inputs_file(store, i + 1)
         tmp = ipath.with_name(ipath.name + ".tmp")
         save(tensors, str(tmp), metadata={"passes": ",".join(map(str, index)),
-                                                "batches": str(len(next_inputs[0]))})
+                                           "batches": str(len(next_inputs[0]))})
         os.replace(tmp, ipath)
     man = read_manifest(store)
     man["layers_done"] = i + 1
