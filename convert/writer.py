@@ -34,6 +34,7 @@ import threading
 from pathlib import Path
 
 import blake3
+import numpy as np
 
 from . import digests
 from .chunks import CHUNK_BYTES, ByteChunk, FileSpan, iter_chunks  # noqa: F401 (re-exported)
@@ -46,6 +47,9 @@ DIRECT_IO = "auto"
 # 8 MiB writes (BENCHMARKS.md, issue 15); 4 buffers, 128 MiB of RSS
 DIRECT_BUFFER = 32 * 2**20
 DIRECT_ALIGN = 4096
+# two writes in flight: a writer thread waits for the GIL after each write while the main thread
+# copies bytes under it, and the disk idles meanwhile unless the other writer's write is queued
+DIRECT_WRITERS = 2
 
 
 def nbytes(shape, dtype) -> int:
@@ -73,6 +77,12 @@ def _write_all(fd: int, data: memoryview) -> None:
     done = 0
     while done < len(data):
         done += os.write(fd, data[done:])
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 _COPY_UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF,
@@ -141,17 +151,20 @@ class _DirectSink:
     Source spans are ``pread`` straight into the staging buffer (one copy out of the page cache)
     and go to the disk by DMA: no page-cache copy, allocation or writeback of the output, which on
     a VM costs more CPU than the disk takes to write it (see BENCHMARKS.md). The main thread fills
-    one buffer while the hash thread updates the file's BLAKE3 hash and the writer thread writes
-    the ones filled before, each in order and neither waiting for the other (a buffer is reused
-    once both are done with it; blake3's update and write release the GIL), so the hash is never
-    between a buffer and the disk. BLAKE3, not sha256: one core hashes ~5 GB/s here against
-    sha256's ~1.6, so the hash thread needs about a third of a core at the disk's pace. The tail
-    is padded to the alignment and the file truncated to its real length on close.
+    one buffer while the hash thread updates the file's BLAKE3 hash (in order) and the writer
+    threads ``pwrite`` the ones filled before at their offsets, neither waiting for the other (a
+    buffer is reused once both are done with it; blake3's update and pwrite release the GIL), so
+    the hash is never between a buffer and the disk. Two writes are in flight so that the disk is
+    not idle while a writer waits for the GIL after its write. BLAKE3, not sha256: one core
+    hashes ~5 GB/s here against sha256's ~1.6, so the hash thread needs about a third of a core at
+    the disk's pace. The tail is padded to the alignment and the file truncated to its real length
+    on close.
     """
 
-    def __init__(self, fd: int, buf_bytes: int | None = None, nbufs: int = 4):
+    def __init__(self, fd: int, buf_bytes: int | None = None, nbufs: int = 4,
+                 nwriters: int | None = None):
         buf_bytes = buf_bytes or DIRECT_BUFFER
-        self.fd, self.size, self.length = fd, buf_bytes, 0
+        self.fd, self.size, self.length, self._offset = fd, buf_bytes, 0, 0
         self._bufs = [mmap.mmap(-1, buf_bytes) for _ in range(nbufs)]  # page-aligned
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._to_hash: queue.SimpleQueue = queue.SimpleQueue()
@@ -163,8 +176,10 @@ class _DirectSink:
         self._cur, self._view, self._pos = self._bufs[0], memoryview(self._bufs[0]), 0
         self._hash = blake3.blake3()
         self._error: BaseException | None = None
-        self._threads = [threading.Thread(target=self._run_hash, name="direct-hash", daemon=True),
-                         threading.Thread(target=self._run, name="direct-writer", daemon=True)]
+        self._nwriters = nwriters or DIRECT_WRITERS
+        self._threads = [threading.Thread(target=self._run_hash, name="direct-hash", daemon=True)]
+        self._threads += [threading.Thread(target=self._run, name="direct-writer", daemon=True)
+                          for _ in range(self._nwriters)]
         for t in self._threads:
             t.start()
 
@@ -191,26 +206,27 @@ class _DirectSink:
             item = self._full.get()
             if item is None:
                 return
-            buf, n = item
+            buf, n, offset = item
             try:
                 if self._error is None:
                     with memoryview(buf) as view:
-                        self._write(view[:n])
+                        self._write(view[:n], offset)
             except BaseException as e:  # surfaced in the main thread at its next call
                 self._error = e
             finally:
                 self._release(buf)
 
-    def _write(self, data: memoryview) -> None:
+    def _write(self, data: memoryview, offset: int) -> None:
         try:
-            _write_all(self.fd, data)
+            _pwrite_all(self.fd, data, offset)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             # the file system took O_DIRECT at open but refuses it on write: go buffered
-            fcntl.fcntl(self.fd, fcntl.F_SETFL,
-                        fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-            _write_all(self.fd, data)
+            with self._lock:
+                fcntl.fcntl(self.fd, fcntl.F_SETFL,
+                            fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            _pwrite_all(self.fd, data, offset)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -221,7 +237,8 @@ class _DirectSink:
         with self._lock:
             self._users[id(self._cur)] = 2
         self._to_hash.put((self._cur, n if real is None else real))
-        self._full.put((self._cur, n))
+        self._full.put((self._cur, n, self._offset))
+        self._offset += n
         self._cur = self._free.get()
         self._view, self._pos = memoryview(self._cur), 0
 
@@ -229,7 +246,10 @@ class _DirectSink:
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
         while len(data):
             k = min(len(data), self.size - self._pos)
-            self._view[self._pos:self._pos + k] = data[:k]
+            # numpy's copy lets go of the GIL (a memoryview slice assignment holds it), so the
+            # writer threads are not kept from issuing their next write meanwhile
+            np.copyto(np.frombuffer(self._view[self._pos:self._pos + k], np.uint8),
+                      np.frombuffer(data[:k], np.uint8))
             self._pos += k
             self.length += k
             data = data[k:]
@@ -269,7 +289,8 @@ class _DirectSink:
 
     def _stop(self) -> None:
         self._to_hash.put(None)
-        self._full.put(None)
+        for _ in range(self._nwriters):
+            self._full.put(None)
         for t in self._threads:
             t.join()
         self._view.release()

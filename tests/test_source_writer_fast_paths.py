@@ -99,10 +99,11 @@ def test_corrupt_offsets_are_a_user_error(tmp_path):
         SourceCheckpoint(tmp_path)
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp):
+@pytest.mark.parametrize("tp,writers", [(1, 1), (2, 2), (4, 3)])
+def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp, writers):
     """O_DIRECT staging (aligned buffers, padded tail truncated) == buffered writes, byte for byte;
-    the 16 KB staging buffer makes every file span many buffers and end mid-buffer."""
+    the 16 KB staging buffer makes every file span many buffers and end mid-buffer, written by
+    1-3 writer threads at their offsets."""
     from examples.tiny import make_tiny_model
 
     hf_dir = tmp_path / "hf"
@@ -112,6 +113,7 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp):
     convert_checkpoint(hf_dir, tmp_path / "buffered", tp=tp, dtype="float16", progress=False)
     monkeypatch.setenv("BUILD_ENGINE_DIRECT_IO", "1")
     monkeypatch.setattr(writer, "DIRECT_BUFFER", 16 * 1024)
+    monkeypatch.setattr(writer, "DIRECT_WRITERS", writers)
     sinks = []
     real_open = writer._open_sink
 
@@ -183,11 +185,11 @@ def test_direct_io_write_error_surfaces(tmp_path, monkeypatch):
     monkeypatch.setenv("BUILD_ENGINE_DIRECT_IO", "1")
     calls = []
 
-    def full(fd, data):
+    def full(fd, data, offset):
         calls.append(len(data))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "_write_all", full)
+    monkeypatch.setattr(writer, "_pwrite_all", full)
     with pytest.raises(UserError, match="No space left on device"):
         convert_checkpoint(hf_dir, tmp_path / "out", tp=2, dtype="float16", progress=False)
     assert calls and not (tmp_path / "out").exists()
