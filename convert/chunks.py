@@ -14,7 +14,7 @@ import contextlib
 
 import numpy as np
 
-from .dtypes import DType, as_dtype
+from common.dtypes import DType, as_dtype
 
 CHUNK_BYTES = 16 * 2**20
 # Same-dtype column slices and zero padding are moved as bytes (numpy), so a float conversion

@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .dtypes import BY_NAME, DType
+from common.dtypes import BY_NAME, DType
+
 from .errors import UserError
 from .families import FAMILIES, Rule
 from .hf_config import Shape, pp_layer_range
@@ -29,7 +30,7 @@ class OutputTensor:
     name: str
     pieces: tuple[Piece, ...]
     shape: tuple[int, ...]
-    dtype: DType  # bytes-level (convert.dtypes); ``.torch`` where a transform computes
+    dtype: DType  # bytes-level (common.dtypes); ``.torch`` where a transform computes
 
 
 def expected_source_shape(name: str, s: Shape) -> tuple[int, ...] | None:

@@ -10,7 +10,7 @@ tensor's bytes are (file descriptor, offset), so the writer can copy them file t
 kernel when no conversion is needed. Indexing other than plain slices falls back to safetensors'
 ``get_slice``.
 
-Dtypes are ``convert.dtypes.DType``s (safetensors' names, item sizes): opening a checkpoint and
+Dtypes are ``common.dtypes.DType``s (safetensors' names, item sizes): opening a checkpoint and
 reading bytes (``read_rows_bytes``) never imports torch; ``read`` and ``read_rows_into`` return or
 fill torch tensors and import it then.
 """
@@ -20,10 +20,11 @@ import json
 import os
 import struct
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
-from .dtypes import BY_ST, DType
+from common.dtypes import BY_ST, DType
+from common.fileio import pread_exact
+
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -230,14 +231,3 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     import torch
 
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
-def pread_exact(fd: int, buf: memoryview, offset: int, path=None) -> None:
-    """Fill ``buf`` from ``fd`` at ``offset``; a short file is a corrupt checkpoint."""
-    done, n = 0, len(buf)
-    while done < n:
-        got = os.preadv(fd, [buf[done:]], offset + done)
-        if got <= 0:
-            raise UserError(f"{path or fd} ends early at byte {offset + done}; the file is "
-                            f"truncated: re-download it")
-        done += got

@@ -286,7 +286,7 @@ def _check_source_dtype(source: SourceCheckpoint) -> torch.dtype:
     if len(dtypes) != 1:
         raise UserError(f"{source.dir}: float tensors in several dtypes ({sorted(map(str, dtypes))}); "
                         "save the model in one dtype first")
-    return dtypes.pop().torch  # the source's dtypes are bytes-level (convert.dtypes)
+    return dtypes.pop().torch  # the source's dtypes are bytes-level (common.dtypes)
 
 
 def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry]) -> None:

@@ -67,3 +67,28 @@ def test_file_systems_refusing_o_direct_get_save_file(tmp_path, monkeypatch):
     path = tmp_path / "layer.safetensors"
     direct_save.save(tensors, str(path))
     _check(path, tensors, None)
+
+
+def test_o_direct_refused_at_the_first_write_goes_on_buffered(tmp_path, monkeypatch):
+    """A file system that takes O_DIRECT at open but refuses its writes (EINVAL while the flag is
+    set): the sink clears the flag and the same bytes land through the page cache."""
+    import fcntl
+
+    from common import fileio
+
+    real, refused = fileio.pwrite_all, []
+
+    def picky(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(fileio, "pwrite_all", picky)
+    monkeypatch.setattr(direct_save, "_BUFFER", 8192)
+    tensors, meta = _tensors(), {"passes": "1"}
+    path = tmp_path / "layer.safetensors"
+    direct_save.save(tensors, str(path), metadata=meta)
+    if not refused:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    _check(path, tensors, meta)

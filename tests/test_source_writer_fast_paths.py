@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from common import fileio
 from convert import digests, writer
 from convert.convert import convert_checkpoint
 from convert.source import SourceCheckpoint
@@ -112,8 +113,8 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp, writers):
     monkeypatch.setenv("BUILD_ENGINE_DIRECT_IO", "0")
     convert_checkpoint(hf_dir, tmp_path / "buffered", tp=tp, dtype="float16", progress=False)
     monkeypatch.setenv("BUILD_ENGINE_DIRECT_IO", "1")
-    monkeypatch.setattr(writer, "DIRECT_BUFFER", 16 * 1024)
-    monkeypatch.setattr(writer, "DIRECT_WRITERS", writers)
+    monkeypatch.setattr(fileio, "DIRECT_BUFFER", 16 * 1024)
+    monkeypatch.setattr(fileio, "DIRECT_WRITERS", writers)
     sinks = []
     real_open = writer._open_sink
 
@@ -124,7 +125,7 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp, writers):
 
     monkeypatch.setattr(writer, "_open_sink", spy)
     convert_checkpoint(hf_dir, tmp_path / "direct", tp=tp, dtype="float16", progress=False)
-    if sinks != ["_DirectSink"] * tp:
+    if sinks != ["DirectSink"] * tp:
         pytest.skip(f"{tmp_path} does not take O_DIRECT ({sinks})")
     for r in range(tp):
         a = (tmp_path / "buffered" / f"rank{r}.safetensors").read_bytes()
@@ -144,7 +145,7 @@ def test_buffered_writer_digest_is_blake3_unless_the_kernel_copied(tmp_path, mon
 
     import numpy as np
 
-    from convert.dtypes import as_dtype
+    from common.dtypes import as_dtype
 
     monkeypatch.setenv("BUILD_ENGINE_DIRECT_IO", "0")
     f16 = as_dtype("float16")
@@ -189,7 +190,7 @@ def test_direct_io_write_error_surfaces(tmp_path, monkeypatch):
         calls.append(len(data))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer, "_pwrite_all", full)
+    monkeypatch.setattr(fileio, "pwrite_all", full)
     with pytest.raises(UserError, match="No space left on device"):
         convert_checkpoint(hf_dir, tmp_path / "out", tp=2, dtype="float16", progress=False)
     assert calls and not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ import torch
 
 from convert import chunks
 from convert.convert import convert_checkpoint
-from convert.dtypes import BY_ST, as_dtype
+from common.dtypes import BY_ST, as_dtype
 
 HEAVY = ("torch", "transformers", "modelopt", "safetensors.torch")
 
