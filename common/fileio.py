@@ -17,7 +17,6 @@ import queue
 import struct
 import threading
 
-import blake3
 import numpy as np
 
 from .dtypes import as_dtype
@@ -108,6 +107,9 @@ class DirectSink:
         for b in self._bufs[1:]:
             self._free.put(b)
         self._cur, self._view, self._pos = self._bufs[0], memoryview(self._bufs[0]), 0
+        if hashed:  # imported here: the page-reading helpers above also run where it is absent
+            import blake3  # (the Triton server's environment, through convert.source)
+
         self._hash = blake3.blake3() if hashed else None
         self._error: BaseException | None = None
         self._nwriters = nwriters or DIRECT_WRITERS
