@@ -26,11 +26,12 @@ import torch
 from common.errors import UserError
 
 from .formats import FP8, QuantSpec
-from .modelopt_state import ATTN_LINEARS, MLP_LINEARS, extract_quant_state, sanitize_amax
+from .modelopt_state import (ATTN_LINEARS, MLP_LINEARS, NUM_BITS, extract_quant_state,
+                             sanitize_amax)
 
 Tensor = torch.Tensor
 
-_FP8_BITS = (4, 3)
+_FP8_BITS = NUM_BITS[FP8]
 
 
 class MaxRecord:
@@ -49,7 +50,10 @@ class MaxRecord:
 
     @property
     def maxbound(self) -> float:
-        return 448.0 if self.num_bits == _FP8_BITS else float((1 << (self.num_bits - 1)) - 1)
+        """TensorQuantizer.maxbound: the largest E4M3 value for FP8, 2^(bits-1) - 1 for ints."""
+        if self.num_bits == _FP8_BITS:
+            return float(torch.finfo(torch.float8_e4m3fn).max)
+        return float((1 << (self.num_bits - 1)) - 1)
 
     def collect(self, x: Tensor) -> None:
         lo, hi = torch.aminmax(x.detach())

@@ -40,7 +40,7 @@ KV_SCALES = ("k_cache_scaling_factor", "v_cache_scaling_factor", "kv_cache_scali
 # ---------------------------------------------------------------------------------------------
 
 
-_NUM_BITS = {SMOOTHQUANT: 8, FP8: (4, 3), W4A16_AWQ: 4}
+NUM_BITS = {SMOOTHQUANT: 8, FP8: (4, 3), W4A16_AWQ: 4}  # modelopt's num_bits per format
 
 
 def sanitize_amax(amax: Tensor, maxbound: float) -> Tensor:
@@ -215,7 +215,7 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
                 if f"{prefix}.mlp.{short}" in linears:  # absent: experts (quantize/moe.py)
                     lins[short] = _Lin(linears[f"{prefix}.mlp.{short}"])
             for short, lin in lins.items():
-                if not _enabled(lin.wq) or lin.wq.num_bits != _NUM_BITS[algo]:
+                if not _enabled(lin.wq) or lin.wq.num_bits != NUM_BITS[algo]:
                     raise UserError(f"{prefix}: {short} has no enabled {algo} weight quantizer; was the "
                                     f"model calibrated for {spec.name}?")
             # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4).
