@@ -8,6 +8,7 @@ so the header is written first and each tensor's bytes streamed after it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -22,9 +23,12 @@ import numpy as np
 from .dtypes import as_dtype
 from .errors import UserError
 
-# 32 MiB: one O_DIRECT write of 32 MiB reaches this VM's disk 0.5-0.9 s sooner per 3.76 GB than
-# 8 MiB writes (BENCHMARKS.md, issue 15); 4 buffers, 128 MiB of RSS
-DIRECT_BUFFER = 32 * 2**20
+# 128 MiB: this VM's disk takes 3.84 GB of O_DIRECT writes, two in flight, in 1.6-2.2 s with
+# 128 MiB writes against 1.7-3.6 s with 32 MiB ones (interleaved rounds, BENCHMARKS.md issue 15;
+# a write is split into 4 MiB requests, so a larger one keeps more of them queued); 4 buffers,
+# 512 MiB of RSS while a file is written
+DIRECT_BUFFER = 128 * 2**20
+DIRECT_BUFFERS = 4
 DIRECT_ALIGN = 4096
 # two writes in flight: a writer thread waits for the GIL after each write while the main thread
 # copies bytes under it, and the disk idles meanwhile unless the other writer's write is queued
@@ -77,6 +81,55 @@ def pread_exact(fd: int, buf: memoryview, offset: int, path=None) -> None:
         done += got
 
 
+# Within ``reusing_buffers()`` staging buffers are kept for the next file: first-touching fresh
+# memory costs this VM ~0.7 s per GB (page faults through the hypervisor; measured 0.35-0.62 s for
+# 512 MiB against 0.04 s to rewrite it), and a conversion writes a file per rank
+_POOL: dict[int, list[mmap.mmap]] = {}
+_POOL_USERS = [0]
+_POOL_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def reusing_buffers():
+    """Keep the sinks' staging buffers for the next file until the outermost block ends."""
+    with _POOL_LOCK:
+        _POOL_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _POOL_LOCK:
+            _POOL_USERS[0] -= 1
+            drop = [b for bufs in _POOL.values() for b in bufs] if not _POOL_USERS[0] else []
+            if drop:
+                _POOL.clear()
+        _close(drop)
+
+
+def _take_buffers(size: int, n: int) -> list[mmap.mmap]:
+    """``n`` page-aligned buffers of ``size`` bytes, from the pool where it has them."""
+    with _POOL_LOCK:
+        free = _POOL.setdefault(size, [])
+        got = [free.pop() for _ in range(min(n, len(free)))]
+    return got + [mmap.mmap(-1, size) for _ in range(n - len(got))]
+
+
+def _give_back(bufs: list[mmap.mmap]) -> None:
+    with _POOL_LOCK:
+        if _POOL_USERS[0]:
+            for b in bufs:
+                _POOL.setdefault(len(b), []).append(b)
+            return
+    _close(bufs)
+
+
+def _close(bufs: list[mmap.mmap]) -> None:
+    for b in bufs:
+        try:
+            b.close()
+        except BufferError:  # still viewed somewhere: freed with the last view
+            pass
+
+
 class DirectSink:
     """Appends to an ``O_DIRECT`` fd through aligned staging buffers, hashed by one thread (unless
     ``hashed=False``) and written out by others, side by side.
@@ -94,11 +147,11 @@ class DirectSink:
     on close.
     """
 
-    def __init__(self, fd: int, buf_bytes: int | None = None, nbufs: int = 4,
+    def __init__(self, fd: int, buf_bytes: int | None = None, nbufs: int | None = None,
                  nwriters: int | None = None, hashed: bool = True):
         buf_bytes = buf_bytes or DIRECT_BUFFER
         self.fd, self.size, self.length, self._offset = fd, buf_bytes, 0, 0
-        self._bufs = [mmap.mmap(-1, buf_bytes) for _ in range(nbufs)]  # page-aligned
+        self._bufs = _take_buffers(buf_bytes, nbufs or DIRECT_BUFFERS)
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         self._to_hash: queue.SimpleQueue = queue.SimpleQueue()
         self._full: queue.SimpleQueue = queue.SimpleQueue()
@@ -233,8 +286,5 @@ class DirectSink:
         for t in self._threads:
             t.join()
         self._view.release()
-        for b in self._bufs:
-            try:
-                b.close()
-            except BufferError:
-                pass
+        _give_back(self._bufs)
+        self._bufs = []

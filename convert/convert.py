@@ -27,6 +27,8 @@ from pathlib import Path
 from safetensors import safe_open
 from tqdm import tqdm
 
+from common.fileio import reusing_buffers
+
 from . import interrupt
 from .atomic import swap_into_place
 from .errors import UserError
@@ -430,8 +432,9 @@ def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool) 
             for r in todo]
     if workers <= 1 or len(jobs) <= 1:
         try:
-            for job in jobs:
-                _write_rank(*job)
+            with reusing_buffers():  # one set of staging buffers for every rank
+                for job in jobs:
+                    _write_rank(*job)
         except BaseException:
             wait_durable(raise_errors=False)
             raise

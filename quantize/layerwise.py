@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from common.fileio import reusing_buffers
 from common.heap import release_memory
 
 from .calibrate import _bos_if_added, make_calib_batches, tokenize_text
@@ -314,7 +315,8 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
     # a layer's store files are written on a thread while the next layer calibrates (at 8B shapes
     # ~0.2 s per layer, O_DIRECT); one write in flight, in layer order, so the store's manifest
     # still records only layers whose files are complete
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibration-store") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibration-store") as pool, \
+            reusing_buffers():  # the store's O_DIRECT buffers, once for every layer
         written = None
         for i in range(start, n):
             state, passes_in = calibrate_one(runner, i, spec, passes_in)

@@ -23,14 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
+from common.fileio import DIRECT_BUFFER, DIRECT_BUFFERS
 
 from .formats import FP8, SMOOTHQUANT, SQ_PLUGIN, W4A16_AWQ
 
 GB = 1e9
 #: RSS of a process that has imported torch, transformers and modelopt (measured 0.50 GB) plus
-#: the converter's writer (the float converter peaks at 0.35-0.39 GB in all).
+#: the converter's writer: its O_DIRECT staging buffers (common/fileio.py) and ~0.07 GB besides
+#: (the float converter peaks at 0.59 GB in all with 4 x 128 MiB buffers, 0.20 GB with 4 x 32 MiB).
 HOST_BASE = 0.62 * GB
-WRITE_BASE = 0.40 * GB
+WRITE_BASE = 0.07 * GB + DIRECT_BUFFERS * DIRECT_BUFFER
 CUDA_CONTEXT = 0.6 * GB
 #: working memory per layer, in multiples of the layer's weights (fitted, see above): modelopt's
 #: for SmoothQuant and AWQ; for FP8 the forward-hook max calibration's (quantize/max_layerwise.py:

@@ -263,3 +263,27 @@ def test_failed_background_fsync_fails_the_run_and_leaves_nothing(tmp_path, monk
     with pytest.raises(UserError, match="Input/output error"):
         convert_checkpoint(hf_dir, tmp_path / "out", tp=2, progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_staging_buffers_are_reused_across_files_then_freed(tmp_path):
+    """Inside ``reusing_buffers()`` the next file's sink gets the same staging buffers (no fresh
+    memory to fault in per rank); after the block, and outside any, buffers are closed."""
+    import os
+
+    def write(name):
+        fd = os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        sink = fileio.DirectSink(fd, buf_bytes=8192, nbufs=3, hashed=False)
+        bufs = list(sink._bufs)
+        sink.write(memoryview(bytes(range(256)) * 100))
+        sink.close()
+        os.close(fd)
+        assert (tmp_path / name).read_bytes() == bytes(range(256)) * 100
+        return bufs
+
+    with fileio.reusing_buffers():
+        first = write("a")
+        second = write("b")
+        assert {id(b) for b in second} == {id(b) for b in first}
+        assert not any(b.closed for b in second)
+    assert all(b.closed for b in second) and not fileio._POOL
+    assert all(b.closed for b in write("c"))
