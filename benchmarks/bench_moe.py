@@ -5,8 +5,8 @@ intermediate 14336, 32 heads / 8 kv heads, vocab 32000; fewer layers), at tp 2 s
 
 The claim measured: the converter streams an expert stack (``mlp.fc.weight`` [E_local, 2I/moe_tp,
 H]) piece by piece (per expert, w3 then w1 rows; chunks of 16 MB), so its memory is bounded by
-the same flat ~400 MB as a dense model (BENCHMARKS.md, "our peak RSS <= 1 GB"), below even ONE
-expert tensor plus the process (w1 alone is 117 MB in fp16; a layer's stack at tp 2 is 940 MB).
+the same flat ~0.6 GB as a dense model (BENCHMARKS.md, "our peak RSS <= 1 GB": the writer's
+staging buffers and the interpreter), never a layer's stack (940 MB per rank at tp 2).
 
 The model is written tensor by tensor (never held in memory) into ~2 GB shards with an index and
 a transformers ``MixtralConfig``, in the Hub's per-expert layout. Each case runs once (the machine
