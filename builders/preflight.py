@@ -111,7 +111,8 @@ def memory_plan(args, quant, model_dir, out: Path, pad_heads: bool) -> None:
     stages = memory.plan(shape, quant, tp=args.tp, pp=args.pp, device=device,
                          out_dtype_bytes=4 if args.dtype == "float32" else 2,
                          layerwise=not shape.experts,
-                         checks=memory.checks(args.verify, getattr(args, "eval_ppl", None)))
+                         checks=memory.checks(args.verify, getattr(args, "eval_ppl", None)),
+                         workers=args.workers)
     if reused:
         stages = [s for s in stages if s.name != "calibration"]
     print(f"memory plan: {memory.describe(stages)}")

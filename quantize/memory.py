@@ -74,11 +74,12 @@ WHOLE_BASE, WHOLE_PER_PARAM = 0.58 * GB, 6.0
 
 
 def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2,
-         layerwise: bool = True, checks: tuple = ()) -> list[Stage]:
+         layerwise: bool = True, checks: tuple = (), workers: int = 1) -> list[Stage]:
     """The stages of a conversion with ``spec`` (None or not quantized: the float converter).
     ``layerwise`` False: the calibration loads the whole model (formats without a layer-wise
     path). ``checks``: the verification runs asked for besides the quality gate that follows
-    every calibration (``VERIFY_TOKENS``, ``EVAL_PPL_TOKENS``)."""
+    every calibration (``VERIFY_TOKENS``, ``EVAL_PPL_TOKENS``). ``workers``: rank files written
+    at once, each by its own process with its own writer (``--workers``)."""
     p_lin = _layer_linear_params(shape)
     algo = spec.quant_algo if spec is not None and spec.quant_algo in WEIGHT_BYTES else None
     wbytes = WEIGHT_BYTES.get(algo, out_dtype_bytes)
@@ -120,7 +121,8 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
     else:
         write_host = WRITE_BASE
     # the calibration stage's disk is its store (OUTPUT/calibration); the checkpoint's, its ranks
-    stages.append(Stage("checkpoint", write_host, 0.0, ckpt_disk))
+    writers = max(1, min(workers, tp * pp))
+    stages.append(Stage("checkpoint", write_host * writers, 0.0, ckpt_disk))
     checks = (*checks, GATE_TOKENS) if calibrated else checks
     if checks:
         stages.append(verify_stage(shape, algo, tp=tp, out_dtype_bytes=out_dtype_bytes, checks=checks))

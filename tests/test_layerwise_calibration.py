@@ -180,6 +180,27 @@ def test_memory_plan_refuses_before_any_work(tmp_path, smollm2_dir, capsys, monk
     assert 0.3e9 < stages[0].host < 64e9
 
 
+def test_memory_plan_counts_each_worker_process_writer(tmp_path, smollm2_dir, capsys, monkeypatch):
+    """--workers N writes N rank files at once, each process with its own staging buffers: the
+    checkpoint stage's host figure is N writers', and a limit between one and three is refused
+    at tp 3 with 3 workers (exit 2, nothing written) but not with one."""
+    from convert.convert import preflight_conversion
+    from quantize import memory
+
+    _, shape = preflight_conversion(smollm2_dir, tp=3)
+    one = memory.plan(shape, None, tp=3, pp=1, device="cpu")[-1]
+    three = memory.plan(shape, None, tp=3, pp=1, device="cpu", workers=3)[-1]
+    assert one.name == three.name == "checkpoint" and three.host == pytest.approx(3 * one.host)
+    assert memory.plan(shape, None, tp=3, pp=1, device="cpu", workers=8)[-1].host == three.host
+    monkeypatch.setenv("BUILD_ENGINE_MEMORY_LIMIT", str(int(2 * one.host)))
+    memory.check([one], tmp_path / "x", "cpu")  # passes
+    out = tmp_path / "out"
+    rc = main(["--model", str(smollm2_dir), "--output", str(out), "--checkpoint-only",
+               "--no-progress", "--tp", "3", "--workers", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "memory plan: the checkpoint stage needs ~" in err and not out.exists()
+
+
 @pytest.mark.parametrize("algo,kv", [("W8A8_SQ_PER_CHANNEL", "int8"), ("FP8", "fp8")])
 def test_padded_heads_layerwise_equal_the_whole_model_calibration(tmp_path, calib_text, algo, kv):
     """--pad-heads (9 heads / 3 KV heads over tp 2 and 4): the layer-wise calibration, padded per
