@@ -12,10 +12,9 @@ zero padding), see convert.chunks; torch tensors are taken too. Files are writte
 two threads write out), which on the VM measured in BENCHMARKS.md is 2-4x faster than going
 through the page cache. Every staging buffer is also fed to a BLAKE3 hash on another thread, and
 the digest is recorded (convert.digests) for build.json, which therefore never reads an output
-back. Where the file
-system refuses ``O_DIRECT`` (tmpfs) or ``BUILD_ENGINE_DIRECT_IO=0``, files go through the page
-cache, spans copied file to file by the kernel (``copy_file_range``, as ``cp`` does; build.json
-then hashes them).
+back. Where the file system refuses ``O_DIRECT`` (tmpfs) or ``BUILD_ENGINE_DIRECT_IO=0``, files go
+through the page cache, spans copied file to file by the kernel (``copy_file_range``, as ``cp``
+does; build.json then hashes them).
 
 ``write_file(..., then=...)`` returns before its fsync: the fsync, and then ``then`` (the rename
 that marks the file complete), run on a thread while the caller writes the next file;
