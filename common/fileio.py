@@ -47,8 +47,9 @@ def header_bytes(tensors, metadata: dict | None = None) -> bytes:
     in their order, with string ``metadata``."""
     header, offset = {}, 0
     for t in tensors:
-        size = nbytes(t.shape, t.dtype)
-        header[t.name] = {"dtype": as_dtype(t.dtype).st, "shape": list(t.shape),
+        dtype = as_dtype(t.dtype)
+        size = nbytes(t.shape, dtype)
+        header[t.name] = {"dtype": dtype.st, "shape": list(t.shape),
                           "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:
@@ -108,7 +109,7 @@ def reusing_buffers():
 def _take_buffers(size: int, n: int) -> list[mmap.mmap]:
     """``n`` page-aligned buffers of ``size`` bytes, from the pool where it has them."""
     with _POOL_LOCK:
-        free = _POOL.setdefault(size, [])
+        free = _POOL.get(size, [])
         got = [free.pop() for _ in range(min(n, len(free)))]
     return got + [mmap.mmap(-1, size) for _ in range(n - len(got))]
 
@@ -148,7 +149,7 @@ class DirectSink:
     """
 
     def __init__(self, fd: int, buf_bytes: int | None = None, nbufs: int | None = None,
-                 nwriters: int | None = None, hashed: bool = True):
+                 hashed: bool = True):
         buf_bytes = buf_bytes or DIRECT_BUFFER
         self.fd, self.size, self.length, self._offset = fd, buf_bytes, 0, 0
         self._bufs = _take_buffers(buf_bytes, nbufs or DIRECT_BUFFERS)
@@ -165,7 +166,7 @@ class DirectSink:
 
         self._hash = blake3.blake3() if hashed else None
         self._error: BaseException | None = None
-        self._nwriters = nwriters or DIRECT_WRITERS
+        self._nwriters = DIRECT_WRITERS
         self._threads = [threading.Thread(target=self._run_hash, name="direct-hash", daemon=True)
                          for _ in range(hashed)]
         self._threads += [threading.Thread(target=self._run, name="direct-writer", daemon=True)
