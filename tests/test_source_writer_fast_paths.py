@@ -100,11 +100,11 @@ def test_corrupt_offsets_are_a_user_error(tmp_path):
         SourceCheckpoint(tmp_path)
 
 
-@pytest.mark.parametrize("tp,writers", [(1, 1), (2, 2), (4, 3)])
-def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp, writers):
+@pytest.mark.parametrize("tp,writers,ramp", [(1, 1, ()), (2, 2, (4096, 8192)), (4, 3, (4096,))])
+def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp, writers, ramp):
     """O_DIRECT staging (aligned buffers, padded tail truncated) == buffered writes, byte for byte;
     the 16 KB staging buffer makes every file span many buffers and end mid-buffer, written by
-    1-3 writer threads at their offsets."""
+    1-3 writer threads at their offsets, each file's first writes smaller (the ramp) or not."""
     from examples.tiny import make_tiny_model
 
     hf_dir = tmp_path / "hf"
@@ -115,18 +115,27 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp, writers):
     monkeypatch.setenv("BUILD_ENGINE_DIRECT_IO", "1")
     monkeypatch.setattr(fileio, "DIRECT_BUFFER", 16 * 1024)
     monkeypatch.setattr(fileio, "DIRECT_WRITERS", writers)
-    sinks = []
-    real_open = writer._open_sink
+    monkeypatch.setattr(fileio, "DIRECT_RAMP", ramp)
+    sinks, writes = [], {}
+    real_open, real_write = writer._open_sink, fileio.DirectSink._write
 
     def spy(path):
         fd, sink = real_open(path)
         sinks.append(type(sink).__name__)
         return fd, sink
 
+    def spy_write(self, data, offset):
+        writes.setdefault(self, []).append((offset, len(data)))  # the sink kept: ids differ
+        real_write(self, data, offset)
+
     monkeypatch.setattr(writer, "_open_sink", spy)
+    monkeypatch.setattr(fileio.DirectSink, "_write", spy_write)
     convert_checkpoint(hf_dir, tmp_path / "direct", tp=tp, dtype="float16", progress=False)
     if sinks != ["DirectSink"] * tp:
         pytest.skip(f"{tmp_path} does not take O_DIRECT ({sinks})")
+    for w in writes.values():  # per file, in offset order: the ramp, then whole buffers
+        sizes = [n for _, n in sorted(w)]
+        assert sizes[:len(ramp) + 1] == [*ramp, 16 * 1024] and set(sizes[len(ramp):-1]) == {16384}
     for r in range(tp):
         a = (tmp_path / "buffered" / f"rank{r}.safetensors").read_bytes()
         b = (tmp_path / "direct" / f"rank{r}.safetensors").read_bytes()
