@@ -133,6 +133,7 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp, writers, ramp
     convert_checkpoint(hf_dir, tmp_path / "direct", tp=tp, dtype="float16", progress=False)
     if sinks != ["DirectSink"] * tp:
         pytest.skip(f"{tmp_path} does not take O_DIRECT ({sinks})")
+    assert len(writes) == tp
     for w in writes.values():  # per file, in offset order: the ramp, then whole buffers
         sizes = [n for _, n in sorted(w)]
         assert sizes[:len(ramp) + 1] == [*ramp, 16 * 1024] and set(sizes[len(ramp):-1]) == {16384}
