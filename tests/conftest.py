@@ -1,7 +1,7 @@
-"""Shared fixtures: tiny random HF models made on the fly, and the real SmolLM2-135M (cached)."""
+"""Shared fixtures: tiny random HF models made on the fly, the real SmolLM2-135M (cached), texts,
+and the Triton repository tests' tokenizer and triton_python_backend_utils double."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -58,3 +58,43 @@ def calib_text():
     from quantize.formats import DEFAULT_CALIB_DATA
 
     return DEFAULT_CALIB_DATA.read_text(encoding="utf-8")[:20000]
+
+
+# --- Triton repository tests (test doubles and helpers: triton_fakes.py) -----------------------
+
+@pytest.fixture
+def pb_utils(monkeypatch):
+    """The test double of triton_python_backend_utils (triton_fakes.FakePbUtils), importable
+    under its real name while the test runs."""
+    import sys
+
+    from triton_fakes import FakePbUtils
+
+    fake = FakePbUtils("triton_python_backend_utils")
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    yield fake
+    FakePbUtils.runtime = None
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A real Hugging Face tokenizer directory: a byte-level BPE trained here on Austen (or a
+    built-in text), with <s> added in front of every prompt, wrapped in PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    from triton_fakes import PROMPTS, SHARED_TEXT
+
+    text = (SHARED_TEXT.read_text(encoding="utf-8", errors="replace")[:200_000]
+            if SHARED_TEXT.exists() else " ".join(PROMPTS) * 50).splitlines()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    d = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(d)
+    return d

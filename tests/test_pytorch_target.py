@@ -182,8 +182,6 @@ def test_reader_on_unified_unquantized_and_weight_only(tmp_path, calib_text):
 # The stage: DIR/hf_quantized + DIR/triton (LLM-API repository)
 # ---------------------------------------------------------------------------------------------
 
-from test_triton_repo import tokenizer_dir  # noqa: E402,F401  (a real small BPE tokenizer fixture)
-
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1)])
 def test_stage_writes_checkpoint_and_validated_llmapi_repo(tmp_path, tokenizer_dir, tp, pp):

@@ -18,8 +18,7 @@ import pytest
 
 from builders import triton as tr
 from convert.errors import UserError
-from test_triton_repo import (checkpoint_config, engine_repo, params, pb_utils,  # noqa: F401
-                              tokenizer_dir)
+from triton_fakes import checkpoint_config, engine_repo, params
 
 
 def _recorder(bin_dir: Path, name: str, log: Path) -> Path:
@@ -173,7 +172,7 @@ def test_llmapi_model_py_leaves_the_mpi_environment(tmp_path, tokenizer_dir, pb_
     fake_tensorrt_llm test double) is created with the environment tritonserver got."""
     import sys
 
-    from test_triton_repo import _hf_dir, fake_tensorrt_llm, init_model
+    from triton_fakes import fake_tensorrt_llm, hf_dir, init_model
 
     job = {"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0", "PMIX_RANK": "0"}
     for k, v in job.items():
@@ -188,7 +187,7 @@ def test_llmapi_model_py_leaves_the_mpi_environment(tmp_path, tokenizer_dir, pb_
 
     trtllm.LLM.__init__ = init
     monkeypatch.setitem(sys.modules, "tensorrt_llm", trtllm)
-    repo = tr.write_llmapi_repo(tmp_path / "triton", model_dir=_hf_dir(tmp_path, tokenizer_dir))
+    repo = tr.write_llmapi_repo(tmp_path / "triton", model_dir=hf_dir(tmp_path, tokenizer_dir))
     model = init_model(repo, "tensorrt_llm")
     try:
         assert seen == job and all(os.environ.get(k) == v for k, v in job.items())

@@ -14,8 +14,7 @@ import pytest
 from builders import triton as tr
 from builders.triton.tokens import special_token_ids
 from convert.errors import UserError
-from test_triton_repo import (FakeRequest, checkpoint_config, init_model, outputs_of,  # noqa: F401
-                              params, pb_utils, tokenizer_dir)
+from triton_fakes import FakeRequest, checkpoint_config, init_model, outputs_of, params
 
 
 def _llama3_like(src: Path, dst: Path, *, eos_token: str, generation_eos: list[str],
