@@ -1,10 +1,13 @@
 """Shared fixtures: tiny random HF models made on the fly, the real SmolLM2-135M (cached), texts,
-and the Triton repository tests' tokenizer and triton_python_backend_utils double."""
+the Triton repository tests' tokenizer and triton_python_backend_utils double, and the stand-in
+tensorrt_llm packages of the engine tests."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+from trtllm_api_doubles import GENERATIONS  # the any_trtllm fixture's parameters
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -98,3 +101,23 @@ def tokenizer_dir(tmp_path_factory):
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                             pad_token="<pad>").save_pretrained(d)
     return d
+
+
+# --- engine stage tests (test doubles and helpers: engine_fakes.py, trtllm_api_doubles.py) ----
+
+@pytest.fixture
+def fake_trtllm(tmp_path, monkeypatch):
+    """TEST DOUBLE: the 1.2 (pydantic) stand-in tensorrt_llm on the workers' PYTHONPATH; returns
+    the record dir."""
+    from engine_fakes import install_double
+    from trtllm_api_doubles import PYDANTIC_1_2
+
+    return install_double(tmp_path, monkeypatch, PYDANTIC_1_2)
+
+
+@pytest.fixture(params=sorted(GENERATIONS))
+def any_trtllm(request, tmp_path, monkeypatch):
+    """TEST DOUBLE: each API generation's stand-in tensorrt_llm in turn; returns the record dir."""
+    from engine_fakes import install_double
+
+    return install_double(tmp_path, monkeypatch, GENERATIONS[request.param])

@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import builders.engine as E
 from builders.cli import main
 from builders.triton import validate_repo
-from test_engine_stage import _TwoGpus, fake_trtllm  # noqa: F401  (fixture, test double)
+from engine_fakes import TwoGpus
 
 
 class NoTrtllmHere(E.TrtllmBackend):
@@ -70,7 +68,7 @@ def test_built_engines_fill_the_repository_from_their_own_config(tmp_path, smoll
                                                                  fake_trtllm, monkeypatch):
     """Engines 'built' by the stand-in tensorrt_llm (a test double: placeholder engine files and
     an engine config.json shaped like TensorRT-LLM's); the repository is filled from that."""
-    monkeypatch.setattr(E, "TrtllmBackend", _TwoGpus)
+    monkeypatch.setattr(E, "TrtllmBackend", TwoGpus)
     out = tmp_path / "out"
     rc = main(["--model", str(smollm2_dir), "--output", str(out), "--no-progress",
                "--max-batch-size", "8", "--decoupled"])

@@ -10,7 +10,7 @@ import pytest
 
 import builders.engine as E
 from builders.cli import main
-from test_engine_stage import _TwoGpus, fake_trtllm  # noqa: F401  (fixture, test double)
+from engine_fakes import TwoGpus
 
 
 def _files(root: Path) -> dict:
@@ -33,7 +33,7 @@ def _run(out: Path, hf_dir, tok_dir, *extra) -> int:
 
 def test_two_nodes_with_disjoint_ranks_write_what_one_full_run_writes(
         tmp_path, tiny_model, smollm2_dir, fake_trtllm, monkeypatch, capsys):
-    monkeypatch.setattr(E, "TrtllmBackend", _TwoGpus)
+    monkeypatch.setattr(E, "TrtllmBackend", TwoGpus)
     hf_dir, _ = tiny_model(vocab_size=49152)  # SmolLM2's tokenizer serves it
     full, split = tmp_path / "full", tmp_path / "split"
     assert _run(full, hf_dir, smollm2_dir) == 0
@@ -92,7 +92,7 @@ def test_bad_ranks_are_refused_before_any_work(tmp_path, tiny_model, capsys, ext
 
 def test_from_checkpoint_on_another_gpu_type_refuses_to_mix_in_one_line(tmp_path, tiny_model,
                                                                          monkeypatch, capsys):
-    from test_engine_stage import RecordingFakeTrtllm
+    from engine_fakes import RecordingFakeTrtllm
 
     hf_dir, _ = tiny_model()
     out = tmp_path / "out"
