@@ -166,7 +166,7 @@ class DirectSink:
             self._free.put(b)
         self._cur, self._view, self._pos = self._bufs[0], memoryview(self._bufs[0]), 0
         self._ramp = [n for n in DIRECT_RAMP if n < buf_bytes]
-        self._fill = self._ramp.pop(0) if self._ramp else buf_bytes  # where the buffer is sent
+        self._fill = self._next_fill()  # where the current buffer is sent
         if hashed:  # imported here: the page-reading helpers above also run where it is absent
             import blake3  # (the Triton server's environment, through convert.source)
 
@@ -229,7 +229,12 @@ class DirectSink:
         if self._error is not None:
             raise self._error
 
-    def _submit(self, n: int, real: int | None = None) -> None:
+    def _next_fill(self) -> int:
+        return self._ramp.pop(0) if self._ramp else self.size
+
+    def _submit(self, n: int, real: int | None = None, last: bool = False) -> None:
+        """Hand the current buffer's first ``n`` bytes (``real`` of them the file's) to the
+        threads; unless ``last``, go on in the next free buffer."""
         self._check()
         with self._lock:
             self._users[id(self._cur)] = 1 + (self._hash is not None)
@@ -237,9 +242,18 @@ class DirectSink:
             self._to_hash.put((self._cur, n if real is None else real))
         self._full.put((self._cur, n, self._offset))
         self._offset += n
+        if last:
+            return
         self._cur = self._free.get()
         self._view, self._pos = memoryview(self._cur), 0
-        self._fill = self._ramp.pop(0) if self._ramp else self.size
+        self._fill = self._next_fill()
+
+    def _advance(self, k: int) -> None:
+        """``k`` more bytes are in the current buffer: send it once it is as full as it gets."""
+        self._pos += k
+        self.length += k
+        if self._pos == self._fill:
+            self._submit(self._fill)
 
     def write(self, data: memoryview) -> None:
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
@@ -249,11 +263,8 @@ class DirectSink:
             # writer threads are not kept from issuing their next write meanwhile
             np.copyto(np.frombuffer(self._view[self._pos:self._pos + k], np.uint8),
                       np.frombuffer(data[:k], np.uint8))
-            self._pos += k
-            self.length += k
             data = data[k:]
-            if self._pos == self._fill:
-                self._submit(self._fill)
+            self._advance(k)
 
     def copy(self, span) -> None:
         """Append ``span.nbytes`` bytes of the file ``span.fd`` from ``span.offset``."""
@@ -264,17 +275,14 @@ class DirectSink:
                 pread_exact(span.fd, self._view[self._pos:self._pos + k], span.offset + done)
             except Exception as e:
                 raise OSError(errno.EIO, str(e)) from e
-            self._pos += k
-            self.length += k
             done += k
-            if self._pos == self._fill:
-                self._submit(self._fill)
+            self._advance(k)
 
     def close(self) -> None:
         if self._pos:
             padded = -(-self._pos // DIRECT_ALIGN) * DIRECT_ALIGN
             self._view[self._pos:padded] = bytes(padded - self._pos)
-            self._submit(padded, self._pos)
+            self._submit(padded, self._pos, last=True)  # no next buffer: _stop waits for them all
         self._stop()
         self._check()
         os.ftruncate(self.fd, self.length)
