@@ -1,0 +1,259 @@
+"""The golden matrix: every output file of a fixed set of ``build_engine`` runs, by sha256.
+
+Recorded before the package was restructured (issue 23) so that any later change of structure
+can prove it writes the same bytes. Inputs are tiny random models (fixed seeds) with a committed
+tokenizer (tests/golden/tokenizer/); each case is one ``build_engine`` command line run in this
+process. What is hashed:
+
+- every file under the run's output directory, by its path relative to that directory;
+- text files (json, pbtxt, yaml, sh, txt, py) with the run's root directory replaced by
+  ``<ROOT>``, so the hashes do not depend on where the run happened;
+- ``build.json`` without the fields that are the host's or the clock's: ``created_utc``,
+  ``versions`` and ``stage_timings_s``, the engine record's host fields, and the digests and
+  sizes it lists for text files (they name the run's root directory, or, for
+  ``calibration/calibration.json``, the calibration's seconds; each is hashed here itself);
+- ``calibration/calibration.json`` without its ``seconds``.
+
+``python tests/golden/matrix.py --write`` records tests/golden/manifest.json (only when the
+output is meant to change: say why in the commit). ``python tests/golden/matrix.py --check``
+compares. tests/test_golden.py runs the check in a subprocess with the CPU kernels pinned
+(``ATEN_CPU_CAPABILITY``, ``MKL_CBWR``) so that calibrated bits do not depend on the CPU model.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+MANIFEST = HERE / "manifest.json"
+TOKENIZER = HERE / "tokenizer"
+
+#: the environment tests/test_golden.py runs the matrix under (also set by hand for --write)
+PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1",
+              "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+# hidden and every per-rank input a multiple of 128 (the AWQ group) at tp 1 and 2
+_TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
+             vocab_size=1000, num_hidden_layers=2)
+INPUTS = {
+    "llama": dict(family="llama", **_TINY),
+    "llama-bf16": dict(family="llama", dtype="bfloat16", seed=1, **_TINY),
+    "qwen2": dict(family="qwen2", seed=2, **_TINY),
+    # 9 heads / 3 KV heads (SmolLM2's attention): tp 2 needs --pad-heads
+    "smol-attn": dict(family="llama", seed=3, hidden_size=576, intermediate_size=768,
+                      num_attention_heads=9, num_key_value_heads=3, vocab_size=1000,
+                      num_hidden_layers=2),
+    "mixtral": dict(family="mixtral", seed=4, **_TINY),
+    "llama-sharded": dict(family="llama", seed=5, max_shard_size="300KB", **_TINY),
+}
+
+_CK = ["--checkpoint-only"]
+_CAL = ["--calib-size", "8", "--calib-seq-len", "128"]
+#: name -> (input, argv); "@case/dir" in argv is replaced by that earlier case's output dir
+CASES = {
+    # float
+    "float-tp1": ("llama", ["--tp", "1", *_CK]),
+    "float-tp2-triton": ("llama", ["--tp", "2"]),
+    "float-tp4": ("llama", ["--tp", "4", *_CK]),
+    "float-pp2": ("llama", ["--pp", "2", *_CK]),
+    "float-tp2-pp2": ("llama", ["--tp", "2", "--pp", "2", *_CK]),
+    "float-fp32-out": ("llama", ["--tp", "2", "--dtype", "float32", *_CK]),
+    "float-bf16-src": ("llama-bf16", ["--tp", "2", *_CK]),
+    "float-sharded-src": ("llama-sharded", ["--tp", "2", *_CK]),
+    "float-pad-heads": ("smol-attn", ["--tp", "2", "--pad-heads", *_CK]),
+    "float-qwen2-bias": ("qwen2", ["--tp", "2", *_CK]),
+    "float-workers2": ("llama", ["--tp", "2", "--workers", "2", *_CK]),
+    # TensorRT-LLM's SmoothQuant plugin formats, modelopt's recipe, the alpha search
+    "sq-default-triton": ("llama", ["--tp", "2", "--smoothquant", *_CAL]),
+    "sq-ch-tensor": ("llama", ["--tp", "2", "--smoothquant", "0.5", "--sq-activations", "tensor",
+                               *_CAL, *_CK]),
+    "sq-tensor-token": ("llama", ["--tp", "2", "--smoothquant", "--sq-weights", "tensor",
+                                  *_CAL, *_CK]),
+    "sq-tensor-tensor": ("llama", ["--tp", "2", "--smoothquant", "--sq-weights", "tensor",
+                                   "--sq-activations", "tensor", *_CAL, *_CK]),
+    "sq-auto": ("llama", ["--tp", "2", "--smoothquant", "auto", *_CAL, *_CK]),
+    "sq-modelopt": ("llama", ["--tp", "2", "--smoothquant", "--sq-recipe", "modelopt",
+                              *_CAL, *_CK]),
+    "sq-int8kv-pp2": ("llama", ["--pp", "2", "--smoothquant", "--kv-cache-dtype", "int8",
+                                *_CAL, *_CK]),
+    "sq-qwen2": ("qwen2", ["--tp", "2", "--smoothquant", *_CAL, *_CK]),
+    "sq-pad-heads": ("smol-attn", ["--tp", "2", "--pad-heads", "--smoothquant", *_CAL, *_CK]),
+    # modelopt-calibrated and max-calibrated formats
+    "fp8": ("llama", ["--tp", "2", "--fp8", *_CAL, *_CK]),
+    "fp8-fp8kv": ("llama", ["--tp", "2", "--fp8", "--kv-cache-dtype", "fp8", *_CAL, *_CK]),
+    "fp8-qwen2": ("qwen2", ["--tp", "2", "--fp8", *_CAL, *_CK]),
+    "fp8-pad-heads": ("smol-attn", ["--tp", "2", "--pad-heads", "--fp8", *_CAL, *_CK]),
+    "kv-int8": ("llama", ["--tp", "2", "--kv-cache-dtype", "int8", *_CAL, *_CK]),
+    "kv-fp8": ("llama", ["--tp", "2", "--kv-cache-dtype", "fp8", *_CAL, *_CK]),
+    "awq128": ("llama", ["--tp", "2", "--awq", *_CAL, *_CK]),
+    "awq64": ("llama", ["--tp", "2", "--awq", "--awq-block-size", "64", *_CAL, *_CK]),
+    "awq-int8kv": ("llama", ["--tp", "1", "--awq", "--kv-cache-dtype", "int8", *_CAL, *_CK]),
+    # weight-only: float weights, quant_algo declared (trtllm-build quantizes)
+    "w8a16": ("llama", ["--tp", "2", "--int8-weight-only", *_CK]),
+    "w4a16": ("llama", ["--tp", "2", "--int4-weight-only", *_CK]),
+    # mixture of experts
+    "moe-tp2": ("mixtral", ["--tp", "2", *_CK]),
+    "moe-ep2": ("mixtral", ["--tp", "2", "--moe-tp", "1", "--moe-ep", "2", *_CK]),
+    "moe-tp2-ep2": ("mixtral", ["--tp", "4", "--moe-tp", "2", "--moe-ep", "2", *_CK]),
+    "moe-fp8": ("mixtral", ["--tp", "2", "--fp8", *_CAL, *_CK]),
+    "moe-w8a16": ("mixtral", ["--tp", "2", "--int8-weight-only", *_CK]),
+    "moe-awq": ("mixtral", ["--tp", "2", "--awq", *_CAL, *_CK]),
+    # the PyTorch backend's unified checkpoint (and its LLM-API Triton repository)
+    "pytorch-float-triton": ("llama", ["--target", "pytorch"]),
+    "pytorch-fp8": ("llama", ["--target", "pytorch", "--fp8", *_CAL, *_CK]),
+    "pytorch-sq": ("llama", ["--target", "pytorch", "--smoothquant", *_CAL, *_CK]),
+    "pytorch-awq": ("llama", ["--target", "pytorch", "--awq", *_CAL, *_CK]),
+    "pytorch-w8a16": ("llama", ["--target", "pytorch", "--int8-weight-only", *_CK]),
+    "pytorch-fp8kv": ("llama", ["--target", "pytorch", "--fp8", "--kv-cache-dtype", "fp8",
+                                *_CAL, *_CK]),
+    # one calibration reused for another layout
+    "reuse-tp2-from-fp8": ("llama", ["--tp", "1", "--fp8", "--calibration", "@fp8/calibration",
+                                     *_CAL, *_CK]),
+    "reuse-sq-pp2": ("llama", ["--pp", "2", "--smoothquant", "--calibration",
+                               "@sq-default-triton/calibration", *_CAL, *_CK]),
+}
+
+_TEXT_SUFFIXES = {".json", ".pbtxt", ".yaml", ".yml", ".sh", ".txt", ".py", ".md", ".jinja"}
+_VOLATILE = ("created_utc", "versions", "stage_timings_s")
+
+
+def make_inputs(root: Path) -> dict[str, Path]:
+    """The tiny models of INPUTS under ``root``, each with the committed tokenizer."""
+    import torch
+
+    from examples.tiny import make_tiny_model
+
+    dirs = {}
+    for name, spec in INPUTS.items():
+        spec = dict(spec)
+        dtype = getattr(torch, spec.pop("dtype", "float32"))
+        d = root / "models" / name
+        make_tiny_model(d, dtype=dtype, **spec)
+        for f in TOKENIZER.iterdir():
+            shutil.copy(f, d / f.name)
+        dirs[name] = d
+    return dirs
+
+
+def _normalise_build_json(data: dict) -> dict:
+    for k in _VOLATILE:
+        data.pop(k, None)
+    for entry in data.get("outputs", {}).get("files", []):
+        if Path(entry.get("path", "")).suffix in _TEXT_SUFFIXES:
+            entry.pop("blake3", None), entry.pop("size", None)
+    engines = data.get("engines")
+    if isinstance(engines, dict):
+        for k in ("hosts", "host", "gpus"):
+            engines.pop(k, None)
+    return data
+
+
+def digest_tree(out: Path, root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``out`` (see the module docstring)."""
+    digests = {}
+    for f in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel = f.relative_to(out).as_posix()
+        data = f.read_bytes()
+        if f.name == "build.json":
+            norm = _normalise_build_json(json.loads(data))
+            data = json.dumps(norm, sort_keys=True).encode()
+        elif f.name == "calibration.json":
+            norm = json.loads(data)
+            norm.pop("seconds", None)
+            data = json.dumps(norm, sort_keys=True).encode()
+        if f.suffix in _TEXT_SUFFIXES or f.name == "build.json":
+            data = data.replace(str(root).encode(), b"<ROOT>")
+        digests[rel] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def run_case(name: str, models: dict[str, Path], root: Path, outs: dict[str, Path]) -> dict:
+    """Run one case in this process; return {"exit": status, "files": {path: sha256}}."""
+    from builders.cli import main
+
+    model, argv = CASES[name]
+    out = root / "out" / name
+    argv = [str(outs[a[1:].split("/")[0]] / a.split("/", 1)[1]) if a.startswith("@") else a
+            for a in argv]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        rc = main(["--model", str(models[model]), "--output", str(out), "--no-progress", *argv])
+    outs[name] = out
+    if rc not in (0, 3):
+        raise RuntimeError(f"golden case {name} exited {rc}:\n{buf.getvalue()}")
+    return {"exit": rc, "files": digest_tree(out, root)}
+
+
+def run_matrix(names=None) -> dict:
+    """Run the matrix (or the named cases, with the cases they reuse) in a temporary directory."""
+    import os
+
+    names = list(CASES) if names is None else list(names)
+    with tempfile.TemporaryDirectory(prefix="golden-") as tmp:
+        root = Path(tmp).resolve()
+        old_cache = os.environ.get("BUILD_ENGINE_CACHE")
+        os.environ["BUILD_ENGINE_CACHE"] = str(root / "cache")
+        try:
+            models = make_inputs(root)
+            inputs = {n: digest_tree(d, root) for n, d in models.items()}
+            outs: dict[str, Path] = {}
+            cases = {n: run_case(n, models, root, outs) for n in CASES if n in names}
+        finally:
+            if old_cache is None:
+                os.environ.pop("BUILD_ENGINE_CACHE", None)
+            else:
+                os.environ["BUILD_ENGINE_CACHE"] = old_cache
+    return {"inputs": inputs, "cases": cases}
+
+
+def compare(got: dict, want: dict) -> list[str]:
+    """Differences between two matrix results, one line each (empty: the same bytes)."""
+    diffs = []
+    for kind in ("inputs", "cases"):
+        for name in sorted(set(want[kind]) | set(got[kind])):
+            w, g = want[kind].get(name), got[kind].get(name)
+            if w is None or g is None:
+                diffs.append(f"{kind} {name}: {'missing' if g is None else 'not recorded'}")
+                continue
+            if kind == "cases" and w["exit"] != g["exit"]:
+                diffs.append(f"case {name}: exit {g['exit']}, recorded {w['exit']}")
+            wf = w["files"] if kind == "cases" else w
+            gf = g["files"] if kind == "cases" else g
+            for path in sorted(set(wf) | set(gf)):
+                if wf.get(path) != gf.get(path):
+                    state = ("missing" if path not in gf else "new" if path not in wf
+                             else "different bytes")
+                    diffs.append(f"{kind} {name}: {path}: {state}")
+    return diffs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--write", action="store_true", help="record tests/golden/manifest.json")
+    p.add_argument("--check", action="store_true", help="compare with tests/golden/manifest.json")
+    p.add_argument("--json", type=Path, help="also write the result here")
+    args = p.parse_args(argv)
+    sys.path[:0] = [str(REPO)]
+    got = run_matrix()
+    if args.json:
+        args.json.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    if args.write:
+        MANIFEST.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+        print(f"recorded {len(got['cases'])} cases in {MANIFEST}")
+    if args.check:
+        diffs = compare(got, json.loads(MANIFEST.read_text()))
+        print("\n".join(diffs) if diffs else f"same bytes: {len(got['cases'])} cases")
+        return 1 if diffs else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
