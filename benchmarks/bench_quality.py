@@ -119,7 +119,7 @@ def modelopt_checkpoint(out, model):
 
 def unified_checkpoint(hf_dir, out, spec, model):
     """The PyTorch target: our modelopt "unified" HF checkpoint (None: format not supported)."""
-    from convert.errors import UserError
+    from common.errors import UserError
     from convert.unified import check_supported, write_unified_checkpoint
 
     try:

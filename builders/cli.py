@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from convert import interrupt
+from common import interrupt
 from common.errors import UserError
 
 EXIT_MISMATCH, EXIT_USER, EXIT_NO_ENGINE, EXIT_INTERRUPTED = 1, 2, 3, 130

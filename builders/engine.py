@@ -41,7 +41,7 @@ Results and failures
   log. This run's engines are deleted, its logs kept in ``DIR/engines.failed-logs/``; ranks that
   other runs put in ``engines.partial`` stay. With ``force`` an older ``engines`` is removed too.
 
-It raises :class:`convert.errors.UserError` (exit code 2) for input mistakes: a missing or
+It raises :class:`common.errors.UserError` (exit code 2) for input mistakes: a missing or
 incomplete checkpoint, an invalid option value or rank range, an existing ``engines`` without
 ``force``, ranks of other inputs or of another GPU type in ``engines.partial``.
 """
@@ -71,8 +71,8 @@ from builders.engine_options import (BUILD_KEYS, KV_CACHE_TYPES, OPTION_SPECS,  
                                      deduced_max_seq_len, effective_lengths,
                                      engine_command_hint, options_from_args, parse_ranks,
                                      trtllm_build_args)
-from convert.atomic import swap_into_place
-from convert.errors import UserError
+from common.atomic import swap_into_place
+from common.errors import UserError
 
 BUILT, NOT_BUILT, FAILED = "built", "not_built", "failed"
 EXIT_BUILT, EXIT_NOT_BUILT, EXIT_BUILD_FAILED = 0, 3, 4

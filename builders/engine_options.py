@@ -13,7 +13,7 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, fields
 
-from convert.errors import UserError
+from common.errors import UserError
 
 _PLUGIN_DTYPES = ("auto", "float16", "bfloat16", "float32", "disable")
 _GEMM_CHOICES = ("auto", "float16", "bfloat16", "float32", "int32", "fp8", "nvfp4", "disable")

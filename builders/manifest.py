@@ -4,7 +4,7 @@ and every file that came out (BLAKE3 digest + size).
 File digests are BLAKE3 (``"blake3": hex``, what ``b3sum FILE`` prints; schema 2, which replaced
 schema 1's sha256): hashing every input and output file with sha256 was the CPU bottleneck of
 the float conversion, and one core hashes BLAKE3 ~3x faster. Output files the converter wrote in
-this process carry the digest its writer took while writing them (``convert.digests``: same
+this process carry the digest its writer took while writing them (``common.digests``: same
 inode, size and mtime), so they are not read back; other files are hashed in fixed-size chunks
 (files can be many GB). Keys are written sorted and
 lists are in a fixed order (files sorted by path), so two builds with the same inputs, options
@@ -61,7 +61,7 @@ def file_digest(path, chunk_size: int = CHUNK_BYTES) -> str:
 
 def _digest_of(path: Path) -> str:
     """The writer's digest of a file it wrote (unchanged since), else read and hashed."""
-    from convert.digests import known
+    from common.digests import known
 
     return known(path) or file_digest(path)
 

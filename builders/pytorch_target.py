@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from convert.errors import UserError
+from common.errors import UserError
 
 CHECKPOINT_DIR = "hf_quantized"
 TRITON_DIR = "triton"

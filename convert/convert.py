@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from common.fileio import reusing_buffers
 
-from . import interrupt
-from .atomic import swap_into_place
-from .errors import UserError
-from .interrupt import Interrupted
+from common import interrupt
+from common.atomic import swap_into_place
+from common.errors import UserError
+from common.interrupt import Interrupted
 from .hf_config import from_hugging_face, model_shape, pp_layer_range, preflight, read_hf_config
 from .moe import MoeLayout, moe_layout
 from .plan import rank_plan

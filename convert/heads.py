@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from .errors import UserError
+from common.errors import UserError
 
 if TYPE_CHECKING:  # the padding of calibrated tensors computes with torch; the plan does not
     import torch

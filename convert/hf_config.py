@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config_json import normalised_config
-from .errors import UserError
+from common.errors import UserError
 from .heads import HeadPadding, choose_padding
 from .moe import NORMALIZATION_RENORMALIZE, moe_config, moe_layout
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
+from common.errors import UserError
 
 #: tensorrt_llm.layers.moe.MoeConfig.ExpertScaleNormalizationMode: NONE (softmax, then top-k) = 0,
 #: RENORMALIZE (top-k, then softmax over those k; Mixtral) = 1

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from common.dtypes import BY_NAME, DType
 
-from .errors import UserError
+from common.errors import UserError
 from .families import FAMILIES, Rule
 from .hf_config import Shape, pp_layer_range
 from .moe import MoeLayout

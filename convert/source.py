@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from common.dtypes import BY_ST, DType
 from common.fileio import pread_exact
 
-from .errors import UserError
+from common.errors import UserError
 
 if TYPE_CHECKING:
     import torch

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import swap_into_place
-from .errors import UserError
+from common.atomic import swap_into_place
+from common.errors import UserError
 from .source import SourceCheckpoint
 from .writer import write_file
 

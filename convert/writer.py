@@ -11,7 +11,7 @@ zero padding), see convert.chunks; torch tensors are taken too. Files are writte
 ``O_DIRECT`` (``common.fileio.DirectSink``: spans are ``pread`` into aligned staging buffers that
 two threads write out), which on the VM measured in BENCHMARKS.md is 2-4x faster than going
 through the page cache. Every staging buffer is also fed to a BLAKE3 hash on another thread, and
-the digest is recorded (convert.digests) for build.json, which therefore never reads an output
+the digest is recorded (common.digests) for build.json, which therefore never reads an output
 back. Where the file system refuses ``O_DIRECT`` (tmpfs) or ``BUILD_ENGINE_DIRECT_IO=0``, files go
 through the page cache, spans copied file to file by the kernel (``copy_file_range``, as ``cp``
 does; build.json then hashes them).
@@ -33,7 +33,7 @@ from common.dtypes import as_dtype
 from common.fileio import DirectSink, nbytes, write_all  # noqa: F401 (nbytes re-exported)
 from common.fileio import header_bytes as _header_bytes
 
-from . import digests
+from common import digests
 from .chunks import CHUNK_BYTES, ByteChunk, FileSpan, iter_chunks  # noqa: F401 (re-exported)
 
 # Direct I/O: "auto" and "1" (every file, where the file system takes it), "0" (never); the

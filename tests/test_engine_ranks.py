@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from builders.engine import FAILED, build_engines
-from convert.errors import UserError
+from common.errors import UserError
 from engine_fakes import RecordingFakeTrtllm, engine_files, make_checkpoint
 
 

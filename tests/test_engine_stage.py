@@ -21,7 +21,7 @@ from builders import engine as E
 from builders.engine import (BUILT, FAILED, NOT_BUILT, CONTAINER, INSTALL_COMMAND, EngineOptions,
                              TrtllmBackend, add_engine_arguments, build_engines,
                              engine_command_hint, options_from_args)
-from convert.errors import UserError
+from common.errors import UserError
 from engine_fakes import RecordingFakeTrtllm, engine_files, make_checkpoint
 
 # What reaches TensorRT-LLM for every rank with default options: trtllm-build's names and the

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from builders.cli import main
 from convert.convert import convert_checkpoint
-from convert.errors import UserError
+from common.errors import UserError
 from convert.heads import QUANT_HEAD_AXES, HeadPadding, choose_padding, pad_quant_state
 from quant_common import byte_tokenizer
 from verify.perplexity import checkpoint_ppl

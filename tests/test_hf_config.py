@@ -6,7 +6,7 @@ import json
 import pytest
 from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
-from convert.errors import UserError
+from common.errors import UserError
 from convert.hf_config import (from_hugging_face, model_shape, pp_layer_range, preflight,
                                read_hf_config, valid_tp_values)
 

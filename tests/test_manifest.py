@@ -161,7 +161,7 @@ def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, mon
     from disk again (the writer's digest is tied to its size and mtime)."""
     import builders.manifest as M
     from builders.cli import main
-    from convert import digests
+    from common import digests
 
     hf_dir, _ = tiny_model()
     read_back = []

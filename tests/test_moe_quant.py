@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from convert.convert import convert_checkpoint
-from convert.errors import UserError
+from common.errors import UserError
 from hf4_export import hf4_dir
 from quant_common import TINY, byte_tokenizer
 from quantize.calibrate import calibrate

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convert.errors import UserError
+from common.errors import UserError
 from convert.unified import check_supported, write_unified_checkpoint
 from quantize.calibrate import calibrate
 from quantize.formats import QuantSpec

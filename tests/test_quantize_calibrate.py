@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convert.errors import UserError
+from common.errors import UserError
 from quantize.calibrate import calibrate, make_calib_batches
 from quantize.modelopt_state import extract_quant_state, shard_quant_state
 from quantize.formats import (

@@ -311,7 +311,7 @@ def test_interrupted_run_is_never_resumed_with_files_of_another_spec(tmp_path, c
     command; another spec rewrites every rank, and a calibrated run never resumes (a new
     calibration must not be mixed with ranks of an earlier one)."""
     import convert.convert as cc
-    from convert.interrupt import Interrupted
+    from common.interrupt import Interrupted
     from examples.tiny import make_tiny_model
 
     hf_dir = tmp_path / "hf"

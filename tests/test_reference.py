@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert.errors import UserError
+from common.errors import UserError
 from verify.reference import (LINEAR_KERNELS, ReferenceModel, compare_with_hf, load_checkpoint, main,
                                register_linear, verify)
 

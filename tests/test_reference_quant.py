@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert.errors import UserError
+from common.errors import UserError
 from verify.perplexity import checkpoint_ppl, hf_ppl, windows
 from verify.reference import LINEAR_KERNELS, QuantSpec as ReaderSpec, ReferenceModel, compare_with_hf, verify
 from verify.reference_quant import unpack_int4_rows

@@ -12,7 +12,7 @@ import pytest
 
 import convert.convert as cc
 from convert.convert import Interrupted, convert_checkpoint
-from convert.errors import UserError
+from common.errors import UserError
 
 
 def hashes(d):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.errors import UserError
+from common.errors import UserError
 from examples import smollm2 as sm
 
 REPO = Path(__file__).resolve().parents[1]

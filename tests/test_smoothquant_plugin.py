@@ -321,7 +321,7 @@ def test_reader_catches_a_wrong_smoother_or_scale(tmp_path, tiny_model, calib_te
 def test_pytorch_target_takes_the_modelopt_recipe_only():
     import argparse
 
-    from convert.errors import UserError
+    from common.errors import UserError
     from quantize.flags import sq_algo
 
     ns = dict(sq_recipe=None, sq_activations=None, sq_weights=None, target="pytorch")

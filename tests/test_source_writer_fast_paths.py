@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from common import fileio
-from convert import digests, writer
+from common import digests, writer
 from convert.convert import convert_checkpoint
 from convert.source import SourceCheckpoint
 
@@ -91,7 +91,7 @@ def test_corrupt_offsets_are_a_user_error(tmp_path):
     import json
     import struct
 
-    from convert.errors import UserError
+    from common.errors import UserError
 
     t = {"dtype": "F16", "shape": [4, 4], "data_offsets": [0, 16]}  # needs 32 bytes
     raw = json.dumps({"w": t}).encode()
@@ -189,7 +189,7 @@ def test_direct_io_write_error_surfaces(tmp_path, monkeypatch):
     import errno
 
     from examples.tiny import make_tiny_model
-    from convert.errors import UserError
+    from common.errors import UserError
 
     hf_dir = tmp_path / "hf"
     make_tiny_model(hf_dir, num_hidden_layers=2, dtype=torch.float16)
@@ -257,7 +257,7 @@ def test_failed_background_fsync_fails_the_run_and_leaves_nothing(tmp_path, monk
     import errno
     import os
 
-    from convert.errors import UserError
+    from common.errors import UserError
     from examples.tiny import make_tiny_model
 
     hf_dir = tmp_path / "hf"

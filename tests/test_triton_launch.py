@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from builders import triton as tr
-from convert.errors import UserError
+from common.errors import UserError
 from triton_fakes import checkpoint_config, engine_repo, params
 
 

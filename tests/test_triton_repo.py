@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from builders import triton as tr
-from convert.errors import UserError
+from common.errors import UserError
 from triton_fakes import checkpoint_config, engine_repo, hf_dir, no_placeholders, params
 
 

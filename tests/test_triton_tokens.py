@@ -13,7 +13,7 @@ import pytest
 
 from builders import triton as tr
 from builders.triton.tokens import special_token_ids
-from convert.errors import UserError
+from common.errors import UserError
 from triton_fakes import FakeRequest, checkpoint_config, init_model, outputs_of, params
 
 

@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from convert.errors import UserError
+from common.errors import UserError
 
 Tensor = torch.Tensor
 

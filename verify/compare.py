@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from convert.errors import UserError
+from common.errors import UserError
 
 from .float_model import float_logits, hf_vocab_size
 from .model import ReferenceModel

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from convert.errors import UserError
+from common.errors import UserError
 
 from common.heap import release_memory
 from .model import HEAD_CHUNK

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from convert.errors import UserError
+from common.errors import UserError
 
 Tensor = torch.Tensor
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from common.heap import release_memory
-from convert.errors import UserError
+from common.errors import UserError
 
 from .checkpoint import LAYER_RE, mapping, open_checkpoint, pp_layers
 from .kernels import KV_CACHE_KERNELS, LINEAR_INPUT_SCALES, LINEAR_KERNELS, QuantSpec, linear, names_of

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from convert.errors import UserError
+from common.errors import UserError
 
 Tensor = torch.Tensor
 

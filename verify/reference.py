@@ -41,7 +41,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from convert.errors import UserError
+from common.errors import UserError
 
 from .checkpoint import load_checkpoint, pp_layers  # noqa: F401  (the reader's public names)
 from .compare import (KV_TOLERANCE, MIN_ARGMAX_AGREEMENT, QUANT_TOLERANCE, REL_TOLERANCE,  # noqa: F401

@@ -23,7 +23,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from convert.errors import UserError
+from common.errors import UserError
 
 Tensor = torch.Tensor
 

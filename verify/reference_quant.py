@@ -42,7 +42,7 @@ from typing import Mapping
 
 import torch
 
-from convert.errors import UserError
+from common.errors import UserError
 from .kernels import QuantSpec, _require, register_kv_cache, register_linear
 
 Tensor = torch.Tensor

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from convert.errors import UserError
+from common.errors import UserError
 
 Tensor = torch.Tensor
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from builders.engine_options import deduced_max_seq_len
-from convert.errors import UserError
+from common.errors import UserError
 
 # trtllm-build's defaults in TensorRT-LLM 1.2 (BuildConfig), used when a value is not given
 _BUILD_DEFAULTS = {"max_batch_size": 2048, "max_input_len": 1024, "max_seq_len": None,

@@ -16,7 +16,7 @@ from builders.triton.repo_files import (BLS, ENSEMBLE, LAUNCH_SCRIPT, POSTPROCES
                                         check_tokenizer, copy_template, copy_tokenizer,
                                         write_atomically, write_file)
 from builders.triton.tokens import special_token_ids
-from convert.errors import UserError
+from common.errors import UserError
 
 # upstream's default location of the orchestrator-mode worker inside the Triton TRT-LLM container
 EXECUTOR_WORKER = "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"

@@ -14,7 +14,7 @@ from builders.triton.repo_files import (LAUNCH_SCRIPT, REPO_INFO, TENSORRT_LLM, 
                                         check_tokenizer, copy_template, write_atomically,
                                         write_file)
 from builders.triton.tokens import special_token_ids
-from convert.errors import UserError
+from common.errors import UserError
 
 
 def _check_hf_model_dir(model_dir) -> Path:

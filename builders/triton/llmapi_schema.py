@@ -1,7 +1,7 @@
 """What the LLM-API backend's model.yaml may contain, and its check."""
 from __future__ import annotations
 
-from convert.errors import UserError
+from common.errors import UserError
 
 # --- model.yaml keys of the LLM-API backend -----------------------------------------------------
 # NVIDIA/TensorRT-LLM triton_backend/all_models/llmapi/tensorrt_llm/1/model.py reads model.yaml

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from convert.errors import UserError
+from common.errors import UserError
 
 _PB2 = None
 

@@ -5,7 +5,7 @@ import argparse
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from convert.errors import UserError
+from common.errors import UserError
 
 # V1 (static batching) is not offered: tensorrtllm_backend deprecated it, and in-flight batching
 # serves every engine this project builds (paged KV cache, packed inputs, attention plugin).

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from builders.triton.validate import validate_repo
-from convert.errors import UserError
+from common.errors import UserError
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "triton_templates"
 ENSEMBLE, PREPROCESSING, TENSORRT_LLM, POSTPROCESSING, BLS = (

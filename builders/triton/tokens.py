@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from convert.errors import UserError
+from common.errors import UserError
 
 
 def _ids(value) -> list[int]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from builders.triton.llmapi_schema import check_llmapi_model_yaml
 from builders.triton.model_config import model_config_pb2, parse_config
-from convert.errors import UserError
+from common.errors import UserError
 
 _PLACEHOLDER = re.compile(r"\$\{[^}]*\}?")
 
