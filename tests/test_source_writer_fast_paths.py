@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 
 from common import fileio
-from common import digests, writer
+from common import digests
+from convert import writer
 from convert.convert import convert_checkpoint
 from convert.source import SourceCheckpoint
 
