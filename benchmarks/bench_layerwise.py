@@ -33,6 +33,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -301,7 +302,7 @@ def table(results: list[dict], load: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_layerwise"))
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_layerwise")
     ap.add_argument("--rows", default=DEFAULT_ROWS,
                     help="comma list of preset:layers:format[:whole|:bare|:lwbare|:ckpt] (format: sqp, "
                          "sqpa, sq, fp8, awq)")

@@ -2,9 +2,13 @@
 
     python benchmarks/bench_quality.py --write-md BENCHMARKS.md      # ~15-25 min on 2 CPU cores
 
-Calibration: /work/shared/data/shakespeare.txt (``--calib-file``), ``--calib-size`` x ``--calib-seq-len``
-tokens (default 16 x 256: CPU calibration is the cost; the converter's default is 32 x 512).
-Evaluation: a fixed slice of /work/shared/data/austen.txt (``--eval-file``, from character
+Calibration: ``--calib-file`` (default: tests/data/shakespeare.txt, the public-domain Shakespeare
+text shipped with the tests, 20,000 characters, about 6,000 SmolLM2 tokens), ``--calib-size`` x
+``--calib-seq-len`` tokens (default 16 x 256: CPU calibration is the cost; the converter's default
+is 32 x 512). Samples are consecutive windows from the start of the text, so the shipped prefix
+gives the same samples as the full text up to about 6,000 tokens; for more, pass a longer text.
+Evaluation: a fixed slice of ``--eval-file`` (default: tests/data/austen.txt, the shipped
+public-domain Austen text, 200,000 characters; from character
 ``--eval-offset``), ``--ppl-tokens`` tokens in windows of ``--ppl-seq-len`` (each window scored from
 its own start), the same windows for every row. Every checkpoint is fp16 at tp 1 and runs through
 ``verify.reference`` (TensorRT-LLM's semantics on CPU, quantization simulated).
@@ -41,7 +45,7 @@ import torch  # noqa: E402
 
 from verify.perplexity import checkpoint_ppl, hf_ppl, windows, tokenize  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "data"
+TEXTS = REPO / "tests" / "data"  # public-domain texts shipped with the tests
 
 # (label, quant_algo, kv dtype, smoothquant alpha, awq block) -- one table row each
 ROWS = [
@@ -193,8 +197,8 @@ def write_block(path, begin, end, table):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF dir (default: the cached SmolLM2-135M)")
-    ap.add_argument("--calib-file", default=str(SHARED / "shakespeare.txt"))
-    ap.add_argument("--eval-file", default=str(SHARED / "austen.txt"))
+    ap.add_argument("--calib-file", default=str(TEXTS / "shakespeare.txt"))
+    ap.add_argument("--eval-file", default=str(TEXTS / "austen.txt"))
     ap.add_argument("--eval-offset", type=int, default=100_000, help="first character of the eval slice")
     ap.add_argument("--calib-size", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=256)
@@ -269,7 +273,7 @@ def main(argv=None) -> int:
 
     base = hf["perplexity"]
     lines = [
-        f"Model: SmolLM2-135M ({args.model}), fp16 checkpoints at tp 1, perplexity through the CPU reference "
+        f"Model: SmolLM2-135M ({Path(args.model).name}), fp16 checkpoints at tp 1, perplexity through the CPU reference "
         f"reader (TensorRT-LLM semantics, quantization simulated). Evaluation: {n_tok} tokens of "
         f"`{Path(args.eval_file).name}` from character {args.eval_offset} in {n_tok // args.ppl_seq_len} "
         f"windows of {args.ppl_seq_len} ({hf['tokens']} scored). Calibration: `{Path(args.calib_file).name}`, "

@@ -65,7 +65,7 @@ LLAMA_HEAD = (
 )
 
 
-# Mixtral (tensorrt_llm/models/llama/convert.py, the has_moe_tp() path; ../shared/notes/moe.md):
+# Mixtral (tensorrt_llm/models/llama/convert.py, the has_moe_tp() path; docs/trtllm-format.md, MoE):
 # attention and norms as Llama; the router unquantized, unsplit, float32; experts stacked over the
 # rank's expert-parallel block into [E_local, 2*I/moe_tp, H] with each expert's w3 (up) slice FIRST,
 # then w1 (gate; SiLU branch), the inverse of dense Llama's fc/gate naming, and w2 into

@@ -72,7 +72,8 @@ EXPECTED = dict(num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
                 num_hidden_layers=30, vocab_size=49152, intermediate_size=1536)
 
 DEFAULT_PROMPT = "The capital of France is"
-# Fallback passage for check_smollm2 when ../shared/data is absent (Lincoln, 1863; public domain).
+# Fallback passage for check_smollm2 when the Austen text shipped with the tests is absent (an
+# installed package without tests/; Lincoln, 1863; public domain).
 _FALLBACK_TEXT = (
     "Four score and seven years ago our fathers brought forth on this continent, a new nation, "
     "conceived in Liberty, and dedicated to the proposition that all men are created equal. "
@@ -82,7 +83,7 @@ _FALLBACK_TEXT = (
     "who here gave their lives that that nation might live. It is altogether fitting and proper "
     "that we should do this."
 )
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+AUSTEN_TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "austen.txt"  # public domain
 _STALE_TMP_S = 24 * 3600   # leftover temp dirs older than this (a killed run) are removed
 
 
@@ -378,8 +379,9 @@ def _storage_dtype(model):
 
 
 def default_text(max_chars: int = 2000) -> tuple[str, str]:
-    """(text, where it came from): the opening of Pride and Prejudice if present, else Lincoln."""
-    p = SHARED_DATA / "austen.txt"
+    """(text, where it came from): the opening of Pride and Prejudice (tests/data/austen.txt) if
+    present, else Lincoln."""
+    p = AUSTEN_TEXT
     if p.is_file():
         return p.read_text(encoding="utf-8", errors="replace")[:max_chars], str(p)
     return _FALLBACK_TEXT[:max_chars], "built-in (Gettysburg Address)"

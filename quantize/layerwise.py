@@ -3,7 +3,7 @@
 Peak memory is one layer's weights plus the calibration activations, whatever the depth. The
 result is modelopt's whole-model ``mtq.quantize`` bit for bit (tests/test_quantize_convert.py),
 because each layer sees exactly what it sees inside the whole model
-(../shared/notes/layerwise-calibration.md):
+(docs/layerwise-calibration.md):
 
 * the layer inputs the model builds (embedding, rotary ``position_embeddings``, the mask and
   every other keyword) are caught by running the model's own forward with the decoder layers

@@ -26,7 +26,7 @@ Tensor = torch.Tensor
 
 __all__ = ["extract_quant_state", "shard_quant_state", "quant_state_names"]
 
-# HF Llama-family module names -> TensorRT-LLM names (see ../shared/notes/trtllm-checkpoint.md).
+# HF Llama-family module names -> TensorRT-LLM names (see docs/trtllm-format.md).
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 TRTLLM_MLP = {"gate_proj": "mlp.fc", "up_proj": "mlp.gate", "down_proj": "mlp.proj"}

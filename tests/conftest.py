@@ -10,7 +10,6 @@ import pytest
 from trtllm_api_doubles import GENERATIONS  # the any_trtllm fixture's parameters
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture
@@ -34,22 +33,20 @@ def smollm2_dir():
     return prepare_smollm2()
 
 
-TEST_DATA = REPO / "tests" / "data"  # prefixes of the same texts (see tests/data/README.md)
+TEST_DATA = REPO / "tests" / "data"  # public-domain texts shipped with the tests (see its README)
 
 
 @pytest.fixture(scope="session")
 def shared_text():
-    """Public-domain text from ../shared/data, else its prefix shipped in tests/data; skip with
-    the reason only when a test asks for more than that prefix holds."""
+    """The first ``max_chars`` characters of a public-domain text shipped in tests/data
+    (``austen.txt``, ``shakespeare.txt``). A test that asks for more than the shipped text holds
+    fails (it never skips): ship a longer prefix in tests/data instead."""
 
-    def read(name: str, max_chars: int | None = None) -> str:
-        p = SHARED_DATA / name
-        if p.exists():
-            text = p.read_text(encoding="utf-8", errors="replace")
-            return text[:max_chars] if max_chars else text
+    def read(name: str, max_chars: int) -> str:
         text = (TEST_DATA / name).read_text(encoding="utf-8")
-        if max_chars is None or max_chars > len(text):
-            pytest.skip(f"{p} is absent and tests/data/{name} holds only {len(text)} characters")
+        if max_chars > len(text):
+            pytest.fail(f"tests/data/{name} holds {len(text)} characters, the test asks for "
+                        f"{max_chars}: ship a longer prefix (tests/data/README.md)")
         return text[:max_chars]
 
     return read
@@ -81,14 +78,14 @@ def pb_utils(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    """A real Hugging Face tokenizer directory: a byte-level BPE trained here on Austen (or a
-    built-in text), with <s> added in front of every prompt, wrapped in PreTrainedTokenizerFast."""
+    """A real Hugging Face tokenizer directory: a byte-level BPE trained here on Austen (the text
+    shipped in tests/data), with <s> added in front of every prompt, wrapped in
+    PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-    from triton_fakes import PROMPTS, SHARED_TEXT
+    from triton_fakes import AUSTEN_TEXT
 
-    text = (SHARED_TEXT.read_text(encoding="utf-8", errors="replace")[:200_000]
-            if SHARED_TEXT.exists() else " ".join(PROMPTS) * 50).splitlines()
+    text = AUSTEN_TEXT.read_text(encoding="utf-8")[:200_000].splitlines()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

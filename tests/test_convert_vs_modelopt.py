@@ -1,6 +1,6 @@
 """Our checkpoint must hold exactly what nvidia-modelopt 0.47's export_tensorrt_llm_checkpoint
 writes for the same model: tensor names, shapes, dtypes and values (modelopt is the format
-reference; see ../shared/notes/trtllm-checkpoint.md)."""
+reference; see docs/trtllm-format.md)."""
 from __future__ import annotations
 
 import json

@@ -5,7 +5,7 @@ Checkpoints come from two writers, never from this project's converter:
   fp16/bf16 (a float32 request is turned into float16 with a warning), so these tests check
   fp16/bf16 rounding tolerances;
 * ``handwritten_checkpoint`` below: a HAND-WRITTEN FIXTURE that lays out HF weights following
-  ../shared/notes/trtllm-checkpoint.md. It exists for what modelopt cannot export: float32 (the
+  docs/trtllm-format.md. It exists for what modelopt cannot export: float32 (the
   < 1e-5 check) and uneven pipeline splits (modelopt asserts num_layers % pp == 0). It is itself
   checked tensor-for-tensor against modelopt's export where modelopt can write the same thing.
 """

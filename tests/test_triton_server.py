@@ -15,7 +15,7 @@ Everything else (ensemble, preprocessing, postprocessing, BLS, the LLM-API model
 the launch flags) is served byte for byte as generated. Setup (``bash setup.sh``) makes
 ``.venv-triton``: a venv of Debian's /usr/bin/python3.11 (the Python-backend stub links its
 libpython) with numpy<2 (numpy 2 corrupts tensors crossing the stub), CPU torch, transformers and
-the wheel; see ../shared/notes/triton-real-server.md. Every wait is bounded; servers are stopped
+the wheel; see docs/triton-test-server.md. Every wait is bounded; servers are stopped
 by PID.
 """
 from __future__ import annotations

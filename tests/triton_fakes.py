@@ -25,7 +25,7 @@ import numpy as np
 from builders import triton as tr
 
 
-SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "austen.txt"
+AUSTEN_TEXT = Path(__file__).resolve().parent / "data" / "austen.txt"  # shipped, see data/README.md
 PROMPTS = ["It is a truth universally acknowledged, that a single man",
            "Ünïcödé – “quotes” and emoji 😀 survive the round trip."]
 _TRITON_NP = {"TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8, "TYPE_INT32": np.int32,

@@ -1,5 +1,5 @@
 """Mixture-of-experts layers for the CPU reference reader (verify/model.py), with TensorRT-LLM's
-semantics (``tensorrt_llm/layers/moe.py`` ``MixtureOfExperts``, ../shared/notes/moe.md):
+semantics (``tensorrt_llm/layers/moe.py`` ``MixtureOfExperts``; docs/trtllm-format.md, MoE):
 
 * router: ``mlp.router.weight`` [num_experts, hidden], float32, the same on every rank; the
   logits are computed in float32 from the normed hidden state;
