@@ -115,7 +115,7 @@ print("bare forward: %.2fs" % (time.perf_counter() - t1))
 LWBARE = """
 import sys, time, torch; sys.path.insert(0, {repo!r})
 from convert.source import SourceCheckpoint
-from quantize.calibrate import load_tokenizer
+from model.tokenizer import load_tokenizer
 from quantize.formats import QuantSpec
 from quantize.layerwise import LayerRunner, calib_batches
 spec = QuantSpec.create("W8A8_SQ_PER_CHANNEL", calib_size=4, calib_seq_len=64)
