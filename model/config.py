@@ -1,7 +1,9 @@
 """A model directory's config.json: parsed once, normalised as transformers' AutoConfig does."""
 from __future__ import annotations
 
+import copy
 import json
+import os
 from pathlib import Path
 
 from common.errors import UserError
@@ -17,6 +19,37 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+#: config.json parsed, per (real path, mtime, size): every reader of one run shares one parse
+_PARSED: dict = {}
+
+
+def config_dict(model_dir) -> dict:
+    """``model_dir/config.json`` parsed (read once per process while the file is unchanged);
+    raises OSError / ValueError as reading and json.loads would. Callers must not mutate it."""
+    path = os.path.realpath(Path(model_dir) / "config.json")
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _PARSED:
+        with open(path, encoding="utf-8") as f:
+            _PARSED[key] = json.loads(f.read())
+    return _PARSED[key]
+
+
+def pretrained_config(model_dir, **kwargs):
+    """transformers' config object of ``model_dir`` built from the shared parse (the class
+    AutoConfig would pick, ``from_dict`` as AutoConfig.from_pretrained calls it); AutoConfig
+    itself for a model_type transformers maps elsewhere or not at all."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    raw = config_dict(model_dir)
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in CONFIG_MAPPING or "auto_map" in raw:
+        return AutoConfig.from_pretrained(model_dir, **kwargs)
+    return CONFIG_MAPPING[model_type].from_dict(copy.deepcopy(raw), name_or_path=str(model_dir),
+                                                **kwargs)
+
+
 def read_config(model_dir) -> tuple[dict, object]:
     """(config.json as parsed, the config as AutoConfig normalises it): one read of the file,
     without transformers where ``model.config_json`` reproduces AutoConfig exactly, else with
@@ -28,7 +61,7 @@ def read_config(model_dir) -> tuple[dict, object]:
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir} has no config.json: it is not a Hugging Face model directory")
     try:
-        raw = json.loads((model_dir / "config.json").read_text())
+        raw = config_dict(model_dir)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{model_dir / 'config.json'} is not valid JSON ({e}); re-download the model")
     archs = raw.get("architectures") or []

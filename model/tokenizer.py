@@ -11,8 +11,14 @@ def load_tokenizer(hf_dir: Path, purpose: str = "calibration", fix: str = ""):
     the directory has none that loads."""
     from transformers import AutoTokenizer
 
+    from .config import pretrained_config
+
+    try:  # the model's config from the run's one parse, not reread by AutoTokenizer
+        kw = {"config": pretrained_config(hf_dir)}
+    except Exception:  # no usable config.json: AutoTokenizer's own reading and its error
+        kw = {}
     try:
-        return AutoTokenizer.from_pretrained(hf_dir)
+        return AutoTokenizer.from_pretrained(hf_dir, **kw)
     except Exception as e:  # transformers raises many types for a missing/broken tokenizer
         raise UserError(f"{purpose} needs the model's tokenizer but {hf_dir} has none that loads "
                         f"({type(e).__name__}); add tokenizer files to the model directory"
