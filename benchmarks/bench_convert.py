@@ -71,7 +71,7 @@ LIB_SCRIPT = """
 import sys, time
 sys.path.insert(0, sys.argv[4])
 from convert.convert import convert_checkpoint
-from convert.hf_config import read_hf_config
+from model.config import read_hf_config
 read_hf_config(sys.argv[1])  # imports before the clock starts
 t = time.perf_counter()
 convert_checkpoint(sys.argv[1], sys.argv[2], tp=int(sys.argv[3]), dtype="float16", force=True,

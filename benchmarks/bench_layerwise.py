@@ -57,9 +57,9 @@ DEFAULT_ROWS = ("8b:4:sqp,8b:16:sqp,8b:4:sq,8b:4:fp8,8b:16:fp8,8b:4:awq,8b:16:aw
 MARK_BEGIN, MARK_END = "<!-- layerwise:begin -->", "<!-- layerwise:end -->"
 
 WHOLE = """
-import sys, time, json; sys.path.insert(0, {repo!r})
+import sys, time, json; sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]
 from pathlib import Path
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint  # the whole-model reference path is test-only
 from quantize.calibrate import calibrate
 from quantize.formats import QuantSpec
 from quantize.smoothquant import calibrate_plugin
@@ -79,19 +79,20 @@ print("whole-model calibration: %.1fs, checkpoint %.1fs" % (t1 - t0, time.perf_c
 CKPT = """
 import sys, time; sys.path.insert(0, {repo!r})
 from pathlib import Path
-from convert.convert import convert_checkpoint, preflight_conversion
+from model.source import ModelSource
+from pipeline.checkpoint import convert_checkpoint, plan_layout
 from quantize import memory
 from quantize.formats import QuantSpec
 from quantize.run import CalibrationRun
 spec = QuantSpec.create({algo!r}, smoothquant_alpha={alpha!r}, calib_size=4, calib_seq_len=64)
-_, shape = preflight_conversion({model!r}, quant=spec)
-print("memory plan: " + memory.describe(memory.plan(shape, spec, tp=1, pp=1, device="cpu")))
+model = ModelSource.open({model!r})
+layout = plan_layout(model, quant=spec)
+print("memory plan: " + memory.describe(memory.plan(model.shape, spec, tp=1, pp=1, device="cpu")))
 t0 = time.perf_counter()
-timings = {{}}
-convert_checkpoint({model!r}, Path({out!r}) / "checkpoint", progress=False, quant=spec,
-                   timings=timings, calibration=CalibrationRun(store=Path({out!r}) / "calibration",
-                                                               device="cpu"))
-print("layer-wise checkpoint: %.1fs (%s)" % (time.perf_counter() - t0, timings))
+done = convert_checkpoint(model, Path({out!r}) / "checkpoint", layout, spec, progress=False,
+                          calibration=CalibrationRun(store=Path({out!r}) / "calibration",
+                                                     device="cpu"))
+print("layer-wise checkpoint: %.1fs (%s)" % (time.perf_counter() - t0, done.timings))
 """
 
 BARE = """
@@ -116,7 +117,7 @@ print("bare forward: %.2fs" % (time.perf_counter() - t1))
 LWBARE = """
 import sys, time, torch; sys.path.insert(0, {repo!r})
 from convert.source import SourceCheckpoint
-from quantize.calibrate import load_tokenizer
+from model.tokenizer import load_tokenizer
 from quantize.formats import QuantSpec
 from quantize.layerwise import LayerRunner, calib_batches
 spec = QuantSpec.create("W8A8_SQ_PER_CHANNEL", calib_size=4, calib_seq_len=64)

@@ -103,7 +103,8 @@ def calibrated_model(hf_dir, spec, calib_text, tok):
 
 def ours_checkpoint(hf_dir, out, spec, model):
     """This project's TRT-LLM checkpoint (build_engine's converter) for ``spec``."""
-    from convert.convert import convert_checkpoint
+    sys.path.insert(0, str(REPO / "tests"))
+    from convert_helper import convert_checkpoint  # the whole-model calibrated path is test-only
 
     convert_checkpoint(hf_dir, out, dtype="float16", progress=False, quant=spec,
                        calibrated_model=model)

@@ -24,18 +24,19 @@ CHECKPOINT_DIR = "hf_quantized"
 TRITON_DIR = "triton"
 
 
-def preflight(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_options=None,
+def preflight(model, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_options=None,
               triton: bool = True, force: bool = False) -> None:
-    """Every check that needs no weights: one-line UserError, nothing written."""
+    """Every check that needs no weights: one-line UserError, nothing written. ``model``: a
+    model.source.ModelSource."""
     from builders.triton import TritonOptions, check_tokenizer
-    from convert.hf_config import model_shape, preflight as tp_preflight, read_hf_config
     from convert.unified import check_supported
+    from model.shape import preflight as tp_preflight
 
     check_supported(spec)
     for name, v in (("tp", tp), ("pp", pp)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"--{name} must be a whole number >= 1 (got {v!r})")
-    shape = model_shape(read_hf_config(model_dir))
+    shape = model.shape
     tp_preflight(shape, tp, pp, can_pad=False)
     if shape.experts and spec.is_quantized:
         raise UserError(f"--target pytorch with {spec.name} is not supported for mixture-of-"
@@ -49,10 +50,27 @@ def preflight(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_opti
     if triton:
         opts = TritonOptions.from_any(triton_options).for_target("pytorch")
         tok = opts.tokenizer_dir
-        check_tokenizer(tok or model_dir, what="--tokenizer-dir" if tok else "model dir")
+        check_tokenizer(tok or model.directory, what="--tokenizer-dir" if tok else "model dir")
 
 
 def build_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
+                         triton_options=None, triton: bool = True, force: bool = False,
+                         calibrated_model=None, calib_text=None, tokenizer=None,
+                         progress: bool = True) -> dict:
+    """``preflight``, then ``write_pytorch_target`` (the library entry; build_engine's plan runs
+    the preflight itself, once)."""
+    from model.source import ModelSource
+
+    model = ModelSource.open(model_dir)
+    preflight(model, out_dir, spec, tp=tp, pp=pp, triton_options=triton_options, triton=triton,
+              force=force)
+    return write_pytorch_target(model.directory, out_dir, spec, tp=tp, pp=pp,
+                                triton_options=triton_options, triton=triton, force=force,
+                                calibrated_model=calibrated_model, calib_text=calib_text,
+                                tokenizer=tokenizer, progress=progress)
+
+
+def write_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
                          triton_options=None, triton: bool = True, force: bool = False,
                          calibrated_model=None, calib_text=None, tokenizer=None,
                          progress: bool = True) -> dict:
@@ -64,8 +82,6 @@ def build_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
     from builders.triton import validate_repo, write_llmapi_repo
     from convert.unified import write_unified_checkpoint
 
-    preflight(model_dir, out_dir, spec, tp=tp, pp=pp, triton_options=triton_options,
-              triton=triton, force=force)
     out_dir = Path(out_dir)
     ckpt = out_dir / CHECKPOINT_DIR
     hf_quant = write_unified_checkpoint(model_dir, ckpt, spec, calibrated_model=calibrated_model,

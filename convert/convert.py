@@ -21,7 +21,7 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors import safe_open
@@ -33,12 +33,10 @@ from common import interrupt
 from common.atomic import swap_into_place
 from common.errors import UserError
 from common.interrupt import Interrupted
-from .hf_config import from_hugging_face, model_shape, pp_layer_range, preflight, read_hf_config
-from .moe import MoeLayout, moe_layout
-from .plan import rank_plan
+from .hf_config import from_hugging_face
+from .plan import OutputTensor, rank_plan
 from .source import SourceCheckpoint
 from .writer import iter_chunks, nbytes, wait_durable, write_file
-from quantize.apply import MemoryTensor, StagedTensor, preflight_quant, vocab_multiple
 
 FINGERPRINT = "fingerprint.json"
 
@@ -54,7 +52,7 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
               position=rank if parallel else None, leave=False, disable=not progress) as bar:
         def produce(t):
             bar.set_postfix_str(t.name.replace("transformer.", ""), refresh=False)
-            if isinstance(t, (MemoryTensor, StagedTensor)):  # calibrated weights and scales
+            if not isinstance(t, OutputTensor):  # calibrated weights and scales (pipeline/)
                 yield t.tensor
                 return
             for piece in t.pieces:
@@ -81,11 +79,11 @@ def _write_rank_durable(*job) -> str:
     return path
 
 
-def _fingerprint(config: dict, plans, source: SourceCheckpoint, quant=None,
+def _fingerprint(config: dict, plans, source: SourceCheckpoint, options: str = "",
                  mtimes: bool = True) -> dict:
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True).encode())
-    h.update(repr(quant).encode())
+    h.update(options.encode())
     for plan in plans:
         for t in plan:
             h.update(repr((t.name, t.shape, str(t.dtype), [asdict(p) for p in t.pieces])).encode())
@@ -106,93 +104,87 @@ def _verify_files(tmp: Path, plans) -> None:
             raise AssertionError(f"rank{rank}.safetensors does not hold the planned tensors")
 
 
-def preflight_conversion(model_dir, *, tp: int = 1, pp: int = 1, quant=None,
-                         moe_tp: int | None = None, moe_ep: int | None = None,
-                         pad_heads: bool = False):
-    """Read the model's config and refuse a parallel layout or quantization format it cannot take
-    (one line, before any weight is read or any calibration); return (HF config, Shape). With
-    ``pad_heads`` the Shape carries the head padding tp needs (``shape.padding``; None if none)."""
-    hf = read_hf_config(Path(model_dir))
-    sq = quant is not None and (quant.quant_algo or "").startswith("W8A8_SQ")  # no kv duplication
-    shape = preflight(model_shape(hf), tp, pp, pad_heads=pad_heads, no_kv_duplication=sq)
-    moe = moe_layout(shape, tp, moe_tp, moe_ep)
-    preflight_quant(quant, shape, tp, pp)
-    if shape.experts and quant is not None and quant.quant_algo is not None:
-        # quantize.moe imports torch: not on the float path (it checks quantized experts only)
-        from quantize.moe import preflight_moe_quant
+@dataclass
+class CheckpointPlan:
+    """What a conversion writes: the checkpoint's config.json and every rank's tensors (streamed
+    from ``source``, or computed in memory by a calibrated format: pipeline/ replaces them)."""
 
-        preflight_moe_quant(quant, shape, moe)
-    return hf, shape
+    model_dir: Path
+    out_dir: Path
+    config: dict
+    plans: list
+    source: SourceCheckpoint
 
 
-def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
-                       workers: int = 1, force: bool = False, progress: bool = True,
-                       quantization: dict | None = None, quant=None,
-                       calibrated_model=None, timings: dict | None = None,
-                       ranks=None, moe_tp: int | None = None,
-                       moe_ep: int | None = None, pad_heads: bool = False,
-                       quant_report: dict | None = None, calibration=None) -> dict:
-    """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
-
-    ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
-    and only declare ``quant_algo`` (trtllm-build quantizes them); calibrated formats
-    (SmoothQuant, FP8, AWQ, KV cache) calibrate the model with modelopt first (or use
-    ``calibrated_model``, already calibrated for ``quant``) and write modelopt's tensors for the
-    quantized linears. ``quantization``: a raw ``quantization`` block (no calibration; for tests
-    and benchmarks), ignored when ``quant`` is given. ``timings``: a dict that receives the
-    seconds spent calibrating (``calibration``) and computing the quantized tensors
-    (``quantized_tensors``). ``ranks``: write only these ranks (see the module docstring); the
-    checkpoint is in ``out_dir`` once every rank is, else in ``out_dir.partial``.
-    ``moe_tp``/``moe_ep``: the experts' split of a mixture-of-experts
-    model (``convert.moe``; default moe_tp = tp, moe_ep = 1). ``pad_heads``: pad the attention
-    heads exactly when tp does not divide them (``convert.heads``); a no-op when it does.
-    ``quant_report``: a dict that receives what calibration chose (the
-    SmoothQuant plugin recipe's per-layer ``alphas`` and alpha-search errors).
-    ``calibration``: a ``quantize.run.CalibrationRun`` (layer-wise calibration from the
-    safetensors: where its store is, reuse, device, text, tokenizer); without one (and without
-    ``calibrated_model``) a default one calibrates into a store next to ``out_dir`` that is
-    removed once the checkpoint is written.
-    """
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant, moe_tp=moe_tp,
-                                     moe_ep=moe_ep, pad_heads=pad_heads)
-    moe = moe_layout(shape, tp, moe_tp, moe_ep)
-    shape = replace(shape, vocab_multiple=vocab_multiple(quant))
+def plan_checkpoint(model, out_dir, shape, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
+                    moe=None, moe_tp: int | None = None, moe_ep: int | None = None,
+                    pad_heads: bool = False, quantization: dict | None = None,
+                    force: bool = False) -> CheckpointPlan:
+    """Plan the checkpoint of ``model`` (a ``model.source.ModelSource``) laid out as ``shape``
+    (head padding and vocabulary multiple set, checked by the caller): config.json with the
+    format's ``quantization`` block, every rank's float tensors located and shape-checked."""
+    out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose another --output or pass --force to "
                         f"replace it")
-    config = _checkpoint_config(hf, shape, quant, quantization, dtype=dtype, tp=tp, pp=pp,
-                                moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)
-    source = SourceCheckpoint(model_dir)
-    world = tp * pp
-    calibrated = quant is not None and quant.needs_calibration
-    wanted, subset = _wanted_ranks(ranks, world, quant if calibrated else None)
-    if subset and force:
-        shutil.rmtree(out_dir, ignore_errors=True)  # a new generation is being written
+    config = from_hugging_face(model.config, quantization=quantization, dtype=dtype, tp=tp, pp=pp,
+                               moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)
+    config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
+    source = SourceCheckpoint(model.directory)
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"], moe=moe)
-             for r in range(world)]
-    calibration = _calibration_run(calibration, calibrated, calibrated_model, shape, out_dir)
+             for r in range(tp * pp)]
+    return CheckpointPlan(model.directory, out_dir, config, plans, source)
+
+
+def write_checkpoint(plan: CheckpointPlan, *, ranks=None, workers: int = 1, force: bool = False,
+                     progress: bool = True, calibrated: str | None = None, options: str = "",
+                     on_complete=None) -> dict:
+    """Write ``plan`` (see the module docstring for staging, resume and ``ranks``); return its
+    config. ``calibrated``: the name of the calibrated format whose tensors the plan holds (never
+    resumed, never split over runs), else None. ``options``: what else decides the bytes, for the
+    resume fingerprint. ``on_complete``: called once the checkpoint is in place."""
+    world = len(plan.plans)
+    wanted, subset = wanted_ranks(ranks, world, calibrated)
+    if subset and force:
+        shutil.rmtree(plan.out_dir, ignore_errors=True)  # a new generation is being written
     if calibrated:
-        plans = _calibrated_plans(model_dir, source, plans, shape, quant, config,
-                                  calibrated_model, calibration, out_dir, progress,
-                                  timings if timings is not None else {},
-                                  quant_report if quant_report is not None else {})
         workers = 1  # the calibrated tensors are in this process's memory
-    fingerprint = _fingerprint(config, plans, source, quant, mtimes=not subset)
-    tmp = _staging_dir(out_dir, fingerprint, calibrated=calibrated, subset=subset, force=force)
+    fingerprint = _fingerprint(plan.config, plan.plans, plan.source, options, mtimes=not subset)
+    tmp = _staging_dir(plan.out_dir, fingerprint, calibrated=bool(calibrated), subset=subset,
+                       force=force)
     todo = [r for r in wanted if not (tmp / f"rank{r}.safetensors").is_file()]
-    _write_staged(model_dir, out_dir, tmp, plans, config, todo=todo, subset=subset,
-                  workers=workers, progress=progress, calibration=calibration)
-    return config
+    _write_staged(plan.model_dir, plan.out_dir, tmp, plan.plans, plan.config, todo=todo,
+                  subset=subset, workers=workers, progress=progress, on_complete=on_complete)
+    return plan.config
 
 
-def _wanted_ranks(ranks, world: int, calibrated_quant) -> tuple[list[int], bool]:
+def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
+                       workers: int = 1, force: bool = False, progress: bool = True, ranks=None,
+                       moe_tp: int | None = None, moe_ep: int | None = None,
+                       pad_heads: bool = False) -> dict:
+    """The float TRT-LLM checkpoint of ``model_dir`` in ``out_dir`` (the library entry without
+    quantization; build_engine's formats go through pipeline.checkpoint); return its config."""
+    from model.shape import preflight
+    from model.source import ModelSource
+
+    from .moe import moe_layout
+
+    model = ModelSource.open(model_dir)
+    shape = preflight(model.shape, tp, pp, pad_heads=pad_heads)
+    moe = moe_layout(shape, tp, moe_tp, moe_ep)
+    cplan = plan_checkpoint(model, out_dir, shape, tp=tp, pp=pp, dtype=dtype, moe=moe,
+                            moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads, force=force)
+    return write_checkpoint(cplan, ranks=ranks, workers=workers, force=force, progress=progress,
+                            options=repr(None))
+
+
+def wanted_ranks(ranks, world: int, calibrated: str | None) -> tuple[list[int], bool]:
     """(the ranks this run writes, whether that is a subset of the world); a calibrated format
-    (``calibrated_quant``, else None) cannot be split over runs."""
+    (``calibrated``: its name, else None) cannot be split over runs."""
     wanted = list(range(world)) if ranks is None else sorted(ranks)
     subset = len(wanted) < world
-    if subset and calibrated_quant is not None:
-        raise UserError(f"--ranks cannot split a calibrated format ({calibrated_quant.name}) over "
+    if subset and calibrated:
+        raise UserError(f"--ranks cannot split a calibrated format ({calibrated}) over "
                         "runs: the ranks of two calibrations must not be mixed; convert every "
                         "rank in one run (CPU only) and use --ranks with --from-checkpoint for "
                         "the engines")
@@ -200,7 +192,7 @@ def _wanted_ranks(ranks, world: int, calibrated_quant) -> tuple[list[int], bool]
 
 
 def _write_staged(model_dir: Path, out_dir: Path, tmp: Path, plans, config: dict, *, todo,
-                  subset: bool, workers: int, progress: bool, calibration) -> None:
+                  subset: bool, workers: int, progress: bool, on_complete) -> None:
     """Write ranks ``todo`` and config.json into the staging dir ``tmp``; once every rank of the
     world is there, check the files and swap ``tmp`` into ``out_dir``. Interrupted: the finished
     ranks stay in ``tmp`` for a rerun; any other failure removes this run's files."""
@@ -213,8 +205,8 @@ def _write_staged(model_dir: Path, out_dir: Path, tmp: Path, plans, config: dict
         _verify_files(tmp, plans)
         (tmp / FINGERPRINT).unlink()
         swap_into_place(tmp, out_dir)  # an existing one only with --force (checked by the caller)
-        if calibration is not None:
-            calibration.done()
+        if on_complete is not None:
+            on_complete()
     except (KeyboardInterrupt, Interrupted):
         # only this run's unfinished files: with --ranks, other runs may be writing theirs
         for leftover in (tmp / f"rank{r}.safetensors.tmp" for r in todo):
@@ -228,38 +220,6 @@ def _write_staged(model_dir: Path, out_dir: Path, tmp: Path, plans, config: dict
     except BaseException:
         _discard(tmp, todo if subset else None)
         raise
-
-
-def _checkpoint_config(hf, shape, quant, quantization, **layout) -> dict:
-    """The checkpoint's config.json: from_hugging_face with the format's quantization block
-    (mixture-of-experts routers added to its exclusions) and the (AWQ-padded) vocabulary."""
-    if quant is not None:
-        quantization = quant.to_trtllm_quantization() if quant.is_quantized else None
-        if shape.experts and quantization and "exclude_modules" in quantization:
-            from quantize.moe import moe_exclude_modules
-
-            quantization["exclude_modules"] = moe_exclude_modules(quant, shape)  # + routers
-    config = from_hugging_face(hf, quantization=quantization, **layout)
-    config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
-    return config
-
-
-def _calibration_run(calibration, calibrated: bool, calibrated_model, shape, out_dir: Path):
-    """The layer-wise calibration of this conversion, or None: every calibrated format on dense
-    models goes layer by layer (a default run into a temporary store when none is given);
-    mixture-of-experts models and an already calibrated model do not."""
-    layerwise = calibrated and calibrated_model is None and not shape.experts
-    if not layerwise:
-        if calibration is not None and calibration.reuse and calibrated:
-            raise UserError("--calibration reuses a layer-wise calibration; a mixture-of-experts "
-                            "model is calibrated whole: drop --calibration")
-        return None
-    if calibration is None:
-        from quantize.run import CalibrationRun
-
-        calibration = CalibrationRun(store=out_dir.with_name(out_dir.name + ".calibration"),
-                                     temporary=True)
-    return calibration
 
 
 def _staging_dir(out_dir: Path, fingerprint: dict, *, calibrated: bool, subset: bool,
@@ -304,127 +264,6 @@ def _discard(tmp: Path, own_ranks) -> None:
         return
     for r in own_ranks:
         (tmp / f"rank{r}.safetensors.tmp").unlink(missing_ok=True)
-
-
-def _calibrated_plans(model_dir: Path, source, plans, shape, quant, config: dict,
-                      calibrated_model, calibration, out_dir: Path, progress: bool,
-                      timings: dict, report: dict):
-    """Calibrate on the calibration text, then put each rank's quantized linears and KV-cache
-    scales into its plan: dense models layer by layer from the safetensors into a calibration
-    store that the writer streams from (``calibration``; modelopt's formats, or TensorRT-LLM's
-    plugin SmoothQuant by forward hooks: quantize.sq_layerwise); a model calibrated in memory
-    (``calibrated_model``: a modelopt-calibrated model or a ``PluginCalibration``), or a
-    mixture-of-experts model (loaded whole: its experts have no layer-wise path yet), from the
-    calibrated model."""
-    from quantize.apply import LayerShards, apply_to_plan, stage_tensors
-
-    from .heads import pad_quant_state
-    from .plan import TORCH_DTYPES
-
-    dtype = TORCH_DTYPES[config["dtype"]]
-    tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
-
-    def planned(rank_tensors):  # rank_tensors(tp_rank, layers) -> the rank's staged tensors
-        out = []
-        for r, plan in enumerate(plans):
-            pp_rank, tp_rank = divmod(r, tp)
-            out.append(apply_to_plan(plan, rank_tensors(tp_rank, pp_layer_range(shape.layers, pp,
-                                                                                pp_rank))))
-        return out
-
-    t0 = time.perf_counter()
-    if calibration is not None:
-        load_layer = calibration.calibrate(model_dir, source, quant, progress=progress,
-                                           timings=timings)
-        t1 = time.perf_counter()
-        if quant.is_sq_plugin:
-            shards = _sq_plugin_shards(calibration.store, load_layer, shape, quant, config,
-                                       report, dtype)
-        else:  # calibrated on the real heads, then padded (per layer)
-            shards = LayerShards(lambda i: pad_quant_state(load_layer(i, dtype), shape.padding),
-                                 quant, num_heads=shape.tp_heads, num_kv_heads=shape.tp_kv_heads,
-                                 tp=tp)
-        out = planned(lambda tp_rank, layers: shards.staged(layers, tp_rank))
-        timings.update(quantized_tensors=time.perf_counter() - t1)
-        return out
-    if quant.is_sq_plugin:
-        rank_tensors = _sq_plugin_tensors(shape, quant, config, calibrated_model, report, dtype)
-    else:
-        rank_tensors = _modelopt_tensors(model_dir, shape, quant, config, calibrated_model,
-                                         progress, dtype)
-    t1 = time.perf_counter()
-    out = planned(lambda tp_rank, layers: stage_tensors(rank_tensors(tp_rank), layers))
-    timings.update(calibration=t1 - t0, quantized_tensors=time.perf_counter() - t1)
-    return out
-
-
-def _sq_plugin_shards(store, load_layer, shape, quant, config, report, dtype):
-    """TensorRT-LLM's plugin SmoothQuant from a layer-wise calibration store: each layer read
-    back, its heads padded, cut per rank (quantize.apply.LayerShards)."""
-    from quantize.apply import LayerShards
-    from quantize.smoothquant import plugin_layer_tensors, smoothquant_val
-    from quantize.sq_layerwise import stored_alphas, stored_layer
-
-    from .heads import pad_sq_plugin_layers
-
-    alphas, search = stored_alphas(store, shape.layers)
-    config["quantization"]["smoothquant_val"] = smoothquant_val(alphas)
-    report.update(alphas=alphas, **({"alpha_search": search} if search else {}))
-    tp = config["mapping"]["tp_size"]
-    heads = dict(num_heads=shape.tp_heads, num_kv_heads=shape.tp_kv_heads)
-
-    def load(i):  # calibrated on the real heads, then padded
-        return pad_sq_plugin_layers([stored_layer(load_layer(i, dtype), quant.quant_algo)],
-                                    shape.padding)[0]
-
-    def shard(i, layer, tp_rank):
-        return plugin_layer_tensors(i, layer, quant, tp=tp, rank=tp_rank, norm_dtype=dtype, **heads)
-    return LayerShards(load, quant, tp=tp, shard=shard, **heads)
-
-
-def _sq_plugin_tensors(shape, quant, config, cal, report, dtype):
-    """TensorRT-LLM's plugin SmoothQuant from a whole-model ``PluginCalibration``
-    (``quantize.smoothquant.calibrate_plugin``, the reference): pad, and return the per-rank
-    tensor function."""
-    from quantize.smoothquant import plugin_rank_tensors
-
-    from .heads import pad_sq_plugin_layers
-
-    config["quantization"]["smoothquant_val"] = cal.smoothquant_val
-    report.update(alphas=list(cal.alphas), **({"alpha_search": cal.search} if cal.search else {}))
-    sq_layers = pad_sq_plugin_layers(cal.layers, shape.padding)  # calibrated on the real heads
-    tp = config["mapping"]["tp_size"]
-    return lambda tp_rank: plugin_rank_tensors(sq_layers, quant, num_heads=shape.tp_heads,
-                                               num_kv_heads=shape.tp_kv_heads, tp=tp,
-                                               rank=tp_rank, norm_dtype=dtype)
-
-
-def _modelopt_tensors(model_dir, shape, quant, config, calibrated_model, progress, dtype):
-    """modelopt's formats from a whole calibrated model (given, or loaded and calibrated here):
-    the per-rank tensor function (dense and expert tensors, heads padded)."""
-    from quantize.calibrate import calibrate
-    from quantize.modelopt_state import extract_quant_state, shard_quant_state
-    from quantize.moe import extract_moe_state, shard_moe_state
-
-    from .heads import pad_quant_state
-
-    model = calibrated_model
-    if model is None:
-        model = calibrate(model_dir, quant, progress=progress)
-    state = extract_quant_state(model, quant, dtype=dtype)
-    moe_state = extract_moe_state(model, quant, dtype) if shape.experts else {}
-    del model
-    state = pad_quant_state(state, shape.padding)  # calibrated on the real heads, then padded
-    mapping = config["mapping"]
-    tp = mapping["tp_size"]
-    moe = MoeLayout(mapping.get("moe_tp_size", tp), mapping.get("moe_ep_size", 1))
-
-    def rank_tensors(tp_rank):
-        tensors = shard_quant_state(state, quant, num_heads=shape.tp_heads,
-                                    num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank)
-        tensors.update(shard_moe_state(moe_state, moe, tp_rank, shape.experts))
-        return tensors
-    return rank_tensors
 
 
 def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool) -> None:

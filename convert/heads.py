@@ -22,60 +22,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from common.errors import UserError
+from model.shape import HeadPadding
 
 if TYPE_CHECKING:  # the padding of calibrated tensors computes with torch; the plan does not
     import torch
-
-
-@dataclass(frozen=True)
-class HeadPadding:
-    heads: int
-    kv_heads: int
-    padded_heads: int
-    padded_kv_heads: int
-
-    @property
-    def active(self) -> bool:
-        return self.padded_heads != self.heads
-
-    def count(self, kind: str) -> tuple[int, int]:
-        """(real, padded) head count of ``kind`` ("q" or "kv")."""
-        return (self.heads, self.padded_heads) if kind == "q" else (self.kv_heads, self.padded_kv_heads)
-
-    @property
-    def cost_percent(self) -> int:
-        """Extra attention compute (q heads) and KV cache (kv heads): the same ratio, whole groups."""
-        return round(100 * (self.padded_heads - self.heads) / self.heads)
-
-    def describe(self) -> str:
-        kv = (f", {self.kv_heads} -> {self.padded_kv_heads} KV heads"
-              if self.padded_kv_heads != self.kv_heads else "")
-        return (f"{self.heads} -> {self.padded_heads} heads{kv} (exact; +{self.cost_percent} % "
-                f"attention compute and KV cache)")
-
-    def as_dict(self) -> dict:
-        return {"num_attention_heads": [self.heads, self.padded_heads],
-                "num_key_value_heads": [self.kv_heads, self.padded_kv_heads],
-                "extra_attention_compute_percent": self.cost_percent,
-                "extra_kv_cache_percent": self.cost_percent,
-                "summary": self.describe()}
-
-
-def kv_split_ok(kv: int, tp: int) -> bool:
-    return (kv >= tp and kv % tp == 0) or (kv < tp and tp % kv == 0)
-
-
-def choose_padding(heads: int, kv_heads: int, tp: int, *, no_kv_duplication: bool = False
-                   ) -> HeadPadding | None:
-    """The smallest whole-group padding that tp splits; None when heads and kv heads already split
-    (``no_kv_duplication``: also at least tp kv heads, as SmoothQuant needs)."""
-    if heads % kv_heads:
-        return None  # not a grouped layout this can pad
-    group = heads // kv_heads
-    for kv in range(kv_heads, kv_heads * tp + 1):
-        if (group * kv) % tp == 0 and kv_split_ok(kv, tp) and not (no_kv_duplication and kv < tp):
-            return HeadPadding(heads, kv_heads, group * kv, kv)
-    return None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,9 +14,6 @@ from dataclasses import dataclass
 
 from common.errors import UserError
 
-#: tensorrt_llm.layers.moe.MoeConfig.ExpertScaleNormalizationMode: NONE (softmax, then top-k) = 0,
-#: RENORMALIZE (top-k, then softmax over those k; Mixtral) = 1
-NORMALIZATION_NONE, NORMALIZATION_RENORMALIZE = 0, 1
 
 
 @dataclass(frozen=True)

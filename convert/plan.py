@@ -12,7 +12,9 @@ from common.dtypes import BY_NAME, DType
 
 from common.errors import UserError
 from .families import FAMILIES, Rule
-from .hf_config import Shape, pp_layer_range
+from model.shape import Shape
+
+from .hf_config import pp_layer_range
 from .moe import MoeLayout
 from .shard import RULES, Piece, RankCtx, stacked_shape
 

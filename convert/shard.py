@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .hf_config import Shape
+from model.shape import Shape, padded_vocab
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,6 @@ def qkv(names, shapes, ctx):
     for name, full in zip(names[1:], shapes[1:]):
         pieces += _head_rows(name, full, kv, s.kv_heads, hd)
     return pieces
-
-
-def padded_vocab(vocab: int, tp: int, multiple: int = 1) -> int:
-    """``vocab`` rounded up to a multiple of ``tp`` and of ``multiple`` (their lcm)."""
-    m = math.lcm(tp, multiple)
-    return -(-vocab // m) * m
 
 
 def vocab(names, shapes, ctx):

@@ -88,7 +88,7 @@ _STALE_TMP_S = 24 * 3600   # leftover temp dirs older than this (a killed run) a
 
 
 def default_dir() -> Path:
-    """Where the converted model is cached (same root rule as examples.registry.cache_root)."""
+    """Where the converted model is cached (same root rule as model.registry.cache_root)."""
     env = os.environ.get("BUILD_ENGINE_CACHE")
     root = Path(env) if env else Path.home() / ".cache" / "trtllm-engine-builder"
     return root / DIR_NAME

@@ -20,7 +20,7 @@ from common.errors import UserError
 if TYPE_CHECKING:  # the converter's model shape; only its attributes are read here
     import torch  # annotations only: the float path imports this module without torch
 
-    from convert.hf_config import Shape
+    from model.shape import Shape
 
 from .formats import W4A16_AWQ, QuantSpec, check_awq_divisibility, check_kv_head_duplication
 

@@ -21,6 +21,8 @@ import torch
 
 from common.errors import UserError
 
+from model.tokenizer import load_tokenizer
+
 from .formats import QuantSpec
 from .moe_blocks import unfuse_experts
 
@@ -74,20 +76,6 @@ def _load_model(hf_dir: Path, device: torch.device, dtype: torch.dtype | None):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the model in {hf_dir} for calibration: {e}") from None
     return model.to(device).eval()
-
-
-def load_tokenizer(hf_dir: Path, purpose: str = "calibration", fix: str = ""):
-    """The model's HF tokenizer; UserError naming ``purpose`` (and ``fix``, an extra remedy) when
-    the directory has none that loads."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(hf_dir)
-    except Exception as e:  # transformers raises many types for a missing/broken tokenizer
-        raise UserError(f"{purpose} needs the model's tokenizer but {hf_dir} has none that loads "
-                        f"({type(e).__name__}); add tokenizer files to the model directory"
-                        f"{fix}") from None
-
 
 
 def tokenize_text(text: str, tokenizer) -> list[int]:

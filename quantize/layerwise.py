@@ -77,10 +77,12 @@ def compute_dtype(device: torch.device, hf_dtype) -> torch.dtype:
 
 def meta_model(hf_dir: Path, dtype: torch.dtype):
     """The model's skeleton on the meta device (config, module classes, attention choice)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from model.config import pretrained_config
 
     try:
-        config = AutoConfig.from_pretrained(hf_dir)
+        config = pretrained_config(hf_dir)  # the run's one parse of config.json
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the model config in {hf_dir} for calibration: {e}") from None
     with torch.device("meta"):
@@ -338,10 +340,10 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
 
 
 def _config_dtype(hf_dir: Path):
-    import json
+    from model.config import config_dict
 
     try:
-        cfg = json.loads((hf_dir / "config.json").read_text())
+        cfg = config_dict(hf_dir)  # the run's one parse of config.json
     except (OSError, ValueError):
         return None
     name = cfg.get("dtype") or cfg.get("torch_dtype")

@@ -12,7 +12,9 @@ import torch
 from common.errors import UserError
 
 from . import store as cstore
-from .calibrate import load_tokenizer, resolve_device
+from model.tokenizer import load_tokenizer
+
+from .calibrate import resolve_device
 from .formats import QuantSpec
 
 

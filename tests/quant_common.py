@@ -22,7 +22,7 @@ _KILLED_RUN = textwrap.dedent("""
     import os, sys
     sys.path[:0] = [{repo!r}, {tests!r}]
     import quantize.store as cs
-    from convert.convert import convert_checkpoint
+    from convert_helper import convert_checkpoint
     from quantize.formats import QuantSpec
     from quantize.run import CalibrationRun
     from quant_common import byte_tokenizer

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from quant_common import TINY, byte_tokenizer
 from test_quantize_convert import assert_same_checkpoint, lw, modelopt_export, spec_for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from verify.reference import ReferenceModel, compare_with_hf, verify
 
 CASES = {

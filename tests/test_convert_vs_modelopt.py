@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 
 
 def modelopt_export(model, out_dir, tp: int, dtype=torch.float16, decoder_type="llama"):

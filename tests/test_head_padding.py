@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from builders.cli import main
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from common.errors import UserError
-from convert.heads import QUANT_HEAD_AXES, HeadPadding, choose_padding, pad_quant_state
+from convert.heads import QUANT_HEAD_AXES, pad_quant_state
+from model.shape import HeadPadding, choose_padding
 from quant_common import byte_tokenizer
 from verify.perplexity import checkpoint_ppl
 from verify.reference import ReferenceModel, verify

@@ -7,8 +7,9 @@ import pytest
 from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
 from common.errors import UserError
-from convert.hf_config import (from_hugging_face, model_shape, pp_layer_range, preflight,
-                               read_hf_config, valid_tp_values)
+from convert.hf_config import from_hugging_face, pp_layer_range
+from model.config import read_hf_config
+from model.shape import model_shape, preflight, valid_tp_values
 
 
 def _llama(**kw):
@@ -118,7 +119,7 @@ def test_real_config_roundtrip(tmp_path):
     assert from_hugging_face(hf)["vocab_size"] == 1000
 
 
-# --- config.json read without transformers (convert/config_json.py) vs AutoConfig -------------
+# --- config.json read without transformers (model/config_json.py) vs AutoConfig -------------
 
 _L31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
              "original_max_position_embeddings": 8192}

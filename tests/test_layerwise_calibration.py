@@ -9,7 +9,7 @@ import pytest
 
 from builders.cli import main
 from common.errors import UserError
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from quantize.formats import QuantSpec
 from quantize.run import CalibrationRun
 from quant_common import TINY, byte_tokenizer, run_killed_after_layer_1
@@ -172,7 +172,7 @@ def test_memory_plan_refuses_before_any_work(tmp_path, smollm2_dir, capsys, monk
     assert "memory plan: calibration: host" in captured.out
     assert not out.exists()
     monkeypatch.setenv("BUILD_ENGINE_MEMORY_LIMIT", "64G")
-    from convert.convert import preflight_conversion
+    from convert_helper import preflight_conversion
 
     _, shape = preflight_conversion(smollm2_dir)
     stages = memory.plan(shape, QuantSpec.create("W8A8_SQ_PER_CHANNEL"), tp=1, pp=1, device="cpu")
@@ -184,7 +184,7 @@ def test_memory_plan_counts_each_worker_process_writer(tmp_path, smollm2_dir, ca
     """--workers N writes N rank files at once, each process with its own staging buffers: the
     checkpoint stage's host figure is N writers', and a limit between one and three is refused
     at tp 3 with 3 workers (exit 2, nothing written) but not with one."""
-    from convert.convert import preflight_conversion
+    from convert_helper import preflight_conversion
     from quantize import memory
 
     _, shape = preflight_conversion(smollm2_dir, tp=3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from quant_common import TINY, byte_tokenizer
 from test_quantize_convert import assert_same_checkpoint, lw, modelopt_export, spec_for
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from hf4_export import hf4_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from common.errors import UserError
 from hf4_export import hf4_dir
 from quant_common import TINY, byte_tokenizer

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from builders.cli import main
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from quantize.calibrate import calibrate
 from quantize.formats import TRTLLM_DEFAULT_EXCLUDE_MODULES, QuantSpec
 from quantize.run import CalibrationRun

@@ -115,7 +115,7 @@ def test_from_checkpoint_on_another_gpu_type_refuses_to_mix_in_one_line(tmp_path
 
 
 def test_conversion_ranks_of_other_options_are_not_mixed_in(tmp_path, tiny_model):
-    from convert.convert import convert_checkpoint
+    from convert_helper import convert_checkpoint
     from common.errors import UserError
 
     hf_dir, _ = tiny_model()

@@ -11,7 +11,8 @@ import time
 import pytest
 
 import convert.convert as cc
-from convert.convert import Interrupted, convert_checkpoint
+from common.interrupt import Interrupted
+from convert_helper import convert_checkpoint
 from common.errors import UserError
 
 

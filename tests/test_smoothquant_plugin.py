@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from quantize.calibrate import make_calib_batches
 from quantize.formats import QuantSpec
 from quantize.smoothquant import calibrate_plugin, capture_ranges

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from common import fileio
 from common import digests
 from convert import writer
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from convert.source import SourceCheckpoint
 
 

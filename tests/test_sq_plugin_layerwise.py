@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from quantize.formats import QuantSpec
 from quantize.run import CalibrationRun
 from quantize.smoothquant import calibrate_plugin
@@ -190,7 +190,7 @@ def test_memory_plan_counts_the_plugin_recipe_layer_by_layer(tmp_path, smollm2_d
     """build_engine --smoothquant prints (and checks against) the layer-wise calibration figure,
     not the whole-model one: a limit below it is refused in one line before any work."""
     from builders.cli import main
-    from convert.convert import preflight_conversion
+    from convert_helper import preflight_conversion
     from quantize import memory
 
     spec = QuantSpec.create(VARIANTS[0], calib_size=4, calib_seq_len=64)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from convert import chunks
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from common.dtypes import BY_ST, as_dtype
 
 HEAVY = ("torch", "transformers", "modelopt", "safetensors.torch")

@@ -25,7 +25,8 @@ def test_engine_repo_from_real_checkpoint_config(tmp_path, tokenizer_dir, tiny_m
     """tp 1 and tp 3: the checkpoint config comes from this project's converter (a tiny Llama
     with 6 heads), the build options from the engine flags; every config.pbtxt parses with
     Triton's schema and carries the right values."""
-    from convert.hf_config import from_hugging_face, read_hf_config
+    from convert.hf_config import from_hugging_face
+    from model.config import read_hf_config
 
     hf_dir, _ = tiny_model("llama", hidden_size=96, num_attention_heads=6,
                            num_key_value_heads=3, intermediate_size=192)

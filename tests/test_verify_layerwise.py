@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convert.convert import convert_checkpoint
+from convert_helper import convert_checkpoint
 from quantize.formats import QuantSpec
 from quantize.run import CalibrationRun
 from quant_common import TINY, byte_tokenizer
@@ -161,7 +161,8 @@ def test_memory_plan_has_the_verification_stage_and_refuses_it(tmp_path, monkeyp
     """The quality gate after every calibration (and --verify / --eval-ppl) is a stage of the plan,
     flat in depth like the layer-wise calibration, refused in one line naming its own fix."""
     from common.errors import UserError
-    from convert.hf_config import model_shape, read_hf_config
+    from model.config import read_hf_config
+    from model.shape import model_shape
     from examples.tiny import make_tiny_model
     from quantize import memory
 

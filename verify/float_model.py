@@ -10,7 +10,6 @@ that transformers fuses when it loads the whole model) run whole.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -46,8 +45,10 @@ def _hf_dir(path) -> Path:
 
 
 def _config(d: Path) -> dict:
+    from model.config import config_dict
+
     try:
-        c = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        c = config_dict(d)  # the run's one parse of config.json
     except (OSError, ValueError) as e:
         raise UserError(f"{d / 'config.json'} is not valid JSON: {e}") from None
     return c if isinstance(c, dict) else {}

@@ -139,7 +139,8 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
     """(TRT-LLM config.json dict, [rank-0 tensors]) of a unified HF checkpoint, at tp 1."""
     from safetensors.torch import load_file
 
-    from convert.hf_config import from_hugging_face, read_hf_config
+    from convert.hf_config import from_hugging_face
+    from model.config import read_hf_config
     from convert.source import SourceCheckpoint
 
     d = Path(ckpt_dir)

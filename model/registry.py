@@ -22,7 +22,7 @@ def cache_root() -> Path:
 
 
 def _tiny(family: str) -> Path:
-    from .tiny import make_tiny_model
+    from examples.tiny import make_tiny_model
 
     d = cache_root() / f"tiny-{family}"
     if not (d / "config.json").is_file():
@@ -33,7 +33,7 @@ def _tiny(family: str) -> Path:
 
 
 def _smollm2() -> Path:
-    from .smollm2 import prepare_smollm2
+    from examples.smollm2 import prepare_smollm2
 
     return prepare_smollm2()
 

@@ -1,6 +1,7 @@
-"""The refusals of a ``build_engine`` run before any work: layout, ranks, tokenizer, memory, Triton
-options (each one line, exit 2, nothing written), and what they decide (head padding, the ranks
-of this run, the calibration store)."""
+"""The refusals of a ``build_engine`` run before any work, called while the BuildPlan is made
+(pipeline.plan): layout, ranks, tokenizer, memory, Triton options (each one line, exit 2, nothing
+written), and what they decide (head padding, the ranks of this run, the calibration store).
+They read the parsed arguments: this is the boundary below which no Namespace goes."""
 from __future__ import annotations
 
 import sys
@@ -25,15 +26,14 @@ def refuse_engine_only_flags(args) -> None:
                         "moe_expert_parallel_size when it loads the model: drop them")
 
 
-def refuse_padding_for_pytorch(args, model_dir, pad_heads: bool) -> None:
+def refuse_padding_for_pytorch(args, model, pad_heads: bool) -> None:
     """--target pytorch writes a Hugging Face checkpoint that TensorRT-LLM's PyTorch backend
     splits over tp itself when it loads it: a padded layout is not ours to choose there."""
-    from convert.hf_config import model_shape, preflight, read_hf_config
+    from model.shape import preflight
 
     if not pad_heads:
         return
-    shape = preflight(model_shape(read_hf_config(model_dir)), args.tp, args.pp, pad_heads=True,
-                      can_pad=False)
+    shape = preflight(model.shape, args.tp, args.pp, pad_heads=True, can_pad=False)
     if shape.padding is not None:
         raise UserError(f"--target pytorch cannot pad heads ({shape.padding.describe()}): the "
                         f"PyTorch backend splits the Hugging Face checkpoint's {shape.heads} heads "
@@ -41,13 +41,9 @@ def refuse_padding_for_pytorch(args, model_dir, pad_heads: bool) -> None:
                         f"--target engine")
 
 
-def head_padding(args, model_dir, quant, pad_heads: bool) -> dict | None:
-    """Check tp against the heads (one line naming --pad-heads when it would help), print the
-    padding that will be applied, or that --pad-heads has nothing to do; build.json's layout."""
-    from convert.convert import preflight_conversion
-
-    _, shape = preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant,
-                                    moe_tp=args.moe_tp, moe_ep=args.moe_ep, pad_heads=pad_heads)
+def head_padding(args, shape) -> dict | None:
+    """Print the head padding that will be applied (``shape``: as laid out for tp), or that
+    --pad-heads has nothing to do; build.json's layout."""
     if shape.padding is not None:
         print(f"heads: padded {shape.padding.describe()} so that tp {args.tp} splits them")
         return {"head_padding": shape.padding.as_dict()}
@@ -78,29 +74,24 @@ def conversion_ranks(args, quant):
     return ranks
 
 
-def quant_tokenizer(args, quant, model_dir):
+def quant_tokenizer(args, quant, model):
     """The tokenizer that calibration and a quantized --verify (real text) need, loaded up front so
     that a model without one is refused before any work (one line, exit 2); None when not needed.
-    The model's own refusals (missing config, tp/pp, format vs shapes) come first (_head_padding)."""
+    The model's own refusals (missing config, tp/pp, format vs shapes) come first (the layout)."""
     verify_text = args.verify and quant.is_quantized
     if not (quant.needs_calibration or verify_text):
         return None
-    from quantize.calibrate import load_tokenizer  # imports torch: not on the float path
-
     if verify_text:
-        return load_tokenizer(model_dir, "--verify of a quantized checkpoint (on real text)",
-                              "; or drop --verify")
-    return load_tokenizer(model_dir)
+        return model.tokenizer("--verify of a quantized checkpoint (on real text)",
+                               "; or drop --verify")
+    return model.tokenizer()
 
 
-def memory_plan(args, quant, model_dir, out: Path, pad_heads: bool) -> None:
-    """Print the expected peak host RAM / device memory / disk per stage; refuse (one line, exit
-    2, nothing written) what this machine cannot hold."""
-    from convert.convert import preflight_conversion
+def memory_plan(args, quant, shape, out: Path) -> None:
+    """Print the expected peak host RAM / device memory / disk per stage (``shape``: as laid out);
+    refuse (one line, exit 2, nothing written) what this machine cannot hold."""
     from quantize import memory
 
-    _, shape = preflight_conversion(model_dir, tp=args.tp, pp=args.pp, quant=quant,
-                                    moe_tp=args.moe_tp, moe_ep=args.moe_ep, pad_heads=pad_heads)
     device = "cpu"
     if quant.needs_calibration:  # quantize.calibrate imports torch: not on the float path
         from quantize.calibrate import resolve_device

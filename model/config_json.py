@@ -2,7 +2,8 @@
 transformers (whose import, with torch's distributed/dynamo modules it pulls in, costs 4-6 s of
 a conversion that otherwise moves bytes at disk speed; see BENCHMARKS.md).
 
-Only what ``convert.hf_config`` reads is reproduced, for the four supported ``model_type``s, from
+Only what ``model.config`` and ``convert.hf_config`` read is reproduced, for the four supported
+``model_type``s, from
 ``transformers/models/<type>/configuration_<type>.py`` (class defaults, ``head_dim`` and
 ``num_key_value_heads`` filled in ``__post_init__``, Mixtral's ``num_experts`` alias) and
 ``modeling_rope_utils.py`` (``rope_scaling`` before ``rope_parameters``, ``rope_theta`` and the

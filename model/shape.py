@@ -1,0 +1,186 @@
+"""The numbers that decide how a model can be split: ``Shape`` (from the normalised config), the
+exact head padding a tp needs (``--pad-heads``; the padded tensors are made in convert.heads), the
+experts, and the check of a parallel layout against them."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from common.errors import UserError
+
+from .config import SUPPORTED_ARCHITECTURES
+
+#: tensorrt_llm.layers.moe.MoeConfig.ExpertScaleNormalizationMode: NONE (softmax, then top-k) = 0,
+#: RENORMALIZE (top-k, then softmax over those k; Mixtral) = 1
+NORMALIZATION_NONE, NORMALIZATION_RENORMALIZE = 0, 1
+
+
+def padded_vocab(vocab: int, tp: int, multiple: int = 1) -> int:
+    """``vocab`` rounded up to a multiple of ``tp`` and of ``multiple`` (their lcm)."""
+    m = math.lcm(tp, multiple)
+    return -(-vocab // m) * m
+
+
+@dataclass(frozen=True)
+class HeadPadding:
+    heads: int
+    kv_heads: int
+    padded_heads: int
+    padded_kv_heads: int
+
+    @property
+    def active(self) -> bool:
+        return self.padded_heads != self.heads
+
+    def count(self, kind: str) -> tuple[int, int]:
+        """(real, padded) head count of ``kind`` ("q" or "kv")."""
+        return (self.heads, self.padded_heads) if kind == "q" else (self.kv_heads, self.padded_kv_heads)
+
+    @property
+    def cost_percent(self) -> int:
+        """Extra attention compute (q heads) and KV cache (kv heads): the same ratio, whole groups."""
+        return round(100 * (self.padded_heads - self.heads) / self.heads)
+
+    def describe(self) -> str:
+        kv = (f", {self.kv_heads} -> {self.padded_kv_heads} KV heads"
+              if self.padded_kv_heads != self.kv_heads else "")
+        return (f"{self.heads} -> {self.padded_heads} heads{kv} (exact; +{self.cost_percent} % "
+                f"attention compute and KV cache)")
+
+    def as_dict(self) -> dict:
+        return {"num_attention_heads": [self.heads, self.padded_heads],
+                "num_key_value_heads": [self.kv_heads, self.padded_kv_heads],
+                "extra_attention_compute_percent": self.cost_percent,
+                "extra_kv_cache_percent": self.cost_percent,
+                "summary": self.describe()}
+
+
+def kv_split_ok(kv: int, tp: int) -> bool:
+    return (kv >= tp and kv % tp == 0) or (kv < tp and tp % kv == 0)
+
+
+def choose_padding(heads: int, kv_heads: int, tp: int, *, no_kv_duplication: bool = False
+                   ) -> HeadPadding | None:
+    """The smallest whole-group padding that tp splits; None when heads and kv heads already split
+    (``no_kv_duplication``: also at least tp kv heads, as SmoothQuant needs)."""
+    if heads % kv_heads:
+        return None  # not a grouped layout this can pad
+    group = heads // kv_heads
+    for kv in range(kv_heads, kv_heads * tp + 1):
+        if (group * kv) % tp == 0 and kv_split_ok(kv, tp) and not (no_kv_duplication and kv < tp):
+            return HeadPadding(heads, kv_heads, group * kv, kv)
+    return None
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers that decide how a model can be split."""
+
+    family: str
+    layers: int
+    heads: int
+    kv_heads: int
+    head_size: int
+    hidden: int
+    inter: int
+    vocab: int
+    tied: bool
+    attn_bias: bool    # q/k/v biases
+    dense_bias: bool   # o_proj bias
+    mlp_bias: bool
+    vocab_multiple: int = 1  # the padded vocabulary is a multiple of this and of tp (AWQ: 64)
+    experts: int = 0         # mixture of experts (convert.moe): experts per layer, 0 = dense MLP
+    top_k: int = 0           # experts each token is routed to
+    moe_normalization: int = 0  # TensorRT-LLM's ExpertScaleNormalizationMode (Mixtral: 1)
+    padding: HeadPadding | None = None  # --pad-heads: zero heads added for tp (convert.heads)
+
+    @property
+    def tp_heads(self) -> int:
+        """q heads as the checkpoint lays them out (padded when ``padding`` is active)."""
+        return self.padding.padded_heads if self.padding else self.heads
+
+    @property
+    def tp_kv_heads(self) -> int:
+        return self.padding.padded_kv_heads if self.padding else self.kv_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        """Vocabulary size before the tp split (see ``convert.shard.padded_vocab``)."""
+        return padded_vocab(self.vocab, 1, self.vocab_multiple)
+
+
+def model_shape(hf) -> Shape:
+    arch = hf.architectures[0]
+    family = SUPPORTED_ARCHITECTURES[arch]
+    heads = hf.num_attention_heads
+    head_size = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    llama_bias = bool(getattr(hf, "attention_bias", False))
+    return Shape(
+        family=family,
+        layers=hf.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+        head_size=head_size,
+        hidden=hf.hidden_size,
+        inter=hf.intermediate_size,
+        vocab=hf.vocab_size,
+        tied=bool(getattr(hf, "tie_word_embeddings", False)),
+        attn_bias=True if family == "qwen2" else llama_bias,  # Qwen2 always has q/k/v bias
+        dense_bias=False if family == "qwen2" else llama_bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        **_moe_fields(hf, family),
+    )
+
+
+def _moe_fields(hf, family: str) -> dict:
+    """Mixtral: num_local_experts, num_experts_per_tok; top-k then softmax (RENORMALIZE), as
+    TensorRT-LLM's LLaMAConfig.from_hugging_face sets for model_type mixtral."""
+    if family != "mixtral":
+        return {}
+    return dict(experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                moe_normalization=NORMALIZATION_RENORMALIZE)
+
+
+def valid_tp_values(shape: Shape, limit: int = 64) -> list[int]:
+    return [t for t in range(1, limit + 1) if not _tp_problem(shape, t)]
+
+
+def _tp_problem(shape: Shape, tp: int) -> str | None:
+    if shape.tp_heads % tp:
+        return f"{shape.tp_heads} attention heads are not divisible by tp {tp}"
+    kv = shape.tp_kv_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        return f"{kv} key/value heads cannot be split over tp {tp} (need kv % tp == 0 or tp % kv == 0)"
+    if shape.inter % tp and not shape.experts:  # experts: split by moe_tp (convert.moe)
+        return f"intermediate size {shape.inter} is not divisible by tp {tp}"
+    return None
+
+
+def preflight(shape: Shape, tp: int, pp: int, *, pad_heads: bool = False,
+              no_kv_duplication: bool = False, can_pad: bool = True) -> Shape:
+    """Check the parallel layout before any weight is read; one line naming the numbers and the
+    fix. Returns ``shape``, with its head padding set when ``pad_heads`` and tp needs it (never
+    otherwise: a model whose heads tp divides is not padded). ``no_kv_duplication``: the format
+    needs at least tp KV heads (SmoothQuant), which the padding then provides. ``can_pad=False``:
+    a target that cannot pad (the refusal does not suggest --pad-heads)."""
+    if tp < 1 or pp < 1:
+        raise UserError(f"--tp and --pp must be >= 1 (got tp {tp}, pp {pp})")
+    problem = _tp_problem(shape, tp)
+    padding = None
+    if problem:
+        padding = choose_padding(shape.heads, shape.kv_heads, tp, no_kv_duplication=no_kv_duplication)
+        if padding is not None and (not padding.active or _tp_problem(_padded(shape, padding), tp)):
+            padding = None  # the heads split already, or the MLP does not: padding cannot help
+    if problem and not (pad_heads and padding):
+        valid = ", ".join(map(str, valid_tp_values(shape, max(8, tp))))
+        fix = f"; or add --pad-heads to pad {padding.describe()}" if padding and can_pad else ""
+        raise UserError(f"cannot split this model over tp {tp}: {problem}; valid --tp values: "
+                        f"{valid}{fix}")
+    if pp > shape.layers:
+        raise UserError(f"--pp {pp} is larger than the model's {shape.layers} layers; "
+                        f"use --pp between 1 and {shape.layers}")
+    return _padded(shape, padding) if problem else shape
+
+
+def _padded(shape: Shape, padding: HeadPadding) -> Shape:
+    return replace(shape, padding=padding)

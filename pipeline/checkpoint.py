@@ -1,0 +1,99 @@
+"""The TensorRT-LLM checkpoint step: the layout a format and a tp/pp take (checked once, before any
+work), then plan -> calibrate (calibrated formats) -> write."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from convert.convert import plan_checkpoint, wanted_ranks, write_checkpoint
+from convert.moe import MoeLayout, moe_layout
+from model.shape import Shape, preflight
+from quantize.apply import preflight_quant, vocab_multiple
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the checkpoint is split: tp x pp, the experts' split, and the model's shape as laid out
+    (head padding for tp, the format's vocabulary multiple)."""
+
+    tp: int
+    pp: int
+    shape: Shape
+    moe: MoeLayout | None
+    moe_tp: int | None = None
+    moe_ep: int | None = None
+    pad_heads: bool = False
+
+
+@dataclass
+class CheckpointResult:
+    """A written (or, with --ranks, partly written) checkpoint: its config.json, the seconds spent
+    calibrating and computing the quantized tensors, and what calibration chose."""
+
+    config: dict
+    timings: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+
+def plan_layout(model, *, tp: int = 1, pp: int = 1, quant=None, moe_tp: int | None = None,
+                moe_ep: int | None = None, pad_heads: bool = False) -> Layout:
+    """Refuse a parallel layout or quantization format the model cannot take (one line, before any
+    weight is read or any calibration). With ``pad_heads`` the shape carries the head padding tp
+    needs (``shape.padding``; None if none)."""
+    sq = quant is not None and (quant.quant_algo or "").startswith("W8A8_SQ")  # no kv duplication
+    shape = preflight(model.shape, tp, pp, pad_heads=pad_heads, no_kv_duplication=sq)
+    moe = moe_layout(shape, tp, moe_tp, moe_ep)
+    preflight_quant(quant, shape, tp, pp)
+    if shape.experts and quant is not None and quant.quant_algo is not None:
+        # quantize.moe imports torch: not on the float path (it checks quantized experts only)
+        from quantize.moe import preflight_moe_quant
+
+        preflight_moe_quant(quant, shape, moe)
+    return Layout(tp, pp, replace(shape, vocab_multiple=vocab_multiple(quant)), moe, moe_tp,
+                  moe_ep, pad_heads)
+
+
+def quantization_block(quant, shape: Shape) -> dict | None:
+    """The checkpoint config's ``quantization`` (mixture-of-experts routers added to its
+    exclusions); None for float."""
+    if quant is None or not quant.is_quantized:
+        return None
+    quantization = quant.to_trtllm_quantization()
+    if shape.experts and quantization and "exclude_modules" in quantization:
+        from quantize.moe import moe_exclude_modules
+
+        quantization["exclude_modules"] = moe_exclude_modules(quant, shape)  # + routers
+    return quantization
+
+
+def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "auto",
+                       workers: int = 1, force: bool = False, progress: bool = True, ranks=None,
+                       calibration=None) -> CheckpointResult:
+    """Write the TRT-LLM checkpoint of ``model`` (a ModelSource) to ``out_dir``.
+
+    Weight-only formats stream the float weights and only declare ``quant_algo`` (trtllm-build
+    quantizes them); calibrated formats calibrate first (``calibration``: a
+    ``quantize.run.CalibrationRun``; without one a default one calibrates into a store next to
+    ``out_dir`` that is removed once the checkpoint is written) and write the quantized linears.
+    ``ranks``: write only these ranks (convert.convert); the checkpoint is in ``out_dir`` once
+    every rank is, else in ``out_dir.partial``."""
+    out_dir = Path(out_dir)
+    cplan = plan_checkpoint(model, out_dir, layout.shape, tp=layout.tp, pp=layout.pp, dtype=dtype,
+                            moe=layout.moe, moe_tp=layout.moe_tp, moe_ep=layout.moe_ep,
+                            pad_heads=layout.pad_heads,
+                            quantization=quantization_block(quant, layout.shape), force=force)
+    calibrated = quant.name if quant is not None and quant.needs_calibration else None
+    result = CheckpointResult(cplan.config)
+    on_complete = None
+    if calibrated:
+        from .calibration import calibrate_into_plan, calibration_run
+
+        wanted_ranks(ranks, len(cplan.plans), calibrated)  # its refusal, before any work
+        calibration = calibration_run(calibration, quant, layout.shape, out_dir)
+        done = calibrate_into_plan(model, cplan, layout.shape, quant, calibration,
+                                   progress=progress)
+        result = CheckpointResult(cplan.config, done["timings"], done["report"])
+        on_complete = calibration.done if calibration is not None else None
+    write_checkpoint(cplan, ranks=ranks, workers=workers, force=force, progress=progress,
+                     calibrated=calibrated, options=repr(quant), on_complete=on_complete)
+    return result

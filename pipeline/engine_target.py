@@ -1,0 +1,100 @@
+"""``--target engine``: open the model -> calibrate if the format needs it -> quantized tensors per
+rank -> write the checkpoint -> quality gate / --verify / --eval-ppl -> engines -> Triton."""
+from __future__ import annotations
+
+import time
+
+from .plan import BuildPlan
+from .result import EXIT_MISMATCH, BuildResult
+
+
+def run_engine_target(plan: BuildPlan) -> BuildResult:
+    """The steps of the engine target; ``plan`` is checked (pipeline.plan.make_plan)."""
+    if plan.from_checkpoint is not None:
+        result = BuildResult(inputs={"checkpoint_dir": str(plan.from_checkpoint.resolve())})
+        ckpt = plan.from_checkpoint
+    else:
+        from builders.manifest import InputHashing
+
+        result = BuildResult(layout=plan.head_layout, inputs=InputHashing(
+            {"model": plan.options["model"], "model_dir": str(plan.model.directory.resolve())}))
+        ckpt, report = checkpoint_step(plan, result)
+        if not _checks(plan, ckpt, report, result):
+            return BuildResult(exit_code=EXIT_MISMATCH, manifest=False)
+    if plan.checkpoint_only:
+        return result
+    from .engines import engines_and_triton, engine_record
+
+    engines = engines_and_triton(plan, ckpt, result.timings)
+    result.engines, result.exit_code = engine_record(engines), engines.exit_code
+    return result
+
+
+def checkpoint_step(plan: BuildPlan, result: BuildResult):
+    """Convert (calibrating first for a calibrated format), say what was written; (the checkpoint
+    dir, ``.partial`` while --ranks leaves ranks to other runs; what calibration chose)."""
+    from .checkpoint import convert_checkpoint
+
+    quant = plan.quant
+    t0 = time.perf_counter()
+    if quant.recipe:
+        print(f"SmoothQuant recipe: {quant.recipe}")
+    done = convert_checkpoint(plan.model, plan.out / "checkpoint", plan.layout, quant,
+                              dtype=plan.dtype, workers=plan.workers, force=plan.force,
+                              progress=plan.progress, ranks=plan.ranks,
+                              calibration=plan.calibration)
+    result.timings["checkpoint"] = time.perf_counter() - t0
+    result.timings.update(done.timings)  # included in "checkpoint"
+    _print_calibration(plan, done)
+    return _print_checkpoint(plan, done.config, result.timings), done.report
+
+
+def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
+    """The quality gate of a calibrated run, --verify and --eval-ppl; False on a --verify
+    mismatch."""
+    from builders import checks
+
+    quant = plan.quant
+    model_dir, timings = plan.model.directory, result.timings
+    if quant.needs_calibration:
+        record = checks.gate_step(plan.out, ckpt, model_dir, quant, plan.tokenizer, timings,
+                                  plan.own_calibration_store)
+        result.extra["quantization"] = {**record, **report,
+                                        "quality_gate": record["quality_gate"]}
+    if plan.verify and not checks.verify_step(ckpt, model_dir, quant, plan.tokenizer, timings):
+        return False
+    if plan.ppl_text is not None:
+        checks.eval_ppl_step(ckpt, model_dir, plan.ppl_text, timings)
+    return True
+
+
+def _print_checkpoint(plan: BuildPlan, config: dict, timings: dict):
+    """Say what was written; with --ranks the checkpoint stays a .partial dir until its last rank."""
+    m = config["mapping"]
+    ckpt = plan.out / "checkpoint"
+    if not ckpt.is_dir():  # --ranks: other ranks are still to come
+        ckpt = ckpt.with_name(ckpt.name + ".partial")
+        print(f"checkpoint: rank(s) {plan.ranks_text} of {m['world_size']} written into {ckpt}; "
+              f"{plan.out / 'checkpoint'} appears when the other ranks are written there too")
+    print(f"checkpoint: {ckpt} ({m['world_size']} rank(s), tp {m['tp_size']}, "
+          f"pp {m['pp_size']}, {config['dtype']}, {plan.quant.name}) in "
+          f"{timings['checkpoint']:.1f}s")
+    return ckpt
+
+
+def _print_calibration(plan: BuildPlan, done) -> None:
+    quant, report, quant_timings = plan.quant, done.report, done.timings
+    if report.get("alphas") and quant.sq_alpha_search:
+        print(f"SmoothQuant alpha per layer (searched): {' '.join(f'{a:g}' for a in report['alphas'])}")
+    if not quant_timings:
+        return
+    if plan.options.get("calibration") is not None:
+        how = f"reused {plan.options['calibration']}"
+    else:
+        hooks = quant.is_sq_plugin or quant.is_max_calibrated
+        how = ("forward hooks" if hooks else "modelopt forward passes") + \
+            ", layer by layer for dense models"
+        how += f" over {quant.calib_size} x {quant.calib_seq_len} tokens"
+    print(f"calibration: {quant_timings['calibration']:.1f}s ({how}), quantized tensors: "
+          f"{quant_timings['quantized_tensors']:.1f}s")
+

@@ -1,0 +1,178 @@
+"""``BuildPlan``: what one ``build_engine`` run does, made once from the parsed arguments by
+``make_plan``. Every refusal happens while it is made (one line, exit 2, before any work and before
+anything is written); the stages below take the plan's typed fields, never the Namespace."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import UserError
+
+from . import preflight
+
+#: engine flags the LLM-API repository passes to LLM(...) (builders.triton.llmapi)
+LLM_SIZE_FLAGS = ("max_batch_size", "max_num_tokens", "max_seq_len", "max_beam_width")
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """``target``: "engine" or "pytorch"; ``model``: the ModelSource (None with --from-checkpoint,
+    whose directory is ``from_checkpoint``); ``layout``: the checkpoint's split (engine target
+    from --model); ``ranks``: the conversion ranks of this run (None = all) and ``ranks_text`` the
+    --ranks flag for the engine stage; ``options``: build.json's "options" (the flags as
+    resolved); ``engine_options`` / ``triton_options``: the engine and Triton stages' option
+    objects (None where the run has no such stage)."""
+
+    target: str
+    out: Path
+    options: dict
+    model: object = None
+    from_checkpoint: Path | None = None
+    quant: object = None
+    layout: object = None
+    dtype: str = "auto"
+    workers: int = 1
+    force: bool = False
+    progress: bool = True
+    ranks: list | None = None
+    ranks_text: str | None = None
+    tokenizer: object = None
+    calibration: object = None
+    own_calibration_store: Path | None = None
+    verify: bool = False
+    ppl_text: str | None = None
+    checkpoint_only: bool = False
+    triton_target: str = "none"
+    tokenizer_dir: str | None = None
+    engine_options: object = None
+    triton_options: object = None
+    head_layout: dict | None = None
+
+
+def make_plan(args) -> BuildPlan:
+    """The run's plan from the parsed arguments; every refusal first (see the module docstring)."""
+    from builders.cli_args import defaults_from_other_flags
+
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {args.workers})")
+    defaults_from_other_flags(args)
+    if args.from_checkpoint:
+        return _from_checkpoint_plan(args)
+    if not args.model:
+        raise UserError("--model is required: a local HF model dir or a bundled example name "
+                        "(or --from-checkpoint CKPT_DIR)")
+    from quantize.formats import QuantSpec
+
+    quant = QuantSpec.from_args(args)  # bad combinations / calib file: before any work
+    if args.smoothquant == "default":  # build.json records the alpha the recipe used
+        args.smoothquant = quant.smoothquant_alpha
+    if getattr(args, "target", "engine") == "pytorch":
+        return _pytorch_plan(args, quant)
+    return _engine_plan(args, quant)
+
+
+def _common(args) -> dict:
+    """The plan fields every target takes from the flags alike."""
+    return dict(out=Path(args.output), dtype=args.dtype, workers=args.workers, force=args.force,
+                progress=not args.no_progress, verify=args.verify,
+                checkpoint_only=args.checkpoint_only, triton_target=args.triton_target,
+                tokenizer_dir=args.tokenizer_dir, ranks_text=args.ranks)
+
+
+def _stage_options(args) -> dict:
+    """The engine and Triton stages' options, converted here (their range refusals included)."""
+    from builders.engine_options import options_from_args
+    from builders.triton import TritonOptions
+
+    if args.checkpoint_only:
+        return {}
+    triton = None if args.triton_target == "none" else TritonOptions.from_any(args)
+    return dict(engine_options=options_from_args(args), triton_options=triton)
+
+
+def _from_checkpoint_plan(args) -> BuildPlan:
+    """--from-checkpoint: engines (and Triton) from an existing checkpoint; the conversion flags
+    that would have no effect are refused."""
+    from quantize.formats import QuantSpec
+
+    if args.model:
+        raise UserError("give either --model or --from-checkpoint, not both")
+    if args.pad_heads:  # a checkpoint's heads were laid out when it was converted
+        raise UserError("--pad-heads applies when converting with --model; a --from-checkpoint "
+                        "checkpoint keeps its own head layout (drop --pad-heads)")
+    if QuantSpec.from_args(args).is_quantized:  # a checkpoint is quantized when converted
+        raise UserError("quantization flags apply when converting with --model; a "
+                        "--from-checkpoint checkpoint keeps its own quantization (drop them)")
+    preflight.check_triton_args(args, None)
+    stages = _stage_options(args)
+    return BuildPlan(target="engine", options=dict(vars(args)),
+                     from_checkpoint=Path(args.from_checkpoint), **_common(args), **stages)
+
+
+def _engine_plan(args, quant) -> BuildPlan:
+    """--model, --target engine: the layout, Triton, ranks, tokenizer, memory and calibration
+    refusals, in the order a user meets them."""
+    from model.source import ModelSource
+
+    from .checkpoint import plan_layout
+
+    model = ModelSource.open(args.model)
+    layout = plan_layout(model, tp=args.tp, pp=args.pp, quant=quant, moe_tp=args.moe_tp,
+                         moe_ep=args.moe_ep, pad_heads=args.pad_heads or model.pads_heads)
+    head_layout = preflight.head_padding(args, layout.shape)
+    preflight.check_triton_args(args, model.directory)
+    ranks = preflight.conversion_ranks(args, quant)
+    tokenizer = preflight.quant_tokenizer(args, quant, model)
+    preflight.memory_plan(args, quant, layout.shape, Path(args.output))
+    ppl_text = None
+    if getattr(args, "eval_ppl", None):
+        from verify.perplexity import read_text_file
+
+        ppl_text = read_text_file(args.eval_ppl)  # bad file: one line, before any work
+    calibration = preflight.calibration_run(args, Path(args.output), quant, tokenizer)
+    if calibration is not None:
+        from .calibration import calibration_run
+
+        calibration = calibration_run(calibration, quant, layout.shape, Path(args.output))
+    own_store = None if args.calibration else Path(args.output) / "calibration"
+    stages = _stage_options(args)
+    return BuildPlan(target="engine", options=dict(vars(args)), model=model, quant=quant,
+                     layout=layout, ranks=ranks, tokenizer=tokenizer, calibration=calibration,
+                     own_calibration_store=own_store, ppl_text=ppl_text,
+                     head_layout=head_layout, **_common(args), **stages)
+
+
+def _pytorch_plan(args, quant) -> BuildPlan:
+    """--target pytorch: the engine-only flags, head padding and the unified checkpoint's own
+    refusals (format, tp/pp, experts, existing outputs, Triton options and tokenizer)."""
+    from builders.pytorch_target import preflight as pytorch_preflight
+    from builders.triton import TritonOptions
+    from model.source import ModelSource
+
+    preflight.refuse_engine_only_flags(args)
+    model = ModelSource.open(args.model)
+    preflight.refuse_padding_for_pytorch(args, model, args.pad_heads or model.pads_heads)
+    triton = args.triton_target != "none" and not args.checkpoint_only
+    pytorch_preflight(model, Path(args.output), quant, tp=args.tp, pp=args.pp,
+                      triton_options=args if triton else None, triton=triton, force=args.force)
+    tokenizer = None
+    if quant.needs_calibration:
+        tokenizer = model.tokenizer()
+    elif args.verify and quant.is_quantized:
+        tokenizer = model.tokenizer("--verify of a quantized checkpoint (on real text)",
+                                    "; or drop --verify")
+    options = None
+    if triton:  # the Triton options and the LLM(...) size limits the engine flags give
+        options = TritonOptions.from_any(args).as_dict()
+        options.update({k: getattr(args, k) for k in LLM_SIZE_FLAGS})
+    return BuildPlan(target="pytorch", options=dict(vars(args)), model=model, quant=quant,
+                     layout=_Split(args.tp, args.pp), tokenizer=tokenizer, triton_options=options,
+                     **{**_common(args), "triton_target": args.triton_target if triton else "none"})
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The PyTorch target's tp x pp (the backend splits the HF checkpoint itself)."""
+
+    tp: int
+    pp: int
