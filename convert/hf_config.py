@@ -11,18 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.families import ARCHITECTURES, FAMILIES
+
 from .config_json import normalised_config
 from common.errors import UserError
 from .heads import HeadPadding, choose_padding
 from .moe import NORMALIZATION_RENORMALIZE, moe_config, moe_layout
 
-# HF architecture -> (family name in convert.families, TRT-LLM architecture name)
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "MixtralForCausalLM": "mixtral",
-}
+# HF architecture -> family name (model.families)
+SUPPORTED_ARCHITECTURES = ARCHITECTURES
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -140,6 +137,7 @@ def model_shape(hf) -> Shape:
     heads = hf.num_attention_heads
     head_size = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     llama_bias = bool(getattr(hf, "attention_bias", False))
+    flags = dict(FAMILIES[family].flags)  # Qwen2: q/k/v bias always, no o_proj bias
     return Shape(
         family=family,
         layers=hf.num_hidden_layers,
@@ -150,8 +148,8 @@ def model_shape(hf) -> Shape:
         inter=hf.intermediate_size,
         vocab=hf.vocab_size,
         tied=bool(getattr(hf, "tie_word_embeddings", False)),
-        attn_bias=True if family == "qwen2" else llama_bias,  # Qwen2 always has q/k/v bias
-        dense_bias=False if family == "qwen2" else llama_bias,
+        attn_bias=flags.get("attn_bias", llama_bias),
+        dense_bias=flags.get("dense_bias", llama_bias),
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         **_moe_fields(hf, family),
     )
