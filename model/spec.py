@@ -48,6 +48,12 @@ DIMS = {
     "experts": lambda s: s.experts,
 }
 
+#: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads)
+RANK_DIMS = {
+    "q": lambda s: s.tp_heads * s.head_size,
+    "kv": lambda s: s.tp_kv_heads * s.head_size,
+}
+
 #: HF layer prefix ({i}: global layer) and TensorRT-LLM layer prefix ({i}: local to the stage)
 HF_LAYER = "model.layers.{i}."
 TRT_LAYER = "transformer.layers.{i}."
@@ -89,6 +95,23 @@ class Linear:
     def bias_shard(self) -> str:
         # a row-parallel linear's output is summed over ranks: its bias is added once, whole
         return self.shard if self.column_parallel else REPLICATED
+
+    def rank_features(self, shape, tp: int) -> tuple[int, int]:
+        """(output, input) features of this linear on one tensor-parallel rank, with heads padded
+        (``shape.tp_heads``): column-parallel splits the output, row-parallel the input; ``qkv``
+        splits heads, a rank holding at least one kv head (duplicated when fewer than ranks)."""
+        def size(d):
+            return RANK_DIMS[d](shape) if d in RANK_DIMS else DIMS[d](shape)
+
+        out = 0
+        for o, _ in self.shapes:
+            if self.shard == QKV:
+                heads = shape.tp_heads // tp if o == "q" else max(shape.tp_kv_heads // tp, 1)
+                out += heads * shape.head_size
+            else:
+                out += size(o) // tp if self.column_parallel else size(o)
+        inp = size(self.shapes[0][1])
+        return out, inp // tp if self.shard in ROW_PARALLEL else inp
 
     def rules(self) -> tuple[Rule, ...]:
         """The weight (and bias) rows of this linear."""
@@ -156,6 +179,8 @@ class Family:
     head: tuple[Rule, ...]           # on the last pipeline stage
     extra: tuple[Rule, ...] = ()     # per decoder layer, other tensors (MoE router)
     flags: tuple[tuple[str, object], ...] = ()  # Shape fields the family fixes (Qwen2: q/k/v bias)
+    #: (HF, TensorRT-LLM) attention module in the layer: where the KV-cache scales live
+    attention: tuple[str, str] = ("self_attn", "attention")
 
     @property
     def layer(self) -> tuple[Rule, ...]:
@@ -193,6 +218,15 @@ class Family:
     def hf_linears(self) -> tuple[str, ...]:
         """HF modules (relative to the layer) of the dense linears, in spec order."""
         return tuple(h for lin in self.dense_linears() for h in lin.hf)
+
+    def fusion_groups(self) -> dict[str, tuple[str, ...]]:
+        """Fusion group -> HF modules (dense linears) that share an input, in spec order:
+        {"qkv": (q, k, v), "gate_up": (gate, up)}."""
+        out: dict[str, tuple[str, ...]] = {}
+        for lin in self.dense_linears():
+            if lin.group is not None:
+                out[lin.group] = out.get(lin.group, ()) + lin.hf
+        return out
 
     def norm_names(self) -> dict[str, str]:
         """HF layer norm -> TensorRT-LLM layer norm (relative to the layer, no ``.weight``)."""
