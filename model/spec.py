@@ -232,6 +232,10 @@ class Family:
         """HF layer norm -> TensorRT-LLM layer norm (relative to the layer, no ``.weight``)."""
         return {_module(r.sources[0], HF_LAYER): _module(r.target, TRT_LAYER) for r in self.norms}
 
+    def input_norm(self, lin: Linear) -> str | None:
+        """The TensorRT-LLM norm whose output is ``lin``'s input (None: another linear's output)."""
+        return self.norm_names()[lin.norm] if lin.norm is not None else None
+
     def global_names(self) -> dict[str, str]:
         """HF -> TensorRT-LLM names of the embedding and head tensors."""
         return {r.sources[0]: r.target for r in self.embed + self.head}
