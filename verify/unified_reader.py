@@ -36,6 +36,7 @@ import torch
 
 from common.errors import UserError
 from model.families import FAMILIES
+from model.spec import HF_LAYER, TRT_LAYER
 
 Tensor = torch.Tensor
 
@@ -49,6 +50,13 @@ GATE_UP = LAYOUT.fusion_groups()["gate_up"]  # TRT-LLM fuses them into one modul
 NAMES = {**{lin.hf[0]: lin.name for lin in LAYOUT.dense_linears() if len(lin.hf) == 1},
          **LAYOUT.norm_names()}
 GLOBAL_NAMES = LAYOUT.global_names()
+#: Mixtral's router and expert linears (model.families.mixtral)
+MOE = FAMILIES["mixtral"]
+(MOE_ROUTER,) = MOE.extra
+
+
+def _module(name: str, prefix: str) -> str:
+    return name[len(prefix):].removesuffix(".weight")
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.([a-z_]+)$")
 
@@ -212,23 +220,24 @@ def _moe_layer(mods: dict, algo: str | None, d: Path, i: int) -> dict[str, Tenso
     """A Mixtral layer's MoE in the TRT-LLM checkpoint form the reader runs: ``mlp.router.weight``
     (float32) and the experts stacked, ``mlp.fc`` = [w3; w1] per expert, ``mlp.proj`` = w2
     (float unified checkpoints only; quantized MoE is refused by ``--target pytorch``)."""
-    router = mods.get("block_sparse_moe.gate")
+    router = mods.get(_module(MOE_ROUTER.sources[0], HF_LAYER))
     if router is None:
         return {}
     if algo is not None:
         raise UserError(f"{d}: quantized mixture-of-experts unified checkpoints are not supported "
                         f"by the reference reader")
-    experts = sorted(int(m.group(1)) for k in mods
-                     if (m := re.match(r"^block_sparse_moe\.experts\.(\d+)\.w1$", k)))
+    fc, proj = MOE.linear("mlp.fc"), MOE.linear("mlp.proj")
+    index = re.compile("^" + re.escape(fc.hf[-1]).replace(r"\{e\}", r"(\d+)") + "$")
+    experts = sorted(int(m.group(1)) for k in mods if (m := index.match(k)))
     if experts != list(range(len(experts))) or not experts:
         raise UserError(f"{d}: layer {i} has experts {experts}, expected 0..N-1")
 
-    def w(e, n):
-        got = mods.get(f"block_sparse_moe.experts.{e}.{n}", {}).get("weight")
+    def w(e, hf):
+        got = mods.get(hf.format(e=e), {}).get("weight")
         if got is None:
-            raise UserError(f"{d}: layer {i} lacks block_sparse_moe.experts.{e}.{n}.weight")
+            raise UserError(f"{d}: layer {i} lacks {hf.format(e=e)}.weight")
         return got
 
-    return {"mlp.router.weight": router["weight"].float(),
-            "mlp.fc.weight": torch.stack([torch.cat([w(e, "w3"), w(e, "w1")]) for e in experts]),
-            "mlp.proj.weight": torch.stack([w(e, "w2") for e in experts])}
+    return {_module(MOE_ROUTER.target, TRT_LAYER) + ".weight": router["weight"].float(),
+            f"{fc.name}.weight": torch.stack([torch.cat([w(e, h) for h in fc.hf]) for e in experts]),
+            f"{proj.name}.weight": torch.stack([w(e, proj.hf[0]) for e in experts])}
