@@ -36,20 +36,14 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import UserError
-from model.families import FAMILIES
 from model.spec import PER_BLOCK, PER_INPUT, PER_OUTPUT, QKV, companion_axis
 
 from .formats import SQ_PLUGIN_ALGOS, QuantSpec
 from .sq_int8 import Int8Linear, Lin, column_absmax, int8_linear, smoother_from_absmax
+from .sq_layout import FIELDS, HF_MODULES, INPUT_SCALES, SMOOTH_GROUPS
 
 Tensor = torch.Tensor
 
-#: the decoder layout TensorRT-LLM's plugin SmoothQuant handles: the Llama family's spec
-LAYOUT = FAMILIES["llama"]
-#: HF module in the layer of each dense linear, by HF short name ("q_proj": "self_attn.q_proj")
-HF_MODULES = {h.rsplit(".", 1)[1]: h for h in LAYOUT.hf_linears()}
-#: SmoothedLayer's field of each TensorRT-LLM linear ("qkv", "dense", "fc", "gate", "proj")
-FIELDS = {lin.name.rsplit(".", 1)[1]: lin for lin in LAYOUT.dense_linears()}
 
 
 def plugin_mode(quant_algo: str) -> tuple[bool, bool]:
@@ -182,13 +176,6 @@ class SmoothedLayer:
         return self._int8
 
 
-#: the weights that share a smoother: TensorRT-LLM smooths each fusion group of the spec jointly
-#: into the norm that feeds it and keeps one ``smoother`` per other linear (dense, proj):
-#: {"qkv": (q, k, v), "dense": (o,), "gate_up": (gate, up), "proj": (down,)} by HF short name
-SMOOTH_GROUPS: dict[str, tuple[str, ...]] = {}
-for _field, _lin in FIELDS.items():
-    SMOOTH_GROUPS[_lin.group or _field] = (SMOOTH_GROUPS.get(_lin.group or _field, ())
-                                           + tuple(h.rsplit(".", 1)[1] for h in _lin.hf))
 
 
 def weight_absmax(w: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -280,12 +267,15 @@ def shard_layer(layer: SmoothedLayer, quant_algo: str, *, tp: int, rank: int, pr
     for field, lin in FIELDS.items():
         out.update(_linear_tensors(f"{prefix}.{lin.name}", q[field], shard=lin.shard,
                                    sections=getattr(layer, field).sections, **kw))
+    # the input scale of a linear fed by a norm lives on the norm (per token: ones), of the others
+    # on their block (static activations only); the first linear reading it gives its value
     one = torch.ones(1, dtype=torch.float32)
-    out[f"{prefix}.input_layernorm.scale_to_int"] = one.clone() if per_token else q["qkv"].x_orig_quant.reshape(1)
-    out[f"{prefix}.post_layernorm.scale_to_int"] = one.clone() if per_token else q["fc"].x_orig_quant.reshape(1)
-    if not per_token:
-        out[f"{prefix}.attention.quantization_scaling_factor"] = q["dense"].x_orig_quant.reshape(1)
-        out[f"{prefix}.mlp.quantization_scaling_factor"] = q["proj"].x_orig_quant.reshape(1)
+    for name, field in INPUT_SCALES.items():
+        if name.endswith(".scale_to_int"):
+            out[f"{prefix}.{name}"] = one.clone() if per_token else q[field].x_orig_quant.reshape(1)
+    for name, field in INPUT_SCALES.items():
+        if not name.endswith(".scale_to_int") and not per_token:
+            out[f"{prefix}.{name}"] = q[field].x_orig_quant.reshape(1)
     for field, lin in FIELDS.items():
         if lin.norm is not None:  # smoothed into the norm that feeds it; no smoother tensor
             continue

@@ -24,9 +24,10 @@ from safetensors import safe_open
 
 from . import store as cstore
 from .formats import QuantSpec
-from .smoothquant import (FIELDS, RangeHooks, SmoothedLayer, is_mha, keep_stride, layer_linears,
+from .smoothquant import (RangeHooks, SmoothedLayer, is_mha, keep_stride, layer_linears,
                           module_weights, plugin_mode, smooth_layer, weight_absmax)
 from .sq_int8 import Int8Linear, Lin, int8_linear
+from .sq_layout import FIELDS
 from .sq_search import ALPHA_GRID, SEARCH_TOKENS, search_layer_alpha
 
 Tensor = torch.Tensor

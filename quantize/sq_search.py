@@ -7,9 +7,10 @@ from collections.abc import Mapping
 
 import torch
 
-from .smoothquant import (FIELDS, SMOOTH_GROUPS, SmoothedLayer, hf_layers, layer_ranges, layer_weights, plugin_mode,
+from .smoothquant import (SmoothedLayer, hf_layers, layer_ranges, layer_weights, plugin_mode,
                           smooth_layer, weight_absmax)
 from .sq_int8 import Int8Linear, Lin, int8_linear
+from .sq_layout import FIELDS, GROUP_FIELDS, SMOOTH_GROUPS
 
 Tensor = torch.Tensor
 
@@ -17,11 +18,6 @@ Tensor = torch.Tensor
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: calibration input rows kept per linear for ``--smoothquant auto``
 SEARCH_TOKENS = 1024
-#: smoother group -> SmoothedLayer's linears that take its input: {"qkv": ("qkv",), "dense":
-#: ("dense",), "gate_up": ("fc", "gate"), "proj": ("proj",)}, from the spec
-_GROUP_FIELDS: dict[str, tuple[str, ...]] = {}
-for _f, _lin in FIELDS.items():
-    _GROUP_FIELDS[_lin.group or _f] = _GROUP_FIELDS.get(_lin.group or _f, ()) + (_f,)
 
 
 def fake_quant_output(x: Tensor, lin: Lin, q: Int8Linear, *, per_channel: bool, per_token: bool) -> Tensor:
@@ -45,7 +41,7 @@ def layer_error(layer: SmoothedLayer, inputs: Mapping[str, Tensor], ref: Mapping
     on the kept calibration inputs (float, unsmoothed; ``ref``: their float outputs)."""
     per_channel, per_token = plugin_mode(quant_algo)
     total = 0.0
-    for group, members in _GROUP_FIELDS.items():
+    for group, members in GROUP_FIELDS.items():
         x = (inputs[group].double() / getattr(layer, members[0]).s).float()
         err = norm = 0.0
         for name in members:
@@ -81,7 +77,7 @@ def search_layer_alpha(w: Mapping[str, Tensor], norms: tuple[Tensor, Tensor],
         raise ValueError("search_layer_alpha needs ranges captured with keep_inputs=N")
     inputs = {g: r[names[0]]["inputs"] for g, names in SMOOTH_GROUPS.items()}
     ref = {}
-    for group, fields in _GROUP_FIELDS.items():
+    for group, fields in GROUP_FIELDS.items():
         for f in fields:
             shorts = [h.rsplit(".", 1)[1] for h in FIELDS[f].hf]
             ref[f] = inputs[group] @ (torch.cat([w[n] for n in shorts]) if len(shorts) > 1
