@@ -40,7 +40,7 @@ from model.spec import PER_BLOCK, PER_INPUT, PER_OUTPUT, QKV, companion_axis
 
 from .formats import SQ_PLUGIN_ALGOS, QuantSpec
 from .sq_int8 import Int8Linear, Lin, column_absmax, int8_linear, smoother_from_absmax
-from .sq_layout import FIELDS, HF_MODULES, INPUT_SCALES, SMOOTH_GROUPS
+from .sq_layout import FIELDS, HF_MODULES, INPUT_SCALES, LAYOUT, SMOOTH_GROUPS
 
 Tensor = torch.Tensor
 
@@ -196,20 +196,23 @@ def smooth_layer(w: Mapping[str, Tensor], norms: tuple[Tensor, Tensor],
     s = {g: smoother_from_absmax(wmax[g], ranges[names[0]]["x"], alpha)
          for g, names in SMOOTH_GROUPS.items()}
 
-    def lin(group: str, short: str, **kw) -> Lin:
-        return Lin(kw.pop("parts", (w[short],)), ranges[short]["x"] / s[group],
-                   kw.pop("y", ranges[short]["y"]), s=s[group], **kw)
+    def lin(field: str) -> Lin:
+        spec = FIELDS[field]
+        group, shorts = spec.group or field, [h.rsplit(".", 1)[1] for h in spec.hf]
+        parts = tuple(w[n] for n in shorts)
+        if len(parts) == 1:
+            return Lin(parts, ranges[shorts[0]]["x"] / s[group], ranges[shorts[0]]["y"], s=s[group])
+        return Lin(parts, ranges[shorts[0]]["x"] / s[group],
+                   torch.cat([ranges[n]["y"] for n in shorts]), s=s[group],
+                   sections=tuple(p.shape[0] for p in parts))
 
-    q, k, v = (w[n] for n in SMOOTH_GROUPS["qkv"])
-    y_qkv = torch.cat([ranges[n]["y"] for n in SMOOTH_GROUPS["qkv"]])
-    qkv = lin("qkv", "q_proj", parts=(q, k, v), y=y_qkv,
-              sections=(q.shape[0], k.shape[0], v.shape[0]))
-    in_norm, post_norm = norms
-    in_norm = (in_norm.to(torch.float64) / s["qkv"]).to(in_norm.dtype)
-    post_norm = (post_norm.to(torch.float64) / s["gate_up"]).to(post_norm.dtype)
-    return SmoothedLayer(qkv, lin("dense", "o_proj"), lin("gate_up", "gate_proj"),
-                         lin("gate_up", "up_proj"), lin("proj", "down_proj"), in_norm, post_norm,
-                         s["dense"].float(), s["proj"].float())
+    # a fusion group's smoother is folded into the norm that feeds it; the others stay tensors
+    by_norm = {f.norm: s[f.group or k] for k, f in FIELDS.items() if f.norm is not None}
+    folded = [(n.to(torch.float64) / by_norm[hf]).to(n.dtype)
+              for n, hf in zip(norms, LAYOUT.norm_names())]
+    kept = {f"{k}_smoother": s[k].float() for k, f in FIELDS.items() if f.norm is None}
+    return SmoothedLayer(**{k: lin(k) for k in FIELDS}, input_norm=folded[0], post_norm=folded[1],
+                         **kept)
 
 
 # ---------------------------------------------------------------------------------------------
