@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from common.errors import UserError
+from model.families import FAMILIES
 from model.shape import HeadPadding
 
 if TYPE_CHECKING:  # the padding of calibrated tensors computes with torch; the plan does not
@@ -50,17 +51,26 @@ class HeadAxis:
 #: plugin tensors: the o_proj ``smoother`` [1, q] -> HeadAxis(1, "q", 1.0), q/k/v
 #: ``per_channel_scale`` [1, out] -> HeadAxis(1, "q"/"kv", 1.0). Per-token activation scales need
 #: nothing: the padded channels are exactly zero, so they never change a token's amax.
-QUANT_HEAD_AXES = {
-    "q_proj.weight": HeadAxis(0, "q", 0.0),
-    "k_proj.weight": HeadAxis(0, "kv", 0.0),
-    "v_proj.weight": HeadAxis(0, "kv", 0.0),
-    "q_proj.weights_scaling_factor": HeadAxis(0, "q", 1.0),     # SQ [out], AWQ [out, in/group]
-    "k_proj.weights_scaling_factor": HeadAxis(0, "kv", 1.0),
-    "v_proj.weights_scaling_factor": HeadAxis(0, "kv", 1.0),
-    "o_proj.weight": HeadAxis(1, "q", 0.0),
-    "o_proj.weights_scaling_factor": HeadAxis(1, "q", 1.0, ndim=2),  # AWQ [hidden, q/group]
-    "o_proj.prequant_scaling_factor": HeadAxis(0, "q", 1.0),    # SQ / AWQ smoother [q]
-}
+def _quant_head_axes() -> dict[str, HeadAxis]:
+    """From the family spec: a linear whose output features are heads (q/k/v) has them on axis 0
+    of its weight and of its output-side scales; one whose input features are heads (o_proj) on
+    axis 1 of its weight and of its 2-D per-block scales, and on axis 0 of its 1-D input-side
+    ``prequant_scaling_factor`` (model.spec's companion layouts)."""
+    out = {}
+    for lin in FAMILIES["llama"].dense_linears():
+        for hf, (o, i) in zip(lin.hf, lin.shapes):
+            short = hf.rsplit(".", 1)[1]
+            if o in ("q", "kv"):
+                out[f"{short}.weight"] = HeadAxis(0, o, 0.0)
+                out[f"{short}.weights_scaling_factor"] = HeadAxis(0, o, 1.0)  # SQ [out], AWQ [out, in/g]
+            elif i in ("q", "kv"):
+                out[f"{short}.weight"] = HeadAxis(1, i, 0.0)
+                out[f"{short}.weights_scaling_factor"] = HeadAxis(1, i, 1.0, ndim=2)  # AWQ [h, q/g]
+                out[f"{short}.prequant_scaling_factor"] = HeadAxis(0, i, 1.0)  # SQ / AWQ smoother [q]
+    return out
+
+
+QUANT_HEAD_AXES = _quant_head_axes()
 
 
 def pad_axis(t: torch.Tensor, spec: HeadAxis, padding: HeadPadding, name: str = "") -> torch.Tensor:

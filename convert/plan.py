@@ -5,14 +5,14 @@ a single weight byte is read, so a bad checkpoint fails in seconds with the tens
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from common.dtypes import BY_NAME, DType
 
 from common.errors import UserError
-from .families import FAMILIES, Rule
+from model.families import FAMILIES
 from model.shape import Shape
+from model.spec import Rule
 
 from .hf_config import pp_layer_range
 from .moe import MoeLayout
@@ -36,23 +36,8 @@ class OutputTensor:
 
 
 def expected_source_shape(name: str, s: Shape) -> tuple[int, ...] | None:
-    """The shape a HF tensor must have for this config (None: not checked)."""
-    q, kv, h, i = s.heads * s.head_size, s.kv_heads * s.head_size, s.hidden, s.inter
-    table = [
-        (r"embed_tokens\.weight|lm_head\.weight", (s.vocab, h)),
-        (r"(input_layernorm|post_attention_layernorm|norm)\.weight", (h,)),
-        (r"q_proj\.weight", (q, h)), (r"q_proj\.bias", (q,)),
-        (r"[kv]_proj\.weight", (kv, h)), (r"[kv]_proj\.bias", (kv,)),
-        (r"o_proj\.weight", (h, q)), (r"o_proj\.bias", (h,)),
-        (r"(gate_proj|up_proj)\.weight", (i, h)), (r"(gate_proj|up_proj)\.bias", (i,)),
-        (r"down_proj\.weight", (h, i)), (r"down_proj\.bias", (h,)),
-        (r"block_sparse_moe\.gate\.weight", (s.experts, h)),
-        (r"experts\.\d+\.w[13]\.weight", (i, h)), (r"experts\.\d+\.w2\.weight", (h, i)),
-    ]
-    for pattern, shape in table:
-        if re.search(r"(^|\.)" + pattern + "$", name):
-            return shape
-    return None
+    """The shape a HF tensor must have for this config (None: not checked), from the family spec."""
+    return FAMILIES[s.family].expected_shape(name, s)
 
 
 def _resolve(rule: Rule, i: int | None, source, e: int | None = None) -> tuple[str, ...]:

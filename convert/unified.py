@@ -51,6 +51,8 @@ import torch
 
 from common.atomic import swap_into_place
 from common.errors import UserError
+from model.families import FAMILIES
+
 from .source import SourceCheckpoint
 from .writer import write_file
 
@@ -69,7 +71,10 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
 EXCLUDE_MODULES = ["lm_head", "model.embed_tokens"]
 KV_MAXBOUND = 448.0  # modelopt: "kv cache scale as amax / 448 for both FP8 and NVFP4"
 
-_LINEAR = re.compile(r"^(model\.layers\.\d+)\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+#: the Llama-family layout modelopt's unified export quantizes (the family spec's dense linears)
+LAYOUT = FAMILIES["llama"]
+_LINEAR = re.compile(r"^(model\.layers\.\d+)\.(" + "|".join(map(re.escape, LAYOUT.hf_linears()))
+                     + r")\.weight$")
 
 
 @dataclass(frozen=True)
@@ -184,8 +189,8 @@ def unified_quant_tensors(model, spec, dtype: torch.dtype) -> dict[str, Tensor]:
     Linear weights (quantized) and their scales, AWQ's folded norms, KV-cache scales. ``dtype``:
     the checkpoint's float dtype (quantized weights are computed from the weights in it).
     """
-    from quantize.modelopt_state import (ATTN_LINEARS, MLP_LINEARS, _act_scale, _fuse, _Lin,
-                                         _layer_prefixes, _linear_modules, _pack_int4, _weight_scale)
+    from quantize.modelopt_state import (_act_scale, _fuse, _Lin, _layer_prefixes, _linear_modules,
+                                         _pack_int4, _weight_scale)
 
     algo = spec.quant_algo
     fmt = FORMATS[algo]
@@ -198,11 +203,10 @@ def unified_quant_tensors(model, spec, dtype: torch.dtype) -> dict[str, Tensor]:
     for prefix in layers:
         if algo is None:
             break
-        lins = {s: _Lin(linears[f"{prefix}.self_attn.{s}"]) for s in ATTN_LINEARS}
-        lins.update({s: _Lin(linears[f"{prefix}.mlp.{s}"]) for s in MLP_LINEARS})
+        lins = {h: _Lin(linears[f"{prefix}.{h}"]) for h in LAYOUT.hf_linears()}
         if fmt.from_float_weights:  # W8A16: scales from the (unmodified) float weights
             for s, lin in lins.items():
-                p = f"{prefix}.{'self_attn' if s in ATTN_LINEARS else 'mlp'}.{s}"
+                p = f"{prefix}.{s}"
                 q, scale = weight_only_int8(lin.weight.to(dtype))
                 out[f"{p}.weight"], out[f"{p}.weight_scale"] = q, scale
             continue
@@ -210,8 +214,9 @@ def unified_quant_tensors(model, spec, dtype: torch.dtype) -> dict[str, Tensor]:
             if lin.wq is None or not lin.wq.is_enabled:
                 raise UserError(f"{prefix}: {s} has no enabled weight quantizer; was the model "
                                 f"calibrated for {spec.name}?")
-        groups = [("input_layernorm", ["q_proj", "k_proj", "v_proj"]),
-                  ("post_attention_layernorm", ["gate_proj", "up_proj"])]
+        # the linears sharing an input, and the norm that feeds them
+        groups = [(LAYOUT.linear_of(names[0])[0].norm, names)
+                  for names in LAYOUT.fusion_groups().values()]
         folded = set()
         if fmt.fuse_shared_inputs:
             for norm, names in groups:
@@ -222,7 +227,7 @@ def unified_quant_tensors(model, spec, dtype: torch.dtype) -> dict[str, Tensor]:
                     out[f"{prefix}.{norm}.weight"] = (w * head.pqs.to(w.device)).to(w.dtype).to(dtype)
                     folded.update(names)
         for s, lin in lins.items():
-            p = f"{prefix}.{'self_attn' if s in ATTN_LINEARS else 'mlp'}.{s}"
+            p = f"{prefix}.{s}"
             w = lin.weight.to(dtype)
             if algo == "FP8":
                 amax = lin.wq.amax.detach().float()

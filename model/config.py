@@ -9,14 +9,10 @@ from pathlib import Path
 from common.errors import UserError
 
 from .config_json import normalised_config
+from .families import ARCHITECTURES
 
-# HF architecture -> family (convert.families, model.shape)
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "MixtralForCausalLM": "mixtral",
-}
+# HF architecture -> family name (model.families)
+SUPPORTED_ARCHITECTURES = ARCHITECTURES
 
 
 #: config.json parsed, per (real path, mtime, size): every reader of one run shares one parse

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from common.errors import UserError
 
 from .config import SUPPORTED_ARCHITECTURES
+from .families import FAMILIES
 
 #: tensorrt_llm.layers.moe.MoeConfig.ExpertScaleNormalizationMode: NONE (softmax, then top-k) = 0,
 #: RENORMALIZE (top-k, then softmax over those k; Mixtral) = 1
@@ -112,6 +113,7 @@ class Shape:
 def model_shape(hf) -> Shape:
     arch = hf.architectures[0]
     family = SUPPORTED_ARCHITECTURES[arch]
+    flags = dict(FAMILIES[family].flags)  # Qwen2: q/k/v bias always, no o_proj bias
     heads = hf.num_attention_heads
     head_size = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     llama_bias = bool(getattr(hf, "attention_bias", False))
@@ -125,8 +127,8 @@ def model_shape(hf) -> Shape:
         inter=hf.intermediate_size,
         vocab=hf.vocab_size,
         tied=bool(getattr(hf, "tie_word_embeddings", False)),
-        attn_bias=True if family == "qwen2" else llama_bias,  # Qwen2 always has q/k/v bias
-        dense_bias=False if family == "qwen2" else llama_bias,
+        attn_bias=flags.get("attn_bias", llama_bias),
+        dense_bias=flags.get("dense_bias", llama_bias),
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         **_moe_fields(hf, family),
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from common.errors import UserError
+from model.families import FAMILIES
 
 if TYPE_CHECKING:  # the converter's model shape; only its attributes are read here
     import torch  # annotations only: the float path imports this module without torch
@@ -63,17 +64,18 @@ class MemoryTensor:
 
 
 def per_rank_in_dims(shape: Shape, tp: int) -> dict[str, int]:
-    """Input features of each quantizable linear on one rank (TensorRT-LLM names)."""
-    return {"attention.qkv": shape.hidden, "attention.dense": shape.tp_heads * shape.head_size // tp,
-            "mlp.fc": shape.hidden, "mlp.gate": shape.hidden, "mlp.proj": shape.inter // tp}
+    """Input features of each quantizable dense linear on one rank (TensorRT-LLM names)."""
+    return {lin.name: lin.rank_features(shape, tp)[1] for lin in _dense_linears(shape)}
 
 
 def per_rank_out_dims(shape: Shape, tp: int) -> dict[str, int]:
-    """Output features of each quantizable linear on one rank (kv heads duplicated when tp > kv)."""
-    kv = max(shape.tp_kv_heads // tp, 1)
-    return {"attention.qkv": (shape.tp_heads // tp + 2 * kv) * shape.head_size,
-            "attention.dense": shape.hidden, "mlp.fc": shape.inter // tp,
-            "mlp.gate": shape.inter // tp, "mlp.proj": shape.hidden}
+    """Output features of each quantizable dense linear on one rank (kv heads duplicated when tp > kv)."""
+    return {lin.name: lin.rank_features(shape, tp)[0] for lin in _dense_linears(shape)}
+
+
+def _dense_linears(shape: Shape):
+    # a MoE model's experts are checked by quantize.moe.preflight_moe_quant
+    return FAMILIES[shape.family].dense_linears()
 
 
 def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int) -> None:
@@ -81,8 +83,6 @@ def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int) -> N
     if spec is None or not spec.is_quantized:
         return
     dims = per_rank_in_dims(shape, tp)
-    if getattr(shape, "experts", 0):  # a MoE model's MLP GEMMs: quantize.moe.preflight_moe_quant
-        dims = {k: v for k, v in dims.items() if not k.startswith("mlp.")}
     if spec.quant_algo == W4A16_AWQ:
         if shape.padding is not None:  # calibration runs on the unpadded model's dense input
             dims = {**dims, "attention.dense (unpadded)": shape.heads * shape.head_size}

@@ -26,7 +26,7 @@ import torch
 from common.errors import UserError
 
 from .formats import FP8, QuantSpec
-from .modelopt_state import (ATTN_LINEARS, MLP_LINEARS, NUM_BITS, extract_quant_state,
+from .modelopt_state import (HF_LINEARS, NUM_BITS, extract_quant_state,
                              sanitize_amax)
 
 Tensor = torch.Tensor
@@ -70,14 +70,14 @@ class MaxRecord:
 
 def _linears(layer) -> dict[str, torch.nn.Module]:
     found = {}
-    for sub, names in (("self_attn", ATTN_LINEARS), ("mlp", MLP_LINEARS)):
+    for name in HF_LINEARS:
+        sub, n = name.rsplit(".", 1)
         parent = getattr(layer, sub, None)
-        for n in names:
-            mod = getattr(parent, n, None) if parent is not None else None
-            if not isinstance(mod, torch.nn.Linear):
-                raise UserError(f"decoder layer has no Linear {sub}.{n}; layer-wise max "
-                                f"calibration knows Llama-family layers only")
-            found[f"{sub}.{n}"] = mod
+        mod = getattr(parent, n, None) if parent is not None else None
+        if not isinstance(mod, torch.nn.Linear):
+            raise UserError(f"decoder layer has no Linear {sub}.{n}; layer-wise max "
+                            f"calibration knows Llama-family layers only")
+        found[name] = mod
     return found
 
 

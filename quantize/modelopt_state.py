@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from common.errors import UserError
+from model.families import FAMILIES
+from model.spec import PER_BLOCK, QKV, Linear, companion_axis, companion_layout
 
 from .formats import FP8, SMOOTHQUANT, W4A16_AWQ, QuantSpec
 
@@ -26,12 +28,11 @@ Tensor = torch.Tensor
 
 __all__ = ["extract_quant_state", "shard_quant_state", "quant_state_names"]
 
-# HF Llama-family module names -> TensorRT-LLM names (see docs/trtllm-format.md).
-ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
-TRTLLM_MLP = {"gate_proj": "mlp.fc", "up_proj": "mlp.gate", "down_proj": "mlp.proj"}
-COLUMN = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
-ROW = {"o_proj", "down_proj"}
+#: The decoder layout these recipes calibrate (names, fusion, shard rules): the Llama family's
+#: spec; a Mixtral layer's experts are quantize/moe.py's.
+LAYOUT = FAMILIES["llama"]
+HF_LINEARS = LAYOUT.hf_linears()  # "self_attn.q_proj", ..., "mlp.down_proj"
+HF_ATTENTION, TRT_ATTENTION = LAYOUT.attention
 KV_SCALES = ("k_cache_scaling_factor", "v_cache_scaling_factor", "kv_cache_scaling_factor")
 
 
@@ -56,12 +57,12 @@ def _enabled(q) -> bool:
 
 def _linear_modules(model) -> dict[str, torch.nn.Module]:
     """{'model.layers.0.self_attn.q_proj': module, ...} for the Llama-family decoder linears."""
-    pat = re.compile(r"^(.*\.layers\.\d+)\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$")
+    pat = re.compile(r"^(.*\.layers\.\d+)\.(" + "|".join(map(re.escape, HF_LINEARS)) + ")$")
     return {n: m for n, m in model.named_modules() if pat.match(n)}
 
 
 def _layer_prefixes(model) -> list[str]:
-    pat = re.compile(r"^(.*\.layers\.(\d+))\.self_attn$")
+    pat = re.compile(r"^(.*\.layers\.(\d+))\." + re.escape(HF_ATTENTION) + "$")
     found = []
     for n, _ in model.named_modules():
         m = pat.match(n)
@@ -208,23 +209,19 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
 
     if algo is not None:
         for prefix in layers:
-            lins = {}
-            for short in ATTN_LINEARS:
-                lins[short] = _Lin(linears[f"{prefix}.self_attn.{short}"])
-            for short in MLP_LINEARS:
-                if f"{prefix}.mlp.{short}" in linears:  # absent: experts (quantize/moe.py)
-                    lins[short] = _Lin(linears[f"{prefix}.mlp.{short}"])
-            for short, lin in lins.items():
+            # absent MLP linears: a MoE layer's experts (quantize/moe.py)
+            lins = {h: _Lin(linears[f"{prefix}.{h}"]) for h in HF_LINEARS
+                    if f"{prefix}.{h}" in linears or h.startswith(HF_ATTENTION + ".")}
+            for h, lin in lins.items():
                 if not _enabled(lin.wq) or lin.wq.num_bits != NUM_BITS[algo]:
-                    raise UserError(f"{prefix}: {short} has no enabled {algo} weight quantizer; was the "
-                                    f"model calibrated for {spec.name}?")
+                    raise UserError(f"{prefix}: {h.split('.')[-1]} has no enabled {algo} weight "
+                                    f"quantizer; was the model calibrated for {spec.name}?")
             # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4).
-            _fuse([lins["q_proj"], lins["k_proj"], lins["v_proj"]], block)
-            if algo == FP8 and "gate_proj" in lins:
-                _fuse([lins["gate_proj"], lins["up_proj"]], block)
-            for short, lin in lins.items():
-                sub = "self_attn" if short in ATTN_LINEARS else "mlp"
-                p = f"{prefix}.{sub}.{short}"
+            for group, members in LAYOUT.fusion_groups().items():
+                if (group == "qkv" or algo == FP8) and all(h in lins for h in members):
+                    _fuse([lins[h] for h in members], block)
+            for h, lin in lins.items():
+                p = f"{prefix}.{h}"
                 wsf = _weight_scale(lin, block)
                 out[f"{p}.weight"] = _quantize_weight(lin, wsf, algo, block).cpu()
                 out[f"{p}.weights_scaling_factor"] = wsf.cpu()
@@ -236,10 +233,10 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
 
     if spec.kv_cache_quant_algo is not None:
         for prefix in layers:
-            attn = model.get_submodule(f"{prefix}.self_attn")
+            attn = model.get_submodule(f"{prefix}.{HF_ATTENTION}")
             kq, vq = getattr(attn, "k_bmm_quantizer", None), getattr(attn, "v_bmm_quantizer", None)
             if not (_enabled(kq) and _enabled(vq)) or kq.amax is None or vq.amax is None:
-                raise UserError(f"{prefix}.self_attn has no calibrated KV-cache quantizers; was the "
+                raise UserError(f"{prefix}.{HF_ATTENTION} has no calibrated KV-cache quantizers; was the "
                                 f"model calibrated for {spec.name}?")
             scales = []
             for q in (kq, vq):
@@ -248,9 +245,9 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
                     s = torch.max(s, torch.tensor([1.0], dtype=torch.float, device=s.device))
                 scales.append(s.reshape(1).cpu())
             k, v = scales
-            out[f"{prefix}.self_attn.k_cache_scaling_factor"] = k
-            out[f"{prefix}.self_attn.v_cache_scaling_factor"] = v
-            out[f"{prefix}.self_attn.kv_cache_scaling_factor"] = torch.maximum(v, k)
+            kv_names = (f"{prefix}.{HF_ATTENTION}.{n}" for n in KV_SCALES)
+            for name, t in zip(kv_names, (k, v, torch.maximum(v, k))):
+                out[name] = t
     return out
 
 
@@ -275,86 +272,70 @@ def _dup_kv(t: Tensor, rows_per_head: int, num_kv_heads: int, tp: int) -> Tensor
         num_kv_heads * reps * rows_per_head, *shape[1:])
 
 
-def _qkv_rank(state: Mapping[str, Tensor], src: str, suffix: str, rows_per_head: int,
-              num_kv_heads: int, tp: int, rank: int) -> Tensor:
+def _qkv_rank(state: Mapping[str, Tensor], src: str, lin: Linear, suffix: str,
+              num_heads: int, num_kv_heads: int, tp: int, rank: int) -> Tensor:
     """Rank ``rank``'s [q_r; k_r; v_r] of the tensor ``suffix`` (weight, or per-row scales) of the
     layer ``src``'s q/k/v projections, k/v heads duplicated first when tp > kv heads."""
+    rows_per_head = state[f"{src}.{lin.hf[0]}.{suffix}"].shape[0] // num_heads
     parts = []
-    for short in ("q_proj", "k_proj", "v_proj"):
-        t = state[f"{src}.self_attn.{short}.{suffix}"]
-        if short != "q_proj":
+    for j, hf in enumerate(lin.hf):
+        t = state[f"{src}.{hf}.{suffix}"]
+        if j:
             t = _dup_kv(t, rows_per_head, num_kv_heads, tp)
         parts.append(_chunk(t, tp, rank, 0))
     return torch.cat(parts)
+
+
+def _rank_tensor(state: Mapping[str, Tensor], src: str, lin: Linear, suffix: str, *,
+                 num_heads: int, num_kv_heads: int, tp: int, rank: int) -> Tensor:
+    """One rank's ``suffix`` tensor of ``lin``, placed by the spec's companion rule: the weight
+    and per-block scales as the weight's shard, per-output / per-input tensors along the split
+    side, per-tensor ones replicated (model.spec.companion_axis)."""
+    t = state[f"{src}.{lin.hf[0]}.{suffix}"]
+    layout = PER_BLOCK if suffix == "weight" else companion_layout(suffix, t.dim(), t.numel())
+    axis = companion_axis(lin.shard, layout)
+    if axis is None:
+        return t.clone()
+    if lin.shard != QKV:
+        return _chunk(t, tp, rank, axis)
+    if suffix != "weight" and tp > num_kv_heads and t.dim() == 1:
+        raise UserError("SmoothQuant cannot duplicate per-channel k/v scales for kv heads < tp")
+    return _qkv_rank(state, src, lin, suffix, num_heads, num_kv_heads, tp, rank)
 
 
 def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads: int, num_kv_heads: int,
                       tp: int, rank: int, layer_prefix: str = "model.layers") -> dict[str, Tensor]:
     """One TP rank's quantization tensors with TensorRT-LLM names, from :func:`extract_quant_state`.
 
-    Split rules (modelopt 0.47 ``postprocess._split_model_config_for_tp`` + ``build_qkv``):
-    column-parallel (q/k/v per head, gate_proj -> mlp.fc, up_proj -> mlp.gate): weight rows (packed
-    int4: rows/2), per-channel / per-group weight scales split on dim 0; prequant and activation
-    scales replicated. Row-parallel (o_proj -> attention.dense, down_proj -> mlp.proj): weight and
-    AWQ group scales split on dim 1, prequant split on dim 0, SmoothQuant per-channel weight scales
-    (one per output row) and activation scales replicated. Per-tensor (FP8) and KV scales replicated.
+    Split rules (modelopt 0.47 ``postprocess._split_model_config_for_tp`` + ``build_qkv``), as
+    the family spec places companions: column-parallel (q/k/v per head, mlp.fc, mlp.gate): weight
+    rows (packed int4: rows/2), per-channel / per-group weight scales split on dim 0; prequant and
+    activation scales replicated. Row-parallel (attention.dense, mlp.proj): weight and AWQ group
+    scales split on dim 1, prequant split on dim 0, SmoothQuant per-channel weight scales (one
+    per output row) and activation scales replicated. Per-tensor (FP8) and KV scales replicated.
     kv heads < tp: k/v rows duplicated per head first (modelopt refuses this for SmoothQuant).
     The float parts (biases, norms, embeddings, lm_head) are the converter's; only weight, the
     scaling factors and the KV scales are returned.
     """
     algo = spec.quant_algo if spec.quant_algo in (SMOOTHQUANT, FP8, W4A16_AWQ) else None
+    kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, tp=tp, rank=rank)
     out: dict[str, Tensor] = {}
     idx = sorted({int(m.group(1)) for k in state
                   for m in [re.match(re.escape(layer_prefix) + r"\.(\d+)\.", k)] if m})
     for i in idx:
         src = f"{layer_prefix}.{i}"
         dst = f"transformer.layers.{i}"
-        if algo is not None:
-            q_w = state[f"{src}.self_attn.q_proj.weight"]
-            head_rows = q_w.shape[0] // num_heads  # rows per head (head_dim, or head_dim/2 packed)
-            # ---- qkv: [q_r; k_r; v_r]
-            out[f"{dst}.attention.qkv.weight"] = _qkv_rank(state, src, "weight", head_rows,
-                                                           num_kv_heads, tp, rank)
-            q_s = state[f"{src}.self_attn.q_proj.weights_scaling_factor"]
-            if q_s.numel() == 1:  # FP8: identical after fusion
-                out[f"{dst}.attention.qkv.weights_scaling_factor"] = q_s.clone()
-            else:
-                scale_rows = q_s.shape[0] // num_heads
-                if tp > num_kv_heads and q_s.dim() == 1:
-                    raise UserError("SmoothQuant cannot duplicate per-channel k/v scales for kv heads < tp")
-                out[f"{dst}.attention.qkv.weights_scaling_factor"] = _qkv_rank(
-                    state, src, "weights_scaling_factor", scale_rows, num_kv_heads, tp, rank)
-            for suffix in ("activation_scaling_factor", "prequant_scaling_factor"):
-                key = f"{src}.self_attn.q_proj.{suffix}"
-                if key in state:
-                    out[f"{dst}.attention.qkv.{suffix}"] = state[key].clone()
-            # ---- the other linears
-            others = [("self_attn.o_proj", "attention.dense", "row")] + [
-                (f"mlp.{s}", TRTLLM_MLP[s], "row" if s in ROW else "column") for s in MLP_LINEARS]
-            for hf, trt, kind in others:
-                if f"{src}.{hf}.weight" not in state:  # a MoE layer's experts: quantize/moe.py
-                    continue
-                w = state[f"{src}.{hf}.weight"]
-                s = state[f"{src}.{hf}.weights_scaling_factor"]
-                if kind == "column":
-                    out[f"{dst}.{trt}.weight"] = _chunk(w, tp, rank, 0)
-                    out[f"{dst}.{trt}.weights_scaling_factor"] = (
-                        s.clone() if s.numel() == 1 else _chunk(s, tp, rank, 0))
-                else:
-                    out[f"{dst}.{trt}.weight"] = _chunk(w, tp, rank, 1)
-                    out[f"{dst}.{trt}.weights_scaling_factor"] = (
-                        _chunk(s, tp, rank, 1) if s.dim() == 2 else s.clone())
-                a = state.get(f"{src}.{hf}.activation_scaling_factor")
-                if a is not None:
-                    out[f"{dst}.{trt}.activation_scaling_factor"] = a.clone()
-                p = state.get(f"{src}.{hf}.prequant_scaling_factor")
-                if p is not None:
-                    out[f"{dst}.{trt}.prequant_scaling_factor"] = (
-                        p.clone() if kind == "column" else _chunk(p, tp, rank, 0))
+        for lin in LAYOUT.dense_linears() if algo is not None else ():
+            if f"{src}.{lin.hf[0]}.weight" not in state:  # a MoE layer's experts: quantize/moe.py
+                continue
+            for suffix in ("weight", "weights_scaling_factor", "activation_scaling_factor",
+                           "prequant_scaling_factor"):
+                if suffix in ("weight", "weights_scaling_factor") or f"{src}.{lin.hf[0]}.{suffix}" in state:
+                    out[f"{dst}.{lin.name}.{suffix}"] = _rank_tensor(state, src, lin, suffix, **kw)
         for name in KV_SCALES:
-            key = f"{src}.self_attn.{name}"
+            key = f"{src}.{HF_ATTENTION}.{name}"
             if key in state:
-                out[f"{dst}.attention.{name}"] = state[key].clone()
+                out[f"{dst}.{TRT_ATTENTION}.{name}"] = state[key].clone()
     return out
 
 

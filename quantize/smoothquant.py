@@ -36,14 +36,14 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import UserError
+from model.spec import PER_BLOCK, PER_INPUT, PER_OUTPUT, QKV, companion_axis
 
 from .formats import SQ_PLUGIN_ALGOS, QuantSpec
 from .sq_int8 import Int8Linear, Lin, column_absmax, int8_linear, smoother_from_absmax
+from .sq_layout import FIELDS, HF_MODULES, INPUT_SCALES, LAYOUT, SMOOTH_GROUPS
 
 Tensor = torch.Tensor
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def plugin_mode(quant_algo: str) -> tuple[bool, bool]:
@@ -70,9 +70,7 @@ def hf_layers(model) -> list:
 
 def layer_linears(layer) -> dict[str, torch.nn.Linear]:
     """One decoder layer's seven linears by HF short name (``q_proj`` ... ``down_proj``)."""
-    out = {short: getattr(layer.self_attn, short) for short in ATTN}
-    out.update({short: getattr(layer.mlp, short) for short in MLP})
-    return out
+    return {short: layer.get_submodule(h) for short, h in HF_MODULES.items()}
 
 
 def _linears(model) -> dict[str, torch.nn.Linear]:
@@ -80,7 +78,7 @@ def _linears(model) -> dict[str, torch.nn.Linear]:
     out = {}
     for i, layer in enumerate(hf_layers(model)):
         for short, m in layer_linears(layer).items():
-            out[f"model.layers.{i}.{'self_attn' if short in ATTN else 'mlp'}.{short}"] = m
+            out[f"model.layers.{i}.{HF_MODULES[short]}"] = m
     return out
 
 
@@ -174,14 +172,10 @@ class SmoothedLayer:
         """:func:`int8_linear` of the five linears (computed once, shared by every rank)."""
         if self._int8 is None:
             self._int8 = {n: int8_linear(getattr(self, n), mha=mha and n == "qkv")
-                          for n in ("qkv", "dense", "fc", "gate", "proj")}
+                          for n in FIELDS}
         return self._int8
 
 
-#: the weights that share a smoother: group -> HF short names (TensorRT-LLM smooths q/k/v jointly
-#: into the input norm, gate/up jointly into the post-attention norm)
-SMOOTH_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "dense": ("o_proj",),
-                 "mlp": ("gate_proj", "up_proj"), "proj": ("down_proj",)}
 
 
 def weight_absmax(w: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -202,20 +196,23 @@ def smooth_layer(w: Mapping[str, Tensor], norms: tuple[Tensor, Tensor],
     s = {g: smoother_from_absmax(wmax[g], ranges[names[0]]["x"], alpha)
          for g, names in SMOOTH_GROUPS.items()}
 
-    def lin(group: str, short: str, **kw) -> Lin:
-        return Lin(kw.pop("parts", (w[short],)), ranges[short]["x"] / s[group],
-                   kw.pop("y", ranges[short]["y"]), s=s[group], **kw)
+    def lin(field: str) -> Lin:
+        spec = FIELDS[field]
+        group, shorts = spec.group or field, [h.rsplit(".", 1)[1] for h in spec.hf]
+        parts = tuple(w[n] for n in shorts)
+        if len(parts) == 1:
+            return Lin(parts, ranges[shorts[0]]["x"] / s[group], ranges[shorts[0]]["y"], s=s[group])
+        return Lin(parts, ranges[shorts[0]]["x"] / s[group],
+                   torch.cat([ranges[n]["y"] for n in shorts]), s=s[group],
+                   sections=tuple(p.shape[0] for p in parts))
 
-    q, k, v = (w[n] for n in SMOOTH_GROUPS["qkv"])
-    y_qkv = torch.cat([ranges[n]["y"] for n in SMOOTH_GROUPS["qkv"]])
-    qkv = lin("qkv", "q_proj", parts=(q, k, v), y=y_qkv,
-              sections=(q.shape[0], k.shape[0], v.shape[0]))
-    in_norm, post_norm = norms
-    in_norm = (in_norm.to(torch.float64) / s["qkv"]).to(in_norm.dtype)
-    post_norm = (post_norm.to(torch.float64) / s["mlp"]).to(post_norm.dtype)
-    return SmoothedLayer(qkv, lin("dense", "o_proj"), lin("mlp", "gate_proj"),
-                         lin("mlp", "up_proj"), lin("proj", "down_proj"), in_norm, post_norm,
-                         s["dense"].float(), s["proj"].float())
+    # a fusion group's smoother is folded into the norm that feeds it; the others stay tensors
+    by_norm = {f.norm: s[f.group or k] for k, f in FIELDS.items() if f.norm is not None}
+    folded = [(n.to(torch.float64) / by_norm[hf]).to(n.dtype)
+              for n, hf in zip(norms, LAYOUT.norm_names())]
+    kept = {f"{k}_smoother": s[k].float() for k, f in FIELDS.items() if f.norm is None}
+    return SmoothedLayer(**{k: lin(k) for k in FIELDS}, input_norm=folded[0], post_norm=folded[1],
+                         **kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +225,18 @@ def _qkv_rows(t: Tensor, sections: tuple[int, ...], tp: int, rank: int) -> Tenso
     return torch.cat([torch.chunk(p, tp, dim=0)[rank] for p in t.split(list(sections))])
 
 
-def _linear_tensors(prefix: str, q: Int8Linear, *, per_channel: bool, per_token: bool, kind: str,
+def _place(t: Tensor, shard: str, layout: str, tp: int, rank: int, sections=None) -> Tensor:
+    """Rank ``rank``'s part of a linear's tensor of ``layout``, by the spec's companion rule
+    (model.spec.companion_axis); q/k/v rows are split per q|k|v section."""
+    axis = companion_axis(shard, layout)
+    if axis is None:
+        return t
+    if shard == QKV:
+        return _qkv_rows(t, sections, tp, rank)
+    return torch.chunk(t, tp, dim=axis)[rank]
+
+
+def _linear_tensors(prefix: str, q: Int8Linear, *, per_channel: bool, per_token: bool, shard: str,
                     tp: int, rank: int, sections=None) -> dict[str, Tensor]:
     """``get_tllm_linear_sq_weight`` for one linear: weight, per_channel_scale, act_scale."""
     w = q.w_col if per_channel else q.w_tensor
@@ -236,14 +244,12 @@ def _linear_tensors(prefix: str, q: Int8Linear, *, per_channel: bool, per_token:
         scale = q.w_quant_orig_c if per_channel else q.w_quant_orig_t
     else:
         scale = q.y_accum_quant_c if per_channel else q.y_accum_quant_t
-    if kind == "qkv":
-        w, scale = _qkv_rows(w, sections, tp, rank), _qkv_rows(scale, sections, tp, rank)
-    elif kind == "column":
-        w = torch.chunk(w, tp, dim=0)[rank]
-        scale = torch.chunk(scale, tp, dim=0)[rank] if per_channel else scale[:1]
-    else:  # row-parallel: the input dim is split, the output (and its scales) stay whole
-        w = torch.chunk(w, tp, dim=1)[rank]
-        scale = scale if per_channel else scale[:1]
+    w = _place(w, shard, PER_BLOCK, tp, rank, sections)
+    # per-tensor scales come expanded to [out]: one value, except qkv's one per q|k|v section
+    if per_channel or shard == QKV:
+        scale = _place(scale, shard, PER_OUTPUT, tp, rank, sections)
+    else:
+        scale = scale[:1]
     out = {f"{prefix}.weight": w.contiguous(),
            f"{prefix}.per_channel_scale": scale.float().reshape(1, -1).contiguous()}
     if not per_token:
@@ -261,20 +267,23 @@ def shard_layer(layer: SmoothedLayer, quant_algo: str, *, tp: int, rank: int, pr
     kw = dict(per_channel=per_channel, per_token=per_token, tp=tp, rank=rank)
     q = layer.int8(mha)
     out = {}
-    out.update(_linear_tensors(f"{prefix}.attention.qkv", q["qkv"], kind="qkv",
-                               sections=layer.qkv.sections, **kw))
-    out.update(_linear_tensors(f"{prefix}.attention.dense", q["dense"], kind="row", **kw))
-    out.update(_linear_tensors(f"{prefix}.mlp.fc", q["fc"], kind="column", **kw))
-    out.update(_linear_tensors(f"{prefix}.mlp.gate", q["gate"], kind="column", **kw))
-    out.update(_linear_tensors(f"{prefix}.mlp.proj", q["proj"], kind="row", **kw))
+    for field, lin in FIELDS.items():
+        out.update(_linear_tensors(f"{prefix}.{lin.name}", q[field], shard=lin.shard,
+                                   sections=getattr(layer, field).sections, **kw))
+    # the input scale of a linear fed by a norm lives on the norm (per token: ones), of the others
+    # on their block (static activations only); the first linear reading it gives its value
     one = torch.ones(1, dtype=torch.float32)
-    out[f"{prefix}.input_layernorm.scale_to_int"] = one.clone() if per_token else q["qkv"].x_orig_quant.reshape(1)
-    out[f"{prefix}.post_layernorm.scale_to_int"] = one.clone() if per_token else q["fc"].x_orig_quant.reshape(1)
-    if not per_token:
-        out[f"{prefix}.attention.quantization_scaling_factor"] = q["dense"].x_orig_quant.reshape(1)
-        out[f"{prefix}.mlp.quantization_scaling_factor"] = q["proj"].x_orig_quant.reshape(1)
-    out[f"{prefix}.attention.dense.smoother"] = torch.chunk(layer.dense_smoother, tp)[rank].reshape(1, -1).contiguous()
-    out[f"{prefix}.mlp.proj.smoother"] = torch.chunk(layer.proj_smoother, tp)[rank].reshape(1, -1).contiguous()
+    for name, field in INPUT_SCALES.items():
+        if name.endswith(".scale_to_int"):
+            out[f"{prefix}.{name}"] = one.clone() if per_token else q[field].x_orig_quant.reshape(1)
+    for name, field in INPUT_SCALES.items():
+        if not name.endswith(".scale_to_int") and not per_token:
+            out[f"{prefix}.{name}"] = q[field].x_orig_quant.reshape(1)
+    for field, lin in FIELDS.items():
+        if lin.norm is not None:  # smoothed into the norm that feeds it; no smoother tensor
+            continue
+        smoother = _place(getattr(layer, f"{field}_smoother"), lin.shard, PER_INPUT, tp, rank)
+        out[f"{prefix}.{lin.name}.smoother"] = smoother.reshape(1, -1).contiguous()
     out[f"{prefix}.input_layernorm.weight"] = layer.input_norm.to(norm_dtype)
     out[f"{prefix}.post_layernorm.weight"] = layer.post_norm.to(norm_dtype)
     if int8_kv:
@@ -301,9 +310,7 @@ def module_weights(layer) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
 
 
 def layer_ranges(ranges: Mapping[str, Mapping[str, Tensor]], i: int) -> dict[str, Mapping[str, Tensor]]:
-    out = {n: ranges[f"model.layers.{i}.self_attn.{n}"] for n in ATTN}
-    out.update({n: ranges[f"model.layers.{i}.mlp.{n}"] for n in MLP})
-    return out
+    return {n: ranges[f"model.layers.{i}.{h}"] for n, h in HF_MODULES.items()}
 
 
 def smooth_model(model, ranges, alphas: list[float]) -> list[SmoothedLayer]:

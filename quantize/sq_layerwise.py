@@ -27,11 +27,12 @@ from .formats import QuantSpec
 from .smoothquant import (RangeHooks, SmoothedLayer, is_mha, keep_stride, layer_linears,
                           module_weights, plugin_mode, smooth_layer, weight_absmax)
 from .sq_int8 import Int8Linear, Lin, int8_linear
+from .sq_layout import FIELDS
 from .sq_search import ALPHA_GRID, SEARCH_TOKENS, search_layer_alpha
 
 Tensor = torch.Tensor
 
-LINEARS = ("qkv", "dense", "fc", "gate", "proj")
+LINEARS = tuple(FIELDS)  # SmoothedLayer's linears: "qkv", "dense", "fc", "gate", "proj"
 _SCALES = ("w_quant_orig_c", "w_quant_orig_t", "y_accum_quant_c", "y_accum_quant_t",
            "x_orig_quant", "y_quant_orig")
 

@@ -10,6 +10,7 @@ import torch
 from .smoothquant import (SmoothedLayer, hf_layers, layer_ranges, layer_weights, plugin_mode,
                           smooth_layer, weight_absmax)
 from .sq_int8 import Int8Linear, Lin, int8_linear
+from .sq_layout import FIELDS, GROUP_FIELDS, SMOOTH_GROUPS
 
 Tensor = torch.Tensor
 
@@ -40,7 +41,7 @@ def layer_error(layer: SmoothedLayer, inputs: Mapping[str, Tensor], ref: Mapping
     on the kept calibration inputs (float, unsmoothed; ``ref``: their float outputs)."""
     per_channel, per_token = plugin_mode(quant_algo)
     total = 0.0
-    for group, members in (("qkv", ("qkv",)), ("dense", ("dense",)), ("mlp", ("fc", "gate")), ("proj", ("proj",))):
+    for group, members in GROUP_FIELDS.items():
         x = (inputs[group].double() / getattr(layer, members[0]).s).float()
         err = norm = 0.0
         for name in members:
@@ -74,11 +75,13 @@ def search_layer_alpha(w: Mapping[str, Tensor], norms: tuple[Tensor, Tensor],
     if already known)."""
     if "inputs" not in r["q_proj"]:
         raise ValueError("search_layer_alpha needs ranges captured with keep_inputs=N")
-    inputs = {"qkv": r["q_proj"]["inputs"], "dense": r["o_proj"]["inputs"],
-              "mlp": r["gate_proj"]["inputs"], "proj": r["down_proj"]["inputs"]}
-    ref = {"qkv": inputs["qkv"] @ torch.cat([w["q_proj"], w["k_proj"], w["v_proj"]]).t(),
-           "dense": inputs["dense"] @ w["o_proj"].t(), "fc": inputs["mlp"] @ w["gate_proj"].t(),
-           "gate": inputs["mlp"] @ w["up_proj"].t(), "proj": inputs["proj"] @ w["down_proj"].t()}
+    inputs = {g: r[names[0]]["inputs"] for g, names in SMOOTH_GROUPS.items()}
+    ref = {}
+    for group, fields in GROUP_FIELDS.items():
+        for f in fields:
+            shorts = [h.rsplit(".", 1)[1] for h in FIELDS[f].hf]
+            ref[f] = inputs[group] @ (torch.cat([w[n] for n in shorts]) if len(shorts) > 1
+                                      else w[shorts[0]]).t()
     best = None
     wmax = weight_absmax(w) if wmax is None else wmax
     for a in grid:

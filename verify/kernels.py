@@ -16,6 +16,7 @@ from typing import Callable, Mapping
 import torch
 
 from common.errors import UserError
+from model.families import FAMILIES
 
 Tensor = torch.Tensor
 
@@ -123,13 +124,12 @@ def _kv_cache_plain(k: Tensor, v: Tensor, params: Mapping[str, Tensor], qcfg: Qu
 # TensorRT-LLM's SmoothQuant plugin formats quantize a linear's input with the preceding norm's
 # ``scale_to_int`` or the block's ``quantization_scaling_factor``; passed to the kernel as
 # ``input_scale`` when the checkpoint has them.
+_LAYOUT = FAMILIES["llama"]
+# From the Llama spec: the norm that feeds a linear, else its block ("attention", "mlp").
 LINEAR_INPUT_SCALES = {
-    "attention.qkv": "input_layernorm.scale_to_int",
-    "attention.dense": "attention.quantization_scaling_factor",
-    "mlp.fc": "post_layernorm.scale_to_int",
-    "mlp.gate": "post_layernorm.scale_to_int",
-    "mlp.proj": "mlp.quantization_scaling_factor",
-}
+    lin.name: (f"{_LAYOUT.input_norm(lin)}.scale_to_int" if lin.norm is not None
+               else f"{lin.name.split('.')[0]}.quantization_scaling_factor")
+    for lin in _LAYOUT.dense_linears()}
 
 
 def linear(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec, module: str = "",

@@ -35,17 +35,28 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from model.families import FAMILIES
+from model.spec import HF_LAYER, TRT_LAYER
 
 Tensor = torch.Tensor
 
 SUFFIXES = {"weight": "weight", "bias": "bias", "weight_scale": "weights_scaling_factor",
             "input_scale": "activation_scaling_factor", "pre_quant_scale": "prequant_scaling_factor"}
+#: the Llama-family layout (model.families) the unified checkpoints of this project use
+LAYOUT = FAMILIES["llama"]
+QKV = LAYOUT.linear("attention.qkv")
+GATE_UP = LAYOUT.fusion_groups()["gate_up"]  # TRT-LLM fuses them into one module under FP8
 #: unified module (after model.layers.i.) -> TRT-LLM module; q/k/v are fused separately.
-NAMES = {"self_attn.o_proj": "attention.dense", "mlp.gate_proj": "mlp.fc",
-         "mlp.up_proj": "mlp.gate", "mlp.down_proj": "mlp.proj",
-         "input_layernorm": "input_layernorm", "post_attention_layernorm": "post_layernorm"}
-GLOBAL_NAMES = {"model.embed_tokens.weight": "transformer.vocab_embedding.weight",
-                "model.norm.weight": "transformer.ln_f.weight", "lm_head.weight": "lm_head.weight"}
+NAMES = {**{lin.hf[0]: lin.name for lin in LAYOUT.dense_linears() if len(lin.hf) == 1},
+         **LAYOUT.norm_names()}
+GLOBAL_NAMES = LAYOUT.global_names()
+#: Mixtral's router and expert linears (model.families.mixtral)
+MOE = FAMILIES["mixtral"]
+(MOE_ROUTER,) = MOE.extra
+
+
+def _module(name: str, prefix: str) -> str:
+    return name[len(prefix):].removesuffix(".weight")
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.([a-z_]+)$")
 
@@ -174,30 +185,29 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
 
     for i, mods in sorted(layers.items()):
         pre = f"transformer.layers.{i}"
-        qkv = [mods.get(f"self_attn.{s}_proj") for s in "qkv"]
+        qkv = [mods.get(h) for h in QKV.hf]
         if any(p is None or "weight" not in p for p in qkv):
             raise UserError(f"{d}: layer {i} lacks self_attn.q/k/v_proj weights")
-        groups = {"attention.qkv": qkv}
+        groups = {QKV.name: qkv}
         moe = _moe_layer(mods, algo, d, i)  # Mixtral: router + stacked experts, else {}
         out.update({f"{pre}.{k}": v for k, v in moe.items()})
         if algo == "FP8" and not moe:  # TRT-LLM fuses gate/up into one module: shared scales
-            gate_up = [mods["mlp.gate_proj"], mods["mlp.up_proj"]]
-            f = _fuse(gate_up, algo, dtype, f"layer {i} mlp")
-            for j, tn in enumerate(("mlp.fc", "mlp.gate")):
+            f = _fuse([mods[h] for h in GATE_UP], algo, dtype, f"layer {i} mlp")
+            for j, tn in enumerate(NAMES[h] for h in GATE_UP):
                 for k, v in f.items():
                     out[f"{pre}.{tn}.{k}"] = v[j] if isinstance(v, list) else v
         for tn, parts in groups.items():
             for k, v in _fuse(parts, algo, dtype, f"layer {i} {tn}").items():
                 out[f"{pre}.{tn}.{k}"] = torch.cat(v) if isinstance(v, list) else v
         for un, tn in NAMES.items():
-            if tn in ("mlp.fc", "mlp.gate") and algo == "FP8" or moe and tn.startswith("mlp."):
+            if un in GATE_UP and algo == "FP8" or moe and tn.startswith("mlp."):
                 continue
             if un not in mods:
                 raise UserError(f"{d}: layer {i} lacks {un}")
             for k, v in _single(mods[un], algo, dtype).items():
                 out[f"{pre}.{tn}.{k}"] = v
-        ks = mods["self_attn.k_proj"].get("k_scale")
-        vs = mods["self_attn.v_proj"].get("v_scale")
+        ks = mods[QKV.hf[1]].get("k_scale")
+        vs = mods[QKV.hf[2]].get("v_scale")
         if quant["kv_cache_quant_algo"] is not None:
             if ks is None or vs is None:
                 raise UserError(f"{d}: layer {i} lacks k_proj.k_scale / v_proj.v_scale for the "
@@ -211,23 +221,24 @@ def _moe_layer(mods: dict, algo: str | None, d: Path, i: int) -> dict[str, Tenso
     """A Mixtral layer's MoE in the TRT-LLM checkpoint form the reader runs: ``mlp.router.weight``
     (float32) and the experts stacked, ``mlp.fc`` = [w3; w1] per expert, ``mlp.proj`` = w2
     (float unified checkpoints only; quantized MoE is refused by ``--target pytorch``)."""
-    router = mods.get("block_sparse_moe.gate")
+    router = mods.get(_module(MOE_ROUTER.sources[0], HF_LAYER))
     if router is None:
         return {}
     if algo is not None:
         raise UserError(f"{d}: quantized mixture-of-experts unified checkpoints are not supported "
                         f"by the reference reader")
-    experts = sorted(int(m.group(1)) for k in mods
-                     if (m := re.match(r"^block_sparse_moe\.experts\.(\d+)\.w1$", k)))
+    fc, proj = MOE.linear("mlp.fc"), MOE.linear("mlp.proj")
+    index = re.compile("^" + re.escape(fc.hf[-1]).replace(r"\{e\}", r"(\d+)") + "$")
+    experts = sorted(int(m.group(1)) for k in mods if (m := index.match(k)))
     if experts != list(range(len(experts))) or not experts:
         raise UserError(f"{d}: layer {i} has experts {experts}, expected 0..N-1")
 
-    def w(e, n):
-        got = mods.get(f"block_sparse_moe.experts.{e}.{n}", {}).get("weight")
+    def w(e, hf):
+        got = mods.get(hf.format(e=e), {}).get("weight")
         if got is None:
-            raise UserError(f"{d}: layer {i} lacks block_sparse_moe.experts.{e}.{n}.weight")
+            raise UserError(f"{d}: layer {i} lacks {hf.format(e=e)}.weight")
         return got
 
-    return {"mlp.router.weight": router["weight"].float(),
-            "mlp.fc.weight": torch.stack([torch.cat([w(e, "w3"), w(e, "w1")]) for e in experts]),
-            "mlp.proj.weight": torch.stack([w(e, "w2") for e in experts])}
+    return {_module(MOE_ROUTER.target, TRT_LAYER) + ".weight": router["weight"].float(),
+            f"{fc.name}.weight": torch.stack([torch.cat([w(e, h) for h in fc.hf]) for e in experts]),
+            f"{proj.name}.weight": torch.stack([w(e, proj.hf[0]) for e in experts])}

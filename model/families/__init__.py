@@ -1,0 +1,15 @@
+"""The family registry: family name -> spec, HF architecture -> family name.
+
+Adding a family: a module here with its :class:`model.spec.Family`, listed in ``_ALL``."""
+from __future__ import annotations
+
+from model.spec import Family
+
+from .llama import LLAMA, QWEN2
+from .mixtral import MIXTRAL
+
+_ALL = (LLAMA, QWEN2, MIXTRAL)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in _ALL}
+#: HF architecture (config.json ``architectures[0]``) -> family name
+ARCHITECTURES: dict[str, str] = {a: f.name for f in _ALL for a in f.architectures}

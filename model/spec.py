@@ -1,0 +1,268 @@
+"""A model family as one declarative spec: each linear named once, with its rules.
+
+A :class:`Linear` is one TensorRT-LLM linear of a decoder layer: its TensorRT-LLM name
+(``attention.qkv``), the HF modules it is made of in fused order (``self_attn.q_proj`` ...), its
+fusion group, its shard rule and the HF shape of each source. Norms, embeddings, the head and the
+MoE router are plain :class:`Rule` rows. :class:`Family` derives from these the per-tensor rules the
+float writer plans from (``rules``), the expected HF shapes, and the queries the recipes, the
+unified writer and the verifier ask ("the TensorRT-LLM linear of HF module X", "is it
+column-parallel", "which norm feeds it").
+
+Shard rules (implemented by ``convert.shard``):
+
+- ``replicated``: the same tensor on every rank (norms, row-parallel biases)
+- ``column``: split dim 0 (output features) — mlp.fc / mlp.gate and their biases
+- ``row``: split dim 1 (input features); outputs are summed over ranks — mlp.proj
+- ``dense``: ``row`` for attention.dense, with zero input columns for padded heads (--pad-heads)
+- ``qkv``: fuse q, k, v per rank: [this rank's q heads; its k heads; its v heads], with kv heads
+  duplicated when there are fewer kv heads than ranks, and zero rows for padded heads
+- ``vocab``: split dim 0 after padding the vocabulary to a multiple of tp (embedding, lm_head)
+- ``expert_column`` / ``expert_row``: ``column`` / ``row`` of one expert over the moe_tp ranks
+
+Quantized companions are placed by rule (:func:`companion_axis`): a tensor that runs along the
+weight's output channels follows a column-parallel split and is whole on a row-parallel linear;
+one along the input channels (pre-quant scale, smoother) the other way round; a per-block scale
+follows the weight's split; a per-tensor scale is replicated.
+
+This module imports nothing of the project: sizes are read off any object with a ``Shape``'s
+attributes (``heads``, ``head_size``, ``kv_heads``, ``hidden``, ``inter``, ``vocab``, ``experts``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+REPLICATED, COLUMN, ROW, DENSE, QKV, VOCAB = "replicated", "column", "row", "dense", "qkv", "vocab"
+EXPERT_COLUMN, EXPERT_ROW = "expert_column", "expert_row"
+#: split the output features (dim 0) / the input features (dim 1) over the tensor-parallel ranks
+COLUMN_PARALLEL = frozenset({COLUMN, QKV, VOCAB, EXPERT_COLUMN})
+ROW_PARALLEL = frozenset({ROW, DENSE, EXPERT_ROW})
+
+#: sizes a spec names, read off the model's Shape
+DIMS = {
+    "q": lambda s: s.heads * s.head_size,
+    "kv": lambda s: s.kv_heads * s.head_size,
+    "hidden": lambda s: s.hidden,
+    "inter": lambda s: s.inter,
+    "vocab": lambda s: s.vocab,
+    "experts": lambda s: s.experts,
+}
+
+#: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads)
+RANK_DIMS = {
+    "q": lambda s: s.tp_heads * s.head_size,
+    "kv": lambda s: s.tp_kv_heads * s.head_size,
+}
+
+#: HF layer prefix ({i}: global layer) and TensorRT-LLM layer prefix ({i}: local to the stage)
+HF_LAYER = "model.layers.{i}."
+TRT_LAYER = "transformer.layers.{i}."
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One output tensor: TRT-LLM name <- HF source names, shard rule, condition."""
+
+    target: str
+    sources: tuple[str, ...]
+    shard: str
+    when: str | None = None        # a Shape attribute that must be true (e.g. "attn_bias")
+    fallback: tuple[str, ...] = ()  # sources used when the primary ones are absent (tied lm_head)
+    linear: str | None = None      # the quantizable linear this weight belongs to (its TRT-LLM prefix)
+    experts: bool = False          # one stack over this rank's experts ({e} in sources: expert index)
+    dtype: str | None = None       # written in this dtype, not the checkpoint's (MoE router: float32)
+    shapes: tuple[tuple[str, ...], ...] = ()  # each source's expected HF shape, in DIMS names
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One TensorRT-LLM linear of a decoder layer and the HF modules it is made of."""
+
+    name: str                       # TensorRT-LLM module in the layer: "attention.qkv"
+    hf: tuple[str, ...]             # HF modules in the layer, in fused order ({e}: expert index)
+    shard: str                      # the weight's shard rule
+    shapes: tuple[tuple[str, str], ...]  # each HF module's (out, in) features, in DIMS names
+    group: str | None = None        # fusion group: "qkv", "gate_up", "experts"
+    norm: str | None = None         # the HF norm whose output is its input (smoother folding)
+    bias: str | None = None         # Shape flag under which the linear has a bias
+    experts: bool = False           # a stack over the rank's experts
+
+    @property
+    def column_parallel(self) -> bool:
+        return self.shard in COLUMN_PARALLEL
+
+    @property
+    def bias_shard(self) -> str:
+        # a row-parallel linear's output is summed over ranks: its bias is added once, whole
+        return self.shard if self.column_parallel else REPLICATED
+
+    def rank_features(self, shape, tp: int) -> tuple[int, int]:
+        """(output, input) features of this linear on one tensor-parallel rank, with heads padded
+        (``shape.tp_heads``): column-parallel splits the output, row-parallel the input; ``qkv``
+        splits heads, a rank holding at least one kv head (duplicated when fewer than ranks)."""
+        def size(d):
+            return RANK_DIMS[d](shape) if d in RANK_DIMS else DIMS[d](shape)
+
+        out = 0
+        for o, _ in self.shapes:
+            if self.shard == QKV:
+                heads = shape.tp_heads // tp if o == "q" else max(shape.tp_kv_heads // tp, 1)
+                out += heads * shape.head_size
+            else:
+                out += size(o) // tp if self.column_parallel else size(o)
+        inp = size(self.shapes[0][1])
+        return out, inp // tp if self.shard in ROW_PARALLEL else inp
+
+    def rules(self) -> tuple[Rule, ...]:
+        """The weight (and bias) rows of this linear."""
+        weight = Rule(TRT_LAYER + self.name + ".weight",
+                      tuple(HF_LAYER + h + ".weight" for h in self.hf), self.shard,
+                      linear=TRT_LAYER + self.name, experts=self.experts, shapes=self.shapes)
+        if self.bias is None:
+            return (weight,)
+        bias = Rule(TRT_LAYER + self.name + ".bias", tuple(HF_LAYER + h + ".bias" for h in self.hf),
+                    self.bias_shard, when=self.bias, shapes=tuple((o,) for o, _ in self.shapes))
+        return weight, bias
+
+
+def norm(trt: str, hf: str, dim: str = "hidden") -> Rule:
+    """A decoder layer's norm: replicated."""
+    return Rule(TRT_LAYER + trt + ".weight", (HF_LAYER + hf + ".weight",), REPLICATED,
+                shapes=((dim,),))
+
+
+#: companion layouts: what axis of the weight a quantization tensor runs along
+PER_TENSOR, PER_OUTPUT, PER_INPUT, PER_BLOCK = "tensor", "output", "input", "block"
+#: TensorRT-LLM companion suffix -> layout (weights_scaling_factor's depends on its shape)
+COMPANIONS = {
+    "activation_scaling_factor": PER_TENSOR, "act_scale": PER_TENSOR,
+    "prequant_scaling_factor": PER_INPUT, "smoother": PER_INPUT,
+    "per_channel_scale": PER_OUTPUT,
+}
+
+
+def companion_layout(kind: str, ndim: int, numel: int) -> str:
+    """The layout of a companion tensor ``kind`` (a suffix such as ``weights_scaling_factor``) of
+    this many dimensions / elements: one element is per-tensor whatever its name."""
+    if numel == 1:
+        return PER_TENSOR
+    if kind == "weights_scaling_factor":
+        return PER_BLOCK if ndim == 2 else PER_OUTPUT  # AWQ [out, in/group]; SQ [out]
+    return COMPANIONS[kind]
+
+
+def companion_axis(shard: str, layout: str) -> int | None:
+    """The axis along which a companion of ``layout`` is split for a linear sharded by ``shard``
+    (None: replicated). Output-side tensors split where the weight's rows do; input-side ones
+    where its columns do; a per-block scale exactly as the weight."""
+    column = shard in COLUMN_PARALLEL
+    if layout == PER_TENSOR:
+        return None
+    if layout == PER_BLOCK:
+        return 0 if column else 1
+    if layout == PER_OUTPUT:
+        return 0 if column else None
+    if layout == PER_INPUT:
+        return None if column else -1
+    raise ValueError(f"unknown companion layout {layout!r}")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its embedding, decoder layer and head, and the HF architectures it reads."""
+
+    name: str
+    architectures: tuple[str, ...]
+    embed: tuple[Rule, ...]          # on the first pipeline stage
+    linears: tuple[Linear, ...]      # per decoder layer, the quantizable linears
+    norms: tuple[Rule, ...]          # per decoder layer, the norms
+    head: tuple[Rule, ...]           # on the last pipeline stage
+    extra: tuple[Rule, ...] = ()     # per decoder layer, other tensors (MoE router)
+    flags: tuple[tuple[str, object], ...] = ()  # Shape fields the family fixes (Qwen2: q/k/v bias)
+    #: (HF, TensorRT-LLM) attention module in the layer: where the KV-cache scales live
+    attention: tuple[str, str] = ("self_attn", "attention")
+
+    @property
+    def layer(self) -> tuple[Rule, ...]:
+        """Every per-layer tensor rule: norms, then the linears and the other tensors."""
+        out = [self.norms[0]]
+        for lin in self.linears:
+            out += lin.rules()
+            if lin.name == "attention.dense":
+                # the post-attention norm (and the MoE router) sit between attention and MLP
+                out += self.norms[1:] + self.extra
+        return tuple(out)
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return self.embed + self.layer + self.head
+
+    def linear(self, name: str) -> Linear:
+        """The linear with TensorRT-LLM name ``name`` (``attention.qkv``)."""
+        for lin in self.linears:
+            if lin.name == name:
+                return lin
+        raise KeyError(f"{self.name} has no linear {name!r}")
+
+    def linear_of(self, hf_module: str) -> tuple[Linear, int]:
+        """(the linear, position in its fused sources) that HF module ``hf_module`` (relative to
+        the layer, e.g. ``mlp.gate_proj``) belongs to."""
+        for lin in self.linears:
+            if hf_module in lin.hf:
+                return lin, lin.hf.index(hf_module)
+        raise KeyError(f"{self.name} has no linear made of {hf_module!r}")
+
+    def dense_linears(self) -> tuple[Linear, ...]:
+        return tuple(lin for lin in self.linears if not lin.experts)
+
+    def hf_linears(self) -> tuple[str, ...]:
+        """HF modules (relative to the layer) of the dense linears, in spec order."""
+        return tuple(h for lin in self.dense_linears() for h in lin.hf)
+
+    def fusion_groups(self) -> dict[str, tuple[str, ...]]:
+        """Fusion group -> HF modules (dense linears) that share an input, in spec order:
+        {"qkv": (q, k, v), "gate_up": (gate, up)}."""
+        out: dict[str, tuple[str, ...]] = {}
+        for lin in self.dense_linears():
+            if lin.group is not None:
+                out[lin.group] = out.get(lin.group, ()) + lin.hf
+        return out
+
+    def norm_names(self) -> dict[str, str]:
+        """HF layer norm -> TensorRT-LLM layer norm (relative to the layer, no ``.weight``)."""
+        return {_module(r.sources[0], HF_LAYER): _module(r.target, TRT_LAYER) for r in self.norms}
+
+    def input_norm(self, lin: Linear) -> str | None:
+        """The TensorRT-LLM norm whose output is ``lin``'s input (None: another linear's output)."""
+        return self.norm_names()[lin.norm] if lin.norm is not None else None
+
+    def global_names(self) -> dict[str, str]:
+        """HF -> TensorRT-LLM names of the embedding and head tensors."""
+        return {r.sources[0]: r.target for r in self.embed + self.head}
+
+    def expected_shape(self, name: str, shape) -> tuple[int, ...] | None:
+        """The shape HF tensor ``name`` must have for a model of ``shape`` (None: not checked)."""
+        for pattern, dims in _shape_table(self):
+            if pattern.match(name):
+                return tuple(DIMS[d](shape) for d in dims)
+        return None
+
+
+def _module(name: str, prefix: str) -> str:
+    return name[len(prefix):].removesuffix(".weight")
+
+
+_SHAPE_TABLES: dict[str, list] = {}
+
+
+def _shape_table(family: Family) -> list[tuple[re.Pattern, tuple[str, ...]]]:
+    """(regex of a source template, its dims) for every source of the family's rules."""
+    if family.name not in _SHAPE_TABLES:
+        table = []
+        for rule in family.rules:
+            for names in (rule.sources, rule.fallback):
+                for src, dims in zip(names, rule.shapes):
+                    pat = re.escape(src).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+")
+                    table.append((re.compile(pat + "$"), dims))
+        _SHAPE_TABLES[family.name] = table
+    return _SHAPE_TABLES[family.name]

@@ -1,0 +1,104 @@
+"""The family specs (model/): one place for names, fusion and shard rules, read by the plan, the
+recipes, the unified writer and the verifier."""
+from __future__ import annotations
+
+import pytest
+
+from convert.heads import choose_padding
+from convert.hf_config import Shape
+from convert.plan import rank_plan
+from model.families import ARCHITECTURES, FAMILIES
+from model.spec import (PER_BLOCK, PER_INPUT, PER_OUTPUT, PER_TENSOR, companion_axis,
+                        companion_layout)
+
+
+def _shape(family: str, heads=8, kv=2, tp=1, pad=False) -> Shape:
+    return Shape(family=family, layers=2, heads=heads, kv_heads=kv, head_size=8, hidden=heads * 8,
+                 inter=96, vocab=100, tied=False, attn_bias=True, dense_bias=True, mlp_bias=True,
+                 experts=4 if family == "mixtral" else 0, top_k=2,
+                 padding=choose_padding(heads, kv, tp) if pad else None)
+
+
+class _Source:
+    """Every HF tensor of the family at the shape its spec expects (no data: the plan reads none)."""
+
+    dir = "fake"
+
+    def __init__(self, shape: Shape):
+        fam = FAMILIES[shape.family]
+        self.shapes = {}
+        for rule in fam.rules:
+            layers = range(shape.layers) if "{i}" in rule.target else [None]
+            experts = range(shape.experts) if rule.experts else [None]
+            for i in layers:
+                for e in experts:
+                    for src in rule.sources:
+                        name = src.format(i=i, e=e)
+                        self.shapes[name] = fam.expected_shape(name, shape)
+
+    def __contains__(self, name):
+        return name in self.shapes
+
+    def shape(self, name):
+        return self.shapes[name]
+
+
+def test_registry_maps_every_architecture_to_its_family():
+    assert ARCHITECTURES == {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+                             "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral"}
+    assert dict(FAMILIES["qwen2"].flags) == {"attn_bias": True, "dense_bias": False}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_hf_source_has_an_expected_shape(family):
+    s = _shape(family)
+    for name, got in _Source(s).shapes.items():
+        assert got is not None, name
+    assert FAMILIES[family].expected_shape("model.layers.1.self_attn.k_proj.weight", s) == (16, 64)
+    assert FAMILIES[family].expected_shape("model.layers.1.unknown.weight", s) is None
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("heads,kv,tp,pad", [(8, 2, 1, False), (8, 2, 2, False), (8, 2, 4, False),
+                                             (8, 8, 4, False), (6, 2, 4, True)])
+def test_rank_features_are_the_planned_weight_shapes(family, heads, kv, tp, pad):
+    """Linear.rank_features (what the weight-only and AWQ preflight checks) is the shape the float
+    writer plans for each rank's weight."""
+    s = _shape(family, heads, kv, tp, pad)
+    fam = FAMILIES[family]
+    for rank in range(tp):
+        plan = {t.name: t.shape for t in rank_plan(s, _Source(s), tp=tp, pp=1, rank=rank,
+                                                   dtype="float16")}
+        for lin in fam.dense_linears():
+            assert plan[f"transformer.layers.0.{lin.name}.weight"] == lin.rank_features(s, tp)
+
+
+def test_queries():
+    llama = FAMILIES["llama"]
+    lin, pos = llama.linear_of("mlp.up_proj")
+    assert (lin.name, pos, lin.column_parallel) == ("mlp.gate", 0, True)
+    assert llama.linear("attention.qkv").hf[2] == "self_attn.v_proj"
+    assert not llama.linear("mlp.proj").column_parallel
+    assert llama.fusion_groups() == {"qkv": ("self_attn.q_proj", "self_attn.k_proj",
+                                             "self_attn.v_proj"),
+                                     "gate_up": ("mlp.gate_proj", "mlp.up_proj")}
+    assert [lin.name for lin in FAMILIES["mixtral"].dense_linears()] == ["attention.qkv",
+                                                                          "attention.dense"]
+
+
+@pytest.mark.parametrize("kind,ndim,numel,column,row", [
+    ("weights_scaling_factor", 1, 1, None, None),     # FP8 per-tensor: replicated
+    ("weights_scaling_factor", 1, 64, 0, None),       # SmoothQuant per output channel
+    ("weights_scaling_factor", 2, 512, 0, 1),         # AWQ [out, in/group]: as the weight
+    ("prequant_scaling_factor", 1, 64, None, -1),     # input side: split on row-parallel only
+    ("smoother", 1, 64, None, -1),
+    ("activation_scaling_factor", 1, 1, None, None),
+    ("per_channel_scale", 2, 64, 0, None),
+])
+def test_companions_are_placed_by_the_linears_shard_rule(kind, ndim, numel, column, row):
+    layout = companion_layout(kind, ndim, numel)
+    assert layout in (PER_TENSOR, PER_OUTPUT, PER_INPUT, PER_BLOCK)
+    assert companion_axis("column", layout) == column
+    assert companion_axis("qkv", layout) == column
+    assert companion_axis("row", layout) == row
+    assert companion_axis("dense", layout) == row
