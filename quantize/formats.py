@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from common.errors import UserError
 
@@ -46,6 +45,7 @@ from .algos import (  # noqa: F401  (re-exported: the formats' names live here f
     SQ_RECIPES, TRTLLM_DEFAULT_EXCLUDE_MODULES, W4A16, W4A16_AWQ, W8A16, WEIGHT_FLAGS, WEIGHT_ONLY_ALGOS)
 from .flags import add_quant_arguments, sq_algo  # noqa: F401  (add_quant_arguments re-exported)
 from .recipes import MAX, Recipe, kv_cache_algo, recipe_for
+from .recipes.modelopt import check_awq_divisibility  # noqa: F401  (AWQ's preflight, re-exported)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,29 +234,6 @@ def check_calib_file(path: str | Path) -> str:
     if not text.strip():
         raise UserError(f"--calib-data {p} is empty; calibration needs some text")
     return text
-
-
-def check_awq_divisibility(in_dims_per_rank: Mapping[str, int] | Iterable[int] | Iterable[tuple[str, int]],
-                           group_size: int = DEFAULT_AWQ_GROUP_SIZE) -> None:
-    """AWQ preflight: every linear's per-rank input size must be a multiple of the group size.
-
-    ``in_dims_per_rank``: {layer name: input features on one rank} (e.g. ``{"attention.dense":
-    hidden // tp, "mlp.proj": intermediate // tp, "attention.qkv": hidden, ...}``), or plain sizes.
-    Raises UserError naming the first offending layer (modelopt would fail in its export with
-    "Weight shape ... is not divisible for block size"; TensorRT-LLM's kernels need whole groups).
-    """
-    if isinstance(in_dims_per_rank, Mapping):
-        items = list(in_dims_per_rank.items())
-    else:
-        items = [x if isinstance(x, tuple) else (None, x) for x in in_dims_per_rank]
-    for name, dim in items:
-        if dim <= 0 or dim % group_size:
-            what = f"{name} " if name else ""
-            alt = [g for g in AWQ_GROUP_SIZES if g != group_size and dim > 0 and dim % g == 0]
-            hint = (f"choose a --tp that keeps it a multiple of {group_size}"
-                    + (f", or --awq-block-size {alt[0]}" if alt else ""))
-            raise UserError(f"--awq: {what}input size per rank {dim} is not a multiple of the AWQ group "
-                            f"size {group_size}; {hint}")
 
 
 def check_kv_head_duplication(spec: QuantSpec, num_kv_heads: int, tp: int) -> None:

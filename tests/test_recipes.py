@@ -66,3 +66,54 @@ def test_recipes_import_no_torch():
     code = "import sys, quantize.recipes, quantize.formats; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_linear_shape_checks_per_format():
+    """The members quantize/apply.py's preflight will call (issue 23's follow-up)."""
+    w8 = QuantSpec.create("W8A16")
+    w8.format.check_linear_shapes(w8, {"mlp.proj": 128}, {"mlp.proj": 96})
+    with pytest.raises(UserError, match=r"^W8A16: mlp.proj has 80 output features per rank, not a multiple "
+                                        r"of 32 as TensorRT-LLM's weight-only kernels need; choose another"):
+        w8.format.check_linear_shapes(w8, {"mlp.proj": 128}, {"mlp.proj": 80})
+    awq = QuantSpec.create(W4A16_AWQ, awq_block_size=64)
+    with pytest.raises(UserError, match=r"^--awq: attention.dense \(unpadded\) input size per rank 96 is not"):
+        awq.format.check_linear_shapes(awq, {"attention.dense": 128}, {}, {"attention.dense (unpadded)": 96})
+    fp8 = QuantSpec.create(FP8)
+    fp8.format.check_linear_shapes(fp8, {"mlp.proj": 3}, {"mlp.proj": 5})  # no GEMM constraint
+    assert [r.kv_duplication for r in (recipe_for(SMOOTHQUANT), recipe_for(SQ_PLUGIN[0]), recipe_for(FP8))] \
+        == [False, False, True]
+    assert recipe_for(W4A16_AWQ).vocab_padding == 63 and recipe_for(None).vocab_padding == 0
+    assert fp8.format.calibration_fingerprint(fp8) is None
+    kv = QuantSpec.create(None, kv_cache_dtype="int8")
+    assert kv.format.calibration_fingerprint(kv) is None
+    plugin = QuantSpec.create(SQ_PLUGIN[0])
+    assert plugin.format.calibration_fingerprint(plugin) == "None"
+
+
+@pytest.mark.parametrize("algo,block", [("W8A16", None), ("W4A16", None), (W4A16_AWQ, 64), (W4A16_AWQ, 128),
+                                        (FP8, None), (SMOOTHQUANT, None)])
+@pytest.mark.parametrize("hidden,heads,kv,inter,tp,padded", [
+    (256, 8, 8, 512, 1, False), (256, 8, 2, 688, 2, False), (192, 6, 2, 512, 4, True),
+    (320, 10, 10, 800, 2, False), (256, 8, 8, 544, 2, True)])
+def test_recipe_shape_checks_equal_apply_preflight(algo, block, hidden, heads, kv, inter, tp, padded):
+    """The recipe members give quantize/apply.py's preflight_quant its answers, message for message."""
+    from quantize.apply import per_rank_in_dims, per_rank_out_dims, preflight_quant
+
+    spec = QuantSpec.create(algo, awq_block_size=block)
+    hs = hidden // heads
+    shape = SimpleNamespace(hidden=hidden, heads=heads, kv_heads=kv, head_size=hs, inter=inter, experts=0,
+                            tp_heads=heads + (tp if padded else 0), tp_kv_heads=kv,
+                            padding=object() if padded else None)
+
+    def outcome(fn):
+        try:
+            fn()
+        except UserError as e:
+            return str(e)
+
+    def via_recipe():
+        unpadded = {"attention.dense (unpadded)": heads * hs} if padded else None
+        spec.format.check_linear_shapes(spec, per_rank_in_dims(shape, tp), per_rank_out_dims(shape, tp), unpadded)
+        spec.format.check_tp(spec, shape.tp_kv_heads, tp)
+
+    assert outcome(via_recipe) == outcome(lambda: preflight_quant(spec, shape, tp, 1))

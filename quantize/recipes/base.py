@@ -97,8 +97,14 @@ class Recipe:
     weight_calibration: str | None = None
     #: max calibration records the linears' inputs and weights (FP8) or the KV cache only
     max_linears = False
-    #: the checkpoint's vocabulary may exceed the model's by up to this many padded rows
-    vocab_padding = 0
+    #: the checkpoint's vocabulary is padded to a multiple of this (modelopt's AWQ export: 64)
+    vocab_multiple = 1
+    #: (K, N) multiples of the per-rank input / output features TensorRT-LLM's GEMMs for this
+    #: format need (its weight-only kernels); None: no constraint
+    gemm_multiples: tuple[int, int] | None = None
+    #: k/v heads may be duplicated across ranks when tp > num_kv_heads (False: SmoothQuant's
+    #: per-channel k/v scales cannot be)
+    kv_duplication = True
     memory = MemoryModel()
     moe = MoeSupport()
 
@@ -131,6 +137,27 @@ class Recipe:
     def check_tp(self, spec, num_kv_heads: int, tp: int) -> None:
         """Refuse a tensor-parallel split this format's scales cannot follow."""
 
+    def check_linear_shapes(self, spec, in_dims: dict[str, int], out_dims: dict[str, int],
+                            unpadded_in: dict[str, int] | None = None) -> None:
+        """Refuse per-rank linear shapes this format's kernels cannot take (``in_dims`` /
+        ``out_dims``: features per rank by linear; ``unpadded_in``: inputs the calibration sees
+        before head padding). Weight-only GEMM multiples here; AWQ adds whole groups."""
+        if self.gemm_multiples is None:
+            return
+        k_multiple, n_multiple = self.gemm_multiples
+        checks = [(name, "input", k, k_multiple) for name, k in in_dims.items()]
+        checks += [(name, "output", n, n_multiple) for name, n in out_dims.items() if name in in_dims]
+        for name, what, n, multiple in checks:
+            if n % multiple:
+                raise UserError(f"{spec.quant_algo}: {name} has {n} {what} features per rank, not a "
+                                f"multiple of {multiple} as TensorRT-LLM's weight-only kernels need; "
+                                f"choose another --tp or format")
+
+    @property
+    def vocab_padding(self) -> int:
+        """How many padded rows the checkpoint's vocabulary may have beyond the model's."""
+        return self.vocab_multiple - 1
+
     # ----- what it means ----------------------------------------------------------------------
 
     def quantized(self, spec) -> bool:
@@ -155,6 +182,11 @@ class Recipe:
         cfg = self._modelopt_weights(spec, mtq)
         cfg["quant_cfg"] = as_list(cfg["quant_cfg"]) + kv_entries(spec)
         return cfg
+
+    def calibration_fingerprint(self, spec) -> str | None:
+        """The modelopt config as the calibration store's fingerprint records it (None for the
+        max-calibrated recipes: our own hooks, no modelopt import)."""
+        return None if self.calibration(spec) == MAX else repr(self.modelopt_config(spec))
 
     def _modelopt_weights(self, spec, mtq) -> dict:
         """The config's weight part: here every quantizer off (a KV cache alone)."""

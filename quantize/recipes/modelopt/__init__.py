@@ -4,6 +4,7 @@ layer at a time (quantize/layerwise.py) and extracted by quantize/modelopt_state
 from __future__ import annotations
 
 import copy
+from typing import Mapping
 
 from common.errors import UserError
 
@@ -37,6 +38,8 @@ class ModeloptSmoothQuant(Recipe):
     def check_tp(self, spec, num_kv_heads: int, tp: int) -> None:
         check_smoothquant_tp(num_kv_heads, tp)
 
+    kv_duplication = False  # per-channel k/v scales
+
     def _modelopt_weights(self, spec, mtq) -> dict:
         cfg = copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG)
         cfg["algorithm"] = {"method": "smoothquant", "alpha": spec.smoothquant_alpha}
@@ -63,7 +66,8 @@ class Awq(Recipe):
     memory = MemoryModel(weight_bytes=0.5, layer_factor=1.8, hooks=False, passes=2, search_inputs=True)
     moe = MoeAwq()
     #: modelopt's AWQ export pads the vocabulary to a multiple of 64 (the padded rows are zero)
-    vocab_padding = 63
+    vocab_multiple = 64
+    gemm_multiples = (64, 64)  # TensorRT-LLM's W4A16 group-wise GEMM, as for W4A16
 
     def group_size(self, awq_block_size: int | None) -> int:
         group_size = DEFAULT_AWQ_GROUP_SIZE if awq_block_size is None else int(awq_block_size)
@@ -71,6 +75,13 @@ class Awq(Recipe):
             raise UserError(f"--awq-block-size {group_size} is not supported by TensorRT-LLM's "
                             f"INT4 group-wise kernels; use one of {', '.join(map(str, AWQ_GROUP_SIZES))}")
         return group_size
+
+    def check_linear_shapes(self, spec, in_dims, out_dims, unpadded_in=None) -> None:
+        """Whole AWQ groups per rank (the calibration sees the unpadded inputs too), then the
+        W4A16 GEMM's multiples."""
+        dims = {**in_dims, **(unpadded_in or {})}
+        check_awq_divisibility(dims, spec.group_size)
+        super().check_linear_shapes(spec, dims, out_dims)
 
     def _modelopt_weights(self, spec, mtq) -> dict:
         cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
@@ -83,6 +94,28 @@ class Awq(Recipe):
 
     def _weight_label(self, spec) -> str:
         return f"{self.quant_algo} (group {spec.group_size})"
+
+
+def check_awq_divisibility(in_dims_per_rank, group_size: int = DEFAULT_AWQ_GROUP_SIZE) -> None:
+    """AWQ preflight: every linear's per-rank input size must be a multiple of the group size.
+
+    ``in_dims_per_rank``: {layer name: input features on one rank} (e.g. ``{"attention.dense":
+    hidden // tp, "mlp.proj": intermediate // tp, "attention.qkv": hidden, ...}``), or plain sizes.
+    Raises UserError naming the first offending layer (modelopt would fail in its export with
+    "Weight shape ... is not divisible for block size"; TensorRT-LLM's kernels need whole groups).
+    """
+    if isinstance(in_dims_per_rank, Mapping):
+        items = list(in_dims_per_rank.items())
+    else:
+        items = [x if isinstance(x, tuple) else (None, x) for x in in_dims_per_rank]
+    for name, dim in items:
+        if dim <= 0 or dim % group_size:
+            what = f"{name} " if name else ""
+            alt = [g for g in AWQ_GROUP_SIZES if g != group_size and dim > 0 and dim % g == 0]
+            hint = (f"choose a --tp that keeps it a multiple of {group_size}"
+                    + (f", or --awq-block-size {alt[0]}" if alt else ""))
+            raise UserError(f"--awq: {what}input size per rank {dim} is not a multiple of the AWQ group "
+                            f"size {group_size}; {hint}")
 
 
 def _set_awq_block_size(cfg: dict, group_size: int) -> None:

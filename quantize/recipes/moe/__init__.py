@@ -23,6 +23,8 @@ class MoeSupport:
 
     #: key of quantize/moe.py's expert extractors (None: no quantized expert tensors)
     experts: str | None = None
+    #: calibrate on transformers 4's per-expert block (quantize/moe_blocks.py unfuse_experts)
+    unfused_calibration = False
 
     def preflight(self, spec, shape, layout) -> None:
         """Refuse, before any work, what this format cannot write for these experts."""
@@ -74,6 +76,7 @@ class MoeAwq(MoeCalibrated):
     weight-only kernels' multiples."""
 
     experts = "awq"
+    unfused_calibration = True  # modelopt 0.47's AWQ search does not visit fused experts
 
     def preflight(self, spec, shape, layout) -> None:
         g = spec.group_size
@@ -85,7 +88,7 @@ class MoeAwq(MoeCalibrated):
                 raise UserError(f"--awq: {name} input size per rank {k} is not a multiple of the "
                                 f"AWQ group size {g}; choose {fix}"
                                 + (f", or --awq-block-size {alt[0]}" if alt else ""))
-        MoeWeightOnly(64, 64).preflight(spec, shape, layout)
+        MoeWeightOnly(*spec.format.gemm_multiples).preflight(spec, shape, layout)
 
 
 #: TensorRT-LLM's MoE layer has no INT8 SmoothQuant GEMM and modelopt 0.47 cannot export it

@@ -36,6 +36,7 @@ class SqPlugin(Recipe):
     #: modelopt import (fitted: 8B-shaped, 4 x 64 tokens, CPU: 1.50 GB peak RSS)
     memory = MemoryModel(weight_bytes=1.0, layer_factor=1.0, hooks=True, cpu_smoothing=True)
     moe = SMOOTHQUANT_REFUSED
+    kv_duplication = False  # per-channel k/v scales
 
     def __init__(self, quant_algo: str, per_channel: bool, per_token: bool):
         self.quant_algo, self.per_channel, self.per_token = quant_algo, per_channel, per_token

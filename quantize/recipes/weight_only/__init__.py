@@ -17,5 +17,5 @@ class WeightOnly(Recipe):
 
     def __init__(self, quant_algo: str, flag: str, gemm_multiples: tuple[int, int]):
         self.quant_algo, self.flag = quant_algo, flag
-        #: (K, N) multiples of TensorRT-LLM's weight-only GEMMs, for MoE experts
-        self.moe = MoeWeightOnly(*gemm_multiples)
+        self.gemm_multiples = gemm_multiples
+        self.moe = MoeWeightOnly(*gemm_multiples)  # the experts' GEMMs, the same kernels
