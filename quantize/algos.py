@@ -82,7 +82,7 @@ ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ)
 KV_CACHE_DTYPES = {"int8": "INT8", "fp8": "FP8"}
 
 # flag attribute -> (quant_algo, flag as typed)
-_WEIGHT_FLAGS = (
+WEIGHT_FLAGS = (
     ("smoothquant", SMOOTHQUANT, "--smoothquant"),
     ("fp8", FP8, "--fp8"),
     ("int8_weight_only", W8A16, "--int8-weight-only"),

@@ -144,7 +144,8 @@ def calibrate(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *
     ``str -> list[int]`` callable (default: the one in the model directory).
     ``dtype`` (loading only): default float32 on CPU, the model's fp16/bf16 on GPU.
     """
-    if not spec.needs_calibration or spec.is_sq_plugin:
+    config = spec.modelopt_config()  # the recipe's (quantize/recipes/); None: not modelopt's to calibrate
+    if config is None:
         raise ValueError(f"{spec.name} needs no modelopt calibration")
     import modelopt.torch.quantization as mtq
     from tqdm.auto import tqdm
@@ -162,7 +163,7 @@ def calibrate(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *
             for batch in bar:
                 m(input_ids=batch.to(dev), use_cache=False)
 
-    return mtq.quantize(model, spec.modelopt_config(), forward_loop)
+    return mtq.quantize(model, config, forward_loop)
 
 
 def calibration_inputs(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *,

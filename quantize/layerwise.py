@@ -47,6 +47,7 @@ from common.heap import release_memory
 from .calibrate import _bos_if_added, make_calib_batches, tokenize_text
 from .modelopt_state import extract_quant_state
 from .formats import QuantSpec
+from .recipes import MAX, SQ_HOOKS
 from . import store as cstore
 
 Tensor = torch.Tensor
@@ -284,6 +285,19 @@ def _modelopt_layer(runner: LayerRunner, i: int, spec: QuantSpec,
     return extract_quant_state(shell, spec, dtype=runner.dtype), passes_out
 
 
+def layer_calibrator(method: str | None):
+    """The function that calibrates one layer by the recipe's calibration ``method``
+    (quantize/recipes/base.py): TensorRT-LLM's SmoothQuant by range hooks, smoothing and int8 per
+    layer; modelopt's running maxima by forward hooks (FP8, KV caches); else modelopt itself."""
+    if method == SQ_HOOKS:
+        from .sq_layerwise import calibrate_plugin_layer
+        return calibrate_plugin_layer
+    if method == MAX:
+        from .max_layerwise import calibrate_max_layer
+        return calibrate_max_layer
+    return _modelopt_layer
+
+
 def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: list[Tensor], *,
                         device: torch.device, fingerprint: dict, progress: bool = True,
                         timings: dict | None = None) -> dict:
@@ -299,12 +313,7 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
         return done
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    if spec.is_sq_plugin:  # TensorRT-LLM's recipe: range hooks, smoothing, int8 per layer
-        from .sq_layerwise import calibrate_plugin_layer as calibrate_one
-    elif spec.is_max_calibrated:  # FP8, KV caches: modelopt's running maxima, by forward hooks
-        from .max_layerwise import calibrate_max_layer as calibrate_one
-    else:
-        calibrate_one = _modelopt_layer
+    calibrate_one = layer_calibrator(spec.format.calibration(spec))
     uses_modelopt = calibrate_one is _modelopt_layer
     runner = LayerRunner(hf_dir, source, batches, device, modelopt=uses_modelopt)
     n = len(runner)

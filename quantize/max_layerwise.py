@@ -136,13 +136,14 @@ def calibrate_max_layer(runner, i: int, spec: QuantSpec,
     (one pass) on ``passes_in[0]``."""
     prefix = runner.prefix(i)
     layer = runner.materialise(i)
-    linears = _linears(layer) if spec.quant_algo == FP8 else {}
+    recipe = spec.format  # FP8 records its linears; any recipe its quantized KV cache
+    linears = _linears(layer) if recipe.max_linears else {}
+    kv_bits = recipe.kv_cache_bits(spec)
     with ExitStack() as stack:
         if linears:
             stack.enter_context(_input_records(linears, prefix))
-        if spec.kv_cache_quant_algo is not None:
-            bits = _FP8_BITS if spec.kv_cache_quant_algo == "FP8" else 8
-            stack.enter_context(_kv_records(layer.self_attn, bits, prefix))
+        if kv_bits is not None:
+            stack.enter_context(_kv_records(layer.self_attn, kv_bits, prefix))
         outputs = runner.forward(layer, i, passes_in[0])
     for name, mod in linears.items():
         w = MaxRecord(_FP8_BITS, f"{prefix}.{name}.weight")

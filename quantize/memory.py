@@ -25,7 +25,7 @@ from pathlib import Path
 from common.errors import UserError
 from common.fileio import DIRECT_BUFFER, DIRECT_BUFFERS
 
-from .formats import FP8, SMOOTHQUANT, SQ_PLUGIN, W4A16_AWQ
+from .recipes import recipe_for
 
 GB = 1e9
 #: RSS of a process that has imported torch, transformers and modelopt (measured 0.50 GB) plus
@@ -34,24 +34,21 @@ GB = 1e9
 HOST_BASE = 0.62 * GB
 WRITE_BASE = 0.07 * GB + DIRECT_BUFFERS * DIRECT_BUFFER
 CUDA_CONTEXT = 0.6 * GB
-#: working memory per layer, in multiples of the layer's weights (fitted, see above): modelopt's
-#: for SmoothQuant and AWQ; for FP8 the forward-hook max calibration's (quantize/max_layerwise.py:
-#: the float32 layer only, its fp8 weights made in blocks; fitted: 8B-shaped, 4 x 64 tokens, CPU:
-#: 1.49 / 1.50 GB peak RSS at 4 / 16 layers); a KV cache alone: 1.1, as fitted for modelopt
-LAYER_FACTOR = {SMOOTHQUANT: 1.6, FP8: 1.0, W4A16_AWQ: 1.8, None: 1.1}
-#: TensorRT-LLM's plugin SmoothQuant, layer by layer (quantize/sq_layerwise.py): the layer's float32
-#: weights only (smoothing and int8 rounding run in cache-sized blocks, quantize/sq_int8.py) and
-#: no modelopt import; the previous layer's int8 tensors, written while this one calibrates, are
-#: the plan's ``extracted`` (fitted: 8B-shaped, 4 x 64 tokens, CPU: 1.50 GB peak RSS)
-PLUGIN_LAYER_FACTOR = 1.0
+#: working memory per layer, in multiples of the layer's weights, and the bytes per weight of each
+#: format's quantized linears: each recipe's ``memory`` (quantize/recipes/, ``MemoryModel``),
+#: fitted as above: modelopt's for SmoothQuant (1.6) and AWQ (1.8); for FP8 the forward-hook max
+#: calibration's (quantize/max_layerwise.py: the float32 layer only, its fp8 weights made in blocks;
+#: fitted: 8B-shaped, 4 x 64 tokens, CPU: 1.49 / 1.50 GB peak RSS at 4 / 16 layers): 1.0; a KV
+#: cache alone: 1.1, as fitted for modelopt; TensorRT-LLM's plugin SmoothQuant, layer by layer
+#: (quantize/sq_layerwise.py): 1.0, the layer's float32 weights only (smoothing and int8 rounding
+#: run in cache-sized blocks, quantize/sq_int8.py) and no modelopt import; the previous layer's int8
+#: tensors, written while this one calibrates, are the plan's ``extracted`` (fitted: 8B-shaped,
+#: 4 x 64 tokens, CPU: 1.50 GB peak RSS)
 #: calibrations by forward hooks (plugin SmoothQuant, FP8, KV cache alone) import no modelopt
 PLUGIN_HOST_BASE = HOST_BASE - 0.11 * GB  # measured: modelopt's import is 0.11 GB of RSS
 #: ``--smoothquant auto``: per alpha tried, the five int8 linears and one dequantized to float32
 #: (fitted: 8B-shaped, 4 x 64 tokens, CPU: 1.94 GB peak RSS)
 PLUGIN_SEARCH_EXTRA = 0.55
-#: bytes per weight in the checkpoint for each format's quantized linears
-WEIGHT_BYTES = {SMOOTHQUANT: 1.0, FP8: 1.0, W4A16_AWQ: 0.5, **{a: 1.0 for a in SQ_PLUGIN}}
-LAYER_FACTOR.update({a: PLUGIN_LAYER_FACTOR for a in SQ_PLUGIN})
 
 
 @dataclass
@@ -81,28 +78,27 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
     every calibration (``VERIFY_TOKENS``, ``EVAL_PPL_TOKENS``). ``workers``: rank files written
     at once, each by its own process with its own writer (``--workers``)."""
     p_lin = _layer_linear_params(shape)
-    algo = spec.quant_algo if spec is not None and spec.quant_algo in WEIGHT_BYTES else None
-    wbytes = WEIGHT_BYTES.get(algo, out_dtype_bytes)
+    recipe = recipe_for(spec.quant_algo if spec is not None else None)
+    mem = recipe.memory
+    wbytes = out_dtype_bytes if mem.weight_bytes is None else mem.weight_bytes
     lin_disk = p_lin * wbytes * shape.layers
     emb = shape.vocab * shape.hidden * out_dtype_bytes
     ckpt_disk = lin_disk + emb * (1 if shape.tied else 2) + 3 * shape.hidden * shape.layers * 4
     stages = []
-    calibrated = spec is not None and spec.needs_calibration
+    calibrated = spec is not None and recipe.calibration(spec) is not None
     store_disk = 0.0
     if calibrated:
         c = 4 if device == "cpu" else 2
         n, seq, b = spec.calib_size, spec.calib_seq_len, spec.calib_batch_size
         search = PLUGIN_SEARCH_EXTRA if getattr(spec, "sq_alpha_search", False) else 0.0
-        hooks = algo in SQ_PLUGIN or spec.is_max_calibrated
-        base = PLUGIN_HOST_BASE if hooks else HOST_BASE  # used by the layer-wise stages only
-        layer = p_lin * c * (LAYER_FACTOR[algo] + search)
-        passes = 2 if algo == W4A16_AWQ else 1
-        acts = n * seq * shape.hidden * c * (1 + passes)
-        if algo == W4A16_AWQ:  # the search holds every batch's linear inputs + one linear's outputs
+        base = PLUGIN_HOST_BASE if mem.hooks else HOST_BASE  # used by the layer-wise stages only
+        layer = p_lin * c * (mem.layer_factor + search)
+        acts = n * seq * shape.hidden * c * (1 + mem.passes)
+        if mem.search_inputs:  # AWQ's search holds every batch's linear inputs + one linear's outputs
             acts += n * seq * (3 * shape.hidden + 2 * shape.inter) * c
         temps = b * seq * (3 * shape.inter + 6 * shape.hidden) * c + b * shape.heads * seq * seq * c
         rows = min(shape.vocab, n * seq) * shape.hidden * c
-        extracted = p_lin * (wbytes if algo else 0)
+        extracted = p_lin * (mem.weight_bytes or 0)
         work = layer + acts + temps + rows
         store_disk = extracted * shape.layers
         if not layerwise:
@@ -114,7 +110,7 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
         elif device == "cpu":
             stages.append(Stage("calibration", base + work + extracted, 0.0, store_disk))
         else:  # the plugin recipe smooths the layer on the CPU in float32
-            smoothing = p_lin * 4 * (LAYER_FACTOR[algo] + search) if algo in SQ_PLUGIN else 0.0
+            smoothing = p_lin * 4 * (mem.layer_factor + search) if mem.cpu_smoothing else 0.0
             stages.append(Stage("calibration", base + acts + rows + extracted + smoothing,
                                 CUDA_CONTEXT + work, store_disk))
         write_host = WRITE_BASE + 2.5 * extracted  # a layer loaded, sharded, in the writer
@@ -125,7 +121,7 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
     stages.append(Stage("checkpoint", write_host * writers, 0.0, ckpt_disk))
     checks = (*checks, GATE_TOKENS) if calibrated else checks
     if checks:
-        stages.append(verify_stage(shape, algo, tp=tp, out_dtype_bytes=out_dtype_bytes, checks=checks))
+        stages.append(verify_stage(shape, recipe.quant_algo, tp=tp, out_dtype_bytes=out_dtype_bytes, checks=checks))
     return stages
 
 
@@ -159,7 +155,8 @@ def verify_stage(shape, algo, *, tp: int, out_dtype_bytes: int, checks) -> Stage
         params = shape.layers * (p_layer + 2 * shape.hidden) + \
             shape.vocab * shape.hidden * (1 if shape.tied else 2)
         float_layer = WHOLE_BASE + WHOLE_PER_PARAM * params - HOST_BASE
-    ckpt_layer = p_layer * WEIGHT_BYTES.get(algo, out_dtype_bytes) + largest * 4
+    weight_bytes = recipe_for(algo).memory.weight_bytes
+    ckpt_layer = p_layer * (out_dtype_bytes if weight_bytes is None else weight_bytes) + largest * 4
     acts = held * shape.hidden * 4 * (2 + tp)  # a layer's inputs and outputs (the reader: per tp rank)
     temps = GATE_TOKENS[1] * (3 * shape.inter + 6 * shape.hidden) * 4 + \
         shape.heads * GATE_TOKENS[1] ** 2 * 4 * 2

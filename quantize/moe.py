@@ -42,7 +42,7 @@ import torch
 
 from common.errors import UserError
 
-from .formats import AWQ_GROUP_SIZES, FP8, W4A16_AWQ, QuantSpec
+from .formats import QuantSpec
 from .moe_awq import extract_awq_experts
 
 if TYPE_CHECKING:  # the converter's expert layout; only its attributes are read here
@@ -50,50 +50,23 @@ if TYPE_CHECKING:  # the converter's expert layout; only its attributes are read
 
 Tensor = torch.Tensor
 FP8_MAX = 448.0
-#: (K multiple, N multiple) of TensorRT-LLM's weight-only GEMMs (as quantize/apply.py's table)
-_WEIGHT_ONLY = {"W8A16": (64, 32), "W4A16": (64, 64), W4A16_AWQ: (64, 64)}
 
 
 def preflight_moe_quant(spec: QuantSpec | None, shape, layout: MoeLayout) -> None:
     """Refuse, before any work, a format this converter does not write for experts, or expert
-    GEMM shapes TensorRT-LLM's weight-only kernels cannot take."""
-    if not getattr(shape, "experts", 0) or spec is None or spec.quant_algo is None:
+    GEMM shapes TensorRT-LLM's weight-only kernels cannot take (the recipe's ``moe.preflight``,
+    quantize/recipes/moe)."""
+    if not getattr(shape, "experts", 0) or spec is None:
         return
-    algo = spec.quant_algo
-    if algo.startswith("W8A8_SQ"):  # modelopt's recipe and TensorRT-LLM's plugin ones
-        raise UserError("--smoothquant is not supported for mixture-of-experts models: "
-                        "TensorRT-LLM's MoE layer has no INT8 SmoothQuant GEMM and modelopt 0.47 "
-                        "cannot export it; use --fp8 or --int8-weight-only")
-    inter = shape.inter // layout.moe_tp
-    gemms = {"experts' mlp.fc": (shape.hidden, 2 * inter), "experts' mlp.proj": (inter, shape.hidden)}
-    if algo == W4A16_AWQ:  # whole AWQ groups per rank, as modelopt's export and TRT-LLM need
-        g = spec.group_size
-        for name, (k, _) in gemms.items():
-            if k % g:
-                alt = [a for a in AWQ_GROUP_SIZES if a != g and k % a == 0]
-                fix = f"a --moe-tp that keeps it a multiple of {g}" if name.endswith("proj") \
-                    else "another format"
-                raise UserError(f"--awq: {name} input size per rank {k} is not a multiple of the "
-                                f"AWQ group size {g}; choose {fix}"
-                                + (f", or --awq-block-size {alt[0]}" if alt else ""))
-    if algo in _WEIGHT_ONLY:
-        k_mult, n_mult = _WEIGHT_ONLY[algo]
-        for name, (k, n) in gemms.items():
-            for what, v, mult in (("input", k, k_mult), ("output", n, n_mult)):
-                if v % mult:
-                    raise UserError(f"{algo}: {name} has {v} {what} features per rank, not a "
-                                    f"multiple of {mult} as TensorRT-LLM's weight-only kernels "
-                                    f"need; choose another --moe-tp or format")
+    spec.format.moe.preflight(spec, shape, layout)
 
 
 def moe_exclude_modules(spec: QuantSpec, shape) -> list[str] | None:
     """config.json's ``exclude_modules`` for a MoE model: modelopt lists each layer's router with
     lm_head for its calibrated formats (a set there: compare without order); the weight-only
-    formats keep TensorRT-LLM's defaults, which hold ``*router``."""
-    if spec.exclude_modules is None or spec.quant_algo not in (FP8, W4A16_AWQ):
-        return None if spec.exclude_modules is None else list(spec.exclude_modules)
-    return list(spec.exclude_modules) + [f"transformer.layers.{i}.mlp.router"
-                                         for i in range(shape.layers)]
+    formats keep TensorRT-LLM's defaults, which hold ``*router`` (the recipe's
+    ``moe.exclude_modules``)."""
+    return spec.format.moe.exclude_modules(spec, shape)
 
 
 def _experts_modules(model) -> dict[int, torch.nn.Module]:
@@ -126,10 +99,11 @@ def extract_moe_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float16
     0: FP8 (transformers 5's fused experts) ``transformer.layers.{i}.mlp.{fc,proj}.{weight,
     weights_scaling_factor,activation_scaling_factor}`` (see the module docstring); AWQ
     (per-expert calibration) quantize/moe_awq.py, ``dtype`` the checkpoint's (pre-quant scales)."""
-    if spec.quant_algo == W4A16_AWQ:
-        return extract_awq_experts(model, spec, dtype)
-    if spec.quant_algo != FP8:
-        return {}
+    extract = _EXTRACTORS.get(spec.format.moe.experts)
+    return {} if extract is None else extract(model, spec, dtype)
+
+
+def _extract_fp8_experts(model, spec: QuantSpec, dtype: torch.dtype) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     experts = _experts_modules(model)
     if not experts:
@@ -154,6 +128,10 @@ def extract_moe_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float16
             out[f"{p}.weights_scaling_factor"] = wsf.cpu()
             out[f"{p}.activation_scaling_factor"] = (act / FP8_MAX).reshape(1).cpu()
     return out
+
+
+#: the recipes' ``moe.experts`` -> the extractor of their expert tensors
+_EXTRACTORS = {"fp8": _extract_fp8_experts, "awq": extract_awq_experts}
 
 
 def shard_moe_state(state: dict[str, Tensor], layout: MoeLayout, tp_rank: int,

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from quantize.recipes import find_recipe
 
 from .float_model import float_logits, hf_vocab_size
 from .model import ReferenceModel
@@ -93,9 +94,11 @@ def compare_with_hf(ckpt_dir, hf_model_or_dir, input_ids=None, text=None, tokeni
     hf_vocab = hf_vocab_size(hf_model_or_dir)
     vocab = ref.vocab_size
     if hf_vocab is not None and int(hf_vocab) != ref.vocab_size:
-        # modelopt's AWQ export pads the vocabulary to a multiple of 64 and writes the padded size:
-        # compare the real tokens' logits (the padded rows are zero).
-        if not (ref.qcfg.quant_algo == "W4A16_AWQ" and int(hf_vocab) < ref.vocab_size <= int(hf_vocab) + 63):
+        # modelopt's AWQ export pads the vocabulary to a multiple of 64 and writes the padded size
+        # (its recipe's vocab_padding): compare the real tokens' logits (the padded rows are zero).
+        recipe = find_recipe(ref.qcfg.quant_algo)
+        padding = recipe.vocab_padding if recipe is not None else 0
+        if not (int(hf_vocab) < ref.vocab_size <= int(hf_vocab) + padding):
             raise UserError(f"vocab_size differs: checkpoint {ref.vocab_size}, Hugging Face model {hf_vocab}")
         vocab = int(hf_vocab)
     if input_ids is None and text is not None:

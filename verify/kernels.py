@@ -55,8 +55,6 @@ class QuantSpec:
         Like TensorRT-LLM, a module matching ``exclude_modules`` (fnmatch patterns, also tried with a
         leading '*') stays unquantized; without the list, lm_head is never quantized.
         """
-        if self.quant_algo is None:
-            return None
         patterns = self.exclude_modules if self.exclude_modules is not None else ("*lm_head",)
         for pat in patterns:
             if fnmatch.fnmatchcase(module, pat) or fnmatch.fnmatchcase(module, "*" + pat):

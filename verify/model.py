@@ -147,10 +147,11 @@ class ReferenceModel:
 
     def _check_kernels(self) -> None:
         """Quantization: fail now, before any compute, for a format that has no kernel."""
-        if self.qcfg.quant_algo not in LINEAR_KERNELS:
+        q = self.qcfg  # the kernel tables are keyed by the format (verify/kernels.py)
+        if _unregistered(LINEAR_KERNELS, q.quant_algo):
             raise UserError(f"quant_algo {self.qcfg.quant_algo} is not supported by the reference reader yet "
                             f"(supported: {names_of(LINEAR_KERNELS)})")
-        if self.qcfg.kv_cache_quant_algo not in KV_CACHE_KERNELS:
+        if _unregistered(KV_CACHE_KERNELS, q.kv_cache_quant_algo):
             raise UserError(f"kv_cache_quant_algo {self.qcfg.kv_cache_quant_algo} is not supported by the "
                             f"reference reader yet (supported: {names_of(KV_CACHE_KERNELS)})")
 
@@ -387,3 +388,8 @@ class ReferenceModel:
         elif self.embedding_sharding_dim != 0:
             raise UserError("share_embedding_table needs the embedding sharded on dim 0")
         return {"weight": w}
+
+
+def _unregistered(table: dict, key) -> bool:
+    """``key`` has no kernel in ``table`` (a lookup in a table keyed by the format)."""
+    return key not in table

@@ -165,11 +165,13 @@ def weight_only_dequantize(w: Tensor, algo: str, dtype: torch.dtype) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def _linear_weight_only(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec, algo: str) -> Tensor:
+def _linear_weight_only(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec, algo: str,
+                        int8_export: bool = False) -> Tensor:
+    """``int8_export``: also read modelopt's own W8A16 export (int8 weights, per-channel scales)."""
     w = _require(params, "weight")
     if w.is_floating_point():
         wd = weight_only_dequantize(w, algo, model_dtype(qcfg))
-    elif w.dtype == torch.int8 and algo == "W8A16" and "weights_scaling_factor" in params:
+    elif w.dtype == torch.int8 and int8_export and "weights_scaling_factor" in params:
         wsf = params["weights_scaling_factor"].float().reshape(-1)   # modelopt's own W8A16 export
         _check_shape(wsf, (w.shape[0],), "weights_scaling_factor")
         wd = w.float() * wsf[:, None]
@@ -181,7 +183,7 @@ def _linear_weight_only(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec
 
 @register_linear("W8A16")
 def _linear_w8a16(x, params, qcfg):
-    return _linear_weight_only(x, params, qcfg, "W8A16")
+    return _linear_weight_only(x, params, qcfg, "W8A16", int8_export=True)
 
 
 @register_linear("W4A16")

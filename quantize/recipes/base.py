@@ -1,0 +1,225 @@
+"""The interface every quantization format implements, and its defaults (the float format).
+
+A :class:`Recipe` answers every format-dependent question of a build for one ``quant_algo``:
+
+* **flags**: ``flag`` (the weight flag that selects it, ``None`` for float) and
+  :meth:`Recipe.resolve_flags` (the final ``quant_algo`` from the parsed flags);
+* **validate**: :meth:`check_kv`, :meth:`alpha`, :meth:`group_size`, :meth:`check_tp`
+  (UserError, one line, before any work);
+* **calibration**: :meth:`calibration` (which layer-by-layer method calibrates it:
+  :data:`SQ_HOOKS`, :data:`MAX`, :data:`MODELOPT` or None) and :meth:`modelopt_config`;
+  :data:`MAX` also reads :attr:`max_linears` and :meth:`kv_cache_bits`;
+* **memory estimate**: :attr:`memory` (:class:`MemoryModel`, the coefficients quantize/memory.py
+  applies);
+* **quantization block**: :meth:`quantization_block` (config.json's ``quantization``),
+  :attr:`exclude_modules`, :attr:`pre_quant_scale`;
+* **MoE**: :attr:`moe` (quantize/recipes/moe: refusals, exclude_modules, expert tensors);
+* **verification**: :attr:`vocab_padding` (verify/compare.py); the reference kernels are
+  registered by quant_algo in verify/kernels.py's tables;
+* **words**: :meth:`label` (``QuantSpec.name``) and :meth:`words` (the recipe in words).
+
+A KV-cache dtype combines with any recipe; its effects (calibration, modelopt entries, the
+label) are handled here, in the base class, once. ``spec`` arguments are
+:class:`quantize.formats.QuantSpec` objects (duck-typed: recipes import no spec).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from common.errors import UserError
+
+from ..algos import KV_CACHE_DTYPES
+
+from .moe import MoeSupport
+
+#: calibration methods (:meth:`Recipe.calibration`): TensorRT-LLM's SmoothQuant by forward range
+#: hooks (quantize/sq_layerwise.py), modelopt's ``max`` by forward hooks (quantize/max_layerwise.py),
+#: modelopt's own algorithms per layer (quantize/layerwise.py)
+SQ_HOOKS = "sq_hooks"
+MAX = "max"
+MODELOPT = "modelopt"
+#: modelopt's ``num_bits`` of a KV cache's quantizers, by kv_cache_quant_algo (FP8: e4m3)
+KV_CACHE_BITS = {"FP8": (4, 3), "INT8": 8}
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """A recipe's coefficients in the memory plan (quantize/memory.py; fitted there).
+
+    ``weight_bytes``: bytes per linear weight in the checkpoint (None: the output dtype's);
+    ``layer_factor``: calibration working memory per layer, in multiples of its weights;
+    ``hooks``: calibrated by forward hooks without importing modelopt (the smaller host base);
+    ``passes``: forward-loop passes whose outputs are held; ``search_inputs``: AWQ's search
+    holds every batch's linear inputs; ``cpu_smoothing``: the layer is smoothed on the CPU in
+    float32 when calibrating on a GPU."""
+
+    weight_bytes: float | None = None
+    layer_factor: float = 1.1
+    hooks: bool = True
+    passes: int = 1
+    search_inputs: bool = False
+    cpu_smoothing: bool = False
+
+
+def kv_entries(spec) -> list:
+    """modelopt ``quant_cfg`` entries of the spec's KV cache (FP8: modelopt's FP8_KV_CFG; INT8:
+    the same with num_bits 8; none: [])."""
+    kv = spec.kv_cache_quant_algo
+    if kv == "FP8":
+        import modelopt.torch.quantization as mtq
+        return copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
+    if kv == "INT8":
+        return [{"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": 8, "axis": None}}]
+    return []
+
+
+def as_list(quant_cfg) -> list:
+    if isinstance(quant_cfg, dict):  # older modelopt: {pattern: cfg}
+        return [{"quantizer_name": k, **({"cfg": v} if "enable" not in v else v)} for k, v in quant_cfg.items()]
+    return list(quant_cfg)
+
+
+class Recipe:
+    """The float format (no weight quantization; a KV cache may still be quantized), and the
+    defaults every other recipe overrides where it differs."""
+
+    quant_algo: str | None = None
+    flag: str | None = None
+    #: TensorRT-LLM's plugin SmoothQuant formats (its own converter's tensors, not modelopt's)
+    trtllm_plugin = False
+    #: the checkpoint carries float weights; trtllm-build quantizes them (weight-only)
+    build_time_quantized = False
+    #: config.json's ``exclude_modules`` (None: the key is omitted)
+    exclude_modules: tuple[str, ...] | None = None
+    pre_quant_scale = False
+    #: how the weights calibrate (None: they do not; a KV cache alone is max-calibrated)
+    weight_calibration: str | None = None
+    #: max calibration records the linears' inputs and weights (FP8) or the KV cache only
+    max_linears = False
+    #: the checkpoint's vocabulary is padded to a multiple of this (modelopt's AWQ export: 64)
+    vocab_multiple = 1
+    #: (K, N) multiples of the per-rank input / output features TensorRT-LLM's GEMMs for this
+    #: format need (its weight-only kernels); None: no constraint
+    gemm_multiples: tuple[int, int] | None = None
+    #: k/v heads may be duplicated across ranks when tp > num_kv_heads (False: SmoothQuant's
+    #: per-channel k/v scales cannot be)
+    kv_duplication = True
+    memory = MemoryModel()
+    moe = MoeSupport()
+
+    # ----- flags ------------------------------------------------------------------------------
+
+    def resolve_flags(self, args) -> str | None:
+        """The final quant_algo from the parsed flags (SmoothQuant's sub-flags pick a variant)."""
+        for flag in ("sq_recipe", "sq_activations", "sq_weights"):
+            if getattr(args, flag, None) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} applies to --smoothquant; add it or drop the flag")
+        return self.quant_algo
+
+    # ----- validation -------------------------------------------------------------------------
+
+    def check_kv(self, kv: str | None) -> None:
+        """Refuse a KV-cache quant_algo this format has no TensorRT-LLM recipe with."""
+
+    def alpha(self, value, kv: str | None) -> tuple[float | None, bool]:
+        """(SmoothQuant alpha, searched per layer) from the flag's value."""
+        if value is not None:
+            raise UserError("a SmoothQuant alpha was given without --smoothquant")
+        return None, False
+
+    def group_size(self, awq_block_size: int | None) -> int | None:
+        """The AWQ group size from --awq-block-size (None: not group-wise)."""
+        if awq_block_size is not None:
+            raise UserError("--awq-block-size only applies to --awq; add --awq or drop it")
+        return None
+
+    def check_tp(self, spec, num_kv_heads: int, tp: int) -> None:
+        """Refuse a tensor-parallel split this format's scales cannot follow."""
+
+    def check_linear_shapes(self, spec, in_dims: dict[str, int], out_dims: dict[str, int],
+                            unpadded_in: dict[str, int] | None = None) -> None:
+        """Refuse per-rank linear shapes this format's kernels cannot take (``in_dims`` /
+        ``out_dims``: features per rank by linear; ``unpadded_in``: inputs the calibration sees
+        before head padding). Weight-only GEMM multiples here; AWQ adds whole groups."""
+        if self.gemm_multiples is None:
+            return
+        k_multiple, n_multiple = self.gemm_multiples
+        checks = [(name, "input", k, k_multiple) for name, k in in_dims.items()]
+        checks += [(name, "output", n, n_multiple) for name, n in out_dims.items() if name in in_dims]
+        for name, what, n, multiple in checks:
+            if n % multiple:
+                raise UserError(f"{spec.quant_algo}: {name} has {n} {what} features per rank, not a "
+                                f"multiple of {multiple} as TensorRT-LLM's weight-only kernels need; "
+                                f"choose another --tp or format")
+
+    @property
+    def vocab_padding(self) -> int:
+        """How many padded rows the checkpoint's vocabulary may have beyond the model's."""
+        return self.vocab_multiple - 1
+
+    # ----- what it means ----------------------------------------------------------------------
+
+    def quantized(self, spec) -> bool:
+        return self.quant_algo is not None or spec.kv_cache_quant_algo is not None
+
+    def calibration(self, spec) -> str | None:
+        """The layer-by-layer calibration method (None: nothing to calibrate)."""
+        if self.weight_calibration is not None:
+            return self.weight_calibration
+        return MAX if spec.kv_cache_quant_algo is not None else None
+
+    def kv_cache_bits(self, spec):
+        """modelopt num_bits of the KV cache's quantizers (None: not quantized)."""
+        return KV_CACHE_BITS.get(spec.kv_cache_quant_algo)
+
+    def modelopt_config(self, spec) -> dict | None:
+        """A fresh copy of the ``mtq.quantize`` config (None: nothing for modelopt to calibrate)."""
+        if self.calibration(spec) is None:
+            return None
+        import modelopt.torch.quantization as mtq
+
+        cfg = self._modelopt_weights(spec, mtq)
+        cfg["quant_cfg"] = as_list(cfg["quant_cfg"]) + kv_entries(spec)
+        return cfg
+
+    def calibration_fingerprint(self, spec) -> str | None:
+        """The modelopt config as the calibration store's fingerprint records it (None for the
+        max-calibrated recipes: our own hooks, no modelopt import)."""
+        return None if self.calibration(spec) == MAX else repr(self.modelopt_config(spec))
+
+    def _modelopt_weights(self, spec, mtq) -> dict:
+        """The config's weight part: here every quantizer off (a KV cache alone)."""
+        return {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
+
+    def quantization_block(self, spec) -> dict:
+        """config.json's ``quantization`` block, with modelopt 0.47's keys, values and order."""
+        q: dict = {"quant_algo": self.quant_algo, "kv_cache_quant_algo": spec.kv_cache_quant_algo}
+        q.update(self._block_extras(spec))
+        if spec.exclude_modules is not None:
+            q["exclude_modules"] = list(spec.exclude_modules)
+        return q
+
+    def _block_extras(self, spec) -> dict:
+        return {}
+
+    def label(self, spec) -> str:
+        """Short human name, e.g. 'W4A16_AWQ (group 128) + INT8 KV cache'."""
+        parts = [p for p in (self._weight_label(spec),) if p]
+        if spec.kv_cache_quant_algo:
+            parts.append(f"{spec.kv_cache_quant_algo} KV cache")
+        return " + ".join(parts) or "unquantized"
+
+    def _weight_label(self, spec) -> str | None:
+        return self.quant_algo
+
+    def words(self, spec) -> str | None:
+        """The SmoothQuant recipe in words (None: not SmoothQuant)."""
+        return None
+
+
+def kv_cache_algo(kv_cache_dtype: str | None) -> str | None:
+    """The KV cache's quant_algo of ``--kv-cache-dtype`` (None: not quantized)."""
+    if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise UserError(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported; choose int8 or fp8")
+    return KV_CACHE_DTYPES.get(kv_cache_dtype) if kv_cache_dtype else None
