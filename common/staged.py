@@ -88,16 +88,17 @@ class StagedOutput:
         An existing stage is kept when ``resume`` and it holds ``fingerprint``. Otherwise it is
         discarded, except that one holding another fingerprint is refused with ``refuse`` (a
         UserError) when that is given. The record written is ``record`` (default: the
-        fingerprint itself); a resumed stage keeps its record."""
+        fingerprint itself; none for a ``None`` fingerprint); a resumed stage keeps its record."""
         if self.stage.exists():
             same = resume and self.recorded() == fingerprint
             if same:
                 return True
             if resume and refuse is not None:
                 raise UserError(refuse)
-            self.discard()
+            shutil.rmtree(self.stage)  # errors raised: a stage half removed must not be reused
         self.stage.mkdir(parents=True, exist_ok=True)
-        self.write_record(fingerprint if record is None else record)
+        if fingerprint is not None or record is not None:  # None: written in one go, no record
+            self.write_record(fingerprint if record is None else record)
         return False
 
     # --- promote or discard --------------------------------------------------------------------

@@ -30,9 +30,9 @@ from tqdm import tqdm
 from common.fileio import reusing_buffers
 
 from common import interrupt
-from common.atomic import swap_into_place
 from common.errors import UserError
 from common.interrupt import Interrupted
+from common.staged import StagedOutput
 from .hf_config import from_hugging_face, model_shape, pp_layer_range, preflight, read_hf_config
 from .moe import MoeLayout, moe_layout
 from .plan import rank_plan
@@ -211,22 +211,20 @@ def _write_staged(model_dir: Path, out_dir: Path, tmp: Path, plans, config: dict
         if not all((tmp / f"rank{r}.safetensors").is_file() for r in range(len(plans))):
             return  # other ranks are still to come (--ranks)
         _verify_files(tmp, plans)
-        (tmp / FINGERPRINT).unlink()
-        swap_into_place(tmp, out_dir)  # an existing one only with --force (checked by the caller)
+        _staged(out_dir).promote()  # an existing one only with --force (checked by the caller)
         if calibration is not None:
             calibration.done()
     except (KeyboardInterrupt, Interrupted):
         # only this run's unfinished files: with --ranks, other runs may be writing theirs
-        for leftover in (tmp / f"rank{r}.safetensors.tmp" for r in todo):
-            leftover.unlink(missing_ok=True)
+        _discard(out_dir, todo)
         raise Interrupted(f"interrupted: finished ranks are kept in {tmp}; rerun the same command "
                           f"to finish only the remaining ranks")
     except OSError as e:
-        _discard(tmp, todo if subset else None)
+        _discard(out_dir, todo if subset else None)
         raise UserError(f"cannot write the checkpoint to {out_dir.parent}: {e.strerror or e}; "
                         f"free space or choose another --output")
     except BaseException:
-        _discard(tmp, todo if subset else None)
+        _discard(out_dir, todo if subset else None)
         raise
 
 
@@ -262,33 +260,27 @@ def _calibration_run(calibration, calibrated: bool, calibrated_model, shape, out
     return calibration
 
 
+def _staged(out_dir: Path) -> StagedOutput:
+    return StagedOutput(out_dir, record=FINGERPRINT)
+
+
 def _staging_dir(out_dir: Path, fingerprint: dict, *, calibrated: bool, subset: bool,
                  force: bool) -> Path:
     """OUT.partial, holding the fingerprint of what is written into it: ranks of an earlier run
     of the same inputs and options are kept (resume, --ranks), others refused or discarded."""
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    staged = _staged(out_dir)
+    refuse = (f"{staged.stage} holds ranks converted from other inputs or options; rerun with "
+              f"the same ones, or pass --force to discard them") if subset and not force else None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists() and calibrated:
-            # never resume a calibrated run: calibration on a GPU is not bit-reproducible, and
-            # ranks of two calibrations must not be mixed
-            shutil.rmtree(tmp)
-        if tmp.exists():
-            try:
-                old = json.loads((tmp / FINGERPRINT).read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old != fingerprint:
-                if subset and not force:
-                    raise UserError(f"{tmp} holds ranks converted from other inputs or options; "
-                                    f"rerun with the same ones, or pass --force to discard them")
-                shutil.rmtree(tmp)
-        tmp.mkdir(exist_ok=True)
-        (tmp / FINGERPRINT).write_text(json.dumps(fingerprint))
+        # never resume a calibrated run: calibration on a GPU is not bit-reproducible, and
+        # ranks of two calibrations must not be mixed
+        staged.open(fingerprint, resume=not calibrated, refuse=refuse)
     except OSError as e:
         raise UserError(f"cannot write to {out_dir.parent}: {e.strerror or e}; "
                         f"choose another --output")
-    return tmp
+    return staged.stage
+
 
 def _write_config(tmp: Path, config: dict) -> None:
     """config.json, written whole under a temporary name (runs for other ranks write the same)."""
@@ -297,13 +289,10 @@ def _write_config(tmp: Path, config: dict) -> None:
     os.replace(part, tmp / "config.json")
 
 
-def _discard(tmp: Path, own_ranks) -> None:
+def _discard(out_dir: Path, own_ranks) -> None:
     """After a failure: the whole work dir, or with --ranks only this run's unfinished files."""
-    if own_ranks is None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    for r in own_ranks:
-        (tmp / f"rank{r}.safetensors.tmp").unlink(missing_ok=True)
+    _staged(out_dir).discard(None if own_ranks is None else
+                             [f"rank{r}.safetensors.tmp" for r in own_ranks])
 
 
 def _calibrated_plans(model_dir: Path, source, plans, shape, quant, config: dict,

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from common.atomic import swap_into_place
+from common.staged import StagedOutput
 from common.errors import UserError
 from .source import SourceCheckpoint
 from .writer import write_file
@@ -353,10 +353,10 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
     if hf_quant is not None:
         config["quantization_config"] = quantization_config(hf_quant)
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    staged = StagedOutput(out_dir)
+    tmp = staged.stage
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        staged.open(None, resume=False)  # a unified checkpoint is written in one go
         _write_tensors(tmp / SAFETENSORS, source, entries)
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
         if hf_quant is not None:
@@ -364,12 +364,12 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
         for f in COPIED_FILES:
             if (model_dir / f).is_file():
                 shutil.copyfile(model_dir / f, tmp / f)
-        swap_into_place(tmp, out_dir)
+        staged.promote()
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}; free space or choose another --output")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
         raise
     finally:
         source.close()
