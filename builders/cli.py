@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from common import interrupt
+from common.digests import Digests
 from common.errors import UserError
 
 EXIT_MISMATCH, EXIT_USER, EXIT_NO_ENGINE, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -46,6 +47,7 @@ def run(args) -> int:
     timings: dict[str, float] = {}
     extra: dict = {}  # build.json "options" beyond the flags: the quantization recipe and its gate
     layout = None
+    digests = Digests()  # the writers record the digests of what they write; build.json reads them
     if args.from_checkpoint:
         ckpt, model_dir, inputs = _from_checkpoint(args)
     else:
@@ -58,18 +60,18 @@ def run(args) -> int:
         if args.smoothquant == "default":  # build.json records the alpha the recipe used
             args.smoothquant = quant.smoothquant_alpha
         if getattr(args, "target", "engine") == "pytorch":
-            return _run_pytorch_target(args, out, quant)
-        converted = _convert(args, out, quant, timings, extra)
+            return _run_pytorch_target(args, out, quant, digests)
+        converted = _convert(args, out, quant, timings, extra, digests)
         if isinstance(converted, int):  # a check failed
             return converted
         ckpt, model_dir, inputs, layout = converted
     if args.checkpoint_only:
         write_manifest(out, inputs=inputs, options={**vars(args), **extra}, stage_timings=timings,
-                       layout=layout)
+                       layout=layout, digests=digests)
         return 0
     engines = _engines_and_triton(args, out, ckpt, model_dir, timings)
     write_manifest(out, inputs=inputs, options={**vars(args), **extra}, stage_timings=timings,
-                   engines=_engine_record(engines), layout=layout)
+                   engines=_engine_record(engines), layout=layout, digests=digests)
     return engines.exit_code
 
 
@@ -92,7 +94,7 @@ def _from_checkpoint(args):
     return ckpt, None, {"checkpoint_dir": str(ckpt.resolve())}
 
 
-def _convert(args, out: Path, quant, timings: dict, extra: dict):
+def _convert(args, out: Path, quant, timings: dict, extra: dict, digests: Digests):
     """--model: every refusal first, then the checkpoint and its checks. Returns (checkpoint dir,
     model dir, build.json inputs, layout), or the exit status of a failed check."""
     from builders import checks, preflight
@@ -125,7 +127,8 @@ def _convert(args, out: Path, quant, timings: dict, extra: dict):
                                 timings=quant_timings, ranks=ranks, moe_tp=args.moe_tp,
                                 moe_ep=args.moe_ep, pad_heads=pad_heads,
                                 quant_report=quant_report,
-                                calibration=preflight.calibration_run(args, out, quant, tokenizer))
+                                calibration=preflight.calibration_run(args, out, quant, tokenizer),
+                                digests=digests)
     timings["checkpoint"] = time.perf_counter() - t0
     timings.update(quant_timings)  # included in "checkpoint"
     _print_calibration(args, quant, quant_timings, quant_report)
@@ -211,7 +214,7 @@ def _engine_record(engines) -> dict:
             "built_on": {str(r): rec for r, rec in sorted(engines.built_on.items())}}
 
 
-def _run_pytorch_target(args, out: Path, spec) -> int:
+def _run_pytorch_target(args, out: Path, spec, digests: Digests) -> int:
     """--target pytorch: DIR/hf_quantized (unified checkpoint) + DIR/triton (LLM-API repo)."""
     from builders import checks, preflight
     from builders.manifest import write_manifest
@@ -226,7 +229,8 @@ def _run_pytorch_target(args, out: Path, spec) -> int:
     triton = args.triton_target != "none" and not args.checkpoint_only
     t0 = time.perf_counter()
     res = build_pytorch_target(model_dir, out, spec, tp=args.tp, pp=args.pp, triton_options=args,
-                               triton=triton, force=args.force, progress=not args.no_progress)
+                               triton=triton, force=args.force, progress=not args.no_progress,
+                               digests=digests)
     timings = {"hf_quantized": time.perf_counter() - t0}
     print(f"hf_quantized: {res['checkpoint']} (modelopt unified checkpoint, {spec.name}) "
           f"in {timings['hf_quantized']:.1f}s")
@@ -253,7 +257,8 @@ def _run_pytorch_target(args, out: Path, spec) -> int:
               f"backend, validated); launch: {res['triton'] / 'launch_triton.sh'}")
     if args.verify and not checks.verify_step(res["checkpoint"], model_dir, spec, tokenizer, timings):
         return EXIT_MISMATCH
-    write_manifest(out, inputs=inputs, options={**vars(args), **extra}, stage_timings=timings)
+    write_manifest(out, inputs=inputs, options={**vars(args), **extra}, stage_timings=timings,
+                   digests=digests)
     return 0
 
 

@@ -55,11 +55,12 @@ def preflight(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_opti
 def build_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
                          triton_options=None, triton: bool = True, force: bool = False,
                          calibrated_model=None, calib_text=None, tokenizer=None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, digests=None) -> dict:
     """Write ``out_dir/hf_quantized`` (and ``out_dir/triton`` unless ``triton`` is False).
 
     Returns {"checkpoint": Path, "triton": Path | None, "hf_quant_config": dict | None}.
-    ``calibrated_model``/``calib_text``/``tokenizer``: see convert.unified.write_unified_checkpoint.
+    ``calibrated_model``/``calib_text``/``tokenizer``/``digests``: see
+    convert.unified.write_unified_checkpoint.
     """
     from builders.triton import validate_repo, write_llmapi_repo
     from convert.unified import write_unified_checkpoint
@@ -70,7 +71,7 @@ def build_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
     ckpt = out_dir / CHECKPOINT_DIR
     hf_quant = write_unified_checkpoint(model_dir, ckpt, spec, calibrated_model=calibrated_model,
                                         calib_text=calib_text, tokenizer=tokenizer, force=force,
-                                        progress=progress)
+                                        progress=progress, digests=digests)
     repo = None
     if triton:
         try:

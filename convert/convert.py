@@ -44,7 +44,7 @@ FINGERPRINT = "fingerprint.json"
 
 
 def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
-                parallel: bool = False) -> str:
+                parallel: bool = False, digests=None) -> str:
     source = SourceCheckpoint(model_dir)
     total = sum(nbytes(t.shape, t.dtype) for t in plan)
     tmp = Path(path + ".tmp")
@@ -67,7 +67,8 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
         try:
             # returns before the fsync: rank r+1 is written while rank r is fsynced, and the
             # rename that marks rank r complete follows its fsync (wait_durable)
-            write_file(tmp, plan, produce, on_bytes=on_bytes, then=lambda: os.replace(tmp, path))
+            write_file(tmp, plan, produce, on_bytes=on_bytes, then=lambda: os.replace(tmp, path),
+                       digests=digests)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -131,7 +132,8 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
                        calibrated_model=None, timings: dict | None = None,
                        ranks=None, moe_tp: int | None = None,
                        moe_ep: int | None = None, pad_heads: bool = False,
-                       quant_report: dict | None = None, calibration=None) -> dict:
+                       quant_report: dict | None = None, calibration=None,
+                       digests=None) -> dict:
     """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
 
     ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
@@ -151,7 +153,8 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     ``calibration``: a ``quantize.run.CalibrationRun`` (layer-wise calibration from the
     safetensors: where its store is, reuse, device, text, tokenizer); without one (and without
     ``calibrated_model``) a default one calibrates into a store next to ``out_dir`` that is
-    removed once the checkpoint is written.
+    removed once the checkpoint is written. ``digests``: the run's ``common.digests.Digests``,
+    told the digest of each rank file written in this process (for build.json).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant, moe_tp=moe_tp,
@@ -182,7 +185,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     tmp = _staging_dir(out_dir, fingerprint, calibrated=calibrated, subset=subset, force=force)
     todo = [r for r in wanted if not (tmp / f"rank{r}.safetensors").is_file()]
     _write_staged(model_dir, out_dir, tmp, plans, config, todo=todo, subset=subset,
-                  workers=workers, progress=progress, calibration=calibration)
+                  workers=workers, progress=progress, calibration=calibration, digests=digests)
     return config
 
 
@@ -200,13 +203,13 @@ def _wanted_ranks(ranks, world: int, calibrated_quant) -> tuple[list[int], bool]
 
 
 def _write_staged(model_dir: Path, out_dir: Path, tmp: Path, plans, config: dict, *, todo,
-                  subset: bool, workers: int, progress: bool, calibration) -> None:
+                  subset: bool, workers: int, progress: bool, calibration, digests=None) -> None:
     """Write ranks ``todo`` and config.json into the staging dir ``tmp``; once every rank of the
     world is there, check the files and swap ``tmp`` into ``out_dir``. Interrupted: the finished
     ranks stay in ``tmp`` for a rerun; any other failure removes this run's files."""
     try:
         with interrupt.deferred():
-            _run_ranks(model_dir, plans, tmp, todo, workers, progress)
+            _run_ranks(model_dir, plans, tmp, todo, workers, progress, digests)
         _write_config(tmp, config)
         if not all((tmp / f"rank{r}.safetensors").is_file() for r in range(len(plans))):
             return  # other ranks are still to come (--ranks)
@@ -416,14 +419,15 @@ def _modelopt_tensors(model_dir, shape, quant, config, calibrated_model, progres
     return rank_tensors
 
 
-def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool) -> None:
+def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool,
+               digests=None) -> None:
     jobs = [(str(model_dir), plans[r], str(tmp / f"rank{r}.safetensors"), r, progress)
             for r in todo]
     if workers <= 1 or len(jobs) <= 1:
         try:
             with reusing_buffers():  # one set of staging buffers for every rank
                 for job in jobs:
-                    _write_rank(*job)
+                    _write_rank(*job, digests=digests)  # worker processes: hashed from disk
         except BaseException:
             wait_durable(raise_errors=False)
             raise

@@ -289,7 +289,8 @@ def _check_source_dtype(source: SourceCheckpoint) -> torch.dtype:
     return dtypes.pop().torch  # the source's dtypes are bytes-level (common.dtypes)
 
 
-def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry]) -> None:
+def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry],
+                   digests=None) -> None:
     cache: dict[str, tuple[Tensor, Tensor]] = {}
 
     def produce(e: _Entry):
@@ -303,7 +304,7 @@ def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry]) 
         else:
             yield source.read(e.source)
 
-    write_file(path, entries, produce)
+    write_file(path, entries, produce, digests=digests)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,14 +314,15 @@ def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry]) 
 
 def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None, calib_text=None,
                              tokenizer=None, device="auto", force: bool = False,
-                             progress: bool = True) -> dict | None:
+                             progress: bool = True, digests=None) -> dict | None:
     """Write the unified checkpoint of ``model_dir`` for ``spec`` to ``out_dir``; return its
     hf_quant_config (None when unquantized).
 
     Calibrates with modelopt when ``spec`` needs it (``calibrated_model``: an already calibrated
     model to use instead, e.g. the same one given to modelopt's export in a test or a benchmark).
     Written to ``out_dir.partial`` and renamed when complete; an existing ``out_dir`` needs
-    ``force``. This is the entry point for benchmarks (one call per format).
+    ``force``. This is the entry point for benchmarks (one call per format). ``digests``: the
+    run's ``common.digests.Digests``, told the safetensors file's digest (for build.json).
     """
     check_supported(spec)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -357,7 +359,7 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
     tmp = staged.stage
     try:
         staged.open(None, resume=False)  # a unified checkpoint is written in one go
-        _write_tensors(tmp / SAFETENSORS, source, entries)
+        _write_tensors(tmp / SAFETENSORS, source, entries, digests)
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
         if hf_quant is not None:
             (tmp / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=4))

@@ -159,11 +159,14 @@ def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, mon
     the writer took while writing it (a hash per O_DIRECT staging buffer): it equals BLAKE3 over
     the file's bytes and the file is never read back for it; a file changed afterwards is hashed
     from disk again (the writer's digest is tied to its size and mtime)."""
+    import builders.cli as cli
     import builders.manifest as M
     from builders.cli import main
-    from common import digests
+    from common.digests import Digests
 
     hf_dir, _ = tiny_model()
+    made: list[Digests] = []  # the run's own Digests (real), kept to look into afterwards
+    monkeypatch.setattr(cli, "Digests", lambda: made.append(Digests()) or made[-1])
     read_back = []
     real = M.file_digest
     monkeypatch.setattr(M, "file_digest", lambda p, *a, **k: read_back.append(Path(p).name)
@@ -176,6 +179,7 @@ def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, mon
     for p in ranks:
         assert files[f"checkpoint/{p.name}"]["blake3"] == _b3(p)
         assert files[f"checkpoint/{p.name}"]["size"] == p.stat().st_size
+    digests = made[0]
     if digests.known(ranks[0]) is None:
         pytest.skip(f"{tmp_path} does not take O_DIRECT: rank files go through the page cache")
     assert not [n for n in read_back if n.startswith("rank")], read_back
@@ -184,6 +188,6 @@ def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, mon
     with open(ranks[0], "r+b") as f:  # same size, new bytes: the recorded digest no longer holds
         f.write(b"\0" * 8)
     assert digests.known(ranks[0]) is None
-    write_manifest(out, inputs={}, options={}, stage_timings={})
+    write_manifest(out, inputs={}, options={}, stage_timings={}, digests=digests)
     files = {e["path"]: e for e in json.loads((out / MANIFEST_NAME).read_text())["outputs"]["files"]}
     assert files["checkpoint/rank0.safetensors"]["blake3"] == _b3(ranks[0])
