@@ -18,10 +18,8 @@ import argparse
 import dataclasses
 import datetime as _dt
 import enum
-import importlib.metadata
 import json
 import os
-import platform
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,20 +27,12 @@ from pathlib import Path
 import blake3
 
 from common.digests import Digests
+from common.versions import software_versions
 
 MANIFEST_NAME = "build.json"
 SCHEMA_VERSION = 2  # 2: file digests are BLAKE3 ("blake3"), 1: sha256 ("sha256")
 CHUNK_BYTES = 8 * 2**20
 
-# name in build.json → distribution names to look up (first found wins)
-_VERSIONED = {
-    "torch": ("torch",),
-    "transformers": ("transformers",),
-    "safetensors": ("safetensors",),
-    "modelopt": ("nvidia-modelopt", "nvidia_modelopt"),
-    "tensorrt_llm": ("tensorrt_llm", "tensorrt-llm"),
-    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt_cu12"),
-}
 # files of a HF model directory worth hashing: weights, configs, tokenizer files
 _INPUT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt",
                    ".tiktoken", ".py"}
@@ -65,26 +55,6 @@ def file_digest(path, chunk_size: int = CHUNK_BYTES) -> str:
 def _digest_of(path: Path, digests: Digests | None) -> str:
     """The writer's digest of a file it wrote (unchanged since), else read and hashed."""
     return (digests.known(path) if digests is not None else None) or file_digest(path)
-
-
-def dist_version(*names: str) -> str | None:
-    """The installed version of the first of ``names`` (distribution spellings) found, or None."""
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def software_versions() -> dict:
-    """python and the libraries that shape the outputs; None for what is not installed.
-    Read from package metadata: nothing is imported."""
-    out = {"python": platform.python_version()}
-    for key, names in _VERSIONED.items():
-        out[key] = dist_version(*names)
-    out["trtllm_engine_builder"] = dist_version("trtllm-engine-builder")
-    return out
 
 
 def _jsonable(value):

@@ -51,6 +51,7 @@ import torch
 
 from common.staged import StagedOutput
 from common.errors import UserError
+from common.versions import dist_version
 from .source import SourceCheckpoint
 from .writer import write_file
 
@@ -119,13 +120,9 @@ def check_supported(spec) -> None:
 
 
 def _producer() -> dict:
-    try:
-        from importlib.metadata import version
-
-        v = version("nvidia-modelopt")
-    except Exception:  # not installed: the format version we reproduce
-        v = MODELOPT_FORMAT_VERSION
-    return {"name": "modelopt", "version": v}
+    # not installed: the format version we reproduce
+    return {"name": "modelopt",
+            "version": dist_version("nvidia-modelopt") or MODELOPT_FORMAT_VERSION}
 
 
 def hf_quant_config(spec) -> dict | None:

@@ -12,7 +12,8 @@ import blake3
 import pytest
 
 from builders.engine import EngineOptions
-from builders.manifest import MANIFEST_NAME, file_digest, software_versions, write_manifest
+from builders.manifest import MANIFEST_NAME, file_digest, write_manifest
+from common.versions import software_versions
 
 # BLAKE3 of no bytes: the reference test vector (BLAKE3 spec, test_vectors.json, input_len 0),
 # what `b3sum` prints for an empty file
