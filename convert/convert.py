@@ -132,8 +132,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
                        calibrated_model=None, timings: dict | None = None,
                        ranks=None, moe_tp: int | None = None,
                        moe_ep: int | None = None, pad_heads: bool = False,
-                       quant_report: dict | None = None, calibration=None,
-                       digests=None) -> dict:
+                       quant_report: dict | None = None, calibration=None, digests=None) -> dict:
     """Write the TRT-LLM checkpoint of ``model_dir`` to ``out_dir``; return its config.
 
     ``quant``: a ``quantize.formats.QuantSpec``. Weight-only formats stream the float weights
@@ -153,8 +152,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     ``calibration``: a ``quantize.run.CalibrationRun`` (layer-wise calibration from the
     safetensors: where its store is, reuse, device, text, tokenizer); without one (and without
     ``calibrated_model``) a default one calibrates into a store next to ``out_dir`` that is
-    removed once the checkpoint is written. ``digests``: the run's ``common.digests.Digests``,
-    told the digest of each rank file written in this process (for build.json).
+    removed once the checkpoint is written. ``digests``: the run's ``common.digests.Digests``.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     hf, shape = preflight_conversion(model_dir, tp=tp, pp=pp, quant=quant, moe_tp=moe_tp,
