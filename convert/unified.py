@@ -318,7 +318,7 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
     Calibrates with modelopt when ``spec`` needs it (``calibrated_model``: an already calibrated
     model to use instead, e.g. the same one given to modelopt's export in a test or a benchmark).
     Written to ``out_dir.partial`` and renamed when complete; an existing ``out_dir`` needs
-    ``force``. The entry point for benchmarks (one call per format). ``digests``: the run's.
+    ``force``. Entry point for benchmarks (one call per format). ``digests``: the run's Digests.
     """
     check_supported(spec)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
