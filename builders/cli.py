@@ -45,5 +45,6 @@ def run(args) -> int:
     if result.manifest:
         engines = {} if result.engines is None else {"engines": result.engines}
         write_manifest(plan.out, inputs=result.inputs, options={**plan.options, **result.extra},
-                       stage_timings=result.timings, layout=result.layout, **engines)
+                       stage_timings=result.timings, layout=result.layout,
+                       digests=result.digests, **engines)
     return result.exit_code

@@ -48,6 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all ranks)")
     g.add_argument("--force", action="store_true", help="replace existing outputs")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_stage_arguments(p)
+    # engine_options, not builders.engine: a --checkpoint-only run never loads the engine stage
+    from builders.engine_options import add_engine_arguments
+    from builders.triton import add_triton_arguments
+
+    from quantize.formats import add_quant_arguments
+
+    add_quant_arguments(p)
+    add_engine_arguments(p)
+    p.set_defaults(build_workers=None)  # None: follow --workers (trtllm-build's --workers)
+    add_triton_arguments(p)
+    return p
+
+
+def _add_stage_arguments(p: argparse.ArgumentParser) -> None:
+    """Which target, where to stop, and the checks after conversion."""
     s = p.add_argument_group("stages")
     s.add_argument("--target", choices=["engine", "pytorch"], default="engine",
                    help="engine (default): TRT-LLM checkpoint + engines (TensorRT-LLM <= 1.2.x); "
@@ -62,17 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after conversion, print the perplexity of the checkpoint (CPU reference "
                         "reader) and of the HF model on this text file (first 4096 tokens, "
                         "windows of 256)")
-    # engine_options, not builders.engine: a --checkpoint-only run never loads the engine stage
-    from builders.engine_options import add_engine_arguments
-    from builders.triton import add_triton_arguments
-
-    from quantize.formats import add_quant_arguments
-
-    add_quant_arguments(p)
-    add_engine_arguments(p)
-    p.set_defaults(build_workers=None)  # None: follow --workers (trtllm-build's --workers)
-    add_triton_arguments(p)
-    return p
 
 
 def defaults_from_other_flags(args) -> None:

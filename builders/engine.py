@@ -48,13 +48,10 @@ incomplete checkpoint, an invalid option value or rank range, an existing ``engi
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import json
 import os
 import queue
-import re
 import shutil
-import socket
 import threading
 import time
 import traceback
@@ -71,15 +68,14 @@ from builders.engine_options import (BUILD_KEYS, KV_CACHE_TYPES, OPTION_SPECS,  
                                      deduced_max_seq_len, effective_lengths,
                                      engine_command_hint, options_from_args, parse_ranks,
                                      trtllm_build_args)
-from common.atomic import swap_into_place
+from builders.engine_stage import (complete, engines_stage, fingerprint, host_gpu, land,
+                                   prepare_stage, promote, read_records)
 from common.errors import UserError
+from common.staged import StagedOutput
 
 BUILT, NOT_BUILT, FAILED = "built", "not_built", "failed"
 EXIT_BUILT, EXIT_NOT_BUILT, EXIT_BUILD_FAILED = 0, 3, 4
 LOG_TAIL_LINES = 25
-FINGERPRINT = ".fingerprint.json"
-_RANK_FILE = re.compile(r"rank(\d+)[._]")  # rank{r}.engine, rank{r}_managed_weights.safetensors
-RANK_RECORDS = ".ranks"
 
 
 @dataclass
@@ -170,76 +166,6 @@ def _check_options_against_checkpoint(opts: EngineOptions, config: dict) -> None
                             f"quant_algo is {quant}")
 
 
-def _fingerprint(checkpoint_dir: Path, args: dict) -> dict:
-    h = hashlib.sha256((Path(checkpoint_dir) / "config.json").read_bytes())
-    h.update(json.dumps(args, sort_keys=True).encode())
-    return {"sha256": h.hexdigest()}
-
-
-def _gpu_label(gpu: dict) -> str:
-    return f"{gpu['name']} (compute capability {gpu['compute_capability']})"
-
-
-def _same_gpu(a: dict | None, b: dict | None) -> bool:
-    return a is None or b is None or (a["name"], a["compute_capability"]) == \
-        (b["name"], b["compute_capability"])
-
-
-def _host_gpu(backend: Backend, devices: list[str]) -> dict | None:
-    """The GPU type this run builds on; a host mixing GPU types in one run is refused."""
-    gpus = {d: backend.gpu(d) for d in devices}
-    known = [(d, g) for d, g in gpus.items() if g is not None]
-    for d, g in known[1:]:
-        if not _same_gpu(known[0][1], g):
-            raise UserError(f"GPU {known[0][0]} is {_gpu_label(known[0][1])} but GPU {d} is "
-                            f"{_gpu_label(g)}: the engines of one model must be built on one GPU "
-                            f"type; set CUDA_VISIBLE_DEVICES to GPUs of the same type")
-    return known[0][1] if known else None
-
-
-def _read_records(stage: Path) -> dict:
-    out = {}
-    for p in sorted((stage / RANK_RECORDS).glob("rank*.json")):
-        try:
-            rec = json.loads(p.read_text(encoding="utf-8"))
-            out[int(rec["rank"])] = rec
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return out
-
-
-def _prepare_stage(stage: Path, engines_dir: Path, fingerprint: dict, gpu: dict | None,
-                   subset: bool, force: bool) -> None:
-    """Make ``engines.partial`` ready for this run's ranks: a full run starts it afresh; a rank
-    subset joins it if it holds ranks of the same inputs built on the same GPU type."""
-    if not subset or (force and not _read_records(stage)):
-        _rmtree(stage)
-    elif stage.exists():
-        fp = stage / FINGERPRINT
-        try:
-            old = json.loads(fp.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = None
-        if old != fingerprint:
-            if not force:
-                raise UserError(f"{stage} holds ranks built from another checkpoint or with other "
-                                f"engine options; use the same ones, or pass --force to discard "
-                                f"them")
-            _rmtree(stage)
-        else:
-            for r, rec in sorted(_read_records(stage).items()):
-                if not _same_gpu(rec.get("gpu"), gpu):
-                    raise UserError(
-                        f"{stage / f'rank{r}.engine'} was built on {_gpu_label(rec['gpu'])} "
-                        f"(host {rec.get('host')}) but this host's GPU is {_gpu_label(gpu)}: "
-                        f"TensorRT engines run only on the GPU type they were built for "
-                        f"(NVIDIA/TensorRT-LLM#222); build these ranks on a host with that GPU, "
-                        f"or rebuild every rank here with --force")
-    (stage / "logs").mkdir(parents=True, exist_ok=True)
-    (stage / RANK_RECORDS).mkdir(exist_ok=True)
-    (stage / FINGERPRINT).write_text(json.dumps(fingerprint), encoding="utf-8")
-
-
 def _tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
     if path is None or not Path(path).is_file():
         return "(no log)"
@@ -318,31 +244,31 @@ def _run_ranks(backend: Backend, checkpoint_dir: Path, work: Path, args: dict, t
     return [builds[r] for r in todo]
 
 
-def _land(work: Path, stage: Path, ranks: list[RankBuild], version: str | None) -> None:
-    """Move this run's finished ranks (engines, rank 0's config.json, logs) into the stage and
-    record where each was built; each file is one rename."""
-    host = socket.gethostname()
-    for rb in ranks:
-        names = [p.name for p in work.iterdir() if p.is_file() and (
-            _RANK_FILE.match(p.name) and _RANK_FILE.match(p.name).group(1) == str(rb.rank)
-            or rb.rank == 0 and not _RANK_FILE.match(p.name))]  # rank 0: config.json & co
-        for name in names:
-            os.replace(work / name, stage / name)
-        os.replace(rb.log, stage / "logs" / rb.log.name)
-        rb.log = stage / "logs" / rb.log.name
-        record = {"rank": rb.rank, "host": host, "device": rb.device, "gpu": rb.gpu,
-                  "tensorrt_llm": version}
-        tmp = stage / RANK_RECORDS / f".rank{rb.rank}.json.tmp"
-        tmp.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, stage / RANK_RECORDS / f"rank{rb.rank}.json")
-
-
-def _complete(stage: Path, world: int) -> bool:
-    return (stage / "config.json").is_file() and all(
-        (stage / f"rank{r}.engine").is_file() for r in range(world))
-
-
 # --- the stage ---------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """What one call of :func:`build_engines` settled before building: its ranks of the world,
+    the stage it shares, the finish-on-a-GPU-host command, the TensorRT-LLM found."""
+    staged: StagedOutput
+    todo: list[int]
+    world: int
+    force: bool
+    hint: str
+    avail: Availability
+    lengths: dict
+    t0: float
+    device_ids: list[str] = field(default_factory=list)
+
+    @property
+    def subset(self) -> bool:
+        return len(self.todo) < self.world
+
+    @property
+    def failed_logs(self) -> Path:
+        dest = self.staged.dest
+        return dest.with_name(dest.name + ".failed-logs")
+
 
 def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend | None = None,
                   force: bool = False, progress=None, hint_flags=(), ranks=None
@@ -362,90 +288,69 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
     todo = parse_ranks(ranks, world) if ranks is None or isinstance(ranks, str) else \
         parse_ranks(f"{min(ranks)}-{max(ranks)}", world)
     read_checkpoint_layout(checkpoint_dir, ranks=todo)
-    subset = len(todo) < world
     _check_options_against_checkpoint(opts, config)
     lengths = effective_lengths(opts, config)
-    if subset:
+    if len(todo) < world:
         hint_flags = tuple(hint_flags) + ("--ranks", f"{todo[0]}-{todo[-1]}")
     hint = engine_command_hint(checkpoint_dir, engines_dir.parent, opts, hint_flags)
     backend = backend if backend is not None else TrtllmBackend()
-
-    avail = check_trtllm(backend)
-    if not avail.ok:
-        reason = " ".join(avail.reason.split())  # one line, whatever an import error printed
+    run = _Run(engines_stage(engines_dir), todo, world, force, hint, check_trtllm(backend),
+               lengths, t0)
+    if not run.avail.ok:
+        reason = " ".join(run.avail.reason.split())  # one line, whatever an import error printed
         msg = f"Engines were not built because {reason}; to build them on a GPU host run: {hint}"
-        return EngineBuildResult(NOT_BUILT, msg, hint, trtllm_version=avail.version,
+        return EngineBuildResult(NOT_BUILT, msg, hint, trtllm_version=run.avail.version,
                                  seconds=time.perf_counter() - t0, world_size=world,
-                                 lengths=lengths)
-
+                                 lengths=run.lengths)
     if engines_dir.exists() and not force:
         raise UserError(f"{engines_dir} already exists; pass --force to replace it")
-    stage = engines_dir.with_name(engines_dir.name + ".partial")
-    failed_logs = engines_dir.with_name(engines_dir.name + ".failed-logs")
-    device_ids = visible_device_ids(max(1, min(opts.build_workers, len(todo), avail.gpus))) \
-        or ["0"]
-    gpu = _host_gpu(backend, device_ids)
+    run.device_ids = visible_device_ids(max(1, min(opts.build_workers, len(todo),
+                                                   run.avail.gpus))) or ["0"]
+    gpu = host_gpu(backend, run.device_ids)
     args = trtllm_build_args(opts)
-    _prepare_stage(stage, engines_dir, _fingerprint(checkpoint_dir, args), gpu, subset, force)
-    if force and subset:
+    prepare_stage(run.staged, fingerprint(checkpoint_dir, args), gpu, run.subset, force)
+    if force and run.subset:
         _rmtree(engines_dir)  # a full run replaces it only once complete (swap_into_place)
     # this run's private directory: TensorRT-LLM writes here, finished ranks are then moved
-    work = stage / f".run-{todo[0]}-{todo[-1]}-{os.getpid()}"
+    work = run.staged.stage / f".run-{todo[0]}-{todo[-1]}-{os.getpid()}"
     _rmtree(work)
     (work / "logs").mkdir(parents=True)
     try:
-        builds = _run_ranks(backend, checkpoint_dir, work, args, todo, device_ids, gpu, progress)
+        builds = _run_ranks(backend, checkpoint_dir, work, args, todo, run.device_ids, gpu,
+                            progress)
     except BaseException:
-        _rmtree(work)
+        run.staged.discard([work.name])
         raise
-
     if any(rb.status != "built" for rb in builds):
-        return _failed(builds, work, stage, engines_dir, failed_logs, force, subset, hint, avail,
-                       world, t0)
-    _land(work, stage, builds, avail.version)
-    _rmtree(work)
-    records = _read_records(stage)
-    complete = _complete(stage, world) and _promote(stage, engines_dir, world)
-    if complete:
+        return _failed(run, builds, work)
+    return _landed(run, builds, work)
+
+
+def _landed(run: _Run, builds: list[RankBuild], work: Path) -> EngineBuildResult:
+    """Move the built ranks into the stage; promote it when it holds every rank."""
+    stage, engines_dir, todo, world = run.staged.stage, run.staged.dest, run.todo, run.world
+    land(work, stage, builds, run.avail.version)
+    run.staged.discard([work.name])
+    records = read_records(stage)
+    done = complete(stage, world) and promote(run.staged, world)
+    if done:
         for rb in builds:
             rb.log = engines_dir / "logs" / rb.log.name
-    _rmtree(failed_logs)
-    seconds = time.perf_counter() - t0
-    which = f"rank(s) {todo[0]}-{todo[-1]} of {world}" if subset else f"{world} rank(s)"
-    if complete:
-        msg = (f"{engines_dir} ({which}, TensorRT-LLM {avail.version}, "
-               f"{len(device_ids)} in parallel) in {seconds:.1f}s")
+    _rmtree(run.failed_logs)
+    seconds = time.perf_counter() - run.t0
+    which = f"rank(s) {todo[0]}-{todo[-1]} of {world}" if run.subset else f"{world} rank(s)"
+    if done:
+        msg = (f"{engines_dir} ({which}, TensorRT-LLM {run.avail.version}, "
+               f"{len(run.device_ids)} in parallel) in {seconds:.1f}s")
     else:
         missing = [r for r in range(world) if r not in records]
         msg = (f"{which} built into {stage} in {seconds:.1f}s; {engines_dir} appears "
                f"when the other ranks are built there too (missing: {_ranges(missing)})")
-    return EngineBuildResult(BUILT, msg, hint, engines_dir=engines_dir if complete else None,
-                             logs_dir=(engines_dir if complete else stage) / "logs",
-                             trtllm_version=avail.version, ranks=builds, seconds=seconds,
-                             complete=complete, world_size=world, built_on=records,
-                             lengths=lengths)
-
-
-def _promote(stage: Path, engines_dir: Path, world: int, wait_s: float = 120.0) -> bool:
-    """Rename the complete stage to ``engines_dir`` (replacing an old one only now). Two runs
-    landing their last ranks at once: the one that creates ``engines.lock`` renames, the other
-    waits for the result."""
-    lock = engines_dir.with_name(engines_dir.name + ".lock")
-    try:
-        lock.mkdir()
-    except FileExistsError:
-        deadline = time.monotonic() + wait_s
-        while lock.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return _complete(engines_dir, world)
-    try:
-        if not stage.is_dir():  # promoted by a run that took the lock just before us
-            return _complete(engines_dir, world)
-        (stage / FINGERPRINT).unlink(missing_ok=True)
-        swap_into_place(stage, engines_dir)
-        return True
-    finally:
-        lock.rmdir()
+    return EngineBuildResult(BUILT, msg, run.hint, engines_dir=engines_dir if done else None,
+                             logs_dir=(engines_dir if done else stage) / "logs",
+                             trtllm_version=run.avail.version, ranks=builds, seconds=seconds,
+                             complete=done, world_size=world, built_on=records,
+                             lengths=run.lengths)
 
 
 def _ranges(ranks: list[int]) -> str:
@@ -459,14 +364,14 @@ def _ranges(ranks: list[int]) -> str:
     return ", ".join(out)
 
 
-def _failed(builds, work, stage, engines_dir, failed_logs, force, subset, hint, avail, world,
-            t0) -> EngineBuildResult:
+def _failed(run: _Run, builds: list[RankBuild], work: Path) -> EngineBuildResult:
+    """This run's engines go, its logs are kept in ``engines.failed-logs``; the ranks other runs
+    put in the stage stay."""
+    failed_logs, engines_dir = run.failed_logs, run.staged.dest
     _rmtree(failed_logs)
     os.replace(work / "logs", failed_logs)
-    _rmtree(work)
-    if not subset:
-        _rmtree(stage)
-    if force:
+    run.staged.discard([work.name] if run.subset else None)
+    if run.force:
         _rmtree(engines_dir)
     for rb in builds:
         rb.log = failed_logs / rb.log.name
@@ -479,6 +384,7 @@ def _failed(builds, work, stage, engines_dir, failed_logs, force, subset, hint, 
            f"logs are in {failed_logs}"
            + (f"; ranks {others} failed too" if others else "")
            + f". Last lines of {first.log}:\n{tail}")
-    return EngineBuildResult(FAILED, msg, hint, logs_dir=failed_logs,
-                             trtllm_version=avail.version, ranks=builds,
-                             seconds=time.perf_counter() - t0, log_tail=tail, world_size=world)
+    return EngineBuildResult(FAILED, msg, run.hint, logs_dir=failed_logs,
+                             trtllm_version=run.avail.version, ranks=builds,
+                             seconds=time.perf_counter() - run.t0, log_tail=tail,
+                             world_size=run.world)

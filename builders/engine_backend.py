@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from builders.manifest import dist_version
+from common.versions import dist_version
 
 # The releases whose engine-building API was read (README, "TensorRT-LLM calls"): the 1.0/1.1
 # sources (dataclass BuildConfig.from_dict) and 1.2 (pydantic BuildConfig, NVIDIA/TensorRT-LLM

@@ -4,8 +4,9 @@ and every file that came out (BLAKE3 digest + size).
 File digests are BLAKE3 (``"blake3": hex``, what ``b3sum FILE`` prints; schema 2, which replaced
 schema 1's sha256): hashing every input and output file with sha256 was the CPU bottleneck of
 the float conversion, and one core hashes BLAKE3 ~3x faster. Output files the converter wrote in
-this process carry the digest its writer took while writing them (``common.digests``: same
-inode, size and mtime), so they are not read back; other files are hashed in fixed-size chunks
+this run carry the digest its writer took while writing them (the run's
+``common.digests.Digests``, handed to :func:`write_manifest`: same inode, size and mtime), so
+they are not read back; other files are hashed in fixed-size chunks
 (files can be many GB). Keys are written sorted and
 lists are in a fixed order (files sorted by path), so two builds with the same inputs, options
 and outputs differ only in timings and the creation time. The file is written to a temporary
@@ -17,29 +18,21 @@ import argparse
 import dataclasses
 import datetime as _dt
 import enum
-import importlib.metadata
 import json
 import os
-import platform
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import blake3
 
+from common.digests import Digests
+from common.versions import software_versions
+
 MANIFEST_NAME = "build.json"
 SCHEMA_VERSION = 2  # 2: file digests are BLAKE3 ("blake3"), 1: sha256 ("sha256")
 CHUNK_BYTES = 8 * 2**20
 
-# name in build.json → distribution names to look up (first found wins)
-_VERSIONED = {
-    "torch": ("torch",),
-    "transformers": ("transformers",),
-    "safetensors": ("safetensors",),
-    "modelopt": ("nvidia-modelopt", "nvidia_modelopt"),
-    "tensorrt_llm": ("tensorrt_llm", "tensorrt-llm"),
-    "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt_cu12"),
-}
 # files of a HF model directory worth hashing: weights, configs, tokenizer files
 _INPUT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model", ".txt",
                    ".tiktoken", ".py"}
@@ -59,31 +52,9 @@ def file_digest(path, chunk_size: int = CHUNK_BYTES) -> str:
     return h.hexdigest()
 
 
-def _digest_of(path: Path) -> str:
+def _digest_of(path: Path, digests: Digests | None) -> str:
     """The writer's digest of a file it wrote (unchanged since), else read and hashed."""
-    from common.digests import known
-
-    return known(path) or file_digest(path)
-
-
-def dist_version(*names: str) -> str | None:
-    """The installed version of the first of ``names`` (distribution spellings) found, or None."""
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def software_versions() -> dict:
-    """python and the libraries that shape the outputs; None for what is not installed.
-    Read from package metadata: nothing is imported."""
-    out = {"python": platform.python_version()}
-    for key, names in _VERSIONED.items():
-        out[key] = dist_version(*names)
-    out["trtllm_engine_builder"] = dist_version("trtllm-engine-builder")
-    return out
+    return (digests.known(path) if digests is not None else None) or file_digest(path)
 
 
 def _jsonable(value):
@@ -112,7 +83,7 @@ def _hash_threads() -> int:
 
 def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
                   suffixes: set[str] | None = None, recursive: bool = True,
-                  threads: int | None = None) -> list[dict]:
+                  threads: int | None = None, digests: Digests | None = None) -> list[dict]:
     """Path, size and BLAKE3 digest of the files under ``root``, sorted by path. Files are hashed
     in parallel threads (blake3 releases the GIL on large buffers: ~5 GB/s per core here;
     ``threads``: how many, default one per core up to 4)."""
@@ -131,9 +102,9 @@ def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
     # biggest first, so one large file does not start last
     chosen.sort(key=lambda item: -item[1].stat().st_size)
     with ThreadPoolExecutor(max_workers=threads or _hash_threads()) as pool:
-        digests = list(pool.map(lambda item: _digest_of(item[1]), chosen))
+        hexes = list(pool.map(lambda item: _digest_of(item[1], digests), chosen))
     entries = [{"path": rel, "size": p.stat().st_size, "blake3": d}
-               for (rel, p), d in zip(chosen, digests)]
+               for (rel, p), d in zip(chosen, hexes)]
     return sorted(entries, key=lambda e: e["path"])
 
 
@@ -180,7 +151,7 @@ def describe_inputs(inputs: dict, threads: int | None = None) -> dict:
 
 def build_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, stage_timings: dict,
                    outputs_root=None, engines: dict | None = None,
-                   layout: dict | None = None) -> dict:
+                   layout: dict | None = None, digests: Digests | None = None) -> dict:
     """The manifest as a dict (what :func:`write_manifest` writes)."""
     output_dir = Path(output_dir)
     outputs_root = Path(outputs_root) if outputs_root is not None else output_dir
@@ -196,7 +167,7 @@ def build_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
         "stage_timings_s": timings,
         "outputs": {
             "root": str(outputs_root.resolve()),
-            "files": _file_entries(outputs_root, exclude={manifest_path}),
+            "files": _file_entries(outputs_root, exclude={manifest_path}, digests=digests),
         },
     }
     if engines is not None:
@@ -208,7 +179,7 @@ def build_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
 
 def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, stage_timings: dict,
                    outputs_root=None, engines: dict | None = None,
-                   layout: dict | None = None) -> Path:
+                   layout: dict | None = None, digests: Digests | None = None) -> Path:
     """Write ``output_dir/build.json`` and return its path.
 
     inputs: e.g. ``{"model_dir": DIR, "model": "smollm2"}`` — ``model_dir`` is expanded into
@@ -221,11 +192,13 @@ def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
         the world is complete), written as ``engines``.
     layout: how the model was laid out beyond the options, e.g. ``{"head_padding": {...}}``
         (``convert.heads.HeadPadding.as_dict``: head counts and the extra cost), or ``None``.
+    digests: the run's :class:`common.digests.Digests`, which its writers filled: those files
+        are not read back.
     """
     output_dir = Path(output_dir)
     manifest = build_manifest(output_dir, inputs=inputs, options=options,
                               stage_timings=stage_timings, outputs_root=outputs_root,
-                              engines=engines, layout=layout)
+                              engines=engines, layout=layout, digests=digests)
     path = output_dir / MANIFEST_NAME
     tmp = path.with_name(f".{MANIFEST_NAME}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")

@@ -56,7 +56,7 @@ def preflight(model, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_options=
 def build_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
                          triton_options=None, triton: bool = True, force: bool = False,
                          calibrated_model=None, calib_text=None, tokenizer=None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, digests=None) -> dict:
     """``preflight``, then ``write_pytorch_target`` (the library entry; build_engine's plan runs
     the preflight itself, once)."""
     from model.source import ModelSource
@@ -67,17 +67,18 @@ def build_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
     return write_pytorch_target(model.directory, out_dir, spec, tp=tp, pp=pp,
                                 triton_options=triton_options, triton=triton, force=force,
                                 calibrated_model=calibrated_model, calib_text=calib_text,
-                                tokenizer=tokenizer, progress=progress)
+                                tokenizer=tokenizer, progress=progress, digests=digests)
 
 
 def write_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
                          triton_options=None, triton: bool = True, force: bool = False,
                          calibrated_model=None, calib_text=None, tokenizer=None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, digests=None) -> dict:
     """Write ``out_dir/hf_quantized`` (and ``out_dir/triton`` unless ``triton`` is False).
 
     Returns {"checkpoint": Path, "triton": Path | None, "hf_quant_config": dict | None}.
-    ``calibrated_model``/``calib_text``/``tokenizer``: see convert.unified.write_unified_checkpoint.
+    ``calibrated_model``/``calib_text``/``tokenizer``/``digests``: see
+    convert.unified.write_unified_checkpoint.
     """
     from builders.triton import validate_repo, write_llmapi_repo
     from convert.unified import write_unified_checkpoint
@@ -86,7 +87,7 @@ def write_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
     ckpt = out_dir / CHECKPOINT_DIR
     hf_quant = write_unified_checkpoint(model_dir, ckpt, spec, calibrated_model=calibrated_model,
                                         calib_text=calib_text, tokenizer=tokenizer, force=force,
-                                        progress=progress)
+                                        progress=progress, digests=digests)
     repo = None
     if triton:
         try:

@@ -149,11 +149,11 @@ def _with_zero_columns(source, piece, dtype, max_bytes):
                         dim=1)
 
 
-def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
-    """Chunks of a piece whose index is (rows[, columns of a 2-D tensor]); None otherwise."""
+def _row_window(source, piece, start, rest):
+    """How a piece reads whole source rows: (the source's shape, the kept columns ``(c0, c1)`` or
+    None for all, elements per source row); None when its index is not (rows[, columns of a 2-D
+    tensor]) or falls outside the source."""
     full = tuple(source.shape(piece.source))
-    src_dtype = source.dtype(piece.source)
-    rows = piece.shape[0]
     pad = getattr(piece, "pad_cols", 0)
     if not full or len(rest) > 1 or (rest and len(full) != 2) or (pad and len(full) != 2):
         return None
@@ -173,8 +173,20 @@ def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
     src_row = 1
     for d in full[1:]:
         src_row *= d
-    if start < 0 or start + rows > full[0]:
+    if start < 0 or start + piece.shape[0] > full[0]:
         return None
+    return full, cols, src_row
+
+
+def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
+    """Chunks of a piece whose index is (rows[, columns of a 2-D tensor]); None otherwise."""
+    window = _row_window(source, piece, start, rest)
+    if window is None:
+        return None
+    full, cols, src_row = window
+    src_dtype = source.dtype(piece.source)
+    rows = piece.shape[0]
+    pad = getattr(piece, "pad_cols", 0)
     if rows == 0:
         return iter(())
     same = src_dtype == dtype

@@ -30,9 +30,9 @@ from tqdm import tqdm
 from common.fileio import reusing_buffers
 
 from common import interrupt
-from common.atomic import swap_into_place
 from common.errors import UserError
 from common.interrupt import Interrupted
+from common.staged import StagedOutput
 from .hf_config import from_hugging_face
 from .plan import OutputTensor, rank_plan
 from .source import SourceCheckpoint
@@ -42,7 +42,7 @@ FINGERPRINT = "fingerprint.json"
 
 
 def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
-                parallel: bool = False) -> str:
+                parallel: bool = False, digests=None) -> str:
     source = SourceCheckpoint(model_dir)
     total = sum(nbytes(t.shape, t.dtype) for t in plan)
     tmp = Path(path + ".tmp")
@@ -65,7 +65,8 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
         try:
             # returns before the fsync: rank r+1 is written while rank r is fsynced, and the
             # rename that marks rank r complete follows its fsync (wait_durable)
-            write_file(tmp, plan, produce, on_bytes=on_bytes, then=lambda: os.replace(tmp, path))
+            write_file(tmp, plan, produce, on_bytes=on_bytes, then=lambda: os.replace(tmp, path),
+                       digests=digests)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -138,11 +139,12 @@ def plan_checkpoint(model, out_dir, shape, *, tp: int = 1, pp: int = 1, dtype: s
 
 def write_checkpoint(plan: CheckpointPlan, *, ranks=None, workers: int = 1, force: bool = False,
                      progress: bool = True, calibrated: str | None = None, options: str = "",
-                     on_complete=None) -> dict:
+                     on_complete=None, digests=None) -> dict:
     """Write ``plan`` (see the module docstring for staging, resume and ``ranks``); return its
     config. ``calibrated``: the name of the calibrated format whose tensors the plan holds (never
     resumed, never split over runs), else None. ``options``: what else decides the bytes, for the
-    resume fingerprint. ``on_complete``: called once the checkpoint is in place."""
+    resume fingerprint. ``on_complete``: called once the checkpoint is in place. ``digests``: the
+    run's ``common.digests.Digests``, told each rank file's digest as it is written."""
     world = len(plan.plans)
     wanted, subset = wanted_ranks(ranks, world, calibrated)
     if subset and force:
@@ -154,16 +156,18 @@ def write_checkpoint(plan: CheckpointPlan, *, ranks=None, workers: int = 1, forc
                        force=force)
     todo = [r for r in wanted if not (tmp / f"rank{r}.safetensors").is_file()]
     _write_staged(plan.model_dir, plan.out_dir, tmp, plan.plans, plan.config, todo=todo,
-                  subset=subset, workers=workers, progress=progress, on_complete=on_complete)
+                  subset=subset, workers=workers, progress=progress, on_complete=on_complete,
+                  digests=digests)
     return plan.config
 
 
 def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True, ranks=None,
                        moe_tp: int | None = None, moe_ep: int | None = None,
-                       pad_heads: bool = False) -> dict:
+                       pad_heads: bool = False, digests=None) -> dict:
     """The float TRT-LLM checkpoint of ``model_dir`` in ``out_dir`` (the library entry without
-    quantization; build_engine's formats go through pipeline.checkpoint); return its config."""
+    quantization; build_engine's formats go through pipeline.checkpoint); return its config.
+    ``digests``: a ``common.digests.Digests`` told each rank file's digest."""
     from model.shape import preflight
     from model.source import ModelSource
 
@@ -175,7 +179,7 @@ def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: s
     cplan = plan_checkpoint(model, out_dir, shape, tp=tp, pp=pp, dtype=dtype, moe=moe,
                             moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads, force=force)
     return write_checkpoint(cplan, ranks=ranks, workers=workers, force=force, progress=progress,
-                            options=repr(None))
+                            options=repr(None), digests=digests)
 
 
 def wanted_ranks(ranks, world: int, calibrated: str | None) -> tuple[list[int], bool]:
@@ -192,63 +196,55 @@ def wanted_ranks(ranks, world: int, calibrated: str | None) -> tuple[list[int], 
 
 
 def _write_staged(model_dir: Path, out_dir: Path, tmp: Path, plans, config: dict, *, todo,
-                  subset: bool, workers: int, progress: bool, on_complete) -> None:
+                  subset: bool, workers: int, progress: bool, on_complete, digests=None) -> None:
     """Write ranks ``todo`` and config.json into the staging dir ``tmp``; once every rank of the
     world is there, check the files and swap ``tmp`` into ``out_dir``. Interrupted: the finished
     ranks stay in ``tmp`` for a rerun; any other failure removes this run's files."""
     try:
         with interrupt.deferred():
-            _run_ranks(model_dir, plans, tmp, todo, workers, progress)
+            _run_ranks(model_dir, plans, tmp, todo, workers, progress, digests)
         _write_config(tmp, config)
         if not all((tmp / f"rank{r}.safetensors").is_file() for r in range(len(plans))):
             return  # other ranks are still to come (--ranks)
         _verify_files(tmp, plans)
-        (tmp / FINGERPRINT).unlink()
-        swap_into_place(tmp, out_dir)  # an existing one only with --force (checked by the caller)
+        _staged(out_dir).promote()  # an existing one only with --force (checked by the caller)
         if on_complete is not None:
             on_complete()
     except (KeyboardInterrupt, Interrupted):
         # only this run's unfinished files: with --ranks, other runs may be writing theirs
-        for leftover in (tmp / f"rank{r}.safetensors.tmp" for r in todo):
-            leftover.unlink(missing_ok=True)
+        _discard(out_dir, todo)
         raise Interrupted(f"interrupted: finished ranks are kept in {tmp}; rerun the same command "
                           f"to finish only the remaining ranks")
     except OSError as e:
-        _discard(tmp, todo if subset else None)
+        _discard(out_dir, todo if subset else None)
         raise UserError(f"cannot write the checkpoint to {out_dir.parent}: {e.strerror or e}; "
                         f"free space or choose another --output")
     except BaseException:
-        _discard(tmp, todo if subset else None)
+        _discard(out_dir, todo if subset else None)
         raise
+
+
+def _staged(out_dir: Path) -> StagedOutput:
+    return StagedOutput(out_dir, record=FINGERPRINT)
 
 
 def _staging_dir(out_dir: Path, fingerprint: dict, *, calibrated: bool, subset: bool,
                  force: bool) -> Path:
     """OUT.partial, holding the fingerprint of what is written into it: ranks of an earlier run
     of the same inputs and options are kept (resume, --ranks), others refused or discarded."""
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    staged = _staged(out_dir)
+    refuse = (f"{staged.stage} holds ranks converted from other inputs or options; rerun with "
+              f"the same ones, or pass --force to discard them") if subset and not force else None
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists() and calibrated:
-            # never resume a calibrated run: calibration on a GPU is not bit-reproducible, and
-            # ranks of two calibrations must not be mixed
-            shutil.rmtree(tmp)
-        if tmp.exists():
-            try:
-                old = json.loads((tmp / FINGERPRINT).read_text())
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old != fingerprint:
-                if subset and not force:
-                    raise UserError(f"{tmp} holds ranks converted from other inputs or options; "
-                                    f"rerun with the same ones, or pass --force to discard them")
-                shutil.rmtree(tmp)
-        tmp.mkdir(exist_ok=True)
-        (tmp / FINGERPRINT).write_text(json.dumps(fingerprint))
+        # never resume a calibrated run: calibration on a GPU is not bit-reproducible, and
+        # ranks of two calibrations must not be mixed
+        staged.open(fingerprint, resume=not calibrated, refuse=refuse)
     except OSError as e:
         raise UserError(f"cannot write to {out_dir.parent}: {e.strerror or e}; "
                         f"choose another --output")
-    return tmp
+    return staged.stage
+
 
 def _write_config(tmp: Path, config: dict) -> None:
     """config.json, written whole under a temporary name (runs for other ranks write the same)."""
@@ -257,23 +253,21 @@ def _write_config(tmp: Path, config: dict) -> None:
     os.replace(part, tmp / "config.json")
 
 
-def _discard(tmp: Path, own_ranks) -> None:
+def _discard(out_dir: Path, own_ranks) -> None:
     """After a failure: the whole work dir, or with --ranks only this run's unfinished files."""
-    if own_ranks is None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    for r in own_ranks:
-        (tmp / f"rank{r}.safetensors.tmp").unlink(missing_ok=True)
+    _staged(out_dir).discard(None if own_ranks is None else
+                             [f"rank{r}.safetensors.tmp" for r in own_ranks])
 
 
-def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool) -> None:
+def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool,
+               digests=None) -> None:
     jobs = [(str(model_dir), plans[r], str(tmp / f"rank{r}.safetensors"), r, progress)
             for r in todo]
     if workers <= 1 or len(jobs) <= 1:
         try:
             with reusing_buffers():  # one set of staging buffers for every rank
                 for job in jobs:
-                    _write_rank(*job)
+                    _write_rank(*job, digests=digests)  # worker processes: hashed from disk
         except BaseException:
             wait_durable(raise_errors=False)
             raise

@@ -49,8 +49,9 @@ from pathlib import Path
 
 import torch
 
-from common.atomic import swap_into_place
+from common.staged import StagedOutput
 from common.errors import UserError
+from common.versions import dist_version
 from model.families import FAMILIES
 
 from .source import SourceCheckpoint
@@ -124,13 +125,9 @@ def check_supported(spec) -> None:
 
 
 def _producer() -> dict:
-    try:
-        from importlib.metadata import version
-
-        v = version("nvidia-modelopt")
-    except Exception:  # not installed: the format version we reproduce
-        v = MODELOPT_FORMAT_VERSION
-    return {"name": "modelopt", "version": v}
+    # not installed: the format version we reproduce
+    return {"name": "modelopt",
+            "version": dist_version("nvidia-modelopt") or MODELOPT_FORMAT_VERSION}
 
 
 def hf_quant_config(spec) -> dict | None:
@@ -294,7 +291,8 @@ def _check_source_dtype(source: SourceCheckpoint) -> torch.dtype:
     return dtypes.pop().torch  # the source's dtypes are bytes-level (common.dtypes)
 
 
-def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry]) -> None:
+def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry],
+                   digests=None) -> None:
     cache: dict[str, tuple[Tensor, Tensor]] = {}
 
     def produce(e: _Entry):
@@ -308,7 +306,7 @@ def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry]) 
         else:
             yield source.read(e.source)
 
-    write_file(path, entries, produce)
+    write_file(path, entries, produce, digests=digests)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,14 +316,14 @@ def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry]) 
 
 def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None, calib_text=None,
                              tokenizer=None, device="auto", force: bool = False,
-                             progress: bool = True) -> dict | None:
+                             progress: bool = True, digests=None) -> dict | None:
     """Write the unified checkpoint of ``model_dir`` for ``spec`` to ``out_dir``; return its
     hf_quant_config (None when unquantized).
 
     Calibrates with modelopt when ``spec`` needs it (``calibrated_model``: an already calibrated
     model to use instead, e.g. the same one given to modelopt's export in a test or a benchmark).
     Written to ``out_dir.partial`` and renamed when complete; an existing ``out_dir`` needs
-    ``force``. This is the entry point for benchmarks (one call per format).
+    ``force``. Entry point for benchmarks (one call per format). ``digests``: the run's Digests.
     """
     check_supported(spec)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -358,23 +356,23 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
     if hf_quant is not None:
         config["quantization_config"] = quantization_config(hf_quant)
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    staged = StagedOutput(out_dir)
+    tmp = staged.stage
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _write_tensors(tmp / SAFETENSORS, source, entries)
+        staged.open(None, resume=False)  # a unified checkpoint is written in one go
+        _write_tensors(tmp / SAFETENSORS, source, entries, digests)
         (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
         if hf_quant is not None:
             (tmp / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=4))
         for f in COPIED_FILES:
             if (model_dir / f).is_file():
                 shutil.copyfile(model_dir / f, tmp / f)
-        swap_into_place(tmp, out_dir)
+        staged.promote()
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}; free space or choose another --output")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
         raise
     finally:
         source.close()

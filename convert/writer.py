@@ -11,7 +11,7 @@ zero padding), see convert.chunks; torch tensors are taken too. Files are writte
 ``O_DIRECT`` (``common.fileio.DirectSink``: spans are ``pread`` into aligned staging buffers that
 two threads write out), which on the VM measured in BENCHMARKS.md is 2-4x faster than going
 through the page cache. Every staging buffer is also fed to a BLAKE3 hash on another thread, and
-the digest is recorded (common.digests) for build.json, which therefore never reads an output
+the digest is recorded in the run's ``common.digests.Digests`` (``write_file(..., digests=)``) for build.json, which therefore never reads an output
 back. Where the file system refuses ``O_DIRECT`` (tmpfs) or ``BUILD_ENGINE_DIRECT_IO=0``, files go
 through the page cache, spans copied file to file by the kernel (``copy_file_range``, as ``cp``
 does; build.json then hashes them).
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import blake3
 
+from common.digests import Digests
 from common.dtypes import as_dtype
 from common.fileio import DirectSink, nbytes, write_all  # noqa: F401 (nbytes re-exported)
 from common.fileio import header_bytes as _header_bytes
 
-from common import digests
 from .chunks import CHUNK_BYTES, ByteChunk, FileSpan, iter_chunks  # noqa: F401 (re-exported)
 
 # Direct I/O: "auto" and "1" (every file, where the file system takes it), "0" (never); the
@@ -136,11 +136,11 @@ _durable: list[cf.Future] = []
 _durable_pool: list[cf.ThreadPoolExecutor] = []
 
 
-def _finish(fd: int, digest: str | None, then) -> None:
+def _finish(fd: int, digest: str | None, digests: Digests | None, then) -> None:
     """fsync, record the digest (the file's final size and mtime are its key), close, then."""
     try:
         os.fsync(fd)
-        if digest is not None:
+        if digest is not None and digests is not None:
             digests.record(fd, digest)
     finally:
         os.close(fd)
@@ -162,7 +162,8 @@ def wait_durable(raise_errors: bool = True) -> None:
         raise first
 
 
-def write_file(path: Path, tensors, produce, on_bytes=None, then=None) -> None:
+def write_file(path: Path, tensors, produce, on_bytes=None, then=None,
+               digests: Digests | None = None) -> None:
     """Write ``tensors`` (with name/shape/dtype, a DType or torch dtype) to ``path``;
     ``produce(t)`` yields t's chunks (torch tensors, or ``FileSpan``s / ``ByteChunk``s written as
     they are).
@@ -171,6 +172,7 @@ def write_file(path: Path, tensors, produce, on_bytes=None, then=None) -> None:
     wrong plan cannot produce a file whose header lies. The file is fsynced before returning; with
     ``then`` (e.g. the rename that marks the file complete), the fsync and then ``then()`` run on
     a thread and this returns at once (``wait_durable()`` waits for them, in order).
+    ``digests``: the run's record of output digests, told this file's when the writer took one.
     """
     header = header_bytes(tensors)
     fd, sink = _open_sink(Path(path))
@@ -206,8 +208,8 @@ def write_file(path: Path, tensors, produce, on_bytes=None, then=None) -> None:
         os.close(fd)
         raise
     if then is None:
-        _finish(fd, sink.digest(), None)
+        _finish(fd, sink.digest(), digests, None)
         return
     if not _durable_pool:
         _durable_pool.append(cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync"))
-    _durable.append(_durable_pool[0].submit(_finish, fd, sink.digest(), then))
+    _durable.append(_durable_pool[0].submit(_finish, fd, sink.digest(), digests, then))

@@ -16,8 +16,9 @@ rope variant.
 """
 from __future__ import annotations
 
-import importlib.metadata
 from types import SimpleNamespace
+
+from common.versions import major_version
 
 _COMMON = dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -46,10 +47,7 @@ _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 
 
 def _transformers_major() -> int | None:
-    try:
-        return int(importlib.metadata.version("transformers").split(".")[0])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return None
+    return major_version("transformers")
 
 
 def normalised_config(raw: dict):

@@ -68,7 +68,7 @@ def quantization_block(quant, shape: Shape) -> dict | None:
 
 def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True, ranks=None,
-                       calibration=None) -> CheckpointResult:
+                       calibration=None, digests=None) -> CheckpointResult:
     """Write the TRT-LLM checkpoint of ``model`` (a ModelSource) to ``out_dir``.
 
     Weight-only formats stream the float weights and only declare ``quant_algo`` (trtllm-build
@@ -76,7 +76,7 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
     ``quantize.run.CalibrationRun``; without one a default one calibrates into a store next to
     ``out_dir`` that is removed once the checkpoint is written) and write the quantized linears.
     ``ranks``: write only these ranks (convert.convert); the checkpoint is in ``out_dir`` once
-    every rank is, else in ``out_dir.partial``."""
+    every rank is, else in ``out_dir.partial``. ``digests``: the run's ``common.digests.Digests``."""
     out_dir = Path(out_dir)
     cplan = plan_checkpoint(model, out_dir, layout.shape, tp=layout.tp, pp=layout.pp, dtype=dtype,
                             moe=layout.moe, moe_tp=layout.moe_tp, moe_ep=layout.moe_ep,
@@ -95,5 +95,6 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
         result = CheckpointResult(cplan.config, done["timings"], done["report"])
         on_complete = calibration.done if calibration is not None else None
     write_checkpoint(cplan, ranks=ranks, workers=workers, force=force, progress=progress,
-                     calibrated=calibrated, options=repr(quant), on_complete=on_complete)
+                     calibrated=calibrated, options=repr(quant), on_complete=on_complete,
+                     digests=digests)
     return result

@@ -42,7 +42,7 @@ def checkpoint_step(plan: BuildPlan, result: BuildResult):
     done = convert_checkpoint(plan.model, plan.out / "checkpoint", plan.layout, quant,
                               dtype=plan.dtype, workers=plan.workers, force=plan.force,
                               progress=plan.progress, ranks=plan.ranks,
-                              calibration=plan.calibration)
+                              calibration=plan.calibration, digests=result.digests)
     result.timings["checkpoint"] = time.perf_counter() - t0
     result.timings.update(done.timings)  # included in "checkpoint"
     _print_calibration(plan, done)

@@ -24,16 +24,17 @@ def run_pytorch_target(plan: BuildPlan) -> BuildResult:
     model_dir, spec = plan.model.directory, plan.quant
     inputs = {"model": plan.options["model"], "model_dir": str(model_dir.resolve())}
     triton = plan.triton_target != "none"
+    result = BuildResult(inputs=inputs)
     t0 = time.perf_counter()
     res = write_pytorch_target(model_dir, plan.out, spec, tp=plan.layout.tp, pp=plan.layout.pp,
                                triton_options=plan.triton_options, triton=triton,
-                               force=plan.force, progress=plan.progress)
-    timings = {"hf_quantized": time.perf_counter() - t0}
+                               force=plan.force, progress=plan.progress, digests=result.digests)
+    timings = result.timings
+    timings["hf_quantized"] = time.perf_counter() - t0
     print(f"hf_quantized: {res['checkpoint']} (modelopt unified checkpoint, {spec.name}) "
           f"in {timings['hf_quantized']:.1f}s")
     if spec.quant_algo == "W8A8_SQ_PER_CHANNEL":
         print(SQ_NOTE, file=sys.stderr)
-    result = BuildResult(inputs=inputs, timings=timings)
     if spec.needs_calibration:  # the quality gate of a calibrated run, on the unified checkpoint
         result.extra["quantization"] = checks.gate_step(plan.out, res["checkpoint"], model_dir,
                                                         spec, plan.tokenizer, timings)

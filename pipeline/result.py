@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.digests import Digests
+
 EXIT_OK, EXIT_MISMATCH, EXIT_NO_ENGINE = 0, 1, 3
 
 
@@ -11,7 +13,8 @@ class BuildResult:
     """``exit_code``: the run's status; ``manifest``: whether build.json is written (not after a
     --verify mismatch); ``inputs``, ``timings``, ``extra`` (build.json "options" beyond the flags:
     the quantization recipe and its gate), ``engines`` (the engine record), ``layout`` (head
-    padding): build.json's fields."""
+    padding): build.json's fields; ``digests``: what the run's writers hashed while writing, so
+    build.json need not read those files back."""
 
     exit_code: int = EXIT_OK
     manifest: bool = True
@@ -20,3 +23,4 @@ class BuildResult:
     extra: dict = field(default_factory=dict)
     engines: dict | None = None
     layout: dict | None = None
+    digests: Digests = field(default_factory=Digests)

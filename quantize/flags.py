@@ -20,6 +20,14 @@ def add_quant_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         "At most one weight format; --kv-cache-dtype combines with any of them (except int8 with "
         "--fp8). SmoothQuant, FP8, AWQ and a quantized KV cache are calibrated with "
         "nvidia-modelopt on --calib-data.")
+    _add_format_flags(g)
+    _add_calibration_flags(g)
+    return g
+
+
+def _add_format_flags(g) -> None:
+    """The weight formats (SmoothQuant with its recipe, FP8, weight-only, AWQ), the KV cache
+    and the quality gate."""
     g.add_argument("--smoothquant", nargs="?", type=_alpha, const="default", default=None,
                    metavar="ALPHA|auto",
                    help="INT8 weights and activations (SmoothQuant). Default recipe: TensorRT-LLM's own "
@@ -54,6 +62,10 @@ def add_quant_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
                         f"(default {DEFAULT_AWQ_GROUP_SIZE}).")
     g.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default=None,
                    help="Quantize the KV cache (calibrated per-layer scales).")
+
+
+def _add_calibration_flags(g) -> None:
+    """What calibration runs on, where, and the store it fills or reuses."""
     g.add_argument("--calib-data", type=Path, default=None, metavar="FILE",
                    help="Plain UTF-8 text used for calibration (default: the shipped "
                         "quantize/data/calib_default.txt, public-domain Shakespeare).")
@@ -74,7 +86,6 @@ def add_quant_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
                         "mixture-of-experts model is calibrated whole).")
     g.add_argument("--calib-batch-size", type=int, default=DEFAULT_CALIB_BATCH_SIZE, metavar="N",
                    help=f"Samples per forward pass during calibration (default {DEFAULT_CALIB_BATCH_SIZE}).")
-    return g
 
 
 def _alpha(text: str) -> float | str:

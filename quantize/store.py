@@ -20,13 +20,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from common.errors import UserError
+from common.staged import StagedOutput
 
 from .direct_save import save
 
@@ -65,31 +65,27 @@ def recipe(spec) -> dict:
             "modelopt_config": None if spec.is_max_calibrated else repr(spec.modelopt_config())}
 
 
+def _staged(store: Path) -> StagedOutput:
+    """The store as a staged output used in place (it is reused by path, never promoted): its
+    fingerprint and format version are keys of its manifest."""
+    return StagedOutput(store, stage=store, record=MANIFEST, keys=("version", "fingerprint"),
+                        dump=lambda data: json.dumps(data, indent=2) + "\n")
+
+
 def read_manifest(store: Path) -> dict | None:
-    try:
-        return json.loads((store / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    return _staged(store).read_record()
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+def _write_manifest(store: Path, man: dict) -> None:
+    _staged(store).write_record(man)
 
 
 def begin(store: Path, fp: dict) -> dict:
     """The manifest to continue from: the existing one when its fingerprint is ``fp`` (resume, or
     complete), else a fresh, empty store."""
-    old = read_manifest(store)
-    if old is not None and old.get("version") == VERSION and old.get("fingerprint") == fp:
-        return old
-    if store.exists():
-        shutil.rmtree(store)
-    store.mkdir(parents=True)
-    man = {"version": VERSION, "fingerprint": fp, "layers_done": 0, "complete": False}
-    _write_json(store / MANIFEST, man)
-    return man
+    staged, key = _staged(store), {"version": VERSION, "fingerprint": fp}
+    man = {**key, "layers_done": 0, "complete": False}
+    return staged.read_record() if staged.open(key, record=man) else man
 
 
 def check_reusable(store: Path, fp: dict) -> dict:
@@ -141,7 +137,7 @@ def finish_layer(store: Path, i: int, state: dict, next_inputs) -> None:
         os.replace(tmp, ipath)
     man = read_manifest(store)
     man["layers_done"] = i + 1
-    _write_json(store / MANIFEST, man)
+    _write_manifest(store, man)
     _inputs_file(store, i).unlink(missing_ok=True)
 
 
@@ -164,7 +160,7 @@ def complete(store: Path, num_layers: int, seconds: float) -> dict:
     man.update(complete=True, num_layers=num_layers, seconds=round(seconds, 3))
     for p in store.glob("inputs_*.safetensors"):
         p.unlink()
-    _write_json(store / MANIFEST, man)
+    _write_manifest(store, man)
     return man
 
 

@@ -26,7 +26,7 @@ def preflight_conversion(model_dir, *, tp=1, pp=1, quant=None, moe_tp=None, moe_
 def convert_checkpoint(model_dir, out_dir, *, tp=1, pp=1, dtype="auto", workers=1, force=False,
                        progress=True, quantization=None, quant=None, calibrated_model=None,
                        timings=None, ranks=None, moe_tp=None, moe_ep=None, pad_heads=False,
-                       quant_report=None, calibration=None) -> dict:
+                       quant_report=None, calibration=None, digests=None) -> dict:
     model = ModelSource.open(model_dir)
     layout = plan_layout(model, tp=tp, pp=pp, quant=quant, moe_tp=moe_tp, moe_ep=moe_ep,
                          pad_heads=pad_heads)
@@ -38,9 +38,10 @@ def convert_checkpoint(model_dir, out_dir, *, tp=1, pp=1, dtype="auto", workers=
                                 moe=layout.moe, moe_tp=moe_tp, moe_ep=moe_ep,
                                 pad_heads=pad_heads, quantization=quantization, force=force)
         return write_checkpoint(cplan, ranks=ranks, workers=workers, force=force,
-                                progress=progress, options=repr(None))
+                                progress=progress, options=repr(None), digests=digests)
     else:
-        done = pipeline_convert(model, out_dir, layout, quant, calibration=calibration, **kw)
+        done = pipeline_convert(model, out_dir, layout, quant, calibration=calibration,
+                                digests=digests, **kw)
     if timings is not None:
         timings.update(done.timings)
     if quant_report is not None:

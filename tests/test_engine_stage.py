@@ -21,6 +21,7 @@ from builders import engine as E
 from builders.engine import (BUILT, FAILED, NOT_BUILT, CONTAINER, INSTALL_COMMAND, EngineOptions,
                              TrtllmBackend, add_engine_arguments, build_engines,
                              engine_command_hint, options_from_args)
+from builders.engine_stage import engines_stage, promote
 from common.errors import UserError
 from engine_fakes import RecordingFakeTrtllm, engine_files, make_checkpoint
 
@@ -405,10 +406,10 @@ def test_two_runs_completing_at_once_promote_the_engines_once(tmp_path):
     assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), ranks="1").complete
     lock = engines.with_name("engines.lock")
     lock.mkdir()  # as if another run were renaming right now
-    assert E._promote(engines.with_name("engines.partial"), engines, 2, wait_s=0.2) is True
+    assert promote(engines_stage(engines), 2, wait_s=0.2) is True
     lock.rmdir()
     # the lock's holder, finding the stage already gone, reports the promoted engines too
-    assert E._promote(engines.with_name("engines.partial"), engines, 2) is True
+    assert promote(engines_stage(engines), 2) is True
     assert not lock.exists() and engine_files(engines) == ["rank0.engine", "rank1.engine"]
 
 

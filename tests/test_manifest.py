@@ -12,7 +12,8 @@ import blake3
 import pytest
 
 from builders.engine import EngineOptions
-from builders.manifest import MANIFEST_NAME, file_digest, software_versions, write_manifest
+from builders.manifest import MANIFEST_NAME, file_digest, write_manifest
+from common.versions import software_versions
 
 # BLAKE3 of no bytes: the reference test vector (BLAKE3 spec, test_vectors.json, input_len 0),
 # what `b3sum` prints for an empty file
@@ -161,9 +162,12 @@ def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, mon
     from disk again (the writer's digest is tied to its size and mtime)."""
     import builders.manifest as M
     from builders.cli import main
-    from common import digests
 
     hf_dir, _ = tiny_model()
+    made = []  # the run's own Digests (real), as handed to build.json, kept to look into afterwards
+    real_write = M.write_manifest
+    monkeypatch.setattr(M, "write_manifest", lambda *a, **k: made.append(k["digests"])
+                        or real_write(*a, **k))
     read_back = []
     real = M.file_digest
     monkeypatch.setattr(M, "file_digest", lambda p, *a, **k: read_back.append(Path(p).name)
@@ -176,6 +180,7 @@ def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, mon
     for p in ranks:
         assert files[f"checkpoint/{p.name}"]["blake3"] == _b3(p)
         assert files[f"checkpoint/{p.name}"]["size"] == p.stat().st_size
+    digests = made[0]
     if digests.known(ranks[0]) is None:
         pytest.skip(f"{tmp_path} does not take O_DIRECT: rank files go through the page cache")
     assert not [n for n in read_back if n.startswith("rank")], read_back
@@ -184,6 +189,6 @@ def test_rank_files_hashed_by_the_writer_not_read_back(tmp_path, tiny_model, mon
     with open(ranks[0], "r+b") as f:  # same size, new bytes: the recorded digest no longer holds
         f.write(b"\0" * 8)
     assert digests.known(ranks[0]) is None
-    write_manifest(out, inputs={}, options={}, stage_timings={})
+    write_manifest(out, inputs={}, options={}, stage_timings={}, digests=digests)
     files = {e["path"]: e for e in json.loads((out / MANIFEST_NAME).read_text())["outputs"]["files"]}
     assert files["checkpoint/rank0.safetensors"]["blake3"] == _b3(ranks[0])

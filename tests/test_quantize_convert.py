@@ -327,14 +327,14 @@ def test_interrupted_run_is_never_resumed_with_files_of_another_spec(tmp_path, c
 
     real, written = cc._write_rank, []
 
-    def stop_at_rank1(model_dir, plan, path, rank, progress):
+    def stop_at_rank1(model_dir, plan, path, rank, progress, **kw):
         if rank == 1:
             raise KeyboardInterrupt
-        return real(model_dir, plan, path, rank, progress)
+        return real(model_dir, plan, path, rank, progress, **kw)
 
-    def spy(model_dir, plan, path, rank, progress):
+    def spy(model_dir, plan, path, rank, progress, **kw):
         written.append(rank)
-        return real(model_dir, plan, path, rank, progress)
+        return real(model_dir, plan, path, rank, progress, **kw)
 
     out = tmp_path / "out"
     monkeypatch.setattr(cc, "_write_rank", stop_at_rank1)

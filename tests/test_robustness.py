@@ -38,11 +38,11 @@ def test_resume_redoes_only_unfinished_ranks(tmp_path, tiny_model, monkeypatch):
     real = cc._write_rank
     written = []
 
-    def interrupted_at_rank2(model_dir, plan, path, rank, progress):
+    def interrupted_at_rank2(model_dir, plan, path, rank, progress, **kw):
         if rank == 2:
             raise KeyboardInterrupt
         written.append(rank)
-        return real(model_dir, plan, path, rank, progress)
+        return real(model_dir, plan, path, rank, progress, **kw)
 
     out = tmp_path / "out"
     monkeypatch.setattr(cc, "_write_rank", interrupted_at_rank2)
@@ -55,9 +55,9 @@ def test_resume_redoes_only_unfinished_ranks(tmp_path, tiny_model, monkeypatch):
 
     written.clear()
 
-    def spy(model_dir, plan, path, rank, progress):
+    def spy(model_dir, plan, path, rank, progress, **kw):
         written.append(rank)
-        return real(model_dir, plan, path, rank, progress)
+        return real(model_dir, plan, path, rank, progress, **kw)
 
     monkeypatch.setattr(cc, "_write_rank", spy)
     convert_checkpoint(hf_dir, out, tp=4, progress=False)
@@ -70,10 +70,10 @@ def test_resume_discards_partial_from_other_options(tmp_path, tiny_model, monkey
     hf_dir, _ = tiny_model()
     real = cc._write_rank
 
-    def stop_at_1(model_dir, plan, path, rank, progress):
+    def stop_at_1(model_dir, plan, path, rank, progress, **kw):
         if rank == 1:
             raise KeyboardInterrupt
-        return real(model_dir, plan, path, rank, progress)
+        return real(model_dir, plan, path, rank, progress, **kw)
 
     monkeypatch.setattr(cc, "_write_rank", stop_at_1)
     with pytest.raises(Interrupted):

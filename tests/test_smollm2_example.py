@@ -20,6 +20,7 @@ import torch
 
 from common.errors import UserError
 from examples import smollm2 as sm
+from examples.smollm2_gguf import rope_theta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,8 +54,8 @@ def test_config_is_smollm2_135m(smollm2_dir):
     assert cfg["vocab_size"] == 49152
     assert cfg["tie_word_embeddings"] is True
     assert cfg["max_position_embeddings"] == 8192
-    assert sm._rope_theta(cfg) == 1e5                                   # as written on disk
-    assert sm._rope_theta(AutoConfig.from_pretrained(smollm2_dir)) == 1e5  # as transformers reads it
+    assert rope_theta(cfg) == 1e5                                   # as written on disk
+    assert rope_theta(AutoConfig.from_pretrained(smollm2_dir)) == 1e5  # as transformers reads it
     assert "quantization_config" not in cfg
 
     # the config's dtype is what the safetensors hold; tied lm_head is not stored twice
@@ -145,7 +146,7 @@ def test_second_call_reuses_the_cache(smollm2_dir, monkeypatch):
     def must_not_convert(*args, **kwargs):
         raise AssertionError("prepare_smollm2 converted again although the cache is complete")
 
-    monkeypatch.setattr(sm, "_convert", must_not_convert)
+    monkeypatch.setattr(sm, "convert_gguf", must_not_convert)
     t0 = time.perf_counter()
     again = sm.prepare_smollm2()
     elapsed = time.perf_counter() - t0
@@ -181,7 +182,7 @@ def _fake_converter(monkeypatch, barrier: threading.Barrier | None = None):
             barrier.wait(timeout=30)
         return {"dtype": "float16"}
 
-    monkeypatch.setattr(sm, "_convert", convert)
+    monkeypatch.setattr(sm, "convert_gguf", convert)
     monkeypatch.setattr(sm, "gguf_path", lambda: Path(__file__))
     return calls
 
@@ -240,7 +241,7 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
         (out / "config.json").write_text("{}")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sm, "_convert", broken)
+    monkeypatch.setattr(sm, "convert_gguf", broken)
     monkeypatch.setattr(sm, "gguf_path", lambda: Path(__file__))
     target = tmp_path / "smollm2-135m"
     with pytest.raises(UserError) as e:

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from common import fileio
-from common import digests
+from common.digests import Digests
 from convert import writer
 from convert_helper import convert_checkpoint
 from convert.source import SourceCheckpoint
@@ -131,7 +131,9 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp, writers, ramp
 
     monkeypatch.setattr(writer, "_open_sink", spy)
     monkeypatch.setattr(fileio.DirectSink, "_write", spy_write)
-    convert_checkpoint(hf_dir, tmp_path / "direct", tp=tp, dtype="float16", progress=False)
+    digests = Digests()
+    convert_checkpoint(hf_dir, tmp_path / "direct", tp=tp, dtype="float16", progress=False,
+                       digests=digests)
     if sinks != ["DirectSink"] * tp:
         pytest.skip(f"{tmp_path} does not take O_DIRECT ({sinks})")
     assert len(writes) == tp
@@ -166,7 +168,8 @@ def test_buffered_writer_digest_is_blake3_unless_the_kernel_copied(tmp_path, mon
                SimpleNamespace(name="b", shape=(5,), dtype=f16)]
     chunks = {"a": [a], "b": [writer.ByteChunk(b.view(np.uint8).data, f16)]}
     path = tmp_path / "user.safetensors"
-    writer.write_file(path, tensors, lambda t: chunks[t.name])
+    digests = Digests()
+    writer.write_file(path, tensors, lambda t: chunks[t.name], digests=digests)
     assert digests.known(path) == blake3.blake3(path.read_bytes()).hexdigest()
     with safe_open(path, "np") as f:
         assert (f.get_tensor("a") == a.numpy()).all() and (f.get_tensor("b") == b).all()
@@ -177,7 +180,7 @@ def test_buffered_writer_digest_is_blake3_unless_the_kernel_copied(tmp_path, mon
     try:
         spans = {"a": [a], "b": [writer.FileSpan(fd, 0, b.nbytes, f16)]}
         path = tmp_path / "kernel.safetensors"
-        writer.write_file(path, tensors, lambda t: spans[t.name])
+        writer.write_file(path, tensors, lambda t: spans[t.name], digests=digests)
     finally:
         os.close(fd)
     assert digests.known(path) is None

@@ -49,6 +49,22 @@ def llmapi_model_yaml(*, model_path: str, tokenizer_path: str | None, tp: int, p
     return data
 
 
+def _check_world(tp, pp) -> None:
+    for name, v in (("tp", tp), ("pp", pp)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"--{name} must be a whole number >= 1 (got {v!r})")
+
+
+def _llm_size_limits(options) -> dict:
+    """LLM(...)'s size limits from the engine flags in ``options``, those that are set."""
+    llm_args = {}
+    for key in ("max_batch_size", "max_num_tokens", "max_seq_len", "max_beam_width"):
+        v = build_option(options if not isinstance(options, TritonOptions) else None, key, None)
+        if v is not None:
+            llm_args[key] = int(v)
+    return llm_args
+
+
 def write_llmapi_repo(out_dir, *, model_dir, tokenizer_dir=None, tp: int = 1, pp: int = 1,
                       options=None) -> Path:
     """Write the LLM-API (PyTorch backend) repository serving ``model_dir`` (a HF or unified
@@ -59,9 +75,7 @@ def write_llmapi_repo(out_dir, *, model_dir, tokenizer_dir=None, tp: int = 1, pp
     only when not None).
     """
     opts = TritonOptions.from_any(options).for_target("pytorch")
-    for name, v in (("tp", tp), ("pp", pp)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"--{name} must be a whole number >= 1 (got {v!r})")
+    _check_world(tp, pp)
     model = _check_hf_model_dir(model_dir)
     tok_dir = tokenizer_dir or opts.tokenizer_dir
     # LLM(...) loads the tokenizer from the model dir unless told otherwise: check it loads
@@ -69,11 +83,7 @@ def write_llmapi_repo(out_dir, *, model_dir, tokenizer_dir=None, tp: int = 1, pp
     paths = ServePaths(Path(out_dir).expanduser().absolute(), opts.triton_model_root)
     model_path = paths.serve(model)
     tokenizer_path = paths.serve(tok_dir) if tok_dir is not None else None
-    llm_args = {}
-    for key in ("max_batch_size", "max_num_tokens", "max_seq_len", "max_beam_width"):
-        v = build_option(options if not isinstance(options, TritonOptions) else None, key, None)
-        if v is not None:
-            llm_args[key] = int(v)
+    llm_args = _llm_size_limits(options)
     data = llmapi_model_yaml(model_path=model_path, tokenizer_path=tokenizer_path, tp=tp, pp=pp,
                              opts=opts, llm_args=llm_args)
     check_llmapi_model_yaml(data, "model.yaml")

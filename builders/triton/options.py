@@ -120,6 +120,24 @@ def add_triton_arguments(parser: argparse.ArgumentParser):
     g.add_argument("--tokenizer-dir", type=Path, default=None,
                    help="tokenizer for pre/postprocessing (default: the HF model dir; required "
                         "with --from-checkpoint)")
+    _add_scheduling_arguments(g)
+    g.add_argument("--triton-instance-count", type=int, default=1,
+                   help="instances of the preprocessing/postprocessing (and BLS) models "
+                        "(default: 1)")
+    g.add_argument("--triton-bls", action="store_true",
+                   help="also write tensorrt_llm_bls, a Python BLS model with the ensemble's "
+                        "inputs and outputs (default: off)")
+    g.add_argument("--triton-model-root", default=None, metavar="ROOT",
+                   help="absolute path at which the output dir will be mounted on the serving "
+                        "host (e.g. /models): paths inside it are written as ROOT/...; "
+                        "default: this host's absolute paths")
+    g.add_argument("--triton-copy-tokenizer", action="store_true",
+                   help="copy the tokenizer files into the repository (self-contained repo)")
+    return g
+
+
+def _add_scheduling_arguments(g) -> None:
+    """How the tensorrt_llm model batches, schedules and queues requests, and its KV cache."""
     g.add_argument("--triton-max-batch-size", type=int, default=None,
                    help="Triton max_batch_size of every model (default: the engine's "
                         "max_batch_size, at most 64; TensorRT-LLM's scheduler may still run "
@@ -150,18 +168,5 @@ def add_triton_arguments(parser: argparse.ArgumentParser):
                    help="dynamic batcher delay (default: 0)")
     g.add_argument("--max-queue-size", type=int, default=0,
                    help="requests queued before new ones are rejected (default: 0 = unbounded)")
-    g.add_argument("--triton-instance-count", type=int, default=1,
-                   help="instances of the preprocessing/postprocessing (and BLS) models "
-                        "(default: 1)")
-    g.add_argument("--triton-bls", action="store_true",
-                   help="also write tensorrt_llm_bls, a Python BLS model with the ensemble's "
-                        "inputs and outputs (default: off)")
-    g.add_argument("--triton-model-root", default=None, metavar="ROOT",
-                   help="absolute path at which the output dir will be mounted on the serving "
-                        "host (e.g. /models): paths inside it are written as ROOT/...; "
-                        "default: this host's absolute paths")
-    g.add_argument("--triton-copy-tokenizer", action="store_true",
-                   help="copy the tokenizer files into the repository (self-contained repo)")
-    return g
 
 

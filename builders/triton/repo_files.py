@@ -2,15 +2,14 @@
 templates, and the validate-then-rename of the whole directory."""
 from __future__ import annotations
 
-import os
 import posixpath
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 from builders.triton.validate import validate_repo
 from common.errors import UserError
+from common.staged import StagedOutput
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "triton_templates"
 ENSEMBLE, PREPROCESSING, TENSORRT_LLM, POSTPROCESSING, BLS = (
@@ -90,26 +89,18 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def write_atomically(out_dir, options, build) -> Path:
-    """Run ``build(tmp_dir)``, validate, and rename ``tmp_dir`` to ``out_dir``."""
+    """Run ``build(stage_dir)``, validate, and put the stage in place of ``out_dir``."""
     out_dir = Path(out_dir).expanduser().absolute()
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     if out_dir.exists() and not options.force:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
+    staged = StagedOutput.private(out_dir)  # nothing to resume: a repository is quick to write
     try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide it from a tritonserver running as another user
-        build(tmp)
-        validate_repo(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        build(staged.stage)
+        validate_repo(staged.stage)
+        staged.promote()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
         raise
     return out_dir
 

@@ -88,51 +88,55 @@ def validate_repo(path) -> dict:
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"{root}: not a directory (expected a Triton model repository)")
-    models, dirs = {}, {}
+    models = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        cfg_path = d / "config.pbtxt"
-        if not cfg_path.is_file():
-            raise UserError(f"{cfg_path}: missing; every model directory needs a config.pbtxt")
-        text = cfg_path.read_text(encoding="utf-8", errors="replace")
-        for lineno, line in enumerate(text.splitlines(), 1):
-            m = None if line.lstrip().startswith("#") else _PLACEHOLDER.search(line)
-            if m:
-                raise UserError(f"{cfg_path}:{lineno}: unfilled template placeholder "
-                                f"{m.group(0)}")
-        cfg = parse_config(text, str(cfg_path))
-        if cfg.name and cfg.name != d.name:
-            raise UserError(f"{cfg_path}: name '{cfg.name}' differs from its directory "
-                            f"'{d.name}'")
-        if not cfg.backend and not cfg.platform:
-            raise UserError(f"{cfg_path}: neither backend nor platform is set")
-        versions = [v for v in d.iterdir() if v.is_dir() and v.name.isdigit()]
-        if not versions:
-            raise UserError(f"{d}: no version directory (e.g. {d.name}/1)")
-        if cfg.backend == "python":
-            for v in versions:
-                if not (v / "model.py").is_file():
-                    raise UserError(f"{v}: model.py missing (Python backend)")
-        for kind, tensors in (("input", cfg.input), ("output", cfg.output)):
-            seen = set()
-            for t in tensors:
-                if t.name in seen:
-                    raise UserError(f"{cfg_path}: {kind} '{t.name}' is declared twice")
-                seen.add(t.name)
-        for v in versions:
-            yml = v / "model.yaml"
-            if yml.is_file():
-                import yaml
-
-                try:
-                    data = yaml.safe_load(yml.read_text(encoding="utf-8"))
-                except yaml.YAMLError as e:
-                    raise UserError(f"{yml}: not valid YAML ({' '.join(str(e).split())})") from None
-                check_llmapi_model_yaml(data, str(yml), cfg)
-        models[d.name] = cfg
-        dirs[d.name] = d
+        models[d.name] = _validate_model_dir(d)
     if not models:
         raise UserError(f"{root}: no model directories (expected e.g. ensemble/, tensorrt_llm/)")
     for name, cfg in models.items():
         if cfg.platform == "ensemble":
             _check_ensemble(name, cfg, models)
     return models
+
+
+def _validate_model_dir(d: Path):
+    """One model directory: its config.pbtxt parsed and checked, its versions, its model.yaml."""
+    cfg_path = d / "config.pbtxt"
+    if not cfg_path.is_file():
+        raise UserError(f"{cfg_path}: missing; every model directory needs a config.pbtxt")
+    text = cfg_path.read_text(encoding="utf-8", errors="replace")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        m = None if line.lstrip().startswith("#") else _PLACEHOLDER.search(line)
+        if m:
+            raise UserError(f"{cfg_path}:{lineno}: unfilled template placeholder "
+                            f"{m.group(0)}")
+    cfg = parse_config(text, str(cfg_path))
+    if cfg.name and cfg.name != d.name:
+        raise UserError(f"{cfg_path}: name '{cfg.name}' differs from its directory "
+                        f"'{d.name}'")
+    if not cfg.backend and not cfg.platform:
+        raise UserError(f"{cfg_path}: neither backend nor platform is set")
+    versions = [v for v in d.iterdir() if v.is_dir() and v.name.isdigit()]
+    if not versions:
+        raise UserError(f"{d}: no version directory (e.g. {d.name}/1)")
+    if cfg.backend == "python":
+        for v in versions:
+            if not (v / "model.py").is_file():
+                raise UserError(f"{v}: model.py missing (Python backend)")
+    for kind, tensors in (("input", cfg.input), ("output", cfg.output)):
+        seen = set()
+        for t in tensors:
+            if t.name in seen:
+                raise UserError(f"{cfg_path}: {kind} '{t.name}' is declared twice")
+            seen.add(t.name)
+    for v in versions:
+        yml = v / "model.yaml"
+        if yml.is_file():
+            import yaml
+
+            try:
+                data = yaml.safe_load(yml.read_text(encoding="utf-8"))
+            except yaml.YAMLError as e:
+                raise UserError(f"{yml}: not valid YAML ({' '.join(str(e).split())})") from None
+            check_llmapi_model_yaml(data, str(yml), cfg)
+    return cfg
