@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convert.heads import choose_padding
-from convert.hf_config import Shape
+from model.shape import Shape, choose_padding
 from convert.plan import rank_plan
 from model.families import ARCHITECTURES, FAMILIES
 from model.spec import (PER_BLOCK, PER_INPUT, PER_OUTPUT, PER_TENSOR, companion_axis,
