@@ -17,7 +17,7 @@ Columns (one modelopt calibration per row feeds all three): "ours" = this projec
 (``convert_checkpoint(..., quant=spec, calibrated_model=model)``, what ``build_engine`` writes);
 "modelopt" = nvidia-modelopt 0.47's own ``export_tensorrt_llm_checkpoint`` of the same calibrated
 model; "PyTorch target" = our modelopt "unified" HF checkpoint (``--target pytorch``,
-``convert.unified.write_unified_checkpoint`` of the same model) read by ``verify.unified_reader``
+``quantize.unified.write_unified_checkpoint`` of the same model) read by ``verify.unified_reader``
 ("–": a format the unified checkpoint does not have). The table is written between ``<!-- quality:begin -->`` and
 ``<!-- quality:end -->`` in the markdown file.
 
@@ -125,7 +125,7 @@ def modelopt_checkpoint(out, model):
 def unified_checkpoint(hf_dir, out, spec, model):
     """The PyTorch target: our modelopt "unified" HF checkpoint (None: format not supported)."""
     from common.errors import UserError
-    from convert.unified import check_supported, write_unified_checkpoint
+    from quantize.unified import check_supported, write_unified_checkpoint
 
     try:
         check_supported(spec)

@@ -2,7 +2,7 @@
 
 Writes, from the same model and quantization flags as the engine target,
 
-* ``DIR/hf_quantized/``: modelopt's unified HF checkpoint (convert/unified.py), which
+* ``DIR/hf_quantized/``: modelopt's unified HF checkpoint (quantize/unified/), which
   ``tensorrt_llm.LLM(model=DIR/hf_quantized)``, ``trtllm-serve`` and the LLM-API Triton backend load;
 * ``DIR/triton/``: TensorRT-LLM's LLM-API Triton model repository for it
   (builders/triton/llmapi.py ``write_llmapi_repo``), validated with Triton's ModelConfig schema
@@ -29,7 +29,7 @@ def preflight(model, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_options=
     """Every check that needs no weights: one-line UserError, nothing written. ``model``: a
     model.source.ModelSource."""
     from builders.triton import TritonOptions, check_tokenizer
-    from convert.unified import check_supported
+    from quantize.unified import check_supported
     from model.shape import preflight as tp_preflight
 
     check_supported(spec)
@@ -38,10 +38,9 @@ def preflight(model, out_dir, spec, *, tp: int = 1, pp: int = 1, triton_options=
             raise UserError(f"--{name} must be a whole number >= 1 (got {v!r})")
     shape = model.shape
     tp_preflight(shape, tp, pp, can_pad=False)
-    if shape.experts and spec.is_quantized:
-        raise UserError(f"--target pytorch with {spec.name} is not supported for mixture-of-"
-                        f"experts models yet (the unified checkpoint is written unquantized only); "
-                        f"use --target engine or drop the quantization flags")
+    why = spec.format.unified_moe_refusal(spec) if shape.experts else None
+    if why is not None:
+        raise UserError(why)
     out_dir = Path(out_dir)
     for sub in (CHECKPOINT_DIR,) + ((TRITON_DIR,) if triton else ()):
         if (out_dir / sub).exists() and not force:
@@ -72,22 +71,24 @@ def build_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
 
 def write_pytorch_target(model_dir, out_dir, spec, *, tp: int = 1, pp: int = 1,
                          triton_options=None, triton: bool = True, force: bool = False,
-                         calibrated_model=None, calib_text=None, tokenizer=None,
-                         progress: bool = True, digests=None) -> dict:
+                         calibrated_model=None, calibration=None, calib_text=None, tokenizer=None,
+                         progress: bool = True, timings: dict | None = None,
+                         digests=None) -> dict:
     """Write ``out_dir/hf_quantized`` (and ``out_dir/triton`` unless ``triton`` is False).
 
     Returns {"checkpoint": Path, "triton": Path | None, "hf_quant_config": dict | None}.
-    ``calibrated_model``/``calib_text``/``tokenizer``/``digests``: see
-    convert.unified.write_unified_checkpoint.
+    ``calibrated_model``/``calibration``/``calib_text``/``tokenizer``/``timings``/``digests``:
+    see quantize.unified.write_unified_checkpoint.
     """
     from builders.triton import validate_repo, write_llmapi_repo
-    from convert.unified import write_unified_checkpoint
+    from quantize.unified import write_unified_checkpoint
 
     out_dir = Path(out_dir)
     ckpt = out_dir / CHECKPOINT_DIR
     hf_quant = write_unified_checkpoint(model_dir, ckpt, spec, calibrated_model=calibrated_model,
-                                        calib_text=calib_text, tokenizer=tokenizer, force=force,
-                                        progress=progress, digests=digests)
+                                        calibration=calibration, calib_text=calib_text,
+                                        tokenizer=tokenizer, force=force, progress=progress,
+                                        timings=timings, digests=digests)
     repo = None
     if triton:
         try:

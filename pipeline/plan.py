@@ -149,7 +149,8 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     from builders.triton import TritonOptions
     from model.source import ModelSource
 
-    preflight.refuse_engine_only_flags(args)
+    layerwise = quant.format.unified_layerwise(quant)  # from a calibration store
+    preflight.refuse_engine_only_flags(args, reuses_calibration=layerwise)
     model = ModelSource.open(args.model)
     preflight.refuse_padding_for_pytorch(args, model, args.pad_heads or model.pads_heads)
     triton = args.triton_target != "none" and not args.checkpoint_only
@@ -161,13 +162,38 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     elif args.verify and quant.is_quantized:
         tokenizer = model.tokenizer("--verify of a quantized checkpoint (on real text)",
                                     "; or drop --verify")
+    calibration = None
+    if layerwise:  # --calibration's store (either target's), or a temporary one of this run
+        calibration = preflight.calibration_run(args, Path(args.output), quant, tokenizer)
+        if not args.calibration:
+            calibration.store = Path(args.output) / "hf_quantized.calibration"
+            calibration.temporary = True
+    _pytorch_memory_plan(args, quant, model, layerwise)
     options = None
     if triton:  # the Triton options and the LLM(...) size limits the engine flags give
         options = TritonOptions.from_any(args).as_dict()
         options.update({k: getattr(args, k) for k in LLM_SIZE_FLAGS})
     return BuildPlan(target="pytorch", options=dict(vars(args)), model=model, quant=quant,
                      layout=_Split(args.tp, args.pp), tokenizer=tokenizer, triton_options=options,
+                     calibration=calibration,
                      **{**_common(args), "triton_target": args.triton_target if triton else "none"})
+
+
+def _pytorch_memory_plan(args, quant, model, layerwise: bool) -> None:
+    """The memory plan of the unified checkpoint (one writer, the source's dtype), printed and
+    checked as the engine target's: layer by layer from the calibration store, or the whole
+    model calibrated in memory."""
+    from quantize import memory
+
+    device = preflight.calibration_device(args, quant)
+    dtype = str(model.raw.get("torch_dtype") or model.raw.get("dtype") or "")
+    stages = memory.plan(model.shape, quant, tp=1, pp=1, device=device,
+                         out_dtype_bytes=4 if dtype == "float32" else 2, layerwise=layerwise,
+                         checks=memory.checks(args.verify, None))
+    if args.calibration is not None:
+        stages = [s for s in stages if s.name != "calibration"]
+    print(f"memory plan: {memory.describe(stages)}")
+    memory.check(stages, Path(args.output), device)
 
 
 @dataclass(frozen=True)

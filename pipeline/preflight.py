@@ -10,13 +10,15 @@ from pathlib import Path
 from common.errors import UserError
 
 
-def refuse_engine_only_flags(args) -> None:
-    """--target pytorch: the flags that only shape a TensorRT-LLM checkpoint, refused in one line."""
+def refuse_engine_only_flags(args, reuses_calibration: bool = False) -> None:
+    """--target pytorch: the flags that only shape a TensorRT-LLM checkpoint, refused in one line
+    (``reuses_calibration``: the format's unified checkpoint is written from a calibration store,
+    so --calibration is not one of them)."""
     if args.ranks is not None:
         raise UserError("--ranks splits a TensorRT-LLM checkpoint and its engines over "
                         "runs (--target engine); the PyTorch target's unified "
                         "checkpoint is written whole: drop --ranks")
-    if args.calibration is not None:
+    if args.calibration is not None and not reuses_calibration:
         raise UserError("--calibration is reused by TensorRT-LLM checkpoints (--target "
                         "engine); the PyTorch target calibrates its unified checkpoint "
                         "itself: drop --calibration")
@@ -92,11 +94,7 @@ def memory_plan(args, quant, shape, out: Path) -> None:
     refuse (one line, exit 2, nothing written) what this machine cannot hold."""
     from quantize import memory
 
-    device = "cpu"
-    if quant.needs_calibration:  # quantize.calibrate imports torch: not on the float path
-        from quantize.calibrate import resolve_device
-
-        device = resolve_device(args.calib_device).type
+    device = calibration_device(args, quant)
     reused = getattr(args, "calibration", None) is not None
     # mixture-of-experts models calibrate whole (no layer-wise path for experts yet)
     stages = memory.plan(shape, quant, tp=args.tp, pp=args.pp, device=device,
@@ -108,6 +106,15 @@ def memory_plan(args, quant, shape, out: Path) -> None:
         stages = [s for s in stages if s.name != "calibration"]
     print(f"memory plan: {memory.describe(stages)}")
     memory.check(stages, out, device)
+
+
+def calibration_device(args, quant) -> str:
+    """The device type the calibration runs on ("cpu" for a format that needs none)."""
+    if not quant.needs_calibration:  # quantize.calibrate imports torch: not on the float path
+        return "cpu"
+    from quantize.calibrate import resolve_device
+
+    return resolve_device(args.calib_device).type
 
 
 def calibration_run(args, out: Path, quant, tokenizer):

@@ -349,3 +349,16 @@ def quant_state_names(spec: QuantSpec) -> Iterable[str]:
         return ("weight", "weights_scaling_factor", "prequant_scaling_factor")
     return ()
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The export math the unified (PyTorch-target) writer shares: quantize/unified/tensors.py
+# ---------------------------------------------------------------------------------------------
+
+ExportLinear = _Lin
+fuse_shared_input = _fuse
+weight_scale = _weight_scale
+act_scale = _act_scale
+pack_int4 = _pack_int4
+linear_modules = _linear_modules
+layer_prefixes = _layer_prefixes

@@ -31,6 +31,8 @@ class CalibrationRun:
     device: str = "auto"
     calib_text: str | None = None
     tokenizer: object = None
+    #: the dtype the layers were calibrated in (set by :meth:`calibrate`)
+    compute_dtype: torch.dtype | None = None
 
     def calibrate(self, model_dir: Path, source, spec: QuantSpec, *, progress: bool = True,
                   timings: dict | None = None):
@@ -45,6 +47,7 @@ class CalibrationRun:
         batches = calib_batches(spec, text, tokenizer)
         device = resolve_device(self.device)
         cdtype = compute_dtype(device, _config_dtype(Path(model_dir)))
+        self.compute_dtype = cdtype
         fp = cstore.fingerprint(list(source.files), Path(model_dir) / "config.json", batches, spec,
                                 device.type, cdtype)
         if self.reuse:

@@ -1,4 +1,4 @@
-"""--target pytorch: modelopt's unified HF checkpoint (convert/unified.py), its reference-reader
+"""--target pytorch: modelopt's unified HF checkpoint (quantize/unified/), its reference-reader
 loader (verify/unified_reader.py) and the stage (builders/pytorch_target.py).
 
 The checkpoint must equal what nvidia-modelopt 0.47's ``export_hf_checkpoint`` writes for the same
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.errors import UserError
-from convert.unified import check_supported, write_unified_checkpoint
+from quantize.unified import check_supported, write_unified_checkpoint
 from quantize.calibrate import calibrate
 from quantize.formats import QuantSpec
 from quant_common import TINY, byte_tokenizer
@@ -442,3 +442,72 @@ def test_smollm2_reader_on_unified_follows_modelopt_fake_quant(smollm2_unified, 
           f"{r['argmax_agreement']:.3f}; vs float {rf['rel_err']:.3e}, argmax {rf['argmax_agreement']:.3f}")
     assert r["rel_err"] < 4e-2 and r["argmax_agreement"] >= 0.9, r  # measured 1.7e-2, 0.958
     assert rf["rel_err"] > 3 * r["rel_err"]  # measured 0.38 vs the float model
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer by layer from the calibration store (FP8), and --calibration shared with the engine target
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fp8_from_the_calibration_store_matches_modelopt_export(tmp_path, calib_text):
+    """FP8's unified tensors streamed layer by layer from the layer-wise calibration store equal
+    modelopt's export of the whole model calibrated in memory."""
+    from quantize.run import CalibrationRun
+
+    hf_dir, model = make_model(tmp_path)
+    spec = small("FP8")
+    assert spec.format.unified_layerwise(spec) and not spec.format.unified_layerwise(small("FP8", "fp8"))
+    run = CalibrationRun(store=tmp_path / "calibration", device="cpu", calib_text=calib_text,
+                         tokenizer=byte_tokenizer)
+    write_unified_checkpoint(hf_dir, tmp_path / "ours", spec, calibration=run, progress=False)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    theirs = modelopt_unified(model, tmp_path / "modelopt", torch.float32)
+    assert_same_checkpoint(tmp_path / "ours", theirs)
+
+
+def test_cli_pytorch_reuses_an_engine_targets_calibration(tmp_path, tokenizer_dir, capsys):
+    """--target pytorch --fp8 --calibration DIR/calibration of an engine-target run: the same
+    unified checkpoint as a fresh --target pytorch run (whose own layer-wise store is temporary)."""
+    import shutil
+
+    from builders.cli import main
+
+    hf_dir, _ = make_model(tmp_path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    common = ["--model", str(hf_dir), "--fp8", "--calib-size", "2", "--calib-seq-len", "32",
+              "--checkpoint-only", "--no-progress"]
+    assert main([*common, "--output", str(tmp_path / "engine")]) == 0
+    capsys.readouterr()
+    assert main([*common, "--target", "pytorch", "--output", str(tmp_path / "fresh")]) == 0
+    text = capsys.readouterr().out
+    assert "memory plan: " in text and "calibration: " in text, text
+    assert main([*common, "--target", "pytorch", "--output", str(tmp_path / "reused"),
+                 "--calibration", str(tmp_path / "engine" / "calibration")]) == 0
+    text = capsys.readouterr().out
+    assert "memory plan: " in text and "reused " in text, text
+    for d in ("fresh", "reused"):
+        assert sorted(p.name for p in (tmp_path / d).iterdir()) == ["build.json", "hf_quantized"]
+    for f in ("model.safetensors", "config.json", "hf_quant_config.json"):
+        a = (tmp_path / "fresh" / "hf_quantized" / f).read_bytes()
+        assert a == (tmp_path / "reused" / "hf_quantized" / f).read_bytes(), f
+
+
+def test_cli_pytorch_refuses_another_formats_calibration(tmp_path, tokenizer_dir, capsys):
+    """--calibration made for another format: one line, exit 2, nothing written."""
+    import shutil
+
+    from builders.cli import main
+
+    hf_dir, _ = make_model(tmp_path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    common = ["--model", str(hf_dir), "--calib-size", "2", "--calib-seq-len", "32",
+              "--checkpoint-only", "--no-progress"]
+    assert main([*common, "--fp8", "--kv-cache-dtype", "fp8", "--output", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
+    rc = main([*common, "--fp8", "--target", "pytorch", "--output", str(tmp_path / "p"),
+               "--calibration", str(tmp_path / "e" / "calibration")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "was made from other inputs (recipe differ)" in err, err
+    assert not (tmp_path / "p" / "hf_quantized").exists()

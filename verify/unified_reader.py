@@ -1,7 +1,7 @@
 """Loader of modelopt "unified" HF checkpoints for the CPU reference reader (verify/reference.py).
 
 ``load_unified(dir) -> (config, [rank0 tensors])`` maps a unified checkpoint (what
-convert/unified.py and modelopt's ``export_hf_checkpoint`` write) into the TensorRT-LLM tp-1
+quantize/unified/ and modelopt's ``export_hf_checkpoint`` write) into the TensorRT-LLM tp-1
 checkpoint form the reader already runs, so the same kernels (kernels.py / reference_quant.py)
 serve both targets: one set of kernels, two loaders.
 
@@ -37,6 +37,7 @@ import torch
 from common.errors import UserError
 from model.families import FAMILIES
 from model.spec import HF_LAYER, TRT_LAYER
+from quantize.recipes import find_recipe
 
 Tensor = torch.Tensor
 
@@ -83,9 +84,18 @@ def _trtllm_quantization(d: Path) -> dict:
     for k in ("group_size", "has_zero_point", "pre_quant_scale"):
         if k in q:
             out[k] = q[k]
-    if out["quant_algo"] is not None:
+    if _unified(out).weight is not None:
         out["exclude_modules"] = ["lm_head"]  # the only linear modelopt leaves unquantized here
     return out
+
+
+def _unified(quant: dict):
+    """The recipe's UnifiedFormat of a checkpoint's quantization (UserError: none)."""
+    recipe = find_recipe(quant["quant_algo"])
+    fmt = recipe.unified if recipe is not None else None
+    if fmt is None:
+        raise UserError(f"unified checkpoint with unsupported quant_algo {quant['quant_algo']!r}")
+    return fmt
 
 
 def _fp8_fuse(parts: list[dict], dtype: torch.dtype) -> dict:
@@ -110,11 +120,10 @@ def _shared(parts: list[dict], key: str, where: str) -> Tensor | None:
     return vals[0]
 
 
-def _fuse(parts: list[dict], algo: str | None, dtype: torch.dtype, where: str) -> dict:
+def _fuse(parts: list[dict], fmt, dtype: torch.dtype, where: str) -> dict:
     """One TRT-LLM module from linears that share an input (q/k/v; gate and up for FP8)."""
-    if algo == "FP8":
-        f = _fp8_fuse(parts, dtype)
-        return f
+    if fmt.per_tensor_weight_scale:
+        return _fp8_fuse(parts, dtype)
     out = {"weight": [p["weight"] for p in parts]}
     if "bias" in parts[0]:
         out["bias"] = [p["bias"] for p in parts]
@@ -126,12 +135,12 @@ def _fuse(parts: list[dict], algo: str | None, dtype: torch.dtype, where: str) -
     pqs = _shared(parts, "pre_quant_scale", where)
     if pqs is not None:
         out["prequant_scaling_factor"] = pqs
-    elif algo == "W4A16_AWQ":  # folded into the norm by the export: identity here
+    elif fmt.fold_into_norm:  # folded into the norm by the export: identity here
         out["prequant_scaling_factor"] = torch.ones(parts[0]["weight"].shape[1], dtype=dtype)
     return out
 
 
-def _single(p: dict, algo: str | None, dtype: torch.dtype) -> dict:
+def _single(p: dict, fmt, dtype: torch.dtype) -> dict:
     out = {}
     for k, v in p.items():
         if k in ("k_scale", "v_scale"):
@@ -139,8 +148,8 @@ def _single(p: dict, algo: str | None, dtype: torch.dtype) -> dict:
         if k not in SUFFIXES:
             raise UserError(f"unexpected tensor suffix {k!r} in a unified checkpoint")
         out[SUFFIXES[k]] = v.float().reshape(1) if k == "input_scale" or (
-            k == "weight_scale" and algo == "FP8") else v
-    if algo == "W4A16_AWQ" and "prequant_scaling_factor" not in out and "weight" in out \
+            k == "weight_scale" and fmt.per_tensor_weight_scale) else v
+    if fmt.fold_into_norm and "prequant_scaling_factor" not in out and "weight" in out \
             and not out["weight"].is_floating_point():
         out["prequant_scaling_factor"] = torch.ones(out["weight"].shape[1], dtype=dtype)
     return out
@@ -148,28 +157,16 @@ def _single(p: dict, algo: str | None, dtype: torch.dtype) -> dict:
 
 def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
     """(TRT-LLM config.json dict, [rank-0 tensors]) of a unified HF checkpoint, at tp 1."""
-    from safetensors.torch import load_file
-
     from convert.hf_config import from_hugging_face
     from model.config import read_hf_config
-    from convert.source import SourceCheckpoint
 
     d = Path(ckpt_dir)
     quant = _trtllm_quantization(d)
     hf = read_hf_config(d)
     config = from_hugging_face(hf, dtype="auto", tp=1, pp=1, quantization=quant)
     dtype = _TORCH_DTYPES.get(config["dtype"], torch.float32)
-    algo = quant["quant_algo"]
-    src = SourceCheckpoint(d)  # validates the files (index, shards, headers) with one-line errors
-    files = list(src.files)
-    src.close()
-    tensors: dict[str, Tensor] = {}
-    for f in files:
-        try:
-            tensors.update(load_file(f))
-        except Exception as e:  # safetensors raises its own types for corrupt files
-            raise UserError(f"cannot read {f}: {e}") from None
-
+    fmt = _unified(quant)
+    tensors = _read_tensors(d)
     layers: dict[int, dict[str, dict[str, Tensor]]] = {}
     out: dict[str, Tensor] = {}
     for name, t in tensors.items():
@@ -189,42 +186,66 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
         if any(p is None or "weight" not in p for p in qkv):
             raise UserError(f"{d}: layer {i} lacks self_attn.q/k/v_proj weights")
         groups = {QKV.name: qkv}
-        moe = _moe_layer(mods, algo, d, i)  # Mixtral: router + stacked experts, else {}
+        moe = _moe_layer(mods, fmt, d, i)  # Mixtral: router + stacked experts, else {}
         out.update({f"{pre}.{k}": v for k, v in moe.items()})
-        if algo == "FP8" and not moe:  # TRT-LLM fuses gate/up into one module: shared scales
-            f = _fuse([mods[h] for h in GATE_UP], algo, dtype, f"layer {i} mlp")
+        fused_mlp = fmt.per_tensor_weight_scale and not moe
+        if fused_mlp:  # TRT-LLM fuses gate/up into one module under FP8: shared scales
+            f = _fuse([mods[h] for h in GATE_UP], fmt, dtype, f"layer {i} mlp")
             for j, tn in enumerate(NAMES[h] for h in GATE_UP):
                 for k, v in f.items():
                     out[f"{pre}.{tn}.{k}"] = v[j] if isinstance(v, list) else v
         for tn, parts in groups.items():
-            for k, v in _fuse(parts, algo, dtype, f"layer {i} {tn}").items():
+            for k, v in _fuse(parts, fmt, dtype, f"layer {i} {tn}").items():
                 out[f"{pre}.{tn}.{k}"] = torch.cat(v) if isinstance(v, list) else v
         for un, tn in NAMES.items():
-            if un in GATE_UP and algo == "FP8" or moe and tn.startswith("mlp."):
+            if un in GATE_UP and fused_mlp or moe and tn.startswith("mlp."):
                 continue
             if un not in mods:
                 raise UserError(f"{d}: layer {i} lacks {un}")
-            for k, v in _single(mods[un], algo, dtype).items():
+            for k, v in _single(mods[un], fmt, dtype).items():
                 out[f"{pre}.{tn}.{k}"] = v
-        ks = mods[QKV.hf[1]].get("k_scale")
-        vs = mods[QKV.hf[2]].get("v_scale")
-        if quant["kv_cache_quant_algo"] is not None:
-            if ks is None or vs is None:
-                raise UserError(f"{d}: layer {i} lacks k_proj.k_scale / v_proj.v_scale for the "
-                                f"{quant['kv_cache_quant_algo']} KV cache")
-            out[f"{pre}.attention.kv_cache_scaling_factor"] = torch.maximum(
-                ks.float().reshape(1), vs.float().reshape(1))
+        out.update(_kv_scale(mods, quant, d, i))
     return config, [out]
 
 
-def _moe_layer(mods: dict, algo: str | None, d: Path, i: int) -> dict[str, Tensor]:
+def _read_tensors(d: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    from convert.source import SourceCheckpoint
+
+    src = SourceCheckpoint(d)  # validates the files (index, shards, headers) with one-line errors
+    files = list(src.files)
+    src.close()
+    tensors: dict[str, Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(f))
+        except Exception as e:  # safetensors raises its own types for corrupt files
+            raise UserError(f"cannot read {f}: {e}") from None
+    return tensors
+
+
+def _kv_scale(mods: dict, quant: dict, d: Path, i: int) -> dict[str, Tensor]:
+    """Layer ``i``'s ``kv_cache_scaling_factor`` = max(k_scale, v_scale) (none: no KV cache)."""
+    ks = mods[QKV.hf[1]].get("k_scale")
+    vs = mods[QKV.hf[2]].get("v_scale")
+    if quant["kv_cache_quant_algo"] is None:
+        return {}
+    if ks is None or vs is None:
+        raise UserError(f"{d}: layer {i} lacks k_proj.k_scale / v_proj.v_scale for the "
+                        f"{quant['kv_cache_quant_algo']} KV cache")
+    return {f"transformer.layers.{i}.attention.kv_cache_scaling_factor": torch.maximum(
+        ks.float().reshape(1), vs.float().reshape(1))}
+
+
+def _moe_layer(mods: dict, fmt, d: Path, i: int) -> dict[str, Tensor]:
     """A Mixtral layer's MoE in the TRT-LLM checkpoint form the reader runs: ``mlp.router.weight``
     (float32) and the experts stacked, ``mlp.fc`` = [w3; w1] per expert, ``mlp.proj`` = w2
     (float unified checkpoints only; quantized MoE is refused by ``--target pytorch``)."""
     router = mods.get(_module(MOE_ROUTER.sources[0], HF_LAYER))
     if router is None:
         return {}
-    if algo is not None:
+    if fmt.weight is not None:
         raise UserError(f"{d}: quantized mixture-of-experts unified checkpoints are not supported "
                         f"by the reference reader")
     fc, proj = MOE.linear("mlp.fc"), MOE.linear("mlp.proj")

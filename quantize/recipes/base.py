@@ -14,6 +14,9 @@ A :class:`Recipe` answers every format-dependent question of a build for one ``q
 * **quantization block**: :meth:`quantization_block` (config.json's ``quantization``),
   :attr:`exclude_modules`, :attr:`pre_quant_scale`;
 * **MoE**: :attr:`moe` (quantize/recipes/moe: refusals, exclude_modules, expert tensors);
+* **unified checkpoint** (``--target pytorch``, quantize/unified/): :attr:`unified` (a
+  :class:`UnifiedFormat`: how modelopt's ``export_hf_checkpoint`` writes the format; None: it has
+  no unified form), :meth:`unified_refusal`, :meth:`unified_quantization`;
 * **verification**: :attr:`vocab_padding` (verify/compare.py); the reference kernels are
   registered by quant_algo in verify/kernels.py's tables;
 * **words**: :meth:`label` (``QuantSpec.name``) and :meth:`words` (the recipe in words).
@@ -62,6 +65,39 @@ class MemoryModel:
     cpu_smoothing: bool = False
 
 
+@dataclass(frozen=True)
+class UnifiedFormat:
+    """How modelopt 0.47's unified export (``export_hf_checkpoint``) writes a recipe's format
+    (quantize/unified/ reads it; the reader, verify/unified_reader.py, too).
+
+    ``weight``: how a quantized linear weight is encoded (``int8_rows``, ``fp8``, ``int4``; None:
+    float weights); ``fuse_shared_inputs``: preprocess_linear_fusion on q/k/v and gate/up;
+    ``fold_into_norm``: fuse_prequant_layernorm (AWQ); ``from_float_weights``: no calibration,
+    scales from the weights alone; ``per_tensor_weight_scale``: one weight scale per linear, which
+    TensorRT-LLM's PyTorch backend re-quantizes to the max of a fused group (FP8);
+    ``layerwise``: written layer by layer from the calibration store (else from the whole model
+    calibrated in memory); ``quantization_config_extra``: convert_hf_quant_config_format's extra
+    keys."""
+
+    weight: str | None = None
+    fuse_shared_inputs: bool = False
+    fold_into_norm: bool = False
+    from_float_weights: bool = False
+    per_tensor_weight_scale: bool = False
+    layerwise: bool = False
+    quantization_config_extra: tuple = ()
+    #: printed (stderr) after writing it: what a user of the checkpoint should know
+    note: str | None = None
+
+
+#: --kv-cache-dtype values without a unified form (modelopt 0.47's unified export asserts
+#: "Invalid KV cache quantization format" on INT8)
+UNIFIED_KV_REFUSED = {
+    "INT8": "--kv-cache-dtype int8 has no modelopt unified-checkpoint format (modelopt 0.47 exports "
+            "FP8 KV-cache scales only); use --kv-cache-dtype fp8, or --target engine",
+}
+
+
 def kv_entries(spec) -> list:
     """modelopt ``quant_cfg`` entries of the spec's KV cache (FP8: modelopt's FP8_KV_CFG; INT8:
     the same with num_bits 8; none: [])."""
@@ -107,6 +143,8 @@ class Recipe:
     kv_duplication = True
     memory = MemoryModel()
     moe = MoeSupport()
+    #: the unified checkpoint's form (the float one: weights copied; None: no unified form)
+    unified: UnifiedFormat | None = UnifiedFormat(from_float_weights=True)
 
     # ----- flags ------------------------------------------------------------------------------
 
@@ -202,6 +240,49 @@ class Recipe:
 
     def _block_extras(self, spec) -> dict:
         return {}
+
+    def unified_refusal(self, spec) -> str | None:
+        """Why ``--target pytorch`` cannot write ``spec`` (a refusal's text), or None."""
+        return UNIFIED_KV_REFUSED.get(spec.kv_cache_quant_algo)
+
+    def unified_moe_refusal(self, spec) -> str | None:
+        """Why a mixture-of-experts model has no unified checkpoint in ``spec`` (None: it has)."""
+        if not self.quantized(spec):
+            return None
+        return (f"--target pytorch with {spec.name} is not supported for mixture-of-experts models "
+                f"yet (the unified checkpoint is written unquantized only); use --target engine or "
+                f"drop the quantization flags")
+
+    def unified_layerwise(self, spec) -> bool:
+        """Whether the unified tensors come layer by layer from the calibration store (a KV
+        cache's unified scales need the raw amax, which the store's clamped scales lose)."""
+        fmt = self.unified
+        return fmt is not None and fmt.layerwise and spec.kv_cache_quant_algo is None
+
+    def unified_quantization(self, spec) -> dict | None:
+        """hf_quant_config.json's ``quantization`` as modelopt 0.47 writes it (None: unquantized)."""
+        if not self.quantized(spec):
+            return None
+        q: dict = {"quant_algo": self.quant_algo, "kv_cache_quant_algo": spec.kv_cache_quant_algo}
+        if self.quant_algo is None:  # KV only: process_layer_quant_config's empty per-layer dict
+            q["quantized_layers"] = {}
+            return q
+        q.update(self._block_extras(spec))
+        q["exclude_modules"] = ["lm_head", "model.embed_tokens"]  # get_quant_config, sorted
+        return q
+
+    def unified_quantization_config(self, spec, hf_quant: dict) -> dict:
+        """config.json's ``quantization_config`` of the unified checkpoint (modelopt's
+        convert_hf_quant_config_format of ``hf_quant``, hf_quant_config.json)."""
+        out: dict = dict(self.unified.quantization_config_extra)
+        out["ignore"] = hf_quant["quantization"].get("exclude_modules") or []
+        if self.quant_algo:
+            out["quant_algo"] = self.quant_algo
+        if spec.kv_cache_quant_algo == "FP8":
+            out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+        out["producer"] = hf_quant["producer"]
+        out["quant_method"] = "modelopt"
+        return out
 
     def label(self, spec) -> str:
         """Short human name, e.g. 'W4A16_AWQ (group 128) + INT8 KV cache'."""

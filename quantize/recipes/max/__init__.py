@@ -9,7 +9,7 @@ import copy
 from common.errors import UserError
 
 from ...algos import FP8, MODELOPT_EXCLUDE_MODULES
-from ..base import MAX, MemoryModel, Recipe
+from ..base import MAX, MemoryModel, Recipe, UnifiedFormat
 from ..moe import MoeCalibrated
 
 
@@ -25,6 +25,15 @@ class Fp8(Recipe):
     #: CPU: 1.49 / 1.50 GB peak RSS at 4 / 16 layers)
     memory = MemoryModel(weight_bytes=1.0, layer_factor=1.0, hooks=True)
     moe = MoeCalibrated()
+    #: modelopt's unified FP8: no fusion (each linear keeps its own scales), written layer by
+    #: layer from the calibration store (the q/k/v and gate/up inputs are one tensor, so the
+    #: store's fused input scale is each linear's; weight scales come from the weights)
+    unified = UnifiedFormat(weight="fp8", per_tensor_weight_scale=True, layerwise=True,
+                            quantization_config_extra=(("config_groups", {"group_0": {
+                                "input_activations": {"dynamic": False, "num_bits": 8,
+                                                      "type": "float"},
+                                "weights": {"dynamic": False, "num_bits": 8, "type": "float"},
+                                "targets": ["Linear"]}}),))
 
     def check_kv(self, kv: str | None) -> None:
         if kv == "INT8":

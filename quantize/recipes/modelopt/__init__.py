@@ -10,7 +10,7 @@ from common.errors import UserError
 
 from ...algos import (AWQ_GROUP_SIZES, DEFAULT_AWQ_GROUP_SIZE, DEFAULT_SMOOTHQUANT_ALPHA, MODELOPT_EXCLUDE_MODULES,
                       SMOOTHQUANT, W4A16_AWQ)
-from ..base import MODELOPT, MemoryModel, Recipe
+from ..base import MODELOPT, MemoryModel, Recipe, UnifiedFormat
 from ..moe import SMOOTHQUANT_REFUSED, MoeAwq
 from ..sq_plugin import check_alpha, check_smoothquant_tp
 
@@ -24,6 +24,14 @@ class ModeloptSmoothQuant(Recipe):
     weight_calibration = MODELOPT
     memory = MemoryModel(weight_bytes=1.0, layer_factor=1.6, hooks=False)
     moe = SMOOTHQUANT_REFUSED
+    #: q/k/v and gate/up fused (averaged pre_quant_scale, re-smoothed weights, max input amax)
+    unified = UnifiedFormat(weight="int8_rows", fuse_shared_inputs=True, note=(
+        "build_engine: note: --target pytorch writes SmoothQuant as modelopt's recipe "
+        "(W8A8_SQ_PER_CHANNEL, the only one a unified checkpoint has), and TensorRT-LLM's PyTorch "
+        "backend has no INT8 SmoothQuant method "
+        "(tensorrt_llm/_torch/modules/linear.py get_quant_method; see README, Targets): this "
+        "unified checkpoint is for other loaders of modelopt's format; for TensorRT-LLM use "
+        "--fp8, --awq or --int8-weight-only, or --target engine"))
 
     def resolve_flags(self, args) -> str:
         from ...flags import sq_algo  # --sq-recipe / --sq-activations / --sq-weights
@@ -65,6 +73,8 @@ class Awq(Recipe):
     #: modelopt's AWQ per layer: two forward-loop passes, the search holds every batch's inputs
     memory = MemoryModel(weight_bytes=0.5, layer_factor=1.8, hooks=False, passes=2, search_inputs=True)
     moe = MoeAwq()
+    #: q/k/v and gate/up fused, their pre_quant_scale folded into the norms
+    unified = UnifiedFormat(weight="int4", fuse_shared_inputs=True, fold_into_norm=True)
     #: modelopt's AWQ export pads the vocabulary to a multiple of 64 (the padded rows are zero)
     vocab_multiple = 64
     gemm_multiples = (64, 64)  # TensorRT-LLM's W4A16 group-wise GEMM, as for W4A16

@@ -27,6 +27,7 @@ def check_alpha(alpha: float) -> float:
 
 
 class SqPlugin(Recipe):
+    unified = None  # TensorRT-LLM's own tensors: no modelopt unified form
     """One of TensorRT-LLM's W8A8_SQ_*_PLUGIN formats."""
 
     flag = "--smoothquant"

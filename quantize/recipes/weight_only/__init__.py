@@ -4,7 +4,7 @@ max-calibrated, quantize/recipes/base.py)."""
 from __future__ import annotations
 
 from ...algos import TRTLLM_DEFAULT_EXCLUDE_MODULES
-from ..base import Recipe
+from ..base import Recipe, UnifiedFormat
 from ..moe import MoeWeightOnly
 
 
@@ -19,3 +19,13 @@ class WeightOnly(Recipe):
         self.quant_algo, self.flag = quant_algo, flag
         self.gemm_multiples = gemm_multiples
         self.moe = MoeWeightOnly(*gemm_multiples)  # the experts' GEMMs, the same kernels
+        # INT8: modelopt's INT8_WEIGHT_ONLY_CFG, streamed from the float weights; INT4 per channel
+        # has no unified form (INT4 there is group-wise AWQ)
+        self.unified = UnifiedFormat(weight="int8_rows", from_float_weights=True) \
+            if gemm_multiples == (64, 32) else None
+
+    def unified_refusal(self, spec) -> str | None:
+        if self.unified is None:
+            return ("--int4-weight-only has no modelopt unified-checkpoint format (INT4 there is "
+                    "group-wise AWQ); use --awq, or --target engine for per-channel INT4 weight-only")
+        return super().unified_refusal(spec)

@@ -1,0 +1,251 @@
+"""modelopt's "unified" quantized Hugging Face checkpoint, for TensorRT-LLM's PyTorch backend.
+
+``write_unified_checkpoint(model_dir, out_dir, spec)`` writes ``out_dir/`` with the tensors, file
+set and JSON that nvidia-modelopt 0.47's ``modelopt.torch.export.export_hf_checkpoint`` writes for
+the same calibrated model (checked tensor for tensor by tests/test_pytorch_target.py):
+
+* ``model.safetensors``: HF names (``model.layers.i.self_attn.q_proj.weight`` ...); per quantized
+  linear ``weight`` (quantized) + ``weight_scale`` / ``input_scale`` / ``pre_quant_scale``, and with an
+  FP8 KV cache ``self_attn.k_proj.k_scale`` / ``self_attn.v_proj.v_scale``;
+* ``hf_quant_config.json`` (``{"producer", "quantization"}``) and ``config.json`` = the source's
+  config plus ``quantization_config`` (modelopt's ``convert_hf_quant_config_format``);
+* the source's tokenizer / generation files, so the directory serves on its own.
+
+Per format (each recipe's ``unified``, quantize/recipes/; what modelopt 0.47's unified export does, read from
+``unified_export_hf.py`` / ``quant_utils.py`` and observed):
+
+==================== ====================================================================
+W8A8_SQ_PER_CHANNEL  int8 [out, in], weight_scale f32 [out], input_scale f32 [], pre_quant_scale
+                     [in] on every linear; linears sharing an input (q/k/v, gate/up) are fused
+                     first (averaged pre_quant_scale + re-smoothed weight, max input amax)
+FP8                  float8_e4m3fn [out, in], weight_scale f32 [], input_scale f32 []; no fusion
+                     (each linear keeps its own scales); written layer by layer from the
+                     calibration store (tensors.StoreLayers), unless with an FP8 KV cache
+W4A16_AWQ            uint8 [out/2, in] (two int4 along out, low nibble = even row), weight_scale
+                     [out, in/group]; q/k/v and gate/up fused, then their pre_quant_scale is
+                     folded into input_layernorm / post_attention_layernorm; o_proj / down_proj keep
+                     pre_quant_scale [in]
+W8A16                int8 [out, in], weight_scale f32 [out] = row absmax / 127 — needs no
+                     calibration, so it streams from the float weights (modelopt: INT8_WEIGHT_ONLY_CFG)
+KV cache FP8         k_scale / v_scale f32 = k/v_bmm_quantizer amax / 448
+==================== ====================================================================
+
+Calibration: FP8 (without a KV cache) calibrates layer by layer into the calibration store that the
+engine target uses too (``DIR/calibration``, reusable with ``--calibration`` by either target), and
+its tensors are computed one layer at a time while the file is written, so the peak memory does
+not grow with depth. The others still calibrate the whole model in memory with modelopt: the
+store keeps what modelopt's TensorRT-LLM export writes, which loses what the unified form needs
+(SmoothQuant: gate/up are not fused there, and re-smoothing needs the float smoothed weights;
+AWQ: the same, plus the norms the pre_quant_scale folds into; an FP8 KV cache: its scales are
+clamped to >= 1 there, the unified k/v scales are the raw amax / 448).
+
+Refused (one line, ``UNSUPPORTED``): ``--int4-weight-only`` (no per-channel INT4 in the unified
+format) and ``--kv-cache-dtype int8`` (modelopt 0.47's unified export asserts "Invalid KV cache
+quantization format" on it).
+
+Dtypes: float tensors that modelopt writes in the model's dtype (embeddings, norms, lm_head,
+biases, pre_quant_scale) are written in the *source checkpoint's* dtype (calibration runs in fp32 on
+CPU; a deployment wants the source's fp16/bf16); quantized weights are computed from the weights in
+that dtype (modelopt's ``dtype`` argument); scales stay float32 as modelopt writes them. Unquantized
+tensors are copied from the source file by file, never loaded all at once.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.errors import UserError
+from common.staged import StagedOutput
+from convert.source import SourceCheckpoint
+from convert.writer import write_file
+
+from .config import hf_quant_config, quantization_config
+from .tensors import LAYOUT, StoreLayers, model_tensors, weight_only_int8
+
+Tensor = torch.Tensor
+
+SAFETENSORS = "model.safetensors"
+HF_QUANT_CONFIG = "hf_quant_config.json"
+#: Non-weight files copied from the source so TensorRT-LLM's LLM(model=DIR) finds its tokenizer.
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+                "added_tokens.json", "chat_template.jinja")
+_LINEAR = re.compile(r"^(model\.layers\.\d+)\.(" + "|".join(map(re.escape, LAYOUT.hf_linears()))
+                     + r")\.weight$")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    source: str | None = None      # copy this source tensor as it is
+    tensor: Tensor | None = None   # or write this one
+    weight_only: bool = False      # or quantize this source weight (W8A16), part 0 = weight
+    layer: int | None = None       # or this layer's tensor from the calibration store
+
+
+def _plan(source: SourceCheckpoint, computed: dict[str, Tensor], spec, layers=None) -> list[_Entry]:
+    entries: dict[str, _Entry] = {}
+    fmt = spec.format.unified
+    wo = fmt.from_float_weights and fmt.weight is not None and \
+        not any(k.endswith(".weight_scale") for k in computed)
+    streamed = {}
+    for i in range(layers.num_layers if layers is not None else 0):
+        streamed.update({n: (i, sh, dt) for n, (sh, dt) in layers.names(i).items()})
+    for name, (_, shape, dtype) in source.meta.items():
+        if name in computed or name in streamed:
+            continue
+        if wo and _LINEAR.match(name):
+            out_dim = shape[0]
+            entries[name] = _Entry(name, shape, torch.int8, source=name, weight_only=True)
+            sname = name[: -len("weight")] + "weight_scale"
+            entries[sname] = _Entry(sname, (out_dim,), torch.float32, source=name, weight_only=True)
+        else:
+            entries[name] = _Entry(name, shape, dtype, source=name)
+    for name, t in computed.items():
+        entries[name] = _Entry(name, tuple(t.shape), t.dtype, tensor=t)
+    for name, (i, shape, dtype) in streamed.items():
+        entries[name] = _Entry(name, shape, dtype, layer=i)
+    return [entries[k] for k in sorted(entries)]
+
+
+def _check_source_dtype(source: SourceCheckpoint) -> torch.dtype:
+    dtypes = {d for _, _, d in source.meta.values() if d.is_floating_point}
+    if len(dtypes) != 1:
+        raise UserError(f"{source.dir}: float tensors in several dtypes ({sorted(map(str, dtypes))}); "
+                        "save the model in one dtype first")
+    return dtypes.pop().torch  # the source's dtypes are bytes-level (common.dtypes)
+
+
+def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry], layers=None,
+                   digests=None) -> None:
+    cache: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def produce(e: _Entry):
+        if e.tensor is not None:
+            yield e.tensor
+        elif e.layer is not None:
+            yield layers.tensor(e.layer, e.name)
+        elif e.weight_only:
+            if e.source not in cache:
+                cache.clear()
+                cache[e.source] = weight_only_int8(source.read(e.source))
+            yield cache[e.source][0 if e.dtype == torch.int8 else 1]
+        else:
+            yield source.read(e.source)
+
+    write_file(path, entries, produce, digests=digests)
+
+
+def _read_config(model_dir: Path) -> dict:
+    cfg_path = model_dir / "config.json"
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {cfg_path}: {e}") from None
+
+
+def _quant_tensors(model_dir: Path, source, spec, dtype, calibrated_model, calibration, calib_text,
+                   tokenizer, device, progress, timings):
+    """(tensors computed whole, the layers streamed from the calibration store or None)."""
+    if calibrated_model is None and calibration is not None:
+        load_layer = calibration.calibrate(model_dir, source, spec, progress=progress,
+                                           timings=timings)
+        return {}, StoreLayers(load_layer, source, spec, dtype, calibration.compute_dtype,
+                               _num_layers(source))
+    model = calibrated_model
+    if model is None:
+        import time
+
+        from ..calibrate import calibrate
+
+        t0 = time.perf_counter()
+        model = calibrate(model_dir, spec, calib_text, tokenizer=tokenizer, device=device,
+                          progress=progress)
+        timings["calibration"] = time.perf_counter() - t0
+    computed = model_tensors(model, spec, dtype)
+    for name in computed:
+        if name not in source and not name.endswith(("_scale",)):
+            raise UserError(f"{name} is not in {model_dir}: the calibrated model does not match the "
+                            "source checkpoint")
+    return computed, None
+
+
+def _num_layers(source) -> int:
+    found = {int(m.group(1)) for n in source.meta if (m := re.match(r"^model\.layers\.(\d+)\.", n))}
+    return len(found)
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def _write_dir(tmp: Path, model_dir: Path, source, entries, layers, config: dict, hf_quant,
+               digests=None) -> None:
+    _write_tensors(tmp / SAFETENSORS, source, entries, layers, digests)
+    (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+    if hf_quant is not None:
+        (tmp / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=4))
+    for f in COPIED_FILES:
+        if (model_dir / f).is_file():
+            shutil.copyfile(model_dir / f, tmp / f)
+
+
+def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None, calibration=None,
+                             calib_text=None, tokenizer=None, device="auto", force: bool = False,
+                             progress: bool = True, timings: dict | None = None,
+                             digests=None) -> dict | None:
+    """Write the unified checkpoint of ``model_dir`` for ``spec`` to ``out_dir``; return its
+    hf_quant_config (None when unquantized).
+
+    Calibrated formats: with ``calibration`` (a quantize.run.CalibrationRun; the recipe's
+    ``unified_layerwise``), layer by layer into (or, reused, from) its store, the tensors streamed
+    one layer at a time; otherwise the whole model is calibrated with modelopt
+    (``calibrated_model``: an already calibrated model to use instead, e.g. the same one given to
+    modelopt's export in a test or a benchmark). Written to ``out_dir.partial`` and renamed when
+    complete; an existing ``out_dir`` needs ``force``. This is the entry point for benchmarks.
+    ``digests``: the run's ``common.digests.Digests``, told the tensor file's digest.
+    """
+    from .config import check_supported
+
+    check_supported(spec)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir} already exists: choose another --output or pass --force to replace it")
+    config = _read_config(model_dir)
+    source = SourceCheckpoint(model_dir)
+    dtype = _check_source_dtype(source)
+    computed, layers = {}, None
+    if spec.needs_calibration or calibrated_model is not None:
+        try:
+            computed, layers = _quant_tensors(model_dir, source, spec, dtype, calibrated_model,
+                                              calibration, calib_text, tokenizer, device,
+                                              progress, {} if timings is None else timings)
+        except BaseException:
+            source.close()
+            raise
+    staged = StagedOutput(out_dir)
+    try:
+        entries = _plan(source, computed, spec, layers)
+        hf_quant = hf_quant_config(spec)
+        if hf_quant is not None:
+            config["quantization_config"] = quantization_config(spec, hf_quant)
+        staged.open(None, resume=False)  # a unified checkpoint is written in one go
+        _write_dir(staged.stage, model_dir, source, entries, layers, config, hf_quant, digests)
+        staged.promote()
+    except OSError as e:
+        staged.discard()
+        raise UserError(f"cannot write {out_dir}: {e.strerror or e}; free space or choose another --output")
+    except BaseException:
+        staged.discard()
+        raise
+    finally:
+        source.close()
+    return hf_quant

@@ -1,0 +1,176 @@
+"""The unified checkpoint's quantized tensors: from a whole calibrated model
+(:func:`model_tensors`), or one decoder layer at a time from the calibration store
+(:class:`StoreLayers`), with modelopt 0.47's ``export_hf_checkpoint`` arithmetic. What differs
+per format is the recipe's :class:`quantize.recipes.base.UnifiedFormat`."""
+from __future__ import annotations
+
+import torch
+
+from common.errors import UserError
+from model.families import FAMILIES
+
+from ..modelopt_state import (ExportLinear, act_scale, fuse_shared_input, layer_prefixes,
+                              linear_modules, pack_int4, sanitize_amax, weight_scale)
+
+Tensor = torch.Tensor
+
+#: the Llama-family layout modelopt's unified export quantizes (the family spec's dense linears)
+LAYOUT = FAMILIES["llama"]
+KV_MAXBOUND = 448.0  # modelopt: "kv cache scale as amax / 448 for both FP8 and NVFP4"
+FP8_MAXBOUND = float(torch.finfo(torch.float8_e4m3fn).max)
+
+
+def _int8_rows(w: Tensor, scale: Tensor, block=None) -> Tensor:
+    return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+
+
+#: UnifiedFormat.weight -> how a weight [out, in] is encoded with its scale
+ENCODE = {
+    "int8_rows": _int8_rows,
+    "fp8": lambda w, scale, block=None: (w / scale).to(torch.float8_e4m3fn),
+    "int4": lambda w, scale, block: pack_int4(w, scale, block).view(torch.uint8),
+}
+
+
+def weight_only_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """W8A16 from a float weight [out, in]: (int8 weight, f32 weight_scale [out]).
+
+    modelopt: max calibration of the weight quantizer (axis 0) → export_amax (0 → 127) / 127, then
+    ``(w / scale[:, None]).round().clamp(-128, 127)``.
+    """
+    scale = sanitize_amax(w.abs().amax(dim=1).float(), 127.0) / 127.0
+    return _int8_rows(w, scale), scale
+
+
+def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict) -> set:
+    """modelopt's preprocess_linear_fusion on the linears sharing an input (and AWQ's folding of
+    their pre_quant_scale into the norm that feeds them); the linears folded."""
+    folded: set = set()
+    if not fmt.fuse_shared_inputs:
+        return folded
+    for names in LAYOUT.fusion_groups().values():
+        norm = LAYOUT.linear_of(names[0])[0].norm
+        fuse_shared_input([lins[n] for n in names], block)
+        head = lins[names[0]]
+        if fmt.fold_into_norm and head.pqs is not None:
+            w = model.get_submodule(f"{prefix}.{norm}").weight.detach()
+            out[f"{prefix}.{norm}.weight"] = (w * head.pqs.to(w.device)).to(w.dtype).to(dtype)
+            folded.update(names)
+    return folded
+
+
+def _linear_tensors(p: str, lin, fmt, block, dtype, folded: bool, out: dict) -> None:
+    w = lin.weight.to(dtype)
+    if fmt.per_tensor_weight_scale:  # FP8: the weight quantizer's amax / maxbound
+        amax = lin.wq.amax.detach().float()
+        mb = float(lin.wq.maxbound)
+        scale = torch.tensor(amax.item() / mb) if amax.dim() == 1 else amax / mb
+    else:
+        scale = weight_scale(lin, block)
+    out[f"{p}.weight"] = ENCODE[fmt.weight](w, scale, block)
+    out[f"{p}.weight_scale"] = scale
+    a = act_scale(lin)
+    if a is not None:
+        out[f"{p}.input_scale"] = a.reshape(())
+    if lin.pqs is not None and not folded:
+        out[f"{p}.pre_quant_scale"] = lin.pqs.squeeze().to(dtype)
+
+
+def _layer(model, prefix: str, linears: dict, spec, dtype, out: dict) -> None:
+    fmt = spec.format.unified
+    lins = {h: ExportLinear(linears[f"{prefix}.{h}"]) for h in LAYOUT.hf_linears()}
+    if fmt.from_float_weights:  # W8A16: scales from the (unmodified) float weights
+        for s, lin in lins.items():
+            p = f"{prefix}.{s}"
+            out[f"{p}.weight"], out[f"{p}.weight_scale"] = weight_only_int8(lin.weight.to(dtype))
+        return
+    for s, lin in lins.items():
+        if lin.wq is None or not lin.wq.is_enabled:
+            raise UserError(f"{prefix}: {s} has no enabled weight quantizer; was the model "
+                            f"calibrated for {spec.name}?")
+    folded = _fuse_groups(model, prefix, lins, fmt, spec.group_size, dtype, out)
+    for s, lin in lins.items():
+        _linear_tensors(f"{prefix}.{s}", lin, fmt, spec.group_size, dtype, s in folded, out)
+
+
+def _kv_scales(model, layers: list[str], spec, out: dict) -> None:
+    for prefix in layers:
+        attn = model.get_submodule(f"{prefix}.self_attn")
+        for kv in "kv":
+            q = getattr(attn, f"{kv}_bmm_quantizer", None)
+            if q is None or not q.is_enabled or getattr(q, "_amax", None) is None:
+                raise UserError(f"{prefix}: no calibrated {kv}_bmm_quantizer; was the model "
+                                f"calibrated for {spec.name}?")
+            out[f"{prefix}.self_attn.{kv}_proj.{kv}_scale"] = q._amax.detach().float() / KV_MAXBOUND
+
+
+@torch.no_grad()
+def model_tensors(model, spec, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The tensors of a calibrated model that differ from the source checkpoint, by unified name.
+
+    Linear weights (quantized) and their scales, AWQ's folded norms, KV-cache scales. ``dtype``:
+    the checkpoint's float dtype (quantized weights are computed from the weights in it).
+    """
+    out: dict[str, Tensor] = {}
+    layers = layer_prefixes(model)
+    if not layers:
+        raise UserError("no decoder layers named '*.layers.N.self_attn' found: not a Llama-family model")
+    if spec.format.unified.weight is not None:
+        linears = linear_modules(model)
+        for prefix in layers:
+            _layer(model, prefix, linears, spec, dtype, out)
+    if spec.kv_cache_quant_algo is not None:
+        _kv_scales(model, layers, spec, out)
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+class StoreLayers:
+    """The unified tensors of one decoder layer at a time, from the calibration store's layer
+    (``load_layer(i, dtype)``: what quantize.modelopt_state.extract_quant_state wrote for it) and
+    the source weights: per linear its own weight scale (the weight quantizer's max calibration:
+    ``max|w|`` in the calibration's compute dtype, / 448) and the store's activation scale (the
+    linears of a fused group share one input, so the store's group maximum is each one's).
+    Formats whose :class:`UnifiedFormat` has ``layerwise`` (FP8)."""
+
+    def __init__(self, load_layer, source, spec, dtype: torch.dtype, compute_dtype: torch.dtype,
+                 num_layers: int):
+        self.load_layer, self.source, self.spec = load_layer, source, spec
+        self.num_layers = num_layers
+        self.dtype, self.compute_dtype = dtype, compute_dtype
+        self.fmt = spec.format.unified
+        self._cached: tuple[int, dict] | None = None
+
+    def names(self, i: int) -> dict[str, tuple[tuple, torch.dtype]]:
+        """Layer ``i``'s unified names -> (shape, dtype), without computing them."""
+        out = {}
+        for h in LAYOUT.hf_linears():
+            p = f"model.layers.{i}.{h}"
+            _, shape, _ = self.source.meta[f"{p}.weight"]
+            out[f"{p}.weight"] = (tuple(shape), torch.float8_e4m3fn)
+            out[f"{p}.weight_scale"] = ((), torch.float32)
+            out[f"{p}.input_scale"] = ((), torch.float32)
+        return out
+
+    @torch.no_grad()
+    def tensor(self, i: int, name: str) -> Tensor:
+        if self._cached is None or self._cached[0] != i:
+            self._cached = None  # one layer held at a time
+            self._cached = (i, self._compute(i))
+        return self._cached[1][name]
+
+    def _compute(self, i: int) -> dict[str, Tensor]:
+        state = self.load_layer(i, self.dtype)
+        out = {}
+        for h in LAYOUT.hf_linears():
+            p = f"model.layers.{i}.{h}"
+            w = self.source.read(f"{p}.weight").to(self.dtype)
+            amax = w.to(self.compute_dtype).abs().amax().float()
+            scale = amax / FP8_MAXBOUND
+            out[f"{p}.weight"] = ENCODE[self.fmt.weight](w, scale)
+            out[f"{p}.weight_scale"] = scale
+            act = state.get(f"{p}.activation_scaling_factor")
+            if act is None:
+                raise UserError(f"calibration store layer {i} has no {h} activation scale; was "
+                                f"it calibrated for {self.spec.name}?")
+            out[f"{p}.input_scale"] = act.reshape(()).contiguous()
+        return out
