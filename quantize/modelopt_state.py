@@ -22,7 +22,8 @@ from common.errors import UserError
 from model.families import FAMILIES
 from model.spec import PER_BLOCK, QKV, Linear, companion_axis, companion_layout
 
-from .formats import FP8, SMOOTHQUANT, W4A16_AWQ, QuantSpec
+from .formats import QuantSpec
+from .recipes import RECIPES
 
 Tensor = torch.Tensor
 
@@ -41,7 +42,8 @@ KV_SCALES = ("k_cache_scaling_factor", "v_cache_scaling_factor", "kv_cache_scali
 # ---------------------------------------------------------------------------------------------
 
 
-NUM_BITS = {SMOOTHQUANT: 8, FP8: (4, 3), W4A16_AWQ: 4}  # modelopt's num_bits per format
+#: modelopt's num_bits of the weight quantizer, per format it exports (the recipes' linear_export)
+NUM_BITS = {algo: r.linear_export.num_bits for algo, r in RECIPES.items() if r.linear_export is not None}
 
 
 def sanitize_amax(amax: Tensor, maxbound: float) -> Tensor:
@@ -167,15 +169,16 @@ def _to_fp8(w: Tensor, scale: Tensor, block: int = 1 << 19) -> Tensor:
     return out
 
 
-def _quantize_weight(lin: _Lin, scale: Tensor, algo: str, block: int | None) -> Tensor:
-    w = lin.weight
-    if algo == SMOOTHQUANT:
-        return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
-    if algo == FP8:
-        return _to_fp8(w, scale)
-    if algo == W4A16_AWQ:
-        return _pack_int4(w, scale, block)
-    raise ValueError(algo)
+#: the weight encoders, by the recipe's ``linear_export.codec``: (weight, scale, block) -> tensor
+WEIGHT_CODECS = {
+    "int8": lambda w, scale, block: (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8),
+    "fp8": lambda w, scale, block: _to_fp8(w, scale),
+    "int4": _pack_int4,
+}
+
+
+def _quantize_weight(lin: _Lin, scale: Tensor, codec: str, block: int | None) -> Tensor:
+    return WEIGHT_CODECS[codec](lin.weight, scale, block)
 
 
 @torch.no_grad()
@@ -199,31 +202,31 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
     ``dtype``: the checkpoint dtype (modelopt casts prequant_scaling_factor to it).
     Weight-only formats have no linear tensors here (the float weights go into the checkpoint).
     """
-    algo = spec.quant_algo if spec.quant_algo in (SMOOTHQUANT, FP8, W4A16_AWQ) else None
-    block = spec.group_size if algo == W4A16_AWQ else None
+    export = spec.format.linear_export  # None: no linear tensors (float, weight-only, KV cache only)
+    block = spec.group_size  # AWQ's group (None for the other formats)
     out: dict[str, Tensor] = {}
     layers = _layer_prefixes(model)
     if not layers:
         raise UserError("no decoder layers named '*.layers.N.self_attn' found: not a Llama-family model")
     linears = _linear_modules(model)
 
-    if algo is not None:
+    if export is not None:
         for prefix in layers:
             # absent MLP linears: a MoE layer's experts (quantize/moe.py)
             lins = {h: _Lin(linears[f"{prefix}.{h}"]) for h in HF_LINEARS
                     if f"{prefix}.{h}" in linears or h.startswith(HF_ATTENTION + ".")}
             for h, lin in lins.items():
-                if not _enabled(lin.wq) or lin.wq.num_bits != NUM_BITS[algo]:
-                    raise UserError(f"{prefix}: {h.split('.')[-1]} has no enabled {algo} weight "
+                if not _enabled(lin.wq) or lin.wq.num_bits != export.num_bits:
+                    raise UserError(f"{prefix}: {h.split('.')[-1]} has no enabled {spec.quant_algo} weight "
                                     f"quantizer; was the model calibrated for {spec.name}?")
             # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4).
             for group, members in LAYOUT.fusion_groups().items():
-                if (group == "qkv" or algo == FP8) and all(h in lins for h in members):
+                if group in export.fused and all(h in lins for h in members):
                     _fuse([lins[h] for h in members], block)
             for h, lin in lins.items():
                 p = f"{prefix}.{h}"
                 wsf = _weight_scale(lin, block)
-                out[f"{p}.weight"] = _quantize_weight(lin, wsf, algo, block).cpu()
+                out[f"{p}.weight"] = _quantize_weight(lin, wsf, export.codec, block).cpu()
                 out[f"{p}.weights_scaling_factor"] = wsf.cpu()
                 a = _act_scale(lin)
                 if a is not None:
@@ -231,7 +234,8 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
                 if lin.pqs is not None:
                     out[f"{p}.prequant_scaling_factor"] = lin.pqs.squeeze().to(dtype).cpu()
 
-    if spec.kv_cache_quant_algo is not None:
+    if spec.format.kv_cache_bits(spec) is not None:  # a quantized KV cache
+        floor = spec.format.kv_scale_floor(spec)
         for prefix in layers:
             attn = model.get_submodule(f"{prefix}.{HF_ATTENTION}")
             kq, vq = getattr(attn, "k_bmm_quantizer", None), getattr(attn, "v_bmm_quantizer", None)
@@ -241,8 +245,8 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
             scales = []
             for q in (kq, vq):
                 s = q.export_amax().detach().float() / float(q.maxbound)
-                if spec.kv_cache_quant_algo == "FP8":  # modelopt clamps FP8 KV scales to >= 1
-                    s = torch.max(s, torch.tensor([1.0], dtype=torch.float, device=s.device))
+                if floor is not None:  # modelopt clamps FP8 KV scales to >= 1
+                    s = torch.max(s, torch.tensor([floor], dtype=torch.float, device=s.device))
                 scales.append(s.reshape(1).cpu())
             k, v = scales
             kv_names = (f"{prefix}.{HF_ATTENTION}.{n}" for n in KV_SCALES)
@@ -317,7 +321,7 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
     The float parts (biases, norms, embeddings, lm_head) are the converter's; only weight, the
     scaling factors and the KV scales are returned.
     """
-    algo = spec.quant_algo if spec.quant_algo in (SMOOTHQUANT, FP8, W4A16_AWQ) else None
+    export = spec.format.linear_export
     kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, tp=tp, rank=rank)
     out: dict[str, Tensor] = {}
     idx = sorted({int(m.group(1)) for k in state
@@ -325,7 +329,7 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
     for i in idx:
         src = f"{layer_prefix}.{i}"
         dst = f"transformer.layers.{i}"
-        for lin in LAYOUT.dense_linears() if algo is not None else ():
+        for lin in LAYOUT.dense_linears() if export is not None else ():
             if f"{src}.{lin.hf[0]}.weight" not in state:  # a MoE layer's experts: quantize/moe.py
                 continue
             for suffix in ("weight", "weights_scaling_factor", "activation_scaling_factor",
@@ -341,11 +345,6 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
 
 def quant_state_names(spec: QuantSpec) -> Iterable[str]:
     """Suffixes each quantized TensorRT-LLM linear carries for ``spec`` (besides bias)."""
-    if spec.quant_algo == SMOOTHQUANT:
-        return ("weight", "weights_scaling_factor", "activation_scaling_factor", "prequant_scaling_factor")
-    if spec.quant_algo == FP8:
-        return ("weight", "weights_scaling_factor", "activation_scaling_factor")
-    if spec.quant_algo == W4A16_AWQ:
-        return ("weight", "weights_scaling_factor", "prequant_scaling_factor")
-    return ()
+    export = spec.format.linear_export
+    return () if export is None else export.tensors
 

@@ -24,7 +24,7 @@ import torch
 from common.errors import UserError
 
 from .modelopt_state import _enabled, _fuse, _Lin, _quantize_weight, _weight_scale
-from .formats import W4A16_AWQ, QuantSpec
+from .formats import QuantSpec
 from .moe_blocks import unfused_blocks
 
 Tensor = torch.Tensor
@@ -73,5 +73,5 @@ def _quantized(*lins: _Lin, block_size: int) -> tuple[Tensor, Tensor]:
         if not torch.isfinite(s).all() or not (s > 0).all():
             raise UserError("--awq: a non-finite or zero expert weight scale; the model's expert "
                             "weights are not finite")
-    weights = [_quantize_weight(lin, s, W4A16_AWQ, block_size) for lin, s in zip(lins, scales)]
+    weights = [_quantize_weight(lin, s, "int4", block_size) for lin, s in zip(lins, scales)]
     return torch.cat(weights), torch.cat(scales)

@@ -9,7 +9,7 @@ import copy
 from common.errors import UserError
 
 from ...algos import FP8, MODELOPT_EXCLUDE_MODULES
-from ..base import MAX, MemoryModel, Recipe
+from ..base import MAX, LinearExport, MemoryModel, Recipe
 from ..moe import MoeCalibrated
 
 
@@ -25,6 +25,8 @@ class Fp8(Recipe):
     #: CPU: 1.49 / 1.50 GB peak RSS at 4 / 16 layers)
     memory = MemoryModel(weight_bytes=1.0, layer_factor=1.0, hooks=True)
     moe = MoeCalibrated()
+    linear_export = LinearExport("fp8", (4, 3), ("qkv", "gate_up"),
+                                 ("weight", "weights_scaling_factor", "activation_scaling_factor"))
 
     def check_kv(self, kv: str | None) -> None:
         if kv == "INT8":
