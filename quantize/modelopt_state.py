@@ -53,7 +53,7 @@ def sanitize_amax(amax: Tensor, maxbound: float) -> Tensor:
     return a.clamp(min=fi.tiny, max=fi.max)
 
 
-def _enabled(q) -> bool:
+def enabled(q) -> bool:
     return q is not None and q.is_enabled
 
 
@@ -73,7 +73,7 @@ def _layer_prefixes(model) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
-class _Lin:
+class Lin:
     """One HF linear as modelopt's export sees it after preprocess_linear_fusion."""
 
     def __init__(self, module: torch.nn.Module):
@@ -86,11 +86,11 @@ class _Lin:
         self.pqs_enabled = iq is not None and iq.pre_quant_scale is not None
         self.pqs = pqs.detach() if pqs is not None else None
         self.weight_amax: Tensor | None = None  # set when re-smoothing re-collected it
-        self.input_amax = iq.amax.detach() if _enabled(iq) and iq.amax is not None else None
+        self.input_amax = iq.amax.detach() if enabled(iq) and iq.amax is not None else None
         self.fused_weight_amax: Tensor | None = None  # FP8 per-tensor: max over the fused group
 
 
-def _fuse(group: list[_Lin], block: int | None) -> None:
+def fuse(group: list[Lin], block: int | None) -> None:
     """modelopt.torch.export.quant_utils.preprocess_linear_fusion, without touching the modules."""
     head = group[0]
     if head.pqs_enabled:
@@ -108,7 +108,7 @@ def _fuse(group: list[_Lin], block: int | None) -> None:
         amax = torch.max(torch.stack([g.input_amax for g in group]))
         for g in group:
             g.input_amax = amax
-    if _enabled(head.wq) and head.wq.amax is not None and head.wq.amax.numel() == 1:
+    if enabled(head.wq) and head.wq.amax is not None and head.wq.amax.numel() == 1:
         amax = torch.max(torch.stack([g.wq.amax.detach() for g in group]))
         for g in group:
             g.fused_weight_amax = amax
@@ -124,7 +124,7 @@ def _weight_absmax(w: Tensor, wq, block: int | None) -> Tensor:
     return w.abs().amax(dim=1)  # axis=0: one amax per output channel
 
 
-def _weight_scale(lin: _Lin, block: int | None) -> Tensor:
+def weight_scale(lin: Lin, block: int | None) -> Tensor:
     wq = lin.wq
     mb = float(wq.maxbound)
     if lin.fused_weight_amax is not None:  # per-tensor (FP8): group max, exported as [1]
@@ -134,7 +134,7 @@ def _weight_scale(lin: _Lin, block: int | None) -> Tensor:
     return wq.export_amax().detach().float() / mb
 
 
-def _act_scale(lin: _Lin) -> Tensor | None:
+def _act_scale(lin: Lin) -> Tensor | None:
     if lin.input_amax is None:
         return None
     mb = float(lin.iq.maxbound)
@@ -177,7 +177,7 @@ WEIGHT_CODECS = {
 }
 
 
-def _quantize_weight(lin: _Lin, scale: Tensor, codec: str, block: int | None) -> Tensor:
+def quantize_weight(lin: Lin, scale: Tensor, codec: str, block: int | None) -> Tensor:
     return WEIGHT_CODECS[codec](lin.weight, scale, block)
 
 
@@ -213,20 +213,20 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
     if export is not None:
         for prefix in layers:
             # absent MLP linears: a MoE layer's experts (quantize/moe.py)
-            lins = {h: _Lin(linears[f"{prefix}.{h}"]) for h in HF_LINEARS
+            lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in HF_LINEARS
                     if f"{prefix}.{h}" in linears or h.startswith(HF_ATTENTION + ".")}
             for h, lin in lins.items():
-                if not _enabled(lin.wq) or lin.wq.num_bits != export.num_bits:
+                if not enabled(lin.wq) or lin.wq.num_bits != export.num_bits:
                     raise UserError(f"{prefix}: {h.split('.')[-1]} has no enabled {spec.quant_algo} weight "
                                     f"quantizer; was the model calibrated for {spec.name}?")
             # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4).
             for group, members in LAYOUT.fusion_groups().items():
                 if group in export.fused and all(h in lins for h in members):
-                    _fuse([lins[h] for h in members], block)
+                    fuse([lins[h] for h in members], block)
             for h, lin in lins.items():
                 p = f"{prefix}.{h}"
-                wsf = _weight_scale(lin, block)
-                out[f"{p}.weight"] = _quantize_weight(lin, wsf, export.codec, block).cpu()
+                wsf = weight_scale(lin, block)
+                out[f"{p}.weight"] = quantize_weight(lin, wsf, export.codec, block).cpu()
                 out[f"{p}.weights_scaling_factor"] = wsf.cpu()
                 a = _act_scale(lin)
                 if a is not None:
@@ -239,7 +239,7 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
         for prefix in layers:
             attn = model.get_submodule(f"{prefix}.{HF_ATTENTION}")
             kq, vq = getattr(attn, "k_bmm_quantizer", None), getattr(attn, "v_bmm_quantizer", None)
-            if not (_enabled(kq) and _enabled(vq)) or kq.amax is None or vq.amax is None:
+            if not (enabled(kq) and enabled(vq)) or kq.amax is None or vq.amax is None:
                 raise UserError(f"{prefix}.{HF_ATTENTION} has no calibrated KV-cache quantizers; was the "
                                 f"model calibrated for {spec.name}?")
             scales = []
@@ -348,3 +348,7 @@ def quant_state_names(spec: QuantSpec) -> Iterable[str]:
     export = spec.format.linear_export
     return () if export is None else export.tensors
 
+
+
+# convert/unified.py (being rewritten) still imports these by their former private names
+_Lin, _fuse, _weight_scale = Lin, fuse, weight_scale

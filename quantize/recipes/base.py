@@ -13,6 +13,8 @@ A :class:`Recipe` answers every format-dependent question of a build for one ``q
   applies);
 * **quantization block**: :meth:`quantization_block` (config.json's ``quantization``),
   :attr:`exclude_modules`, :attr:`pre_quant_scale`;
+* **modelopt's export**: :attr:`linear_export` (:class:`LinearExport`: weight codec, num_bits,
+  fused groups, tensor suffixes) and :meth:`kv_scale_floor` (quantize/modelopt_state.py);
 * **MoE**: :attr:`moe` (quantize/recipes/moe: refusals, exclude_modules, expert tensors);
 * **verification**: :attr:`vocab_padding` (verify/compare.py); the reference kernels are
   registered by quant_algo in verify/kernels.py's tables;
