@@ -43,7 +43,7 @@ def verify(ckpt, model_dir, quant, tokenizer):
     model is meaningful there, unlike on random ids, for a format's coarse logits."""
     from verify.reference import verify
 
-    if quant.is_quantized:
+    if quant.format.quantized(quant):
         return verify(ckpt, model_dir, text=quant.read_calib_text()[:2000], tokenizer=tokenizer)
     return verify(ckpt, model_dir)
 

@@ -16,13 +16,14 @@ from convert.heads import pad_quant_state, pad_sq_plugin_layers
 from convert.moe import MoeLayout
 from convert.plan import TORCH_DTYPES
 from quantize.apply import LayerShards, apply_to_plan, stage_tensors
+from quantize.recipes import MAX, MODELOPT, SQ_HOOKS
 
 
 def calibration_run(calibration, quant, shape, out_dir: Path):
     """The layer-wise calibration of this conversion, or None: every calibrated format on dense
     models goes layer by layer (a default run into a temporary store when none is given);
     mixture-of-experts models do not."""
-    calibrated = quant is not None and quant.needs_calibration
+    calibrated = quant is not None and quant.format.calibration(quant) is not None
     if not calibrated or shape.experts:
         if calibration is not None and calibration.reuse and calibrated:
             raise UserError("--calibration reuses a layer-wise calibration; a mixture-of-experts "
@@ -67,17 +68,19 @@ def calibrate_into_plan(model, cplan, shape, quant, calibration, *, progress: bo
     load_layer = calibration.calibrate(model.directory, cplan.source, quant, progress=progress,
                                        timings=timings)
     t1 = time.perf_counter()
-    tp = cplan.config["mapping"]["tp_size"]
-    if quant.is_sq_plugin:
-        shards = sq_plugin_shards(calibration.store, load_layer, shape, quant, cplan.config,
-                                  report, dtype)
-    else:  # calibrated on the real heads, then padded (per layer)
-        shards = LayerShards(lambda i: pad_quant_state(load_layer(i, dtype), shape.padding),
-                             quant, num_heads=shape.tp_heads, num_kv_heads=shape.tp_kv_heads,
-                             tp=tp)
+    layer_shards = LAYER_SHARDS[quant.format.calibration(quant)]
+    shards = layer_shards(calibration.store, load_layer, shape, quant, cplan.config, report, dtype)
     cplan.plans = planned(cplan, shape, lambda tp_rank, layers: shards.staged(layers, tp_rank))
     timings.update(quantized_tensors=time.perf_counter() - t1)
     return {"timings": timings, "report": report}
+
+
+def modelopt_shards(store, load_layer, shape, quant, config, report, dtype):
+    """modelopt's formats (and a KV cache alone) from a layer-wise calibration store: each
+    layer's state read back, calibrated on the real heads, then padded, cut per rank."""
+    return LayerShards(lambda i: pad_quant_state(load_layer(i, dtype), shape.padding), quant,
+                       num_heads=shape.tp_heads, num_kv_heads=shape.tp_kv_heads,
+                       tp=config["mapping"]["tp_size"])
 
 
 def sq_plugin_shards(store, load_layer, shape, quant, config, report, dtype):
@@ -99,6 +102,10 @@ def sq_plugin_shards(store, load_layer, shape, quant, config, report, dtype):
     def shard(i, layer, tp_rank):
         return plugin_layer_tensors(i, layer, quant, tp=tp, rank=tp_rank, norm_dtype=dtype, **heads)
     return LayerShards(load, quant, tp=tp, shard=shard, **heads)
+
+
+#: the recipe's calibration method -> the per-layer tensors of its layer-wise store
+LAYER_SHARDS = {SQ_HOOKS: sq_plugin_shards, MAX: modelopt_shards, MODELOPT: modelopt_shards}
 
 
 def modelopt_tensors(model_dir, shape, quant, config, calibrated_model, progress, dtype):

@@ -40,15 +40,12 @@ def plan_layout(model, *, tp: int = 1, pp: int = 1, quant=None, moe_tp: int | No
     """Refuse a parallel layout or quantization format the model cannot take (one line, before any
     weight is read or any calibration). With ``pad_heads`` the shape carries the head padding tp
     needs (``shape.padding``; None if none)."""
-    sq = quant is not None and (quant.quant_algo or "").startswith("W8A8_SQ")  # no kv duplication
-    shape = preflight(model.shape, tp, pp, pad_heads=pad_heads, no_kv_duplication=sq)
+    no_kv_dup = quant is not None and not quant.format.kv_duplication
+    shape = preflight(model.shape, tp, pp, pad_heads=pad_heads, no_kv_duplication=no_kv_dup)
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
     preflight_quant(quant, shape, tp, pp)
-    if shape.experts and quant is not None and quant.quant_algo is not None:
-        # quantize.moe imports torch: not on the float path (it checks quantized experts only)
-        from quantize.moe import preflight_moe_quant
-
-        preflight_moe_quant(quant, shape, moe)
+    if shape.experts and quant is not None:
+        quant.format.moe.preflight(quant, shape, moe)
     return Layout(tp, pp, replace(shape, vocab_multiple=vocab_multiple(quant)), moe, moe_tp,
                   moe_ep, pad_heads)
 
@@ -56,13 +53,11 @@ def plan_layout(model, *, tp: int = 1, pp: int = 1, quant=None, moe_tp: int | No
 def quantization_block(quant, shape: Shape) -> dict | None:
     """The checkpoint config's ``quantization`` (mixture-of-experts routers added to its
     exclusions); None for float."""
-    if quant is None or not quant.is_quantized:
+    if quant is None or not quant.format.quantized(quant):
         return None
     quantization = quant.to_trtllm_quantization()
     if shape.experts and quantization and "exclude_modules" in quantization:
-        from quantize.moe import moe_exclude_modules
-
-        quantization["exclude_modules"] = moe_exclude_modules(quant, shape)  # + routers
+        quantization["exclude_modules"] = quant.format.moe.exclude_modules(quant, shape)  # + routers
     return quantization
 
 
@@ -82,7 +77,7 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
                             moe=layout.moe, moe_tp=layout.moe_tp, moe_ep=layout.moe_ep,
                             pad_heads=layout.pad_heads,
                             quantization=quantization_block(quant, layout.shape), force=force)
-    calibrated = quant.name if quant is not None and quant.needs_calibration else None
+    calibrated = quant.name if quant is not None and quant.format.calibration(quant) else None
     result = CheckpointResult(cplan.config)
     on_complete = None
     if calibrated:

@@ -56,7 +56,7 @@ def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
 
     quant = plan.quant
     model_dir, timings = plan.model.directory, result.timings
-    if quant.needs_calibration:
+    if quant.format.calibration(quant) is not None:
         record = checks.gate_step(plan.out, ckpt, model_dir, quant, plan.tokenizer, timings,
                                   plan.own_calibration_store)
         result.extra["quantization"] = {**record, **report,
@@ -91,7 +91,7 @@ def _print_calibration(plan: BuildPlan, done) -> None:
     if plan.options.get("calibration") is not None:
         how = f"reused {plan.options['calibration']}"
     else:
-        hooks = quant.is_sq_plugin or quant.is_max_calibrated
+        hooks = quant.format.memory.hooks  # SmoothQuant plugin, max-calibrated: no modelopt
         how = ("forward hooks" if hooks else "modelopt forward passes") + \
             ", layer by layer for dense models"
         how += f" over {quant.calib_size} x {quant.calib_seq_len} tokens"

@@ -100,7 +100,8 @@ def _from_checkpoint_plan(args) -> BuildPlan:
     if args.pad_heads:  # a checkpoint's heads were laid out when it was converted
         raise UserError("--pad-heads applies when converting with --model; a --from-checkpoint "
                         "checkpoint keeps its own head layout (drop --pad-heads)")
-    if QuantSpec.from_args(args).is_quantized:  # a checkpoint is quantized when converted
+    quant = QuantSpec.from_args(args)
+    if quant.format.quantized(quant):  # a checkpoint is quantized when converted
         raise UserError("quantization flags apply when converting with --model; a "
                         "--from-checkpoint checkpoint keeps its own quantization (drop them)")
     preflight.check_triton_args(args, None)
@@ -157,9 +158,9 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     pytorch_preflight(model, Path(args.output), quant, tp=args.tp, pp=args.pp,
                       triton_options=args if triton else None, triton=triton, force=args.force)
     tokenizer = None
-    if quant.needs_calibration:
+    if quant.format.calibration(quant) is not None:
         tokenizer = model.tokenizer()
-    elif args.verify and quant.is_quantized:
+    elif args.verify and quant.format.quantized(quant):
         tokenizer = model.tokenizer("--verify of a quantized checkpoint (on real text)",
                                     "; or drop --verify")
     calibration = None

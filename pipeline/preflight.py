@@ -69,7 +69,7 @@ def conversion_ranks(args, quant):
     if args.verify or getattr(args, "eval_ppl", None):
         raise UserError("--verify and --eval-ppl run the whole checkpoint: drop them with "
                         "--ranks, or run them where every rank is converted")
-    if quant.needs_calibration:
+    if quant.format.calibration(quant) is not None:
         raise UserError(f"--ranks cannot split a calibrated format ({quant.name}) over runs: "
                         "the ranks of two calibrations must not be mixed; convert every rank in "
                         "one run (CPU only) and use --ranks with --from-checkpoint for engines")
@@ -80,8 +80,8 @@ def quant_tokenizer(args, quant, model):
     """The tokenizer that calibration and a quantized --verify (real text) need, loaded up front so
     that a model without one is refused before any work (one line, exit 2); None when not needed.
     The model's own refusals (missing config, tp/pp, format vs shapes) come first (the layout)."""
-    verify_text = args.verify and quant.is_quantized
-    if not (quant.needs_calibration or verify_text):
+    verify_text = args.verify and quant.format.quantized(quant)
+    if not (quant.format.calibration(quant) or verify_text):
         return None
     if verify_text:
         return model.tokenizer("--verify of a quantized checkpoint (on real text)",
@@ -121,7 +121,7 @@ def calibration_run(args, out: Path, quant, tokenizer):
     """The layer-wise calibration of this build: into OUTPUT/calibration (kept: reusable with
     --calibration, resumable), or the --calibration store of an earlier build; None when the
     format needs none."""
-    if not quant.needs_calibration:
+    if quant.format.calibration(quant) is None:
         if getattr(args, "calibration", None) is not None:
             raise UserError(f"--calibration applies to calibrated formats; {quant.name} needs none "
                             f"(drop --calibration)")

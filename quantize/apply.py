@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from common.errors import UserError
 from model.families import FAMILIES
 
 if TYPE_CHECKING:  # the converter's model shape; only its attributes are read here
@@ -23,26 +22,7 @@ if TYPE_CHECKING:  # the converter's model shape; only its attributes are read h
 
     from model.shape import Shape
 
-from .formats import W4A16_AWQ, QuantSpec, check_awq_divisibility, check_kv_head_duplication
-
-#: modelopt's export pads embedding and lm_head rows to a multiple of 64 for AWQ
-#: (``postprocess.pad_embedding_lm_head``, applied for int4_awq) and writes that vocab_size.
-AWQ_VOCAB_MULTIPLE = 64
-#: TensorRT-LLM's weight-only GEMMs (fpA_intB) take the weight as [K = input features per rank,
-#: N = output features per rank] and trtllm-build lays it out for the kernels with
-#: ``preprocess_weights_for_mixed_gemm`` (cpp/tensorrt_llm/kernels/cutlass_kernels/
-#: cutlass_preprocessors.cpp), which refuses other shapes:
-#: - K: ``interleave_column_major_tensor`` needs ``K % rows_per_tile == 0`` with rows_per_tile the
-#:   kernels' ThreadblockK = 64 for uint8 and uint4b (cutlass_extensions/.../mixed_gemm_B_layout.h,
-#:   Turing and newer); the file says "Our kernels only handle dims which are multiples of 64 for
-#:   weight-only quantization" (also NVIDIA/TensorRT-LLM issue #729).
-#: - N: ``subbyte_transpose`` needs both dims' byte counts to be multiples of 32 (its vector width):
-#:   N % 32 for int8, N % 64 for packed int4.
-#: AWQ's packed int4 weights go through the same preprocessing (``preprocess_weights_for_mixed_gemm``
-#: with ``torch.quint4x2`` in TensorRT-LLM's AWQ/GPTQ weight loaders), so W4A16_AWQ has the int4
-#: limits too (its K is also a multiple of the AWQ group, checked separately).
-#: {quant_algo: (K multiple, N multiple)}
-WEIGHT_ONLY_MULTIPLES = {"W8A16": (64, 32), "W4A16": (64, 64), W4A16_AWQ: (64, 64)}
+from .formats import QuantSpec, check_kv_head_duplication
 
 
 @dataclass(frozen=True)
@@ -79,29 +59,18 @@ def _dense_linears(shape: Shape):
 
 
 def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int) -> None:
-    """Refuse, before calibration or any read, a format the model's per-rank shapes cannot take."""
-    if spec is None or not spec.is_quantized:
+    """Refuse, before calibration or any read, a format the model's per-rank shapes cannot take
+    (the recipe's :meth:`check_linear_shapes` and :meth:`check_tp`)."""
+    if spec is None:
         return
-    dims = per_rank_in_dims(shape, tp)
-    if spec.quant_algo == W4A16_AWQ:
-        if shape.padding is not None:  # calibration runs on the unpadded model's dense input
-            dims = {**dims, "attention.dense (unpadded)": shape.heads * shape.head_size}
-        check_awq_divisibility(dims, spec.group_size)
-    if spec.quant_algo in WEIGHT_ONLY_MULTIPLES:
-        k_multiple, n_multiple = WEIGHT_ONLY_MULTIPLES[spec.quant_algo]
-        checks = [(name, "input", k, k_multiple) for name, k in dims.items()]
-        checks += [(name, "output", n, n_multiple) for name, n in per_rank_out_dims(shape, tp).items()
-                   if name in dims]
-        for name, what, n, multiple in checks:
-            if n % multiple:
-                raise UserError(f"{spec.quant_algo}: {name} has {n} {what} features per rank, not a "
-                                f"multiple of {multiple} as TensorRT-LLM's weight-only kernels need; "
-                                f"choose another --tp or format")
+    # calibration runs on the unpadded model's dense input
+    unpadded = {} if shape.padding is None else {"attention.dense (unpadded)": shape.heads * shape.head_size}
+    spec.format.check_linear_shapes(spec, per_rank_in_dims(shape, tp), per_rank_out_dims(shape, tp), unpadded)
     check_kv_head_duplication(spec, shape.tp_kv_heads, tp)
 
 
 def vocab_multiple(spec: QuantSpec | None) -> int:
-    return AWQ_VOCAB_MULTIPLE if spec is not None and spec.quant_algo == W4A16_AWQ else 1
+    return 1 if spec is None else spec.format.vocab_multiple
 
 
 _LAYER = re.compile(r"^transformer\.layers\.(\d+)\.(.*)$")

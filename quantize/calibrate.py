@@ -96,7 +96,7 @@ def tokenize_text(text: str, tokenizer) -> list[int]:
     return ids
 
 
-def _bos_if_added(tokenizer) -> int | None:
+def bos_if_added(tokenizer) -> int | None:
     """The BOS id when the tokenizer itself prepends one to a text (Llama: yes; GPT-2/Qwen2 style: no)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None or not hasattr(tokenizer, "encode"):
@@ -189,7 +189,7 @@ def calibration_inputs(hf_dir_or_model, spec: QuantSpec, calib_text: str | None 
     if not text.strip():
         raise UserError("the calibration text is empty")
     ids = tokenize_text(text, tokenizer)
-    bos = _bos_if_added(tokenizer)
+    bos = bos_if_added(tokenizer)
     batches = make_calib_batches(ids, spec.calib_size, spec.calib_seq_len, spec.calib_batch_size, bos)
     vocab = getattr(model.config, "vocab_size", None)
     if vocab is not None and max(ids) >= vocab:
@@ -203,7 +203,7 @@ def held_back_ids(text: str, tokenizer, spec: QuantSpec, max_tokens: int = 1024)
     ``calib_size`` windows), at most ``max_tokens``; when fewer than 128 are left, the text's last
     ``max_tokens`` tokens and True (they overlap the calibration windows)."""
     ids = tokenize_text(text, tokenizer)
-    bos = _bos_if_added(tokenizer)
+    bos = bos_if_added(tokenizer)
     body = spec.calib_seq_len - 1 if bos is not None and spec.calib_seq_len > 1 else spec.calib_seq_len
     used = spec.calib_size * min(body, len(ids))
     rest = ids[used:used + max_tokens]

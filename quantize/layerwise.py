@@ -44,7 +44,7 @@ from common.errors import UserError
 from common.fileio import reusing_buffers
 from common.heap import release_memory
 
-from .calibrate import _bos_if_added, make_calib_batches, tokenize_text
+from .calibrate import bos_if_added, make_calib_batches, tokenize_text
 from .modelopt_state import extract_quant_state
 from .formats import QuantSpec
 from .recipes import MAX, SQ_HOOKS
@@ -103,7 +103,7 @@ def calib_batches(spec: QuantSpec, text: str, tokenizer) -> list[Tensor]:
     if not text.strip():
         raise UserError("the calibration text is empty")
     ids = tokenize_text(text, tokenizer)
-    bos = _bos_if_added(tokenizer)
+    bos = bos_if_added(tokenizer)
     return make_calib_batches(ids, spec.calib_size, spec.calib_seq_len, spec.calib_batch_size, bos)
 
 
@@ -163,7 +163,7 @@ def layer_inputs(model, source, batches: list[Tensor], device: torch.device, dty
     return firsts, kwargs
 
 
-def _materialise(layer_meta, source, prefix: str, device: torch.device, dtype: torch.dtype):
+def materialise(layer_meta, source, prefix: str, device: torch.device, dtype: torch.dtype):
     """A real copy of one decoder layer with its weights from ``source`` (cast as from_pretrained)."""
     layer = copy.deepcopy(layer_meta)  # on meta: the weights below are assigned, never copied
     if any(True for _ in layer.buffers()):
@@ -243,7 +243,7 @@ class LayerRunner:
     def __init__(self, hf_dir, source, batches: list[Tensor], device: torch.device, *,
                  modelopt: bool = True):
         self.source, self.device = source, device
-        self.dtype = compute_dtype(device, _config_dtype(Path(hf_dir)))
+        self.dtype = compute_dtype(device, config_dtype(Path(hf_dir)))
         model = meta_model(Path(hf_dir), self.dtype)
         self.config = model.config
         if modelopt:  # not for range hooks (plugin SmoothQuant) nor a float run (verify/): its import is ~5 s
@@ -260,7 +260,7 @@ class LayerRunner:
 
     def materialise(self, i: int):
         """Layer ``i`` with its weights, in the compute dtype on the device."""
-        return _materialise(self.layers[i], self.source, self.prefix(i), self.device, self.dtype)
+        return materialise(self.layers[i], self.source, self.prefix(i), self.device, self.dtype)
 
     def named(self, i: int, layer) -> torch.nn.Module:
         """``layer`` (layer ``i``) in a shell giving it its whole-model name (``model.layers.5``)."""
@@ -348,7 +348,7 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
     return cstore.complete(store, n, seconds=time.perf_counter() - t0)
 
 
-def _config_dtype(hf_dir: Path):
+def config_dtype(hf_dir: Path):
     from model.config import config_dict
 
     try:

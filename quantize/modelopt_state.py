@@ -22,7 +22,8 @@ from common.errors import UserError
 from model.families import FAMILIES
 from model.spec import PER_BLOCK, QKV, Linear, companion_axis, companion_layout
 
-from .formats import FP8, SMOOTHQUANT, W4A16_AWQ, QuantSpec
+from .formats import QuantSpec
+from .recipes import RECIPES
 
 Tensor = torch.Tensor
 
@@ -41,7 +42,8 @@ KV_SCALES = ("k_cache_scaling_factor", "v_cache_scaling_factor", "kv_cache_scali
 # ---------------------------------------------------------------------------------------------
 
 
-NUM_BITS = {SMOOTHQUANT: 8, FP8: (4, 3), W4A16_AWQ: 4}  # modelopt's num_bits per format
+#: modelopt's num_bits of the weight quantizer, per format it exports (the recipes' linear_export)
+NUM_BITS = {algo: r.linear_export.num_bits for algo, r in RECIPES.items() if r.linear_export is not None}
 
 
 def sanitize_amax(amax: Tensor, maxbound: float) -> Tensor:
@@ -51,17 +53,17 @@ def sanitize_amax(amax: Tensor, maxbound: float) -> Tensor:
     return a.clamp(min=fi.tiny, max=fi.max)
 
 
-def _enabled(q) -> bool:
+def enabled(q) -> bool:
     return q is not None and q.is_enabled
 
 
-def _linear_modules(model) -> dict[str, torch.nn.Module]:
+def linear_modules(model) -> dict[str, torch.nn.Module]:
     """{'model.layers.0.self_attn.q_proj': module, ...} for the Llama-family decoder linears."""
     pat = re.compile(r"^(.*\.layers\.\d+)\.(" + "|".join(map(re.escape, HF_LINEARS)) + ")$")
     return {n: m for n, m in model.named_modules() if pat.match(n)}
 
 
-def _layer_prefixes(model) -> list[str]:
+def layer_prefixes(model) -> list[str]:
     pat = re.compile(r"^(.*\.layers\.(\d+))\." + re.escape(HF_ATTENTION) + "$")
     found = []
     for n, _ in model.named_modules():
@@ -71,7 +73,7 @@ def _layer_prefixes(model) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
-class _Lin:
+class Lin:
     """One HF linear as modelopt's export sees it after preprocess_linear_fusion."""
 
     def __init__(self, module: torch.nn.Module):
@@ -84,11 +86,11 @@ class _Lin:
         self.pqs_enabled = iq is not None and iq.pre_quant_scale is not None
         self.pqs = pqs.detach() if pqs is not None else None
         self.weight_amax: Tensor | None = None  # set when re-smoothing re-collected it
-        self.input_amax = iq.amax.detach() if _enabled(iq) and iq.amax is not None else None
+        self.input_amax = iq.amax.detach() if enabled(iq) and iq.amax is not None else None
         self.fused_weight_amax: Tensor | None = None  # FP8 per-tensor: max over the fused group
 
 
-def _fuse(group: list[_Lin], block: int | None) -> None:
+def fuse(group: list[Lin], block: int | None) -> None:
     """modelopt.torch.export.quant_utils.preprocess_linear_fusion, without touching the modules."""
     head = group[0]
     if head.pqs_enabled:
@@ -106,7 +108,7 @@ def _fuse(group: list[_Lin], block: int | None) -> None:
         amax = torch.max(torch.stack([g.input_amax for g in group]))
         for g in group:
             g.input_amax = amax
-    if _enabled(head.wq) and head.wq.amax is not None and head.wq.amax.numel() == 1:
+    if enabled(head.wq) and head.wq.amax is not None and head.wq.amax.numel() == 1:
         amax = torch.max(torch.stack([g.wq.amax.detach() for g in group]))
         for g in group:
             g.fused_weight_amax = amax
@@ -122,7 +124,7 @@ def _weight_absmax(w: Tensor, wq, block: int | None) -> Tensor:
     return w.abs().amax(dim=1)  # axis=0: one amax per output channel
 
 
-def _weight_scale(lin: _Lin, block: int | None) -> Tensor:
+def weight_scale(lin: Lin, block: int | None) -> Tensor:
     wq = lin.wq
     mb = float(wq.maxbound)
     if lin.fused_weight_amax is not None:  # per-tensor (FP8): group max, exported as [1]
@@ -132,14 +134,14 @@ def _weight_scale(lin: _Lin, block: int | None) -> Tensor:
     return wq.export_amax().detach().float() / mb
 
 
-def _act_scale(lin: _Lin) -> Tensor | None:
+def act_scale(lin: Lin) -> Tensor | None:
     if lin.input_amax is None:
         return None
     mb = float(lin.iq.maxbound)
     return sanitize_amax(lin.input_amax, mb).reshape(1).float() / mb
 
 
-def _pack_int4(weight: Tensor, scale: Tensor, block: int) -> Tensor:
+def pack_int4(weight: Tensor, scale: Tensor, block: int) -> Tensor:
     """modelopt's pack_int4_in_uint8 (+ the int8 view the TRT-LLM export applies): [out/2, in] int8.
 
     Two signed int4 per byte along the OUTPUT dim: low nibble = row 2k, high nibble = row 2k+1.
@@ -167,15 +169,16 @@ def _to_fp8(w: Tensor, scale: Tensor, block: int = 1 << 19) -> Tensor:
     return out
 
 
-def _quantize_weight(lin: _Lin, scale: Tensor, algo: str, block: int | None) -> Tensor:
-    w = lin.weight
-    if algo == SMOOTHQUANT:
-        return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
-    if algo == FP8:
-        return _to_fp8(w, scale)
-    if algo == W4A16_AWQ:
-        return _pack_int4(w, scale, block)
-    raise ValueError(algo)
+#: the weight encoders, by the recipe's ``linear_export.codec``: (weight, scale, block) -> tensor
+WEIGHT_CODECS = {
+    "int8": lambda w, scale, block: (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8),
+    "fp8": lambda w, scale, block: _to_fp8(w, scale),
+    "int4": pack_int4,
+}
+
+
+def quantize_weight(lin: Lin, scale: Tensor, codec: str, block: int | None) -> Tensor:
+    return WEIGHT_CODECS[codec](lin.weight, scale, block)
 
 
 @torch.no_grad()
@@ -199,50 +202,51 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
     ``dtype``: the checkpoint dtype (modelopt casts prequant_scaling_factor to it).
     Weight-only formats have no linear tensors here (the float weights go into the checkpoint).
     """
-    algo = spec.quant_algo if spec.quant_algo in (SMOOTHQUANT, FP8, W4A16_AWQ) else None
-    block = spec.group_size if algo == W4A16_AWQ else None
+    export = spec.format.linear_export  # None: no linear tensors (float, weight-only, KV cache only)
+    block = spec.group_size  # AWQ's group (None for the other formats)
     out: dict[str, Tensor] = {}
-    layers = _layer_prefixes(model)
+    layers = layer_prefixes(model)
     if not layers:
         raise UserError("no decoder layers named '*.layers.N.self_attn' found: not a Llama-family model")
-    linears = _linear_modules(model)
+    linears = linear_modules(model)
 
-    if algo is not None:
+    if export is not None:
         for prefix in layers:
             # absent MLP linears: a MoE layer's experts (quantize/moe.py)
-            lins = {h: _Lin(linears[f"{prefix}.{h}"]) for h in HF_LINEARS
+            lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in HF_LINEARS
                     if f"{prefix}.{h}" in linears or h.startswith(HF_ATTENTION + ".")}
             for h, lin in lins.items():
-                if not _enabled(lin.wq) or lin.wq.num_bits != NUM_BITS[algo]:
-                    raise UserError(f"{prefix}: {h.split('.')[-1]} has no enabled {algo} weight "
+                if not enabled(lin.wq) or lin.wq.num_bits != export.num_bits:
+                    raise UserError(f"{prefix}: {h.split('.')[-1]} has no enabled {spec.quant_algo} weight "
                                     f"quantizer; was the model calibrated for {spec.name}?")
             # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4).
             for group, members in LAYOUT.fusion_groups().items():
-                if (group == "qkv" or algo == FP8) and all(h in lins for h in members):
-                    _fuse([lins[h] for h in members], block)
+                if group in export.fused and all(h in lins for h in members):
+                    fuse([lins[h] for h in members], block)
             for h, lin in lins.items():
                 p = f"{prefix}.{h}"
-                wsf = _weight_scale(lin, block)
-                out[f"{p}.weight"] = _quantize_weight(lin, wsf, algo, block).cpu()
+                wsf = weight_scale(lin, block)
+                out[f"{p}.weight"] = quantize_weight(lin, wsf, export.codec, block).cpu()
                 out[f"{p}.weights_scaling_factor"] = wsf.cpu()
-                a = _act_scale(lin)
+                a = act_scale(lin)
                 if a is not None:
                     out[f"{p}.activation_scaling_factor"] = a.cpu()
                 if lin.pqs is not None:
                     out[f"{p}.prequant_scaling_factor"] = lin.pqs.squeeze().to(dtype).cpu()
 
-    if spec.kv_cache_quant_algo is not None:
+    if spec.format.kv_cache_bits(spec) is not None:  # a quantized KV cache
+        floor = spec.format.kv_scale_floor(spec)
         for prefix in layers:
             attn = model.get_submodule(f"{prefix}.{HF_ATTENTION}")
             kq, vq = getattr(attn, "k_bmm_quantizer", None), getattr(attn, "v_bmm_quantizer", None)
-            if not (_enabled(kq) and _enabled(vq)) or kq.amax is None or vq.amax is None:
+            if not (enabled(kq) and enabled(vq)) or kq.amax is None or vq.amax is None:
                 raise UserError(f"{prefix}.{HF_ATTENTION} has no calibrated KV-cache quantizers; was the "
                                 f"model calibrated for {spec.name}?")
             scales = []
             for q in (kq, vq):
                 s = q.export_amax().detach().float() / float(q.maxbound)
-                if spec.kv_cache_quant_algo == "FP8":  # modelopt clamps FP8 KV scales to >= 1
-                    s = torch.max(s, torch.tensor([1.0], dtype=torch.float, device=s.device))
+                if floor is not None:  # modelopt clamps FP8 KV scales to >= 1
+                    s = torch.max(s, torch.tensor([floor], dtype=torch.float, device=s.device))
                 scales.append(s.reshape(1).cpu())
             k, v = scales
             kv_names = (f"{prefix}.{HF_ATTENTION}.{n}" for n in KV_SCALES)
@@ -317,7 +321,7 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
     The float parts (biases, norms, embeddings, lm_head) are the converter's; only weight, the
     scaling factors and the KV scales are returned.
     """
-    algo = spec.quant_algo if spec.quant_algo in (SMOOTHQUANT, FP8, W4A16_AWQ) else None
+    export = spec.format.linear_export
     kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, tp=tp, rank=rank)
     out: dict[str, Tensor] = {}
     idx = sorted({int(m.group(1)) for k in state
@@ -325,7 +329,7 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
     for i in idx:
         src = f"{layer_prefix}.{i}"
         dst = f"transformer.layers.{i}"
-        for lin in LAYOUT.dense_linears() if algo is not None else ():
+        for lin in LAYOUT.dense_linears() if export is not None else ():
             if f"{src}.{lin.hf[0]}.weight" not in state:  # a MoE layer's experts: quantize/moe.py
                 continue
             for suffix in ("weight", "weights_scaling_factor", "activation_scaling_factor",
@@ -341,24 +345,5 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
 
 def quant_state_names(spec: QuantSpec) -> Iterable[str]:
     """Suffixes each quantized TensorRT-LLM linear carries for ``spec`` (besides bias)."""
-    if spec.quant_algo == SMOOTHQUANT:
-        return ("weight", "weights_scaling_factor", "activation_scaling_factor", "prequant_scaling_factor")
-    if spec.quant_algo == FP8:
-        return ("weight", "weights_scaling_factor", "activation_scaling_factor")
-    if spec.quant_algo == W4A16_AWQ:
-        return ("weight", "weights_scaling_factor", "prequant_scaling_factor")
-    return ()
-
-
-
-# ---------------------------------------------------------------------------------------------
-# The export math the unified (PyTorch-target) writer shares: quantize/unified/tensors.py
-# ---------------------------------------------------------------------------------------------
-
-ExportLinear = _Lin
-fuse_shared_input = _fuse
-weight_scale = _weight_scale
-act_scale = _act_scale
-pack_int4 = _pack_int4
-linear_modules = _linear_modules
-layer_prefixes = _layer_prefixes
+    export = spec.format.linear_export
+    return () if export is None else export.tensors

@@ -23,8 +23,8 @@ import torch
 
 from common.errors import UserError
 
-from .modelopt_state import _enabled, _fuse, _Lin, _quantize_weight, _weight_scale
-from .formats import W4A16_AWQ, QuantSpec
+from .modelopt_state import Lin, enabled, fuse, quantize_weight, weight_scale
+from .formats import QuantSpec
 from .moe_blocks import unfused_blocks
 
 Tensor = torch.Tensor
@@ -47,14 +47,14 @@ def extract_awq_experts(model, spec: QuantSpec, dtype: torch.dtype) -> dict[str,
             raise UserError(f"--awq: layer {i}: experts {', '.join(map(str, unrouted))} saw no "
                             f"calibration token, so AWQ cannot calibrate them; calibrate with more "
                             f"text (--calib-size) or another --calib-data")
-        lins = [{k: _Lin(getattr(ex, k)) for k in ("w1", "w2", "w3")} for ex in block.experts]
+        lins = [{k: Lin(getattr(ex, k)) for k in ("w1", "w2", "w3")} for ex in block.experts]
         for e, group in enumerate(lins):
             for k, lin in group.items():
-                if not _enabled(lin.wq) or lin.wq.num_bits != 4 or not lin.pqs_enabled:
+                if not enabled(lin.wq) or lin.wq.num_bits != 4 or not lin.pqs_enabled:
                     raise UserError(f"layer {i}: expert {e} {k} has no calibrated AWQ quantizer; "
                                     f"was the model calibrated for {spec.name}?")
-        _fuse([g["w2"] for g in lins], block_size)  # resmooth_only: no input amax for W4A16
-        _fuse([g[k] for g in lins for k in ("w1", "w3")], block_size)
+        fuse([g["w2"] for g in lins], block_size)  # resmooth_only: no input amax for W4A16
+        fuse([g[k] for g in lins for k in ("w1", "w3")], block_size)
         p = f"transformer.layers.{i}.mlp"
         fc = [_quantized(g["w3"], g["w1"], block_size=block_size) for g in lins]
         proj = [_quantized(g["w2"], block_size=block_size) for g in lins]
@@ -66,12 +66,12 @@ def extract_awq_experts(model, spec: QuantSpec, dtype: torch.dtype) -> dict[str,
     return out
 
 
-def _quantized(*lins: _Lin, block_size: int) -> tuple[Tensor, Tensor]:
+def _quantized(*lins: Lin, block_size: int) -> tuple[Tensor, Tensor]:
     """(packed int4 weight, f32 block scales) of ``lins`` stacked on the output dim."""
-    scales = [_weight_scale(lin, block_size) for lin in lins]
+    scales = [weight_scale(lin, block_size) for lin in lins]
     for s in scales:
         if not torch.isfinite(s).all() or not (s > 0).all():
             raise UserError("--awq: a non-finite or zero expert weight scale; the model's expert "
                             "weights are not finite")
-    weights = [_quantize_weight(lin, s, W4A16_AWQ, block_size) for lin, s in zip(lins, scales)]
+    weights = [quantize_weight(lin, s, "int4", block_size) for lin, s in zip(lins, scales)]
     return torch.cat(weights), torch.cat(scales)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import W4A16_AWQ, QuantSpec
+from .formats import QuantSpec
 
 Tensor = torch.Tensor
 
@@ -93,7 +93,7 @@ def unfuse_experts(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """For AWQ, replace (in place) every transformers-5 fused Mixtral MoE block by
     :class:`Hf4MixtralSparseMoeBlock` before modelopt calibrates; other formats and models with no
     fused experts are left as they are. Returns ``model``."""
-    if spec.quant_algo != W4A16_AWQ:
+    if not spec.format.moe.unfused_calibration:  # the recipe's MoE support says (AWQ)
         return model
     names = [n for n, m in model.named_modules()
              if _MLP.match(n) and isinstance(getattr(getattr(m, "experts", None), "gate_up_proj",

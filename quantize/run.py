@@ -37,7 +37,7 @@ class CalibrationRun:
     def calibrate(self, model_dir: Path, source, spec: QuantSpec, *, progress: bool = True,
                   timings: dict | None = None):
         """Fill (resume, or check when reused) the store; return ``load_layer(i, dtype)``."""
-        from .layerwise import calib_batches, calibrate_layerwise, compute_dtype, _config_dtype
+        from .layerwise import calib_batches, calibrate_layerwise, compute_dtype, config_dtype
 
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
@@ -46,7 +46,7 @@ class CalibrationRun:
         text = spec.read_calib_text() if self.calib_text is None else self.calib_text
         batches = calib_batches(spec, text, tokenizer)
         device = resolve_device(self.device)
-        cdtype = compute_dtype(device, _config_dtype(Path(model_dir)))
+        cdtype = compute_dtype(device, config_dtype(Path(model_dir)))
         self.compute_dtype = cdtype
         fp = cstore.fingerprint(list(source.files), Path(model_dir) / "config.json", batches, spec,
                                 device.type, cdtype)

@@ -46,12 +46,16 @@ Tensor = torch.Tensor
 
 
 
+#: plugin quant_algo -> (per-channel weights, per-token activations)
+_MODES = {algo: mode for mode, algo in SQ_PLUGIN_ALGOS.items()}
+
+
 def plugin_mode(quant_algo: str) -> tuple[bool, bool]:
     """(per-channel weights, per-token activations) of a plugin quant_algo."""
-    for key, algo in SQ_PLUGIN_ALGOS.items():
-        if algo == quant_algo:
-            return key
-    raise ValueError(f"{quant_algo} is not a SmoothQuant plugin format")
+    try:
+        return _MODES[quant_algo]
+    except (KeyError, TypeError):
+        raise ValueError(f"{quant_algo} is not a SmoothQuant plugin format") from None
 
 
 def hf_layers(model) -> list:
@@ -339,7 +343,7 @@ def plugin_layer_tensors(i: int, layer: SmoothedLayer, spec: QuantSpec, *, num_h
     """Layer ``i``'s tensors for one TP rank (``transformer.layers.{i}``)."""
     return shard_layer(layer, spec.quant_algo, tp=tp, rank=rank, prefix=f"transformer.layers.{i}",
                        norm_dtype=norm_dtype, mha=num_heads == num_kv_heads,
-                       int8_kv=spec.kv_cache_quant_algo == "INT8")
+                       int8_kv=spec.format.kv_cache_bits(spec) == 8)  # an INT8 KV cache
 
 
 def is_mha(config) -> bool:

@@ -62,7 +62,7 @@ def recipe(spec) -> dict:
             "group_size": spec.group_size, "calib_size": spec.calib_size,
             "calib_seq_len": spec.calib_seq_len, "calib_batch_size": spec.calib_batch_size,
             # max-calibrated formats are calibrated by our own hooks (no modelopt import)
-            "modelopt_config": None if spec.is_max_calibrated else repr(spec.modelopt_config())}
+            "modelopt_config": spec.format.calibration_fingerprint(spec)}
 
 
 def _staged(store: Path) -> StagedOutput:

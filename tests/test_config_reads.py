@@ -30,7 +30,7 @@ from builders.cli import main
 TARGET = 1  # issue 23: config.json parsed once per run
 # Recorded on 22adf75 (before the restructuring), transformers as pinned by constraints.txt; the
 # target is TARGET for each. float tp 2: preflight_conversion's read_hf_config 3 times + build.json's
-# digest (bytes). --fp8 adds the tokenizer, the calibration fingerprint (bytes) and _config_dtype,
+# digest (bytes). --fp8 adds the tokenizer, the calibration fingerprint (bytes) and config_dtype,
 # the layer-wise runner's meta_model (AutoConfig, 3 times) and verify/float_model's readers.
 # After the restructuring (model.source.ModelSource; model.config.config_dict shares the one parse
 # with the tokenizer, the layer-wise runner and verify/): one parse per run; the other opens are

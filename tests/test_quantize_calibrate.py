@@ -187,7 +187,7 @@ def test_calibrate_from_directory_with_tokenizer(tmp_path, calib_text):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from quantize.calibrate import _bos_if_added
+    from quantize.calibrate import bos_if_added
 
     make_model(tmp_path, num_hidden_layers=1)
     with pytest.raises(UserError, match="tokenizer"):
@@ -196,10 +196,10 @@ def test_calibrate_from_directory_with_tokenizer(tmp_path, calib_text):
     vocab = {"<unk>": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    assert _bos_if_added(PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")) is None
+    assert bos_if_added(PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")) is None
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
-    assert _bos_if_added(hf_tok) == 1  # a Llama-style tokenizer: samples start with BOS
+    assert bos_if_added(hf_tok) == 1  # a Llama-style tokenizer: samples start with BOS
     hf_tok.save_pretrained(tmp_path / "hf")
     spec = small(parse("--fp8", "--kv-cache-dtype", "fp8"))
     calibrated = calibrate(tmp_path / "hf", spec, calib_text, device="cpu", progress=False)

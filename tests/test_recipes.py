@@ -101,7 +101,7 @@ def test_recipe_shape_checks_equal_apply_preflight(algo, block, hidden, heads, k
 
     spec = QuantSpec.create(algo, awq_block_size=block)
     hs = hidden // heads
-    shape = SimpleNamespace(hidden=hidden, heads=heads, kv_heads=kv, head_size=hs, inter=inter, experts=0,
+    shape = SimpleNamespace(family="llama", hidden=hidden, heads=heads, kv_heads=kv, head_size=hs, inter=inter, experts=0,
                             tp_heads=heads + (tp if padded else 0), tp_kv_heads=kv,
                             padding=object() if padded else None)
 

@@ -268,9 +268,9 @@ def test_smollm2_tp3_default_recipe_equals_trtllm_formulas(tmp_path, smollm2_dir
     cal = calibrate_plugin(model, spec, text, tokenizer=tok, progress=False)
     out = tmp_path / "sq3"
     convert_checkpoint(smollm2_dir, out, tp=3, quant=spec, calibrated_model=cal, progress=False)
-    from quantize.calibrate import _bos_if_added, tokenize_text
+    from quantize.calibrate import bos_if_added, tokenize_text
 
-    batches = make_calib_batches(tokenize_text(text, tok), 2, 32, 1, _bos_if_added(tok))
+    batches = make_calib_batches(tokenize_text(text, tok), 2, 32, 1, bos_if_added(tok))
     act = hook_ranges(model, batches)
     for rank in range(3):
         want = trtllm_rank(model, act, 0.75, spec.quant_algo, 3, rank)

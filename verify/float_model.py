@@ -83,7 +83,7 @@ def float_logits(hf_model_or_dir, batches: Sequence[Tensor]) -> Iterator[Tensor]
 
 def _layerwise_logits(d: Path, batches: Sequence[Tensor]) -> Iterator[Tensor]:
     from convert.source import SourceCheckpoint
-    from quantize.layerwise import LayerRunner, _materialise, meta_model
+    from quantize.layerwise import LayerRunner, materialise, meta_model
 
     source = SourceCheckpoint(d)
     try:
@@ -97,7 +97,7 @@ def _layerwise_logits(d: Path, batches: Sequence[Tensor]) -> Iterator[Tensor]:
             release_memory()
         model = meta_model(d, runner.dtype)
         base = runner.layers_name.rpartition(".")[0]
-        norm = _materialise(model.get_submodule(f"{base}.norm"), source, f"{base}.norm", cpu, runner.dtype)
+        norm = materialise(model.get_submodule(f"{base}.norm"), source, f"{base}.norm", cpu, runner.dtype)
         head = _head_weight(model, source, d)
         for k in range(len(hs)):
             h, hs[k] = hs[k], None

@@ -97,7 +97,7 @@ def register_kv_cache(*algos: str | None):
     return deco
 
 
-def _require(params: Mapping[str, Tensor], key: str, what: str = "") -> Tensor:
+def require(params: Mapping[str, Tensor], key: str, what: str = "") -> Tensor:
     t = params.get(key)
     if t is None:
         raise UserError(f"tensor {what + '.' if what else ''}{key} is missing from the checkpoint")
@@ -106,7 +106,7 @@ def _require(params: Mapping[str, Tensor], key: str, what: str = "") -> Tensor:
 
 @register_linear(None)
 def _linear_unquantized(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec) -> Tensor:
-    w = _require(params, "weight")
+    w = require(params, "weight")
     if not w.is_floating_point():
         raise UserError(f"unquantized checkpoint holds a {w.dtype} weight; quantization.quant_algo is null "
                         "but the weights look quantized")

@@ -43,7 +43,7 @@ from typing import Mapping
 import torch
 
 from common.errors import UserError
-from .kernels import QuantSpec, _require, register_kv_cache, register_linear
+from .kernels import QuantSpec, register_kv_cache, register_linear, require
 
 Tensor = torch.Tensor
 
@@ -77,7 +77,7 @@ def _check_shape(t: Tensor, shape: tuple, what: str) -> None:
 
 
 def _int8_weight(params: Mapping[str, Tensor], algo: str) -> Tensor:
-    w = _require(params, "weight")
+    w = require(params, "weight")
     if w.dtype != torch.int8:
         raise UserError(f"{algo} needs an int8 weight, the checkpoint holds {w.dtype}")
     return w
@@ -92,11 +92,11 @@ def _int8_weight(params: Mapping[str, Tensor], algo: str) -> Tensor:
 def _linear_smoothquant(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec) -> Tensor:
     w = _int8_weight(params, "W8A8_SQ_PER_CHANNEL")
     out, inp = w.shape
-    wsf = _require(params, "weights_scaling_factor").float().reshape(-1)
+    wsf = require(params, "weights_scaling_factor").float().reshape(-1)
     _check_shape(wsf, (out,), "weights_scaling_factor")
-    act = _require(params, "activation_scaling_factor").float().reshape(-1)
+    act = require(params, "activation_scaling_factor").float().reshape(-1)
     _check_shape(act, (1,), "activation_scaling_factor")
-    pqs = _require(params, "prequant_scaling_factor").float().reshape(-1)
+    pqs = require(params, "prequant_scaling_factor").float().reshape(-1)
     _check_shape(pqs, (inp,), "prequant_scaling_factor")
     xq = fake_quant_int8(x.float() * pqs, act)
     wd = w.float() * wsf[:, None]
@@ -105,12 +105,12 @@ def _linear_smoothquant(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec
 
 @register_linear("FP8")
 def _linear_fp8(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec) -> Tensor:
-    w = _require(params, "weight")
+    w = require(params, "weight")
     if w.dtype != torch.float8_e4m3fn:
         raise UserError(f"FP8 needs a float8_e4m3fn weight, the checkpoint holds {w.dtype}")
-    wsf = _require(params, "weights_scaling_factor").float().reshape(-1)
+    wsf = require(params, "weights_scaling_factor").float().reshape(-1)
     _check_shape(wsf, (1,), "weights_scaling_factor")
-    act = _require(params, "activation_scaling_factor").float().reshape(-1)
+    act = require(params, "activation_scaling_factor").float().reshape(-1)
     _check_shape(act, (1,), "activation_scaling_factor")
     act = act.to(model_dtype(qcfg)).float()  # FP8Linear casts the activation scale to the model dtype
     xq = fake_quant_fp8(x.float(), act)
@@ -129,18 +129,18 @@ def unpack_int4_rows(packed: Tensor) -> Tensor:
 
 @register_linear("W4A16_AWQ")
 def _linear_awq(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec) -> Tensor:
-    packed = _require(params, "weight")
+    packed = require(params, "weight")
     q = unpack_int4_rows(packed)
     out, inp = q.shape
     g = int(qcfg.group_size or 128)
     if inp % g:
         raise UserError(f"input size {inp} is not a multiple of group_size {g}")
-    wsf = _require(params, "weights_scaling_factor")
+    wsf = require(params, "weights_scaling_factor")
     _check_shape(wsf, (out, inp // g), "weights_scaling_factor")
     scale = wsf.to(model_dtype(qcfg)).float().repeat_interleave(g, dim=1)
     xs = x.float()
     if qcfg.pre_quant_scale or "prequant_scaling_factor" in params:
-        pqs = _require(params, "prequant_scaling_factor").float().reshape(-1)
+        pqs = require(params, "prequant_scaling_factor").float().reshape(-1)
         _check_shape(pqs, (inp,), "prequant_scaling_factor")
         xs = xs * pqs
     return (xs @ (q.float() * scale).t()).to(x.dtype)
@@ -168,7 +168,7 @@ def weight_only_dequantize(w: Tensor, algo: str, dtype: torch.dtype) -> Tensor:
 def _linear_weight_only(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec, algo: str,
                         int8_export: bool = False) -> Tensor:
     """``int8_export``: also read modelopt's own W8A16 export (int8 weights, per-channel scales)."""
-    w = _require(params, "weight")
+    w = require(params, "weight")
     if w.is_floating_point():
         wd = weight_only_dequantize(w, algo, model_dtype(qcfg))
     elif w.dtype == torch.int8 and int8_export and "weights_scaling_factor" in params:
@@ -197,7 +197,7 @@ def _linear_w4a16(x, params, qcfg):
 
 
 def _kv_scale(params: Mapping[str, Tensor]) -> Tensor:
-    s = _require(params, "kv_cache_scaling_factor", "attention").float().reshape(-1)
+    s = require(params, "kv_cache_scaling_factor", "attention").float().reshape(-1)
     _check_shape(s, (1,), "attention.kv_cache_scaling_factor")
     if not (float(s) > 0):
         raise UserError(f"attention.kv_cache_scaling_factor must be > 0, got {float(s)}")

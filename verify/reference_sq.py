@@ -24,7 +24,7 @@ import torch
 
 from common.errors import UserError
 
-from .kernels import QuantSpec, _require, register_linear
+from .kernels import QuantSpec, register_linear, require
 
 Tensor = torch.Tensor
 
@@ -45,11 +45,11 @@ def quantize_static(x: Tensor, scale_to_int: Tensor) -> Tensor:
 @register_linear(*SQ_PLUGIN_ALGOS)
 def _linear_sq_plugin(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec) -> Tensor:
     algo = qcfg.quant_algo
-    w = _require(params, "weight")
+    w = require(params, "weight")
     if w.dtype != torch.int8:
         raise UserError(f"{algo} needs an int8 weight, the checkpoint holds {w.dtype}")
     out, inp = w.shape
-    pcs = _require(params, "per_channel_scale").float()
+    pcs = require(params, "per_channel_scale").float()
     if tuple(pcs.shape) not in ((1, out), (1, 1)):
         raise UserError(f"per_channel_scale has shape {list(pcs.shape)}, expected [1, {out}] or [1, 1]")
     xs = x.float()
@@ -61,10 +61,10 @@ def _linear_sq_plugin(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec) 
     if "PER_TOKEN" in algo:
         q, a = quantize_per_token(xs)
     else:
-        s = _require(params, "input_scale", "scale_to_int / quantization_scaling_factor").float().reshape(-1)
+        s = require(params, "input_scale", "scale_to_int / quantization_scaling_factor").float().reshape(-1)
         if s.numel() != 1:
             raise UserError(f"static input scale has {s.numel()} values, expected 1")
         q = quantize_static(xs, s)
-        a = _require(params, "act_scale").float().reshape(1)
+        a = require(params, "act_scale").float().reshape(1)
     acc = q @ w.float().t()  # int32 accumulation, exact in float32 below 2^24
     return (acc * a * pcs.reshape(-1)).to(x.dtype)

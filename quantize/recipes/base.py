@@ -13,6 +13,8 @@ A :class:`Recipe` answers every format-dependent question of a build for one ``q
   applies);
 * **quantization block**: :meth:`quantization_block` (config.json's ``quantization``),
   :attr:`exclude_modules`, :attr:`pre_quant_scale`;
+* **modelopt's export**: :attr:`linear_export` (:class:`LinearExport`: weight codec, num_bits,
+  fused groups, tensor suffixes) and :meth:`kv_scale_floor` (quantize/modelopt_state.py);
 * **MoE**: :attr:`moe` (quantize/recipes/moe: refusals, exclude_modules, expert tensors);
 * **unified checkpoint** (``--target pytorch``, quantize/unified/): :attr:`unified` (a
   :class:`UnifiedFormat`: how modelopt's ``export_hf_checkpoint`` writes the format; None: it has
@@ -98,6 +100,24 @@ UNIFIED_KV_REFUSED = {
 }
 
 
+class LinearExport:
+    """How modelopt 0.47's export writes a modelopt-calibrated recipe's linears
+    (quantize/modelopt_state.py). ``codec``: the weight's encoding, the key of modelopt_state's
+    weight encoders ("int8": per channel, "fp8": per tensor, "int4": packed, group-wise);
+    ``num_bits``: its weight quantizer's num_bits; ``fused``: the fusion groups (model spec) whose
+    members share their input-side scales (``build_qkv`` always fuses q/k/v, ``build_mlp_config``
+    gate/up for FP8); ``tensors``: the suffixes each quantized linear carries besides its bias."""
+
+    codec: str
+    num_bits: int | tuple[int, int]
+    fused: tuple[str, ...]
+    tensors: tuple[str, ...]
+
+
+#: the KV-cache scales' lower bound by kv_cache_quant_algo (modelopt clamps FP8 KV scales to >= 1)
+KV_SCALE_FLOOR = {"FP8": 1.0}
+
+
 def kv_entries(spec) -> list:
     """modelopt ``quant_cfg`` entries of the spec's KV cache (FP8: modelopt's FP8_KV_CFG; INT8:
     the same with num_bits 8; none: [])."""
@@ -141,6 +161,8 @@ class Recipe:
     #: k/v heads may be duplicated across ranks when tp > num_kv_heads (False: SmoothQuant's
     #: per-channel k/v scales cannot be)
     kv_duplication = True
+    #: modelopt's export of the linears (None: no modelopt-exported linear tensors)
+    linear_export: LinearExport | None = None
     memory = MemoryModel()
     moe = MoeSupport()
     #: the unified checkpoint's form (the float one: weights copied; None: no unified form)
@@ -210,6 +232,10 @@ class Recipe:
     def kv_cache_bits(self, spec):
         """modelopt num_bits of the KV cache's quantizers (None: not quantized)."""
         return KV_CACHE_BITS.get(spec.kv_cache_quant_algo)
+
+    def kv_scale_floor(self, spec) -> float | None:
+        """The lower bound of the KV cache's exported scales (None: none)."""
+        return KV_SCALE_FLOOR.get(spec.kv_cache_quant_algo)
 
     def modelopt_config(self, spec) -> dict | None:
         """A fresh copy of the ``mtq.quantize`` config (None: nothing for modelopt to calibrate)."""

@@ -9,7 +9,7 @@ import torch
 from common.errors import UserError
 from model.families import FAMILIES
 
-from ..modelopt_state import (ExportLinear, act_scale, fuse_shared_input, layer_prefixes,
+from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes,
                               linear_modules, pack_int4, sanitize_amax, weight_scale)
 
 Tensor = torch.Tensor
@@ -50,7 +50,7 @@ def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict) -
         return folded
     for names in LAYOUT.fusion_groups().values():
         norm = LAYOUT.linear_of(names[0])[0].norm
-        fuse_shared_input([lins[n] for n in names], block)
+        fuse([lins[n] for n in names], block)
         head = lins[names[0]]
         if fmt.fold_into_norm and head.pqs is not None:
             w = model.get_submodule(f"{prefix}.{norm}").weight.detach()
@@ -78,7 +78,7 @@ def _linear_tensors(p: str, lin, fmt, block, dtype, folded: bool, out: dict) -> 
 
 def _layer(model, prefix: str, linears: dict, spec, dtype, out: dict) -> None:
     fmt = spec.format.unified
-    lins = {h: ExportLinear(linears[f"{prefix}.{h}"]) for h in LAYOUT.hf_linears()}
+    lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in LAYOUT.hf_linears()}
     if fmt.from_float_weights:  # W8A16: scales from the (unmodified) float weights
         for s, lin in lins.items():
             p = f"{prefix}.{s}"

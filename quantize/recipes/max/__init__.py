@@ -9,7 +9,7 @@ import copy
 from common.errors import UserError
 
 from ...algos import FP8, MODELOPT_EXCLUDE_MODULES
-from ..base import MAX, MemoryModel, Recipe, UnifiedFormat
+from ..base import MAX, LinearExport, MemoryModel, Recipe, UnifiedFormat
 from ..moe import MoeCalibrated
 
 
@@ -34,6 +34,8 @@ class Fp8(Recipe):
                                                       "type": "float"},
                                 "weights": {"dynamic": False, "num_bits": 8, "type": "float"},
                                 "targets": ["Linear"]}}),))
+    linear_export = LinearExport("fp8", (4, 3), ("qkv", "gate_up"),
+                                 ("weight", "weights_scaling_factor", "activation_scaling_factor"))
 
     def check_kv(self, kv: str | None) -> None:
         if kv == "INT8":

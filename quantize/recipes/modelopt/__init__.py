@@ -10,7 +10,7 @@ from common.errors import UserError
 
 from ...algos import (AWQ_GROUP_SIZES, DEFAULT_AWQ_GROUP_SIZE, DEFAULT_SMOOTHQUANT_ALPHA, MODELOPT_EXCLUDE_MODULES,
                       SMOOTHQUANT, W4A16_AWQ)
-from ..base import MODELOPT, MemoryModel, Recipe, UnifiedFormat
+from ..base import MODELOPT, LinearExport, MemoryModel, Recipe, UnifiedFormat
 from ..moe import SMOOTHQUANT_REFUSED, MoeAwq
 from ..sq_plugin import check_alpha, check_smoothquant_tp
 
@@ -32,6 +32,8 @@ class ModeloptSmoothQuant(Recipe):
         "(tensorrt_llm/_torch/modules/linear.py get_quant_method; see README, Targets): this "
         "unified checkpoint is for other loaders of modelopt's format; for TensorRT-LLM use "
         "--fp8, --awq or --int8-weight-only, or --target engine"))
+    linear_export = LinearExport("int8", 8, ("qkv",), ("weight", "weights_scaling_factor",
+                                 "activation_scaling_factor", "prequant_scaling_factor"))
 
     def resolve_flags(self, args) -> str:
         from ...flags import sq_algo  # --sq-recipe / --sq-activations / --sq-weights
@@ -78,6 +80,8 @@ class Awq(Recipe):
     #: modelopt's AWQ export pads the vocabulary to a multiple of 64 (the padded rows are zero)
     vocab_multiple = 64
     gemm_multiples = (64, 64)  # TensorRT-LLM's W4A16 group-wise GEMM, as for W4A16
+    linear_export = LinearExport("int4", 4, ("qkv",), ("weight", "weights_scaling_factor",
+                                                       "prequant_scaling_factor"))
 
     def group_size(self, awq_block_size: int | None) -> int:
         group_size = DEFAULT_AWQ_GROUP_SIZE if awq_block_size is None else int(awq_block_size)

@@ -7,6 +7,20 @@ from ...algos import TRTLLM_DEFAULT_EXCLUDE_MODULES
 from ..base import Recipe, UnifiedFormat
 from ..moe import MoeWeightOnly
 
+#: TensorRT-LLM's weight-only GEMMs (fpA_intB) take the weight as [K = input features per rank,
+#: N = output features per rank] and trtllm-build lays it out for the kernels with
+#: ``preprocess_weights_for_mixed_gemm`` (cpp/tensorrt_llm/kernels/cutlass_kernels/
+#: cutlass_preprocessors.cpp), which refuses other shapes (the ``gemm_multiples`` of RECIPES):
+#: - K: ``interleave_column_major_tensor`` needs ``K % rows_per_tile == 0`` with rows_per_tile the
+#:   kernels' ThreadblockK = 64 for uint8 and uint4b (cutlass_extensions/.../mixed_gemm_B_layout.h,
+#:   Turing and newer); the file says "Our kernels only handle dims which are multiples of 64 for
+#:   weight-only quantization" (also NVIDIA/TensorRT-LLM issue #729).
+#: - N: ``subbyte_transpose`` needs both dims' byte counts to be multiples of 32 (its vector width):
+#:   N % 32 for int8, N % 64 for packed int4.
+#: AWQ's packed int4 weights go through the same preprocessing (``preprocess_weights_for_mixed_gemm``
+#: with ``torch.quint4x2`` in TensorRT-LLM's AWQ/GPTQ weight loaders), so W4A16_AWQ has the int4
+#: limits too (its K is also a multiple of the AWQ group, checked separately).
+
 
 class WeightOnly(Recipe):
     """INT8 or INT4 weight-only, per channel."""
