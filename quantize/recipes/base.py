@@ -100,6 +100,7 @@ UNIFIED_KV_REFUSED = {
 }
 
 
+@dataclass(frozen=True)
 class LinearExport:
     """How modelopt 0.47's export writes a modelopt-calibrated recipe's linears
     (quantize/modelopt_state.py). ``codec``: the weight's encoding, the key of modelopt_state's
