@@ -29,6 +29,13 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _handler)
 
 
+def install_deferred() -> None:
+    """``install``, with signals deferred for the life of the process: a conversion worker only
+    writes, so a signal there always waits for the chunk boundary (its parent decides)."""
+    install()
+    _state["deferred"] = 1
+
+
 def stop_requested() -> bool:
     return _state["stop"]
 

@@ -296,5 +296,4 @@ def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool,
 
 def _worker_init(lock) -> None:
     tqdm.set_lock(lock)
-    interrupt.install()
-    interrupt._state["deferred"] = 1
+    interrupt.install_deferred()

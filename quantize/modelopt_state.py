@@ -202,57 +202,65 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
     ``dtype``: the checkpoint dtype (modelopt casts prequant_scaling_factor to it).
     Weight-only formats have no linear tensors here (the float weights go into the checkpoint).
     """
-    export = spec.format.linear_export  # None: no linear tensors (float, weight-only, KV cache only)
-    block = spec.group_size  # AWQ's group (None for the other formats)
-    out: dict[str, Tensor] = {}
     layers = layer_prefixes(model)
     if not layers:
         raise UserError("no decoder layers named '*.layers.N.self_attn' found: not a Llama-family model")
-    linears = linear_modules(model)
-
-    if export is not None:
+    out: dict[str, Tensor] = {}
+    if spec.format.linear_export is not None:  # None: float, weight-only, KV cache only
+        linears = linear_modules(model)
         for prefix in layers:
-            # absent MLP linears: a MoE layer's experts (quantize/moe.py)
-            lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in HF_LINEARS
-                    if f"{prefix}.{h}" in linears or h.startswith(HF_ATTENTION + ".")}
-            for h, lin in lins.items():
-                if not enabled(lin.wq) or lin.wq.num_bits != export.num_bits:
-                    raise UserError(f"{prefix}: {h.split('.')[-1]} has no enabled {spec.quant_algo} weight "
-                                    f"quantizer; was the model calibrated for {spec.name}?")
-            # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4).
-            for group, members in LAYOUT.fusion_groups().items():
-                if group in export.fused and all(h in lins for h in members):
-                    fuse([lins[h] for h in members], block)
-            for h, lin in lins.items():
-                p = f"{prefix}.{h}"
-                wsf = weight_scale(lin, block)
-                out[f"{p}.weight"] = quantize_weight(lin, wsf, export.codec, block).cpu()
-                out[f"{p}.weights_scaling_factor"] = wsf.cpu()
-                a = act_scale(lin)
-                if a is not None:
-                    out[f"{p}.activation_scaling_factor"] = a.cpu()
-                if lin.pqs is not None:
-                    out[f"{p}.prequant_scaling_factor"] = lin.pqs.squeeze().to(dtype).cpu()
-
+            out.update(_linear_state(prefix, linears, spec, dtype))
     if spec.format.kv_cache_bits(spec) is not None:  # a quantized KV cache
-        floor = spec.format.kv_scale_floor(spec)
         for prefix in layers:
-            attn = model.get_submodule(f"{prefix}.{HF_ATTENTION}")
-            kq, vq = getattr(attn, "k_bmm_quantizer", None), getattr(attn, "v_bmm_quantizer", None)
-            if not (enabled(kq) and enabled(vq)) or kq.amax is None or vq.amax is None:
-                raise UserError(f"{prefix}.{HF_ATTENTION} has no calibrated KV-cache quantizers; was the "
-                                f"model calibrated for {spec.name}?")
-            scales = []
-            for q in (kq, vq):
-                s = q.export_amax().detach().float() / float(q.maxbound)
-                if floor is not None:  # modelopt clamps FP8 KV scales to >= 1
-                    s = torch.max(s, torch.tensor([floor], dtype=torch.float, device=s.device))
-                scales.append(s.reshape(1).cpu())
-            k, v = scales
-            kv_names = (f"{prefix}.{HF_ATTENTION}.{n}" for n in KV_SCALES)
-            for name, t in zip(kv_names, (k, v, torch.maximum(v, k))):
-                out[name] = t
+            out.update(_kv_state(model, prefix, spec))
     return out
+
+
+def _linear_state(prefix: str, linears: dict, spec: QuantSpec, dtype: torch.dtype) -> dict:
+    """One decoder layer's quantized linears as modelopt's export writes them."""
+    export, block = spec.format.linear_export, spec.group_size  # group: AWQ's, else None
+    # absent MLP linears: a MoE layer's experts (quantize/moe.py)
+    lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in HF_LINEARS
+            if f"{prefix}.{h}" in linears or h.startswith(HF_ATTENTION + ".")}
+    for h, lin in lins.items():
+        if not enabled(lin.wq) or lin.wq.num_bits != export.num_bits:
+            raise UserError(f"{prefix}: {h.split('.')[-1]} has no enabled {spec.quant_algo} weight "
+                            f"quantizer; was the model calibrated for {spec.name}?")
+    # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4).
+    for group, members in LAYOUT.fusion_groups().items():
+        if group in export.fused and all(h in lins for h in members):
+            fuse([lins[h] for h in members], block)
+    out = {}
+    for h, lin in lins.items():
+        p = f"{prefix}.{h}"
+        wsf = weight_scale(lin, block)
+        out[f"{p}.weight"] = quantize_weight(lin, wsf, export.codec, block).cpu()
+        out[f"{p}.weights_scaling_factor"] = wsf.cpu()
+        a = act_scale(lin)
+        if a is not None:
+            out[f"{p}.activation_scaling_factor"] = a.cpu()
+        if lin.pqs is not None:
+            out[f"{p}.prequant_scaling_factor"] = lin.pqs.squeeze().to(dtype).cpu()
+    return out
+
+
+def _kv_state(model, prefix: str, spec: QuantSpec) -> dict:
+    """One decoder layer's KV-cache scales (k, v and their maximum) as modelopt exports them."""
+    floor = spec.format.kv_scale_floor(spec)
+    attn = model.get_submodule(f"{prefix}.{HF_ATTENTION}")
+    kq, vq = getattr(attn, "k_bmm_quantizer", None), getattr(attn, "v_bmm_quantizer", None)
+    if not (enabled(kq) and enabled(vq)) or kq.amax is None or vq.amax is None:
+        raise UserError(f"{prefix}.{HF_ATTENTION} has no calibrated KV-cache quantizers; was the "
+                        f"model calibrated for {spec.name}?")
+    scales = []
+    for q in (kq, vq):
+        s = q.export_amax().detach().float() / float(q.maxbound)
+        if floor is not None:  # modelopt clamps FP8 KV scales to >= 1
+            s = torch.max(s, torch.tensor([floor], dtype=torch.float, device=s.device))
+        scales.append(s.reshape(1).cpu())
+    k, v = scales
+    names = (f"{prefix}.{HF_ATTENTION}.{n}" for n in KV_SCALES)
+    return dict(zip(names, (k, v, torch.maximum(v, k))))
 
 
 # ---------------------------------------------------------------------------------------------
