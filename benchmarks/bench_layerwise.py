@@ -62,7 +62,7 @@ from pathlib import Path
 from convert_helper import convert_checkpoint  # the whole-model reference path is test-only
 from quantize.calibrate import calibrate
 from quantize.formats import QuantSpec
-from quantize.smoothquant import calibrate_plugin
+from quantize.sq_reference import calibrate_plugin
 spec = QuantSpec.create({algo!r}, smoothquant_alpha={alpha!r}, calib_size=4, calib_seq_len=64)
 t0 = time.perf_counter()
 if spec.is_sq_plugin:

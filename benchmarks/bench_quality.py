@@ -145,7 +145,8 @@ def sq_rows(args, tok, calib_text, eval_text, kw, work):
     """The --smoothquant-table rows: (label, algo, alpha, ppl, calibration s, note)."""
     from quantize.calibrate import calibration_inputs
     from quantize.formats import QuantSpec
-    from quantize.smoothquant import PluginCalibration, capture_ranges, smooth_model
+    from quantize.smoothquant import capture_ranges, smooth_model
+    from quantize.sq_reference import PluginCalibration
     from quantize.sq_search import SEARCH_TOKENS, search_alphas
 
     out = []

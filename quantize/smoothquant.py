@@ -21,7 +21,7 @@ Three steps, each a plain function:
 3. :func:`shard_layer` cuts one layer into one TP rank's TensorRT-LLM tensors.
 
 Builds run these one decoder layer at a time from the safetensors (quantize/sq_layerwise.py);
-:func:`calibrate_plugin` runs them on a whole loaded model (the reference the layer-wise path is
+:func:`quantize.sq_reference.calibrate_plugin` runs them on a whole loaded model (the reference the layer-wise path is
 tested against). ``--smoothquant auto``'s alpha search is in quantize/sq_search.py.
 
 The arithmetic runs on the float32 weights (the model as calibrated on CPU; TensorRT-LLM's
@@ -355,41 +355,3 @@ def smoothquant_val(alphas: list[float]) -> float:
     """config.json's ``smoothquant_val``: the alpha (with a per-layer search, their mean;
     informational, TensorRT-LLM does not read it when building)."""
     return round(sum(alphas) / len(alphas), 4)
-
-
-@dataclass
-class PluginCalibration:
-    """A calibrated model smoothed for the plugin recipe: what :func:`plugin_rank_tensors` shards."""
-
-    layers: list[SmoothedLayer]
-    alphas: list[float]
-    search: dict | None = None
-
-    @property
-    def smoothquant_val(self) -> float:
-        return smoothquant_val(self.alphas)
-
-
-def calibrate_plugin(hf_dir_or_model, spec: QuantSpec, calib_text: str | None = None, *,
-                     tokenizer=None, progress: bool = True) -> PluginCalibration:
-    """Load (or take) the WHOLE model, capture its activation ranges on the calibration text, choose
-    alpha (``spec.smoothquant_alpha``, or searched per layer), and smooth every layer.
-
-    The whole-model reference: builds calibrate layer by layer from the safetensors
-    (quantize/sq_layerwise.py), which tests/test_sq_plugin_layerwise.py checks against this bit for
-    bit; kept for those tests, ``convert_checkpoint(calibrated_model=...)`` and
-    benchmarks/bench_quality.py."""
-    from .calibrate import calibration_inputs
-    from .sq_search import SEARCH_TOKENS, search_alphas
-
-    model, batches, _ = calibration_inputs(hf_dir_or_model, spec, calib_text, tokenizer=tokenizer)
-    keep = SEARCH_TOKENS if spec.sq_alpha_search else 0
-    ranges = capture_ranges(model, batches, progress=progress, keep_inputs=keep)
-    n = len(hf_layers(model))
-    mha = is_mha(model.config)
-    search = None
-    if spec.sq_alpha_search:
-        alphas, search = search_alphas(model, ranges, spec.quant_algo, mha=mha)
-    else:
-        alphas = [spec.smoothquant_alpha] * n
-    return PluginCalibration(smooth_model(model, ranges, alphas), alphas, search)

@@ -7,7 +7,7 @@ same inputs, as the whole-model capture: :class:`quantize.smoothquant.RangeHooks
 (given, or searched for this layer), smooths it and computes its int8 tensors, unsharded. Those go
 to the calibration store (quantize/store.py) as this layer's file; the layer's outputs of that
 same forward are the next layer's inputs, exactly as in the whole model's forward. The result is
-:func:`quantize.smoothquant.calibrate_plugin`'s bit for bit (tests/test_sq_plugin_layerwise.py).
+:func:`quantize.sq_reference.calibrate_plugin`'s bit for bit (tests/test_sq_plugin_layerwise.py).
 
 A stored layer holds the int8 weight of the recipe's weight mode only (per channel or per tensor;
 the recipe is in the store's fingerprint), every scale, the smoothed norms, the dense/proj
@@ -103,7 +103,7 @@ def stored_layer(t: dict[str, Tensor], quant_algo: str) -> SmoothedLayer:
 
 def stored_alphas(store: Path, num_layers: int) -> tuple[list[float], dict | None]:
     """(alpha per layer, the search report ``{"grid", "per_layer_error"}`` or None) of a complete
-    plugin calibration store, as :class:`quantize.smoothquant.PluginCalibration` carries them."""
+    plugin calibration store, as :class:`quantize.sq_reference.PluginCalibration` carries them."""
     alphas, errors = [], []
     for i in range(num_layers):
         with safe_open(str(cstore.layer_path(Path(store), i)), framework="pt") as f:

@@ -81,7 +81,7 @@ def _from_calibrated(model, out_dir, layout, quant, cal, *, dtype, workers, forc
 
 def _sq_plugin_tensors(shape, quant, config, cal, report, dtype):
     """TensorRT-LLM's plugin SmoothQuant from a whole-model ``PluginCalibration``
-    (``quantize.smoothquant.calibrate_plugin``, the reference): pad, and return the per-rank
+    (``quantize.sq_reference.calibrate_plugin``, the reference): pad, and return the per-rank
     tensor function."""
     from convert.heads import pad_sq_plugin_layers
     from quantize.smoothquant import plugin_rank_tensors

@@ -175,7 +175,7 @@ def test_padded_quantized_checkpoint_equals_the_unpadded_one(tmp_path, tiny_mode
     hf_dir, model = tiny_model(**SMOL_ATTN)
     spec = _spec(algo, kv, block)
     if spec.is_sq_plugin:  # TensorRT-LLM's plugin recipe: its own calibration (forward hooks)
-        from quantize.smoothquant import calibrate_plugin
+        from quantize.sq_reference import calibrate_plugin
 
         model = calibrate_plugin(copy.deepcopy(model), spec, calib_text, tokenizer=byte_tokenizer,
                                  progress=False)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from convert_helper import convert_checkpoint
 from quantize.calibrate import make_calib_batches
 from quantize.formats import QuantSpec
-from quantize.smoothquant import calibrate_plugin, capture_ranges
+from quantize.smoothquant import capture_ranges
+from quantize.sq_reference import calibrate_plugin
 from quant_common import TINY, byte_tokenizer
 
 VARIANTS = {  # quant_algo -> (per_channel, per_token), as convert_checkpoint.py's flags

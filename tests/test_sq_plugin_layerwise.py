@@ -1,6 +1,6 @@
 """TensorRT-LLM's plugin SmoothQuant (``--smoothquant``'s default recipe) calibrated layer by layer
 from the safetensors (quantize/sq_layerwise.py, the default) against the whole-model calibration
-(``quantize.smoothquant.calibrate_plugin``: the model loaded whole with from_pretrained, ranges by
+(``quantize.sq_reference.calibrate_plugin``: the model loaded whole with from_pretrained, ranges by
 forward hooks over the whole forward): every rank file and config.json byte for byte. The
 whole-model path itself is checked against an independent rewrite of TensorRT-LLM's formulas in
 tests/test_smoothquant_plugin.py. Also: a plugin calibration store reused for another tp equals a
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from convert_helper import convert_checkpoint
 from quantize.formats import QuantSpec
 from quantize.run import CalibrationRun
-from quantize.smoothquant import calibrate_plugin
+from quantize.sq_reference import calibrate_plugin
 from quant_common import TINY, byte_tokenizer, run_killed_after_layer_1
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -66,7 +66,7 @@ def calibrated(tmp_path, hf_dir, calib_text, algo, *, tp=1, pp=1, **kw):
 def sq_plugin(tmp_path, hf_dir, calib_text, tp=1):
     from transformers import AutoModelForCausalLM
 
-    from quantize.smoothquant import calibrate_plugin
+    from quantize.sq_reference import calibrate_plugin
 
     spec = QuantSpec.create("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", **CALIB)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -43,7 +43,7 @@ from typing import Mapping
 import torch
 
 from common.errors import UserError
-from .kernels import QuantSpec, register_kv_cache, register_linear, require
+from .kernel_table import QuantSpec, register_kv_cache, register_linear, require
 
 Tensor = torch.Tensor
 

@@ -24,7 +24,7 @@ import torch
 
 from common.errors import UserError
 
-from .kernels import QuantSpec, register_linear, require
+from .kernel_table import QuantSpec, register_linear, require
 
 Tensor = torch.Tensor
 
