@@ -20,7 +20,7 @@ A :class:`Recipe` answers every format-dependent question of a build for one ``q
   :class:`UnifiedFormat`: how modelopt's ``export_hf_checkpoint`` writes the format; None: it has
   no unified form), :meth:`unified_refusal`, :meth:`unified_quantization`;
 * **verification**: :attr:`vocab_padding` (verify/compare.py); the reference kernels are
-  registered by quant_algo in verify/kernels.py's tables;
+  registered by quant_algo in verify/kernel_table.py's tables;
 * **words**: :meth:`label` (``QuantSpec.name``) and :meth:`words` (the recipe in words).
 
 A KV-cache dtype combines with any recipe; its effects (calibration, modelopt entries, the
