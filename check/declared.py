@@ -41,6 +41,7 @@ class Declared:
     shape: tuple[int, ...]
     dtype: str
     owner: str        # the declaring layer class, for messages
+    alt: tuple[int, ...] | None = None  # a second shape accepted (formats.Param.qkv_alt)
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,9 @@ class _Context:
             if p.when is not None and p.when not in fl:
                 continue
             dtype = (float_dtype or self.dtype) if p.dtype == "dtype" else p.dtype
-            out[f"{module}.{p.suffix}"] = Declared(tuple(sym[d] for d in p.dims), dtype, owner)
+            alt = p.qkv_alt if p.qkv_alt and module.endswith(".qkv") else None
+            out[f"{module}.{p.suffix}"] = Declared(tuple(sym[d] for d in p.dims), dtype, owner,
+                                                   tuple(sym[d] for d in alt) if alt else None)
 
     def layer_extras(self, family, prefix: str, kv_params, out: dict) -> None:
         """The KV-cache scales of each Attention; the SmoothQuant plugin's norm and block scales."""

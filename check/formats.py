@@ -38,6 +38,7 @@ class Param:
     dims: tuple[str, ...]
     dtype: str                 # "dtype" (config.json's), or a fixed one
     when: str | None = None    # a Scheme flag (or "row") that must hold for it to exist
+    qkv_alt: tuple[str, ...] | None = None  # another shape accepted on attention.qkv (see SQ_PLUGIN)
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,10 @@ GROUPWISE_EXPERTS = (Param("weight", ("E", "in", "out/4"), "dtype"),
                      Param("zero", ("E", "in/g", "out"), "dtype", when="zero"))
 
 #: FP8Linear / FP8RowLinear; MOEWeightWrapper with fp8_qdq: weight scale per expert [E, 1]
-FP8 = (Param("weight", ("out", "in"), "fp8"),
+FP8 = (Param("weight", ("out", "in"), "float8_e4m3fn"),
        Param("weights_scaling_factor", ("1",), "float32"),
        Param("activation_scaling_factor", ("1",), "float32"))
-FP8_EXPERTS = (Param("weight", ("E", "out", "in"), "fp8"),
+FP8_EXPERTS = (Param("weight", ("E", "out", "in"), "float8_e4m3fn"),
                Param("weights_scaling_factor", ("E", "1"), "float32"),
                Param("activation_scaling_factor", ("1",), "float32"))
 
@@ -94,10 +95,15 @@ INT8_SQ = (Param("weight", ("out", "in"), "int8"),
            Param("prequant_scaling_factor", ("in",), "dtype"))
 
 #: SmoothQuantLinear / SmoothQuantRowLinear (the plugin algos): per_channel_scale [1, out] or
-#: [1, 1], act_scale [1, 1] when static, the row linear's smoother [1, in]
+#: [1, 1], act_scale [1, 1] when static, the row linear's smoother [1, in]. Per-tensor weights:
+#: TensorRT-LLM's own llama converter (models/llama/convert.py, get_tllm_linear_sq_weight,
+#: ``col_shape = shape if (is_qkv or per_channel) else [1, 1]``) writes qkv's scale as [1, out]
+#: (q, k and v quantized apart); which shape SmoothQuantAttention's qkv then declares was not read
+#: here, so both are accepted on attention.qkv (and only there).
 SQ_PLUGIN = (Param("weight", ("out", "in"), "int8"),
              Param("per_channel_scale", ("1", "out"), "float32", when="per_channel"),
-             Param("per_channel_scale", ("1", "1"), "float32", when="per_tensor"),
+             Param("per_channel_scale", ("1", "1"), "float32", when="per_tensor",
+                   qkv_alt=("1", "out")),
              Param("act_scale", ("1", "1"), "float32", when="static"),
              Param("smoother", ("1", "in"), "float32", when="row"))
 #: SmoothQuantRmsNorm (input_layernorm, post_layernorm): scale_to_int [1] in the model dtype;

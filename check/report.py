@@ -6,8 +6,10 @@ provided tensors", except ``lm_head.weight`` when a ``vocab_embedding.weight`` i
 differing from the declared one raises ("The value updated is not the same shape as the
 original"), an extra tensor only warns ("Provided but not required tensors"). A dtype differing
 from the declared one is a warning at load ("Parameter was initialized as X but set to Y"; int8
-into an fp8 parameter is silent) that changes the parameter's dtype; the strongly typed network
-trtllm-build makes then mixes dtypes in that layer, so ``check`` counts it as a failure.
+into an fp8 parameter is silent) that changes the parameter's dtype: ``check`` reports a float
+width difference (float16 / bfloat16 / float32) as that warning, and an integer value where a
+float is declared or the reverse (an int8 GEMM fed float weights, a float GEMM fed int8) as a
+failure.
 
 Exit status: 0 the checkpoint would load; 1 it would not (or the build would refuse it on the
 ``--gpu`` named); 2 bad input (not a checkpoint, unreadable, or a model class / format this table
@@ -136,21 +138,23 @@ def compare(declared: dict, got: dict, rank: int) -> list[Finding]:
         if name not in got:
             continue
         shape, dtype = got[name]
-        if tuple(shape) != want.shape:
+        if tuple(shape) not in (want.shape, want.alt):
             out.append(Finding("shape", f"Encounter error 'The value updated is not the same shape "
                                         f"as the original. Updated: {_tuple(shape)}, original: "
                                         f"{_tuple(want.shape)}' for parameter '{name}' "
                                         f"({want.owner})", rank=rank, name=name))
-        elif dtype != want.dtype and not (want.dtype == "float8_e4m3fn" and dtype in INT_INTO_FP8):
+        elif dtype != want.dtype and not (want.dtype == "float8_e4m3fn" and dtype in INT_TYPES):
+            fatal = (dtype in INT_TYPES) != (want.dtype in INT_TYPES)
+            why = ("an integer / floating mismatch the quantized kernels cannot take" if fatal
+                   else "a warning at load (the parameter takes the value's dtype)")
             out.append(Finding("dtype", f"Parameter was initialized as {want.dtype} but set to "
-                                        f"{dtype} for parameter '{name}' ({want.owner}): a warning "
-                                        f"at load, a mixed-dtype layer in trtllm-build's strongly "
-                                        f"typed network", rank=rank, name=name))
+                                        f"{dtype} for parameter '{name}' ({want.owner}): {why}",
+                               rank=rank, name=name, fatal=fatal))
     return out
 
 
-#: Parameter.value accepts these into an fp8 parameter without a word
-INT_INTO_FP8 = ("int8", "uint8", "int32", "int64")
+#: integer dtypes; Parameter.value accepts them into an fp8 parameter without a word
+INT_TYPES = ("int8", "uint8", "int32", "int64")
 
 
 def _shared_lm_head(name: str, got: dict) -> bool:
