@@ -186,7 +186,7 @@ class _Context:
         quantized = quantizable and (scheme.plugin_sq or not self.excluded(module))
         params = scheme.linear if quantized else scheme_for(None).linear
         if quantized and scheme.pad:
-            m = max(scheme.pad, self.group) * tp
+            m = (max(scheme.pad, self.group) if scheme.groupwise else scheme.pad) * tp
             full_out, full_in = _round_up(full_out, m), _round_up(full_in, m)
         o, i = (full_out // tp, full_in) if kind == "column" else (full_out, full_in // tp)
         owner = scheme.classes if quantized else "Linear / RowLinear"

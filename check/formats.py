@@ -48,7 +48,8 @@ class Scheme:
     classes: str                          # the layer classes, for messages and the docs
     linear: tuple[Param, ...]             # per quantized ColumnLinear / RowLinear
     experts: tuple[Param, ...] | None     # per MOEWeightWrapper (None: not modelled here)
-    pad: int = 0                          # pad full in/out features to max(pad, group) * tp
+    pad: int = 0                          # pad full in/out features to a multiple of pad * tp
+    groupwise: bool = False               # ... of max(pad, group_size) * tp
     bits: int = 16
     per_channel: bool = False             # SmoothQuant plugin: per-channel weight scales
     static: bool = False                  # SmoothQuant plugin: static activation scale
@@ -125,9 +126,10 @@ SCHEMES: dict[str | None, Scheme] = {
     "W4A16": Scheme("WeightOnlyQuantColumnLinear / WeightOnlyQuantRowLinear", WEIGHT_ONLY,
                     WEIGHT_ONLY_EXPERTS, pad=64, bits=4, embedding=True, preprocess="weight_only"),
     "W4A16_AWQ": Scheme("WeightOnlyGroupwiseQuantColumnLinear / WeightOnlyGroupwiseQuantRowLinear",
-                        GROUPWISE, GROUPWISE_EXPERTS, pad=64, bits=4, preprocess="awq"),
+                        GROUPWISE, GROUPWISE_EXPERTS, pad=64, groupwise=True, bits=4,
+                        preprocess="awq"),
     "W4A8_AWQ": Scheme("WeightOnlyGroupwiseQuantColumnLinear / RowLinear (W4A8)", GROUPWISE, None,
-                       pad=128, bits=4, preprocess="awq"),
+                       pad=128, groupwise=True, bits=4, preprocess="awq"),
     "FP8": Scheme("FP8Linear / FP8RowLinear", FP8, FP8_EXPERTS, bits=8, preprocess="fp8"),
     "W8A8_SQ_PER_CHANNEL": Scheme("Int8SmoothQuantLinear / Int8SmoothQuantRowLinear", INT8_SQ,
                                   None, bits=8),
