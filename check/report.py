@@ -55,7 +55,8 @@ class CheckResult:
         c, q = self.config, self.config.get("quantization") or {}
         lay = Layout.of(c)
         fmt = q.get("quant_algo") or "float"
-        kv = f" + {q['kv_cache_quant_algo']} KV cache" if q.get("kv_cache_quant_algo") else ""
+        kv_algo = q.get("kv_cache_quant_algo")
+        kv = {None: ""}.get(kv_algo, f" + {kv_algo} KV cache")
         return (f"{c.get('architecture')}, {c.get('dtype')} {fmt}{kv}, tp {lay.tp} pp {lay.pp}, "
                 f"{len(self.ranks)} rank(s)")
 
