@@ -27,6 +27,7 @@ FIT = dict(TINY, intermediate_size=768)  # weight-only / AWQ friendly: every K %
 
 
 def run(*argv, capsys):
+    capsys.readouterr()  # only this command's output
     code = main(["check", *map(str, argv)])
     out, err = capsys.readouterr()
     return code, out, err
@@ -267,15 +268,17 @@ def modelopt_export(model, out_dir, tp):
 
 
 def test_modelopt_export_checked_and_unpadded_awq_at_tp2_rejected(tmp_path, capsys):
-    """modelopt's AWQ export of a model whose hidden size (192) is a multiple of the group (64)
-    but not of max(64, group) * tp = 128: at tp 1 TensorRT-LLM declares the features as they are
-    (passes); at tp 2 WeightOnlyGroupwiseQuantLinear pads the full input features 192 -> 256,
-    which modelopt's export does not, so TensorRT-LLM 1.2 would reject the checkpoint."""
+    """modelopt's AWQ export (group 64) of a model whose fused qkv output (8 heads + 2 x 2 KV heads
+    of 48 = 576) is a multiple of 64 but not of max(64, group) * tp = 128: at tp 1 TensorRT-LLM
+    declares the features as they are (passes); at tp 2 WeightOnlyGroupwiseQuantLinear pads the
+    full output features 576 -> 640 (320 per rank), which modelopt's export does not, so
+    TensorRT-LLM 1.2 would reject the checkpoint (modelopt itself only checks that each rank's
+    inputs hold whole groups)."""
     from examples.tiny import make_tiny_model
     from quantize.calibrate import calibrate
 
-    model = make_tiny_model(tmp_path / "hf", hidden_size=192, num_attention_heads=4,
-                            num_key_value_heads=2, head_dim=64, intermediate_size=512,
+    model = make_tiny_model(tmp_path / "hf", hidden_size=256, num_attention_heads=8,
+                            num_key_value_heads=2, head_dim=48, intermediate_size=512,
                             vocab_size=1024, num_hidden_layers=2).float().eval()
     spec = QuantSpec.create("W4A16_AWQ", awq_block_size=64, **CALIB)
     calibrate(model, spec, TEXT, tokenizer=byte_tokenizer, progress=False)
@@ -285,8 +288,8 @@ def test_modelopt_export_checked_and_unpadded_awq_at_tp2_rejected(tmp_path, caps
     code, _, err = run(tp2, capsys=capsys)
     assert code == 1
     assert ("rank 0: Encounter error 'The value updated is not the same shape as the original. "
-            "Updated: (192, 64), original: (256, 64)' for parameter "
-            "'transformer.layers.0.attention.qkv.weight' (WeightOnlyGroupwiseQuantLinear / "
+            "Updated: (256, 72), original: (256, 80)' for parameter "
+            "'transformer.layers.0.attention.qkv.weight' (WeightOnlyGroupwiseQuantColumnLinear / "
             "WeightOnlyGroupwiseQuantRowLinear)") in one_line(err)
 
 
