@@ -115,9 +115,10 @@ def declared_rank(config: dict, rank: int) -> dict[str, Declared]:
     if pp_rank == 0:
         for rule in family.embed:
             ctx.rule(rule, "", out)
+    layer = family.layer
     for local in range(len(stages)):
         prefix = TRT_LAYER.format(i=local)
-        for rule in family.layer:
+        for rule in layer:
             ctx.rule(rule, prefix, out, family)
         ctx.layer_extras(family, prefix, kv_params, out)
     if pp_rank == lay.pp - 1:

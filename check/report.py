@@ -102,6 +102,7 @@ def check_checkpoint(d: Path, config: dict, ranks=None) -> CheckResult:
     world = Layout.of(config).world
     res.ranks = list(range(world)) if ranks is None else sorted(ranks)
     scheme = scheme_for((config.get("quantization") or {}).get("quant_algo"))
+    by_stage: dict[int, dict] = {}
     for r in res.ranks:
         path = d / f"rank{r}.safetensors"
         if not path.is_file():
@@ -109,10 +110,13 @@ def check_checkpoint(d: Path, config: dict, ranks=None) -> CheckResult:
                                         f"asserts os.path.isfile(weights_path) for rank {r} of "
                                         f"world_size {world}", rank=r))
             continue
-        try:
-            declared = declared_rank(config, r)
-        except NotModelled as e:
-            raise UserError(f"check does not model this checkpoint: {e}; not checked")
+        stage = r // Layout.of(config).tp  # every tp rank of a stage declares the same
+        if stage not in by_stage:
+            try:
+                by_stage[stage] = declared_rank(config, r)
+            except NotModelled as e:
+                raise UserError(f"check does not model this checkpoint: {e}; not checked")
+        declared = by_stage[stage]
         got = preprocess(rank_header(path), config, scheme)
         res.tensors += len(got)
         res.findings += compare(declared, got, r)
