@@ -60,7 +60,7 @@ def run(args):
     from check.findings import Finding
     from check.gpu import parse_gpu, refusals
 
-    ranks = _ranks(args.ranks)
+    ranks = _ranks(args.ranks, args.dir)
     result = check_dir(args.dir, ranks)
     if args.gpu:
         label, sm = parse_gpu(args.gpu)
@@ -92,12 +92,12 @@ def numerics(ckpt: Path, hf_dir: Path) -> tuple[bool, str]:
     return passed, f"numerics: {summary_line(report, ckpt)}"
 
 
-def _ranks(text):
+def _ranks(text, directory: Path):
+    """--ranks A-B against the checkpoint's world (None: every rank)."""
     if text is None:
         return None
-    a, _, b = text.partition("-")
-    try:
-        lo, hi = int(a), int(b or a)
-    except ValueError:
-        raise UserError(f"--ranks {text!r}: give A-B (e.g. 0-7) or one rank")
-    return range(lo, hi + 1)
+    from builders.engine_options import parse_ranks
+    from check.declared import Layout
+    from check.inspect import read_config
+
+    return parse_ranks(text, Layout.of(read_config(directory / "config.json") or {}).world)
