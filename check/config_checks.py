@@ -31,6 +31,11 @@ def config_problems(config: dict) -> list:
         if not config.get(key):
             out.append(Finding("config", f"config.json has no \"{key}\" for {mc.trtllm_class}: {why}",
                                name=key))
+    for key, allowed in mc.values:
+        if config.get(key) and config[key] not in allowed:
+            out.append(Finding("config", f"config.json's {key} {config[key]!r}: {mc.trtllm_class} "
+                                         f"then builds another layout than {config['architecture']}'s "
+                                         f"({', '.join(allowed)})", name=key))
     return out or _layout_problems(config, mc)
 
 

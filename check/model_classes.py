@@ -28,6 +28,8 @@ class ModelClass:
     biases: tuple[tuple[str, object], ...]        # spec bias flag -> config key (str) or a constant
     needs: tuple[tuple[str, str], ...] = ()       # (config field, why TensorRT-LLM needs it)
     moe: bool = False                             # built with MixtureOfExperts
+    #: (config field, the values whose layout the family spec describes)
+    values: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 _LLAMA_BIASES = (("attn_bias", "attn_bias"), ("dense_bias", "attn_bias"), ("mlp_bias", "mlp_bias"))
@@ -46,7 +48,8 @@ MODEL_CLASSES = {
         "QWenForCausalLM", "qwen2", (("attn_bias", True), ("dense_bias", False),
                                      ("mlp_bias", "mlp_bias")),
         (_VOCAB, ("qwen_type", "QWenConfig defaults it to 'qwen' (Qwen 1), whose MLP is "
-                               "intermediate_size // 2 wide: add \"qwen_type\": \"qwen2\""))),
+                               "intermediate_size // 2 wide: add \"qwen_type\": \"qwen2\"")),
+        values=(("qwen_type", ("qwen2",)),)),
 }
 
 
