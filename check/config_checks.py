@@ -4,10 +4,8 @@ the words it fails with (``models/modeling_utils.py`` ``PretrainedConfig.from_di
 model classes in ``check/model_classes.py``)."""
 from __future__ import annotations
 
-from common.errors import UserError
-
 from .declared import Layout
-from .findings import Finding
+from .findings import Finding, NotChecked
 from .model_classes import MODEL_CLASSES, PRETRAINED_REQUIRED, model_class
 
 
@@ -18,7 +16,7 @@ def config_problems(config: dict) -> list:
                                   "\"architecture\"", name="architecture")]
     mc = model_class(config["architecture"])
     if mc is None:
-        raise UserError(f"architecture {config['architecture']!r}: check models "
+        raise NotChecked(f"architecture {config['architecture']!r}: check models "
                         f"{', '.join(MODEL_CLASSES)} only; not checked")
     out = []
     missing = [k for k in PRETRAINED_REQUIRED if config.get(k) is None]

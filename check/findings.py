@@ -3,6 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.errors import UserError
+
+
+class NotChecked(UserError):
+    """The checkpoint uses a model class or format check/'s table does not restate (exit 2 from
+    ``build_engine check``; the engine target says so and builds anyway)."""
+
 
 @dataclass
 class Finding:

@@ -24,7 +24,7 @@ from pathlib import Path
 from common.errors import UserError
 
 from .config_checks import config_problems
-from .findings import Finding
+from .findings import Finding, NotChecked
 from .declared import Layout, NotModelled, declared_rank
 from .formats import scheme_for
 from .inspect import TRTLLM, kind_of, rank_header, what_it_is
@@ -115,7 +115,7 @@ def check_checkpoint(d: Path, config: dict, ranks=None) -> CheckResult:
             try:
                 by_stage[stage] = declared_rank(config, r)
             except NotModelled as e:
-                raise UserError(f"check does not model this checkpoint: {e}; not checked")
+                raise NotChecked(f"check does not model this checkpoint: {e}; not checked")
         declared = by_stage[stage]
         got = preprocess(rank_header(path), config, scheme)
         res.tensors += len(got)
