@@ -4,6 +4,8 @@ Exit status: 0 done; 1 ``--verify`` found a mismatch; 2 bad input (one line on s
 3 the checkpoint (and Triton repository) were written but engines were not built here
 (no TensorRT-LLM <= 1.2 or no GPU; the message gives the command to finish on a GPU host);
 4 an engine build failed (its rank's log is shown); 130 interrupted (finished ranks kept for resume).
+A checkpoint that TensorRT-LLM would not load (``check/``) stops the run with exit 1 before any
+engine. ``build_engine check DIR`` (builders/check_cli.py) checks a checkpoint on its own.
 """
 from __future__ import annotations
 
@@ -18,6 +20,11 @@ EXIT_MISMATCH, EXIT_USER, EXIT_NO_ENGINE, EXIT_INTERRUPTED = 1, 2, 3, 130
 def main(argv=None) -> int:
     from builders.cli_args import build_parser
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"]:  # `build_engine check DIR`: a subcommand before the build's flags
+        from builders.check_cli import main as check_main
+
+        return check_main(argv[1:])
     args = build_parser().parse_args(argv)
     interrupt.install()
     try:

@@ -10,7 +10,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="build_engine",
         description="Convert a Hugging Face Llama/Mistral/Qwen2/Mixtral model into a sharded (optionally "
-                    "quantized) TensorRT-LLM checkpoint, engines and a Triton model repository.")
+                    "quantized) TensorRT-LLM checkpoint, engines and a Triton model repository.",
+        epilog="build_engine check DIR: would TensorRT-LLM load this checkpoint? (headers only; "
+               "see build_engine check --help)")
     g = p.add_argument_group("model and layout")
     g.add_argument("--from-checkpoint", type=Path, metavar="CKPT_DIR",
                    help="skip conversion: build engines (and the Triton repository) from an "

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.dtypes import BY_ST, DType
 from common.fileio import pread_exact
+from common.safetensors_header import read_header as read_safetensors_header
 
 from common.errors import UserError
 
@@ -35,30 +35,7 @@ INDEX = "model.safetensors.index.json"
 
 def read_header(path: Path) -> dict:
     """The JSON header of a safetensors file, checked against the file size."""
-    return _read_header(path)[0]
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """(header, absolute offset of the data section)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100 * 2**20:
-                raise ValueError("header length points past the end of the file")
-            header = json.loads(f.read(n))
-        data_len = size - 8 - n
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)
-        if end > data_len:
-            raise ValueError(f"tensor data needs {end} bytes but the file holds {data_len}")
-        return header, 8 + n
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); it may be truncated "
-                        f"or corrupt: re-download it")
+    return read_safetensors_header(path)[0]
 
 
 class SourceCheckpoint:
@@ -70,7 +47,7 @@ class SourceCheckpoint:
         self.meta: dict[str, tuple[Path, tuple[int, ...], DType]] = {}
         self._offsets: dict[str, int] = {}  # name -> absolute file offset of its first byte
         for path in self.files:
-            header, data_start = _read_header(path)
+            header, data_start = read_safetensors_header(path)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
