@@ -1,4 +1,4 @@
-"""TensorRT-LLM's weight-only / AWQ feature padding (quantize.apply.pad_features, convert.features,
+"""TensorRT-LLM's weight-only / AWQ feature padding (quantize.apply.pad_features, quantize.feature_padding,
 convert.shard column/row): TensorRT-LLM 1.x's WeightOnlyQuantLinear / RowLinear (64 x tp) and
 WeightOnlyGroupwiseQuantLinear / RowLinear (max(64, group) x tp) declare every linear's full
 features rounded up to that multiple and pad no activation, so the checkpoint holds the MLP's
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from builders.cli import main
-from convert.features import pad_feature_state
+from quantize.feature_padding import pad_feature_state
 from convert_helper import convert_checkpoint
 from quant_common import byte_tokenizer
 from verify.reference import ReferenceModel

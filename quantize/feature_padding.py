@@ -1,5 +1,6 @@
 """The MLP's intermediate features padded as TensorRT-LLM's weight-only / AWQ linears declare them
-(``Shape.padded_inter``, set by quantize.apply.pad_features): the calibrated tensors.
+(``Shape.padded_inter``, set by quantize.apply.pad_features): the calibrated tensors
+(computed with torch here, in quantize/; the float weights are padded by convert.shard).
 
 TensorRT-LLM 1.x's ``WeightOnlyQuantLinear`` / ``WeightOnlyQuantRowLinear`` and
 ``WeightOnlyGroupwiseQuantLinear`` / ``RowLinear`` (tensorrt_llm/quantization/layers.py) round
@@ -25,7 +26,7 @@ from common.errors import UserError
 from model.families import FAMILIES
 from model.spec import PADDABLE_DIMS
 
-from .heads import HeadAxis
+from convert.heads import HeadAxis
 
 if TYPE_CHECKING:
     import torch
