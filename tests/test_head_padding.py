@@ -148,7 +148,9 @@ def test_padded_heads_that_are_not_zero_are_caught(tmp_path, tiny_model):
 # SmoothQuant, whose row-parallel inputs each rank quantizes per token over its own slice: 3.5e-2
 # logits at tp 2 on this model, perplexity within 0.5 %). Measured: calibrated formats
 # 0 .. 4.3e-7 (the same quantized values; fp16 sums split over ranks), INT8 KV only 1.9e-5;
-# perplexity ratio - 1: calibrated <= 8.5e-6, W8A16 1.8e-3 (tp 2), W4A16 1.0e-2 (tp 2), 5.9e-3 (tp 4).
+# perplexity ratio - 1: calibrated <= 8.5e-6, W8A16 1.8e-3 (tp 2), W4A16 1.0e-2 (tp 2), 5.9e-3 (tp 4)
+# on the 9-head model; weight-only and AWQ now run on SMOL_ATTN_WO (3 heads padded to 4), where
+# W4A16's perplexity ratio reached 3.6e-2.
 QUANT_CASES = {
     "sq": ("W8A8_SQ_PER_CHANNEL", None, None, 1e-4),
     "sq_plugin_token": ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", None, None, None),
@@ -206,9 +208,10 @@ def test_padded_quantized_checkpoint_equals_the_unpadded_one(tmp_path, tiny_mode
             rel = float((got - base).norm() / base.norm())
             assert rel < tol, (tp, rel)
         ppl = checkpoint_ppl(ck, text, tokenizer=byte_tokenizer, seq_len=64, vocab=1000)["perplexity"]
-        # W4A16 on this random model: 1.0 % at tp 2 from trtllm-build's per-rank quantization of
-        # the row-parallel layers alone (the padding is byte-exact: the test below)
-        assert abs(ppl / base_ppl - 1) < (0.02 if algo == "W4A16" else 0.005), (tp, ppl, base_ppl)
+        # W4A16 on this random model (3 heads of 256): 3.6 % from trtllm-build's per-rank
+        # quantization of the row-parallel layers alone (the padding is byte-exact: the test
+        # below, and tests/test_feature_padding.py with the per-rank maxima made equal)
+        assert abs(ppl / base_ppl - 1) < (0.05 if algo == "W4A16" else 0.005), (tp, ppl, base_ppl)
 
 
 def _hand_padded_hf(model, out, heads=(12, 4)):
