@@ -73,6 +73,8 @@ CASES = {"w8a16": ("W8A16", None, {2: 640, 4: 768}), "w4a16": ("W4A16", None, {2
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_padded_checkpoint_gives_the_unpadded_tp1_logits(tmp_path, hf, calib_text, case):
+    """Padded tp 2 / 4 logits equal the tp-1 checkpoint's (fp32, 1e-5); the ranks have the
+    declared shapes and neutral padding; AWQ's real features equal modelopt's own export."""
     algo, block, padded = CASES[case]
     hf_dir, model = hf
     spec = _spec(algo, block)
@@ -86,6 +88,7 @@ def test_padded_checkpoint_gives_the_unpadded_tp1_logits(tmp_path, hf, calib_tex
     convert_checkpoint(hf_dir, tmp_path / "tp1", tp=1, **kw)
     ids = torch.tensor([byte_tokenizer(calib_text[5000:5032]), byte_tokenizer(calib_text[9000:9032])])
     base = _logits(tmp_path / "tp1", ids)
+    theirs = _modelopt_tp1_export(calibrated, tmp_path / "modelopt") if calibrated else None
     for tp, inter in padded.items():
         ck = tmp_path / f"tp{tp}"
         cfg = convert_checkpoint(hf_dir, ck, tp=tp, **kw)
@@ -93,6 +96,39 @@ def test_padded_checkpoint_gives_the_unpadded_tp1_logits(tmp_path, hf, calib_tex
         _check_padded_ranks(ck, tp, inter, packed=block is not None, group=block)
         rel = float((_logits(ck, ids) - base).norm() / base.norm())
         assert rel < 1e-5, (tp, rel)
+        if theirs is not None:
+            _real_features_equal_modelopt(ck, tp, theirs)
+
+
+def _modelopt_tp1_export(model, out):
+    """modelopt 0.47's own TensorRT-LLM export of the calibrated model at tp 1 (it pads nothing:
+    at the padded layouts its split would cut AWQ groups, so the comparison is with tp 1)."""
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    m = copy.deepcopy(model)
+    m.config.rope_theta = m.config.rope_parameters["rope_theta"]  # transformers >= 5 quirk
+    export_tensorrt_llm_checkpoint(m, decoder_type="llama", dtype=torch.float32, export_dir=out,
+                                   inference_tensor_parallel=1)
+    return load_file(out / "rank0.safetensors")
+
+
+def _real_features_equal_modelopt(ck, tp, theirs):
+    """Our padded ranks joined along the split and cut to the real features (packed int4 rows:
+    320) equal modelopt's unpadded tensors bit for bit; what was cut is the padding, checked by
+    _check_padded_ranks."""
+    ranks = [load_file(ck / f"rank{r}.safetensors") for r in range(tp)]
+    for name, b in theirs.items():
+        if ".mlp." not in name:
+            continue
+        column = ".mlp.fc." in name or ".mlp.gate." in name
+        if column and name.endswith("prequant_scaling_factor"):  # over the hidden input: whole
+            a = ranks[0][name]
+        else:
+            a = torch.cat([t[name] for t in ranks], dim=0 if column else -1)
+            a = a[:b.shape[0]] if column else a[..., :b.shape[-1]]
+        # modelopt 0.47 writes the pre-quant scales in float16 whatever the export dtype; ours
+        # are the float32 checkpoint's: compared in modelopt's dtype
+        assert torch.equal(a.to(b.dtype), b), name
 
 
 def _check_padded_ranks(ck, tp, inter, *, packed, group):
