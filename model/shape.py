@@ -94,6 +94,9 @@ class Shape:
     top_k: int = 0           # experts each token is routed to
     moe_normalization: int = 0  # TensorRT-LLM's ExpertScaleNormalizationMode (Mixtral: 1)
     padding: HeadPadding | None = None  # --pad-heads: zero heads added for tp (convert.heads)
+    #: the MLP's intermediate features as TensorRT-LLM's weight-only / AWQ linears declare them
+    #: (padded to a multiple of the format's multiple x tp; zero features; quantize.apply)
+    padded_inter: int | None = None
 
     @property
     def tp_heads(self) -> int:
@@ -103,6 +106,11 @@ class Shape:
     @property
     def tp_kv_heads(self) -> int:
         return self.padding.padded_kv_heads if self.padding else self.kv_heads
+
+    @property
+    def tp_inter(self) -> int:
+        """Intermediate features as the checkpoint lays them out (padded when ``padded_inter``)."""
+        return self.padded_inter or self.inter
 
     @property
     def padded_vocab(self) -> int:

@@ -48,11 +48,19 @@ DIMS = {
     "experts": lambda s: s.experts,
 }
 
-#: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads)
+#: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads), the MLP's
+#: intermediate features padded as TensorRT-LLM's weight-only / AWQ linears declare them
 RANK_DIMS = {
     "q": lambda s: s.tp_heads * s.head_size,
     "kv": lambda s: s.tp_kv_heads * s.head_size,
+    "inter": lambda s: getattr(s, "tp_inter", None) or s.inter,
 }
+
+#: feature dims that zero padding leaves exact: produced only by column-parallel linears and read
+#: only by a row-parallel one of the same block (the MLP's intermediate features: fc/gate -> proj),
+#: so zero features in every producer and consumer change no output. The hidden features (every
+#: linear's input or output, the residual stream) and the attention's q/k/v heads are not.
+PADDABLE_DIMS = frozenset({"inter"})
 
 #: HF layer prefix ({i}: global layer) and TensorRT-LLM layer prefix ({i}: local to the stage)
 HF_LAYER = "model.layers.{i}."
@@ -72,6 +80,17 @@ class Rule:
     experts: bool = False          # one stack over this rank's experts ({e} in sources: expert index)
     dtype: str | None = None       # written in this dtype, not the checkpoint's (MoE router: float32)
     shapes: tuple[tuple[str, ...], ...] = ()  # each source's expected HF shape, in DIMS names
+
+    @property
+    def split_dim(self) -> str | None:
+        """The DIMS name of the features a ``column`` / ``row`` rule splits (None: another rule)."""
+        if not self.shapes:
+            return None
+        if self.shard == COLUMN:
+            return self.shapes[0][0]
+        if self.shard == ROW and len(self.shapes[0]) > 1:
+            return self.shapes[0][1]
+        return None
 
 
 @dataclass(frozen=True)

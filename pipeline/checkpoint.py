@@ -39,15 +39,33 @@ def plan_layout(model, *, tp: int = 1, pp: int = 1, quant=None, moe_tp: int | No
                 moe_ep: int | None = None, pad_heads: bool = False) -> Layout:
     """Refuse a parallel layout or quantization format the model cannot take (one line, before any
     weight is read or any calibration). With ``pad_heads`` the shape carries the head padding tp
-    needs (``shape.padding``; None if none)."""
+    needs (``shape.padding``; None if none); with a weight-only / AWQ format, the MLP's padded
+    intermediate features (``shape.padded_inter``; quantize.apply.pad_features)."""
     no_kv_dup = quant is not None and not quant.format.kv_duplication
     shape = preflight(model.shape, tp, pp, pad_heads=pad_heads, no_kv_duplication=no_kv_dup)
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
-    preflight_quant(quant, shape, tp, pp)
+    shape = preflight_quant(quant, shape, tp, pp,
+                            lambda: valid_tps(model, quant, pad_heads=pad_heads, upto=max(8, tp)))
     if shape.experts and quant is not None:
         quant.format.moe.preflight(quant, shape, moe)
     return Layout(tp, pp, replace(shape, vocab_multiple=vocab_multiple(quant)), moe, moe_tp,
                   moe_ep, pad_heads)
+
+
+def valid_tps(model, quant, *, pad_heads: bool, upto: int) -> list[int]:
+    """The --tp values up to ``upto`` that ``model`` and ``quant`` take (pp 1)."""
+    from common.errors import UserError
+
+    out = []
+    for t in range(1, upto + 1):
+        try:
+            no_kv_dup = quant is not None and not quant.format.kv_duplication
+            shape = preflight(model.shape, t, 1, pad_heads=pad_heads, no_kv_duplication=no_kv_dup)
+            preflight_quant(quant, shape, t, 1)
+        except UserError:
+            continue
+        out.append(t)
+    return out
 
 
 def quantization_block(quant, shape: Shape) -> dict | None:

@@ -159,6 +159,8 @@ class Recipe:
     #: (K, N) multiples of the per-rank input / output features TensorRT-LLM's GEMMs for this
     #: format need (its weight-only kernels); None: no constraint
     gemm_multiples: tuple[int, int] | None = None
+    #: the TensorRT-LLM layer class that pads this format's linears (refusal messages)
+    padding_layer: str | None = None
     #: k/v heads may be duplicated across ranks when tp > num_kv_heads (False: SmoothQuant's
     #: per-channel k/v scales cannot be)
     kv_duplication = True
@@ -213,6 +215,15 @@ class Recipe:
                 raise UserError(f"{spec.quant_algo}: {name} has {n} {what} features per rank, not a "
                                 f"multiple of {multiple} as TensorRT-LLM's weight-only kernels need; "
                                 f"choose another --tp or format")
+
+    def feature_multiple(self, spec) -> int | None:
+        """TensorRT-LLM's linears of this format pad their full input and output features to a
+        multiple of this times tp (None: they do not pad); see quantize/apply.py pad_features."""
+        return None
+
+    def feature_fix(self, spec) -> str:
+        """What to do when no tp keeps this format's padding exact (the refusal's last words)."""
+        return "choose another format"
 
     @property
     def vocab_padding(self) -> int:
