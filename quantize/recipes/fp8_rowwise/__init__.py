@@ -83,9 +83,9 @@ class Fp8Rowwise(Recipe):
                 "exclude_modules": None if meta else list(MLP_ONLY_EXCLUDES)}
 
     def unified_refusal(self, spec) -> str | None:
-        return ("--fp8-rowwise is written for --target engine only (TensorRT-LLM's MLP-only / Meta "
-                "recipes; modelopt's unified FP8_PER_CHANNEL_PER_TOKEN quantizes every linear): use "
-                "--target engine, or --fp8 for --target pytorch")
+        return ("--fp8-rowwise has no unified checkpoint here (it writes TensorRT-LLM's MLP-only / "
+                "Meta recipes; modelopt's unified FP8_PER_CHANNEL_PER_TOKEN quantizes every linear): "
+                "use --target engine, or --fp8")
 
     def _weight_label(self, spec) -> str:
         return f"{self.quant_algo} ({spec.recipe_option or 'mlp'})"
