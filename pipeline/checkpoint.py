@@ -80,11 +80,11 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
     calibrated = quant.name if quant is not None and quant.format.calibration(quant) else None
     result = CheckpointResult(cplan.config)
     on_complete = None
-    computed = quant.name if quant is not None and quant.format.from_weights else None
-    if computed:  # quantized from each rank's float weights as they are written
-        from quantize.from_weights import quantize_plans
+    if quant is not None and quant.format.from_weights:  # quantized from each rank's float weights as they are written: deterministic
+        from quantize.from_weights import quantize_plans  # per rank (resume, --ranks), in-process
 
         quantize_plans(cplan, layout.shape, quant)
+        workers = 1
     if calibrated:
         from .calibration import calibrate_into_plan, calibration_run
 
@@ -95,6 +95,6 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
         result = CheckpointResult(cplan.config, done["timings"], done["report"])
         on_complete = calibration.done if calibration is not None else None
     write_checkpoint(cplan, ranks=ranks, workers=workers, force=force, progress=progress,
-                     calibrated=calibrated or computed, options=repr(quant), on_complete=on_complete,
+                     calibrated=calibrated, options=repr(quant), on_complete=on_complete,
                      digests=digests)
     return result

@@ -61,7 +61,7 @@ def test_flags_pick_the_recipe_and_write_trtllm_quant_config():
               "smoothquant_val": 0.5, "clamp_val": [-1200.0, 1200.0]}
     tail = {"has_zero_point": False, "pre_quant_scale": False}
     assert list(mlp.to_trtllm_quantization().items()) == list(
-        {**common, "use_meta_recipe": False, **tail, "exclude_modules": ["*attention", "*input_layernorm"]}.items())
+        {**common, "use_meta_recipe": False, **tail, "exclude_modules": ["*attention", "*input_layernorm", "*ln_f", "*ln_embed", "*lm_head"]}.items())
     assert list(meta.to_trtllm_quantization().items()) == list(
         {**common, "use_meta_recipe": True, **tail, "exclude_modules": None}.items())
     assert _spec("--fp8-rowwise", "--max-ppl-increase", "5").max_ppl_increase == 5.0
@@ -161,6 +161,19 @@ def test_row_parallel_scales_are_per_rank(tmp_path, tiny_model):
     a, b = (_read_rank(tmp_path / "ck" / f"rank{r}.safetensors")["transformer.layers.0.mlp.proj.per_channel_scale"]
             for r in range(2))
     assert a.shape == b.shape == (64,) and not torch.equal(a, b)
+
+
+def test_ranks_split_over_runs_give_the_same_bytes(tmp_path, tiny_model):
+    """Quantized from the weights alone, each rank is deterministic: --ranks runs and --workers
+    (run in-process) write the bytes of one run."""
+    hf_dir, _ = tiny_model()
+    quant = QuantSpec.create("FP8_PER_CHANNEL_PER_TOKEN")
+    convert_checkpoint(hf_dir, tmp_path / "one", tp=2, dtype="float16", progress=False, quant=quant)
+    for r in (1, 0):
+        convert_checkpoint(hf_dir, tmp_path / "split", tp=2, dtype="float16", progress=False,
+                           quant=quant, ranks=[r], workers=2)
+    for name in ("config.json", "rank0.safetensors", "rank1.safetensors"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "split" / name).read_bytes(), name
 
 
 # ----- the reader ------------------------------------------------------------------------------

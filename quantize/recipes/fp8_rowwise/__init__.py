@@ -12,8 +12,8 @@ matching ``exclude_modules`` (``*ln_f``, ``*ln_embed``, ``*lm_head`` always adde
 layer. Its Llama converter (``tensorrt_llm/models/llama/convert.py``) writes fp8 tensors for the
 MLP linears only. So the two recipes here declare exactly the modules they write:
 
-* ``mlp`` (default): every layer's MLP; ``exclude_modules: ["*attention", "*input_layernorm"]``
-  keeps attention and its norm in the model dtype;
+* ``mlp`` (default): every layer's MLP; ``exclude_modules: ["*attention", "*input_layernorm",
+  "*ln_f", "*ln_embed", "*lm_head"]`` keeps attention and its norm in the model dtype;
 * ``meta``: Meta's Llama 3.1 recipe, ``use_meta_recipe: true``: the MLPs of layers 1 .. L-2.
 """
 from __future__ import annotations
@@ -26,8 +26,10 @@ from ..moe import MoeRefused
 
 #: the recipes (--fp8-rowwise VALUE)
 RECIPES = ("mlp", "meta")
-#: what the MLP-only recipe leaves unquantized (``fp8_rowwise_quantize`` adds ln_f, ln_embed, lm_head)
-MLP_ONLY_EXCLUDES = ("*attention", "*input_layernorm")
+#: what the MLP-only recipe leaves unquantized: attention and its norm, and the modules
+#: ``fp8_rowwise_quantize`` of TensorRT-LLM 1.x always adds (written out: its earlier releases use
+#: a given list as it is, and ln_f must not become an fp8-emitting norm in front of lm_head)
+MLP_ONLY_EXCLUDES = ("*attention", "*input_layernorm", "*ln_f", "*ln_embed", "*lm_head")
 #: the linears it quantizes (model spec names)
 MLP_LINEARS = ("mlp.fc", "mlp.gate", "mlp.proj")
 #: convert_checkpoint.py's ``args_to_quant_config``: ``clamp_val`` [-1200, 1200] (applied to the
@@ -41,8 +43,10 @@ class Fp8Rowwise(Recipe):
     quant_algo = FP8_ROWWISE
     flag = "--fp8-rowwise"
     from_weights = True
-    #: fp8 weights, scales from the weights: no calibration working memory
-    memory = MemoryModel(weight_bytes=1.0)
+    #: no calibration; the plan's per-linear bytes stay the model dtype's, an upper bound (only
+    #: the MLP weights become 1-byte fp8, attention stays float); writing holds one linear's
+    #: float32 copy at a time, inside the writer's staging budget
+    memory = MemoryModel()
     moe = MoeRefused("--fp8-rowwise is not supported for mixture-of-experts models: TensorRT-LLM's "
                      "MixtureOfExperts has no FP8 rowwise GEMM (layers/moe.py); use --fp8 or --awq")
     unified = None
