@@ -60,7 +60,8 @@ def _add_format_flags(g) -> None:
     g.add_argument("--awq-block-size", type=int, default=None, metavar="N",
                    help=f"AWQ group size, one of {', '.join(map(str, AWQ_GROUP_SIZES))} "
                         f"(default {DEFAULT_AWQ_GROUP_SIZE}).")
-    g.add_argument("--fp8-rowwise", nargs="?", const="mlp", default=None, choices=("mlp", "meta"),
+    # default SUPPRESS: a run without the flag records no key for it in build.json's options
+    g.add_argument("--fp8-rowwise", nargs="?", const="mlp", default=argparse.SUPPRESS, choices=("mlp", "meta"),
                    metavar="mlp|meta",
                    help="FP8 rowwise (FP8_PER_CHANNEL_PER_TOKEN; Hopper): fp8 weights per output channel, fp8 "
                         "activations per token (dynamic), no calibration; the MLP linears are quantized. "
