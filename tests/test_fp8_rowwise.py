@@ -176,6 +176,26 @@ def test_ranks_split_over_runs_give_the_same_bytes(tmp_path, tiny_model):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "split" / name).read_bytes(), name
 
 
+def test_cli_build_gates_quality_without_calibrating(tmp_path, tiny_model, capsys):
+    """No calibration store, no calibration line; the quality gate runs and build.json records it."""
+    import shutil
+    from pathlib import Path
+
+    hf_dir, _ = tiny_model()
+    for f in (Path(__file__).resolve().parent / "golden" / "tokenizer").iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    out = tmp_path / "out"
+    assert main(["--model", str(hf_dir), "--output", str(out), "--checkpoint-only", "--no-progress",
+                 "--tp", "2", "--fp8-rowwise", "meta", "--max-ppl-increase", "1000"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration:" not in printed and "quality gate (FP8_PER_CHANNEL_PER_TOKEN (meta))" in printed
+    record = json.loads((out / "build.json").read_text())
+    assert record["options"]["fp8_rowwise"] == "meta"
+    assert record["options"]["quantization"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"
+    assert record["options"]["quantization"]["quality_gate"]["passed"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["build.json", "checkpoint"]
+
+
 # ----- the reader ------------------------------------------------------------------------------
 
 
