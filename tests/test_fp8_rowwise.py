@@ -102,12 +102,18 @@ def test_cli_refusals_exit_2_before_any_work(tmp_path, tiny_model, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "build_engine: error: choose one weight quantization format, got --int8-weight-only and "
         "--fp8-rowwise; --kv-cache-dtype can be combined with any one of them")
-    moe_dir, _ = tiny_model("mixtral")
-    assert main(["--model", str(moe_dir), "--output", str(out), "--checkpoint-only", "--fp8-rowwise"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "build_engine: error: --fp8-rowwise is not supported for mixture-of-experts models: TensorRT-LLM's "
-        "MixtureOfExperts has no FP8 rowwise GEMM (layers/moe.py); use --fp8 or --awq")
     assert not out.exists()
+
+
+def test_mixture_of_experts_is_refused():
+    from types import SimpleNamespace
+
+    spec = QuantSpec.create("FP8_PER_CHANNEL_PER_TOKEN")
+    with pytest.raises(UserError) as e:
+        spec.format.moe.preflight(spec, SimpleNamespace(experts=4, hidden=64, inter=96, layers=2),
+                                  SimpleNamespace(moe_tp=1))
+    assert str(e.value) == ("--fp8-rowwise is not supported for mixture-of-experts models: TensorRT-LLM's "
+                            "MixtureOfExperts has no FP8 rowwise GEMM (layers/moe.py); use --fp8 or --awq")
 
 
 # ----- tensors against the restatement ---------------------------------------------------------
