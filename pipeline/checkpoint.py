@@ -98,6 +98,13 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
     calibrated = quant.name if quant is not None and quant.format.calibration(quant) else None
     result = CheckpointResult(cplan.config)
     on_complete = None
+    if quant is not None and quant.format.from_weights:
+        # quantized from each rank's float weights when written: deterministic per rank (resume
+        # and --ranks work), computed in this process
+        from quantize.from_weights import quantize_plans
+
+        quantize_plans(cplan, layout.shape, quant)
+        workers = 1
     if calibrated:
         from .calibration import calibrate_into_plan, calibration_run
 

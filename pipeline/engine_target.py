@@ -82,7 +82,7 @@ def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
 
     quant = plan.quant
     model_dir, timings = plan.model.directory, result.timings
-    if quant.format.calibration(quant) is not None:
+    if quant.format.gated(quant):
         record = checks.gate_step(plan.out, ckpt, model_dir, quant, plan.tokenizer, timings,
                                   plan.own_calibration_store)
         result.extra["quantization"] = {**record, **report,

@@ -81,7 +81,7 @@ def quant_tokenizer(args, quant, model):
     that a model without one is refused before any work (one line, exit 2); None when not needed.
     The model's own refusals (missing config, tp/pp, format vs shapes) come first (the layout)."""
     verify_text = args.verify and quant.format.quantized(quant)
-    if not (quant.format.calibration(quant) or verify_text):
+    if not (quant.format.gated(quant) or verify_text):  # calibration or the quality gate
         return None
     if verify_text:
         return model.tokenizer("--verify of a quantized checkpoint (on real text)",

@@ -119,7 +119,7 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
     # the calibration stage's disk is its store (OUTPUT/calibration); the checkpoint's, its ranks
     writers = max(1, min(workers, tp * pp))
     stages.append(Stage("checkpoint", write_host * writers, 0.0, ckpt_disk))
-    checks = (*checks, GATE_TOKENS) if calibrated else checks
+    checks = (*checks, GATE_TOKENS) if spec is not None and recipe.gated(spec) else checks
     if checks:
         stages.append(verify_stage(shape, recipe.quant_algo, tp=tp, out_dtype_bytes=out_dtype_bytes, checks=checks))
     return stages

@@ -12,14 +12,15 @@ import pytest
 from model.families import FAMILIES
 
 from common.errors import UserError
-from quantize.algos import (ALL_ALGOS, FP8, MODELOPT_ALGOS, SMOOTHQUANT, SQ_PLUGIN, W4A16_AWQ,
+from quantize.algos import (ALL_ALGOS, FP8, FP8_ROWWISE, MODELOPT_ALGOS, SMOOTHQUANT, SQ_PLUGIN, W4A16_AWQ,
                             WEIGHT_FLAGS, WEIGHT_ONLY_ALGOS)
 from quantize.formats import QuantSpec
 from quantize.recipes import MAX, MODELOPT, RECIPES, SQ_HOOKS, Recipe, find_recipe, recipe_for
 
 SPECS = [QuantSpec.create(algo, kv_cache_dtype=kv)
          for algo in (None, *ALL_ALGOS) for kv in (None, "int8", "fp8")
-         if not (algo == FP8 and kv == "int8") and not (algo in SQ_PLUGIN and kv == "fp8")]
+         if not (algo == FP8 and kv == "int8") and not (algo in SQ_PLUGIN and kv == "fp8")
+         and not (algo == FP8_ROWWISE and kv is not None)]
 
 
 def test_table_covers_every_format_in_order():
@@ -50,7 +51,7 @@ def test_predicates_keep_their_meaning(spec):
                       else MAX if needs else None)
     block = spec.to_trtllm_quantization()
     assert (block["quant_algo"], block["kv_cache_quant_algo"]) == (algo, kv)
-    assert ("group_size" in block) == (algo == W4A16_AWQ or plugin)
+    assert ("group_size" in block) == (algo in (W4A16_AWQ, FP8_ROWWISE) or plugin)
 
 
 def test_moe_support_per_format():

@@ -6,6 +6,9 @@ A :class:`Recipe` answers every format-dependent question of a build for one ``q
   :meth:`Recipe.resolve_flags` (the final ``quant_algo`` from the parsed flags);
 * **validate**: :meth:`check_kv`, :meth:`alpha`, :meth:`group_size`, :meth:`check_tp`
   (UserError, one line, before any work);
+* **quantized from the weights alone** (no calibration): :attr:`from_weights`,
+  :meth:`quantizes_linear` and :meth:`quantize_weight` (quantize/from_weights.py applies them to
+  each rank's float plan);
 * **calibration**: :meth:`calibration` (which layer-by-layer method calibrates it:
   :data:`SQ_HOOKS`, :data:`MAX`, :data:`MODELOPT` or None) and :meth:`modelopt_config`;
   :data:`MAX` also reads :attr:`max_linears` and :meth:`kv_cache_bits`;
@@ -170,6 +173,9 @@ class Recipe:
     moe = MoeSupport()
     #: the unified checkpoint's form (the float one: weights copied; None: no unified form)
     unified: UnifiedFormat | None = UnifiedFormat(from_float_weights=True)
+    #: the converter quantizes the linears :meth:`quantizes_linear` names from each rank's float
+    #: weight with :meth:`quantize_weight` (no calibration; quantize/from_weights.py)
+    from_weights = False
 
     # ----- flags ------------------------------------------------------------------------------
 
@@ -180,7 +186,17 @@ class Recipe:
                 raise UserError(f"--{flag.replace('_', '-')} applies to --smoothquant; add it or drop the flag")
         return self.quant_algo
 
+    def flag_option(self, args) -> str | None:
+        """The recipe's sub-choice from its flag's value (None: the flag takes none)."""
+        return None
+
     # ----- validation -------------------------------------------------------------------------
+
+    def option(self, value: str | None) -> str | None:
+        """Validate ``QuantSpec.recipe_option`` (the recipe's sub-choice)."""
+        if value is not None:
+            raise UserError(f"{self.flag or 'the float format'} takes no recipe option, got {value!r}")
+        return None
 
     def check_kv(self, kv: str | None) -> None:
         """Refuse a KV-cache quant_algo this format has no TensorRT-LLM recipe with."""
@@ -240,6 +256,19 @@ class Recipe:
         if self.weight_calibration is not None:
             return self.weight_calibration
         return MAX if spec.kv_cache_quant_algo is not None else None
+
+    def gated(self, spec) -> bool:
+        """Whether the quality gate measures this build (its tensors are computed here)."""
+        return self.from_weights or self.calibration(spec) is not None
+
+    def quantizes_linear(self, spec, layer: int, num_layers: int, linear: str) -> bool:
+        """Whether the converter quantizes ``linear`` (spec name, e.g. ``mlp.fc``) of global layer
+        ``layer`` from its float weight (:attr:`from_weights` recipes)."""
+        return False
+
+    def quantize_weight(self, spec, weight):
+        """One rank's float weight [out, in] -> its tensors by suffix (``weight`` first)."""
+        raise NotImplementedError(f"{self.quant_algo} is not quantized from the weights alone")
 
     def kv_cache_bits(self, spec):
         """modelopt num_bits of the KV cache's quantizers (None: not quantized)."""
