@@ -26,8 +26,10 @@ from quant_common import TINY, byte_tokenizer
 from quantize.calibrate import calibrate
 from verify.reference import ReferenceModel, verify
 
-#: the quantization tests' tiny shape with Qwen3's head_dim (64) != hidden / heads (32)
-QTINY = dict(TINY, head_dim=64)
+#: the calibrated formats' tiny shape: head_dim 64 != hidden / heads (32); every per-rank input at
+#: tp 2 is 128 (one AWQ group of 128, two of 64), every output a multiple of 64
+QTINY = dict(TINY, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64)
 
 
 def trtllm_semantics(model):
@@ -115,19 +117,20 @@ def test_float_equals_modelopt_export(tmp_path, tiny_model, tp, kv, tied):
 QWEN_KEYS = {"architecture", "qwen_type", "seq_length"}
 
 
-@pytest.mark.parametrize("algo,kv,block", [
-    ("W8A8_SQ_PER_CHANNEL", "int8", None),
-    ("FP8", "fp8", None),
-    ("W4A16_AWQ", None, None),
-    ("W4A16_AWQ", "fp8", 64),
-    (None, "int8", None),
+@pytest.mark.parametrize("algo,kv,block,overrides", [
+    ("W8A8_SQ_PER_CHANNEL", "int8", None, {}),
+    ("FP8", "fp8", None, {}),
+    # modelopt's AWQ export wants whole 128-groups of every rank's outputs too
+    ("W4A16_AWQ", None, None, {"hidden_size": 256, "intermediate_size": 512}),
+    ("W4A16_AWQ", "fp8", 64, {}),
+    (None, "int8", None, {}),
 ], ids=["sq_kv_int8", "fp8_kv_fp8", "awq128", "awq64_kv_fp8", "kv_int8_only"])
-def test_calibrated_equals_modelopt_export(tmp_path, calib_text, algo, kv, block):
+def test_calibrated_equals_modelopt_export(tmp_path, calib_text, algo, kv, block, overrides):
     from examples.tiny import make_tiny_model
     from test_quantize_convert import assert_same_checkpoint, lw, spec_for
 
     hf_dir = tmp_path / "hf"
-    model = make_tiny_model(hf_dir, family="qwen3", **QTINY).float().eval()
+    model = make_tiny_model(hf_dir, family="qwen3", **dict(QTINY, **overrides)).float().eval()
     spec = spec_for(algo, kv, block)
     calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
     ours = tmp_path / "ours"  # tp 2: the split of every tensor (tp 1 is the float tests' case)
