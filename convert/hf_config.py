@@ -8,7 +8,9 @@ or ``quantization`` make TensorRT-LLM raise at load time, so those two blocks ho
 from __future__ import annotations
 
 from common.errors import UserError
+from model.families import FAMILIES
 from model.shape import model_shape, preflight
+from model.spec import FromHF
 
 from .moe import moe_config, moe_layout
 
@@ -106,7 +108,6 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         config["hidden_act"] = "swiglu"
         config["moe"] = moe_config(shape)
         config["mapping"].update(moe_tp_size=moe.moe_tp, moe_ep_size=moe.moe_ep)
-    if shape.family == "qwen2":
-        config["qwen_type"] = "qwen2"
-        config["seq_length"] = getattr(hf, "seq_length", 8192)
+    for key, value in FAMILIES[shape.family].trtllm_config:  # the family's converter's keys
+        config[key] = getattr(hf, value.attr, value.default) if isinstance(value, FromHF) else value
     return config

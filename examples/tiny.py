@@ -19,23 +19,22 @@ _BASE = dict(
     max_position_embeddings=256,
     rms_norm_eps=1e-6,
 )
+#: what a family's tiny model sets beyond _BASE
+_FAMILY_BASE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+                "qwen3": dict(head_dim=16)}
 
 
 def make_tiny_model(path, family: str = "llama", seed: int = 0, dtype=torch.float32,
                     max_shard_size: str | None = None, **overrides):
-    """Write a random tiny model of ``family`` (llama, mistral, qwen2, mixtral) to ``path``; return
-    the model. Mixtral: 4 experts, top 2 unless overridden; saved in the Hub's per-expert layout
-    (``block_sparse_moe.experts.{e}.w1/w2/w3``), which transformers 5 writes back on save."""
-    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig,
-                              Qwen2Config)
+    """Write a random tiny model of ``family`` (a transformers ``model_type``: llama, mistral,
+    qwen2, mixtral, qwen3) to ``path``; return the model. Mixtral: 4 experts, top 2 unless
+    overridden; saved in the Hub's per-expert layout (``block_sparse_moe.experts.{e}.w1/w2/w3``),
+    which transformers 5 writes back on save. Qwen3: head_dim 16, not hidden / heads (8)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
-           "mixtral": MixtralConfig}[family]
-    kwargs = dict(_BASE)
-    if family == "mixtral":
-        kwargs.update(num_local_experts=4, num_experts_per_tok=2)
+    kwargs = dict(_BASE, **_FAMILY_BASE.get(family, {}))
     kwargs.update(overrides)
-    config = cls(**kwargs)
+    config = AutoConfig.for_model(family, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random init has tiny std; widen it so errors are visible in logits

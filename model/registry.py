@@ -5,7 +5,8 @@
 - ``llama``: the same SmolLM2-135M weights with ``--pad-heads`` implied: at a tp its 9 heads do not
   split (2, 4) they are padded exactly to 12 heads / 4 KV heads (convert/heads.py), so the
   headline ``--model llama --tp 2`` works; at tp 1 or 3 nothing is padded.
-- ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-mixtral`` (4 experts, top 2): tiny
+- ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-mixtral`` (4 experts, top 2),
+  ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads): tiny
   random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ EXAMPLES = {
     "tiny-mistral": lambda: _tiny("mistral"),
     "tiny-qwen2": lambda: _tiny("qwen2"),
     "tiny-mixtral": lambda: _tiny("mixtral"),
+    "tiny-qwen3": lambda: _tiny("qwen3"),
 }
 
 

@@ -3,6 +3,7 @@ exact head padding a tp needs (``--pad-heads``; the padded tensors are made in c
 experts, and the check of a parallel layout against them."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 
@@ -121,6 +122,10 @@ class Shape:
 def model_shape(hf) -> Shape:
     arch = hf.architectures[0]
     family = SUPPORTED_ARCHITECTURES[arch]
+    for attr, value, why in FAMILIES[family].unsupported:  # what TensorRT-LLM cannot express
+        if getattr(hf, attr, None) == value:
+            raise UserError(f"{arch} with {attr} {json.dumps(value)} in config.json is not "
+                            f"supported: {why}")
     flags = dict(FAMILIES[family].flags)  # Qwen2: q/k/v bias always, no o_proj bias
     heads = hf.num_attention_heads
     head_size = getattr(hf, "head_dim", None) or hf.hidden_size // heads
@@ -163,6 +168,12 @@ def _tp_problem(shape: Shape, tp: int) -> str | None:
         return f"{kv} key/value heads cannot be split over tp {tp} (need kv % tp == 0 or tp % kv == 0)"
     if shape.inter % tp and not shape.experts:  # experts: split by moe_tp (convert.moe)
         return f"intermediate size {shape.inter} is not divisible by tp {tp}"
+    q_rank, kv_rank = shape.tp_heads // tp, max(kv // tp, 1)
+    if FAMILIES[shape.family].qk_norms and q_rank == kv_rank > 1:
+        # TensorRT-LLM's Attention.forward (layers/attention.py) views a rank's qkv as
+        # [heads, 3, head_size] when q and kv heads are equal, not as its converter's [q; k; v]
+        return (f"{q_rank} attention and {kv_rank} KV heads per rank: TensorRT-LLM 1.2's q/k-norm "
+                f"attention reads that qkv interleaved per head, not as its Qwen converter writes it")
     return None
 
 

@@ -46,6 +46,7 @@ DIMS = {
     "inter": lambda s: s.inter,
     "vocab": lambda s: s.vocab,
     "experts": lambda s: s.experts,
+    "head": lambda s: s.head_size,
 }
 
 #: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads), the MLP's
@@ -150,6 +151,26 @@ def norm(trt: str, hf: str, dim: str = "hidden") -> Rule:
                 shapes=((dim,),))
 
 
+def head_norm(trt: str, hf: str) -> Rule:
+    """A norm applied to each attention head (Qwen3's ``q_norm``): one weight of ``head_size``,
+    shared by every head, so the same on every rank and untouched by head padding."""
+    return norm(trt, hf, dim="head")
+
+
+#: the epsilon of TensorRT-LLM's per-head q/k norms: ``Attention(eps=1e-05)``'s default
+#: (tensorrt_llm/layers/attention.py), which the Qwen decoder layer does not override
+#: (tensorrt_llm/models/qwen/model.py, QWenDecoderLayer.__init__), whatever HF's rms_norm_eps
+QK_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class FromHF:
+    """A TensorRT-LLM config.json value read from the HF config: ``getattr(hf, attr, default)``."""
+
+    attr: str
+    default: object = None
+
+
 #: companion layouts: what axis of the weight a quantization tensor runs along
 PER_TENSOR, PER_OUTPUT, PER_INPUT, PER_BLOCK = "tensor", "output", "input", "block"
 #: TensorRT-LLM companion suffix -> layout (weights_scaling_factor's depends on its shape)
@@ -200,6 +221,15 @@ class Family:
     flags: tuple[tuple[str, object], ...] = ()  # Shape fields the family fixes (Qwen2: q/k/v bias)
     #: (HF, TensorRT-LLM) attention module in the layer: where the KV-cache scales live
     attention: tuple[str, str] = ("self_attn", "attention")
+    #: per-head norms of q and k (``head_norm``), applied after the qkv projection and before RoPE
+    #: with eps ``QK_NORM_EPS``; never quantized, never a smoother's home (q, k norm in order)
+    qk_norms: tuple[Rule, ...] = ()
+    #: config.json keys TensorRT-LLM's own converter writes for the family (Qwen: ``qwen_type``),
+    #: a value or a ``FromHF``; written after the common keys, in this order
+    trtllm_config: tuple[tuple[str, object], ...] = ()
+    #: (HF config attribute, value, why): a config TensorRT-LLM 1.2 cannot express for the family,
+    #: refused before any work
+    unsupported: tuple[tuple[str, object, str], ...] = ()
 
     @property
     def layer(self) -> tuple[Rule, ...]:
@@ -207,6 +237,8 @@ class Family:
         out = [self.norms[0]]
         for lin in self.linears:
             out += lin.rules()
+            if lin.name == "attention.qkv":
+                out += self.qk_norms
             if lin.name == "attention.dense":
                 # the post-attention norm (and the MoE router) sit between attention and MLP
                 out += self.norms[1:] + self.extra
@@ -250,6 +282,11 @@ class Family:
     def norm_names(self) -> dict[str, str]:
         """HF layer norm -> TensorRT-LLM layer norm (relative to the layer, no ``.weight``)."""
         return {_module(r.sources[0], HF_LAYER): _module(r.target, TRT_LAYER) for r in self.norms}
+
+    def qk_norm_names(self) -> dict[str, str]:
+        """HF -> TensorRT-LLM per-head q/k norm modules (relative to the layer; empty: none)."""
+        return {_module(r.sources[0], HF_LAYER): _module(r.target, TRT_LAYER)
+                for r in self.qk_norms}
 
     def input_norm(self, lin: Linear) -> str | None:
         """The TensorRT-LLM norm whose output is ``lin``'s input (None: another linear's output)."""

@@ -2,10 +2,12 @@
 TensorRT-LLM's semantics (see verify/reference.py for how the ranks combine), one decoder layer at
 a time.
 
-Model: Llama-family decoder (Llama, Mistral, Qwen2; Mixtral's mixture of experts in
-``verify/reference_moe.py``): RMSNorm, GPT-NeoX rotary (``rotate_half``) with optional
-``rotary_scaling`` (``llama3`` and ``linear``, computed as transformers does), causal grouped-query
-attention, SiLU-gated MLP ``proj(silu(fc(x)) * gate(x))``. Note the names: ``mlp.fc`` is HF
+Model: Llama-family decoder (Llama, Mistral, Qwen2, Qwen3; Mixtral's mixture of experts in
+``verify/reference_moe.py``): RMSNorm, GPT-NeoX rotary (``rotate_half``, verify/rotary.py) with
+optional ``rotary_scaling`` (``llama3`` and ``linear``, computed as transformers does), a family's
+per-head q/k norms where its spec has them (``Family.qk_norms``: RMSNorm of each q and k head after
+the qkv projection, before RoPE, eps ``model.spec.QK_NORM_EPS`` as TensorRT-LLM's attention
+builds them), causal grouped-query attention, SiLU-gated MLP ``proj(silu(fc(x)) * gate(x))``. Note the names: ``mlp.fc`` is HF
 ``gate_proj`` (the SiLU branch) and ``mlp.gate`` is HF ``up_proj``.
 
 :meth:`ReferenceModel.forward_windows` runs many batches layer by layer; with ``lazy=True`` only the
@@ -24,61 +26,19 @@ import torch.nn.functional as F
 
 from common.heap import release_memory
 from common.errors import UserError
+from model.families import ARCHITECTURES, FAMILIES
+from model.spec import QK_NORM_EPS
 
 from .checkpoint import LAYER_RE, mapping, open_checkpoint, pp_layers
 from .kernels import KV_CACHE_KERNELS, LINEAR_INPUT_SCALES, LINEAR_KERNELS, QuantSpec, linear, names_of
 from .reference_moe import MoeSpec, moe_partial
+from .rotary import apply_rotary, rotary_inv_freq
 
 Tensor = torch.Tensor
 
 #: rows of an unquantized lm_head multiplied at a time: its float32 copy never exists whole (the
 #: logits equal the whole product's bit for bit: each logit is the same dot product)
 HEAD_CHUNK = 8192
-
-
-def rotary_inv_freq(rot_dim: int, base: float, scaling: dict | None) -> Tensor:
-    """Inverse frequencies [rot_dim/2] as transformers computes them (default, linear, llama3)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).to(torch.float) / rot_dim))
-    if not scaling:
-        return inv_freq
-    if not isinstance(scaling, dict):
-        raise UserError(f"config.json: rotary_scaling must be an object, got {scaling!r}")
-    # TensorRT-LLM reads the kind from "type", falling back to HF's "rope_type".
-    kind = str(scaling.get("type", scaling.get("rope_type")) or "none").lower()
-    if kind in ("none", "default"):
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / float(scaling.get("factor", 1.0))
-    if kind == "llama3":
-        # Defaults are TensorRT-LLM's (and Meta's original): 8, 1, 4, 8192.
-        factor = float(scaling.get("factor", 8.0))
-        low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
-        high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
-        old_context_len = scaling.get("original_max_position_embeddings", 8192)
-        low_freq_wavelen = old_context_len / low_freq_factor
-        high_freq_wavelen = old_context_len / high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-        smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
-        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-        return torch.where(is_medium, smoothed, inv_freq_llama)
-    raise UserError(f"rotary_scaling type {kind!r} is not supported by the reference reader "
-                    "(supported: linear, llama3; dynamic NTK and others are not implemented)")
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """GPT-NeoX rotary on the first cos.shape[-1] dims of x [b, h, s, hd]."""
-    rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    xr, xp = x[..., :rd], x[..., rd:]
-    return torch.cat((xr * cos + _rotate_half(xr) * sin, xp), dim=-1)
 
 
 class ReferenceModel:
@@ -126,6 +86,7 @@ class ReferenceModel:
         if c.get("residual_mlp"):
             raise UserError(f"{where}: residual_mlp is not supported by the reference reader")
         self._split_heads(where)
+        self._read_qk_norms(arch, where)
         # Rotary tables' frequencies, fp32 as in transformers.
         self.rot_dim = int(self.head_size * float(c.get("rotary_pct", 1.0)))
         if c.get("rotary_dim"):
@@ -144,6 +105,16 @@ class ReferenceModel:
         self.kv_per_rank = max(1, self.kv_heads // self.tp)
         if self.q_per_rank % self.kv_per_rank:
             raise UserError(f"{where}: {self.q_per_rank} q heads per rank do not group over {self.kv_per_rank} kv heads")
+
+    def _read_qk_norms(self, arch: str, where) -> None:
+        """The TensorRT-LLM modules of the per-head q and k norms of the checkpoint's family (by its
+        ``architecture``; none for a family without them or an architecture not known here)."""
+        family = FAMILIES.get(ARCHITECTURES.get(arch, ""))
+        self.qk_norms = tuple(family.qk_norm_names().values()) if family else ()
+        if self.qk_norms and self.q_per_rank == self.kv_per_rank > 1:
+            raise UserError(f"{where}: {self.q_per_rank} attention and KV heads per rank with q/k "
+                            f"norms: TensorRT-LLM 1.2 reads that qkv interleaved per head, which "
+                            f"this reader does not model")
 
     def _check_kernels(self) -> None:
         """Quantization: fail now, before any compute, for a format that has no kernel."""
@@ -197,9 +168,9 @@ class ReferenceModel:
         scale = self.ranks[p][t].get(mod, {}).get(key)
         return params if scale is None else {**params, "input_scale": scale}
 
-    def _norm(self, x: Tensor, w: Tensor) -> Tensor:
+    def _norm(self, x: Tensor, w: Tensor, eps: float | None = None) -> Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + (self.eps if eps is None else eps))
         return (xf.to(x.dtype)) * w.to(x.dtype)
 
     # ---- forward -----------------------------------------------------------------------------
@@ -317,7 +288,10 @@ class ReferenceModel:
             q = q.view(b, s, qn, hd).transpose(1, 2)
             k = k.view(b, s, kn, hd).transpose(1, 2)
             v = v.view(b, s, kn, hd).transpose(1, 2)
-            q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+            if self.qk_norms:  # per head, before RoPE (TensorRT-LLM's qk_layernorm)
+                qw, kw = (self._w(p, t, f"{L}.{m}.weight") for m in self.qk_norms)
+                q, k = self._norm(q, qw, QK_NORM_EPS), self._norm(k, kw, QK_NORM_EPS)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             k, v = KV_CACHE_KERNELS[self.qcfg.kv_cache_quant_algo](
                 k, v, self.ranks[p][t].get(f"{L}.attention", {}), self.qcfg)
             if kn != qn:

@@ -8,7 +8,8 @@ serve both targets: one set of kernels, two loaders.
 Names (``NAMES``): ``model.embed_tokens`` -> ``transformer.vocab_embedding``, q/k/v ->
 ``attention.qkv`` (concatenated along the output dim), ``o_proj`` -> ``attention.dense``,
 ``gate_proj`` -> ``mlp.fc`` (the SiLU branch), ``up_proj`` -> ``mlp.gate``, ``down_proj`` ->
-``mlp.proj``, norms -> ``input_layernorm`` / ``post_layernorm`` / ``ln_f``; suffixes
+``mlp.proj``, norms -> ``input_layernorm`` / ``post_layernorm`` / ``ln_f``, and a family's
+per-head q/k norms (``q_norm`` -> ``attention.q_layernorm``, model.spec ``qk_norms``); suffixes
 (``SUFFIXES``): ``weight_scale`` -> ``weights_scaling_factor``, ``input_scale`` ->
 ``activation_scaling_factor`` [1], ``pre_quant_scale`` -> ``prequant_scaling_factor``.
 
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from model.families import FAMILIES
+from model.families import ARCHITECTURES, FAMILIES
 from model.spec import HF_LAYER, TRT_LAYER
 from quantize.recipes import find_recipe
 
@@ -166,6 +167,8 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
     config = from_hugging_face(hf, dtype="auto", tp=1, pp=1, quantization=quant)
     dtype = _TORCH_DTYPES.get(config["dtype"], torch.float32)
     fmt = _unified(quant)
+    # the per-head q/k norms of the checkpoint's family (Qwen3), by its spec
+    names = {**NAMES, **FAMILIES[ARCHITECTURES[hf.architectures[0]]].qk_norm_names()}
     tensors = _read_tensors(d)
     layers: dict[int, dict[str, dict[str, Tensor]]] = {}
     out: dict[str, Tensor] = {}
@@ -197,7 +200,7 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
         for tn, parts in groups.items():
             for k, v in _fuse(parts, fmt, dtype, f"layer {i} {tn}").items():
                 out[f"{pre}.{tn}.{k}"] = torch.cat(v) if isinstance(v, list) else v
-        for un, tn in NAMES.items():
+        for un, tn in names.items():
             if un in GATE_UP and fused_mlp or moe and tn.startswith("mlp."):
                 continue
             if un not in mods:

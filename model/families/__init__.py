@@ -7,8 +7,9 @@ from model.spec import Family
 
 from .llama import LLAMA, QWEN2
 from .mixtral import MIXTRAL
+from .qwen3 import QWEN3
 
-_ALL = (LLAMA, QWEN2, MIXTRAL)
+_ALL = (LLAMA, QWEN2, MIXTRAL, QWEN3)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in _ALL}
 #: HF architecture (config.json ``architectures[0]``) -> family name

@@ -216,6 +216,9 @@ class Recipe:
     def check_tp(self, spec, num_kv_heads: int, tp: int) -> None:
         """Refuse a tensor-parallel split this format's scales cannot follow."""
 
+    def check_family(self, spec, family) -> None:
+        """Refuse a model family (``model.spec.Family``) TensorRT-LLM has no such recipe for."""
+
     def check_linear_shapes(self, spec, in_dims: dict[str, int], out_dims: dict[str, int],
                             unpadded_in: dict[str, int] | None = None) -> None:
         """Refuse per-rank linear shapes this format's kernels cannot take (``in_dims`` /
