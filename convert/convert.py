@@ -36,6 +36,7 @@ from common.staged import StagedOutput
 from .hf_config import from_hugging_face
 from .plan import OutputTensor, rank_plan
 from .source import SourceCheckpoint
+from .source_files import declared_dtype
 from .writer import iter_chunks, nbytes, wait_durable, write_file
 
 FINGERPRINT = "fingerprint.json"
@@ -131,7 +132,7 @@ def plan_checkpoint(model, out_dir, shape, *, tp: int = 1, pp: int = 1, dtype: s
     config = from_hugging_face(model.config, quantization=quantization, dtype=dtype, tp=tp, pp=pp,
                                moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)
     config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
-    source = SourceCheckpoint(model.directory)
+    source = SourceCheckpoint(model.directory, declared_dtype=declared_dtype(model.raw))
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"], moe=moe)
              for r in range(tp * pp)]
     return CheckpointPlan(model.directory, out_dir, config, plans, source)

@@ -1,0 +1,185 @@
+"""Which safetensors files make a Hugging Face model, and their headers, checked as strictly as the
+safetensors library checks them before a byte of weights is read.
+
+* files: the index's ``weight_map`` (tensor -> file) when there is one, else every
+  ``*.safetensors``; every file confined to the model directory (no ``..``, no absolute path, no
+  symlink whose target lies elsewhere, except Hugging Face's cache layout, whose snapshot files
+  link into the repository's ``blobs/``);
+* headers: tensor data contiguous from offset 0 to the end of the file, without gaps or
+  overlaps (safetensors' ``validate``: each tensor starts where the previous one ended, and the
+  last one ends where the file does), each tensor's span its shape x dtype;
+* tensors: a name in two files is refused naming both; with an index, each tensor is read from
+  the file the index names, which must hold it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path, PurePosixPath
+
+from common.dtypes import BY_ST, DType
+from common.errors import UserError
+
+INDEX = "model.safetensors.index.json"
+_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
+
+
+def _corrupt(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a readable safetensors file ({why}); it may be truncated or "
+                     f"corrupt: re-download it")
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(header, absolute offset of the data section), the header's spans checked as the
+    safetensors library checks them."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _corrupt(path, "shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > _MAX_HEADER:
+                raise _corrupt(path, "header length points past the end of the file")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise _corrupt(path, e.strerror or str(e))
+    except ValueError as e:
+        raise _corrupt(path, f"header is not JSON: {e}")
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    _check_spans(path, header, size - 8 - n)
+    return header, 8 + n
+
+
+def _span(path: Path, name: str, info) -> tuple[int, int, DType]:
+    if not isinstance(info, dict) or not isinstance(info.get("shape"), list):
+        raise _corrupt(path, f"tensor {name} has no shape")
+    dtype = BY_ST.get(info.get("dtype"))
+    if dtype is None:
+        raise UserError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+    offsets = info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and
+            all(type(x) is int and x >= 0 for x in offsets)) or \
+            not all(type(d) is int and d >= 0 for d in info["shape"]):
+        raise UserError(f"{path}: tensor {name} has no valid data_offsets; the file is corrupt: "
+                        f"re-download it")
+    begin, end = offsets
+    numel = 1
+    for d in info["shape"]:
+        numel *= d
+    if end - begin != numel * dtype.itemsize:
+        raise UserError(f"{path}: tensor {name} spans {end - begin} bytes but its shape "
+                        f"{info['shape']} and dtype need {numel * dtype.itemsize}; the file is "
+                        f"corrupt: re-download it")
+    return begin, end, dtype
+
+
+def _check_spans(path: Path, header: dict, data_len: int) -> None:
+    """Every tensor's bytes, in offset order, start where the previous ones end (the first at 0)
+    and the last ends at the end of the file: no overlap, no gap, nothing out of bounds."""
+    spans = sorted((_span(path, k, v)[:2], k) for k, v in header.items() if k != "__metadata__")
+    at, prev = 0, None
+    for (begin, end), name in spans:
+        if begin != at:
+            how = f"overlaps tensor {prev}" if begin < at else f"leaves a gap after {prev or 'the header'}"
+            raise _corrupt(path, f"tensor {name}'s data at bytes {begin}-{end} {how}")
+        at, prev = end, name
+    if at != data_len:
+        raise _corrupt(path, f"tensor data needs {at} bytes but the file holds {data_len}")
+
+
+def confined(model_dir: Path, entry: str, what: str) -> Path:
+    """``model_dir / entry``, refused unless it stays inside ``model_dir``: a relative name
+    without ``..``, and, followed through symlinks, a file inside the model directory (or, for a
+    snapshot of Hugging Face's cache, inside its repository's ``blobs/``)."""
+    rel = PurePosixPath(entry)
+    if not entry or rel.is_absolute() or ".." in rel.parts or "\\" in entry:
+        raise UserError(f"{what} names {entry!r}, which is outside {model_dir}; a model's files "
+                        f"must be inside its directory: fix or re-download the index")
+    path = model_dir / rel
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(model_dir))
+    roots = [root]
+    if root.parent.name == "snapshots":  # ~/.cache/huggingface/hub/models--X/snapshots/REV
+        roots.append(root.parent.parent / "blobs")
+    if not any(real == r or r in real.parents for r in roots):
+        raise UserError(f"{what} names {entry!r}, which leads to {real}, outside {model_dir} "
+                        f"(a symlink out of the model directory); copy the file into the model "
+                        f"directory")
+    return path
+
+
+def find_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """(the weight files, the index's tensor -> file map or None when there is no index)."""
+    index = model_dir / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or \
+                    not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not a map of tensor names to file names")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{index} is not a valid safetensors index ({e})")
+        by_entry = {e: confined(model_dir, e, str(index)) for e in sorted(set(weight_map.values()))}
+        missing = [e for e, p in by_entry.items() if not p.is_file()]
+        if missing:
+            raise UserError(f"{index} names shard {missing[0]} which is not in {model_dir}: "
+                            f"download the missing shard(s)")
+        return sorted(set(by_entry.values())), {k: by_entry[v] for k, v in weight_map.items()}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return [confined(model_dir, f.name, f"{model_dir}") for f in files], None
+    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+        raise UserError(f"{model_dir} holds only PyTorch pickle weights (*.bin); they can run "
+                        f"code when loaded, so they are refused: convert them to safetensors "
+                        f"first (e.g. transformers' save_pretrained(safe_serialization=True))")
+    raise UserError(f"{model_dir} has no *.safetensors weights")
+
+
+def tensor_table(model_dir: Path) -> tuple[list[Path], dict, dict]:
+    """(files, name -> (file, shape, DType), name -> absolute offset of its first byte); a tensor
+    in two files is refused, and an index's map is followed (each mapped tensor must be in its
+    file; tensors the index does not map are not the model's)."""
+    files, weight_map = find_files(model_dir)
+    meta: dict[str, tuple[Path, tuple[int, ...], DType]] = {}
+    offsets: dict[str, int] = {}
+    for path in files:
+        header, data_start = read_header(path)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, _, dtype = _span(path, name, info)
+            if name in meta:
+                raise UserError(f"tensor {name} is in both {meta[name][0]} and {path}; a tensor "
+                                f"must be in one file: remove the stale shard or re-download")
+            meta[name] = (path, tuple(info["shape"]), dtype)
+            offsets[name] = data_start + begin
+    if weight_map is not None:
+        for name, path in weight_map.items():
+            if name not in meta or meta[name][0] != path:
+                where = f"it is in {meta[name][0]}" if name in meta else "no file holds it"
+                raise UserError(f"{model_dir / INDEX} maps tensor {name} to {path.name} but "
+                                f"{where}: the index does not match the shards: re-download them")
+        meta = {k: v for k, v in meta.items() if k in weight_map}
+        offsets = {k: v for k, v in offsets.items() if k in weight_map}
+    return files, meta, offsets
+
+
+def declared_dtype(raw: dict) -> str | None:
+    """config.json's ``dtype`` (``torch_dtype`` before transformers 5), as a name."""
+    value = raw.get("dtype", raw.get("torch_dtype"))
+    return value if isinstance(value, str) else None
+
+
+def check_float_model(meta: dict, declared: str | None) -> None:
+    """A model whose config declares a floating ``torch_dtype`` holds only floating-point
+    tensors: an integer dtype in a header (read as weights it would be garbage, e.g. +-inf) is
+    refused naming the tensor."""
+    if declared is None or declared not in ("float16", "bfloat16", "float32", "float64"):
+        return
+    for name, (path, _, dtype) in sorted(meta.items()):
+        if not dtype.is_floating_point:
+            raise UserError(f"tensor {name} in {path} has dtype {dtype.st} but config.json "
+                            f"declares a {declared} model, whose weights are floating point; the "
+                            f"file is corrupt or not this model's: re-download it")
