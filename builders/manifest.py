@@ -52,9 +52,19 @@ def file_digest(path, chunk_size: int = CHUNK_BYTES) -> str:
     return h.hexdigest()
 
 
-def _digest_of(path: Path, digests: Digests | None) -> str:
-    """The writer's digest of a file it wrote (unchanged since), else read and hashed."""
-    return (digests.known(path) if digests is not None else None) or file_digest(path)
+def _digest_of(path: Path, digests: Digests | None, scan: bool = False) -> str:
+    """The writer's digest of a file it wrote (unchanged since), else read and hashed (a weight
+    file through the model's scan, which the conversion shares: convert.source_files)."""
+    known = digests.known(path) if digests is not None else None
+    if known is None and scan and path.suffix == ".safetensors":
+        from common.errors import UserError
+        from convert.source_files import scan_path
+
+        try:
+            return scan_path(path)
+        except UserError:
+            pass  # not a readable safetensors file: its bytes are still hashed
+    return known or file_digest(path)
 
 
 def _jsonable(value):
@@ -83,7 +93,8 @@ def _hash_threads() -> int:
 
 def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
                   suffixes: set[str] | None = None, recursive: bool = True,
-                  threads: int | None = None, digests: Digests | None = None) -> list[dict]:
+                  threads: int | None = None, digests: Digests | None = None,
+                  scan: bool = False) -> list[dict]:
     """Path, size and BLAKE3 digest of the files under ``root``, sorted by path. Files are hashed
     in parallel threads (blake3 releases the GIL on large buffers: ~5 GB/s per core here;
     ``threads``: how many, default one per core up to 4)."""
@@ -102,7 +113,7 @@ def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
     # biggest first, so one large file does not start last
     chosen.sort(key=lambda item: -item[1].stat().st_size)
     with ThreadPoolExecutor(max_workers=threads or _hash_threads()) as pool:
-        hexes = list(pool.map(lambda item: _digest_of(item[1], digests), chosen))
+        hexes = list(pool.map(lambda item: _digest_of(item[1], digests, scan), chosen))
     entries = [{"path": rel, "size": p.stat().st_size, "blake3": d}
                for (rel, p), d in zip(chosen, hexes)]
     return sorted(entries, key=lambda e: e["path"])
@@ -145,7 +156,7 @@ def describe_inputs(inputs: dict, threads: int | None = None) -> dict:
         model_dir = Path(inputs[key]).resolve()
         out[key] = str(model_dir)
         out["model_files"] = _file_entries(model_dir, suffixes=_INPUT_SUFFIXES, recursive=False,
-                                           threads=threads)
+                                           threads=threads, scan=True)
     return out
 
 

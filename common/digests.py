@@ -32,6 +32,13 @@ class Digests:
         with self._lock:
             self._known[key] = blake3_hex
 
+    def record_path(self, path, blake3_hex: str) -> None:
+        """``path`` (closed, as it is now) has this BLAKE3 digest (hex): e.g. a rank a worker
+        process wrote, or one checked on resume."""
+        key = _key(os.stat(path))
+        with self._lock:
+            self._known[key] = blake3_hex
+
     def known(self, path) -> str | None:
         """The BLAKE3 digest (hex) recorded for ``path`` in its current state, or None."""
         try:

@@ -96,7 +96,8 @@ def _widen(src: DType, dst: DType):
     return f16 if src.st == "F16" else bf16
 
 
-def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, spans: bool = False):
+def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, spans: bool = False,
+                allow_nonfinite: bool = False):
     """Yield ``piece`` (a convert.shard.Piece) in ``dtype`` (a DType or torch dtype), a few rows
     at a time: torch tensors, or with ``spans=True`` (for ``write_file``) also ``FileSpan``s and
     ``ByteChunk``s, which need no torch; a yielded chunk is then only valid until the next one is
@@ -123,7 +124,7 @@ def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, spans: bo
     start = first.start or 0
     rest = tuple(piece.index[1:])
     if spans and hasattr(source, "span") and hasattr(source, "read_rows_bytes"):
-        fast = _fast_chunks(source, piece, dtype, start, rest, max_bytes)
+        fast = _fast_chunks(source, piece, dtype, start, rest, max_bytes, allow_nonfinite)
         if fast is not None:
             yield from fast
             return
@@ -178,7 +179,22 @@ def _row_window(source, piece, start, rest):
     return full, cols, src_row
 
 
-def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
+def _new_infs(src, dst) -> int:
+    """Values a cast made infinite (finite in ``src``, Inf in ``dst``)."""
+    import torch
+
+    return int(torch.isinf(dst).sum()) - int(torch.isinf(src).sum())
+
+
+def _refuse_overflow(name: str, src: DType, count: int):
+    from common.errors import UserError
+
+    raise UserError(f"casting tensor {name} from {src.torch_name} to float16 overflows: {count} "
+                    f"value(s) beyond float16's range (+-65504) would become Inf; convert with "
+                    f"--dtype bfloat16 or float32, or pass --allow-nonfinite to keep the Inf values")
+
+
+def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes, allow_nonfinite=False):
     """Chunks of a piece whose index is (rows[, columns of a 2-D tensor]); None otherwise."""
     window = _row_window(source, piece, start, rest)
     if window is None:
@@ -221,6 +237,9 @@ def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
             if not (same and BYTE_COPIES) and not widen:
                 src_view = _torch_view(raw_bytes, src_dtype, (step, *full[1:]))
                 dst_view = _torch_view(out_bytes, dtype, (step, *piece.shape[1:]))
+            narrowing = dtype.st == "F16" and src_dtype.st in ("F32", "BF16", "F64") \
+                and not allow_nonfinite
+            overflow = 0
             for a in range(0, rows, step):
                 n = min(step, rows - a)
                 source.read_rows_bytes(piece.source, start + a, raw[:n].reshape(-1).data)
@@ -230,9 +249,15 @@ def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
                     widen(raw[:n], out[:n], c0, c1)
                 elif len(full) == 2:
                     dst_view[:n, :c1 - c0].copy_(src_view[:n, c0:c1])
+                    if narrowing:
+                        overflow += _new_infs(src_view[:n, c0:c1], dst_view[:n, :c1 - c0])
                 else:
                     dst_view[:n].copy_(src_view[:n])
+                    if narrowing:
+                        overflow += _new_infs(src_view[:n], dst_view[:n])
                 yield ByteChunk(out[:n].reshape(-1).data, dtype)
+            if overflow:
+                _refuse_overflow(piece.source, src_dtype, overflow)
 
     if cols is None and same:
         return copy_spans()

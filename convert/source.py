@@ -47,6 +47,17 @@ class SourceCheckpoint:
         source_files.check_float_model(self.meta, declared_dtype)
         self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
+        self._scan = None
+
+    def scan(self, background: bool = True):
+        """The files' one read for their digests and non-finite values
+        (``common.source_scan.SourceScan``), started on the first call."""
+        if self._scan is None:
+            from common.source_scan import SourceScan
+
+            self._scan = SourceScan(source_files.scan_table(self.files, self.meta, self._offsets),
+                                    background=background)
+        return self._scan
 
     def __contains__(self, name: str) -> bool:
         return name in self.meta

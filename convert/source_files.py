@@ -183,3 +183,26 @@ def check_float_model(meta: dict, declared: str | None) -> None:
             raise UserError(f"tensor {name} in {path} has dtype {dtype.st} but config.json "
                             f"declares a {declared} model, whose weights are floating point; the "
                             f"file is corrupt or not this model's: re-download it")
+
+
+def scan_table(files, meta: dict, offsets: dict) -> dict[Path, list]:
+    """file -> [(tensor, absolute begin, end, safetensors dtype)], what
+    ``common.source_scan`` reads."""
+    table: dict[Path, list] = {p: [] for p in files}
+    for name, (path, shape, dtype) in meta.items():
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        table[path].append((name, offsets[name], offsets[name] + n, dtype.st))
+    return table
+
+
+def scan_path(path: Path) -> str:
+    """The BLAKE3 digest of one weight file, from the scan that also counts its non-finite
+    values (shared with the conversion's: a file is read once per run)."""
+    from common.source_scan import scan_file
+
+    header, start = read_header(path)
+    tensors = [(k, start + v["data_offsets"][0], start + v["data_offsets"][1], v["dtype"])
+               for k, v in header.items() if k != "__metadata__"]
+    return scan_file(path, tensors)[0]

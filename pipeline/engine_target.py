@@ -42,7 +42,8 @@ def checkpoint_step(plan: BuildPlan, result: BuildResult):
     done = convert_checkpoint(plan.model, plan.out / "checkpoint", plan.layout, quant,
                               dtype=plan.dtype, workers=plan.workers, force=plan.force,
                               progress=plan.progress, ranks=plan.ranks,
-                              calibration=plan.calibration, digests=result.digests)
+                              calibration=plan.calibration, digests=result.digests,
+                              allow_nonfinite=plan.allow_nonfinite)
     result.timings["checkpoint"] = time.perf_counter() - t0
     result.timings.update(done.timings)  # included in "checkpoint"
     _print_calibration(plan, done)
@@ -58,7 +59,8 @@ def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
     model_dir, timings = plan.model.directory, result.timings
     if quant.format.calibration(quant) is not None:
         record = checks.gate_step(plan.out, ckpt, model_dir, quant, plan.tokenizer, timings,
-                                  plan.own_calibration_store)
+                                  plan.own_calibration_store,
+                                  allow_quality_loss=plan.allow_quality_loss)
         result.extra["quantization"] = {**record, **report,
                                         "quality_gate": record["quality_gate"]}
     if plan.verify and not checks.verify_step(ckpt, model_dir, quant, plan.tokenizer, timings):
