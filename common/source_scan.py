@@ -6,7 +6,7 @@ base has the same config, shapes and headers. :class:`SourceScan` reads every we
 in a background thread started when the model is opened, so a float conversion (which reads the
 same bytes at the disk's pace, mostly file to file in the kernel) does not wait for it; the
 calibration store and a resumed stage ask for the digest before they start and wait for it then.
-Results are kept per file state (device, inode, size, mtime), so build.json's input digests
+Results are kept per file state (device, inode, size, mtime, ctime), so build.json's input digests
 (builders.manifest) reuse them instead of reading the files again.
 
 The non-finite count costs one masked max per chunk (~9 GB/s on one core; an exponent of all ones
@@ -31,8 +31,8 @@ _memo_lock = threading.Lock()
 
 
 def _key(path: Path) -> tuple:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    st = os.stat(path)  # ctime too: a rewrite that restores the mtime still changes it
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _memo_get(path: Path):
@@ -124,6 +124,18 @@ def _scan(path: Path, tensors) -> tuple[str, dict[str, int]]:
     return h.hexdigest(), bad
 
 
+def identity(files) -> str:
+    """One BLAKE3 over the weight files' (name, size, BLAKE3) lines, sorted by name: the model's
+    identity (build.json's ``inputs.weights_blake3``, the calibration store's and the staged
+    checkpoint's ``weights``)."""
+    import blake3
+
+    h = blake3.blake3()
+    for name, size, digest in sorted(files):
+        h.update(f"{name}\t{size}\t{digest}\n".encode())
+    return h.hexdigest()
+
+
 class SourceScan:
     """:func:`scan_file` of every weight file, in a background thread (``background=False``: on
     the first question). ``tensors``: file -> [(name, absolute begin, end, safetensors dtype)]."""
@@ -159,13 +171,8 @@ class SourceScan:
         return {p.name: d for p, (d, _) in sorted(self.wait().items())}
 
     def weights_digest(self) -> str:
-        """One BLAKE3 over every weight file's name, size and digest: the model's identity."""
-        import blake3
-
-        h = blake3.blake3()
-        for path, (digest, _) in sorted(self.wait().items()):
-            h.update(f"{path.name}\t{path.stat().st_size}\t{digest}\n".encode())
-        return h.hexdigest()
+        """The model's identity (:func:`identity` of its weight files)."""
+        return identity((p.name, p.stat().st_size, d) for p, (d, _) in self.wait().items())
 
     def nonfinite(self) -> dict[str, int]:
         """tensor -> number of NaN/Inf values, for the tensors that hold any."""

@@ -11,6 +11,9 @@ from .result import EXIT_MISMATCH, BuildResult
 def run_engine_target(plan: BuildPlan) -> BuildResult:
     """The steps of the engine target; ``plan`` is checked (pipeline.plan.make_plan)."""
     if plan.from_checkpoint is not None:
+        from builders.manifest import check_listed
+
+        check_listed(plan.from_checkpoint)  # as written: build.json's digests, before any use
         result = BuildResult(inputs={"checkpoint_dir": str(plan.from_checkpoint.resolve())})
         ckpt = plan.from_checkpoint
     else:
