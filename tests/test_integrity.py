@@ -255,3 +255,23 @@ def test_verify_with_nan_fails(tmp_path, tiny_model, capsys):
     out = capsys.readouterr().out
     assert rc == 1
     assert "verify: MISMATCH" in out and "rel err nan" in out
+
+
+def test_damaged_engine_of_another_run_is_refused_before_promotion(tmp_path):
+    """main: a rank engine changed in engines.partial/ between two --ranks runs was promoted and
+    the Triton repository filled for it. Engines built by the TEST DOUBLE RecordingFakeTrtllm
+    (engine_fakes.py)."""
+    from builders.engine import build_engines
+    from common.errors import UserError
+    from engine_fakes import RecordingFakeTrtllm, make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path, tp=2)
+    engines = tmp_path / "out" / "engines"
+    assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), ranks="0").ok
+    rank0 = engines.with_name("engines.partial") / "rank0.engine"
+    _flip(rank0, 1)
+    with pytest.raises(UserError) as e:
+        build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), ranks="1")
+    assert e.value.exit_code == 2
+    assert f"{rank0} does not match the BLAKE3 digest recorded when it was built" in str(e.value)
+    assert not engines.exists()
