@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from common.digests import file_blake3
 from common.errors import UserError
 from common.staged import StagedOutput
 
@@ -36,16 +37,10 @@ def stage_digest(rank_path: Path) -> str:
     return digest_file(rank_path).read_text().strip()
 
 
-def _hash(path: Path) -> str:
-    import blake3
-
-    return blake3.blake3(max_threads=1).update_mmap(str(path)).hexdigest()
-
-
 def seal_rank(tmp: Path, path: Path, digests) -> str:
     """``tmp`` is complete (fsynced): write its digest beside it (the writer's, else hashed from
     disk), then rename it to ``path``; returns the digest."""
-    hexd = (digests.known(tmp) if digests is not None else None) or _hash(tmp)
+    hexd = (digests.known(tmp) if digests is not None else None) or file_blake3(tmp)
     side = digest_file(path)
     part = side.with_name(side.name + f".{os.getpid()}.tmp")
     part.write_text(hexd + "\n")
@@ -107,7 +102,7 @@ class Stage:
         except OSError:
             path.unlink(missing_ok=True)  # renamed before its digest was kept: write it again
             return False
-        got = _hash(path)
+        got = file_blake3(path)
         if got != want:
             raise UserError(f"{path} does not match the BLAKE3 digest recorded when it was "
                             f"written ({want[:16]}..., now {got[:16]}...): it was changed or "

@@ -18,14 +18,8 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 
+from common.digests import file_blake3
 from common.fileio import DirectSink, header_bytes
-
-
-def file_blake3(path) -> str:
-    """The BLAKE3 digest (hex) of a file as it is on disk."""
-    import blake3
-
-    return blake3.blake3(max_threads=1).update_mmap(str(path)).hexdigest()
 
 # two 8 MiB buffers: the store writes while a layer calibrates, so it keeps its RSS small
 _BUFFER = 8 * 2**20

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from common.digests import file_blake3
 from common.errors import UserError
 from common.staged import StagedOutput
 
-from .direct_save import file_blake3, save
+from .direct_save import save
 
 MANIFEST = "calibration.json"
 VERSION = 1
