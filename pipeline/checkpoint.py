@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from convert.convert import plan_checkpoint, wanted_ranks, write_checkpoint
+from convert.convert import plan_checkpoint, refuse_nonfinite, wanted_ranks, write_checkpoint
 from convert.moe import MoeLayout, moe_layout
 from model.shape import Shape, preflight
 from quantize.apply import preflight_quant, vocab_multiple
@@ -81,7 +81,8 @@ def quantization_block(quant, shape: Shape) -> dict | None:
 
 def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True, ranks=None,
-                       calibration=None, digests=None) -> CheckpointResult:
+                       calibration=None, digests=None,
+                       allow_nonfinite: bool = False) -> CheckpointResult:
     """Write the TRT-LLM checkpoint of ``model`` (a ModelSource) to ``out_dir``.
 
     Weight-only formats stream the float weights and only declare ``quant_algo`` (trtllm-build
@@ -89,7 +90,9 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
     ``quantize.run.CalibrationRun``; without one a default one calibrates into a store next to
     ``out_dir`` that is removed once the checkpoint is written) and write the quantized linears.
     ``ranks``: write only these ranks (convert.convert); the checkpoint is in ``out_dir`` once
-    every rank is, else in ``out_dir.partial``. ``digests``: the run's ``common.digests.Digests``."""
+    every rank is, else in ``out_dir.partial``. ``digests``: the run's ``common.digests.Digests``.
+    ``allow_nonfinite``: NaN/Inf weights and float16 overflows are kept instead of refused (a
+    calibrated format checks the weights before calibrating, the float path while it writes)."""
     out_dir = Path(out_dir)
     cplan = plan_checkpoint(model, out_dir, layout.shape, tp=layout.tp, pp=layout.pp, dtype=dtype,
                             moe=layout.moe, moe_tp=layout.moe_tp, moe_ep=layout.moe_ep,
@@ -109,6 +112,8 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
         from .calibration import calibrate_into_plan, calibration_run
 
         wanted_ranks(ranks, len(cplan.plans), calibrated)  # its refusal, before any work
+        if not allow_nonfinite:  # calibrating NaN weights would waste the calibration
+            refuse_nonfinite(cplan.source.scan())
         calibration = calibration_run(calibration, quant, layout.shape, out_dir)
         done = calibrate_into_plan(model, cplan, layout.shape, quant, calibration,
                                    progress=progress)
@@ -116,5 +121,5 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
         on_complete = calibration.done if calibration is not None else None
     write_checkpoint(cplan, ranks=ranks, workers=workers, force=force, progress=progress,
                      calibrated=calibrated, options=repr(quant), on_complete=on_complete,
-                     digests=digests)
+                     digests=digests, allow_nonfinite=allow_nonfinite)
     return result

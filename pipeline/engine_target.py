@@ -11,6 +11,9 @@ from .result import EXIT_MISMATCH, BuildResult
 def run_engine_target(plan: BuildPlan) -> BuildResult:
     """The steps of the engine target; ``plan`` is checked (pipeline.plan.make_plan)."""
     if plan.from_checkpoint is not None:
+        from builders.manifest import check_listed
+
+        check_listed(plan.from_checkpoint)  # as written: build.json's digests, before any use
         result = BuildResult(inputs={"checkpoint_dir": str(plan.from_checkpoint.resolve())})
         ckpt = plan.from_checkpoint
         loadable_step(ckpt, plan.ranks_text)
@@ -44,7 +47,8 @@ def checkpoint_step(plan: BuildPlan, result: BuildResult):
     done = convert_checkpoint(plan.model, plan.out / "checkpoint", plan.layout, quant,
                               dtype=plan.dtype, workers=plan.workers, force=plan.force,
                               progress=plan.progress, ranks=plan.ranks,
-                              calibration=plan.calibration, digests=result.digests)
+                              calibration=plan.calibration, digests=result.digests,
+                              allow_nonfinite=plan.allow_nonfinite)
     result.timings["checkpoint"] = time.perf_counter() - t0
     result.timings.update(done.timings)  # included in "checkpoint"
     _print_calibration(plan, done)
@@ -84,7 +88,8 @@ def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
     model_dir, timings = plan.model.directory, result.timings
     if quant.format.gated(quant):
         record = checks.gate_step(plan.out, ckpt, model_dir, quant, plan.tokenizer, timings,
-                                  plan.own_calibration_store)
+                                  plan.own_calibration_store,
+                                  allow_quality_loss=plan.allow_quality_loss)
         result.extra["quantization"] = {**record, **report,
                                         "quality_gate": record["quality_gate"]}
     if plan.verify and not checks.verify_step(ckpt, model_dir, quant, plan.tokenizer, timings):

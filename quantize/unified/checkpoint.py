@@ -62,6 +62,7 @@ import torch
 from common.errors import UserError
 from common.staged import StagedOutput
 from convert.source import SourceCheckpoint
+from convert.source_files import declared_dtype
 from convert.writer import write_file
 
 from .config import hf_quant_config, quantization_config
@@ -220,7 +221,7 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose another --output or pass --force to replace it")
     config = _read_config(model_dir)
-    source = SourceCheckpoint(model_dir)
+    source = SourceCheckpoint(model_dir, declared_dtype=declared_dtype(config))
     dtype = _check_source_dtype(source)
     computed, layers = {}, None
     if spec.needs_calibration or calibrated_model is not None:
