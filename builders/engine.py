@@ -140,7 +140,8 @@ def read_checkpoint_layout(checkpoint_dir: Path, ranks=None) -> tuple[dict, int]
         tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
         world = int(mapping.get("world_size", tp * pp))
     except (ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"{cfg_path} is not a TensorRT-LLM checkpoint config ({e})") from None
+        raise UserError(f"{cfg_path} is not a TensorRT-LLM checkpoint config ({e}); give the "
+                        f"checkpoint/ directory build_engine wrote, or convert again") from None
     if world != tp * pp or world < 1:
         raise UserError(f"{cfg_path}: mapping world_size {world} != tp_size {tp} x pp_size {pp}")
     if not config.get("architecture"):

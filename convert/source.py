@@ -61,6 +61,21 @@ def _read_header(path: Path) -> tuple[dict, int]:
                         f"or corrupt: re-download it")
 
 
+def _index_files(index: Path) -> list[str]:
+    """The shard names of a ``model.safetensors.index.json`` (``{"weight_map": {tensor: file}}``);
+    one line for anything else."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+        raise UserError(f"{index} is not a valid safetensors index ({e or type(e).__name__}); "
+                        f"re-download the model") from None
+    if not isinstance(weight_map, dict) or \
+            not all(isinstance(f, str) for f in weight_map.values()):
+        raise UserError(f"{index} is not a valid safetensors index (its weight_map must map each "
+                        f"tensor name to a shard file name); re-download the model")
+    return list(weight_map.values())
+
+
 class SourceCheckpoint:
     """Name → (file, shape, dtype) for every tensor of a HF model dir; slices read on demand."""
 
@@ -98,11 +113,7 @@ class SourceCheckpoint:
     def _find_files(self) -> list[Path]:
         index = self.dir / INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise UserError(f"{index} is not a valid safetensors index ({e})")
-            files = sorted({self.dir / f for f in weight_map.values()})
+            files = sorted({self.dir / f for f in _index_files(index)})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise UserError(f"{index} names shard {missing[0]} which is not in {self.dir}: "
