@@ -330,10 +330,16 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
 def _landed(run: _Run, builds: list[RankBuild], work: Path) -> EngineBuildResult:
     """Move the built ranks into the stage; promote it when it holds every rank."""
     stage, engines_dir, todo, world = run.staged.stage, run.staged.dest, run.todo, run.world
-    land(work, stage, builds, run.avail.version)
-    run.staged.discard([work.name])
-    records = read_records(stage)
-    done = complete(stage, world) and promote(run.staged, world)
+    try:
+        land(work, stage, builds, run.avail.version)
+        run.staged.discard([work.name])
+        records = read_records(stage)
+        done = complete(stage, world) and promote(run.staged, world)
+    except BaseException:  # e.g. a full disk: this run's ranks go (other runs' stay, --ranks)
+        run.staged.discard([work.name, *(f for r in todo for f in (
+            f"rank{r}.engine", f".ranks/rank{r}.json", f"logs/rank{r}.log"))]
+            if run.subset else None)
+        raise
     if done:
         for rb in builds:
             rb.log = engines_dir / "logs" / rb.log.name

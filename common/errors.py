@@ -35,9 +35,11 @@ IO_ERRNOS = frozenset(_IO_FIXES)
 
 def io_error(e: OSError, path=None) -> UserError:
     """The one line for a file the disk would not read or write (``e.errno`` in IO_ERRNOS): the
-    file (``e.filename``, else ``path``), what the system said, the fix. The CLI maps every such
+    file (of a two-path call such as a copy or a rename, the destination ``e.filename2``; else
+    ``e.filename``, else ``path``), what the system said, the fix. The CLI maps every such
     OSError here; exit status 2 like any input the user can fix."""
-    where = e.filename if e.filename is not None else path
+    where = next((w for w in (getattr(e, "filename2", None), e.filename, path) if w is not None),
+                 None)
     what = (e.strerror or os.strerror(e.errno)) if e.errno else str(e)
     fix = _IO_FIXES.get(e.errno, "check the file system, then rerun the same command")
     return UserError(f"{where if where is not None else 'a file'}: {what}; {fix}")
