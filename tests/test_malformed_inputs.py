@@ -171,3 +171,47 @@ def test_malformed_config_in_a_subprocess(model_dir, tmp_path):
     assert "Traceback" not in p.stderr and str(d / "config.json") in err[0]
     assert not out.exists()
 
+
+
+# --- the calibration text (issue 29's weak spots) ------------------------------------------------
+
+CALIB_CASES = {
+    "three-tokens": ("the cat sat".encode(), [],
+                     r"holds \d tokens but calibration needs at least one whole sample of "
+                     r"--calib-seq-len 512 tokens \(511 of text; 16352 to use no token twice over "
+                     r"--calib-size 32\); give a longer text or lower --calib-seq-len"),
+    "three-tokens-pytorch": ("the cat sat".encode(), ["--target", "pytorch"],
+                             r"holds \d tokens but calibration needs at least one whole sample"),
+    "binary": (bytes(range(256)) * 64, [], r"is not UTF-8 text \(byte 0x80 at offset 128\); "
+               r"give a plain-text file"),
+    "control-characters": (bytes(range(32)) * 64, [],
+                           r"is not text: \d+ % of its characters are control characters"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CALIB_CASES))
+def test_unusable_calibration_text(case, model_dir, tmp_path, capsys):
+    data, flags, pattern = CALIB_CASES[case]
+    text = tmp_path / "calib.txt"
+    text.write_bytes(data)
+    _refused(capsys, ["--model", str(model_dir), "--fp8", "--checkpoint-only", "--calib-data",
+                      str(text), *flags], tmp_path / "out", re.escape(str(text)), pattern)
+
+
+def test_calibration_text_of_one_sample_is_enough(model_dir, tmp_path, capsys):
+    """The floor is one whole --calib-seq-len sample: a text just that long calibrates."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    words = (Path(__file__).resolve().parent / "data" / "austen.txt").read_text().split()
+    n = next(i for i in range(1, len(words)) if
+             len(tok.encode(" ".join(words[:i]), add_special_tokens=False)) >= 15)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(words[:n]))
+    assert main(["--model", str(model_dir), "--fp8", "--checkpoint-only", "--calib-data",
+                 str(text), *CAL, "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    text.write_text(" ".join(words[:n - 1]))
+    short = len(tok.encode(text.read_text(), add_special_tokens=False))
+    assert short < 15
+    _refused(capsys, ["--model", str(model_dir), "--fp8", "--checkpoint-only", "--calib-data",
+                      str(text), *CAL], tmp_path / "out2", rf"holds {short} tokens")
