@@ -37,14 +37,16 @@ class ServePaths:
         self.external: list[str] = []
 
     def serve(self, path) -> str:
+        """``path`` as the server sees it; a path outside the build output directory (a tokenizer
+        in the HF model dir) is listed in ``external``: a copy of the output alone lacks it."""
         p = Path(path).expanduser().resolve()
-        if self.model_root is None:
-            return str(p)
         try:
             rel = p.relative_to(self.build_root)
         except ValueError:
             if str(p) not in self.external:
                 self.external.append(str(p))
+            return str(p)
+        if self.model_root is None:
             return str(p)
         return posixpath.join(self.model_root, rel.as_posix()) if rel.parts else self.model_root
 
