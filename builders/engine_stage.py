@@ -16,6 +16,7 @@ import socket
 import time
 from pathlib import Path
 
+from common.atomic import write_text
 from common.errors import UserError
 from common.staged import StagedOutput
 
@@ -108,9 +109,8 @@ def land(work: Path, stage: Path, ranks: list, version: str | None) -> None:
         rb.log = stage / "logs" / rb.log.name
         record = {"rank": rb.rank, "host": host, "device": rb.device, "gpu": rb.gpu,
                   "tensorrt_llm": version, "blake3": _engine_digest(stage, rb.rank)}
-        tmp = stage / RANK_RECORDS / f".rank{rb.rank}.json.tmp"
-        tmp.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, stage / RANK_RECORDS / f"rank{rb.rank}.json")
+        write_text(stage / RANK_RECORDS / f"rank{rb.rank}.json",
+                   json.dumps(record, sort_keys=True) + "\n")
 
 
 def _engine_digest(stage: Path, rank: int) -> str | None:

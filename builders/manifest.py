@@ -26,6 +26,7 @@ from pathlib import Path
 
 import blake3
 
+from common.atomic import write_text
 from common.digests import Digests
 from common.versions import software_versions
 
@@ -228,9 +229,8 @@ def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
                               stage_timings=stage_timings, outputs_root=outputs_root,
                               engines=engines, layout=layout, digests=digests)
     path = output_dir / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    output_dir.mkdir(parents=True, exist_ok=True)  # --from-checkpoint may have written nothing else
+    write_text(path, json.dumps(manifest, sort_keys=True, indent=2) + "\n")
     return path
 
 

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from common.fileio import reusing_buffers
 
 from common import interrupt
-from common.errors import UserError
+from common.atomic import write_text
+from common.errors import IO_ERRNOS, UserError, io_error
 from common.interrupt import Interrupted
 from .hf_config import from_hugging_face
 from .plan import OutputTensor, rank_plan
@@ -233,8 +234,9 @@ def _write_staged(model_dir: Path, out_dir: Path, stage: Stage, plans, config: d
                           f"to finish only the remaining ranks")
     except OSError as e:
         _discard(out_dir, todo if subset else None)
-        raise UserError(f"cannot write the checkpoint to {out_dir.parent}: {e.strerror or e}; "
-                        f"free space or choose another --output")
+        if e.errno not in IO_ERRNOS:
+            raise
+        raise io_error(e, out_dir) from None
     except BaseException:
         _discard(out_dir, todo if subset else None)
         raise
@@ -253,9 +255,7 @@ def refuse_nonfinite(scan) -> None:
 
 def _write_config(tmp: Path, config: dict) -> None:
     """config.json, written whole under a temporary name (runs for other ranks write the same)."""
-    part = tmp / f".config.json.{os.getpid()}.tmp"
-    part.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(part, tmp / "config.json")
+    write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def _discard(out_dir: Path, own_ranks) -> None:

@@ -48,12 +48,13 @@ def find_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | None]:
     index = model_dir / INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             if not isinstance(weight_map, dict) or \
                     not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError("weight_map is not a map of tensor names to file names")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{index} is not a valid safetensors index ({e})")
+            raise UserError(f"{index} is not a valid safetensors index ({e or type(e).__name__}); "
+                            f"re-download the model") from None
         by_entry = {e: confined(model_dir, e, str(index)) for e in sorted(set(weight_map.values()))}
         missing = [e for e, p in by_entry.items() if not p.is_file()]
         if missing:

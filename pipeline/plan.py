@@ -164,6 +164,7 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     tokenizer = None
     if quant.format.calibration(quant) is not None:
         tokenizer = model.tokenizer()
+        preflight.calibration_text(quant, tokenizer)
     elif args.verify and quant.format.quantized(quant):
         tokenizer = model.tokenizer("--verify of a quantized checkpoint (on real text)",
                                     "; or drop --verify")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.digests import file_blake3
+from common.errors import naming
 from common.fileio import DirectSink, header_bytes
 
 # two 8 MiB buffers: the store writes while a layer calibrates, so it keeps its RSS small
@@ -66,7 +67,17 @@ def _standalone(state: dict) -> dict:
 
 def save(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> str:
     """Write ``tensors`` (and string ``metadata``) to ``path`` as a safetensors file; return its
-    BLAKE3 digest (hex)."""
+    BLAKE3 digest (hex). A failed write removes it and raises naming it."""
+    with naming(path):
+        try:
+            return _save(tensors, path, metadata)
+        except BaseException:
+            if os.path.lexists(path):
+                os.unlink(path)
+            raise
+
+
+def _save(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None) -> str:
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o666)

@@ -227,6 +227,10 @@ class QuantSpec:
 # ---------------------------------------------------------------------------------------------
 
 
+#: more control characters than this share of a --calib-data file: it is binary, not text
+MAX_CONTROL_FRACTION = 0.05
+
+
 def check_calib_file(path: str | Path) -> str:
     """Read the calibration text; UserError when it is missing, unreadable or empty."""
     p = Path(path)
@@ -236,11 +240,18 @@ def check_calib_file(path: str | Path) -> str:
     if not p.is_file():
         raise UserError(f"--calib-data {p} is not a file; give a plain-text file")
     try:
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"--calib-data {p} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--calib-data {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                        f"offset {e.start}); give a plain-text file") from None
     if not text.strip():
         raise UserError(f"--calib-data {p} is empty; calibration needs some text")
+    odd = sum(1 for c in text if not (c.isprintable() or c.isspace()))
+    if odd > MAX_CONTROL_FRACTION * len(text):
+        raise UserError(f"--calib-data {p} is not text: {100 * odd / len(text):.0f} % of its "
+                        f"characters are control characters; give a plain-text file")
     return text
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
+from common.errors import IO_ERRNOS, UserError, io_error
 
 from . import store as cstore
 from model.tokenizer import load_tokenizer
@@ -61,8 +61,9 @@ class CalibrationRun:
                                           fingerprint=fp, progress=progress, timings=timings,
                                           model=model)
             except OSError as e:
-                raise UserError(f"cannot write the calibration store {store}: {e.strerror or e}; "
-                                f"free space or choose another --output") from None
+                if e.errno not in IO_ERRNOS:
+                    raise
+                raise io_error(e, store) from None
         timings["calibration"] = time.perf_counter() - t0
         n = man.get("num_layers")
         if n is None or cstore.num_layers(store) != n:

@@ -88,16 +88,32 @@ def begin(store: Path, fp: dict, model: str | None = None) -> dict:
     model's run would reuse it)."""
     staged, key = _staged(store), {"version": VERSION, "fingerprint": fp}
     man = {**key, "model": model, "layers_done": 0, "complete": False}
-    return staged.read_record() if staged.open(key, record=man) else man
+    if staged.open(key, record=man):
+        old = staged.read_record()
+        if _well_formed(old):
+            return old
+        staged.open(key, resume=False, record=man)  # a damaged manifest: calibrate afresh
+    return man
+
+
+def _well_formed(man) -> bool:
+    """A manifest as this module writes it (a damaged one is never trusted)."""
+    return isinstance(man, dict) and isinstance(man.get("fingerprint"), dict) and \
+        type(man.get("layers_done")) is int and man["layers_done"] >= 0 and \
+        isinstance(man.get("complete"), bool)
 
 
 def check_reusable(store: Path, fp: dict, model: str | None = None) -> dict:
     """``--calibration PATH``: its manifest when complete and made from the same inputs (the same
     weight bytes included); else one line, naming both models when the weights differ."""
     man = read_manifest(store)
-    if man is None:
+    if man is None and not (store / MANIFEST).is_file():
         raise UserError(f"--calibration {store} holds no {MANIFEST}; give the calibration/ "
                         f"directory of an earlier build")
+    if not _well_formed(man):
+        raise UserError(f"--calibration {store / MANIFEST} is not a calibration manifest as "
+                        f"build_engine writes it (damaged or edited); give the calibration/ "
+                        f"directory of an earlier build, or drop --calibration to calibrate afresh")
     if not man.get("complete"):
         raise UserError(f"--calibration {store} is incomplete ({man.get('layers_done', 0)} "
                         f"layers); rerun the build that made it to finish it")
