@@ -10,6 +10,9 @@ repository) follows one pattern, kept here once:
   another fingerprint discards them, or is refused when they are other runs' work (``--ranks``);
 * **promote**: the complete stage is renamed to the destination (common.atomic.swap_into_place);
 * **discard**: after a failure, the stage or only this run's own files go.
+* **own**: only what the tool wrote is ever deleted or replaced (common.ownership): a stage is
+  marked as the tool's when it is created, a finished output with the list of its files when it
+  is promoted; a stage or destination that is not provably the tool's is refused in one line.
 
 A stage equal to the destination (the calibration store) is a directory used in place: resumed
 or restarted by its fingerprint, never promoted.
@@ -25,6 +28,7 @@ from typing import Callable, Iterable
 
 from common.atomic import swap_into_place
 from common.errors import UserError
+from common.ownership import foreign, mark_finished, mark_stage, refuse_foreign
 
 
 def _compact(data) -> str:
@@ -54,7 +58,24 @@ class StagedOutput:
         stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial",
                                       dir=dest.parent))
         stage.chmod(0o755)  # mkdtemp's 0700 would hide it once promoted
+        mark_stage(stage)
         return cls(dest, stage=stage)
+
+    @staticmethod
+    def sweep(out_dir) -> list[Path]:
+        """Remove what killed runs left in ``out_dir``: private stages and replaced outputs set
+        aside (``.NAME.XXXX.partial`` / ``.NAME.XXXX.old``) that carry the tool's marker. Only
+        under the output's exclusive lock (common.outlock): no other run is writing them."""
+        gone = []
+        out_dir = Path(out_dir)
+        if not out_dir.is_dir():
+            return gone
+        for p in sorted(out_dir.iterdir()):
+            if p.name.startswith(".") and p.name.endswith((".partial", ".old")) and \
+                    p.is_dir() and not p.is_symlink() and foreign(p) is None:
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+        return gone
 
     # --- fingerprint ---------------------------------------------------------------------------
 
@@ -89,7 +110,8 @@ class StagedOutput:
         discarded, except that one holding another fingerprint is refused with ``refuse`` (a
         UserError) when that is given. The record written is ``record`` (default: the
         fingerprint itself; none for a ``None`` fingerprint); a resumed stage keeps its record."""
-        if self.stage.exists():
+        if os.path.lexists(self.stage):
+            refuse_foreign(self.stage, "resume or discard")
             same = resume and self.recorded() == fingerprint
             if same:
                 return True
@@ -97,27 +119,31 @@ class StagedOutput:
                 raise UserError(refuse)
             shutil.rmtree(self.stage)  # errors raised: a stage half removed must not be reused
         self.stage.mkdir(parents=True, exist_ok=True)
+        mark_stage(self.stage)
         if fingerprint is not None or record is not None:  # None: written in one go, no record
             self.write_record(fingerprint if record is None else record)
         return False
 
     # --- promote or discard --------------------------------------------------------------------
 
-    def promote(self) -> None:
-        """Put the complete stage in place of ``dest`` (an old one is replaced: the caller
-        checked ``--force``); the fingerprint record does not go with it."""
+    def promote(self, digests=None) -> None:
+        """Put the complete stage in place of ``dest`` (an old one is replaced, if it is the
+        tool's own: the caller checked ``--force``); the fingerprint record does not go with it,
+        the marker listing every file goes in its place (``digests``: the run's writer digests,
+        so files it wrote are not read again)."""
         if self.stage == self.dest:
             return
+        refuse_foreign(self.dest)
         (self.stage / self.record).unlink(missing_ok=True)
+        mark_finished(self.stage, digests)
         swap_into_place(self.stage, self.dest)
 
     def discard(self, own: Iterable | None = None) -> None:
         """After a failure: the whole stage, or with ``own`` (names or paths in the stage) only
-        this run's files, since other runs may share the stage (``--ranks``)."""
+        this run's files, since other runs may share the stage (``--ranks``). A stage that is
+        not the tool's (no marker) is left alone."""
         if own is None:
-            if self.stage.is_symlink() or self.stage.is_file():
-                self.stage.unlink()
-            else:
+            if foreign(self.stage) is None:
                 shutil.rmtree(self.stage, ignore_errors=True)
             return
         for name in own:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from common.fileio import reusing_buffers
 from common import interrupt
 from common.errors import UserError
 from common.interrupt import Interrupted
+from common.ownership import remove_owned
 from common.staged import StagedOutput
 from .hf_config import from_hugging_face
 from .plan import OutputTensor, rank_plan
@@ -139,16 +139,18 @@ def plan_checkpoint(model, out_dir, shape, *, tp: int = 1, pp: int = 1, dtype: s
 
 def write_checkpoint(plan: CheckpointPlan, *, ranks=None, workers: int = 1, force: bool = False,
                      progress: bool = True, calibrated: str | None = None, options: str = "",
-                     on_complete=None, digests=None) -> dict:
+                     on_complete=None, digests=None, promote: bool = True) -> dict:
     """Write ``plan`` (see the module docstring for staging, resume and ``ranks``); return its
     config. ``calibrated``: the name of the calibrated format whose tensors the plan holds (never
     resumed, never split over runs), else None. ``options``: what else decides the bytes, for the
     resume fingerprint. ``on_complete``: called once the checkpoint is in place. ``digests``: the
-    run's ``common.digests.Digests``, told each rank file's digest as it is written."""
+    run's ``common.digests.Digests``, told each rank file's digest as it is written.
+    ``promote=False`` (a run of every rank): the complete, read-back checkpoint stays in
+    ``<out>.partial`` for the caller's checks, which then put it in place (:func:`promote`)."""
     world = len(plan.plans)
     wanted, subset = wanted_ranks(ranks, world, calibrated)
     if subset and force:
-        shutil.rmtree(plan.out_dir, ignore_errors=True)  # a new generation is being written
+        remove_owned(plan.out_dir)  # a new generation is being written
     if calibrated:
         workers = 1  # the calibrated tensors are in this process's memory
     fingerprint = _fingerprint(plan.config, plan.plans, plan.source, options, mtimes=not subset)
@@ -157,8 +159,19 @@ def write_checkpoint(plan: CheckpointPlan, *, ranks=None, workers: int = 1, forc
     todo = [r for r in wanted if not (tmp / f"rank{r}.safetensors").is_file()]
     _write_staged(plan.model_dir, plan.out_dir, tmp, plan.plans, plan.config, todo=todo,
                   subset=subset, workers=workers, progress=progress, on_complete=on_complete,
-                  digests=digests)
+                  digests=digests, promote=promote or subset)
     return plan.config
+
+
+def promote(out_dir, digests=None) -> None:
+    """Put the complete checkpoint staged in ``<out_dir>.partial`` in place (after its checks),
+    replacing an earlier one of the tool's own."""
+    _staged(Path(out_dir)).promote(digests)
+
+
+def staged_dir(out_dir) -> Path:
+    """Where ``out_dir`` is written until it is put in place."""
+    return _staged(Path(out_dir)).stage
 
 
 def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
@@ -196,7 +209,8 @@ def wanted_ranks(ranks, world: int, calibrated: str | None) -> tuple[list[int], 
 
 
 def _write_staged(model_dir: Path, out_dir: Path, tmp: Path, plans, config: dict, *, todo,
-                  subset: bool, workers: int, progress: bool, on_complete, digests=None) -> None:
+                  subset: bool, workers: int, progress: bool, on_complete, digests=None,
+                  promote: bool = True) -> None:
     """Write ranks ``todo`` and config.json into the staging dir ``tmp``; once every rank of the
     world is there, check the files and swap ``tmp`` into ``out_dir``. Interrupted: the finished
     ranks stay in ``tmp`` for a rerun; any other failure removes this run's files."""
@@ -207,7 +221,9 @@ def _write_staged(model_dir: Path, out_dir: Path, tmp: Path, plans, config: dict
         if not all((tmp / f"rank{r}.safetensors").is_file() for r in range(len(plans))):
             return  # other ranks are still to come (--ranks)
         _verify_files(tmp, plans)
-        _staged(out_dir).promote()  # an existing one only with --force (checked by the caller)
+        if not promote:
+            return  # the caller's checks run on the stage, then it is put in place
+        _staged(out_dir).promote(digests)  # an existing one: --force and the tool's own
         if on_complete is not None:
             on_complete()
     except (KeyboardInterrupt, Interrupted):

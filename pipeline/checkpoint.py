@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from convert.convert import plan_checkpoint, wanted_ranks, write_checkpoint
+from convert.convert import plan_checkpoint, promote, wanted_ranks, write_checkpoint
 from convert.moe import MoeLayout, moe_layout
 from model.shape import Shape, preflight
 from quantize.apply import preflight_quant, vocab_multiple
@@ -28,11 +28,15 @@ class Layout:
 @dataclass
 class CheckpointResult:
     """A written (or, with --ranks, partly written) checkpoint: its config.json, the seconds spent
-    calibrating and computing the quantized tensors, and what calibration chose."""
+    calibrating and computing the quantized tensors, and what calibration chose. ``staged``: the
+    complete checkpoint is still in ``out_dir.partial`` (``promote=False``) and ``put_in_place``
+    finishes it."""
 
     config: dict
     timings: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    staged: bool = False
+    put_in_place: object = None
 
 
 def plan_layout(model, *, tp: int = 1, pp: int = 1, quant=None, moe_tp: int | None = None,
@@ -63,7 +67,8 @@ def quantization_block(quant, shape: Shape) -> dict | None:
 
 def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True, ranks=None,
-                       calibration=None, digests=None) -> CheckpointResult:
+                       calibration=None, digests=None, promote_now: bool = True
+                       ) -> CheckpointResult:
     """Write the TRT-LLM checkpoint of ``model`` (a ModelSource) to ``out_dir``.
 
     Weight-only formats stream the float weights and only declare ``quant_algo`` (trtllm-build
@@ -71,7 +76,9 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
     ``quantize.run.CalibrationRun``; without one a default one calibrates into a store next to
     ``out_dir`` that is removed once the checkpoint is written) and write the quantized linears.
     ``ranks``: write only these ranks (convert.convert); the checkpoint is in ``out_dir`` once
-    every rank is, else in ``out_dir.partial``. ``digests``: the run's ``common.digests.Digests``."""
+    every rank is, else in ``out_dir.partial``. ``digests``: the run's ``common.digests.Digests``.
+    ``promote_now=False``: a complete checkpoint of every rank stays in ``out_dir.partial`` for
+    the run's checks (``result.staged``); ``result.put_in_place()`` then promotes it."""
     out_dir = Path(out_dir)
     cplan = plan_checkpoint(model, out_dir, layout.shape, tp=layout.tp, pp=layout.pp, dtype=dtype,
                             moe=layout.moe, moe_tp=layout.moe_tp, moe_ep=layout.moe_ep,
@@ -91,5 +98,13 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
         on_complete = calibration.done if calibration is not None else None
     write_checkpoint(cplan, ranks=ranks, workers=workers, force=force, progress=progress,
                      calibrated=calibrated, options=repr(quant), on_complete=on_complete,
-                     digests=digests)
+                     digests=digests, promote=promote_now)
+    if not promote_now and not wanted_ranks(ranks, len(cplan.plans), calibrated)[1]:
+
+        def put_in_place():
+            promote(out_dir, digests)
+            if on_complete is not None:
+                on_complete()
+
+        result.staged, result.put_in_place = True, put_in_place
     return result

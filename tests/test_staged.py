@@ -7,11 +7,14 @@ import json
 import pytest
 
 from common.errors import UserError
+from common.ownership import MARKER, mark_finished
 from common.staged import StagedOutput
 
 
 def _files(d):
-    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
+    """The files under ``d`` but the tool's ownership markers (common.ownership)."""
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
+                  if p.is_file() and p.name != MARKER)
 
 
 def test_resume_with_the_same_fingerprint_keeps_finished_parts(tmp_path):
@@ -47,6 +50,7 @@ def test_promote_replaces_the_destination_whole_without_the_record(tmp_path):
     dest = tmp_path / "engines"
     dest.mkdir()
     (dest / "stale.engine").write_bytes(b"old")
+    mark_finished(dest)  # an earlier run's output: the tool's own
     out = StagedOutput(dest, record="fingerprint.json")
     out.open({"a": 1})
     (out.stage / "rank0.engine").write_bytes(b"new")
