@@ -7,8 +7,8 @@ made to write into one output side by side, see convert.convert and builders.eng
 still keeps a whole run out while any of them writes, and them out while a whole run writes. A
 second run is refused before any work: ``another build_engine (pid N) is writing DIR`` (exit 2).
 
-The exclusive holder removes the file (and the output directory, if the lock was all it held)
-when it is done. Because of that unlink, a run checks after locking that the file it locked is
+The last holder removes the file (and the output directory, if the lock was all it held) when
+it is done. Because of that unlink, a run checks after locking that the file it locked is
 still the one at the path (else it locked an unlinked file and tries again).
 """
 from __future__ import annotations
@@ -62,8 +62,14 @@ class OutputLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        if not self.shared:  # no one else holds it: the file goes, and an output it alone made
-            self.path.unlink(missing_ok=True)
+        if self.shared:  # the last of the --ranks runs tidies up as an exclusive holder would
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except BlockingIOError:
+                alone = False
+        if not self.shared or alone:  # no one else holds it: the file goes, and an output
+            self.path.unlink(missing_ok=True)  # made only to hold it
             if self._made_dir:
                 try:
                     self.out.rmdir()

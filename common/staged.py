@@ -8,11 +8,13 @@ repository) follows one pattern, kept here once:
 * **fingerprint**: the stage records what it is being made from (a JSON record in the stage);
 * **resume or refuse**: a later run of the same fingerprint keeps the finished parts; one of
   another fingerprint discards them, or is refused when they are other runs' work (``--ranks``);
-* **promote**: the complete stage is renamed to the destination (common.atomic.swap_into_place);
+* **promote**: the complete stage is renamed to the destination (an old one set aside first,
+  removed once the new one is in place: a reader sees one or the other, never half);
 * **discard**: after a failure, the stage or only this run's own files go.
 * **own**: only what the tool wrote is ever deleted or replaced (common.ownership): a stage is
-  marked as the tool's when it is created, a finished output with the list of its files when it
-  is promoted; a stage or destination that is not provably the tool's is refused in one line.
+  entered in the output's record as the tool's when it is created, a finished output with the
+  list of its files when it is promoted; a stage or destination that is not provably the
+  tool's is refused in one line.
 
 A stage equal to the destination (the calibration store) is a directory used in place: resumed
 or restarted by its fingerprint, never promoted.
@@ -26,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from common.atomic import swap_into_place
+from common import ownership
 from common.errors import UserError
 from common.ownership import foreign, mark_finished, mark_stage, refuse_foreign
 
@@ -72,8 +74,10 @@ class StagedOutput:
             return gone
         for p in sorted(out_dir.iterdir()):
             if p.name.startswith(".") and p.name.endswith((".partial", ".old")) and \
-                    p.is_dir() and not p.is_symlink() and foreign(p) is None:
+                    p.is_dir() and not p.is_symlink() and \
+                    ownership.entry(p) is not None and foreign(p) is None:
                 shutil.rmtree(p, ignore_errors=True)
+                ownership.forget(p)
                 gone.append(p)
         return gone
 
@@ -118,6 +122,7 @@ class StagedOutput:
             if resume and refuse is not None:
                 raise UserError(refuse)
             shutil.rmtree(self.stage)  # errors raised: a stage half removed must not be reused
+            ownership.forget(self.stage)
         self.stage.mkdir(parents=True, exist_ok=True)
         mark_stage(self.stage)
         if fingerprint is not None or record is not None:  # None: written in one go, no record
@@ -136,15 +141,30 @@ class StagedOutput:
         refuse_foreign(self.dest)
         (self.stage / self.record).unlink(missing_ok=True)
         mark_finished(self.stage, digests)
-        swap_into_place(self.stage, self.dest)
+        dest = self.dest
+        if not os.path.lexists(dest):
+            os.replace(self.stage, dest)
+            ownership.moved(self.stage, dest)
+            return
+        # the old one aside under a fresh hidden name (never one a user may hold, like
+        # NAME.old), entered as the tool's first so that a run killed here leaves nothing
+        # unowned (the next run sweeps it)
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+        ownership.copy_entry(dest, old)
+        os.replace(dest, old)  # onto the empty directory mkdtemp made
+        os.replace(self.stage, dest)
+        ownership.moved(self.stage, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        ownership.forget(old)
 
     def discard(self, own: Iterable | None = None) -> None:
         """After a failure: the whole stage, or with ``own`` (names or paths in the stage) only
         this run's files, since other runs may share the stage (``--ranks``). A stage that is
         not the tool's (no marker) is left alone."""
         if own is None:
-            if foreign(self.stage) is None:
+            if os.path.lexists(self.stage) and foreign(self.stage) is None:
                 shutil.rmtree(self.stage, ignore_errors=True)
+                ownership.forget(self.stage)
             return
         for name in own:
             path = self.stage / name

@@ -7,14 +7,14 @@ import json
 import pytest
 
 from common.errors import UserError
-from common.ownership import MARKER, mark_finished
+from common.ownership import RECORD, mark_finished
 from common.staged import StagedOutput
 
 
 def _files(d):
-    """The files under ``d`` but the tool's ownership markers (common.ownership)."""
+    """The files under ``d`` but the tool's ownership record (common.ownership)."""
     return sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
-                  if p.is_file() and p.name != MARKER)
+                  if p.is_file() and p.name != RECORD)
 
 
 def test_resume_with_the_same_fingerprint_keeps_finished_parts(tmp_path):
@@ -56,7 +56,7 @@ def test_promote_replaces_the_destination_whole_without_the_record(tmp_path):
     (out.stage / "rank0.engine").write_bytes(b"new")
     out.promote()
     assert _files(dest) == ["rank0.engine"] and not out.stage.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]  # no .old left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RECORD, "engines"]  # no .old left
 
 
 def test_failure_discards_only_its_own_files_when_asked(tmp_path):
