@@ -109,6 +109,24 @@ def _stage_options(args, quant_algo=None) -> dict:
     return dict(engine_options=engine, triton_options=triton)
 
 
+def _refuse_unfinished(ckpt: Path) -> None:
+    """A checkpoint build_engine has not finished (its stage, killed before or during its checks)
+    or one changed since it was put in place is refused; one the tool did not write (another
+    converter's) is taken as it is."""
+    from common import ownership
+
+    got = ownership.entry(ckpt)
+    if got is not None and got.get("stage") or ckpt.name.endswith(".partial") or \
+            (ckpt / "fingerprint.json").is_file():
+        raise UserError(f"--from-checkpoint {ckpt} is an unfinished checkpoint (build_engine's "
+                        f"staging directory: its writing or its checks did not finish); rerun "
+                        f"the build that writes it, then use its checkpoint/")
+    if got is not None:
+        why = ownership.foreign(ckpt)
+        if why is not None:
+            raise UserError(f"--from-checkpoint: {why}; rerun the build that wrote it")
+
+
 def _checkpoint_config(ckpt) -> dict:
     """--from-checkpoint's config.json, for the refusals that need it (vocabulary, format); {}
     when it cannot be read here (the engine stage says why, one line)."""
@@ -135,6 +153,7 @@ def _from_checkpoint_plan(args) -> BuildPlan:
     if quant.format.quantized(quant):  # a checkpoint is quantized when converted
         raise UserError("quantization flags apply when converting with --model; a "
                         "--from-checkpoint checkpoint keeps its own quantization (drop them)")
+    _refuse_unfinished(Path(args.from_checkpoint))
     config = _checkpoint_config(args.from_checkpoint)
     preflight.check_triton_args(args, None, config.get("vocab_size"))
     stages = _stage_options(args, (config.get("quantization") or {}).get("quant_algo"))
