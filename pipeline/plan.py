@@ -129,14 +129,13 @@ def _refuse_unfinished(ckpt: Path) -> None:
 
 def _checkpoint_config(ckpt) -> dict:
     """--from-checkpoint's config.json, for the refusals that need it (vocabulary, format); {}
-    when it cannot be read here (the engine stage says why, one line)."""
-    import json
+    when it cannot be read here (the engine stage says why, one line, in its own order)."""
+    from builders.engine import read_checkpoint_layout
 
     try:
-        data = json.loads((Path(ckpt) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_checkpoint_layout(Path(ckpt), ranks=[])[0]
+    except UserError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _from_checkpoint_plan(args) -> BuildPlan:
