@@ -115,12 +115,12 @@ class StagedOutput:
         UserError) when that is given. The record written is ``record`` (default: the
         fingerprint itself; none for a ``None`` fingerprint); a resumed stage keeps its record."""
         if os.path.lexists(self.stage):
-            refuse_foreign(self.stage, "resume or discard")
             same = resume and self.recorded() == fingerprint
             if same:
                 return True
             if resume and refuse is not None:
                 raise UserError(refuse)
+            refuse_foreign(self.stage, "delete")  # only the tool's own stage is discarded
             shutil.rmtree(self.stage)  # errors raised: a stage half removed must not be reused
             ownership.forget(self.stage)
         self.stage.mkdir(parents=True, exist_ok=True)
