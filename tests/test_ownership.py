@@ -119,6 +119,20 @@ def test_force_replaces_only_owned_outputs(tmp_path, tiny_model, capsys):
     assert _tree(out) == before
 
 
+def test_a_foreign_file_in_the_triton_repository_is_not_replaced(tmp_path, capsys):
+    """Before: --force removed files a user had added to triton/ along with the repository."""
+    hf_dir = _tiny_with_tokenizer(tmp_path)
+    out = tmp_path / "out"
+    assert _run(capsys, "--model", hf_dir, "--output", out)[0] == 3
+    (out / "triton" / "ensemble" / "my_notes.txt").write_text("mine")
+    before = _tree(out)
+    rc, err = _run(capsys, "--model", hf_dir, "--output", out, "--force")
+    assert rc == 2 and _error(err).startswith(
+        f"build_engine: error: {out / 'triton' / 'ensemble' / 'my_notes.txt'} was not written "
+        f"by build_engine: build_engine will not replace it")
+    assert _tree(out) == before
+
+
 def test_the_model_under_the_path_being_replaced_is_refused(tmp_path, tiny_model, capsys):
     """Before: --model OUTPUT/checkpoint --force replaced the input model by its conversion."""
     hf_dir, _ = tiny_model()
