@@ -22,6 +22,7 @@ or restarted by its fingerprint, never promoted.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
