@@ -88,6 +88,12 @@ def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict,
     t0 = time.perf_counter()
     gate = quality_gate(ckpt, model_dir, quant, tokenizer)
     timings["quality_gate"] = time.perf_counter() - t0
+    if not gate["passed"]:  # the user's own bound first: its message names the flag
+        discard(out, ckpt, store, in_place)
+        raise UserError(f"the quality gate failed: perplexity +{gate['increase_pct']:.2f}% over the "
+                        f"float model > --max-ppl-increase {quant.max_ppl_increase:g}%; nothing was "
+                        f"kept (try another recipe or alpha, e.g. --smoothquant auto, or more "
+                        f"--calib-size)", exit_code=1)
     why = None if allow_quality_loss else broken(gate)
     if why is not None:
         gate["passed"] = False
@@ -95,12 +101,6 @@ def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict,
         raise UserError(f"the quality gate failed: {why}; the checkpoint is broken (e.g. "
                         f"calibrated on another model's weights, or damaged weights); nothing "
                         f"was kept (pass --allow-quality-loss to keep it anyway)", exit_code=1)
-    if not gate["passed"]:
-        discard(out, ckpt, store, in_place)
-        raise UserError(f"the quality gate failed: perplexity +{gate['increase_pct']:.2f}% over the "
-                        f"float model > --max-ppl-increase {quant.max_ppl_increase:g}%; nothing was "
-                        f"kept (try another recipe or alpha, e.g. --smoothquant auto, or more "
-                        f"--calib-size)", exit_code=1)
     return {"quant_algo": quant.quant_algo, "recipe": quant.recipe or quant.name, "quality_gate": gate}
 
 

@@ -51,7 +51,7 @@ def find_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | None]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             if not isinstance(weight_map, dict) or \
                     not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map is not a map of tensor names to file names")
+                raise TypeError("its weight_map must map each tensor name to a shard file name")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{index} is not a valid safetensors index ({e or type(e).__name__}); "
                             f"re-download the model") from None

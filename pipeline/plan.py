@@ -132,14 +132,11 @@ def _refuse_unfinished(ckpt: Path) -> None:
 
 
 def _checkpoint_config(ckpt) -> dict:
-    """--from-checkpoint's config.json, for the refusals that need it (vocabulary, format); {}
-    when it cannot be read here (the engine stage says why, one line, in its own order)."""
+    """--from-checkpoint's config.json, for the refusals that need it (vocabulary, format); one
+    line, before any work, when it is not a TensorRT-LLM checkpoint config."""
     from builders.engine import read_checkpoint_layout
 
-    try:
-        return read_checkpoint_layout(Path(ckpt), ranks=[])[0]
-    except UserError:
-        return {}
+    return read_checkpoint_layout(Path(ckpt), ranks=[])[0]
 
 
 def _from_checkpoint_plan(args) -> BuildPlan:

@@ -109,7 +109,10 @@ def _check_nothing_half_written(out: Path) -> None:
     if not out.exists():
         return
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
-    hidden = [p for p in left if "/." in f"/{p}" and not p.startswith("engines/.ranks")]
+    # the ownership record and the output lock (common.ownership, common.outlock) are the tool's
+    # own bookkeeping beside the outputs, not a half-written output
+    hidden = [p for p in left if "/." in f"/{p}" and not p.startswith("engines/.ranks")
+              and p not in (".build_engine.json", ".build_engine.lock")]
     assert not hidden and not [p for p in left if p.endswith(".tmp") or ".partial" in p], left
     assert "build.json" not in left, left
     ckpt = out / "checkpoint"

@@ -487,7 +487,8 @@ def test_cli_pytorch_reuses_an_engine_targets_calibration(tmp_path, tokenizer_di
     text = capsys.readouterr().out
     assert "memory plan: " in text and "reused " in text, text
     for d in ("fresh", "reused"):
-        assert sorted(p.name for p in (tmp_path / d).iterdir()) == ["build.json", "hf_quantized"]
+        assert sorted(p.name for p in (tmp_path / d).iterdir() if not p.name.startswith(".")) \
+            == ["build.json", "hf_quantized"]
     for f in ("model.safetensors", "config.json", "hf_quant_config.json"):
         a = (tmp_path / "fresh" / "hf_quantized" / f).read_bytes()
         assert a == (tmp_path / "reused" / "hf_quantized" / f).read_bytes(), f

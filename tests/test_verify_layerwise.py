@@ -46,7 +46,7 @@ def whole_model_gate(ckpt, hf_dir, ids, seq_len=256) -> dict:
             count += target.numel()
     ppl, fppl = math.exp(nll_q / count), math.exp(nll_f / count)
     return {"ppl": ppl, "float_ppl": fppl, "increase_pct": 100.0 * (ppl / fppl - 1.0),
-            "top1_agreement": agree / wins.numel(), "tokens": count}
+            "top1_agreement": agree / wins.numel(), "tokens": count, "vocab": vocab}
 
 
 def gate_ids(vocab=1000, n=1024, seed=1) -> list[int]:
