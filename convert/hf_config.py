@@ -8,6 +8,7 @@ or ``quantization`` make TensorRT-LLM raise at load time, so those two blocks ho
 from __future__ import annotations
 
 from common.errors import UserError
+from model.families import FAMILIES
 from model.shape import model_shape, preflight
 
 from .moe import moe_config, moe_layout
@@ -85,7 +86,7 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         "num_key_value_heads": shape.tp_kv_heads,
         "head_size": shape.head_size,
         "intermediate_size": shape.inter,
-        "hidden_act": hf.hidden_act,
+        "hidden_act": getattr(hf, "hidden_act", None),
         "norm_epsilon": float(hf.rms_norm_eps),
         "max_position_embeddings": hf.max_position_embeddings,
         "position_embedding_type": "rope_gpt_neox",
@@ -106,6 +107,9 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         config["hidden_act"] = "swiglu"
         config["moe"] = moe_config(shape)
         config["mapping"].update(moe_tp_size=moe.moe_tp, moe_ep_size=moe.moe_ep)
+    family = FAMILIES[shape.family]
+    if family.trtllm_config is not None:  # the family's own fields (model/families/)
+        config.update(family.trtllm_config(hf, shape, tp))
     if shape.family == "qwen2":
         config["qwen_type"] = "qwen2"
         config["seq_length"] = getattr(hf, "seq_length", 8192)

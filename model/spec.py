@@ -46,6 +46,7 @@ DIMS = {
     "inter": lambda s: s.inter,
     "vocab": lambda s: s.vocab,
     "experts": lambda s: s.experts,
+    "head": lambda s: s.head_size,
 }
 
 #: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads)
@@ -72,6 +73,9 @@ class Rule:
     experts: bool = False          # one stack over this rank's experts ({e} in sources: expert index)
     dtype: str | None = None       # written in this dtype, not the checkpoint's (MoE router: float32)
     shapes: tuple[tuple[str, ...], ...] = ()  # each source's expected HF shape, in DIMS names
+    #: written as ``offset + w`` (added in float32, then cast): a norm whose HF module multiplies
+    #: by ``(1 + w)`` (Gemma) while TensorRT-LLM's RmsNorm multiplies by its weight
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,10 @@ class Linear:
         return weight, bias
 
 
-def norm(trt: str, hf: str, dim: str = "hidden") -> Rule:
-    """A decoder layer's norm: replicated."""
+def norm(trt: str, hf: str, dim: str = "hidden", offset: float = 0.0) -> Rule:
+    """A decoder layer's norm: replicated; ``offset``: see ``Rule.offset``."""
     return Rule(TRT_LAYER + trt + ".weight", (HF_LAYER + hf + ".weight",), REPLICATED,
-                shapes=((dim,),))
+                shapes=((dim,),), offset=offset)
 
 
 #: companion layouts: what axis of the weight a quantization tensor runs along
@@ -181,6 +185,12 @@ class Family:
     flags: tuple[tuple[str, object], ...] = ()  # Shape fields the family fixes (Qwen2: q/k/v bias)
     #: (HF, TensorRT-LLM) attention module in the layer: where the KV-cache scales live
     attention: tuple[str, str] = ("self_attn", "attention")
+    #: per-head RMSNorms of q and k inside attention (Gemma 3: ``self_attn.q_norm`` / ``k_norm``
+    #: -> ``attention.q_layernorm`` / ``k_layernorm``, [head_size], replicated, never quantized)
+    qk_norms: tuple[Rule, ...] = ()
+    #: TensorRT-LLM ``config.json`` fields of this family, ``fields(hf, shape, tp) -> dict``,
+    #: laid over the common ones (convert.hf_config); None: the common ones only
+    trtllm_config: object = None
 
     @property
     def layer(self) -> tuple[Rule, ...]:
@@ -188,6 +198,8 @@ class Family:
         out = [self.norms[0]]
         for lin in self.linears:
             out += lin.rules()
+            if lin.name == "attention.qkv":
+                out += self.qk_norms
             if lin.name == "attention.dense":
                 # the post-attention norm (and the MoE router) sit between attention and MLP
                 out += self.norms[1:] + self.extra
@@ -229,8 +241,15 @@ class Family:
         return out
 
     def norm_names(self) -> dict[str, str]:
-        """HF layer norm -> TensorRT-LLM layer norm (relative to the layer, no ``.weight``)."""
-        return {_module(r.sources[0], HF_LAYER): _module(r.target, TRT_LAYER) for r in self.norms}
+        """HF layer norm -> TensorRT-LLM layer norm (relative to the layer, no ``.weight``),
+        the per-head q/k norms included."""
+        return {_module(r.sources[0], HF_LAYER): _module(r.target, TRT_LAYER)
+                for r in self.norms + self.qk_norms}
+
+    @property
+    def norm_offset(self) -> float:
+        """What the TensorRT-LLM checkpoint adds to every HF norm weight (Gemma: 1)."""
+        return self.norms[0].offset
 
     def input_norm(self, lin: Linear) -> str | None:
         """The TensorRT-LLM norm whose output is ``lin``'s input (None: another linear's output)."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from model.spec import Family
 
+from .gemma import GEMMA2, GEMMA3
 from .llama import LLAMA, QWEN2
 from .mixtral import MIXTRAL
 
-_ALL = (LLAMA, QWEN2, MIXTRAL)
+_ALL = (LLAMA, QWEN2, MIXTRAL, GEMMA3, GEMMA2)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in _ALL}
 #: HF architecture (config.json ``architectures[0]``) -> family name
