@@ -14,7 +14,6 @@ freed), so the reader's peak is one layer plus the batches' activations, whateve
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -26,59 +25,16 @@ from common.heap import release_memory
 from common.errors import UserError
 
 from .checkpoint import LAYER_RE, mapping, open_checkpoint, pp_layers
+from .decoder import Semantics, attend, lm_softcap, rms_norm
 from .kernels import KV_CACHE_KERNELS, LINEAR_INPUT_SCALES, LINEAR_KERNELS, QuantSpec, linear, names_of
 from .reference_moe import MoeSpec, moe_partial
+from .rotary import apply_rotary, rotary_inv_freq  # noqa: F401 (re-exported)
 
 Tensor = torch.Tensor
 
 #: rows of an unquantized lm_head multiplied at a time: its float32 copy never exists whole (the
 #: logits equal the whole product's bit for bit: each logit is the same dot product)
 HEAD_CHUNK = 8192
-
-
-def rotary_inv_freq(rot_dim: int, base: float, scaling: dict | None) -> Tensor:
-    """Inverse frequencies [rot_dim/2] as transformers computes them (default, linear, llama3)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).to(torch.float) / rot_dim))
-    if not scaling:
-        return inv_freq
-    if not isinstance(scaling, dict):
-        raise UserError(f"config.json: rotary_scaling must be an object, got {scaling!r}")
-    # TensorRT-LLM reads the kind from "type", falling back to HF's "rope_type".
-    kind = str(scaling.get("type", scaling.get("rope_type")) or "none").lower()
-    if kind in ("none", "default"):
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / float(scaling.get("factor", 1.0))
-    if kind == "llama3":
-        # Defaults are TensorRT-LLM's (and Meta's original): 8, 1, 4, 8192.
-        factor = float(scaling.get("factor", 8.0))
-        low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
-        high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
-        old_context_len = scaling.get("original_max_position_embeddings", 8192)
-        low_freq_wavelen = old_context_len / low_freq_factor
-        high_freq_wavelen = old_context_len / high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-        smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
-        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-        return torch.where(is_medium, smoothed, inv_freq_llama)
-    raise UserError(f"rotary_scaling type {kind!r} is not supported by the reference reader "
-                    "(supported: linear, llama3; dynamic NTK and others are not implemented)")
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """GPT-NeoX rotary on the first cos.shape[-1] dims of x [b, h, s, hd]."""
-    rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    xr, xp = x[..., :rd], x[..., rd:]
-    return torch.cat((xr * cos + _rotate_half(xr) * sin, xp), dim=-1)
 
 
 class ReferenceModel:
@@ -107,7 +63,6 @@ class ReferenceModel:
                 raise UserError(f"{where}: field {key!r} is missing")
             return c[key]
 
-        arch = str(c.get("architecture", ""))
         self.num_layers = int(need("num_hidden_layers"))
         self.hidden = int(need("hidden_size"))
         self.heads = int(need("num_attention_heads"))
@@ -119,10 +74,7 @@ class ReferenceModel:
         if pe != "rope_gpt_neox":
             raise UserError(f"{where}: position_embedding_type {pe!r} is not supported (rope_gpt_neox only)")
         self.moe = MoeSpec.from_config(c, self.tp, where)  # None: dense MLP
-        act = c.get("hidden_act", "silu")
-        if act != ("swiglu" if self.moe else "silu"):
-            raise UserError(f"{where}: hidden_act {act!r} is not supported (silu only, {arch or 'Llama'} family; "
-                            f"swiglu for mixture-of-experts)")
+        self.sem = Semantics.from_config(c, where, bool(self.moe))  # verify/decoder.py
         if c.get("residual_mlp"):
             raise UserError(f"{where}: residual_mlp is not supported by the reference reader")
         self._split_heads(where)
@@ -131,6 +83,8 @@ class ReferenceModel:
         if c.get("rotary_dim"):
             self.rot_dim = int(c["rotary_dim"])
         self.inv_freq = rotary_inv_freq(self.rot_dim, float(c.get("rotary_base", 10000.0)), c.get("rotary_scaling"))
+        self.local_inv_freq = (rotary_inv_freq(self.rot_dim, self.sem.local_base, None)
+                               if self.sem.local_base is not None else self.inv_freq)
         self.use_parallel_embedding = bool(c.get("use_parallel_embedding", False))
         self.embedding_sharding_dim = int(c.get("embedding_sharding_dim", 0))
 
@@ -198,9 +152,7 @@ class ReferenceModel:
         return params if scale is None else {**params, "input_scale": scale}
 
     def _norm(self, x: Tensor, w: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf.to(x.dtype)) * w.to(x.dtype)
+        return rms_norm(x, w, self.eps, self.sem.norm_fp32)
 
     # ---- forward -----------------------------------------------------------------------------
 
@@ -223,7 +175,7 @@ class ReferenceModel:
         for p in range(self.pp):
             for i in range(len(self.stage_layers[p])):
                 with self._holding(p, layer=i):
-                    hs = [self._layer(p, i, h, *cs) for h, cs in zip(hs, rotary)]
+                    hs = [self._layer(p, i, h, rot) for h, rot in zip(hs, rotary)]
             # send/recv: tp rank t of stage p -> tp rank t of stage p+1 (the lists carry over as they are)
         head = ["transformer.ln_f", "lm_head"]
         with self._holding(self.pp - 1, head), self._holding(0, [] if self._has_head() else
@@ -243,11 +195,15 @@ class ReferenceModel:
             raise UserError(f"input_ids must lie in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
         return ids
 
-    def _rotary(self, seq: int) -> tuple[Tensor, Tensor]:
+    def _rotary(self, seq: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """((cos, sin) of the global base, (cos, sin) of the sliding layers' base)."""
         pos = torch.arange(seq, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.compute_dtype), emb.sin().to(self.compute_dtype)
+        out = []
+        for inv_freq in (self.inv_freq, self.local_inv_freq):
+            freqs = pos[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            out.append((emb.cos().to(self.compute_dtype), emb.sin().to(self.compute_dtype)))
+        return tuple(out)
 
     @contextmanager
     def _holding(self, p: int, prefixes: list[str] = (), layer: int | None = None):
@@ -266,6 +222,13 @@ class ReferenceModel:
         return all(r.has("lm_head") for r in self.ranks[self.pp - 1])
 
     def _embed(self, ids: Tensor) -> list[Tensor]:
+        hs = self._lookup(ids)
+        if self.sem.embed_scale is None:
+            return hs
+        scale = torch.tensor(self.sem.embed_scale, dtype=self.compute_dtype)  # in the model dtype
+        return [h * scale for h in hs]
+
+    def _lookup(self, ids: Tensor) -> list[Tensor]:
         dt = self.compute_dtype
         tabs = [self._w(0, t, "transformer.vocab_embedding.weight") for t in range(self.tp)]
         if not self.use_parallel_embedding or self.tp == 1:
@@ -298,12 +261,37 @@ class ReferenceModel:
             outs.append(total if b is None else total + b.to(total.dtype))
         return outs
 
-    def _layer(self, p: int, i: int, hs: list[Tensor], cos: Tensor, sin: Tensor) -> list[Tensor]:
+    def _layer(self, p: int, i: int, hs: list[Tensor], rot) -> list[Tensor]:
+        L = f"transformer.layers.{i}"
+        inter = self.sem.inter_layernorms  # Gemma 2/3: the sublayers' outputs are normalised too
+        dense = self._row_parallel(p, f"{L}.attention.dense", self._attention(p, i, hs, rot))
+        if inter:
+            dense = [self._norm(dense[t], self._w(p, t, f"{L}.post_layernorm.weight"))
+                     for t in range(self.tp)]
+        hs = [hs[t] + dense[t] for t in range(self.tp)]
+
+        if self.moe:
+            return self._moe_mlp(p, L, hs)
+        # MLP: proj(act(fc(x)) * gate(x)); fc = HF gate_proj, gate = HF up_proj
+        mids = []
+        norm = "pre_feedforward_layernorm" if inter else "post_layernorm"
+        for t in range(self.tp):
+            x = self._norm(hs[t], self._w(p, t, f"{L}.{norm}.weight"))
+            fc = linear(x, self._lin(p, t, f"{L}.mlp.fc"), self.qcfg, f"{L}.mlp.fc")
+            gate = linear(x, self._lin(p, t, f"{L}.mlp.gate"), self.qcfg, f"{L}.mlp.gate")
+            mids.append(self.sem.act(fc) * gate)
+        proj = self._row_parallel(p, f"{L}.mlp.proj", mids)
+        if inter:
+            proj = [self._norm(proj[t], self._w(p, t, f"{L}.post_feedforward_layernorm.weight"))
+                    for t in range(self.tp)]
+        return [hs[t] + proj[t] for t in range(self.tp)]
+
+    def _attention(self, p: int, i: int, hs: list[Tensor], rot) -> list[Tensor]:
+        """Each tp rank's attention context [b, s, its heads x head_size] (before attention.dense)."""
         L = f"transformer.layers.{i}"
         hd, qn, kn = self.head_size, self.q_per_rank, self.kv_per_rank
-        scale = 1.0 / math.sqrt(hd)
-
-        # attention, each tp rank over its own heads
+        layer = self.stage_layers[p][i]  # the global index decides the window and rotary base
+        cos, sin = rot[1] if self.sem.is_local(layer) else rot[0]
         attn_out = []
         for t in range(self.tp):
             x = self._norm(hs[t], self._w(p, t, f"{L}.input_layernorm.weight"))
@@ -317,32 +305,18 @@ class ReferenceModel:
             q = q.view(b, s, qn, hd).transpose(1, 2)
             k = k.view(b, s, kn, hd).transpose(1, 2)
             v = v.view(b, s, kn, hd).transpose(1, 2)
-            q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+            if self.sem.qk_norm:  # per head, before the rotation
+                q = self._norm(q, self._w(p, t, f"{L}.attention.q_layernorm.weight"))
+                k = self._norm(k, self._w(p, t, f"{L}.attention.k_layernorm.weight"))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             k, v = KV_CACHE_KERNELS[self.qcfg.kv_cache_quant_algo](
                 k, v, self.ranks[p][t].get(f"{L}.attention", {}), self.qcfg)
             if kn != qn:
                 k = k.repeat_interleave(qn // kn, dim=1)
                 v = v.repeat_interleave(qn // kn, dim=1)
-            scores = (q @ k.transpose(-1, -2)).float() * scale
-            mask = torch.ones(s, s, dtype=torch.bool).triu(1)
-            scores = scores.masked_fill(mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).to(v.dtype)
-            ctx = (probs @ v).transpose(1, 2).reshape(b, s, qn * hd)
+            ctx = attend(q, k, v, self.sem, layer).transpose(1, 2).reshape(b, s, qn * hd)
             attn_out.append(ctx)
-        dense = self._row_parallel(p, f"{L}.attention.dense", attn_out)
-        hs = [hs[t] + dense[t] for t in range(self.tp)]
-
-        if self.moe:
-            return self._moe_mlp(p, L, hs)
-        # MLP: proj(silu(fc(x)) * gate(x)); fc = HF gate_proj, gate = HF up_proj
-        mids = []
-        for t in range(self.tp):
-            x = self._norm(hs[t], self._w(p, t, f"{L}.post_layernorm.weight"))
-            fc = linear(x, self._lin(p, t, f"{L}.mlp.fc"), self.qcfg, f"{L}.mlp.fc")
-            gate = linear(x, self._lin(p, t, f"{L}.mlp.gate"), self.qcfg, f"{L}.mlp.gate")
-            mids.append(F.silu(fc) * gate)
-        proj = self._row_parallel(p, f"{L}.mlp.proj", mids)
-        return [hs[t] + proj[t] for t in range(self.tp)]
+        return attn_out
 
     def _moe_mlp(self, p: int, L: str, hs: list[Tensor]) -> list[Tensor]:
         """Mixture of experts (verify/reference_moe.py): every rank's partial, all-reduced."""
@@ -366,7 +340,7 @@ class ReferenceModel:
         logits = torch.cat(parts, dim=-1)                             # all-gather
         if logits.shape[-1] < self.vocab_size:
             raise UserError(f"lm_head gives {logits.shape[-1]} logits < vocab_size {self.vocab_size}")
-        return logits[..., : self.vocab_size]
+        return lm_softcap(logits[..., : self.vocab_size], self.sem)
 
     def _head(self, x: Tensor, head: dict[str, Tensor]) -> Tensor:
         """lm_head on one rank; unquantized, HEAD_CHUNK rows at a time (same logits, less memory)."""

@@ -74,13 +74,23 @@ def sliding_pattern(hf) -> int | None:
     return pattern
 
 
-def attention_windows(hf) -> list[int | None]:
-    """Per layer, the attention window (None: full attention), from ``layer_types``."""
-    types = list(getattr(hf, "layer_types", None) or [])
-    window = getattr(hf, "sliding_window", None)
-    if not types or window is None:
-        return [None] * hf.num_hidden_layers
-    return [int(window) if t == "sliding_attention" else None for t in types]
+def trtllm_windows(config: dict) -> list[int | None]:
+    """Per layer, the attention window (None: the whole sequence) of a TensorRT-LLM checkpoint
+    ``config`` — what the engine must be served with (``max_attention_window_size`` is a run-time
+    setting; builders/triton writes it, verify/ masks with it). Gemma 3: TensorRT-LLM's own fields
+    (a layer slides iff ``(layer + 1) % _sliding_window_pattern``, window ``sliding_window``);
+    Gemma 2: ``layer_types`` + ``sliding_window``, which this project adds to the config because
+    TensorRT-LLM's Gemma 2 config carries no window at all; every other model: full."""
+    n = int(config["num_hidden_layers"])
+    arch, window = str(config.get("architecture")), config.get("sliding_window")
+    pattern, types = config.get("_sliding_window_pattern"), config.get("layer_types")
+    if not window:
+        return [None] * n
+    if arch == "Gemma3ForCausalLM" and pattern:
+        return [int(window) if (i + 1) % int(pattern) else None for i in range(n)]
+    if arch == "Gemma2ForCausalLM" and isinstance(types, list) and len(types) == n:
+        return [int(window) if t == "sliding_attention" else None for t in types]
+    return [None] * n
 
 
 def _common(hf, tp: int) -> dict:
@@ -115,8 +125,13 @@ def gemma3_fields(hf, shape, tp: int) -> dict:
 def gemma2_fields(hf, shape, tp: int) -> dict:
     """GemmaConfig.from_hugging_face for Gemma2ForCausalLM: the Gemma2ConfigGroup
     (query_pre_attn_scalar, final_logit_softcapping, attn_logit_softcapping); one rope theta."""
-    return dict(_common(hf, tp), rotary_base=_global_theta(hf, "full_attention"),
-                attn_logit_softcapping=hf.attn_logit_softcapping)
+    fields = dict(_common(hf, tp), rotary_base=_global_theta(hf, "full_attention"),
+                  attn_logit_softcapping=hf.attn_logit_softcapping)
+    types = list(getattr(hf, "layer_types", None) or [])
+    if getattr(hf, "sliding_window", None) and "sliding_attention" in types:
+        # not TensorRT-LLM's: the windows the engine must be served with (trtllm_windows)
+        fields.update(sliding_window=hf.sliding_window, layer_types=types)
+    return fields
 
 
 GEMMA3 = Family("gemma3", ("Gemma3ForCausalLM",), EMBED, ATTENTION + _mlp(), NORMS, GEMMA_HEAD,
