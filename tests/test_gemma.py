@@ -1,0 +1,120 @@
+"""Gemma 2 and Gemma 3 (model/families/gemma.py): float checkpoints give HF's logits through the
+reference reader, the checkpoint and config.json are what TensorRT-LLM 1.2's Gemma converter
+writes (norms as 1 + w, its config fields), the Triton repository carries the per-layer windows,
+and what TensorRT-LLM cannot express is refused in one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from builders import triton as tr
+from common.errors import UserError
+from convert_helper import convert_checkpoint
+from triton_fakes import params
+from verify.reference import verify
+
+
+@pytest.mark.parametrize("family,tp,pp", [("gemma3", 1, 1), ("gemma3", 2, 1), ("gemma3", 1, 2),
+                                          ("gemma3", 8, 1), ("gemma2", 2, 1), ("gemma2", 1, 2)])
+def test_float_logits_equal_hf(tmp_path, tiny_model, family, tp, pp):
+    """fp32 within 1e-5: (1 + w) norms, sqrt(hidden) embedding, q/k norms (3), soft-capping,
+    sliding windows of 4 tokens on alternate layers (the reader's input is longer), local rotary
+    base (3); tp 2 splits the 4 kv heads, tp 8 duplicates them, pp 2 splits the layers (the
+    global layer index picks the window)."""
+    hf_dir, model = tiny_model(family)
+    convert_checkpoint(hf_dir, tmp_path / "ck", tp=tp, pp=pp, dtype="float32", progress=False)
+    report, passed = verify(tmp_path / "ck", model)
+    assert report["rel_err"] < 1e-5 and report["argmax_agreement"] == 1.0 and passed, report
+
+
+def test_windows_matter(tmp_path, tiny_model, monkeypatch):
+    """The check can fail: a reader that ignores the sliding window disagrees with HF."""
+    from verify import decoder
+
+    hf_dir, model = tiny_model("gemma3")
+    convert_checkpoint(hf_dir, tmp_path / "ck", dtype="float32", progress=False)
+    monkeypatch.setattr(decoder.Semantics, "window", lambda self, layer: None)
+    report, passed = verify(tmp_path / "ck", model)
+    assert not passed and report["rel_err"] > 1e-2
+
+
+def test_checkpoint_as_trtllm_gemma_converter_writes_it(tmp_path, tiny_model):
+    """Norms (and q/k norms) hold 1 + w; lm_head is the embedding split over tp; the config
+    carries GemmaConfig's Gemma 3 fields, the pattern read from layer_types (not the stale
+    _sliding_window_pattern 6 transformers saves)."""
+    hf_dir, _ = tiny_model("gemma3")
+    cfg = convert_checkpoint(hf_dir, tmp_path / "ck", tp=2, dtype="float32", progress=False)
+    hf = load_file(hf_dir / "model.safetensors")
+    assert json.loads((hf_dir / "config.json").read_text())["_sliding_window_pattern"] == 6
+    assert {k: cfg[k] for k in ("architecture", "hidden_act", "inter_layernorms",
+                                "query_pre_attn_scalar", "final_logit_softcapping",
+                                "_sliding_window_pattern", "rope_local_base_freq",
+                                "sliding_window", "rotary_base", "rotary_scaling",
+                                "use_parallel_embedding", "head_size")} == {
+        "architecture": "Gemma3ForCausalLM", "hidden_act": "gelu", "inter_layernorms": True,
+        "query_pre_attn_scalar": 24, "final_logit_softcapping": 5.0,
+        "_sliding_window_pattern": 2, "rope_local_base_freq": 10000.0, "sliding_window": 4,
+        "rotary_base": 1e6, "rotary_scaling": None, "use_parallel_embedding": True,
+        "head_size": 16}
+    for r in range(2):
+        ck = load_file(tmp_path / "ck" / f"rank{r}.safetensors")
+        for hf_name, trt in (("self_attn.q_norm", "attention.q_layernorm"),
+                             ("self_attn.k_norm", "attention.k_layernorm"),
+                             ("post_attention_layernorm", "post_layernorm"),
+                             ("pre_feedforward_layernorm", "pre_feedforward_layernorm"),
+                             ("post_feedforward_layernorm", "post_feedforward_layernorm")):
+            assert torch.equal(ck[f"transformer.layers.1.{trt}.weight"],
+                               hf[f"model.layers.1.{hf_name}.weight"] + 1)
+        assert torch.equal(ck["transformer.ln_f.weight"], hf["model.norm.weight"] + 1)
+        assert torch.equal(ck["lm_head.weight"], hf["model.embed_tokens.weight"][r * 500:][:500])
+
+
+def test_bfloat16_norm_offset_added_in_float32(tmp_path, tiny_model):
+    """TensorRT-LLM adds 1 to the float32 upcast of a bfloat16 weight, then casts: one rounding."""
+    hf_dir, _ = tiny_model("gemma2", dtype=torch.bfloat16)
+    convert_checkpoint(hf_dir, tmp_path / "ck", dtype="bfloat16", progress=False)
+    w = load_file(hf_dir / "model.safetensors")["model.layers.0.input_layernorm.weight"]
+    got = load_file(tmp_path / "ck" / "rank0.safetensors")["transformer.layers.0.input_layernorm.weight"]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, (w.float() + 1).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("family,want", [
+    ("gemma3", "100,2048,100,2048"),
+    ("gemma2", "100,2048,100,2048"),
+    ("llama", None),
+])
+def test_triton_per_layer_windows(tmp_path, tokenizer_dir, tiny_model, family, want):
+    """The engine takes the windows at run time: the tensorrt_llm model's parameters carry one
+    per layer (sliding layers min(window, max_seq_len), full layers max_seq_len)."""
+    import argparse
+
+    from convert.hf_config import from_hugging_face
+    from model.config import read_hf_config
+
+    hf_dir, _ = tiny_model(family, sliding_window=100) if family != "llama" else tiny_model()
+    ckpt = from_hugging_face(read_hf_config(hf_dir), tp=1, pp=1)
+    ec = tr.engine_config_from_checkpoint(ckpt, argparse.Namespace(max_seq_len=2048))
+    repo = tr.write_engine_repo(tmp_path / "triton", engine_dir=tmp_path / "engines",
+                                tokenizer_dir=tokenizer_dir, engine_config=ec, options=None)
+    p = params(tr.validate_repo(repo)["tensorrt_llm"])
+    assert p.get("max_attention_window_size") == want
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(layer_types=["sliding_attention", "full_attention", "full_attention",
+                       "sliding_attention"]),
+     "is not a periodic sliding/full pattern; TensorRT-LLM 1.2's Gemma 3 expresses only"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0},
+                           "sliding_attention": {"rope_type": "default"}}),
+     "rope type 'linear' for full_attention layers cannot be expressed"),
+    (dict(attn_logit_softcapping=50.0),
+     "Gemma 3 with attn_logit_softcapping: TensorRT-LLM 1.2's Gemma 3 layer applies no"),
+])
+def test_refusals(tmp_path, tiny_model, overrides, message):
+    hf_dir, _ = tiny_model("gemma3", **overrides)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        convert_checkpoint(hf_dir, tmp_path / "ck", progress=False)
+    assert not (tmp_path / "ck").exists()
