@@ -121,6 +121,7 @@ def prepare_gemma3(cache_dir: str | os.PathLike | None = None) -> Path:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the cache from other users
     except OSError as e:
         raise UserError(f"cannot create the gemma3 cache beside {final}: {e}; set "
                         "BUILD_ENGINE_CACHE to a writable place") from e

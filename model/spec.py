@@ -191,6 +191,18 @@ class Family:
     #: TensorRT-LLM ``config.json`` fields of this family, ``fields(hf, shape, tp) -> dict``,
     #: laid over the common ones (convert.hf_config); None: the common ones only
     trtllm_config: object = None
+    #: the (quant_algo, kv_cache_quant_algo) pairs this family is proven for on (engine, pytorch)
+    #: target, as TensorRT-LLM names them (None: unquantized); None: every recipe's own rules.
+    #: Asked through quantize.recipes' ``family_refusal``, before any work.
+    formats: dict | None = None
+    #: the embedding is a plain nn.Embedding, which modelopt 0.47 wraps with (disabled) quantizers
+    #: and so lists in the unified export's exclude_modules; Gemma's scaled-embedding subclass is
+    #: not wrapped, hence not listed
+    modelopt_embedding: bool = True
+    #: quantize.layerwise can run the HF model one decoder layer at a time (it records the layers'
+    #: inputs with a plain row lookup for the embedding and applies no final soft-capping);
+    #: False: the HF model runs whole (Gemma: scaled embedding, capped logits)
+    layerwise: bool = True
 
     @property
     def layer(self) -> tuple[Rule, ...]:

@@ -118,6 +118,7 @@ def _engine_plan(args, quant) -> BuildPlan:
     from .checkpoint import plan_layout
 
     model = ModelSource.open(args.model)
+    preflight.family_formats(quant, model, "engine")
     layout = plan_layout(model, tp=args.tp, pp=args.pp, quant=quant, moe_tp=args.moe_tp,
                          moe_ep=args.moe_ep, pad_heads=args.pad_heads or model.pads_heads)
     head_layout = preflight.head_padding(args, layout.shape)
@@ -153,6 +154,7 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     layerwise = quant.format.unified_layerwise(quant)  # from a calibration store
     preflight.refuse_engine_only_flags(args, reuses_calibration=layerwise)
     model = ModelSource.open(args.model)
+    preflight.family_formats(quant, model, "pytorch")
     preflight.refuse_padding_for_pytorch(args, model, args.pad_heads or model.pads_heads)
     triton = args.triton_target != "none" and not args.checkpoint_only
     pytorch_preflight(model, Path(args.output), quant, tp=args.tp, pp=args.pp,

@@ -44,7 +44,8 @@ class _Source:
 
 def test_registry_maps_every_architecture_to_its_family():
     assert ARCHITECTURES == {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
-                             "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral"}
+                             "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral",
+                             "Gemma3ForCausalLM": "gemma3", "Gemma2ForCausalLM": "gemma2"}
     assert dict(FAMILIES["qwen2"].flags) == {"attn_bias": True, "dense_bias": False}
 
 

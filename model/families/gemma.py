@@ -134,7 +134,14 @@ def gemma2_fields(hf, shape, tp: int) -> dict:
     return fields
 
 
+#: what this project has proven for Gemma (tests/test_gemma.py); calibrated formats need the
+#: recipes to take their layout from the family (they use Llama's norms today)
+FORMATS = {"engine": ((None, None), ("W8A16", None), ("W4A16", None)),
+           "pytorch": ((None, None), ("W8A16", None))}
+
 GEMMA3 = Family("gemma3", ("Gemma3ForCausalLM",), EMBED, ATTENTION + _mlp(), NORMS, GEMMA_HEAD,
-                qk_norms=QK_NORMS, trtllm_config=gemma3_fields)
+                qk_norms=QK_NORMS, trtllm_config=gemma3_fields, formats=FORMATS,
+                modelopt_embedding=False, layerwise=False)
 GEMMA2 = Family("gemma2", ("Gemma2ForCausalLM",), EMBED, ATTENTION + _mlp(), NORMS, GEMMA_HEAD,
-                trtllm_config=gemma2_fields)
+                trtllm_config=gemma2_fields, formats=FORMATS,
+                modelopt_embedding=False, layerwise=False)

@@ -272,6 +272,16 @@ class Recipe:
         """Why ``--target pytorch`` cannot write ``spec`` (a refusal's text), or None."""
         return UNIFIED_KV_REFUSED.get(spec.kv_cache_quant_algo)
 
+    def family_refusal(self, spec, family, target: str) -> str | None:
+        """Why ``family`` (model.spec.Family) cannot be built in ``spec`` on ``target`` ("engine"
+        or "pytorch"): the family lists the formats it is proven for (``Family.formats``)."""
+        proven = None if family.formats is None else family.formats.get(target, ())
+        if proven is None or (spec.quant_algo, spec.kv_cache_quant_algo) in proven:
+            return None
+        names = ", ".join("+".join(str(x) for x in p if x) or "float" for p in proven)
+        return (f"{family.name} with {spec.name} on --target {target} is not supported yet; "
+                f"supported: {names}")
+
     def unified_moe_refusal(self, spec) -> str | None:
         """Why a mixture-of-experts model has no unified checkpoint in ``spec`` (None: it has)."""
         if not self.quantized(spec):
