@@ -118,3 +118,86 @@ def test_refusals(tmp_path, tiny_model, overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
         convert_checkpoint(hf_dir, tmp_path / "ck", progress=False)
     assert not (tmp_path / "ck").exists()
+
+
+# --- formats --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag,algo", [("--int8-weight-only", "W8A16"),
+                                       ("--int4-weight-only", "W4A16")])
+def test_engine_weight_only_is_the_float_checkpoint_with_its_quant_algo(tmp_path, tiny_model,
+                                                                        flag, algo):
+    """TensorRT-LLM quantizes weight-only formats itself when it loads a float checkpoint
+    (modeling_utils preprocess_weights), Gemma's as any other family's."""
+    from builders.cli import main
+
+    hf_dir, _ = tiny_model("gemma3", intermediate_size=256)
+    common = ["--model", str(hf_dir), "--tp", "2", "--checkpoint-only", "--no-progress"]
+    assert main(common + ["--output", str(tmp_path / "f")]) == 0
+    assert main(common + ["--output", str(tmp_path / "wo"), flag]) == 0
+    cfg = json.loads((tmp_path / "wo" / "checkpoint" / "config.json").read_text())
+    assert cfg["quantization"]["quant_algo"] == algo
+    for r in (0, 1):
+        name = f"checkpoint/rank{r}.safetensors"
+        assert (tmp_path / "wo" / name).read_bytes() == (tmp_path / "f" / name).read_bytes()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_pytorch_target_equals_modelopt_export(tmp_path, tiny_model, family):
+    """--target pytorch, float and W8A16: modelopt 0.47's export_hf_checkpoint tensor for tensor
+    (Gemma's scaled embedding is not in its exclude list), and the reader on the unified
+    checkpoint gives HF's logits (float) / modelopt's fake-quant logits (W8A16)."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+
+    from quantize.unified import write_unified_checkpoint
+    from test_pytorch_target import assert_same_checkpoint, modelopt_unified, small
+    from verify.reference import compare_with_hf
+
+    hf_dir, model = tiny_model(family)
+    write_unified_checkpoint(hf_dir, tmp_path / "float", small(), progress=False)
+    assert_same_checkpoint(tmp_path / "float",
+                           modelopt_unified(model, tmp_path / "mo", torch.float32))
+    r = compare_with_hf(tmp_path / "float", model)
+    assert r["rel_err"] < 1e-5 and r["argmax_agreement"] == 1.0, r
+    write_unified_checkpoint(hf_dir, tmp_path / "w8", small("W8A16"), progress=False)
+    fake = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.INT8_WEIGHT_ONLY_CFG), None)
+    ours = assert_same_checkpoint(tmp_path / "w8", modelopt_unified(fake, tmp_path / "mo8",
+                                                                    torch.float32))
+    assert ours["model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8
+    r8 = compare_with_hf(tmp_path / "w8", fake)
+    assert r8["rel_err"] < 1e-5 and r8["argmax_agreement"] == 1.0, r8
+
+
+@pytest.mark.parametrize("target,flag", [("engine", "--fp8"), ("engine", "--smoothquant"),
+                                         ("pytorch", "--awq"), ("engine", "--kv-cache-dtype")])
+def test_calibrated_formats_are_refused_before_any_work(tmp_path, tiny_model, capsys, target,
+                                                        flag):
+    from builders.cli import main
+
+    hf_dir, _ = tiny_model("gemma3")
+    capsys.readouterr()  # the model writer's progress
+    argv = ["--model", str(hf_dir), "--output", str(tmp_path / "out"), "--target", target, flag]
+    assert main(argv + (["fp8"] if flag == "--kv-cache-dtype" else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gemma3 with " in err[0] and \
+        f"on --target {target} is not supported yet; supported: float, W8A16" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+# --- the real Gemma-3-270M --------------------------------------------------------------------------
+
+def test_real_gemma3_tp2_verifies(tmp_path, capsys):
+    """4 heads / 1 KV head: tp 2 duplicates the KV head; 18 layers, five of six sliding."""
+    from builders.cli import main
+
+    out = tmp_path / "out"
+    assert main(["--model", "gemma3", "--tp", "2", "--dtype", "float32", "--checkpoint-only",
+                 "--verify", "--no-progress", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "verify: PASS" in text, text
+    cfg = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert (cfg["num_key_value_heads"], cfg["_sliding_window_pattern"], cfg["sliding_window"],
+            cfg["rope_local_base_freq"], cfg["rotary_base"]) == (1, 6, 512, 10000.0, 1e6)
+    kv = load_file(out / "checkpoint" / "rank1.safetensors")["transformer.layers.0.attention.qkv.weight"]
+    assert kv.shape == ((2 + 1 + 1) * 256, 640)  # 2 q heads + the one kv head, duplicated
