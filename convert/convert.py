@@ -88,7 +88,7 @@ def _fingerprint(config: dict, plans, source: SourceCheckpoint, options: str = "
     for plan in plans:
         for t in plan:
             h.update(repr((t.name, t.shape, str(t.dtype), [asdict(p) for p in t.pieces])).encode())
-            if t.offset:
+            if getattr(t, "offset", 0):  # calibrated tensors (StagedTensor) have none
                 h.update(repr(t.offset).encode())
     for f in source.files:
         st = f.stat()

@@ -134,9 +134,12 @@ def gemma2_fields(hf, shape, tp: int) -> dict:
     return fields
 
 
-#: what this project has proven for Gemma (tests/test_gemma.py); calibrated formats need the
-#: recipes to take their layout from the family (they use Llama's norms today)
-FORMATS = {"engine": ((None, None), ("W8A16", None), ("W4A16", None)),
+#: what this project has proven for Gemma (tests/test_gemma.py: calibrated formats equal modelopt's
+#: tensors). The TensorRT-LLM SmoothQuant plugin recipe folds its smoothers into Llama's norms and is
+#: refused; --target pytorch's calibrated unified formats are not brought to Gemma yet.
+FORMATS = {"engine": ((None, None), ("W8A16", None), ("W4A16", None), ("FP8", None), ("FP8", "FP8"),
+                      ("W4A16_AWQ", None), ("W4A16_AWQ", "FP8"), ("W8A8_SQ_PER_CHANNEL", None),
+                      ("W8A8_SQ_PER_CHANNEL", "INT8"), (None, "FP8"), (None, "INT8")),
            "pytorch": ((None, None), ("W8A16", None))}
 
 GEMMA3 = Family("gemma3", ("Gemma3ForCausalLM",), EMBED, ATTENTION + _mlp(), NORMS, GEMMA_HEAD,
