@@ -59,8 +59,12 @@ ROWS = [
     ("INT4 AWQ, group 64", "W4A16_AWQ", None, None, 64),
     ("fp16 + INT8 KV cache", None, "int8", None, None),
     ("fp16 + FP8 KV cache", None, "fp8", None, None),
+    ("FP8 rowwise, MLP only (`--fp8-rowwise`)", "FP8_PER_CHANNEL_PER_TOKEN", None, None, None),
+    ("FP8 rowwise, Meta's recipe (`--fp8-rowwise meta`)", "FP8_PER_CHANNEL_PER_TOKEN", None, None, None),
 ]
-WEIGHT_ONLY = {"W8A16", "W4A16"}
+#: a row's recipe option (QuantSpec.recipe_option), by label
+RECIPE_OPTIONS = {"FP8 rowwise, MLP only (`--fp8-rowwise`)": "mlp",
+                  "FP8 rowwise, Meta's recipe (`--fp8-rowwise meta`)": "meta"}
 
 # --smoothquant-table rows: (label, quant_algo, alpha ("auto": searched))
 PT = "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
@@ -81,12 +85,12 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def spec_for(algo, kv, alpha, block, args):
+def spec_for(algo, kv, alpha, block, args, option=None):
     from quantize.formats import QuantSpec
 
     return QuantSpec.create(algo, kv_cache_dtype=kv, smoothquant_alpha=alpha, awq_block_size=block,
                             calib_size=args.calib_size, calib_seq_len=args.calib_seq_len,
-                            calib_batch_size=1)
+                            calib_batch_size=1, recipe_option=option)
 
 
 def calibrated_model(hf_dir, spec, calib_text, tok):
@@ -256,7 +260,7 @@ def main(argv=None) -> int:
             if only and i not in only:
                 continue
             t = time.time()
-            spec = spec_for(algo, kv, alpha, block, args)
+            spec = spec_for(algo, kv, alpha, block, args, RECIPE_OPTIONS.get(label))
             model, calib_s = calibrated_model(args.model, spec, calib_text, tok)
             ours = checkpoint_ppl(ours_checkpoint(args.model, work / f"ours{i}", spec, model),
                                   eval_text, tok, **kw)["perplexity"]
@@ -290,7 +294,7 @@ def main(argv=None) -> int:
     ]
     for label, algo, kv, ours, mo, uni, calib_s, _ in rows:
         cal = "" if calib_s is None else f"{calib_s:.0f}"
-        mo_s = "–" if (algo in WEIGHT_ONLY or (algo is None and kv is None)) else fmt(mo, base)
+        mo_s = "–" if calib_s is None else fmt(mo, base)  # nothing calibrated: no modelopt export
         lines.append(f"| {label} | {algo or 'none'} / {kv or '–'} | {fmt(ours, base)} | {mo_s} | "
                      f"{'–' if uni is None else fmt(uni, base)} | {cal} |")
     table = "\n".join(lines)

@@ -2,6 +2,7 @@
 against the HF model) and ``--eval-ppl``; a failed gate leaves nothing that looks complete."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -48,11 +49,33 @@ def verify(ckpt, model_dir, quant, tokenizer):
     return verify(ckpt, model_dir)
 
 
+#: a gate result this bad is a broken model, not a lossy format (every format measured on SmolLM2
+#: keeps >= 80 % top-1 agreement and < 2x the float perplexity, BENCHMARKS.md "Quality"): e.g. a
+#: calibration of other weights (issue 29). Top-1 agreement counts only where the float model
+#: predicts the text (perplexity under half the vocabulary): a random model's top-1 is noise.
+MIN_TOP1_AGREEMENT = 0.5
+MAX_PPL_RATIO = 4.0
+
+
+def broken(gate: dict) -> str | None:
+    """Why a gate result shows a broken checkpoint, or None."""
+    ppl, fppl, top1 = gate["ppl"], gate["float_ppl"], gate["top1_agreement"]
+    if not (math.isfinite(ppl) and math.isfinite(fppl)):
+        return f"perplexity {ppl:.4g} vs float {fppl:.4g} is not finite"
+    if ppl > MAX_PPL_RATIO * fppl:
+        return f"perplexity {ppl:.4f} > {MAX_PPL_RATIO:g}x the float model's {fppl:.4f}"
+    if top1 < MIN_TOP1_AGREEMENT and fppl < gate.get("vocab", math.inf) / 2:
+        return (f"top-1 agreement with the float model {100 * top1:.1f}% < "
+                f"{100 * MIN_TOP1_AGREEMENT:.0f}%")
+    return None
+
+
 def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict,
-              store: Path | None = None) -> dict:
-    """The quality gate of a calibrated run, timed; on a breach of --max-ppl-increase nothing is
-    kept (``store``: this run's own calibration store) and the run fails (one line). Returns
-    build.json's "quantization" record."""
+              store: Path | None = None, allow_quality_loss: bool = False) -> dict:
+    """The quality gate of a calibrated run, timed; on a breach of --max-ppl-increase, or a result
+    that shows a broken checkpoint (:func:`broken`, unless ``allow_quality_loss``), nothing is
+    kept (``store``: this run's own calibration store) and the run fails (one line, exit 1).
+    Returns build.json's "quantization" record."""
     import time
 
     from common.errors import UserError
@@ -60,6 +83,13 @@ def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict,
     t0 = time.perf_counter()
     gate = quality_gate(ckpt, model_dir, quant, tokenizer)
     timings["quality_gate"] = time.perf_counter() - t0
+    why = None if allow_quality_loss else broken(gate)
+    if why is not None:
+        gate["passed"] = False
+        discard(out, ckpt, store)
+        raise UserError(f"the quality gate failed: {why}; the checkpoint is broken (e.g. "
+                        f"calibrated on another model's weights, or damaged weights); nothing "
+                        f"was kept (pass --allow-quality-loss to keep it anyway)", exit_code=1)
     if not gate["passed"]:
         discard(out, ckpt, store)
         raise UserError(f"the quality gate failed: perplexity +{gate['increase_pct']:.2f}% over the "

@@ -1,16 +1,19 @@
 """``build_engine``: HF model → TRT-LLM checkpoint → engines → Triton model repository.
 
-Exit status: 0 done; 1 ``--verify`` found a mismatch; 2 bad input (one line on stderr);
+Exit status: 0 done; 1 ``--verify`` found a mismatch; 2 bad input, or a file the disk would not
+read or write (full disk, I/O error: one line on stderr naming the file);
 3 the checkpoint (and Triton repository) were written but engines were not built here
 (no TensorRT-LLM <= 1.2 or no GPU; the message gives the command to finish on a GPU host);
 4 an engine build failed (its rank's log is shown); 130 interrupted (finished ranks kept for resume).
+A checkpoint that TensorRT-LLM would not load (``check/``) stops the run with exit 1 before any
+engine. ``build_engine check DIR`` (builders/check_cli.py) checks a checkpoint on its own.
 """
 from __future__ import annotations
 
 import sys
 
 from common import interrupt
-from common.errors import UserError
+from common.errors import IO_ERRNOS, UserError, io_error
 
 EXIT_MISMATCH, EXIT_USER, EXIT_NO_ENGINE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -18,6 +21,11 @@ EXIT_MISMATCH, EXIT_USER, EXIT_NO_ENGINE, EXIT_INTERRUPTED = 1, 2, 3, 130
 def main(argv=None) -> int:
     from builders.cli_args import build_parser
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check"]:  # `build_engine check DIR`: a subcommand before the build's flags
+        from builders.check_cli import main as check_main
+
+        return check_main(argv[1:])
     args = build_parser().parse_args(argv)
     interrupt.install()
     try:
@@ -25,6 +33,11 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"build_engine: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if e.errno not in IO_ERRNOS:
+            raise  # not the disk's or the file system's: a bug, with its traceback
+        print(f"build_engine: error: {io_error(e)}", file=sys.stderr)
+        return EXIT_USER
     except interrupt.Interrupted as e:
         print(f"build_engine: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED

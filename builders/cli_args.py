@@ -10,7 +10,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="build_engine",
         description="Convert a Hugging Face Llama/Mistral/Qwen2/Mixtral model into a sharded (optionally "
-                    "quantized) TensorRT-LLM checkpoint, engines and a Triton model repository.")
+                    "quantized) TensorRT-LLM checkpoint, engines and a Triton model repository.",
+        epilog="build_engine check DIR: would TensorRT-LLM load this checkpoint? (headers only; "
+               "see build_engine check --help)")
     g = p.add_argument_group("model and layout")
     g.add_argument("--from-checkpoint", type=Path, metavar="CKPT_DIR",
                    help="skip conversion: build engines (and the Triton repository) from an "
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "output appears (renamed from its .partial dir) when its last rank lands "
                         "(default: all ranks)")
     g.add_argument("--force", action="store_true", help="replace existing outputs")
+    _add_safety_arguments(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_stage_arguments(p)
     # engine_options, not builders.engine: a --checkpoint-only run never loads the engine stage
@@ -60,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(build_workers=None)  # None: follow --workers (trtllm-build's --workers)
     add_triton_arguments(p)
     return p
+
+
+def _add_safety_arguments(g) -> None:
+    """What a run refuses by default and a flag accepts (issue 29)."""
+    g.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert weights holding NaN/Inf values, and float16 casts that overflow to "
+                        "Inf (default: refused naming the tensor and the count)")
+    g.add_argument("--allow-quality-loss", action="store_true",
+                   help="keep a calibrated checkpoint whose quality gate shows a broken model "
+                        "(top-1 agreement with the float model under 50%%, perplexity over 4x the "
+                        "float model's or not finite; default: the run fails, exit 1)")
 
 
 def _add_stage_arguments(p: argparse.ArgumentParser) -> None:

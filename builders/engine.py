@@ -140,7 +140,8 @@ def read_checkpoint_layout(checkpoint_dir: Path, ranks=None) -> tuple[dict, int]
         tp, pp = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
         world = int(mapping.get("world_size", tp * pp))
     except (ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"{cfg_path} is not a TensorRT-LLM checkpoint config ({e})") from None
+        raise UserError(f"{cfg_path} is not a TensorRT-LLM checkpoint config ({e}); give the "
+                        f"checkpoint/ directory build_engine wrote, or convert again") from None
     if world != tp * pp or world < 1:
         raise UserError(f"{cfg_path}: mapping world_size {world} != tp_size {tp} x pp_size {pp}")
     if not config.get("architecture"):
@@ -329,10 +330,16 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
 def _landed(run: _Run, builds: list[RankBuild], work: Path) -> EngineBuildResult:
     """Move the built ranks into the stage; promote it when it holds every rank."""
     stage, engines_dir, todo, world = run.staged.stage, run.staged.dest, run.todo, run.world
-    land(work, stage, builds, run.avail.version)
-    run.staged.discard([work.name])
-    records = read_records(stage)
-    done = complete(stage, world) and promote(run.staged, world)
+    try:
+        land(work, stage, builds, run.avail.version)
+        run.staged.discard([work.name])
+        records = read_records(stage)
+        done = complete(stage, world) and promote(run.staged, world)
+    except BaseException:  # e.g. a full disk: this run's ranks go (other runs' stay, --ranks)
+        run.staged.discard([work.name, *(f for r in todo for f in (
+            f"rank{r}.engine", f".ranks/rank{r}.json", f"logs/rank{r}.log"))]
+            if run.subset else None)
+        raise
     if done:
         for rb in builds:
             rb.log = engines_dir / "logs" / rb.log.name

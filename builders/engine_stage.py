@@ -16,6 +16,7 @@ import socket
 import time
 from pathlib import Path
 
+from common.atomic import write_text
 from common.errors import UserError
 from common.staged import StagedOutput
 
@@ -107,10 +108,32 @@ def land(work: Path, stage: Path, ranks: list, version: str | None) -> None:
         os.replace(rb.log, stage / "logs" / rb.log.name)
         rb.log = stage / "logs" / rb.log.name
         record = {"rank": rb.rank, "host": host, "device": rb.device, "gpu": rb.gpu,
-                  "tensorrt_llm": version}
-        tmp = stage / RANK_RECORDS / f".rank{rb.rank}.json.tmp"
-        tmp.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, stage / RANK_RECORDS / f"rank{rb.rank}.json")
+                  "tensorrt_llm": version, "blake3": _engine_digest(stage, rb.rank)}
+        write_text(stage / RANK_RECORDS / f"rank{rb.rank}.json",
+                   json.dumps(record, sort_keys=True) + "\n")
+
+
+def _engine_digest(stage: Path, rank: int) -> str | None:
+    from builders.manifest import file_digest
+
+    engine = stage / f"rank{rank}.engine"
+    return file_digest(engine) if engine.is_file() else None
+
+
+def check_engines(stage: Path, world: int) -> None:
+    """Before the engines are put in place (and the Triton repository is filled for them), each
+    rank's engine against the digest recorded when it landed: one line naming a changed one."""
+    records = read_records(stage)
+    for r in range(world):
+        want = records.get(r, {}).get("blake3")
+        if want is None:
+            continue  # landed by a run that recorded no digest
+        engine = stage / f"rank{r}.engine"
+        got = _engine_digest(stage, r)
+        if got != want:
+            raise UserError(f"{engine} does not match the BLAKE3 digest recorded when it was "
+                            f"built ({want[:16]}..., now {str(got)[:16]}...): it was changed or "
+                            f"damaged on disk; rebuild that rank (--ranks {r} --force)")
 
 
 def complete(stage: Path, world: int) -> bool:
@@ -134,6 +157,7 @@ def promote(staged: StagedOutput, world: int, wait_s: float = 120.0) -> bool:
     try:
         if not staged.stage.is_dir():  # promoted by a run that took the lock just before us
             return complete(engines_dir, world)
+        check_engines(staged.stage, world)
         staged.promote()
         return True
     finally:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import blake3
 
+from common.atomic import write_text
 from common.digests import Digests
 from common.versions import software_versions
 
@@ -52,9 +53,19 @@ def file_digest(path, chunk_size: int = CHUNK_BYTES) -> str:
     return h.hexdigest()
 
 
-def _digest_of(path: Path, digests: Digests | None) -> str:
-    """The writer's digest of a file it wrote (unchanged since), else read and hashed."""
-    return (digests.known(path) if digests is not None else None) or file_digest(path)
+def _digest_of(path: Path, digests: Digests | None, scan: bool = False) -> str:
+    """The writer's digest of a file it wrote (unchanged since), else read and hashed (a weight
+    file through the model's scan, which the conversion shares: convert.source_files)."""
+    known = digests.known(path) if digests is not None else None
+    if known is None and scan and path.suffix == ".safetensors":
+        from common.errors import UserError
+        from convert.source_files import scan_path
+
+        try:
+            return scan_path(path)
+        except UserError:
+            pass  # not a readable safetensors file: its bytes are still hashed
+    return known or file_digest(path)
 
 
 def _jsonable(value):
@@ -83,7 +94,8 @@ def _hash_threads() -> int:
 
 def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
                   suffixes: set[str] | None = None, recursive: bool = True,
-                  threads: int | None = None, digests: Digests | None = None) -> list[dict]:
+                  threads: int | None = None, digests: Digests | None = None,
+                  scan: bool = False) -> list[dict]:
     """Path, size and BLAKE3 digest of the files under ``root``, sorted by path. Files are hashed
     in parallel threads (blake3 releases the GIL on large buffers: ~5 GB/s per core here;
     ``threads``: how many, default one per core up to 4)."""
@@ -102,7 +114,7 @@ def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
     # biggest first, so one large file does not start last
     chosen.sort(key=lambda item: -item[1].stat().st_size)
     with ThreadPoolExecutor(max_workers=threads or _hash_threads()) as pool:
-        hexes = list(pool.map(lambda item: _digest_of(item[1], digests), chosen))
+        hexes = list(pool.map(lambda item: _digest_of(item[1], digests, scan), chosen))
     entries = [{"path": rel, "size": p.stat().st_size, "blake3": d}
                for (rel, p), d in zip(chosen, hexes)]
     return sorted(entries, key=lambda e: e["path"])
@@ -136,16 +148,33 @@ class InputHashing:
         return self._result
 
 
+def _weights_identity(model_dir: Path, entries: list[dict]) -> str | None:
+    """The model's identity (common.source_scan.identity) over the weight files it is read from;
+    None when they cannot be told (no readable safetensors)."""
+    from common.errors import UserError
+    from common.source_scan import identity
+    from convert.source_files import find_files
+
+    try:
+        files = {p.name for p in find_files(model_dir)[0]}
+    except UserError:
+        return None
+    return identity((e["path"], e["size"], e["blake3"]) for e in entries if e["path"] in files)
+
+
 def describe_inputs(inputs: dict, threads: int | None = None) -> dict:
-    """``inputs`` with ``model_dir`` (or ``model``) expanded: its absolute path and the BLAKE3
-    digest and size of each weight shard, config and tokenizer file at its top level."""
+    """``inputs`` with ``model_dir`` (or ``model``) expanded: its absolute path, the BLAKE3
+    digest and size of each weight shard, config and tokenizer file at its top level, and
+    ``weights_blake3``, the weights' identity that the calibration store and a resumed
+    checkpoint compare (common.source_scan.identity)."""
     out = _jsonable(dict(inputs))
     key = "model_dir" if "model_dir" in inputs else ("model" if "model" in inputs else None)
     if key is not None and inputs[key] is not None and Path(inputs[key]).is_dir():
         model_dir = Path(inputs[key]).resolve()
         out[key] = str(model_dir)
         out["model_files"] = _file_entries(model_dir, suffixes=_INPUT_SUFFIXES, recursive=False,
-                                           threads=threads)
+                                           threads=threads, scan=True)
+        out["weights_blake3"] = _weights_identity(model_dir, out["model_files"])
     return out
 
 
@@ -200,7 +229,38 @@ def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
                               stage_timings=stage_timings, outputs_root=outputs_root,
                               engines=engines, layout=layout, digests=digests)
     path = output_dir / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    output_dir.mkdir(parents=True, exist_ok=True)  # --from-checkpoint may have written nothing else
+    write_text(path, json.dumps(manifest, sort_keys=True, indent=2) + "\n")
     return path
+
+
+def check_listed(directory) -> None:
+    """Before a directory this tool wrote is used again (``--from-checkpoint DIR/checkpoint``):
+    when the ``build.json`` beside it lists its files, each listed file that is there must have
+    the listed BLAKE3 digest; a missing or changed one is one line naming it (exit 2)."""
+    from common.errors import UserError
+
+    directory = Path(directory).resolve()
+    manifest = directory.parent / MANIFEST_NAME
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        files = data["outputs"]["files"]  # relative to build.json's directory (its outputs root,
+        prefix = directory.name + "/"      # wherever the output was moved since)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no build.json of this output, or one that does not list this directory
+    for entry in files:
+        path = entry.get("path", "") if isinstance(entry, dict) else ""
+        if not path.startswith(prefix) or "/" in path[len(prefix):]:
+            continue
+        name = path[len(prefix):]
+        if not (name == "config.json" or name.endswith(".safetensors")):
+            continue
+        full = directory / name
+        if not full.is_file():
+            raise UserError(f"{full} is listed in {manifest} but missing; the checkpoint is "
+                            f"incomplete: convert it again")
+        got = file_digest(full)
+        if got != entry.get("blake3"):
+            raise UserError(f"{full} does not match its BLAKE3 digest in {manifest} "
+                            f"({str(entry.get('blake3'))[:16]}..., now {got[:16]}...): it was "
+                            f"changed or damaged after it was written; convert it again")

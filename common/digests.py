@@ -32,6 +32,13 @@ class Digests:
         with self._lock:
             self._known[key] = blake3_hex
 
+    def record_path(self, path, blake3_hex: str) -> None:
+        """``path`` (closed, as it is now) has this BLAKE3 digest (hex): e.g. a rank a worker
+        process wrote, or one checked on resume."""
+        key = _key(os.stat(path))
+        with self._lock:
+            self._known[key] = blake3_hex
+
     def known(self, path) -> str | None:
         """The BLAKE3 digest (hex) recorded for ``path`` in its current state, or None."""
         try:
@@ -40,3 +47,17 @@ class Digests:
             return None
         with self._lock:
             return self._known.get(key)
+
+
+def file_blake3(path, chunk_bytes: int = 8 * 2**20) -> str:
+    """The BLAKE3 digest (hex) of a file as it is on disk, read in chunks (not memory-mapped: a
+    mapping's touched pages would count in the process's RSS)."""
+    import blake3
+
+    h = blake3.blake3()
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            h.update(view[:n])
+    return h.hexdigest()

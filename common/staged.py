@@ -17,13 +17,12 @@ or restarted by its fingerprint, never promoted.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from common.atomic import swap_into_place
+from common.atomic import swap_into_place, write_text
 from common.errors import UserError
 
 
@@ -74,10 +73,7 @@ class StagedOutput:
 
     def write_record(self, data) -> None:
         """Write the record whole under a temporary name (runs sharing the stage write the same)."""
-        path = self.stage / self.record
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.dump(data), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(self.stage / self.record, self.dump(data))
 
     # --- resume or refuse ----------------------------------------------------------------------
 

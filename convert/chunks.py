@@ -11,6 +11,7 @@ allocated per step, and a float conversion without casts never imports torch (``
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 
@@ -97,7 +98,7 @@ def _widen(src: DType, dst: DType):
 
 
 def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, spans: bool = False,
-                offset: float = 0.0):
+                offset: float = 0.0, allow_nonfinite: bool = False):
     """Yield ``piece`` (a convert.shard.Piece) in ``dtype`` (a DType or torch dtype), a few rows
     at a time: torch tensors, or with ``spans=True`` (for ``write_file``) also ``FileSpan``s and
     ``ByteChunk``s, which need no torch; a yielded chunk is then only valid until the next one is
@@ -129,7 +130,7 @@ def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, spans: bo
     start = first.start or 0
     rest = tuple(piece.index[1:])
     if spans and hasattr(source, "span") and hasattr(source, "read_rows_bytes"):
-        fast = _fast_chunks(source, piece, dtype, start, rest, max_bytes)
+        fast = _fast_chunks(source, piece, dtype, start, rest, max_bytes, allow_nonfinite)
         if fast is not None:
             yield from fast
             return
@@ -184,7 +185,43 @@ def _row_window(source, piece, start, rest):
     return full, cols, src_row
 
 
-def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
+#: safetensors dtype -> (unsigned view, all bits but the sign, the bits of +Inf): a value is
+#: +-Inf when its bits without the sign are exactly those
+_INF_BITS = {"F16": (np.uint16, 0x7FFF, 0x7C00), "BF16": (np.uint16, 0x7FFF, 0x7F80),
+             "F32": (np.uint32, 0x7FFFFFFF, 0x7F800000),
+             "F64": (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}
+
+
+class _InfCheck:
+    """Counts the values a cast to float16 made infinite (finite in the source rows, Inf in the
+    converted ones), on the byte rows already in memory; ``done()`` refuses them unless
+    ``allow``."""
+
+    def __init__(self, src: DType, dst: DType, name: str, allow: bool):
+        self.src, self.name, self.count = src, name, 0
+        self.active = not allow and dst.st == "F16" and src.st in ("F32", "BF16", "F64")
+
+    @staticmethod
+    def _infs(rows: np.ndarray, st: str) -> int:
+        view, magnitude, inf = _INF_BITS[st]
+        values = np.ascontiguousarray(rows).view(view)
+        return int(np.count_nonzero((values & view(magnitude)) == inf))
+
+    def add(self, src_rows: np.ndarray, out_rows: np.ndarray) -> None:
+        if self.active:
+            self.count += self._infs(out_rows, "F16") - self._infs(src_rows, self.src.st)
+
+    def done(self) -> None:
+        if self.count > 0:
+            from common.errors import UserError
+
+            raise UserError(f"casting tensor {self.name} from {self.src.torch_name} to float16 "
+                            f"overflows: {self.count} value(s) beyond float16's range (+-65504) "
+                            f"would become Inf; convert with --dtype bfloat16 or float32, or pass "
+                            f"--allow-nonfinite to keep the Inf values")
+
+
+def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes, allow_nonfinite=False):
     """Chunks of a piece whose index is (rows[, columns of a 2-D tensor]); None otherwise."""
     window = _row_window(source, piece, start, rest)
     if window is None:
@@ -210,9 +247,7 @@ def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
         # converted (torch) into `out`, whose rows end in the zero columns of `pad`
         step = max(1, max_bytes // max(1, src_row * max(src_dtype.itemsize, dtype.itemsize)))
         step = min(step, rows)
-        out_row = 1
-        for d in piece.shape[1:]:
-            out_row *= d
+        out_row = math.prod(piece.shape[1:])
         isz, osz = src_dtype.itemsize, dtype.itemsize
         with _BUFFERS.take(step * src_row * isz) as raw_bytes, \
                 _BUFFERS.take(step * out_row * osz) as out_bytes:
@@ -227,6 +262,7 @@ def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
             if not (same and BYTE_COPIES) and not widen:
                 src_view = _torch_view(raw_bytes, src_dtype, (step, *full[1:]))
                 dst_view = _torch_view(out_bytes, dtype, (step, *piece.shape[1:]))
+            infs = _InfCheck(src_dtype, dtype, piece.source, allow_nonfinite)
             for a in range(0, rows, step):
                 n = min(step, rows - a)
                 source.read_rows_bytes(piece.source, start + a, raw[:n].reshape(-1).data)
@@ -238,7 +274,9 @@ def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes):
                     dst_view[:n, :c1 - c0].copy_(src_view[:n, c0:c1])
                 else:
                     dst_view[:n].copy_(src_view[:n])
+                infs.add(raw[:n, a0:a1], out[:n, :kept])
                 yield ByteChunk(out[:n].reshape(-1).data, dtype)
+            infs.done()
 
     if cols is None and same:
         return copy_spans()

@@ -30,20 +30,23 @@ from tqdm import tqdm
 from common.fileio import reusing_buffers
 
 from common import interrupt
-from common.errors import UserError
+from common.atomic import write_text
+from common.errors import IO_ERRNOS, UserError, io_error
 from common.interrupt import Interrupted
-from common.staged import StagedOutput
 from .hf_config import from_hugging_face
 from .plan import OutputTensor, rank_plan
 from .source import SourceCheckpoint
+from .source_files import declared_dtype
+from .stage import FINGERPRINT, Stage, seal_rank, stage_digest, staged as _staged  # noqa: F401
 from .writer import iter_chunks, nbytes, wait_durable, write_file
 
-FINGERPRINT = "fingerprint.json"
-
-
 def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
-                parallel: bool = False, digests=None) -> str:
+                parallel: bool = False, digests=None, allow_nonfinite: bool = False) -> str:
     source = SourceCheckpoint(model_dir)
+    if digests is None:  # a worker process: its digests go beside the rank (convert.stage)
+        from common.digests import Digests
+
+        digests = Digests()
     total = sum(nbytes(t.shape, t.dtype) for t in plan)
     tmp = Path(path + ".tmp")
     # one line per rank only when ranks run side by side: a bar at position r > 0 leaves the
@@ -56,7 +59,8 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
                 yield t.tensor
                 return
             for piece in t.pieces:
-                yield from iter_chunks(source, piece, t.dtype, spans=True, offset=t.offset)
+                yield from iter_chunks(source, piece, t.dtype, spans=True, offset=t.offset,
+                                       allow_nonfinite=allow_nonfinite)
 
         def on_bytes(n):
             bar.update(n)
@@ -65,7 +69,7 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
         try:
             # returns before the fsync: rank r+1 is written while rank r is fsynced, and the
             # rename that marks rank r complete follows its fsync (wait_durable)
-            write_file(tmp, plan, produce, on_bytes=on_bytes, then=lambda: os.replace(tmp, path),
+            write_file(tmp, plan, produce, on_bytes=on_bytes, then=lambda: seal_rank(tmp, Path(path), digests),
                        digests=digests)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -73,9 +77,9 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
     return path
 
 
-def _write_rank_durable(*job) -> str:
+def _write_rank_durable(*job, **kw) -> str:
     """_write_rank in a worker process: returns once the rank is fsynced and renamed."""
-    path = _write_rank(*job)
+    path = _write_rank(*job, **kw)
     wait_durable()
     return path
 
@@ -133,7 +137,7 @@ def plan_checkpoint(model, out_dir, shape, *, tp: int = 1, pp: int = 1, dtype: s
     config = from_hugging_face(model.config, quantization=quantization, dtype=dtype, tp=tp, pp=pp,
                                moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)
     config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
-    source = SourceCheckpoint(model.directory)
+    source = SourceCheckpoint(model.directory, declared_dtype=declared_dtype(model.raw))
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"], moe=moe)
              for r in range(tp * pp)]
     return CheckpointPlan(model.directory, out_dir, config, plans, source)
@@ -141,25 +145,27 @@ def plan_checkpoint(model, out_dir, shape, *, tp: int = 1, pp: int = 1, dtype: s
 
 def write_checkpoint(plan: CheckpointPlan, *, ranks=None, workers: int = 1, force: bool = False,
                      progress: bool = True, calibrated: str | None = None, options: str = "",
-                     on_complete=None, digests=None) -> dict:
+                     on_complete=None, digests=None, allow_nonfinite: bool = False) -> dict:
     """Write ``plan`` (see the module docstring for staging, resume and ``ranks``); return its
     config. ``calibrated``: the name of the calibrated format whose tensors the plan holds (never
     resumed, never split over runs), else None. ``options``: what else decides the bytes, for the
     resume fingerprint. ``on_complete``: called once the checkpoint is in place. ``digests``: the
-    run's ``common.digests.Digests``, told each rank file's digest as it is written."""
+    run's ``common.digests.Digests``, told each rank file's digest as it is written.
+    ``allow_nonfinite``: keep NaN/Inf source values and float16 overflows instead of refusing."""
     world = len(plan.plans)
     wanted, subset = wanted_ranks(ranks, world, calibrated)
     if subset and force:
         shutil.rmtree(plan.out_dir, ignore_errors=True)  # a new generation is being written
     if calibrated:
         workers = 1  # the calibrated tensors are in this process's memory
+    scan = plan.source.scan()  # in the background: the float path does not wait for it
     fingerprint = _fingerprint(plan.config, plan.plans, plan.source, options, mtimes=not subset)
-    tmp = _staging_dir(plan.out_dir, fingerprint, calibrated=bool(calibrated), subset=subset,
-                       force=force)
-    todo = [r for r in wanted if not (tmp / f"rank{r}.safetensors").is_file()]
-    _write_staged(plan.model_dir, plan.out_dir, tmp, plan.plans, plan.config, todo=todo,
+    stage = Stage(plan.out_dir, fingerprint, scan, calibrated=bool(calibrated), subset=subset,
+                   force=force)
+    todo = [r for r in wanted if not stage.finished(r, digests)]
+    _write_staged(plan.model_dir, plan.out_dir, stage, plan.plans, plan.config, todo=todo,
                   subset=subset, workers=workers, progress=progress, on_complete=on_complete,
-                  digests=digests)
+                  digests=digests, allow_nonfinite=allow_nonfinite)
     return plan.config
 
 
@@ -197,62 +203,61 @@ def wanted_ranks(ranks, world: int, calibrated: str | None) -> tuple[list[int], 
     return wanted, subset
 
 
-def _write_staged(model_dir: Path, out_dir: Path, tmp: Path, plans, config: dict, *, todo,
-                  subset: bool, workers: int, progress: bool, on_complete, digests=None) -> None:
-    """Write ranks ``todo`` and config.json into the staging dir ``tmp``; once every rank of the
-    world is there, check the files and swap ``tmp`` into ``out_dir``. Interrupted: the finished
-    ranks stay in ``tmp`` for a rerun; any other failure removes this run's files."""
+def _write_staged(model_dir: Path, out_dir: Path, stage: Stage, plans, config: dict, *, todo,
+                  subset: bool, workers: int, progress: bool, on_complete, digests=None,
+                  allow_nonfinite: bool = False) -> None:
+    """Write ranks ``todo`` and config.json into the staging dir; once every rank of the world is
+    there, check the files (and the source's values) and swap the stage into ``out_dir``.
+    Interrupted: the finished ranks stay for a rerun; any other failure removes this run's
+    files."""
+    tmp = stage.dir
     try:
         with interrupt.deferred():
-            _run_ranks(model_dir, plans, tmp, todo, workers, progress, digests)
+            _run_ranks(model_dir, plans, tmp, todo, workers, progress, digests, allow_nonfinite)
         _write_config(tmp, config)
+        stage.record_weights()
         if not all((tmp / f"rank{r}.safetensors").is_file() for r in range(len(plans))):
             return  # other ranks are still to come (--ranks)
         _verify_files(tmp, plans)
+        if not allow_nonfinite:
+            refuse_nonfinite(stage.scan)
+        stage.before_promote(len(plans))
         _staged(out_dir).promote()  # an existing one only with --force (checked by the caller)
         if on_complete is not None:
             on_complete()
     except (KeyboardInterrupt, Interrupted):
         # only this run's unfinished files: with --ranks, other runs may be writing theirs
         _discard(out_dir, todo)
+        try:
+            stage.record_weights()  # so that the rerun can prove the weights are the same
+        except (OSError, UserError):
+            pass
         raise Interrupted(f"interrupted: finished ranks are kept in {tmp}; rerun the same command "
                           f"to finish only the remaining ranks")
     except OSError as e:
         _discard(out_dir, todo if subset else None)
-        raise UserError(f"cannot write the checkpoint to {out_dir.parent}: {e.strerror or e}; "
-                        f"free space or choose another --output")
+        if e.errno not in IO_ERRNOS:
+            raise
+        raise io_error(e, out_dir) from None
     except BaseException:
         _discard(out_dir, todo if subset else None)
         raise
 
 
-def _staged(out_dir: Path) -> StagedOutput:
-    return StagedOutput(out_dir, record=FINGERPRINT)
-
-
-def _staging_dir(out_dir: Path, fingerprint: dict, *, calibrated: bool, subset: bool,
-                 force: bool) -> Path:
-    """OUT.partial, holding the fingerprint of what is written into it: ranks of an earlier run
-    of the same inputs and options are kept (resume, --ranks), others refused or discarded."""
-    staged = _staged(out_dir)
-    refuse = (f"{staged.stage} holds ranks converted from other inputs or options; rerun with "
-              f"the same ones, or pass --force to discard them") if subset and not force else None
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        # never resume a calibrated run: calibration on a GPU is not bit-reproducible, and
-        # ranks of two calibrations must not be mixed
-        staged.open(fingerprint, resume=not calibrated, refuse=refuse)
-    except OSError as e:
-        raise UserError(f"cannot write to {out_dir.parent}: {e.strerror or e}; "
-                        f"choose another --output")
-    return staged.stage
+def refuse_nonfinite(scan) -> None:
+    """NaN or Inf among the model's values: refused naming the first tensor and the count."""
+    bad = scan.nonfinite()
+    if bad:
+        name, count = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more tensor(s))" if len(bad) > 1 else ""
+        raise UserError(f"tensor {name} of the model holds {count} NaN/Inf value(s){more}: the "
+                        f"weights are damaged; re-download them, or pass --allow-nonfinite to "
+                        f"convert them as they are")
 
 
 def _write_config(tmp: Path, config: dict) -> None:
     """config.json, written whole under a temporary name (runs for other ranks write the same)."""
-    part = tmp / f".config.json.{os.getpid()}.tmp"
-    part.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(part, tmp / "config.json")
+    write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def _discard(out_dir: Path, own_ranks) -> None:
@@ -262,14 +267,15 @@ def _discard(out_dir: Path, own_ranks) -> None:
 
 
 def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool,
-               digests=None) -> None:
+               digests=None, allow_nonfinite: bool = False) -> None:
+    kw = {"allow_nonfinite": True} if allow_nonfinite else {}
     jobs = [(str(model_dir), plans[r], str(tmp / f"rank{r}.safetensors"), r, progress)
             for r in todo]
     if workers <= 1 or len(jobs) <= 1:
         try:
             with reusing_buffers():  # one set of staging buffers for every rank
                 for job in jobs:
-                    _write_rank(*job, digests=digests)  # worker processes: hashed from disk
+                    _write_rank(*job, digests=digests, **kw)
         except BaseException:
             wait_durable(raise_errors=False)
             raise
@@ -278,7 +284,7 @@ def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool,
     ctx = mp.get_context("spawn")
     pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
                                   initializer=_worker_init, initargs=(ctx.RLock(),))
-    futures = [pool.submit(_write_rank_durable, *job, True) for job in jobs]
+    futures = [pool.submit(_write_rank_durable, *job, True, **kw) for job in jobs]
     try:
         pending = set(futures)
         while pending:
@@ -294,6 +300,9 @@ def _run_ranks(model_dir, plans, tmp: Path, todo, workers: int, progress: bool,
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+    if digests is not None:  # what the workers hashed, so that build.json need not read it
+        for _, _, path, _, _ in jobs:
+            digests.record_path(path, stage_digest(Path(path)))
 
 
 def _worker_init(lock) -> None:

@@ -108,9 +108,6 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         config["moe"] = moe_config(shape)
         config["mapping"].update(moe_tp_size=moe.moe_tp, moe_ep_size=moe.moe_ep)
     family = FAMILIES[shape.family]
-    if family.trtllm_config is not None:  # the family's own fields (model/families/)
+    if family.trtllm_config is not None:  # the family's converter's keys (model/families/)
         config.update(family.trtllm_config(hf, shape, tp))
-    if shape.family == "qwen2":
-        config["qwen_type"] = "qwen2"
-        config["seq_length"] = getattr(hf, "seq_length", 8192)
     return config

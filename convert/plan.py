@@ -5,14 +5,14 @@ a single weight byte is read, so a bad checkpoint fails in seconds with the tens
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common.dtypes import BY_NAME, DType
 
 from common.errors import UserError
 from model.families import FAMILIES
 from model.shape import Shape
-from model.spec import Rule
+from model.spec import RANK_DIMS, Rule
 
 from .hf_config import pp_layer_range
 from .moe import MoeLayout
@@ -90,12 +90,21 @@ def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str,
             continue
         names = _resolve(rule, layer, source)
         _check_shapes(names, source, shape)
-        pieces = RULES[rule.shard](names, [source.shape(n) for n in names], ctx)
+        pieces = RULES[rule.shard](names, [source.shape(n) for n in names], _split_ctx(rule, ctx))
         target = rule.target.format(i=local)
         plan.append(OutputTensor(target, tuple(pieces), stacked_shape(pieces),
                                  BY_NAME[rule.dtype] if rule.dtype else out_dtype, rule.offset))
     plan.sort(key=lambda t: t.name)
     return plan
+
+
+def _split_ctx(rule: Rule, ctx: RankCtx) -> RankCtx:
+    """``ctx`` with the laid-out size of the features a column / row rule splits (padded MLP
+    intermediate features, model.spec.RANK_DIMS)."""
+    dim = rule.split_dim
+    if dim not in RANK_DIMS or dim in ("q", "kv"):  # heads: the qkv / dense rules pad them
+        return ctx
+    return replace(ctx, split_to=RANK_DIMS[dim](ctx.shape))
 
 
 def _expert_stack(rule: Rule, layer: int, local: int, source, shape: Shape, ctx: RankCtx,

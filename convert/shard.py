@@ -27,6 +27,10 @@ class RankCtx:
     shape: Shape
     moe_tp: int = 1        # experts' intermediate split (convert.moe)
     moe_tp_rank: int = 0
+    #: ``column`` / ``row``: the split features as the checkpoint lays them out (None: the
+    #: source's); beyond the source's size they are zero (the MLP's intermediate features padded
+    #: as TensorRT-LLM's weight-only / AWQ linears declare them, model.spec.PADDABLE_DIMS)
+    split_to: int | None = None
 
 
 def _rows(name: str, full: tuple[int, ...], start: int, stop: int) -> Piece:
@@ -38,16 +42,28 @@ def replicated(names, shapes, ctx):
 
 
 def column(names, shapes, ctx):
-    n = shapes[0][0]
-    k = n // ctx.tp
-    return [_rows(names[0], shapes[0], ctx.tp_rank * k, (ctx.tp_rank + 1) * k)]
+    """Split dim 0; padded features (``ctx.split_to``) are zero rows at the end of the full dim,
+    which is then split evenly (the last ranks hold them)."""
+    full = shapes[0]
+    k = (ctx.split_to or full[0]) // ctx.tp
+    start = ctx.tp_rank * k
+    stop = min(start + k, full[0])
+    pieces = [_rows(names[0], full, start, stop)] if stop > start else []
+    pad = k - max(0, stop - start)
+    if pad:
+        pieces.append(Piece(None, (), (pad, *full[1:])))
+    return pieces
 
 
 def row(names, shapes, ctx):
+    """Split dim 1; padded features (``ctx.split_to``) are zero columns, as in ``column``."""
     full = shapes[0]
-    k = full[1] // ctx.tp
+    k = (ctx.split_to or full[1]) // ctx.tp
     a = ctx.tp_rank * k
-    return [Piece(names[0], (slice(None), slice(a, a + k)), (full[0], k))]
+    b = min(a + k, full[1])
+    if b <= a:
+        return [Piece(None, (), (full[0], k))]
+    return [Piece(names[0], (slice(None), slice(a, b)), (full[0], k), pad_cols=k - (b - a))]
 
 
 def dense(names, shapes, ctx):

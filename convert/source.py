@@ -16,106 +16,48 @@ fill torch tensors and import it then.
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.dtypes import BY_ST, DType
+from common.dtypes import DType
+from common.errors import UserError
 from common.fileio import pread_exact
 
-from common.errors import UserError
+from . import source_files
 
 if TYPE_CHECKING:
     import torch
 
-INDEX = "model.safetensors.index.json"
-
+INDEX = source_files.INDEX
 
 def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, checked against the file size."""
-    return _read_header(path)[0]
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """(header, absolute offset of the data section)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100 * 2**20:
-                raise ValueError("header length points past the end of the file")
-            header = json.loads(f.read(n))
-        data_len = size - 8 - n
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)
-        if end > data_len:
-            raise ValueError(f"tensor data needs {end} bytes but the file holds {data_len}")
-        return header, 8 + n
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); it may be truncated "
-                        f"or corrupt: re-download it")
+    """The JSON header of a safetensors file, checked as the safetensors library checks it."""
+    return source_files.read_header(path)[0]
 
 
 class SourceCheckpoint:
-    """Name → (file, shape, dtype) for every tensor of a HF model dir; slices read on demand."""
+    """Name → (file, shape, dtype) for every tensor of a HF model dir; slices read on demand.
+    Opening it checks the files and headers (convert.source_files); ``declared_dtype``: the
+    config's ``torch_dtype``, which a float model's tensors must match in kind."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, declared_dtype: str | None = None):
         self.dir = Path(model_dir)
-        self.files = self._find_files()
-        self.meta: dict[str, tuple[Path, tuple[int, ...], DType]] = {}
-        self._offsets: dict[str, int] = {}  # name -> absolute file offset of its first byte
-        for path in self.files:
-            header, data_start = _read_header(path)
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = BY_ST.get(info["dtype"])
-                if dtype is None:
-                    raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-                shape = tuple(info["shape"])
-                try:
-                    begin, end = (int(x) for x in info["data_offsets"])
-                except (KeyError, TypeError, ValueError):
-                    raise UserError(f"{path}: tensor {name} has no valid data_offsets; the file "
-                                    f"is corrupt: re-download it")
-                numel = 1
-                for d in shape:
-                    numel *= d
-                if end - begin != numel * dtype.itemsize or begin < 0:
-                    raise UserError(f"{path}: tensor {name} spans {end - begin} bytes but its "
-                                    f"shape {list(shape)} and dtype need {numel * dtype.itemsize}; "
-                                    f"the file is corrupt: re-download it")
-                self.meta[name] = (path, shape, dtype)
-                self._offsets[name] = data_start + begin
+        self.files, self.meta, self._offsets = source_files.tensor_table(self.dir)
+        source_files.check_float_model(self.meta, declared_dtype)
         self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
+        self._scan = None
 
-    def _find_files(self) -> list[Path]:
-        index = self.dir / INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise UserError(f"{index} is not a valid safetensors index ({e})")
-            files = sorted({self.dir / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise UserError(f"{index} names shard {missing[0]} which is not in {self.dir}: "
-                                f"download the missing shard(s)")
-            return files
-        files = sorted(self.dir.glob("*.safetensors"))
-        if files:
-            return files
-        if list(self.dir.glob("*.bin")) or list(self.dir.glob("*.pt")):
-            raise UserError(f"{self.dir} holds only PyTorch pickle weights (*.bin); they can run "
-                            f"code when loaded, so they are refused: convert them to safetensors "
-                            f"first (e.g. transformers' save_pretrained(safe_serialization=True))")
-        raise UserError(f"{self.dir} has no *.safetensors weights")
+    def scan(self, background: bool = True):
+        """The files' one read for their digests and non-finite values
+        (``common.source_scan.SourceScan``), started on the first call."""
+        if self._scan is None:
+            from common.source_scan import SourceScan
+
+            self._scan = SourceScan(source_files.scan_table(self.files, self.meta, self._offsets),
+                                    background=background)
+        return self._scan
 
     def __contains__(self, name: str) -> bool:
         return name in self.meta

@@ -31,6 +31,7 @@ import blake3
 
 from common.digests import Digests
 from common.dtypes import as_dtype
+from common.errors import naming
 from common.fileio import DirectSink, nbytes, write_all  # noqa: F401 (nbytes re-exported)
 from common.fileio import header_bytes as _header_bytes
 
@@ -175,7 +176,26 @@ def write_file(path: Path, tensors, produce, on_bytes=None, then=None,
     ``digests``: the run's record of output digests, told this file's when the writer took one.
     """
     header = header_bytes(tensors)
-    fd, sink = _open_sink(Path(path))
+    with naming(path):  # a failed write names the file it was writing
+        fd, sink = _open_sink(Path(path))
+        _write_tensors(fd, sink, header, tensors, produce, on_bytes)
+    if then is None:
+        with naming(path):
+            _finish(fd, sink.digest(), digests, None)
+        return
+    if not _durable_pool:
+        _durable_pool.append(cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync"))
+    _durable.append(_durable_pool[0].submit(_finish_named, path, fd, sink.digest(), digests, then))
+
+
+def _finish_named(path, *args) -> None:
+    with naming(path):
+        _finish(*args)
+
+
+def _write_tensors(fd: int, sink, header: bytes, tensors, produce, on_bytes) -> None:
+    """The header then each tensor's chunks into ``sink``, closed (unflushed) on success; on any
+    failure the sink is abandoned and ``fd`` closed."""
     try:
         sink.write(memoryview(header))
         for t in tensors:
@@ -207,9 +227,3 @@ def write_file(path: Path, tensors, produce, on_bytes=None, then=None,
         sink.abort()
         os.close(fd)
         raise
-    if then is None:
-        _finish(fd, sink.digest(), digests, None)
-        return
-    if not _durable_pool:
-        _durable_pool.append(cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync"))
-    _durable.append(_durable_pool[0].submit(_finish, fd, sink.digest(), digests, then))

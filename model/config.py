@@ -60,13 +60,36 @@ def read_config(model_dir) -> tuple[dict, object]:
         raw = config_dict(model_dir)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{model_dir / 'config.json'} is not valid JSON ({e}); re-download the model")
+    _check_fields(raw, model_dir / "config.json")
     archs = raw.get("architectures") or []
+    if not isinstance(archs, list):
+        raise UserError(f"{model_dir / 'config.json'}: architectures is {json.dumps(archs)}, not "
+                        f"a list such as [\"LlamaForCausalLM\"]; fix config.json")
     arch = archs[0] if archs else None
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"architecture {arch!r} in {model_dir / 'config.json'} is not supported; "
                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     fast = normalised_config(raw)
     return raw, fast if fast is not None else load_auto_config(model_dir)
+
+
+#: the sizes a model is laid out by: a count of zero or less cannot be one (types are left to
+#: transformers' own validation, whose message names the field)
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
+             "num_experts", "num_experts_per_tok")
+
+
+def _check_fields(raw, path: Path) -> None:
+    """config.json must be a JSON object whose layer and head counts are positive."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} holds a JSON {type(raw).__name__}, not an object of model "
+                        f"settings; re-download the model")
+    for key in _POSITIVE:
+        v = raw.get(key)
+        if isinstance(v, int) and v <= 0:
+            raise UserError(f"{path}: {key} is {json.dumps(v)}; it must be a positive integer: "
+                            f"fix config.json or re-download the model")
 
 
 def load_auto_config(model_dir: Path):
@@ -76,7 +99,9 @@ def load_auto_config(model_dir: Path):
     try:
         return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a bad config
-        raise UserError(f"cannot read {model_dir / 'config.json'} with transformers: {e}")
+        raise UserError(f"cannot read {model_dir / 'config.json'} with transformers: "
+                        f"{str(e).strip() or type(e).__name__}; "
+                        f"fix config.json or re-download the model") from None
 
 
 def read_hf_config(model_dir, *, auto_config: bool = False):

@@ -2,7 +2,7 @@
 transformers (whose import, with torch's distributed/dynamo modules it pulls in, costs 4-6 s of
 a conversion that otherwise moves bytes at disk speed; see BENCHMARKS.md).
 
-Only what ``model.config`` and ``convert.hf_config`` read is reproduced, for the four supported
+Only what ``model.config`` and ``convert.hf_config`` read is reproduced, for the supported
 ``model_type``s, from
 ``transformers/models/<type>/configuration_<type>.py`` (class defaults, ``head_dim`` and
 ``num_key_value_heads`` filled in ``__post_init__``, Mixtral's ``num_experts`` alias) and
@@ -34,6 +34,10 @@ DEFAULTS = {
     "mixtral": dict(_COMMON, intermediate_size=14336, num_key_value_heads=8, head_dim=None,
                     max_position_embeddings=4096 * 32, rms_norm_eps=1e-5, num_experts_per_tok=2,
                     num_local_experts=8),
+    # head_dim is a plain default (128), not derived from hidden / heads
+    "qwen3": dict(_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+                  head_dim=128, max_position_embeddings=32768, attention_bias=False,
+                  use_sliding_window=False),
 }
 DEFAULT_THETA = {"mixtral": 1e6}  # RotaryEmbeddingConfigMixin.default_theta otherwise: 10000
 _ROPE_REQUIRED = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
@@ -43,7 +47,7 @@ _DTYPES = ("float16", "bfloat16", "float32", "float64")
 _INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
          "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
          "num_experts_per_tok", "num_local_experts")
-_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
 
 
 def _transformers_major() -> int | None:

@@ -9,7 +9,7 @@
   PyPI packages (see examples/gemma3.py): 4 heads, 1 KV head (duplicated at tp 2 or 4), sliding
   window 512 on five layers of six.
 - ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-mixtral`` (4 experts, top 2),
-  ``tiny-gemma3``, ``tiny-gemma2``: tiny
+  ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads), ``tiny-gemma3``, ``tiny-gemma2``: tiny
   random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
 """
 from __future__ import annotations
@@ -56,6 +56,7 @@ EXAMPLES = {
     "tiny-mistral": lambda: _tiny("mistral"),
     "tiny-qwen2": lambda: _tiny("qwen2"),
     "tiny-mixtral": lambda: _tiny("mixtral"),
+    "tiny-qwen3": lambda: _tiny("qwen3"),
     "tiny-gemma3": lambda: _tiny("gemma3"),
     "tiny-gemma2": lambda: _tiny("gemma2"),
 }

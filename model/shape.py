@@ -3,6 +3,7 @@ exact head padding a tp needs (``--pad-heads``; the padded tensors are made in c
 experts, and the check of a parallel layout against them."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 
@@ -94,6 +95,9 @@ class Shape:
     top_k: int = 0           # experts each token is routed to
     moe_normalization: int = 0  # TensorRT-LLM's ExpertScaleNormalizationMode (Mixtral: 1)
     padding: HeadPadding | None = None  # --pad-heads: zero heads added for tp (convert.heads)
+    #: the MLP's intermediate features as TensorRT-LLM's weight-only / AWQ linears declare them
+    #: (padded to a multiple of the format's multiple x tp; zero features; quantize.apply)
+    padded_inter: int | None = None
 
     @property
     def tp_heads(self) -> int:
@@ -105,6 +109,11 @@ class Shape:
         return self.padding.padded_kv_heads if self.padding else self.kv_heads
 
     @property
+    def tp_inter(self) -> int:
+        """Intermediate features as the checkpoint lays them out (padded when ``padded_inter``)."""
+        return self.padded_inter or self.inter
+
+    @property
     def padded_vocab(self) -> int:
         """Vocabulary size before the tp split (see ``convert.shard.padded_vocab``)."""
         return padded_vocab(self.vocab, 1, self.vocab_multiple)
@@ -113,6 +122,10 @@ class Shape:
 def model_shape(hf) -> Shape:
     arch = hf.architectures[0]
     family = SUPPORTED_ARCHITECTURES[arch]
+    for attr, value, why in FAMILIES[family].unsupported:  # what TensorRT-LLM cannot express
+        if getattr(hf, attr, None) == value:
+            raise UserError(f"{arch} with {attr} {json.dumps(value)} in config.json is not "
+                            f"supported: {why}")
     flags = dict(FAMILIES[family].flags)  # Qwen2: q/k/v bias always, no o_proj bias
     heads = hf.num_attention_heads
     head_size = getattr(hf, "head_dim", None) or hf.hidden_size // heads
@@ -155,6 +168,12 @@ def _tp_problem(shape: Shape, tp: int) -> str | None:
         return f"{kv} key/value heads cannot be split over tp {tp} (need kv % tp == 0 or tp % kv == 0)"
     if shape.inter % tp and not shape.experts:  # experts: split by moe_tp (convert.moe)
         return f"intermediate size {shape.inter} is not divisible by tp {tp}"
+    q_rank, kv_rank = shape.tp_heads // tp, max(kv // tp, 1)
+    if FAMILIES[shape.family].qk_norms and q_rank == kv_rank > 1:
+        # TensorRT-LLM's Attention.forward (layers/attention.py) views a rank's qkv as
+        # [heads, 3, head_size] when q and kv heads are equal, not as its converter's [q; k; v]
+        return (f"{q_rank} attention and {kv_rank} KV heads per rank: TensorRT-LLM 1.2's q/k-norm "
+                f"attention reads that qkv interleaved per head, not as its converter writes it")
     return None
 
 

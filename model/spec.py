@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 REPLICATED, COLUMN, ROW, DENSE, QKV, VOCAB = "replicated", "column", "row", "dense", "qkv", "vocab"
 EXPERT_COLUMN, EXPERT_ROW = "expert_column", "expert_row"
@@ -49,11 +50,19 @@ DIMS = {
     "head": lambda s: s.head_size,
 }
 
-#: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads)
+#: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads), the MLP's
+#: intermediate features padded as TensorRT-LLM's weight-only / AWQ linears declare them
 RANK_DIMS = {
     "q": lambda s: s.tp_heads * s.head_size,
     "kv": lambda s: s.tp_kv_heads * s.head_size,
+    "inter": lambda s: getattr(s, "tp_inter", None) or s.inter,
 }
+
+#: feature dims that zero padding leaves exact: produced only by column-parallel linears and read
+#: only by a row-parallel one of the same block (the MLP's intermediate features: fc/gate -> proj),
+#: so zero features in every producer and consumer change no output. The hidden features (every
+#: linear's input or output, the residual stream) and the attention's q/k/v heads are not.
+PADDABLE_DIMS = frozenset({"inter"})
 
 #: HF layer prefix ({i}: global layer) and TensorRT-LLM layer prefix ({i}: local to the stage)
 HF_LAYER = "model.layers.{i}."
@@ -76,6 +85,17 @@ class Rule:
     #: written as ``offset + w`` (added in float32, then cast): a norm whose HF module multiplies
     #: by ``(1 + w)`` (Gemma) while TensorRT-LLM's RmsNorm multiplies by its weight
     offset: float = 0.0
+
+    @property
+    def split_dim(self) -> str | None:
+        """The DIMS name of the features a ``column`` / ``row`` rule splits (None: another rule)."""
+        if not self.shapes:
+            return None
+        if self.shard == COLUMN:
+            return self.shapes[0][0]
+        if self.shard == ROW and len(self.shapes[0]) > 1:
+            return self.shapes[0][1]
+        return None
 
 
 @dataclass(frozen=True)
@@ -135,6 +155,41 @@ def norm(trt: str, hf: str, dim: str = "hidden", offset: float = 0.0) -> Rule:
                 shapes=((dim,),), offset=offset)
 
 
+def head_norm(trt: str, hf: str, offset: float = 0.0) -> Rule:
+    """A norm applied to each attention head (Qwen3's / Gemma 3's ``q_norm``): one weight of
+    ``head_size``, shared by every head, so the same on every rank and untouched by head padding;
+    ``offset``: see ``Rule.offset``."""
+    return norm(trt, hf, dim="head", offset=offset)
+
+
+#: the epsilon of TensorRT-LLM's per-head q/k norms: ``Attention(eps=1e-05)``'s default
+#: (tensorrt_llm/layers/attention.py), which neither the Qwen decoder layer
+#: (tensorrt_llm/models/qwen/model.py, QWenDecoderLayer.__init__) nor Gemma 3's
+#: (tensorrt_llm/models/gemma/model.py, GemmaDecoderLayer.__init__) overrides, whatever HF's
+#: rms_norm_eps
+QK_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class FromHF:
+    """A TensorRT-LLM config.json value read from the HF config: ``getattr(hf, attr, default)``."""
+
+    attr: str
+    default: object = None
+
+
+@dataclass(frozen=True)
+class ConfigKeys:
+    """A ``Family.trtllm_config`` hook of fixed keys (Qwen: ``qwen_type``): each a value or a
+    ``FromHF``, written in this order."""
+
+    keys: tuple[tuple[str, object], ...]
+
+    def __call__(self, hf, shape, tp: int) -> dict:
+        return {k: getattr(hf, v.attr, v.default) if isinstance(v, FromHF) else v
+                for k, v in self.keys}
+
+
 #: companion layouts: what axis of the weight a quantization tensor runs along
 PER_TENSOR, PER_OUTPUT, PER_INPUT, PER_BLOCK = "tensor", "output", "input", "block"
 #: TensorRT-LLM companion suffix -> layout (weights_scaling_factor's depends on its shape)
@@ -185,12 +240,17 @@ class Family:
     flags: tuple[tuple[str, object], ...] = ()  # Shape fields the family fixes (Qwen2: q/k/v bias)
     #: (HF, TensorRT-LLM) attention module in the layer: where the KV-cache scales live
     attention: tuple[str, str] = ("self_attn", "attention")
-    #: per-head RMSNorms of q and k inside attention (Gemma 3: ``self_attn.q_norm`` / ``k_norm``
-    #: -> ``attention.q_layernorm`` / ``k_layernorm``, [head_size], replicated, never quantized)
+    #: per-head norms of q and k (``head_norm``; Qwen3, Gemma 3: ``self_attn.q_norm`` / ``k_norm``
+    #: -> ``attention.q_layernorm`` / ``k_layernorm``), applied after the qkv projection and
+    #: before RoPE with eps ``QK_NORM_EPS``; never quantized, never a smoother's home (q, k order)
     qk_norms: tuple[Rule, ...] = ()
-    #: TensorRT-LLM ``config.json`` fields of this family, ``fields(hf, shape, tp) -> dict``,
-    #: laid over the common ones (convert.hf_config); None: the common ones only
-    trtllm_config: object = None
+    #: the family's TensorRT-LLM ``config.json`` keys, ``fields(hf, shape, tp) -> dict`` (fixed
+    #: keys: ``ConfigKeys``; computed ones: a function, Gemma), written after the common keys
+    #: (convert.hf_config), in the dict's order; None: the common keys only
+    trtllm_config: Callable[[object, object, int], dict] | None = None
+    #: (HF config attribute, value, why): a config TensorRT-LLM 1.2 cannot express for the family,
+    #: refused before any work
+    unsupported: tuple[tuple[str, object, str], ...] = ()
     #: the (quant_algo, kv_cache_quant_algo) pairs this family is proven for on (engine, pytorch)
     #: target, as TensorRT-LLM names them (None: unquantized); None: every recipe's own rules.
     #: Asked through quantize.recipes' ``family_refusal``, before any work.
@@ -253,15 +313,19 @@ class Family:
         return out
 
     def norm_names(self) -> dict[str, str]:
-        """HF layer norm -> TensorRT-LLM layer norm (relative to the layer, no ``.weight``),
-        the per-head q/k norms included."""
-        return {_module(r.sources[0], HF_LAYER): _module(r.target, TRT_LAYER)
-                for r in self.norms + self.qk_norms}
+        """HF layer norm -> TensorRT-LLM layer norm (relative to the layer, no ``.weight``; the
+        per-head q/k norms: ``qk_norm_names``)."""
+        return {_module(r.sources[0], HF_LAYER): _module(r.target, TRT_LAYER) for r in self.norms}
 
     @property
     def norm_offset(self) -> float:
         """What the TensorRT-LLM checkpoint adds to every HF norm weight (Gemma: 1)."""
         return self.norms[0].offset
+
+    def qk_norm_names(self) -> dict[str, str]:
+        """HF -> TensorRT-LLM per-head q/k norm modules (relative to the layer; empty: none)."""
+        return {_module(r.sources[0], HF_LAYER): _module(r.target, TRT_LAYER)
+                for r in self.qk_norms}
 
     def input_norm(self, lin: Linear) -> str | None:
         """The TensorRT-LLM norm whose output is ``lin``'s input (None: another linear's output)."""

@@ -16,6 +16,7 @@ from convert.heads import pad_quant_state, pad_sq_plugin_layers
 from convert.moe import MoeLayout
 from convert.plan import TORCH_DTYPES
 from quantize.apply import LayerShards, apply_to_plan, stage_tensors
+from quantize.feature_padding import pad_feature_state
 from quantize.recipes import MAX, MODELOPT, SQ_HOOKS
 
 
@@ -77,10 +78,16 @@ def calibrate_into_plan(model, cplan, shape, quant, calibration, *, progress: bo
 
 def modelopt_shards(store, load_layer, shape, quant, config, report, dtype):
     """modelopt's formats (and a KV cache alone) from a layer-wise calibration store: each
-    layer's state read back, calibrated on the real heads, then padded, cut per rank."""
-    return LayerShards(lambda i: pad_quant_state(load_layer(i, dtype), shape.padding), quant,
+    layer's state read back, calibrated on the real heads and MLP, then padded, cut per rank."""
+    return LayerShards(lambda i: padded_state(load_layer(i, dtype), shape), quant,
                        num_heads=shape.tp_heads, num_kv_heads=shape.tp_kv_heads,
                        tp=config["mapping"]["tp_size"])
+
+
+def padded_state(state: dict, shape) -> dict:
+    """Calibrated tensors of the real model padded as the checkpoint lays it out: heads
+    (--pad-heads, convert.heads), the MLP's intermediate features (quantize.feature_padding)."""
+    return pad_feature_state(pad_quant_state(state, shape.padding), shape)
 
 
 def sq_plugin_shards(store, load_layer, shape, quant, config, report, dtype):
@@ -121,7 +128,7 @@ def modelopt_tensors(model_dir, shape, quant, config, calibrated_model, progress
     state = extract_quant_state(model, quant, dtype=dtype)
     moe_state = extract_moe_state(model, quant, dtype) if shape.experts else {}
     del model
-    state = pad_quant_state(state, shape.padding)  # calibrated on the real heads, then padded
+    state = padded_state(state, shape)  # calibrated on the real heads and MLP, then padded
     mapping = config["mapping"]
     tp = mapping["tp_size"]
     moe = MoeLayout(mapping.get("moe_tp_size", tp), mapping.get("moe_ep_size", 1))

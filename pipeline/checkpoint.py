@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from convert.convert import plan_checkpoint, wanted_ranks, write_checkpoint
+from convert.convert import plan_checkpoint, refuse_nonfinite, wanted_ranks, write_checkpoint
 from convert.moe import MoeLayout, moe_layout
 from model.shape import Shape, preflight
 from quantize.apply import preflight_quant, vocab_multiple
@@ -39,15 +39,33 @@ def plan_layout(model, *, tp: int = 1, pp: int = 1, quant=None, moe_tp: int | No
                 moe_ep: int | None = None, pad_heads: bool = False) -> Layout:
     """Refuse a parallel layout or quantization format the model cannot take (one line, before any
     weight is read or any calibration). With ``pad_heads`` the shape carries the head padding tp
-    needs (``shape.padding``; None if none)."""
+    needs (``shape.padding``; None if none); with a weight-only / AWQ format, the MLP's padded
+    intermediate features (``shape.padded_inter``; quantize.apply.pad_features)."""
     no_kv_dup = quant is not None and not quant.format.kv_duplication
     shape = preflight(model.shape, tp, pp, pad_heads=pad_heads, no_kv_duplication=no_kv_dup)
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
-    preflight_quant(quant, shape, tp, pp)
+    shape = preflight_quant(quant, shape, tp, pp,
+                            lambda: valid_tps(model, quant, pad_heads=pad_heads, upto=max(8, tp)))
     if shape.experts and quant is not None:
         quant.format.moe.preflight(quant, shape, moe)
     return Layout(tp, pp, replace(shape, vocab_multiple=vocab_multiple(quant)), moe, moe_tp,
                   moe_ep, pad_heads)
+
+
+def valid_tps(model, quant, *, pad_heads: bool, upto: int) -> list[int]:
+    """The --tp values up to ``upto`` that ``model`` and ``quant`` take (pp 1)."""
+    from common.errors import UserError
+
+    out = []
+    for t in range(1, upto + 1):
+        try:
+            no_kv_dup = quant is not None and not quant.format.kv_duplication
+            shape = preflight(model.shape, t, 1, pad_heads=pad_heads, no_kv_duplication=no_kv_dup)
+            preflight_quant(quant, shape, t, 1)
+        except UserError:
+            continue
+        out.append(t)
+    return out
 
 
 def quantization_block(quant, shape: Shape) -> dict | None:
@@ -63,7 +81,8 @@ def quantization_block(quant, shape: Shape) -> dict | None:
 
 def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True, ranks=None,
-                       calibration=None, digests=None) -> CheckpointResult:
+                       calibration=None, digests=None,
+                       allow_nonfinite: bool = False) -> CheckpointResult:
     """Write the TRT-LLM checkpoint of ``model`` (a ModelSource) to ``out_dir``.
 
     Weight-only formats stream the float weights and only declare ``quant_algo`` (trtllm-build
@@ -71,7 +90,9 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
     ``quantize.run.CalibrationRun``; without one a default one calibrates into a store next to
     ``out_dir`` that is removed once the checkpoint is written) and write the quantized linears.
     ``ranks``: write only these ranks (convert.convert); the checkpoint is in ``out_dir`` once
-    every rank is, else in ``out_dir.partial``. ``digests``: the run's ``common.digests.Digests``."""
+    every rank is, else in ``out_dir.partial``. ``digests``: the run's ``common.digests.Digests``.
+    ``allow_nonfinite``: NaN/Inf weights and float16 overflows are kept instead of refused (a
+    calibrated format checks the weights before calibrating, the float path while it writes)."""
     out_dir = Path(out_dir)
     cplan = plan_checkpoint(model, out_dir, layout.shape, tp=layout.tp, pp=layout.pp, dtype=dtype,
                             moe=layout.moe, moe_tp=layout.moe_tp, moe_ep=layout.moe_ep,
@@ -80,10 +101,19 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
     calibrated = quant.name if quant is not None and quant.format.calibration(quant) else None
     result = CheckpointResult(cplan.config)
     on_complete = None
+    if quant is not None and quant.format.from_weights:
+        # quantized from each rank's float weights when written: deterministic per rank (resume
+        # and --ranks work), computed in this process
+        from quantize.from_weights import quantize_plans
+
+        quantize_plans(cplan, layout.shape, quant)
+        workers = 1
     if calibrated:
         from .calibration import calibrate_into_plan, calibration_run
 
         wanted_ranks(ranks, len(cplan.plans), calibrated)  # its refusal, before any work
+        if not allow_nonfinite:  # calibrating NaN weights would waste the calibration
+            refuse_nonfinite(cplan.source.scan())
         calibration = calibration_run(calibration, quant, layout.shape, out_dir)
         done = calibrate_into_plan(model, cplan, layout.shape, quant, calibration,
                                    progress=progress)
@@ -91,5 +121,5 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
         on_complete = calibration.done if calibration is not None else None
     write_checkpoint(cplan, ranks=ranks, workers=workers, force=force, progress=progress,
                      calibrated=calibrated, options=repr(quant), on_complete=on_complete,
-                     digests=digests)
+                     digests=digests, allow_nonfinite=allow_nonfinite)
     return result

@@ -11,14 +11,19 @@ from .result import EXIT_MISMATCH, BuildResult
 def run_engine_target(plan: BuildPlan) -> BuildResult:
     """The steps of the engine target; ``plan`` is checked (pipeline.plan.make_plan)."""
     if plan.from_checkpoint is not None:
+        from builders.manifest import check_listed
+
+        check_listed(plan.from_checkpoint)  # as written: build.json's digests, before any use
         result = BuildResult(inputs={"checkpoint_dir": str(plan.from_checkpoint.resolve())})
         ckpt = plan.from_checkpoint
+        loadable_step(ckpt, plan.ranks_text)
     else:
         from builders.manifest import InputHashing
 
         result = BuildResult(layout=plan.head_layout, inputs=InputHashing(
             {"model": plan.options["model"], "model_dir": str(plan.model.directory.resolve())}))
         ckpt, report = checkpoint_step(plan, result)
+        loadable_step(ckpt, plan.ranks_text if ckpt.name.endswith(".partial") else None)
         if not _checks(plan, ckpt, report, result):
             return BuildResult(exit_code=EXIT_MISMATCH, manifest=False)
     if plan.checkpoint_only:
@@ -42,11 +47,36 @@ def checkpoint_step(plan: BuildPlan, result: BuildResult):
     done = convert_checkpoint(plan.model, plan.out / "checkpoint", plan.layout, quant,
                               dtype=plan.dtype, workers=plan.workers, force=plan.force,
                               progress=plan.progress, ranks=plan.ranks,
-                              calibration=plan.calibration, digests=result.digests)
+                              calibration=plan.calibration, digests=result.digests,
+                              allow_nonfinite=plan.allow_nonfinite)
     result.timings["checkpoint"] = time.perf_counter() - t0
     result.timings.update(done.timings)  # included in "checkpoint"
     _print_calibration(plan, done)
     return _print_checkpoint(plan, done.config, result.timings), done.report
+
+
+def loadable_step(ckpt, ranks_text: str | None) -> None:
+    """TensorRT-LLM's load rules on the checkpoint's headers (check/): a checkpoint it would not
+    load stops here, one line and exit 1, before any engine (or gate / verify) time is spent."""
+    from check import check_dir
+    from check.findings import NotChecked
+    from common.errors import UserError
+
+    ranks = None
+    if ranks_text is not None:
+        from builders.engine_options import parse_ranks
+        from check.declared import Layout
+        from check.inspect import read_config
+
+        ranks = parse_ranks(ranks_text, Layout.of(read_config(ckpt / "config.json") or {}).world)
+    try:
+        result = check_dir(ckpt, ranks)
+    except NotChecked as e:  # a model class / format the table does not restate: build anyway
+        print(f"check: skipped: {e}")
+        return
+    if result.exit_code:
+        raise UserError(result.summary(), exit_code=result.exit_code)
+    print(result.summary())
 
 
 def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
@@ -56,9 +86,10 @@ def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
 
     quant = plan.quant
     model_dir, timings = plan.model.directory, result.timings
-    if quant.format.calibration(quant) is not None:
+    if quant.format.gated(quant):
         record = checks.gate_step(plan.out, ckpt, model_dir, quant, plan.tokenizer, timings,
-                                  plan.own_calibration_store)
+                                  plan.own_calibration_store,
+                                  allow_quality_loss=plan.allow_quality_loss)
         result.extra["quantization"] = {**record, **report,
                                         "quality_gate": record["quality_gate"]}
     if plan.verify and not checks.verify_step(ckpt, model_dir, quant, plan.tokenizer, timings):

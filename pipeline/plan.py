@@ -33,6 +33,8 @@ class BuildPlan:
     dtype: str = "auto"
     workers: int = 1
     force: bool = False
+    allow_nonfinite: bool = False
+    allow_quality_loss: bool = False
     progress: bool = True
     ranks: list | None = None
     ranks_text: str | None = None
@@ -74,6 +76,8 @@ def make_plan(args) -> BuildPlan:
 def _common(args) -> dict:
     """The plan fields every target takes from the flags alike."""
     return dict(out=Path(args.output), dtype=args.dtype, workers=args.workers, force=args.force,
+                allow_nonfinite=getattr(args, "allow_nonfinite", False),
+                allow_quality_loss=getattr(args, "allow_quality_loss", False),
                 progress=not args.no_progress, verify=args.verify,
                 checkpoint_only=args.checkpoint_only, triton_target=args.triton_target,
                 tokenizer_dir=args.tokenizer_dir, ranks_text=args.ranks)
@@ -162,6 +166,7 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     tokenizer = None
     if quant.format.calibration(quant) is not None:
         tokenizer = model.tokenizer()
+        preflight.calibration_text(quant, tokenizer)
     elif args.verify and quant.format.quantized(quant):
         tokenizer = model.tokenizer("--verify of a quantized checkpoint (on real text)",
                                     "; or drop --verify")

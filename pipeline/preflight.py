@@ -90,12 +90,23 @@ def quant_tokenizer(args, quant, model):
     that a model without one is refused before any work (one line, exit 2); None when not needed.
     The model's own refusals (missing config, tp/pp, format vs shapes) come first (the layout)."""
     verify_text = args.verify and quant.format.quantized(quant)
-    if not (quant.format.calibration(quant) or verify_text):
+    if not (quant.format.gated(quant) or verify_text):  # calibration or the quality gate
         return None
     if verify_text:
-        return model.tokenizer("--verify of a quantized checkpoint (on real text)",
-                               "; or drop --verify")
-    return model.tokenizer()
+        tokenizer = model.tokenizer("--verify of a quantized checkpoint (on real text)",
+                                    "; or drop --verify")
+    else:
+        tokenizer = model.tokenizer()
+    calibration_text(quant, tokenizer)
+    return tokenizer
+
+
+def calibration_text(quant, tokenizer) -> None:
+    """A calibrated format's text holds at least one whole sample (one line, before any work)."""
+    if quant.format.calibration(quant) is not None:
+        from quantize.calibrate import check_calib_tokens
+
+        check_calib_tokens(quant, tokenizer)
 
 
 def memory_plan(args, quant, shape, out: Path) -> None:

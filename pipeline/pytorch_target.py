@@ -43,7 +43,8 @@ def run_pytorch_target(plan: BuildPlan) -> BuildResult:
         # unified checkpoint
         result.extra["quantization"] = checks.gate_step(plan.out, res["checkpoint"], model_dir,
                                                         spec, plan.tokenizer, timings,
-                                                        plan.own_calibration_store)
+                                                        plan.own_calibration_store,
+                                                        allow_quality_loss=plan.allow_quality_loss)
     if res["triton"] is not None:
         print(f"triton: {res['triton']} (LLM-API model repository for TensorRT-LLM's PyTorch "
               f"backend, validated); launch: {res['triton'] / 'launch_triton.sh'}")

@@ -73,11 +73,14 @@ FP8 = "FP8"
 W8A16 = "W8A16"
 W4A16 = "W4A16"
 W4A16_AWQ = "W4A16_AWQ"
+#: FP8 rowwise: fp8 weights per output channel, fp8 activations per token (dynamic); TensorRT-LLM's
+#: convert_checkpoint.py --use_fp8_rowwise (quantize/recipes/fp8_rowwise/)
+FP8_ROWWISE = "FP8_PER_CHANNEL_PER_TOKEN"
 WEIGHT_ONLY_ALGOS = (W8A16, W4A16)
 #: quant_algo values whose tensors modelopt computes (calibration + extract_quant_state).
 MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ)
 #: every quant_algo this project can write
-ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ)
+ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ, FP8_ROWWISE)
 
 KV_CACHE_DTYPES = {"int8": "INT8", "fp8": "FP8"}
 
@@ -88,4 +91,5 @@ WEIGHT_FLAGS = (
     ("int8_weight_only", W8A16, "--int8-weight-only"),
     ("int4_weight_only", W4A16, "--int4-weight-only"),
     ("awq", W4A16_AWQ, "--awq"),
+    ("fp8_rowwise", FP8_ROWWISE, "--fp8-rowwise"),
 )

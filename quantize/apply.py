@@ -11,11 +11,13 @@ formats (W8A16/W4A16) keep the float plan entirely: trtllm-build quantizes the w
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from common.errors import UserError
 from model.families import FAMILIES
+from model.spec import PADDABLE_DIMS
 
 if TYPE_CHECKING:  # the converter's model shape; only its attributes are read here
     import torch  # annotations only: the float path imports this module without torch
@@ -58,15 +60,62 @@ def _dense_linears(shape: Shape):
     return FAMILIES[shape.family].dense_linears()
 
 
-def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int) -> None:
+def _full_features(lin, shape: Shape, tp: int) -> tuple[tuple[int, bool], tuple[int, bool]]:
+    """((out, paddable), (in, paddable)): ``lin``'s features before the tp split, as
+    TensorRT-LLM's model builds the linear (quantize_layers: column out x tp, row in x tp), and
+    whether zero padding of them is exact (model.spec.PADDABLE_DIMS)."""
+    out_r, in_r = lin.rank_features(shape, tp)
+    out = out_r * tp if lin.column_parallel else out_r
+    inp = in_r if lin.column_parallel else in_r * tp
+    return ((out, all(o in PADDABLE_DIMS for o, _ in lin.shapes)),
+            (inp, lin.shapes[0][1] in PADDABLE_DIMS))
+
+
+def pad_features(spec: QuantSpec | None, shape: Shape, tp: int,
+                 valid_tps: Callable[[], list[int]] = list) -> Shape:
+    """``shape`` with the MLP's intermediate features padded as TensorRT-LLM's linears of
+    ``spec``'s format declare them (``Recipe.feature_multiple`` x tp; zero features, exact), or
+    UserError naming the valid --tp values when a feature dim that padding would not leave exact
+    (hidden, q/k/v heads) is not a multiple (its padded linears would not meet the unpadded
+    activations: TensorRT-LLM pads no activation). MoE experts are not padded (layers/moe.py)."""
+    m = spec.format.feature_multiple(spec) if spec is not None else None
+    if m is None:
+        return shape
+    multiple = m * tp
+    padded = None
+    for lin in _dense_linears(shape):
+        for what, (n, paddable) in zip(("output", "input"), _full_features(lin, shape, tp)):
+            if n % multiple == 0:
+                continue
+            if paddable:
+                padded = -(-shape.inter // multiple) * multiple
+                continue
+            valid = valid_tps()
+            tps = f"valid --tp values: {', '.join(map(str, valid))}" if valid else \
+                f"no --tp value keeps them whole: {spec.format.feature_fix(spec)}"
+            raise UserError(f"{spec.quant_algo}: TensorRT-LLM's {spec.format.padding_layer} pads a "
+                            f"linear's input and output features to a multiple of {m} x tp = "
+                            f"{multiple} and no activation (tensorrt_llm/quantization/layers.py): "
+                            f"{lin.name}'s {n} {what} features would not meet the model's; {tps}")
+    return shape if padded is None else replace(shape, padded_inter=padded)
+
+
+def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int,
+                    valid_tps: Callable[[], list[int]] = list) -> Shape:
     """Refuse, before calibration or any read, a format the model's per-rank shapes cannot take
-    (the recipe's :meth:`check_linear_shapes` and :meth:`check_tp`)."""
+    (:func:`pad_features`, the recipe's :meth:`check_linear_shapes` and :meth:`check_tp`);
+    returns ``shape`` with the format's feature padding."""
     if spec is None:
-        return
-    # calibration runs on the unpadded model's dense input
+        return shape
+    shape = pad_features(spec, shape, tp, valid_tps)
+    # calibration runs on the unpadded model: the dense input before head padding, the full MLP
     unpadded = {} if shape.padding is None else {"attention.dense (unpadded)": shape.heads * shape.head_size}
+    if shape.padded_inter:
+        unpadded["mlp.proj (unpadded)"] = shape.inter
+    spec.format.check_family(spec, FAMILIES[shape.family])
     spec.format.check_linear_shapes(spec, per_rank_in_dims(shape, tp), per_rank_out_dims(shape, tp), unpadded)
     check_kv_head_duplication(spec, shape.tp_kv_heads, tp)
+    return shape
 
 
 def vocab_multiple(spec: QuantSpec | None) -> int:

@@ -96,6 +96,20 @@ def tokenize_text(text: str, tokenizer) -> list[int]:
     return ids
 
 
+def check_calib_tokens(spec: QuantSpec, tokenizer) -> None:
+    """Refuse (one line, before any work) a calibration text shorter than one whole sample:
+    ``--calib-seq-len`` tokens, less the BOS the tokenizer adds. Shorter, every sample would be
+    the same few tokens (make_calib_batches repeats what there is)."""
+    ids = tokenize_text(spec.read_calib_text(), tokenizer)
+    need = spec.calib_seq_len - (bos_if_added(tokenizer) is not None and spec.calib_seq_len > 1)
+    if len(ids) < need:
+        raise UserError(f"--calib-data {spec.calib_data} holds {len(ids)} tokens but calibration "
+                        f"needs at least one whole sample of --calib-seq-len {spec.calib_seq_len} "
+                        f"tokens ({need} of text; {spec.calib_size * need} to use no token twice "
+                        f"over --calib-size {spec.calib_size}); give a longer text or lower "
+                        f"--calib-seq-len")
+
+
 def bos_if_added(tokenizer) -> int | None:
     """The BOS id when the tokenizer itself prepends one to a text (Llama: yes; GPT-2/Qwen2 style: no)."""
     bos = getattr(tokenizer, "bos_token_id", None)

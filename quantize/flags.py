@@ -60,6 +60,13 @@ def _add_format_flags(g) -> None:
     g.add_argument("--awq-block-size", type=int, default=None, metavar="N",
                    help=f"AWQ group size, one of {', '.join(map(str, AWQ_GROUP_SIZES))} "
                         f"(default {DEFAULT_AWQ_GROUP_SIZE}).")
+    # default SUPPRESS: a run without the flag records no key for it in build.json's options
+    g.add_argument("--fp8-rowwise", nargs="?", const="mlp", default=argparse.SUPPRESS, choices=("mlp", "meta"),
+                   metavar="mlp|meta",
+                   help="FP8 rowwise (FP8_PER_CHANNEL_PER_TOKEN; Ada/Hopper): fp8 weights per output channel, fp8 "
+                        "activations per token (dynamic), no calibration; the MLP linears are quantized. "
+                        "mlp (default): every layer's MLP; meta: Meta's Llama 3.1 recipe, also the first "
+                        "and last layers unquantized.")
     g.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default=None,
                    help="Quantize the KV cache (calibrated per-layer scales).")
 

@@ -33,7 +33,7 @@ flag                quant_algo                 how
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import UserError
@@ -77,6 +77,10 @@ class QuantSpec:
     calib_size: int = DEFAULT_CALIB_SIZE
     calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN
     calib_batch_size: int = DEFAULT_CALIB_BATCH_SIZE
+    #: the recipe's own sub-choice from its flag's value (e.g. --fp8-rowwise meta), validated by
+    #: :meth:`Recipe.option`; None for recipes without one (kept out of repr: config.json and the
+    #: tensors it changes already tell runs apart)
+    recipe_option: str | None = field(default=None, repr=False)
 
     # ----- construction -----------------------------------------------------------------------
 
@@ -90,8 +94,10 @@ class QuantSpec:
                 f"choose one weight quantization format, got {' and '.join(f for _, f in chosen)}; "
                 "--kv-cache-dtype can be combined with any one of them")
         alpha = getattr(args, "smoothquant", None)
+        recipe = recipe_for(chosen[0][0] if chosen else None)
         return cls.create(
-            recipe_for(chosen[0][0] if chosen else None).resolve_flags(args),
+            recipe.resolve_flags(args),
+            recipe_option=recipe.flag_option(args),
             kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
             smoothquant_alpha=None if alpha == "default" else alpha,
             awq_block_size=getattr(args, "awq_block_size", None),
@@ -107,7 +113,8 @@ class QuantSpec:
                smoothquant_alpha: float | str | None = None, awq_block_size: int | None = None,
                max_ppl_increase: float | None = None, calib_data: str | Path | None = None, calib_size: int = DEFAULT_CALIB_SIZE,
                calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN,
-               calib_batch_size: int = DEFAULT_CALIB_BATCH_SIZE) -> "QuantSpec":
+               calib_batch_size: int = DEFAULT_CALIB_BATCH_SIZE,
+               recipe_option: str | None = None) -> "QuantSpec":
         """Build and validate a spec from TensorRT-LLM names (what ``from_args`` calls); each check
         that depends on the format is its recipe's."""
         recipe = recipe_for(quant_algo)
@@ -135,9 +142,10 @@ class QuantSpec:
             calib_size=calib_size,
             calib_seq_len=calib_seq_len,
             calib_batch_size=calib_batch_size,
+            recipe_option=recipe.option(recipe_option),
         )
         calibrated = recipe.calibration(spec) is not None
-        if max_ppl_increase is not None and not calibrated:
+        if max_ppl_increase is not None and not recipe.gated(spec):
             raise UserError("--max-ppl-increase gates calibrated formats (SmoothQuant, FP8, AWQ, a quantized "
                             "KV cache); drop it or add one")
         if calibrated or calib_data is not None:
@@ -219,6 +227,10 @@ class QuantSpec:
 # ---------------------------------------------------------------------------------------------
 
 
+#: more control characters than this share of a --calib-data file: it is binary, not text
+MAX_CONTROL_FRACTION = 0.05
+
+
 def check_calib_file(path: str | Path) -> str:
     """Read the calibration text; UserError when it is missing, unreadable or empty."""
     p = Path(path)
@@ -228,11 +240,18 @@ def check_calib_file(path: str | Path) -> str:
     if not p.is_file():
         raise UserError(f"--calib-data {p} is not a file; give a plain-text file")
     try:
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"--calib-data {p} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--calib-data {p} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                        f"offset {e.start}); give a plain-text file") from None
     if not text.strip():
         raise UserError(f"--calib-data {p} is empty; calibration needs some text")
+    odd = sum(1 for c in text if not (c.isprintable() or c.isspace()))
+    if odd > MAX_CONTROL_FRACTION * len(text):
+        raise UserError(f"--calib-data {p} is not text: {100 * odd / len(text):.0f} % of its "
+                        f"characters are control characters; give a plain-text file")
     return text
 
 

@@ -305,7 +305,7 @@ def layer_calibrator(method: str | None):
 
 def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: list[Tensor], *,
                         device: torch.device, fingerprint: dict, progress: bool = True,
-                        timings: dict | None = None) -> dict:
+                        timings: dict | None = None, model: str | None = None) -> dict:
     """Calibrate every decoder layer on ``batches`` (:func:`calib_batches`) into ``store``,
     resuming a store of the same ``fingerprint``; return the store's manifest (quantize/store.py).
     ``timings`` receives the seconds of the input capture (``calibration_inputs``) and of the
@@ -313,7 +313,7 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
     from tqdm.auto import tqdm
 
     store = Path(store)
-    done = cstore.begin(store, fingerprint)
+    done = cstore.begin(store, fingerprint, model)
     if done.get("complete"):
         return done
     timings = {} if timings is None else timings

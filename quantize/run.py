@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
+from common.errors import IO_ERRNOS, UserError, io_error
 
 from . import store as cstore
 from model.tokenizer import load_tokenizer
@@ -48,22 +48,28 @@ class CalibrationRun:
         device = resolve_device(self.device)
         cdtype = compute_dtype(device, config_dtype(Path(model_dir)))
         self.compute_dtype = cdtype
+        # the weights' identity: their bytes, read once (common.source_scan), before the store
+        # is reused or resumed
         fp = cstore.fingerprint(list(source.files), Path(model_dir) / "config.json", batches, spec,
-                                device.type, cdtype)
+                                device.type, cdtype, weights=source.scan().weights_digest())
+        model = str(Path(model_dir).resolve())
         if self.reuse:
-            man = cstore.check_reusable(store, fp)
+            man = cstore.check_reusable(store, fp, model)
         else:
             try:
                 man = calibrate_layerwise(model_dir, source, spec, store, batches, device=device,
-                                          fingerprint=fp, progress=progress, timings=timings)
+                                          fingerprint=fp, progress=progress, timings=timings,
+                                          model=model)
             except OSError as e:
-                raise UserError(f"cannot write the calibration store {store}: {e.strerror or e}; "
-                                f"free space or choose another --output") from None
+                if e.errno not in IO_ERRNOS:
+                    raise
+                raise io_error(e, store) from None
         timings["calibration"] = time.perf_counter() - t0
         n = man.get("num_layers")
         if n is None or cstore.num_layers(store) != n:
             raise UserError(f"calibration store {store} is missing layer files; delete it and "
                             f"calibrate again")
+        cstore.verify_layers(store, man)  # read back: each layer as it was written
         return lambda i, dtype: cstore.load_layer(store, i, dtype)
 
     def done(self) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from common.digests import file_blake3
 from common.errors import UserError
 from common.staged import StagedOutput
 
@@ -35,10 +36,11 @@ VERSION = 1
 
 
 def fingerprint(model_files: list[Path], config_json: Path, batches: list[torch.Tensor], spec,
-                device_type: str, compute_dtype: torch.dtype) -> dict:
+                device_type: str, compute_dtype: torch.dtype, weights: str | None = None) -> dict:
     """What decides a calibration's result: the model's weights (each safetensors file's name,
-    size and header), its config, the calibration token ids, the format's options and where
-    (CPU fp32 vs GPU half precision) it runs."""
+    size and header, and ``weights``: the BLAKE3 identity of their bytes, common.source_scan),
+    its config, the calibration token ids, the format's options and where (CPU fp32 vs GPU half
+    precision) it runs."""
     files = {}
     for f in model_files:
         with open(f, "rb") as fh:
@@ -48,7 +50,7 @@ def fingerprint(model_files: list[Path], config_json: Path, batches: list[torch.
     for b in batches:
         ids.update(str(list(b.shape)).encode())
         ids.update(b.to(torch.int64).numpy().tobytes())
-    return {"model_files": files,
+    return {"model_files": files, "weights": weights,
             "config": hashlib.sha256(config_json.read_bytes()).hexdigest(),
             "calibration_ids": ids.hexdigest(),
             "recipe": recipe(spec),
@@ -80,24 +82,48 @@ def _write_manifest(store: Path, man: dict) -> None:
     _staged(store).write_record(man)
 
 
-def begin(store: Path, fp: dict) -> dict:
+def begin(store: Path, fp: dict, model: str | None = None) -> dict:
     """The manifest to continue from: the existing one when its fingerprint is ``fp`` (resume, or
-    complete), else a fresh, empty store."""
+    complete), else a fresh, empty store (``model``: the model's directory, named when another
+    model's run would reuse it)."""
     staged, key = _staged(store), {"version": VERSION, "fingerprint": fp}
-    man = {**key, "layers_done": 0, "complete": False}
-    return staged.read_record() if staged.open(key, record=man) else man
+    man = {**key, "model": model, "layers_done": 0, "complete": False}
+    if staged.open(key, record=man):
+        old = staged.read_record()
+        if _well_formed(old):
+            return old
+        staged.open(key, resume=False, record=man)  # a damaged manifest: calibrate afresh
+    return man
 
 
-def check_reusable(store: Path, fp: dict) -> dict:
-    """``--calibration PATH``: its manifest when complete and made from the same inputs; else one line."""
+def _well_formed(man) -> bool:
+    """A manifest as this module writes it (a damaged one is never trusted)."""
+    return isinstance(man, dict) and isinstance(man.get("fingerprint"), dict) and \
+        type(man.get("layers_done")) is int and man["layers_done"] >= 0 and \
+        isinstance(man.get("complete"), bool)
+
+
+def check_reusable(store: Path, fp: dict, model: str | None = None) -> dict:
+    """``--calibration PATH``: its manifest when complete and made from the same inputs (the same
+    weight bytes included); else one line, naming both models when the weights differ."""
     man = read_manifest(store)
-    if man is None:
+    if man is None and not (store / MANIFEST).is_file():
         raise UserError(f"--calibration {store} holds no {MANIFEST}; give the calibration/ "
                         f"directory of an earlier build")
+    if not _well_formed(man):
+        raise UserError(f"--calibration {store / MANIFEST} is not a calibration manifest as "
+                        f"build_engine writes it (damaged or edited); give the calibration/ "
+                        f"directory of an earlier build, or drop --calibration to calibrate afresh")
     if not man.get("complete"):
         raise UserError(f"--calibration {store} is incomplete ({man.get('layers_done', 0)} "
                         f"layers); rerun the build that made it to finish it")
     old = man.get("fingerprint", {})
+    if old.get("weights") != fp.get("weights"):
+        raise UserError(f"--calibration {store} was calibrated from the model in "
+                        f"{man.get('model') or 'another directory'} (weights blake3 "
+                        f"{str(old.get('weights'))[:16]}), not from --model {model} (weights "
+                        f"blake3 {str(fp.get('weights'))[:16]}): a calibration holds for the "
+                        f"weights it was made from; drop --calibration to calibrate this model")
     diff = [k for k in sorted(set(old) | set(fp)) if old.get(k) != fp.get(k)]
     if diff:
         raise UserError(f"--calibration {store} was made from other inputs ({', '.join(diff)} "
@@ -118,8 +144,8 @@ def finish_layer(store: Path, i: int, state: dict, next_inputs) -> None:
     """Record layer ``i`` finished: its tensors, the next layer's inputs, then the manifest."""
     path = layer_path(store, i)
     tmp = path.with_name(path.name + ".tmp")
-    save(state, str(tmp))  # O_DIRECT: the page cache's CPU stays with the next layer
-    os.replace(tmp, path)
+    written = {path.name: save(state, str(tmp))}  # O_DIRECT: the page cache's CPU stays with
+    os.replace(tmp, path)                          # the next layer; hashed as written
     if next_inputs is not None:
         distinct, index = [], []
         for p in next_inputs:
@@ -132,19 +158,44 @@ def finish_layer(store: Path, i: int, state: dict, next_inputs) -> None:
                    for b, t in enumerate(p)}
         ipath = _inputs_file(store, i + 1)
         tmp = ipath.with_name(ipath.name + ".tmp")
-        save(tensors, str(tmp), metadata={"passes": ",".join(map(str, index)),
-                                           "batches": str(len(next_inputs[0]))})
+        written[ipath.name] = save(tensors, str(tmp), metadata={
+            "passes": ",".join(map(str, index)), "batches": str(len(next_inputs[0]))})
         os.replace(tmp, ipath)
     man = read_manifest(store)
     man["layers_done"] = i + 1
+    digests = man.setdefault("blake3", {})
+    digests.pop(_inputs_file(store, i).name, None)
+    digests.update(written)
     _write_manifest(store, man)
     _inputs_file(store, i).unlink(missing_ok=True)
 
 
+def verified(store: Path, man: dict, path: Path) -> Path:
+    """``path`` (a file of the store) after checking its bytes against the BLAKE3 digest the
+    manifest recorded when it was written; a mismatch (or no digest) is one line, exit 2."""
+    want = man.get("blake3", {}).get(path.name)
+    got = file_blake3(path) if path.is_file() else None
+    if want is None or got != want:
+        how = "has no recorded digest" if want is None else (
+            "is missing" if got is None else
+            f"does not match the BLAKE3 digest recorded when it was written ({want[:16]}..., "
+            f"now {got[:16]}...)")
+        raise UserError(f"calibration store file {path} {how}: it was changed or damaged on "
+                        f"disk; delete {store} and calibrate again")
+    return path
+
+
+def verify_layers(store: Path, man: dict) -> None:
+    """Every layer file of a complete store, checked against its recorded digest before use."""
+    for i in range(man.get("num_layers") or 0):
+        verified(store, man, layer_path(store, i))
+
+
 def load_inputs(store: Path, device) -> list[list[torch.Tensor]]:
-    """The saved inputs of the next layer to calibrate (per pass, per batch)."""
+    """The saved inputs of the next layer to calibrate (per pass, per batch), checked against
+    their recorded digest."""
     man = read_manifest(store)
-    path = _inputs_file(store, man["layers_done"])
+    path = verified(store, man, _inputs_file(store, man["layers_done"]))
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         meta = f.metadata()
         n = int(meta["batches"])
@@ -160,6 +211,7 @@ def complete(store: Path, num_layers: int, seconds: float) -> dict:
     man.update(complete=True, num_layers=num_layers, seconds=round(seconds, 3))
     for p in store.glob("inputs_*.safetensors"):
         p.unlink()
+        man.get("blake3", {}).pop(p.name, None)
     _write_manifest(store, man)
     return man
 

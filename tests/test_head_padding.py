@@ -28,6 +28,12 @@ from verify.reference import ReferenceModel, verify
 
 SMOL_ATTN = dict(hidden_size=576, intermediate_size=768, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=1000, num_hidden_layers=2)
+#: weight-only / AWQ: TensorRT-LLM's linears pad every feature dim to a multiple of 64 (or the AWQ
+#: group) x tp and no activation, so hidden 576 is refused at tp 2 and 4 (quantize.apply
+#: pad_features; tests/test_feature_padding.py). These formats pad 3 heads of 256 (MHA) instead,
+#: hidden 768 (a multiple of 256): 3 -> 4 heads at tp 2 and 4.
+SMOL_ATTN_WO = dict(SMOL_ATTN, hidden_size=768, num_attention_heads=3, num_key_value_heads=3)
+WEIGHT_ONLY_OR_AWQ = ("W8A16", "W4A16", "W4A16_AWQ")
 
 
 def test_choose_padding_is_the_smallest_whole_group_count():
@@ -142,7 +148,9 @@ def test_padded_heads_that_are_not_zero_are_caught(tmp_path, tiny_model):
 # SmoothQuant, whose row-parallel inputs each rank quantizes per token over its own slice: 3.5e-2
 # logits at tp 2 on this model, perplexity within 0.5 %). Measured: calibrated formats
 # 0 .. 4.3e-7 (the same quantized values; fp16 sums split over ranks), INT8 KV only 1.9e-5;
-# perplexity ratio - 1: calibrated <= 8.5e-6, W8A16 1.8e-3 (tp 2), W4A16 1.0e-2 (tp 2), 5.9e-3 (tp 4).
+# perplexity ratio - 1: calibrated <= 8.5e-6, W8A16 1.8e-3 (tp 2), W4A16 1.0e-2 (tp 2), 5.9e-3 (tp 4)
+# on the 9-head model; weight-only and AWQ now run on SMOL_ATTN_WO (3 heads padded to 4), where
+# W4A16's perplexity ratio reached 3.6e-2.
 QUANT_CASES = {
     "sq": ("W8A8_SQ_PER_CHANNEL", None, None, 1e-4),
     "sq_plugin_token": ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", None, None, None),
@@ -172,7 +180,7 @@ def test_padded_quantized_checkpoint_equals_the_unpadded_one(tmp_path, tiny_mode
     from quantize.calibrate import calibrate
 
     algo, kv, block, tol = QUANT_CASES[case]
-    hf_dir, model = tiny_model(**SMOL_ATTN)
+    hf_dir, model = tiny_model(**(SMOL_ATTN_WO if algo in WEIGHT_ONLY_OR_AWQ else SMOL_ATTN))
     spec = _spec(algo, kv, block)
     if spec.is_sq_plugin:  # TensorRT-LLM's plugin recipe: its own calibration (forward hooks)
         from quantize.sq_reference import calibrate_plugin
@@ -193,24 +201,28 @@ def test_padded_quantized_checkpoint_equals_the_unpadded_one(tmp_path, tiny_mode
     for tp in (2, 4):
         ck = tmp_path / f"tp{tp}"
         cfg = convert_checkpoint(hf_dir, ck, tp=tp, pad_heads=True, **kw)
-        assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (12, 4)
+        assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
+            (4, 4) if algo in WEIGHT_ONLY_OR_AWQ else (12, 4))
         if tol is not None:
             got = _logits(ck, ids)
             rel = float((got - base).norm() / base.norm())
             assert rel < tol, (tp, rel)
         ppl = checkpoint_ppl(ck, text, tokenizer=byte_tokenizer, seq_len=64, vocab=1000)["perplexity"]
-        # W4A16 on this random model: 1.0 % at tp 2 from trtllm-build's per-rank quantization of
-        # the row-parallel layers alone (the padding is byte-exact: the test below)
-        assert abs(ppl / base_ppl - 1) < (0.02 if algo == "W4A16" else 0.005), (tp, ppl, base_ppl)
+        # W4A16 on this random model (3 heads of 256): 3.6 % from trtllm-build's per-rank
+        # quantization of the row-parallel layers alone (the padding is byte-exact: the test
+        # below, and tests/test_feature_padding.py with the per-rank maxima made equal)
+        assert abs(ppl / base_ppl - 1) < (0.05 if algo == "W4A16" else 0.005), (tp, ppl, base_ppl)
 
 
-def _hand_padded_hf(model, out):
-    """An independent padding, in Hugging Face terms: the same model with 12 heads / 4 KV heads
-    (head_dim 64 explicit), the new heads' q/k/v rows and o_proj columns zero."""
+def _hand_padded_hf(model, out, heads=(12, 4)):
+    """An independent padding, in Hugging Face terms: the same model with ``heads`` (q, KV) heads
+    (head_dim explicit), the new heads' q/k/v rows and o_proj columns zero."""
     from transformers import AutoModelForCausalLM
 
     cfg = copy.deepcopy(model.config)
-    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = 12, 4, 64
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    cfg.num_attention_heads, cfg.num_key_value_heads = heads
+    cfg.head_dim = head_dim
     padded = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     sd = padded.state_dict()
     for name, t in model.state_dict().items():
@@ -227,8 +239,9 @@ def _hand_padded_hf(model, out):
 def test_padded_checkpoint_equals_a_hand_padded_model_unpadded(tmp_path, tiny_model, algo, dtype):
     """Float and weight-only: the padded tp-2 checkpoint is, tensor for tensor, the ordinary tp-2
     conversion of the model padded by hand in HF terms (so its engines are too)."""
-    hf_dir, model = tiny_model("qwen2", **SMOL_ATTN)
-    hand = _hand_padded_hf(model, tmp_path / "hand")
+    wo = algo in WEIGHT_ONLY_OR_AWQ
+    hf_dir, model = tiny_model("qwen2", **(SMOL_ATTN_WO if wo else SMOL_ATTN))
+    hand = _hand_padded_hf(model, tmp_path / "hand", (4, 4) if wo else (12, 4))
     spec = _spec(algo, None, None)
     a = convert_checkpoint(hf_dir, tmp_path / "a", tp=2, dtype=dtype, progress=False, quant=spec,
                            pad_heads=True)
@@ -257,10 +270,12 @@ def test_padded_smoothquant_pipeline_stages(tmp_path, tiny_model, calib_text):
 
 
 def test_awq_group_wider_than_the_real_dense_input_is_refused(tmp_path, tiny_model):
-    """AWQ calibrates the unpadded model, whose dense input (9 x 64 = 576) a group of 128 does not
-    divide: refused before any work, although the padded per-rank size (384) would be."""
-    hf_dir, _ = tiny_model(**SMOL_ATTN)
-    with pytest.raises(UserError, match="attention.dense \\(unpadded\\)|576"):
+    """AWQ calibrates the unpadded model, whose dense input (3 heads x 64 = 192) a group of 128
+    does not divide: refused before any work, although the padded layout (4 heads: dense 256,
+    q/k/v 768, hidden 768) is whole under TensorRT-LLM's 128 x 2 padding rule."""
+    hf_dir, _ = tiny_model(**dict(SMOL_ATTN, hidden_size=768, num_attention_heads=3,
+                                  num_key_value_heads=3, head_dim=64))
+    with pytest.raises(UserError, match="attention.dense \\(unpadded\\) input size per rank 192"):
         convert_checkpoint(hf_dir, tmp_path / "ck", tp=2, pad_heads=True, progress=False,
                            quant=_spec("W4A16_AWQ", None, 128))
     assert not (tmp_path / "ck").exists()

@@ -59,6 +59,20 @@ def test_qwen2_has_qkv_bias_but_no_dense_bias():
     assert s.attn_bias and not s.dense_bias
 
 
+def test_qwen3_fields_are_trtllm_qwen_converters():
+    """QWenConfig.from_hugging_face for qwen3: qwen_type, seq_length, no attention bias, head_dim
+    from HF (not hidden / heads)."""
+    from transformers import Qwen3Config
+
+    hf = Qwen3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1000,
+                     architectures=["Qwen3ForCausalLM"], tie_word_embeddings=True)
+    c = from_hugging_face(hf, tp=2)
+    assert (c["qwen_type"], c["seq_length"], c["head_size"]) == ("qwen3", 8192, 32)
+    assert c["attn_bias"] is False and c["tie_word_embeddings"] is True
+    assert list(c)[-2:] == ["qwen_type", "seq_length"]  # after the common keys, as for Qwen2
+
+
 def test_dtype_auto_follows_model():
     assert from_hugging_face(_llama(dtype="bfloat16"))["dtype"] == "bfloat16"
     assert from_hugging_face(_llama(dtype="float32"))["dtype"] == "float16"  # as TRT-LLM infers
@@ -171,6 +185,15 @@ _CONFIGS = {
                  "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "seq_length": 32768},
     "qwen2_minimal_head_dim": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
                                "head_dim": 256, "rope_scaling": {"type": "linear", "factor": 4}},
+    "qwen3_0_6b": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                   "hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 128, "num_hidden_layers": 28,
+                   "vocab_size": 151936, "rope_theta": 1000000, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": True, "max_position_embeddings": 40960,
+                   "max_window_layers": 28, "use_sliding_window": False, "sliding_window": None,
+                   "attention_bias": False, "torch_dtype": "bfloat16"},
+    "qwen3_minimal": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                      "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2},
     "mixtral8x7b": {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
                     "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
                     "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 32000,

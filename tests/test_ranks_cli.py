@@ -123,7 +123,7 @@ def test_conversion_ranks_of_other_options_are_not_mixed_in(tmp_path, tiny_model
     convert_checkpoint(hf_dir, ckpt, tp=2, dtype="float16", progress=False, ranks=[0])
     part = ckpt.with_name("checkpoint.partial")
     assert not ckpt.exists() and sorted(p.name for p in part.iterdir()) == [
-        "config.json", "fingerprint.json", "rank0.safetensors"]
+        ".rank0.safetensors.blake3", "config.json", "fingerprint.json", "rank0.safetensors"]
     before = (part / "rank0.safetensors").read_bytes()
     with pytest.raises(UserError, match="holds ranks converted from other inputs or options"):
         convert_checkpoint(hf_dir, ckpt, tp=2, dtype="bfloat16", progress=False, ranks=[1])

@@ -9,15 +9,18 @@ from types import SimpleNamespace
 
 import pytest
 
+from model.families import FAMILIES
+
 from common.errors import UserError
-from quantize.algos import (ALL_ALGOS, FP8, MODELOPT_ALGOS, SMOOTHQUANT, SQ_PLUGIN, W4A16_AWQ,
+from quantize.algos import (ALL_ALGOS, FP8, FP8_ROWWISE, MODELOPT_ALGOS, SMOOTHQUANT, SQ_PLUGIN, W4A16_AWQ,
                             WEIGHT_FLAGS, WEIGHT_ONLY_ALGOS)
 from quantize.formats import QuantSpec
 from quantize.recipes import MAX, MODELOPT, RECIPES, SQ_HOOKS, Recipe, find_recipe, recipe_for
 
 SPECS = [QuantSpec.create(algo, kv_cache_dtype=kv)
          for algo in (None, *ALL_ALGOS) for kv in (None, "int8", "fp8")
-         if not (algo == FP8 and kv == "int8") and not (algo in SQ_PLUGIN and kv == "fp8")]
+         if not (algo == FP8 and kv == "int8") and not (algo in SQ_PLUGIN and kv == "fp8")
+         and not (algo == FP8_ROWWISE and kv is not None)]
 
 
 def test_table_covers_every_format_in_order():
@@ -48,7 +51,7 @@ def test_predicates_keep_their_meaning(spec):
                       else MAX if needs else None)
     block = spec.to_trtllm_quantization()
     assert (block["quant_algo"], block["kv_cache_quant_algo"]) == (algo, kv)
-    assert ("group_size" in block) == (algo == W4A16_AWQ or plugin)
+    assert ("group_size" in block) == (algo in (W4A16_AWQ, FP8_ROWWISE) or plugin)
 
 
 def test_moe_support_per_format():
@@ -96,24 +99,48 @@ def test_linear_shape_checks_per_format():
     (256, 8, 8, 512, 1, False), (256, 8, 2, 688, 2, False), (192, 6, 2, 512, 4, True),
     (320, 10, 10, 800, 2, False), (256, 8, 8, 544, 2, True)])
 def test_recipe_shape_checks_equal_apply_preflight(algo, block, hidden, heads, kv, inter, tp, padded):
-    """The recipe members give quantize/apply.py's preflight_quant its answers, message for message."""
+    """The recipe members give quantize/apply.py's preflight_quant its answers, message for
+    message: the feature padding from ``feature_multiple`` (TensorRT-LLM's weight-only / AWQ
+    linears), then ``check_linear_shapes`` on the padded shape and ``check_tp``."""
+    from dataclasses import replace
+
+    from model.shape import HeadPadding, Shape
     from quantize.apply import per_rank_in_dims, per_rank_out_dims, preflight_quant
 
     spec = QuantSpec.create(algo, awq_block_size=block)
     hs = hidden // heads
-    shape = SimpleNamespace(family="llama", hidden=hidden, heads=heads, kv_heads=kv, head_size=hs, inter=inter, experts=0,
-                            tp_heads=heads + (tp if padded else 0), tp_kv_heads=kv,
-                            padding=object() if padded else None)
+    shape = Shape(family="llama", layers=1, heads=heads, kv_heads=kv, head_size=hs, hidden=hidden,
+                  inter=inter, vocab=1000, tied=False, attn_bias=False, dense_bias=False,
+                  mlp_bias=False, padding=HeadPadding(heads, kv, heads + tp, kv) if padded else None)
 
     def outcome(fn):
         try:
             fn()
         except UserError as e:
-            return str(e)
+            return str(e).split(";")[0]  # the valid --tp values are the plan's (pipeline.checkpoint)
 
     def via_recipe():
-        unpadded = {"attention.dense (unpadded)": heads * hs} if padded else None
-        spec.format.check_linear_shapes(spec, per_rank_in_dims(shape, tp), per_rank_out_dims(shape, tp), unpadded)
-        spec.format.check_tp(spec, shape.tp_kv_heads, tp)
+        m = spec.format.feature_multiple(spec)
+        s = shape
+        if m is not None:
+            for lin in FAMILIES["llama"].dense_linears():
+                out_r, in_r = lin.rank_features(shape, tp)
+                full = {"output": out_r * tp if lin.column_parallel else out_r,
+                        "input": in_r if lin.column_parallel else in_r * tp}
+                for what, n in full.items():
+                    if n % (m * tp) and "inter" not in ((lin.shapes[0][0],) if what == "output"
+                                                        else (lin.shapes[0][1],)):
+                        raise UserError(f"{spec.quant_algo}: TensorRT-LLM's {spec.format.padding_layer} "
+                                        f"pads a linear's input and output features to a multiple of "
+                                        f"{m} x tp = {m * tp} and no activation (tensorrt_llm/"
+                                        f"quantization/layers.py): {lin.name}'s {n} {what} features "
+                                        f"would not meet the model's")
+            if inter % (m * tp):
+                s = replace(shape, padded_inter=-(-inter // (m * tp)) * m * tp)
+        unpadded = {"attention.dense (unpadded)": heads * hs} if padded else {}
+        if s.padded_inter:
+            unpadded["mlp.proj (unpadded)"] = inter
+        spec.format.check_linear_shapes(spec, per_rank_in_dims(s, tp), per_rank_out_dims(s, tp), unpadded)
+        spec.format.check_tp(spec, s.tp_kv_heads, tp)
 
     assert outcome(via_recipe) == outcome(lambda: preflight_quant(spec, shape, tp, 1))

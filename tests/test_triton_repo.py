@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -274,6 +275,20 @@ def test_atomic_write_and_force(tmp_path, tokenizer_dir):
     engine_repo(tmp_path, tokenizer_dir, force=True)
     assert not marker.exists() and tr.validate_repo(repo)
     assert sorted(p.name for p in repo.parent.iterdir()) == ["triton"]  # no temp dirs left
+
+
+def test_tokenizer_outside_the_output_is_an_external_path(tmp_path, tokenizer_dir):
+    """Issue 29: the repository names every path it needs outside the build output directory
+    (a copy of the output alone would lack them), with or without --triton-model-root."""
+    ext = str(Path(tokenizer_dir).resolve())
+    repo = engine_repo(tmp_path, tokenizer_dir)
+    info = json.loads((repo / "triton_repo.json").read_text())
+    assert info["external_paths"] == [ext]
+    assert params(tr.validate_repo(repo)["preprocessing"])["tokenizer_dir"] == ext
+    inside = tmp_path / "b" / "out" / "tokenizer"  # beside triton/ in the output: not external
+    shutil.copytree(tokenizer_dir, inside)
+    repo = engine_repo(tmp_path / "b", inside)
+    assert json.loads((repo / "triton_repo.json").read_text())["external_paths"] == []
 
 
 def test_model_root_and_copied_tokenizer(tmp_path, tokenizer_dir):

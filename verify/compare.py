@@ -56,6 +56,7 @@ QUANT_TOLERANCE = {
     "W8A8_SQ_PER_TENSOR_PLUGIN": (0.4, 0.5),
     "FP8": (0.3, 0.6),
     "W4A16_AWQ": (0.6, 0.3),
+    "FP8_PER_CHANNEL_PER_TOKEN": (0.3, 0.6),
 }
 KV_TOLERANCE = {"INT8": (0.05, 0.85), "FP8": (0.1, 0.8)}
 

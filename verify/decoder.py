@@ -11,8 +11,10 @@ Gemma 3 all run ``tensorrt_llm/models/gemma/model.py``'s ``GemmaForCausalLM``, r
   normalises its output; Gemma 2 / 3 scale q by ``q_scaling = sqrt(query_pre_attn_scalar) /
   sqrt(head_size)`` (scores times ``query_pre_attn_scalar ** -0.5``); Gemma 2 caps the scores
   (``max_attn_value`` = ``attn_logit_softcapping``: ``cap * tanh(s / cap)``); Gemma 3 normalises
-  q and k per head (``qk_layernorm``: ``attention.q_layernorm`` / ``k_layernorm``) and rotates
-  the layers with ``(layer + 1) % _sliding_window_pattern`` != 0 with ``rope_local_base_freq``;
+  q and k per head (``qk_layernorm``: the family spec's ``qk_norms``, applied by verify/model.py
+  as for Qwen3 with eps ``model.spec.QK_NORM_EPS``, the Attention's default, not
+  ``norm_epsilon``) and rotates the layers with ``(layer + 1) % _sliding_window_pattern`` != 0
+  with ``rope_local_base_freq``;
 - the checkpoint's norm weights already hold ``1 + w`` (model/families/gemma.py), so the reader's
   RMSNorm multiplies by the weight as for Llama, in float32 (TensorRT-LLM's RmsNorm) before the
   cast;
@@ -50,7 +52,6 @@ class Semantics:
     embed_scale: float | None = None        # multiply the embedding by this (model dtype)
     norm_fp32: bool = False                 # RMSNorm multiplies the weight in float32
     inter_layernorms: bool = False          # Gemma 2/3's four norms per layer
-    qk_norm: bool = False                   # per-head q/k RMSNorm (attention.q/k_layernorm)
     q_scale: float | None = None            # scores scale (None: head_size ** -0.5)
     attn_softcap: float | None = None
     final_softcap: float | None = None
@@ -73,7 +74,7 @@ class Semantics:
         gemma3 = arch == "Gemma3ForCausalLM"
         windows = tuple(trtllm_windows(c))
         return cls(act=ACTIVATIONS[act], embed_scale=math.sqrt(int(c["hidden_size"])),
-                   norm_fp32=True, inter_layernorms=inter, qk_norm=gemma3,
+                   norm_fp32=True, inter_layernorms=inter,
                    q_scale=float(scalar) ** -0.5 if scalar else None,
                    attn_softcap=c.get("attn_logit_softcapping") if arch == "Gemma2ForCausalLM"
                    else None,

@@ -2,10 +2,12 @@
 TensorRT-LLM's semantics (see verify/reference.py for how the ranks combine), one decoder layer at
 a time.
 
-Model: Llama-family decoder (Llama, Mistral, Qwen2; Mixtral's mixture of experts in
-``verify/reference_moe.py``): RMSNorm, GPT-NeoX rotary (``rotate_half``) with optional
-``rotary_scaling`` (``llama3`` and ``linear``, computed as transformers does), causal grouped-query
-attention, SiLU-gated MLP ``proj(silu(fc(x)) * gate(x))``. Note the names: ``mlp.fc`` is HF
+Model: Llama-family decoder (Llama, Mistral, Qwen2, Qwen3; Mixtral's mixture of experts in
+``verify/reference_moe.py``; Gemma 2 / 3's differences in ``verify/decoder.py``): RMSNorm, GPT-NeoX rotary (``rotate_half``, verify/rotary.py) with
+optional ``rotary_scaling`` (``llama3`` and ``linear``, computed as transformers does), a family's
+per-head q/k norms where its spec has them (``Family.qk_norms``: RMSNorm of each q and k head after
+the qkv projection, before RoPE, eps ``model.spec.QK_NORM_EPS`` as TensorRT-LLM's attention
+builds them), causal grouped-query attention, SiLU-gated MLP ``proj(silu(fc(x)) * gate(x))``. Note the names: ``mlp.fc`` is HF
 ``gate_proj`` (the SiLU branch) and ``mlp.gate`` is HF ``up_proj``.
 
 :meth:`ReferenceModel.forward_windows` runs many batches layer by layer; with ``lazy=True`` only the
@@ -23,6 +25,8 @@ import torch.nn.functional as F
 
 from common.heap import release_memory
 from common.errors import UserError
+from model.families import ARCHITECTURES, FAMILIES
+from model.spec import QK_NORM_EPS
 
 from .checkpoint import LAYER_RE, mapping, open_checkpoint, pp_layers
 from .decoder import Semantics, attend, lm_softcap, rms_norm
@@ -63,6 +67,7 @@ class ReferenceModel:
                 raise UserError(f"{where}: field {key!r} is missing")
             return c[key]
 
+        arch = str(c.get("architecture", ""))
         self.num_layers = int(need("num_hidden_layers"))
         self.hidden = int(need("hidden_size"))
         self.heads = int(need("num_attention_heads"))
@@ -78,6 +83,7 @@ class ReferenceModel:
         if c.get("residual_mlp"):
             raise UserError(f"{where}: residual_mlp is not supported by the reference reader")
         self._split_heads(where)
+        self._read_qk_norms(arch, where)
         # Rotary tables' frequencies, fp32 as in transformers.
         self.rot_dim = int(self.head_size * float(c.get("rotary_pct", 1.0)))
         if c.get("rotary_dim"):
@@ -98,6 +104,16 @@ class ReferenceModel:
         self.kv_per_rank = max(1, self.kv_heads // self.tp)
         if self.q_per_rank % self.kv_per_rank:
             raise UserError(f"{where}: {self.q_per_rank} q heads per rank do not group over {self.kv_per_rank} kv heads")
+
+    def _read_qk_norms(self, arch: str, where) -> None:
+        """The TensorRT-LLM modules of the per-head q and k norms of the checkpoint's family (by its
+        ``architecture``; none for a family without them or an architecture not known here)."""
+        family = FAMILIES.get(ARCHITECTURES.get(arch, ""))
+        self.qk_norms = tuple(family.qk_norm_names().values()) if family else ()
+        if self.qk_norms and self.q_per_rank == self.kv_per_rank > 1:
+            raise UserError(f"{where}: {self.q_per_rank} attention and KV heads per rank with q/k "
+                            f"norms: TensorRT-LLM 1.2 reads that qkv interleaved per head, which "
+                            f"this reader does not model")
 
     def _check_kernels(self) -> None:
         """Quantization: fail now, before any compute, for a format that has no kernel."""
@@ -151,8 +167,8 @@ class ReferenceModel:
         scale = self.ranks[p][t].get(mod, {}).get(key)
         return params if scale is None else {**params, "input_scale": scale}
 
-    def _norm(self, x: Tensor, w: Tensor) -> Tensor:
-        return rms_norm(x, w, self.eps, self.sem.norm_fp32)
+    def _norm(self, x: Tensor, w: Tensor, eps: float | None = None) -> Tensor:
+        return rms_norm(x, w, self.eps if eps is None else eps, self.sem.norm_fp32)
 
     # ---- forward -----------------------------------------------------------------------------
 
@@ -305,9 +321,9 @@ class ReferenceModel:
             q = q.view(b, s, qn, hd).transpose(1, 2)
             k = k.view(b, s, kn, hd).transpose(1, 2)
             v = v.view(b, s, kn, hd).transpose(1, 2)
-            if self.sem.qk_norm:  # per head, before the rotation
-                q = self._norm(q, self._w(p, t, f"{L}.attention.q_layernorm.weight"))
-                k = self._norm(k, self._w(p, t, f"{L}.attention.k_layernorm.weight"))
+            if self.qk_norms:  # per head, before RoPE (TensorRT-LLM's qk_layernorm)
+                qw, kw = (self._w(p, t, f"{L}.{m}.weight") for m in self.qk_norms)
+                q, k = self._norm(q, qw, QK_NORM_EPS), self._norm(k, kw, QK_NORM_EPS)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             k, v = KV_CACHE_KERNELS[self.qcfg.kv_cache_quant_algo](
                 k, v, self.ranks[p][t].get(f"{L}.attention", {}), self.qcfg)

@@ -24,7 +24,8 @@ GATE_SEQ_LEN = 256
 
 @torch.no_grad()
 def measure(ckpt_dir, hf_model_or_dir, ids: list[int], seq_len: int = GATE_SEQ_LEN) -> dict:
-    """{"ppl", "float_ppl", "increase_pct", "top1_agreement", "tokens"} over ``ids`` cut into windows.
+    """{"ppl", "float_ppl", "increase_pct", "top1_agreement", "tokens", "vocab"} over ``ids`` cut
+    into windows.
 
     The float model, then the checkpoint, each run one decoder layer at a time over every window
     (verify/float_model.py, verify/model.py): the peak is one layer of one side plus the windows'
@@ -42,7 +43,7 @@ def measure(ckpt_dir, hf_model_or_dir, ids: list[int], seq_len: int = GATE_SEQ_L
     count = sum(b[:, 1:].numel() for b in batches)
     ppl, fppl = math.exp(nll_q / count), math.exp(nll_f / count)
     return {"ppl": ppl, "float_ppl": fppl, "increase_pct": 100.0 * (ppl / fppl - 1.0),
-            "top1_agreement": agree / wins.numel(), "tokens": count}
+            "top1_agreement": agree / wins.numel(), "tokens": count, "vocab": vocab}
 
 
 def _score(batches: list[Tensor], logits, vocab: int) -> tuple[float, list[Tensor]]:

@@ -1,5 +1,6 @@
-"""Rotary position embedding as transformers computes it (GPT-NeoX ``rotate_half``), for the
-reference reader: the inverse frequencies (default, linear, llama3 scaling) and their application."""
+"""Rotary position embedding of the CPU reference reader: the inverse frequencies as transformers
+computes them (default, ``linear``, ``llama3``; TensorRT-LLM reads the kind from ``rotary_scaling``'s
+``type``, else HF's ``rope_type``) and GPT-NeoX rotary (``rotate_half``) on the first rotary dims."""
 from __future__ import annotations
 
 import math

@@ -8,7 +8,8 @@ serve both targets: one set of kernels, two loaders.
 Names (``NAMES``): ``model.embed_tokens`` -> ``transformer.vocab_embedding``, q/k/v ->
 ``attention.qkv`` (concatenated along the output dim), ``o_proj`` -> ``attention.dense``,
 ``gate_proj`` -> ``mlp.fc`` (the SiLU branch), ``up_proj`` -> ``mlp.gate``, ``down_proj`` ->
-``mlp.proj``, norms -> ``input_layernorm`` / ``post_layernorm`` / ``ln_f``; suffixes
+``mlp.proj``, norms -> ``input_layernorm`` / ``post_layernorm`` / ``ln_f``, and a family's
+per-head q/k norms (``q_norm`` -> ``attention.q_layernorm``, model.spec ``qk_norms``); suffixes
 (``SUFFIXES``): ``weight_scale`` -> ``weights_scaling_factor``, ``input_scale`` ->
 ``activation_scaling_factor`` [1], ``pre_quant_scale`` -> ``prequant_scaling_factor``.
 
@@ -53,7 +54,7 @@ def names_of(family) -> dict[str, str]:
     """unified module (after model.layers.i.) -> TRT-LLM module of ``family``'s single-source
     linears and its norms (q/k norms included); q/k/v are fused separately."""
     return {**{lin.hf[0]: lin.name for lin in family.dense_linears() if len(lin.hf) == 1},
-            **family.norm_names()}
+            **family.norm_names(), **family.qk_norm_names()}
 
 
 NAMES = names_of(LAYOUT)
@@ -172,7 +173,9 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
     hf = read_hf_config(d)
     config = from_hugging_face(hf, dtype="auto", tp=1, pp=1, quantization=quant)
     family = FAMILIES[ARCHITECTURES[hf.architectures[0]]]
-    names, norms = names_of(family), family.norm_names()
+    # the family's linears and norms, its per-head q/k norms included (Qwen3, Gemma 3)
+    names = names_of(family)
+    norms = {**family.norm_names(), **family.qk_norm_names()}
     dtype = _TORCH_DTYPES.get(config["dtype"], torch.float32)
     fmt = _unified(quant)
     tensors = _read_tensors(d)

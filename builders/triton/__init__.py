@@ -61,10 +61,11 @@ on where the server is started. For serving from another host or a container, pa
 ``--triton-model-root ROOT``: the directory at which the *build output directory* (the parent of
 this repository, holding ``engines/`` and ``triton/``) will be mounted. Every path inside it is
 then written as ``ROOT/<relative path>`` (e.g. ``/models/engines``) and the launch script serves
-``ROOT/triton``. Paths outside it (a tokenizer in the HF model dir) are written unchanged and
-listed under ``external_paths`` in ``triton_repo.json``; ``--triton-copy-tokenizer`` copies the
-tokenizer files into the repository instead (``preprocessing/1/tokenizer``), making it
-self-contained.
+``ROOT/triton``. Paths outside it (a tokenizer in the HF model dir, the HF model a float
+``--target pytorch`` repository serves) are written unchanged and listed under ``external_paths``
+in ``triton_repo.json``, with or without ``--triton-model-root``: a copy of the output directory
+alone lacks them. ``--triton-copy-tokenizer`` copies the tokenizer files into the repository
+instead (``preprocessing/1/tokenizer``), making it self-contained.
 
 Writes go to a temporary directory beside ``out_dir``, are validated with :func:`validate_repo`,
 then renamed into place (an existing ``out_dir`` is replaced only with ``--force``).

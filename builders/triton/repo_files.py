@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import posixpath
 import shutil
-import stat
 from pathlib import Path
 
+from builders.triton.tokens import generation_config
 from builders.triton.validate import validate_repo
-from common.errors import UserError
+from common.atomic import write_text
+from common.errors import UserError, naming
 from common.staged import StagedOutput
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "triton_templates"
@@ -36,14 +37,16 @@ class ServePaths:
         self.external: list[str] = []
 
     def serve(self, path) -> str:
+        """``path`` as the server sees it; a path outside the build output directory (a tokenizer
+        in the HF model dir) is listed in ``external``: a copy of the output alone lacks it."""
         p = Path(path).expanduser().resolve()
-        if self.model_root is None:
-            return str(p)
         try:
             rel = p.relative_to(self.build_root)
         except ValueError:
             if str(p) not in self.external:
                 self.external.append(str(p))
+            return str(p)
+        if self.model_root is None:
             return str(p)
         return posixpath.join(self.model_root, rel.as_posix()) if rel.parts else self.model_root
 
@@ -68,6 +71,7 @@ def check_tokenizer(tokenizer_dir, vocab_size: int | None = None,
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{what} {d}: transformers cannot load a tokenizer from it ({first}); "
                         f"pass --tokenizer-dir") from None
+    generation_config(d)  # its token ids, read by the repository's writer: refused here
     if vocab_size and len(tok) > int(vocab_size):
         raise UserError(f"{what} {d}: the tokenizer has {len(tok)} tokens but the model's "
                         f"vocab_size is {vocab_size}; is it the tokenizer of this model?")
@@ -79,7 +83,8 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     copied = 0
     for f in sorted(src.iterdir()):
         if f.is_file() and (f.name in _TOKENIZER_FILES or f.suffix in _TOKENIZER_SUFFIXES):
-            shutil.copy2(f, dst / f.name)
+            with naming(dst / f.name):
+                shutil.copy2(f, dst / f.name)
             copied += 1
     if not copied:
         raise UserError(f"--tokenizer-dir {src}: no tokenizer files found to copy")
@@ -107,9 +112,7 @@ def write_atomically(out_dir, options, build) -> Path:
 
 def write_file(path: Path, text: str, executable: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    if executable:
-        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    write_text(path, text, executable=executable)
 
 
 def copy_template(rel: str, dst: Path) -> None:
@@ -117,6 +120,7 @@ def copy_template(rel: str, dst: Path) -> None:
     if not src.is_file():
         raise RuntimeError(f"packaged template {src} is missing (broken install?)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    with naming(dst):
+        shutil.copyfile(src, dst)
 
 

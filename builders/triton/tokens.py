@@ -30,16 +30,32 @@ def special_token_ids(tokenizer_dir) -> dict:
 
     d = Path(tokenizer_dir)
     tok = AutoTokenizer.from_pretrained(str(d))
-    gen = {}
-    gen_path = d / "generation_config.json"
-    if gen_path.is_file():
-        try:
-            gen = json.loads(gen_path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{gen_path}: unreadable ({e}); fix or remove it") from None
+    gen = generation_config(d)
     eos = _ids(tok.eos_token_id) + [i for i in _ids(gen.get("eos_token_id"))
                                    if i not in _ids(tok.eos_token_id)]
     end_id = eos[0] if eos else -1
     pads = _ids(tok.pad_token_id) or _ids(gen.get("pad_token_id"))
     pad_id = pads[0] if pads else (end_id if end_id >= 0 else 0)
     return {"end_id": end_id, "pad_id": pad_id, "stop_token_ids": eos[1:], "eos_token_ids": eos}
+
+
+def generation_config(tokenizer_dir) -> dict:
+    """``generation_config.json`` of ``tokenizer_dir`` ({} without one), its token ids checked:
+    one line naming the file for anything the Triton models could not use."""
+    gen_path = Path(tokenizer_dir) / "generation_config.json"
+    if not gen_path.is_file():
+        return {}
+    try:
+        gen = json.loads(gen_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{gen_path}: unreadable ({e}); fix or remove it") from None
+    if not isinstance(gen, dict):
+        raise UserError(f"{gen_path}: holds a JSON {type(gen).__name__}, not an object; fix or "
+                        f"remove it")
+    for key in ("eos_token_id", "pad_token_id"):
+        v = gen.get(key)
+        values = v if isinstance(v, list) else [v]
+        if not all(i is None or (type(i) is int and i >= 0) for i in values):
+            raise UserError(f"{gen_path}: {key} is {json.dumps(v)}, not a token id (an integer "
+                            f">= 0) or a list of them; fix or remove it")
+    return gen

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from common.errors import UserError
-from model.spec import Family, Rule, norm
+from model.spec import Family, Rule, head_norm, norm
 
 from .llama import ATTENTION, EMBED, HEAD, MLP
 
@@ -30,8 +30,8 @@ NORMS = (norm("input_layernorm", "input_layernorm", offset=1.0),
          norm("post_layernorm", "post_attention_layernorm", offset=1.0),
          norm("pre_feedforward_layernorm", "pre_feedforward_layernorm", offset=1.0),
          norm("post_feedforward_layernorm", "post_feedforward_layernorm", offset=1.0))
-QK_NORMS = (norm("attention.q_layernorm", "self_attn.q_norm", "head", offset=1.0),
-            norm("attention.k_layernorm", "self_attn.k_norm", "head", offset=1.0))
+QK_NORMS = (head_norm("attention.q_layernorm", "self_attn.q_norm", offset=1.0),
+            head_norm("attention.k_layernorm", "self_attn.k_norm", offset=1.0))
 GEMMA_HEAD = (Rule(HEAD[0].target, HEAD[0].sources, HEAD[0].shard, shapes=HEAD[0].shapes,
                    offset=1.0),) + HEAD[1:]
 def _mlp():

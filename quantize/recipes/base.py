@@ -6,6 +6,9 @@ A :class:`Recipe` answers every format-dependent question of a build for one ``q
   :meth:`Recipe.resolve_flags` (the final ``quant_algo`` from the parsed flags);
 * **validate**: :meth:`check_kv`, :meth:`alpha`, :meth:`group_size`, :meth:`check_tp`
   (UserError, one line, before any work);
+* **quantized from the weights alone** (no calibration): :attr:`from_weights`,
+  :meth:`quantizes_linear` and :meth:`quantize_weight` (quantize/from_weights.py applies them to
+  each rank's float plan);
 * **calibration**: :meth:`calibration` (which layer-by-layer method calibrates it:
   :data:`SQ_HOOKS`, :data:`MAX`, :data:`MODELOPT` or None) and :meth:`modelopt_config`;
   :data:`MAX` also reads :attr:`max_linears` and :meth:`kv_cache_bits`;
@@ -159,6 +162,8 @@ class Recipe:
     #: (K, N) multiples of the per-rank input / output features TensorRT-LLM's GEMMs for this
     #: format need (its weight-only kernels); None: no constraint
     gemm_multiples: tuple[int, int] | None = None
+    #: the TensorRT-LLM layer class that pads this format's linears (refusal messages)
+    padding_layer: str | None = None
     #: k/v heads may be duplicated across ranks when tp > num_kv_heads (False: SmoothQuant's
     #: per-channel k/v scales cannot be)
     kv_duplication = True
@@ -168,6 +173,9 @@ class Recipe:
     moe = MoeSupport()
     #: the unified checkpoint's form (the float one: weights copied; None: no unified form)
     unified: UnifiedFormat | None = UnifiedFormat(from_float_weights=True)
+    #: the converter quantizes the linears :meth:`quantizes_linear` names from each rank's float
+    #: weight with :meth:`quantize_weight` (no calibration; quantize/from_weights.py)
+    from_weights = False
 
     # ----- flags ------------------------------------------------------------------------------
 
@@ -178,7 +186,17 @@ class Recipe:
                 raise UserError(f"--{flag.replace('_', '-')} applies to --smoothquant; add it or drop the flag")
         return self.quant_algo
 
+    def flag_option(self, args) -> str | None:
+        """The recipe's sub-choice from its flag's value (None: the flag takes none)."""
+        return None
+
     # ----- validation -------------------------------------------------------------------------
+
+    def option(self, value: str | None) -> str | None:
+        """Validate ``QuantSpec.recipe_option`` (the recipe's sub-choice)."""
+        if value is not None:
+            raise UserError(f"{self.flag or 'the float format'} takes no recipe option, got {value!r}")
+        return None
 
     def check_kv(self, kv: str | None) -> None:
         """Refuse a KV-cache quant_algo this format has no TensorRT-LLM recipe with."""
@@ -198,6 +216,9 @@ class Recipe:
     def check_tp(self, spec, num_kv_heads: int, tp: int) -> None:
         """Refuse a tensor-parallel split this format's scales cannot follow."""
 
+    def check_family(self, spec, family) -> None:
+        """Refuse a model family (``model.spec.Family``) TensorRT-LLM has no such recipe for."""
+
     def check_linear_shapes(self, spec, in_dims: dict[str, int], out_dims: dict[str, int],
                             unpadded_in: dict[str, int] | None = None) -> None:
         """Refuse per-rank linear shapes this format's kernels cannot take (``in_dims`` /
@@ -214,6 +235,15 @@ class Recipe:
                                 f"multiple of {multiple} as TensorRT-LLM's weight-only kernels need; "
                                 f"choose another --tp or format")
 
+    def feature_multiple(self, spec) -> int | None:
+        """TensorRT-LLM's linears of this format pad their full input and output features to a
+        multiple of this times tp (None: they do not pad); see quantize/apply.py pad_features."""
+        return None
+
+    def feature_fix(self, spec) -> str:
+        """What to do when no tp keeps this format's padding exact (the refusal's last words)."""
+        return "choose another format"
+
     @property
     def vocab_padding(self) -> int:
         """How many padded rows the checkpoint's vocabulary may have beyond the model's."""
@@ -229,6 +259,19 @@ class Recipe:
         if self.weight_calibration is not None:
             return self.weight_calibration
         return MAX if spec.kv_cache_quant_algo is not None else None
+
+    def gated(self, spec) -> bool:
+        """Whether the quality gate measures this build (its tensors are computed here)."""
+        return self.from_weights or self.calibration(spec) is not None
+
+    def quantizes_linear(self, spec, layer: int, num_layers: int, linear: str) -> bool:
+        """Whether the converter quantizes ``linear`` (spec name, e.g. ``mlp.fc``) of global layer
+        ``layer`` from its float weight (:attr:`from_weights` recipes)."""
+        return False
+
+    def quantize_weight(self, spec, weight):
+        """One rank's float weight [out, in] -> its tensors by suffix (``weight`` first)."""
+        raise NotImplementedError(f"{self.quant_algo} is not quantized from the weights alone")
 
     def kv_cache_bits(self, spec):
         """modelopt num_bits of the KV cache's quantizers (None: not quantized)."""

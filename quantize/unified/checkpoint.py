@@ -59,9 +59,11 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
+from common.atomic import write_text
+from common.errors import IO_ERRNOS, UserError, io_error, naming
 from common.staged import StagedOutput
 from convert.source import SourceCheckpoint
+from convert.source_files import declared_dtype
 from convert.writer import write_file
 
 from .config import hf_quant_config, quantization_config
@@ -198,12 +200,13 @@ def _num_layers(source) -> int:
 def _write_dir(tmp: Path, model_dir: Path, source, entries, layers, config: dict, hf_quant,
                digests=None) -> None:
     _write_tensors(tmp / SAFETENSORS, source, entries, layers, digests)
-    (tmp / "config.json").write_text(json.dumps(config, indent=4) + "\n")
+    write_text(tmp / "config.json", json.dumps(config, indent=4) + "\n")
     if hf_quant is not None:
-        (tmp / HF_QUANT_CONFIG).write_text(json.dumps(hf_quant, indent=4))
+        write_text(tmp / HF_QUANT_CONFIG, json.dumps(hf_quant, indent=4))
     for f in COPIED_FILES:
         if (model_dir / f).is_file():
-            shutil.copyfile(model_dir / f, tmp / f)
+            with naming(tmp / f):
+                shutil.copyfile(model_dir / f, tmp / f)
 
 
 def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None, calibration=None,
@@ -228,7 +231,7 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose another --output or pass --force to replace it")
     config = _read_config(model_dir)
-    source = SourceCheckpoint(model_dir)
+    source = SourceCheckpoint(model_dir, declared_dtype=declared_dtype(config))
     dtype = _check_source_dtype(source)
     computed, layers = {}, None
     if spec.needs_calibration or calibrated_model is not None:
@@ -250,7 +253,9 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
         staged.promote()
     except OSError as e:
         staged.discard()
-        raise UserError(f"cannot write {out_dir}: {e.strerror or e}; free space or choose another --output")
+        if e.errno not in IO_ERRNOS:
+            raise
+        raise io_error(e, out_dir) from None
     except BaseException:
         staged.discard()
         raise

@@ -99,6 +99,9 @@ CASES = {
     # weight-only: float weights, quant_algo declared (trtllm-build quantizes)
     "w8a16": ("llama", ["--tp", "2", "--int8-weight-only", *_CK]),
     "w4a16": ("llama", ["--tp", "2", "--int4-weight-only", *_CK]),
+    # quantized from the weights alone (no calibration)
+    "fp8-rowwise": ("llama", ["--tp", "2", "--fp8-rowwise", *_CK]),
+    "fp8-rowwise-meta": ("llama", ["--fp8-rowwise", "meta", *_CK]),
     # mixture of experts
     "moe-tp2": ("mixtral", ["--tp", "2", *_CK]),
     "moe-ep2": ("mixtral", ["--tp", "2", "--moe-tp", "1", "--moe-ep", "2", *_CK]),

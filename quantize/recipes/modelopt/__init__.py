@@ -80,6 +80,7 @@ class Awq(Recipe):
     #: modelopt's AWQ export pads the vocabulary to a multiple of 64 (the padded rows are zero)
     vocab_multiple = 64
     gemm_multiples = (64, 64)  # TensorRT-LLM's W4A16 group-wise GEMM, as for W4A16
+    padding_layer = "WeightOnlyGroupwiseQuantLinear"
     linear_export = LinearExport("int4", 4, ("qkv",), ("weight", "weights_scaling_factor",
                                                        "prequant_scaling_factor"))
 
@@ -96,6 +97,14 @@ class Awq(Recipe):
         dims = {**in_dims, **(unpadded_in or {})}
         check_awq_divisibility(dims, spec.group_size)
         super().check_linear_shapes(spec, dims, out_dims)
+
+    def feature_multiple(self, spec) -> int:
+        """``WeightOnlyGroupwiseQuantLinear`` / ``RowLinear`` (tensorrt_llm/quantization/layers.py,
+        1.x) pad to a multiple of max(64, group_size) x tp (128 for W4A8, not written here)."""
+        return max(64, spec.group_size)
+
+    def feature_fix(self, spec) -> str:
+        return "try --awq-block-size 64" if spec.group_size > 64 else "choose another format"
 
     def _modelopt_weights(self, spec, mtq) -> dict:
         cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)

@@ -22,10 +22,17 @@ from ..moe import MoeWeightOnly
 #: limits too (its K is also a multiple of the AWQ group, checked separately).
 
 
+#: TensorRT-LLM 1.x's ``WeightOnlyQuantLinear`` / ``WeightOnlyQuantRowLinear``
+#: (tensorrt_llm/quantization/layers.py) pad their full in and out features to a multiple of
+#: 64 x tp; the MoE experts (layers/moe.py MOEWeightWrapper) do not pad.
+WEIGHT_ONLY_FEATURE_MULTIPLE = 64
+
+
 class WeightOnly(Recipe):
     """INT8 or INT4 weight-only, per channel."""
 
     build_time_quantized = True
+    padding_layer = "WeightOnlyQuantLinear"
     #: written in full: any list replaces TensorRT-LLM's defaults (see quantize/algos.py)
     exclude_modules = TRTLLM_DEFAULT_EXCLUDE_MODULES
 
@@ -37,6 +44,9 @@ class WeightOnly(Recipe):
         # has no unified form (INT4 there is group-wise AWQ)
         self.unified = UnifiedFormat(weight="int8_rows", from_float_weights=True) \
             if gemm_multiples == (64, 32) else None
+
+    def feature_multiple(self, spec) -> int:
+        return WEIGHT_ONLY_FEATURE_MULTIPLE
 
     def unified_refusal(self, spec) -> str | None:
         if self.unified is None:

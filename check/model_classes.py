@@ -1,0 +1,63 @@
+"""Per TensorRT-LLM model class (config.json's ``architecture``): the family spec whose names it
+declares, its bias flags, and the config fields it needs.
+
+Read in NVIDIA/TensorRT-LLM 1.x: ``models/__init__.py`` (``MODEL_MAP``: LlamaForCausalLM,
+MistralForCausalLM and MixtralForCausalLM → ``LLaMAForCausalLM``; Qwen2ForCausalLM →
+``QWenForCausalLM``), ``models/llama/model.py`` (``LLaMADecoderLayer``: ``Attention(bias=
+config.attn_bias)``, whose dense bias follows it; ``GatedMLP`` or, with ``config.moe.num_experts``
+> 0, ``MOE`` with ``bias=config.mlp_bias``), ``models/qwen/model.py`` (``QWenDecoderLayer``: q/k/v
+bias always, no dense bias; the MLP width is ``intermediate_size`` for ``qwen_type`` qwen2 but
+``intermediate_size // 2`` for the ``qwen`` default), ``models/modeling_utils.py``
+(``PretrainedConfig.__init__``: keyword-only ``architecture``, ``dtype``, ``hidden_size``,
+``num_hidden_layers``, ``num_attention_heads``; ``head_size`` defaults to ``hidden_size //
+num_attention_heads``; ``from_dict`` looks up ``MODEL_MAP[config['architecture']]``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: PretrainedConfig.__init__'s keyword-only arguments without a default
+PRETRAINED_REQUIRED = ("architecture", "dtype", "hidden_size", "num_hidden_layers",
+                       "num_attention_heads")
+
+
+@dataclass(frozen=True)
+class ModelClass:
+    trtllm_class: str
+    family: str                                   # model.families name
+    biases: tuple[tuple[str, object], ...]        # spec bias flag -> config key (str) or a constant
+    needs: tuple[tuple[str, str], ...] = ()       # (config field, why TensorRT-LLM needs it)
+    moe: bool = False                             # built with MixtureOfExperts
+    #: (config field, the values whose layout the family spec describes)
+    values: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+_LLAMA_BIASES = (("attn_bias", "attn_bias"), ("dense_bias", "attn_bias"), ("mlp_bias", "mlp_bias"))
+_VOCAB = ("vocab_size", "LLaMAModel / QWenModel build Embedding(config.vocab_size) and "
+                        "lm_head from it")
+
+MODEL_CLASSES = {
+    "LlamaForCausalLM": ModelClass("LLaMAForCausalLM", "llama", _LLAMA_BIASES, (_VOCAB,)),
+    "MistralForCausalLM": ModelClass("LLaMAForCausalLM", "llama", _LLAMA_BIASES, (_VOCAB,)),
+    "MixtralForCausalLM": ModelClass(
+        "LLaMAForCausalLM", "mixtral", _LLAMA_BIASES,
+        (_VOCAB, ("moe", "without a moe block MoeConfig has 0 experts and LLaMADecoderLayer "
+                         "builds a dense GatedMLP (mlp.fc / mlp.gate / mlp.proj 2-D), not the "
+                         "experts this checkpoint holds")), moe=True),
+    "Qwen2ForCausalLM": ModelClass(
+        "QWenForCausalLM", "qwen2", (("attn_bias", True), ("dense_bias", False),
+                                     ("mlp_bias", "mlp_bias")),
+        (_VOCAB, ("qwen_type", "QWenConfig defaults it to 'qwen' (Qwen 1), whose MLP is "
+                               "intermediate_size // 2 wide: add \"qwen_type\": \"qwen2\"")),
+        values=(("qwen_type", ("qwen2",)),)),
+}
+
+
+def model_class(architecture) -> ModelClass | None:
+    return MODEL_CLASSES.get(architecture)
+
+
+def bias_flags(mc: ModelClass, config: dict) -> dict[str, bool]:
+    """The family spec's bias flags as this model class reads them from config.json."""
+    return {flag: bool(config.get(src, False)) if isinstance(src, str) else src
+            for flag, src in mc.biases}

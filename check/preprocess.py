@@ -1,0 +1,91 @@
+"""What ``preprocess_weights`` hands to ``load()``: a rank's header (name → shape, dtype) transformed
+as TensorRT-LLM 1.x transforms the tensors, on shapes and dtypes only.
+
+Read in NVIDIA/TensorRT-LLM ``tensorrt_llm/models/modeling_utils.py``:
+
+- ``preprocess_weights`` → ``process_kv_scaling_factor``: ``k_cache_scaling_factor`` +
+  ``v_cache_scaling_factor`` merge into ``kv_cache_scaling_factor`` (their max); a
+  ``kv_cache_rcp_scaling_factor`` (the reciprocal) is added wherever one is missing;
+- ``preprocess_perlayer_weights``, W4A16_AWQ / W4A8_AWQ: every int8 ``*weight`` is transposed
+  (``[out/2, in]`` → ``[in, out/2]``, packed int4) through ``preprocess_weights_for_mixed_gemm``
+  (same shape) and viewed as 16-bit words of the model dtype (bfloat16 for a bfloat16 model,
+  float16 otherwise) → ``[in, out/4]``; ``*weights_scaling_factor`` transposed (``[out, in/g]`` →
+  ``[in/g, out]``) and cast to the model dtype; ``*prequant_scaling_factor`` reshaped to
+  ``[1, in]`` (a 2-D MoE one keeps its first row), dtype unchanged;
+- FP8: int8 ``*weight`` viewed as float8_e4m3fn; a non-FP8 ``lm_head.weight`` loses
+  ``lm_head.weights_scaling_factor`` / ``activation_scaling_factor``;
+- W8A16 / W4A16: ``models/convert_utils.py`` ``weight_only_quantize_dict`` quantizes every
+  non-int8 tensor whose name contains ``qkv.weight``, ``dense.weight``, ``fc.weight``,
+  ``proj.weight`` or ``gate.weight`` (and matches no ``exclude_modules`` pattern, fnmatch on the
+  tensor name): ``weight_only_quantize`` transposes the last two dims and
+  ``symmetric_quantize_last_axis_of_batched_matrix`` gives int8 ``[..., in, out]`` (int4:
+  ``[..., in, out/2]``) and a ``per_channel_scale`` ``[..., out]`` in the weight's dtype.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+Header = dict[str, tuple[tuple[int, ...], str]]
+
+WEIGHT_ONLY_NAMES = ("qkv.weight", "dense.weight", "fc.weight", "proj.weight", "gate.weight")
+
+
+def kv_scales(h: Header) -> None:
+    for name in [n for n in h if n.endswith(".k_cache_scaling_factor")]:
+        v = name.replace("k_cache_scaling_factor", "v_cache_scaling_factor")
+        if v in h:
+            h[name.replace("k_cache_scaling_factor", "kv_cache_scaling_factor")] = h.pop(name)
+            del h[v]
+    for name in [n for n in h if n.endswith(".kv_cache_scaling_factor")]:
+        h.setdefault(name.replace("kv_cache_scaling_factor", "kv_cache_rcp_scaling_factor"), h[name])
+
+
+def _t(shape):
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def awq(h: Header, config: dict, scheme) -> None:
+    word = "bfloat16" if config.get("dtype") == "bfloat16" else "float16"
+    for name, (shape, dtype) in list(h.items()):
+        if name.endswith("weight") and dtype == "int8" and len(shape) >= 2:
+            t = _t(shape)
+            h[name] = ((*t[:-1], t[-1] // 2), word)  # int8 pairs viewed as 16-bit words
+        elif name.endswith("weights_scaling_factor") and len(shape) >= 2:
+            h[name] = (_t(shape), config["dtype"])
+        elif name.endswith("prequant_scaling_factor"):
+            h[name] = ((1, shape[-1]), dtype)
+
+
+def fp8(h: Header, config: dict, scheme) -> None:
+    for name, (shape, dtype) in list(h.items()):
+        if name.endswith("weight") and dtype == "int8":
+            h[name] = (shape, "float8_e4m3fn")
+    if "lm_head.weight" in h and h["lm_head.weight"][1] != "float8_e4m3fn":
+        h.pop("lm_head.weights_scaling_factor", None)
+        h.pop("lm_head.activation_scaling_factor", None)
+
+
+def weight_only(h: Header, config: dict, scheme) -> None:
+    bits = scheme.bits
+    exclude = (config.get("quantization") or {}).get("exclude_modules") or [
+        "*shared_expert_gate.weight"]
+    for name, (shape, dtype) in list(h.items()):
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        if any(n in name for n in WEIGHT_ONLY_NAMES) and dtype != "int8" and len(shape) >= 2:
+            t = _t(shape)
+            h[name] = ((*t[:-1], t[-1] * bits // 8), "int8")
+            h[name.replace(".weight", ".per_channel_scale")] = ((*shape[:-2], shape[-2]), dtype)
+
+
+TRANSFORMS = {"awq": awq, "fp8": fp8, "weight_only": weight_only, None: None}
+
+
+def preprocess(header: Header, config: dict, scheme) -> Header:
+    """The header as ``load()`` receives it (a new dict)."""
+    h = dict(header)
+    kv_scales(h)
+    step = TRANSFORMS[scheme.preprocess]
+    if step is not None:
+        step(h, config, scheme)
+    return h
