@@ -20,18 +20,22 @@ def quality_gate(ckpt, model_dir, quant, tokenizer) -> dict:
             "passed": limit is None or r["increase_pct"] <= limit}
 
 
-def discard(out: Path, ckpt: Path, store: Path | None = None) -> None:
-    """A run that failed its quality gate keeps nothing that looks complete: its checkpoint (and
-    ``store``, its calibration) goes, and so do the outputs of an earlier run it was replacing
-    (--force), which would now look current."""
-    import shutil
+DERIVED = ("engines", "triton")
 
-    shutil.rmtree(ckpt, ignore_errors=True)
-    if store is not None:
-        shutil.rmtree(store, ignore_errors=True)
-    for name in ("engines", "triton"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / "build.json").unlink(missing_ok=True)
+
+def discard(out: Path, ckpt: Path, store: Path | None = None, in_place=DERIVED) -> None:
+    """A run that failed its quality gate keeps nothing that looks complete: its checkpoint (and
+    ``store``, its calibration) goes. ``in_place``: the earlier run's outputs that go too, when
+    the failed checkpoint had already replaced theirs (--target pytorch), since they would now
+    look current; the engine target checks its checkpoint staged, so an earlier output stays as
+    it was (``in_place=()``). Only the tool's own directories are removed (common.ownership)."""
+    from common.ownership import foreign, remove_owned
+
+    for p in [ckpt, store] + [out / name for name in in_place]:
+        if p is not None and foreign(p) is None:
+            remove_owned(p)
+    if in_place:
+        (out / "build.json").unlink(missing_ok=True)
     try:
         out.rmdir()  # only when nothing else is in it
     except OSError:
@@ -71,11 +75,12 @@ def broken(gate: dict) -> str | None:
 
 
 def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict,
-              store: Path | None = None, allow_quality_loss: bool = False) -> dict:
+              store: Path | None = None, allow_quality_loss: bool = False,
+              in_place=DERIVED) -> dict:
     """The quality gate of a calibrated run, timed; on a breach of --max-ppl-increase, or a result
     that shows a broken checkpoint (:func:`broken`, unless ``allow_quality_loss``), nothing is
-    kept (``store``: this run's own calibration store) and the run fails (one line, exit 1).
-    Returns build.json's "quantization" record."""
+    kept (``store``: this run's own calibration store; ``in_place``: see :func:`discard`) and the
+    run fails (one line, exit 1). Returns build.json's "quantization" record."""
     import time
 
     from common.errors import UserError
@@ -86,12 +91,12 @@ def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict,
     why = None if allow_quality_loss else broken(gate)
     if why is not None:
         gate["passed"] = False
-        discard(out, ckpt, store)
+        discard(out, ckpt, store, in_place)
         raise UserError(f"the quality gate failed: {why}; the checkpoint is broken (e.g. "
                         f"calibrated on another model's weights, or damaged weights); nothing "
                         f"was kept (pass --allow-quality-loss to keep it anyway)", exit_code=1)
     if not gate["passed"]:
-        discard(out, ckpt, store)
+        discard(out, ckpt, store, in_place)
         raise UserError(f"the quality gate failed: perplexity +{gate['increase_pct']:.2f}% over the "
                         f"float model > --max-ppl-increase {quant.max_ppl_increase:g}%; nothing was "
                         f"kept (try another recipe or alpha, e.g. --smoothquant auto, or more "
@@ -99,8 +104,9 @@ def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict,
     return {"quant_algo": quant.quant_algo, "recipe": quant.recipe or quant.name, "quality_gate": gate}
 
 
-def verify_step(ckpt: Path, model_dir, quant, tokenizer, timings: dict) -> bool:
-    """--verify: print the reference reader's verdict; False on a mismatch."""
+def verify_step(ckpt: Path, model_dir, quant, tokenizer, timings: dict, shown=None) -> bool:
+    """--verify: print the reference reader's verdict; False on a mismatch. ``shown``: the
+    checkpoint's name in the verdict (where a staged one goes), default ``ckpt``."""
     import time
 
     from verify.reference import summary_line
@@ -108,7 +114,7 @@ def verify_step(ckpt: Path, model_dir, quant, tokenizer, timings: dict) -> bool:
     t0 = time.perf_counter()
     report, passed = verify(ckpt, model_dir, quant, tokenizer)
     timings["verify"] = time.perf_counter() - t0
-    print(f"verify: {summary_line(report, ckpt)}")
+    print(f"verify: {summary_line(report, ckpt if shown is None else shown)}")
     return passed
 
 

@@ -47,17 +47,25 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    """parse -> plan (every refusal) -> run the target's steps -> build.json; the exit status."""
+    """parse -> plan (every refusal) -> lock OUTPUT -> run the target's steps -> build.json; the
+    exit status."""
     from builders.manifest import write_manifest
+    from common.outlock import OutputLock
+    from common.staged import StagedOutput
     from pipeline.engine_target import run_engine_target
     from pipeline.plan import make_plan
     from pipeline.pytorch_target import run_pytorch_target
 
     plan = make_plan(args)
-    result = (run_pytorch_target if plan.target == "pytorch" else run_engine_target)(plan)
-    if result.manifest:
-        engines = {} if result.engines is None else {"engines": result.engines}
-        write_manifest(plan.out, inputs=result.inputs, options={**plan.options, **result.extra},
-                       stage_timings=result.timings, layout=result.layout,
-                       digests=result.digests, **engines)
+    # --ranks runs of one world write side by side (shared); any other run holds OUTPUT alone
+    with OutputLock(plan.out, shared=plan.ranks_text is not None) as lock:
+        if not lock.shared:
+            StagedOutput.sweep(plan.out)  # what killed runs left: no one else is writing
+        result = (run_pytorch_target if plan.target == "pytorch" else run_engine_target)(plan)
+        if result.manifest:
+            engines = {} if result.engines is None else {"engines": result.engines}
+            write_manifest(plan.out, inputs=result.inputs,
+                           options={**plan.options, **result.extra},
+                           stage_timings=result.timings, layout=result.layout,
+                           digests=result.digests, only=result.outputs, **engines)
     return result.exit_code

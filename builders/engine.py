@@ -71,6 +71,7 @@ from builders.engine_options import (BUILD_KEYS, KV_CACHE_TYPES, OPTION_SPECS,  
 from builders.engine_stage import (complete, engines_stage, fingerprint, host_gpu, land,
                                    prepare_stage, promote, read_records)
 from common.errors import UserError
+from common.ownership import remove_owned
 from common.staged import StagedOutput
 
 BUILT, NOT_BUILT, FAILED = "built", "not_built", "failed"
@@ -155,7 +156,9 @@ def read_checkpoint_layout(checkpoint_dir: Path, ranks=None) -> tuple[dict, int]
     return config, world
 
 
-def _check_options_against_checkpoint(opts: EngineOptions, config: dict) -> None:
+def check_options_against_checkpoint(opts: EngineOptions, config: dict) -> None:
+    """Refuse engine options the checkpoint's format cannot take (``config``: its config.json,
+    or what the plan knows of it)."""
     quant = (config.get("quantization") or {}).get("quant_algo")
     for name, needs in (("gemm_plugin", {"fp8": "FP8", "nvfp4": "NVFP4"}),
                         ("gemm_swiglu_plugin", {"fp8": "FP8"}),
@@ -289,7 +292,7 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
     todo = parse_ranks(ranks, world) if ranks is None or isinstance(ranks, str) else \
         parse_ranks(f"{min(ranks)}-{max(ranks)}", world)
     read_checkpoint_layout(checkpoint_dir, ranks=todo)
-    _check_options_against_checkpoint(opts, config)
+    check_options_against_checkpoint(opts, config)
     lengths = effective_lengths(opts, config)
     if len(todo) < world:
         hint_flags = tuple(hint_flags) + ("--ranks", f"{todo[0]}-{todo[-1]}")
@@ -311,7 +314,7 @@ def build_engines(checkpoint_dir, engines_dir, options=None, *, backend: Backend
     args = trtllm_build_args(opts)
     prepare_stage(run.staged, fingerprint(checkpoint_dir, args), gpu, run.subset, force)
     if force and run.subset:
-        _rmtree(engines_dir)  # a full run replaces it only once complete (swap_into_place)
+        remove_owned(engines_dir)  # a full run replaces it only once complete (swap_into_place)
     # this run's private directory: TensorRT-LLM writes here, finished ranks are then moved
     work = run.staged.stage / f".run-{todo[0]}-{todo[-1]}-{os.getpid()}"
     _rmtree(work)
@@ -379,7 +382,7 @@ def _failed(run: _Run, builds: list[RankBuild], work: Path) -> EngineBuildResult
     os.replace(work / "logs", failed_logs)
     run.staged.discard([work.name] if run.subset else None)
     if run.force:
-        _rmtree(engines_dir)
+        remove_owned(engines_dir)
     for rb in builds:
         rb.log = failed_logs / rb.log.name
     failed = [rb for rb in builds if rb.status == "failed"]

@@ -95,10 +95,11 @@ def _hash_threads() -> int:
 def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
                   suffixes: set[str] | None = None, recursive: bool = True,
                   threads: int | None = None, digests: Digests | None = None,
-                  scan: bool = False) -> list[dict]:
+                  scan: bool = False, only=None) -> list[dict]:
     """Path, size and BLAKE3 digest of the files under ``root``, sorted by path. Files are hashed
     in parallel threads (blake3 releases the GIL on large buffers: ~5 GB/s per core here;
-    ``threads``: how many, default one per core up to 4)."""
+    ``threads``: how many, default one per core up to 4). ``only``: the top-level names to
+    list (None: all)."""
     root = Path(root)
     paths = root.rglob("*") if recursive else root.iterdir()
     chosen = []
@@ -107,7 +108,9 @@ def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
             continue
         rel = p.relative_to(root)
         if any(part.startswith(".") for part in rel.parts):
-            continue  # caches, partial files
+            continue  # caches, partial files, ownership markers
+        if only is not None and rel.parts[0] not in only:
+            continue  # not this run's output
         if suffixes is not None and p.suffix.lower() not in suffixes:
             continue
         chosen.append((rel.as_posix(), p))
@@ -180,7 +183,8 @@ def describe_inputs(inputs: dict, threads: int | None = None) -> dict:
 
 def build_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, stage_timings: dict,
                    outputs_root=None, engines: dict | None = None,
-                   layout: dict | None = None, digests: Digests | None = None) -> dict:
+                   layout: dict | None = None, digests: Digests | None = None,
+                   only=None) -> dict:
     """The manifest as a dict (what :func:`write_manifest` writes)."""
     output_dir = Path(output_dir)
     outputs_root = Path(outputs_root) if outputs_root is not None else output_dir
@@ -196,7 +200,8 @@ def build_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
         "stage_timings_s": timings,
         "outputs": {
             "root": str(outputs_root.resolve()),
-            "files": _file_entries(outputs_root, exclude={manifest_path}, digests=digests),
+            "files": _file_entries(outputs_root, exclude={manifest_path}, digests=digests,
+                                   only=only),
         },
     }
     if engines is not None:
@@ -208,7 +213,8 @@ def build_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
 
 def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, stage_timings: dict,
                    outputs_root=None, engines: dict | None = None,
-                   layout: dict | None = None, digests: Digests | None = None) -> Path:
+                   layout: dict | None = None, digests: Digests | None = None,
+                   only=None) -> Path:
     """Write ``output_dir/build.json`` and return its path.
 
     inputs: e.g. ``{"model_dir": DIR, "model": "smollm2"}`` — ``model_dir`` is expanded into
@@ -223,11 +229,14 @@ def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
         (``convert.heads.HeadPadding.as_dict``: head counts and the extra cost), or ``None``.
     digests: the run's :class:`common.digests.Digests`, which its writers filled: those files
         are not read back.
+    only: the names under ``outputs_root`` this run wrote (build_engine: ``BuildResult.outputs``);
+        nothing else there is listed (an earlier run's or a user's files are not this build's).
+        None lists every file.
     """
     output_dir = Path(output_dir)
     manifest = build_manifest(output_dir, inputs=inputs, options=options,
                               stage_timings=stage_timings, outputs_root=outputs_root,
-                              engines=engines, layout=layout, digests=digests)
+                              engines=engines, layout=layout, digests=digests, only=only)
     path = output_dir / MANIFEST_NAME
     output_dir.mkdir(parents=True, exist_ok=True)  # --from-checkpoint may have written nothing else
     write_text(path, json.dumps(manifest, sort_keys=True, indent=2) + "\n")

@@ -1,26 +1,11 @@
-"""Putting a finished output directory or file in place: a reader sees the old one or the new one,
-never half of either."""
+"""Writing a small file whole: a reader sees the old one or the new one, never half of either.
+(Output directories are put in place by common.staged.StagedOutput.promote.)"""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from .errors import naming
-
-
-def swap_into_place(new: Path, dest: Path) -> None:
-    """Rename the complete directory ``new`` to ``dest``. An existing ``dest`` (the caller checked
-    ``--force``) is first renamed aside to ``dest.old`` and removed only once ``new`` is in place."""
-    new, dest = Path(new), Path(dest)
-    if not dest.exists():
-        os.replace(new, dest)
-        return
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(dest, old)
-    os.replace(new, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path, text: str, *, executable: bool = False) -> None:

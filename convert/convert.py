@@ -19,7 +19,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from common import interrupt
 from common.atomic import write_text
 from common.errors import IO_ERRNOS, UserError, io_error
 from common.interrupt import Interrupted
+from common.ownership import remove_owned
 from .hf_config import from_hugging_face
 from .plan import OutputTensor, rank_plan
 from .source import SourceCheckpoint
@@ -145,17 +145,20 @@ def plan_checkpoint(model, out_dir, shape, *, tp: int = 1, pp: int = 1, dtype: s
 
 def write_checkpoint(plan: CheckpointPlan, *, ranks=None, workers: int = 1, force: bool = False,
                      progress: bool = True, calibrated: str | None = None, options: str = "",
-                     on_complete=None, digests=None, allow_nonfinite: bool = False) -> dict:
+                     on_complete=None, digests=None, allow_nonfinite: bool = False,
+                     promote: bool = True) -> dict:
     """Write ``plan`` (see the module docstring for staging, resume and ``ranks``); return its
     config. ``calibrated``: the name of the calibrated format whose tensors the plan holds (never
     resumed, never split over runs), else None. ``options``: what else decides the bytes, for the
     resume fingerprint. ``on_complete``: called once the checkpoint is in place. ``digests``: the
     run's ``common.digests.Digests``, told each rank file's digest as it is written.
-    ``allow_nonfinite``: keep NaN/Inf source values and float16 overflows instead of refusing."""
+    ``allow_nonfinite``: keep NaN/Inf source values and float16 overflows instead of refusing.
+    ``promote=False`` (a run of every rank): the complete, read-back checkpoint stays in
+    ``<out>.partial`` for the caller's checks, which then put it in place (:func:`promote`)."""
     world = len(plan.plans)
     wanted, subset = wanted_ranks(ranks, world, calibrated)
     if subset and force:
-        shutil.rmtree(plan.out_dir, ignore_errors=True)  # a new generation is being written
+        remove_owned(plan.out_dir)  # a new generation is being written
     if calibrated:
         workers = 1  # the calibrated tensors are in this process's memory
     scan = plan.source.scan()  # in the background: the float path does not wait for it
@@ -165,8 +168,19 @@ def write_checkpoint(plan: CheckpointPlan, *, ranks=None, workers: int = 1, forc
     todo = [r for r in wanted if not stage.finished(r, digests)]
     _write_staged(plan.model_dir, plan.out_dir, stage, plan.plans, plan.config, todo=todo,
                   subset=subset, workers=workers, progress=progress, on_complete=on_complete,
-                  digests=digests, allow_nonfinite=allow_nonfinite)
+                  digests=digests, allow_nonfinite=allow_nonfinite, promote=promote or subset)
     return plan.config
+
+
+def promote(out_dir, digests=None) -> None:
+    """Put the complete checkpoint staged in ``<out_dir>.partial`` in place (after its checks),
+    replacing an earlier one of the tool's own."""
+    _staged(Path(out_dir)).promote(digests)
+
+
+def staged_dir(out_dir) -> Path:
+    """Where ``out_dir`` is written until it is put in place."""
+    return _staged(Path(out_dir)).stage
 
 
 def convert_checkpoint(model_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
@@ -205,11 +219,11 @@ def wanted_ranks(ranks, world: int, calibrated: str | None) -> tuple[list[int], 
 
 def _write_staged(model_dir: Path, out_dir: Path, stage: Stage, plans, config: dict, *, todo,
                   subset: bool, workers: int, progress: bool, on_complete, digests=None,
-                  allow_nonfinite: bool = False) -> None:
+                  allow_nonfinite: bool = False, promote: bool = True) -> None:
     """Write ranks ``todo`` and config.json into the staging dir; once every rank of the world is
-    there, check the files (and the source's values) and swap the stage into ``out_dir``.
-    Interrupted: the finished ranks stay for a rerun; any other failure removes this run's
-    files."""
+    there, check the files (and the source's values) and swap the stage into ``out_dir`` (unless
+    ``promote`` is False: the caller's checks run on the stage first). Interrupted: the finished
+    ranks stay for a rerun; any other failure removes this run's files."""
     tmp = stage.dir
     try:
         with interrupt.deferred():
@@ -222,7 +236,9 @@ def _write_staged(model_dir: Path, out_dir: Path, stage: Stage, plans, config: d
         if not allow_nonfinite:
             refuse_nonfinite(stage.scan)
         stage.before_promote(len(plans))
-        _staged(out_dir).promote()  # an existing one only with --force (checked by the caller)
+        if not promote:
+            return  # the caller's checks run on the stage, then it is put in place
+        _staged(out_dir).promote(digests)  # an existing one: --force and the tool's own
         if on_complete is not None:
             on_complete()
     except (KeyboardInterrupt, Interrupted):

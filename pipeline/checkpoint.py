@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from convert.convert import plan_checkpoint, refuse_nonfinite, wanted_ranks, write_checkpoint
+from convert.convert import (plan_checkpoint, promote, refuse_nonfinite, wanted_ranks,
+                             write_checkpoint)
 from convert.moe import MoeLayout, moe_layout
 from model.shape import Shape, preflight
 from quantize.apply import preflight_quant, vocab_multiple
@@ -28,11 +29,15 @@ class Layout:
 @dataclass
 class CheckpointResult:
     """A written (or, with --ranks, partly written) checkpoint: its config.json, the seconds spent
-    calibrating and computing the quantized tensors, and what calibration chose."""
+    calibrating and computing the quantized tensors, and what calibration chose. ``staged``: the
+    complete checkpoint is still in ``out_dir.partial`` (``promote=False``) and ``put_in_place``
+    finishes it."""
 
     config: dict
     timings: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    staged: bool = False
+    put_in_place: object = None
 
 
 def plan_layout(model, *, tp: int = 1, pp: int = 1, quant=None, moe_tp: int | None = None,
@@ -81,8 +86,8 @@ def quantization_block(quant, shape: Shape) -> dict | None:
 
 def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "auto",
                        workers: int = 1, force: bool = False, progress: bool = True, ranks=None,
-                       calibration=None, digests=None,
-                       allow_nonfinite: bool = False) -> CheckpointResult:
+                       calibration=None, digests=None, allow_nonfinite: bool = False,
+                       promote_now: bool = True) -> CheckpointResult:
     """Write the TRT-LLM checkpoint of ``model`` (a ModelSource) to ``out_dir``.
 
     Weight-only formats stream the float weights and only declare ``quant_algo`` (trtllm-build
@@ -92,7 +97,9 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
     ``ranks``: write only these ranks (convert.convert); the checkpoint is in ``out_dir`` once
     every rank is, else in ``out_dir.partial``. ``digests``: the run's ``common.digests.Digests``.
     ``allow_nonfinite``: NaN/Inf weights and float16 overflows are kept instead of refused (a
-    calibrated format checks the weights before calibrating, the float path while it writes)."""
+    calibrated format checks the weights before calibrating, the float path while it writes).
+    ``promote_now=False``: a complete checkpoint of every rank stays in ``out_dir.partial`` for
+    the run's checks (``result.staged``); ``result.put_in_place()`` then promotes it."""
     out_dir = Path(out_dir)
     cplan = plan_checkpoint(model, out_dir, layout.shape, tp=layout.tp, pp=layout.pp, dtype=dtype,
                             moe=layout.moe, moe_tp=layout.moe_tp, moe_ep=layout.moe_ep,
@@ -121,5 +128,13 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
         on_complete = calibration.done if calibration is not None else None
     write_checkpoint(cplan, ranks=ranks, workers=workers, force=force, progress=progress,
                      calibrated=calibrated, options=repr(quant), on_complete=on_complete,
-                     digests=digests, allow_nonfinite=allow_nonfinite)
+                     digests=digests, allow_nonfinite=allow_nonfinite, promote=promote_now)
+    if not promote_now and not wanted_ranks(ranks, len(cplan.plans), calibrated)[1]:
+
+        def put_in_place():
+            promote(out_dir, digests)
+            if on_complete is not None:
+                on_complete()
+
+        result.staged, result.put_in_place = True, put_in_place
     return result

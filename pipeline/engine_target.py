@@ -1,5 +1,9 @@
 """``--target engine``: open the model -> calibrate if the format needs it -> quantized tensors per
-rank -> write the checkpoint -> quality gate / --verify / --eval-ppl -> engines -> Triton."""
+rank -> write the checkpoint (staged) -> quality gate / --verify / --eval-ppl on the staged
+checkpoint -> put it in place (the outputs built from an earlier one go) -> engines -> Triton.
+
+Only a checkpoint that passed its checks is ever put in place: a run killed during them leaves
+``checkpoint.partial`` (no ``checkpoint/``), which a rerun resumes or redoes."""
 from __future__ import annotations
 
 import time
@@ -22,17 +26,48 @@ def run_engine_target(plan: BuildPlan) -> BuildResult:
 
         result = BuildResult(layout=plan.head_layout, inputs=InputHashing(
             {"model": plan.options["model"], "model_dir": str(plan.model.directory.resolve())}))
-        ckpt, report = checkpoint_step(plan, result)
-        loadable_step(ckpt, plan.ranks_text if ckpt.name.endswith(".partial") else None)
-        if not _checks(plan, ckpt, report, result):
+        ckpt, done = checkpoint_step(plan, result)
+        subset = ckpt.name.endswith(".partial") and not done.staged  # --ranks: some ranks only
+        loadable_step(ckpt, plan.ranks_text if subset else None)
+        if not _checks(plan, ckpt, done.report, result):
+            _discard_staged(plan, done, ckpt)
             return BuildResult(exit_code=EXIT_MISMATCH, manifest=False)
+        ckpt = _put_in_place(plan, done, ckpt, result)
     if plan.checkpoint_only:
         return result
     from .engines import engines_and_triton, engine_record
 
-    engines = engines_and_triton(plan, ckpt, result.timings)
+    engines = engines_and_triton(plan, ckpt, result.timings, result.outputs)
     result.engines, result.exit_code = engine_record(engines), engines.exit_code
     return result
+
+
+def _put_in_place(plan: BuildPlan, done, ckpt, result: BuildResult):
+    """The checked checkpoint goes in place; the tool's outputs built from the one it replaces
+    (engines, Triton repository, build.json) go with it, so nothing adopts them. Returns the
+    checkpoint's directory (still ``.partial`` while --ranks leaves ranks to other runs)."""
+    from .outputs import remove_stale
+
+    if done.staged:
+        done.put_in_place()
+        remove_stale(plan.out)
+        ckpt = plan.out / "checkpoint"
+    result.outputs.append(ckpt.name)
+    own = plan.calibration
+    if own is not None and not own.reuse and not own.temporary and own.store.is_dir() and \
+            own.store.parent.resolve() == plan.out.resolve():
+        result.outputs.append(own.store.name)
+    return ckpt
+
+
+def _discard_staged(plan: BuildPlan, done, ckpt) -> None:
+    """A --verify mismatch: the staged checkpoint is not put in place (an earlier output stays
+    as it was); say where it is kept for a look."""
+    import sys
+
+    if done.staged:
+        print(f"verify: the checkpoint was not put in place; it is kept in {ckpt} for a look "
+              f"(a rerun of the same command redoes it)", file=sys.stderr)
 
 
 def checkpoint_step(plan: BuildPlan, result: BuildResult):
@@ -48,11 +83,11 @@ def checkpoint_step(plan: BuildPlan, result: BuildResult):
                               dtype=plan.dtype, workers=plan.workers, force=plan.force,
                               progress=plan.progress, ranks=plan.ranks,
                               calibration=plan.calibration, digests=result.digests,
-                              allow_nonfinite=plan.allow_nonfinite)
+                              allow_nonfinite=plan.allow_nonfinite, promote_now=False)
     result.timings["checkpoint"] = time.perf_counter() - t0
     result.timings.update(done.timings)  # included in "checkpoint"
     _print_calibration(plan, done)
-    return _print_checkpoint(plan, done.config, result.timings), done.report
+    return _print_checkpoint(plan, done, result.timings), done
 
 
 def loadable_step(ckpt, ranks_text: str | None) -> None:
@@ -88,21 +123,29 @@ def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
     model_dir, timings = plan.model.directory, result.timings
     if quant.format.gated(quant):
         record = checks.gate_step(plan.out, ckpt, model_dir, quant, plan.tokenizer, timings,
-                                  plan.own_calibration_store,
+                                  plan.own_calibration_store, in_place=(),
                                   allow_quality_loss=plan.allow_quality_loss)
         result.extra["quantization"] = {**record, **report,
                                         "quality_gate": record["quality_gate"]}
-    if plan.verify and not checks.verify_step(ckpt, model_dir, quant, plan.tokenizer, timings):
+    if plan.verify and not checks.verify_step(ckpt, model_dir, quant, plan.tokenizer, timings,
+                                              shown=plan.out / "checkpoint"):
         return False
     if plan.ppl_text is not None:
         checks.eval_ppl_step(ckpt, model_dir, plan.ppl_text, timings)
     return True
 
 
-def _print_checkpoint(plan: BuildPlan, config: dict, timings: dict):
-    """Say what was written; with --ranks the checkpoint stays a .partial dir until its last rank."""
+def _print_checkpoint(plan: BuildPlan, done, timings: dict):
+    """Say what was written (staged for its checks; with --ranks the checkpoint stays a .partial
+    dir until its last rank); the directory it is in."""
+    config = done.config
     m = config["mapping"]
     ckpt = plan.out / "checkpoint"
+    if done.staged:  # named where it goes once checked
+        print(f"checkpoint: {ckpt} ({m['world_size']} rank(s), tp {m['tp_size']}, "
+              f"pp {m['pp_size']}, {config['dtype']}, {plan.quant.name}) in "
+              f"{timings['checkpoint']:.1f}s")
+        return ckpt.with_name(ckpt.name + ".partial")
     if not ckpt.is_dir():  # --ranks: other ranks are still to come
         ckpt = ckpt.with_name(ckpt.name + ".partial")
         print(f"checkpoint: rank(s) {plan.ranks_text} of {m['world_size']} written into {ckpt}; "

@@ -9,10 +9,15 @@ from .plan import BuildPlan
 from .result import EXIT_NO_ENGINE
 
 
-def engines_and_triton(plan: BuildPlan, ckpt, timings: dict):
+def engines_and_triton(plan: BuildPlan, ckpt, timings: dict, outputs: list | None = None):
     """Build the engines (or say how to on a GPU host), then write the Triton repository when
-    this run completes the world; return the engine stage's result."""
+    this run completes the world; return the engine stage's result. ``outputs``: told the names
+    under OUTPUT this run wrote. With --force, an ``engines/`` this run did not build goes (the
+    tool's own only): the new repository and build.json never name engines nobody checked."""
     from builders.engine import build_engines
+    from common.ownership import remove_owned
+
+    outputs = [] if outputs is None else outputs
 
     t0 = time.perf_counter()
     # the Triton repository is written here even without engines; the GPU host then only builds
@@ -21,6 +26,10 @@ def engines_and_triton(plan: BuildPlan, ckpt, timings: dict):
     engines = build_engines(ckpt, plan.out / "engines", plan.engine_options, force=plan.force,
                             hint_flags=hint_flags, ranks=plan.ranks_text)
     timings["engines"] = time.perf_counter() - t0
+    if engines.exit_code == 0:
+        outputs.append("engines" if engines.complete else "engines.partial")
+    elif plan.force:
+        remove_owned(plan.out / "engines")  # older than this run's checkpoint or options
     stream = sys.stdout if engines.exit_code == 0 else sys.stderr
     print(f"engines: {engines.message}", file=stream)
     if engines.exit_code not in (0, EXIT_NO_ENGINE) or plan.triton_target == "none":
@@ -32,6 +41,7 @@ def engines_and_triton(plan: BuildPlan, ckpt, timings: dict):
         return engines
     t0 = time.perf_counter()
     repo = write_triton(plan, ckpt, engines_built=engines.exit_code == 0)
+    outputs.append(repo.name)
     timings["triton"] = time.perf_counter() - t0
     print(f"triton: {repo} ({plan.triton_target} model repository, validated with "
           f"Triton's ModelConfig schema); launch: {repo / 'launch_triton.sh'}")

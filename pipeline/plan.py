@@ -59,7 +59,7 @@ def make_plan(args) -> BuildPlan:
         raise UserError(f"--workers must be >= 1 (got {args.workers})")
     defaults_from_other_flags(args)
     if args.from_checkpoint:
-        return _from_checkpoint_plan(args)
+        return _checked(_from_checkpoint_plan(args), args)
     if not args.model:
         raise UserError("--model is required: a local HF model dir or a bundled example name "
                         "(or --from-checkpoint CKPT_DIR)")
@@ -69,8 +69,22 @@ def make_plan(args) -> BuildPlan:
     if args.smoothquant == "default":  # build.json records the alpha the recipe used
         args.smoothquant = quant.smoothquant_alpha
     if getattr(args, "target", "engine") == "pytorch":
-        return _pytorch_plan(args, quant)
-    return _engine_plan(args, quant)
+        return _checked(_pytorch_plan(args, quant), args)
+    return _checked(_engine_plan(args, quant), args)
+
+
+def _checked(plan: BuildPlan, args) -> BuildPlan:
+    """The output refusals (pipeline.outputs): what the run replaces or deletes in OUTPUT is
+    the tool's own, an existing output has --force, no input lies under it."""
+    from . import outputs
+
+    model_dir = plan.model.directory if plan.model is not None else None
+    outputs.check(plan, {"--model": model_dir, "--from-checkpoint": plan.from_checkpoint,
+                         "--calibration": getattr(args, "calibration", None),
+                         "--tokenizer-dir": plan.tokenizer_dir,
+                         "--calib-data": getattr(args, "calib_data", None),
+                         "--eval-ppl": getattr(args, "eval_ppl", None)})
+    return plan
 
 
 def _common(args) -> dict:
@@ -83,15 +97,49 @@ def _common(args) -> dict:
                 tokenizer_dir=args.tokenizer_dir, ranks_text=args.ranks)
 
 
-def _stage_options(args) -> dict:
-    """The engine and Triton stages' options, converted here (their range refusals included)."""
+def _stage_options(args, quant_algo=None) -> dict:
+    """The engine and Triton stages' options, converted here (their range refusals included,
+    whether or not this run has those stages; ``quant_algo``: the checkpoint's, for the engine
+    options that need a format)."""
+    from builders.engine import check_options_against_checkpoint
     from builders.engine_options import options_from_args
     from builders.triton import TritonOptions
 
+    engine = options_from_args(args)
     if args.checkpoint_only:
         return {}
+    check_options_against_checkpoint(engine, {"quantization": {"quant_algo": quant_algo}})
     triton = None if args.triton_target == "none" else TritonOptions.from_any(args)
-    return dict(engine_options=options_from_args(args), triton_options=triton)
+    return dict(engine_options=engine, triton_options=triton)
+
+
+def _refuse_unfinished(ckpt: Path) -> None:
+    """A checkpoint build_engine has not finished (its stage, killed before or during its checks)
+    or one changed since it was put in place is refused; one the tool did not write (another
+    converter's) is taken as it is."""
+    from common import ownership
+
+    got = ownership.entry(ckpt)
+    if got is not None and got.get("stage") or ckpt.name.endswith(".partial") or \
+            (ckpt / "fingerprint.json").is_file():
+        raise UserError(f"--from-checkpoint {ckpt} is an unfinished checkpoint (build_engine's "
+                        f"staging directory: its writing or its checks did not finish); rerun "
+                        f"the build that writes it, then use its checkpoint/")
+    if got is not None:
+        why = ownership.foreign(ckpt)
+        if why is not None:
+            raise UserError(f"--from-checkpoint: {why}; rerun the build that wrote it")
+
+
+def _checkpoint_config(ckpt) -> dict:
+    """--from-checkpoint's config.json, for the refusals that need it (vocabulary, format); {}
+    when it cannot be read here (the engine stage says why, one line, in its own order)."""
+    from builders.engine import read_checkpoint_layout
+
+    try:
+        return read_checkpoint_layout(Path(ckpt), ranks=[])[0]
+    except UserError:
+        return {}
 
 
 def _from_checkpoint_plan(args) -> BuildPlan:
@@ -108,8 +156,10 @@ def _from_checkpoint_plan(args) -> BuildPlan:
     if quant.format.quantized(quant):  # a checkpoint is quantized when converted
         raise UserError("quantization flags apply when converting with --model; a "
                         "--from-checkpoint checkpoint keeps its own quantization (drop them)")
-    preflight.check_triton_args(args, None)
-    stages = _stage_options(args)
+    _refuse_unfinished(Path(args.from_checkpoint))
+    config = _checkpoint_config(args.from_checkpoint)
+    preflight.check_triton_args(args, None, config.get("vocab_size"))
+    stages = _stage_options(args, (config.get("quantization") or {}).get("quant_algo"))
     return BuildPlan(target="engine", options=dict(vars(args)),
                      from_checkpoint=Path(args.from_checkpoint), **_common(args), **stages)
 
@@ -126,7 +176,7 @@ def _engine_plan(args, quant) -> BuildPlan:
     layout = plan_layout(model, tp=args.tp, pp=args.pp, quant=quant, moe_tp=args.moe_tp,
                          moe_ep=args.moe_ep, pad_heads=args.pad_heads or model.pads_heads)
     head_layout = preflight.head_padding(args, layout.shape)
-    preflight.check_triton_args(args, model.directory)
+    preflight.check_triton_args(args, model.directory, model.shape.vocab)
     ranks = preflight.conversion_ranks(args, quant)
     tokenizer = preflight.quant_tokenizer(args, quant, model)
     preflight.memory_plan(args, quant, layout.shape, Path(args.output))
@@ -141,7 +191,7 @@ def _engine_plan(args, quant) -> BuildPlan:
 
         calibration = calibration_run(calibration, quant, layout.shape, Path(args.output))
     own_store = None if args.calibration else Path(args.output) / "calibration"
-    stages = _stage_options(args)
+    stages = _stage_options(args, quant.quant_algo if quant.format.quantized(quant) else None)
     return BuildPlan(target="engine", options=dict(vars(args)), model=model, quant=quant,
                      layout=layout, ranks=ranks, tokenizer=tokenizer, calibration=calibration,
                      own_calibration_store=own_store, ppl_text=ppl_text,
@@ -155,8 +205,11 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     from builders.triton import TritonOptions
     from model.source import ModelSource
 
+    from builders.engine_options import options_from_args
+
     layerwise = quant.format.unified_layerwise(quant)  # from a calibration store
     preflight.refuse_engine_only_flags(args, reuses_calibration=layerwise)
+    options_from_args(args)  # the LLM(...) size limits among them: their ranges, always
     model = ModelSource.open(args.model)
     preflight.family_formats(quant, model, "pytorch")
     preflight.refuse_padding_for_pytorch(args, model, args.pad_heads or model.pads_heads)

@@ -97,6 +97,7 @@ def quant_tokenizer(args, quant, model):
                                     "; or drop --verify")
     else:
         tokenizer = model.tokenizer()
+    check_vocab(tokenizer, model.shape.vocab, model.directory)
     calibration_text(quant, tokenizer)
     return tokenizer
 
@@ -107,6 +108,15 @@ def calibration_text(quant, tokenizer) -> None:
         from quantize.calibrate import check_calib_tokens
 
         check_calib_tokens(quant, tokenizer)
+
+
+def check_vocab(tokenizer, vocab_size: int, where) -> None:
+    """A tokenizer whose ids reach past the model's embedding is another model's: refused before
+    calibration feeds them to it."""
+    if vocab_size and len(tokenizer) > int(vocab_size):
+        raise UserError(f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                        f"vocab_size is {vocab_size}; is it the tokenizer of this model? (fix the "
+                        f"model directory's tokenizer files)")
 
 
 def memory_plan(args, quant, shape, out: Path) -> None:
@@ -155,8 +165,10 @@ def calibration_run(args, out: Path, quant, tokenizer):
     return CalibrationRun(store=out / "calibration", device=device, tokenizer=tokenizer)
 
 
-def check_triton_args(args, model_dir) -> None:
-    """Refuse, before any work, Triton options that would fail after the conversion."""
+def check_triton_args(args, model_dir, vocab_size: int | None = None) -> None:
+    """Refuse, before any work, Triton options that would fail after the conversion
+    (``vocab_size``: the model's or the checkpoint's; a tokenizer with more tokens is another
+    model's)."""
     from builders.triton import TritonOptions, check_tokenizer
 
     if args.checkpoint_only or args.triton_target == "none":
@@ -171,6 +183,6 @@ def check_triton_args(args, model_dir) -> None:
                         "--triton-target none")
     where = "--tokenizer-dir" if args.tokenizer_dir is not None else "model dir"
     try:
-        check_tokenizer(args.tokenizer_dir or model_dir, what=where)
+        check_tokenizer(args.tokenizer_dir or model_dir, vocab_size, what=where)
     except UserError as e:
         raise UserError(f"{e} (or --triton-target none to skip the Triton repository)") from None

@@ -33,6 +33,7 @@ def run_pytorch_target(plan: BuildPlan) -> BuildResult:
             plan.calibration.done()  # a temporary store goes
     timings = result.timings
     timings["hf_quantized"] = time.perf_counter() - t0
+    result.outputs += [p.name for p in (res["checkpoint"], res["triton"]) if p is not None]
     _print_calibration(plan, calibration_timings)
     print(f"hf_quantized: {res['checkpoint']} (modelopt unified checkpoint, {spec.name}) "
           f"in {timings['hf_quantized']:.1f}s")

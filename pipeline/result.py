@@ -14,7 +14,8 @@ class BuildResult:
     --verify mismatch); ``inputs``, ``timings``, ``extra`` (build.json "options" beyond the flags:
     the quantization recipe and its gate), ``engines`` (the engine record), ``layout`` (head
     padding): build.json's fields; ``digests``: what the run's writers hashed while writing, so
-    build.json need not read those files back."""
+    build.json need not read those files back; ``outputs``: the names under OUTPUT this run
+    wrote, the only ones build.json lists."""
 
     exit_code: int = EXIT_OK
     manifest: bool = True
@@ -24,3 +25,4 @@ class BuildResult:
     engines: dict | None = None
     layout: dict | None = None
     digests: Digests = field(default_factory=Digests)
+    outputs: list = field(default_factory=list)

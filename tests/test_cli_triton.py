@@ -8,6 +8,7 @@ from pathlib import Path
 
 import builders.engine as E
 from builders.cli import main
+from common.ownership import RECORD
 from builders.triton import validate_repo
 from engine_fakes import TwoGpus
 
@@ -42,7 +43,7 @@ def test_without_trtllm_the_run_writes_checkpoint_and_triton_then_says_how_to_fi
                "--max-batch-size", "16"])
     cap = capsys.readouterr()
     assert rc == 3, cap.err
-    assert sorted(p.name for p in out.iterdir()) == ["build.json", "checkpoint", "triton"]
+    assert sorted(p.name for p in out.iterdir()) == [RECORD, "build.json", "checkpoint", "triton"]
     models = validate_repo(out / "triton")
     assert set(models) == {"ensemble", "preprocessing", "tensorrt_llm", "postprocessing"}
     trt = (out / "triton" / "tensorrt_llm" / "config.pbtxt").read_text()
@@ -99,7 +100,7 @@ def test_triton_target_none_writes_no_repository(tmp_path, tiny_model, monkeypat
     out = tmp_path / "out"
     assert main(["--model", str(hf_dir), "--output", str(out), "--no-progress",
                  "--triton-target", "none"]) == 3
-    assert sorted(p.name for p in out.iterdir()) == ["build.json", "checkpoint"]
+    assert sorted(p.name for p in out.iterdir()) == [RECORD, "build.json", "checkpoint"]
 
 
 def test_from_checkpoint_needs_a_tokenizer_dir(tmp_path, tiny_model, capsys):

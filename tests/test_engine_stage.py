@@ -237,9 +237,19 @@ def test_existing_engines_need_force_and_are_replaced_only_after_success(tmp_pat
     assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm()).ok
     with pytest.raises(UserError, match="already exists; pass --force"):
         build_engines(ckpt, engines, backend=RecordingFakeTrtllm())
-    (engines / "stale.txt").write_text("old")
+    (engines / "stale.txt").write_text("old")  # not the tool's: --force will not replace it
+    with pytest.raises(UserError, match="engines/stale.txt was not written by build_engine: "
+                                        "build_engine will not replace it"):
+        build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), force=True)
+    assert (engines / "stale.txt").read_text() == "old"
+    (engines / "stale.txt").unlink()
+    rank0 = engines / "rank0.engine"
+    rank0.write_bytes(rank0.read_bytes() + b" rewritten")  # the tool's file, changed
+    with pytest.raises(UserError, match="rank0.engine changed since build_engine wrote it"):
+        build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), force=True)
+    (engines / "rank0.engine").unlink()  # the tool's own, less a file: replaced
     assert build_engines(ckpt, engines, backend=RecordingFakeTrtllm(), force=True).ok
-    assert not (engines / "stale.txt").exists() and (engines / "rank0.engine").is_file()
+    assert (engines / "rank0.engine").is_file()
     # a forced rebuild that fails leaves no engines (the old ones belong to a replaced checkpoint)
     res = build_engines(ckpt, engines, backend=RecordingFakeTrtllm(fail_ranks={0}), force=True)
     assert res.status == FAILED and not engines.exists()

@@ -10,16 +10,19 @@ import pytest
 
 import builders.engine as E
 from builders.cli import main
+from common.ownership import RECORD
 from engine_fakes import TwoGpus
 
 
 def _files(root: Path) -> dict:
-    """relative path → bytes of every output file except build.json and the per-host records
-    (.ranks: host names) and logs (they name the run's own staging dir)."""
+    """relative path → bytes of every output file except build.json, the ownership record (it
+    lists the Triton files' sizes, which name the output dir), the per-host records (.ranks: host
+    names) and logs (they name the run's own staging dir)."""
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if p.is_file() and rel.as_posix() != "build.json" and ".ranks" not in rel.parts \
+        if p.is_file() and rel.as_posix() not in ("build.json", RECORD) \
+                and ".ranks" not in rel.parts \
                 and "logs" not in rel.parts:
             out[rel.as_posix()] = p.read_bytes()
     return out
@@ -42,16 +45,16 @@ def test_two_nodes_with_disjoint_ranks_write_what_one_full_run_writes(
     assert _run(split, hf_dir, smollm2_dir, "--ranks", "0-1") == 0
     said = capsys.readouterr().out
     assert "triton: not written yet" in said
-    assert sorted(p.name for p in split.iterdir()) == ["build.json", "checkpoint.partial",
-                                                       "engines.partial"]
+    assert sorted(p.name for p in split.iterdir()) == [RECORD, "build.json",
+                                                       "checkpoint.partial", "engines.partial"]
     first = json.loads((split / "build.json").read_text())["engines"]
     assert first["ranks_built_here"] == [0, 1] and first["complete"] is False
     assert first["built_on"]["0"]["gpu"] == {"name": "TEST DOUBLE GPU",
                                              "compute_capability": "9.0"}
 
     assert _run(split, hf_dir, smollm2_dir, "--ranks", "2-3") == 0
-    assert sorted(p.name for p in split.iterdir()) == ["build.json", "checkpoint", "engines",
-                                                       "triton"]
+    assert sorted(p.name for p in split.iterdir()) == [RECORD, "build.json", "checkpoint",
+                                                       "engines", "triton"]
     a, b = _files(full), _files(split)
     assert sorted(a) == sorted(b)
     assert any(k.startswith("triton/") for k in a) and "engines/rank3.engine" in a

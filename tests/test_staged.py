@@ -7,11 +7,15 @@ import json
 import pytest
 
 from common.errors import UserError
+from common import ownership
+from common.ownership import RECORD, mark_finished
 from common.staged import StagedOutput
 
 
 def _files(d):
-    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
+    """The files under ``d`` but the tool's ownership record (common.ownership)."""
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*")
+                  if p.is_file() and p.name != RECORD)
 
 
 def test_resume_with_the_same_fingerprint_keeps_finished_parts(tmp_path):
@@ -47,12 +51,13 @@ def test_promote_replaces_the_destination_whole_without_the_record(tmp_path):
     dest = tmp_path / "engines"
     dest.mkdir()
     (dest / "stale.engine").write_bytes(b"old")
+    mark_finished(dest)  # an earlier run's output: the tool's own
     out = StagedOutput(dest, record="fingerprint.json")
     out.open({"a": 1})
     (out.stage / "rank0.engine").write_bytes(b"new")
     out.promote()
     assert _files(dest) == ["rank0.engine"] and not out.stage.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]  # no .old left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RECORD, "engines"]  # no .old left
 
 
 def test_failure_discards_only_its_own_files_when_asked(tmp_path):
@@ -90,3 +95,43 @@ def test_a_private_stage_is_fresh_and_unshared(tmp_path):
     a.promote()
     b.discard()
     assert _files(tmp_path) == ["repo/config.pbtxt"]
+
+
+def test_only_the_tools_own_directories_are_discarded_or_replaced(tmp_path):
+    """common.ownership through StagedOutput: a stage or destination the record does not prove
+    to be the tool's is refused (one line) and left as it was."""
+    stage = tmp_path / "ckpt.partial"
+    stage.mkdir()
+    (stage / "mine.txt").write_text("a user's")
+    with pytest.raises(UserError, match=r"ckpt.partial was not written by build_engine .*"
+                                        r"will not delete it"):
+        StagedOutput(tmp_path / "ckpt").open({"a": 1})
+    StagedOutput(tmp_path / "ckpt").discard()
+    assert (stage / "mine.txt").read_text() == "a user's"
+    stage.rename(tmp_path / "ckpt")  # now in the destination's place
+    out = StagedOutput(tmp_path / "ckpt")
+    out.open({"a": 1})
+    with pytest.raises(UserError, match="ckpt was not written by build_engine"):
+        out.promote()
+    assert _files(tmp_path / "ckpt") == ["mine.txt"]
+    mark_finished(tmp_path / "ckpt")  # as if the tool had written it ...
+    (tmp_path / "ckpt" / "added.txt").write_text("x")  # ... and a user added a file
+    with pytest.raises(UserError, match="ckpt/added.txt was not written by build_engine"):
+        out.promote()
+    (tmp_path / "ckpt" / "added.txt").unlink()
+    (tmp_path / "ckpt" / "mine.txt").write_text("longer now")
+    with pytest.raises(UserError, match="ckpt/mine.txt changed since build_engine wrote it"):
+        out.promote()
+    (tmp_path / "ckpt" / "mine.txt").write_text("a user's")  # as recorded: the tool's own
+    (out.stage / "rank0.safetensors").write_bytes(b"new")
+    out.promote()
+    assert _files(tmp_path / "ckpt") == ["rank0.safetensors"]
+    assert ownership.is_finished(tmp_path / "ckpt")
+
+
+def test_sweep_removes_only_the_tools_leftovers(tmp_path):
+    left = StagedOutput.private(tmp_path / "triton")  # a killed run's private stage
+    theirs = tmp_path / ".triton.user.partial"
+    theirs.mkdir()
+    assert StagedOutput.sweep(tmp_path) == [left.stage]
+    assert theirs.is_dir() and not left.stage.exists()

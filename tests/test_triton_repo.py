@@ -16,6 +16,7 @@ import yaml
 
 from builders import triton as tr
 from common.errors import UserError
+from common.ownership import RECORD
 from triton_fakes import checkpoint_config, engine_repo, hf_dir, no_placeholders, params
 
 
@@ -272,9 +273,16 @@ def test_atomic_write_and_force(tmp_path, tokenizer_dir):
     with pytest.raises(UserError, match="already exists; pass --force"):
         engine_repo(tmp_path, tokenizer_dir)
     assert marker.exists()
+    # a file the tool did not write: --force does not replace it (common.ownership)
+    with pytest.raises(UserError, match="triton/stale.txt was not written by build_engine"):
+        engine_repo(tmp_path, tokenizer_dir, force=True)
+    assert marker.read_text() == "old"
+    marker.unlink()
+    before = (repo / "launch_triton.sh").stat().st_ino
     engine_repo(tmp_path, tokenizer_dir, force=True)
-    assert not marker.exists() and tr.validate_repo(repo)
-    assert sorted(p.name for p in repo.parent.iterdir()) == ["triton"]  # no temp dirs left
+    assert (repo / "launch_triton.sh").stat().st_ino != before and tr.validate_repo(repo)
+    # no temp dirs left; the ownership record beside the repository
+    assert sorted(p.name for p in repo.parent.iterdir()) == [RECORD, "triton"]
 
 
 def test_tokenizer_outside_the_output_is_an_external_path(tmp_path, tokenizer_dir):

@@ -14,6 +14,9 @@ process. What is hashed:
   ``calibration/calibration.json``, the calibration's seconds; each is hashed here itself);
 - ``calibration/calibration.json`` without its ``seconds``.
 
+Not hashed: the ownership record ``.build_engine.json`` (common.ownership): it holds only the
+sizes and digests of the files hashed here, and those of the text files depend on the root.
+
 ``python tests/golden/matrix.py --write`` records tests/golden/manifest.json (only when the
 output is meant to change: say why in the commit). ``python tests/golden/matrix.py --check``
 compares. tests/test_golden.py runs the check in a subprocess with the CPU kernels pinned
@@ -126,6 +129,7 @@ CASES = {
 
 _TEXT_SUFFIXES = {".json", ".pbtxt", ".yaml", ".yml", ".sh", ".txt", ".py", ".md", ".jinja"}
 _VOLATILE = ("created_utc", "versions", "stage_timings_s")
+OWNERSHIP_RECORD = ".build_engine.json"  # common.ownership.RECORD (see the module docstring)
 
 
 def make_inputs(root: Path) -> dict[str, Path]:
@@ -164,6 +168,8 @@ def digest_tree(out: Path, root: Path) -> dict[str, str]:
     digests = {}
     for f in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = f.relative_to(out).as_posix()
+        if rel == OWNERSHIP_RECORD:
+            continue  # sizes and digests of the files hashed here (its text files name the root)
         data = f.read_bytes()
         if f.name == "build.json":
             norm = _normalise_build_json(json.loads(data))

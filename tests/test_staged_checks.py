@@ -1,0 +1,125 @@
+"""Issue 29, class 6 and its fault suite: the quality gate and --verify run on the staged
+checkpoint and only a passing one is put in place; a run killed (SIGKILL, as the OOM killer does)
+during the gate or while the Triton repository is written ends in no new output or in complete,
+checked outputs only, and the rerun writes the same bytes as an uninterrupted run."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common import ownership
+from common.ownership import RECORD
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = Path(__file__).resolve().parent / "fault_runner.py"
+FP8 = ("--fp8", "--calib-size", "2", "--calib-seq-len", "32")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A tiny random Llama with the golden matrix's committed tokenizer (1000 tokens)."""
+    from examples.tiny import make_tiny_model
+
+    d = tmp_path_factory.mktemp("model")
+    make_tiny_model(d, vocab_size=1000)
+    for f in (REPO / "tests" / "golden" / "tokenizer").iterdir():
+        shutil.copy(f, d / f.name)
+    return d
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO),
+                                                         os.environ.get("PYTHONPATH", "")])}
+
+
+def _killed_at(at: str, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUNNER), "kill", at, *map(str, argv),
+                           "--no-progress"], env=_env(), capture_output=True, text=True,
+                          timeout=900)
+
+
+def _cli(*argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "builders", *map(str, argv), "--no-progress"],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+
+
+def _outputs(out: Path) -> dict:
+    """Every output file's bytes (the output dir's own path written as @), but build.json and
+    calibration.json (timings) and the ownership record (sizes of files that name the dir)."""
+    got = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_file() and p.name not in ("build.json", "calibration.json", RECORD):
+            got[rel] = p.read_bytes().replace(str(out.resolve()).encode(), b"@")
+    return got
+
+
+def test_killed_during_the_gate_leaves_no_checkpoint_and_the_rerun_finishes_it(tmp_path, model):
+    """Before: the gate ran after the checkpoint was in place, so a run killed during it left a
+    complete-looking checkpoint/ that --from-checkpoint accepted."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _cli("--model", model, "--output", ref, *FP8).returncode == 3
+    killed = _killed_at("gate", "--model", model, "--output", out, *FP8)
+    assert killed.returncode == -9, killed.stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "calibration", "checkpoint.partial"]  # no checkpoint/, no triton/, no build.json
+    partial = _cli("--from-checkpoint", out / "checkpoint.partial", "--output", tmp_path / "e",
+                   "--triton-target", "none")
+    assert partial.returncode == 2
+    assert partial.stderr.strip() == (
+        f"build_engine: error: --from-checkpoint {out / 'checkpoint.partial'} is an unfinished "
+        f"checkpoint (build_engine's staging directory: its writing or its checks did not "
+        f"finish); rerun the build that writes it, then use its checkpoint/")
+    rerun = _cli("--model", model, "--output", out, *FP8)
+    assert rerun.returncode == 3, rerun.stderr
+    assert "quality gate (FP8)" in rerun.stdout
+    assert _outputs(out) == _outputs(ref)
+    assert not (out / "checkpoint.partial").exists()
+    assert ownership.is_finished(out / "checkpoint") and ownership.is_finished(out / "triton")
+
+
+def test_killed_while_writing_triton_leaves_only_complete_outputs(tmp_path, model):
+    """The checkpoint already in place is complete and checked; the repository's private stage
+    is hidden and swept by the rerun, which gives the uninterrupted run's bytes."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _cli("--model", model, "--output", ref, "--force").returncode == 3  # as the rerun
+    killed = _killed_at("triton", "--model", model, "--output", out)
+    assert killed.returncode == -9, killed.stderr
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert visible == ["checkpoint"] and ownership.is_finished(out / "checkpoint")
+    (left,) = [p for p in out.iterdir() if p.name.startswith(".triton.")]
+    assert left.name.endswith(".partial")  # hidden, never a complete-looking triton/
+    rerun = _cli("--model", model, "--output", out, "--force")
+    assert rerun.returncode == 3, rerun.stderr
+    assert not left.exists()
+    assert _outputs(out) == _outputs(ref)
+
+
+def test_a_failed_verify_puts_nothing_in_place(tmp_path, model, monkeypatch, capsys):
+    """--verify runs on the staged checkpoint: a mismatch (forced here by a TEST DOUBLE verdict)
+    leaves the earlier output as it was, exit 1."""
+    import builders.checks as checks
+    from builders.cli import main
+
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--output", str(out), "--no-progress", "--triton-target",
+            "none", "--checkpoint-only"]
+    assert main(argv) == 0
+    before = _outputs(out)
+    real = checks.verify
+
+    def mismatch(*a, **k):  # TEST DOUBLE: the real reader's report, judged a mismatch
+        report, _ = real(*a, **k)
+        return {**report, "passed": False}, False
+
+    monkeypatch.setattr(checks, "verify", mismatch)
+    assert main([*argv, "--verify", "--force", "--dtype", "float32"]) == 1
+    err = capsys.readouterr().err
+    assert "the checkpoint was not put in place" in err
+    assert {k: v for k, v in _outputs(out).items() if not k.startswith("checkpoint.partial")} \
+        == before
