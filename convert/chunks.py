@@ -98,13 +98,18 @@ def _widen(src: DType, dst: DType):
 
 
 def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, spans: bool = False,
-                allow_nonfinite: bool = False):
+                offset: float = 0.0, allow_nonfinite: bool = False):
     """Yield ``piece`` (a convert.shard.Piece) in ``dtype`` (a DType or torch dtype), a few rows
     at a time: torch tensors, or with ``spans=True`` (for ``write_file``) also ``FileSpan``s and
     ``ByteChunk``s, which need no torch; a yielded chunk is then only valid until the next one is
-    asked for (buffers are reused).
+    asked for (buffers are reused). ``offset``: added in float32 before the cast (Gemma's norms,
+    small tensors: through torch).
     """
     dtype = as_dtype(dtype)
+    if offset:
+        for chunk in iter_chunks(source, piece, "float32", max_bytes):
+            yield (chunk.float() + offset).to(dtype.torch)
+        return
     rows = piece.shape[0]
     row_elems = 1
     for d in piece.shape[1:]:

@@ -59,7 +59,7 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
                 yield t.tensor
                 return
             for piece in t.pieces:
-                yield from iter_chunks(source, piece, t.dtype, spans=True,
+                yield from iter_chunks(source, piece, t.dtype, spans=True, offset=t.offset,
                                        allow_nonfinite=allow_nonfinite)
 
         def on_bytes(n):
@@ -92,6 +92,8 @@ def _fingerprint(config: dict, plans, source: SourceCheckpoint, options: str = "
     for plan in plans:
         for t in plan:
             h.update(repr((t.name, t.shape, str(t.dtype), [asdict(p) for p in t.pieces])).encode())
+            if getattr(t, "offset", 0):  # calibrated tensors (StagedTensor) have none
+                h.update(repr(t.offset).encode())
     for f in source.files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns if mtimes else ''}".encode())

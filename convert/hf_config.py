@@ -10,7 +10,6 @@ from __future__ import annotations
 from common.errors import UserError
 from model.families import FAMILIES
 from model.shape import model_shape, preflight
-from model.spec import FromHF
 
 from .moe import moe_config, moe_layout
 
@@ -87,7 +86,7 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         "num_key_value_heads": shape.tp_kv_heads,
         "head_size": shape.head_size,
         "intermediate_size": shape.inter,
-        "hidden_act": hf.hidden_act,
+        "hidden_act": getattr(hf, "hidden_act", None),
         "norm_epsilon": float(hf.rms_norm_eps),
         "max_position_embeddings": hf.max_position_embeddings,
         "position_embedding_type": "rope_gpt_neox",
@@ -108,6 +107,7 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         config["hidden_act"] = "swiglu"
         config["moe"] = moe_config(shape)
         config["mapping"].update(moe_tp_size=moe.moe_tp, moe_ep_size=moe.moe_ep)
-    for key, value in FAMILIES[shape.family].trtllm_config:  # the family's converter's keys
-        config[key] = getattr(hf, value.attr, value.default) if isinstance(value, FromHF) else value
+    family = FAMILIES[shape.family]
+    if family.trtllm_config is not None:  # the family's converter's keys (model/families/)
+        config.update(family.trtllm_config(hf, shape, tp))
     return config

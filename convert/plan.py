@@ -33,6 +33,7 @@ class OutputTensor:
     pieces: tuple[Piece, ...]
     shape: tuple[int, ...]
     dtype: DType  # bytes-level (common.dtypes); ``.torch`` where a transform computes
+    offset: float = 0.0  # added to every element in float32 before the cast (model.spec.Rule)
 
 
 def expected_source_shape(name: str, s: Shape) -> tuple[int, ...] | None:
@@ -92,7 +93,7 @@ def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str,
         pieces = RULES[rule.shard](names, [source.shape(n) for n in names], _split_ctx(rule, ctx))
         target = rule.target.format(i=local)
         plan.append(OutputTensor(target, tuple(pieces), stacked_shape(pieces),
-                                 BY_NAME[rule.dtype] if rule.dtype else out_dtype))
+                                 BY_NAME[rule.dtype] if rule.dtype else out_dtype, rule.offset))
     plan.sort(key=lambda t: t.name)
     return plan
 

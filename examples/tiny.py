@@ -19,22 +19,34 @@ _BASE = dict(
     max_position_embeddings=256,
     rms_norm_eps=1e-6,
 )
+_GEMMA_BASE = dict(num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                   final_logit_softcapping=5.0, tie_word_embeddings=True)
 #: what a family's tiny model sets beyond _BASE
-_FAMILY_BASE = {"mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-                "qwen3": dict(head_dim=16)}
+_FAMILY_BASE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3": dict(head_dim=16),
+    "gemma3": dict(_GEMMA_BASE, layer_types=["sliding_attention", "full_attention"] * 2,
+                   architectures=["Gemma3ForCausalLM"]),
+    "gemma2": dict(_GEMMA_BASE, attn_logit_softcapping=2.0, architectures=["Gemma2ForCausalLM"]),
+}
+#: family -> transformers ``model_type`` where they differ (Gemma 3's text-only config)
+_MODEL_TYPE = {"gemma3": "gemma3_text"}
 
 
 def make_tiny_model(path, family: str = "llama", seed: int = 0, dtype=torch.float32,
                     max_shard_size: str | None = None, **overrides):
-    """Write a random tiny model of ``family`` (a transformers ``model_type``: llama, mistral,
-    qwen2, mixtral, qwen3) to ``path``; return the model. Mixtral: 4 experts, top 2 unless
-    overridden; saved in the Hub's per-expert layout (``block_sparse_moe.experts.{e}.w1/w2/w3``),
-    which transformers 5 writes back on save. Qwen3: head_dim 16, not hidden / heads (8)."""
+    """Write a random tiny model of ``family`` (llama, mistral, qwen2, mixtral, qwen3, gemma3,
+    gemma2; built through ``AutoConfig.for_model`` from its transformers ``model_type``) to
+    ``path``; return the model. Mixtral: 4 experts, top 2 unless overridden; saved in the Hub's
+    per-expert layout (``block_sparse_moe.experts.{e}.w1/w2/w3``), which transformers 5 writes
+    back on save. Qwen3: head_dim 16, not hidden / heads (8). Gemma: 4 layers alternating
+    sliding/full attention with a window of 4 tokens, head_dim 16 != hidden / heads, soft-capping
+    small enough to bite."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(_BASE, **_FAMILY_BASE.get(family, {}))
     kwargs.update(overrides)
-    config = AutoConfig.for_model(family, **kwargs)
+    config = AutoConfig.for_model(_MODEL_TYPE.get(family, family), **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random init has tiny std; widen it so errors are visible in logits

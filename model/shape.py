@@ -173,7 +173,7 @@ def _tp_problem(shape: Shape, tp: int) -> str | None:
         # TensorRT-LLM's Attention.forward (layers/attention.py) views a rank's qkv as
         # [heads, 3, head_size] when q and kv heads are equal, not as its converter's [q; k; v]
         return (f"{q_rank} attention and {kv_rank} KV heads per rank: TensorRT-LLM 1.2's q/k-norm "
-                f"attention reads that qkv interleaved per head, not as its Qwen converter writes it")
+                f"attention reads that qkv interleaved per head, not as its converter writes it")
     return None
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 REPLICATED, COLUMN, ROW, DENSE, QKV, VOCAB = "replicated", "column", "row", "dense", "qkv", "vocab"
 EXPERT_COLUMN, EXPERT_ROW = "expert_column", "expert_row"
@@ -81,6 +82,9 @@ class Rule:
     experts: bool = False          # one stack over this rank's experts ({e} in sources: expert index)
     dtype: str | None = None       # written in this dtype, not the checkpoint's (MoE router: float32)
     shapes: tuple[tuple[str, ...], ...] = ()  # each source's expected HF shape, in DIMS names
+    #: written as ``offset + w`` (added in float32, then cast): a norm whose HF module multiplies
+    #: by ``(1 + w)`` (Gemma) while TensorRT-LLM's RmsNorm multiplies by its weight
+    offset: float = 0.0
 
     @property
     def split_dim(self) -> str | None:
@@ -145,21 +149,24 @@ class Linear:
         return weight, bias
 
 
-def norm(trt: str, hf: str, dim: str = "hidden") -> Rule:
-    """A decoder layer's norm: replicated."""
+def norm(trt: str, hf: str, dim: str = "hidden", offset: float = 0.0) -> Rule:
+    """A decoder layer's norm: replicated; ``offset``: see ``Rule.offset``."""
     return Rule(TRT_LAYER + trt + ".weight", (HF_LAYER + hf + ".weight",), REPLICATED,
-                shapes=((dim,),))
+                shapes=((dim,),), offset=offset)
 
 
-def head_norm(trt: str, hf: str) -> Rule:
-    """A norm applied to each attention head (Qwen3's ``q_norm``): one weight of ``head_size``,
-    shared by every head, so the same on every rank and untouched by head padding."""
-    return norm(trt, hf, dim="head")
+def head_norm(trt: str, hf: str, offset: float = 0.0) -> Rule:
+    """A norm applied to each attention head (Qwen3's / Gemma 3's ``q_norm``): one weight of
+    ``head_size``, shared by every head, so the same on every rank and untouched by head padding;
+    ``offset``: see ``Rule.offset``."""
+    return norm(trt, hf, dim="head", offset=offset)
 
 
 #: the epsilon of TensorRT-LLM's per-head q/k norms: ``Attention(eps=1e-05)``'s default
-#: (tensorrt_llm/layers/attention.py), which the Qwen decoder layer does not override
-#: (tensorrt_llm/models/qwen/model.py, QWenDecoderLayer.__init__), whatever HF's rms_norm_eps
+#: (tensorrt_llm/layers/attention.py), which neither the Qwen decoder layer
+#: (tensorrt_llm/models/qwen/model.py, QWenDecoderLayer.__init__) nor Gemma 3's
+#: (tensorrt_llm/models/gemma/model.py, GemmaDecoderLayer.__init__) overrides, whatever HF's
+#: rms_norm_eps
 QK_NORM_EPS = 1e-5
 
 
@@ -169,6 +176,18 @@ class FromHF:
 
     attr: str
     default: object = None
+
+
+@dataclass(frozen=True)
+class ConfigKeys:
+    """A ``Family.trtllm_config`` hook of fixed keys (Qwen: ``qwen_type``): each a value or a
+    ``FromHF``, written in this order."""
+
+    keys: tuple[tuple[str, object], ...]
+
+    def __call__(self, hf, shape, tp: int) -> dict:
+        return {k: getattr(hf, v.attr, v.default) if isinstance(v, FromHF) else v
+                for k, v in self.keys}
 
 
 #: companion layouts: what axis of the weight a quantization tensor runs along
@@ -221,15 +240,29 @@ class Family:
     flags: tuple[tuple[str, object], ...] = ()  # Shape fields the family fixes (Qwen2: q/k/v bias)
     #: (HF, TensorRT-LLM) attention module in the layer: where the KV-cache scales live
     attention: tuple[str, str] = ("self_attn", "attention")
-    #: per-head norms of q and k (``head_norm``), applied after the qkv projection and before RoPE
-    #: with eps ``QK_NORM_EPS``; never quantized, never a smoother's home (q, k norm in order)
+    #: per-head norms of q and k (``head_norm``; Qwen3, Gemma 3: ``self_attn.q_norm`` / ``k_norm``
+    #: -> ``attention.q_layernorm`` / ``k_layernorm``), applied after the qkv projection and
+    #: before RoPE with eps ``QK_NORM_EPS``; never quantized, never a smoother's home (q, k order)
     qk_norms: tuple[Rule, ...] = ()
-    #: config.json keys TensorRT-LLM's own converter writes for the family (Qwen: ``qwen_type``),
-    #: a value or a ``FromHF``; written after the common keys, in this order
-    trtllm_config: tuple[tuple[str, object], ...] = ()
+    #: the family's TensorRT-LLM ``config.json`` keys, ``fields(hf, shape, tp) -> dict`` (fixed
+    #: keys: ``ConfigKeys``; computed ones: a function, Gemma), written after the common keys
+    #: (convert.hf_config), in the dict's order; None: the common keys only
+    trtllm_config: Callable[[object, object, int], dict] | None = None
     #: (HF config attribute, value, why): a config TensorRT-LLM 1.2 cannot express for the family,
     #: refused before any work
     unsupported: tuple[tuple[str, object, str], ...] = ()
+    #: the (quant_algo, kv_cache_quant_algo) pairs this family is proven for on (engine, pytorch)
+    #: target, as TensorRT-LLM names them (None: unquantized); None: every recipe's own rules.
+    #: Asked through quantize.recipes' ``family_refusal``, before any work.
+    formats: dict | None = None
+    #: the embedding is a plain nn.Embedding, which modelopt 0.47 wraps with (disabled) quantizers
+    #: and so lists in the unified export's exclude_modules; Gemma's scaled-embedding subclass is
+    #: not wrapped, hence not listed
+    modelopt_embedding: bool = True
+    #: quantize.layerwise can run the HF model one decoder layer at a time (it records the layers'
+    #: inputs with a plain row lookup for the embedding and applies no final soft-capping);
+    #: False: the HF model runs whole (Gemma: scaled embedding, capped logits)
+    layerwise: bool = True
 
     @property
     def layer(self) -> tuple[Rule, ...]:
@@ -280,8 +313,14 @@ class Family:
         return out
 
     def norm_names(self) -> dict[str, str]:
-        """HF layer norm -> TensorRT-LLM layer norm (relative to the layer, no ``.weight``)."""
+        """HF layer norm -> TensorRT-LLM layer norm (relative to the layer, no ``.weight``; the
+        per-head q/k norms: ``qk_norm_names``)."""
         return {_module(r.sources[0], HF_LAYER): _module(r.target, TRT_LAYER) for r in self.norms}
+
+    @property
+    def norm_offset(self) -> float:
+        """What the TensorRT-LLM checkpoint adds to every HF norm weight (Gemma: 1)."""
+        return self.norms[0].offset
 
     def qk_norm_names(self) -> dict[str, str]:
         """HF -> TensorRT-LLM per-head q/k norm modules (relative to the layer; empty: none)."""

@@ -28,6 +28,15 @@ def refuse_engine_only_flags(args, reuses_calibration: bool = False) -> None:
                         "moe_expert_parallel_size when it loads the model: drop them")
 
 
+def family_formats(quant, model, target: str) -> None:
+    """The model's family has not been brought to this format on this target: one line."""
+    from model.families import FAMILIES
+
+    why = quant.format.family_refusal(quant, FAMILIES[model.shape.family], target)
+    if why is not None:
+        raise UserError(why)
+
+
 def refuse_padding_for_pytorch(args, model, pad_heads: bool) -> None:
     """--target pytorch writes a Hugging Face checkpoint that TensorRT-LLM's PyTorch backend
     splits over tp itself when it loads it: a padded layout is not ours to choose there."""

@@ -112,7 +112,6 @@ def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int,
     unpadded = {} if shape.padding is None else {"attention.dense (unpadded)": shape.heads * shape.head_size}
     if shape.padded_inter:
         unpadded["mlp.proj (unpadded)"] = shape.inter
-    spec.format.check_family(spec, FAMILIES[shape.family])
     spec.format.check_linear_shapes(spec, per_rank_in_dims(shape, tp), per_rank_out_dims(shape, tp), unpadded)
     check_kv_head_duplication(spec, shape.tp_kv_heads, tp)
     return shape

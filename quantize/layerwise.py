@@ -58,15 +58,19 @@ class _Stop(Exception):
 
 
 class _RowEmbedding(torch.nn.Module):
-    """The rows of an embedding table that ``ids`` use, looked up as the full table would be."""
+    """The rows of an embedding table that ``ids`` use, looked up as the full table would be;
+    ``scale``: what a scaled embedding (HF's ``*ScaledWordEmbedding``, ``scalar_embed_scale``:
+    Gemma 3) multiplies its output by, a float32 constant cast to the table's dtype as it does."""
 
-    def __init__(self, uniq: Tensor, rows: Tensor):
+    def __init__(self, uniq: Tensor, rows: Tensor, scale: float | None = None):
         super().__init__()
         self.register_buffer("uniq", uniq, persistent=False)
         self.register_buffer("rows", rows, persistent=False)
+        self.scale = scale
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.rows[torch.searchsorted(self.uniq, ids)]
+        out = self.rows[torch.searchsorted(self.uniq, ids)]
+        return out if self.scale is None else out * torch.tensor(self.scale).to(out.dtype)
 
 
 def compute_dtype(device: torch.device, hf_dtype) -> torch.dtype:
@@ -126,7 +130,8 @@ def layer_inputs(model, source, batches: list[Tensor], device: torch.device, dty
     rows = torch.stack([source.read(weight, (slice(int(i), int(i) + 1),))[0] for i in uniq])
     parent, _, leaf = emb_name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
-    setattr(owner, leaf, _RowEmbedding(uniq.to(device), rows.to(device=device, dtype=dtype)))
+    scale = getattr(model.get_input_embeddings(), "scalar_embed_scale", None)
+    setattr(owner, leaf, _RowEmbedding(uniq.to(device), rows.to(device=device, dtype=dtype), scale))
     for name, mod in list(model.named_modules()):
         if type(mod).__name__.endswith("RotaryEmbedding"):
             p, _, leaf = name.rpartition(".")

@@ -45,26 +45,29 @@ class _Source:
 def test_registry_maps_every_architecture_to_its_family():
     assert ARCHITECTURES == {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
                              "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral",
-                             "Qwen3ForCausalLM": "qwen3"}
+                             "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3",
+                             "Gemma2ForCausalLM": "gemma2"}
     assert dict(FAMILIES["qwen2"].flags) == {"attn_bias": True, "dense_bias": False}
     assert dict(FAMILIES["qwen3"].flags) == {"attn_bias": False, "dense_bias": False}
 
 
-def test_qk_norms_are_per_head_replicated_layer_tensors():
-    """Qwen3's q/k norms: [head_size] rules in the layer (after attention.qkv), replicated, not
-    linears (no recipe quantizes or smooths them); the other families have none."""
-    qwen3 = FAMILIES["qwen3"]
-    assert qwen3.qk_norm_names() == {"self_attn.q_norm": "attention.q_layernorm",
-                                     "self_attn.k_norm": "attention.k_layernorm"}
-    s = _shape("qwen3")
-    assert qwen3.expected_shape("model.layers.1.self_attn.q_norm.weight", s) == (s.head_size,)
-    targets = [r.target for r in qwen3.layer]
+@pytest.mark.parametrize("name,offset", [("qwen3", 0.0), ("gemma3", 1.0)])
+def test_qk_norms_are_per_head_replicated_layer_tensors(name, offset):
+    """Qwen3's and Gemma 3's q/k norms: [head_size] rules in the layer (after attention.qkv),
+    replicated, not linears (no recipe quantizes or smooths them), Gemma's written as 1 + w like
+    its other norms; the other families have none."""
+    family = FAMILIES[name]
+    assert family.qk_norm_names() == {"self_attn.q_norm": "attention.q_layernorm",
+                                      "self_attn.k_norm": "attention.k_layernorm"}
+    s = _shape(name)
+    assert family.expected_shape("model.layers.1.self_attn.q_norm.weight", s) == (s.head_size,)
+    targets = [r.target for r in family.layer]
     qkv = targets.index("transformer.layers.{i}.attention.qkv.bias")  # (a bias rule, never used)
     assert targets[qkv + 1:qkv + 3] == ["transformer.layers.{i}.attention.q_layernorm.weight",
                                        "transformer.layers.{i}.attention.k_layernorm.weight"]
-    assert all(r.shard == "replicated" for r in qwen3.qk_norms)
-    assert not any("norm" in h for h in qwen3.hf_linears())
-    assert all(not FAMILIES[f].qk_norms for f in ("llama", "qwen2", "mixtral"))
+    assert all(r.shard == "replicated" and r.offset == offset for r in family.qk_norms)
+    assert not any("norm" in h for h in family.hf_linears())
+    assert all(not FAMILIES[f].qk_norms for f in ("llama", "qwen2", "mixtral", "gemma2"))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

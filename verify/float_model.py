@@ -63,10 +63,16 @@ def hf_vocab_size(hf_model_or_dir) -> int | None:
 
 
 def runs_layerwise(hf_model_or_dir) -> bool:
-    """A directory of a dense model: run layer by layer (else whole)."""
+    """A directory of a dense model whose family quantize.layerwise can run (``Family.layerwise``):
+    run layer by layer (else whole)."""
+    from model.families import ARCHITECTURES, FAMILIES
+
     if not isinstance(hf_model_or_dir, (str, Path)):
         return False
     c = _config(_hf_dir(hf_model_or_dir))
+    family = FAMILIES.get(ARCHITECTURES.get((c.get("architectures") or [None])[0]))
+    if family is not None and not family.layerwise:
+        return False
     return not any(c.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 

@@ -3,7 +3,7 @@ TensorRT-LLM's semantics (see verify/reference.py for how the ranks combine), on
 a time.
 
 Model: Llama-family decoder (Llama, Mistral, Qwen2, Qwen3; Mixtral's mixture of experts in
-``verify/reference_moe.py``): RMSNorm, GPT-NeoX rotary (``rotate_half``, verify/rotary.py) with
+``verify/reference_moe.py``; Gemma 2 / 3's differences in ``verify/decoder.py``): RMSNorm, GPT-NeoX rotary (``rotate_half``, verify/rotary.py) with
 optional ``rotary_scaling`` (``llama3`` and ``linear``, computed as transformers does), a family's
 per-head q/k norms where its spec has them (``Family.qk_norms``: RMSNorm of each q and k head after
 the qkv projection, before RoPE, eps ``model.spec.QK_NORM_EPS`` as TensorRT-LLM's attention
@@ -16,7 +16,6 @@ freed), so the reader's peak is one layer plus the batches' activations, whateve
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -30,9 +29,10 @@ from model.families import ARCHITECTURES, FAMILIES
 from model.spec import QK_NORM_EPS
 
 from .checkpoint import LAYER_RE, mapping, open_checkpoint, pp_layers
+from .decoder import Semantics, attend, lm_softcap, rms_norm
 from .kernels import KV_CACHE_KERNELS, LINEAR_INPUT_SCALES, LINEAR_KERNELS, QuantSpec, linear, names_of
 from .reference_moe import MoeSpec, moe_partial
-from .rotary import apply_rotary, rotary_inv_freq
+from .rotary import apply_rotary, rotary_inv_freq  # noqa: F401 (re-exported)
 
 Tensor = torch.Tensor
 
@@ -79,10 +79,7 @@ class ReferenceModel:
         if pe != "rope_gpt_neox":
             raise UserError(f"{where}: position_embedding_type {pe!r} is not supported (rope_gpt_neox only)")
         self.moe = MoeSpec.from_config(c, self.tp, where)  # None: dense MLP
-        act = c.get("hidden_act", "silu")
-        if act != ("swiglu" if self.moe else "silu"):
-            raise UserError(f"{where}: hidden_act {act!r} is not supported (silu only, {arch or 'Llama'} family; "
-                            f"swiglu for mixture-of-experts)")
+        self.sem = Semantics.from_config(c, where, bool(self.moe))  # verify/decoder.py
         if c.get("residual_mlp"):
             raise UserError(f"{where}: residual_mlp is not supported by the reference reader")
         self._split_heads(where)
@@ -92,6 +89,8 @@ class ReferenceModel:
         if c.get("rotary_dim"):
             self.rot_dim = int(c["rotary_dim"])
         self.inv_freq = rotary_inv_freq(self.rot_dim, float(c.get("rotary_base", 10000.0)), c.get("rotary_scaling"))
+        self.local_inv_freq = (rotary_inv_freq(self.rot_dim, self.sem.local_base, None)
+                               if self.sem.local_base is not None else self.inv_freq)
         self.use_parallel_embedding = bool(c.get("use_parallel_embedding", False))
         self.embedding_sharding_dim = int(c.get("embedding_sharding_dim", 0))
 
@@ -169,9 +168,7 @@ class ReferenceModel:
         return params if scale is None else {**params, "input_scale": scale}
 
     def _norm(self, x: Tensor, w: Tensor, eps: float | None = None) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + (self.eps if eps is None else eps))
-        return (xf.to(x.dtype)) * w.to(x.dtype)
+        return rms_norm(x, w, self.eps if eps is None else eps, self.sem.norm_fp32)
 
     # ---- forward -----------------------------------------------------------------------------
 
@@ -194,7 +191,7 @@ class ReferenceModel:
         for p in range(self.pp):
             for i in range(len(self.stage_layers[p])):
                 with self._holding(p, layer=i):
-                    hs = [self._layer(p, i, h, *cs) for h, cs in zip(hs, rotary)]
+                    hs = [self._layer(p, i, h, rot) for h, rot in zip(hs, rotary)]
             # send/recv: tp rank t of stage p -> tp rank t of stage p+1 (the lists carry over as they are)
         head = ["transformer.ln_f", "lm_head"]
         with self._holding(self.pp - 1, head), self._holding(0, [] if self._has_head() else
@@ -214,11 +211,15 @@ class ReferenceModel:
             raise UserError(f"input_ids must lie in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
         return ids
 
-    def _rotary(self, seq: int) -> tuple[Tensor, Tensor]:
+    def _rotary(self, seq: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """((cos, sin) of the global base, (cos, sin) of the sliding layers' base)."""
         pos = torch.arange(seq, dtype=torch.float32)
-        freqs = pos[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.compute_dtype), emb.sin().to(self.compute_dtype)
+        out = []
+        for inv_freq in (self.inv_freq, self.local_inv_freq):
+            freqs = pos[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            out.append((emb.cos().to(self.compute_dtype), emb.sin().to(self.compute_dtype)))
+        return tuple(out)
 
     @contextmanager
     def _holding(self, p: int, prefixes: list[str] = (), layer: int | None = None):
@@ -237,6 +238,13 @@ class ReferenceModel:
         return all(r.has("lm_head") for r in self.ranks[self.pp - 1])
 
     def _embed(self, ids: Tensor) -> list[Tensor]:
+        hs = self._lookup(ids)
+        if self.sem.embed_scale is None:
+            return hs
+        scale = torch.tensor(self.sem.embed_scale, dtype=self.compute_dtype)  # in the model dtype
+        return [h * scale for h in hs]
+
+    def _lookup(self, ids: Tensor) -> list[Tensor]:
         dt = self.compute_dtype
         tabs = [self._w(0, t, "transformer.vocab_embedding.weight") for t in range(self.tp)]
         if not self.use_parallel_embedding or self.tp == 1:
@@ -269,12 +277,37 @@ class ReferenceModel:
             outs.append(total if b is None else total + b.to(total.dtype))
         return outs
 
-    def _layer(self, p: int, i: int, hs: list[Tensor], cos: Tensor, sin: Tensor) -> list[Tensor]:
+    def _layer(self, p: int, i: int, hs: list[Tensor], rot) -> list[Tensor]:
+        L = f"transformer.layers.{i}"
+        inter = self.sem.inter_layernorms  # Gemma 2/3: the sublayers' outputs are normalised too
+        dense = self._row_parallel(p, f"{L}.attention.dense", self._attention(p, i, hs, rot))
+        if inter:
+            dense = [self._norm(dense[t], self._w(p, t, f"{L}.post_layernorm.weight"))
+                     for t in range(self.tp)]
+        hs = [hs[t] + dense[t] for t in range(self.tp)]
+
+        if self.moe:
+            return self._moe_mlp(p, L, hs)
+        # MLP: proj(act(fc(x)) * gate(x)); fc = HF gate_proj, gate = HF up_proj
+        mids = []
+        norm = "pre_feedforward_layernorm" if inter else "post_layernorm"
+        for t in range(self.tp):
+            x = self._norm(hs[t], self._w(p, t, f"{L}.{norm}.weight"))
+            fc = linear(x, self._lin(p, t, f"{L}.mlp.fc"), self.qcfg, f"{L}.mlp.fc")
+            gate = linear(x, self._lin(p, t, f"{L}.mlp.gate"), self.qcfg, f"{L}.mlp.gate")
+            mids.append(self.sem.act(fc) * gate)
+        proj = self._row_parallel(p, f"{L}.mlp.proj", mids)
+        if inter:
+            proj = [self._norm(proj[t], self._w(p, t, f"{L}.post_feedforward_layernorm.weight"))
+                    for t in range(self.tp)]
+        return [hs[t] + proj[t] for t in range(self.tp)]
+
+    def _attention(self, p: int, i: int, hs: list[Tensor], rot) -> list[Tensor]:
+        """Each tp rank's attention context [b, s, its heads x head_size] (before attention.dense)."""
         L = f"transformer.layers.{i}"
         hd, qn, kn = self.head_size, self.q_per_rank, self.kv_per_rank
-        scale = 1.0 / math.sqrt(hd)
-
-        # attention, each tp rank over its own heads
+        layer = self.stage_layers[p][i]  # the global index decides the window and rotary base
+        cos, sin = rot[1] if self.sem.is_local(layer) else rot[0]
         attn_out = []
         for t in range(self.tp):
             x = self._norm(hs[t], self._w(p, t, f"{L}.input_layernorm.weight"))
@@ -297,26 +330,9 @@ class ReferenceModel:
             if kn != qn:
                 k = k.repeat_interleave(qn // kn, dim=1)
                 v = v.repeat_interleave(qn // kn, dim=1)
-            scores = (q @ k.transpose(-1, -2)).float() * scale
-            mask = torch.ones(s, s, dtype=torch.bool).triu(1)
-            scores = scores.masked_fill(mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).to(v.dtype)
-            ctx = (probs @ v).transpose(1, 2).reshape(b, s, qn * hd)
+            ctx = attend(q, k, v, self.sem, layer).transpose(1, 2).reshape(b, s, qn * hd)
             attn_out.append(ctx)
-        dense = self._row_parallel(p, f"{L}.attention.dense", attn_out)
-        hs = [hs[t] + dense[t] for t in range(self.tp)]
-
-        if self.moe:
-            return self._moe_mlp(p, L, hs)
-        # MLP: proj(silu(fc(x)) * gate(x)); fc = HF gate_proj, gate = HF up_proj
-        mids = []
-        for t in range(self.tp):
-            x = self._norm(hs[t], self._w(p, t, f"{L}.post_layernorm.weight"))
-            fc = linear(x, self._lin(p, t, f"{L}.mlp.fc"), self.qcfg, f"{L}.mlp.fc")
-            gate = linear(x, self._lin(p, t, f"{L}.mlp.gate"), self.qcfg, f"{L}.mlp.gate")
-            mids.append(F.silu(fc) * gate)
-        proj = self._row_parallel(p, f"{L}.mlp.proj", mids)
-        return [hs[t] + proj[t] for t in range(self.tp)]
+        return attn_out
 
     def _moe_mlp(self, p: int, L: str, hs: list[Tensor]) -> list[Tensor]:
         """Mixture of experts (verify/reference_moe.py): every rank's partial, all-reduced."""
@@ -340,7 +356,7 @@ class ReferenceModel:
         logits = torch.cat(parts, dim=-1)                             # all-gather
         if logits.shape[-1] < self.vocab_size:
             raise UserError(f"lm_head gives {logits.shape[-1]} logits < vocab_size {self.vocab_size}")
-        return logits[..., : self.vocab_size]
+        return lm_softcap(logits[..., : self.vocab_size], self.sem)
 
     def _head(self, x: Tensor, head: dict[str, Tensor]) -> Tensor:
         """lm_head on one rank; unquantized, HEAD_CHUNK rows at a time (same logits, less memory)."""

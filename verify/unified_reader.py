@@ -48,9 +48,16 @@ SUFFIXES = {"weight": "weight", "bias": "bias", "weight_scale": "weights_scaling
 LAYOUT = FAMILIES["llama"]
 QKV = LAYOUT.linear("attention.qkv")
 GATE_UP = LAYOUT.fusion_groups()["gate_up"]  # TRT-LLM fuses them into one module under FP8
-#: unified module (after model.layers.i.) -> TRT-LLM module; q/k/v are fused separately.
-NAMES = {**{lin.hf[0]: lin.name for lin in LAYOUT.dense_linears() if len(lin.hf) == 1},
-         **LAYOUT.norm_names()}
+
+
+def names_of(family) -> dict[str, str]:
+    """unified module (after model.layers.i.) -> TRT-LLM module of ``family``'s single-source
+    linears and its norms (q/k norms included); q/k/v are fused separately."""
+    return {**{lin.hf[0]: lin.name for lin in family.dense_linears() if len(lin.hf) == 1},
+            **family.norm_names(), **family.qk_norm_names()}
+
+
+NAMES = names_of(LAYOUT)
 GLOBAL_NAMES = LAYOUT.global_names()
 #: Mixtral's router and expert linears (model.families.mixtral)
 MOE = FAMILIES["mixtral"]
@@ -165,16 +172,19 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
     quant = _trtllm_quantization(d)
     hf = read_hf_config(d)
     config = from_hugging_face(hf, dtype="auto", tp=1, pp=1, quantization=quant)
+    family = FAMILIES[ARCHITECTURES[hf.architectures[0]]]
+    # the family's linears and norms, its per-head q/k norms included (Qwen3, Gemma 3)
+    names = names_of(family)
+    norms = {**family.norm_names(), **family.qk_norm_names()}
     dtype = _TORCH_DTYPES.get(config["dtype"], torch.float32)
     fmt = _unified(quant)
-    # the per-head q/k norms of the checkpoint's family (Qwen3), by its spec
-    names = {**NAMES, **FAMILIES[ARCHITECTURES[hf.architectures[0]]].qk_norm_names()}
     tensors = _read_tensors(d)
     layers: dict[int, dict[str, dict[str, Tensor]]] = {}
     out: dict[str, Tensor] = {}
     for name, t in tensors.items():
         if name in GLOBAL_NAMES:
-            out[GLOBAL_NAMES[name]] = t
+            # the final norm as the TRT-LLM checkpoint holds it (Gemma: 1 + w, model.spec.Rule)
+            out[GLOBAL_NAMES[name]] = _offset(t, family.norm_offset) if "norm" in name else t
             continue
         m = _LAYER.match(name)
         if not m:
@@ -206,9 +216,14 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
             if un not in mods:
                 raise UserError(f"{d}: layer {i} lacks {un}")
             for k, v in _single(mods[un], fmt, dtype).items():
-                out[f"{pre}.{tn}.{k}"] = v
+                out[f"{pre}.{tn}.{k}"] = _offset(v, family.norm_offset) if un in norms else v
         out.update(_kv_scale(mods, quant, d, i))
     return config, [out]
+
+
+def _offset(w: Tensor, offset: float) -> Tensor:
+    """A norm weight as the TRT-LLM checkpoint writes it: ``offset + w`` in float32, cast back."""
+    return (w.float() + offset).to(w.dtype) if offset else w
 
 
 def _read_tensors(d: Path) -> dict[str, Tensor]:

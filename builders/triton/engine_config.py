@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from builders.engine_options import deduced_max_seq_len
 from common.errors import UserError
+from model.families.gemma import trtllm_windows
 
 # trtllm-build's defaults in TensorRT-LLM 1.2 (BuildConfig), used when a value is not given
 _BUILD_DEFAULTS = {"max_batch_size": 2048, "max_input_len": 1024, "max_seq_len": None,
@@ -78,6 +79,9 @@ class EngineInfo:
     plugin: dict
     architecture: str | None
     dtype: str | None
+    #: per layer, the KV window the engine must run with (``max_attention_window_size``); None:
+    #: every layer attends to the whole sequence (no parameter written)
+    attention_windows: tuple[int, ...] | None = None
 
 
 def read_engine_config(engine_config: dict) -> EngineInfo:
@@ -113,7 +117,24 @@ def read_engine_config(engine_config: dict) -> EngineInfo:
         vocab_size=pre.get("vocab_size"), max_batch_size=max_batch,
         max_beam_width=int(build.get("max_beam_width") or 1),
         max_input_len=build.get("max_input_len"), max_seq_len=build.get("max_seq_len"),
-        plugin=plugin, architecture=pre.get("architecture"), dtype=pre.get("dtype"))
+        plugin=plugin, architecture=pre.get("architecture"), dtype=pre.get("dtype"),
+        attention_windows=_windows(pre, build.get("max_seq_len")))
+
+
+def _windows(pre: dict, max_seq_len) -> tuple[int, ...] | None:
+    """The per-layer windows of a model with sliding-window layers (Gemma 2/3,
+    ``model.families.gemma.trtllm_windows``), full layers at ``max_seq_len``, a sliding window
+    no longer than it: the engine takes them at run time, not from its config."""
+    if "num_hidden_layers" not in pre:
+        return None
+    windows = trtllm_windows(pre)
+    if all(w is None for w in windows):
+        return None
+    if not max_seq_len:
+        raise UserError("engine config: a model with sliding-window layers needs the engine's "
+                        "max_seq_len to write max_attention_window_size; pass --max-seq-len")
+    top = int(max_seq_len)
+    return tuple(top if w is None else min(int(w), top) for w in windows)
 
 
 def check_batching(engine: EngineInfo, strategy: str) -> None:

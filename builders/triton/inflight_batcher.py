@@ -209,6 +209,10 @@ def _tensorrt_llm(engine: EngineInfo, opts: TritonOptions, engine_path: str, tok
         "guided_decoding_backend": "",
         "xgrammar_tokenizer_info_path": "",
     }
+    if engine.attention_windows:
+        # one KV window per layer (Gemma's sliding layers): the C++ backend reads a comma-separated
+        # list (model_instance_state.cc getKvCacheConfigFromParams, GetParameter<std::vector<int32_t>>)
+        llm_params["max_attention_window_size"] = ",".join(map(str, engine.attention_windows))
     return {
         "name": TENSORRT_LLM, "backend": "tensorrtllm", "max_batch_size": batch,
         "model_transaction_policy": {"decoupled": opts.decoupled},

@@ -6,8 +6,8 @@ TensorRT-LLM naming trap (``tensorrt_llm/models/llama/convert.py``): ``mlp.fc`` 
 """
 from __future__ import annotations
 
-from model.spec import (COLUMN, DENSE, QKV, REPLICATED, ROW, VOCAB, Family, FromHF, Linear, Rule,
-                        norm)
+from model.spec import (COLUMN, DENSE, QKV, REPLICATED, ROW, VOCAB, ConfigKeys, Family, FromHF, Linear,
+                        Rule, norm)
 
 EMBED = (
     Rule("transformer.vocab_embedding.weight", ("model.embed_tokens.weight",), VOCAB,
@@ -46,4 +46,4 @@ LLAMA = Family("llama", ("LlamaForCausalLM", "MistralForCausalLM"), EMBED, ATTEN
 QWEN_SEQ_LENGTH = ("seq_length", FromHF("seq_length", 8192))
 QWEN2 = Family("qwen2", ("Qwen2ForCausalLM",), EMBED, ATTENTION + MLP, NORMS, HEAD,
                flags=(("attn_bias", True), ("dense_bias", False)),
-               trtllm_config=(("qwen_type", "qwen2"), QWEN_SEQ_LENGTH))
+               trtllm_config=ConfigKeys((("qwen_type", "qwen2"), QWEN_SEQ_LENGTH)))

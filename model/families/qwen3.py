@@ -12,7 +12,7 @@ layers have no place there, so they are refused.
 """
 from __future__ import annotations
 
-from model.spec import Family, head_norm
+from model.spec import ConfigKeys, Family, head_norm
 
 from .llama import ATTENTION, EMBED, HEAD, MLP, NORMS, QWEN_SEQ_LENGTH
 
@@ -23,7 +23,7 @@ QWEN3 = Family(
     "qwen3", ("Qwen3ForCausalLM",), EMBED, ATTENTION + MLP, NORMS, HEAD,
     flags=(("attn_bias", False), ("dense_bias", False)),
     qk_norms=QK_NORMS,
-    trtllm_config=(("qwen_type", "qwen3"), QWEN_SEQ_LENGTH),
+    trtllm_config=ConfigKeys((("qwen_type", "qwen3"), QWEN_SEQ_LENGTH)),
     unsupported=(
         ("attention_bias", True, "TensorRT-LLM 1.2 builds Qwen3 attention without q/k/v and "
                                  "o_proj biases (QWenConfig.from_hugging_face: attn_bias false)"),

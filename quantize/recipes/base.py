@@ -216,9 +216,6 @@ class Recipe:
     def check_tp(self, spec, num_kv_heads: int, tp: int) -> None:
         """Refuse a tensor-parallel split this format's scales cannot follow."""
 
-    def check_family(self, spec, family) -> None:
-        """Refuse a model family (``model.spec.Family``) TensorRT-LLM has no such recipe for."""
-
     def check_linear_shapes(self, spec, in_dims: dict[str, int], out_dims: dict[str, int],
                             unpadded_in: dict[str, int] | None = None) -> None:
         """Refuse per-rank linear shapes this format's kernels cannot take (``in_dims`` /
@@ -314,6 +311,18 @@ class Recipe:
     def unified_refusal(self, spec) -> str | None:
         """Why ``--target pytorch`` cannot write ``spec`` (a refusal's text), or None."""
         return UNIFIED_KV_REFUSED.get(spec.kv_cache_quant_algo)
+
+    def family_refusal(self, spec, family, target: str) -> str | None:
+        """Why ``family`` (model.spec.Family) cannot be built in ``spec`` on ``target`` ("engine"
+        or "pytorch"), asked before any work: here, the family lists the formats it is proven for
+        (``Family.formats``); a recipe adds what TensorRT-LLM has no such recipe for (a family
+        capability it cannot take: the SmoothQuant plugin and ``qk_norms``)."""
+        proven = None if family.formats is None else family.formats.get(target, ())
+        if proven is None or (spec.quant_algo, spec.kv_cache_quant_algo) in proven:
+            return None
+        names = ", ".join("+".join(str(x) for x in p if x) or "float" for p in proven)
+        return (f"{family.name} with {spec.name} on --target {target} is not supported yet; "
+                f"supported: {names}")
 
     def unified_moe_refusal(self, spec) -> str | None:
         """Why a mixture-of-experts model has no unified checkpoint in ``spec`` (None: it has)."""

@@ -117,6 +117,14 @@ def _plan(source: SourceCheckpoint, computed: dict[str, Tensor], spec, layers=No
     return [entries[k] for k in sorted(entries)]
 
 
+def _family(config: dict):
+    """The model.spec.Family of a source config.json (None: not a registered architecture)."""
+    from model.families import ARCHITECTURES, FAMILIES
+
+    name = ARCHITECTURES.get((config.get("architectures") or [None])[0])
+    return FAMILIES.get(name)
+
+
 def _check_source_dtype(source: SourceCheckpoint) -> torch.dtype:
     dtypes = {d for _, _, d in source.meta.values() if d.is_floating_point}
     if len(dtypes) != 1:
@@ -237,7 +245,7 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
     staged = StagedOutput(out_dir)
     try:
         entries = _plan(source, computed, spec, layers)
-        hf_quant = hf_quant_config(spec)
+        hf_quant = hf_quant_config(spec, _family(config))
         if hf_quant is not None:
             config["quantization_config"] = quantization_config(spec, hf_quant)
         staged.open(None, resume=False)  # a unified checkpoint is written in one go

@@ -32,11 +32,14 @@ def _producer() -> dict:
             "version": dist_version("nvidia-modelopt") or MODELOPT_FORMAT_VERSION}
 
 
-def hf_quant_config(spec) -> dict | None:
-    """``hf_quant_config.json`` as modelopt 0.47 writes it (None: unquantized, no file)."""
+def hf_quant_config(spec, family=None) -> dict | None:
+    """``hf_quant_config.json`` as modelopt 0.47 writes it (None: unquantized, no file) for a
+    model of ``family`` (model.spec.Family; None: Llama-like)."""
     q = spec.format.unified_quantization(spec)
     if q is None:
         return None
+    if family is not None and not family.modelopt_embedding and "exclude_modules" in q:
+        q["exclude_modules"] = [m for m in q["exclude_modules"] if m != "model.embed_tokens"]
     return {"producer": _producer(), "quantization": q}
 
 

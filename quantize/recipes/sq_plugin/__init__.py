@@ -56,15 +56,17 @@ class SqPlugin(Recipe):
     def check_tp(self, spec, num_kv_heads: int, tp: int) -> None:
         check_smoothquant_tp(num_kv_heads, tp)
 
-    def check_family(self, spec, family) -> None:
+    def family_refusal(self, spec, family, target: str) -> str | None:
         # TensorRT-LLM's SmoothQuantAttention (quantization/layers.py) has no q/k norms, and its
         # Qwen converter smooths Qwen2 decoder layers only (models/qwen/convert.py,
-        # smooth_qwen2_model): a Qwen3 checkpoint of this format cannot be made or run there
-        if family.qk_norms:
-            raise UserError(f"{self.flag} (TensorRT-LLM's SmoothQuant plugin) is not supported for "
-                            f"{family.architectures[0]}: TensorRT-LLM 1.2 has no SmoothQuant "
-                            f"attention with q/k norms; use --smoothquant --sq-recipe modelopt or "
-                            f"another format")
+        # smooth_qwen2_model): a Qwen3 (or Gemma 3) checkpoint of this format cannot be made or
+        # run there
+        proven = super().family_refusal(spec, family, target)  # Family.formats first
+        if proven is None and family.qk_norms:
+            return (f"{self.flag} (TensorRT-LLM's SmoothQuant plugin) is not supported for "
+                    f"{family.architectures[0]}: TensorRT-LLM 1.2 has no SmoothQuant attention "
+                    f"with q/k norms; use --smoothquant --sq-recipe modelopt or another format")
+        return proven
 
     def modelopt_config(self, spec) -> None:
         return None  # calibrated with forward hooks (quantize/smoothquant.py), not modelopt
