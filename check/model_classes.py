@@ -33,6 +33,7 @@ class ModelClass:
 
 
 _LLAMA_BIASES = (("attn_bias", "attn_bias"), ("dense_bias", "attn_bias"), ("mlp_bias", "mlp_bias"))
+_NO_BIASES = (("attn_bias", False), ("dense_bias", False), ("mlp_bias", False))
 _VOCAB = ("vocab_size", "LLaMAModel / QWenModel build Embedding(config.vocab_size) and "
                         "lm_head from it")
 
@@ -50,6 +51,19 @@ MODEL_CLASSES = {
         (_VOCAB, ("qwen_type", "QWenConfig defaults it to 'qwen' (Qwen 1), whose MLP is "
                                "intermediate_size // 2 wide: add \"qwen_type\": \"qwen2\"")),
         values=(("qwen_type", ("qwen2",)),)),
+    # QWenDecoderLayer builds Attention(qk_layernorm=qwen_type == "qwen3"): attention.q_layernorm
+    # / k_layernorm [head_size], no q/k/v bias (models/qwen/model.py)
+    "Qwen3ForCausalLM": ModelClass(
+        "QWenForCausalLM", "qwen3", (("attn_bias", False), ("dense_bias", False),
+                                     ("mlp_bias", "mlp_bias")),
+        (_VOCAB, ("qwen_type", "QWenConfig defaults it to 'qwen' (Qwen 1): without \"qwen_type\": "
+                               "\"qwen3\" the q/k layernorms are not built")),
+        values=(("qwen_type", ("qwen3",)),)),
+    # MODEL_MAP: Gemma2ForCausalLM / Gemma3ForCausalLM -> GemmaForCausalLM (models/gemma/model.py:
+    # GemmaDecoderLayer, no linear biases; pre/post feed-forward norms and, for Gemma 3, q/k
+    # layernorms as the family spec names them)
+    "Gemma2ForCausalLM": ModelClass("GemmaForCausalLM", "gemma2", _NO_BIASES, (_VOCAB,)),
+    "Gemma3ForCausalLM": ModelClass("GemmaForCausalLM", "gemma3", _NO_BIASES, (_VOCAB,)),
 }
 
 

@@ -67,7 +67,7 @@ def float_ckpt(hf, tmp_path_factory):
 @pytest.mark.parametrize("family,tp,pp,moe_tp,moe_ep", [
     ("llama", 1, 1, None, None), ("llama", 2, 2, None, None), ("qwen2", 2, 1, None, None),
     ("mistral", 4, 1, None, None), ("mixtral", 2, 1, 2, 1), ("mixtral", 2, 1, 1, 2),
-    ("mixtral", 4, 1, 2, 2)])
+    ("mixtral", 4, 1, 2, 2), ("qwen3", 2, 1, None, None), ("gemma2", 1, 2, None, None)])
 def test_float_checkpoints_pass(tmp_path, hf, family, tp, pp, moe_tp, moe_ep):
     out = tmp_path / "ckpt"
     convert_checkpoint(hf(family)[0], out, tp=tp, pp=pp, moe_tp=moe_tp, moe_ep=moe_ep,
@@ -198,6 +198,9 @@ def test_extra_tensor_is_a_warning(float_ckpt, tmp_path, capsys):
     ("qwen2", "qwen_type", "config.json has no \"qwen_type\" for QWenForCausalLM: QWenConfig "
                            "defaults it to 'qwen' (Qwen 1), whose MLP is intermediate_size // 2 "
                            "wide: add \"qwen_type\": \"qwen2\""),
+    ("qwen3", "qwen_type", "config.json has no \"qwen_type\" for QWenForCausalLM: QWenConfig "
+                           "defaults it to 'qwen' (Qwen 1): without \"qwen_type\": \"qwen3\" the "
+                           "q/k layernorms are not built"),
     ("mixtral", "moe", "config.json has no \"moe\" for LLaMAForCausalLM: without a moe block "
                        "MoeConfig has 0 experts"),
     ("llama", "dtype", "TypeError: __init__() missing 1 required keyword-only argument(s): "
