@@ -118,3 +118,18 @@ def any_trtllm(request, tmp_path, monkeypatch):
     from engine_fakes import install_double
 
     return install_double(tmp_path, monkeypatch, GENERATIONS[request.param])
+
+
+@pytest.fixture(scope="module")
+def golden_llama(tmp_path_factory):
+    """A tiny random Llama with the golden test tokenizer (tests/golden/tokenizer, vocabulary 1000),
+    made once per module."""
+    import shutil
+
+    from examples.tiny import make_tiny_model
+
+    d = tmp_path_factory.mktemp("model") / "llama"
+    make_tiny_model(d, family="llama")
+    for f in (Path(__file__).resolve().parent / "golden" / "tokenizer").iterdir():
+        shutil.copy(f, d / f.name)
+    return d

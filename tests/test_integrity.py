@@ -50,6 +50,20 @@ def _same_bytes_as(dst, src):
 
 # --- class 1: identity by content ----------------------------------------------------------------
 
+def _interrupt_before_rank1(monkeypatch):
+    """Ctrl-C as the conversion starts rank 1 (rank 0 finished in checkpoint.partial/); returns
+    the real rank writer, to put back for the rerun."""
+    real = cc._write_rank
+
+    def stop_at_rank1(model_dir, plan, path, rank, progress, **kw):
+        if rank == 1:
+            raise KeyboardInterrupt
+        return real(model_dir, plan, path, rank, progress, **kw)
+
+    monkeypatch.setattr(cc, "_write_rank", stop_at_rank1)
+    return real
+
+
 def test_calibration_of_another_finetune_is_refused(tmp_path, tiny_model, capsys):
     """main: exit 0, the checkpoint made of model B's norms/embeddings and model A's quantized
     linears."""
@@ -72,14 +86,7 @@ def test_weights_replaced_before_resume_are_not_mixed(tmp_path, tiny_model, caps
     rc, _ = _run(capsys, "--model", b, "--output", tmp_path / "clean", "--tp", "2",
                  "--checkpoint-only", "--no-progress")
     assert rc == 0
-    real = cc._write_rank
-
-    def stop_at_rank1(model_dir, plan, path, rank, progress, **kw):
-        if rank == 1:
-            raise KeyboardInterrupt
-        return real(model_dir, plan, path, rank, progress, **kw)
-
-    monkeypatch.setattr(cc, "_write_rank", stop_at_rank1)
+    real = _interrupt_before_rank1(monkeypatch)
     rc, _ = _run(capsys, "--model", a, "--output", tmp_path / "out", "--tp", "2",
                  "--checkpoint-only", "--no-progress")
     assert rc == 130
@@ -169,14 +176,7 @@ def test_damaged_resume_inputs_are_refused(tmp_path):
 def test_damaged_finished_rank_is_refused_on_resume(tmp_path, tiny_model, capsys, monkeypatch):
     """main: the damaged rank 0 was kept and promoted (exit 0)."""
     a = _model(tiny_model)
-    real = cc._write_rank
-
-    def stop_at_rank1(model_dir, plan, path, rank, progress, **kw):
-        if rank == 1:
-            raise KeyboardInterrupt
-        return real(model_dir, plan, path, rank, progress, **kw)
-
-    monkeypatch.setattr(cc, "_write_rank", stop_at_rank1)
+    real = _interrupt_before_rank1(monkeypatch)
     argv = ("--model", a, "--output", tmp_path / "out", "--tp", "2", "--checkpoint-only",
             "--no-progress")
     assert _run(capsys, *argv)[0] == 130

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from io_faults import DiskFault
 sys.path.insert(0, str(Path(__file__).resolve().parent / "golden"))
 from matrix import digest_tree  # noqa: E402
 
-GOLDEN_TOKENIZER = Path(__file__).resolve().parent / "golden" / "tokenizer"
 CAL = ["--calib-size", "2", "--calib-seq-len", "16"]
 
 #: name -> (flags, whether TensorRT-LLM "builds" engines, exit status of a good run)
@@ -65,15 +63,8 @@ ERRORS = {errno.ENOSPC: "No space left on device; free space or choose another -
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama with the golden test tokenizer."""
-    from examples.tiny import make_tiny_model
-
-    d = tmp_path_factory.mktemp("model") / "llama"
-    make_tiny_model(d, family="llama")
-    for f in GOLDEN_TOKENIZER.iterdir():
-        shutil.copy(f, d / f.name)
-    return d
+def model_dir(golden_llama):
+    return golden_llama  # tests/conftest.py
 
 
 def _run(model_dir, root: Path, command: str, monkeypatch, *extra) -> int:

@@ -18,20 +18,12 @@ import pytest
 
 from builders.cli import main
 
-GOLDEN_TOKENIZER = Path(__file__).resolve().parent / "golden" / "tokenizer"
 CAL = ["--calib-size", "2", "--calib-seq-len", "16"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama with the golden test tokenizer (vocabulary 1000)."""
-    from examples.tiny import make_tiny_model
-
-    d = tmp_path_factory.mktemp("model") / "llama"
-    make_tiny_model(d, family="llama")
-    for f in GOLDEN_TOKENIZER.iterdir():
-        shutil.copy(f, d / f.name)
-    return d
+def model_dir(golden_llama):
+    return golden_llama  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
