@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from model.families import FAMILIES
 from model.spec import COLUMN_PARALLEL, DIMS, EXPERT_COLUMN, EXPERT_ROW, QKV, TRT_LAYER, VOCAB
 
-from .formats import DEFAULT_EXCLUDE, KV_ALGOS, SQ_BLOCK, SQ_NORM, flags, scheme_for
+from .formats import (DEFAULT_EXCLUDE, KV_ALGOS, ROWWISE_ALWAYS_EXCLUDE, ROWWISE_META_EXCLUDE,
+                      SQ_BLOCK, SQ_NORM, flags, scheme_for)
 from .model_classes import bias_flags, model_class
 
 
@@ -108,10 +109,10 @@ def declared_rank(config: dict, rank: int) -> dict[str, Declared]:
         raise NotModelled(f"kv_cache_quant_algo {q.get('kv_cache_quant_algo')!r} is not modelled")
     lay, shape = Layout.of(config), ConfigShape(config)
     ctx = _Context(config, lay, shape, scheme, q, bias_flags(mc, config))
-    tp_rank, pp_rank = rank % lay.tp, rank // lay.tp
-    del tp_rank  # shapes are the same on every tp rank
+    pp_rank = rank // lay.tp  # shapes are the same on every tp rank
     out: dict[str, Declared] = {}
     stages = pp_layers(shape_layers(config), lay.pp, pp_rank)
+    ctx.stage(pp_rank, len(stages))
     if pp_rank == 0:
         for rule in family.embed:
             ctx.rule(rule, "", out)
@@ -137,10 +138,30 @@ class _Context:
         self.dtype = config["dtype"]
         exclude = q.get("exclude_modules")
         self.exclude = tuple(exclude) if exclude else DEFAULT_EXCLUDE
+        if scheme.rowwise:  # fp8_rowwise_quantize: null is no pattern, plus its own
+            meta = ROWWISE_META_EXCLUDE if q.get("use_meta_recipe") else ()
+            self.exclude = (*(exclude or ()), *ROWWISE_ALWAYS_EXCLUDE, *meta)
         self.group = int(q.get("group_size") or 128)
+        self.pp_rank, self.stage_layers = 0, 0
+
+    def stage(self, pp_rank: int, layers: int) -> None:
+        self.pp_rank, self.stage_layers = pp_rank, layers
 
     def excluded(self, module: str) -> bool:
         return any(fnmatch.fnmatchcase(module, p) for p in self.exclude)
+
+    def replaced(self, block: str) -> bool:
+        """fp8_rowwise_quantize: is the MLP / Attention / RmsNorm module ``block`` replaced? Not
+        when excluded; with ``use_meta_recipe`` not in the first stage's local layer 0 nor the
+        last stage's last local layer (``extract_layer_idx``: the name's first number)."""
+        if self.excluded(block):
+            return False
+        if self.q.get("use_meta_recipe"):
+            idx = next((int(p) for p in block.split(".") if p.isdigit()), None)
+            if (self.pp_rank == 0 and idx == 0) or (
+                    self.pp_rank == self.lay.pp - 1 and idx == self.stage_layers - 1):
+                return False
+        return True
 
     # ---- one spec rule --------------------------------------------------------------------
     def rule(self, rule, prefix: str, out: dict, family=None) -> None:
@@ -149,22 +170,24 @@ class _Context:
             return
         if rule.linear is not None:
             lin = family.linear(rule.linear[len(TRT_LAYER):])
-            self.linear(prefix + lin.name, lin, out)
+            self.linear(prefix + lin.name, lin, out, family)
         elif rule.shard == VOCAB and name == "lm_head.weight":
             s = self.shape
             self.site("lm_head", "column", s.vocab_rank(self.lay.tp) * self.lay.tp, s.hidden,
-                      False, out, quantizable=not self.scheme.plugin_sq)
+                      False, out, quantizable=not (self.scheme.plugin_sq or self.scheme.rowwise))
         elif rule.shard == VOCAB:
             s = self.shape
             dtype = "int8" if self.scheme.embedding and not self.excluded(name[:-7]) else self.dtype
             out[name] = Declared((s.vocab_rank(self.lay.tp), s.hidden), dtype, "Embedding")
         elif rule.dtype == "float32":  # the MoE router: RowLinear(hidden, experts), tp 1, float32
             self.router(name[: -len(".weight")], out)
-        elif not name.endswith(".bias"):  # a norm
+        elif not name.endswith(".bias"):  # a norm (Fp8RowwiseRmsNorm: the same weight)
             dims = tuple(DIMS[d](self.shape) for d in rule.shapes[0])
-            out[name] = Declared(dims, rule.dtype or self.dtype, "RmsNorm")
+            fp8 = self.scheme.rowwise and self.replaced(name[: -len(".weight")])
+            out[name] = Declared(dims, rule.dtype or self.dtype,
+                                 "Fp8RowwiseRmsNorm" if fp8 else "RmsNorm")
 
-    def linear(self, module: str, lin, out: dict) -> None:
+    def linear(self, module: str, lin, out: dict, family) -> None:
         s, tp = self.shape, self.lay.tp
         if lin.experts:
             return self.experts(module, lin, out)
@@ -178,13 +201,20 @@ class _Context:
                 full_in = tp * (s.heads // tp) * s.head_size
         kind = "column" if lin.shard in COLUMN_PARALLEL else "row"
         bias = lin.bias is not None and self.biases.get(lin.bias, False)
+        if self.scheme.rowwise and family.qk_norms and lin.shard == QKV and \
+                self.replaced(module.rsplit(".", 1)[0]):
+            raise NotModelled("Fp8RowwiseAttention (it takes no qk_layernorm) for an attention "
+                              "with q/k layernorms")
         self.site(module, kind, full_out, full_in, bias, out, quantizable=True)
 
     def site(self, module, kind, full_out, full_in, bias, out, *, quantizable) -> None:
         """A ColumnLinear / RowLinear with full features, quantized by the scheme unless
         excluded (the SmoothQuant plugin replaces the decoder's linears whatever the list)."""
         scheme, tp = self.scheme, self.lay.tp
-        quantized = quantizable and (scheme.plugin_sq or not self.excluded(module))
+        if scheme.rowwise:  # the linears of a replaced MLP / Attention block
+            quantized = quantizable and self.replaced(module.rsplit(".", 1)[0])
+        else:
+            quantized = quantizable and (scheme.plugin_sq or not self.excluded(module))
         params = scheme.linear if quantized else scheme_for(None).linear
         if quantized and scheme.pad:
             m = (max(scheme.pad, self.group) if scheme.groupwise else scheme.pad) * tp
@@ -209,7 +239,8 @@ class _Context:
         self.emit(module, params, o, i, e, False, out, owner)
 
     def router(self, module: str, out: dict) -> None:
-        quantized = not self.excluded(module) and not self.scheme.plugin_sq
+        # a RowLinear: in neither quantize_layers' map under the plugin nor fp8_rowwise's
+        quantized = not (self.excluded(module) or self.scheme.plugin_sq or self.scheme.rowwise)
         params = self.scheme.linear if quantized else scheme_for(None).linear
         self.emit(module, params, self.shape.experts, self.shape.hidden, 1, True, out,
                   "RowLinear (router)", float_dtype="float32")

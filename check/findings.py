@@ -13,7 +13,7 @@ class NotChecked(UserError):
 
 @dataclass
 class Finding:
-    kind: str            # config, rank_file, missing, shape, dtype, extra, gpu
+    kind: str            # config, rank_file, preprocess, missing, shape, dtype, extra, gpu
     message: str         # TensorRT-LLM's words
     rank: int | None = None
     name: str | None = None

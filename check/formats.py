@@ -8,7 +8,8 @@ a snapshot that already has ``models/gpt_oss``, i.e. 1.1 or later):
   (plugin algos: ``smooth_quantize_plugin`` replaces Attention / GatedMLP / RmsNorm — every layer,
   no ``exclude_modules``, ``ln_f`` skipped; ``W8A8_SQ_PER_CHANNEL``: ``smooth_quantize_ootb``);
   weight-only → ``weight_only_quantize`` (per channel) / ``weight_only_groupwise_quantize`` (AWQ);
-  a KV-cache algo → ``kv_cache_quantize``. ``quantize_layers`` replaces every ``ColumnLinear`` /
+  a KV-cache algo → ``kv_cache_quantize``; FP8 rowwise → ``fp8_rowwise_quantize`` (whole blocks,
+  see ``FP8_ROWWISE``). ``quantize_layers`` replaces every ``ColumnLinear`` /
   ``RowLinear`` (and, for weight-only, ``Embedding``) whose module name matches no
   ``exclude_modules`` pattern (``fnmatchcase``; default list in ``DEFAULT_EXCLUDE``), passing the
   FULL in/out features (it multiplies the per-rank ones back by tp).
@@ -55,6 +56,7 @@ class Scheme:
     static: bool = False                  # SmoothQuant plugin: static activation scale
     plugin_sq: bool = False               # Attention / GatedMLP / RmsNorm replaced, no exclusions
     embedding: bool = False               # Embedding in quantize_layers' map (weight-only)
+    rowwise: bool = False                 # fp8_rowwise_quantize: blocks replaced (FP8_ROWWISE)
     preprocess: str | None = None         # key of check.preprocess.TRANSFORMS
 
 
@@ -112,6 +114,25 @@ SQ_PLUGIN = (Param("weight", ("out", "in"), "int8"),
 SQ_NORM = (Param("scale_to_int", ("1",), "dtype"),)
 SQ_BLOCK = (Param("quantization_scaling_factor", ("1",), "float32", when="static"),)
 
+#: FP8 rowwise (``FP8_PER_CHANNEL_PER_TOKEN``), ``quantization/quantize.py``
+#: ``fp8_rowwise_quantize``: not linear by linear but whole blocks — every ``GatedMLP`` / ``MLP`` →
+#: ``Fp8RowwiseGatedMLP`` / ``Fp8RowwiseMLP``, ``Attention`` → ``Fp8RowwiseAttention``, ``RmsNorm``
+#: → ``Fp8RowwiseRmsNorm`` — whose module name matches no pattern of ``exclude_modules`` (null:
+#: none) plus ``ROWWISE_ALWAYS_EXCLUDE``; ``use_meta_recipe`` adds ``ROWWISE_META_EXCLUDE`` and
+#: skips every module of the first stage's local layer 0 and of the last stage's last local layer.
+#: The blocks' linears, ``Fp8RowwiseLinear`` / ``Fp8RowwiseRowLinear`` (``quantization/layers.py``):
+#: ``weight [out, in]`` fp8, ``per_channel_scale [out]`` float32 (a column linear's out per rank, a
+#: row linear's whole). ``Fp8RowwiseRmsNorm`` declares the float norm's ``weight``; the norm's and
+#: the MLP's / attention's ``clamp_val`` [2] are buffers built from config.json's ``clamp_val``
+#: (``is_buffer=True``, already initialised: not required at load). MixtureOfExperts is not in
+#: the map: not modelled here.
+FP8_ROWWISE = (Param("weight", ("out", "in"), "float8_e4m3fn"),
+               Param("per_channel_scale", ("out",), "float32"))
+#: added to exclude_modules by fp8_rowwise_quantize in the 1.1/1.2-era tree (the 1.0-era tree adds
+#: '*ln_f', '*ln_embed' only when the key is null and takes a given list as it is)
+ROWWISE_ALWAYS_EXCLUDE = ("*ln_f", "*ln_embed", "*lm_head")
+ROWWISE_META_EXCLUDE = ("*input_layernorm", "*attention")
+
 #: kv_cache_quantize: every Attention (1.x: both scales; 1.0-era trees declare only the first,
 #: preprocess_weights then adds the reciprocal anyway)
 KV_CACHE = (Param("kv_cache_scaling_factor", ("1",), "float32"),
@@ -131,6 +152,9 @@ SCHEMES: dict[str | None, Scheme] = {
     "W4A8_AWQ": Scheme("WeightOnlyGroupwiseQuantColumnLinear / RowLinear (W4A8)", GROUPWISE, None,
                        pad=128, groupwise=True, bits=4, preprocess="awq"),
     "FP8": Scheme("FP8Linear / FP8RowLinear", FP8, FP8_EXPERTS, bits=8, preprocess="fp8"),
+    "FP8_PER_CHANNEL_PER_TOKEN": Scheme("Fp8RowwiseGatedMLP / Fp8RowwiseAttention (Fp8RowwiseLinear "
+                                        "/ Fp8RowwiseRowLinear)", FP8_ROWWISE, None, bits=8,
+                                        rowwise=True, preprocess="fp8_rowwise"),
     "W8A8_SQ_PER_CHANNEL": Scheme("Int8SmoothQuantLinear / Int8SmoothQuantRowLinear", INT8_SQ,
                                   None, bits=8),
     "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": Scheme(_SQ, SQ_PLUGIN, None, bits=8, per_channel=True,

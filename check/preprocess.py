@@ -14,6 +14,10 @@ Read in NVIDIA/TensorRT-LLM ``tensorrt_llm/models/modeling_utils.py``:
   ``[1, in]`` (a 2-D MoE one keeps its first row), dtype unchanged;
 - FP8: int8 ``*weight`` viewed as float8_e4m3fn; a non-FP8 ``lm_head.weight`` loses
   ``lm_head.weights_scaling_factor`` / ``activation_scaling_factor``;
+- FP8_PER_CHANNEL_PER_TOKEN: int8 ``*weight`` viewed as float8_e4m3fn; ``assert
+  weights['lm_head.weight'].dtype == str_dtype_to_torch(model_config.dtype)`` (a bare
+  AssertionError: the head must be written in the model dtype); ``lm_head.weights_scaling_factor``
+  / ``activation_scaling_factor`` dropped;
 - W8A16 / W4A16: ``models/convert_utils.py`` ``weight_only_quantize_dict`` quantizes every
   non-int8 tensor whose name contains ``qkv.weight``, ``dense.weight``, ``fc.weight``,
   ``proj.weight`` or ``gate.weight`` (and matches no ``exclude_modules`` pattern, fnmatch on the
@@ -65,6 +69,19 @@ def fp8(h: Header, config: dict, scheme) -> None:
         h.pop("lm_head.activation_scaling_factor", None)
 
 
+def fp8_rowwise(h: Header, config: dict, scheme) -> str | None:
+    for name, (shape, dtype) in list(h.items()):
+        if name.endswith("weight") and dtype == "int8":
+            h[name] = (shape, "float8_e4m3fn")
+    h.pop("lm_head.weights_scaling_factor", None)
+    h.pop("lm_head.activation_scaling_factor", None)
+    if "lm_head.weight" in h and h["lm_head.weight"][1] != config.get("dtype"):
+        return (f"AssertionError in preprocess_weights: lm_head.weight is "
+                f"{h['lm_head.weight'][1]}, FP8_PER_CHANNEL_PER_TOKEN asserts the model dtype "
+                f"{config.get('dtype')}")
+    return None
+
+
 def weight_only(h: Header, config: dict, scheme) -> None:
     bits = scheme.bits
     exclude = (config.get("quantization") or {}).get("exclude_modules") or [
@@ -78,14 +95,15 @@ def weight_only(h: Header, config: dict, scheme) -> None:
             h[name.replace(".weight", ".per_channel_scale")] = ((*shape[:-2], shape[-2]), dtype)
 
 
-TRANSFORMS = {"awq": awq, "fp8": fp8, "weight_only": weight_only, None: None}
+TRANSFORMS = {"awq": awq, "fp8": fp8, "fp8_rowwise": fp8_rowwise, "weight_only": weight_only,
+              None: None}
 
 
-def preprocess(header: Header, config: dict, scheme) -> Header:
-    """The header as ``load()`` receives it (a new dict)."""
+def preprocess(header: Header, config: dict, scheme) -> tuple[Header, str | None]:
+    """(the header as ``load()`` receives it (a new dict), the error preprocess_weights itself
+    would raise or None)."""
     h = dict(header)
     kv_scales(h)
     step = TRANSFORMS[scheme.preprocess]
-    if step is not None:
-        step(h, config, scheme)
-    return h
+    error = step(h, config, scheme) if step is not None else None
+    return h, error

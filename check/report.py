@@ -8,7 +8,8 @@ original"), an extra tensor only warns ("Provided but not required tensors"). A 
 from the declared one is a warning at load ("Parameter was initialized as X but set to Y"; int8
 into an fp8 parameter is silent) that changes the parameter's dtype: ``check`` reports a float
 width difference (float16 / bfloat16 / float32) as that warning, and an integer value where a
-float is declared or the reverse (an int8 GEMM fed float weights, a float GEMM fed int8) as a
+float is declared or the reverse (an int8 GEMM fed float weights, a float GEMM fed int8), and an
+fp8 value where a wider float is declared or the reverse (an fp8 GEMM fed float16 weights), as a
 failure.
 
 Exit status: 0 the checkpoint would load; 1 it would not (or the build would refuse it on the
@@ -117,7 +118,9 @@ def check_checkpoint(d: Path, config: dict, ranks=None) -> CheckResult:
             except NotModelled as e:
                 raise NotChecked(f"check does not model this checkpoint: {e}; not checked")
         declared = by_stage[stage]
-        got = preprocess(rank_header(path), config, scheme)
+        got, error = preprocess(rank_header(path), config, scheme)
+        if error is not None:
+            res.findings.append(Finding("preprocess", error, rank=r))
         res.tensors += len(got)
         res.findings += compare(declared, got, r)
     res.seconds = time.perf_counter() - t0
@@ -148,10 +151,12 @@ def compare(declared: dict, got: dict, rank: int) -> list[Finding]:
                                         f"as the original. Updated: {_tuple(shape)}, original: "
                                         f"{_tuple(want.shape)}' for parameter '{name}' "
                                         f"({want.owner})", rank=rank, name=name))
-        elif dtype != want.dtype and not (want.dtype == "float8_e4m3fn" and dtype in INT_TYPES):
+        elif dtype != want.dtype and not (want.dtype == FP8_DTYPE and dtype in INT_TYPES):
             fatal = (dtype in INT_TYPES) != (want.dtype in INT_TYPES)
             why = ("an integer / floating mismatch the quantized kernels cannot take" if fatal
                    else "a warning at load (the parameter takes the value's dtype)")
+            if not fatal and FP8_DTYPE in (dtype, want.dtype):  # fp8 GEMM fed a wider float, or back
+                fatal, why = True, "an fp8 / wider float mismatch the fp8 kernels cannot take"
             out.append(Finding("dtype", f"Parameter was initialized as {want.dtype} but set to "
                                         f"{dtype} for parameter '{name}' ({want.owner}): {why}",
                                rank=rank, name=name, fatal=fatal))
@@ -160,6 +165,7 @@ def compare(declared: dict, got: dict, rank: int) -> list[Finding]:
 
 #: integer dtypes; Parameter.value accepts them into an fp8 parameter without a word
 INT_TYPES = ("int8", "uint8", "int32", "int64")
+FP8_DTYPE = "float8_e4m3fn"
 
 
 def _shared_lm_head(name: str, got: dict) -> bool:

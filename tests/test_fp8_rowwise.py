@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from builders.cli import main
+from check import check_dir
+from check.declared import declared_rank
 from common.errors import UserError
 from convert_helper import convert_checkpoint
 from quantize.flags import add_quant_arguments
@@ -156,6 +159,10 @@ def test_tensors_equal_trtllm_restatement(tmp_path, tiny_model, recipe, tp, pp, 
         for k, v in flt.items():  # attention, norms, embedding, head: the float checkpoint's
             if ".mlp." not in k:
                 assert torch.equal(got[k], v), k
+    result = check_dir(tmp_path / "ck")  # and TensorRT-LLM 1.x would load every rank
+    assert result.exit_code == 0 and not result.findings, result.summary()
+    assert result.tensors == sum(len(_read_rank(tmp_path / "ck" / f"rank{r}.safetensors"))
+                                 for r in range(tp * pp))
 
 
 def test_row_parallel_scales_are_per_rank(tmp_path, tiny_model):
@@ -184,7 +191,6 @@ def test_ranks_split_over_runs_give_the_same_bytes(tmp_path, tiny_model):
 
 def test_cli_build_gates_quality_without_calibrating(tmp_path, tiny_model, capsys):
     """No calibration store, no calibration line; the quality gate runs and build.json records it."""
-    import shutil
     from pathlib import Path
 
     hf_dir, _ = tiny_model()
@@ -195,6 +201,9 @@ def test_cli_build_gates_quality_without_calibrating(tmp_path, tiny_model, capsy
                  "--tp", "2", "--fp8-rowwise", "meta", "--max-ppl-increase", "1000"]) == 0
     printed = capsys.readouterr().out
     assert "calibration:" not in printed and "quality gate (FP8_PER_CHANNEL_PER_TOKEN (meta))" in printed
+    assert "check: skipped" not in printed  # check/ restates the format: checked before the gate
+    assert f"check: PASS {out / 'checkpoint.partial'}: LlamaForCausalLM, float16 " \
+           f"FP8_PER_CHANNEL_PER_TOKEN, tp 2 pp 1, 2 rank(s): " in printed
     record = json.loads((out / "build.json").read_text())
     assert record["options"]["fp8_rowwise"] == "meta"
     assert record["options"]["quantization"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"
@@ -235,3 +244,72 @@ def test_reader_kernel_is_per_token_fp8():
     assert kernel(x, {"weight": w}, spec).equal(x @ w.t())  # a module the recipe leaves float
     with pytest.raises(UserError, match="needs a float8_e4m3fn weight beside per_channel_scale"):
         kernel(x, {"weight": w, "per_channel_scale": s}, spec)
+
+
+# ----- what TensorRT-LLM declares (check/), and a hand-broken checkpoint ------------------------
+
+
+def _config(recipe: str, pp: int = 1) -> dict:
+    q = QuantSpec.create("FP8_PER_CHANNEL_PER_TOKEN", recipe_option=recipe).to_trtllm_quantization()
+    return {"architecture": "LlamaForCausalLM", "dtype": "bfloat16", "hidden_size": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 192, "vocab_size": 100,
+            "mapping": {"world_size": 2 * pp, "tp_size": 2, "pp_size": pp}, "quantization": q}
+
+
+def test_declared_rowwise_blocks():
+    """fp8_rowwise_quantize replaces the MLP (Fp8RowwiseGatedMLP: fc / gate / proj as fp8 weight
+    [out, in] + float32 per_channel_scale [out], out per rank for the column linears, whole for
+    proj) and the post-attention RmsNorm of every layer the recipe does not exclude; the meta
+    recipe skips the first stage's local layer 0 and the last stage's last local layer."""
+    d = declared_rank(_config("mlp"), 1)
+    mlp = "transformer.layers.3.mlp."
+    assert (d[mlp + "fc.weight"].shape, d[mlp + "fc.weight"].dtype) == ((96, 64), "float8_e4m3fn")
+    assert (d[mlp + "gate.per_channel_scale"].shape, d[mlp + "gate.per_channel_scale"].dtype) == \
+        ((96,), "float32")
+    assert (d[mlp + "proj.weight"].shape, d[mlp + "proj.per_channel_scale"].shape) == ((64, 96), (64,))
+    assert d["transformer.layers.3.post_layernorm.weight"].owner == "Fp8RowwiseRmsNorm"
+    assert d["transformer.layers.3.input_layernorm.weight"].owner == "RmsNorm"  # excluded
+    assert d["transformer.layers.0.attention.qkv.weight"].dtype == "bfloat16"   # excluded
+    assert d["lm_head.weight"].dtype == "bfloat16" and "lm_head.per_channel_scale" not in d
+    fp8 = {(r, i) for r in range(4) for i in range(2)
+           if declared_rank(_config("meta", pp=2), r).get(f"transformer.layers.{i}.mlp.fc.weight",
+                                                          None).dtype == "float8_e4m3fn"}
+    assert fp8 == {(0, 1), (1, 1), (2, 0), (3, 0)}  # global layers 1 and 2 of 4, over 2 stages
+
+
+def test_hand_broken_rowwise_checkpoint_fails_in_trtllm_words(tmp_path, tiny_model, capsys):
+    from safetensors.torch import save_file
+
+    hf_dir, _ = tiny_model()
+    src = tmp_path / "ck"
+    convert_checkpoint(hf_dir, src, tp=2, dtype="float16", progress=False,
+                       quant=QuantSpec.create("FP8_PER_CHANNEL_PER_TOKEN"))
+    scale = "transformer.layers.0.mlp.fc.per_channel_scale"
+
+    def broken(edit):
+        d = tmp_path / "broken"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(src, d)
+        tensors = _read_rank(d / "rank0.safetensors")
+        edit(tensors)
+        save_file(tensors, d / "rank0.safetensors")
+        capsys.readouterr()
+        code = main(["check", str(d)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(lines) == 1, lines
+        assert lines[0].startswith(f"check: FAIL {d}: LlamaForCausalLM, float16 "
+                                   f"FP8_PER_CHANNEL_PER_TOKEN, tp 2 pp 1, 2 rank(s): rank 0: ")
+        return lines[0].split(": rank 0: ", 1)[1]
+
+    n = len(declared_rank(json.loads((src / "config.json").read_text()), 0))
+    assert broken(lambda t: t.pop(scale)) == (
+        f"RuntimeError: Required but not provided tensors: {{'{scale}'}} (1 of {n})")
+    w = "transformer.layers.0.mlp.proj.weight"
+    assert broken(lambda t: t.update({w: t[w].to(torch.float16)})) == (
+        f"Parameter was initialized as float8_e4m3fn but set to float16 for parameter '{w}' "
+        f"(Fp8RowwiseGatedMLP / Fp8RowwiseAttention (Fp8RowwiseLinear / Fp8RowwiseRowLinear)): "
+        f"an fp8 / wider float mismatch the fp8 kernels cannot take")
+    assert broken(lambda t: t.update({"lm_head.weight": t["lm_head.weight"].float()})) == (
+        "AssertionError in preprocess_weights: lm_head.weight is float32, FP8_PER_CHANNEL_PER_TOKEN "
+        "asserts the model dtype float16")
