@@ -247,7 +247,7 @@ def _pytorch_memory_plan(args, quant, model, layerwise: bool) -> None:
     dtype = str(model.raw.get("torch_dtype") or model.raw.get("dtype") or "")
     stages = memory.plan(model.shape, quant, tp=1, pp=1, device=device,
                          out_dtype_bytes=4 if dtype == "float32" else 2, layerwise=layerwise,
-                         checks=memory.checks(args.verify, None))
+                         checks=memory.checks(args.verify, None), unified=True)
     if args.calibration is not None:
         stages = [s for s in stages if s.name != "calibration"]
     print(f"memory plan: {memory.describe(stages)}")

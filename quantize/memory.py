@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.errors import UserError
@@ -73,16 +73,20 @@ WHOLE_BASE, WHOLE_PER_PARAM = 0.58 * GB, 6.0
 
 
 def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2,
-         layerwise: bool = True, checks: tuple = (), workers: int = 1) -> list[Stage]:
+         layerwise: bool = True, checks: tuple = (), workers: int = 1,
+         unified: bool = False) -> list[Stage]:
     """The stages of a conversion with ``spec`` (None or not quantized: the float converter).
     ``layerwise`` False: the calibration loads the whole model (formats without a layer-wise
     path). ``checks``: the verification runs asked for besides the quality gate that follows
     every calibration (``VERIFY_TOKENS``, ``EVAL_PPL_TOKENS``). ``workers``: rank files written
-    at once, each by its own process with its own writer (``--workers``)."""
+    at once, each by its own process with its own writer (``--workers``). ``unified``: the
+    output is modelopt's unified checkpoint (``--target pytorch``)."""
     p_lin = _layer_linear_params(shape)
     recipe = recipe_for(spec.quant_algo if spec is not None else None)
-    mem = recipe.memory
-    ckpt_disk = checkpoint_disk(shape, mem, tp=tp, out_dtype_bytes=out_dtype_bytes)
+    mem = memory_model(recipe, unified)
+    ckpt_disk = checkpoint_disk(shape, mem, tp=tp, out_dtype_bytes=out_dtype_bytes,
+                                scale=scale_disk(mem, spec, out_dtype_bytes),
+                                quantized=_quantized_linears(recipe, spec, shape))
     stages = []
     calibrated = spec is not None and recipe.calibration(spec) is not None
     store_disk = 0.0
@@ -99,7 +103,8 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
         rows = min(shape.vocab, n * seq) * shape.hidden * c
         extracted = p_lin * (mem.weight_bytes or 0)
         work = layer + acts + temps + rows
-        store_disk = store_disk_bytes(shape, spec, mem, c, ckpt_disk)
+        store_disk = store_disk_bytes(shape, spec, mem, c, ckpt_disk, scale_disk(mem, spec, c),
+                                      recipe.calibration_input_sets(spec))
         if not layerwise:
             params = shape.layers * (p_lin + 2 * shape.hidden) + \
                 shape.vocab * shape.hidden * (1 if shape.tied else 2)
@@ -128,35 +133,95 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
 #: repository's templates and configs, ~40 KB; the safetensors headers): measured on the golden
 #: matrix (tests/test_disk_plan.py)
 FIXED_DISK = 96 * 1024
-#: a quantized format's scales (per channel, per group, smoothers, activation and KV scales), per
-#: byte of its quantized weights: fitted on the golden matrix (tests/test_disk_plan.py)
+#: a quantized format's scales (per channel, smoothers, activation and KV scales), per byte of its
+#: quantized weights: fitted on the golden matrix (tests/test_disk_plan.py)
 SCALE_DISK = 0.06
+#: a group-wise format (AWQ): its per-group scales are counted exactly (``scale_disk``); this
+#: covers the rest (the pre-quant scales, one per input feature of each linear, and the KV
+#: scales), fitted on the golden matrix's AWQ cases
+GROUP_SCALE_EXTRA = 0.03
+#: a calibration store file's safetensors header (its tensors' names and offsets) and alignment
+STORE_HEADER = 8 * 1024
+#: bytes per weight of modelopt's unified checkpoint encodings (``UnifiedFormat.weight``)
+UNIFIED_WEIGHT_BYTES = {"int8_rows": 1.0, "fp8": 1.0, "int4": 0.5}
+#: a decoder layer's linears (spec names, as ``Recipe.quantizes_linear`` takes them) -> their
+#: parameters, from (shape, q features, kv features)
+LINEAR_PARAMS = {
+    "attention.qkv": lambda s, q, kv: s.hidden * (q + 2 * kv),
+    "attention.dense": lambda s, q, kv: s.hidden * q,
+    "mlp.fc": lambda s, q, kv: s.hidden * s.inter * max(1, s.experts),
+    "mlp.gate": lambda s, q, kv: s.hidden * s.inter * max(1, s.experts),
+    "mlp.proj": lambda s, q, kv: s.hidden * s.inter * max(1, s.experts),
+}
 
 
-def checkpoint_disk(shape, mem, *, tp: int, out_dtype_bytes: int) -> float:
+def memory_model(recipe, unified: bool):
+    """The recipe's coefficients; for the unified checkpoint (``unified``) with its weights in
+    modelopt's encoding, also where the engine checkpoint keeps them float (weight-only:
+    trtllm-build quantizes them, the unified export writes int8 rows)."""
+    mem = recipe.memory
+    fmt = getattr(recipe, "unified", None) if unified else None
+    if mem.weight_bytes is None and fmt is not None and fmt.weight in UNIFIED_WEIGHT_BYTES:
+        return replace(mem, weight_bytes=UNIFIED_WEIGHT_BYTES[fmt.weight])
+    return mem
+
+
+def scale_disk(mem, spec, scale_bytes: int) -> float:
+    """The scales' bytes per byte of quantized weights; group-wise: one ``scale_bytes`` scale per
+    ``group_size`` weights, plus ``GROUP_SCALE_EXTRA``."""
+    if mem.group_scales and mem.weight_bytes:
+        return GROUP_SCALE_EXTRA + scale_bytes / (spec.group_size * mem.weight_bytes)
+    return SCALE_DISK
+
+
+def _quantized_linears(recipe, spec, shape):
+    """(layer, linear) -> quantized, for a recipe that quantizes some linears of some layers
+    from the weights alone (FP8 rowwise: the MLP; the meta recipe: not the first and last
+    layers); None: every linear is (or none, for a float checkpoint)."""
+    if spec is None or not recipe.from_weights:
+        return None
+    return lambda layer, linear: recipe.quantizes_linear(spec, layer, shape.layers, linear)
+
+
+def checkpoint_disk(shape, mem, *, tp: int, out_dtype_bytes: int, scale: float = SCALE_DISK,
+                    quantized=None) -> float:
     """The bytes of the checkpoint's files, all ranks (``shape`` as laid out: padded heads, the
     format's vocabulary multiple): KV heads duplicated up to tp, the experts and their float32
-    routers, q/k/v biases, the norms, the vocabulary padded for tp."""
+    routers, q/k/v biases, the norms, the vocabulary padded for tp. ``scale``: the scales per
+    byte of quantized weights; ``quantized(layer, linear)``: whether that linear is quantized
+    (None: every linear of every layer)."""
     s, hs = shape, shape.head_size
     q, kv = s.tp_heads * hs, max(s.tp_kv_heads, tp) * hs
-    linear = s.hidden * (2 * q + 2 * kv) + 3 * s.hidden * s.inter * max(1, s.experts)
+    params = {name: f(s, q, kv) for name, f in LINEAR_PARAMS.items()}
     wbytes = out_dtype_bytes if mem.weight_bytes is None else mem.weight_bytes
-    layer = linear * wbytes * (1 + SCALE_DISK * (mem.weight_bytes is not None))
-    layer += s.experts * s.hidden * 4 + 2 * s.hidden * out_dtype_bytes
+    qbytes = wbytes * (1 + scale * (mem.weight_bytes is not None))
+    if quantized is None:
+        linears = sum(params.values()) * qbytes * s.layers
+    else:
+        linears = sum(p * (qbytes if quantized(i, name) else out_dtype_bytes)
+                      for i in range(s.layers) for name, p in params.items())
+    layer = s.experts * s.hidden * 4 + 2 * s.hidden * out_dtype_bytes
     layer += (q + 2 * kv) * out_dtype_bytes * s.attn_bias
     emb = padded_vocab(s.vocab, tp, s.vocab_multiple) * s.hidden * out_dtype_bytes
-    return layer * s.layers + emb * (1 if s.tied else 2) + s.hidden * out_dtype_bytes + FIXED_DISK
+    return linears + layer * s.layers + emb * (1 if s.tied else 2) + \
+        s.hidden * out_dtype_bytes + FIXED_DISK
 
 
-def store_disk_bytes(shape, spec, mem, c: int, ckpt_disk: float) -> float:
-    """The calibration store: every layer's quantized tensors and scales. While calibrating, the
-    next layer's inputs are there too, twice at the fullest (the new file is written before the
-    old one goes; ``c`` bytes per activation; passes share one set), beside every layer but the
-    last; they are gone before the checkpoint (``ckpt_disk``) is written, so only what they
-    exceed it by is counted."""
-    layer = _layer_linear_params(shape) * (mem.weight_bytes or 0) * (1 + SCALE_DISK)
-    inputs = spec.calib_size * spec.calib_seq_len * shape.hidden * c
-    return layer * shape.layers + max(0.0, 2 * inputs - layer - ckpt_disk)
+def store_disk_bytes(shape, spec, mem, c: int, ckpt_disk: float, scale: float,
+                     sets: int = 1) -> float:
+    """The calibration store: every layer's quantized tensors and scales (``scale`` per byte of
+    quantized weights, the calibration's ``c``-byte precision). While calibrating, the next
+    layer's inputs are there too (``c`` bytes per activation; ``sets``: one per forward-loop pass
+    when the passes differ, as with KV quantizers, else one shared): the last layer's beside every
+    layer, and, with three layers or more, two sets at once beside every layer but the last (the
+    new file is written before the old one goes). They are gone before the checkpoint
+    (``ckpt_disk``) is written, so only what they exceed it by is counted."""
+    layer = _layer_linear_params(shape) * (mem.weight_bytes or 0) * (1 + scale) + STORE_HEADER
+    inputs = spec.calib_size * spec.calib_seq_len * shape.hidden * c * sets + STORE_HEADER
+    extra = inputs - ckpt_disk
+    if shape.layers >= 3:
+        extra = max(extra, 2 * inputs - layer - ckpt_disk)
+    return layer * shape.layers + max(0.0, extra)
 
 
 #: (tokens whose hidden states are held at once, tokens whose logits are scored at once) of each

@@ -133,3 +133,27 @@ def golden_llama(tmp_path_factory):
     for f in (Path(__file__).resolve().parent / "golden" / "tokenizer").iterdir():
         shutil.copy(f, d / f.name)
     return d
+
+
+# --- the golden matrix, run once per session (tests/test_golden.py, tests/test_disk_plan.py) ----
+
+@pytest.fixture(scope="session")
+def golden_matrix(tmp_path_factory):
+    """One run of tests/golden/matrix.py --check in a subprocess with the CPU kernels pinned
+    (matrix.PINNED_ENV): (the CompletedProcess, its --json result or None when it stopped before
+    writing one). Shared: the same bytes (test_golden) and the disk plan (test_disk_plan) are
+    asserted on the same runs."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    golden = REPO / "tests" / "golden"
+    sys.path.insert(0, str(golden))
+    from matrix import PINNED_ENV
+
+    out = tmp_path_factory.mktemp("golden") / "matrix.json"
+    proc = subprocess.run([sys.executable, str(golden / "matrix.py"), "--check", "--json", str(out)],
+                          env={**os.environ, **PINNED_ENV}, capture_output=True, text=True,
+                          timeout=900)
+    return proc, (json.loads(out.read_text()) if out.is_file() else None)

@@ -4,14 +4,13 @@ The matrix covers float tp 1/2/4 and pp 2, bf16/fp32/sharded sources, --pad-head
 every calibrated format (the four SmoothQuant plugin variants, auto, --sq-recipe modelopt, FP8,
 AWQ 64/128, weight-only, INT8/FP8 KV caches), the MoE layouts, --target pytorch formats,
 --calibration reuse and both Triton repositories. It runs in a subprocess with the CPU kernels
-pinned (matrix.PINNED_ENV). A difference names the case and the file; if an output is meant to
-change, re-record with ``python tests/golden/matrix.py --write`` under that environment and say
-why in the commit.
+pinned (matrix.PINNED_ENV), once per session (conftest.golden_matrix; tests/test_disk_plan.py
+asserts the memory plan's disk figure on the same runs). A difference names the case and the
+file; if an output is meant to change, re-record with ``python tests/golden/matrix.py --write``
+under that environment and say why in the commit.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,14 +19,12 @@ import pytest
 GOLDEN = Path(__file__).resolve().parent / "golden"
 sys.path.insert(0, str(GOLDEN))
 
-from matrix import CASES, PINNED_ENV, compare  # noqa: E402
+from matrix import CASES, compare  # noqa: E402
 
 
 @pytest.mark.slow
-def test_golden_matrix_same_bytes():
-    env = {**os.environ, **PINNED_ENV}
-    proc = subprocess.run([sys.executable, str(GOLDEN / "matrix.py"), "--check"], env=env,
-                          capture_output=True, text=True, timeout=900)
+def test_golden_matrix_same_bytes(golden_matrix):
+    proc, _ = golden_matrix
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     assert f"same bytes: {len(CASES)} cases" in proc.stdout
 

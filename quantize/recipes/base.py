@@ -60,7 +60,8 @@ class MemoryModel:
     ``hooks``: calibrated by forward hooks without importing modelopt (the smaller host base);
     ``passes``: forward-loop passes whose outputs are held; ``search_inputs``: AWQ's search
     holds every batch's linear inputs; ``cpu_smoothing``: the layer is smoothed on the CPU in
-    float32 when calibrating on a GPU."""
+    float32 when calibrating on a GPU; ``group_scales``: one scale per ``group_size`` weights of
+    a row (AWQ), so the scales' share of the disk grows as the group shrinks."""
 
     weight_bytes: float | None = None
     layer_factor: float = 1.1
@@ -68,6 +69,7 @@ class MemoryModel:
     passes: int = 1
     search_inputs: bool = False
     cpu_smoothing: bool = False
+    group_scales: bool = False
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,11 @@ class Recipe:
     def quantize_weight(self, spec, weight):
         """One rank's float weight [out, in] -> its tensors by suffix (``weight`` first)."""
         raise NotImplementedError(f"{self.quant_algo} is not quantized from the weights alone")
+
+    def calibration_input_sets(self, spec) -> int:
+        """Sets of a layer's inputs the calibration store holds (quantize/store.py): one per
+        forward-loop pass when the passes' outputs differ (KV quantizers on), else one shared."""
+        return self.memory.passes if self.kv_cache_bits(spec) is not None else 1
 
     def kv_cache_bits(self, spec):
         """modelopt num_bits of the KV cache's quantizers (None: not quantized)."""

@@ -17,6 +17,11 @@ process. What is hashed:
 Not hashed: the ownership record ``.build_engine.json`` (common.ownership): it holds only the
 sizes and digests of the files hashed here, and those of the text files depend on the root.
 
+Each case also records, beside its files, the disk figure the memory plan printed for it
+(``quantize.memory.check``'s stages) and the most bytes its output directory held at any moment
+(:class:`DiskPeak`); tests/test_disk_plan.py asserts the one against the other on every case of
+this same run. These figures are not part of the manifest.
+
 ``python tests/golden/matrix.py --write`` records tests/golden/manifest.json (only when the
 output is meant to change: say why in the commit). ``python tests/golden/matrix.py --check``
 compares. tests/test_golden.py runs the check in a subprocess with the CPU kernels pinned
@@ -29,6 +34,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -132,6 +138,60 @@ _VOLATILE = ("created_utc", "versions", "stage_timings_s")
 OWNERSHIP_RECORD = ".build_engine.json"  # common.ownership.RECORD (see the module docstring)
 
 
+class DiskPeak:
+    """TEST DOUBLE (a spy), a context manager: the largest total size of the files under ``root``,
+    measured before each ``os.replace`` / ``os.rename`` / ``os.unlink`` / ``os.remove`` /
+    ``os.rmdir`` (the only moments the tree can shrink) and at the end."""
+
+    NAMES = ("replace", "rename", "unlink", "remove", "rmdir")
+
+    def __init__(self, root: Path):
+        self.root, self.peak, self._real = root, 0, {}
+
+    def __enter__(self) -> "DiskPeak":
+        self._real = {n: getattr(os, n) for n in self.NAMES}
+        for n, real in self._real.items():
+            setattr(os, n, self._measuring(real))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for n, real in self._real.items():
+            setattr(os, n, real)
+        self.measure()
+
+    def _measuring(self, real):
+        def call(*args, **kw):
+            self.measure()
+            return real(*args, **kw)
+        return call
+
+    def measure(self) -> int:
+        if self.root.exists():
+            size = sum(p.stat().st_size for p in self.root.rglob("*")
+                       if p.is_file() and not p.is_symlink())
+            self.peak = max(self.peak, size)
+        return self.peak
+
+
+@contextlib.contextmanager
+def planned_disk():
+    """TEST DOUBLE (a spy) on ``quantize.memory.check``: yields the list of disk figures (bytes,
+    the sum of the stages') the plan checked, one per call; the real check still runs."""
+    import quantize.memory as memory
+
+    planned, real = [], memory.check
+
+    def spy(stages, out, device):
+        planned.append(sum(s.disk for s in stages))
+        return real(stages, out, device)
+
+    memory.check = spy
+    try:
+        yield planned
+    finally:
+        memory.check = real
+
+
 def make_inputs(root: Path) -> dict[str, Path]:
     """The tiny models of INPUTS under ``root``, each with the committed tokenizer."""
     import torch
@@ -185,7 +245,8 @@ def digest_tree(out: Path, root: Path) -> dict[str, str]:
 
 
 def run_case(name: str, models: dict[str, Path], root: Path, outs: dict[str, Path]) -> dict:
-    """Run one case in this process; return {"exit": status, "files": {path: sha256}}."""
+    """Run one case in this process; return {"exit": status, "files": {path: sha256}, "disk":
+    {"planned": [the plan's disk figures], "peak": the most bytes under the output}}."""
     from builders.cli import main
 
     model, argv = CASES[name]
@@ -193,18 +254,18 @@ def run_case(name: str, models: dict[str, Path], root: Path, outs: dict[str, Pat
     argv = [str(outs[a[1:].split("/")[0]] / a.split("/", 1)[1]) if a.startswith("@") else a
             for a in argv]
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
+            planned_disk() as planned, DiskPeak(out) as peak:
         rc = main(["--model", str(models[model]), "--output", str(out), "--no-progress", *argv])
     outs[name] = out
     if rc not in (0, 3):
         raise RuntimeError(f"golden case {name} exited {rc}:\n{buf.getvalue()}")
-    return {"exit": rc, "files": digest_tree(out, root)}
+    return {"exit": rc, "files": digest_tree(out, root),
+            "disk": {"planned": planned, "peak": peak.peak}}
 
 
 def run_matrix(names=None) -> dict:
     """Run the matrix (or the named cases, with the cases they reuse) in a temporary directory."""
-    import os
-
     names = list(CASES) if names is None else list(names)
     with tempfile.TemporaryDirectory(prefix="golden-") as tmp:
         root = Path(tmp).resolve()
@@ -254,8 +315,9 @@ def main(argv=None) -> int:
     got = run_matrix()
     if args.json:
         args.json.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
-    if args.write:
-        MANIFEST.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    if args.write:  # the bytes only: the disk figures are checked, not recorded
+        cases = {n: {k: c[k] for k in ("exit", "files")} for n, c in got["cases"].items()}
+        MANIFEST.write_text(json.dumps({**got, "cases": cases}, indent=1, sort_keys=True) + "\n")
         print(f"recorded {len(got['cases'])} cases in {MANIFEST}")
     if args.check:
         diffs = compare(got, json.loads(MANIFEST.read_text()))

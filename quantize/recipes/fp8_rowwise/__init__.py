@@ -43,10 +43,10 @@ class Fp8Rowwise(Recipe):
     quant_algo = FP8_ROWWISE
     flag = "--fp8-rowwise"
     from_weights = True
-    #: no calibration; the plan's per-linear bytes stay the model dtype's, an upper bound (only
-    #: the MLP weights become 1-byte fp8, attention stays float); writing holds one linear's
-    #: float32 copy at a time, inside the writer's staging budget
-    memory = MemoryModel()
+    #: no calibration; 1-byte fp8 weights for the linears :meth:`quantizes_linear` names (the
+    #: memory plan asks it per layer; the others stay the model dtype's); writing holds one
+    #: linear's float32 copy at a time, inside the writer's staging budget
+    memory = MemoryModel(weight_bytes=1.0)
     moe = MoeRefused("--fp8-rowwise is not supported for mixture-of-experts models: TensorRT-LLM's "
                      "MixtureOfExperts has no FP8 rowwise GEMM (layers/moe.py); use --fp8 or --awq")
     unified = None

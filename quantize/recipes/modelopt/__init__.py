@@ -73,7 +73,8 @@ class Awq(Recipe):
     pre_quant_scale = True
     weight_calibration = MODELOPT
     #: modelopt's AWQ per layer: two forward-loop passes, the search holds every batch's inputs
-    memory = MemoryModel(weight_bytes=0.5, layer_factor=1.8, hooks=False, passes=2, search_inputs=True)
+    memory = MemoryModel(weight_bytes=0.5, layer_factor=1.8, hooks=False, passes=2, search_inputs=True,
+                         group_scales=True)
     moe = MoeAwq()
     #: q/k/v and gate/up fused, their pre_quant_scale folded into the norms
     unified = UnifiedFormat(weight="int4", fuse_shared_inputs=True, fold_into_norm=True)
