@@ -122,7 +122,21 @@ class SourceCheckpoint:
             index = (slice(None), *index[1:])
         else:
             r0, r1 = 0, (shape[0] if shape else 1)
-        rows = np.empty((r1 - r0, *shape[1:]) if shape else (), UINT[dtype.itemsize])
+        rows = _aligned_empty((r1 - r0, *shape[1:]) if shape else (), UINT[dtype.itemsize])
         if rows.size:
             self.read_rows_bytes(name, r0, memoryview(rows.reshape(-1)).cast("B"))
-        return np.ascontiguousarray(rows[index]) if index else rows
+        if not index or rows[index].flags.c_contiguous:
+            return rows[index] if index else rows
+        out = _aligned_empty(rows[index].shape, rows.dtype)
+        np.copyto(out, rows[index])
+        return out
+
+
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """``np.empty`` at an address aligned as torch's CPU allocator aligns (64 bytes): MKL's
+    reproducible mode (MKL_CBWR) gives the same sums only for the same alignment, so a tensor
+    read here computes exactly as one torch allocated."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    start = -buf.ctypes.data % align
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
