@@ -8,7 +8,8 @@ exactly; float64 rounds to float32 first (so a float64 -> float16 cast rounds tw
 From float32: to float16 numpy's round-to-nearest-even, to bfloat16 the same rounding on the bits.
 NaNs follow torch: a float16 NaN keeps its sign and top payload bits with the quiet bit set (the
 F16C instruction's rule); a bfloat16 NaN is 0xFFFF from float32, 0x7FC0 from float16 (torch's
-vectorised float32 kernel and its scalar float16 one).
+vectorised float32 kernel and its scalar float16 one; with ``ATEN_CPU_CAPABILITY=default`` torch
+writes 0x7FC0 from float32 too).
 """
 from __future__ import annotations
 
@@ -125,11 +126,11 @@ _STEP = 1 << 16
 def cast_into(bits: np.ndarray, src: DType, dst: DType, out: np.ndarray) -> None:
     """Cast ``bits`` (``UINT[src.itemsize]``, any shape) into ``out`` (``UINT[dst.itemsize]``,
     the same shape)."""
-    if src.st not in FLOATS or dst.st not in ("F32", "F16", "BF16"):
-        raise _refuse(src, dst)
     if src == dst:
         np.copyto(out, bits)
         return
+    if src.st not in FLOATS or dst.st not in ("F32", "F16", "BF16"):
+        raise _refuse(src, dst)
     step = max(1, _STEP // max(1, math.prod(bits.shape[1:])))
     for a in range(0, bits.shape[0] if bits.ndim else 1, step):
         b, o = (bits[a:a + step], out[a:a + step]) if bits.ndim else (bits, out)
