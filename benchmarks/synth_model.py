@@ -47,12 +47,13 @@ def write_shards(out: Path, shards: list, produce) -> int:
     """Write ``shards`` (lists of planned tensors) as a sharded HF model into ``out``, each file
     streamed by ``produce``, with its ``model.safetensors.index.json``; return the bytes written."""
     from convert.writer import nbytes, write_file
+    from quantize.torch_io import torch_chunks  # produce yields torch tensors
 
     out.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_file(out / fname, shard, produce)
+        write_file(out / fname, shard, torch_chunks(produce))
         for t in shard:
             weight_map[t.name] = fname
             total += nbytes(t.shape, t.dtype)

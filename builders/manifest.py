@@ -226,7 +226,7 @@ def write_manifest(output_dir, *, inputs: "dict | InputHashing", options: dict, 
     engines: the engine stage's record (ranks built here, host and GPU of every rank, whether
         the world is complete), written as ``engines``.
     layout: how the model was laid out beyond the options, e.g. ``{"head_padding": {...}}``
-        (``convert.heads.HeadPadding.as_dict``: head counts and the extra cost), or ``None``.
+        (``model.shape.HeadPadding.as_dict``: head counts and the extra cost), or ``None``.
     digests: the run's :class:`common.digests.Digests`, which its writers filled: those files
         are not read back.
     only: the names under ``outputs_root`` this run wrote (build_engine: ``BuildResult.outputs``);

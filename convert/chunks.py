@@ -4,9 +4,9 @@ time, in the form that costs least to write.
 A run of rows that needs no conversion (same dtype, all columns) is a ``FileSpan`` (where its bytes
 are: the sink copies them file to file or ``pread``s them into its staging buffer). Rows that need a
 column slice (row-parallel weights, zero columns of padded heads) or a dtype change are read with
-``pread`` into one reused buffer and compacted as bytes (numpy) or converted (torch, imported only
-then; exact widenings fp16/bf16 -> fp32 in numpy) into another: a ``ByteChunk``. Zero padding is a ``ByteChunk`` of zero bytes. So no chunk is
-allocated per step, and a float conversion without casts never imports torch (``BYTE_COPIES``).
+``pread`` into one reused buffer and compacted as bytes or cast (convert.casts: numpy, bit for bit
+torch's casts) into another: a ``ByteChunk``. Zero padding is a ``ByteChunk`` of zero bytes. So no
+chunk is allocated per step, and no conversion imports torch.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import math
 
 import numpy as np
 
-from common.dtypes import DType, as_dtype
+from common.dtypes import FLOAT32, DType, as_dtype
+from common.fileio import pread_exact
+
+from .casts import UINT, cast, cast_into, float32_into
 
 CHUNK_BYTES = 16 * 2**20
-# Same-dtype column slices and zero padding are moved as bytes (numpy), so a float conversion
-# never imports torch; False: through torch, as dtype casts are (tests compare the two).
-BYTE_COPIES = True
 
 
 class FileSpan:
@@ -73,87 +73,53 @@ def _zero_bytes(n: int) -> memoryview:
     return _ZERO_BYTES[0][:n]
 
 
-def _torch_view(buf: np.ndarray, dtype: DType, shape):
-    """``buf`` (uint8) as a torch tensor of ``dtype`` and ``shape`` (same memory)."""
-    import torch
-
-    return torch.from_numpy(buf).view(dtype.torch).view(*shape)
-
-
-def _widen(src: DType, dst: DType):
-    """The exact widening casts (fp16/bf16 -> fp32, e.g. a Mixtral router written in float32) in
-    numpy, bit for bit what torch gives: ``f(raw_rows, out_rows, c0, c1)`` on byte rows, or None."""
-    if dst.st != "F32" or src.st not in ("F16", "BF16"):
-        return None
-
-    def f16(raw, out, c0, c1):
-        np.copyto(out.view(np.float32)[:, :c1 - c0], raw.view(np.float16)[:, c0:c1])
-
-    def bf16(raw, out, c0, c1):  # a bfloat16 is the top half of the float32 of the same value
-        dst = out.view(np.uint32)[:, :c1 - c0]
-        np.copyto(dst, raw.view(np.uint16)[:, c0:c1])
-        dst <<= 16
-
-    return f16 if src.st == "F16" else bf16
-
-
-def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, spans: bool = False,
-                offset: float = 0.0, allow_nonfinite: bool = False):
-    """Yield ``piece`` (a convert.shard.Piece) in ``dtype`` (a DType or torch dtype), a few rows
-    at a time: torch tensors, or with ``spans=True`` (for ``write_file``) also ``FileSpan``s and
-    ``ByteChunk``s, which need no torch; a yielded chunk is then only valid until the next one is
-    asked for (buffers are reused). ``offset``: added in float32 before the cast (Gemma's norms,
-    small tensors: through torch).
-    """
+def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, offset: float = 0.0,
+                allow_nonfinite: bool = False):
+    """Yield ``piece`` (a convert.shard.Piece) in ``dtype`` (a DType or its name), a few rows at a
+    time, as ``FileSpan``s and ``ByteChunk``s (what ``convert.writer.write_file`` takes); a yielded
+    chunk is only valid until the next one is asked for (buffers are reused). ``offset``: added in
+    float32 before the cast (Gemma's norms, small tensors)."""
     dtype = as_dtype(dtype)
     if offset:
-        for chunk in iter_chunks(source, piece, "float32", max_bytes):
-            yield (chunk.float() + offset).to(dtype.torch)
+        yield from _with_offset(source, piece, dtype, max_bytes, offset)
         return
     rows = piece.shape[0]
-    row_elems = 1
-    for d in piece.shape[1:]:
-        row_elems *= d
-    row_bytes = max(1, row_elems * dtype.itemsize)
-    step = max(1, max_bytes // row_bytes)
+    row_elems = math.prod(piece.shape[1:])
+    step = max(1, max_bytes // max(1, row_elems * dtype.itemsize))
     if piece.source is None:
         for a in range(0, rows, step):
             n = min(step, rows - a)
-            if spans and BYTE_COPIES:
-                yield ByteChunk(_zero_bytes(n * row_elems * dtype.itemsize), dtype)
-            else:
-                import torch
-
-                yield torch.zeros((n, *piece.shape[1:]), dtype=dtype.torch)
+            yield ByteChunk(_zero_bytes(n * row_elems * dtype.itemsize), dtype)
         return
     first = piece.index[0] if piece.index else slice(None)
     start = first.start or 0
     rest = tuple(piece.index[1:])
-    if spans and hasattr(source, "span") and hasattr(source, "read_rows_bytes"):
-        fast = _fast_chunks(source, piece, dtype, start, rest, max_bytes, allow_nonfinite)
-        if fast is not None:
-            yield from fast
-            return
-    if getattr(piece, "pad_cols", 0):
-        yield from _with_zero_columns(source, piece, dtype, max_bytes)
+    fast = _fast_chunks(source, piece, dtype, start, rest, max_bytes, allow_nonfinite)
+    if fast is not None:
+        yield from fast
         return
-    for a in range(0, rows, step):
-        b = min(rows, a + step)
-        yield source.read(piece.source, (slice(start + a, start + b), *rest)).to(dtype.torch)
+    src_dtype = source.dtype(piece.source)
+    pad = getattr(piece, "pad_cols", 0)
+    for a in range(0, rows, step):  # any other index: numpy's indexing of the rows read
+        bits = source.read_bits(piece.source, (slice(start + a, start + min(rows, a + step)), *rest))
+        out = cast(bits, src_dtype, dtype)
+        if pad:  # a 2-D piece whose last ``pad_cols`` columns are zeros (padded heads)
+            out = np.concatenate([out, np.zeros((out.shape[0], pad), out.dtype)], axis=1)
+        yield ByteChunk(memoryview(np.ascontiguousarray(out)).cast("B"), dtype)
 
 
-def _with_zero_columns(source, piece, dtype, max_bytes):
-    """A 2-D piece whose last ``pad_cols`` columns are zeros (padded heads): its source columns
-    chunk by chunk, each followed by the zeros (small tensors: one layer's attention.dense)."""
-    import dataclasses
-
-    import torch
-
-    rows, cols = piece.shape
-    inner = dataclasses.replace(piece, shape=(rows, cols - piece.pad_cols), pad_cols=0)
-    for chunk in iter_chunks(source, inner, dtype, max_bytes):
-        yield torch.cat([chunk, torch.zeros((chunk.shape[0], piece.pad_cols), dtype=chunk.dtype)],
-                        dim=1)
+def _with_offset(source, piece, dtype: DType, max_bytes: int, offset: float):
+    """``offset + piece`` in float32 (as torch adds a Python float to a float32 tensor), cast."""
+    for chunk in iter_chunks(source, piece, FLOAT32, max_bytes):
+        if isinstance(chunk, FileSpan):
+            data = np.empty(chunk.nbytes, np.uint8)
+            pread_exact(chunk.fd, memoryview(data), chunk.offset, source.meta[piece.source][0])
+        else:
+            data = np.frombuffer(chunk.data, np.uint8)
+        x = data.view(np.float32) + np.float32(offset)
+        out = np.empty(x.shape, UINT[dtype.itemsize])
+        float32_into(x, dtype, out)
+        yield ByteChunk(memoryview(out).cast("B"), dtype)
 
 
 def _row_window(source, piece, start, rest):
@@ -243,8 +209,8 @@ def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes, allow_nonf
             yield FileSpan(fd, base + (start + a) * row_bytes, n * row_bytes, dtype)
 
     def converted():
-        # rows are read whole (contiguous in the file) into `raw`, then sliced (as bytes) or
-        # converted (torch) into `out`, whose rows end in the zero columns of `pad`
+        # rows are read whole (contiguous in the file) into `raw`, then sliced (as bytes) or cast
+        # (convert.casts) into `out`, whose rows end in the zero columns of `pad`
         step = max(1, max_bytes // max(1, src_row * max(src_dtype.itemsize, dtype.itemsize)))
         step = min(step, rows)
         out_row = math.prod(piece.shape[1:])
@@ -258,22 +224,16 @@ def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes, allow_nonf
             if pad:
                 out[:, kept:] = 0
             c0, c1 = (a0 // isz, a1 // isz)
-            widen = BYTE_COPIES and _widen(src_dtype, dtype)
-            if not (same and BYTE_COPIES) and not widen:
-                src_view = _torch_view(raw_bytes, src_dtype, (step, *full[1:]))
-                dst_view = _torch_view(out_bytes, dtype, (step, *piece.shape[1:]))
+            src_bits = raw_bytes.view(UINT[isz]).reshape(step, src_row)
+            dst_bits = out_bytes.view(UINT[osz]).reshape(step, out_row)
             infs = _InfCheck(src_dtype, dtype, piece.source, allow_nonfinite)
             for a in range(0, rows, step):
                 n = min(step, rows - a)
                 source.read_rows_bytes(piece.source, start + a, raw[:n].reshape(-1).data)
-                if same and BYTE_COPIES:
+                if same:
                     out[:n, :kept] = raw[:n, a0:a1]
-                elif widen:
-                    widen(raw[:n], out[:n], c0, c1)
-                elif len(full) == 2:
-                    dst_view[:n, :c1 - c0].copy_(src_view[:n, c0:c1])
                 else:
-                    dst_view[:n].copy_(src_view[:n])
+                    cast_into(src_bits[:n, c0:c1], src_dtype, dtype, dst_bits[:n, :c1 - c0])
                 infs.add(raw[:n, a0:a1], out[:n, :kept])
                 yield ByteChunk(out[:n].reshape(-1).data, dtype)
             infs.done()

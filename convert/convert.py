@@ -56,10 +56,10 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
         def produce(t):
             bar.set_postfix_str(t.name.replace("transformer.", ""), refresh=False)
             if not isinstance(t, OutputTensor):  # calibrated weights and scales (pipeline/)
-                yield t.tensor
+                yield from t.chunks()  # as ByteChunks (quantize.apply)
                 return
             for piece in t.pieces:
-                yield from iter_chunks(source, piece, t.dtype, spans=True, offset=t.offset,
+                yield from iter_chunks(source, piece, t.dtype, offset=t.offset,
                                        allow_nonfinite=allow_nonfinite)
 
         def on_bytes(n):

@@ -19,20 +19,12 @@ from .moe import MoeLayout
 from .shard import RULES, Piece, RankCtx, stacked_shape
 
 
-
-def __getattr__(name):
-    # TORCH_DTYPES for the calibrated paths, built on first use: the float path never imports torch
-    if name == "TORCH_DTYPES":
-        return {n: BY_NAME[n].torch for n in ("float16", "bfloat16", "float32")}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(frozen=True)
 class OutputTensor:
     name: str
     pieces: tuple[Piece, ...]
     shape: tuple[int, ...]
-    dtype: DType  # bytes-level (common.dtypes); ``.torch`` where a transform computes
+    dtype: DType  # bytes-level (common.dtypes)
     offset: float = 0.0  # added to every element in float32 before the cast (model.spec.Rule)
 
 

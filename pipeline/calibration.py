@@ -12,9 +12,9 @@ from pathlib import Path
 
 from common.errors import UserError
 from convert.hf_config import pp_layer_range
-from convert.heads import pad_quant_state, pad_sq_plugin_layers
+from quantize.head_padding import pad_quant_state, pad_sq_plugin_layers
 from convert.moe import MoeLayout
-from convert.plan import TORCH_DTYPES
+from quantize.torch_io import TORCH_DTYPES
 from quantize.apply import LayerShards, apply_to_plan, stage_tensors
 from quantize.feature_padding import pad_feature_state
 from quantize.recipes import MAX, MODELOPT, SQ_HOOKS
@@ -86,7 +86,7 @@ def modelopt_shards(store, load_layer, shape, quant, config, report, dtype):
 
 def padded_state(state: dict, shape) -> dict:
     """Calibrated tensors of the real model padded as the checkpoint lays it out: heads
-    (--pad-heads, convert.heads), the MLP's intermediate features (quantize.feature_padding)."""
+    (--pad-heads, quantize.head_padding), the MLP's intermediate features (quantize.feature_padding)."""
     return pad_feature_state(pad_quant_state(state, shape.padding), shape)
 
 

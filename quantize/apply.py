@@ -44,6 +44,12 @@ class MemoryTensor:
     def dtype(self) -> torch.dtype:
         return self.tensor.dtype
 
+    def chunks(self):
+        """The tensor as the writer's ByteChunks (convert/ never imports torch)."""
+        from .torch_io import tensor_chunk
+
+        yield tensor_chunk(self.tensor)
+
 
 def per_rank_in_dims(shape: Shape, tp: int) -> dict[str, int]:
     """Input features of each quantizable dense linear on one rank (TensorRT-LLM names)."""
@@ -168,6 +174,8 @@ class StagedTensor:
     @property
     def tensor(self) -> torch.Tensor:
         return self._load()
+
+    chunks = MemoryTensor.chunks
 
 
 class LayerShards:

@@ -26,7 +26,7 @@ from common.errors import UserError
 from model.families import FAMILIES
 from model.spec import PADDABLE_DIMS
 
-from convert.heads import HeadAxis
+from .head_padding import HeadAxis
 
 if TYPE_CHECKING:
     import torch

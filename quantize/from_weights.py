@@ -14,6 +14,7 @@ import torch
 from convert.hf_config import pp_layer_range
 
 from .apply import StagedTensor, apply_to_plan
+from .torch_io import read_tensor
 
 _LINEAR_WEIGHT = re.compile(r"^transformer\.layers\.(\d+)\.(.+)\.weight$")
 
@@ -23,7 +24,7 @@ def read_planned(source, t) -> torch.Tensor:
     parts = []
     for p in t.pieces:
         x = torch.zeros(p.shape, dtype=t.dtype.torch) if p.source is None else \
-            source.read(p.source, p.index).to(t.dtype.torch)
+            read_tensor(source, p.source, p.index).to(t.dtype.torch)
         if p.pad_cols:
             x = torch.cat([x, x.new_zeros((*x.shape[:-1], p.pad_cols))], dim=-1)
         parts.append(x)

@@ -48,6 +48,7 @@ from .calibrate import bos_if_added, make_calib_batches, tokenize_text
 from .modelopt_state import extract_quant_state
 from .formats import QuantSpec
 from .recipes import MAX, SQ_HOOKS
+from .torch_io import read_tensor
 from . import store as cstore
 
 Tensor = torch.Tensor
@@ -127,7 +128,7 @@ def layer_inputs(model, source, batches: list[Tensor], device: torch.device, dty
     if int(uniq.max()) >= vocab:
         raise UserError(f"the tokenizer produced id {int(uniq.max())} but the model's vocab_size is "
                         f"{vocab}; the tokenizer does not belong to this model")
-    rows = torch.stack([source.read(weight, (slice(int(i), int(i) + 1),))[0] for i in uniq])
+    rows = torch.stack([read_tensor(source, weight, (slice(int(i), int(i) + 1),))[0] for i in uniq])
     parent, _, leaf = emb_name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     scale = getattr(model.get_input_embeddings(), "scalar_embed_scale", None)
@@ -178,7 +179,7 @@ def materialise(layer_meta, source, prefix: str, device: torch.device, dtype: to
         key = f"{prefix}.{name}"
         if key not in source:
             raise UserError(f"the model's safetensors have no {key}")
-        state[name] = source.read(key).to(device=device, dtype=p.dtype)
+        state[name] = read_tensor(source, key).to(device=device, dtype=p.dtype)
     layer.load_state_dict(state, strict=True, assign=True)
     return layer.eval()
 

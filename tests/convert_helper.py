@@ -55,7 +55,7 @@ def _from_calibrated(model, out_dir, layout, quant, cal, *, dtype, workers, forc
     from pipeline.calibration import modelopt_tensors, planned
     from pipeline.checkpoint import CheckpointResult, quantization_block
     from quantize.apply import stage_tensors
-    from convert.plan import TORCH_DTYPES
+    from quantize.torch_io import TORCH_DTYPES
 
     shape = layout.shape
     cplan = plan_checkpoint(model, out_dir, shape, tp=layout.tp, pp=layout.pp, dtype=dtype,
@@ -83,7 +83,7 @@ def _sq_plugin_tensors(shape, quant, config, cal, report, dtype):
     """TensorRT-LLM's plugin SmoothQuant from a whole-model ``PluginCalibration``
     (``quantize.sq_reference.calibrate_plugin``, the reference): pad, and return the per-rank
     tensor function."""
-    from convert.heads import pad_sq_plugin_layers
+    from quantize.head_padding import pad_sq_plugin_layers
     from quantize.smoothquant import plugin_rank_tensors
 
     config["quantization"]["smoothquant_val"] = cal.smoothquant_val

@@ -1,4 +1,4 @@
-"""Exact head padding (--pad-heads, convert/heads.py): a tp that does not divide the heads gets zero
+"""Exact head padding (--pad-heads, quantize/head_padding.py): a tp that does not divide the heads gets zero
 heads (whole KV groups), and the padded checkpoint computes the unpadded model's function.
 
 Float: the padded checkpoint's logits through the reference reader equal the HF model's (fp32 to
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from builders.cli import main
 from convert_helper import convert_checkpoint
 from common.errors import UserError
-from convert.heads import QUANT_HEAD_AXES, pad_quant_state
+from quantize.head_padding import QUANT_HEAD_AXES, pad_quant_state
 from model.shape import HeadPadding, choose_padding
 from quant_common import byte_tokenizer
 from verify.perplexity import checkpoint_ppl

@@ -13,6 +13,7 @@ from common.digests import Digests
 from convert import writer
 from convert_helper import convert_checkpoint
 from convert.source import SourceCheckpoint
+from quantize.torch_io import read_tensor, tensor_chunk
 
 
 def modelopt_export(model, out_dir, tp: int):
@@ -75,17 +76,18 @@ def test_read_equals_safetensors_slices(tmp_path, dtype):
     name = "model.layers.0.mlp.down_proj.weight"
     rows, cols = src.shape(name)
     indices = [(), (slice(3, 17),), (slice(None), slice(8, 40)), (slice(5, 9), slice(0, cols)),
-               (slice(0, 0),), (slice(2, 2), slice(1, 3)), (slice(-4, None),)]
+               (slice(0, 0),), (slice(2, 2), slice(1, 3)), (slice(-4, None),),
+               (slice(1, 9, 3), slice(2, 5)), (4,)]  # numpy's indexing of all rows
     with safe_open(str(src.meta[name][0]), framework="pt") as f:
         for index in indices:
-            got = src.read(name, index)
+            got = read_tensor(src, name, index)
             want = f.get_slice(name)[index] if index else f.get_tensor(name)
             assert got.dtype == want.dtype and torch.equal(got, want), index
             assert got.is_contiguous()
     norm = "model.layers.0.input_layernorm.weight"
     with safe_open(str(src.meta[norm][0]), framework="pt") as f:
-        assert torch.equal(src.read(norm), f.get_tensor(norm))
-        assert torch.equal(src.read(norm, (slice(4, 9),)), f.get_tensor(norm)[4:9])
+        assert torch.equal(read_tensor(src, norm), f.get_tensor(norm))
+        assert torch.equal(read_tensor(src, norm, (slice(4, 9),)), f.get_tensor(norm)[4:9])
 
 
 def test_corrupt_offsets_are_a_user_error(tmp_path):
@@ -151,7 +153,7 @@ def test_direct_io_gives_the_same_bytes(tmp_path, monkeypatch, tp, writers, ramp
 
 def test_buffered_writer_digest_is_blake3_unless_the_kernel_copied(tmp_path, monkeypatch):
     """Page-cache writes (BUILD_ENGINE_DIRECT_IO=0): when every byte passed through user space
-    (header, a torch tensor, a ByteChunk) the writer records the file's BLAKE3 digest for
+    (header, a torch tensor's ByteChunk, a ByteChunk) the writer records the file's BLAKE3 digest for
     build.json; a FileSpan copied by the kernel leaves none (build.json then reads the file)."""
     import os
     from types import SimpleNamespace
@@ -166,7 +168,7 @@ def test_buffered_writer_digest_is_blake3_unless_the_kernel_copied(tmp_path, mon
     b = np.linspace(0, 1, 5, dtype=np.float16)
     tensors = [SimpleNamespace(name="a", shape=(2, 3), dtype=f16),
                SimpleNamespace(name="b", shape=(5,), dtype=f16)]
-    chunks = {"a": [a], "b": [writer.ByteChunk(b.view(np.uint8).data, f16)]}
+    chunks = {"a": [tensor_chunk(a)], "b": [writer.ByteChunk(b.view(np.uint8).data, f16)]}
     path = tmp_path / "user.safetensors"
     digests = Digests()
     writer.write_file(path, tensors, lambda t: chunks[t.name], digests=digests)
@@ -178,7 +180,7 @@ def test_buffered_writer_digest_is_blake3_unless_the_kernel_copied(tmp_path, mon
     src.write_bytes(b.tobytes())
     fd = os.open(src, os.O_RDONLY)
     try:
-        spans = {"a": [a], "b": [writer.FileSpan(fd, 0, b.nbytes, f16)]}
+        spans = {"a": [tensor_chunk(a)], "b": [writer.FileSpan(fd, 0, b.nbytes, f16)]}
         path = tmp_path / "kernel.safetensors"
         writer.write_file(path, tensors, lambda t: spans[t.name], digests=digests)
     finally:

@@ -1,7 +1,8 @@
-"""A float conversion without casts (fp16 -> fp16, bf16 -> bf16; tp, pp, head and vocabulary
-padding, --ranks) runs without importing torch or transformers, and writes the same bytes as the
-torch path (``chunks.BYTE_COPIES = False``: column slices and zero padding through torch, as dtype
-casts go)."""
+"""A float conversion (fp16 -> fp16, bf16 -> bf16, and casts: bf16 -> fp16, fp32 -> bf16; tp, pp,
+head and vocabulary padding, --ranks) runs without importing torch or transformers: convert/ and
+model/ import no torch at all (tests/test_structure.py), casts are numpy (convert.casts, equal to
+torch's in tests/test_casts.py). The bytes are those of modelopt's export
+(tests/test_source_writer_fast_paths.py) and of the golden manifest (tests/golden/)."""
 from __future__ import annotations
 
 import re
@@ -11,8 +12,6 @@ import sys
 import pytest
 import torch
 
-from convert import chunks
-from convert_helper import convert_checkpoint
 from common.dtypes import BY_ST, as_dtype
 
 HEAVY = ("torch", "transformers", "modelopt", "safetensors.torch")
@@ -49,7 +48,8 @@ def test_dtype_table_matches_torch_and_safetensors():
 
 
 @pytest.mark.parametrize("case", ["fp16 tp2 pp2", "bf16 tp2", "padded heads qwen2 tp2",
-                                  "ranks", "mixtral bf16 moe_ep2"])
+                                  "ranks", "mixtral bf16 moe_ep2", "bf16 -> fp16 cast tp2",
+                                  "fp32 -> bf16 cast tp2"])
 def test_float_cli_imports_neither_torch_nor_transformers(tmp_path, case):
     if case == "bf16 tp2":
         hf, flags = make(tmp_path, "hf", dtype=torch.bfloat16), ["--tp", 2, "--dtype", "bfloat16"]
@@ -60,6 +60,10 @@ def test_float_cli_imports_neither_torch_nor_transformers(tmp_path, case):
     elif case == "mixtral bf16 moe_ep2":  # the router is written in float32: an exact widening
         hf = make(tmp_path, "hf", family="mixtral", dtype=torch.bfloat16)
         flags = ["--tp", 2, "--moe-ep", 2, "--dtype", "bfloat16"]
+    elif "cast" in case:
+        src = torch.bfloat16 if case.startswith("bf16") else torch.float32
+        hf = make(tmp_path, "hf", dtype=src)
+        flags = ["--tp", 2, "--dtype", "float16" if src == torch.bfloat16 else "bfloat16"]
     else:
         hf, flags = make(tmp_path, "hf", dtype=torch.float16), ["--tp", 2, "--pp", 2,
                                                                 "--dtype", "float16"]
@@ -71,49 +75,16 @@ def test_float_cli_imports_neither_torch_nor_transformers(tmp_path, case):
         mods = imported_modules(p.stderr)
         assert "convert.writer" in mods and "builders.manifest" in mods  # the report is complete
         assert not (set(HEAVY) & mods), sorted(set(HEAVY) & mods)
-    # the same checkpoint as the torch path, byte for byte
-    ref = tmp_path / "ref"
-    kw = dict(tp=2, pp=1 if "pp2" not in case and case != "ranks" else 2,
-              dtype=flags[flags.index("--dtype") + 1], pad_heads="--pad-heads" in flags,
-              moe_ep=2 if "--moe-ep" in flags else None)
-    _convert_torch_path(hf, ref, **kw)
-    assert_same_files(out / "checkpoint", ref)
     assert (out / "build.json").is_file()
+    if "cast" in case:  # tensors are torch's casts of the source's (replicated; lm_head's rows)
+        from safetensors.torch import load_file
 
-
-def _convert_torch_path(hf, out, **kw):
-    old = chunks.BYTE_COPIES
-    chunks.BYTE_COPIES = False
-    try:
-        convert_checkpoint(hf, out, progress=False, **kw)
-    finally:
-        chunks.BYTE_COPIES = old
-
-
-def assert_same_files(a, b):
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    assert any(n.endswith(".safetensors") for n in names)
-    for n in names:
-        assert (a / n).read_bytes() == (b / n).read_bytes(), n
-
-
-@pytest.mark.parametrize("src,dtype,tp,pp,kw", [
-    (torch.float16, "float16", 2, 2, {}),
-    (torch.bfloat16, "bfloat16", 2, 1, {}),
-    (torch.float16, "float16", 4, 1, dict(num_key_value_heads=2, vocab_size=1001)),  # kv < tp
-    (torch.bfloat16, "float16", 2, 1, {}),  # a cast: torch on both sides, same code
-    (torch.float16, "float16", 2, 1, dict(family="mixtral")),  # router fp16 -> fp32 in numpy
-])
-def test_byte_copies_equal_torch_copies(tmp_path, monkeypatch, src, dtype, tp, pp, kw):
-    hf = make(tmp_path, "hf", dtype=src, **kw)
-    calls = []
-    real = chunks._torch_view
-    monkeypatch.setattr(chunks, "_torch_view", lambda *a: calls.append(1) or real(*a))
-    convert_checkpoint(hf, tmp_path / "bytes", tp=tp, pp=pp, dtype=dtype, progress=False)
-    torch_views = len(calls)
-    _convert_torch_path(hf, tmp_path / "torch", tp=tp, pp=pp, dtype=dtype)
-    assert len(calls) > torch_views  # the torch path went through torch
-    assert_same_files(tmp_path / "bytes", tmp_path / "torch")
-    if src == as_dtype(dtype).torch:
-        assert torch_views == 0  # no cast but widening: slices, padding, router as numpy
+        want_dtype = getattr(torch, flags[-1])
+        hf_t = {k: v for f in hf.glob("*.safetensors") for k, v in load_file(f).items()}
+        ck = load_file(out / "checkpoint" / "rank1.safetensors")
+        for trt, name, rows in [("transformer.layers.1.input_layernorm.weight",
+                                 "model.layers.1.input_layernorm.weight", slice(None)),
+                                ("transformer.ln_f.weight", "model.norm.weight", slice(None)),
+                                ("lm_head.weight", "lm_head.weight", slice(500, None))]:
+            assert ck[trt].dtype == want_dtype
+            assert torch.equal(ck[trt], hf_t[name][rows].to(want_dtype)), trt

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from common.errors import UserError
 
 from common.heap import release_memory
+from quantize.torch_io import read_tensor
+
 from .model import HEAD_CHUNK
 
 Tensor = torch.Tensor
@@ -126,5 +128,5 @@ def _head_weight(model, source, d: Path) -> str:
 
 def _chunked_head(x: Tensor, source, name: str, dtype: torch.dtype) -> Tensor:
     rows = source.shape(name)[0]
-    return torch.cat([F.linear(x, source.read(name, (slice(a, a + HEAD_CHUNK),)).to(dtype))
+    return torch.cat([F.linear(x, read_tensor(source, name, (slice(a, a + HEAD_CHUNK),)).to(dtype))
                       for a in range(0, rows, HEAD_CHUNK)], dim=-1)

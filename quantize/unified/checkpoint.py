@@ -66,6 +66,7 @@ from convert.source import SourceCheckpoint
 from convert.source_files import declared_dtype
 from convert.writer import write_file
 
+from ..torch_io import read_tensor, torch_chunks
 from .config import hf_quant_config, quantization_config
 from .tensors import LAYOUT, StoreLayers, model_tensors, weight_only_int8
 
@@ -145,12 +146,12 @@ def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry], 
         elif e.weight_only:
             if e.source not in cache:
                 cache.clear()
-                cache[e.source] = weight_only_int8(source.read(e.source))
+                cache[e.source] = weight_only_int8(read_tensor(source, e.source))
             yield cache[e.source][0 if e.dtype == torch.int8 else 1]
         else:
-            yield source.read(e.source)
+            yield read_tensor(source, e.source)
 
-    write_file(path, entries, produce, digests=digests)
+    write_file(path, entries, torch_chunks(produce), digests=digests)
 
 
 def _read_config(model_dir: Path) -> dict:

@@ -11,6 +11,7 @@ from model.families import FAMILIES
 
 from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes,
                               linear_modules, pack_int4, sanitize_amax, weight_scale)
+from ..torch_io import read_tensor
 
 Tensor = torch.Tensor
 
@@ -163,7 +164,7 @@ class StoreLayers:
         out = {}
         for h in LAYOUT.hf_linears():
             p = f"model.layers.{i}.{h}"
-            w = self.source.read(f"{p}.weight").to(self.dtype)
+            w = read_tensor(self.source, f"{p}.weight").to(self.dtype)
             amax = w.to(self.compute_dtype).abs().amax().float()
             scale = amax / FP8_MAXBOUND
             out[f"{p}.weight"] = ENCODE[self.fmt.weight](w, scale)

@@ -1,5 +1,8 @@
-"""Exact attention-head padding (``--pad-heads``): a layout step of the weight plan, like vocabulary
-padding, for a tp that does not divide the model's heads.
+"""Exact attention-head padding (``--pad-heads``) of the calibrated tensors. The padding is a layout
+step of the weight plan, like vocabulary padding, for a tp that does not divide the model's heads:
+``model.shape`` chooses the padded counts, the shard rules (``convert.shard``) lay out the float
+weights' zero heads as bytes, and this module pads what calibration computed (torch, so it lives
+in quantize/).
 
 Whole KV groups are added at the end: each new KV head has zero k/v weights (and biases) and its
 group of ``heads / kv_heads`` new q heads has zero q weights (and biases); ``attention.dense`` gets
