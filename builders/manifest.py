@@ -151,25 +151,23 @@ class InputHashing:
         return self._result
 
 
-def _weights_identity(model_dir: Path, entries: list[dict]) -> str | None:
-    """The model's identity (common.source_scan.identity) over the weight files it is read from;
-    None when they cannot be told (no readable safetensors)."""
+def _weights_identity(model_dir: Path) -> str | None:
+    """The model's identity (common.source_scan.identity: its tensors' names, dtypes, shapes and
+    bytes, whatever files hold them); None when it cannot be told (no readable safetensors)."""
     from common.errors import UserError
-    from common.source_scan import identity
-    from convert.source_files import find_files
+    from convert.source_files import weights_identity
 
     try:
-        files = {p.name for p in find_files(model_dir)[0]}
+        return weights_identity(model_dir)
     except UserError:
         return None
-    return identity((e["path"], e["size"], e["blake3"]) for e in entries if e["path"] in files)
 
 
 def describe_inputs(inputs: dict, threads: int | None = None) -> dict:
     """``inputs`` with ``model_dir`` (or ``model``) expanded: its absolute path, the BLAKE3
     digest and size of each weight shard, config and tokenizer file at its top level, and
-    ``weights_blake3``, the weights' identity that the calibration store and a resumed
-    checkpoint compare (common.source_scan.identity)."""
+    ``weights_blake3``, the weights' identity over their tensors that the calibration store and
+    a resumed checkpoint compare (common.source_scan.identity)."""
     out = _jsonable(dict(inputs))
     key = "model_dir" if "model_dir" in inputs else ("model" if "model" in inputs else None)
     if key is not None and inputs[key] is not None and Path(inputs[key]).is_dir():
@@ -177,7 +175,7 @@ def describe_inputs(inputs: dict, threads: int | None = None) -> dict:
         out[key] = str(model_dir)
         out["model_files"] = _file_entries(model_dir, suffixes=_INPUT_SUFFIXES, recursive=False,
                                            threads=threads, scan=True)
-        out["weights_blake3"] = _weights_identity(model_dir, out["model_files"])
+        out["weights_blake3"] = _weights_identity(model_dir)
     return out
 
 
