@@ -1,17 +1,18 @@
-"""One read of the model's weight files: each file's BLAKE3 digest, each tensor's BLAKE3 digest
-and, per floating-point tensor, how many of its values are NaN or Inf.
+"""One read of the model's weight files: each tensor's BLAKE3 digest and, per floating-point
+tensor, how many of its values are NaN or Inf.
 
 The model's identity is its tensors, not its files: one BLAKE3 over the sorted (name, dtype,
 shape, BLAKE3 of the tensor's bytes) list (:func:`identity`). A fine-tune of the same base (same
 config, shapes and headers) is another model; the same tensors re-sharded into another number of
 files, or saved again with other header metadata or another tensor order, are the same model.
-:class:`SourceScan` reads every weight file once, in a background thread started when the model
-is opened, so a float conversion (which reads the same bytes at the disk's pace, mostly file to
-file in the kernel) does not wait for it; the calibration store and a resumed stage ask for the
-identity before they start and wait for it then. Results are kept per file state (device,
-inode, size, mtime, ctime), so build.json's input digests (builders.manifest) reuse them instead
-of reading the files again. The file's own digest (header included) is what build.json lists
-per input file: each chunk read goes to both hashers.
+:class:`SourceScan` reads every weight file's tensors once, in a background thread started when
+the model is opened, so a float conversion (which reads the same bytes at the disk's pace, mostly
+file to file in the kernel) does not wait for it; the calibration store and a resumed stage ask
+for the identity before they start and wait for it then. Results are kept per file state
+(device, inode, size, mtime, ctime), so build.json's input record (builders.manifest: per weight
+file, the identity of its tensors) reuses them instead of reading the files again. Each byte is
+hashed once: a whole-file digest beside the tensors' would cost a second BLAKE3 pass (+30 % CPU
+of the scan, measured), and nothing verifies the input files by it.
 
 The non-finite count costs one masked max per chunk (~9 GB/s on one core; an exponent of all ones
 is Inf or NaN in every IEEE format), counted exactly only when that finds one.
@@ -34,7 +35,6 @@ _EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
 class FileScan(NamedTuple):
     """What one read of a weight file found."""
 
-    digest: str                                   # BLAKE3 of the whole file (hex)
     nonfinite: dict[str, int]                     # tensor -> NaN/Inf count, those with any
     tensors: dict[str, tuple[str, tuple, str]]    # tensor -> (dtype, shape, BLAKE3 of its bytes)
 
@@ -56,17 +56,6 @@ def _memo_hit(key: tuple, tensors) -> FileScan | None:
     if hit is not None and all(t[0] in hit.tensors for t in tensors):
         return hit
     return None
-
-
-def known_digest(path) -> str | None:
-    """The BLAKE3 digest a scan took of ``path`` in its current state, or None."""
-    try:
-        key = _key(Path(path))
-    except OSError:
-        return None
-    with _memo_lock:
-        hit = _memo.get(key)
-    return hit.digest if hit else None
 
 
 def _nonfinite(data: np.ndarray, st: str) -> int:
@@ -109,35 +98,29 @@ def scan_file(path: Path, tensors: list[tuple]) -> FileScan:
 def _scan(path: Path, tensors) -> FileScan:
     import blake3
 
-    h, bad, digests = blake3.blake3(), {}, {}
+    bad, digests = {}, {}
     buf = np.empty(CHUNK, dtype=np.uint8)
-    size = path.stat().st_size
-    pieces = sorted((b, e, name, st, tuple(shape)) for name, b, e, st, shape in tensors)
     with open(path, "rb", buffering=0) as f:
-        pos = 0
-        # the header, then each tensor in whole elements (its bytes contiguous: the reader
-        # checked the offsets), then whatever follows: the file in order, hashed as it is read
-        for b, e, name, st, shape in [*pieces, (size, size, None, None, None)]:
-            th = blake3.blake3() if name is not None else None
-            for start, end, item in ((pos, b, None), (b, e, st)):
-                step = CHUNK - CHUNK % np.dtype(_EXPONENT[item][0]).itemsize \
-                    if item in _EXPONENT else CHUNK
-                while start < end:
-                    n = f.readinto(memoryview(buf)[:min(step, end - start)])
-                    if not n:
-                        raise OSError(f"{path} ends at byte {start}, before {end}")
-                    h.update(buf[:n])
-                    if item is not None:
-                        th.update(buf[:n])
-                    if item in _EXPONENT:
-                        k = _nonfinite(buf[:n], item)
-                        if k:
-                            bad[name] = bad.get(name, 0) + k
-                    start += n
-            if name is not None:
-                digests[name] = (st, shape, th.hexdigest())
-            pos = max(pos, e)
-    return FileScan(h.hexdigest(), bad, digests)
+        # each tensor in file order, in whole elements: one BLAKE3 and one mask per chunk read
+        for b, e, name, st, shape in sorted((b, e, n, st, tuple(sh))
+                                            for n, b, e, st, sh in tensors):
+            h = blake3.blake3()
+            step = CHUNK - CHUNK % np.dtype(_EXPONENT[st][0]).itemsize if st in _EXPONENT \
+                else CHUNK
+            f.seek(b)
+            start = b
+            while start < e:
+                n = f.readinto(memoryview(buf)[:min(step, e - start)])
+                if not n:
+                    raise OSError(f"{path} ends at byte {start}, before {e}")
+                h.update(buf[:n])
+                if st in _EXPONENT:
+                    k = _nonfinite(buf[:n], st)
+                    if k:
+                        bad[name] = bad.get(name, 0) + k
+                start += n
+            digests[name] = (st, shape, h.hexdigest())
+    return FileScan(bad, digests)
 
 
 def identity(tensors) -> str:
@@ -182,10 +165,6 @@ class SourceScan:
         if self._error is not None:
             raise self._error
         return self._done
-
-    def file_digests(self) -> dict[str, str]:
-        """file name -> BLAKE3 (hex)."""
-        return {p.name: s.digest for p, s in sorted(self.wait().items())}
 
     def weights_digest(self) -> str:
         """The model's identity (:func:`identity` of its tensors; only the model's: a file's

@@ -131,15 +131,17 @@ def scan_table(files, meta: dict, offsets: dict) -> dict[Path, list]:
     return table
 
 
-def scan_path(path: Path) -> str:
-    """The BLAKE3 digest of one weight file, from the scan that also digests its tensors and
-    counts their non-finite values (shared with the conversion's: a file is read once per run)."""
-    from common.source_scan import scan_file
+def file_identity(path: Path) -> str:
+    """The identity (common.source_scan.identity) of one weight file's tensors, from the scan
+    that also counts their non-finite values (shared with the conversion's: a file is read
+    once per run)."""
+    from common.source_scan import identity, scan_file
 
     header, start = read_header(path)
     tensors = [(k, start + v["data_offsets"][0], start + v["data_offsets"][1], v["dtype"],
                 tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"]
-    return scan_file(path, tensors).digest
+    found = scan_file(path, tensors).tensors
+    return identity((t[0], *found[t[0]]) for t in tensors)
 
 
 def weights_identity(model_dir: Path) -> str:

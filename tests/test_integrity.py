@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 import convert.convert as cc
 from builders.cli import main
+from tensor_identity import restated_identity
 
 GOLDEN_TOKENIZER = __import__("pathlib").Path(__file__).parent / "golden" / "tokenizer"
 _TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
@@ -102,18 +103,7 @@ def test_weights_replaced_before_resume_are_not_mixed(tmp_path, tiny_model, caps
 
 
 def _tensors_identity(hf_dir):
-    """An independent restatement of the model's identity as README defines it: one BLAKE3 over
-    the sorted (name, safetensors dtype, shape, BLAKE3 of the tensor's bytes) lines of every
-    tensor of every safetensors file, whatever file holds it."""
-    import blake3
-
-    st = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}
-    lines = []
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        for name, t in load_file(str(f)).items():
-            lines.append(f"{name}\t{st[t.dtype]}\t{list(t.shape)}\t"
-                         f"{blake3.blake3(np.ascontiguousarray(t).tobytes()).hexdigest()}\n")
-    return blake3.blake3("".join(sorted(lines)).encode()).hexdigest()
+    return restated_identity(sorted(hf_dir.glob("*.safetensors")))
 
 
 def _reshard(hf_dir):
