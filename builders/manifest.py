@@ -3,7 +3,10 @@ and every file that came out (BLAKE3 digest + size).
 
 File digests are BLAKE3 (``"blake3": hex``, what ``b3sum FILE`` prints; schema 2, which replaced
 schema 1's sha256): hashing every input and output file with sha256 was the CPU bottleneck of
-the float conversion, and one core hashes BLAKE3 ~3x faster. Output files the converter wrote in
+the float conversion, and one core hashes BLAKE3 ~3x faster. The model's own safetensors files
+are listed by the identity of their tensors instead (``"tensors_blake3"``, schema 3,
+common.source_scan.identity), taken in the one read that also gives the model's identity
+(``inputs.weights_blake3``) and its NaN/Inf counts; nothing verifies an input file by its bytes. Output files the converter wrote in
 this run carry the digest its writer took while writing them (the run's
 ``common.digests.Digests``, handed to :func:`write_manifest`: same inode, size and mtime), so
 they are not read back; other files are hashed in fixed-size chunks
@@ -31,7 +34,8 @@ from common.digests import Digests
 from common.versions import software_versions
 
 MANIFEST_NAME = "build.json"
-SCHEMA_VERSION = 2  # 2: file digests are BLAKE3 ("blake3"), 1: sha256 ("sha256")
+SCHEMA_VERSION = 3  # 3: a model's safetensors files by their tensors ("tensors_blake3");
+# 2: file digests are BLAKE3 ("blake3"), 1: sha256 ("sha256")
 CHUNK_BYTES = 8 * 2**20
 
 # files of a HF model directory worth hashing: weights, configs, tokenizer files
@@ -53,19 +57,21 @@ def file_digest(path, chunk_size: int = CHUNK_BYTES) -> str:
     return h.hexdigest()
 
 
-def _digest_of(path: Path, digests: Digests | None, scan: bool = False) -> str:
-    """The writer's digest of a file it wrote (unchanged since), else read and hashed (a weight
-    file through the model's scan, which the conversion shares: convert.source_files)."""
+def _digest_of(path: Path, digests: Digests | None, scan: bool = False) -> tuple[str, str]:
+    """(field, hex): ``blake3``, the writer's digest of a file it wrote (unchanged since), else
+    the file read and hashed; with ``scan``, a model's safetensors file is ``tensors_blake3``,
+    the identity of its tensors from the model's one scan, which the conversion shares
+    (convert.source_files.file_identity; a whole-file digest would take a second pass)."""
     known = digests.known(path) if digests is not None else None
     if known is None and scan and path.suffix == ".safetensors":
         from common.errors import UserError
-        from convert.source_files import scan_path
+        from convert.source_files import file_identity
 
         try:
-            return scan_path(path)
+            return "tensors_blake3", file_identity(path)
         except UserError:
             pass  # not a readable safetensors file: its bytes are still hashed
-    return known or file_digest(path)
+    return "blake3", known or file_digest(path)
 
 
 def _jsonable(value):
@@ -118,8 +124,8 @@ def _file_entries(root: Path, *, exclude: set[Path] = frozenset(),
     chosen.sort(key=lambda item: -item[1].stat().st_size)
     with ThreadPoolExecutor(max_workers=threads or _hash_threads()) as pool:
         hexes = list(pool.map(lambda item: _digest_of(item[1], digests, scan), chosen))
-    entries = [{"path": rel, "size": p.stat().st_size, "blake3": d}
-               for (rel, p), d in zip(chosen, hexes)]
+    entries = [{"path": rel, "size": p.stat().st_size, field: d}
+               for (rel, p), (field, d) in zip(chosen, hexes)]
     return sorted(entries, key=lambda e: e["path"])
 
 
@@ -151,25 +157,23 @@ class InputHashing:
         return self._result
 
 
-def _weights_identity(model_dir: Path, entries: list[dict]) -> str | None:
-    """The model's identity (common.source_scan.identity) over the weight files it is read from;
-    None when they cannot be told (no readable safetensors)."""
+def _weights_identity(model_dir: Path) -> str | None:
+    """The model's identity (common.source_scan.identity: its tensors' names, dtypes, shapes and
+    bytes, whatever files hold them); None when it cannot be told (no readable safetensors)."""
     from common.errors import UserError
-    from common.source_scan import identity
-    from convert.source_files import find_files
+    from convert.source_files import weights_identity
 
     try:
-        files = {p.name for p in find_files(model_dir)[0]}
+        return weights_identity(model_dir)
     except UserError:
         return None
-    return identity((e["path"], e["size"], e["blake3"]) for e in entries if e["path"] in files)
 
 
 def describe_inputs(inputs: dict, threads: int | None = None) -> dict:
     """``inputs`` with ``model_dir`` (or ``model``) expanded: its absolute path, the BLAKE3
     digest and size of each weight shard, config and tokenizer file at its top level, and
-    ``weights_blake3``, the weights' identity that the calibration store and a resumed
-    checkpoint compare (common.source_scan.identity)."""
+    ``weights_blake3``, the weights' identity over their tensors that the calibration store and
+    a resumed checkpoint compare (common.source_scan.identity)."""
     out = _jsonable(dict(inputs))
     key = "model_dir" if "model_dir" in inputs else ("model" if "model" in inputs else None)
     if key is not None and inputs[key] is not None and Path(inputs[key]).is_dir():
@@ -177,7 +181,7 @@ def describe_inputs(inputs: dict, threads: int | None = None) -> dict:
         out[key] = str(model_dir)
         out["model_files"] = _file_entries(model_dir, suffixes=_INPUT_SUFFIXES, recursive=False,
                                            threads=threads, scan=True)
-        out["weights_blake3"] = _weights_identity(model_dir, out["model_files"])
+        out["weights_blake3"] = _weights_identity(model_dir)
     return out
 
 

@@ -1,13 +1,18 @@
-"""One read of the model's weight files: each file's BLAKE3 digest and, per floating-point tensor,
-how many of its values are NaN or Inf.
+"""One read of the model's weight files: each tensor's BLAKE3 digest and, per floating-point
+tensor, how many of its values are NaN or Inf.
 
-The model's identity is its bytes, not its file names, sizes or headers: a fine-tune of the same
-base has the same config, shapes and headers. :class:`SourceScan` reads every weight file once,
-in a background thread started when the model is opened, so a float conversion (which reads the
-same bytes at the disk's pace, mostly file to file in the kernel) does not wait for it; the
-calibration store and a resumed stage ask for the digest before they start and wait for it then.
-Results are kept per file state (device, inode, size, mtime, ctime), so build.json's input digests
-(builders.manifest) reuse them instead of reading the files again.
+The model's identity is its tensors, not its files: one BLAKE3 over the sorted (name, dtype,
+shape, BLAKE3 of the tensor's bytes) list (:func:`identity`). A fine-tune of the same base (same
+config, shapes and headers) is another model; the same tensors re-sharded into another number of
+files, or saved again with other header metadata or another tensor order, are the same model.
+:class:`SourceScan` reads every weight file's tensors once, in a background thread started when
+the model is opened, so a float conversion (which reads the same bytes at the disk's pace, mostly
+file to file in the kernel) does not wait for it; the calibration store and a resumed stage ask
+for the identity before they start and wait for it then. Results are kept per file state
+(device, inode, size, mtime, ctime), so build.json's input record (builders.manifest: per weight
+file, the identity of its tensors) reuses them instead of reading the files again. Each byte is
+hashed once: a whole-file digest beside the tensors' would cost a second BLAKE3 pass (+30 % CPU
+of the scan, measured), and nothing verifies the input files by it.
 
 The non-finite count costs one masked max per chunk (~9 GB/s on one core; an exponent of all ones
 is Inf or NaN in every IEEE format), counted exactly only when that finds one.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,7 +31,15 @@ CHUNK = 8 * 2**20
 _EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
              "F32": (np.uint32, 0x7F800000), "F64": (np.uint64, 0x7FF0000000000000)}
 
-_memo: dict[tuple, tuple[str, dict[str, int]]] = {}
+
+class FileScan(NamedTuple):
+    """What one read of a weight file found."""
+
+    nonfinite: dict[str, int]                     # tensor -> NaN/Inf count, those with any
+    tensors: dict[str, tuple[str, tuple, str]]    # tensor -> (dtype, shape, BLAKE3 of its bytes)
+
+
+_memo: dict[tuple, FileScan] = {}
 _inflight: dict[tuple, threading.Event] = {}  # files being scanned: a second asker waits
 _memo_lock = threading.Lock()
 
@@ -35,24 +49,13 @@ def _key(path: Path) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _memo_get(path: Path):
-    try:
-        key = _key(path)
-    except OSError:
-        return None
-    with _memo_lock:
-        return _memo.get(key)
-
-
-def known_digest(path) -> str | None:
-    """The BLAKE3 digest a scan took of ``path`` in its current state, or None."""
-    try:
-        key = _key(Path(path))
-    except OSError:
-        return None
-    with _memo_lock:
-        hit = _memo.get(key)
-    return hit[0] if hit else None
+def _memo_hit(key: tuple, tensors) -> FileScan | None:
+    """The kept scan of ``key`` when it covers ``tensors`` (an index may leave some of a file's
+    tensors out of the model: a scan for the model covers fewer than one of the whole file)."""
+    hit = _memo.get(key)
+    if hit is not None and all(t[0] in hit.tensors for t in tensors):
+        return hit
+    return None
 
 
 def _nonfinite(data: np.ndarray, st: str) -> int:
@@ -64,16 +67,13 @@ def _nonfinite(data: np.ndarray, st: str) -> int:
     return int(np.count_nonzero(bits == mask)) if bits.max() == mask else 0
 
 
-def scan_file(path: Path, tensors: list[tuple[str, int, int, str]]) -> tuple[str, dict[str, int]]:
-    """(BLAKE3 of the file, tensor -> count of NaN/Inf values for those that have any);
-    ``tensors``: (name, absolute begin, end, safetensors dtype). A file another thread is
-    scanning is waited for, not read twice."""
-    if result := _memo_get(path):
-        return result
+def scan_file(path: Path, tensors: list[tuple]) -> FileScan:
+    """The one read of ``path``; ``tensors``: (name, absolute begin, end, safetensors dtype,
+    shape). A file another thread is scanning is waited for, not read twice."""
     key = _key(path)
     with _memo_lock:
-        if key in _memo:
-            return _memo[key]
+        if hit := _memo_hit(key, tensors):
+            return hit
         event = _inflight.get(key)
         mine = event is None
         if mine:
@@ -81,8 +81,8 @@ def scan_file(path: Path, tensors: list[tuple[str, int, int, str]]) -> tuple[str
     if not mine:
         event.wait()
         with _memo_lock:
-            if key in _memo:
-                return _memo[key]
+            if hit := _memo_hit(key, tensors):
+                return hit
     try:
         result = _scan(path, tensors)
     finally:
@@ -95,54 +95,54 @@ def scan_file(path: Path, tensors: list[tuple[str, int, int, str]]) -> tuple[str
     return result
 
 
-def _scan(path: Path, tensors) -> tuple[str, dict[str, int]]:
+def _scan(path: Path, tensors) -> FileScan:
     import blake3
 
-    h, bad = blake3.blake3(), {}
+    bad, digests = {}, {}
     buf = np.empty(CHUNK, dtype=np.uint8)
-    size = path.stat().st_size
-    pieces = sorted((b, e, name, st) for name, b, e, st in tensors)
     with open(path, "rb", buffering=0) as f:
-        pos = 0
-        # the header, then each tensor in whole elements (its bytes contiguous: the reader
-        # checked the offsets), then whatever follows: the file in order, hashed as it is read
-        for b, e, name, st in [*pieces, (size, size, None, None)]:
-            for start, end, item in ((pos, b, None), (b, e, st)):
-                step = CHUNK - CHUNK % np.dtype(_EXPONENT[item][0]).itemsize \
-                    if item in _EXPONENT else CHUNK
-                while start < end:
-                    n = f.readinto(memoryview(buf)[:min(step, end - start)])
-                    if not n:
-                        raise OSError(f"{path} ends at byte {start}, before {end}")
-                    h.update(buf[:n])
-                    if item in _EXPONENT:
-                        k = _nonfinite(buf[:n], item)
-                        if k:
-                            bad[name] = bad.get(name, 0) + k
-                    start += n
-            pos = max(pos, e)
-    return h.hexdigest(), bad
+        # each tensor in file order, in whole elements: one BLAKE3 and one mask per chunk read
+        for b, e, name, st, shape in sorted((b, e, n, st, tuple(sh))
+                                            for n, b, e, st, sh in tensors):
+            h = blake3.blake3()
+            step = CHUNK - CHUNK % np.dtype(_EXPONENT[st][0]).itemsize if st in _EXPONENT \
+                else CHUNK
+            f.seek(b)
+            start = b
+            while start < e:
+                n = f.readinto(memoryview(buf)[:min(step, e - start)])
+                if not n:
+                    raise OSError(f"{path} ends at byte {start}, before {e}")
+                h.update(buf[:n])
+                if st in _EXPONENT:
+                    k = _nonfinite(buf[:n], st)
+                    if k:
+                        bad[name] = bad.get(name, 0) + k
+                start += n
+            digests[name] = (st, shape, h.hexdigest())
+    return FileScan(bad, digests)
 
 
-def identity(files) -> str:
-    """One BLAKE3 over the weight files' (name, size, BLAKE3) lines, sorted by name: the model's
-    identity (build.json's ``inputs.weights_blake3``, the calibration store's and the staged
-    checkpoint's ``weights``)."""
+def identity(tensors) -> str:
+    """One BLAKE3 over the (name, dtype, shape, BLAKE3 of the bytes) lines of every tensor,
+    sorted by name: the model's identity (build.json's ``inputs.weights_blake3``, the
+    calibration store's and the staged checkpoint's ``weights``), whatever files hold them."""
     import blake3
 
     h = blake3.blake3()
-    for name, size, digest in sorted(files):
-        h.update(f"{name}\t{size}\t{digest}\n".encode())
+    for name, dtype, shape, digest in sorted(tensors):
+        h.update(f"{name}\t{dtype}\t{list(shape)}\t{digest}\n".encode())
     return h.hexdigest()
 
 
 class SourceScan:
     """:func:`scan_file` of every weight file, in a background thread (``background=False``: on
-    the first question). ``tensors``: file -> [(name, absolute begin, end, safetensors dtype)]."""
+    the first question). ``tensors``: file -> [(name, absolute begin, end, safetensors dtype,
+    shape)], the model's tensors (convert.source_files.scan_table)."""
 
     def __init__(self, tensors: dict[Path, list], background: bool = True):
         self._tensors = tensors
-        self._done: dict[Path, tuple[str, dict]] = {}
+        self._done: dict[Path, FileScan] = {}
         self._error: BaseException | None = None
         self._thread = None
         if background:
@@ -156,7 +156,7 @@ class SourceScan:
         except BaseException as e:  # noqa: BLE001 - re-raised by wait()
             self._error = e
 
-    def wait(self) -> dict[Path, tuple[str, dict]]:
+    def wait(self) -> dict[Path, FileScan]:
         if self._thread is None:
             self._run()
             self._thread = threading.current_thread()  # ran
@@ -166,17 +166,17 @@ class SourceScan:
             raise self._error
         return self._done
 
-    def file_digests(self) -> dict[str, str]:
-        """file name -> BLAKE3 (hex)."""
-        return {p.name: d for p, (d, _) in sorted(self.wait().items())}
-
     def weights_digest(self) -> str:
-        """The model's identity (:func:`identity` of its weight files)."""
-        return identity((p.name, p.stat().st_size, d) for p, (d, _) in self.wait().items())
+        """The model's identity (:func:`identity` of its tensors; only the model's: a file's
+        tensors that the index leaves out are not)."""
+        done = self.wait()
+        return identity((t[0], *done[p].tensors[t[0]]) for p, ts in self._tensors.items()
+                        for t in ts)
 
     def nonfinite(self) -> dict[str, int]:
         """tensor -> number of NaN/Inf values, for the tensors that hold any."""
         out: dict[str, int] = {}
-        for _, (_, bad) in sorted(self.wait().items()):
-            out.update(bad)
+        for p, s in sorted(self.wait().items()):
+            wanted = {t[0] for t in self._tensors[p]}
+            out.update({k: v for k, v in s.nonfinite.items() if k in wanted})
         return dict(sorted(out.items()))

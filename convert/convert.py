@@ -8,9 +8,10 @@ and options redoes only the unfinished ones. A run that fails for any other reas
 
 ``ranks`` (``--ranks A-B``, one node of a multi-node world) writes only those ranks (and the
 whole world's config.json) into ``<out>.partial/``, which runs for other ranks share; the run
-that writes the last rank renames it. Its fingerprint leaves out file times (each node has its
-own copy of the model), a different one is refused instead of discarded (it holds other nodes'
-work), and a failing run removes only its own unfinished files.
+that writes the last rank renames it. A different fingerprint is refused instead of discarded (it
+holds other nodes' work), and a failing run removes only its own unfinished files. The
+fingerprint holds no file names, sizes or times (each node has its own copy of the model): the
+model is identified by its tensors' bytes (convert.stage).
 """
 from __future__ import annotations
 
@@ -84,8 +85,10 @@ def _write_rank_durable(*job, **kw) -> str:
     return path
 
 
-def _fingerprint(config: dict, plans, source: SourceCheckpoint, options: str = "",
-                 mtimes: bool = True) -> dict:
+def _fingerprint(config: dict, plans, options: str = "") -> dict:
+    """The plan's structure: config, options, every rank's tensors and their slices of the
+    source tensors (by name). The files that hold the source tensors are not in it: the
+    weights' identity (convert.stage) is over the tensors, whatever files hold them."""
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True).encode())
     h.update(options.encode())
@@ -94,9 +97,6 @@ def _fingerprint(config: dict, plans, source: SourceCheckpoint, options: str = "
             h.update(repr((t.name, t.shape, str(t.dtype), [asdict(p) for p in t.pieces])).encode())
             if getattr(t, "offset", 0):  # calibrated tensors (StagedTensor) have none
                 h.update(repr(t.offset).encode())
-    for f in source.files:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns if mtimes else ''}".encode())
     return {"sha256": h.hexdigest()}
 
 
@@ -162,7 +162,7 @@ def write_checkpoint(plan: CheckpointPlan, *, ranks=None, workers: int = 1, forc
     if calibrated:
         workers = 1  # the calibrated tensors are in this process's memory
     scan = plan.source.scan()  # in the background: the float path does not wait for it
-    fingerprint = _fingerprint(plan.config, plan.plans, plan.source, options, mtimes=not subset)
+    fingerprint = _fingerprint(plan.config, plan.plans, options)
     stage = Stage(plan.out_dir, fingerprint, scan, calibrated=bool(calibrated), subset=subset,
                    force=force)
     todo = [r for r in wanted if not stage.finished(r, digests)]

@@ -120,23 +120,34 @@ def check_float_model(meta: dict, declared: str | None) -> None:
 
 
 def scan_table(files, meta: dict, offsets: dict) -> dict[Path, list]:
-    """file -> [(tensor, absolute begin, end, safetensors dtype)], what
+    """file -> [(tensor, absolute begin, end, safetensors dtype, shape)], what
     ``common.source_scan`` reads."""
     table: dict[Path, list] = {p: [] for p in files}
     for name, (path, shape, dtype) in meta.items():
         n = dtype.itemsize
         for d in shape:
             n *= d
-        table[path].append((name, offsets[name], offsets[name] + n, dtype.st))
+        table[path].append((name, offsets[name], offsets[name] + n, dtype.st, tuple(shape)))
     return table
 
 
-def scan_path(path: Path) -> str:
-    """The BLAKE3 digest of one weight file, from the scan that also counts its non-finite
-    values (shared with the conversion's: a file is read once per run)."""
-    from common.source_scan import scan_file
+def file_identity(path: Path) -> str:
+    """The identity (common.source_scan.identity) of one weight file's tensors, from the scan
+    that also counts their non-finite values (shared with the conversion's: a file is read
+    once per run)."""
+    from common.source_scan import identity, scan_file
 
     header, start = read_header(path)
-    tensors = [(k, start + v["data_offsets"][0], start + v["data_offsets"][1], v["dtype"])
-               for k, v in header.items() if k != "__metadata__"]
-    return scan_file(path, tensors)[0]
+    tensors = [(k, start + v["data_offsets"][0], start + v["data_offsets"][1], v["dtype"],
+                tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"]
+    found = scan_file(path, tensors).tensors
+    return identity((t[0], *found[t[0]]) for t in tensors)
+
+
+def weights_identity(model_dir: Path) -> str:
+    """The model's identity (common.source_scan.identity) over the tensors it is read from,
+    through the scan a conversion of the same files already took (else one read now)."""
+    from common.source_scan import SourceScan
+
+    files, meta, offsets = tensor_table(model_dir)
+    return SourceScan(scan_table(files, meta, offsets), background=False).weights_digest()

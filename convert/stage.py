@@ -2,8 +2,10 @@
 from, and the digest of each finished rank, checked before a rerun keeps it.
 
 * The fingerprint (``fingerprint.json``) holds the plan's structure (``sha256``: config, options,
-  every rank's tensors and slices, the weight files' names, sizes and times) and the model's
-  identity (``weights``: one BLAKE3 over its weight files' digests, common.source_scan). A fresh
+  every rank's tensors and their slices of the source tensors) and the model's identity
+  (``weights``: one BLAKE3 over its tensors' names, dtypes, shapes and digests,
+  common.source_scan; the files that hold them are not part of it, so the same tensors
+  re-sharded or saved again with other header metadata resume the same stage). A fresh
   stage records ``weights`` once the background scan has it (before the checkpoint is promoted,
   and when the run is interrupted); a rerun that finds a stage of the same structure waits for
   the digest of the weights it has now and keeps the finished ranks only when they match: weights

@@ -50,8 +50,8 @@ class CalibrationRun:
         self.compute_dtype = cdtype
         # the weights' identity: their bytes, read once (common.source_scan), before the store
         # is reused or resumed
-        fp = cstore.fingerprint(list(source.files), Path(model_dir) / "config.json", batches, spec,
-                                device.type, cdtype, weights=source.scan().weights_digest())
+        fp = cstore.fingerprint(Path(model_dir) / "config.json", batches, spec, device.type,
+                                cdtype, weights=source.scan().weights_digest())
         model = str(Path(model_dir).resolve())
         if self.reuse:
             man = cstore.check_reusable(store, fp, model)

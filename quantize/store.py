@@ -2,9 +2,9 @@
 
 A directory (``DIR/calibration/`` of a build, reused with ``--calibration PATH``) holding
 
-* ``calibration.json``: format version, the recipe (format, options), the fingerprint (model files,
-  calibration token ids, options, compute device type and dtype), how many layers are finished,
-  whether it is complete;
+* ``calibration.json``: format version, the recipe (format, options), the fingerprint (the
+  model's tensor identity and config, calibration token ids, options, compute device type and
+  dtype), how many layers are finished, whether it is complete;
 * ``layer_NNNNN.safetensors``: that layer's quantized tensors, unsharded, HF names, exactly what
   :func:`quantize.modelopt_state.extract_quant_state` returns for it (prequant scales kept in the
   calibration's own precision; cast to the checkpoint dtype when sharded);
@@ -32,25 +32,21 @@ from common.staged import StagedOutput
 from .direct_save import save
 
 MANIFEST = "calibration.json"
-VERSION = 1
+VERSION = 2  # 2: ``weights`` is the tensors' identity (1: the files')
 
 
-def fingerprint(model_files: list[Path], config_json: Path, batches: list[torch.Tensor], spec,
-                device_type: str, compute_dtype: torch.dtype, weights: str | None = None) -> dict:
-    """What decides a calibration's result: the model's weights (each safetensors file's name,
-    size and header, and ``weights``: the BLAKE3 identity of their bytes, common.source_scan),
-    its config, the calibration token ids, the format's options and where (CPU fp32 vs GPU half
+def fingerprint(config_json: Path, batches: list[torch.Tensor], spec, device_type: str,
+                compute_dtype: torch.dtype, weights: str | None = None) -> dict:
+    """What decides a calibration's result: the model's tensors (``weights``: the BLAKE3 identity
+    of their names, dtypes, shapes and bytes, common.source_scan; not the files that hold them,
+    so the same model re-sharded or saved again with other header metadata is the same), its
+    config, the calibration token ids, the format's options and where (CPU fp32 vs GPU half
     precision) it runs."""
-    files = {}
-    for f in model_files:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            files[f.name] = [f.stat().st_size, hashlib.sha256(fh.read(n)).hexdigest()]
     ids = hashlib.sha256()
     for b in batches:
         ids.update(str(list(b.shape)).encode())
         ids.update(b.to(torch.int64).numpy().tobytes())
-    return {"model_files": files, "weights": weights,
+    return {"weights": weights,
             "config": hashlib.sha256(config_json.read_bytes()).hexdigest(),
             "calibration_ids": ids.hexdigest(),
             "recipe": recipe(spec),
@@ -114,6 +110,10 @@ def check_reusable(store: Path, fp: dict, model: str | None = None) -> dict:
         raise UserError(f"--calibration {store / MANIFEST} is not a calibration manifest as "
                         f"build_engine writes it (damaged or edited); give the calibration/ "
                         f"directory of an earlier build, or drop --calibration to calibrate afresh")
+    if man.get("version") != VERSION:
+        raise UserError(f"--calibration {store} was written by another build_engine version "
+                        f"(store format {man.get('version')}, this one reads {VERSION}); drop "
+                        f"--calibration to calibrate afresh")
     if not man.get("complete"):
         raise UserError(f"--calibration {store} is incomplete ({man.get('layers_done', 0)} "
                         f"layers); rerun the build that made it to finish it")

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 import convert.convert as cc
 from builders.cli import main
+from tensor_identity import restated_identity
 
 GOLDEN_TOKENIZER = __import__("pathlib").Path(__file__).parent / "golden" / "tokenizer"
 _TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
@@ -99,6 +100,115 @@ def test_weights_replaced_before_resume_are_not_mixed(tmp_path, tiny_model, caps
     for r in (0, 1):
         assert (tmp_path / "out/checkpoint" / f"rank{r}.safetensors").read_bytes() == \
             (tmp_path / "clean/checkpoint" / f"rank{r}.safetensors").read_bytes()
+
+
+def _tensors_identity(hf_dir):
+    return restated_identity(sorted(hf_dir.glob("*.safetensors")))
+
+
+def _reshard(hf_dir):
+    """The same tensors in two files with an index (other file names, sizes and headers)."""
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    names = sorted(tensors, reverse=True)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, str(hf_dir / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _resave_metadata(hf_dir):
+    """The same tensors saved again with other header metadata."""
+    f = hf_dir / "model.safetensors"
+    save_file(load_file(str(f)), str(f), metadata={"format": "pt", "saved_by": "another tool"})
+
+
+def _change_one_element(hf_dir):
+    f = hf_dir / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] += 0.25
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+_CHANGES = {"resharded": _reshard, "metadata": _resave_metadata, "one-element": _change_one_element}
+
+
+@pytest.mark.parametrize("change", list(_CHANGES))
+def test_calibration_reuse_knows_the_model_by_its_tensors(tmp_path, tiny_model, capsys, change):
+    """main: the same tensors re-sharded into 2 files, or saved again with other header
+    metadata, were refused as other inputs (model_files differ). Now they are the same model
+    (the same checkpoint bytes); one changed element is another model, named by both
+    identities."""
+    a = _model(tiny_model)
+    rc, err = _run(capsys, "--model", a, "--output", tmp_path / "a", "--tp", "2", *_CAL)
+    assert rc == 0, err
+    id_a = json.loads((tmp_path / "a" / "build.json").read_text())["inputs"]["weights_blake3"]
+    store = json.loads((tmp_path / "a" / "calibration" / "calibration.json").read_text())
+    assert id_a == store["fingerprint"]["weights"] == _tensors_identity(a)
+    b = tmp_path / "b_model"
+    shutil.copytree(a, b)
+    _CHANGES[change](b)
+    id_b = _tensors_identity(b)
+    rc, err = _run(capsys, "--model", b, "--output", tmp_path / "b", "--tp", "2",
+                   "--calibration", tmp_path / "a" / "calibration", *_CAL)
+    if change == "one-element":
+        assert id_b != id_a
+        assert rc == 2 and len(err) == 1, err
+        assert f"(weights blake3 {id_a[:16]})" in err[0] and f"(weights blake3 {id_b[:16]})" \
+            in err[0], err[0]
+        assert not (tmp_path / "b" / "checkpoint").exists()
+        return
+    assert rc == 0, err
+    assert id_b == id_a
+    assert json.loads((tmp_path / "b" / "build.json").read_text())["inputs"]["weights_blake3"] \
+        == id_a
+    for r in (0, 1):
+        assert (tmp_path / "b/checkpoint" / f"rank{r}.safetensors").read_bytes() == \
+            (tmp_path / "a/checkpoint" / f"rank{r}.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("change", list(_CHANGES))
+def test_resume_knows_the_model_by_its_tensors(tmp_path, tiny_model, capsys, monkeypatch, change):
+    """main: a rerun after the model was re-sharded (or saved again with other header metadata)
+    discarded the finished rank 0 (file names, sizes and times were in the stage's fingerprint).
+    Now only rank 1 is written; one changed element still restarts the stage (both ranks written,
+    none of the old model's kept)."""
+    a = _model(tiny_model)
+    argv = ("--output", tmp_path / "out", "--tp", "2", "--checkpoint-only", "--no-progress")
+    real = _interrupt_before_rank1(monkeypatch)
+    assert _run(capsys, "--model", a, *argv)[0] == 130
+    _CHANGES[change](a)
+    written = []
+
+    def counting(model_dir, plan, path, rank, progress, **kw):
+        written.append(rank)
+        return real(model_dir, plan, path, rank, progress, **kw)
+
+    monkeypatch.setattr(cc, "_write_rank", counting)
+    rc, err = _run(capsys, "--model", a, *argv)
+    assert rc == 0, err
+    assert written == ([0, 1] if change == "one-element" else [1])
+    monkeypatch.setattr(cc, "_write_rank", real)
+    assert _run(capsys, "--model", a, "--output", tmp_path / "clean", *argv[2:])[0] == 0
+    for r in (0, 1):
+        assert (tmp_path / "out/checkpoint" / f"rank{r}.safetensors").read_bytes() == \
+            (tmp_path / "clean/checkpoint" / f"rank{r}.safetensors").read_bytes()
+
+
+def test_calibration_store_of_another_format_version_is_refused(tmp_path, tiny_model, capsys):
+    """A store written before the identity was over tensors (format 1) holds a file identity:
+    refused as another version, not misreported as another model."""
+    a = _model(tiny_model)
+    assert _run(capsys, "--model", a, "--output", tmp_path / "a", *_CAL)[0] == 0
+    man = tmp_path / "a" / "calibration" / "calibration.json"
+    man.write_text(json.dumps({**json.loads(man.read_text()), "version": 1}))
+    rc, err = _run(capsys, "--model", a, "--output", tmp_path / "b", "--calibration",
+                   man.parent, *_CAL)
+    assert rc == 2 and len(err) == 1, err
+    assert "was written by another build_engine version (store format 1, this one reads 2)" \
+        in err[0]
 
 
 def test_broken_quality_gate_fails_the_run(tmp_path, monkeypatch, capsys):

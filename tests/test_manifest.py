@@ -76,7 +76,7 @@ def test_manifest_contents(build_dir):
     m = json.loads(path.read_text())
     assert sorted(m) == ["created_utc", "inputs", "options", "outputs", "schema", "stage_timings_s",
                          "versions"]
-    assert m["schema"] == 2  # 2: BLAKE3 file digests (1 had sha256)
+    assert m["schema"] == 3  # 3: model safetensors by tensors, 2: BLAKE3 (1 had sha256)
     # inputs: each shard (and config/tokenizer) with its BLAKE3 digest; README is not an input
     assert m["inputs"]["model_dir"] == str(model.resolve())
     assert m["inputs"]["model"] == "tiny-llama"
@@ -142,6 +142,38 @@ def test_background_input_hashing_gives_the_same_manifest(build_dir):
         _b3(model / n) for n in ("config.json", "model-00001-of-00002.safetensors",
                                   "model-00002-of-00002.safetensors", "tokenizer.json")]
     assert background["outputs"] == direct["outputs"]
+
+
+def test_model_safetensors_are_listed_by_their_tensors(tmp_path):
+    """A model's safetensors files are listed by the identity of their tensors
+    (``tensors_blake3``), the model by the identity of all of them (``weights_blake3``): the same
+    tensors in one file or two, with other header metadata, give the same model identity; one
+    changed element another. Checked against tests/tensor_identity.py's restatement."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from builders.manifest import describe_inputs
+    from tensor_identity import restated_identity
+
+    rng = np.random.default_rng(0)
+    tensors = {"b.weight": rng.standard_normal((4, 6)).astype(np.float16),
+               "a.weight": rng.standard_normal((3,)).astype(np.float32)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    save_file(tensors, str(one / "model.safetensors"), metadata={"format": "pt"})
+    save_file({"a.weight": tensors["a.weight"]}, str(two / "model-00001-of-00002.safetensors"))
+    save_file({"b.weight": tensors["b.weight"]}, str(two / "model-00002-of-00002.safetensors"),
+              metadata={"saved_by": "another tool"})
+    got = {d: describe_inputs({"model_dir": d}) for d in (one, two)}
+    for d, inputs in got.items():
+        for f in inputs["model_files"]:
+            assert sorted(f) == ["path", "size", "tensors_blake3"]
+            assert f["tensors_blake3"] == restated_identity([d / f["path"]])
+    assert got[one]["weights_blake3"] == got[two]["weights_blake3"] == \
+        restated_identity([one / "model.safetensors"])
+    tensors["b.weight"][2, 3] += 1
+    save_file(tensors, str(one / "model.safetensors"), metadata={"format": "pt"})
+    assert describe_inputs({"model_dir": one})["weights_blake3"] != got[two]["weights_blake3"]
 
 
 def test_background_input_hashing_reraises_its_error(tmp_path, monkeypatch):
