@@ -123,3 +123,75 @@ def test_a_failed_verify_puts_nothing_in_place(tmp_path, model, monkeypatch, cap
     assert "the checkpoint was not put in place" in err
     assert {k: v for k, v in _outputs(out).items() if not k.startswith("checkpoint.partial")} \
         == before
+
+
+# --- --target pytorch: the unified checkpoint is checked staged too --------------------------
+
+PT_FP8 = ("--target", "pytorch", *FP8)
+
+
+def _visible(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+
+
+def test_pytorch_killed_during_the_gate_leaves_no_checkpoint_and_the_rerun_finishes_it(
+        tmp_path, model):
+    """Before: hf_quantized/ was in place (and triton/ written) before the gate ran, so a run
+    killed during it left a complete-looking checkpoint that no gate had passed."""
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert _cli("--model", model, "--output", ref, *PT_FP8).returncode == 0
+    killed = _killed_at("gate", "--model", model, "--output", out, *PT_FP8)
+    assert killed.returncode == -9, killed.stderr
+    assert _visible(out) == ["hf_quantized.partial"]  # no hf_quantized/, triton/, build.json
+    rerun = _cli("--model", model, "--output", out, *PT_FP8)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "quality gate (FP8)" in rerun.stdout
+    assert _outputs(out) == _outputs(ref) and _visible(out) == _visible(ref)
+    assert ownership.is_finished(out / "hf_quantized") and ownership.is_finished(out / "triton")
+
+
+def _pytorch_run_then(tmp_path, model, monkeypatch, capsys, name, double, *flags):
+    """An earlier --target pytorch output; then a --force run whose check ``name`` of
+    builders.checks is replaced by ``double``; (its exit status, stderr, the earlier files)."""
+    import builders.checks as checks
+    from builders.cli import main
+
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--output", str(out), "--no-progress", *PT_FP8]
+    assert main(argv) == 0
+    before = _outputs(out)
+    monkeypatch.setattr(checks, name, double(getattr(checks, name)))
+    capsys.readouterr()
+    rc = main([*argv, "--force", *flags])
+    return rc, capsys.readouterr().err, before
+
+
+def test_pytorch_gate_breach_keeps_the_earlier_output(tmp_path, model, monkeypatch, capsys):
+    """Before: the failed gate's checkpoint had already replaced the earlier hf_quantized/, and
+    the breach removed both, with the earlier triton/ and build.json."""
+    def breach(real):  # TEST DOUBLE: the real gate's measurement, judged a breach of the limit
+        return lambda *a, **k: {**real(*a, **k), "passed": False}
+
+    rc, err, before = _pytorch_run_then(tmp_path, model, monkeypatch, capsys, "quality_gate",
+                                        breach, "--max-ppl-increase", "1")
+    out = tmp_path / "out"
+    assert rc == 1 and "the quality gate failed" in err, err
+    assert _outputs(out) == before and _visible(out) == ["build.json", "hf_quantized", "triton"]
+    assert ownership.is_finished(out / "hf_quantized")
+
+
+def test_pytorch_failed_verify_puts_nothing_in_place(tmp_path, model, monkeypatch, capsys):
+    """--verify runs on hf_quantized.partial: a mismatch leaves the earlier output as it was and
+    keeps the stage for a look, exit 1."""
+    def mismatch(real):  # TEST DOUBLE: the real reader's report, judged a mismatch
+        return lambda *a, **k: ({**real(*a, **k)[0], "passed": False}, False)
+
+    rc, err, before = _pytorch_run_then(tmp_path, model, monkeypatch, capsys, "verify",
+                                        mismatch, "--verify")
+    out = tmp_path / "out"
+    assert rc == 1
+    assert (f"the checkpoint was not put in place; it is kept in {out / 'hf_quantized.partial'} "
+            f"for a look") in err, err
+    assert {k: v for k, v in _outputs(out).items()
+            if not k.startswith("hf_quantized.partial/")} == before
+    assert (out / "hf_quantized.partial" / "model.safetensors").is_file()
