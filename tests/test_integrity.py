@@ -235,6 +235,27 @@ def test_nan_weights_are_refused_unless_allowed(tmp_path, tiny_model, capsys):
     assert rc == 0, err
 
 
+@pytest.mark.parametrize("fmt", [[], ["--fp8", "--calib-size", "2", "--calib-seq-len", "16"]],
+                         ids=["float", "fp8"])
+def test_nan_weights_are_refused_on_target_pytorch(tmp_path, tiny_model, capsys, fmt):
+    """main: --target pytorch copied NaN weights into hf_quantized/ (exit 0), and FP8 calibrated
+    on them; now refused as on the engine target, before calibration for a calibrated format."""
+    a = _model(tiny_model, dtype=__import__("torch").float16)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    _poison(a, name, np.inf, count=2)
+    argv = ("--model", a, "--target", "pytorch", "--checkpoint-only", "--no-progress", *fmt)
+    rc, err = _run(capsys, *argv, "--output", tmp_path / "out")
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"build_engine: error: tensor {name} of the model holds 2 NaN/Inf value(s): "
+                      f"the weights are damaged; re-download them, or pass --allow-nonfinite to "
+                      f"convert them as they are")
+    assert not [p.name for p in (tmp_path / "out").glob("hf_quantized*")]
+    if not fmt:
+        rc, err = _run(capsys, *argv, "--output", tmp_path / "ok", "--allow-nonfinite")
+        assert rc == 0, err
+        assert (tmp_path / "ok" / "hf_quantized" / "model.safetensors").is_file()
+
+
 def test_fp16_overflow_is_refused(tmp_path, tiny_model, capsys):
     """main: 1e6 became inf in the float16 checkpoint (exit 0)."""
     a = _model(tiny_model)  # float32: --dtype auto writes float16
