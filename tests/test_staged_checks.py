@@ -195,3 +195,61 @@ def test_pytorch_failed_verify_puts_nothing_in_place(tmp_path, model, monkeypatc
     assert {k: v for k, v in _outputs(out).items()
             if not k.startswith("hf_quantized.partial/")} == before
     assert (out / "hf_quantized.partial" / "model.safetensors").is_file()
+
+
+# --- the engine stage: killed while building, and after the engines before Triton -------------
+
+ENGINES = ("--tp", "2", "--build-workers", "1")  # rank 0 finished before rank 1 starts
+
+
+def _engine_env(tmp_path) -> dict:
+    """The stand-in tensorrt_llm (TEST DOUBLE, tests/trtllm_api_doubles.py) on the workers' path."""
+    from trtllm_api_doubles import PYDANTIC_1_2, write_package
+
+    site = write_package(tmp_path / "fake_site", PYDANTIC_1_2)
+    record = tmp_path / "record"
+    record.mkdir(exist_ok=True)
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(site)])
+    env["FAKE_TRTLLM_RECORD"] = str(record)
+    for k in ("FAKE_TRTLLM_FAIL", "CUDA_VISIBLE_DEVICES"):
+        env.pop(k, None)
+    return env
+
+
+def _at(action: str, at: str, env: dict, *argv) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(RUNNER), action, at, *map(str, argv),
+                           "--no-progress"], env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.parametrize("at,left", [("engine-rank1", ["checkpoint", "engines.partial"]),
+                                     ("after-engines", ["checkpoint", "engines"])])
+def test_killed_at_the_engine_stage_and_the_rerun_gives_the_same_bytes(tmp_path, model, at,
+                                                                       left):
+    """Issue 29 "kill at every stage boundary", the engine stage: killed after rank 0's engine and
+    before rank 1's, no engines/ (rank 0 only in the run's private directory, never adopted);
+    killed after the engines, before the Triton repository: checkpoint/ and engines/ complete and
+    no triton/ or build.json. Either way the rerun (--force: checkpoint/ is in place) writes the
+    uninterrupted run's bytes. Engines by the TEST DOUBLE stand-in tensorrt_llm."""
+    env = _engine_env(tmp_path)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    done = _at("none", at, env, "--model", model, "--output", ref, *ENGINES, "--force")
+    assert done.returncode == 0, done.stderr
+    killed = _at("kill", at, env, "--model", model, "--output", out, *ENGINES)
+    assert killed.returncode == -9, killed.stderr
+    assert _visible(out) == left
+    assert ownership.is_finished(out / "checkpoint")
+    if at == "engine-rank1":
+        stage = out / "engines.partial"
+        assert not list(stage.glob("rank*.engine"))  # nothing landed in the shared stage
+        assert [p.name for p in stage.glob(".run-*/rank*.engine")] == ["rank0.engine"]
+    else:
+        assert ownership.is_finished(out / "engines")
+    rerun = _at("none", at, env, "--model", model, "--output", out, *ENGINES, "--force")
+    assert rerun.returncode == 0, rerun.stderr
+    assert _visible(out) == _visible(ref) == ["build.json", "checkpoint", "engines", "triton"]
+    # the build logs name the run's private directory (its pid): not the run's product
+    got, want = ({k: v for k, v in _outputs(d).items() if not k.startswith("engines/logs/")}
+                 for d in (out, ref))
+    assert sorted(got) == sorted(want) and [k for k in got if got[k] != want[k]] == []
