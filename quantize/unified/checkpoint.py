@@ -250,15 +250,26 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
         except BaseException:
             source.close()
             raise
-    staged = StagedOutput(out_dir)
     try:
         entries = _plan(source, computed, spec, layers)
         hf_quant = hf_quant_config(spec, _family(config))
         if hf_quant is not None:
             config["quantization_config"] = quantization_config(spec, hf_quant)
+        _stage(StagedOutput(out_dir), model_dir, source, entries, layers, config, hf_quant,
+               digests, None if allow_nonfinite else scan, promote)
+    finally:
+        source.close()
+    return hf_quant
+
+
+def _stage(staged: StagedOutput, model_dir: Path, source, entries, layers, config: dict,
+           hf_quant, digests, scan, promote: bool) -> None:
+    """Write the checkpoint into its stage, refuse the source's NaN/Inf (``scan``, unless None),
+    then promote it (or leave it for the caller's checks); a failure removes the stage."""
+    try:
         staged.open(None, resume=False)  # a unified checkpoint is written in one go
         _write_dir(staged.stage, model_dir, source, entries, layers, config, hf_quant, digests)
-        if not allow_nonfinite:
+        if scan is not None:
             refuse_nonfinite(scan)
         if promote:
             staged.promote(digests)
@@ -266,14 +277,10 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
         staged.discard()
         if e.errno not in IO_ERRNOS:
             raise
-        raise io_error(e, out_dir) from None
+        raise io_error(e, staged.dest) from None
     except BaseException:
         staged.discard()
         raise
-    finally:
-        source.close()
-    return hf_quant
-
 
 def staged_dir(out_dir) -> Path:
     """Where ``write_unified_checkpoint(..., promote=False)`` left the checkpoint of ``out_dir``."""
