@@ -189,26 +189,45 @@ def test_damaged_finished_rank_is_refused_on_resume(tmp_path, tiny_model, capsys
     assert not (tmp_path / "out" / "checkpoint").exists()
 
 
+@pytest.mark.parametrize("kept", ["both", "record", "build.json"])
 @pytest.mark.parametrize("name", ["rank1.safetensors", "config.json"])
-def test_from_checkpoint_checks_build_json_digests(tmp_path, tiny_model, capsys, name):
-    """main: the changed file went on to the engine stage (exit 3 here)."""
+def test_from_checkpoint_checks_recorded_digests(tmp_path, tiny_model, capsys, monkeypatch, name,
+                                                 kept):
+    """main: the changed file went on to the engine stage (exit 3 here); a byte changed in place
+    passed the ownership record's size check when no build.json was beside it (a run that ended
+    after its checkpoint). The checkpoint is hashed once: against the ownership record when there
+    is one ("both", "record"), else against build.json."""
+    import builders.manifest as manifest
+    from common.ownership import RECORD
+
     a = _model(tiny_model)
     out = tmp_path / "out"
     assert _run(capsys, "--model", a, "--output", out, "--tp", "2", "--checkpoint-only",
                 "--no-progress")[0] == 0
+    if kept != "both":
+        (out / ("build.json" if kept == "record" else RECORD)).unlink()
     target = out / "checkpoint" / name
-    if name == "config.json":
-        cfg = json.loads(target.read_text())
-        cfg["rotary_base"] = 1.0
-        target.write_text(json.dumps(cfg, indent=2) + "\n")
+    if name == "config.json":  # same size: only a digest tells
+        text = target.read_text()
+        assert '"rotary_base": 10000.0' in text
+        target.write_text(text.replace('"rotary_base": 10000.0', '"rotary_base": 10001.0'))
     else:
         _flip(target)
+    listed = []
+    real = manifest.check_listed
+    monkeypatch.setattr(manifest, "check_listed", lambda d: listed.append(d) or real(d))  # spy
     rc, err = _run(capsys, "--from-checkpoint", out / "checkpoint", "--output", out,
                    "--triton-target", "none", "--no-progress")
     assert rc == 2 and len(err) == 1, err
-    # the ownership record (common.ownership) or build.json's digests, whichever looks first
-    assert f"{target.resolve()} does not match its BLAKE3 digest in {out.resolve()}/build.json" \
-        in err[0] or f"{target} changed since build_engine wrote it" in err[0], err[0]
+    if kept == "build.json":
+        assert f"{target.resolve()} does not match its BLAKE3 digest in {out.resolve()}/build.json" \
+            in err[0], err[0]
+        assert listed
+    else:
+        assert err[0] == (f"build_engine: error: --from-checkpoint: {target} does not match its "
+                          f"BLAKE3 digest in {out / RECORD}: it was changed or damaged after it "
+                          f"was written; rerun the build that wrote it")
+        assert not listed  # the plan's check stopped it; build.json is not read again
 
 
 # --- class 9: silent numeric damage --------------------------------------------------------------
