@@ -125,7 +125,7 @@ def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
     model_dir, timings = plan.model.directory, result.timings
     if quant.format.gated(quant):
         record = checks.gate_step(plan.out, ckpt, model_dir, quant, plan.tokenizer, timings,
-                                  plan.own_calibration_store, in_place=(),
+                                  plan.own_calibration_store,
                                   allow_quality_loss=plan.allow_quality_loss)
         result.extra["quantization"] = {**record, **report,
                                         "quality_gate": record["quality_gate"]}

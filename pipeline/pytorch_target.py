@@ -67,7 +67,7 @@ def _checks(plan: BuildPlan, staged, calibrated: bool, result: BuildResult) -> b
     if calibrated:
         result.extra["quantization"] = checks.gate_step(
             plan.out, staged, model_dir, spec, plan.tokenizer, timings,
-            plan.own_calibration_store, in_place=(),
+            plan.own_calibration_store,
             allow_quality_loss=plan.allow_quality_loss)
     if plan.verify and not checks.verify_step(staged, model_dir, spec, plan.tokenizer, timings,
                                               shown=shown):
