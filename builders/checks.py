@@ -20,22 +20,16 @@ def quality_gate(ckpt, model_dir, quant, tokenizer) -> dict:
             "passed": limit is None or r["increase_pct"] <= limit}
 
 
-DERIVED = ("engines", "triton")
-
-
-def discard(out: Path, ckpt: Path, store: Path | None = None, in_place=DERIVED) -> None:
-    """A run that failed its quality gate keeps nothing that looks complete: its checkpoint (and
-    ``store``, its calibration) goes. ``in_place``: the earlier run's outputs that go too, when
-    the failed checkpoint had already replaced theirs (--target pytorch), since they would now
-    look current; the engine target checks its checkpoint staged, so an earlier output stays as
-    it was (``in_place=()``). Only the tool's own directories are removed (common.ownership)."""
+def discard(out: Path, ckpt: Path, store: Path | None = None) -> None:
+    """A run that failed its quality gate keeps nothing that looks complete: its staged checkpoint
+    (and ``store``, its calibration) goes; both targets check the checkpoint staged, so an
+    earlier output stays as it was. Only the tool's own directories are removed
+    (common.ownership)."""
     from common.ownership import foreign, remove_owned
 
-    for p in [ckpt, store] + [out / name for name in in_place]:
+    for p in (ckpt, store):
         if p is not None and foreign(p) is None:
             remove_owned(p)
-    if in_place:
-        (out / "build.json").unlink(missing_ok=True)
     try:
         out.rmdir()  # only when nothing else is in it
     except OSError:
@@ -75,12 +69,10 @@ def broken(gate: dict) -> str | None:
 
 
 def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict,
-              store: Path | None = None, allow_quality_loss: bool = False,
-              in_place=DERIVED) -> dict:
+              store: Path | None = None, allow_quality_loss: bool = False) -> dict:
     """The quality gate of a calibrated run, timed; on a breach of --max-ppl-increase, or a result
     that shows a broken checkpoint (:func:`broken`, unless ``allow_quality_loss``), nothing is
-    kept (``store``: this run's own calibration store; ``in_place``: see :func:`discard`) and the
-    run fails (one line, exit 1). Returns build.json's "quantization" record."""
+    kept (``store``: this run's own calibration store) and the run fails (one line, exit 1). Returns build.json's "quantization" record."""
     import time
 
     from common.errors import UserError
@@ -89,7 +81,7 @@ def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict,
     gate = quality_gate(ckpt, model_dir, quant, tokenizer)
     timings["quality_gate"] = time.perf_counter() - t0
     if not gate["passed"]:  # the user's own bound first: its message names the flag
-        discard(out, ckpt, store, in_place)
+        discard(out, ckpt, store)
         raise UserError(f"the quality gate failed: perplexity +{gate['increase_pct']:.2f}% over the "
                         f"float model > --max-ppl-increase {quant.max_ppl_increase:g}%; nothing was "
                         f"kept (try another recipe or alpha, e.g. --smoothquant auto, or more "
@@ -97,7 +89,7 @@ def gate_step(out: Path, ckpt: Path, model_dir, quant, tokenizer, timings: dict,
     why = None if allow_quality_loss else broken(gate)
     if why is not None:
         gate["passed"] = False
-        discard(out, ckpt, store, in_place)
+        discard(out, ckpt, store)
         raise UserError(f"the quality gate failed: {why}; the checkpoint is broken (e.g. "
                         f"calibrated on another model's weights, or damaged weights); nothing "
                         f"was kept (pass --allow-quality-loss to keep it anyway)", exit_code=1)

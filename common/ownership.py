@@ -15,7 +15,8 @@ the files it holds at the sizes written. Anything else (no entry, a file the ent
 list, a file whose size changed, a symlink, a plain file) is someone else's, and the tool refuses
 to delete or replace it (``refuse_foreign``: one line naming the path and the fix). Sizes, not
 digests, are compared before a replace: re-hashing a multi-GB checkpoint only to delete it would
-cost minutes; the digests are there for read-back checks. Runs that share an output (``--ranks``)
+cost minutes; the digests are there for read-back checks (``damaged``: before
+``--from-checkpoint`` uses a checkpoint). Runs that share an output (``--ranks``)
 update the record under a lock on the directory.
 """
 from __future__ import annotations
@@ -171,6 +172,27 @@ def foreign(path) -> str | None:
             return f"{path / rel} was not written by build_engine"
         if not isinstance(want, dict) or p.lstat().st_size != want.get("size"):
             return f"{path / rel} changed since build_engine wrote it"
+    return None
+
+
+def damaged(path) -> str | None:
+    """Why a finished output of the tool's no longer holds the bytes it was written with (a listed
+    file missing, or not of its recorded BLAKE3), or None (also for a path with no finished
+    entry). Every file is read: for an output about to be used again (``--from-checkpoint``),
+    never before a replace or a delete."""
+    path = Path(path)
+    got = entry(path)
+    listed = got.get("files") if got is not None else None
+    if not isinstance(listed, dict):
+        return None
+    record = path.parent / RECORD
+    for rel, want in sorted(listed.items()):
+        p = path / rel
+        if not p.is_file():
+            return f"{p} is listed in {record} but missing"
+        if not isinstance(want, dict) or _blake3(p) != want.get("blake3"):
+            return (f"{p} does not match its BLAKE3 digest in {record}: it was changed or "
+                    f"damaged after it was written")
     return None
 
 

@@ -16,8 +16,10 @@ def run_engine_target(plan: BuildPlan) -> BuildResult:
     """The steps of the engine target; ``plan`` is checked (pipeline.plan.make_plan)."""
     if plan.from_checkpoint is not None:
         from builders.manifest import check_listed
+        from common import ownership
 
-        check_listed(plan.from_checkpoint)  # as written: build.json's digests, before any use
+        if ownership.entry(plan.from_checkpoint) is None:  # else its ownership record's digests
+            check_listed(plan.from_checkpoint)  # were checked in the plan: build.json's here
         result = BuildResult(inputs={"checkpoint_dir": str(plan.from_checkpoint.resolve())})
         ckpt = plan.from_checkpoint
         loadable_step(ckpt, plan.ranks_text)
@@ -123,7 +125,7 @@ def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
     model_dir, timings = plan.model.directory, result.timings
     if quant.format.gated(quant):
         record = checks.gate_step(plan.out, ckpt, model_dir, quant, plan.tokenizer, timings,
-                                  plan.own_calibration_store, in_place=(),
+                                  plan.own_calibration_store,
                                   allow_quality_loss=plan.allow_quality_loss)
         result.extra["quantization"] = {**record, **report,
                                         "quality_gate": record["quality_gate"]}

@@ -115,8 +115,9 @@ def _stage_options(args, quant_algo=None) -> dict:
 
 def _refuse_unfinished(ckpt: Path) -> None:
     """A checkpoint build_engine has not finished (its stage, killed before or during its checks)
-    or one changed since it was put in place is refused; one the tool did not write (another
-    converter's) is taken as it is."""
+    or one changed since it was put in place (names and sizes, then every file's BLAKE3 against
+    the ownership record) is refused; one the tool did not write (another converter's) is taken
+    as it is."""
     from common import ownership
 
     got = ownership.entry(ckpt)
@@ -126,7 +127,7 @@ def _refuse_unfinished(ckpt: Path) -> None:
                         f"staging directory: its writing or its checks did not finish); rerun "
                         f"the build that writes it, then use its checkpoint/")
     if got is not None:
-        why = ownership.foreign(ckpt)
+        why = ownership.foreign(ckpt) or ownership.damaged(ckpt)
         if why is not None:
             raise UserError(f"--from-checkpoint: {why}; rerun the build that wrote it")
 

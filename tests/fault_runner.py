@@ -4,11 +4,17 @@
 
 ``AT`` names where: ``gate`` (the quality gate starts: builders.checks.quality_gate),
 ``triton`` (the Triton repository is written into its private stage and about to be validated:
-builders.triton.repo_files.validate_repo) or ``run`` (the run's steps start, the output lock
-held: pipeline.engine_target.run_engine_target). ``ACTION``: ``kill`` sends the process SIGKILL
-there (nothing of Python's cleanup runs, as with the OOM killer); ``pause`` writes the file
-``$FAULT_READY`` and waits until ``$FAULT_GO`` exists, then goes on. Production code has no
-hook for this: the wrapped functions are replaced in this process only.
+builders.triton.repo_files.validate_repo), ``run`` (the run's steps start, the output lock
+held: pipeline.engine_target.run_engine_target), ``engine-rank1`` (the engine build is about to
+start rank 1, rank 0's engine built) or ``after-engines`` (the engines are in place, the Triton
+repository not yet begun: pipeline.engines.write_triton). The two engine points build with the
+TEST DOUBLE ``engine_fakes.TwoGpus`` (the real backend and worker subprocesses, told of two
+GPUs), so the stand-in ``tensorrt_llm`` of tests/trtllm_api_doubles.py must be on the workers'
+PYTHONPATH. ``ACTION``: ``kill`` sends the process SIGKILL there (nothing of Python's cleanup
+runs, as with the OOM killer); ``none`` does nothing (the same run uninterrupted, for
+reference); ``pause`` writes the file ``$FAULT_READY`` and waits until
+``$FAULT_GO`` exists, then goes on. Production code has no hook for this: the wrapped functions
+are replaced in this process only.
 """
 from __future__ import annotations
 
@@ -20,10 +26,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "tests"))  # the engine TEST DOUBLES
 
 
 def _fault(action: str):
     def hit(*_a, **_k):
+        if action == "none":  # the same run, uninterrupted (its reference)
+            return
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         Path(os.environ["FAULT_READY"]).write_text(str(os.getpid()))
@@ -44,6 +53,28 @@ def _wrap(module, name: str, action: str) -> None:
     setattr(module, name, wrapped)
 
 
+def _engine_fault(at: str, action: str) -> None:
+    import builders.engine as E
+    from engine_fakes import TwoGpus
+
+    if at == "after-engines":
+        import pipeline.engines as m
+        _wrap(m, "write_triton", action)
+        E.TrtllmBackend = TwoGpus
+        return
+    fault = _fault(action)
+
+    class FaultAtRank1(TwoGpus):
+        """TEST DOUBLE: TwoGpus, with the fault as rank 1's build is about to start."""
+
+        def build_rank(self, rank, *a, **k):
+            if rank == 1:
+                fault()
+            return super().build_rank(rank, *a, **k)
+
+    E.TrtllmBackend = FaultAtRank1
+
+
 def main() -> int:
     action, at, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
     if at == "gate":
@@ -55,6 +86,8 @@ def main() -> int:
     elif at == "run":
         import pipeline.engine_target as m
         _wrap(m, "run_engine_target", action)
+    elif at in ("engine-rank1", "after-engines"):
+        _engine_fault(at, action)
     else:
         raise SystemExit(f"unknown stage {at}")
     from builders.cli import main as cli_main

@@ -299,26 +299,45 @@ def test_damaged_finished_rank_is_refused_on_resume(tmp_path, tiny_model, capsys
     assert not (tmp_path / "out" / "checkpoint").exists()
 
 
+@pytest.mark.parametrize("kept", ["both", "record", "build.json"])
 @pytest.mark.parametrize("name", ["rank1.safetensors", "config.json"])
-def test_from_checkpoint_checks_build_json_digests(tmp_path, tiny_model, capsys, name):
-    """main: the changed file went on to the engine stage (exit 3 here)."""
+def test_from_checkpoint_checks_recorded_digests(tmp_path, tiny_model, capsys, monkeypatch, name,
+                                                 kept):
+    """main: the changed file went on to the engine stage (exit 3 here); a byte changed in place
+    passed the ownership record's size check when no build.json was beside it (a run that ended
+    after its checkpoint). The checkpoint is hashed once: against the ownership record when there
+    is one ("both", "record"), else against build.json."""
+    import builders.manifest as manifest
+    from common.ownership import RECORD
+
     a = _model(tiny_model)
     out = tmp_path / "out"
     assert _run(capsys, "--model", a, "--output", out, "--tp", "2", "--checkpoint-only",
                 "--no-progress")[0] == 0
+    if kept != "both":
+        (out / ("build.json" if kept == "record" else RECORD)).unlink()
     target = out / "checkpoint" / name
-    if name == "config.json":
-        cfg = json.loads(target.read_text())
-        cfg["rotary_base"] = 1.0
-        target.write_text(json.dumps(cfg, indent=2) + "\n")
+    if name == "config.json":  # same size: only a digest tells
+        text = target.read_text()
+        assert '"rotary_base": 10000.0' in text
+        target.write_text(text.replace('"rotary_base": 10000.0', '"rotary_base": 10001.0'))
     else:
         _flip(target)
+    listed = []
+    real = manifest.check_listed
+    monkeypatch.setattr(manifest, "check_listed", lambda d: listed.append(d) or real(d))  # spy
     rc, err = _run(capsys, "--from-checkpoint", out / "checkpoint", "--output", out,
                    "--triton-target", "none", "--no-progress")
     assert rc == 2 and len(err) == 1, err
-    # the ownership record (common.ownership) or build.json's digests, whichever looks first
-    assert f"{target.resolve()} does not match its BLAKE3 digest in {out.resolve()}/build.json" \
-        in err[0] or f"{target} changed since build_engine wrote it" in err[0], err[0]
+    if kept == "build.json":
+        assert f"{target.resolve()} does not match its BLAKE3 digest in {out.resolve()}/build.json" \
+            in err[0], err[0]
+        assert listed
+    else:
+        assert err[0] == (f"build_engine: error: --from-checkpoint: {target} does not match its "
+                          f"BLAKE3 digest in {out / RECORD}: it was changed or damaged after it "
+                          f"was written; rerun the build that wrote it")
+        assert not listed  # the plan's check stopped it; build.json is not read again
 
 
 # --- class 9: silent numeric damage --------------------------------------------------------------
@@ -343,6 +362,27 @@ def test_nan_weights_are_refused_unless_allowed(tmp_path, tiny_model, capsys):
     assert not (tmp_path / "out" / "checkpoint").exists()
     rc, err = _run(capsys, *argv, "--output", tmp_path / "ok", "--allow-nonfinite")
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("fmt", [[], ["--fp8", "--calib-size", "2", "--calib-seq-len", "16"]],
+                         ids=["float", "fp8"])
+def test_nan_weights_are_refused_on_target_pytorch(tmp_path, tiny_model, capsys, fmt):
+    """main: --target pytorch copied NaN weights into hf_quantized/ (exit 0), and FP8 calibrated
+    on them; now refused as on the engine target, before calibration for a calibrated format."""
+    a = _model(tiny_model, dtype=__import__("torch").float16)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    _poison(a, name, np.inf, count=2)
+    argv = ("--model", a, "--target", "pytorch", "--checkpoint-only", "--no-progress", *fmt)
+    rc, err = _run(capsys, *argv, "--output", tmp_path / "out")
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"build_engine: error: tensor {name} of the model holds 2 NaN/Inf value(s): "
+                      f"the weights are damaged; re-download them, or pass --allow-nonfinite to "
+                      f"convert them as they are")
+    assert not [p.name for p in (tmp_path / "out").glob("hf_quantized*")]
+    if not fmt:
+        rc, err = _run(capsys, *argv, "--output", tmp_path / "ok", "--allow-nonfinite")
+        assert rc == 0, err
+        assert (tmp_path / "ok" / "hf_quantized" / "model.safetensors").is_file()
 
 
 def test_fp16_overflow_is_refused(tmp_path, tiny_model, capsys):

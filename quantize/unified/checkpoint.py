@@ -62,6 +62,7 @@ import torch
 from common.atomic import write_text
 from common.errors import IO_ERRNOS, UserError, io_error, naming
 from common.staged import StagedOutput
+from convert.convert import refuse_nonfinite
 from convert.source import SourceCheckpoint
 from convert.source_files import declared_dtype
 from convert.writer import write_file
@@ -213,7 +214,8 @@ def _write_dir(tmp: Path, model_dir: Path, source, entries, layers, config: dict
 def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None, calibration=None,
                              calib_text=None, tokenizer=None, device="auto", force: bool = False,
                              progress: bool = True, timings: dict | None = None,
-                             digests=None) -> dict | None:
+                             digests=None, allow_nonfinite: bool = False,
+                             promote: bool = True) -> dict | None:
     """Write the unified checkpoint of ``model_dir`` for ``spec`` to ``out_dir``; return its
     hf_quant_config (None when unquantized).
 
@@ -222,8 +224,11 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
     one layer at a time; otherwise the whole model is calibrated with modelopt
     (``calibrated_model``: an already calibrated model to use instead, e.g. the same one given to
     modelopt's export in a test or a benchmark). Written to ``out_dir.partial`` and renamed when
-    complete; an existing ``out_dir`` needs ``force``. This is the entry point for benchmarks.
-    ``digests``: the run's ``common.digests.Digests``, told the tensor file's digest.
+    complete (``promote=False``: left complete there for the caller's checks, which then put it
+    in place with :func:`put_in_place`); an existing ``out_dir`` needs ``force``. This is the
+    entry point for benchmarks. ``digests``: the run's ``common.digests.Digests``, told the tensor
+    file's digest. NaN/Inf in the source are refused (naming the tensor and the count) unless
+    ``allow_nonfinite``: a calibrated format before it calibrates, the others before promotion.
     """
     from .config import check_supported
 
@@ -235,31 +240,56 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
     source = SourceCheckpoint(model_dir, declared_dtype=declared_dtype(config))
     dtype = _check_source_dtype(source)
     computed, layers = {}, None
+    scan = source.scan()  # in the background, while the tensors are computed and written
     if spec.needs_calibration or calibrated_model is not None:
         try:
+            if not allow_nonfinite:  # calibrating NaN weights would waste the calibration
+                refuse_nonfinite(scan)
             computed, layers = _quant_tensors(model_dir, source, spec, dtype, calibrated_model,
                                               calibration, calib_text, tokenizer, device,
                                               progress, {} if timings is None else timings)
         except BaseException:
             source.close()
             raise
-    staged = StagedOutput(out_dir)
     try:
         entries = _plan(source, computed, spec, layers)
         hf_quant = hf_quant_config(spec, _family(config))
         if hf_quant is not None:
             config["quantization_config"] = quantization_config(spec, hf_quant)
+        _stage(StagedOutput(out_dir), model_dir, source, entries, layers, config, hf_quant,
+               digests, None if allow_nonfinite else scan, promote)
+    finally:
+        source.close()
+    return hf_quant
+
+
+def _stage(staged: StagedOutput, model_dir: Path, source, entries, layers, config: dict,
+           hf_quant, digests, scan, promote: bool) -> None:
+    """Write the checkpoint into its stage, refuse the source's NaN/Inf (``scan``, unless None),
+    then promote it (or leave it for the caller's checks); a failure removes the stage."""
+    try:
         staged.open(None, resume=False)  # a unified checkpoint is written in one go
         _write_dir(staged.stage, model_dir, source, entries, layers, config, hf_quant, digests)
-        staged.promote()
+        if scan is not None:
+            refuse_nonfinite(scan)
+        if promote:
+            staged.promote(digests)
     except OSError as e:
         staged.discard()
         if e.errno not in IO_ERRNOS:
             raise
-        raise io_error(e, out_dir) from None
+        raise io_error(e, staged.dest) from None
     except BaseException:
         staged.discard()
         raise
-    finally:
-        source.close()
-    return hf_quant
+
+def staged_dir(out_dir) -> Path:
+    """Where ``write_unified_checkpoint(..., promote=False)`` left the checkpoint of ``out_dir``."""
+    return StagedOutput(out_dir).stage
+
+
+def put_in_place(out_dir, digests=None) -> Path:
+    """The checked checkpoint staged for ``out_dir`` goes in its place (an earlier one, the tool's
+    own, replaced); returns ``out_dir``."""
+    StagedOutput(out_dir).promote(digests)
+    return Path(out_dir)
