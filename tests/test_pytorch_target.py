@@ -449,14 +449,24 @@ def test_smollm2_reader_on_unified_follows_modelopt_fake_quant(smollm2_unified, 
 # ---------------------------------------------------------------------------------------------
 
 
-def test_fp8_from_the_calibration_store_matches_modelopt_export(tmp_path, calib_text):
-    """FP8's unified tensors streamed layer by layer from the layer-wise calibration store equal
-    modelopt's export of the whole model calibrated in memory."""
+@pytest.mark.parametrize("algo,kv,kw,overrides", [
+    ("FP8", None, {}, {}),
+    ("FP8", "fp8", {}, {}),
+    ("W8A8_SQ_PER_CHANNEL", None, {}, {}),
+    ("W4A16_AWQ", None, {}, {}),
+    ("W4A16_AWQ", "fp8", {"awq_block_size": 64}, {"intermediate_size": 320}),
+    (None, "fp8", {}, {}),
+])
+def test_from_the_calibration_store_matches_modelopt_export(tmp_path, calib_text, algo, kv, kw,
+                                                            overrides):
+    """Every calibrated format's unified tensors, streamed layer by layer from the layer-wise
+    calibration store (+ the source weights), equal modelopt's export of the whole model
+    calibrated in memory."""
     from quantize.run import CalibrationRun
 
-    hf_dir, model = make_model(tmp_path)
-    spec = small("FP8")
-    assert spec.format.unified_layerwise(spec) and not spec.format.unified_layerwise(small("FP8", "fp8"))
+    hf_dir, model = make_model(tmp_path, **overrides)
+    spec = small(algo, kv, **kw)
+    assert spec.format.unified_layerwise(spec)
     run = CalibrationRun(store=tmp_path / "calibration", device="cpu", calib_text=calib_text,
                          tokenizer=byte_tokenizer)
     write_unified_checkpoint(hf_dir, tmp_path / "ours", spec, calibration=run, progress=False)

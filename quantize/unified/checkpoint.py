@@ -67,7 +67,8 @@ from convert.source_files import declared_dtype
 from convert.writer import write_file
 
 from .config import hf_quant_config, quantization_config
-from .tensors import LAYOUT, StoreLayers, model_tensors, weight_only_int8
+from .from_store import StoreLayers
+from .tensors import LAYOUT, model_tensors, weight_only_int8
 
 Tensor = torch.Tensor
 
