@@ -342,6 +342,13 @@ class Recipe:
             return False
         return fmt.layerwise or fmt.from_float_weights
 
+    def unified_store_entries(self, spec) -> tuple[bool, bool]:
+        """What a calibration store keeps for the unified form (quantize/unified/store_entries.py):
+        (per-linear smoothing entries, raw k/v amax); nothing for formats without one."""
+        if self.unified is None or self.unified_refusal(spec) is not None:
+            return False, False
+        return self.unified.fuse_shared_inputs, spec.kv_cache_quant_algo is not None
+
     def unified_quantization(self, spec) -> dict | None:
         """hf_quant_config.json's ``quantization`` as modelopt 0.47 writes it (None: unquantized)."""
         if not self.quantized(spec):

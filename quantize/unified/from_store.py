@@ -22,7 +22,7 @@ import torch
 from common.errors import UserError
 
 from ..modelopt_state import sanitize_amax, weight_absmax
-from .store_entries import INPUT_AMAX, KV_AMAX, PRE_QUANT_SCALE, SMOOTHING
+from .store_entries import INPUT_AMAX, KV_AMAX, PRE_QUANT_SCALE, SMOOTHING, kept
 from .tensors import ENCODE, FP8_MAXBOUND, KV_MAXBOUND, LAYOUT, layer_tensors
 
 Tensor = torch.Tensor
@@ -99,7 +99,7 @@ class StoreLayers:
             else:
                 layer_tensors(_Norms(self.source, self.compute_dtype), prefix,
                               self._smoothed(i, state), self.spec, self.dtype, out)
-        if self.spec.kv_cache_quant_algo is not None:
+        if kept(self.spec)[1]:  # the raw k/v amax
             attn = LAYOUT.attention[0]
             for x, entry in KV_AMAX.items():
                 amax = self._entry(state, i, f"{prefix}.{attn}.{entry}")

@@ -34,12 +34,8 @@ KV_AMAX = {"k": "unified_k_amax", "v": "unified_v_amax"}
 
 def kept(spec) -> tuple[bool, bool]:
     """(per-linear smoothing entries, raw k/v amax entries) that ``spec``'s store keeps: only
-    what a unified checkpoint of the format reads (none for formats without one)."""
-    recipe = spec.format
-    fmt = recipe.unified
-    if fmt is None or recipe.unified_refusal(spec) is not None:
-        return False, False
-    return fmt.fuse_shared_inputs, spec.kv_cache_quant_algo is not None
+    what a unified checkpoint of the format reads (the recipe's ``unified_store_entries``)."""
+    return spec.format.unified_store_entries(spec)
 
 
 @contextmanager
