@@ -15,10 +15,13 @@ peaks, and the whole-model path side by side where it fits.
    for calibration time), where the fp32 model fits.
 5. ``:ckpt`` rows: the layer-wise conversion alone (``convert_checkpoint`` with its calibration
    store, no quality gate) with the memory plan the CLI prints for it.
+6. ``:pt`` rows: ``--target pytorch``'s unified checkpoint alone (``write_unified_checkpoint``
+   with a layer-wise calibration store: calibration + writing, no quality gate, no Triton
+   repository), with the memory plan the CLI prints for it.
 
 Formats: ``sqp`` is ``--smoothquant``'s default (TensorRT-LLM's plugin recipe), ``sqpa`` the same
 with ``--smoothquant auto``, ``sq`` modelopt's SmoothQuant (``--sq-recipe modelopt``), ``fp8``,
-``awq``.
+``awq``, ``fp8kv`` (``--fp8 --kv-cache-dtype fp8``).
 
     python benchmarks/bench_layerwise.py                       # everything (~30-40 min on 2 cores)
     python benchmarks/bench_layerwise.py --rows 8b:4:sqp,8b:16:sqp --write-md BENCHMARKS.md
@@ -48,9 +51,11 @@ bc.PRESETS["7b-smol"] = dict(bc.PRESETS["7b"], vocab=49152)
 #: row formats: sqp = --smoothquant's default (TensorRT-LLM's plugin recipe, per channel / per
 #: token, alpha 0.75), sq = modelopt's SmoothQuant recipe
 FLAGS = {"sqp": ["--smoothquant"], "sqpa": ["--smoothquant", "auto"],
-         "sq": ["--smoothquant", "--sq-recipe", "modelopt"], "fp8": ["--fp8"], "awq": ["--awq"]}
+         "sq": ["--smoothquant", "--sq-recipe", "modelopt"], "fp8": ["--fp8"], "awq": ["--awq"],
+         "fp8kv": ["--fp8", "--kv-cache-dtype", "fp8"]}
 ALGOS = {"sqp": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "sqpa": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
-         "sq": "W8A8_SQ_PER_CHANNEL", "fp8": "FP8", "awq": "W4A16_AWQ"}
+         "sq": "W8A8_SQ_PER_CHANNEL", "fp8": "FP8", "awq": "W4A16_AWQ", "fp8kv": "FP8"}
+KVS = {"fp8kv": "fp8"}  # --kv-cache-dtype of a row format
 ALPHAS = {"sqpa": "auto"}  # sqpa: --smoothquant auto (alpha searched per layer)
 DEFAULT_ROWS = ("8b:4:sqp,8b:16:sqp,8b:4:sq,8b:4:fp8,8b:16:fp8,8b:4:awq,8b:16:awq,7b:32:sqp,"
                 "8b:4:sqp:whole,8b:4:sqp:bare")
@@ -93,6 +98,28 @@ done = convert_checkpoint(model, Path({out!r}) / "checkpoint", layout, spec, pro
                           calibration=CalibrationRun(store=Path({out!r}) / "calibration",
                                                      device="cpu"))
 print("layer-wise checkpoint: %.1fs (%s)" % (time.perf_counter() - t0, done.timings))
+"""
+
+#: --target pytorch's unified checkpoint alone (layer-wise calibration + writing, no quality gate),
+#: with the memory plan the CLI would print for it
+PT = """
+import sys, time; sys.path.insert(0, {repo!r})
+from pathlib import Path
+from model.source import ModelSource
+from quantize import memory
+from quantize.formats import QuantSpec
+from quantize.run import CalibrationRun
+from quantize.unified import write_unified_checkpoint
+spec = QuantSpec.create({algo!r}, kv_cache_dtype={kv!r}, smoothquant_alpha={alpha!r},
+                        calib_size=4, calib_seq_len=64)
+model = ModelSource.open({model!r})
+assert spec.format.unified_layerwise(spec)
+print("memory plan: " + memory.describe(memory.plan(model.shape, spec, tp=1, pp=1, device="cpu")))
+t0, timings = time.perf_counter(), {{}}
+write_unified_checkpoint({model!r}, Path({out!r}) / "hf_quantized", spec, progress=False,
+                         timings=timings, calibration=CalibrationRun(
+                             store=Path({out!r}) / "calibration", device="cpu"))
+print("layer-wise checkpoint: %.1fs (%s)" % (time.perf_counter() - t0, timings))
 """
 
 BARE = """
@@ -178,6 +205,10 @@ def run_row(work: Path, row: str, smol: Path) -> dict:
     if mode == "ckpt":
         cmd = [sys.executable, "-c", CKPT.format(repo=str(REPO), algo=algo, model=str(model),
                                                  out=str(out), alpha=ALPHAS.get(fmt))]
+    elif mode == "pt":
+        cmd = [sys.executable, "-c", PT.format(repo=str(REPO), algo=algo, kv=KVS.get(fmt),
+                                               model=str(model), out=str(out),
+                                               alpha=ALPHAS.get(fmt))]
     elif mode == "whole":
         cmd = [sys.executable, "-c", WHOLE.format(repo=str(REPO), algo=algo, alpha=ALPHAS.get(fmt),
                                                   model=str(model),
@@ -196,7 +227,8 @@ def run_row(work: Path, row: str, smol: Path) -> dict:
            "model_gb": round(sum(p.stat().st_size for p in model.glob("*.safetensors")) / 1e9, 2)}
     if rc != 0:
         res["error"] = text.split("\tCommand being timed")[0].strip().splitlines()[-1:]
-    res["plan_host_gb"] = plan_peak(text, ("calibration", "checkpoint") if mode == "ckpt" else None)
+    res["plan_host_gb"] = plan_peak(text, ("calibration", "checkpoint")
+                                    if mode in ("ckpt", "pt") else None)
     bj = out / "build.json"
     if bj.is_file():
         res["stages"] = json.loads(bj.read_text()).get("stage_timings_s", {})
@@ -246,7 +278,7 @@ def time_summary(results: list[dict]) -> list[str]:
     lines = []
     by = {(r["preset"], r["layers"], r["format"], r["mode"]): r for r in results if r["rc"] == 0}
     for (preset, layers, fmt, mode), r in sorted(by.items()):
-        cal = r.get("stages", {}).get("calibration") if mode == "ckpt" else None
+        cal = r.get("stages", {}).get("calibration") if mode in ("ckpt", "pt") else None
         for bmode in ("lwbare", "bare") if cal else ():
             b = by.get((preset, layers, "sqp", bmode))
             floor = _floor_s(b) if b else None
@@ -305,8 +337,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench_layerwise")
     ap.add_argument("--rows", default=DEFAULT_ROWS,
-                    help="comma list of preset:layers:format[:whole|:bare|:lwbare|:ckpt] (format: sqp, "
-                         "sqpa, sq, fp8, awq)")
+                    help="comma list of preset:layers:format[:whole|:bare|:lwbare|:ckpt|:pt] (format: "
+                         "sqp, sqpa, sq, fp8, awq, fp8kv)")
     ap.add_argument("--write-md", type=Path, default=None)
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the rows this many times, interleaved; the table keeps the last "

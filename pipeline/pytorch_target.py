@@ -84,6 +84,6 @@ def _print_calibration(plan: BuildPlan, timings: dict) -> None:
     if plan.options.get("calibration") is not None:
         how = f"reused {plan.options['calibration']}"
     else:
-        how = (f"forward hooks, layer by layer over {plan.quant.calib_size} x "
+        how = (f"layer by layer over {plan.quant.calib_size} x "
                f"{plan.quant.calib_seq_len} tokens")
     print(f"calibration: {timings['calibration']:.1f}s ({how})")

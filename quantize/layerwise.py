@@ -49,6 +49,7 @@ from .modelopt_state import extract_quant_state
 from .formats import QuantSpec
 from .recipes import MAX, SQ_HOOKS
 from .torch_io import read_tensor
+from .unified.store_entries import smoothing_recorder, store_entries
 from . import store as cstore
 
 Tensor = torch.Tensor
@@ -286,9 +287,13 @@ def _modelopt_layer(runner: LayerRunner, i: int, spec: QuantSpec,
                     passes_in: list[list[Tensor]]) -> tuple[dict, list[list[Tensor]]]:
     """Layer ``i`` calibrated with modelopt: its extracted tensors and its outputs per pass."""
     shell = runner.named(i, runner.materialise(i))
-    passes_out = _calibrate_layer(shell, runner, i, spec, passes_in)
-    # prequant scales kept in the calibration's precision; cast when sharded (store.py)
-    return extract_quant_state(shell, spec, dtype=runner.dtype), passes_out
+    with smoothing_recorder(spec) as smoothing:
+        passes_out = _calibrate_layer(shell, runner, i, spec, passes_in)
+    # prequant scales kept in the calibration's precision; cast when sharded (store.py); and
+    # what the unified checkpoint (--target pytorch) needs beside them
+    state = extract_quant_state(shell, spec, dtype=runner.dtype)
+    state.update(store_entries(shell, runner.prefix(i), spec, smoothing))
+    return state, passes_out
 
 
 def layer_calibrator(method: str | None):

@@ -28,6 +28,7 @@ from common.errors import UserError
 from .formats import FP8, QuantSpec
 from .modelopt_state import (HF_LINEARS, NUM_BITS, extract_quant_state,
                              sanitize_amax)
+from .unified.store_entries import store_entries
 
 Tensor = torch.Tensor
 
@@ -149,4 +150,7 @@ def calibrate_max_layer(runner, i: int, spec: QuantSpec,
         w = MaxRecord(_FP8_BITS, f"{prefix}.{name}.weight")
         w.collect(mod.weight)  # the weight quantizer sees the same weight on every batch
         mod.weight_quantizer = w
-    return extract_quant_state(runner.named(i, layer), spec, dtype=runner.dtype), [outputs]
+    shell = runner.named(i, layer)
+    state = extract_quant_state(shell, spec, dtype=runner.dtype)
+    state.update(store_entries(shell, prefix, spec))  # the raw k/v amax (--target pytorch)
+    return state, [outputs]

@@ -103,7 +103,7 @@ def fuse(group: list[Lin], block: int | None) -> None:
                 g.weight = (g.weight.to(torch.float32) * g.pqs.to(torch.float32)
                             / avg.to(torch.float32)).to(dt)
                 g.pqs = avg.to(g.pqs.dtype)
-                g.weight_amax = _weight_absmax(g.weight, g.wq, block)
+                g.weight_amax = weight_absmax(g.weight, g.wq, block)
     if head.input_amax is not None:
         amax = torch.max(torch.stack([g.input_amax for g in group]))
         for g in group:
@@ -114,7 +114,7 @@ def fuse(group: list[Lin], block: int | None) -> None:
             g.fused_weight_amax = amax
 
 
-def _weight_absmax(w: Tensor, wq, block: int | None) -> Tensor:
+def weight_absmax(w: Tensor, wq, block: int | None) -> Tensor:
     """What the weight quantizer's max calibrator collects: per row (axis 0) or per block."""
     if block:
         out, inp = w.shape

@@ -7,7 +7,8 @@ A directory (``DIR/calibration/`` of a build, reused with ``--calibration PATH``
   dtype), how many layers are finished, whether it is complete;
 * ``layer_NNNNN.safetensors``: that layer's quantized tensors, unsharded, HF names, exactly what
   :func:`quantize.modelopt_state.extract_quant_state` returns for it (prequant scales kept in the
-  calibration's own precision; cast to the checkpoint dtype when sharded);
+  calibration's own precision; cast to the checkpoint dtype when sharded), plus what the unified
+  checkpoint (``--target pytorch``) of the format needs besides (quantize/unified/store_entries.py);
 * ``inputs_NNNNN.safetensors`` (while calibrating): the inputs of the next layer to calibrate, one
   set per forward-loop pass, so that an interrupted calibration resumes from the last finished
   layer with the same bytes.

@@ -449,14 +449,24 @@ def test_smollm2_reader_on_unified_follows_modelopt_fake_quant(smollm2_unified, 
 # ---------------------------------------------------------------------------------------------
 
 
-def test_fp8_from_the_calibration_store_matches_modelopt_export(tmp_path, calib_text):
-    """FP8's unified tensors streamed layer by layer from the layer-wise calibration store equal
-    modelopt's export of the whole model calibrated in memory."""
+@pytest.mark.parametrize("algo,kv,kw,overrides", [
+    ("FP8", None, {}, {}),
+    ("FP8", "fp8", {}, {}),
+    ("W8A8_SQ_PER_CHANNEL", None, {}, {}),
+    ("W4A16_AWQ", None, {}, {}),
+    ("W4A16_AWQ", "fp8", {"awq_block_size": 64}, {"intermediate_size": 320}),
+    (None, "fp8", {}, {}),
+])
+def test_from_the_calibration_store_matches_modelopt_export(tmp_path, calib_text, algo, kv, kw,
+                                                            overrides):
+    """Every calibrated format's unified tensors, streamed layer by layer from the layer-wise
+    calibration store (+ the source weights), equal modelopt's export of the whole model
+    calibrated in memory."""
     from quantize.run import CalibrationRun
 
-    hf_dir, model = make_model(tmp_path)
-    spec = small("FP8")
-    assert spec.format.unified_layerwise(spec) and not spec.format.unified_layerwise(small("FP8", "fp8"))
+    hf_dir, model = make_model(tmp_path, **overrides)
+    spec = small(algo, kv, **kw)
+    assert spec.format.unified_layerwise(spec)
     run = CalibrationRun(store=tmp_path / "calibration", device="cpu", calib_text=calib_text,
                          tokenizer=byte_tokenizer)
     write_unified_checkpoint(hf_dir, tmp_path / "ours", spec, calibration=run, progress=False)
@@ -465,9 +475,37 @@ def test_fp8_from_the_calibration_store_matches_modelopt_export(tmp_path, calib_
     assert_same_checkpoint(tmp_path / "ours", theirs)
 
 
-def test_cli_pytorch_reuses_an_engine_targets_calibration(tmp_path, tokenizer_dir, capsys):
-    """--target pytorch --fp8 --calibration DIR/calibration of an engine-target run: the same
-    unified checkpoint as a fresh --target pytorch run (whose own layer-wise store is temporary)."""
+@pytest.mark.parametrize("algo", ["W8A8_SQ_PER_CHANNEL", "W4A16_AWQ"])
+def test_store_path_equals_the_whole_model_path_on_a_float16_source(tmp_path, calib_text, algo):
+    """A float16 source (written in float16, calibrated in float32): the unified checkpoint from
+    the calibration store is byte for byte the one the whole-model path writes (which the SmolLM2
+    tests compare with modelopt's export)."""
+    from quantize.run import CalibrationRun
+
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, _ = make_model(tmp_path, dtype=torch.float16)
+    # loaded as calibration loads it (the float16 model's rotary buffers are float16-rounded)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    spec = small(algo)
+    run = CalibrationRun(store=tmp_path / "calibration", device="cpu", calib_text=calib_text,
+                         tokenizer=byte_tokenizer)
+    write_unified_checkpoint(hf_dir, tmp_path / "store", spec, calibration=run, progress=False)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    write_unified_checkpoint(hf_dir, tmp_path / "whole", spec, calibrated_model=model,
+                             progress=False)
+    ours = load_file(tmp_path / "store" / "model.safetensors")
+    assert {t.dtype for n, t in ours.items() if n.endswith("pre_quant_scale")} == {torch.float16}
+    assert (tmp_path / "store" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("flags", [["--fp8"], ["--fp8", "--kv-cache-dtype", "fp8"],
+                                   ["--smoothquant", "--sq-recipe", "modelopt"], ["--awq"]])
+def test_cli_pytorch_reuses_an_engine_targets_calibration(tmp_path, tokenizer_dir, capsys, flags):
+    """--target pytorch --calibration DIR/calibration of an engine-target run of the same format:
+    the same unified checkpoint as a fresh --target pytorch run (whose own layer-wise store is
+    temporary)."""
     import shutil
 
     from builders.cli import main
@@ -475,7 +513,7 @@ def test_cli_pytorch_reuses_an_engine_targets_calibration(tmp_path, tokenizer_di
     hf_dir, _ = make_model(tmp_path)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, hf_dir / f.name)
-    common = ["--model", str(hf_dir), "--fp8", "--calib-size", "2", "--calib-seq-len", "32",
+    common = ["--model", str(hf_dir), *flags, "--calib-size", "2", "--calib-seq-len", "32",
               "--checkpoint-only", "--no-progress"]
     assert main([*common, "--output", str(tmp_path / "engine")]) == 0
     capsys.readouterr()

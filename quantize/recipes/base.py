@@ -340,10 +340,21 @@ class Recipe:
                 f"drop the quantization flags")
 
     def unified_layerwise(self, spec) -> bool:
-        """Whether the unified tensors come layer by layer from the calibration store (a KV
-        cache's unified scales need the raw amax, which the store's clamped scales lose)."""
+        """Whether the unified tensors come layer by layer from the calibration store: the
+        calibrated formats whose store keeps what the unified form needs
+        (quantize/unified/store_entries.py), and a KV cache beside weights that need no
+        calibration (its raw k/v amax is kept)."""
         fmt = self.unified
-        return fmt is not None and fmt.layerwise and spec.kv_cache_quant_algo is None
+        if fmt is None or self.calibration(spec) is None:
+            return False
+        return fmt.layerwise or fmt.from_float_weights
+
+    def unified_store_entries(self, spec) -> tuple[bool, bool]:
+        """What a calibration store keeps for the unified form (quantize/unified/store_entries.py):
+        (per-linear smoothing entries, raw k/v amax); nothing for formats without one."""
+        if self.unified is None or self.unified_refusal(spec) is not None:
+            return False, False
+        return self.unified.fuse_shared_inputs, spec.kv_cache_quant_algo is not None
 
     def unified_quantization(self, spec) -> dict | None:
         """hf_quant_config.json's ``quantization`` as modelopt 0.47 writes it (None: unquantized)."""

@@ -19,8 +19,7 @@ W8A8_SQ_PER_CHANNEL  int8 [out, in], weight_scale f32 [out], input_scale f32 [],
                      [in] on every linear; linears sharing an input (q/k/v, gate/up) are fused
                      first (averaged pre_quant_scale + re-smoothed weight, max input amax)
 FP8                  float8_e4m3fn [out, in], weight_scale f32 [], input_scale f32 []; no fusion
-                     (each linear keeps its own scales); written layer by layer from the
-                     calibration store (tensors.StoreLayers), unless with an FP8 KV cache
+                     (each linear keeps its own scales)
 W4A16_AWQ            uint8 [out/2, in] (two int4 along out, low nibble = even row), weight_scale
                      [out, in/group]; q/k/v and gate/up fused, then their pre_quant_scale is
                      folded into input_layernorm / post_attention_layernorm; o_proj / down_proj keep
@@ -30,14 +29,12 @@ W8A16                int8 [out, in], weight_scale f32 [out] = row absmax / 127 â
 KV cache FP8         k_scale / v_scale f32 = k/v_bmm_quantizer amax / 448
 ==================== ====================================================================
 
-Calibration: FP8 (without a KV cache) calibrates layer by layer into the calibration store that the
-engine target uses too (``DIR/calibration``, reusable with ``--calibration`` by either target), and
-its tensors are computed one layer at a time while the file is written, so the peak memory does
-not grow with depth. The others still calibrate the whole model in memory with modelopt: the
-store keeps what modelopt's TensorRT-LLM export writes, which loses what the unified form needs
-(SmoothQuant: gate/up are not fused there, and re-smoothing needs the float smoothed weights;
-AWQ: the same, plus the norms the pre_quant_scale folds into; an FP8 KV cache: its scales are
-clamped to >= 1 there, the unified k/v scales are the raw amax / 448).
+Calibration: every calibrated format calibrates layer by layer into the calibration store that
+the engine target uses too (``DIR/calibration``, reusable with ``--calibration`` by either
+target), which keeps what the unified form needs besides the TensorRT-LLM export
+(store_entries.py); its tensors are computed one layer at a time while the file is written
+(from_store.StoreLayers), so the peak memory does not grow with depth. ``calibrated_model``: a
+model calibrated whole in memory instead (tests, benchmarks).
 
 Refused (one line, ``UNSUPPORTED``): ``--int4-weight-only`` (no per-channel INT4 in the unified
 format) and ``--kv-cache-dtype int8`` (modelopt 0.47's unified export asserts "Invalid KV cache
@@ -69,7 +66,8 @@ from convert.writer import write_file
 
 from ..torch_io import read_tensor, torch_chunks
 from .config import hf_quant_config, quantization_config
-from .tensors import LAYOUT, StoreLayers, model_tensors, weight_only_int8
+from .from_store import StoreLayers
+from .tensors import LAYOUT, model_tensors, weight_only_int8
 
 Tensor = torch.Tensor
 

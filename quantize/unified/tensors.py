@@ -1,6 +1,6 @@
 """The unified checkpoint's quantized tensors: from a whole calibrated model
 (:func:`model_tensors`), or one decoder layer at a time from the calibration store
-(:class:`StoreLayers`), with modelopt 0.47's ``export_hf_checkpoint`` arithmetic. What differs
+(quantize/unified/from_store.py, through :func:`layer_tensors`), with modelopt 0.47's ``export_hf_checkpoint`` arithmetic. What differs
 per format is the recipe's :class:`quantize.recipes.base.UnifiedFormat`."""
 from __future__ import annotations
 
@@ -77,7 +77,10 @@ def _linear_tensors(p: str, lin, fmt, block, dtype, folded: bool, out: dict) -> 
         out[f"{p}.pre_quant_scale"] = lin.pqs.squeeze().to(dtype)
 
 
-def _layer(model, prefix: str, linears: dict, spec, dtype, out: dict) -> None:
+def layer_tensors(model, prefix: str, linears: dict, spec, dtype, out: dict) -> None:
+    """Decoder layer ``prefix``'s unified linear tensors into ``out``: ``linears`` by full name
+    (modules with modelopt's quantizers, or quantize/unified/from_store.py's stand-ins), ``model``
+    whatever gives the norms AWQ folds into (``get_submodule``)."""
     fmt = spec.format.unified
     lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in LAYOUT.hf_linears()}
     if fmt.from_float_weights:  # W8A16: scales from the (unmodified) float weights
@@ -119,59 +122,7 @@ def model_tensors(model, spec, dtype: torch.dtype) -> dict[str, Tensor]:
     if spec.format.unified.weight is not None:
         linears = linear_modules(model)
         for prefix in layers:
-            _layer(model, prefix, linears, spec, dtype, out)
+            layer_tensors(model, prefix, linears, spec, dtype, out)
     if spec.kv_cache_quant_algo is not None:
         _kv_scales(model, layers, spec, out)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
-
-
-class StoreLayers:
-    """The unified tensors of one decoder layer at a time, from the calibration store's layer
-    (``load_layer(i, dtype)``: what quantize.modelopt_state.extract_quant_state wrote for it) and
-    the source weights: per linear its own weight scale (the weight quantizer's max calibration:
-    ``max|w|`` in the calibration's compute dtype, / 448) and the store's activation scale (the
-    linears of a fused group share one input, so the store's group maximum is each one's).
-    Formats whose :class:`UnifiedFormat` has ``layerwise`` (FP8)."""
-
-    def __init__(self, load_layer, source, spec, dtype: torch.dtype, compute_dtype: torch.dtype,
-                 num_layers: int):
-        self.load_layer, self.source, self.spec = load_layer, source, spec
-        self.num_layers = num_layers
-        self.dtype, self.compute_dtype = dtype, compute_dtype
-        self.fmt = spec.format.unified
-        self._cached: tuple[int, dict] | None = None
-
-    def names(self, i: int) -> dict[str, tuple[tuple, torch.dtype]]:
-        """Layer ``i``'s unified names -> (shape, dtype), without computing them."""
-        out = {}
-        for h in LAYOUT.hf_linears():
-            p = f"model.layers.{i}.{h}"
-            _, shape, _ = self.source.meta[f"{p}.weight"]
-            out[f"{p}.weight"] = (tuple(shape), torch.float8_e4m3fn)
-            out[f"{p}.weight_scale"] = ((), torch.float32)
-            out[f"{p}.input_scale"] = ((), torch.float32)
-        return out
-
-    @torch.no_grad()
-    def tensor(self, i: int, name: str) -> Tensor:
-        if self._cached is None or self._cached[0] != i:
-            self._cached = None  # one layer held at a time
-            self._cached = (i, self._compute(i))
-        return self._cached[1][name]
-
-    def _compute(self, i: int) -> dict[str, Tensor]:
-        state = self.load_layer(i, self.dtype)
-        out = {}
-        for h in LAYOUT.hf_linears():
-            p = f"model.layers.{i}.{h}"
-            w = read_tensor(self.source, f"{p}.weight").to(self.dtype)
-            amax = w.to(self.compute_dtype).abs().amax().float()
-            scale = amax / FP8_MAXBOUND
-            out[f"{p}.weight"] = ENCODE[self.fmt.weight](w, scale)
-            out[f"{p}.weight_scale"] = scale
-            act = state.get(f"{p}.activation_scaling_factor")
-            if act is None:
-                raise UserError(f"calibration store layer {i} has no {h} activation scale; was "
-                                f"it calibrated for {self.spec.name}?")
-            out[f"{p}.input_scale"] = act.reshape(()).contiguous()
-        return out

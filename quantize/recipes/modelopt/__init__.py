@@ -24,8 +24,9 @@ class ModeloptSmoothQuant(Recipe):
     weight_calibration = MODELOPT
     memory = MemoryModel(weight_bytes=1.0, layer_factor=1.6, hooks=False)
     moe = SMOOTHQUANT_REFUSED
-    #: q/k/v and gate/up fused (averaged pre_quant_scale, re-smoothed weights, max input amax)
-    unified = UnifiedFormat(weight="int8_rows", fuse_shared_inputs=True, note=(
+    #: q/k/v and gate/up fused (averaged pre_quant_scale, re-smoothed weights, max input amax),
+    #: layer by layer from the store's per-linear pre_quant_scale, smoothing factor and input amax
+    unified = UnifiedFormat(weight="int8_rows", fuse_shared_inputs=True, layerwise=True, note=(
         "build_engine: note: --target pytorch writes SmoothQuant as modelopt's recipe "
         "(W8A8_SQ_PER_CHANNEL, the only one a unified checkpoint has), and TensorRT-LLM's PyTorch "
         "backend has no INT8 SmoothQuant method "
@@ -76,8 +77,10 @@ class Awq(Recipe):
     memory = MemoryModel(weight_bytes=0.5, layer_factor=1.8, hooks=False, passes=2, search_inputs=True,
                          group_scales=True)
     moe = MoeAwq()
-    #: q/k/v and gate/up fused, their pre_quant_scale folded into the norms
-    unified = UnifiedFormat(weight="int4", fuse_shared_inputs=True, fold_into_norm=True)
+    #: q/k/v and gate/up fused, their pre_quant_scale folded into the norms (layer by layer from
+    #: the store's own pre_quant_scale and smoothing factor per linear)
+    unified = UnifiedFormat(weight="int4", fuse_shared_inputs=True, fold_into_norm=True,
+                            layerwise=True)
     #: modelopt's AWQ export pads the vocabulary to a multiple of 64 (the padded rows are zero)
     vocab_multiple = 64
     gemm_multiples = (64, 64)  # TensorRT-LLM's W4A16 group-wise GEMM, as for W4A16
