@@ -20,7 +20,8 @@ from __future__ import annotations
 from common.errors import UserError
 
 from ..algos import FP8, FP8_ROWWISE, SMOOTHQUANT, SQ_PLUGIN_ALGOS, W4A16, W4A16_AWQ, W8A16
-from .base import KV_CACHE_BITS, MAX, MODELOPT, SQ_HOOKS, MemoryModel, Recipe, kv_cache_algo  # noqa: F401
+from .base import KV_CACHE_BITS, MAX, MODELOPT, SQ_HOOKS, Recipe, kv_cache_algo  # noqa: F401
+from .parts import MemoryModel  # noqa: F401
 from .fp8_rowwise import Fp8Rowwise
 from .max import Fp8
 from .modelopt import Awq, ModeloptSmoothQuant

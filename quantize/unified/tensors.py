@@ -1,7 +1,7 @@
 """The unified checkpoint's quantized tensors: from a whole calibrated model
 (:func:`model_tensors`), or one decoder layer at a time from the calibration store
 (quantize/unified/from_store.py, through :func:`layer_tensors`), with modelopt 0.47's ``export_hf_checkpoint`` arithmetic. What differs
-per format is the recipe's :class:`quantize.recipes.base.UnifiedFormat`."""
+per format is the recipe's :class:`quantize.recipes.parts.UnifiedFormat`."""
 from __future__ import annotations
 
 import torch

@@ -21,7 +21,8 @@ from __future__ import annotations
 from common.errors import UserError
 
 from ...algos import FP8_ROWWISE
-from ..base import MemoryModel, Recipe
+from ..base import Recipe
+from ..parts import MemoryModel
 from ..moe import MoeRefused
 
 #: the recipes (--fp8-rowwise VALUE)

@@ -9,7 +9,8 @@ import copy
 from common.errors import UserError
 
 from ...algos import FP8, MODELOPT_EXCLUDE_MODULES
-from ..base import MAX, LinearExport, MemoryModel, Recipe, UnifiedFormat
+from ..base import MAX, Recipe
+from ..parts import LinearExport, MemoryModel, UnifiedFormat
 from ..moe import MoeCalibrated
 
 

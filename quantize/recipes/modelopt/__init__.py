@@ -10,7 +10,8 @@ from common.errors import UserError
 
 from ...algos import (AWQ_GROUP_SIZES, DEFAULT_AWQ_GROUP_SIZE, DEFAULT_SMOOTHQUANT_ALPHA, MODELOPT_EXCLUDE_MODULES,
                       SMOOTHQUANT, W4A16_AWQ)
-from ..base import MODELOPT, LinearExport, MemoryModel, Recipe, UnifiedFormat
+from ..base import MODELOPT, Recipe
+from ..parts import LinearExport, MemoryModel, UnifiedFormat
 from ..moe import SMOOTHQUANT_REFUSED, MoeAwq
 from ..sq_plugin import check_alpha, check_smoothquant_tp
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from common.errors import UserError
 
 from ...algos import DEFAULT_SQ_PLUGIN_ALPHA
-from ..base import SQ_HOOKS, MemoryModel, Recipe
+from ..base import SQ_HOOKS, Recipe
+from ..parts import MemoryModel
 from ..moe import SMOOTHQUANT_REFUSED
 
 

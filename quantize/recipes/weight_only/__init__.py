@@ -4,7 +4,8 @@ max-calibrated, quantize/recipes/base.py)."""
 from __future__ import annotations
 
 from ...algos import TRTLLM_DEFAULT_EXCLUDE_MODULES
-from ..base import Recipe, UnifiedFormat
+from ..base import Recipe
+from ..parts import UnifiedFormat
 from ..moe import MoeWeightOnly
 
 #: TensorRT-LLM's weight-only GEMMs (fpA_intB) take the weight as [K = input features per rank,
