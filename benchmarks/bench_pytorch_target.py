@@ -121,7 +121,7 @@ def run(tree: Path, label: str, mode: str, model: Path, out: Path, log: Path) ->
 
 def table(rows: list[dict], load: str) -> str:
     lines = [f"Machine load: {load}", "",
-             "| model | layers | tree | what | peak RSS | wall | quality gate s | gate perplexity "
+             "| model | layers | tree | what | peak RSS | wall | gate (or reader) s | gate perplexity "
              "(float) |", "|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         st = r.get("stages", {})
