@@ -82,13 +82,18 @@ def load_checkpoint(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
 
 def open_checkpoint(ckpt_dir, lazy: bool = False) -> tuple[dict, list["RankTensors"]]:
     """``config`` and one :class:`RankTensors` per rank; ``lazy``: tensors stay on disk until a
-    module is asked for (a unified checkpoint is always read whole: it is mapped in memory)."""
-    from .unified_reader import is_unified_checkpoint
+    module is asked for (a unified checkpoint: its decoder layer, verify/unified_lazy.py)."""
+    from .unified_reader import UnifiedMap, is_unified_checkpoint
 
     d = _checked_dir(ckpt_dir)
-    if not lazy or is_unified_checkpoint(d):
+    if not lazy:
         config, ranks = load_checkpoint(d)
         return config, [RankTensors(tensors=r) for r in ranks]
+    if is_unified_checkpoint(d):
+        from .unified_lazy import UnifiedLayers
+
+        unified = UnifiedMap(d)
+        return unified.config, [RankTensors(source=UnifiedLayers(unified))]
     config = read_config(d)
     return config, [RankTensors(path=p) for p in _rank_paths(d, config)]
 
@@ -102,29 +107,46 @@ def _by_module(names: Iterable[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+class RankFile:
+    """One ``rank{r}.safetensors``: ``names`` and ``read(prefixes) -> {prefix: {suffix: tensor}}``,
+    the file opened per read, so no mapping of the whole file stays resident."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                self.names = list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"cannot read {path}: {e}") from None
+        self._modules = _by_module(self.names)
+
+    def read(self, prefixes: list[str]) -> dict[str, dict[str, Tensor]]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return {p: {s: f.get_tensor(n) for s, n in self._modules[p].items()} for p in prefixes}
+        except Exception as e:
+            raise UserError(f"cannot read {self.path}: {e}") from None
+
+
 class RankTensors:
     """One rank's tensors by module: ``get(prefix) -> {suffix: tensor}``.
 
-    In memory (``tensors``) or on disk (``path``): then ``get`` reads the module's tensors each
-    time, except modules made resident with :meth:`hold` until :meth:`release` (a decoder layer
-    while every window runs through it). Files are opened per read, so no mapping of the whole
-    file stays resident."""
+    In memory (``tensors``) or on disk: a rank file (``path``, :class:`RankFile`) or another
+    ``source`` with ``names`` and ``read(prefixes)`` (a unified checkpoint's layers,
+    verify/unified_lazy.py). On disk, ``get`` reads the module's tensors each time, except modules
+    made resident with :meth:`hold` until :meth:`release` (a decoder layer while every window runs
+    through it)."""
 
-    def __init__(self, path: Path | None = None, tensors: dict[str, Tensor] | None = None):
-        self.path = path
+    def __init__(self, path: Path | None = None, tensors: dict[str, Tensor] | None = None,
+                 source=None):
         self._mem = tensors
-        if tensors is None:
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    names = list(f.keys())
-            except Exception as e:  # safetensors raises its own error types for corrupt files
-                raise UserError(f"cannot read {path}: {e}") from None
-        else:
-            names = list(tensors)
-        self.names = names
-        self._modules = _by_module(names)
+        self._source = None if tensors is not None else source or RankFile(path)
+        self.names = list(tensors) if tensors is not None else self._source.names
+        self._modules = _by_module(self.names)
         self._held: dict[str, dict[str, Tensor]] = {}
 
     def get(self, prefix: str, default=None):
@@ -135,22 +157,13 @@ class RankTensors:
             return default
         if self._mem is not None:
             return {s: self._mem[n] for s, n in names.items()}
-        return self._read([prefix])[prefix]
-
-    def _read(self, prefixes: list[str]) -> dict[str, dict[str, Tensor]]:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(self.path), framework="pt") as f:
-                return {p: {s: f.get_tensor(n) for s, n in self._modules[p].items()} for p in prefixes}
-        except Exception as e:
-            raise UserError(f"cannot read {self.path}: {e}") from None
+        return self._source.read([prefix])[prefix]
 
     def hold(self, prefixes: Iterable[str]) -> None:
         """Keep these modules in memory until :meth:`release` (no-op for in-memory tensors)."""
         if self._mem is None:
             want = [p for p in prefixes if p in self._modules and p not in self._held]
-            self._held.update(self._read(want))
+            self._held.update(self._source.read(want))
 
     def has(self, prefix: str) -> bool:
         return prefix in self._modules

@@ -3,7 +3,8 @@
 ``load_unified(dir) -> (config, [rank0 tensors])`` maps a unified checkpoint (what
 quantize/unified/ and modelopt's ``export_hf_checkpoint`` write) into the TensorRT-LLM tp-1
 checkpoint form the reader already runs, so the same kernels (kernels.py / reference_quant.py)
-serve both targets: one set of kernels, two loaders.
+serve both targets: one set of kernels, two loaders. The mapping itself (``UnifiedMap``: config,
+global tensors, one decoder layer) is shared with the layer-by-layer reader (verify/unified_lazy.py).
 
 Names (``NAMES``): ``model.embed_tokens`` -> ``transformer.vocab_embedding``, q/k/v ->
 ``attention.qkv`` (concatenated along the output dim), ``o_proj`` -> ``attention.dense``,
@@ -122,7 +123,8 @@ def _shared(parts: list[dict], key: str, where: str) -> Tensor | None:
     vals = [p.get(key) for p in parts]
     if all(v is None for v in vals):
         return None
-    if any(v is None or not torch.equal(v, vals[0]) for v in vals):
+    # meta tensors (the lazy reader's names, shapes only) have no values: compared when read
+    if any(v is None or not (v.is_meta or torch.equal(v, vals[0])) for v in vals):
         raise UserError(f"{where}: {key} differs between the fused linears; the checkpoint was not "
                         "exported with modelopt's shared-input fusion")
     return vals[0]
@@ -164,41 +166,70 @@ def _single(p: dict, fmt, dtype: torch.dtype) -> dict:
 
 
 def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
-    """(TRT-LLM config.json dict, [rank-0 tensors]) of a unified HF checkpoint, at tp 1."""
-    from convert.hf_config import from_hugging_face
-    from model.config import read_hf_config
-
-    d = Path(ckpt_dir)
-    quant = _trtllm_quantization(d)
-    hf = read_hf_config(d)
-    config = from_hugging_face(hf, dtype="auto", tp=1, pp=1, quantization=quant)
-    family = FAMILIES[ARCHITECTURES[hf.architectures[0]]]
-    # the family's linears and norms, its per-head q/k norms included (Qwen3, Gemma 3)
-    names = names_of(family)
-    norms = {**family.norm_names(), **family.qk_norm_names()}
-    dtype = _TORCH_DTYPES.get(config["dtype"], torch.float32)
-    fmt = _unified(quant)
-    tensors = _read_tensors(d)
-    layers: dict[int, dict[str, dict[str, Tensor]]] = {}
-    out: dict[str, Tensor] = {}
-    for name, t in tensors.items():
-        if name in GLOBAL_NAMES:
-            # the final norm as the TRT-LLM checkpoint holds it (Gemma: 1 + w, model.spec.Rule)
-            out[GLOBAL_NAMES[name]] = _offset(t, family.norm_offset) if "norm" in name else t
-            continue
-        m = _LAYER.match(name)
-        if not m:
-            raise UserError(f"{d}: tensor {name} is not a Llama-family unified checkpoint name")
-        layers.setdefault(int(m.group(1)), {}).setdefault(m.group(2), {})[m.group(3)] = t
-    if "lm_head.weight" not in out and "transformer.vocab_embedding.weight" in out:
-        out["lm_head.weight"] = out["transformer.vocab_embedding.weight"]  # tied embeddings
-
+    """(TRT-LLM config.json dict, [rank-0 tensors]) of a unified HF checkpoint, at tp 1, read whole
+    (verify/unified_lazy.py reads the same mapping one layer at a time)."""
+    m = UnifiedMap(ckpt_dir)
+    tensors = _read_tensors(m.dir)
+    global_names, layers = m.split(tensors)
+    out = {tn: m.global_tensor(un, tensors[un]) for tn, un in m.global_sources(global_names).items()}
     for i, mods in sorted(layers.items()):
-        pre = f"transformer.layers.{i}"
+        out.update(m.layer(i, {mod: {k: tensors[n] for k, n in sfx.items()} for mod, sfx in mods.items()}))
+    return m.config, [out]
+
+
+class UnifiedMap:
+    """How a unified checkpoint's tensors become the TensorRT-LLM tp-1 checkpoint's: its config
+    (read once), its global tensors (embedding, final norm, head) and each decoder layer on its
+    own, so that the whole reader and the layer-by-layer one share one mapping."""
+
+    def __init__(self, ckpt_dir):
+        from convert.hf_config import from_hugging_face
+        from model.config import read_hf_config
+
+        self.dir = d = Path(ckpt_dir)
+        self.quant = _trtllm_quantization(d)
+        hf = read_hf_config(d)
+        self.config = from_hugging_face(hf, dtype="auto", tp=1, pp=1, quantization=self.quant)
+        self.family = FAMILIES[ARCHITECTURES[hf.architectures[0]]]
+        # the family's linears and norms, its per-head q/k norms included (Qwen3, Gemma 3)
+        self.names = names_of(self.family)
+        self.norms = {**self.family.norm_names(), **self.family.qk_norm_names()}
+        self.dtype = _TORCH_DTYPES.get(self.config["dtype"], torch.float32)
+        self.fmt = _unified(self.quant)
+
+    def split(self, names) -> tuple[list[str], dict[int, dict[str, dict[str, str]]]]:
+        """(the global tensors' names, {layer: {unified module: {suffix: name}}}) of ``names``."""
+        global_names: list[str] = []
+        layers: dict[int, dict[str, dict[str, str]]] = {}
+        for name in names:
+            if name in GLOBAL_NAMES:
+                global_names.append(name)
+                continue
+            m = _LAYER.match(name)
+            if not m:
+                raise UserError(f"{self.dir}: tensor {name} is not a Llama-family unified checkpoint name")
+            layers.setdefault(int(m.group(1)), {}).setdefault(m.group(2), {})[m.group(3)] = name
+        return global_names, layers
+
+    def global_sources(self, names: list[str]) -> dict[str, str]:
+        """{TRT-LLM tensor name: the unified tensor it is made from} of the global ``names``."""
+        out = {GLOBAL_NAMES[n]: n for n in names}
+        if "lm_head.weight" not in out and "transformer.vocab_embedding.weight" in out:
+            out["lm_head.weight"] = out["transformer.vocab_embedding.weight"]  # tied embeddings
+        return out
+
+    def global_tensor(self, name: str, t: Tensor) -> Tensor:
+        """The global tensor ``name`` as the TRT-LLM checkpoint holds it (the final norm: Gemma's
+        1 + w, model.spec.Rule)."""
+        return _offset(t, self.family.norm_offset) if "norm" in name else t
+
+    def layer(self, i: int, mods: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Layer ``i``'s TRT-LLM tensors from its unified ``{module: {suffix: tensor}}``."""
+        d, fmt, dtype = self.dir, self.fmt, self.dtype
+        pre, out = f"transformer.layers.{i}", {}
         qkv = [mods.get(h) for h in QKV.hf]
         if any(p is None or "weight" not in p for p in qkv):
             raise UserError(f"{d}: layer {i} lacks self_attn.q/k/v_proj weights")
-        groups = {QKV.name: qkv}
         moe = _moe_layer(mods, fmt, d, i)  # Mixtral: router + stacked experts, else {}
         out.update({f"{pre}.{k}": v for k, v in moe.items()})
         fused_mlp = fmt.per_tensor_weight_scale and not moe
@@ -207,18 +238,17 @@ def load_unified(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
             for j, tn in enumerate(NAMES[h] for h in GATE_UP):
                 for k, v in f.items():
                     out[f"{pre}.{tn}.{k}"] = v[j] if isinstance(v, list) else v
-        for tn, parts in groups.items():
-            for k, v in _fuse(parts, fmt, dtype, f"layer {i} {tn}").items():
-                out[f"{pre}.{tn}.{k}"] = torch.cat(v) if isinstance(v, list) else v
-        for un, tn in names.items():
+        for k, v in _fuse(qkv, fmt, dtype, f"layer {i} {QKV.name}").items():
+            out[f"{pre}.{QKV.name}.{k}"] = torch.cat(v) if isinstance(v, list) else v
+        for un, tn in self.names.items():
             if un in GATE_UP and fused_mlp or moe and tn.startswith("mlp."):
                 continue
             if un not in mods:
                 raise UserError(f"{d}: layer {i} lacks {un}")
             for k, v in _single(mods[un], fmt, dtype).items():
-                out[f"{pre}.{tn}.{k}"] = _offset(v, family.norm_offset) if un in norms else v
-        out.update(_kv_scale(mods, quant, d, i))
-    return config, [out]
+                out[f"{pre}.{tn}.{k}"] = _offset(v, self.family.norm_offset) if un in self.norms else v
+        out.update(_kv_scale(mods, self.quant, d, i))
+        return out
 
 
 def _offset(w: Tensor, offset: float) -> Tensor:
