@@ -98,17 +98,18 @@ def _widen(src: DType, dst: DType):
 
 
 def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, spans: bool = False,
-                offset: float = 0.0, allow_nonfinite: bool = False):
+                offset: float = 0.0, allow_nonfinite: bool = False, scale: float = 1.0):
     """Yield ``piece`` (a convert.shard.Piece) in ``dtype`` (a DType or torch dtype), a few rows
     at a time: torch tensors, or with ``spans=True`` (for ``write_file``) also ``FileSpan``s and
     ``ByteChunk``s, which need no torch; a yielded chunk is then only valid until the next one is
     asked for (buffers are reused). ``offset``: added in float32 before the cast (Gemma's norms,
-    small tensors: through torch).
+    small tensors: through torch); ``scale``: then multiplied, in float32 (the RMSNorm weights of
+    a padded hidden size, model.spec.RESCALED_DIMS).
     """
     dtype = as_dtype(dtype)
-    if offset:
+    if offset or scale != 1.0:
         for chunk in iter_chunks(source, piece, "float32", max_bytes):
-            yield (chunk.float() + offset).to(dtype.torch)
+            yield ((chunk.float() + offset) * scale).to(dtype.torch)
         return
     rows = piece.shape[0]
     row_elems = 1
