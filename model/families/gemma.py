@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from common.errors import UserError
-from model.spec import Family, Rule, head_norm, norm
+from model.spec import Family, head_norm, norm
 
 from .llama import ATTENTION, EMBED, HEAD, MLP
 
