@@ -197,3 +197,42 @@ def test_issue_command_on_smollm2_writes_a_checkpoint_check_passes(tmp_path, cap
     assert layout["hidden_padding"]["hidden_size"] == [576, padded]
     assert check_main([str(ck)]) == 0
     assert "check: PASS" in capsys.readouterr().out
+
+
+def _hand_padded_hf(model, out, padded):
+    """An independent restatement in HF terms: the same model with hidden size ``padded``, zero
+    embedding / lm_head columns, zero q/k/v/gate/up input columns, zero o/down output rows,
+    rms_norm_eps x H / H' and the norm weights x sqrt(H / H') (in float32, zeros after)."""
+    from transformers import AutoModelForCausalLM
+
+    hidden = model.config.hidden_size
+    cfg = copy.deepcopy(model.config)
+    cfg.hidden_size, cfg.rms_norm_eps = padded, model.config.rms_norm_eps * hidden / padded
+    big = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    sd = big.state_dict()
+    for name, t in model.state_dict().items():
+        z = torch.zeros_like(sd[name])
+        z[tuple(slice(0, n) for n in t.shape)] = t * math.sqrt(hidden / padded) \
+            if name.endswith("norm.weight") else t
+        sd[name] = z
+    big.load_state_dict(sd)
+    big.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16"])
+def test_padded_checkpoint_equals_a_hand_padded_model(tmp_path, tmp_path_factory, algo):
+    """The tp-2 checkpoint with the hidden size padded is, tensor for tensor and in config.json,
+    the ordinary tp-2 conversion of the model padded by hand in HF terms (so its engines are)."""
+    hf_dir, model = _tiny(tmp_path_factory, 576)
+    hand = _hand_padded_hf(model, tmp_path / "hand", 640)
+    a = convert_checkpoint(hf_dir, tmp_path / "a", tp=2, dtype="float32", progress=False,
+                           quant=_spec(algo))
+    b = convert_checkpoint(hand, tmp_path / "b", tp=2, dtype="float32", progress=False,
+                           quant=_spec(algo))
+    assert a == b
+    for r in range(2):
+        ta, tb = (load_file(d / f"rank{r}.safetensors") for d in (tmp_path / "a", tmp_path / "b"))
+        assert sorted(ta) == sorted(tb)
+        for name in ta:
+            assert torch.equal(ta[name], tb[name]), (r, name)
