@@ -74,14 +74,15 @@ def _zero_bytes(n: int) -> memoryview:
 
 
 def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, offset: float = 0.0,
-                allow_nonfinite: bool = False):
+                allow_nonfinite: bool = False, scale: float = 1.0):
     """Yield ``piece`` (a convert.shard.Piece) in ``dtype`` (a DType or its name), a few rows at a
     time, as ``FileSpan``s and ``ByteChunk``s (what ``convert.writer.write_file`` takes); a yielded
     chunk is only valid until the next one is asked for (buffers are reused). ``offset``: added in
-    float32 before the cast (Gemma's norms, small tensors)."""
+    float32 before the cast (Gemma's norms, small tensors); ``scale``: then multiplied, in
+    float32 (the RMSNorm weights of a padded hidden size, model.spec.RESCALED_DIMS)."""
     dtype = as_dtype(dtype)
-    if offset:
-        yield from _with_offset(source, piece, dtype, max_bytes, offset)
+    if offset or scale != 1.0:
+        yield from _affine(source, piece, dtype, max_bytes, offset, scale)
         return
     rows = piece.shape[0]
     row_elems = math.prod(piece.shape[1:])
@@ -108,8 +109,9 @@ def iter_chunks(source, piece, dtype, max_bytes: int = CHUNK_BYTES, *, offset: f
         yield ByteChunk(memoryview(np.ascontiguousarray(out)).cast("B"), dtype)
 
 
-def _with_offset(source, piece, dtype: DType, max_bytes: int, offset: float):
-    """``offset + piece`` in float32 (as torch adds a Python float to a float32 tensor), cast."""
+def _affine(source, piece, dtype: DType, max_bytes: int, offset: float, scale: float):
+    """``(offset + piece) * scale`` in float32 (as torch adds / multiplies a Python float to a
+    float32 tensor), cast."""
     for chunk in iter_chunks(source, piece, FLOAT32, max_bytes):
         if isinstance(chunk, FileSpan):
             data = np.empty(chunk.nbytes, np.uint8)
@@ -117,6 +119,8 @@ def _with_offset(source, piece, dtype: DType, max_bytes: int, offset: float):
         else:
             data = np.frombuffer(chunk.data, np.uint8)
         x = data.view(np.float32) + np.float32(offset)
+        if scale != 1.0:
+            x *= np.float32(scale)
         out = np.empty(x.shape, UINT[dtype.itemsize])
         float32_into(x, dtype, out)
         yield ByteChunk(memoryview(out).cast("B"), dtype)

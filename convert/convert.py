@@ -34,7 +34,7 @@ from common.atomic import write_text
 from common.errors import IO_ERRNOS, UserError, io_error
 from common.interrupt import Interrupted
 from common.ownership import remove_owned
-from .hf_config import from_hugging_face
+from .hf_config import from_hugging_face, padded_hidden_fields
 from .plan import OutputTensor, rank_plan
 from .source import SourceCheckpoint
 from .source_files import declared_dtype
@@ -61,7 +61,7 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
                 return
             for piece in t.pieces:
                 yield from iter_chunks(source, piece, t.dtype, offset=t.offset,
-                                       allow_nonfinite=allow_nonfinite)
+                                       allow_nonfinite=allow_nonfinite, scale=t.scale)
 
         def on_bytes(n):
             bar.update(n)
@@ -97,6 +97,8 @@ def _fingerprint(config: dict, plans, options: str = "") -> dict:
             h.update(repr((t.name, t.shape, str(t.dtype), [asdict(p) for p in t.pieces])).encode())
             if getattr(t, "offset", 0):  # calibrated tensors (StagedTensor) have none
                 h.update(repr(t.offset).encode())
+            if getattr(t, "scale", 1.0) != 1.0:
+                h.update(repr(("scale", t.scale)).encode())
     return {"sha256": h.hexdigest()}
 
 
@@ -137,6 +139,7 @@ def plan_checkpoint(model, out_dir, shape, *, tp: int = 1, pp: int = 1, dtype: s
     config = from_hugging_face(model.config, quantization=quantization, dtype=dtype, tp=tp, pp=pp,
                                moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)
     config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
+    config.update(padded_hidden_fields(config, shape))
     source = SourceCheckpoint(model.directory, declared_dtype=declared_dtype(model.raw))
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"], moe=moe)
              for r in range(tp * pp)]

@@ -111,3 +111,14 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
     if family.trtllm_config is not None:  # the family's converter's keys (model/families/)
         config.update(family.trtllm_config(hf, shape, tp))
     return config
+
+
+def padded_hidden_fields(config: dict, shape) -> dict:
+    """config.json's hidden fields when the hidden size is padded (``shape.padded_hidden``,
+    model.spec.RESCALED_DIMS): ``hidden_size`` H' and ``norm_epsilon`` x H / H', which with the
+    norm weights x sqrt(H / H') makes every RMSNorm over the padded features equal the model's
+    (``head_size`` is always written, so the attention keeps its width); {} unpadded."""
+    if not getattr(shape, "padded_hidden", None) or shape.padded_hidden == shape.hidden:
+        return {}
+    return {"hidden_size": shape.padded_hidden,
+            "norm_epsilon": float(config["norm_epsilon"]) * shape.hidden / shape.padded_hidden}

@@ -16,7 +16,7 @@ from model.spec import RANK_DIMS, Rule
 
 from .hf_config import pp_layer_range
 from .moe import MoeLayout
-from .shard import RULES, Piece, RankCtx, stacked_shape
+from .shard import RULES, Piece, RankCtx, pad_hidden, stacked_shape
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class OutputTensor:
     shape: tuple[int, ...]
     dtype: DType  # bytes-level (common.dtypes)
     offset: float = 0.0  # added to every element in float32 before the cast (model.spec.Rule)
+    scale: float = 1.0   # then multiplied in float32 (RMSNorm weights of a padded hidden size)
 
 
 def expected_source_shape(name: str, s: Shape) -> tuple[int, ...] | None:
@@ -83,9 +84,12 @@ def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str,
         names = _resolve(rule, layer, source)
         _check_shapes(names, source, shape)
         pieces = RULES[rule.shard](names, [source.shape(n) for n in names], _split_ctx(rule, ctx))
+        pieces = pad_hidden(pieces, rule, shape)
         target = rule.target.format(i=local)
+        scale = shape.norm_scale if rule.rms_norm and rule.shapes[0] == ("hidden",) else 1.0
         plan.append(OutputTensor(target, tuple(pieces), stacked_shape(pieces),
-                                 BY_NAME[rule.dtype] if rule.dtype else out_dtype, rule.offset))
+                                 BY_NAME[rule.dtype] if rule.dtype else out_dtype, rule.offset,
+                                 scale))
     plan.sort(key=lambda t: t.name)
     return plan
 

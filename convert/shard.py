@@ -142,6 +142,21 @@ def expert_row(names, shapes, ctx):
     return [Piece(names[0], (slice(None), slice(a, a + k)), (full[0], k))]
 
 
+def pad_hidden(pieces: list[Piece], rule, shape: Shape) -> list[Piece]:
+    """``pieces`` (a rank's tensor of ``rule``, a model.spec.Rule) with the hidden features padded
+    to ``shape.tp_hidden`` (model.spec.RESCALED_DIMS): zero rows at the end when the tensor's
+    dim 0 is hidden (dense / proj outputs, their biases, norms), zero columns when its dim 1 is
+    (embedding, lm_head, the inputs of qkv / fc / gate)."""
+    extra = shape.tp_hidden - shape.hidden
+    dims = rule.shapes[0] if rule.shapes else ()
+    if not extra or "hidden" not in dims:
+        return pieces
+    if dims[0] == "hidden":
+        return [*pieces, Piece(None, (), (extra, *pieces[0].shape[1:]))]
+    return [Piece(p.source, p.index, (p.shape[0], p.shape[1] + extra),
+                  p.pad_cols + extra if p.source is not None else 0) for p in pieces]
+
+
 RULES = {"replicated": replicated, "column": column, "row": row, "dense": dense, "qkv": qkv,
          "vocab": vocab, "expert_column": expert_column, "expert_row": expert_row}
 

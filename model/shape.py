@@ -98,6 +98,9 @@ class Shape:
     #: the MLP's intermediate features as TensorRT-LLM's weight-only / AWQ linears declare them
     #: (padded to a multiple of the format's multiple x tp; zero features; quantize.apply)
     padded_inter: int | None = None
+    #: the hidden size as the engine checkpoint lays it out, for the same linears, where the
+    #: family allows it (model.spec.RESCALED_DIMS; norms rescaled, quantize.apply)
+    padded_hidden: int | None = None
 
     @property
     def tp_heads(self) -> int:
@@ -112,6 +115,18 @@ class Shape:
     def tp_inter(self) -> int:
         """Intermediate features as the checkpoint lays them out (padded when ``padded_inter``)."""
         return self.padded_inter or self.inter
+
+    @property
+    def tp_hidden(self) -> int:
+        """Hidden features as the checkpoint lays them out (padded when ``padded_hidden``)."""
+        return self.padded_hidden or self.hidden
+
+    @property
+    def norm_scale(self) -> float:
+        """What every RMSNorm weight over the hidden features is multiplied by (and
+        ``norm_epsilon`` by its square) so that the norm over the padded features is the same:
+        sqrt(H / H'); 1 unpadded."""
+        return math.sqrt(self.hidden / self.tp_hidden)
 
     @property
     def padded_vocab(self) -> int:

@@ -56,6 +56,7 @@ RANK_DIMS = {
     "q": lambda s: s.tp_heads * s.head_size,
     "kv": lambda s: s.tp_kv_heads * s.head_size,
     "inter": lambda s: getattr(s, "tp_inter", None) or s.inter,
+    "hidden": lambda s: getattr(s, "tp_hidden", None) or s.hidden,
 }
 
 #: feature dims that zero padding leaves exact: produced only by column-parallel linears and read
@@ -63,6 +64,14 @@ RANK_DIMS = {
 #: so zero features in every producer and consumer change no output. The hidden features (every
 #: linear's input or output, the residual stream) and the attention's q/k/v heads are not.
 PADDABLE_DIMS = frozenset({"inter"})
+
+#: feature dims whose zero padding is exact once every RMSNorm over them is rescaled: the hidden
+#: features (the residual stream). Zero embedding columns start it at zero, zero output rows of
+#: dense / proj keep it there and zero input columns of every reader ignore it; RMSNorm's mean
+#: over H' features is (H / H') x the mean over H, so ``norm_epsilon`` x H / H' and each norm
+#: weight (``Rule.rms_norm``) x sqrt(H / H') give the same output (quantize.apply.pad_features,
+#: convert.plan, ``Family.hidden_padding``).
+RESCALED_DIMS = frozenset({"hidden"})
 
 #: HF layer prefix ({i}: global layer) and TensorRT-LLM layer prefix ({i}: local to the stage)
 HF_LAYER = "model.layers.{i}."
@@ -85,6 +94,9 @@ class Rule:
     #: written as ``offset + w`` (added in float32, then cast): a norm whose HF module multiplies
     #: by ``(1 + w)`` (Gemma) while TensorRT-LLM's RmsNorm multiplies by its weight
     offset: float = 0.0
+    #: an RMSNorm weight over its dim: when hidden padding applies, it is written times
+    #: sqrt(H / H') (RESCALED_DIMS)
+    rms_norm: bool = False
 
     @property
     def split_dim(self) -> str | None:
@@ -152,7 +164,7 @@ class Linear:
 def norm(trt: str, hf: str, dim: str = "hidden", offset: float = 0.0) -> Rule:
     """A decoder layer's norm: replicated; ``offset``: see ``Rule.offset``."""
     return Rule(TRT_LAYER + trt + ".weight", (HF_LAYER + hf + ".weight",), REPLICATED,
-                shapes=((dim,),), offset=offset)
+                shapes=((dim,),), offset=offset, rms_norm=True)
 
 
 def head_norm(trt: str, hf: str, offset: float = 0.0) -> Rule:
@@ -263,6 +275,10 @@ class Family:
     #: inputs with a plain row lookup for the embedding and applies no final soft-capping);
     #: False: the HF model runs whole (Gemma: scaled embedding, capped logits)
     layerwise: bool = True
+    #: why the hidden size cannot be padded exactly (RESCALED_DIMS) for this family, in one
+    #: clause; None: it can (every norm over hidden is a ``rms_norm`` rule and nothing else reads
+    #: ``hidden_size`` or ``norm_epsilon``)
+    hidden_padding: str | None = None
 
     @property
     def layer(self) -> tuple[Rule, ...]:

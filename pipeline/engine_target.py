@@ -26,7 +26,7 @@ def run_engine_target(plan: BuildPlan) -> BuildResult:
     else:
         from builders.manifest import InputHashing
 
-        result = BuildResult(layout=plan.head_layout, inputs=InputHashing(
+        result = BuildResult(layout=plan.padding_layout, inputs=InputHashing(
             {"model": plan.options["model"], "model_dir": str(plan.model.directory.resolve())}))
         ckpt, done = checkpoint_step(plan, result)
         subset = ckpt.name.endswith(".partial") and not done.staged  # --ranks: some ranks only

@@ -48,7 +48,7 @@ class BuildPlan:
     tokenizer_dir: str | None = None
     engine_options: object = None
     triton_options: object = None
-    head_layout: dict | None = None
+    padding_layout: dict | None = None
 
 
 def make_plan(args) -> BuildPlan:
@@ -173,7 +173,8 @@ def _engine_plan(args, quant) -> BuildPlan:
     preflight.family_formats(quant, model, "engine")
     layout = plan_layout(model, tp=args.tp, pp=args.pp, quant=quant, moe_tp=args.moe_tp,
                          moe_ep=args.moe_ep, pad_heads=args.pad_heads or model.pads_heads)
-    head_layout = preflight.head_padding(args, layout.shape)
+    padding_layout = {**(preflight.head_padding(args, layout.shape) or {}),
+                      **(preflight.hidden_padding(args, layout.shape, quant) or {})} or None
     preflight.check_triton_args(args, model.directory, model.shape.vocab)
     ranks = preflight.conversion_ranks(args, quant)
     tokenizer = preflight.quant_tokenizer(args, quant, model)
@@ -193,7 +194,7 @@ def _engine_plan(args, quant) -> BuildPlan:
     return BuildPlan(target="engine", options=dict(vars(args)), model=model, quant=quant,
                      layout=layout, ranks=ranks, tokenizer=tokenizer, calibration=calibration,
                      own_calibration_store=own_store, ppl_text=ppl_text,
-                     head_layout=head_layout, **_common(args), **stages)
+                     padding_layout=padding_layout, **_common(args), **stages)
 
 
 def _pytorch_plan(args, quant) -> BuildPlan:

@@ -64,6 +64,26 @@ def head_padding(args, shape) -> dict | None:
     return None
 
 
+def hidden_padding(args, shape, quant) -> dict | None:
+    """Print the hidden-size padding the format's TensorRT-LLM linears need (``shape``: as laid
+    out; quantize.apply.pad_features); build.json's layout."""
+    if not shape.padded_hidden:
+        return None
+    real, padded = shape.hidden, shape.padded_hidden
+    cost = round(100 * (padded - real) / real)
+    summary = (f"{real} -> {padded} (exact: zero features, RMSNorm weights x sqrt({real}/{padded}) "
+               f"and norm_epsilon x {real}/{padded}; +{cost} % hidden features) for TensorRT-LLM's "
+               f"{quant.quant_algo} linears at tp {args.tp}")
+    print(f"hidden: padded {summary}")
+    return {"hidden_padding": {
+        "hidden_size": [real, padded], "multiple": quant.format.feature_multiple(quant) * args.tp,
+        "norm_weight_scale": shape.norm_scale, "norm_epsilon_scale": real / padded,
+        "extra_hidden_percent": cost,
+        # the rescaled norm weights are exact in float32; float16 / bfloat16 round them
+        "rounding": "norm weights rounded to the checkpoint dtype after the rescale",
+        "summary": summary}}
+
+
 def conversion_ranks(args, quant):
     """--ranks for the conversion (checked against tp x pp before any work); None = all. A
     check of the whole checkpoint (--verify, --eval-ppl) needs every rank in this run, and the

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from common.errors import UserError
 from model.families import FAMILIES
-from model.spec import PADDABLE_DIMS
+from model.spec import PADDABLE_DIMS, RESCALED_DIMS
 
 if TYPE_CHECKING:  # the converter's model shape; only its attributes are read here
     import torch  # annotations only: the float path imports this module without torch
@@ -66,44 +66,57 @@ def _dense_linears(shape: Shape):
     return FAMILIES[shape.family].dense_linears()
 
 
-def _full_features(lin, shape: Shape, tp: int) -> tuple[tuple[int, bool], tuple[int, bool]]:
-    """((out, paddable), (in, paddable)): ``lin``'s features before the tp split, as
-    TensorRT-LLM's model builds the linear (quantize_layers: column out x tp, row in x tp), and
-    whether zero padding of them is exact (model.spec.PADDABLE_DIMS)."""
+def _full_features(lin, shape: Shape, tp: int) -> tuple[tuple[int, frozenset], tuple[int, frozenset]]:
+    """((out, dims), (in, dims)): ``lin``'s features before the tp split, as TensorRT-LLM's model
+    builds the linear (quantize_layers: column out x tp, row in x tp), and the spec's dim names
+    they are made of (model.spec.DIMS)."""
     out_r, in_r = lin.rank_features(shape, tp)
     out = out_r * tp if lin.column_parallel else out_r
     inp = in_r if lin.column_parallel else in_r * tp
-    return ((out, all(o in PADDABLE_DIMS for o, _ in lin.shapes)),
-            (inp, lin.shapes[0][1] in PADDABLE_DIMS))
+    return ((out, frozenset(o for o, _ in lin.shapes)), (inp, frozenset({lin.shapes[0][1]})))
+
+
+def _padded_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def pad_features(spec: QuantSpec | None, shape: Shape, tp: int,
                  valid_tps: Callable[[], list[int]] = list) -> Shape:
-    """``shape`` with the MLP's intermediate features padded as TensorRT-LLM's linears of
-    ``spec``'s format declare them (``Recipe.feature_multiple`` x tp; zero features, exact), or
-    UserError naming the valid --tp values when a feature dim that padding would not leave exact
-    (hidden, q/k/v heads) is not a multiple (its padded linears would not meet the unpadded
-    activations: TensorRT-LLM pads no activation). MoE experts are not padded (layers/moe.py)."""
+    """``shape`` with the features TensorRT-LLM's linears of ``spec``'s format pad
+    (``Recipe.feature_multiple`` x tp) padded exactly: the MLP's intermediate features (zero,
+    model.spec.PADDABLE_DIMS) and the hidden size (zero, norms rescaled, model.spec.RESCALED_DIMS;
+    unless the family says why not, ``Family.hidden_padding``). UserError naming the valid --tp
+    values when another dim (q/k/v heads) is not a multiple (its padded linears would not meet
+    the unpadded activations: TensorRT-LLM pads no activation). MoE experts are not padded
+    (layers/moe.py)."""
     m = spec.format.feature_multiple(spec) if spec is not None else None
     if m is None:
         return shape
     multiple = m * tp
-    padded = None
+    padded: set[str] = set()
+    family = FAMILIES[shape.family]
     for lin in _dense_linears(shape):
-        for what, (n, paddable) in zip(("output", "input"), _full_features(lin, shape, tp)):
+        for what, (n, dims) in zip(("output", "input"), _full_features(lin, shape, tp)):
             if n % multiple == 0:
                 continue
-            if paddable:
-                padded = -(-shape.inter // multiple) * multiple
+            if dims <= PADDABLE_DIMS or (dims <= RESCALED_DIMS and family.hidden_padding is None):
+                padded |= dims
                 continue
             valid = valid_tps()
             tps = f"valid --tp values: {', '.join(map(str, valid))}" if valid else \
                 f"no --tp value keeps them whole: {spec.format.feature_fix(spec)}"
+            why = (f" (the hidden size cannot be padded: {family.hidden_padding})"
+                   if dims <= RESCALED_DIMS else "")
             raise UserError(f"{spec.quant_algo}: TensorRT-LLM's {spec.format.padding_layer} pads a "
                             f"linear's input and output features to a multiple of {m} x tp = "
                             f"{multiple} and no activation (tensorrt_llm/quantization/layers.py): "
-                            f"{lin.name}'s {n} {what} features would not meet the model's; {tps}")
-    return shape if padded is None else replace(shape, padded_inter=padded)
+                            f"{lin.name}'s {n} {what} features would not meet the model's{why}; "
+                            f"{tps}")
+    if "inter" in padded:
+        shape = replace(shape, padded_inter=_padded_to(shape.inter, multiple))
+    if "hidden" in padded:
+        shape = replace(shape, padded_hidden=_padded_to(shape.hidden, multiple))
+    return shape
 
 
 def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int,
@@ -118,6 +131,8 @@ def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int,
     unpadded = {} if shape.padding is None else {"attention.dense (unpadded)": shape.heads * shape.head_size}
     if shape.padded_inter:
         unpadded["mlp.proj (unpadded)"] = shape.inter
+    if shape.padded_hidden:
+        unpadded["attention.qkv (unpadded hidden)"] = shape.hidden
     spec.format.check_linear_shapes(spec, per_rank_in_dims(shape, tp), per_rank_out_dims(shape, tp), unpadded)
     check_kv_head_duplication(spec, shape.tp_kv_heads, tp)
     return shape

@@ -1,6 +1,7 @@
-"""The MLP's intermediate features padded as TensorRT-LLM's weight-only / AWQ linears declare them
-(``Shape.padded_inter``, set by quantize.apply.pad_features): the calibrated tensors
-(computed with torch here, in quantize/; the float weights are padded by convert.shard).
+"""The MLP's intermediate features and the hidden size padded as TensorRT-LLM's weight-only / AWQ
+linears declare them (``Shape.padded_inter`` / ``padded_hidden``, set by
+quantize.apply.pad_features): the calibrated tensors (computed with torch here, in quantize/; the
+float weights are padded by convert.shard).
 
 TensorRT-LLM 1.x's ``WeightOnlyQuantLinear`` / ``WeightOnlyQuantRowLinear`` and
 ``WeightOnlyGroupwiseQuantLinear`` / ``RowLinear`` (tensorrt_llm/quantization/layers.py) round
@@ -9,7 +10,10 @@ loader (models/modeling_utils.py preprocess_weights, then load) only checks that
 tensors have those shapes: it pads nothing. No activation is padded or sliced in their forward
 either, so padding is exact only for features that padded linears produce and consume on both
 sides: the MLP's intermediate features (fc / gate outputs, proj input). They are zero: zero fc and
-gate rows give zero outputs, silu(0) x 0 = 0, and proj's zero input columns add nothing.
+gate rows give zero outputs, silu(0) x 0 = 0, and proj's zero input columns add nothing. The
+hidden features are the other exception, once the norms over them are rescaled
+(model.spec.RESCALED_DIMS): zero embedding columns and zero dense / proj output rows keep the
+padded residual features at exactly 0, and every linear reading them has zero input columns.
 
 The float weights and biases are padded by the shard rules (convert.shard ``column`` / ``row``
 with ``RankCtx.split_to``). Calibrated tensors are computed on the real model and padded here,
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from common.errors import UserError
 from model.families import FAMILIES
-from model.spec import PADDABLE_DIMS
+from model.spec import PADDABLE_DIMS, RESCALED_DIMS
 
 from .head_padding import HeadAxis
 
@@ -32,22 +36,28 @@ if TYPE_CHECKING:
     import torch
 
 
-def _feature_axes() -> dict[str, HeadAxis]:
-    """HF-module suffix (unsharded, per HF linear) -> the axis carrying padded features. A linear
-    whose output features are paddable (gate_proj, up_proj) has them on axis 0 of its weight and
-    of its output-side scales; one whose input features are (down_proj) on axis 1 of its weight
-    and of its 2-D per-group scales, and on axis 0 of its 1-D pre-quant scale."""
-    out = {}
+def _feature_axes() -> dict[str, tuple[HeadAxis, ...]]:
+    """HF-module suffix (unsharded, per HF linear) -> the axes carrying padded features, each
+    naming its dim (``HeadAxis.heads``: "inter" or "hidden"). A linear's padded output features
+    are on axis 0 of its weight and of its output-side scales; its padded input features on
+    axis 1 of its weight and of its 2-D per-group scales, and on axis 0 of its 1-D pre-quant
+    scale. down_proj has both (hidden out, inter in)."""
+    out: dict[str, tuple[HeadAxis, ...]] = {}
+    padded = PADDABLE_DIMS | RESCALED_DIMS
+
+    def add(key, axis):
+        out[key] = out.get(key, ()) + (axis,)
+
     for lin in FAMILIES["llama"].dense_linears():
         for hf, (o, i) in zip(lin.hf, lin.shapes):
             short = hf.rsplit(".", 1)[1]
-            if o in PADDABLE_DIMS:
-                out[f"{short}.weight"] = HeadAxis(0, o, 0.0)
-                out[f"{short}.weights_scaling_factor"] = HeadAxis(0, o, 1.0)
-            elif i in PADDABLE_DIMS:
-                out[f"{short}.weight"] = HeadAxis(1, i, 0.0)
-                out[f"{short}.weights_scaling_factor"] = HeadAxis(1, i, 1.0, ndim=2)
-                out[f"{short}.prequant_scaling_factor"] = HeadAxis(0, i, 1.0)
+            if o in padded:
+                add(f"{short}.weight", HeadAxis(0, o, 0.0))
+                add(f"{short}.weights_scaling_factor", HeadAxis(0, o, 1.0))
+            if i in padded:
+                add(f"{short}.weight", HeadAxis(1, i, 0.0))
+                add(f"{short}.weights_scaling_factor", HeadAxis(1, i, 1.0, ndim=2))
+                add(f"{short}.prequant_scaling_factor", HeadAxis(0, i, 1.0, ndim=1))
     return out
 
 
@@ -69,15 +79,19 @@ def _pad(t: torch.Tensor, spec: HeadAxis, real: int, padded: int, name: str) -> 
 
 def pad_feature_state(state: dict, shape) -> dict:
     """The calibrated, unsharded tensors of the real model (quantize.modelopt_state's HF names)
-    with the MLP's intermediate features padded to ``shape.padded_inter``."""
-    padded = getattr(shape, "padded_inter", None)
-    if not padded or padded == shape.inter:
+    with the MLP's intermediate features padded to ``shape.padded_inter`` and the hidden
+    features to ``shape.padded_hidden``."""
+    sizes = {"inter": (shape.inter, getattr(shape, "padded_inter", None)),
+             "hidden": (getattr(shape, "hidden", None), getattr(shape, "padded_hidden", None))}
+    sizes = {d: rp for d, rp in sizes.items() if rp[1] and rp[1] != rp[0]}
+    if not sizes:
         return state
     out = {}
     for name, t in state.items():
-        spec = next((s for suffix, s in FEATURE_AXES.items() if name.endswith("." + suffix)), None)
-        if spec is None or t.numel() == 1 or (spec.ndim is not None and t.dim() != spec.ndim):
-            out[name] = t
-        else:
-            out[name] = _pad(t, spec, shape.inter, padded, name)
+        axes = next((a for suffix, a in FEATURE_AXES.items() if name.endswith("." + suffix)), ())
+        if t.numel() > 1:
+            for spec in axes:
+                if spec.heads in sizes and (spec.ndim is None or t.dim() == spec.ndim):
+                    t = _pad(t, spec, *sizes[spec.heads], name)
+        out[name] = t
     return out

@@ -2,8 +2,9 @@
 convert.shard column/row): TensorRT-LLM 1.x's WeightOnlyQuantLinear / RowLinear (64 x tp) and
 WeightOnlyGroupwiseQuantLinear / RowLinear (max(64, group) x tp) declare every linear's full
 features rounded up to that multiple and pad no activation, so the checkpoint holds the MLP's
-intermediate features padded with zeros (exact), and a model whose hidden size or q/k/v heads
-would be padded is refused before any work with the --tp values that work.
+intermediate features padded with zeros (exact); the hidden size is padded too
+(tests/test_hidden_padding.py), and a model whose q/k/v heads would be padded is refused before
+any work with the --tp values that work.
 
 The tiny model: hidden 512, 8 heads / 4 KV heads of 64, intermediate 640 (5 x 128), so at tp 4
 every format pads 640 -> 768 (64 x 4) or 1024 (AWQ group 128: 128 x 4 x 2), and AWQ-128 pads at
@@ -208,30 +209,36 @@ SMOL = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_
             vocab_size=1000, num_hidden_layers=1)
 
 
-def _refusal(algo, layer, m, tp, tail):
-    return (f"{algo}: TensorRT-LLM's {layer} pads a linear's input and output features to a "
-            f"multiple of {m} x tp = {m * tp} and no activation (tensorrt_llm/quantization/"
-            f"layers.py): attention.qkv's 576 input features would not meet the model's; {tail}")
+@pytest.mark.parametrize("flags,tp,hidden", [
+    (["--int8-weight-only"], 2, 640), (["--int4-weight-only"], 4, 768),
+    (["--awq", "--awq-block-size", "64"], 2, 640), (["--int8-weight-only"], 3, None)])
+def test_smollm2_shapes_pad_the_hidden_size(tmp_path, tiny_model, capsys, flags, tp, hidden):
+    """SmolLM2-135M's hidden size 576 (9 x 64) is a multiple of 64 x tp only for tp 1 and 3: at
+    tp 2 / 4 TensorRT-LLM declares the hidden features of qkv, fc, gate (input) and dense, proj
+    (output) as 640 / 768, so the checkpoint is laid out with that hidden size
+    (tests/test_hidden_padding.py checks the logits); the intermediate 1536 needs nothing."""
+    from quantize.formats import QuantSpec
+
+    from convert_helper import preflight_conversion
+
+    hf_dir, _ = tiny_model(**SMOL)
+    algo = {"--int8-weight-only": "W8A16", "--int4-weight-only": "W4A16", "--awq": "W4A16_AWQ"}[flags[0]]
+    spec = QuantSpec.create(algo, awq_block_size=64 if algo == "W4A16_AWQ" else None)
+    _, shape = preflight_conversion(hf_dir, tp=tp, quant=spec, pad_heads=True)
+    assert shape.padded_hidden == hidden and shape.padded_inter is None
 
 
-@pytest.mark.parametrize("flags,tp,message", [
-    (["--int8-weight-only"], 2, _refusal("W8A16", "WeightOnlyQuantLinear", 64, 2, "valid --tp values: 1, 3")),
-    (["--int4-weight-only"], 4, _refusal("W4A16", "WeightOnlyQuantLinear", 64, 4, "valid --tp values: 1, 3")),
-    (["--awq", "--awq-block-size", "64"], 2,
-     _refusal("W4A16_AWQ", "WeightOnlyGroupwiseQuantLinear", 64, 2, "valid --tp values: 1, 3")),
-    (["--awq"], 2, _refusal("W4A16_AWQ", "WeightOnlyGroupwiseQuantLinear", 128, 2,
-                            "no --tp value keeps them whole: try --awq-block-size 64")),
-])
-def test_smollm2_shapes_are_refused_with_the_valid_tps(tmp_path, tiny_model, capsys, flags, tp,
-                                                       message):
-    """SmolLM2-135M's hidden size 576 (9 x 64) is a multiple of 64 x tp only for tp 1 and 3: at tp
-    2 TensorRT-LLM would declare the hidden features of qkv, fc, gate (input) and dense, proj
-    (output) as 640, which no activation of the model has. Refused before any work."""
+def test_smollm2_awq128_is_refused_before_calibration(tmp_path, tiny_model, capsys):
+    """AWQ group 128 calibrates on the unpadded model, whose attention output (9 heads x 64) and
+    hidden size (576) are 4.5 groups: refused before any work, naming the group that divides
+    them (padding makes the checkpoint's features whole, not the calibration's)."""
     hf_dir, _ = tiny_model(**SMOL)
     out = tmp_path / "o"
     capsys.readouterr()
-    assert main(["--model", str(hf_dir), "--tp", str(tp), "--pad-heads", "--checkpoint-only",
-                 "--no-progress", "--output", str(out), *flags]) == 2
+    assert main(["--model", str(hf_dir), "--tp", "2", "--pad-heads", "--checkpoint-only",
+                 "--no-progress", "--output", str(out), "--awq"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"build_engine: error: {message}"
+    assert err == ("build_engine: error: --awq: attention.dense (unpadded) input size per "
+                   "rank 576 is not a multiple of the AWQ group size 128; choose a --tp that keeps "
+                   "it a multiple of 128, or --awq-block-size 64")
     assert not out.exists()

@@ -29,9 +29,9 @@ from verify.reference import ReferenceModel, verify
 SMOL_ATTN = dict(hidden_size=576, intermediate_size=768, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=1000, num_hidden_layers=2)
 #: weight-only / AWQ: TensorRT-LLM's linears pad every feature dim to a multiple of 64 (or the AWQ
-#: group) x tp and no activation, so hidden 576 is refused at tp 2 and 4 (quantize.apply
-#: pad_features; tests/test_feature_padding.py). These formats pad 3 heads of 256 (MHA) instead,
-#: hidden 768 (a multiple of 256): 3 -> 4 heads at tp 2 and 4.
+#: group) x tp and no activation, so hidden 576 would also be padded at tp 2 and 4 (quantize.apply
+#: pad_features; tests/test_hidden_padding.py). To test head padding alone these formats pad 3
+#: heads of 256 (MHA) instead, hidden 768 (a multiple of 256): 3 -> 4 heads at tp 2 and 4.
 SMOL_ATTN_WO = dict(SMOL_ATTN, hidden_size=768, num_attention_heads=3, num_key_value_heads=3)
 WEIGHT_ONLY_OR_AWQ = ("W8A16", "W4A16", "W4A16_AWQ")
 

@@ -420,7 +420,7 @@ def _error_line(err: str) -> str:
     (["--smoothquant", "--awq"], "choose one weight quantization format"),
     (["--fp8", "--int8-weight-only"], "choose one weight quantization format"),
     (["--fp8", "--kv-cache-dtype", "int8"], "--kv-cache-dtype fp8"),
-    (["--awq"], "no --tp value keeps them whole: try --awq-block-size 64"),   # SmolLM2: hidden 576
+    (["--awq"], "no --tp value keeps them whole: try --awq-block-size 64"),   # SmolLM2: qkv 15 x 64
     (["--smoothquant", "--calib-data", "EMPTY"], "is empty"),
     (["--smoothquant", "--calib-data", "MISSING"], "does not exist"),
     (["--smoothquant", "--tp", "9"], "cannot split this model over tp 9"),

@@ -128,18 +128,22 @@ def test_recipe_shape_checks_equal_apply_preflight(algo, block, hidden, heads, k
                 full = {"output": out_r * tp if lin.column_parallel else out_r,
                         "input": in_r if lin.column_parallel else in_r * tp}
                 for what, n in full.items():
-                    if n % (m * tp) and "inter" not in ((lin.shapes[0][0],) if what == "output"
-                                                        else (lin.shapes[0][1],)):
+                    dim = lin.shapes[0][0] if what == "output" else lin.shapes[0][1]
+                    if n % (m * tp) and dim not in ("inter", "hidden"):  # padded exactly
                         raise UserError(f"{spec.quant_algo}: TensorRT-LLM's {spec.format.padding_layer} "
                                         f"pads a linear's input and output features to a multiple of "
                                         f"{m} x tp = {m * tp} and no activation (tensorrt_llm/"
                                         f"quantization/layers.py): {lin.name}'s {n} {what} features "
                                         f"would not meet the model's")
             if inter % (m * tp):
-                s = replace(shape, padded_inter=-(-inter // (m * tp)) * m * tp)
+                s = replace(s, padded_inter=-(-inter // (m * tp)) * m * tp)
+            if hidden % (m * tp):
+                s = replace(s, padded_hidden=-(-hidden // (m * tp)) * m * tp)
         unpadded = {"attention.dense (unpadded)": heads * hs} if padded else {}
         if s.padded_inter:
             unpadded["mlp.proj (unpadded)"] = inter
+        if s.padded_hidden:
+            unpadded["attention.qkv (unpadded hidden)"] = hidden
         spec.format.check_linear_shapes(spec, per_rank_in_dims(s, tp), per_rank_out_dims(s, tp), unpadded)
         spec.format.check_tp(spec, s.tp_kv_heads, tp)
 

@@ -13,6 +13,8 @@ import re
 
 import torch
 
+from quantize.torch_io import read_tensor
+
 from .unified_reader import UnifiedMap
 
 Tensor = torch.Tensor
@@ -52,10 +54,10 @@ class UnifiedLayers:
         try:
             for i, want in by_layer.items():
                 if i is None:
-                    tensors = {tn: self.map.global_tensor(un, self.source.read(un))
+                    tensors = {tn: self.map.global_tensor(un, read_tensor(self.source, un))
                                for tn, un in self._globals.items() if tn.rpartition(".")[0] in want}
                 else:
-                    tensors = self.map.layer(i, self._layer_tensors(i, self.source.read))
+                    tensors = self.map.layer(i, self._layer_tensors(i, lambda n: read_tensor(self.source, n)))
                 for name, t in tensors.items():
                     prefix, _, suffix = name.rpartition(".")
                     if prefix in want:

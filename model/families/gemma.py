@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from common.errors import UserError
-from model.spec import Family, Rule, head_norm, norm
+from model.spec import Family, head_norm, norm
 
 from .llama import ATTENTION, EMBED, HEAD, MLP
 
@@ -32,8 +32,11 @@ NORMS = (norm("input_layernorm", "input_layernorm", offset=1.0),
          norm("post_feedforward_layernorm", "post_feedforward_layernorm", offset=1.0))
 QK_NORMS = (head_norm("attention.q_layernorm", "self_attn.q_norm", offset=1.0),
             head_norm("attention.k_layernorm", "self_attn.k_norm", offset=1.0))
-GEMMA_HEAD = (Rule(HEAD[0].target, HEAD[0].sources, HEAD[0].shard, shapes=HEAD[0].shapes,
-                   offset=1.0),) + HEAD[1:]
+GEMMA_HEAD = (replace(HEAD[0], offset=1.0),) + HEAD[1:]
+#: model.py GemmaModel.forward multiplies the embedding by sqrt(config.hidden_size): a padded
+#: hidden_size would change that constant
+HIDDEN_PADDING = ("TensorRT-LLM's Gemma scales the embedding by sqrt(hidden_size) "
+                  "(tensorrt_llm/models/gemma/model.py), so a padded hidden size changes its output")
 def _mlp():
     """Llama's MLP linears, fed by pre_feedforward_layernorm (where a smoother would fold)."""
     return tuple(lin if lin.norm is None else replace(lin, norm="pre_feedforward_layernorm")
@@ -145,7 +148,7 @@ FORMATS = {"engine": ((None, None), ("W8A16", None), ("W4A16", None), ("FP8", No
 
 GEMMA3 = Family("gemma3", ("Gemma3ForCausalLM",), EMBED, ATTENTION + _mlp(), NORMS, GEMMA_HEAD,
                 qk_norms=QK_NORMS, trtllm_config=gemma3_fields, formats=FORMATS,
-                modelopt_embedding=False, layerwise=False)
+                modelopt_embedding=False, layerwise=False, hidden_padding=HIDDEN_PADDING)
 GEMMA2 = Family("gemma2", ("Gemma2ForCausalLM",), EMBED, ATTENTION + _mlp(), NORMS, GEMMA_HEAD,
                 trtllm_config=gemma2_fields, formats=FORMATS,
-                modelopt_embedding=False, layerwise=False)
+                modelopt_embedding=False, layerwise=False, hidden_padding=HIDDEN_PADDING)

@@ -33,7 +33,8 @@ NORMS = (norm("input_layernorm", "input_layernorm"),
          norm("post_layernorm", "post_attention_layernorm"))
 
 HEAD = (
-    Rule("transformer.ln_f.weight", ("model.norm.weight",), REPLICATED, shapes=(("hidden",),)),
+    Rule("transformer.ln_f.weight", ("model.norm.weight",), REPLICATED, shapes=(("hidden",),),
+         rms_norm=True),
     # Always written, also for tied embeddings (TRT-LLM 1.2 expects lm_head.weight).
     Rule("lm_head.weight", ("lm_head.weight",), VOCAB, fallback=("model.embed_tokens.weight",),
          shapes=(("vocab", "hidden"),)),

@@ -23,4 +23,6 @@ ROUTER = Rule(TRT_LAYER + "mlp.router.weight", (HF_LAYER + "block_sparse_moe.gat
               REPLICATED, dtype="float32", shapes=(("experts", "hidden"),))
 
 MIXTRAL = Family("mixtral", ("MixtralForCausalLM",), EMBED, ATTENTION + EXPERTS, NORMS, HEAD,
-                 extra=(ROUTER,))
+                 extra=(ROUTER,),
+                 hidden_padding="TensorRT-LLM's MoE experts (layers/moe.py) are not padded, so "
+                                "their hidden features would not meet the padded residual stream")
