@@ -79,20 +79,20 @@ def test_lazy_equals_whole_for_every_module(tmp_path, calib_text, case):
 
 
 class ReadSpy:
-    """Test double: wraps convert.source.SourceCheckpoint.read (every tensor the lazy reader reads
-    goes through it) and records the names read, then reads as the original does."""
+    """Test double: wraps convert.source.SourceCheckpoint.read_bits (every tensor the lazy reader
+    reads goes through it) and records the names read, then reads as the original does."""
 
     def __init__(self, monkeypatch):
         from convert.source import SourceCheckpoint
 
         self.names: list[str] = []
-        real = SourceCheckpoint.read
+        real = SourceCheckpoint.read_bits
 
         def read(src, name, index=()):
             self.names.append(name)
             return real(src, name, index)
 
-        monkeypatch.setattr(SourceCheckpoint, "read", read)
+        monkeypatch.setattr(SourceCheckpoint, "read_bits", read)
 
     def take(self) -> set[str]:
         got, self.names = set(self.names), []
