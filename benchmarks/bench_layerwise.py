@@ -319,7 +319,6 @@ def table(results: list[dict], load: str) -> str:
              "(inputs + layers) | whole run |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        st = r.get("stages", {})
         cal = _calibration_cell(r)
         plan = r.get("plan_host_gb")
         ratio = f"{plan / r['peak_rss_gb']:.2f}" if plan and r["rc"] == 0 else ""
