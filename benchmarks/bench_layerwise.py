@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_convert as bc  # noqa: E402
+from bench_report import write_md  # noqa: E402
 
 bc.PRESETS["8b-smol"] = dict(bc.PRESETS["8b"], vocab=49152)
 bc.PRESETS["7b-smol"] = dict(bc.PRESETS["7b"], vocab=49152)
@@ -365,14 +366,7 @@ def main(argv=None) -> int:
         md += "\n\n" + "\n".join(round_ratios(rounds))
     print(md)
     if a.write_md:
-        text = a.write_md.read_text()
-        block = f"{MARK_BEGIN}\n{md}\n{MARK_END}"
-        if MARK_BEGIN in text:
-            text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: block,
-                          text, flags=re.S)
-        else:
-            text += "\n" + block + "\n"
-        a.write_md.write_text(text)
+        write_md(a.write_md, md, (MARK_BEGIN, MARK_END))
     if not a.keep_models:
         for d in a.work.glob("hf-*"):
             shutil.rmtree(d, ignore_errors=True)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_convert import timed, write_shards  # noqa: E402  (the same /usr/bin/time + /proc tree sampler)
+from bench_report import write_md  # noqa: E402
 
 SHAPE = dict(hidden=4096, inter=14336, experts=8, top_k=2, heads=32, kv=8, vocab=32000,
              theta=1e6)
@@ -37,16 +38,6 @@ MARKS = ("<!-- bench-moe:begin -->", "<!-- bench-moe:end -->")
 BOUND_MB = 1024  # the converter's bound (BENCHMARKS.md targets: our peak RSS <= 1 GB)
 
 
-def write_md(path: Path, block: str) -> None:
-    """Put ``block`` between this benchmark's markers in ``path`` (appended the first time)."""
-    text = path.read_text() if path.exists() else ""
-    new = f"{MARKS[0]}\n{block}\n{MARKS[1]}"
-    if MARKS[0] in text and MARKS[1] in text:
-        a, b = text.index(MARKS[0]), text.index(MARKS[1]) + len(MARKS[1])
-        text = text[:a] + new + text[b:]
-    else:
-        text = text.rstrip() + "\n\n" + new + "\n"
-    path.write_text(text)
 
 
 def hf_tensors(p: dict, layers: int):
@@ -158,7 +149,7 @@ def main(argv=None) -> int:
     block = "\n".join(lines)
     print(block)
     if a.write_md:
-        write_md(a.write_md, block)
+        write_md(a.write_md, block, MARKS)
     return 0
 
 

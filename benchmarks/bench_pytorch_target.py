@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_layerwise as bl  # noqa: E402
+from bench_report import write_md  # noqa: E402
 from measure import timed  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- pytorch-target:begin -->", "<!-- pytorch-target:end -->"
@@ -186,14 +187,7 @@ def main(argv=None) -> int:
                      f"2 cores")
     print(md)
     if a.write_md:
-        text = a.write_md.read_text()
-        block = f"{MARK_BEGIN}\n{md}\n{MARK_END}"
-        if MARK_BEGIN in text:
-            text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: block,
-                          text, flags=re.S)
-        else:
-            text += "\n" + block + "\n"
-        a.write_md.write_text(text)
+        write_md(a.write_md, md, (MARK_BEGIN, MARK_END))
     return 0
 
 

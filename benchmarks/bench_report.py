@@ -54,11 +54,13 @@ def fmt_table(rows, cp_t, cpsync_t, gb) -> str:
     return "\n".join(out)
 
 
-def write_md(path: Path, block: str):
+def write_md(path: Path, block: str, marks: tuple[str, str] = (MARK_BEGIN, MARK_END)) -> None:
+    """Put ``block`` between a benchmark's ``marks`` in ``path`` (appended the first time)."""
+    begin, end = marks
     text = path.read_text() if path.exists() else ""
-    new = f"{MARK_BEGIN}\n{block}\n{MARK_END}"
-    if MARK_BEGIN in text and MARK_END in text:
-        a, b = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
+    new = f"{begin}\n{block}\n{end}"
+    if begin in text and end in text:
+        a, b = text.index(begin), text.index(end) + len(end)
         text = text[:a] + new + text[b:]
     else:
         text = text.rstrip() + ("\n\n" if text else "") + new + "\n"

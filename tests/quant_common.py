@@ -48,3 +48,46 @@ def run_killed_after_layer_1(hf, out, store, text_file, spec: dict, **convert):
     script = _KILLED_RUN.format(repo=os.path.dirname(tests), tests=tests, hf=str(hf), out=str(out),
                                 store=str(store), text=str(text_file), spec=spec, convert=convert)
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+
+def same_row_max_on_every_rank(model, o_cols, down_cols):
+    """Weight-only: each rank's slice of a row-parallel weight is quantized per output channel, so
+    tp 1 and tp N differ unless each row's max |w| lies in every rank's slice. Put it there: at the
+    o_proj inputs ``o_cols`` and down_proj inputs ``down_cols`` (columns every tp 1 / 2 / 4 slice,
+    padded or not, holds), so that tp N must equal tp 1 exactly: any padding that is not neutral
+    shows."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for w, cols in ((layer.self_attn.o_proj.weight, o_cols),
+                            (layer.mlp.down_proj.weight, down_cols)):
+                amax = w.abs().amax(dim=1)
+                for c in cols:
+                    w[:, c] = amax * torch.where(w[:, c] < 0, -1.0, 1.0)
+    return model
+
+
+def assert_same_rank_files(a, b, ranks: int) -> None:
+    """Every rank file of checkpoints ``a`` and ``b`` holds the same tensor names and values."""
+    import torch
+    from safetensors.torch import load_file
+
+    for r in range(ranks):
+        ta, tb = (load_file(d / f"rank{r}.safetensors") for d in (a, b))
+        assert sorted(ta) == sorted(tb)
+        for name in ta:
+            assert torch.equal(ta[name], tb[name]), (r, name)
+
+
+def calibrated_if_needed(model, spec, text):
+    """modelopt's calibration of a copy of ``model`` for ``spec`` over ``text`` (byte tokens), or
+    None for a format that needs none (weight-only)."""
+    if not spec.needs_calibration:
+        return None
+    import copy
+
+    from quantize.calibrate import calibrate
+
+    return calibrate(copy.deepcopy(model), spec, text, tokenizer=byte_tokenizer, progress=False)
+

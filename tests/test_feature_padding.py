@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from builders.cli import main
 from quantize.feature_padding import pad_feature_state
 from convert_helper import convert_checkpoint
-from quant_common import byte_tokenizer
+from quant_common import calibrated_if_needed, byte_tokenizer, same_row_max_on_every_rank
 from verify.reference import ReferenceModel
 
 TINY = dict(hidden_size=512, intermediate_size=640, num_attention_heads=8, num_key_value_heads=4,
@@ -38,27 +38,14 @@ def _spec(algo, block=None):
                             calib_batch_size=2)
 
 
-def _same_row_max_on_every_rank(model):
-    """Weight-only: trtllm-build quantizes each rank's slice of a row-parallel weight per output
-    channel, so tp 1 and tp N differ unless each row's max |w| lies in every rank's slice. Put it
-    there (at inputs every tp 1 / 2 / 4 slice, padded or not, holds), so that tp N must equal tp 1
-    exactly: any padding that is not neutral shows."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for w, cols in ((layer.self_attn.o_proj.weight, (0, 130, 260, 390)),
-                            (layer.mlp.down_proj.weight, (0, 200, 400, 600))):
-                amax = w.abs().amax(dim=1)
-                for c in cols:
-                    w[:, c] = amax * torch.where(w[:, c] < 0, -1.0, 1.0)
-    return model
-
-
 @pytest.fixture
 def hf(tmp_path_factory):
     from examples.tiny import make_tiny_model
 
     d = tmp_path_factory.mktemp("hf")
-    model = _same_row_max_on_every_rank(make_tiny_model(d, **TINY).float().eval())
+    # columns in every tp 1 / 2 / 4 slice of o_proj's 512 and down_proj's 640 inputs
+    model = same_row_max_on_every_rank(make_tiny_model(d, **TINY).float().eval(),
+                                       (0, 130, 260, 390), (0, 200, 400, 600))
     model.save_pretrained(d)
     return d, model
 
@@ -79,12 +66,7 @@ def test_padded_checkpoint_gives_the_unpadded_tp1_logits(tmp_path, hf, calib_tex
     algo, block, padded = CASES[case]
     hf_dir, model = hf
     spec = _spec(algo, block)
-    calibrated = None
-    if spec.needs_calibration:
-        from quantize.calibrate import calibrate
-
-        calibrated = calibrate(copy.deepcopy(model), spec, calib_text, tokenizer=byte_tokenizer,
-                               progress=False)
+    calibrated = calibrated_if_needed(model, spec, calib_text)
     kw = dict(dtype="float32", progress=False, quant=spec, calibrated_model=calibrated)
     convert_checkpoint(hf_dir, tmp_path / "tp1", tp=1, **kw)
     ids = torch.tensor([byte_tokenizer(calib_text[5000:5032]), byte_tokenizer(calib_text[9000:9032])])

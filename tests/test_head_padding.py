@@ -22,7 +22,7 @@ from convert_helper import convert_checkpoint
 from common.errors import UserError
 from quantize.head_padding import QUANT_HEAD_AXES, pad_quant_state
 from model.shape import HeadPadding, choose_padding
-from quant_common import byte_tokenizer
+from quant_common import assert_same_rank_files, byte_tokenizer
 from verify.perplexity import checkpoint_ppl
 from verify.reference import ReferenceModel, verify
 
@@ -252,11 +252,7 @@ def test_padded_checkpoint_equals_a_hand_padded_model_unpadded(tmp_path, tiny_mo
                            pad_heads=True)
     b = convert_checkpoint(hand, tmp_path / "b", tp=2, dtype=dtype, progress=False, quant=spec)
     assert a == b
-    for r in range(2):
-        ta, tb = (load_file(d / f"rank{r}.safetensors") for d in (tmp_path / "a", tmp_path / "b"))
-        assert sorted(ta) == sorted(tb)
-        for name in ta:
-            assert torch.equal(ta[name], tb[name]), (r, name)
+    assert_same_rank_files(tmp_path / "a", tmp_path / "b", 2)
 
 
 def test_padded_smoothquant_pipeline_stages(tmp_path, tiny_model, calib_text):

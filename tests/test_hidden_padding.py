@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from builders.cli import main
 from check.report import check_dir
 from convert_helper import convert_checkpoint
-from quant_common import byte_tokenizer
+from quant_common import calibrated_if_needed, assert_same_rank_files, byte_tokenizer, same_row_max_on_every_rank
 from verify.reference import ReferenceModel
 
 TINY = dict(intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
@@ -36,26 +36,13 @@ CASES = {"w8a16": ("W8A16", None, 576, {2: 640, 4: 768}),
          "awq128": ("W4A16_AWQ", 128, 384, {2: 512, 4: 512})}
 
 
-def _same_row_max_on_every_rank(model):
-    """Weight-only: each rank's slice of a row-parallel weight is quantized per output channel, so
-    tp 1 and tp N differ unless each row's max |w| lies in every rank's slice (the columns below
-    are in every tp 1 / 2 / 4 slice of o_proj's 512 and down_proj's 1024 inputs). Then tp N must
-    equal tp 1: any padding that is not exact shows."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for w, cols in ((layer.self_attn.o_proj.weight, (0, 130, 260, 390)),
-                            (layer.mlp.down_proj.weight, (0, 260, 520, 780))):
-                amax = w.abs().amax(dim=1)
-                for c in cols:
-                    w[:, c] = amax * torch.where(w[:, c] < 0, -1.0, 1.0)
-    return model
-
-
 def _tiny(tmp_path_factory, hidden):
     from examples.tiny import make_tiny_model
 
     d = tmp_path_factory.mktemp(f"hf{hidden}")
-    model = _same_row_max_on_every_rank(make_tiny_model(d, hidden_size=hidden, **TINY).float().eval())
+    # columns in every tp 1 / 2 / 4 slice of o_proj's 512 and down_proj's 1024 inputs
+    model = make_tiny_model(d, hidden_size=hidden, **TINY).float().eval()
+    model = same_row_max_on_every_rank(model, (0, 130, 260, 390), (0, 260, 520, 780))
     model.save_pretrained(d)
     return d, model
 
@@ -78,12 +65,7 @@ def test_padded_hidden_gives_the_unpadded_tp1_logits(tmp_path, tmp_path_factory,
     algo, block, hidden, padded = CASES[case]
     hf_dir, model = _tiny(tmp_path_factory, hidden)
     spec = _spec(algo, block)
-    calibrated = None
-    if spec.needs_calibration:
-        from quantize.calibrate import calibrate
-
-        calibrated = calibrate(copy.deepcopy(model), spec, calib_text, tokenizer=byte_tokenizer,
-                               progress=False)
+    calibrated = calibrated_if_needed(model, spec, calib_text)
     kw = dict(dtype="float32", progress=False, quant=spec, calibrated_model=calibrated)
     base_cfg = convert_checkpoint(hf_dir, tmp_path / "tp1", tp=1, **kw)
     assert base_cfg["hidden_size"] == hidden and base_cfg["norm_epsilon"] == 1e-6
@@ -231,8 +213,4 @@ def test_padded_checkpoint_equals_a_hand_padded_model(tmp_path, tmp_path_factory
     b = convert_checkpoint(hand, tmp_path / "b", tp=2, dtype="float32", progress=False,
                            quant=_spec(algo))
     assert a == b
-    for r in range(2):
-        ta, tb = (load_file(d / f"rank{r}.safetensors") for d in (tmp_path / "a", tmp_path / "b"))
-        assert sorted(ta) == sorted(tb)
-        for name in ta:
-            assert torch.equal(ta[name], tb[name]), (r, name)
+    assert_same_rank_files(tmp_path / "a", tmp_path / "b", 2)
