@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from common.dtypes import BY_NAME, as_dtype
-from convert.writer import ByteChunk, FileSpan
+from convert.chunks import ByteChunk, FileSpan
 
 TORCH_DTYPES = {n: BY_NAME[n].torch for n in ("float16", "bfloat16", "float32")}
 #: numpy's unsigned bits cross into torch as the integer torch fully supports of their size
