@@ -92,7 +92,8 @@ class TritonPythonModel:
             found[name] = tensor.as_numpy()
         return found
 
-    def _generate(self, request):
+    def _route_inputs(self, request):
+        """The request's inputs as (preprocessing inputs, tensorrt_llm inputs, streaming?)."""
         pre_inputs, llm_inputs, stream = [], [], False
         for name, (model, key) in self.routes.items():
             tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -102,6 +103,10 @@ class TritonPythonModel:
             (pre_inputs if model == "pre" else llm_inputs).append(pb_utils.Tensor(key, array))
             if key == "streaming":
                 stream = bool(np.asarray(array).any())
+        return pre_inputs, llm_inputs, stream
+
+    def _generate(self, request):
+        pre_inputs, llm_inputs, stream = self._route_inputs(request)
         if stream and not self.decoupled:
             raise ValueError("stream=true needs the decoupled model (rebuild the repository "
                              "with --decoupled)")
