@@ -93,3 +93,20 @@ def _sq_plugin_tensors(shape, quant, config, cal, report, dtype):
     return lambda tp_rank: plugin_rank_tensors(sq_layers, quant, num_heads=shape.tp_heads,
                                                num_kv_heads=shape.tp_kv_heads, tp=tp,
                                                rank=tp_rank, norm_dtype=dtype)
+
+
+def interrupt_before_rank(monkeypatch, stop: int = 1):
+    """TEST DOUBLE: Ctrl-C as the conversion starts rank ``stop`` (the ranks before it finished in
+    checkpoint.partial/); returns the real rank writer, to put back for the rerun."""
+    import convert.convert as cc
+
+    real = cc._write_rank
+
+    def stop_at(model_dir, plan, path, rank, progress, **kw):
+        if rank == stop:
+            raise KeyboardInterrupt
+        return real(model_dir, plan, path, rank, progress, **kw)
+
+    monkeypatch.setattr(cc, "_write_rank", stop_at)
+    return real
+

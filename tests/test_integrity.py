@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 import convert.convert as cc
 from builders.cli import main
 from tensor_identity import restated_identity
+from convert_helper import interrupt_before_rank
 
 GOLDEN_TOKENIZER = __import__("pathlib").Path(__file__).parent / "golden" / "tokenizer"
 _TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
@@ -51,20 +52,6 @@ def _same_bytes_as(dst, src):
 
 # --- class 1: identity by content ----------------------------------------------------------------
 
-def _interrupt_before_rank1(monkeypatch):
-    """Ctrl-C as the conversion starts rank 1 (rank 0 finished in checkpoint.partial/); returns
-    the real rank writer, to put back for the rerun."""
-    real = cc._write_rank
-
-    def stop_at_rank1(model_dir, plan, path, rank, progress, **kw):
-        if rank == 1:
-            raise KeyboardInterrupt
-        return real(model_dir, plan, path, rank, progress, **kw)
-
-    monkeypatch.setattr(cc, "_write_rank", stop_at_rank1)
-    return real
-
-
 def test_calibration_of_another_finetune_is_refused(tmp_path, tiny_model, capsys):
     """main: exit 0, the checkpoint made of model B's norms/embeddings and model A's quantized
     linears."""
@@ -87,7 +74,7 @@ def test_weights_replaced_before_resume_are_not_mixed(tmp_path, tiny_model, caps
     rc, _ = _run(capsys, "--model", b, "--output", tmp_path / "clean", "--tp", "2",
                  "--checkpoint-only", "--no-progress")
     assert rc == 0
-    real = _interrupt_before_rank1(monkeypatch)
+    real = interrupt_before_rank(monkeypatch)
     rc, _ = _run(capsys, "--model", a, "--output", tmp_path / "out", "--tp", "2",
                  "--checkpoint-only", "--no-progress")
     assert rc == 130
@@ -177,7 +164,7 @@ def test_resume_knows_the_model_by_its_tensors(tmp_path, tiny_model, capsys, mon
     none of the old model's kept)."""
     a = _model(tiny_model)
     argv = ("--output", tmp_path / "out", "--tp", "2", "--checkpoint-only", "--no-progress")
-    real = _interrupt_before_rank1(monkeypatch)
+    real = interrupt_before_rank(monkeypatch)
     assert _run(capsys, "--model", a, *argv)[0] == 130
     _CHANGES[change](a)
     written = []
@@ -286,7 +273,7 @@ def test_damaged_resume_inputs_are_refused(tmp_path):
 def test_damaged_finished_rank_is_refused_on_resume(tmp_path, tiny_model, capsys, monkeypatch):
     """main: the damaged rank 0 was kept and promoted (exit 0)."""
     a = _model(tiny_model)
-    real = _interrupt_before_rank1(monkeypatch)
+    real = interrupt_before_rank(monkeypatch)
     argv = ("--model", a, "--output", tmp_path / "out", "--tp", "2", "--checkpoint-only",
             "--no-progress")
     assert _run(capsys, *argv)[0] == 130

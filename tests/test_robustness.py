@@ -12,7 +12,7 @@ import pytest
 
 import convert.convert as cc
 from common.interrupt import Interrupted
-from convert_helper import convert_checkpoint
+from convert_helper import convert_checkpoint, interrupt_before_rank
 from common.errors import UserError
 
 
@@ -68,14 +68,7 @@ def test_resume_redoes_only_unfinished_ranks(tmp_path, tiny_model, monkeypatch):
 
 def test_resume_discards_partial_from_other_options(tmp_path, tiny_model, monkeypatch):
     hf_dir, _ = tiny_model()
-    real = cc._write_rank
-
-    def stop_at_1(model_dir, plan, path, rank, progress, **kw):
-        if rank == 1:
-            raise KeyboardInterrupt
-        return real(model_dir, plan, path, rank, progress, **kw)
-
-    monkeypatch.setattr(cc, "_write_rank", stop_at_1)
+    real = interrupt_before_rank(monkeypatch)
     with pytest.raises(Interrupted):
         convert_checkpoint(hf_dir, tmp_path / "out", tp=2, dtype="float16", progress=False)
     monkeypatch.setattr(cc, "_write_rank", real)
