@@ -49,6 +49,7 @@ from bench_report import write_md  # noqa: E402
 
 bc.PRESETS["8b-smol"] = dict(bc.PRESETS["8b"], vocab=49152)
 bc.PRESETS["7b-smol"] = dict(bc.PRESETS["7b"], vocab=49152)
+bc.PRESETS["1b-smol"] = dict(bc.PRESETS["1b"], vocab=49152)
 #: row formats: sqp = --smoothquant's default (TensorRT-LLM's plugin recipe, per channel / per
 #: token, alpha 0.75), sq = modelopt's SmoothQuant recipe
 FLAGS = {"sqp": ["--smoothquant"], "sqpa": ["--smoothquant", "auto"],
@@ -115,7 +116,8 @@ spec = QuantSpec.create({algo!r}, kv_cache_dtype={kv!r}, smoothquant_alpha={alph
                         calib_size=4, calib_seq_len=64)
 model = ModelSource.open({model!r})
 assert spec.format.unified_layerwise(spec)
-print("memory plan: " + memory.describe(memory.plan(model.shape, spec, tp=1, pp=1, device="cpu")))
+print("memory plan: " + memory.describe(memory.plan(model.shape, spec, tp=1, pp=1, device="cpu",
+                                                    unified=True)))
 t0, timings = time.perf_counter(), {{}}
 write_unified_checkpoint({model!r}, Path({out!r}) / "hf_quantized", spec, progress=False,
                          timings=timings, calibration=CalibrationRun(

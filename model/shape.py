@@ -101,6 +101,12 @@ class Shape:
     #: the hidden size as the engine checkpoint lays it out, for the same linears, where the
     #: family allows it (model.spec.RESCALED_DIMS; norms rescaled, quantize.apply)
     padded_hidden: int | None = None
+    #: the hidden size the calibration runs at when the real one is not a whole number of the
+    #: format's input groups (AWQ 128 on 576 -> 640; quantize.calib_padding), None: the real one
+    calib_hidden: int | None = None
+    #: the calibration runs on the padded heads (``padding``) when the real attention output is
+    #: not a whole number of the format's input groups (quantize.calib_padding)
+    calib_heads: bool = False
 
     @property
     def tp_heads(self) -> int:

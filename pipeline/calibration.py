@@ -17,6 +17,7 @@ from convert.moe import MoeLayout
 from quantize.torch_io import TORCH_DTYPES
 from quantize.apply import LayerShards, apply_to_plan, stage_tensors
 from quantize.feature_padding import pad_feature_state
+from quantize.calib_padding import calib_pad
 from quantize.recipes import MAX, MODELOPT, SQ_HOOKS
 
 
@@ -67,7 +68,7 @@ def calibrate_into_plan(model, cplan, shape, quant, calibration, *, progress: bo
         timings.update(calibration=t1 - t0, quantized_tensors=time.perf_counter() - t1)
         return {"timings": timings, "report": report}
     load_layer = calibration.calibrate(model.directory, cplan.source, quant, progress=progress,
-                                       timings=timings)
+                                       timings=timings, pad=calib_pad(shape))
     t1 = time.perf_counter()
     layer_shards = LAYER_SHARDS[quant.format.calibration(quant)]
     shards = layer_shards(calibration.store, load_layer, shape, quant, cplan.config, report, dtype)
@@ -87,7 +88,8 @@ def modelopt_shards(store, load_layer, shape, quant, config, report, dtype):
 def padded_state(state: dict, shape) -> dict:
     """Calibrated tensors of the real model padded as the checkpoint lays it out: heads
     (--pad-heads, quantize.head_padding), the MLP's intermediate features (quantize.feature_padding)."""
-    return pad_feature_state(pad_quant_state(state, shape.padding), shape)
+    heads = None if shape.calib_heads else shape.padding  # calibrated on the padded heads
+    return pad_feature_state(pad_quant_state(state, heads), shape)
 
 
 def sq_plugin_shards(store, load_layer, shape, quant, config, report, dtype):

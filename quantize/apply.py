@@ -119,6 +119,18 @@ def pad_features(spec: QuantSpec | None, shape: Shape, tp: int,
     return shape
 
 
+def calibration_layout(spec: QuantSpec, shape: Shape) -> Shape:
+    """``shape`` with the padding its calibration needs (quantize.calib_padding): the hidden
+    size and the heads as the checkpoint pads them, where the real ones are not whole groups of
+    the format's calibration blocks (AWQ 128 on SmolLM2's 576 hidden / 9 heads of 64)."""
+    block = spec.format.calibration_block(spec)
+    if shape.padded_hidden and shape.hidden % block:
+        shape = replace(shape, calib_hidden=_padded_to(shape.hidden, block))
+    if shape.padding is not None and shape.padding.active and (shape.heads * shape.head_size) % block:
+        shape = replace(shape, calib_heads=True)
+    return shape
+
+
 def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int,
                     valid_tps: Callable[[], list[int]] = list) -> Shape:
     """Refuse, before calibration or any read, a format the model's per-rank shapes cannot take
@@ -126,13 +138,15 @@ def preflight_quant(spec: QuantSpec | None, shape: Shape, tp: int, pp: int,
     returns ``shape`` with the format's feature padding."""
     if spec is None:
         return shape
-    shape = pad_features(spec, shape, tp, valid_tps)
-    # calibration runs on the unpadded model: the dense input before head padding, the full MLP
-    unpadded = {} if shape.padding is None else {"attention.dense (unpadded)": shape.heads * shape.head_size}
+    shape = calibration_layout(spec, pad_features(spec, shape, tp, valid_tps))
+    # calibration runs on the unpadded model (the dense input before head padding, the full MLP)
+    # unless calibration_layout pads it
+    unpadded = {} if shape.padding is None or shape.calib_heads else \
+        {"attention.dense (unpadded)": shape.heads * shape.head_size}
     if shape.padded_inter:
         unpadded["mlp.proj (unpadded)"] = shape.inter
     if shape.padded_hidden:
-        unpadded["attention.qkv (unpadded hidden)"] = shape.hidden
+        unpadded["attention.qkv (calibrated hidden)"] = shape.calib_hidden or shape.hidden
     spec.format.check_linear_shapes(spec, per_rank_in_dims(shape, tp), per_rank_out_dims(shape, tp), unpadded)
     check_kv_head_duplication(spec, shape.tp_kv_heads, tp)
     return shape

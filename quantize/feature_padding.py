@@ -80,9 +80,11 @@ def _pad(t: torch.Tensor, spec: HeadAxis, real: int, padded: int, name: str) -> 
 def pad_feature_state(state: dict, shape) -> dict:
     """The calibrated, unsharded tensors of the real model (quantize.modelopt_state's HF names)
     with the MLP's intermediate features padded to ``shape.padded_inter`` and the hidden
-    features to ``shape.padded_hidden``."""
+    features to ``shape.padded_hidden`` (from ``shape.calib_hidden`` where the calibration ran
+    padded: quantize.calib_padding)."""
     sizes = {"inter": (shape.inter, getattr(shape, "padded_inter", None)),
-             "hidden": (getattr(shape, "hidden", None), getattr(shape, "padded_hidden", None))}
+             "hidden": (getattr(shape, "calib_hidden", None) or getattr(shape, "hidden", None),
+                        getattr(shape, "padded_hidden", None))}
     sizes = {d: rp for d, rp in sizes.items() if rp[1] and rp[1] != rp[0]}
     if not sizes:
         return state

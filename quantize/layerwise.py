@@ -82,8 +82,9 @@ def compute_dtype(device: torch.device, hf_dtype) -> torch.dtype:
     return hf_dtype if hf_dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def meta_model(hf_dir: Path, dtype: torch.dtype):
-    """The model's skeleton on the meta device (config, module classes, attention choice)."""
+def meta_model(hf_dir: Path, dtype: torch.dtype, pad=None):
+    """The model's skeleton on the meta device (config, module classes, attention choice); with
+    its hidden size padded by ``pad`` (quantize.calib_padding.CalibPad)."""
     from transformers import AutoModelForCausalLM
 
     from model.config import pretrained_config
@@ -92,6 +93,8 @@ def meta_model(hf_dir: Path, dtype: torch.dtype):
         config = pretrained_config(hf_dir)  # the run's one parse of config.json
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the model config in {hf_dir} for calibration: {e}") from None
+    if pad is not None:
+        pad.config(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
@@ -114,7 +117,8 @@ def calib_batches(spec: QuantSpec, text: str, tokenizer) -> list[Tensor]:
 
 
 @torch.no_grad()
-def layer_inputs(model, source, batches: list[Tensor], device: torch.device, dtype: torch.dtype):
+def layer_inputs(model, source, batches: list[Tensor], device: torch.device, dtype: torch.dtype,
+                 pad=None):
     """(embedding outputs per batch, per layer per batch the keyword arguments the model passes).
 
     Runs the model's own forward with every decoder layer replaced by a recorder; only the used
@@ -130,6 +134,8 @@ def layer_inputs(model, source, batches: list[Tensor], device: torch.device, dty
         raise UserError(f"the tokenizer produced id {int(uniq.max())} but the model's vocab_size is "
                         f"{vocab}; the tokenizer does not belong to this model")
     rows = torch.stack([read_tensor(source, weight, (slice(int(i), int(i) + 1),))[0] for i in uniq])
+    if pad is not None:
+        rows = pad.tensor(weight, rows, (len(uniq), model.get_input_embeddings().embedding_dim))
     parent, _, leaf = emb_name.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     scale = getattr(model.get_input_embeddings(), "scalar_embed_scale", None)
@@ -170,8 +176,10 @@ def layer_inputs(model, source, batches: list[Tensor], device: torch.device, dty
     return firsts, kwargs
 
 
-def materialise(layer_meta, source, prefix: str, device: torch.device, dtype: torch.dtype):
-    """A real copy of one decoder layer with its weights from ``source`` (cast as from_pretrained)."""
+def materialise(layer_meta, source, prefix: str, device: torch.device, dtype: torch.dtype,
+                pad=None):
+    """A real copy of one decoder layer with its weights from ``source`` (cast as from_pretrained;
+    padded to the meta layer's shapes by ``pad``)."""
     layer = copy.deepcopy(layer_meta)  # on meta: the weights below are assigned, never copied
     if any(True for _ in layer.buffers()):
         raise UserError(f"{prefix} has buffers; layer-wise calibration does not know this layer type")
@@ -180,7 +188,8 @@ def materialise(layer_meta, source, prefix: str, device: torch.device, dtype: to
         key = f"{prefix}.{name}"
         if key not in source:
             raise UserError(f"the model's safetensors have no {key}")
-        state[name] = read_tensor(source, key).to(device=device, dtype=p.dtype)
+        t = read_tensor(source, key)
+        state[name] = (t if pad is None else pad.tensor(name, t, p.shape)).to(device=device, dtype=p.dtype)
     layer.load_state_dict(state, strict=True, assign=True)
     return layer.eval()
 
@@ -248,15 +257,15 @@ class LayerRunner:
     outputs on)."""
 
     def __init__(self, hf_dir, source, batches: list[Tensor], device: torch.device, *,
-                 modelopt: bool = True):
-        self.source, self.device = source, device
+                 modelopt: bool = True, pad=None):
+        self.source, self.device, self.pad = source, device, pad
         self.dtype = compute_dtype(device, config_dtype(Path(hf_dir)))
-        model = meta_model(Path(hf_dir), self.dtype)
+        model = meta_model(Path(hf_dir), self.dtype, pad)
         self.config = model.config
         if modelopt:  # not for range hooks (plugin SmoothQuant) nor a float run (verify/): its import is ~5 s
             _register_attentions(model)
         #: the first layer's inputs per batch; per layer per batch the model's keyword arguments
-        self.first_inputs, self.kwargs = layer_inputs(model, source, batches, device, self.dtype)
+        self.first_inputs, self.kwargs = layer_inputs(model, source, batches, device, self.dtype, pad)
         self.layers_name, self.layers = _layers_path(model)
 
     def __len__(self) -> int:
@@ -267,7 +276,8 @@ class LayerRunner:
 
     def materialise(self, i: int):
         """Layer ``i`` with its weights, in the compute dtype on the device."""
-        return materialise(self.layers[i], self.source, self.prefix(i), self.device, self.dtype)
+        return materialise(self.layers[i], self.source, self.prefix(i), self.device, self.dtype,
+                           self.pad)
 
     def named(self, i: int, layer) -> torch.nn.Module:
         """``layer`` (layer ``i``) in a shell giving it its whole-model name (``model.layers.5``)."""
@@ -311,9 +321,10 @@ def layer_calibrator(method: str | None):
 
 def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: list[Tensor], *,
                         device: torch.device, fingerprint: dict, progress: bool = True,
-                        timings: dict | None = None, model: str | None = None) -> dict:
+                        timings: dict | None = None, model: str | None = None, pad=None) -> dict:
     """Calibrate every decoder layer on ``batches`` (:func:`calib_batches`) into ``store``,
     resuming a store of the same ``fingerprint``; return the store's manifest (quantize/store.py).
+    ``pad``: the hidden size padded for the calibration (quantize.calib_padding).
     ``timings`` receives the seconds of the input capture (``calibration_inputs``) and of the
     layers (``calibration_layers``)."""
     from tqdm.auto import tqdm
@@ -326,7 +337,7 @@ def calibrate_layerwise(hf_dir, source, spec: QuantSpec, store: Path, batches: l
     t0 = time.perf_counter()
     calibrate_one = layer_calibrator(spec.format.calibration(spec))
     uses_modelopt = calibrate_one is _modelopt_layer
-    runner = LayerRunner(hf_dir, source, batches, device, modelopt=uses_modelopt)
+    runner = LayerRunner(hf_dir, source, batches, device, modelopt=uses_modelopt, pad=pad)
     n = len(runner)
     start = done.get("layers_done", 0)
     passes_in = [runner.first_inputs] if start == 0 else cstore.load_inputs(store, device)

@@ -118,6 +118,9 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
             stages.append(Stage("calibration", base + acts + rows + extracted + smoothing,
                                 CUDA_CONTEXT + work, store_disk))
         write_host = WRITE_BASE + 2.5 * extracted  # a layer loaded, sharded, in the writer
+        fmt = getattr(recipe, "unified", None) if unified else None
+        if fmt is not None and fmt.writer_layers is not None:  # --target pytorch, from the store
+            write_host = max(write_host, HOST_BASE + p_lin * 4 * fmt.writer_layers)
     else:
         write_host = WRITE_BASE
     # the calibration stage's disk is its store (OUTPUT/calibration); the checkpoint's, its ranks

@@ -35,8 +35,9 @@ class CalibrationRun:
     compute_dtype: torch.dtype | None = None
 
     def calibrate(self, model_dir: Path, source, spec: QuantSpec, *, progress: bool = True,
-                  timings: dict | None = None):
-        """Fill (resume, or check when reused) the store; return ``load_layer(i, dtype)``."""
+                  timings: dict | None = None, pad=None):
+        """Fill (resume, or check when reused) the store; return ``load_layer(i, dtype)``.
+        ``pad``: calibrate with the hidden size padded (quantize.calib_padding.CalibPad)."""
         from .layerwise import calib_batches, calibrate_layerwise, compute_dtype, config_dtype
 
         timings = {} if timings is None else timings
@@ -52,6 +53,8 @@ class CalibrationRun:
         # is reused or resumed
         fp = cstore.fingerprint(Path(model_dir) / "config.json", batches, spec, device.type,
                                 cdtype, weights=source.scan().weights_digest())
+        if pad is not None:  # another model's function-equal twin: its own calibration
+            fp["calibration_padding"] = pad.fingerprint()
         model = str(Path(model_dir).resolve())
         if self.reuse:
             man = cstore.check_reusable(store, fp, model)
@@ -59,7 +62,7 @@ class CalibrationRun:
             try:
                 man = calibrate_layerwise(model_dir, source, spec, store, batches, device=device,
                                           fingerprint=fp, progress=progress, timings=timings,
-                                          model=model)
+                                          model=model, pad=pad)
             except OSError as e:
                 if e.errno not in IO_ERRNOS:
                     raise

@@ -210,17 +210,17 @@ def test_smollm2_shapes_pad_the_hidden_size(tmp_path, tiny_model, capsys, flags,
     assert shape.padded_hidden == hidden and shape.padded_inter is None
 
 
-def test_smollm2_awq128_is_refused_before_calibration(tmp_path, tiny_model, capsys):
-    """AWQ group 128 calibrates on the unpadded model, whose attention output (9 heads x 64) and
-    hidden size (576) are 4.5 groups: refused before any work, naming the group that divides
-    them (padding makes the checkpoint's features whole, not the calibration's)."""
+def test_smollm2_awq128_calibrates_on_the_padded_layout(tiny_model):
+    """AWQ group 128 on SmolLM2's shapes at tp 2: the attention output (9 heads x 64) and the
+    hidden size (576) are 4.5 groups, so the calibration runs on the model as the checkpoint pads
+    it (quantize.calib_padding; tests/test_calib_padding.py checks the logits): heads 12 / 4,
+    hidden 640 (whole groups), written at 768 (128 x tp)."""
+    from quantize.formats import QuantSpec
+
+    from convert_helper import preflight_conversion
+
     hf_dir, _ = tiny_model(**SMOL)
-    out = tmp_path / "o"
-    capsys.readouterr()
-    assert main(["--model", str(hf_dir), "--tp", "2", "--pad-heads", "--checkpoint-only",
-                 "--no-progress", "--output", str(out), "--awq"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == ("build_engine: error: --awq: attention.dense (unpadded) input size per "
-                   "rank 576 is not a multiple of the AWQ group size 128; choose a --tp that keeps "
-                   "it a multiple of 128, or --awq-block-size 64")
-    assert not out.exists()
+    _, shape = preflight_conversion(hf_dir, tp=2, quant=QuantSpec.create("W4A16_AWQ"),
+                                    pad_heads=True)
+    assert (shape.tp_heads, shape.tp_kv_heads, shape.padded_hidden) == (12, 4, 768)
+    assert shape.calib_hidden == 640 and shape.calib_heads

@@ -139,11 +139,14 @@ def test_recipe_shape_checks_equal_apply_preflight(algo, block, hidden, heads, k
                 s = replace(s, padded_inter=-(-inter // (m * tp)) * m * tp)
             if hidden % (m * tp):
                 s = replace(s, padded_hidden=-(-hidden // (m * tp)) * m * tp)
-        unpadded = {"attention.dense (unpadded)": heads * hs} if padded else {}
+        # the calibration pads what is not whole groups of AWQ's block (quantize.calib_padding)
+        block = spec.group_size if algo == "W4A16_AWQ" else 1
+        calib_heads = padded and (heads * hs) % block
+        unpadded = {"attention.dense (unpadded)": heads * hs} if padded and not calib_heads else {}
         if s.padded_inter:
             unpadded["mlp.proj (unpadded)"] = inter
         if s.padded_hidden:
-            unpadded["attention.qkv (unpadded hidden)"] = hidden
+            unpadded["attention.qkv (calibrated hidden)"] = -(-hidden // block) * block
         spec.format.check_linear_shapes(spec, per_rank_in_dims(s, tp), per_rank_out_dims(s, tp), unpadded)
         spec.format.check_tp(spec, s.tp_kv_heads, tp)
 

@@ -179,6 +179,10 @@ class Recipe:
         multiple of this times tp (None: they do not pad); see quantize/apply.py pad_features."""
         return None
 
+    def calibration_block(self, spec) -> int:
+        """Input features the calibration quantizes in whole blocks (AWQ: the group)."""
+        return 1
+
     def feature_fix(self, spec) -> str:
         """What to do when no tp keeps this format's padding exact (the refusal's last words)."""
         return "choose another format"

@@ -27,7 +27,10 @@ class ModeloptSmoothQuant(Recipe):
     moe = SMOOTHQUANT_REFUSED
     #: q/k/v and gate/up fused (averaged pre_quant_scale, re-smoothed weights, max input amax),
     #: layer by layer from the store's per-linear pre_quant_scale, smoothing factor and input amax
-    unified = UnifiedFormat(weight="int8_rows", fuse_shared_inputs=True, layerwise=True, note=(
+    #: writer: the seven weights rebuilt smoothed in float32 + the fused copies (fitted: 8B-shaped,
+    #: 4 / 16 layers, peak RSS 2.77 / 2.92 GB, BENCHMARKS.md "--target pytorch")
+    unified = UnifiedFormat(weight="int8_rows", fuse_shared_inputs=True, layerwise=True,
+                            writer_layers=2.75, note=(
         "build_engine: note: --target pytorch writes SmoothQuant as modelopt's recipe "
         "(W8A8_SQ_PER_CHANNEL, the only one a unified checkpoint has), and TensorRT-LLM's PyTorch "
         "backend has no INT8 SmoothQuant method "
@@ -80,8 +83,9 @@ class Awq(Recipe):
     moe = MoeAwq()
     #: q/k/v and gate/up fused, their pre_quant_scale folded into the norms (layer by layer from
     #: the store's own pre_quant_scale and smoothing factor per linear)
+    #: writer: fitted as SmoothQuant's (8B-shaped, 4 / 16 layers: 3.57 / 3.86 GB)
     unified = UnifiedFormat(weight="int4", fuse_shared_inputs=True, fold_into_norm=True,
-                            layerwise=True)
+                            layerwise=True, writer_layers=3.8)
     #: modelopt's AWQ export pads the vocabulary to a multiple of 64 (the padded rows are zero)
     vocab_multiple = 64
     gemm_multiples = (64, 64)  # TensorRT-LLM's W4A16 group-wise GEMM, as for W4A16
@@ -107,6 +111,9 @@ class Awq(Recipe):
         """``WeightOnlyGroupwiseQuantLinear`` / ``RowLinear`` (tensorrt_llm/quantization/layers.py,
         1.x) pad to a multiple of max(64, group_size) x tp (128 for W4A8, not written here)."""
         return max(64, spec.group_size)
+
+    def calibration_block(self, spec) -> int:
+        return spec.group_size
 
     def feature_fix(self, spec) -> str:
         return "try --awq-block-size 64" if spec.group_size > 64 else "choose another format"
