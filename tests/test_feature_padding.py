@@ -20,7 +20,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from builders.cli import main
 from quantize.feature_padding import pad_feature_state
 from convert_helper import convert_checkpoint
 from quant_common import calibrated_if_needed, byte_tokenizer, same_row_max_on_every_rank
