@@ -28,6 +28,23 @@ def refuse_engine_only_flags(args, reuses_calibration: bool = False) -> None:
                         "moe_expert_parallel_size when it loads the model: drop them")
 
 
+def source_quantization(quant, model):
+    """A pre-quantized --model (config.json's ``quantization_config``) converts as it is: its spec
+    (quantize/recipes/prequantized), refused in one line with a format or calibration flag."""
+    from convert.prequant.scheme import read_source_quant
+    from quantize.formats import QuantSpec
+
+    sq = read_source_quant(model.raw)
+    if sq is None:
+        return quant
+    flags = [f for f, on in ((quant.format.flag or "--kv-cache-dtype", quant.format.quantized(quant)),
+                             ("--max-ppl-increase", quant.max_ppl_increase is not None)) if on]
+    if flags:
+        raise UserError(f"{model.directory} is already quantized ({sq.words}): it converts as it "
+                        f"is, without calibration; drop {' and '.join(flags)}")
+    return QuantSpec.for_source(sq)
+
+
 def family_formats(quant, model, target: str) -> None:
     """The model's family has not been brought to this format on this target: one line."""
     from model.families import FAMILIES

@@ -118,6 +118,9 @@ class Recipe:
     #: the converter quantizes the linears :meth:`quantizes_linear` names from each rank's float
     #: weight with :meth:`quantize_weight` (no calibration; quantize/from_weights.py)
     from_weights = False
+    #: a pre-quantized source: ``stage_linear`` gives each planned linear's tensors from the
+    #: source's own packed tensors (quantize/recipes/prequantized)
+    stages_from_source = False
 
     # ----- flags ------------------------------------------------------------------------------
 

@@ -1,0 +1,84 @@
+"""Pre-quantized int4 inputs (GPTQ, AWQ, compressed-tensors pack-quantized: convert/prequant/)
+written as TensorRT-LLM's groupwise int4 checkpoint, without calibration.
+
+Which ``quant_algo``: ``W4A16_AWQ`` with ``pre_quant_scale: false`` and ``has_zero_point`` for an
+asymmetric source. TensorRT-LLM 1.2's ``quantize()`` builds the same layers for W4A16_AWQ and
+W4A16_GPTQ (``weight_only_groupwise_quantize``: ``WeightOnlyGroupwiseQuantLinear`` with
+``zero=has_zero_point``, ``pre_quant_scale=pre_quant_scale``); they differ only in
+``preprocess_weights`` (``models/modeling_utils.py`` ``preprocess_perlayer_weights``): W4A16_AWQ's
+checkpoint holds int4 ``[out/2, in]`` that it interleaves for the GPU it builds on
+(``preprocess_weights_for_mixed_gemm``), while a W4A16_GPTQ checkpoint must already hold the
+interleaved layout of one GPU architecture (``models/llama/convert.py`` ``load_from_gptq_llama``
+calls that CUDA preprocessor at conversion). Written here without a GPU, the portable layout is
+W4A16_AWQ's.
+
+The tensors of one rank's linear (``weights.py``): ``weight`` int8 ``[out/2, in]`` (the source's
+codes, moved, never re-quantized), ``weights_scaling_factor`` float32 ``[out, in/g]`` (the source's
+scales, exact; the engine casts them to the model dtype), and for an asymmetric source ``zero``
+``[in/g, out]`` in the model dtype: ``scale * (8 - zero_point)``, rounded once, as TensorRT-LLM's
+own GPTQ converter computes it (``zeros_x_scales_fp16``), so that ``(q - 8) * scale + zero`` is the
+source's ``(q - zero_point) * scale``.
+"""
+from __future__ import annotations
+
+from common.errors import UserError
+
+from ...algos import W4A16_AWQ
+from ..base import Recipe
+from ..moe import MoeRefused
+from ..parts import MemoryModel
+
+
+class Prequantized(Recipe):
+    """A pre-quantized int4 source, converted as it is (``spec.source_quant``)."""
+
+    quant_algo = W4A16_AWQ
+    flag = None
+    exclude_modules = ("lm_head",)
+    from_weights = True
+    #: the recipe stages every packed linear from the source itself (``stage_linear``)
+    stages_from_source = True
+    memory = MemoryModel(weight_bytes=0.5)
+    moe = MoeRefused("pre-quantized mixture-of-experts models do not convert here (their expert "
+                     "stacks are not unpacked); convert the float model")
+    unified = None
+
+    def gated(self, spec) -> bool:
+        return False  # the float reference would be the source's own dequantization
+
+    def check_kv(self, kv) -> None:
+        if kv is not None:
+            raise UserError("a pre-quantized input converts without calibration: drop "
+                            "--kv-cache-dtype (a quantized KV cache needs calibration data)")
+
+    def check_linear_shapes(self, spec, in_dims, out_dims, unpadded_in=None) -> None:
+        """Per rank: whole groups, and features TensorRT-LLM's groupwise linears do not pad
+        (a multiple of max(64, group): packed int4 is not re-padded here)."""
+        m = max(64, spec.group_size)
+        for what, dims in (("input", {**in_dims, **(unpadded_in or {})}), ("output", out_dims)):
+            for name, n in dims.items():
+                if n % m:
+                    raise UserError(f"pre-quantized int4: {name} has {n} {what} features per "
+                                    f"rank, not a multiple of {m} (TensorRT-LLM's groupwise "
+                                    f"linears would pad them); choose another --tp")
+
+    def stage_linear(self, spec, source, t):
+        """``t`` (a planned rank tensor) -> {suffix: (shape, torch dtype, compute)} when it is a
+        packed linear's weight; None when it is no linear weight (norms, embedding, head)."""
+        from .weights import stage
+
+        return stage(spec, source, t)
+
+    def _block_extras(self, spec) -> dict:
+        return {"group_size": spec.group_size, "has_zero_point": spec.has_zero_point,
+                "pre_quant_scale": False}
+
+    def unified_refusal(self, spec) -> str | None:
+        return ("a pre-quantized int4 input has no --target pytorch conversion yet; use "
+                "--target engine")
+
+    def _weight_label(self, spec) -> str:
+        return f"{self.quant_algo} (pre-quantized {spec.source_quant.words})"
+
+
+PREQUANTIZED = Prequantized()
