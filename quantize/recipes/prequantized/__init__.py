@@ -35,8 +35,7 @@ class Prequantized(Recipe):
     quant_algo = W4A16_AWQ
     flag = None
     exclude_modules = ("lm_head",)
-    from_weights = True
-    #: the recipe stages every packed linear from the source itself (``stage_linear``)
+    #: the recipe stages every packed linear from the source itself (``stage_plans``)
     stages_from_source = True
     memory = MemoryModel(weight_bytes=0.5)
     moe = MoeRefused("pre-quantized mixture-of-experts models do not convert here (their expert "
@@ -62,12 +61,12 @@ class Prequantized(Recipe):
                                     f"rank, not a multiple of {m} (TensorRT-LLM's groupwise "
                                     f"linears would pad them); choose another --tp")
 
-    def stage_linear(self, spec, source, t):
-        """``t`` (a planned rank tensor) -> {suffix: (shape, torch dtype, compute)} when it is a
-        packed linear's weight; None when it is no linear weight (norms, embedding, head)."""
-        from .weights import stage
+    def stage_plans(self, cplan, spec) -> None:
+        """Every rank's planned packed linears -> their TensorRT-LLM tensors, computed (numpy,
+        no torch) when the writer reaches them."""
+        from .weights import stage_plans
 
-        return stage(spec, source, t)
+        stage_plans(cplan, spec)
 
     def _block_extras(self, spec) -> dict:
         return {"group_size": spec.group_size, "has_zero_point": spec.has_zero_point,

@@ -1,34 +1,62 @@
-"""One rank's TensorRT-LLM int4 tensors of a planned linear weight whose pieces are a
+"""One rank's TensorRT-LLM int4 tensors of each planned linear weight whose pieces are a
 pre-quantized source's virtual weights (convert/prequant/source.py): each piece (a slice of
 output rows, or of input columns for a row-parallel linear; zero rows for padded heads) is cut
 from the packed source (``convert.prequant.int4.slice_tensors``) and the pieces stacked along the
-output rows, as the float plan stacks float rows."""
+output rows, as the float plan stacks float rows. numpy only: a pre-quantized conversion imports
+no torch, as the float path."""
 from __future__ import annotations
 
 import re
 
 import numpy as np
-import torch
 
+from common.dtypes import BY_NAME
 from common.errors import UserError
+from convert.casts import UINT, float32_into
+from convert.chunks import ByteChunk
 from convert.prequant.int4 import slice_tensors
 
 _LAYER_WEIGHT = re.compile(r"^transformer\.layers\.\d+\..+\.weight$")
 
 
+class ComputedTensor:
+    """A rank tensor computed when the writer reaches it (``load`` -> numpy array of its bytes)."""
+
+    pieces = ()
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype, load):
+        self.name, self.shape, self.dtype, self._load = name, tuple(shape), dtype, load
+
+    def chunks(self):
+        data = np.ascontiguousarray(self._load())
+        yield ByteChunk(memoryview(data.reshape(-1).view(np.uint8)), self.dtype)
+
+
+def stage_plans(cplan, spec) -> None:
+    """Replace, in every rank's plan, each planned packed linear weight by its tensors."""
+    out = []
+    for plan in cplan.plans:
+        new = []
+        for t in plan:
+            made = stage(spec, cplan.source, t)
+            new += [t] if made is None else made
+        new.sort(key=lambda t: t.name)
+        out.append(new)
+    cplan.plans = out
+
+
 def _virtual(source, t) -> bool | None:
-    """True: every piece of ``t`` is a packed linear's (or padding); False: none is; None:
-    ``t`` is no 2-D tensor."""
-    named = [p.source for p in t.pieces if p.source is not None]
-    flags = {source.is_virtual(n) for n in named}
+    """True: the pieces of ``t`` are a packed linear's (or padding); False: a float tensor's;
+    None: padding only."""
+    flags = {source.is_virtual(p.source) for p in t.pieces if p.source is not None}
     if len(flags) > 1:
         raise UserError(f"{t.name} fuses packed and float linears of the source; a mixed "
                         f"pre-quantized model does not convert (one format per checkpoint)")
     return flags.pop() if flags else None
 
 
-def stage(spec, source, t):
-    """{suffix: (shape, dtype, compute)} for planned tensor ``t``, or None (not a linear)."""
+def stage(spec, source, t) -> list | None:
+    """The entries replacing planned tensor ``t``, or None (not a linear weight: kept)."""
     kind = _virtual(source, t)
     if not _LAYER_WEIGHT.match(t.name) or len(t.shape) != 2:
         if kind:
@@ -40,12 +68,14 @@ def stage(spec, source, t):
                         f"are packed: a mixed model does not convert (one format per checkpoint)")
     rows, cols = t.shape
     g = spec.group_size
-    out = {"weight": ((rows // 2, cols), torch.int8),
-           "weights_scaling_factor": ((rows, cols // g), torch.float32)}
+    out = {"weight": ((rows // 2, cols), BY_NAME["int8"]),
+           "weights_scaling_factor": ((rows, cols // g), BY_NAME["float32"])}
     if spec.has_zero_point:
-        out["zero"] = ((cols // g, rows), t.dtype.torch)
+        out["zero"] = ((cols // g, rows), t.dtype)
     cache = _Cache(spec, source, t)
-    return {k: (shape, dtype, lambda k=k: cache.get(k)) for k, (shape, dtype) in out.items()}
+    prefix = t.name[:-len("weight")]
+    return [ComputedTensor(prefix + k, shape, dtype, lambda k=k: cache.get(k))
+            for k, (shape, dtype) in out.items()]
 
 
 class _Cache:
@@ -54,7 +84,7 @@ class _Cache:
     def __init__(self, spec, source, t):
         self.spec, self.source, self.t, self.value = spec, source, t, None
 
-    def get(self, suffix: str) -> torch.Tensor:
+    def get(self, suffix: str) -> np.ndarray:
         if self.value is None:
             self.value = linear_tensors(self.spec, self.source, self.t)
         out = self.value.pop(suffix)
@@ -68,9 +98,9 @@ def _piece(spec, source, p) -> dict:
     if p.pad_cols:
         raise UserError("head padding of a pre-quantized input does not convert (packed int4 "
                         "columns are not re-padded here); choose a --tp without --pad-heads")
-    if p.source is None:  # padded heads: codes 8 (zero), scale 0
+    if p.source is None:  # padded heads: codes 0 (signed), scale 0
         r, c = p.shape
-        return {"packed": np.full((r // 2, c), 0x00, np.uint8),
+        return {"packed": np.zeros((r // 2, c), np.uint8),
                 "scale": np.zeros((r, c // sq.group_size), np.float32),
                 "zero": np.full((r, c // sq.group_size), 8, np.int16)}
     out_f, in_f = source.shape(p.source)
@@ -82,19 +112,21 @@ def _piece(spec, source, p) -> dict:
     return slice_tensors(source, sq, p.source[:-len("weight")], rows, cols)
 
 
-def linear_tensors(spec, source, t) -> dict[str, torch.Tensor]:
-    """The rank's ``weight`` / ``weights_scaling_factor`` [/ ``zero``] of planned weight ``t``."""
+def linear_tensors(spec, source, t) -> dict[str, np.ndarray]:
+    """The rank's ``weight`` (int8 bytes) / ``weights_scaling_factor`` (float32) [/ ``zero``,
+    the model dtype's bits] of planned weight ``t``."""
     parts = [_piece(spec, source, p) for p in t.pieces]
-    packed = np.concatenate([p["packed"] for p in parts]) if len(parts) > 1 else parts[0]["packed"]
-    scale = torch.from_numpy(np.concatenate([p["scale"] for p in parts]))
-    out = {"weight": torch.from_numpy(packed.view(np.int8)), "weights_scaling_factor": scale}
-    zeros = [p["zero"] for p in parts]
+    cat = (lambda k: np.concatenate([p[k] for p in parts])) if len(parts) > 1 else \
+        (lambda k: parts[0][k])
+    out = {"weight": cat("packed"), "weights_scaling_factor": cat("scale")}
     if not spec.has_zero_point:
-        if any(z is not None and (z != 8).any() for z in zeros):
+        if any(p["zero"] is not None and (p["zero"] != 8).any() for p in parts):
             raise UserError(f"{t.name}: the source declares symmetric int4 but its zero points "
                             f"are not all 8; the quantization_config does not match the tensors")
         return out
-    z = torch.from_numpy(np.concatenate(zeros).astype(np.float32))
     # scale * (8 - zero_point) is exact in float32 (11 + 4 bits), then rounded once
-    out["zero"] = (scale * (8.0 - z)).to(t.dtype.torch).T.contiguous()
+    zero = (out["weights_scaling_factor"] * (8.0 - cat("zero").astype(np.float32))).T
+    bits = np.empty(zero.shape, UINT[t.dtype.itemsize])
+    float32_into(np.ascontiguousarray(zero, dtype=np.float32), t.dtype, bits)
+    out["zero"] = bits
     return out
