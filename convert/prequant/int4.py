@@ -35,13 +35,15 @@ def unpack_words(words: np.ndarray) -> np.ndarray:
 
 
 def _pair_rows(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Words of two output rows running along the input (nibble i = input 8k+i), uint32 [..., K]
-    -> bytes [..., 8K]: byte 8k+i = nibble i of ``lo`` | nibble i of ``hi`` << 4."""
+    """Words of two output rows running along the input (nibble i = input 8k+i), uint32 [n, K]
+    -> bytes [n, 8K]: byte 8k+i = nibble i of ``lo`` | nibble i of ``hi`` << 4."""
     even = (lo & np.uint32(0x0F0F0F0F)) | ((hi & np.uint32(0x0F0F0F0F)) << np.uint32(4))
     odd = ((lo >> np.uint32(4)) & np.uint32(0x0F0F0F0F)) | (hi & np.uint32(0xF0F0F0F0))
-    out = np.stack((even.view(np.uint8).reshape(*even.shape, 4),
-                    odd.view(np.uint8).reshape(*odd.shape, 4)), axis=-1)
-    return out.reshape(*even.shape[:-1], even.shape[-1] * 8)
+    n, k = even.shape
+    out = np.empty((n, k, 4, 2), np.uint8)  # byte j of a word: inputs 2j (even), 2j+1 (odd)
+    out[..., 0] = even.view(np.uint8).reshape(n, k, 4)
+    out[..., 1] = odd.view(np.uint8).reshape(n, k, 4)
+    return out.reshape(n, k * 8)
 
 
 def _spread(v: np.ndarray) -> np.ndarray:
@@ -56,11 +58,10 @@ def _signed(b: np.ndarray) -> np.ndarray:
 
 
 def gptq_weight(words: np.ndarray) -> np.ndarray:
-    """GPTQ ``qweight`` [C/8, R] (uint32) -> TensorRT-LLM bytes [R/2, C]."""
-    b = _pair_rows(words[:, 0::2], words[:, 1::2])        # [C/8, R/2 * 8] ... per word row
-    k, r2 = words.shape[0], words.shape[1] // 2
-    b = b.reshape(k, r2, 8).transpose(1, 0, 2).reshape(r2, k * 8)
-    return _signed(np.ascontiguousarray(b))
+    """GPTQ ``qweight`` [C/8, R] (uint32) -> TensorRT-LLM bytes [R/2, C] (the words transposed
+    first, 4 bytes at a time, then paired as compressed-tensors' rows)."""
+    t = np.ascontiguousarray(words.T)
+    return _signed(_pair_rows(t[0::2], t[1::2]))
 
 
 def awq_weight(words: np.ndarray) -> np.ndarray:
