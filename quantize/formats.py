@@ -114,6 +114,8 @@ class QuantSpec:
     @classmethod
     def for_source(cls, source_quant) -> "QuantSpec":
         """The spec of a pre-quantized input (``convert.prequant.scheme.SourceQuant``)."""
+        if source_quant.fp8:
+            return cls(quant_algo=source_quant.quant_algo, source_quant=source_quant)
         return cls(quant_algo=source_quant.quant_algo, group_size=source_quant.group_size,
                    has_zero_point=not source_quant.sym, exclude_modules=("lm_head",),
                    source_quant=source_quant)
@@ -168,9 +170,9 @@ class QuantSpec:
     def format(self) -> Recipe:
         """The format's recipe (quantize/recipes/): every format-dependent answer."""
         if self.source_quant is not None:
-            from .recipes.prequantized import PREQUANTIZED
+            from .recipes.prequantized import prequantized_recipe
 
-            return PREQUANTIZED
+            return prequantized_recipe(self.source_quant)
         return recipe_for(self.quant_algo)
 
     @property

@@ -9,6 +9,8 @@ them, not the converter's word-wide bit operations):
 * AutoAWQ ``WQLinear_GEMM.from_linear``: ``qweight`` [in, out/8], column ``c`` |=
   ``intweight[:, 8c + order_map[i]] << 4i`` with ``order_map = [0, 2, 4, 6, 1, 3, 5, 7]``;
   ``qzeros`` [in/g, out/8] the same; ``scales`` [in/g, out] float16.
+* llm-compressor's fp8 (compressed-tensors ``float-quantized``): ``weight`` e4m3 = w / scale,
+  ``weight_scale`` float32 [1] (per tensor) or [out, 1] (per channel), scale = amax / 448.
 * compressed-tensors ``pack_to_int32``: the signed value + 8, ``packed[:, k] |= value[:, 8k+i] << 4i``
   (``packed_dim=1``); the zero point packed along dim 0; ``weight_scale`` [out, in/g];
   ``weight_shape`` [2] int32.
@@ -110,6 +112,17 @@ def pack_ct(q, scale, zero, g, sym) -> dict:
     return out
 
 
+def fp8_e4m3(w: torch.Tensor, strategy: str):
+    """llm-compressor's fp8 weight (``FP8`` / ``FP8_DYNAMIC``): scale = amax / 448 per tensor or
+    per output row, e4m3 = w / scale -> ({weight, weight_scale}, the dequantized weight)."""
+    amax = w.abs().amax() if strategy == "tensor" else w.abs().amax(dim=1, keepdim=True)
+    scale = (amax.float() / 448.0).reshape(-1 if strategy == "tensor" else w.shape[0], 1)
+    scale = scale.reshape(1) if strategy == "tensor" else scale
+    q = (w.float() / (scale if strategy == "channel" else scale[0])).to(torch.float8_e4m3fn)
+    deq = q.float() * (scale if strategy == "channel" else scale[0])
+    return {"weight": q, "weight_scale": scale}, deq
+
+
 def quantization_config(method: str, g: int, sym: bool, v2: bool = False) -> dict:
     if method == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": g, "sym": sym, "desc_act": False,
@@ -117,6 +130,13 @@ def quantization_config(method: str, g: int, sym: bool, v2: bool = False) -> dic
     if method == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": g, "zero_point": True,
                 "version": "gemm"}
+    if method.startswith("fp8-"):
+        return {"quant_method": "compressed-tensors", "format": "float-quantized",
+                "quantization_status": "compressed", "ignore": ["lm_head"],
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                    "num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+                    "strategy": method[4:]}, "input_activations": {
+                    "num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized",
             "quantization_status": "compressed", "ignore": ["lm_head"],
             "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
@@ -141,7 +161,12 @@ def write_prequantized(hf_dir, out_dir, method: str, g: int, sym: bool, v2: bool
     tensors, codes, deq = {}, {}, {}
     for name, t in state.items():
         prefix = name[:-len("weight")]
-        if name.endswith(".weight") and any(prefix.endswith(l + ".") for l in HF_LINEARS):
+        if name.endswith(".weight") and any(prefix.endswith(lin + ".") for lin in HF_LINEARS) \
+                and method.startswith("fp8-"):
+            packed, deq[name] = fp8_e4m3(t.to(dtype), method[4:])
+            codes[prefix] = packed
+            tensors.update({prefix + k: v for k, v in packed.items()})
+        elif name.endswith(".weight") and any(prefix.endswith(lin + ".") for lin in HF_LINEARS):
             q, s, z = rtn(t.float(), g, sym, dtype)
             codes[prefix] = (q, s, z)
             deq[name] = dequantized(q, s, z, g).float()

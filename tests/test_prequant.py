@@ -197,3 +197,59 @@ def test_cli_converts_and_checks_a_gptq_directory(tmp_path, tiny_model, capsys):
     record = json.loads((out / "build.json").read_text())
     assert record["options"]["quantization"] == {"quant_algo": "W4A16_AWQ",
                                                  "source": "gptq int4, group 128, sym"}
+
+
+# ----- fp8 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy,tp", [("channel", 1), ("tensor", 2), ("channel", 2)])
+def test_fp8_tensors_are_the_source_bytes_and_scales(tmp_path, tiny_model, strategy, tp):
+    src, codes, _ = _source(tmp_path, tiny_model, f"fp8-{strategy}", 0, True)
+    cfg = convert_checkpoint(src, tmp_path / "ck", tp=tp, progress=False, quant=_spec(src))
+    assert cfg["quantization"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"
+    assert cfg["quantization"]["exclude_modules"] == ["*ln_f", "*ln_embed", "*lm_head"]
+    assert cfg["quantization"]["use_meta_recipe"] is False
+    for r in range(tp):
+        got = _read(tmp_path / "ck" / f"rank{r}.safetensors")
+        for layer in range(2):
+            for trt, (hfs, dim) in TRT.items():
+                name = f"transformer.layers.{layer}.{trt}"
+                parts = [codes[f"model.layers.{layer}.{h}."] for h in hfs]
+                w = torch.cat([_rank_slice(p["weight"].view(torch.uint8), dim, tp, r) for p in parts])
+                rows = [p["weight_scale"].reshape(-1).expand(p["weight"].shape[0]) for p in parts]
+                # a column split takes the rank's rows' scales; a row split keeps every row
+                s = torch.cat([_rank_slice(x, 0, tp, r) if dim == 0 else x for x in rows])
+                assert got[f"{name}.weight"].dtype == torch.float8_e4m3fn
+                assert torch.equal(got[f"{name}.weight"].view(torch.uint8), w), name
+                assert got[f"{name}.per_channel_scale"].dtype == torch.float32
+                assert torch.equal(got[f"{name}.per_channel_scale"], s), name
+    result = check_dir(tmp_path / "ck")
+    assert result.exit_code == 0 and not result.findings, result.summary()
+
+
+def test_fp8_reader_logits_close_to_hf_with_the_dequantized_weights(tmp_path, tiny_model):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src, _, deq = _source(tmp_path, tiny_model, "fp8-channel", 0, True)
+    convert_checkpoint(src, tmp_path / "ck", tp=2, progress=False, quant=_spec(src))
+    config = AutoConfig.from_pretrained(src)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(deq, strict=False)
+    report, passed = verify(tmp_path / "ck", model.eval())
+    # the weights are the source's; the per-token fp8 activations are the format's only loss
+    assert passed and report["rel_err"] < 0.1, report
+
+
+@pytest.mark.parametrize("qc,message", [
+    ({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"},
+     "the model's quantization_config has block-scaled fp8 weights (weight_block_size [128, 128], "
+     "weight_scale_inv: FP8_BLOCK_SCALES, which TensorRT-LLM 1.2 runs on its PyTorch backend "
+     "only, _torch/modules/linear.py; the engine flow's quantization/layers.py has no such "
+     "linear); convert its float model instead, or serve the directory with TensorRT-LLM's "
+     "PyTorch backend"),
+])
+def test_fp8_refusals(qc, message):
+    with pytest.raises(UserError) as e:
+        read_source_quant({"quantization_config": qc})
+    assert str(e.value) == message

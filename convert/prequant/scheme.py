@@ -37,14 +37,17 @@ class SourceQuant:
     sym: bool                    # no zero points (zero 8 for gptq, 0 for compressed-tensors)
     zero_offset: int = 0         # added to gptq's stored zeros (1 for checkpoint_format gptq)
     ignore: tuple[str, ...] = ()  # modules left in float by the packer (their names)
+    fp8: str | None = None       # fp8 weights: "tensor" / "channel" scales (``weight_scale``)
 
     @property
     def quant_algo(self) -> str:
         """The TensorRT-LLM format written (see quantize/recipes/prequantized)."""
-        return "W4A16_AWQ"
+        return "FP8_PER_CHANNEL_PER_TOKEN" if self.fp8 else "W4A16_AWQ"
 
     @property
     def words(self) -> str:
+        if self.fp8:
+            return f"{self.method} fp8 e4m3, per-{self.fp8} weight scales"
         return f"{self.method} int4, group {self.group_size}, {'sym' if self.sym else 'asym'}"
 
 
@@ -60,6 +63,13 @@ def read_source_quant(raw: dict) -> SourceQuant | None:
     if not isinstance(qc, dict):
         raise _refuse(f"is {type(qc).__name__}, not an object")
     method = qc.get("quant_method")
+    if method == "fp8" and qc.get("weight_block_size"):  # transformers' FineGrainedFP8 (DeepSeek)
+        raise _refuse(f"has block-scaled fp8 weights (weight_block_size "
+                      f"{qc.get('weight_block_size')}, weight_scale_inv: FP8_BLOCK_SCALES, which "
+                      f"TensorRT-LLM 1.2 runs on its PyTorch backend only, "
+                      f"_torch/modules/linear.py; the engine flow's quantization/layers.py has no "
+                      f"such linear)", "convert its float model instead, or serve the directory "
+                      "with TensorRT-LLM's PyTorch backend")
     if method not in METHODS:
         raise _refuse(f"has quant_method {method!r}; supported pre-quantized inputs: "
                       f"{', '.join(METHODS)}")
@@ -108,14 +118,17 @@ def _gptq(qc: dict, group: int) -> SourceQuant:
 
 def _compressed_tensors(qc: dict) -> SourceQuant:
     fmt = qc.get("format")
-    if fmt != "pack-quantized":
-        raise _refuse(f"is compressed-tensors format {fmt!r}; only pack-quantized int4 converts")
+    if fmt not in ("pack-quantized", "float-quantized"):
+        raise _refuse(f"is compressed-tensors format {fmt!r}; pack-quantized int4 and "
+                      f"float-quantized fp8 convert")
     groups = qc.get("config_groups") or {}
     if len(groups) != 1:
         raise _refuse(f"has {len(groups)} compressed-tensors config_groups: mixed schemes do not "
                       f"convert (one quant_algo per checkpoint)")
     scheme = next(iter(groups.values()))
     w = scheme.get("weights") or {}
+    if fmt == "float-quantized":
+        return _ct_fp8(qc, w)
     if scheme.get("input_activations") or scheme.get("output_activations"):
         raise _refuse("quantizes activations too: only weight-only int4 (W4A16) converts")
     if w.get("num_bits") != 4 or w.get("type", "int") != "int":
@@ -130,3 +143,23 @@ def _compressed_tensors(qc: dict) -> SourceQuant:
     ignore = tuple(n for n in _names(qc.get("ignore")) if not n.startswith("re:"))
     return SourceQuant("compressed-tensors", _group(w.get("group_size"), "compressed-tensors"),
                        sym=bool(w.get("symmetric", True)), ignore=ignore)
+
+
+def _ct_fp8(qc: dict, w: dict) -> SourceQuant:
+    """compressed-tensors ``float-quantized`` (llm-compressor's FP8 / FP8_DYNAMIC schemes):
+    ``weight`` float8_e4m3fn [out, in] and ``weight_scale`` [1] (per tensor) or [out, 1] (per
+    channel); ``w = weight * weight_scale``. The activations' scheme (static per-tensor
+    ``input_scale`` or dynamic per token) does not change the weights."""
+    if w.get("num_bits") != 8 or w.get("type") != "float":
+        raise _refuse(f"has {w.get('type')} weights of {w.get('num_bits')!r} bits in a "
+                      f"float-quantized checkpoint: only fp8 (e4m3) converts")
+    strategy = w.get("strategy")
+    if strategy == "block":
+        raise _refuse("has block-scaled fp8 weights (FP8_BLOCK_SCALES: TensorRT-LLM 1.2 runs "
+                      "them on its PyTorch backend only, _torch/modules/linear.py; the engine "
+                      "flow's quantization/layers.py has no such linear)", "convert its float "
+                      "model instead, or serve the directory with TensorRT-LLM's PyTorch backend")
+    if strategy not in ("tensor", "channel"):
+        raise _refuse(f"has fp8 weight strategy {strategy!r}: tensor and channel convert")
+    return SourceQuant("compressed-tensors", 0, sym=True, fp8=strategy,
+                       ignore=tuple(n for n in _names(qc.get("ignore")) if not n.startswith("re:")))

@@ -41,6 +41,10 @@ class PrequantSource(SourceCheckpoint):
         return (b * 8, a)                     # awq: [in, out/8]
 
     def is_virtual(self, name: str) -> bool:
+        """Whether ``name`` is a quantized linear's weight (packed int4: virtual; fp8: the
+        stored e4m3 weight beside its ``weight_scale``)."""
+        if self.quant.fp8:
+            return name.endswith(".weight") and name[:-len("weight")] + "weight_scale" in self.meta
         return name in self.virtual
 
     def __contains__(self, name: str) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from common.errors import UserError
 
-from ...algos import W4A16_AWQ
+from ...algos import FP8_ROWWISE, W4A16_AWQ
 from ..base import Recipe
 from ..moe import MoeRefused
 from ..parts import MemoryModel
@@ -64,9 +64,9 @@ class Prequantized(Recipe):
     def stage_plans(self, cplan, spec) -> None:
         """Every rank's planned packed linears -> their TensorRT-LLM tensors, computed (numpy,
         no torch) when the writer reaches them."""
-        from .weights import stage_plans
+        from .weights import stage, stage_plans
 
-        stage_plans(cplan, spec)
+        stage_plans(cplan, spec, stage)
 
     def _block_extras(self, spec) -> dict:
         return {"group_size": spec.group_size, "has_zero_point": spec.has_zero_point,
@@ -80,4 +80,37 @@ class Prequantized(Recipe):
         return f"{self.quant_algo} (pre-quantized {spec.source_quant.words})"
 
 
+class PrequantizedFp8(Prequantized):
+    """A pre-quantized fp8 source (per-tensor or per-channel weight scales), written as
+    FP8_PER_CHANNEL_PER_TOKEN (fp8.py says why)."""
+
+    quant_algo = FP8_ROWWISE
+    exclude_modules = None
+    memory = MemoryModel(weight_bytes=1.0)
+
+    def check_linear_shapes(self, spec, in_dims, out_dims, unpadded_in=None) -> None:
+        """Fp8RowwiseLinear pads nothing."""
+
+    def stage_plans(self, cplan, spec) -> None:
+        from .fp8 import stage
+        from .weights import stage_plans
+
+        stage_plans(cplan, spec, stage)
+
+    def quantization_block(self, spec) -> dict:
+        from .fp8 import quantization_block
+
+        return quantization_block(spec)
+
+    def unified_refusal(self, spec) -> str | None:
+        return ("a pre-quantized fp8 input has no --target pytorch conversion yet; use "
+                "--target engine")
+
+
 PREQUANTIZED = Prequantized()
+PREQUANTIZED_FP8 = PrequantizedFp8()
+
+
+def prequantized_recipe(source_quant) -> Prequantized:
+    """The recipe of a pre-quantized source (``convert.prequant.scheme.SourceQuant``)."""
+    return PREQUANTIZED_FP8 if source_quant.fp8 else PREQUANTIZED

@@ -32,40 +32,45 @@ class ComputedTensor:
         yield ByteChunk(memoryview(data.reshape(-1).view(np.uint8)), self.dtype)
 
 
-def stage_plans(cplan, spec) -> None:
-    """Replace, in every rank's plan, each planned packed linear weight by its tensors."""
+def stage_plans(cplan, spec, stage_one) -> None:
+    """Replace, in every rank's plan, each planned quantized linear weight by the entries
+    ``stage_one(spec, source, t)`` gives (None: ``t`` kept)."""
     out = []
     for plan in cplan.plans:
         new = []
         for t in plan:
-            made = stage(spec, cplan.source, t)
+            made = stage_one(spec, cplan.source, t)
             new += [t] if made is None else made
         new.sort(key=lambda t: t.name)
         out.append(new)
     cplan.plans = out
 
 
-def _virtual(source, t) -> bool | None:
-    """True: the pieces of ``t`` are a packed linear's (or padding); False: a float tensor's;
-    None: padding only."""
+def check_linear(source, t) -> bool:
+    """Whether planned ``t`` is a decoder layer's quantized linear weight (False: a float
+    tensor, kept); a quantized head or embedding, or a float linear among quantized ones
+    (a mixed model), refused."""
     flags = {source.is_virtual(p.source) for p in t.pieces if p.source is not None}
     if len(flags) > 1:
-        raise UserError(f"{t.name} fuses packed and float linears of the source; a mixed "
+        raise UserError(f"{t.name} fuses quantized and float linears of the source; a mixed "
                         f"pre-quantized model does not convert (one format per checkpoint)")
-    return flags.pop() if flags else None
+    quantized = flags.pop() if flags else None
+    if not _LAYER_WEIGHT.match(t.name) or len(t.shape) != 2:
+        if quantized:
+            raise UserError(f"{t.name} is quantized in the source; only the decoder layers' "
+                            f"linears convert pre-quantized (the head and embedding in float)")
+        return False
+    if not quantized:
+        raise UserError(f"{t.name} is float in the pre-quantized source while other linears "
+                        f"are quantized: a mixed model does not convert (one format per "
+                        f"checkpoint)")
+    return True
 
 
 def stage(spec, source, t) -> list | None:
-    """The entries replacing planned tensor ``t``, or None (not a linear weight: kept)."""
-    kind = _virtual(source, t)
-    if not _LAYER_WEIGHT.match(t.name) or len(t.shape) != 2:
-        if kind:
-            raise UserError(f"{t.name} is int4-packed in the source; only the decoder layers' "
-                            f"linears convert pre-quantized (the head and embedding in float)")
+    """The entries replacing planned tensor ``t`` (an int4 linear's weight), or None."""
+    if not check_linear(source, t):
         return None
-    if not kind:
-        raise UserError(f"{t.name} is float in the pre-quantized source while other linears "
-                        f"are packed: a mixed model does not convert (one format per checkpoint)")
     rows, cols = t.shape
     g = spec.group_size
     out = {"weight": ((rows // 2, cols), BY_NAME["int8"]),
