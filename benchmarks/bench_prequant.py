@@ -72,7 +72,7 @@ def write_gptq(out: Path, layers: int, shard_gb: float = 2.0) -> int:
         elif leaf == "qzeros":  # symmetric: every stored zero 7 (zero point 8)
             yield torch.full(t.shape, 0x77777777, dtype=torch.int32)
         elif leaf == "qweight":
-            flat, n = block, t.shape[0] * t.shape[1]
+            flat = block
             rows = max(1, flat.numel() // t.shape[1])
             for a in range(0, t.shape[0], rows):
                 k = min(rows, t.shape[0] - a)
