@@ -211,7 +211,7 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     preflight.refuse_engine_only_flags(args, reuses_calibration=layerwise)
     options_from_args(args)  # the LLM(...) size limits among them: their ranges, always
     model = ModelSource.open(args.model)
-    quant = preflight.source_quantization(quant, model)
+    quant = preflight.source_quantization(quant, model, "pytorch")
     preflight.family_formats(quant, model, "pytorch")
     preflight.refuse_padding_for_pytorch(args, model, args.pad_heads or model.pads_heads)
     triton = args.triton_target != "none" and not args.checkpoint_only

@@ -28,7 +28,7 @@ def refuse_engine_only_flags(args, reuses_calibration: bool = False) -> None:
                         "moe_expert_parallel_size when it loads the model: drop them")
 
 
-def source_quantization(quant, model):
+def source_quantization(quant, model, target: str = "engine"):
     """A pre-quantized --model (config.json's ``quantization_config``) converts as it is: its spec
     (quantize/recipes/prequantized), refused in one line with a format or calibration flag."""
     from convert.prequant.scheme import read_source_quant
@@ -42,7 +42,11 @@ def source_quantization(quant, model):
     if flags:
         raise UserError(f"{model.directory} is already quantized ({sq.words}): it converts as it "
                         f"is, without calibration; drop {' and '.join(flags)}")
-    return QuantSpec.for_source(sq)
+    spec = QuantSpec.for_source(sq)
+    why = spec.format.unified_refusal(spec) if target == "pytorch" else None
+    if why is not None:
+        raise UserError(f"--target pytorch: {why}")
+    return spec
 
 
 def family_formats(quant, model, target: str) -> None:

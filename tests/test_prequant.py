@@ -111,7 +111,10 @@ def test_cli_refuses_a_format_flag_on_a_prequantized_input(tmp_path, tiny_model,
     assert not out.exists()
     assert main(["--model", str(src), "--output", str(out), "--target", "pytorch",
                  "--no-progress"]) == 2
-    assert "no --target pytorch conversion" in capsys.readouterr().err and not out.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "build_engine: error: --target pytorch: a pre-quantized int4 input has no --target "
+        "pytorch conversion yet; use --target engine"]
+    assert not out.exists()
 
 
 # ----- tensors against the source's dequantization ---------------------------------------------
