@@ -256,3 +256,21 @@ def test_fp8_refusals(qc, message):
     with pytest.raises(UserError) as e:
         read_source_quant({"quantization_config": qc})
     assert str(e.value) == message
+
+
+def test_an_act_order_g_idx_without_desc_act_is_refused(tmp_path, tiny_model):
+    from safetensors.torch import load_file, save_file
+
+    src, _, _ = _source(tmp_path, tiny_model, "gptq", 64, True)
+    f = src / "model.safetensors"
+    tensors = load_file(f)
+    name = "model.layers.1.mlp.down_proj.g_idx"
+    tensors[name] = tensors[name].flip(0).contiguous()  # groups out of order
+    save_file(tensors, str(f))
+    with pytest.raises(UserError) as e:
+        convert_checkpoint(src, tmp_path / "ck", progress=False, quant=_spec(src))
+    assert str(e.value) == (f"{name} assigns inputs to groups out of order (act-order) although "
+                            f"the quantization_config does not set desc_act; TensorRT-LLM's "
+                            f"groupwise kernel takes contiguous groups: convert the float model "
+                            f"instead")
+    assert not (tmp_path / "ck").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.errors import UserError
 from convert.casts import to_float32
 
 #: AutoAWQ's nibble order within a word: nibble i holds output 8c + AWQ_ORDER[i]
@@ -76,6 +77,19 @@ def ct_weight(words: np.ndarray) -> np.ndarray:
     return _signed(_pair_rows(words[0::2], words[1::2]))
 
 
+def _check_g_idx(source, prefix: str, g: int, cols: slice) -> None:
+    """A ``g_idx`` (when present) must give input i the group i // g: an act-order export that
+    does not say ``desc_act`` would otherwise be read with the wrong scales."""
+    name = prefix + "g_idx"
+    if name not in source.meta:
+        return
+    got = source.read_bits(name, (cols,)).view(np.int32)
+    if not np.array_equal(got, np.arange(cols.start, cols.stop, dtype=np.int32) // g):
+        raise UserError(f"{name} assigns inputs to groups out of order (act-order) although the "
+                        f"quantization_config does not set desc_act; TensorRT-LLM's groupwise "
+                        f"kernel takes contiguous groups: convert the float model instead")
+
+
 def _scale(source, name: str, index: tuple, transpose: bool) -> np.ndarray:
     s = to_float32(source.read_bits(name, index), source.dtype(name))
     return np.ascontiguousarray(s.T if transpose else s, dtype=np.float32)
@@ -88,6 +102,7 @@ def slice_tensors(source, sq, prefix: str, rows: slice, cols: slice) -> dict:
     r0, r1, c0, c1 = rows.start, rows.stop, cols.start, cols.stop
     groups = slice(c0 // g, c1 // g)
     if sq.method == "gptq":
+        _check_g_idx(source, prefix, g, cols)
         packed = gptq_weight(source.read_bits(prefix + "qweight", (slice(c0 // 8, c1 // 8), rows)))
         scale = _scale(source, prefix + "scales", (groups, rows), True)
         zero = unpack_words(source.read_bits(prefix + "qzeros", (groups,)))[:, r0:r1].T
