@@ -100,20 +100,20 @@ def test_quantization_config_refusals_are_one_line(qc, message):
 
 
 def test_cli_refuses_a_format_flag_on_a_prequantized_input(tmp_path, tiny_model, capsys):
-    src, _, _ = _source(tmp_path, tiny_model, "gptq", 128, True)
+    src, _, _ = _source(tmp_path, tiny_model, "gptq", 128, False)
     out = tmp_path / "out"
     capsys.readouterr()  # the tiny model's save
     assert main(["--model", str(src), "--output", str(out), "--awq", "--checkpoint-only",
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"build_engine: error: {src} is already quantized (gptq int4, group 128, sym): "
+    assert err == [f"build_engine: error: {src} is already quantized (gptq int4, group 128, asym): "
                    f"it converts as it is, without calibration; drop --awq"]
     assert not out.exists()
     assert main(["--model", str(src), "--output", str(out), "--target", "pytorch",
                  "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "build_engine: error: --target pytorch: a pre-quantized int4 input has no --target "
-        "pytorch conversion yet; use --target engine"]
+        "build_engine: error: --target pytorch: an asymmetric pre-quantized int4 input has no "
+        "unified checkpoint (modelopt's W4A16_AWQ has no zero points); use --target engine"]
     assert not out.exists()
 
 
@@ -274,3 +274,44 @@ def test_an_act_order_g_idx_without_desc_act_is_refused(tmp_path, tiny_model):
                             f"groupwise kernel takes contiguous groups: convert the float model "
                             f"instead")
     assert not (tmp_path / "ck").exists()
+
+
+# ----- --target pytorch ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["gptq", "compressed-tensors"])
+def test_pytorch_target_writes_the_source_codes_as_modelopts_unified_awq(tmp_path, tiny_model,
+                                                                         method):
+    """modelopt's unified W4A16_AWQ: uint8 [out/2, in] (low nibble = even row, signed), float32
+    weight_scale [out, in/g], q/k/v and gate/up's pre_quant_scale folded (absent: identity),
+    o_proj / down_proj's kept (ones); the unified reader's logits equal the HF model holding the
+    source's dequantized weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src, codes, deq = _source(tmp_path, tiny_model, method, 64, True)
+    out = tmp_path / "out"
+    assert main(["--model", str(src), "--output", str(out), "--target", "pytorch",
+                 "--no-progress", "--triton-target", "none"]) == 0
+    ckpt = out / "hf_quantized"
+    hf_quant = json.loads((ckpt / "hf_quant_config.json").read_text())["quantization"]
+    assert hf_quant == {"quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": None, "group_size": 64,
+                        "has_zero_point": False, "pre_quant_scale": True,
+                        "exclude_modules": ["lm_head", "model.embed_tokens"]}
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "modelopt"
+    got = _read(ckpt / "model.safetensors")
+    for prefix, (q, s, _) in codes.items():
+        assert got[prefix + "weight"].dtype == torch.uint8
+        assert torch.equal(_signed_rows(got[prefix + "weight"]) + 8, q), prefix
+        assert torch.equal(got[prefix + "weight_scale"], s.float()), prefix
+        keeps = prefix.endswith(("o_proj.", "down_proj."))
+        assert (prefix + "pre_quant_scale" in got) == keeps, prefix
+        if keeps:
+            assert torch.equal(got[prefix + "pre_quant_scale"],
+                               torch.ones(q.shape[1], dtype=torch.float16))
+    config = AutoConfig.from_pretrained(src)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(deq, strict=False)
+    report, passed = verify(ckpt, model.eval())
+    assert passed and report["rel_err"] < 1e-4 and report["argmax_agreement"] == 1.0, report

@@ -26,7 +26,7 @@ from common.errors import UserError
 from ...algos import FP8_ROWWISE, W4A16_AWQ
 from ..base import Recipe
 from ..moe import MoeRefused
-from ..parts import MemoryModel
+from ..parts import MemoryModel, UnifiedFormat
 
 
 class Prequantized(Recipe):
@@ -40,7 +40,8 @@ class Prequantized(Recipe):
     memory = MemoryModel(weight_bytes=0.5)
     moe = MoeRefused("pre-quantized mixture-of-experts models do not convert here (their expert "
                      "stacks are not unpacked); convert the float model")
-    unified = None
+    #: --target pytorch (symmetric sources): modelopt's unified W4A16_AWQ, written by unified.py
+    unified = UnifiedFormat(weight="int4", fuse_shared_inputs=True, fold_into_norm=True)
 
     def gated(self, spec) -> bool:
         return False  # the float reference would be the source's own dequantization
@@ -73,8 +74,16 @@ class Prequantized(Recipe):
                 "pre_quant_scale": False}
 
     def unified_refusal(self, spec) -> str | None:
-        return ("a pre-quantized int4 input has no --target pytorch conversion yet; use "
-                "--target engine")
+        if spec.has_zero_point:
+            return ("an asymmetric pre-quantized int4 input has no unified checkpoint (modelopt's "
+                    "W4A16_AWQ has no zero points); use --target engine")
+        return None
+
+    def unified_quantization(self, spec) -> dict | None:
+        """modelopt's AWQ keys: its export keeps o_proj / down_proj's pre_quant_scale."""
+        return {"quant_algo": self.quant_algo, "kv_cache_quant_algo": None,
+                "group_size": spec.group_size, "has_zero_point": False, "pre_quant_scale": True,
+                "exclude_modules": ["lm_head", "model.embed_tokens"]}
 
     def _weight_label(self, spec) -> str:
         return f"{self.quant_algo} (pre-quantized {spec.source_quant.words})"
@@ -87,6 +96,7 @@ class PrequantizedFp8(Prequantized):
     quant_algo = FP8_ROWWISE
     exclude_modules = None
     memory = MemoryModel(weight_bytes=1.0)
+    unified = None
 
     def check_linear_shapes(self, spec, in_dims, out_dims, unpadded_in=None) -> None:
         """Fp8RowwiseLinear pads nothing."""
