@@ -75,7 +75,8 @@ W = CT["config_groups"]["group_0"]["weights"]
      "g_idx assigns each input its group out of order, and TensorRT-LLM's groupwise kernel takes "
      "contiguous groups); use a desc_act false export of the model, or convert its float model"),
     ({**GPTQ, "bits": 8}, "the model's quantization_config has bits 8: only 4-bit gptq converts "
-     "(TensorRT-LLM's groupwise kernels are int4); convert its float model instead"),
+     "here (8-bit groupwise would be TensorRT-LLM's W8A16_GPTQ, which this tool does not write); "
+     "convert its float model instead"),
     ({**GPTQ, "group_size": -1}, "the model's quantization_config has group_size -1: supported "
      "gptq group sizes are 32, 64, 128 (TensorRT-LLM's groupwise kernels; -1, per channel, is not "
      "one); convert its float model instead"),

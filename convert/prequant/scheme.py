@@ -77,8 +77,8 @@ def read_source_quant(raw: dict) -> SourceQuant | None:
         return _compressed_tensors(qc)
     bits = qc.get("bits", qc.get("w_bit"))
     if bits != 4:
-        raise _refuse(f"has bits {bits!r}: only 4-bit {method} converts (TensorRT-LLM's groupwise "
-                      f"kernels are int4)")
+        raise _refuse(f"has bits {bits!r}: only 4-bit {method} converts here (8-bit groupwise "
+                      f"would be TensorRT-LLM's W8A16_GPTQ, which this tool does not write)")
     group = _group(qc.get("group_size", qc.get("q_group_size")), method)
     if method == "gptq":
         return _gptq(qc, group)
