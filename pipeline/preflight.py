@@ -28,9 +28,10 @@ def refuse_engine_only_flags(args, reuses_calibration: bool = False) -> None:
                         "moe_expert_parallel_size when it loads the model: drop them")
 
 
-def source_quantization(quant, model, target: str = "engine"):
+def source_quantization(quant, model, target: str = "engine", reads_float=()):
     """A pre-quantized --model (config.json's ``quantization_config``) converts as it is: its spec
-    (quantize/recipes/prequantized), refused in one line with a format or calibration flag."""
+    (quantize/recipes/prequantized), refused in one line with a format or calibration flag, or
+    with ``reads_float`` (the flags given that read the model as float: --verify, --eval-ppl)."""
     from convert.prequant.scheme import read_source_quant
     from quantize.formats import QuantSpec
 
@@ -42,6 +43,10 @@ def source_quantization(quant, model, target: str = "engine"):
     if flags:
         raise UserError(f"{model.directory} is already quantized ({sq.words}): it converts as it "
                         f"is, without calibration; drop {' and '.join(flags)}")
+    if reads_float:
+        raise UserError(f"{' and '.join(reads_float)} read{'s' if len(reads_float) == 1 else ''} "
+                        f"the model as float weights; {model.directory} is already quantized "
+                        f"({sq.words}): drop {' and '.join(reads_float)}")
     spec = QuantSpec.for_source(sq)
     why = spec.format.unified_refusal(spec) if target == "pytorch" else None
     if why is not None:

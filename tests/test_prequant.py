@@ -110,6 +110,12 @@ def test_cli_refuses_a_format_flag_on_a_prequantized_input(tmp_path, tiny_model,
     assert err == [f"build_engine: error: {src} is already quantized (gptq int4, group 128, asym): "
                    f"it converts as it is, without calibration; drop --awq"]
     assert not out.exists()
+    assert main(["--model", str(src), "--output", str(out), "--verify", "--checkpoint-only",
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"build_engine: error: --verify reads the model as float weights; {src} is already "
+        f"quantized (gptq int4, group 128, asym): drop --verify"]
+    assert not out.exists()
     assert main(["--model", str(src), "--output", str(out), "--target", "pytorch",
                  "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
