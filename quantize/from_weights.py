@@ -57,12 +57,6 @@ def quantize_plans(cplan, shape, quant) -> None:
         cache = _Quantized(cplan.source, quant)
         staged = {}
         for t in plan:
-            if recipe.stages_from_source:  # a pre-quantized source: its own tensors per linear
-                made = recipe.stage_linear(quant, cplan.source, t) or {}
-                prefix = t.name[:-len("weight")]
-                staged.update({prefix + k: StagedTensor(prefix + k, shape, dtype, fn)
-                               for k, (shape, dtype, fn) in made.items()})
-                continue
             m = _LINEAR_WEIGHT.match(t.name)
             if m is None or not recipe.quantizes_linear(quant, first + int(m.group(1)), shape.layers,
                                                          m.group(2)):
