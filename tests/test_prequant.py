@@ -127,10 +127,16 @@ def test_cli_refuses_a_format_flag_on_a_prequantized_input(tmp_path, tiny_model,
 # ----- tensors against the source's dequantization ---------------------------------------------
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("method,g,sym,v2,tp", [
-    ("gptq", 128, True, False, 1), ("gptq", 128, True, False, 2), ("gptq", 64, False, False, 2),
-    ("gptq", 32, False, True, 1), ("awq", 128, False, False, 2), ("awq", 32, False, False, 1),
-    ("compressed-tensors", 64, True, False, 2), ("compressed-tensors", 128, False, False, 1),
+    ("gptq", 128, True, False, 2), ("gptq", 64, False, False, 2), ("awq", 32, False, False, 1),
+    ("compressed-tensors", 128, False, False, 2),
+    pytest.param("gptq", 128, True, False, 1, marks=SLOW),
+    pytest.param("gptq", 32, False, True, 1, marks=SLOW),
+    pytest.param("awq", 128, False, False, 2, marks=SLOW),
+    pytest.param("compressed-tensors", 64, True, False, 1, marks=SLOW),
 ])
 def test_tensors_equal_the_source_dequantization(tmp_path, tiny_model, method, g, sym, v2, tp):
     src, codes, deq = _source(tmp_path, tiny_model, method, g, sym, v2)
@@ -176,8 +182,9 @@ def test_tensors_equal_the_source_dequantization(tmp_path, tiny_model, method, g
     assert result.exit_code == 0 and not result.findings, result.summary()
 
 
-@pytest.mark.parametrize("method,sym,tp", [("gptq", True, 2), ("awq", False, 1),
-                                           ("compressed-tensors", False, 2)])
+@pytest.mark.parametrize("method,sym,tp", [("gptq", True, 2),
+                                           pytest.param("awq", False, 1, marks=SLOW),
+                                           pytest.param("compressed-tensors", False, 2, marks=SLOW)])
 def test_reader_logits_equal_hf_with_the_dequantized_weights(tmp_path, tiny_model, method, sym, tp):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -212,7 +219,8 @@ def test_cli_converts_and_checks_a_gptq_directory(tmp_path, tiny_model, capsys):
 # ----- fp8 ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy,tp", [("channel", 1), ("tensor", 2), ("channel", 2)])
+@pytest.mark.parametrize("strategy,tp", [("tensor", 2), ("channel", 2),
+                                         pytest.param("channel", 1, marks=SLOW)])
 def test_fp8_tensors_are_the_source_bytes_and_scales(tmp_path, tiny_model, strategy, tp):
     src, codes, _ = _source(tmp_path, tiny_model, f"fp8-{strategy}", 0, True)
     cfg = convert_checkpoint(src, tmp_path / "ck", tp=tp, progress=False, quant=_spec(src))
@@ -286,7 +294,7 @@ def test_an_act_order_g_idx_without_desc_act_is_refused(tmp_path, tiny_model):
 # ----- --target pytorch ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["gptq", "compressed-tensors"])
+@pytest.mark.parametrize("method", ["gptq", pytest.param("compressed-tensors", marks=SLOW)])
 def test_pytorch_target_writes_the_source_codes_as_modelopts_unified_awq(tmp_path, tiny_model,
                                                                          method):
     """modelopt's unified W4A16_AWQ: uint8 [out/2, in] (low nibble = even row, signed), float32
