@@ -49,10 +49,10 @@ def _rank_slice(x: torch.Tensor, dim: int, tp: int, r: int, g: int = 1) -> torch
     return torch.chunk(x, tp, dim=dim)[r] if dim == 0 else torch.chunk(x, tp, dim=1)[r]
 
 
-def _source(tmp_path, tiny_model, method, g, sym, v2=False, layers=2):
+def _source(tmp_path, tiny_model, method, g, sym, v2=False, layers=2, dtype=torch.float16):
     hf_dir, _ = tiny_model(num_hidden_layers=layers, **SHAPE)
     src = tmp_path / "src"
-    codes, deq = write_prequantized(hf_dir, src, method, g, sym, v2)
+    codes, deq = write_prequantized(hf_dir, src, method, g, sym, v2, dtype=dtype)
     return src, codes, deq
 
 
@@ -130,16 +130,21 @@ def test_cli_refuses_a_format_flag_on_a_prequantized_input(tmp_path, tiny_model,
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("method,g,sym,v2,tp", [
-    ("gptq", 128, True, False, 2), ("gptq", 64, False, False, 2), ("awq", 32, False, False, 1),
-    ("compressed-tensors", 128, False, False, 2),
-    pytest.param("gptq", 128, True, False, 1, marks=SLOW),
-    pytest.param("gptq", 32, False, True, 1, marks=SLOW),
-    pytest.param("awq", 128, False, False, 2, marks=SLOW),
-    pytest.param("compressed-tensors", 64, True, False, 1, marks=SLOW),
+BF16 = torch.bfloat16
+
+
+@pytest.mark.parametrize("method,g,sym,v2,tp,dtype", [
+    ("gptq", 128, True, False, 2, None), ("gptq", 64, False, False, 2, None),
+    ("awq", 32, False, False, 1, BF16), ("compressed-tensors", 128, False, False, 2, None),
+    pytest.param("gptq", 128, True, False, 1, None, marks=SLOW),
+    pytest.param("gptq", 32, False, True, 1, BF16, marks=SLOW),
+    pytest.param("awq", 128, False, False, 2, None, marks=SLOW),
+    pytest.param("compressed-tensors", 64, True, False, 1, None, marks=SLOW),
 ])
-def test_tensors_equal_the_source_dequantization(tmp_path, tiny_model, method, g, sym, v2, tp):
-    src, codes, deq = _source(tmp_path, tiny_model, method, g, sym, v2)
+def test_tensors_equal_the_source_dequantization(tmp_path, tiny_model, method, g, sym, v2, tp,
+                                                 dtype):
+    dtype = dtype or torch.float16
+    src, codes, deq = _source(tmp_path, tiny_model, method, g, sym, v2, dtype=dtype)
     cfg = convert_checkpoint(src, tmp_path / "ck", tp=tp, progress=False, quant=_spec(src))
     assert cfg["quantization"] == {"quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": None,
                                    "group_size": g, "has_zero_point": not sym,
@@ -164,13 +169,14 @@ def test_tensors_equal_the_source_dequantization(tmp_path, tiny_model, method, g
                     assert torch.equal(trt_w, source), name  # exactly the source's
                     continue
                 zero = got[f"{name}.zero"]
-                assert zero.dtype == torch.float16 and zero.shape == (q.shape[1] // g, q.shape[0])
+                assert zero.dtype == dtype and zero.shape == (q.shape[1] // g, q.shape[0])
                 # scale * (8 - zero point), rounded once to the model dtype (TensorRT-LLM's GPTQ
                 # converter's zeros_x_scales_fp16)
-                assert torch.equal(zero.T, (s * (8 - z)).half()), name
+                assert torch.equal(zero.T, (s * (8 - z)).to(dtype)), name
                 trt_w = trt_w + zero.T.double().repeat_interleave(g, 1)
                 # the source's dequantization up to that one rounding of the zero
-                bound = (s * (8 - z)).abs().repeat_interleave(g, 1) * 2.0 ** -11
+                ulp = 2.0 ** (-11 if dtype == torch.float16 else -8)
+                bound = (s * (8 - z)).abs().repeat_interleave(g, 1) * ulp
                 assert ((trt_w - source).abs() <= bound).all(), name
         flt = {k for k in got if ".attention." not in k and ".mlp." not in k}
         assert flt == {"transformer.vocab_embedding.weight", "transformer.ln_f.weight",
