@@ -112,6 +112,11 @@ def pack_ct(q, scale, zero, g, sym) -> dict:
     return out
 
 
+def fp8_input_scale(strategy: str) -> dict:
+    """A static per-tensor input scale (llm-compressor's ``FP8`` scheme) for a per-tensor source."""
+    return {"input_scale": torch.tensor([0.05], dtype=torch.float32)} if strategy == "tensor" else {}
+
+
 def fp8_e4m3(w: torch.Tensor, strategy: str):
     """llm-compressor's fp8 weight (``FP8`` / ``FP8_DYNAMIC``): scale = amax / 448 per tensor or
     per output row, e4m3 = w / scale -> ({weight, weight_scale}, the dequantized weight)."""
@@ -136,6 +141,8 @@ def quantization_config(method: str, g: int, sym: bool, v2: bool = False) -> dic
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
                     "num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
                     "strategy": method[4:]}, "input_activations": {
+                    "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}
+                    if method == "fp8-tensor" else {
                     "num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized",
             "quantization_status": "compressed", "ignore": ["lm_head"],
@@ -166,6 +173,7 @@ def write_prequantized(hf_dir, out_dir, method: str, g: int, sym: bool, v2: bool
             packed, deq[name] = fp8_e4m3(t.to(dtype), method[4:])
             codes[prefix] = packed
             tensors.update({prefix + k: v for k, v in packed.items()})
+            tensors.update({prefix + k: v for k, v in fp8_input_scale(method[4:]).items()})
         elif name.endswith(".weight") and any(prefix.endswith(lin + ".") for lin in HF_LINEARS):
             q, s, z = rtn(t.float(), g, sym, dtype)
             codes[prefix] = (q, s, z)

@@ -336,3 +336,32 @@ def test_pytorch_target_writes_the_source_codes_as_modelopts_unified_awq(tmp_pat
     model.load_state_dict(deq, strict=False)
     report, passed = verify(ckpt, model.eval())
     assert passed and report["rel_err"] < 1e-4 and report["argmax_agreement"] == 1.0, report
+
+
+def test_pytorch_target_writes_a_per_tensor_fp8_source_as_modelopts_unified_fp8(tmp_path,
+                                                                                tiny_model):
+    """Per-tensor weight and static input scales: modelopt's unified FP8, the e4m3 bytes copied,
+    each linear's scales as float32 scalars; the unified reader's logits close to the HF model
+    with the source's dequantized weights (its fp8 activations are the only loss)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src, codes, deq = _source(tmp_path, tiny_model, "fp8-tensor", 0, True)
+    out = tmp_path / "out"
+    assert main(["--model", str(src), "--output", str(out), "--target", "pytorch",
+                 "--no-progress", "--triton-target", "none"]) == 0
+    ckpt = out / "hf_quantized"
+    hf_quant = json.loads((ckpt / "hf_quant_config.json").read_text())["quantization"]
+    assert hf_quant["quant_algo"] == "FP8"
+    got = _read(ckpt / "model.safetensors")
+    for prefix, packed in codes.items():
+        assert torch.equal(got[prefix + "weight"].view(torch.uint8),
+                           packed["weight"].view(torch.uint8)), prefix
+        assert got[prefix + "weight_scale"].shape == () and \
+            torch.equal(got[prefix + "weight_scale"], packed["weight_scale"].reshape(())), prefix
+        assert torch.equal(got[prefix + "input_scale"], torch.tensor(0.05)), prefix
+    config = AutoConfig.from_pretrained(src)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(deq, strict=False)
+    report, passed = verify(ckpt, model.eval())
+    assert passed and report["rel_err"] < 0.2, report

@@ -38,6 +38,7 @@ class SourceQuant:
     zero_offset: int = 0         # added to gptq's stored zeros (1 for checkpoint_format gptq)
     ignore: tuple[str, ...] = ()  # modules left in float by the packer (their names)
     fp8: str | None = None       # fp8 weights: "tensor" / "channel" scales (``weight_scale``)
+    static_input: bool = False   # fp8: static per-tensor ``input_scale`` beside each weight
 
     @property
     def quant_algo(self) -> str:
@@ -128,7 +129,7 @@ def _compressed_tensors(qc: dict) -> SourceQuant:
     scheme = next(iter(groups.values()))
     w = scheme.get("weights") or {}
     if fmt == "float-quantized":
-        return _ct_fp8(qc, w)
+        return _ct_fp8(qc, w, scheme.get("input_activations") or {})
     if scheme.get("input_activations") or scheme.get("output_activations"):
         raise _refuse("quantizes activations too: only weight-only int4 (W4A16) converts")
     if w.get("num_bits") != 4 or w.get("type", "int") != "int":
@@ -145,7 +146,7 @@ def _compressed_tensors(qc: dict) -> SourceQuant:
                        sym=bool(w.get("symmetric", True)), ignore=ignore)
 
 
-def _ct_fp8(qc: dict, w: dict) -> SourceQuant:
+def _ct_fp8(qc: dict, w: dict, inputs: dict) -> SourceQuant:
     """compressed-tensors ``float-quantized`` (llm-compressor's FP8 / FP8_DYNAMIC schemes):
     ``weight`` float8_e4m3fn [out, in] and ``weight_scale`` [1] (per tensor) or [out, 1] (per
     channel); ``w = weight * weight_scale``. The activations' scheme (static per-tensor
@@ -161,5 +162,6 @@ def _ct_fp8(qc: dict, w: dict) -> SourceQuant:
                       "model instead, or serve the directory with TensorRT-LLM's PyTorch backend")
     if strategy not in ("tensor", "channel"):
         raise _refuse(f"has fp8 weight strategy {strategy!r}: tensor and channel convert")
-    return SourceQuant("compressed-tensors", 0, sym=True, fp8=strategy,
+    static = inputs.get("dynamic") is False and inputs.get("strategy") == "tensor"
+    return SourceQuant("compressed-tensors", 0, sym=True, fp8=strategy, static_input=static,
                        ignore=tuple(n for n in _names(qc.get("ignore")) if not n.startswith("re:")))

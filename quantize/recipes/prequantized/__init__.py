@@ -25,6 +25,7 @@ from common.errors import UserError
 
 from ...algos import FP8_ROWWISE, W4A16_AWQ
 from ..base import Recipe
+from ..max import Fp8
 from ..moe import MoeRefused
 from ..parts import MemoryModel, UnifiedFormat
 
@@ -96,7 +97,8 @@ class PrequantizedFp8(Prequantized):
     quant_algo = FP8_ROWWISE
     exclude_modules = None
     memory = MemoryModel(weight_bytes=1.0)
-    unified = None
+    #: --target pytorch (per-tensor weight and static input scales): modelopt's unified FP8
+    unified = Fp8.unified
 
     def check_linear_shapes(self, spec, in_dims, out_dims, unpadded_in=None) -> None:
         """Fp8RowwiseLinear pads nothing."""
@@ -113,10 +115,22 @@ class PrequantizedFp8(Prequantized):
         return quantization_block(spec)
 
     def unified_refusal(self, spec) -> str | None:
-        return ("a pre-quantized fp8 input has no --target pytorch conversion yet; use "
-                "--target engine")
+        sq = spec.source_quant
+        if sq.fp8 != "tensor" or not sq.static_input:
+            return ("a pre-quantized fp8 input converts to modelopt's unified FP8 only with "
+                    "per-tensor weight scales and static per-tensor input scales; use "
+                    "--target engine")
+        return None
+
+    def unified_quantization(self, spec) -> dict | None:
+        return FP8_UNIFIED.unified_quantization(spec)
+
+    def unified_quantization_config(self, spec, hf_quant: dict) -> dict:
+        return FP8_UNIFIED.unified_quantization_config(spec, hf_quant)
 
 
+#: modelopt's unified FP8 keys, for a per-tensor fp8 source on --target pytorch
+FP8_UNIFIED = Fp8()
 PREQUANTIZED = Prequantized()
 PREQUANTIZED_FP8 = PrequantizedFp8()
 

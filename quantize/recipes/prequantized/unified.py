@@ -11,7 +11,11 @@ PyTorch backend and by verify/unified_reader.py), the source's codes and scales 
 * every other tensor copied from the source in its dtype; config.json = the source's with
   modelopt's ``quantization_config``; ``hf_quant_config.json``; the tokenizer files.
 
-An asymmetric source is refused: modelopt's unified W4A16_AWQ has no zero points. numpy only."""
+An asymmetric source is refused: modelopt's unified W4A16_AWQ has no zero points. A per-tensor fp8
+source with static input scales writes modelopt's unified FP8: the e4m3 weights copied, each
+linear's ``weight_scale`` and ``input_scale`` as float32 scalars (each linear keeps its own, as
+modelopt's FP8 export; TensorRT-LLM's PyTorch backend takes the max over fused q/k/v when it
+loads). numpy only."""
 from __future__ import annotations
 
 import json
@@ -24,6 +28,7 @@ from common.atomic import write_text
 from common.dtypes import BY_NAME
 from common.errors import UserError, naming
 from common.staged import StagedOutput
+from convert.casts import to_float32
 from convert.chunks import iter_chunks
 from convert.prequant.int4 import slice_tensors
 from convert.prequant.source import PACKED, PrequantSource
@@ -83,7 +88,30 @@ def _linear_entries(source, sq, prefix: str, model_dtype) -> list:
     return entries
 
 
+def _scalar(source, name: str) -> ComputedTensor:
+    """A per-tensor fp8 scale ([1] or [] in the source) as modelopt writes it: float32 []."""
+    def load():
+        v = to_float32(source.read_bits(name), source.dtype(name)).reshape(-1)
+        if v.size != 1:
+            raise UserError(f"{name} has {v.size} values; a per-tensor scale has one")
+        return np.ascontiguousarray(v[0], dtype=np.float32)
+    return ComputedTensor(name, (), BY_NAME["float32"], load)
+
+
+def _fp8_entries(source) -> list:
+    """Per-tensor fp8: the weights copied, each linear's weight / input scale as a float32
+    scalar, the rest copied."""
+    out = []
+    for n in source.meta:
+        linear = n.rpartition(".")[0] + ".weight"
+        scalar = n.endswith((".weight_scale", ".input_scale")) and source.is_virtual(linear)
+        out.append(_scalar(source, n) if scalar else _Copied(source, n))
+    return sorted(out, key=lambda e: e.name)
+
+
 def _entries(source, sq, model_dtype) -> list:
+    if sq.fp8:
+        return _fp8_entries(source)
     parts = {f"{p}.{x}" for p in (n.rpartition(".")[0] for n in source.virtual)
              for leaf in PACKED.values() for x in leaf}
     out = [_Copied(source, n) for n in source.meta if n not in parts]
