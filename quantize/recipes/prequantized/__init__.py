@@ -8,8 +8,9 @@ W4A16_GPTQ (``weight_only_groupwise_quantize``: ``WeightOnlyGroupwiseQuantLinear
 ``preprocess_weights`` (``models/modeling_utils.py`` ``preprocess_perlayer_weights``): W4A16_AWQ's
 checkpoint holds int4 ``[out/2, in]`` that it interleaves for the GPU it builds on
 (``preprocess_weights_for_mixed_gemm``), while a W4A16_GPTQ checkpoint must already hold the
-interleaved layout of one GPU architecture (``models/llama/convert.py`` ``load_from_gptq_llama``
-calls that CUDA preprocessor at conversion). Written here without a GPU, the portable layout is
+interleaved layout of one GPU architecture (``models/llama/convert.py``
+``load_weights_from_gptq``, earlier ``load_from_gptq_llama``, calls that CUDA preprocessor,
+``torch.ops.trtllm.preprocess_weights_for_mixed_gemm``, at conversion). Written here without a GPU, the portable layout is
 W4A16_AWQ's.
 
 The tensors of one rank's linear (``weights.py``): ``weight`` int8 ``[out/2, in]`` (the source's
