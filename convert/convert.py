@@ -125,6 +125,18 @@ class CheckpointPlan:
     source: SourceCheckpoint
 
 
+def open_source(model) -> SourceCheckpoint:
+    """The model's tensors: a pre-quantized directory's packed linears appear as virtual float
+    weights (convert/prequant/source.py); a float model's as they are."""
+    from .prequant.scheme import read_source_quant
+    from .prequant.source import PrequantSource
+
+    sq = read_source_quant(model.raw)
+    if sq is not None:
+        return PrequantSource(model.directory, sq, declared_dtype(model.raw))
+    return SourceCheckpoint(model.directory, declared_dtype=declared_dtype(model.raw))
+
+
 def plan_checkpoint(model, out_dir, shape, *, tp: int = 1, pp: int = 1, dtype: str = "auto",
                     moe=None, moe_tp: int | None = None, moe_ep: int | None = None,
                     pad_heads: bool = False, quantization: dict | None = None,
@@ -140,7 +152,7 @@ def plan_checkpoint(model, out_dir, shape, *, tp: int = 1, pp: int = 1, dtype: s
                                moe_tp=moe_tp, moe_ep=moe_ep, pad_heads=pad_heads)
     config["vocab_size"] = shape.padded_vocab  # AWQ: padded as modelopt's export writes it
     config.update(padded_hidden_fields(config, shape))
-    source = SourceCheckpoint(model.directory, declared_dtype=declared_dtype(model.raw))
+    source = open_source(model)
     plans = [rank_plan(shape, source, tp=tp, pp=pp, rank=r, dtype=config["dtype"], moe=moe)
              for r in range(tp * pp)]
     return CheckpointPlan(model.directory, out_dir, config, plans, source)

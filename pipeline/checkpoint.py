@@ -115,6 +115,10 @@ def convert_checkpoint(model, out_dir, layout: Layout, quant, *, dtype: str = "a
 
         quantize_plans(cplan, layout.shape, quant)
         workers = 1
+    if quant is not None and quant.format.stages_from_source:
+        # a pre-quantized source: its packed linears' tensors cut per rank when written
+        quant.format.stage_plans(cplan, quant)
+        workers = 1
     if calibrated:
         from .calibration import calibrate_into_plan, calibration_run
 

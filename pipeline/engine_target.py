@@ -129,6 +129,9 @@ def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
                                   allow_quality_loss=plan.allow_quality_loss)
         result.extra["quantization"] = {**record, **report,
                                         "quality_gate": record["quality_gate"]}
+    elif quant.source_quant is not None:  # pre-quantized: converted as it is, nothing to gate
+        result.extra["quantization"] = {"quant_algo": quant.quant_algo,
+                                        "source": quant.source_quant.words}
     if plan.verify and not checks.verify_step(ckpt, model_dir, quant, plan.tokenizer, timings,
                                               shown=plan.out / "checkpoint"):
         return False

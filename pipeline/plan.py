@@ -162,6 +162,12 @@ def _from_checkpoint_plan(args) -> BuildPlan:
                      from_checkpoint=Path(args.from_checkpoint), **_common(args), **stages)
 
 
+def _reads_float(args) -> tuple[str, ...]:
+    """The flags given that read --model as float weights (the HF reference model)."""
+    return tuple(f for f, on in (("--verify", args.verify),
+                                 ("--eval-ppl", getattr(args, "eval_ppl", None))) if on)
+
+
 def _engine_plan(args, quant) -> BuildPlan:
     """--model, --target engine: the layout, Triton, ranks, tokenizer, memory and calibration
     refusals, in the order a user meets them."""
@@ -170,6 +176,7 @@ def _engine_plan(args, quant) -> BuildPlan:
     from .checkpoint import plan_layout
 
     model = ModelSource.open(args.model)
+    quant = preflight.source_quantization(quant, model, reads_float=_reads_float(args))
     preflight.family_formats(quant, model, "engine")
     layout = plan_layout(model, tp=args.tp, pp=args.pp, quant=quant, moe_tp=args.moe_tp,
                          moe_ep=args.moe_ep, pad_heads=args.pad_heads or model.pads_heads)
@@ -210,6 +217,7 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     preflight.refuse_engine_only_flags(args, reuses_calibration=layerwise)
     options_from_args(args)  # the LLM(...) size limits among them: their ranges, always
     model = ModelSource.open(args.model)
+    quant = preflight.source_quantization(quant, model, "pytorch", _reads_float(args))
     preflight.family_formats(quant, model, "pytorch")
     preflight.refuse_padding_for_pytorch(args, model, args.pad_heads or model.pads_heads)
     triton = args.triton_target != "none" and not args.checkpoint_only

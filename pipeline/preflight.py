@@ -28,6 +28,32 @@ def refuse_engine_only_flags(args, reuses_calibration: bool = False) -> None:
                         "moe_expert_parallel_size when it loads the model: drop them")
 
 
+def source_quantization(quant, model, target: str = "engine", reads_float=()):
+    """A pre-quantized --model (config.json's ``quantization_config``) converts as it is: its spec
+    (quantize/recipes/prequantized), refused in one line with a format or calibration flag, or
+    with ``reads_float`` (the flags given that read the model as float: --verify, --eval-ppl)."""
+    from convert.prequant.scheme import read_source_quant
+    from quantize.formats import QuantSpec
+
+    sq = read_source_quant(model.raw)
+    if sq is None:
+        return quant
+    flags = [f for f, on in ((quant.format.flag or "--kv-cache-dtype", quant.format.quantized(quant)),
+                             ("--max-ppl-increase", quant.max_ppl_increase is not None)) if on]
+    if flags:
+        raise UserError(f"{model.directory} is already quantized ({sq.words}): it converts as it "
+                        f"is, without calibration; drop {' and '.join(flags)}")
+    if reads_float:
+        raise UserError(f"{' and '.join(reads_float)} read{'s' if len(reads_float) == 1 else ''} "
+                        f"the model as float weights; {model.directory} is already quantized "
+                        f"({sq.words}): drop {' and '.join(reads_float)}")
+    spec = QuantSpec.for_source(sq)
+    why = spec.format.unified_refusal(spec) if target == "pytorch" else None
+    if why is not None:
+        raise UserError(f"--target pytorch: {why}")
+    return spec
+
+
 def family_formats(quant, model, target: str) -> None:
     """The model's family has not been brought to this format on this target: one line."""
     from model.families import FAMILIES

@@ -81,6 +81,9 @@ class QuantSpec:
     #: :meth:`Recipe.option`; None for recipes without one (kept out of repr: config.json and the
     #: tensors it changes already tell runs apart)
     recipe_option: str | None = field(default=None, repr=False)
+    #: a pre-quantized input's ``convert.prequant.scheme.SourceQuant`` (None: a float input):
+    #: its recipe is quantize/recipes/prequantized, whatever ``quant_algo`` it writes
+    source_quant: object = None
 
     # ----- construction -----------------------------------------------------------------------
 
@@ -107,6 +110,15 @@ class QuantSpec:
             calib_seq_len=getattr(args, "calib_seq_len", DEFAULT_CALIB_SEQ_LEN),
             calib_batch_size=getattr(args, "calib_batch_size", DEFAULT_CALIB_BATCH_SIZE),
         )
+
+    @classmethod
+    def for_source(cls, source_quant) -> "QuantSpec":
+        """The spec of a pre-quantized input (``convert.prequant.scheme.SourceQuant``)."""
+        if source_quant.fp8:
+            return cls(quant_algo=source_quant.quant_algo, source_quant=source_quant)
+        return cls(quant_algo=source_quant.quant_algo, group_size=source_quant.group_size,
+                   has_zero_point=not source_quant.sym, exclude_modules=("lm_head",),
+                   source_quant=source_quant)
 
     @classmethod
     def create(cls, quant_algo: str | None = None, *, kv_cache_dtype: str | None = None,
@@ -157,6 +169,10 @@ class QuantSpec:
     @property
     def format(self) -> Recipe:
         """The format's recipe (quantize/recipes/): every format-dependent answer."""
+        if self.source_quant is not None:
+            from .recipes.prequantized import prequantized_recipe
+
+            return prequantized_recipe(self.source_quant)
         return recipe_for(self.quant_algo)
 
     @property

@@ -82,7 +82,7 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
     at once, each by its own process with its own writer (``--workers``). ``unified``: the
     output is modelopt's unified checkpoint (``--target pytorch``)."""
     p_lin = _layer_linear_params(shape)
-    recipe = recipe_for(spec.quant_algo if spec is not None else None)
+    recipe = spec.format if spec is not None else recipe_for(None)
     mem = memory_model(recipe, unified)
     ckpt_disk = checkpoint_disk(shape, mem, tp=tp, out_dtype_bytes=out_dtype_bytes,
                                 scale=scale_disk(mem, spec, out_dtype_bytes),

@@ -17,7 +17,9 @@ module at its end). Each linear kernel gets one rank's module tensors by suffix 
   ``x * prequant_scaling_factor`` times the int4 weight, two values a byte along the output dim
   (low nibble = even row; modelopt's ``pack_int4_in_uint8``), dequantized per group of ``group_size``
   inputs with ``weights_scaling_factor`` [out, in/group] (cast to the model dtype by TensorRT-LLM's
-  ``postprocess_weight_only_groupwise``); activations stay in the model dtype (A16).
+  ``postprocess_weight_only_groupwise``); with ``has_zero_point`` a ``zero`` [in/group, out] (model
+  dtype) is added after scaling (``w = q * scale + zero``: TensorRT-LLM's GPTQ zeros, a pre-quantized
+  asymmetric input's); activations stay in the model dtype (A16).
 * ``W8A16`` / ``W4A16`` (weight only): the checkpoint holds FLOAT weights; ``trtllm-build`` quantizes
   them (``models/modeling_utils.py`` ``preprocess_weights`` -> ``weight_only_quantize_dict`` ->
   ``torch.ops.trtllm.symmetric_quantize_last_axis_of_batched_matrix(weight.t())``), whose C++ is
@@ -148,12 +150,17 @@ def _linear_awq(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec) -> Ten
     wsf = require(params, "weights_scaling_factor")
     _check_shape(wsf, (out, inp // g), "weights_scaling_factor")
     scale = wsf.to(model_dtype(qcfg)).float().repeat_interleave(g, dim=1)
+    w = q.float() * scale
+    if qcfg.has_zero_point or "zero" in params:  # added after scaling, [in/group, out]
+        zero = require(params, "zero")
+        _check_shape(zero, (inp // g, out), "zero")
+        w = w + zero.to(model_dtype(qcfg)).float().T.repeat_interleave(g, dim=1)
     xs = x.float()
     if qcfg.pre_quant_scale or "prequant_scaling_factor" in params:
         pqs = require(params, "prequant_scaling_factor").float().reshape(-1)
         _check_shape(pqs, (inp,), "prequant_scaling_factor")
         xs = xs * pqs
-    return (xs @ (q.float() * scale).t()).to(x.dtype)
+    return (xs @ w.t()).to(x.dtype)
 
 
 # Weight-only: (bits, quant_range_scale, clamp range) of TensorRT-LLM's symmetric_quantize.

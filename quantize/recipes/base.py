@@ -118,6 +118,9 @@ class Recipe:
     #: the converter quantizes the linears :meth:`quantizes_linear` names from each rank's float
     #: weight with :meth:`quantize_weight` (no calibration; quantize/from_weights.py)
     from_weights = False
+    #: a pre-quantized source: ``stage_plans(cplan, spec)`` replaces each rank's planned linears
+    #: by tensors cut from the source's own packed ones (quantize/recipes/prequantized)
+    stages_from_source = False
 
     # ----- flags ------------------------------------------------------------------------------
 

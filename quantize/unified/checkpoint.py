@@ -235,6 +235,15 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose another --output or pass --force to replace it")
     config = _read_config(model_dir)
+    if spec.source_quant is not None:  # a pre-quantized input: its codes and scales as they are
+        from ..recipes.prequantized.unified import write_prequantized_unified
+
+        config.pop("quantization_config", None)
+        hf_quant = hf_quant_config(spec, _family(config))
+        config["quantization_config"] = quantization_config(spec, hf_quant)
+        write_prequantized_unified(model_dir, out_dir, spec, hf_quant, config, force=force,
+                                   digests=digests, promote=promote)
+        return hf_quant
     source = SourceCheckpoint(model_dir, declared_dtype=declared_dtype(config))
     dtype = _check_source_dtype(source)
     computed, layers = {}, None
