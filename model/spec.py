@@ -111,6 +111,30 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class FusedPart:
+    """A source that is rows of a fused HF tensor (Phi-3's ``qkv_proj`` = [q; k; v]): part
+    ``index`` of ``parts`` (DIMS names of the stacked row blocks, in HF order). A shard rule sees
+    it as a tensor of its own (``convert.plan`` reads it as that row range of ``name``)."""
+
+    name: str
+    parts: tuple[str, ...]
+    index: int
+
+    def format(self, **kw) -> "FusedPart":
+        return FusedPart(self.name.format(**kw), self.parts, self.index)
+
+    def rows(self, shape) -> tuple[int, int]:
+        """(first row, row count) of this part in the fused tensor of a model of ``shape``."""
+        sizes = [DIMS[p](shape) for p in self.parts]
+        return sum(sizes[:self.index]), sizes[self.index]
+
+
+def source_name(src) -> str:
+    """The HF tensor a rule source reads (a FusedPart's fused tensor)."""
+    return src.name if isinstance(src, FusedPart) else src
+
+
+@dataclass(frozen=True)
 class Linear:
     """One TensorRT-LLM linear of a decoder layer and the HF modules it is made of."""
 
@@ -122,6 +146,11 @@ class Linear:
     norm: str | None = None         # the HF norm whose output is its input (smoother folding)
     bias: str | None = None         # Shape flag under which the linear has a bias
     experts: bool = False           # a stack over the rank's experts
+    #: one fused HF module (``hf`` has one name) whose weight stacks ``shapes`` along dim 0 in HF
+    #: order; the TensorRT-LLM linear is made of those parts in this order (Phi-3's
+    #: ``gate_up_proj`` = [gate; up] -> ``mlp.fc`` = [up; gate]: ``(1, 0)``). Empty: one HF module
+    #: per source.
+    fused: tuple[int, ...] = ()
 
     @property
     def column_parallel(self) -> bool:
@@ -151,14 +180,23 @@ class Linear:
 
     def rules(self) -> tuple[Rule, ...]:
         """The weight (and bias) rows of this linear."""
-        weight = Rule(TRT_LAYER + self.name + ".weight",
-                      tuple(HF_LAYER + h + ".weight" for h in self.hf), self.shard,
-                      linear=TRT_LAYER + self.name, experts=self.experts, shapes=self.shapes)
+        weight = Rule(TRT_LAYER + self.name + ".weight", self._sources("weight"), self.shard,
+                      linear=TRT_LAYER + self.name, experts=self.experts,
+                      shapes=self._source_shapes())
         if self.bias is None:
             return (weight,)
-        bias = Rule(TRT_LAYER + self.name + ".bias", tuple(HF_LAYER + h + ".bias" for h in self.hf),
-                    self.bias_shard, when=self.bias, shapes=tuple((o,) for o, _ in self.shapes))
+        bias = Rule(TRT_LAYER + self.name + ".bias", self._sources("bias"), self.bias_shard,
+                    when=self.bias, shapes=tuple((o,) for o, _ in self._source_shapes()))
         return weight, bias
+
+    def _sources(self, kind: str) -> tuple:
+        if not self.fused:
+            return tuple(HF_LAYER + h + "." + kind for h in self.hf)
+        parts = tuple(o for o, _ in self.shapes)
+        return tuple(FusedPart(HF_LAYER + self.hf[0] + "." + kind, parts, k) for k in self.fused)
+
+    def _source_shapes(self) -> tuple[tuple[str, str], ...]:
+        return tuple(self.shapes[k] for k in self.fused) if self.fused else self.shapes
 
 
 def norm(trt: str, hf: str, dim: str = "hidden", offset: float = 0.0) -> Rule:
@@ -260,6 +298,9 @@ class Family:
     #: keys: ``ConfigKeys``; computed ones: a function, Gemma), written after the common keys
     #: (convert.hf_config), in the dict's order; None: the common keys only
     trtllm_config: Callable[[object, object, int], dict] | None = None
+    #: HF rope types whose TensorRT-LLM fields ``trtllm_config`` writes itself (Phi-3:
+    #: ``longrope``); the common keys then carry no ``rotary_scaling`` for them
+    rope_types: tuple[str, ...] = ()
     #: (HF config attribute, value, why): a config TensorRT-LLM 1.2 cannot express for the family,
     #: refused before any work
     unsupported: tuple[tuple[str, object, str], ...] = ()
@@ -355,7 +396,8 @@ class Family:
         """The shape HF tensor ``name`` must have for a model of ``shape`` (None: not checked)."""
         for pattern, dims in _shape_table(self):
             if pattern.match(name):
-                return tuple(DIMS[d](shape) for d in dims)
+                return tuple(sum(DIMS[p](shape) for p in d) if isinstance(d, tuple) else DIMS[d](shape)
+                             for d in dims)
         return None
 
 
@@ -373,6 +415,8 @@ def _shape_table(family: Family) -> list[tuple[re.Pattern, tuple[str, ...]]]:
         for rule in family.rules:
             for names in (rule.sources, rule.fallback):
                 for src, dims in zip(names, rule.shapes):
+                    if isinstance(src, FusedPart):  # the whole fused tensor: its parts stacked
+                        src, dims = src.name, (src.parts, *dims[1:])
                     pat = re.escape(src).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+")
                     table.append((re.compile(pat + "$"), dims))
         _SHAPE_TABLES[family.name] = table
