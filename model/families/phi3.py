@@ -18,8 +18,9 @@ What TensorRT-LLM 1.2 does with it (``tensorrt_llm/models/phi3/``), restated:
   ``lm_head`` is a ColumnLinear over the padded vocabulary, as for Llama.
 - ``config.py`` ``Phi3Config.from_hugging_face``: see :func:`trtllm_fields`.
 
-Phi-3-small (``Phi3SmallForCausalLM``: block-sparse attention, GeGELU, muP) and PhiMoE are other
-architectures, refused as unsupported by ``model.config``.
+Phi-3-small (``Phi3SmallForCausalLM``: block-sparse attention, GeGELU, muP; ``REFUSED``) and
+PhiMoE (``PhiMoEForCausalLM``, not part of this family) are other architectures, refused by
+``model.config`` before any work.
 """
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ LINEARS = (
            group="gate_up", norm="post_attention_layernorm", fused=(1, 0)),
     Linear("mlp.proj", ("mlp.down_proj",), ROW, (("hidden", "inter"),)),
 )
+
+#: siblings refused in one line (model.config): what TensorRT-LLM 1.2 runs for them is not this spec
+REFUSED = {"Phi3SmallForCausalLM": "Phi-3-small's block-sparse attention, GeGELU MLP and muP scaling "
+                                   "(tensorrt_llm/models/phi3/phi3small) are not modelled by this "
+                                   "project; Phi-3-mini / Phi-3.5-mini / Phi-4-mini "
+                                   "(Phi3ForCausalLM) are"}
 
 #: config.py: a max_position_embeddings of at least this makes the converter write long_rope
 LONG_ROPE_MIN_POSITIONS = 128000
