@@ -1,17 +1,16 @@
 """A model family as one declarative spec: each linear named once, with its rules.
 
-A :class:`Linear` is one TensorRT-LLM linear of a decoder layer: its TensorRT-LLM name
-(``attention.qkv``), the HF modules it is made of in fused order (``self_attn.q_proj`` ...), its
-fusion group, its shard rule and the HF shape of each source. Norms, embeddings, the head and the
-MoE router are plain :class:`Rule` rows. :class:`Family` derives from these the per-tensor rules the
-float writer plans from (``rules``), the expected HF shapes, and the queries the recipes, the
-unified writer and the verifier ask ("the TensorRT-LLM linear of HF module X", "is it
-column-parallel", "which norm feeds it").
+A :class:`Linear` is one TensorRT-LLM linear of a decoder layer: its name (``attention.qkv``), the
+HF modules it is made of in fused order (``self_attn.q_proj`` ...), its fusion group, shard rule
+and the HF shape of each source. Norms, embeddings, the head and the MoE router are :class:`Rule`
+rows. :class:`Family` derives the float writer's per-tensor rules (``rules``), the expected HF
+shapes, and the queries of the recipes, the unified writer and the verifier.
 
 Shard rules (implemented by ``convert.shard``):
 
 - ``replicated``: the same tensor on every rank (norms, row-parallel biases)
-- ``column``: split dim 0 (output features) — mlp.fc / mlp.gate and their biases
+- ``column``: split dim 0 (output features) — mlp.fc / mlp.gate and their biases; several
+  sources (a ``FusedPart`` each, Phi-3's mlp.fc): each split, one after the other
 - ``row``: split dim 1 (input features); outputs are summed over ranks — mlp.proj
 - ``dense``: ``row`` for attention.dense, with zero input columns for padded heads (--pad-heads)
 - ``qkv``: fuse q, k, v per rank: [this rank's q heads; its k heads; its v heads], with kv heads
@@ -19,19 +18,20 @@ Shard rules (implemented by ``convert.shard``):
 - ``vocab``: split dim 0 after padding the vocabulary to a multiple of tp (embedding, lm_head)
 - ``expert_column`` / ``expert_row``: ``column`` / ``row`` of one expert over the moe_tp ranks
 
-Quantized companions are placed by rule (:func:`companion_axis`): a tensor that runs along the
-weight's output channels follows a column-parallel split and is whole on a row-parallel linear;
-one along the input channels (pre-quant scale, smoother) the other way round; a per-block scale
-follows the weight's split; a per-tensor scale is replicated.
+Quantized companions are placed by rule (:func:`companion_axis`): output-side tensors follow a
+column split and are whole on a row-parallel linear, input-side ones (pre-quant scale, smoother)
+the other way round; a per-block scale follows the weight, a per-tensor one is replicated.
 
-This module imports nothing of the project: sizes are read off any object with a ``Shape``'s
-attributes (``heads``, ``head_size``, ``kv_heads``, ``hidden``, ``inter``, ``vocab``, ``experts``).
-"""
+Sizes are read off any object with a ``Shape``'s attributes (``heads``, ``head_size``,
+``kv_heads``, ``hidden``, ``inter``, ``vocab``, ``experts``); the module imports no project code
+but ``model.config_keys``."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from typing import Callable
+
+from model.config_keys import ConfigKeys, FromHF  # noqa: F401 (re-exported: families use them)
 
 REPLICATED, COLUMN, ROW, DENSE, QKV, VOCAB = "replicated", "column", "row", "dense", "qkv", "vocab"
 EXPERT_COLUMN, EXPERT_ROW = "expert_column", "expert_row"
@@ -112,9 +112,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class FusedPart:
-    """A source that is rows of a fused HF tensor (Phi-3's ``qkv_proj`` = [q; k; v]): part
-    ``index`` of ``parts`` (DIMS names of the stacked row blocks, in HF order). A shard rule sees
-    it as a tensor of its own (``convert.plan`` reads it as that row range of ``name``)."""
+    """Rows of a fused HF tensor (Phi-3's ``qkv_proj`` = [q; k; v]): part ``index`` of ``parts``
+    (DIMS names of its row blocks, HF order); shard rules see it as a tensor (convert.plan)."""
 
     name: str
     parts: tuple[str, ...]
@@ -146,10 +145,8 @@ class Linear:
     norm: str | None = None         # the HF norm whose output is its input (smoother folding)
     bias: str | None = None         # Shape flag under which the linear has a bias
     experts: bool = False           # a stack over the rank's experts
-    #: one fused HF module (``hf`` has one name) whose weight stacks ``shapes`` along dim 0 in HF
-    #: order; the TensorRT-LLM linear is made of those parts in this order (Phi-3's
-    #: ``gate_up_proj`` = [gate; up] -> ``mlp.fc`` = [up; gate]: ``(1, 0)``). Empty: one HF module
-    #: per source.
+    #: one fused HF module (``hf``) stacking ``shapes`` on dim 0; the linear takes its parts in
+    #: this order (Phi-3's ``gate_up_proj`` [gate; up] -> ``mlp.fc`` [up; gate]: ``(1, 0)``)
     fused: tuple[int, ...] = ()
 
     @property
@@ -220,26 +217,6 @@ def head_norm(trt: str, hf: str, offset: float = 0.0) -> Rule:
 QK_NORM_EPS = 1e-5
 
 
-@dataclass(frozen=True)
-class FromHF:
-    """A TensorRT-LLM config.json value read from the HF config: ``getattr(hf, attr, default)``."""
-
-    attr: str
-    default: object = None
-
-
-@dataclass(frozen=True)
-class ConfigKeys:
-    """A ``Family.trtllm_config`` hook of fixed keys (Qwen: ``qwen_type``): each a value or a
-    ``FromHF``, written in this order."""
-
-    keys: tuple[tuple[str, object], ...]
-
-    def __call__(self, hf, shape, tp: int) -> dict:
-        return {k: getattr(hf, v.attr, v.default) if isinstance(v, FromHF) else v
-                for k, v in self.keys}
-
-
 #: companion layouts: what axis of the weight a quantization tensor runs along
 PER_TENSOR, PER_OUTPUT, PER_INPUT, PER_BLOCK = "tensor", "output", "input", "block"
 #: TensorRT-LLM companion suffix -> layout (weights_scaling_factor's depends on its shape)
@@ -298,8 +275,7 @@ class Family:
     #: keys: ``ConfigKeys``; computed ones: a function, Gemma), written after the common keys
     #: (convert.hf_config), in the dict's order; None: the common keys only
     trtllm_config: Callable[[object, object, int], dict] | None = None
-    #: HF rope types whose TensorRT-LLM fields ``trtllm_config`` writes itself (Phi-3:
-    #: ``longrope``); the common keys then carry no ``rotary_scaling`` for them
+    #: HF rope types ``trtllm_config`` writes itself (Phi-3: longrope; no common rotary_scaling)
     rope_types: tuple[str, ...] = ()
     #: (HF config attribute, value, why): a config TensorRT-LLM 1.2 cannot express for the family,
     #: refused before any work
