@@ -31,7 +31,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from model.config_keys import ConfigKeys, FromHF  # noqa: F401 (re-exported: families use them)
+from model import config_keys
+ConfigKeys, FromHF = config_keys.ConfigKeys, config_keys.FromHF  # re-exported: families use them
 
 REPLICATED, COLUMN, ROW, DENSE, QKV, VOCAB = "replicated", "column", "row", "dense", "qkv", "vocab"
 EXPERT_COLUMN, EXPERT_ROW = "expert_column", "expert_row"
