@@ -66,6 +66,30 @@ def test_plain_phi3_mini_shape(tmp_path, tiny_model):
     assert rel(ReferenceModel(tmp_path / "ck").forward(ids), hf_logits(model, ids)) < 1e-5
 
 
+def test_sliding_window_phi3_mini_4k(tmp_path, tiny_model, tokenizer_dir):
+    """Phi-3-mini-4k's sliding_window (2047 < 4096; 8 here): HF masks every layer to it, the
+    engine takes it at run time, so the config carries it as Gemma 2's does and the Triton
+    repository's max_attention_window_size repeats it per layer; the reader masks alike, and
+    without the window the logits differ."""
+    import argparse
+
+    import builders.triton as tr
+    from triton_fakes import params
+
+    hf_dir, model = tiny_model("phi3", sliding_window=8, **PLAIN)
+    config = convert_checkpoint(hf_dir, tmp_path / "ck", tp=2, dtype="float32", progress=False)
+    assert config["sliding_window"] == 8 and config["layer_types"] == ["sliding_attention"] * 2
+    ids = ids_of(SHORT)
+    assert rel(ReferenceModel(tmp_path / "ck").forward(ids), hf_logits(model, ids)) < 1e-5
+    ec = tr.engine_config_from_checkpoint(config, argparse.Namespace(max_seq_len=2048))
+    repo = tr.write_engine_repo(tmp_path / "triton", engine_dir=tmp_path / "engines",
+                                tokenizer_dir=tokenizer_dir, engine_config=ec, options=None)
+    assert params(tr.validate_repo(repo)["tensorrt_llm"])["max_attention_window_size"] == "8,8"
+    del config["sliding_window"]
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(config))
+    assert rel(ReferenceModel(tmp_path / "ck").forward(ids), hf_logits(model, ids)) > 1e-3
+
+
 def test_fp16_within_its_tolerance(tmp_path, tiny_model):
     hf_dir, model = tiny_model("phi3")
     convert_checkpoint(hf_dir, tmp_path / "ck", tp=2, dtype="float16", progress=False)

@@ -73,8 +73,8 @@ class Semantics:
         if act not in allowed:
             raise UserError(f"{where}: hidden_act {act!r} is not supported for {arch or 'Llama'} "
                             f"(supported: {', '.join(allowed)})")
-        if not gemma:
-            return cls(fused_fc=fused)
+        if not gemma:  # Phi-3: every layer's window, where the config carries one
+            return cls(fused_fc=fused, windows=tuple(trtllm_windows(c)))
         inter = bool(c.get("inter_layernorms"))
         scalar = c.get("query_pre_attn_scalar") if inter else None
         gemma3 = arch == "Gemma3ForCausalLM"

@@ -113,6 +113,12 @@ def trtllm_fields(hf, shape, tp: int) -> dict:
               "use_parallel_embedding": False, "position_embedding_type": "rope_gpt_neox"}
     if kind != "default":
         fields.update(_longrope(hf, rope))
+    window = getattr(hf, "sliding_window", None)
+    if window and window < hf.max_position_embeddings:
+        # not TensorRT-LLM's: HF masks every layer to the window (Phi-3-mini-4k: 2047), which the
+        # engine takes at run time (max_attention_window_size; model.families.gemma.trtllm_windows)
+        fields.update(sliding_window=window,
+                      layer_types=["sliding_attention"] * hf.num_hidden_layers)
     return fields
 
 
