@@ -10,7 +10,8 @@ split per rank, partial rotary, LongRoPE, an embedding that is not split.
   Phi-3 cannot run (the reader shows it), so tp 2 / 4 are checked against an independent slicing
   of the HF tensors instead.
 - --target pytorch float: modelopt's export_hf_checkpoint tensor for tensor, and HF's logits.
-- Weight-only: the float checkpoint's bytes with the quant_algo; other formats refused in one line.
+- Weight-only: the float checkpoint's bytes with the quant_algo; KV-cache-only INT8 / FP8: the
+  scales equal modelopt's; other formats refused in one line.
 """
 from __future__ import annotations
 
@@ -230,6 +231,43 @@ def test_weight_only_is_the_float_checkpoint(tmp_path, tiny_model, flag, algo):
         assert (tmp_path / "wo" / name).read_bytes() == (tmp_path / "f" / name).read_bytes()
 
 
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_kv_cache_scales_equal_modelopt_export(tmp_path, calib_text, kv):
+    """KV-cache-only formats: each layer's kv_cache_scaling_factor equals modelopt 0.47's export
+    for decoder "phi3" (on both ranks: replicated), every other tensor is the float checkpoint's,
+    and the reader (with the quantized KV cache) stays close to HF. FP8: the v rows of qkv_proj
+    scaled up so that the scale clears modelopt's floor of 1."""
+    from examples.tiny import make_tiny_model
+    from quant_common import byte_tokenizer
+    from quantize.calibrate import calibrate
+    from test_quantize_convert import lw, spec_for
+
+    model = make_tiny_model(tmp_path / "hf", family="phi3").float().eval()
+    if kv == "fp8":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.qkv_proj.weight[64 + 32:] *= 3000.0
+        model.save_pretrained(tmp_path / "hf")
+    spec = spec_for(None, kv)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    config = convert_checkpoint(tmp_path / "hf", tmp_path / "ours", tp=2, dtype="float16",
+                                progress=False, quant=spec, calibration=lw(tmp_path, calib_text))
+    assert config["quantization"]["kv_cache_quant_algo"] == kv.upper()
+    convert_checkpoint(tmp_path / "hf", tmp_path / "float", tp=2, dtype="float16", progress=False)
+    theirs = modelopt_phi3_weights(model, 2)
+    for r in range(2):
+        ours, flt = (load_file(tmp_path / d / f"rank{r}.safetensors") for d in ("ours", "float"))
+        scales = sorted(k for k in theirs[r] if k.endswith("cache_scaling_factor"))
+        assert len(scales) == 6 and sorted(set(ours) - set(flt)) == scales  # k, v, kv per layer
+        for k in scales:
+            assert torch.equal(ours[k], theirs[r][k]), (r, k)
+        assert all(torch.equal(ours[k], flt[k]) for k in flt)
+    if kv == "fp8":
+        assert all(float(ours[k]) > 1.0 for k in scales if ".v_cache" in k)
+    ids = ids_of(SHORT)
+    assert rel(ReferenceModel(tmp_path / "ours").forward(ids), hf_logits(model, ids)) < 0.05
+
+
 def test_pytorch_target_float_equals_modelopt_export(tmp_path, tiny_model):
     from quantize.unified import write_unified_checkpoint
     from test_pytorch_target import assert_same_checkpoint, modelopt_unified, small
@@ -243,9 +281,12 @@ def test_pytorch_target_float_equals_modelopt_export(tmp_path, tiny_model):
     assert r["rel_err"] < 1e-5 and r["argmax_agreement"] == 1.0, r
 
 
+ENGINE = "float, W8A16, W4A16, KV FP8, KV INT8"
+
+
 @pytest.mark.parametrize("target,flag,supported", [
-    ("engine", "--fp8", "float, W8A16, W4A16"), ("engine", "--smoothquant", "float, W8A16, W4A16"),
-    ("engine", "--awq", "float, W8A16, W4A16"), ("pytorch", "--int8-weight-only", "float")])
+    ("engine", "--fp8", ENGINE), ("engine", "--smoothquant", ENGINE), ("engine", "--awq", ENGINE),
+    ("pytorch", "--int8-weight-only", "float")])
 def test_unproven_formats_are_refused_before_any_work(tmp_path, tiny_model, capsys, target, flag,
                                                       supported):
     hf_dir, _ = tiny_model("phi3")

@@ -123,7 +123,7 @@ def trtllm_fields(hf, shape, tp: int) -> dict:
 
 
 #: what this project has proven for Phi-3 (tests/test_phi3.py)
-FORMATS = {"engine": ((None, None), ("W8A16", None), ("W4A16", None)),
+FORMATS = {"engine": ((None, None), ("W8A16", None), ("W4A16", None), (None, "FP8"), (None, "INT8")),
            "pytorch": ((None, None),)}
 
 PHI3 = Family(
