@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass
 
 from model.families import FAMILIES
-from model.spec import COLUMN_PARALLEL, DIMS, EXPERT_COLUMN, EXPERT_ROW, QKV, TRT_LAYER, VOCAB
+from model.spec import (COLUMN_PARALLEL, DIMS, EXPERT_COLUMN, EXPERT_ROW, QKV, REPLICATED, TRT_LAYER,
+                        VOCAB)
 
 from .formats import (DEFAULT_EXCLUDE, KV_ALGOS, ROWWISE_ALWAYS_EXCLUDE, ROWWISE_META_EXCLUDE,
                       SQ_BLOCK, SQ_NORM, flags, scheme_for)
@@ -179,6 +180,8 @@ class _Context:
             s = self.shape
             dtype = "int8" if self.scheme.embedding and not self.excluded(name[:-7]) else self.dtype
             out[name] = Declared((s.vocab_rank(self.lay.tp), s.hidden), dtype, "Embedding")
+        elif rule.shard == REPLICATED and name.endswith("vocab_embedding.weight"):
+            out[name] = Declared((self.shape.vocab, self.shape.hidden), self.dtype, "Embedding")
         elif rule.dtype == "float32":  # the MoE router: RowLinear(hidden, experts), tp 1, float32
             self.router(name[: -len(".weight")], out)
         elif not name.endswith(".bias"):  # a norm (Fp8RowwiseRmsNorm: the same weight)

@@ -64,6 +64,10 @@ MODEL_CLASSES = {
     # layernorms as the family spec names them)
     "Gemma2ForCausalLM": ModelClass("GemmaForCausalLM", "gemma2", _NO_BIASES, (_VOCAB,)),
     "Gemma3ForCausalLM": ModelClass("GemmaForCausalLM", "gemma3", _NO_BIASES, (_VOCAB,)),
+    # MODEL_MAP: Phi3ForCausalLM (models/phi3/model.py: Phi3DecoderLayer, no linear biases, the
+    # swiglu MLP's fc of 2 x intermediate outputs; Phi3Model's Embedding has no tensor
+    # parallelism: the whole vocabulary on every rank)
+    "Phi3ForCausalLM": ModelClass("Phi3ForCausalLM", "phi3", _NO_BIASES, (_VOCAB,)),
 }
 
 

@@ -16,10 +16,11 @@ from .moe import moe_config, moe_layout
 DTYPES = ("float16", "bfloat16", "float32")
 
 
-def _rope(hf) -> tuple[float, dict | None]:
+def _rope(hf, own: tuple[str, ...] = ()) -> tuple[float, dict | None]:
     """(rotary_base, rotary_scaling) from transformers-4 ``rope_theta``/``rope_scaling`` or
     transformers-5 ``rope_parameters``. TRT-LLM reads the scaling dict's ``type`` key
-    (``rope_type`` is the newer HF spelling), so both are written."""
+    (``rope_type`` is the newer HF spelling), so both are written. ``own``: rope types the
+    family's converter keys express (``Family.rope_types``): no scaling here."""
     params = getattr(hf, "rope_parameters", None)
     scaling = dict(params) if isinstance(params, dict) else None
     old = getattr(hf, "rope_scaling", None)
@@ -33,7 +34,7 @@ def _rope(hf) -> tuple[float, dict | None]:
     if scaling is not None:
         scaling.pop("rope_theta", None)
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind in (None, "default"):
+        if kind in (None, "default") or kind in own:
             scaling = None
         else:
             if kind not in ("llama3", "linear", "dynamic"):
@@ -72,7 +73,8 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
                       no_kv_duplication=str((quantization or {}).get("quant_algo") or "")
                       .startswith("W8A8_SQ"))
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
-    rotary_base, rotary_scaling = _rope(hf)
+    family = FAMILIES[shape.family]
+    rotary_base, rotary_scaling = _rope(hf, family.rope_types)
     dtype = resolve_dtype(dtype, hf)
     arch = hf.architectures[0]
     config = {
@@ -107,7 +109,6 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         config["hidden_act"] = "swiglu"
         config["moe"] = moe_config(shape)
         config["mapping"].update(moe_tp_size=moe.moe_tp, moe_ep_size=moe.moe_ep)
-    family = FAMILIES[shape.family]
     if family.trtllm_config is not None:  # the family's converter's keys (model/families/)
         config.update(family.trtllm_config(hf, shape, tp))
     return config

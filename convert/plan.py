@@ -12,7 +12,7 @@ from common.dtypes import BY_NAME, DType
 from common.errors import UserError
 from model.families import FAMILIES
 from model.shape import Shape
-from model.spec import RANK_DIMS, Rule
+from model.spec import RANK_DIMS, FusedPart, Rule, source_name
 
 from .hf_config import pp_layer_range
 from .moe import MoeLayout
@@ -34,22 +34,22 @@ def expected_source_shape(name: str, s: Shape) -> tuple[int, ...] | None:
     return FAMILIES[s.family].expected_shape(name, s)
 
 
-def _resolve(rule: Rule, i: int | None, source, e: int | None = None) -> tuple[str, ...]:
+def _resolve(rule: Rule, i: int | None, source, e: int | None = None) -> tuple:
     names = tuple(n.format(i=i, e=e) for n in rule.sources)
-    if all(n in source for n in names):
+    if all(source_name(n) in source for n in names):
         return names
     if rule.fallback:
         fb = tuple(n.format(i=i) for n in rule.fallback)
         if all(n in source for n in fb):
             return fb
-    missing = next(n for n in names if n not in source)
+    missing = next(source_name(n) for n in names if source_name(n) not in source)
     raise UserError(f"tensor {missing} is missing from the safetensors in {source.dir}; "
                     f"the checkpoint is incomplete or not a {rule.target.split('.')[0]} model of "
                     f"this config: re-download it")
 
 
 def _check_shapes(names, source, shape: Shape):
-    for n in names:
+    for n in dict.fromkeys(map(source_name, names)):
         want = expected_source_shape(n, shape)
         got = source.shape(n)
         if want is not None and tuple(got) != want:
@@ -83,7 +83,7 @@ def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str,
             continue
         names = _resolve(rule, layer, source)
         _check_shapes(names, source, shape)
-        pieces = RULES[rule.shard](names, [source.shape(n) for n in names], _split_ctx(rule, ctx))
+        pieces = _sharded(rule, names, source, shape, _split_ctx(rule, ctx))
         pieces = pad_hidden(pieces, rule, shape)
         target = rule.target.format(i=local)
         scale = shape.norm_scale if rule.rms_norm and rule.shapes[0] == ("hidden",) else 1.0
@@ -92,6 +92,26 @@ def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str,
                                  scale))
     plan.sort(key=lambda t: t.name)
     return plan
+
+
+def _sharded(rule: Rule, names, source, shape: Shape, ctx: RankCtx) -> list[Piece]:
+    """The rule's pieces of this rank; a ``FusedPart`` source is sharded as the tensor of its rows
+    alone, then its pieces are read from those rows of the fused tensor."""
+    shapes = []
+    for n in names:
+        full = tuple(source.shape(source_name(n)))
+        shapes.append((n.rows(shape)[1], *full[1:]) if isinstance(n, FusedPart) else full)
+    pieces = RULES[rule.shard](names, shapes, ctx)
+    return [_in_fused(p, shape) if isinstance(p.source, FusedPart) else p for p in pieces]
+
+
+def _in_fused(p: Piece, shape: Shape) -> Piece:
+    """Piece ``p`` of a fused part, as the same rows of the fused tensor."""
+    start, count = p.source.rows(shape)
+    index = p.index or (slice(None),)
+    rows = index[0]
+    a, b, _ = rows.indices(count)
+    return replace(p, source=p.source.name, index=(slice(start + a, start + b), *index[1:]))
 
 
 def _split_ctx(rule: Rule, ctx: RankCtx) -> RankCtx:
@@ -112,7 +132,7 @@ def _expert_stack(rule: Rule, layer: int, local: int, source, shape: Shape, ctx:
     for e in experts:
         names = _resolve(rule, layer, source, e)
         _check_shapes(names, source, shape)
-        pieces += RULES[rule.shard](names, [source.shape(n) for n in names], ctx)
+        pieces += _sharded(rule, names, source, shape, ctx)
     per_expert = stacked_shape(pieces[:len(pieces) // len(experts)])
     return OutputTensor(rule.target.format(i=local), tuple(pieces), (len(experts), *per_expert),
                         dtype)

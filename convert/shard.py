@@ -6,7 +6,6 @@ the writer lay out a file's header before a byte of weights is read.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from model.shape import Shape, padded_vocab
@@ -43,15 +42,18 @@ def replicated(names, shapes, ctx):
 
 def column(names, shapes, ctx):
     """Split dim 0; padded features (``ctx.split_to``) are zero rows at the end of the full dim,
-    which is then split evenly (the last ranks hold them)."""
-    full = shapes[0]
-    k = (ctx.split_to or full[0]) // ctx.tp
-    start = ctx.tp_rank * k
-    stop = min(start + k, full[0])
-    pieces = [_rows(names[0], full, start, stop)] if stop > start else []
-    pad = k - max(0, stop - start)
-    if pad:
-        pieces.append(Piece(None, (), (pad, *full[1:])))
+    which is then split evenly (the last ranks hold them). Several sources (a fused linear such
+    as Phi-3's mlp.fc = [up; gate]): each split so, this rank's rows of each one after another."""
+    pieces = []
+    for name, full in zip(names, shapes):
+        k = (ctx.split_to or full[0]) // ctx.tp
+        start = ctx.tp_rank * k
+        stop = min(start + k, full[0])
+        if stop > start:
+            pieces.append(_rows(name, full, start, stop))
+        pad = k - max(0, stop - start)
+        if pad:
+            pieces.append(Piece(None, (), (pad, *full[1:])))
     return pieces
 
 

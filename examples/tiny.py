@@ -28,6 +28,13 @@ _FAMILY_BASE = {
     "gemma3": dict(_GEMMA_BASE, layer_types=["sliding_attention", "full_attention"] * 2,
                    architectures=["Gemma3ForCausalLM"]),
     "gemma2": dict(_GEMMA_BASE, attn_logit_softcapping=2.0, architectures=["Gemma2ForCausalLM"]),
+    # Phi-4-mini-like: partial rotary (12 of 16 dims), LongRoPE switching to its long factors
+    # past 32 tokens, tied embeddings, 4 heads over 2 KV heads
+    "phi3": dict(num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.75,
+                 max_position_embeddings=131072, original_max_position_embeddings=32,
+                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                 rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+                               "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0]}),
 }
 #: family -> transformers ``model_type`` where they differ (Gemma 3's text-only config)
 _MODEL_TYPE = {"gemma3": "gemma3_text"}
@@ -41,7 +48,8 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, dtype=torch.floa
     per-expert layout (``block_sparse_moe.experts.{e}.w1/w2/w3``), which transformers 5 writes
     back on save. Qwen3: head_dim 16, not hidden / heads (8). Gemma: 4 layers alternating
     sliding/full attention with a window of 4 tokens, head_dim 16 != hidden / heads, soft-capping
-    small enough to bite."""
+    small enough to bite. Phi-3: Phi-4-mini's shape in small (partial rotary, LongRoPE with an
+    original context of 32 tokens, tied embeddings)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(_BASE, **_FAMILY_BASE.get(family, {}))

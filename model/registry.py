@@ -9,8 +9,8 @@
   PyPI packages (see examples/gemma3.py): 4 heads, 1 KV head (duplicated at tp 2 or 4), sliding
   window 512 on five layers of six.
 - ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-mixtral`` (4 experts, top 2),
-  ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads), ``tiny-gemma3``, ``tiny-gemma2``: tiny
-  random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
+  ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads), ``tiny-gemma3``, ``tiny-gemma2``, ``tiny-phi3``
+  (partial rotary, LongRoPE): tiny random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ EXAMPLES = {
     "tiny-qwen3": lambda: _tiny("qwen3"),
     "tiny-gemma3": lambda: _tiny("gemma3"),
     "tiny-gemma2": lambda: _tiny("gemma2"),
+    "tiny-phi3": lambda: _tiny("phi3"),
 }
 
 

@@ -1,17 +1,16 @@
 """A model family as one declarative spec: each linear named once, with its rules.
 
-A :class:`Linear` is one TensorRT-LLM linear of a decoder layer: its TensorRT-LLM name
-(``attention.qkv``), the HF modules it is made of in fused order (``self_attn.q_proj`` ...), its
-fusion group, its shard rule and the HF shape of each source. Norms, embeddings, the head and the
-MoE router are plain :class:`Rule` rows. :class:`Family` derives from these the per-tensor rules the
-float writer plans from (``rules``), the expected HF shapes, and the queries the recipes, the
-unified writer and the verifier ask ("the TensorRT-LLM linear of HF module X", "is it
-column-parallel", "which norm feeds it").
+A :class:`Linear` is one TensorRT-LLM linear of a decoder layer: its name (``attention.qkv``), the
+HF modules it is made of in fused order (``self_attn.q_proj`` ...), its fusion group, shard rule
+and the HF shape of each source. Norms, embeddings, the head and the MoE router are :class:`Rule`
+rows. :class:`Family` derives the float writer's per-tensor rules (``rules``), the expected HF
+shapes, and the queries of the recipes, the unified writer and the verifier.
 
 Shard rules (implemented by ``convert.shard``):
 
 - ``replicated``: the same tensor on every rank (norms, row-parallel biases)
-- ``column``: split dim 0 (output features) — mlp.fc / mlp.gate and their biases
+- ``column``: split dim 0 (output features) — mlp.fc / mlp.gate and their biases; several
+  sources (a ``FusedPart`` each, Phi-3's mlp.fc): each split, one after the other
 - ``row``: split dim 1 (input features); outputs are summed over ranks — mlp.proj
 - ``dense``: ``row`` for attention.dense, with zero input columns for padded heads (--pad-heads)
 - ``qkv``: fuse q, k, v per rank: [this rank's q heads; its k heads; its v heads], with kv heads
@@ -19,19 +18,21 @@ Shard rules (implemented by ``convert.shard``):
 - ``vocab``: split dim 0 after padding the vocabulary to a multiple of tp (embedding, lm_head)
 - ``expert_column`` / ``expert_row``: ``column`` / ``row`` of one expert over the moe_tp ranks
 
-Quantized companions are placed by rule (:func:`companion_axis`): a tensor that runs along the
-weight's output channels follows a column-parallel split and is whole on a row-parallel linear;
-one along the input channels (pre-quant scale, smoother) the other way round; a per-block scale
-follows the weight's split; a per-tensor scale is replicated.
+Quantized companions are placed by rule (:func:`companion_axis`): output-side tensors follow a
+column split and are whole on a row-parallel linear, input-side ones (pre-quant scale, smoother)
+the other way round; a per-block scale follows the weight, a per-tensor one is replicated.
 
-This module imports nothing of the project: sizes are read off any object with a ``Shape``'s
-attributes (``heads``, ``head_size``, ``kv_heads``, ``hidden``, ``inter``, ``vocab``, ``experts``).
-"""
+Sizes are read off any object with a ``Shape``'s attributes (``heads``, ``head_size``,
+``kv_heads``, ``hidden``, ``inter``, ``vocab``, ``experts``); the module imports no project code
+but ``model.config_keys``."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from typing import Callable
+
+from model import config_keys
+ConfigKeys, FromHF = config_keys.ConfigKeys, config_keys.FromHF  # re-exported: families use them
 
 REPLICATED, COLUMN, ROW, DENSE, QKV, VOCAB = "replicated", "column", "row", "dense", "qkv", "vocab"
 EXPERT_COLUMN, EXPERT_ROW = "expert_column", "expert_row"
@@ -111,6 +112,29 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class FusedPart:
+    """Rows of a fused HF tensor (Phi-3's ``qkv_proj`` = [q; k; v]): part ``index`` of ``parts``
+    (DIMS names of its row blocks, HF order); shard rules see it as a tensor (convert.plan)."""
+
+    name: str
+    parts: tuple[str, ...]
+    index: int
+
+    def format(self, **kw) -> "FusedPart":
+        return FusedPart(self.name.format(**kw), self.parts, self.index)
+
+    def rows(self, shape) -> tuple[int, int]:
+        """(first row, row count) of this part in the fused tensor of a model of ``shape``."""
+        sizes = [DIMS[p](shape) for p in self.parts]
+        return sum(sizes[:self.index]), sizes[self.index]
+
+
+def source_name(src) -> str:
+    """The HF tensor a rule source reads (a FusedPart's fused tensor)."""
+    return src.name if isinstance(src, FusedPart) else src
+
+
+@dataclass(frozen=True)
 class Linear:
     """One TensorRT-LLM linear of a decoder layer and the HF modules it is made of."""
 
@@ -122,6 +146,9 @@ class Linear:
     norm: str | None = None         # the HF norm whose output is its input (smoother folding)
     bias: str | None = None         # Shape flag under which the linear has a bias
     experts: bool = False           # a stack over the rank's experts
+    #: one fused HF module (``hf``) stacking ``shapes`` on dim 0; the linear takes its parts in
+    #: this order (Phi-3's ``gate_up_proj`` [gate; up] -> ``mlp.fc`` [up; gate]: ``(1, 0)``)
+    fused: tuple[int, ...] = ()
 
     @property
     def column_parallel(self) -> bool:
@@ -151,14 +178,23 @@ class Linear:
 
     def rules(self) -> tuple[Rule, ...]:
         """The weight (and bias) rows of this linear."""
-        weight = Rule(TRT_LAYER + self.name + ".weight",
-                      tuple(HF_LAYER + h + ".weight" for h in self.hf), self.shard,
-                      linear=TRT_LAYER + self.name, experts=self.experts, shapes=self.shapes)
+        weight = Rule(TRT_LAYER + self.name + ".weight", self._sources("weight"), self.shard,
+                      linear=TRT_LAYER + self.name, experts=self.experts,
+                      shapes=self._source_shapes())
         if self.bias is None:
             return (weight,)
-        bias = Rule(TRT_LAYER + self.name + ".bias", tuple(HF_LAYER + h + ".bias" for h in self.hf),
-                    self.bias_shard, when=self.bias, shapes=tuple((o,) for o, _ in self.shapes))
+        bias = Rule(TRT_LAYER + self.name + ".bias", self._sources("bias"), self.bias_shard,
+                    when=self.bias, shapes=tuple((o,) for o, _ in self._source_shapes()))
         return weight, bias
+
+    def _sources(self, kind: str) -> tuple:
+        if not self.fused:
+            return tuple(HF_LAYER + h + "." + kind for h in self.hf)
+        parts = tuple(o for o, _ in self.shapes)
+        return tuple(FusedPart(HF_LAYER + self.hf[0] + "." + kind, parts, k) for k in self.fused)
+
+    def _source_shapes(self) -> tuple[tuple[str, str], ...]:
+        return tuple(self.shapes[k] for k in self.fused) if self.fused else self.shapes
 
 
 def norm(trt: str, hf: str, dim: str = "hidden", offset: float = 0.0) -> Rule:
@@ -180,26 +216,6 @@ def head_norm(trt: str, hf: str, offset: float = 0.0) -> Rule:
 #: (tensorrt_llm/models/gemma/model.py, GemmaDecoderLayer.__init__) overrides, whatever HF's
 #: rms_norm_eps
 QK_NORM_EPS = 1e-5
-
-
-@dataclass(frozen=True)
-class FromHF:
-    """A TensorRT-LLM config.json value read from the HF config: ``getattr(hf, attr, default)``."""
-
-    attr: str
-    default: object = None
-
-
-@dataclass(frozen=True)
-class ConfigKeys:
-    """A ``Family.trtllm_config`` hook of fixed keys (Qwen: ``qwen_type``): each a value or a
-    ``FromHF``, written in this order."""
-
-    keys: tuple[tuple[str, object], ...]
-
-    def __call__(self, hf, shape, tp: int) -> dict:
-        return {k: getattr(hf, v.attr, v.default) if isinstance(v, FromHF) else v
-                for k, v in self.keys}
 
 
 #: companion layouts: what axis of the weight a quantization tensor runs along
@@ -260,6 +276,8 @@ class Family:
     #: keys: ``ConfigKeys``; computed ones: a function, Gemma), written after the common keys
     #: (convert.hf_config), in the dict's order; None: the common keys only
     trtllm_config: Callable[[object, object, int], dict] | None = None
+    #: HF rope types ``trtllm_config`` writes itself (Phi-3: longrope; no common rotary_scaling)
+    rope_types: tuple[str, ...] = ()
     #: (HF config attribute, value, why): a config TensorRT-LLM 1.2 cannot express for the family,
     #: refused before any work
     unsupported: tuple[tuple[str, object, str], ...] = ()
@@ -355,7 +373,8 @@ class Family:
         """The shape HF tensor ``name`` must have for a model of ``shape`` (None: not checked)."""
         for pattern, dims in _shape_table(self):
             if pattern.match(name):
-                return tuple(DIMS[d](shape) for d in dims)
+                return tuple(sum(DIMS[p](shape) for p in d) if isinstance(d, tuple) else DIMS[d](shape)
+                             for d in dims)
         return None
 
 
@@ -373,6 +392,8 @@ def _shape_table(family: Family) -> list[tuple[re.Pattern, tuple[str, ...]]]:
         for rule in family.rules:
             for names in (rule.sources, rule.fallback):
                 for src, dims in zip(names, rule.shapes):
+                    if isinstance(src, FusedPart):  # the whole fused tensor: its parts stacked
+                        src, dims = src.name, (src.parts, *dims[1:])
                     pat = re.escape(src).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+")
                     table.append((re.compile(pat + "$"), dims))
         _SHAPE_TABLES[family.name] = table

@@ -8,7 +8,7 @@ from model.shape import Shape, choose_padding
 from convert.plan import rank_plan
 from model.families import ARCHITECTURES, FAMILIES
 from model.spec import (PER_BLOCK, PER_INPUT, PER_OUTPUT, PER_TENSOR, companion_axis,
-                        companion_layout)
+                        companion_layout, source_name)
 
 
 def _shape(family: str, heads=8, kv=2, tp=1, pad=False) -> Shape:
@@ -32,7 +32,7 @@ class _Source:
             for i in layers:
                 for e in experts:
                     for src in rule.sources:
-                        name = src.format(i=i, e=e)
+                        name = source_name(src.format(i=i, e=e))  # a fused part: its tensor
                         self.shapes[name] = fam.expected_shape(name, shape)
 
     def __contains__(self, name):
@@ -46,7 +46,7 @@ def test_registry_maps_every_architecture_to_its_family():
     assert ARCHITECTURES == {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
                              "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral",
                              "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3",
-                             "Gemma2ForCausalLM": "gemma2"}
+                             "Gemma2ForCausalLM": "gemma2", "Phi3ForCausalLM": "phi3"}
     assert dict(FAMILIES["qwen2"].flags) == {"attn_bias": True, "dense_bias": False}
     assert dict(FAMILIES["qwen3"].flags) == {"attn_bias": False, "dense_bias": False}
 
@@ -75,7 +75,9 @@ def test_every_hf_source_has_an_expected_shape(family):
     s = _shape(family)
     for name, got in _Source(s).shapes.items():
         assert got is not None, name
-    assert FAMILIES[family].expected_shape("model.layers.1.self_attn.k_proj.weight", s) == (16, 64)
+    fused = family == "phi3"  # one qkv_proj [q; k; v] (model.spec.FusedPart)
+    name = "model.layers.1.self_attn." + ("qkv_proj" if fused else "k_proj") + ".weight"
+    assert FAMILIES[family].expected_shape(name, s) == ((64 + 2 * 16) if fused else 16, 64)
     assert FAMILIES[family].expected_shape("model.layers.1.unknown.weight", s) is None
 
 

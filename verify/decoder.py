@@ -39,6 +39,9 @@ from model.families.gemma import trtllm_windows
 Tensor = torch.Tensor
 
 GEMMA_ARCHITECTURES = frozenset({"GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"})
+#: model classes whose dense MLP is ``layers/mlp.py`` ``MLP`` with "swiglu": one ``mlp.fc`` whose
+#: local output is [up; gate], ``silu(gate) * up`` (``functional.swiglu``; Phi-3)
+FUSED_FC_ARCHITECTURES = frozenset({"Phi3ForCausalLM"})
 #: hidden_act -> the gated MLP's activation, as TensorRT-LLM's GatedMLP computes it
 ACTIVATIONS = {"silu": F.silu, "gelu": lambda x: F.gelu(x, approximate="tanh"),
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -57,18 +60,21 @@ class Semantics:
     final_softcap: float | None = None
     windows: tuple = ()                     # per global layer: attention window or None
     local_base: float | None = None         # rotary base of the sliding layers (Gemma 3)
+    fused_fc: bool = False                  # MLP "swiglu": mlp.fc holds [up; gate] (Phi-3)
 
     @classmethod
     def from_config(cls, c: dict, where, moe: bool) -> "Semantics":
         arch = str(c.get("architecture", ""))
         act = c.get("hidden_act", "silu")
         gemma = arch in GEMMA_ARCHITECTURES
-        allowed = ("gelu", "gelu_pytorch_tanh") if gemma else ("swiglu",) if moe else ("silu",)
+        fused = arch in FUSED_FC_ARCHITECTURES and not moe
+        allowed = ("gelu", "gelu_pytorch_tanh") if gemma else ("swiglu",) if moe or fused \
+            else ("silu",)
         if act not in allowed:
             raise UserError(f"{where}: hidden_act {act!r} is not supported for {arch or 'Llama'} "
                             f"(supported: {', '.join(allowed)})")
-        if not gemma:
-            return cls()
+        if not gemma:  # Phi-3: every layer's window, where the config carries one
+            return cls(fused_fc=fused, windows=tuple(trtllm_windows(c)))
         inter = bool(c.get("inter_layernorms"))
         scalar = c.get("query_pre_attn_scalar") if inter else None
         gemma3 = arch == "Gemma3ForCausalLM"

@@ -32,7 +32,7 @@ from .checkpoint import LAYER_RE, mapping, open_checkpoint, pp_layers
 from .decoder import Semantics, attend, lm_softcap, rms_norm
 from .kernels import KV_CACHE_KERNELS, LINEAR_INPUT_SCALES, LINEAR_KERNELS, QuantSpec, linear, names_of
 from .reference_moe import MoeSpec, moe_partial
-from .rotary import apply_rotary, rotary_inv_freq  # noqa: F401 (re-exported)
+from .rotary import LongRope, apply_rotary, rotary_inv_freq  # noqa: F401 (re-exported)
 
 Tensor = torch.Tensor
 
@@ -76,8 +76,9 @@ class ReferenceModel:
         self.vocab_size = int(need("vocab_size"))
         self.eps = float(c.get("norm_epsilon", 1e-5))
         pe = c.get("position_embedding_type", "rope_gpt_neox")
-        if pe != "rope_gpt_neox":
-            raise UserError(f"{where}: position_embedding_type {pe!r} is not supported (rope_gpt_neox only)")
+        if pe not in ("rope_gpt_neox", "long_rope"):
+            raise UserError(f"{where}: position_embedding_type {pe!r} is not supported "
+                            "(rope_gpt_neox, long_rope)")
         self.moe = MoeSpec.from_config(c, self.tp, where)  # None: dense MLP
         self.sem = Semantics.from_config(c, where, bool(self.moe))  # verify/decoder.py
         if c.get("residual_mlp"):
@@ -88,7 +89,9 @@ class ReferenceModel:
         self.rot_dim = int(self.head_size * float(c.get("rotary_pct", 1.0)))
         if c.get("rotary_dim"):
             self.rot_dim = int(c["rotary_dim"])
-        self.inv_freq = rotary_inv_freq(self.rot_dim, float(c.get("rotary_base", 10000.0)), c.get("rotary_scaling"))
+        base = float(c.get("rotary_base", 10000.0))
+        self.inv_freq = rotary_inv_freq(self.rot_dim, base, c.get("rotary_scaling"))
+        self.longrope = LongRope(c, self.rot_dim, base, where) if pe == "long_rope" else None
         self.local_inv_freq = (rotary_inv_freq(self.rot_dim, self.sem.local_base, None)
                                if self.sem.local_base is not None else self.inv_freq)
         self.use_parallel_embedding = bool(c.get("use_parallel_embedding", False))
@@ -215,10 +218,11 @@ class ReferenceModel:
         """((cos, sin) of the global base, (cos, sin) of the sliding layers' base)."""
         pos = torch.arange(seq, dtype=torch.float32)
         out = []
-        for inv_freq in (self.inv_freq, self.local_inv_freq):
-            freqs = pos[:, None] * inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            out.append((emb.cos().to(self.compute_dtype), emb.sin().to(self.compute_dtype)))
+        inv, scale = self.longrope.for_length(seq) if self.longrope else (self.inv_freq, 1.0)
+        for inv_freq in (inv, self.local_inv_freq):
+            emb = torch.cat([pos[:, None] * inv_freq[None, :]] * 2, dim=-1)
+            out.append(((emb.cos() * scale).to(self.compute_dtype),
+                        (emb.sin() * scale).to(self.compute_dtype)))
         return tuple(out)
 
     @contextmanager
@@ -294,7 +298,10 @@ class ReferenceModel:
         for t in range(self.tp):
             x = self._norm(hs[t], self._w(p, t, f"{L}.{norm}.weight"))
             fc = linear(x, self._lin(p, t, f"{L}.mlp.fc"), self.qcfg, f"{L}.mlp.fc")
-            gate = linear(x, self._lin(p, t, f"{L}.mlp.gate"), self.qcfg, f"{L}.mlp.gate")
+            if self.sem.fused_fc:  # MLP "swiglu": fc = [up; gate] per rank, silu(gate) * up
+                gate, fc = fc.chunk(2, dim=-1)
+            else:
+                gate = linear(x, self._lin(p, t, f"{L}.mlp.gate"), self.qcfg, f"{L}.mlp.gate")
             mids.append(self.sem.act(fc) * gate)
         proj = self._row_parallel(p, f"{L}.mlp.proj", mids)
         if inter:

@@ -43,6 +43,35 @@ def rotary_inv_freq(rot_dim: int, base: float, scaling: dict | None) -> Tensor:
                     "(supported: linear, llama3; dynamic NTK and others are not implemented)")
 
 
+class LongRope:
+    """TensorRT-LLM's ``long_rope`` (Phi-3): two tables, short and long factors, each the inverse
+    frequencies divided by its factors and cos/sin times one mscale,
+    sqrt(1 + ln(max_position_embeddings / original) / ln(original)) (``functional.py``
+    ``RopeEmbeddingUtils.create_sinusoidal_positions_long_rope_for_attention_plugin``, Phi-3
+    passing no mscale of its own); the attention plugin rotates a batch with the long table when
+    its longest context exceeds ``original_max_position_embeddings`` (``gptAttentionCommon.cpp``:
+    ``max_context_q_len > mRotaryEmbeddingOriginalMaxPositions``)."""
+
+    def __init__(self, c: dict, rot_dim: int, base: float, where):
+        try:
+            self.original = int(c["original_max_position_embeddings"])
+            short = torch.tensor(c["longrope_scaling_short_factors"], dtype=torch.float32)
+            long = torch.tensor(c["longrope_scaling_long_factors"], dtype=torch.float32)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where}: long_rope needs original_max_position_embeddings and "
+                            f"longrope_scaling_short/long_factors ({e})") from None
+        if short.shape != (rot_dim // 2,) or long.shape != (rot_dim // 2,):
+            raise UserError(f"{where}: longrope factors must have {rot_dim // 2} entries each")
+        freq = base ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).to(torch.float) / rot_dim)
+        self.short, self.long = 1.0 / (short * freq), 1.0 / (long * freq)
+        scale = int(c["max_position_embeddings"]) / self.original
+        self.mscale = math.sqrt(1 + math.log(scale) / math.log(self.original)) if scale > 1 else 1.0
+
+    def for_length(self, seq: int) -> tuple[Tensor, float]:
+        """(inverse frequencies, cos/sin scale) of a batch whose longest context is ``seq``."""
+        return (self.long if seq > self.original else self.short), self.mscale
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-x2, x1), dim=-1)

@@ -38,7 +38,7 @@ import torch
 
 from common.errors import UserError
 from model.families import ARCHITECTURES, FAMILIES
-from model.spec import HF_LAYER, TRT_LAYER
+from model.spec import DIMS, HF_LAYER, TRT_LAYER
 from quantize.recipes import find_recipe
 
 Tensor = torch.Tensor
@@ -185,12 +185,20 @@ class UnifiedMap:
     def __init__(self, ckpt_dir):
         from convert.hf_config import from_hugging_face
         from model.config import read_hf_config
+        from model.shape import model_shape
 
         self.dir = d = Path(ckpt_dir)
         self.quant = _trtllm_quantization(d)
         hf = read_hf_config(d)
         self.config = from_hugging_face(hf, dtype="auto", tp=1, pp=1, quantization=self.quant)
         self.family = FAMILIES[ARCHITECTURES[hf.architectures[0]]]
+        self.qkv = self.family.linear("attention.qkv")
+        # fused HF modules whose parts the TRT-LLM linear takes in another order (Phi-3's
+        # gate_up_proj [gate; up] -> mlp.fc [up; gate]): {module: (part sizes, order)}
+        shape = model_shape(hf)
+        self.reorder = {lin.hf[0]: ([DIMS[o](shape) for o, _ in lin.shapes], lin.fused)
+                        for lin in self.family.dense_linears()
+                        if lin.fused and list(lin.fused) != sorted(lin.fused)}
         # the family's linears and norms, its per-head q/k norms included (Qwen3, Gemma 3)
         self.names = names_of(self.family)
         self.norms = {**self.family.norm_names(), **self.family.qk_norm_names()}
@@ -227,9 +235,9 @@ class UnifiedMap:
         """Layer ``i``'s TRT-LLM tensors from its unified ``{module: {suffix: tensor}}``."""
         d, fmt, dtype = self.dir, self.fmt, self.dtype
         pre, out = f"transformer.layers.{i}", {}
-        qkv = [mods.get(h) for h in QKV.hf]
+        qkv = [mods.get(h) for h in self.qkv.hf]
         if any(p is None or "weight" not in p for p in qkv):
-            raise UserError(f"{d}: layer {i} lacks self_attn.q/k/v_proj weights")
+            raise UserError(f"{d}: layer {i} lacks {'/'.join(self.qkv.hf)} weights")
         moe = _moe_layer(mods, fmt, d, i)  # Mixtral: router + stacked experts, else {}
         out.update({f"{pre}.{k}": v for k, v in moe.items()})
         fused_mlp = fmt.per_tensor_weight_scale and not moe
@@ -238,14 +246,18 @@ class UnifiedMap:
             for j, tn in enumerate(NAMES[h] for h in GATE_UP):
                 for k, v in f.items():
                     out[f"{pre}.{tn}.{k}"] = v[j] if isinstance(v, list) else v
-        for k, v in _fuse(qkv, fmt, dtype, f"layer {i} {QKV.name}").items():
-            out[f"{pre}.{QKV.name}.{k}"] = torch.cat(v) if isinstance(v, list) else v
+        if len(qkv) > 1:  # one HF module (Phi-3's qkv_proj) maps as any single linear
+            for k, v in _fuse(qkv, fmt, dtype, f"layer {i} {QKV.name}").items():
+                out[f"{pre}.{QKV.name}.{k}"] = torch.cat(v) if isinstance(v, list) else v
         for un, tn in self.names.items():
             if un in GATE_UP and fused_mlp or moe and tn.startswith("mlp."):
                 continue
             if un not in mods:
                 raise UserError(f"{d}: layer {i} lacks {un}")
             for k, v in _single(mods[un], fmt, dtype).items():
+                if un in self.reorder and k in ("weight", "bias"):
+                    sizes, order = self.reorder[un]
+                    v = torch.cat([v.split(sizes)[j] for j in order])
                 out[f"{pre}.{tn}.{k}"] = _offset(v, self.family.norm_offset) if un in self.norms else v
         out.update(_kv_scale(mods, self.quant, d, i))
         return out
@@ -275,10 +287,10 @@ def _read_tensors(d: Path) -> dict[str, Tensor]:
 
 def _kv_scale(mods: dict, quant: dict, d: Path, i: int) -> dict[str, Tensor]:
     """Layer ``i``'s ``kv_cache_scaling_factor`` = max(k_scale, v_scale) (none: no KV cache)."""
-    ks = mods[QKV.hf[1]].get("k_scale")
-    vs = mods[QKV.hf[2]].get("v_scale")
     if quant["kv_cache_quant_algo"] is None:
         return {}
+    ks = mods.get(QKV.hf[1], {}).get("k_scale")
+    vs = mods.get(QKV.hf[2], {}).get("v_scale")
     if ks is None or vs is None:
         raise UserError(f"{d}: layer {i} lacks k_proj.k_scale / v_proj.v_scale for the "
                         f"{quant['kv_cache_quant_algo']} KV cache")

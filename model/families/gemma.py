@@ -82,8 +82,8 @@ def trtllm_windows(config: dict) -> list[int | None]:
     ``config`` — what the engine must be served with (``max_attention_window_size`` is a run-time
     setting; builders/triton writes it, verify/ masks with it). Gemma 3: TensorRT-LLM's own fields
     (a layer slides iff ``(layer + 1) % _sliding_window_pattern``, window ``sliding_window``);
-    Gemma 2: ``layer_types`` + ``sliding_window``, which this project adds to the config because
-    TensorRT-LLM's Gemma 2 config carries no window at all; every other model: full."""
+    Gemma 2 and Phi-3: ``layer_types`` + ``sliding_window``, which this project adds to the config
+    because TensorRT-LLM's configs for them carry no window at all; every other model: full."""
     n = int(config["num_hidden_layers"])
     arch, window = str(config.get("architecture")), config.get("sliding_window")
     pattern, types = config.get("_sliding_window_pattern"), config.get("layer_types")
@@ -91,7 +91,7 @@ def trtllm_windows(config: dict) -> list[int | None]:
         return [None] * n
     if arch == "Gemma3ForCausalLM" and pattern:
         return [int(window) if (i + 1) % int(pattern) else None for i in range(n)]
-    if arch == "Gemma2ForCausalLM" and isinstance(types, list) and len(types) == n:
+    if isinstance(types, list) and len(types) == n:
         return [int(window) if t == "sliding_attention" else None for t in types]
     return [None] * n
 

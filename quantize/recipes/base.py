@@ -274,7 +274,8 @@ class Recipe:
         proven = None if family.formats is None else family.formats.get(target, ())
         if proven is None or (spec.quant_algo, spec.kv_cache_quant_algo) in proven:
             return None
-        names = ", ".join("+".join(str(x) for x in p if x) or "float" for p in proven)
+        names = ", ".join("+".join([str(p[0])] * bool(p[0]) + [f"KV {p[1]}"] * bool(p[1]))
+                          or "float" for p in proven)
         return (f"{family.name} with {spec.name} on --target {target} is not supported yet; "
                 f"supported: {names}")
 
