@@ -72,7 +72,8 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
                       no_kv_duplication=str((quantization or {}).get("quant_algo") or "")
                       .startswith("W8A8_SQ"))
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
-    rotary_base, rotary_scaling = _rope(hf)
+    family = FAMILIES[shape.family]
+    rotary_base, rotary_scaling = (family.rotary or _rope)(hf)
     dtype = resolve_dtype(dtype, hf)
     arch = hf.architectures[0]
     config = {
@@ -107,7 +108,6 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
         config["hidden_act"] = "swiglu"
         config["moe"] = moe_config(shape)
         config["mapping"].update(moe_tp_size=moe.moe_tp, moe_ep_size=moe.moe_ep)
-    family = FAMILIES[shape.family]
     if family.trtllm_config is not None:  # the family's converter's keys (model/families/)
         config.update(family.trtllm_config(hf, shape, tp))
     return config

@@ -9,7 +9,7 @@ from pathlib import Path
 from common.errors import UserError
 
 from .config_json import normalised_config
-from .families import ARCHITECTURES
+from .families import ARCHITECTURES, REFUSED_ARCHITECTURES
 
 # HF architecture -> family name (model.families)
 SUPPORTED_ARCHITECTURES = ARCHITECTURES
@@ -66,6 +66,8 @@ def read_config(model_dir) -> tuple[dict, object]:
         raise UserError(f"{model_dir / 'config.json'}: architectures is {json.dumps(archs)}, not "
                         f"a list such as [\"LlamaForCausalLM\"]; fix config.json")
     arch = archs[0] if archs else None
+    if arch in REFUSED_ARCHITECTURES:
+        raise UserError(f"{model_dir / 'config.json'}: {REFUSED_ARCHITECTURES[arch]}")
     if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"architecture {arch!r} in {model_dir / 'config.json'} is not supported; "
                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")

@@ -48,6 +48,15 @@ DIMS = {
     "vocab": lambda s: s.vocab,
     "experts": lambda s: s.experts,
     "head": lambda s: s.head_size,
+    # multi-head latent attention (Shape.mla) and DeepSeek's experts
+    "q_lora": lambda s: s.mla.q_lora,
+    "kv_lora": lambda s: s.mla.kv_lora,
+    "kv_a": lambda s: s.mla.kv_lora + s.mla.rope,          # kv_a_proj_with_mqa's outputs
+    "mla_q": lambda s: s.heads * (s.mla.nope + s.mla.rope),  # q_proj / q_b_proj outputs
+    "mla_kv": lambda s: s.heads * (s.mla.nope + s.mla.v),    # kv_b_proj outputs
+    "mla_o": lambda s: s.heads * s.mla.v,                    # o_proj inputs
+    "moe_inter": lambda s: s.expert_inter,
+    "shared_inter": lambda s: s.shared_inter,
 }
 
 #: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads), the MLP's
@@ -122,6 +131,7 @@ class Linear:
     norm: str | None = None         # the HF norm whose output is its input (smoother folding)
     bias: str | None = None         # Shape flag under which the linear has a bias
     experts: bool = False           # a stack over the rank's experts
+    when: str | None = None         # a Shape attribute (or per-layer predicate) it exists under
 
     @property
     def column_parallel(self) -> bool:
@@ -153,7 +163,8 @@ class Linear:
         """The weight (and bias) rows of this linear."""
         weight = Rule(TRT_LAYER + self.name + ".weight",
                       tuple(HF_LAYER + h + ".weight" for h in self.hf), self.shard,
-                      linear=TRT_LAYER + self.name, experts=self.experts, shapes=self.shapes)
+                      linear=TRT_LAYER + self.name, experts=self.experts, shapes=self.shapes,
+                      when=self.when)
         if self.bias is None:
             return (weight,)
         bias = Rule(TRT_LAYER + self.name + ".bias", tuple(HF_LAYER + h + ".bias" for h in self.hf),
@@ -202,40 +213,12 @@ class ConfigKeys:
                 for k, v in self.keys}
 
 
-#: companion layouts: what axis of the weight a quantization tensor runs along
-PER_TENSOR, PER_OUTPUT, PER_INPUT, PER_BLOCK = "tensor", "output", "input", "block"
-#: TensorRT-LLM companion suffix -> layout (weights_scaling_factor's depends on its shape)
-COMPANIONS = {
-    "activation_scaling_factor": PER_TENSOR, "act_scale": PER_TENSOR,
-    "prequant_scaling_factor": PER_INPUT, "smoother": PER_INPUT,
-    "per_channel_scale": PER_OUTPUT,
-}
+# companions: their own module (re-exported here, where the recipes import them from)
+from .companions import (COMPANIONS, PER_BLOCK, PER_INPUT, PER_OUTPUT, PER_TENSOR,  # noqa: E402,F401
+                         companion_axis, companion_layout)
+from .companions import COLUMN_PARALLEL as _COMPANION_COLUMNS  # noqa: E402
 
-
-def companion_layout(kind: str, ndim: int, numel: int) -> str:
-    """The layout of a companion tensor ``kind`` (a suffix such as ``weights_scaling_factor``) of
-    this many dimensions / elements: one element is per-tensor whatever its name."""
-    if numel == 1:
-        return PER_TENSOR
-    if kind == "weights_scaling_factor":
-        return PER_BLOCK if ndim == 2 else PER_OUTPUT  # AWQ [out, in/group]; SQ [out]
-    return COMPANIONS[kind]
-
-
-def companion_axis(shard: str, layout: str) -> int | None:
-    """The axis along which a companion of ``layout`` is split for a linear sharded by ``shard``
-    (None: replicated). Output-side tensors split where the weight's rows do; input-side ones
-    where its columns do; a per-block scale exactly as the weight."""
-    column = shard in COLUMN_PARALLEL
-    if layout == PER_TENSOR:
-        return None
-    if layout == PER_BLOCK:
-        return 0 if column else 1
-    if layout == PER_OUTPUT:
-        return 0 if column else None
-    if layout == PER_INPUT:
-        return None if column else -1
-    raise ValueError(f"unknown companion layout {layout!r}")
+assert _COMPANION_COLUMNS == COLUMN_PARALLEL, "model.companions restates the column-parallel rules"
 
 
 @dataclass(frozen=True)
@@ -279,6 +262,12 @@ class Family:
     #: clause; None: it can (every norm over hidden is a ``rms_norm`` rule and nothing else reads
     #: ``hidden_size`` or ``norm_epsilon``)
     hidden_padding: str | None = None
+    #: Shape fields the family reads itself, ``shape_fields(hf) -> dict`` (DeepSeek: ``mla``,
+    #: the experts' sizes), over the common ones; None: the common ones
+    shape_fields: Callable[[object], dict] | None = None
+    #: ``rotary(hf) -> (rotary_base, rotary_scaling)`` as the family's TensorRT-LLM converter
+    #: writes them (DeepSeek: yarn); None: the common reading (convert.hf_config)
+    rotary: Callable[[object], tuple] | None = None
 
     @property
     def layer(self) -> tuple[Rule, ...]:
@@ -312,8 +301,10 @@ class Family:
                 return lin, lin.hf.index(hf_module)
         raise KeyError(f"{self.name} has no linear made of {hf_module!r}")
 
-    def dense_linears(self) -> tuple[Linear, ...]:
-        return tuple(lin for lin in self.linears if not lin.experts)
+    def dense_linears(self, shape=None) -> tuple[Linear, ...]:
+        """The linears that are not expert stacks (with ``shape``: those it has, ``when``)."""
+        return tuple(lin for lin in self.linears
+                     if not lin.experts and (shape is None or applies(lin.when, shape)))
 
     def hf_linears(self) -> tuple[str, ...]:
         """HF modules (relative to the layer) of the dense linears, in spec order."""
@@ -357,6 +348,30 @@ class Family:
             if pattern.match(name):
                 return tuple(DIMS[d](shape) for d in dims)
         return None
+
+
+def applies(when: str | None, shape, layer: int | None = None) -> bool:
+    """Whether a rule / linear with condition ``when`` (a Shape attribute, or a Shape method
+    taking the global layer index) exists for ``shape`` (at ``layer``; None: at any layer)."""
+    if when is None:
+        return True
+    cond = getattr(shape, when)
+    if not callable(cond):
+        return bool(cond)
+    layers = range(shape.layers) if layer is None else (layer,)
+    return any(cond(i) for i in layers)
+
+
+@dataclass(frozen=True)
+class MlaDims:
+    """Multi-head latent attention's sizes (HF DeepseekV2Config names): q_lora_rank (0: none),
+    kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim."""
+
+    q_lora: int
+    kv_lora: int
+    nope: int
+    rope: int
+    v: int
 
 
 def _module(name: str, prefix: str) -> str:
