@@ -26,7 +26,7 @@ _GEMMA_BASE = dict(num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24, s
 #: V2-Lite's yarn (mscale = mscale_all_dim) over a 64-token original context
 _DEEPSEEK_V2_LITE = dict(
     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
-    q_lora_rank=None, kv_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32,
+    q_lora_rank=None, kv_lora_rank=48, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
     n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, moe_intermediate_size=64,
     first_k_dense_replace=1, topk_method="greedy", architectures=["DeepseekV2ForCausalLM"],
     rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32,

@@ -217,6 +217,7 @@ class ConfigKeys:
 from .companions import (COMPANIONS, PER_BLOCK, PER_INPUT, PER_OUTPUT, PER_TENSOR,  # noqa: E402,F401
                          companion_axis, companion_layout)
 from .companions import COLUMN_PARALLEL as _COMPANION_COLUMNS  # noqa: E402
+from .conditions import applies  # noqa: E402,F401 (re-exported)
 
 assert _COMPANION_COLUMNS == COLUMN_PARALLEL, "model.companions restates the column-parallel rules"
 
@@ -293,6 +294,12 @@ class Family:
                 return lin
         raise KeyError(f"{self.name} has no linear {name!r}")
 
+    def linear_of_rule(self, rule: Rule) -> Linear:
+        """The linear whose weight / bias ``rule`` is (a name may have several linears under
+        different conditions: DeepSeek's fused_a, its dense and expert mlp.fc)."""
+        return next(lin for lin in self.linears if TRT_LAYER + lin.name == rule.linear
+                    and lin.when == rule.when and lin.experts == rule.experts)
+
     def linear_of(self, hf_module: str) -> tuple[Linear, int]:
         """(the linear, position in its fused sources) that HF module ``hf_module`` (relative to
         the layer, e.g. ``mlp.gate_proj``) belongs to."""
@@ -348,18 +355,6 @@ class Family:
             if pattern.match(name):
                 return tuple(DIMS[d](shape) for d in dims)
         return None
-
-
-def applies(when: str | None, shape, layer: int | None = None) -> bool:
-    """Whether a rule / linear with condition ``when`` (a Shape attribute, or a Shape method
-    taking the global layer index) exists for ``shape`` (at ``layer``; None: at any layer)."""
-    if when is None:
-        return True
-    cond = getattr(shape, when)
-    if not callable(cond):
-        return bool(cond)
-    layers = range(shape.layers) if layer is None else (layer,)
-    return any(cond(i) for i in layers)
 
 
 @dataclass(frozen=True)

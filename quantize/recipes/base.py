@@ -268,6 +268,10 @@ class Recipe:
         if proven is None or (spec.quant_algo, spec.kv_cache_quant_algo) in proven:
             return None
         names = ", ".join("+".join(str(x) for x in p if x) or "float" for p in proven)
+        if not proven:
+            return (f"{family.name} cannot be written for --target {target} yet (no format of "
+                    f"it is proven there); use --target "
+                    f"{'engine' if target == 'pytorch' else 'pytorch'}")
         return (f"{family.name} with {spec.name} on --target {target} is not supported yet; "
                 f"supported: {names}")
 
