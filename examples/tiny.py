@@ -22,8 +22,9 @@ _BASE = dict(
 _GEMMA_BASE = dict(num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
                    final_logit_softcapping=5.0, tie_word_embeddings=True)
 #: DeepSeek-V2-Lite in miniature: no q-LoRA, MLA dims of its proportions (kv_lora_rank + rope =
-#: 64, v_head_dim 2 x nope), layer 0 dense then 2 MoE layers of 8 routed + 2 shared experts, and
-#: V2-Lite's yarn (mscale = mscale_all_dim) over a 64-token original context
+#: 64; v_head_dim = qk_nope_head_dim, as in every released DeepSeek-V2), layer 0 dense then 2 MoE
+#: layers of 8 routed + 2 shared experts, V2-Lite's yarn (mscale = mscale_all_dim) over a 64-token
+#: original context
 _DEEPSEEK_V2_LITE = dict(
     num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
     q_lora_rank=None, kv_lora_rank=48, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,

@@ -269,6 +269,9 @@ class Family:
     #: ``rotary(hf) -> (rotary_base, rotary_scaling)`` as the family's TensorRT-LLM converter
     #: writes them (DeepSeek: yarn); None: the common reading (convert.hf_config)
     rotary: Callable[[object], tuple] | None = None
+    #: exclude_modules patterns added to a format's list: linears TensorRT-LLM's converter keeps
+    #: in float, which its weight-only preprocessing would otherwise not fill (DeepSeek's fused_a)
+    unquantized: tuple[str, ...] = ()
 
     @property
     def layer(self) -> tuple[Rule, ...]:

@@ -3,7 +3,7 @@ semantics, from the converted rank files (model/families/deepseek_v2.py says how
 out):
 
 * multi-head latent attention (``tensorrt_llm/layers/attention.py`` ``DeepseekV2Attention``):
-  ``fused_a`` (a linear: quantized as one for weight-only formats) gives [c_q;] c_kv; k_pe,
+  ``fused_a`` (a linear; weight-only formats list it in ``exclude_modules``) gives [c_q;] c_kv; k_pe,
   ``q_a_layernorm`` / ``kv_a_layernorm`` (RMSNorm, ``norm_epsilon``) normalise c_q and c_kv (V2-Lite
   feeds the normed hidden state itself as c_q); the MLA kernels then use the absorbed
   ``fused_q_proj`` [heads x (kv_lora + rope), q_in] (q's latent part scores against c_kv

@@ -10,8 +10,12 @@ What TensorRT-LLM 1.2's engine flow does (``tensorrt_llm/models/deepseek_v2/``),
   latter re-ordered to [every head's k_nope rows; every head's v rows]; the absorbed
   ``attention.fused_q_proj`` (convert.compute); ``attention.q_a_layernorm`` /
   ``attention.kv_a_layernorm``; ``attention.dense`` = ``o_proj`` row-parallel. The three MLA
-  projections are plain Parameters (no ``.weight``, never quantized); ``fused_a``, ``dense``,
-  the MLPs and the experts are linears, quantized by trtllm-build for weight-only formats.
+  projections are plain Parameters (no ``.weight``, never quantized); ``dense``, the MLPs and
+  the experts are linears, quantized by trtllm-build for weight-only formats. ``fused_a`` is
+  written in float by the converter (``get_tllm_linear_weight`` without ``use_weight_only``) and
+  ``weight_only_quantize_dict`` (models/convert_utils.py) quantizes only names with ``qkv``,
+  ``dense``, ``fc``, ``proj`` or ``gate``: it is listed in ``exclude_modules``
+  (``Family.unquantized``), so that the engine builds it as a float linear.
 - MoE layers: ``mlp.fc`` = the rank's experts' [up; gate] rows stacked, ``mlp.proj`` = down,
   the router ``mlp.router.weight`` float32 whole, the shared experts ``mlp.shared_expert.fc`` =
   [up rows; gate rows] of the rank and ``mlp.shared_expert.proj`` = down, split by tp. Dense
@@ -190,7 +194,7 @@ DEEPSEEK_V2 = Family(
     "deepseek_v2", ("DeepseekV2ForCausalLM",), EMBED, ATTENTION + DENSE_MLP + MOE, NORMS, HEAD,
     extra=MLA + (ROUTER,), trtllm_config=trtllm_fields, formats=FORMATS,
     hidden_padding="TensorRT-LLM's MLA projections and MoE experts are not padded",
-    shape_fields=shape_fields, rotary=rotary, layerwise=False)
+    shape_fields=shape_fields, rotary=rotary, layerwise=False, unquantized=("*fused_a",))
 
 #: architectures of the DeepSeek family this project refuses, and why (model.config)
 REFUSED = {
