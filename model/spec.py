@@ -214,9 +214,13 @@ class ConfigKeys:
 
 
 # companions: their own module (re-exported here, where the recipes import them from)
-from .companions import (COMPANIONS, PER_BLOCK, PER_INPUT, PER_OUTPUT, PER_TENSOR,  # noqa: E402,F401
-                         companion_axis, companion_layout)
-from .companions import COLUMN_PARALLEL as _COMPANION_COLUMNS  # noqa: E402
+from . import companions as _companions  # noqa: E402
+
+COMPANIONS, companion_axis, companion_layout = (_companions.COMPANIONS, _companions.companion_axis,
+                                                _companions.companion_layout)
+PER_TENSOR, PER_OUTPUT, PER_INPUT, PER_BLOCK = (_companions.PER_TENSOR, _companions.PER_OUTPUT,
+                                                _companions.PER_INPUT, _companions.PER_BLOCK)
+_COMPANION_COLUMNS = _companions.COLUMN_PARALLEL
 from .conditions import applies  # noqa: E402,F401 (re-exported)
 
 assert _COMPANION_COLUMNS == COLUMN_PARALLEL, "model.companions restates the column-parallel rules"
