@@ -245,7 +245,10 @@ def _edit_config(src, dst, **changes):
     ({}, ["--fp8"], "deepseek_v2 with FP8 on --target engine is not supported yet; supported: "
                     "float, W8A16, W4A16"),
     ({}, ["--target", "pytorch"], "deepseek_v2 cannot be written for --target pytorch yet"),
-], ids=["v3", "first_dense", "noaux_tc", "tp3", "fp8", "pytorch"])
+    # the routed experts' GEMMs are moe_intermediate_size wide (64 / moe_tp 2), not the dense 128
+    (dict(hidden_size=128), ["--tp", "2", "--int8-weight-only"],
+     "W8A16: experts' mlp.proj has 32 input features per rank, not a multiple of 64"),
+], ids=["v3", "first_dense", "noaux_tc", "tp3", "fp8", "pytorch", "expert_gemm"])
 def test_refusals_are_one_line_before_any_work(tmp_path, models, capsys, changes, flags, needle):
     hf_dir = _edit_config(models["lite"][0], tmp_path / "hf", **changes)
     out = tmp_path / "out"
