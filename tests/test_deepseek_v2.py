@@ -273,3 +273,16 @@ def test_fused_q_proj_is_computed_one_head_at_a_time(tmp_path, models):
     chunks = list(computed_chunks(SourceCheckpoint(hf_dir), t))
     assert len(chunks) == model.config.num_attention_heads
     assert {len(c.data) for c in chunks} == {(48 + 16) * 64 * 4}
+
+
+@pytest.mark.parametrize("variant", ["lite", "qlora"])
+def test_disk_plan_counts_the_spec_tensors(tmp_path, models, variant):
+    """The memory plan's disk figure for the checkpoint is at least what is written, and close."""
+    from model.source import ModelSource
+    from quantize.memory import FIXED_DISK, spec_bytes
+
+    hf_dir, _ = models[variant]
+    convert_checkpoint(hf_dir, tmp_path / "ck", tp=2, dtype="float16", progress=False)
+    real = sum(p.stat().st_size for p in (tmp_path / "ck").glob("rank*.safetensors"))
+    planned = spec_bytes(ModelSource.open(hf_dir).shape, 2, 2) + FIXED_DISK
+    assert real <= planned < real * 1.2
