@@ -26,8 +26,8 @@ import math
 from dataclasses import dataclass
 
 from model.families import FAMILIES
-from model.spec import (COLUMN_PARALLEL, DIMS, EXPERT_COLUMN, EXPERT_ROW, QKV, REPLICATED, TRT_LAYER,
-                        VOCAB)
+from model.spec import (COLUMN_PARALLEL, DIMS, EXPERT_COLUMN, EXPERT_ROW, QKV, REPLICATED,
+                        TRT_LAYER, VOCAB, MlaDims, applies)
 
 from .formats import (DEFAULT_EXCLUDE, KV_ALGOS, ROWWISE_ALWAYS_EXCLUDE, ROWWISE_META_EXCLUDE,
                       SQ_BLOCK, SQ_NORM, flags, scheme_for)
@@ -89,8 +89,33 @@ class ConfigShape:
         self.head_size = int(config.get("head_size") or self.hidden // self.heads)
         self.inter = int(config.get("intermediate_size") or 4 * self.hidden)
         self.vocab = int(config["vocab_size"])
-        self.experts = int((config.get("moe") or {}).get("num_experts", 0))
+        moe = config.get("moe") or {}
+        self.experts = int(moe.get("num_experts", 0))
         self.dtype = config["dtype"]
+        self.layers = int(config["num_hidden_layers"])
+        self.expert_inter = int(config.get("moe_inter_size") or self.inter)
+        self.shared_inter = int(moe.get("shared_expert_intermediate_size") or 0)
+        self.mla = None
+        if config.get("kv_lora_rank"):  # DeepSeekV2Config's MLA sizes
+            self.mla = MlaDims(int(config.get("q_lora_rank") or 0), int(config["kv_lora_rank"]),
+                               int(config["qk_nope_head_dim"]), int(config["qk_rope_head_dim"]),
+                               int(config["v_head_dim"]))
+        # DeepseekV2DecoderLayer: MoE where ``layer_idx > 0`` (layer 0 dense)
+        self.first_dense = 1 if self.mla else 0
+
+    def moe_layer(self, layer: int) -> bool:
+        return bool(self.experts) and layer >= self.first_dense
+
+    def dense_layer(self, layer: int) -> bool:
+        return not self.moe_layer(layer)
+
+    @property
+    def q_lora(self) -> bool:
+        return bool(self.mla and self.mla.q_lora)
+
+    @property
+    def no_q_lora(self) -> bool:
+        return bool(self.mla) and not self.mla.q_lora
 
     def vocab_rank(self, tp: int) -> int:
         """Rows of the parallel embedding / lm_head on one rank: ceil(vocab / tp)."""
@@ -121,7 +146,7 @@ def declared_rank(config: dict, rank: int) -> dict[str, Declared]:
     for local in range(len(stages)):
         prefix = TRT_LAYER.format(i=local)
         for rule in layer:
-            ctx.rule(rule, prefix, out, family)
+            ctx.rule(rule, prefix, out, family, stages[local])
         ctx.layer_extras(family, prefix, kv_params, out)
     if pp_rank == lay.pp - 1:
         for rule in family.head:
@@ -165,13 +190,20 @@ class _Context:
         return True
 
     # ---- one spec rule --------------------------------------------------------------------
-    def rule(self, rule, prefix: str, out: dict, family=None) -> None:
+    def rule(self, rule, prefix: str, out: dict, family=None, layer=None) -> None:
         name = rule.target.replace(TRT_LAYER.format(i="{i}"), prefix) if prefix else rule.target
-        if rule.when is not None and not self.biases.get(rule.when, False):
+        if rule.when in self.biases:
+            if not self.biases[rule.when]:
+                return
+        elif not applies(rule.when, self.shape, layer):
             return
         if rule.linear is not None:
-            lin = family.linear(rule.linear[len(TRT_LAYER):])
+            lin = family.linear_of_rule(rule)
             self.linear(prefix + lin.name, lin, out, family)
+        elif name.rpartition(".")[2] in MLA_PARAMETERS:
+            s, tp = self.shape, self.lay.tp
+            out[name] = Declared(MLA_PARAMETERS[name.rpartition(".")[2]](s.mla, s, tp),
+                                 self.dtype, "DeepseekV2Attention (Parameter)")
         elif rule.shard == VOCAB and name == "lm_head.weight":
             s = self.shape
             self.site("lm_head", "column", s.vocab_rank(self.lay.tp) * self.lay.tp, s.hidden,
@@ -202,18 +234,20 @@ class _Context:
             full_in = DIMS[lin.shapes[0][1]](s)
             if lin.shapes[0][1] == "q":  # dense: tp * (heads // tp) * head_size
                 full_in = tp * (s.heads // tp) * s.head_size
-        kind = "column" if lin.shard in COLUMN_PARALLEL else "row"
+        kind = "column" if lin.shard in COLUMN_PARALLEL or lin.shard == REPLICATED else "row"
         bias = lin.bias is not None and self.biases.get(lin.bias, False)
         if self.scheme.rowwise and family.qk_norms and lin.shard == QKV and \
                 self.replaced(module.rsplit(".", 1)[0]):
             raise NotModelled("Fp8RowwiseAttention (it takes no qk_layernorm) for an attention "
                               "with q/k layernorms")
-        self.site(module, kind, full_out, full_in, bias, out, quantizable=True)
+        self.site(module, kind, full_out, full_in, bias, out, quantizable=True,
+                  tp=1 if lin.shard == REPLICATED else None)
 
-    def site(self, module, kind, full_out, full_in, bias, out, *, quantizable) -> None:
+    def site(self, module, kind, full_out, full_in, bias, out, *, quantizable, tp=None) -> None:
         """A ColumnLinear / RowLinear with full features, quantized by the scheme unless
-        excluded (the SmoothQuant plugin replaces the decoder's linears whatever the list)."""
-        scheme, tp = self.scheme, self.lay.tp
+        excluded (the SmoothQuant plugin replaces the decoder's linears whatever the list);
+        ``tp`` 1: a linear built without tensor parallelism (DeepSeek's fused_a)."""
+        scheme, tp = self.scheme, tp or self.lay.tp
         if scheme.rowwise:  # the linears of a replaced MLP / Attention block
             quantized = quantizable and self.replaced(module.rsplit(".", 1)[0])
         else:
@@ -235,7 +269,7 @@ class _Context:
         params = self.scheme.experts if quantized else scheme_for(None).experts
         if params is None:
             raise NotModelled(f"{self.scheme.classes} for mixture-of-experts layers")
-        e, inter = s.experts // lay.moe_ep, s.inter // lay.moe_tp
+        e, inter = s.experts // lay.moe_ep, s.expert_inter // lay.moe_tp
         o, i = (2 * inter, s.hidden) if lin.shard == EXPERT_COLUMN else (s.hidden, inter)
         assert lin.shard in (EXPERT_COLUMN, EXPERT_ROW)
         owner = "MOEWeightWrapper" + (f" ({self.scheme.classes})" if quantized else "")
@@ -271,6 +305,17 @@ class _Context:
             self.emit(module, SQ_NORM, 1, 1, 1, False, out, "SmoothQuantRmsNorm")
         for block in (attention, prefix + "mlp"):
             self.emit(block, SQ_BLOCK, 1, 1, 1, False, out, "SmoothQuantAttention / GatedMLP")
+
+
+#: layers/attention.py DeepseekV2Attention.__init__: its Parameters (not linears, never
+#: quantized), per rank: q_b_proj [heads/tp x (nope + rope), q_lora_rank, or hidden without
+#: q-LoRA], kv_b_proj [heads/tp x (nope + v), kv_lora_rank], the absorbed fused_q_proj
+#: [heads/tp x (kv_lora_rank + rope), q_lora_rank or hidden]
+MLA_PARAMETERS = {
+    "q_b_proj": lambda m, s, tp: (s.heads // tp * (m.nope + m.rope), m.q_lora or s.hidden),
+    "kv_b_proj": lambda m, s, tp: (s.heads // tp * (m.nope + m.v), m.kv_lora),
+    "fused_q_proj": lambda m, s, tp: (s.heads // tp * (m.kv_lora + m.rope), m.q_lora or s.hidden),
+}
 
 
 def _round_up(n: int, m: int) -> int:

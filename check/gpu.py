@@ -11,6 +11,9 @@ Rules (format × SM), with where they live:
   refused on SM ≥ 100 (Blackwell) by TensorRT-LLM 1.2's ``build()`` (``tensorrt_llm/builder.py``, as
   read by issue 28; not re-read for this table: confirm on the release you build with).
 - Weight-only INT8/INT4 (``W8A16``, ``W4A16``): quantized by trtllm-build for the build GPU, any SM.
+- Multi-head latent attention (``DeepseekV2ForCausalLM``, whatever the format): TensorRT-LLM 1.2's
+  MLA engine kernels are Hopper's (SM 90; the DeepSeek-V2 example of the engine flow,
+  ``examples/models/contrib/deepseek_v2``, runs on Hopper only).
 """
 from __future__ import annotations
 
@@ -57,6 +60,10 @@ RULES = (
             "(issue 28)"),
     GpuRule("kv_cache_quant_algo", ("INT8",), below_sm=100, what="an INT8 KV cache is refused on "
             "Blackwell (SM 100) and newer", source="tensorrt_llm/builder.py build() (issue 28)"),
+    GpuRule("architecture", ("DeepseekV2ForCausalLM",), min_sm=90, what="multi-head latent "
+            "attention (DeepSeek-V2) engines need TensorRT-LLM's MLA kernels: Hopper (SM 90)",
+            source="examples/models/contrib/deepseek_v2 (Hopper); cpp/tensorrt_llm/kernels/"
+            "mlaKernels.cu"),
 )
 
 
@@ -76,6 +83,7 @@ def refusals(config: dict, sm: int) -> list[tuple[str, str]]:
     """(what, source) of every rule the checkpoint's format breaks on SM ``sm``."""
     q = config.get("quantization") or {}
     fields = {"quant_algo": q.get("quant_algo"), "kv_cache_quant_algo": q.get("kv_cache_quant_algo"),
-              "moe_quant_algo": q.get("quant_algo") if config.get("moe") else None}
+              "moe_quant_algo": q.get("quant_algo") if config.get("moe") else None,
+              "architecture": config.get("architecture")}
     return [(r.what, r.source) for r in RULES
             if fields[r.field] in r.values and not r.min_sm <= sm < r.below_sm]

@@ -68,6 +68,18 @@ MODEL_CLASSES = {
     # swiglu MLP's fc of 2 x intermediate outputs; Phi3Model's Embedding has no tensor
     # parallelism: the whole vocabulary on every rank)
     "Phi3ForCausalLM": ModelClass("Phi3ForCausalLM", "phi3", _NO_BIASES, (_VOCAB,)),
+    # MODEL_MAP: DeepseekV2ForCausalLM (models/deepseek_v2/model.py: no linear biases;
+    # DeepseekV2Attention's fused_a / MLA parameters, a dense GatedMLP in layer 0 and SharedMoE
+    # in the others); DeepSeekV2Config reads the MLA sizes and the yarn rotary_scaling
+    "DeepseekV2ForCausalLM": ModelClass(
+        "DeepseekV2ForCausalLM", "deepseek_v2", _NO_BIASES,
+        (_VOCAB, ("moe", "DeepseekV2DecoderLayer builds MoE from config.moe (routed and shared "
+                         "experts); without it every layer is a dense GatedMLP"),
+         ("kv_lora_rank", "DeepseekV2Attention sizes fused_a, kv_b_proj and the latent KV cache "
+                          "from it"),
+         ("rotary_scaling", "DeepseekV2Attention reads rotary_scaling['beta_fast'] and the other "
+                            "yarn fields unconditionally"),
+         ("moe_inter_size", "the routed experts' intermediate size")), moe=True),
 }
 
 

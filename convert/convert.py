@@ -34,6 +34,7 @@ from common.atomic import write_text
 from common.errors import IO_ERRNOS, UserError, io_error
 from common.interrupt import Interrupted
 from common.ownership import remove_owned
+from .compute import computed_chunks
 from .hf_config import from_hugging_face, padded_hidden_fields
 from .plan import OutputTensor, rank_plan
 from .source import SourceCheckpoint
@@ -58,6 +59,9 @@ def _write_rank(model_dir: str, plan, path: str, rank: int, progress: bool,
             bar.set_postfix_str(t.name.replace("transformer.", ""), refresh=False)
             if not isinstance(t, OutputTensor):  # calibrated weights and scales (pipeline/)
                 yield from t.chunks()  # as ByteChunks (quantize.apply)
+                return
+            if t.compute is not None:  # a function of its pieces (convert.compute)
+                yield from computed_chunks(source, t)
                 return
             for piece in t.pieces:
                 yield from iter_chunks(source, piece, t.dtype, offset=t.offset,
@@ -99,6 +103,8 @@ def _fingerprint(config: dict, plans, options: str = "") -> dict:
                 h.update(repr(t.offset).encode())
             if getattr(t, "scale", 1.0) != 1.0:
                 h.update(repr(("scale", t.scale)).encode())
+            if getattr(t, "compute", None) is not None:
+                h.update(repr(("compute", t.compute)).encode())
     return {"sha256": h.hexdigest()}
 
 

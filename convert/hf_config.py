@@ -74,7 +74,7 @@ def from_hugging_face(hf, *, dtype: str = "auto", tp: int = 1, pp: int = 1,
                       .startswith("W8A8_SQ"))
     moe = moe_layout(shape, tp, moe_tp, moe_ep)
     family = FAMILIES[shape.family]
-    rotary_base, rotary_scaling = _rope(hf, family.rope_types)
+    rotary_base, rotary_scaling = family.rotary(hf) if family.rotary else _rope(hf, family.rope_types)
     dtype = resolve_dtype(dtype, hf)
     arch = hf.architectures[0]
     config = {

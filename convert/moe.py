@@ -59,9 +59,10 @@ def moe_layout(shape, tp: int, moe_tp: int | None = None, moe_ep: int | None = N
         raise UserError(f"--moe-ep {moe_ep}: the model's {experts} experts are not divisible by "
                         f"it (each rank holds experts / moe_ep whole experts); valid --moe-ep "
                         f"values: {_divisors(experts, min(experts, tp))}")
-    if shape.inter % moe_tp:
-        raise UserError(f"--moe-tp {moe_tp}: the experts' intermediate size {shape.inter} is not "
-                        f"divisible by it; valid --moe-tp values: {_divisors(shape.inter, tp)}")
+    inter = getattr(shape, "expert_inter", shape.inter)
+    if inter % moe_tp:
+        raise UserError(f"--moe-tp {moe_tp}: the experts' intermediate size {inter} is not "
+                        f"divisible by it; valid --moe-tp values: {_divisors(inter, tp)}")
     if moe_tp * moe_ep != tp:
         raise UserError(f"--moe-tp {moe_tp} x --moe-ep {moe_ep} = {moe_tp * moe_ep} but --tp is "
                         f"{tp}: the experts are split over the tp ranks, so moe_tp x moe_ep must "

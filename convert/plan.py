@@ -12,8 +12,9 @@ from common.dtypes import BY_NAME, DType
 from common.errors import UserError
 from model.families import FAMILIES
 from model.shape import Shape
-from model.spec import RANK_DIMS, FusedPart, Rule, source_name
+from model.spec import RANK_DIMS, FusedPart, Rule, applies, source_name
 
+from .compute import COMPUTED
 from .hf_config import pp_layer_range
 from .moe import MoeLayout
 from .shard import RULES, Piece, RankCtx, pad_hidden, stacked_shape
@@ -27,6 +28,8 @@ class OutputTensor:
     dtype: DType  # bytes-level (common.dtypes)
     offset: float = 0.0  # added to every element in float32 before the cast (model.spec.Rule)
     scale: float = 1.0   # then multiplied in float32 (RMSNorm weights of a padded hidden size)
+    #: computed from its pieces (convert.compute): (rule name, args); None: their copy
+    compute: tuple | None = None
 
 
 def expected_source_shape(name: str, s: Shape) -> tuple[int, ...] | None:
@@ -75,7 +78,7 @@ def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str,
         items += [(r, None, None) for r in family.head]
     plan = []
     for rule, layer, local in items:
-        if rule.when and not getattr(shape, rule.when):
+        if not applies(rule.when, shape, layer):
             continue
         if rule.experts:
             plan.append(_expert_stack(rule, layer, local, source, shape, ctx,
@@ -84,8 +87,13 @@ def rank_plan(shape: Shape, source, *, tp: int, pp: int, rank: int, dtype: str,
         names = _resolve(rule, layer, source)
         _check_shapes(names, source, shape)
         pieces = _sharded(rule, names, source, shape, _split_ctx(rule, ctx))
-        pieces = pad_hidden(pieces, rule, shape)
         target = rule.target.format(i=local)
+        if rule.shard in COMPUTED:
+            out_shape, args, _ = COMPUTED[rule.shard]
+            plan.append(OutputTensor(target, tuple(pieces), out_shape(shape, tp), out_dtype,
+                                     compute=(rule.shard, args(shape))))
+            continue
+        pieces = pad_hidden(pieces, rule, shape)
         scale = shape.norm_scale if rule.rms_norm and rule.shapes[0] == ("hidden",) else 1.0
         plan.append(OutputTensor(target, tuple(pieces), stacked_shape(pieces),
                                  BY_NAME[rule.dtype] if rule.dtype else out_dtype, rule.offset,

@@ -37,13 +37,16 @@ def _rows(name: str, full: tuple[int, ...], start: int, stop: int) -> Piece:
 
 
 def replicated(names, shapes, ctx):
-    return [Piece(names[0], (), shapes[0])]
+    """The same on every rank; several sources are stacked along dim 0 in order (DeepSeek's
+    ``fused_a`` = q_a_proj ++ kv_a_proj_with_mqa)."""
+    return [Piece(n, (), full) for n, full in zip(names, shapes)]
 
 
 def column(names, shapes, ctx):
     """Split dim 0; padded features (``ctx.split_to``) are zero rows at the end of the full dim,
     which is then split evenly (the last ranks hold them). Several sources (a fused linear such
-    as Phi-3's mlp.fc = [up; gate]): each split so, this rank's rows of each one after another."""
+    as Phi-3's mlp.fc = [up; gate], DeepSeek's shared expert fc = [up rows; gate rows]): each
+    split so, this rank's rows of each one after another."""
     pieces = []
     for name, full in zip(names, shapes):
         k = (ctx.split_to or full[0]) // ctx.tp
@@ -114,6 +117,28 @@ def qkv(names, shapes, ctx):
     return pieces
 
 
+def mla_kv_b(names, shapes, ctx):
+    """DeepSeek's ``kv_b_proj`` on one rank (tensorrt_llm/models/deepseek_v2/convert.py): of this
+    rank's heads, every head's k_nope rows, then every head's v rows (the source holds
+    [k_nope; v] per head)."""
+    m, full = ctx.shape.mla, shapes[0]
+    per = m.nope + m.v
+    heads = _rank_heads(ctx)
+    return ([_rows(names[0], full, h * per, h * per + m.nope) for h in heads]
+            + [_rows(names[0], full, h * per + m.nope, (h + 1) * per) for h in heads])
+
+
+def _rank_heads(ctx) -> range:
+    per = ctx.shape.heads // ctx.tp
+    return range(ctx.tp_rank * per, (ctx.tp_rank + 1) * per)
+
+
+def mla_absorb(names, shapes, ctx):
+    """The sources of DeepSeek's absorbed ``fused_q_proj`` on one rank (convert.compute computes
+    it): this rank's heads of q_proj / q_b_proj, then of kv_b_proj."""
+    return column(names[:2], shapes[:2], ctx)
+
+
 def vocab(names, shapes, ctx):
     full = shapes[0]
     v = full[0]
@@ -160,7 +185,8 @@ def pad_hidden(pieces: list[Piece], rule, shape: Shape) -> list[Piece]:
 
 
 RULES = {"replicated": replicated, "column": column, "row": row, "dense": dense, "qkv": qkv,
-         "vocab": vocab, "expert_column": expert_column, "expert_row": expert_row}
+         "vocab": vocab, "expert_column": expert_column, "expert_row": expert_row,
+         "mla_kv_b": mla_kv_b, "mla_absorb": mla_absorb}
 
 
 def stacked_shape(pieces: list[Piece]) -> tuple[int, ...]:

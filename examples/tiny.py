@@ -21,8 +21,26 @@ _BASE = dict(
 )
 _GEMMA_BASE = dict(num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
                    final_logit_softcapping=5.0, tie_word_embeddings=True)
+#: DeepSeek-V2-Lite in miniature: no q-LoRA, MLA dims of its proportions (kv_lora_rank + rope =
+#: 64; v_head_dim = qk_nope_head_dim, as in every released DeepSeek-V2), layer 0 dense then 2 MoE
+#: layers of 8 routed + 2 shared experts, V2-Lite's yarn (mscale = mscale_all_dim) over a 64-token
+#: original context
+_DEEPSEEK_V2_LITE = dict(
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+    q_lora_rank=None, kv_lora_rank=48, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+    n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, moe_intermediate_size=64,
+    first_k_dense_replace=1, topk_method="greedy", architectures=["DeepseekV2ForCausalLM"],
+    rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32,
+                      beta_slow=1, mscale=0.707, mscale_all_dim=0.707))
+#: DeepSeek-V2 in miniature: q-LoRA, group-limited routing scaled as V2's, mscale != mscale_all_dim
+DEEPSEEK_V2_QLORA = dict(
+    q_lora_rank=64, topk_method="group_limited_greedy", n_group=4, topk_group=1,
+    routed_scaling_factor=2.0,
+    rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32,
+                      beta_slow=1, mscale=1.0, mscale_all_dim=0.8))
 #: what a family's tiny model sets beyond _BASE
 _FAMILY_BASE = {
+    "deepseek_v2": _DEEPSEEK_V2_LITE,
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3": dict(head_dim=16),
     "gemma3": dict(_GEMMA_BASE, layer_types=["sliding_attention", "full_attention"] * 2,

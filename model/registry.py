@@ -9,8 +9,10 @@
   PyPI packages (see examples/gemma3.py): 4 heads, 1 KV head (duplicated at tp 2 or 4), sliding
   window 512 on five layers of six.
 - ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-mixtral`` (4 experts, top 2),
-  ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads), ``tiny-gemma3``, ``tiny-gemma2``, ``tiny-phi3``
-  (partial rotary, LongRoPE): tiny random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
+  ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads), ``tiny-gemma3``, ``tiny-gemma2``,
+  ``tiny-phi3`` (partial rotary, LongRoPE), ``tiny-deepseek-v2-lite`` (MLA without q-LoRA, 1
+  dense + 2 MoE layers of 8 routed + 2 shared experts) and ``tiny-deepseek-v2`` (the same with
+  q-LoRA and group-limited routing): tiny random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
 """
 from __future__ import annotations
 
@@ -25,13 +27,13 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "trtllm-engine-builder"
 
 
-def _tiny(family: str) -> Path:
+def _tiny(family: str, name: str | None = None, **overrides) -> Path:
     from examples.tiny import make_tiny_model
 
-    d = cache_root() / f"tiny-{family}"
+    d = cache_root() / (name or f"tiny-{family}")
     if not (d / "config.json").is_file():
         tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-        make_tiny_model(tmp, family=family)
+        make_tiny_model(tmp, family=family, **overrides)
         os.replace(tmp, d) if not d.exists() else None
     return d
 
@@ -60,7 +62,15 @@ EXAMPLES = {
     "tiny-gemma3": lambda: _tiny("gemma3"),
     "tiny-gemma2": lambda: _tiny("gemma2"),
     "tiny-phi3": lambda: _tiny("phi3"),
+    "tiny-deepseek-v2-lite": lambda: _tiny("deepseek_v2", "tiny-deepseek-v2-lite"),
+    "tiny-deepseek-v2": lambda: _tiny("deepseek_v2", "tiny-deepseek-v2", **_qlora()),
 }
+
+
+def _qlora() -> dict:
+    from examples.tiny import DEEPSEEK_V2_QLORA
+
+    return DEEPSEEK_V2_QLORA
 
 
 #: examples that imply --pad-heads (exact head padding when tp does not divide the heads)

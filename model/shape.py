@@ -11,6 +11,7 @@ from common.errors import UserError
 
 from .config import SUPPORTED_ARCHITECTURES
 from .families import FAMILIES
+from .spec import MlaDims
 
 #: tensorrt_llm.layers.moe.MoeConfig.ExpertScaleNormalizationMode: NONE (softmax, then top-k) = 0,
 #: RENORMALIZE (top-k, then softmax over those k; Mixtral) = 1
@@ -107,6 +108,32 @@ class Shape:
     #: the calibration runs on the padded heads (``padding``) when the real attention output is
     #: not a whole number of the format's input groups (quantize.calib_padding)
     calib_heads: bool = False
+    #: multi-head latent attention (DeepSeek-V2): its ranks and head dims; None: q/k/v heads
+    mla: MlaDims | None = None
+    moe_inter: int = 0       # each routed expert's intermediate size (0: ``inter``)
+    shared_inter: int = 0    # the shared experts' intermediate size, all of them together
+    first_dense: int = 0     # with experts: layers below this index have a dense MLP
+
+    @property
+    def expert_inter(self) -> int:
+        """The routed experts' intermediate size (what --moe-tp splits)."""
+        return self.moe_inter or self.inter
+
+    def moe_layer(self, layer: int) -> bool:
+        """Layer ``layer`` (global index) has routed experts."""
+        return bool(self.experts) and layer >= self.first_dense
+
+    def dense_layer(self, layer: int) -> bool:
+        return not self.moe_layer(layer)
+
+    @property
+    def q_lora(self) -> bool:
+        """MLA with a low-rank q projection (DeepSeek-V2), not one q_proj (V2-Lite)."""
+        return bool(self.mla and self.mla.q_lora)
+
+    @property
+    def no_q_lora(self) -> bool:
+        return bool(self.mla) and not self.mla.q_lora
 
     @property
     def tp_heads(self) -> int:
@@ -151,7 +178,7 @@ def model_shape(hf) -> Shape:
     heads = hf.num_attention_heads
     head_size = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     llama_bias = bool(getattr(hf, "attention_bias", False))
-    return Shape(
+    fields = dict(
         family=family,
         layers=hf.num_hidden_layers,
         heads=heads,
@@ -166,6 +193,9 @@ def model_shape(hf) -> Shape:
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         **_moe_fields(hf, family),
     )
+    if FAMILIES[family].shape_fields is not None:  # the family's own sizes (DeepSeek's MLA)
+        fields.update(FAMILIES[family].shape_fields(hf))
+    return Shape(**fields)
 
 
 def _moe_fields(hf, family: str) -> dict:
@@ -187,8 +217,10 @@ def _tp_problem(shape: Shape, tp: int) -> str | None:
     kv = shape.tp_kv_heads
     if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
         return f"{kv} key/value heads cannot be split over tp {tp} (need kv % tp == 0 or tp % kv == 0)"
-    if shape.inter % tp and not shape.experts:  # experts: split by moe_tp (convert.moe)
+    if shape.inter % tp and (not shape.experts or shape.first_dense):  # experts: by moe_tp
         return f"intermediate size {shape.inter} is not divisible by tp {tp}"
+    if shape.shared_inter % tp:
+        return f"the shared experts' intermediate size {shape.shared_inter} is not divisible by tp {tp}"
     q_rank, kv_rank = shape.tp_heads // tp, max(kv // tp, 1)
     if FAMILIES[shape.family].qk_norms and q_rank == kv_rank > 1:
         # TensorRT-LLM's Attention.forward (layers/attention.py) views a rank's qkv as
@@ -211,8 +243,9 @@ def preflight(shape: Shape, tp: int, pp: int, *, pad_heads: bool = False,
     padding = None
     if problem:
         padding = choose_padding(shape.heads, shape.kv_heads, tp, no_kv_duplication=no_kv_duplication)
-        if padding is not None and (not padding.active or _tp_problem(_padded(shape, padding), tp)):
-            padding = None  # the heads split already, or the MLP does not: padding cannot help
+        if padding is not None and (not padding.active or shape.mla is not None
+                                    or _tp_problem(_padded(shape, padding), tp)):
+            padding = None  # split already, MLA (never padded), or the MLP does not split
     if problem and not (pad_heads and padding):
         valid = ", ".join(map(str, valid_tp_values(shape, max(8, tp))))
         fix = f"; or add --pad-heads to pad {padding.describe()}" if padding and can_pad else ""

@@ -40,39 +40,8 @@ EXPERT_COLUMN, EXPERT_ROW = "expert_column", "expert_row"
 COLUMN_PARALLEL = frozenset({COLUMN, QKV, VOCAB, EXPERT_COLUMN})
 ROW_PARALLEL = frozenset({ROW, DENSE, EXPERT_ROW})
 
-#: sizes a spec names, read off the model's Shape
-DIMS = {
-    "q": lambda s: s.heads * s.head_size,
-    "kv": lambda s: s.kv_heads * s.head_size,
-    "hidden": lambda s: s.hidden,
-    "inter": lambda s: s.inter,
-    "vocab": lambda s: s.vocab,
-    "experts": lambda s: s.experts,
-    "head": lambda s: s.head_size,
-}
-
-#: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads), the MLP's
-#: intermediate features padded as TensorRT-LLM's weight-only / AWQ linears declare them
-RANK_DIMS = {
-    "q": lambda s: s.tp_heads * s.head_size,
-    "kv": lambda s: s.tp_kv_heads * s.head_size,
-    "inter": lambda s: getattr(s, "tp_inter", None) or s.inter,
-    "hidden": lambda s: getattr(s, "tp_hidden", None) or s.hidden,
-}
-
-#: feature dims that zero padding leaves exact: produced only by column-parallel linears and read
-#: only by a row-parallel one of the same block (the MLP's intermediate features: fc/gate -> proj),
-#: so zero features in every producer and consumer change no output. The hidden features (every
-#: linear's input or output, the residual stream) and the attention's q/k/v heads are not.
-PADDABLE_DIMS = frozenset({"inter"})
-
-#: feature dims whose zero padding is exact once every RMSNorm over them is rescaled: the hidden
-#: features (the residual stream). Zero embedding columns start it at zero, zero output rows of
-#: dense / proj keep it there and zero input columns of every reader ignore it; RMSNorm's mean
-#: over H' features is (H / H') x the mean over H, so ``norm_epsilon`` x H / H' and each norm
-#: weight (``Rule.rms_norm``) x sqrt(H / H') give the same output (quantize.apply.pad_features,
-#: convert.plan, ``Family.hidden_padding``).
-RESCALED_DIMS = frozenset({"hidden"})
+# the sizes a spec names and which of them pad exactly: their own module (re-exported here)
+from .dims import DIMS, PADDABLE_DIMS, RANK_DIMS, RESCALED_DIMS, MlaDims  # noqa: E402,F401
 
 #: HF layer prefix ({i}: global layer) and TensorRT-LLM layer prefix ({i}: local to the stage)
 HF_LAYER = "model.layers.{i}."
@@ -149,6 +118,7 @@ class Linear:
     #: one fused HF module (``hf``) stacking ``shapes`` on dim 0; the linear takes its parts in
     #: this order (Phi-3's ``gate_up_proj`` [gate; up] -> ``mlp.fc`` [up; gate]: ``(1, 0)``)
     fused: tuple[int, ...] = ()
+    when: str | None = None         # a Shape attribute (or per-layer predicate) it exists under
 
     @property
     def column_parallel(self) -> bool:
@@ -180,7 +150,7 @@ class Linear:
         """The weight (and bias) rows of this linear."""
         weight = Rule(TRT_LAYER + self.name + ".weight", self._sources("weight"), self.shard,
                       linear=TRT_LAYER + self.name, experts=self.experts,
-                      shapes=self._source_shapes())
+                      shapes=self._source_shapes(), when=self.when)
         if self.bias is None:
             return (weight,)
         bias = Rule(TRT_LAYER + self.name + ".bias", self._sources("bias"), self.bias_shard,
@@ -218,40 +188,17 @@ def head_norm(trt: str, hf: str, offset: float = 0.0) -> Rule:
 QK_NORM_EPS = 1e-5
 
 
-#: companion layouts: what axis of the weight a quantization tensor runs along
-PER_TENSOR, PER_OUTPUT, PER_INPUT, PER_BLOCK = "tensor", "output", "input", "block"
-#: TensorRT-LLM companion suffix -> layout (weights_scaling_factor's depends on its shape)
-COMPANIONS = {
-    "activation_scaling_factor": PER_TENSOR, "act_scale": PER_TENSOR,
-    "prequant_scaling_factor": PER_INPUT, "smoother": PER_INPUT,
-    "per_channel_scale": PER_OUTPUT,
-}
+# companions: their own module (re-exported here, where the recipes import them from)
+from . import companions as _companions  # noqa: E402
 
+COMPANIONS, companion_axis, companion_layout = (_companions.COMPANIONS, _companions.companion_axis,
+                                                _companions.companion_layout)
+PER_TENSOR, PER_OUTPUT, PER_INPUT, PER_BLOCK = (_companions.PER_TENSOR, _companions.PER_OUTPUT,
+                                                _companions.PER_INPUT, _companions.PER_BLOCK)
+_COMPANION_COLUMNS = _companions.COLUMN_PARALLEL
+from .conditions import applies  # noqa: E402,F401 (re-exported)
 
-def companion_layout(kind: str, ndim: int, numel: int) -> str:
-    """The layout of a companion tensor ``kind`` (a suffix such as ``weights_scaling_factor``) of
-    this many dimensions / elements: one element is per-tensor whatever its name."""
-    if numel == 1:
-        return PER_TENSOR
-    if kind == "weights_scaling_factor":
-        return PER_BLOCK if ndim == 2 else PER_OUTPUT  # AWQ [out, in/group]; SQ [out]
-    return COMPANIONS[kind]
-
-
-def companion_axis(shard: str, layout: str) -> int | None:
-    """The axis along which a companion of ``layout`` is split for a linear sharded by ``shard``
-    (None: replicated). Output-side tensors split where the weight's rows do; input-side ones
-    where its columns do; a per-block scale exactly as the weight."""
-    column = shard in COLUMN_PARALLEL
-    if layout == PER_TENSOR:
-        return None
-    if layout == PER_BLOCK:
-        return 0 if column else 1
-    if layout == PER_OUTPUT:
-        return 0 if column else None
-    if layout == PER_INPUT:
-        return None if column else -1
-    raise ValueError(f"unknown companion layout {layout!r}")
+assert _COMPANION_COLUMNS == COLUMN_PARALLEL, "model.companions restates the column-parallel rules"
 
 
 @dataclass(frozen=True)
@@ -297,6 +244,15 @@ class Family:
     #: clause; None: it can (every norm over hidden is a ``rms_norm`` rule and nothing else reads
     #: ``hidden_size`` or ``norm_epsilon``)
     hidden_padding: str | None = None
+    #: Shape fields the family reads itself, ``shape_fields(hf) -> dict`` (DeepSeek: ``mla``,
+    #: the experts' sizes), over the common ones; None: the common ones
+    shape_fields: Callable[[object], dict] | None = None
+    #: ``rotary(hf) -> (rotary_base, rotary_scaling)`` as the family's TensorRT-LLM converter
+    #: writes them (DeepSeek: yarn); None: the common reading (convert.hf_config)
+    rotary: Callable[[object], tuple] | None = None
+    #: exclude_modules patterns added to a format's list: linears TensorRT-LLM's converter keeps
+    #: in float, which its weight-only preprocessing would otherwise not fill (DeepSeek's fused_a)
+    unquantized: tuple[str, ...] = ()
 
     @property
     def layer(self) -> tuple[Rule, ...]:
@@ -322,6 +278,12 @@ class Family:
                 return lin
         raise KeyError(f"{self.name} has no linear {name!r}")
 
+    def linear_of_rule(self, rule: Rule) -> Linear:
+        """The linear whose weight / bias ``rule`` is (a name may have several linears under
+        different conditions: DeepSeek's fused_a, its dense and expert mlp.fc)."""
+        return next(lin for lin in self.linears if TRT_LAYER + lin.name == rule.linear
+                    and lin.when == rule.when and lin.experts == rule.experts)
+
     def linear_of(self, hf_module: str) -> tuple[Linear, int]:
         """(the linear, position in its fused sources) that HF module ``hf_module`` (relative to
         the layer, e.g. ``mlp.gate_proj``) belongs to."""
@@ -330,8 +292,10 @@ class Family:
                 return lin, lin.hf.index(hf_module)
         raise KeyError(f"{self.name} has no linear made of {hf_module!r}")
 
-    def dense_linears(self) -> tuple[Linear, ...]:
-        return tuple(lin for lin in self.linears if not lin.experts)
+    def dense_linears(self, shape=None) -> tuple[Linear, ...]:
+        """The linears that are not expert stacks (with ``shape``: those it has, ``when``)."""
+        return tuple(lin for lin in self.linears
+                     if not lin.experts and (shape is None or applies(lin.when, shape)))
 
     def hf_linears(self) -> tuple[str, ...]:
         """HF modules (relative to the layer) of the dense linears, in spec order."""

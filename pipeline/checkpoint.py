@@ -8,6 +8,7 @@ from pathlib import Path
 from convert.convert import (plan_checkpoint, promote, refuse_nonfinite, wanted_ranks,
                              write_checkpoint)
 from convert.moe import MoeLayout, moe_layout
+from model.families import FAMILIES
 from model.shape import Shape, preflight
 from quantize.apply import preflight_quant, vocab_multiple
 
@@ -81,6 +82,10 @@ def quantization_block(quant, shape: Shape) -> dict | None:
     quantization = quant.to_trtllm_quantization()
     if shape.experts and quantization and "exclude_modules" in quantization:
         quantization["exclude_modules"] = quant.format.moe.exclude_modules(quant, shape)  # + routers
+    extra = FAMILIES[shape.family].unquantized  # linears the family's converter keeps float
+    if extra and quantization and quantization.get("exclude_modules") is not None:
+        quantization["exclude_modules"] = [*quantization["exclude_modules"],
+                                           *(p for p in extra if p not in quantization["exclude_modules"])]
     return quantization
 
 

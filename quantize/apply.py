@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from common.errors import UserError
 from model.families import FAMILIES
-from model.spec import PADDABLE_DIMS, RESCALED_DIMS
+from model.spec import PADDABLE_DIMS, REPLICATED, RESCALED_DIMS
 
 if TYPE_CHECKING:  # the converter's model shape; only its attributes are read here
     import torch  # annotations only: the float path imports this module without torch
@@ -63,7 +63,7 @@ def per_rank_out_dims(shape: Shape, tp: int) -> dict[str, int]:
 
 def _dense_linears(shape: Shape):
     # a MoE model's experts are checked by quantize.moe.preflight_moe_quant
-    return FAMILIES[shape.family].dense_linears()
+    return FAMILIES[shape.family].dense_linears(shape)
 
 
 def _full_features(lin, shape: Shape, tp: int) -> tuple[tuple[int, frozenset], tuple[int, frozenset]]:
@@ -71,8 +71,9 @@ def _full_features(lin, shape: Shape, tp: int) -> tuple[tuple[int, frozenset], t
     builds the linear (quantize_layers: column out x tp, row in x tp), and the spec's dim names
     they are made of (model.spec.DIMS)."""
     out_r, in_r = lin.rank_features(shape, tp)
-    out = out_r * tp if lin.column_parallel else out_r
-    inp = in_r if lin.column_parallel else in_r * tp
+    split = tp if lin.shard != REPLICATED else 1  # a linear built whole (DeepSeek's fused_a)
+    out = out_r * split if lin.column_parallel else out_r
+    inp = in_r if lin.column_parallel else in_r * split
     return ((out, frozenset(o for o, _ in lin.shapes)), (inp, frozenset({lin.shapes[0][1]})))
 
 
@@ -96,8 +97,9 @@ def pad_features(spec: QuantSpec | None, shape: Shape, tp: int,
     padded: set[str] = set()
     family = FAMILIES[shape.family]
     for lin in _dense_linears(shape):
+        lin_multiple = m if lin.shard == REPLICATED else multiple  # built with tp_size 1
         for what, (n, dims) in zip(("output", "input"), _full_features(lin, shape, tp)):
-            if n % multiple == 0:
+            if n % lin_multiple == 0:
                 continue
             if dims <= PADDABLE_DIMS or (dims <= RESCALED_DIMS and family.hidden_padding is None):
                 padded |= dims

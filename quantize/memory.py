@@ -25,7 +25,10 @@ from pathlib import Path
 
 from common.errors import UserError
 from common.fileio import DIRECT_BUFFER, DIRECT_BUFFERS
+from convert.compute import COMPUTED
+from model.families import FAMILIES
 from model.shape import padded_vocab
+from model.spec import DIMS, REPLICATED, applies
 
 from .recipes import recipe_for
 
@@ -194,6 +197,8 @@ def checkpoint_disk(shape, mem, *, tp: int, out_dtype_bytes: int, scale: float =
     byte of quantized weights; ``quantized(layer, linear)``: whether that linear is quantized
     (None: every linear of every layer)."""
     s, hs = shape, shape.head_size
+    if FAMILIES[s.family].shape_fields is not None:  # sizes of its own: count its spec's tensors
+        return spec_bytes(s, tp, out_dtype_bytes) + FIXED_DISK
     q, kv = s.tp_heads * hs, max(s.tp_kv_heads, tp) * hs
     params = {name: f(s, q, kv) for name, f in LINEAR_PARAMS.items()}
     wbytes = out_dtype_bytes if mem.weight_bytes is None else mem.weight_bytes
@@ -208,6 +213,29 @@ def checkpoint_disk(shape, mem, *, tp: int, out_dtype_bytes: int, scale: float =
     emb = padded_vocab(s.vocab, tp, s.vocab_multiple) * s.hidden * out_dtype_bytes
     return linears + layer * s.layers + emb * (1 if s.tied else 2) + \
         s.hidden * out_dtype_bytes + FIXED_DISK
+
+
+def spec_bytes(shape, tp: int, out_dtype_bytes: int) -> float:
+    """The bytes of every rank's float tensors, from the family spec's rules (each layer's own
+    rules, ``Rule.when``; expert stacks; computed tensors at their own size; replicated tensors
+    once per rank; float32 where a rule says so): for a family whose sizes the Llama formula
+    above does not describe (``Family.shape_fields``: DeepSeek's MLA and narrow experts)."""
+    family = FAMILIES[shape.family]
+    total = 0.0
+
+    def size(rule) -> float:
+        if rule.shard in COMPUTED:
+            n = math.prod(COMPUTED[rule.shard][0](shape, 1))
+        else:
+            n = sum(math.prod(DIMS[d](shape) for d in dims) for dims in rule.shapes)
+        n *= shape.experts if rule.experts else 1
+        n *= tp if rule.shard == REPLICATED else 1
+        return n * (4 if rule.dtype == "float32" else out_dtype_bytes)
+
+    for i in range(shape.layers):
+        total += sum(size(r) for r in family.layer if applies(r.when, shape, i))
+    emb = padded_vocab(shape.vocab, tp, shape.vocab_multiple) * shape.hidden * out_dtype_bytes
+    return total + emb * 2 + shape.hidden * out_dtype_bytes * tp
 
 
 def store_disk_bytes(shape, spec, mem, c: int, ckpt_disk: float, scale: float,
@@ -256,6 +284,8 @@ def verify_stage(shape, algo, *, tp: int, out_dtype_bytes: int, checks) -> Stage
     if shape.experts:
         params = shape.layers * (p_layer + 2 * shape.hidden) + \
             shape.vocab * shape.hidden * (1 if shape.tied else 2)
+        if FAMILIES[shape.family].shape_fields is not None:  # its spec's own sizes
+            params = spec_bytes(shape, 1, 1)
         float_layer = WHOLE_BASE + WHOLE_PER_PARAM * params - HOST_BASE
     weight_bytes = recipe_for(algo).memory.weight_bytes
     ckpt_layer = p_layer * (out_dtype_bytes if weight_bytes is None else weight_bytes) + largest * 4

@@ -7,11 +7,17 @@ import pytest
 from model.shape import Shape, choose_padding
 from convert.plan import rank_plan
 from model.families import ARCHITECTURES, FAMILIES
-from model.spec import (PER_BLOCK, PER_INPUT, PER_OUTPUT, PER_TENSOR, companion_axis,
-                        companion_layout, source_name)
+from model.spec import (PER_BLOCK, PER_INPUT, PER_OUTPUT, PER_TENSOR, MlaDims, applies,
+                        companion_axis, companion_layout, source_name)
 
 
 def _shape(family: str, heads=8, kv=2, tp=1, pad=False) -> Shape:
+    if family == "deepseek_v2":  # MLA: one latent KV head, its own dims; a dense layer 0
+        mla = MlaDims(q_lora=16 if kv == 2 else 0, kv_lora=16, nope=8, rope=8, v=8)
+        return Shape(family=family, layers=2, heads=heads, kv_heads=1, head_size=24,
+                     hidden=heads * 8, inter=96, vocab=100, tied=False, attn_bias=False,
+                     dense_bias=False, mlp_bias=False, experts=4, top_k=2, mla=mla,
+                     moe_inter=32, shared_inter=64, first_dense=1)
     return Shape(family=family, layers=2, heads=heads, kv_heads=kv, head_size=8, hidden=heads * 8,
                  inter=96, vocab=100, tied=False, attn_bias=True, dense_bias=True, mlp_bias=True,
                  experts=4 if family == "mixtral" else 0, top_k=2,
@@ -46,7 +52,8 @@ def test_registry_maps_every_architecture_to_its_family():
     assert ARCHITECTURES == {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
                              "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral",
                              "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3",
-                             "Gemma2ForCausalLM": "gemma2", "Phi3ForCausalLM": "phi3"}
+                             "Gemma2ForCausalLM": "gemma2", "Phi3ForCausalLM": "phi3",
+                             "DeepseekV2ForCausalLM": "deepseek_v2"}
     assert dict(FAMILIES["qwen2"].flags) == {"attn_bias": True, "dense_bias": False}
     assert dict(FAMILIES["qwen3"].flags) == {"attn_bias": False, "dense_bias": False}
 
@@ -75,9 +82,13 @@ def test_every_hf_source_has_an_expected_shape(family):
     s = _shape(family)
     for name, got in _Source(s).shapes.items():
         assert got is not None, name
-    fused = family == "phi3"  # one qkv_proj [q; k; v] (model.spec.FusedPart)
-    name = "model.layers.1.self_attn." + ("qkv_proj" if fused else "k_proj") + ".weight"
-    assert FAMILIES[family].expected_shape(name, s) == ((64 + 2 * 16) if fused else 16, 64)
+    if s.mla is not None:  # no k_proj: the latent kv_a_proj_with_mqa (kv_lora + rope outputs)
+        assert FAMILIES[family].expected_shape(
+            "model.layers.1.self_attn.kv_a_proj_with_mqa.weight", s) == (24, 64)
+    else:
+        fused = family == "phi3"  # one qkv_proj [q; k; v] (model.spec.FusedPart)
+        name = "model.layers.1.self_attn." + ("qkv_proj" if fused else "k_proj") + ".weight"
+        assert FAMILIES[family].expected_shape(name, s) == ((64 + 2 * 16) if fused else 16, 64)
     assert FAMILIES[family].expected_shape("model.layers.1.unknown.weight", s) is None
 
 
@@ -88,12 +99,15 @@ def test_rank_features_are_the_planned_weight_shapes(family, heads, kv, tp, pad)
     """Linear.rank_features (what the weight-only and AWQ preflight checks) is the shape the float
     writer plans for each rank's weight."""
     s = _shape(family, heads, kv, tp, pad)
+    if s.mla is not None and pad:
+        pytest.skip("MLA heads are never padded (model.shape.preflight)")
     fam = FAMILIES[family]
     for rank in range(tp):
         plan = {t.name: t.shape for t in rank_plan(s, _Source(s), tp=tp, pp=1, rank=rank,
                                                    dtype="float16")}
-        for lin in fam.dense_linears():
-            assert plan[f"transformer.layers.0.{lin.name}.weight"] == lin.rank_features(s, tp)
+        for lin in fam.dense_linears(s):
+            i = next(i for i in range(s.layers) if applies(lin.when, s, i))  # its first layer
+            assert plan[f"transformer.layers.{i}.{lin.name}.weight"] == lin.rank_features(s, tp)
 
 
 def test_queries():

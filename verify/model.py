@@ -31,6 +31,7 @@ from model.spec import QK_NORM_EPS
 from .checkpoint import LAYER_RE, mapping, open_checkpoint, pp_layers
 from .decoder import Semantics, attend, lm_softcap, rms_norm
 from .kernels import KV_CACHE_KERNELS, LINEAR_INPUT_SCALES, LINEAR_KERNELS, QuantSpec, linear, names_of
+from .mla import MlaSpec, mla_layer
 from .reference_moe import MoeSpec, moe_partial
 from .rotary import LongRope, apply_rotary, rotary_inv_freq  # noqa: F401 (re-exported)
 
@@ -90,7 +91,9 @@ class ReferenceModel:
         if c.get("rotary_dim"):
             self.rot_dim = int(c["rotary_dim"])
         base = float(c.get("rotary_base", 10000.0))
-        self.inv_freq = rotary_inv_freq(self.rot_dim, base, c.get("rotary_scaling"))
+        self.mla = MlaSpec.from_config(c, where)  # DeepSeek-V2 (verify/mla.py): its own yarn
+        self.inv_freq = None if self.mla else rotary_inv_freq(self.rot_dim, base,
+                                                              c.get("rotary_scaling"))
         self.longrope = LongRope(c, self.rot_dim, base, where) if pe == "long_rope" else None
         self.local_inv_freq = (rotary_inv_freq(self.rot_dim, self.sem.local_base, None)
                                if self.sem.local_base is not None else self.inv_freq)
@@ -216,6 +219,8 @@ class ReferenceModel:
 
     def _rotary(self, seq: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """((cos, sin) of the global base, (cos, sin) of the sliding layers' base)."""
+        if self.mla is not None:
+            return self.mla.rotary(seq, self.compute_dtype)
         pos = torch.arange(seq, dtype=torch.float32)
         out = []
         inv, scale = self.longrope.for_length(seq) if self.longrope else (self.inv_freq, 1.0)
@@ -282,6 +287,8 @@ class ReferenceModel:
         return outs
 
     def _layer(self, p: int, i: int, hs: list[Tensor], rot) -> list[Tensor]:
+        if self.mla is not None:
+            return mla_layer(self, p, i, hs, rot)
         L = f"transformer.layers.{i}"
         inter = self.sem.inter_layernorms  # Gemma 2/3: the sublayers' outputs are normalised too
         dense = self._row_parallel(p, f"{L}.attention.dense", self._attention(p, i, hs, rot))

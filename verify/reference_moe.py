@@ -27,7 +27,7 @@ from common.errors import UserError
 
 Tensor = torch.Tensor
 
-NORMALIZATION_MODES = {0: "NONE", 1: "RENORMALIZE"}
+NORMALIZATION_MODES = {0: "NONE", 1: "RENORMALIZE", 3: "DEVICE_LIMITED"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,12 @@ class MoeSpec:
     normalization_mode: int
     moe_tp: int
     moe_ep: int
+    #: DEVICE_LIMITED (DeepSeek-V2's group_limited_greedy): softmax, keep the experts of the
+    #: ``topk_group`` groups (of ``n_group``) with the highest expert score, top-k of those,
+    #: times ``scaling`` (device_limited_routed_scaling_factor); n_group 0: no group limit
+    n_group: int = 0
+    topk_group: int = 0
+    scaling: float = 1.0
 
     @classmethod
     def from_config(cls, c: dict, tp: int, where) -> "MoeSpec | None":
@@ -50,7 +56,8 @@ class MoeSpec:
         mode = 1 if mode is None else int(mode)
         if mode not in NORMALIZATION_MODES:
             raise UserError(f"{where}: moe.normalization_mode {mode} is not supported by the "
-                            f"reference reader (supported: 0 NONE, 1 RENORMALIZE)")
+                            f"reference reader (supported: 0 NONE, 1 RENORMALIZE, "
+                            f"3 DEVICE_LIMITED)")
         if not 1 <= top_k <= experts:
             raise UserError(f"{where}: moe.top_k {top_k} must lie in [1, num_experts {experts}]")
         m = c.get("mapping") or {}
@@ -59,7 +66,9 @@ class MoeSpec:
         if moe_tp * moe_ep != tp or experts % moe_ep:
             raise UserError(f"{where}: mapping moe_tp_size {moe_tp} x moe_ep_size {moe_ep} must "
                             f"equal tp_size {tp} and divide num_experts {experts}")
-        return cls(experts, top_k, mode, moe_tp, moe_ep)
+        return cls(experts, top_k, mode, moe_tp, moe_ep, int(moe.get("device_limited_n_group") or 0),
+                   int(moe.get("device_limited_topk_group") or 0),
+                   float(moe.get("device_limited_routed_scaling_factor") or 1.0))
 
     def local_experts(self, t: int) -> range:
         per = self.num_experts // self.moe_ep
@@ -74,8 +83,13 @@ def route(x: Tensor, router_w: Tensor, spec: MoeSpec) -> tuple[Tensor, Tensor]:
         top, ids = torch.topk(logits, spec.top_k, dim=-1)
         return ids, torch.softmax(top, dim=-1)
     probs = torch.softmax(logits, dim=-1)  # NONE: softmax, then the top-k as they are
+    if spec.normalization_mode == 3 and spec.n_group:
+        groups = probs.view(-1, spec.n_group, spec.num_experts // spec.n_group)
+        keep = torch.topk(groups.max(dim=-1).values, spec.topk_group, dim=-1).indices
+        mask = torch.zeros_like(groups[..., 0]).scatter_(1, keep, 1.0).bool()
+        probs = probs.masked_fill(~mask.repeat_interleave(groups.shape[-1], dim=1), 0.0)
     top, ids = torch.topk(probs, spec.top_k, dim=-1)
-    return ids, top
+    return ids, top * spec.scaling if spec.normalization_mode == 3 else top
 
 
 def expert_params(params: Mapping[str, Tensor], j: int, e_local: int) -> dict[str, Tensor]:

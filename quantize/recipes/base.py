@@ -276,6 +276,10 @@ class Recipe:
             return None
         names = ", ".join("+".join([str(p[0])] * bool(p[0]) + [f"KV {p[1]}"] * bool(p[1]))
                           or "float" for p in proven)
+        if not proven:
+            return (f"{family.name} cannot be written for --target {target} yet (no format of "
+                    f"it is proven there); use --target "
+                    f"{'engine' if target == 'pytorch' else 'pytorch'}")
         return (f"{family.name} with {spec.name} on --target {target} is not supported yet; "
                 f"supported: {names}")
 

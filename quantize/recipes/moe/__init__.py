@@ -14,7 +14,7 @@ from ...algos import AWQ_GROUP_SIZES
 
 def _gemms(shape, layout) -> dict[str, tuple[int, int]]:
     """(input, output) features per rank of the experts' GEMMs."""
-    inter = shape.inter // layout.moe_tp
+    inter = getattr(shape, "expert_inter", shape.inter) // layout.moe_tp  # DeepSeek: moe_inter
     return {"experts' mlp.fc": (shape.hidden, 2 * inter), "experts' mlp.proj": (inter, shape.hidden)}
 
 
