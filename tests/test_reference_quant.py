@@ -99,10 +99,14 @@ def test_reader_matches_modelopt_fake_quant(calibrated, calib_text, tiny_hf, cas
         reports[tp] = r
         print(f"\n{case} tp{tp}: rel err vs modelopt fake quant {r['rel_err']:.3e}, argmax {r['argmax_agreement']:.3f}")
         assert r["rel_err"] < tol and r["argmax_agreement"] >= agree, (case, tp, r)
-    # tp 2 runs the same quantized math split over two ranks
+    # tp 2 runs the same quantized math split over two ranks. Each rank's exact int8 partial is
+    # scaled and rounded to float32 before the all-reduce (as TensorRT-LLM rounds each rank's GEMM
+    # output), so a few of the next layer's static int8 activation codes flip: measured tp 1 vs
+    # tp 2 for SmoothQuant 3.9e-3 on an AMD EPYC, < 1e-3 on an Intel Xeon (broken scales:
+    # test_corrupted_quantized_checkpoint_is_a_mismatch)
     a = ReferenceModel(exports[1][0]).forward(ids)
     b = ReferenceModel(exports[2][0]).forward(ids)
-    assert float((a - b).norm() / a.norm()) < 1e-3
+    assert float((a - b).norm() / a.norm()) < (1e-2 if case == "sq" else 1e-3)
     # the format really quantizes: the float model is further away than modelopt's fake quant (not for
     # the FP8 KV cache, whose exported scale (clamped to >= 1) differs from the fake quant's amax/448)
     if case != "kv_fp8":
