@@ -43,15 +43,18 @@ def replicated(names, shapes, ctx):
 
 def column(names, shapes, ctx):
     """Split dim 0; padded features (``ctx.split_to``) are zero rows at the end of the full dim,
-    which is then split evenly (the last ranks hold them)."""
-    full = shapes[0]
-    k = (ctx.split_to or full[0]) // ctx.tp
-    start = ctx.tp_rank * k
-    stop = min(start + k, full[0])
-    pieces = [_rows(names[0], full, start, stop)] if stop > start else []
-    pad = k - max(0, stop - start)
-    if pad:
-        pieces.append(Piece(None, (), (pad, *full[1:])))
+    which is then split evenly (the last ranks hold them). Several sources (a fused linear such
+    as Qwen2-MoE's shared-expert fc = [up; gate]): each split so, this rank's slices one after
+    the other."""
+    pieces = []
+    for name, full in zip(names, shapes):
+        k = (ctx.split_to or full[0]) // ctx.tp
+        start = ctx.tp_rank * k
+        stop = min(start + k, full[0])
+        pieces += [_rows(name, full, start, stop)] if stop > start else []
+        pad = k - max(0, stop - start)
+        if pad:
+            pieces.append(Piece(None, (), (pad, *full[1:])))
     return pieces
 
 

@@ -25,6 +25,11 @@ _GEMMA_BASE = dict(num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24, s
 _FAMILY_BASE = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3": dict(head_dim=16),
+    # experts narrower than the dense width (which the MoE layers do not use), as released
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
+                      norm_topk_prob=True),
     "gemma3": dict(_GEMMA_BASE, layer_types=["sliding_attention", "full_attention"] * 2,
                    architectures=["Gemma3ForCausalLM"]),
     "gemma2": dict(_GEMMA_BASE, attn_logit_softcapping=2.0, architectures=["Gemma2ForCausalLM"]),
@@ -36,10 +41,12 @@ _MODEL_TYPE = {"gemma3": "gemma3_text"}
 def make_tiny_model(path, family: str = "llama", seed: int = 0, dtype=torch.float32,
                     max_shard_size: str | None = None, **overrides):
     """Write a random tiny model of ``family`` (llama, mistral, qwen2, mixtral, qwen3, gemma3,
-    gemma2; built through ``AutoConfig.for_model`` from its transformers ``model_type``) to
+    gemma2, qwen2_moe, qwen3_moe; built through ``AutoConfig.for_model`` from its transformers ``model_type``) to
     ``path``; return the model. Mixtral: 4 experts, top 2 unless overridden; saved in the Hub's
     per-expert layout (``block_sparse_moe.experts.{e}.w1/w2/w3``), which transformers 5 writes
-    back on save. Qwen3: head_dim 16, not hidden / heads (8). Gemma: 4 layers alternating
+    back on save; Qwen2-MoE / Qwen3-MoE likewise (``mlp.experts.{e}.gate_proj/up_proj/down_proj``):
+    4 experts of width 32, top 2, Qwen2-MoE with a shared expert of width 48, Qwen3-MoE
+    normalising the top-k probabilities (``norm_topk_prob``, as the released models). Qwen3: head_dim 16, not hidden / heads (8). Gemma: 4 layers alternating
     sliding/full attention with a window of 4 tokens, head_dim 16 != hidden / heads, soft-capping
     small enough to bite."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -9,7 +9,9 @@
   PyPI packages (see examples/gemma3.py): 4 heads, 1 KV head (duplicated at tp 2 or 4), sliding
   window 512 on five layers of six.
 - ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-mixtral`` (4 experts, top 2),
-  ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads), ``tiny-gemma3``, ``tiny-gemma2``: tiny
+  ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads), ``tiny-gemma3``, ``tiny-gemma2``,
+  ``tiny-qwen2-moe`` (4 experts, top 2, a shared expert), ``tiny-qwen3-moe`` (4 experts, top 2,
+  normalised top-k, q/k norms): tiny
   random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
 """
 from __future__ import annotations
@@ -59,6 +61,8 @@ EXAMPLES = {
     "tiny-qwen3": lambda: _tiny("qwen3"),
     "tiny-gemma3": lambda: _tiny("gemma3"),
     "tiny-gemma2": lambda: _tiny("gemma2"),
+    "tiny-qwen2-moe": lambda: _tiny("qwen2_moe"),
+    "tiny-qwen3-moe": lambda: _tiny("qwen3_moe"),
 }
 
 

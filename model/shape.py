@@ -12,11 +12,6 @@ from common.errors import UserError
 from .config import SUPPORTED_ARCHITECTURES
 from .families import FAMILIES
 
-#: tensorrt_llm.layers.moe.MoeConfig.ExpertScaleNormalizationMode: NONE (softmax, then top-k) = 0,
-#: RENORMALIZE (top-k, then softmax over those k; Mixtral) = 1
-NORMALIZATION_NONE, NORMALIZATION_RENORMALIZE = 0, 1
-
-
 def padded_vocab(vocab: int, tp: int, multiple: int = 1) -> int:
     """``vocab`` rounded up to a multiple of ``tp`` and of ``multiple`` (their lcm)."""
     m = math.lcm(tp, multiple)
@@ -94,6 +89,7 @@ class Shape:
     experts: int = 0         # mixture of experts (convert.moe): experts per layer, 0 = dense MLP
     top_k: int = 0           # experts each token is routed to
     moe_normalization: int = 0  # TensorRT-LLM's ExpertScaleNormalizationMode (Mixtral: 1)
+    shared_inter: int = 0    # a MoE layer's shared expert's intermediate size (Qwen2-MoE), 0: none
     padding: HeadPadding | None = None  # --pad-heads: zero heads added for tp (convert.shard, quantize.head_padding)
     #: the MLP's intermediate features as TensorRT-LLM's weight-only / AWQ linears declare them
     #: (padded to a multiple of the format's multiple x tp; zero features; quantize.apply)
@@ -145,6 +141,8 @@ def model_shape(hf) -> Shape:
     heads = hf.num_attention_heads
     head_size = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     llama_bias = bool(getattr(hf, "attention_bias", False))
+    spec = FAMILIES[family]
+    moe = spec.moe(hf) if spec.moe is not None else {}  # experts (model/families/)
     return Shape(
         family=family,
         layers=hf.num_hidden_layers,
@@ -152,23 +150,14 @@ def model_shape(hf) -> Shape:
         kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_size=head_size,
         hidden=hf.hidden_size,
-        inter=hf.intermediate_size,
+        inter=moe.pop("inter", hf.intermediate_size),
         vocab=hf.vocab_size,
         tied=bool(getattr(hf, "tie_word_embeddings", False)),
         attn_bias=flags.get("attn_bias", llama_bias),
         dense_bias=flags.get("dense_bias", llama_bias),
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        **_moe_fields(hf, family),
+        **moe,
     )
-
-
-def _moe_fields(hf, family: str) -> dict:
-    """Mixtral: num_local_experts, num_experts_per_tok; top-k then softmax (RENORMALIZE), as
-    TensorRT-LLM's LLaMAConfig.from_hugging_face sets for model_type mixtral."""
-    if family != "mixtral":
-        return {}
-    return dict(experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
-                moe_normalization=NORMALIZATION_RENORMALIZE)
 
 
 def valid_tp_values(shape: Shape, limit: int = 64) -> list[int]:
@@ -183,6 +172,8 @@ def _tp_problem(shape: Shape, tp: int) -> str | None:
         return f"{kv} key/value heads cannot be split over tp {tp} (need kv % tp == 0 or tp % kv == 0)"
     if shape.inter % tp and not shape.experts:  # experts: split by moe_tp (convert.moe)
         return f"intermediate size {shape.inter} is not divisible by tp {tp}"
+    if shape.shared_inter % tp:  # the shared expert is a tp-split MLP (layers/moe.py SharedMoE)
+        return f"shared expert intermediate size {shape.shared_inter} is not divisible by tp {tp}"
     q_rank, kv_rank = shape.tp_heads // tp, max(kv // tp, 1)
     if FAMILIES[shape.family].qk_norms and q_rank == kv_rank > 1:
         # TensorRT-LLM's Attention.forward (layers/attention.py) views a rank's qkv as

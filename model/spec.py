@@ -48,6 +48,8 @@ DIMS = {
     "vocab": lambda s: s.vocab,
     "experts": lambda s: s.experts,
     "head": lambda s: s.head_size,
+    "shared_inter": lambda s: s.shared_inter,  # a MoE layer's shared expert (Qwen2-MoE)
+    "one": lambda s: 1,                         # a gate of one output (shared_expert_gate)
 }
 
 #: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads), the MLP's
@@ -202,6 +204,12 @@ class ConfigKeys:
                 for k, v in self.keys}
 
 
+#: tensorrt_llm.layers.moe.MoeConfig.ExpertScaleNormalizationMode: NONE (softmax over every
+#: expert, then the top-k probabilities as they are) = 0, RENORMALIZE (top-k logits, then softmax
+#: over those k: the top-k probabilities divided by their sum) = 1
+NORMALIZATION_NONE, NORMALIZATION_RENORMALIZE = 0, 1
+
+
 #: companion layouts: what axis of the weight a quantization tensor runs along
 PER_TENSOR, PER_OUTPUT, PER_INPUT, PER_BLOCK = "tensor", "output", "input", "block"
 #: TensorRT-LLM companion suffix -> layout (weights_scaling_factor's depends on its shape)
@@ -279,6 +287,10 @@ class Family:
     #: clause; None: it can (every norm over hidden is a ``rms_norm`` rule and nothing else reads
     #: ``hidden_size`` or ``norm_epsilon``)
     hidden_padding: str | None = None
+    #: a mixture-of-experts family: ``moe(hf) -> dict`` of the ``Shape`` fields it sets (experts,
+    #: top_k, moe_normalization, and inter / shared_inter where the experts' widths are their own
+    #: config keys), refusing in one line what TensorRT-LLM 1.2 cannot express; None: dense
+    moe: Callable[[object], dict] | None = None
 
     @property
     def layer(self) -> tuple[Rule, ...]:

@@ -339,7 +339,9 @@ class ReferenceModel:
         total = None
         for t in range(self.tp):
             x = self._norm(hs[t], self._w(p, t, f"{L}.post_layernorm.weight"))
-            mods = {m: self._mod(p, t, f"{L}.mlp.{m}") for m in ("router", "fc", "proj")}
+            shared = ("shared_expert.fc", "shared_expert.proj", "shared_expert_gate")
+            mods = {m: self._mod(p, t, f"{L}.mlp.{m}")
+                    for m in ("router", "fc", "proj") + (shared if self.moe.shared_expert else ())}
             y = moe_partial(x, mods, self.moe, t, linear, self.qcfg, f"{L}.mlp")
             total = y if total is None else total + y            # all-reduce
         return [hs[t] + total for t in range(self.tp)]
