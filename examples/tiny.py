@@ -36,6 +36,9 @@ _FAMILY_BASE = {
 }
 #: family -> transformers ``model_type`` where they differ (Gemma 3's text-only config)
 _MODEL_TYPE = {"gemma3": "gemma3_text"}
+#: config.json keys transformers 5 writes under another name than the Hub's released models (and
+#: transformers 4) use: Qwen3MoeConfig's attribute_map num_experts -> num_local_experts
+_HUB_KEYS = {"qwen3_moe": {"num_local_experts": "num_experts"}}
 
 
 def make_tiny_model(path, family: str = "llama", seed: int = 0, dtype=torch.float32,
@@ -67,4 +70,13 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, dtype=torch.floa
     path.mkdir(parents=True, exist_ok=True)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **save_kwargs)
+    if family in _HUB_KEYS:
+        _hub_keys(path / "config.json", _HUB_KEYS[family])
     return model
+
+
+def _hub_keys(config_json: Path, renames: dict) -> None:
+    import json
+
+    raw = json.loads(config_json.read_text())
+    config_json.write_text(json.dumps({renames.get(k, k): v for k, v in raw.items()}, indent=2))
