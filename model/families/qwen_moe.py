@@ -63,6 +63,16 @@ SHARED_GATE = Rule(TRT_LAYER + "mlp.shared_expert_gate.weight",
                    (HF_LAYER + "mlp.shared_expert_gate.weight",), REPLICATED,
                    shapes=(("one", "hidden"),))
 
+#: (quant_algo, kv_cache_quant_algo) proven per target (tests/test_qwen_moe.py,
+#: tests/test_qwen_moe_quant.py: tensor for tensor modelopt 0.47's export); refused before any
+#: work otherwise (Family.formats): SmoothQuant (as for every MoE, quantize/moe.py), INT4-AWQ (its
+#: per-expert calibration block, quantize/moe_blocks.py, is Mixtral's: no shared expert, always
+#: renormalised routing), quantized --target pytorch (as for every MoE)
+FORMATS = {"engine": ((None, None), ("FP8", None), ("FP8", "FP8"), ("W8A16", None),
+                      ("W8A16", "INT8"), ("W4A16", None), ("W4A16", "INT8"), (None, "INT8"),
+                      (None, "FP8")),
+           "pytorch": ((None, None),)}
+
 _WINDOW = ("use_sliding_window", True, "TensorRT-LLM 1.2's Qwen converter writes no sliding "
                                        "attention window")
 
@@ -110,7 +120,7 @@ QWEN2_MOE = Family(
         ("qkv_bias", False, "TensorRT-LLM 1.2 builds Qwen2-MoE attention with q/k/v biases "
                             "(QWenConfig.from_hugging_face: attn_bias true)"),
         _WINDOW),
-    formats={"engine": ((None, None),), "pytorch": ((None, None),)},
+    formats=FORMATS,
     moe=qwen_moe,
     hidden_padding="TensorRT-LLM's MoE experts (layers/moe.py) are not padded, so their hidden "
                    "features would not meet the padded residual stream")
@@ -125,6 +135,6 @@ QWEN3_MOE = Family(
         ("attention_bias", True, "TensorRT-LLM 1.2 builds Qwen3-MoE attention without q/k/v and "
                                  "o_proj biases (QWenConfig.from_hugging_face: attn_bias false)"),
         _WINDOW),
-    formats={"engine": ((None, None),), "pytorch": ((None, None),)},
+    formats=FORMATS,
     moe=qwen_moe,
     hidden_padding=QWEN2_MOE.hidden_padding)
