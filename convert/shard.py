@@ -6,7 +6,6 @@ the writer lay out a file's header before a byte of weights is read.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from model.shape import Shape, padded_vocab
