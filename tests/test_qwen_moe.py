@@ -157,6 +157,7 @@ def modelopt(models, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # modelopt's exports on transformers 4.57.1: two subprocesses, ~2 min
 @needs_hf4
 @pytest.mark.parametrize("family", FAMILIES)
 def test_both_transformers_read_the_same_weights(models, modelopt, family):
@@ -167,6 +168,7 @@ def test_both_transformers_read_the_same_weights(models, modelopt, family):
     torch.testing.assert_close(ours, torch.load(root / "logits.pt"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # modelopt's exports on transformers 4.57.1: two subprocesses, ~2 min
 @needs_hf4
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -182,6 +184,7 @@ def test_float_equals_modelopt_export(tmp_path, models, modelopt, family, tp):
                              load_file(root / f"tp{tp}" / f"rank{r}.safetensors"), f"rank {r}")
 
 
+@pytest.mark.slow  # modelopt's exports on transformers 4.57.1: two subprocesses, ~2 min
 @needs_hf4
 @pytest.mark.parametrize("family", FAMILIES)
 def test_target_pytorch_equals_modelopt_unified_export(tmp_path, models, modelopt, family):

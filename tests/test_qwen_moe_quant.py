@@ -93,7 +93,8 @@ def test_quantized_equals_modelopt_export(tmp_path, qmodels, calib_file, family,
                 assert {"*router", "*shared_expert_gate"} <= set(ours["exclude_modules"])
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen2_moe",
+                                    pytest.param("qwen3_moe", marks=pytest.mark.slow)])
 def test_fp8_reader_near_hf(tmp_path, qmodels, calib_text, family):
     """FP8 experts, shared expert and attention through the reference reader at tp 4 (moe_tp 2 x
     moe_ep 2): quantized (not float), within FP8's bound of the HF model."""
