@@ -50,7 +50,7 @@ def _layout_problems(config: dict, mc) -> list:
     if not mc.moe:
         return out
     experts = int(config["moe"].get("num_experts", 0))
-    inter = int(config.get("moe_inter_size") or config.get("intermediate_size") or 0)
+    inter = int(config.get("moe_inter_size") or config.get(mc.inter_key) or 0)
     if lay.moe_tp * lay.moe_ep != lay.tp:
         out.append(Finding("config", f"mapping: moe_tp_size {lay.moe_tp} x moe_ep_size {lay.moe_ep} "
                                      f"!= tp_size {lay.tp} (Mapping)", name="mapping"))

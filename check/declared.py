@@ -17,7 +17,9 @@ layer constructors, restated here rather than taken from the converter:
   ``lm_head`` on the last;
 - ``layers/moe.py`` ``MixtureOfExperts``: ``experts / moe_ep`` experts per rank, expert
   intermediate ``inter / moe_tp``; fc ``[E, 2 * I, hidden]`` (gated), proj ``[E, hidden, I]``;
-  the router a float32 ``RowLinear(hidden, experts)`` with tp 1.
+  the router a float32 ``RowLinear(hidden, experts)`` with tp 1; ``SharedMoE`` (Qwen2-MoE) adds
+  the tp-split ``MLP`` ``shared_expert`` and ``shared_expert_gate``, a ``RowLinear(hidden, 1)``
+  with tp 1 in the model dtype.
 """
 from __future__ import annotations
 
@@ -82,12 +84,13 @@ def pp_layers(layers: int, pp: int, pp_rank: int) -> range:
 class ConfigShape:
     """The sizes a family spec names (model.spec.DIMS), read off a TensorRT-LLM config.json."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, inter_key: str = "intermediate_size"):
         self.hidden = int(config["hidden_size"])
         self.heads = int(config["num_attention_heads"])
         self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
         self.head_size = int(config.get("head_size") or self.hidden // self.heads)
-        self.inter = int(config.get("intermediate_size") or 4 * self.hidden)
+        self.inter = int(config.get(inter_key) or 4 * self.hidden)
+        self.shared_inter = int(config.get("moe_shared_expert_intermediate_size") or 0)
         self.vocab = int(config["vocab_size"])
         moe = config.get("moe") or {}
         self.experts = int(moe.get("num_experts", 0))
@@ -133,7 +136,7 @@ def declared_rank(config: dict, rank: int) -> dict[str, Declared]:
     kv_params = KV_ALGOS.get(q.get("kv_cache_quant_algo"))
     if kv_params is None:
         raise NotModelled(f"kv_cache_quant_algo {q.get('kv_cache_quant_algo')!r} is not modelled")
-    lay, shape = Layout.of(config), ConfigShape(config)
+    lay, shape = Layout.of(config), ConfigShape(config, mc.inter_key)
     ctx = _Context(config, lay, shape, scheme, q, bias_flags(mc, config))
     pp_rank = rank // lay.tp  # shapes are the same on every tp rank
     out: dict[str, Declared] = {}
@@ -216,6 +219,8 @@ class _Context:
             out[name] = Declared((self.shape.vocab, self.shape.hidden), self.dtype, "Embedding")
         elif rule.dtype == "float32":  # the MoE router: RowLinear(hidden, experts), tp 1, float32
             self.router(name[: -len(".weight")], out)
+        elif name.endswith(".shared_expert_gate.weight"):  # SharedMoE: RowLinear(hidden, 1), tp 1
+            self.router(name[: -len(".weight")], out, rows=1, float_dtype=None)
         elif not name.endswith(".bias"):  # a norm (Fp8RowwiseRmsNorm: the same weight)
             dims = tuple(DIMS[d](self.shape) for d in rule.shapes[0])
             fp8 = self.scheme.rowwise and self.replaced(name[: -len(".weight")])
@@ -275,12 +280,15 @@ class _Context:
         owner = "MOEWeightWrapper" + (f" ({self.scheme.classes})" if quantized else "")
         self.emit(module, params, o, i, e, False, out, owner)
 
-    def router(self, module: str, out: dict) -> None:
-        # a RowLinear: in neither quantize_layers' map under the plugin nor fp8_rowwise's
+    def router(self, module: str, out: dict, rows: int | None = None,
+               float_dtype: str | None = "float32") -> None:
+        """A RowLinear(hidden, rows) with tp 1: the MoE router (experts rows, float32) or
+        SharedMoE's shared_expert_gate (1 row, the model dtype); in neither quantize_layers'
+        map under the plugin nor fp8_rowwise's."""
         quantized = not (self.excluded(module) or self.scheme.plugin_sq or self.scheme.rowwise)
         params = self.scheme.linear if quantized else scheme_for(None).linear
-        self.emit(module, params, self.shape.experts, self.shape.hidden, 1, True, out,
-                  "RowLinear (router)", float_dtype="float32")
+        self.emit(module, params, rows or self.shape.experts, self.shape.hidden, 1, True, out,
+                  f"RowLinear ({module.rsplit('.', 1)[1]})", float_dtype=float_dtype)
 
     def emit(self, module, params, o, i, e, row, out, owner, float_dtype=None) -> None:
         fl = flags(self.scheme, self.q, row)

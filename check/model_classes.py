@@ -30,12 +30,26 @@ class ModelClass:
     moe: bool = False                             # built with MixtureOfExperts
     #: (config field, the values whose layout the family spec describes)
     values: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: the config field the MLP's (the experts') width is read from
+    inter_key: str = "intermediate_size"
 
 
 _LLAMA_BIASES = (("attn_bias", "attn_bias"), ("dense_bias", "attn_bias"), ("mlp_bias", "mlp_bias"))
 _NO_BIASES = (("attn_bias", False), ("dense_bias", False), ("mlp_bias", False))
 _VOCAB = ("vocab_size", "LLaMAModel / QWenModel build Embedding(config.vocab_size) and "
                         "lm_head from it")
+
+
+
+def _qwen_moe_type(qwen_type: str) -> tuple[str, str]:
+    return ("qwen_type", f"QWenConfig defaults it to 'qwen' (Qwen 1), a dense model: add "
+                         f"\"qwen_type\": \"{qwen_type}\"")
+
+
+
+_MOE = ("moe", "without a moe block MoeConfig has 0 experts and QWenDecoderLayer builds a dense "
+               "GatedMLP, not the experts this checkpoint holds")
+_MOE_INTER = ("moe_intermediate_size", "QWenDecoderLayer builds the experts this wide")
 
 MODEL_CLASSES = {
     "LlamaForCausalLM": ModelClass("LLaMAForCausalLM", "llama", _LLAMA_BIASES, (_VOCAB,)),
@@ -59,6 +73,22 @@ MODEL_CLASSES = {
         (_VOCAB, ("qwen_type", "QWenConfig defaults it to 'qwen' (Qwen 1): without \"qwen_type\": "
                                "\"qwen3\" the q/k layernorms are not built")),
         values=(("qwen_type", ("qwen3",)),)),
+    # QWenDecoderLayer, qwen_type qwen2_moe / qwen3_moe: MOE of width moe_intermediate_size in
+    # every layer; qwen2_moe a SharedMoE (layers/moe.py: mlp.shared_expert MLP of width
+    # moe_shared_expert_intermediate_size, mlp.shared_expert_gate RowLinear(hidden, 1)); qwen3_moe
+    # the q/k layernorms; attn_bias fixed per type by QWenConfig.from_hugging_face
+    "Qwen2MoeForCausalLM": ModelClass(
+        "QWenForCausalLM", "qwen2_moe", (("attn_bias", True), ("dense_bias", False),
+                                         ("mlp_bias", "mlp_bias")),
+        (_VOCAB, _qwen_moe_type("qwen2_moe"), _MOE, _MOE_INTER,
+         ("moe_shared_expert_intermediate_size", "SharedMoE builds mlp.shared_expert of this "
+                                                 "width")),
+        moe=True, values=(("qwen_type", ("qwen2_moe",)),), inter_key="moe_intermediate_size"),
+    "Qwen3MoeForCausalLM": ModelClass(
+        "QWenForCausalLM", "qwen3_moe", (("attn_bias", False), ("dense_bias", False),
+                                         ("mlp_bias", "mlp_bias")),
+        (_VOCAB, _qwen_moe_type("qwen3_moe"), _MOE, _MOE_INTER),
+        moe=True, values=(("qwen_type", ("qwen3_moe",)),), inter_key="moe_intermediate_size"),
     # MODEL_MAP: Gemma2ForCausalLM / Gemma3ForCausalLM -> GemmaForCausalLM (models/gemma/model.py:
     # GemmaDecoderLayer, no linear biases; pre/post feed-forward norms and, for Gemma 3, q/k
     # layernorms as the family spec names them)

@@ -45,8 +45,8 @@ def replicated(names, shapes, ctx):
 def column(names, shapes, ctx):
     """Split dim 0; padded features (``ctx.split_to``) are zero rows at the end of the full dim,
     which is then split evenly (the last ranks hold them). Several sources (a fused linear such
-    as Phi-3's mlp.fc = [up; gate], DeepSeek's shared expert fc = [up rows; gate rows]): each
-    split so, this rank's rows of each one after another."""
+    as Phi-3's mlp.fc = [up; gate], DeepSeek's and Qwen2-MoE's shared expert fc = [up; gate]):
+    each split so, this rank's rows of each one after another."""
     pieces = []
     for name, full in zip(names, shapes):
         k = (ctx.split_to or full[0]) // ctx.tp

@@ -5,7 +5,8 @@ a conversion that otherwise moves bytes at disk speed; see BENCHMARKS.md).
 Only what ``model.config`` and ``convert.hf_config`` read is reproduced, for the supported
 ``model_type``s, from
 ``transformers/models/<type>/configuration_<type>.py`` (class defaults, ``head_dim`` and
-``num_key_value_heads`` filled in ``__post_init__``, Mixtral's ``num_experts`` alias) and
+``num_key_value_heads`` filled in ``__post_init__``, Mixtral's and Qwen3-MoE's expert-count
+aliases, the MoE families' ``mlp_only_layers``) and
 ``modeling_rope_utils.py`` (``rope_scaling`` before ``rope_parameters``, ``rope_theta`` and the
 class's default theta moved into the dict, ``type`` -> ``rope_type``, llama3's
 ``original_max_position_embeddings``). Anything else — another transformers major version, an
@@ -38,6 +39,20 @@ DEFAULTS = {
     "qwen3": dict(_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
                   head_dim=128, max_position_embeddings=32768, attention_bias=False,
                   use_sliding_window=False),
+    # no head_dim: derived (hidden / heads) where absent; experts in every layer unless
+    # mlp_only_layers / decoder_sparse_step say otherwise (model/families/qwen_moe.py refuses them)
+    "qwen2_moe": dict(_COMMON, vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                      num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                      max_position_embeddings=32768, use_sliding_window=False,
+                      decoder_sparse_step=1, moe_intermediate_size=1408,
+                      shared_expert_intermediate_size=5632, num_experts_per_tok=4, num_experts=60,
+                      norm_topk_prob=False, mlp_only_layers=None, qkv_bias=True),
+    "qwen3_moe": dict(_COMMON, vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                      num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=4,
+                      max_position_embeddings=32768, attention_bias=False,
+                      use_sliding_window=False, decoder_sparse_step=1, moe_intermediate_size=768,
+                      num_experts_per_tok=8, num_experts=128, norm_topk_prob=False,
+                      mlp_only_layers=None),
 }
 DEFAULT_THETA = {"mixtral": 1e6}  # RotaryEmbeddingConfigMixin.default_theta otherwise: 10000
 _ROPE_REQUIRED = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
@@ -46,8 +61,14 @@ _ROPE_REQUIRED = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 _INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
          "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-         "num_experts_per_tok", "num_local_experts")
-_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+         "num_experts_per_tok", "num_local_experts", "num_experts", "moe_intermediate_size",
+         "shared_expert_intermediate_size", "decoder_sparse_step")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
+          "norm_topk_prob", "qkv_bias")
+#: model_type -> (the config.json key, the attribute transformers 5 keeps it under): Mixtral's
+#: and Qwen3-MoE's ``attribute_map`` (opposite directions)
+_ALIASES = {"mixtral": ("num_experts", "num_local_experts"),
+            "qwen3_moe": ("num_local_experts", "num_experts")}
 
 
 def _transformers_major() -> int | None:
@@ -61,12 +82,19 @@ def normalised_config(raw: dict):
     if model_type not in DEFAULTS or _transformers_major() != 5:
         return None
     fields = dict(raw)
-    if model_type == "mixtral" and "num_experts" in fields:  # MixtralConfig.attribute_map
-        if "num_local_experts" in fields:
+    alias, attr = _ALIASES.get(model_type, (None, None))
+    if alias in fields:  # the config class's attribute_map
+        if attr in fields:
             return None
-        fields["num_local_experts"] = fields.pop("num_experts")
+        fields[attr] = fields.pop(alias)
     for key, default in DEFAULTS[model_type].items():
         fields.setdefault(key, default)
+    if "mlp_only_layers" in DEFAULTS[model_type]:  # __post_init__: None -> []
+        layers = fields["mlp_only_layers"]
+        if layers is None:
+            fields["mlp_only_layers"] = []
+        elif not (isinstance(layers, list) and all(type(x) is int for x in layers)):
+            return None
     if not _types_ok(fields):
         return None
     heads, hidden = fields["num_attention_heads"], fields["hidden_size"]

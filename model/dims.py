@@ -34,7 +34,8 @@ DIMS = {
     "mla_kv": lambda s: s.heads * (s.mla.nope + s.mla.v),    # kv_b_proj outputs
     "mla_o": lambda s: s.heads * s.mla.v,                    # o_proj inputs
     "moe_inter": lambda s: s.expert_inter,
-    "shared_inter": lambda s: s.shared_inter,
+    "shared_inter": lambda s: s.shared_inter,  # a MoE layer's shared expert(s) (DeepSeek, Qwen2-MoE)
+    "one": lambda s: 1,                         # a gate of one output (shared_expert_gate)
 }
 
 #: the sizes as the TensorRT-LLM checkpoint lays them out: heads padded (--pad-heads), the MLP's

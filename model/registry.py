@@ -11,8 +11,9 @@
 - ``tiny-llama``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-mixtral`` (4 experts, top 2),
   ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads), ``tiny-gemma3``, ``tiny-gemma2``,
   ``tiny-phi3`` (partial rotary, LongRoPE), ``tiny-deepseek-v2-lite`` (MLA without q-LoRA, 1
-  dense + 2 MoE layers of 8 routed + 2 shared experts) and ``tiny-deepseek-v2`` (the same with
-  q-LoRA and group-limited routing): tiny random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
+  dense + 2 MoE layers of 8 routed + 2 shared experts), ``tiny-deepseek-v2`` (the same with
+  q-LoRA and group-limited routing), ``tiny-qwen2-moe`` (4 experts, top 2, a shared expert),
+  ``tiny-qwen3-moe`` (4 experts, top 2, normalised top-k, q/k norms): tiny random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ EXAMPLES = {
     "tiny-phi3": lambda: _tiny("phi3"),
     "tiny-deepseek-v2-lite": lambda: _tiny("deepseek_v2", "tiny-deepseek-v2-lite"),
     "tiny-deepseek-v2": lambda: _tiny("deepseek_v2", "tiny-deepseek-v2", **_qlora()),
+    "tiny-qwen2-moe": lambda: _tiny("qwen2_moe"),
+    "tiny-qwen3-moe": lambda: _tiny("qwen3_moe"),
 }
 
 

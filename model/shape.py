@@ -13,11 +13,6 @@ from .config import SUPPORTED_ARCHITECTURES
 from .families import FAMILIES
 from .spec import MlaDims
 
-#: tensorrt_llm.layers.moe.MoeConfig.ExpertScaleNormalizationMode: NONE (softmax, then top-k) = 0,
-#: RENORMALIZE (top-k, then softmax over those k; Mixtral) = 1
-NORMALIZATION_NONE, NORMALIZATION_RENORMALIZE = 0, 1
-
-
 def padded_vocab(vocab: int, tp: int, multiple: int = 1) -> int:
     """``vocab`` rounded up to a multiple of ``tp`` and of ``multiple`` (their lcm)."""
     m = math.lcm(tp, multiple)
@@ -111,7 +106,9 @@ class Shape:
     #: multi-head latent attention (DeepSeek-V2): its ranks and head dims; None: q/k/v heads
     mla: MlaDims | None = None
     moe_inter: int = 0       # each routed expert's intermediate size (0: ``inter``)
-    shared_inter: int = 0    # the shared experts' intermediate size, all of them together
+    #: a MoE layer's shared expert(s) intermediate size, all of them together (Qwen2-MoE,
+    #: DeepSeek), 0: none
+    shared_inter: int = 0
     first_dense: int = 0     # with experts: layers below this index have a dense MLP
 
     @property
@@ -178,6 +175,8 @@ def model_shape(hf) -> Shape:
     heads = hf.num_attention_heads
     head_size = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     llama_bias = bool(getattr(hf, "attention_bias", False))
+    spec = FAMILIES[family]
+    moe = spec.moe(hf) if spec.moe is not None else {}  # experts (model/families/)
     fields = dict(
         family=family,
         layers=hf.num_hidden_layers,
@@ -185,26 +184,17 @@ def model_shape(hf) -> Shape:
         kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
         head_size=head_size,
         hidden=hf.hidden_size,
-        inter=hf.intermediate_size,
+        inter=moe.pop("inter", hf.intermediate_size),
         vocab=hf.vocab_size,
         tied=bool(getattr(hf, "tie_word_embeddings", False)),
         attn_bias=flags.get("attn_bias", llama_bias),
         dense_bias=flags.get("dense_bias", llama_bias),
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        **_moe_fields(hf, family),
+        **moe,
     )
     if FAMILIES[family].shape_fields is not None:  # the family's own sizes (DeepSeek's MLA)
         fields.update(FAMILIES[family].shape_fields(hf))
     return Shape(**fields)
-
-
-def _moe_fields(hf, family: str) -> dict:
-    """Mixtral: num_local_experts, num_experts_per_tok; top-k then softmax (RENORMALIZE), as
-    TensorRT-LLM's LLaMAConfig.from_hugging_face sets for model_type mixtral."""
-    if family != "mixtral":
-        return {}
-    return dict(experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
-                moe_normalization=NORMALIZATION_RENORMALIZE)
 
 
 def valid_tp_values(shape: Shape, limit: int = 64) -> list[int]:

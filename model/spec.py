@@ -200,6 +200,11 @@ from .conditions import applies  # noqa: E402,F401 (re-exported)
 
 assert _COMPANION_COLUMNS == COLUMN_PARALLEL, "model.companions restates the column-parallel rules"
 
+#: tensorrt_llm.layers.moe.MoeConfig.ExpertScaleNormalizationMode: NONE (softmax over every
+#: expert, then the top-k probabilities as they are) = 0, RENORMALIZE (top-k logits, then softmax
+#: over those k: the top-k probabilities divided by their sum) = 1
+NORMALIZATION_NONE, NORMALIZATION_RENORMALIZE = 0, 1
+
 
 @dataclass(frozen=True)
 class Family:
@@ -253,6 +258,10 @@ class Family:
     #: exclude_modules patterns added to a format's list: linears TensorRT-LLM's converter keeps
     #: in float, which its weight-only preprocessing would otherwise not fill (DeepSeek's fused_a)
     unquantized: tuple[str, ...] = ()
+    #: a mixture-of-experts family: ``moe(hf) -> dict`` of the ``Shape`` fields it sets (experts,
+    #: top_k, moe_normalization, and inter / shared_inter where the experts' widths are their own
+    #: config keys), refusing in one line what TensorRT-LLM 1.2 cannot express; None: dense
+    moe: Callable[[object], dict] | None = None
 
     @property
     def layer(self) -> tuple[Rule, ...]:

@@ -15,6 +15,7 @@ from convert.hf_config import pp_layer_range
 from quantize.head_padding import pad_quant_state, pad_sq_plugin_layers
 from convert.moe import MoeLayout
 from quantize.torch_io import TORCH_DTYPES
+from model.families import FAMILIES
 from quantize.apply import LayerShards, apply_to_plan, stage_tensors
 from quantize.feature_padding import pad_feature_state
 from quantize.calib_padding import calib_pad
@@ -137,7 +138,8 @@ def modelopt_tensors(model_dir, shape, quant, config, calibrated_model, progress
 
     def rank_tensors(tp_rank):
         tensors = shard_quant_state(state, quant, num_heads=shape.tp_heads,
-                                    num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank)
+                                    num_kv_heads=shape.tp_kv_heads, tp=tp, rank=tp_rank,
+                                    family=FAMILIES[shape.family])
         tensors.update(shard_moe_state(moe_state, moe, tp_rank, shape.experts))
         return tensors
     return rank_tensors

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from common.errors import UserError
-from model.families import FAMILIES
+from model.families import ARCHITECTURES, FAMILIES
 from model.spec import PER_BLOCK, QKV, Linear, companion_axis, companion_layout
 
 from .formats import QuantSpec
@@ -57,9 +57,17 @@ def enabled(q) -> bool:
     return q is not None and q.is_enabled
 
 
+def model_family(model):
+    """The family spec of a HF model (its config's architecture), the Llama layout when unknown:
+    the dense linears of a MoE family include its shared expert (Qwen2-MoE)."""
+    archs = getattr(getattr(model, "config", None), "architectures", None) or [""]
+    return FAMILIES.get(ARCHITECTURES.get(archs[0], ""), LAYOUT)
+
+
 def linear_modules(model) -> dict[str, torch.nn.Module]:
-    """{'model.layers.0.self_attn.q_proj': module, ...} for the Llama-family decoder linears."""
-    pat = re.compile(r"^(.*\.layers\.\d+)\.(" + "|".join(map(re.escape, HF_LINEARS)) + ")$")
+    """{'model.layers.0.self_attn.q_proj': module, ...} for the family's dense decoder linears."""
+    names = model_family(model).hf_linears()
+    pat = re.compile(r"^(.*\.layers\.\d+)\.(" + "|".join(map(re.escape, names)) + ")$")
     return {n: m for n, m in model.named_modules() if pat.match(n)}
 
 
@@ -209,26 +217,29 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
     if spec.format.linear_export is not None:  # None: float, weight-only, KV cache only
         linears = linear_modules(model)
         for prefix in layers:
-            out.update(_linear_state(prefix, linears, spec, dtype))
+            out.update(_linear_state(prefix, linears, spec, dtype, model_family(model)))
     if spec.format.kv_cache_bits(spec) is not None:  # a quantized KV cache
         for prefix in layers:
             out.update(_kv_state(model, prefix, spec))
     return out
 
 
-def _linear_state(prefix: str, linears: dict, spec: QuantSpec, dtype: torch.dtype) -> dict:
+def _linear_state(prefix: str, linears: dict, spec: QuantSpec, dtype: torch.dtype,
+                  family=LAYOUT) -> dict:
     """One decoder layer's quantized linears as modelopt's export writes them."""
     export, block = spec.format.linear_export, spec.group_size  # group: AWQ's, else None
     # absent MLP linears: a MoE layer's experts (quantize/moe.py)
-    lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in HF_LINEARS
+    lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in family.hf_linears()
             if f"{prefix}.{h}" in linears or h.startswith(HF_ATTENTION + ".")}
     for h, lin in lins.items():
         if not enabled(lin.wq) or lin.wq.num_bits != export.num_bits:
             raise UserError(f"{prefix}: {h.split('.')[-1]} has no enabled {spec.quant_algo} weight "
                             f"quantizer; was the model calibrated for {spec.name}?")
-    # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4).
-    for group, members in LAYOUT.fusion_groups().items():
-        if group in export.fused and all(h in lins for h in members):
+    # build_qkv: q/k/v always fused; build_mlp_config: gate/up fused only for FP8 (NVFP4); the
+    # sources of one TensorRT-LLM linear always (a shared expert's fc: preprocess_linear_fusion)
+    single = {lin.group for lin in family.dense_linears() if len(lin.hf) > 1}
+    for group, members in family.fusion_groups().items():
+        if (group in export.fused or group in single) and all(h in lins for h in members):
             fuse([lins[h] for h in members], block)
     out = {}
     for h, lin in lins.items():
@@ -308,6 +319,8 @@ def _rank_tensor(state: Mapping[str, Tensor], src: str, lin: Linear, suffix: str
     axis = companion_axis(lin.shard, layout)
     if axis is None:
         return t.clone()
+    if lin.shard != QKV and axis == 0 and len(lin.hf) > 1:  # fused sources: each split, then cat
+        return torch.cat([_chunk(state[f"{src}.{h}.{suffix}"], tp, rank, 0) for h in lin.hf])
     if lin.shard != QKV:
         return _chunk(t, tp, rank, axis)
     if suffix != "weight" and tp > num_kv_heads and t.dim() == 1:
@@ -316,7 +329,8 @@ def _rank_tensor(state: Mapping[str, Tensor], src: str, lin: Linear, suffix: str
 
 
 def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads: int, num_kv_heads: int,
-                      tp: int, rank: int, layer_prefix: str = "model.layers") -> dict[str, Tensor]:
+                      tp: int, rank: int, layer_prefix: str = "model.layers",
+                      family=LAYOUT) -> dict[str, Tensor]:
     """One TP rank's quantization tensors with TensorRT-LLM names, from :func:`extract_quant_state`.
 
     Split rules (modelopt 0.47 ``postprocess._split_model_config_for_tp`` + ``build_qkv``), as
@@ -327,7 +341,8 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
     per output row) and activation scales replicated. Per-tensor (FP8) and KV scales replicated.
     kv heads < tp: k/v rows duplicated per head first (modelopt refuses this for SmoothQuant).
     The float parts (biases, norms, embeddings, lm_head) are the converter's; only weight, the
-    scaling factors and the KV scales are returned.
+    scaling factors and the KV scales are returned. ``family``: the spec whose dense linears the
+    state holds (a MoE family's shared expert: fc = [up; gate], each split, per rank).
     """
     export = spec.format.linear_export
     kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, tp=tp, rank=rank)
@@ -337,7 +352,7 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
     for i in idx:
         src = f"{layer_prefix}.{i}"
         dst = f"transformer.layers.{i}"
-        for lin in LAYOUT.dense_linears() if export is not None else ():
+        for lin in family.dense_linears() if export is not None else ():
             if f"{src}.{lin.hf[0]}.weight" not in state:  # a MoE layer's experts: quantize/moe.py
                 continue
             for suffix in ("weight", "weights_scaling_factor", "activation_scaling_factor",

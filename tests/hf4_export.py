@@ -7,6 +7,7 @@ Run by tests/test_moe.py in a subprocess with the private transformers 4 copy fi
 
     python tests/hf4_export.py HF_DIR OUT_ROOT --tp 1 2 4 [--dtype float16] [--ids IDS.pt]
         [--quant ALGO] [--kv int8|fp8] [--awq-block-size G] [--calib-text FILE] [--unified]
+        [--decoder-type llama|qwen]
 
 writes ``OUT_ROOT/tp{N}/`` (config.json + rank*.safetensors) per tp, and with ``--ids`` the
 float32 logits of the transformers-4 model on those ids to ``OUT_ROOT/logits.pt`` (so a test can
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--kv")
     ap.add_argument("--awq-block-size", type=int)
     ap.add_argument("--calib-text")
+    ap.add_argument("--decoder-type", default="llama",
+                    help="modelopt's decoder_type (qwen: Qwen2-MoE / Qwen3-MoE)")
     ap.add_argument("--unified", action="store_true",
                     help="also export_hf_checkpoint (float32) to OUT_ROOT/unified")
     a = ap.parse_args()
@@ -90,7 +93,7 @@ def main() -> None:
 
         export_hf_checkpoint(model, dtype=torch.float32, export_dir=out / "unified")
     for tp in a.tp:  # on a copy: the export re-smooths and pads (AWQ vocab) the model in place
-        export_tensorrt_llm_checkpoint(copy.deepcopy(model), decoder_type="llama",
+        export_tensorrt_llm_checkpoint(copy.deepcopy(model), decoder_type=a.decoder_type,
                                        dtype=getattr(torch, a.dtype), export_dir=out / f"tp{tp}",
                                        inference_tensor_parallel=tp)
 

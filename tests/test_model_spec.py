@@ -20,7 +20,8 @@ def _shape(family: str, heads=8, kv=2, tp=1, pad=False) -> Shape:
                      moe_inter=32, shared_inter=64, first_dense=1)
     return Shape(family=family, layers=2, heads=heads, kv_heads=kv, head_size=8, hidden=heads * 8,
                  inter=96, vocab=100, tied=False, attn_bias=True, dense_bias=True, mlp_bias=True,
-                 experts=4 if family == "mixtral" else 0, top_k=2,
+                 experts=4 if FAMILIES[family].moe else 0, top_k=2,
+                 shared_inter=48 if family == "qwen2_moe" else 0,
                  padding=choose_padding(heads, kv, tp) if pad else None)
 
 
@@ -53,7 +54,8 @@ def test_registry_maps_every_architecture_to_its_family():
                              "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral",
                              "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3",
                              "Gemma2ForCausalLM": "gemma2", "Phi3ForCausalLM": "phi3",
-                             "DeepseekV2ForCausalLM": "deepseek_v2"}
+                             "DeepseekV2ForCausalLM": "deepseek_v2", "Qwen2MoeForCausalLM": "qwen2_moe",
+                             "Qwen3MoeForCausalLM": "qwen3_moe"}
     assert dict(FAMILIES["qwen2"].flags) == {"attn_bias": True, "dense_bias": False}
     assert dict(FAMILIES["qwen3"].flags) == {"attn_bias": False, "dense_bias": False}
 

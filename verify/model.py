@@ -2,9 +2,8 @@
 TensorRT-LLM's semantics (see verify/reference.py for how the ranks combine), one decoder layer at
 a time.
 
-Model: Llama-family decoder (Llama, Mistral, Qwen2, Qwen3; Mixtral's mixture of experts in
-``verify/reference_moe.py``; Gemma 2 / 3's differences in ``verify/decoder.py``): RMSNorm, GPT-NeoX rotary (``rotate_half``, verify/rotary.py) with
-optional ``rotary_scaling`` (``llama3`` and ``linear``, computed as transformers does), a family's
+Model: Llama-family decoder (Llama, Mistral, Qwen2, Qwen3; mixtures of experts in verify/reference_moe.py; Gemma 2 / 3's
+differences in verify/decoder.py; MLA in verify/mla.py): RMSNorm, GPT-NeoX rotary (verify/rotary.py) with optional ``rotary_scaling`` (``llama3`` and ``linear``, computed as transformers does), a family's
 per-head q/k norms where its spec has them (``Family.qk_norms``: RMSNorm of each q and k head after
 the qkv projection, before RoPE, eps ``model.spec.QK_NORM_EPS`` as TensorRT-LLM's attention
 builds them), causal grouped-query attention, SiLU-gated MLP ``proj(silu(fc(x)) * gate(x))``. Note the names: ``mlp.fc`` is HF
@@ -353,7 +352,9 @@ class ReferenceModel:
         total = None
         for t in range(self.tp):
             x = self._norm(hs[t], self._w(p, t, f"{L}.post_layernorm.weight"))
-            mods = {m: self._mod(p, t, f"{L}.mlp.{m}") for m in ("router", "fc", "proj")}
+            shared = ("shared_expert.fc", "shared_expert.proj", "shared_expert_gate")
+            mods = {m: self._mod(p, t, f"{L}.mlp.{m}")
+                    for m in ("router", "fc", "proj") + (shared if self.moe.shared_expert else ())}
             y = moe_partial(x, mods, self.moe, t, linear, self.qcfg, f"{L}.mlp")
             total = y if total is None else total + y            # all-reduce
         return [hs[t] + total for t in range(self.tp)]
@@ -394,6 +395,5 @@ class ReferenceModel:
         return {"weight": w}
 
 
-def _unregistered(table: dict, key) -> bool:
-    """``key`` has no kernel in ``table`` (a lookup in a table keyed by the format)."""
+def _unregistered(table: dict, key) -> bool:  # no kernel for ``key`` in a format-keyed table
     return key not in table

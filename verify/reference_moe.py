@@ -10,7 +10,12 @@ semantics (``tensorrt_llm/layers/moe.py`` ``MixtureOfExperts``; docs/trtllm-form
   dimension: ``mlp.fc.weight`` [E_local, 2*I/moe_tp, H] = [w3 (up); w1 (gate)], ``swiglu`` =
   silu(second half) * first half, ``mlp.proj.weight`` [E_local, H, I/moe_tp];
 * each rank's routed, weighted sum over its own experts and slices is a partial result; the ranks'
-  partials are summed (all-reduce), as for a row-parallel linear.
+  partials are summed (all-reduce), as for a row-parallel linear;
+* Qwen2-MoE (``qwen_type`` qwen2_moe: ``SharedMoE`` with ``use_shared_gate``): a shared expert
+  that every token takes, a tp-split MLP ``mlp.shared_expert.fc`` [2*S/tp, H] = [up; gate] per
+  rank, swiglu, ``mlp.shared_expert.proj`` [H, S/tp] (row-parallel, no all-reduce of its own),
+  scaled by ``sigmoid(mlp.shared_expert_gate(x))`` (``RowLinear(hidden, 1)``, tp 1, the model
+  dtype) and added to the rank's routed partial before the one all-reduce.
 
 An expert's linear runs through the reader's linear kernels with that expert's tensors
 (``expert_params``), so quantized formats plug in through the same ``LINEAR_KERNELS``.
@@ -43,6 +48,7 @@ class MoeSpec:
     n_group: int = 0
     topk_group: int = 0
     scaling: float = 1.0
+    shared_expert: bool = False  # Qwen2-MoE's gated shared expert (SharedMoE)
 
     @classmethod
     def from_config(cls, c: dict, tp: int, where) -> "MoeSpec | None":
@@ -68,7 +74,8 @@ class MoeSpec:
                             f"equal tp_size {tp} and divide num_experts {experts}")
         return cls(experts, top_k, mode, moe_tp, moe_ep, int(moe.get("device_limited_n_group") or 0),
                    int(moe.get("device_limited_topk_group") or 0),
-                   float(moe.get("device_limited_routed_scaling_factor") or 1.0))
+                   float(moe.get("device_limited_routed_scaling_factor") or 1.0),
+                   shared_expert=c.get("qwen_type") == "qwen2_moe")
 
     def local_experts(self, t: int) -> range:
         per = self.num_experts // self.moe_ep
@@ -135,4 +142,22 @@ def moe_partial(x: Tensor, params: Mapping[str, Mapping[str, Tensor]], spec: Moe
         ye = linear(F.silu(gate) * up, expert_params(proj, j, len(experts)), qcfg,
                     f"{prefix}.proj", add_bias=False)
         out.index_add_(0, tok, (ye.float() * weights[tok, slot, None]).to(out.dtype))
+    if spec.shared_expert:
+        out = out + shared_partial(flat, params, linear, qcfg, prefix)
     return out.view(b, s, h)
+
+
+def shared_partial(x: Tensor, params: Mapping[str, Mapping[str, Tensor]], linear, qcfg,
+                   prefix: str) -> Tensor:
+    """This rank's gated shared-expert partial for ``x`` [tokens, hidden] (module docstring)."""
+    for m in ("shared_expert.fc", "shared_expert.proj", "shared_expert_gate"):
+        if "weight" not in params.get(m, {}):
+            raise UserError(f"tensor {prefix}.{m}.weight is missing (qwen_type qwen2_moe: "
+                            f"TensorRT-LLM builds the gated shared expert)")
+    up, gate = linear(x, params["shared_expert.fc"], qcfg, f"{prefix}.shared_expert.fc",
+                      add_bias=False).chunk(2, dim=-1)
+    y = linear(F.silu(gate) * up, params["shared_expert.proj"], qcfg,
+               f"{prefix}.shared_expert.proj", add_bias=False)
+    g = linear(x, params["shared_expert_gate"], qcfg, f"{prefix}.shared_expert_gate",
+               add_bias=False)
+    return torch.sigmoid(g) * y

@@ -60,9 +60,6 @@ def names_of(family) -> dict[str, str]:
 
 NAMES = names_of(LAYOUT)
 GLOBAL_NAMES = LAYOUT.global_names()
-#: Mixtral's router and expert linears (model.families.mixtral)
-MOE = FAMILIES["mixtral"]
-(MOE_ROUTER,) = MOE.extra
 
 
 def _module(name: str, prefix: str) -> str:
@@ -238,7 +235,7 @@ class UnifiedMap:
         qkv = [mods.get(h) for h in self.qkv.hf]
         if any(p is None or "weight" not in p for p in qkv):
             raise UserError(f"{d}: layer {i} lacks {'/'.join(self.qkv.hf)} weights")
-        moe = _moe_layer(mods, fmt, d, i)  # Mixtral: router + stacked experts, else {}
+        moe = _moe_layer(mods, fmt, d, i, self.family)  # router + stacked experts, else {}
         out.update({f"{pre}.{k}": v for k, v in moe.items()})
         fused_mlp = fmt.per_tensor_weight_scale and not moe
         if fused_mlp:  # TRT-LLM fuses gate/up into one module under FP8: shared scales
@@ -298,28 +295,41 @@ def _kv_scale(mods: dict, quant: dict, d: Path, i: int) -> dict[str, Tensor]:
         ks.float().reshape(1), vs.float().reshape(1))}
 
 
-def _moe_layer(mods: dict, fmt, d: Path, i: int) -> dict[str, Tensor]:
-    """A Mixtral layer's MoE in the TRT-LLM checkpoint form the reader runs: ``mlp.router.weight``
-    (float32) and the experts stacked, ``mlp.fc`` = [w3; w1] per expert, ``mlp.proj`` = w2
-    (float unified checkpoints only; quantized MoE is refused by ``--target pytorch``)."""
-    router = mods.get(_module(MOE_ROUTER.sources[0], HF_LAYER))
-    if router is None:
+def _moe_layer(mods: dict, fmt, d: Path, i: int, family) -> dict[str, Tensor]:
+    """A mixture-of-experts layer (``family.moe``: Mixtral, Qwen2-MoE, Qwen3-MoE) in the TRT-LLM
+    checkpoint form the reader runs: the router (float32), the experts stacked, ``mlp.fc`` =
+    [up; gate] per expert as the family's spec fuses them, ``mlp.proj`` = down, and the family's
+    other MoE tensors (Qwen2-MoE's shared expert, fc = [up; gate] at tp 1, and its gate) as its
+    spec names them (float unified checkpoints only; quantized MoE is refused by
+    ``--target pytorch``). {} for a dense family."""
+    if family.moe is None:
         return {}
+    router_rule = next(r for r in family.extra if r.dtype == "float32")
+    router = mods.get(_module(router_rule.sources[0], HF_LAYER))
+    if router is None:
+        raise UserError(f"{d}: layer {i} lacks {_module(router_rule.sources[0], HF_LAYER)}")
     if fmt.weight is not None:
         raise UserError(f"{d}: quantized mixture-of-experts unified checkpoints are not supported "
                         f"by the reference reader")
-    fc, proj = MOE.linear("mlp.fc"), MOE.linear("mlp.proj")
+    fc, proj = family.linear("mlp.fc"), family.linear("mlp.proj")
     index = re.compile("^" + re.escape(fc.hf[-1]).replace(r"\{e\}", r"(\d+)") + "$")
     experts = sorted(int(m.group(1)) for k in mods if (m := index.match(k)))
     if experts != list(range(len(experts))) or not experts:
         raise UserError(f"{d}: layer {i} has experts {experts}, expected 0..N-1")
 
-    def w(e, hf):
+    def w(hf, e=None):
         got = mods.get(hf.format(e=e), {}).get("weight")
         if got is None:
             raise UserError(f"{d}: layer {i} lacks {hf.format(e=e)}.weight")
         return got
 
-    return {_module(MOE_ROUTER.target, TRT_LAYER) + ".weight": router["weight"].float(),
-            f"{fc.name}.weight": torch.stack([torch.cat([w(e, h) for h in fc.hf]) for e in experts]),
-            f"{proj.name}.weight": torch.stack([w(e, proj.hf[0]) for e in experts])}
+    out = {_module(router_rule.target, TRT_LAYER) + ".weight": router["weight"].float(),
+           f"{fc.name}.weight": torch.stack([torch.cat([w(h, e) for h in fc.hf]) for e in experts]),
+           f"{proj.name}.weight": torch.stack([w(proj.hf[0], e) for e in experts])}
+    for lin in family.dense_linears():  # the shared expert (tp 1: fused sources concatenated)
+        if lin.name.startswith("mlp."):
+            out[f"{lin.name}.weight"] = torch.cat([w(h) for h in lin.hf])
+    for rule in family.extra:  # the shared expert's gate
+        if rule is not router_rule:
+            out[_module(rule.target, TRT_LAYER) + ".weight"] = w(_module(rule.sources[0], HF_LAYER))
+    return out

@@ -11,8 +11,9 @@ from .llama import LLAMA, QWEN2
 from .mixtral import MIXTRAL
 from .phi3 import PHI3, REFUSED as PHI3_REFUSED
 from .qwen3 import QWEN3
+from .qwen_moe import QWEN2_MOE, QWEN3_MOE
 
-_ALL = (LLAMA, QWEN2, MIXTRAL, QWEN3, GEMMA3, GEMMA2, PHI3, DEEPSEEK_V2)
+_ALL = (LLAMA, QWEN2, MIXTRAL, QWEN3, GEMMA3, GEMMA2, PHI3, DEEPSEEK_V2, QWEN2_MOE, QWEN3_MOE)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in _ALL}
 #: HF architecture (config.json ``architectures[0]``) -> family name

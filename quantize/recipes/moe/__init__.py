@@ -61,14 +61,17 @@ class MoeWeightOnly(MoeSupport):
 
 
 class MoeCalibrated(MoeSupport):
-    """modelopt-exported experts (FP8): each layer's router joins lm_head in exclude_modules."""
+    """modelopt-exported experts (FP8): each layer's router joins lm_head in exclude_modules, and
+    a shared expert's gate (Qwen2-MoE: modelopt's export lists ``mlp.shared_expert_gate``)."""
 
     experts = "fp8"
 
     def exclude_modules(self, spec, shape) -> list[str] | None:
         if spec.exclude_modules is None:
             return None
-        return list(spec.exclude_modules) + [f"transformer.layers.{i}.mlp.router" for i in range(shape.layers)]
+        gates = ("router", "shared_expert_gate") if getattr(shape, "shared_inter", 0) else ("router",)
+        return list(spec.exclude_modules) + [f"transformer.layers.{i}.mlp.{g}"
+                                             for i in range(shape.layers) for g in gates]
 
 
 class MoeAwq(MoeCalibrated):

@@ -1,0 +1,128 @@
+"""Quantized Qwen2-MoE / Qwen3-MoE (engine target): our checkpoint equals nvidia-modelopt 0.47's
+``export_tensorrt_llm_checkpoint(decoder_type="qwen")`` of an independent calibration
+(transformers 4.57.1 in a subprocess, tests/hf4_export.py) bit for bit at tp 1, tp 2 (moe_tp 2),
+tp 2 (moe_ep 2) and tp 4 (2 x 2), config.json's quantization block included, for the formats
+the families list (model/families/qwen_moe.py ``FORMATS``): FP8 (+ FP8 KV), INT8 / INT4
+weight-only (float experts + quant_algo; + INT8 KV), a KV cache alone. Qwen2-MoE's shared expert
+is a dense linear of the family (fc = [up; gate], one FP8 scale for both, as modelopt's
+``preprocess_linear_fusion``), its ``shared_expert_gate`` listed in ``exclude_modules`` as
+modelopt does. The reader runs the FP8 checkpoints within the format's bound of HF. INT4-AWQ and
+SmoothQuant are refused (the family's formats say why)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from convert_helper import convert_checkpoint
+from quant_common import TINY, byte_tokenizer
+from quantize.calibrate import calibrate
+from quantize.formats import QuantSpec
+from test_moe import LAYOUTS, hf4_export, needs_hf4, run_cli
+from test_moe_quant import CALIB, _fresh, assert_rank_equal, expected
+from test_qwen3 import trtllm_semantics
+
+#: weight-only- and FP8-friendly shapes: experts 256 wide, the shared expert 512, Qwen3-MoE's
+#: attention 8 x 32 wide (weight-only pads every dense feature to 64 x tp: 256 at tp 4)
+SHAPES = dict(TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def qmodels(tmp_path_factory):
+    from examples.tiny import make_tiny_model
+
+    out = {}
+    for fam, extra in (("qwen2_moe", {"shared_expert_intermediate_size": 512}),
+                       ("qwen3_moe", {"head_dim": 32})):
+        d = tmp_path_factory.mktemp("hf_" + fam)
+        out[fam] = d, make_tiny_model(d, family=fam, **SHAPES, **extra).float().eval()
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory, calib_text):
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(calib_text, encoding="utf-8")
+    return p
+
+
+# (family, our quant_algo, kv, modelopt's quant / kv: weight-only = a float export)
+CASES = [("qwen2_moe", "FP8", None, "FP8", None),
+         ("qwen3_moe", "FP8", "fp8", "FP8", "fp8"),
+         ("qwen2_moe", "W8A16", "int8", None, "int8"),
+         ("qwen3_moe", "W4A16", None, None, None),
+         ("qwen2_moe", None, "fp8", None, "fp8")]
+
+
+@pytest.mark.slow
+@needs_hf4
+@pytest.mark.parametrize("family,algo,kv,mo_algo,mo_kv", CASES,
+                         ids=["q2_fp8", "q3_fp8_kv_fp8", "q2_w8a16_kv_int8", "q3_w4a16",
+                              "q2_kv_fp8"])
+def test_quantized_equals_modelopt_export(tmp_path, qmodels, calib_file, family, algo, kv,
+                                          mo_algo, mo_kv):
+    hf_dir, _ = qmodels[family]
+    cmd_q = (["--quant", mo_algo] if mo_algo else []) + (["--kv", mo_kv] if mo_kv else [])
+    root = hf4_export(hf_dir, tmp_path / "modelopt", sorted({tp for tp, _, _ in LAYOUTS}),
+                      extra=cmd_q + ["--calib-text", str(calib_file), "--decoder-type", "qwen"])
+    spec = QuantSpec.create(algo, kv_cache_dtype=kv, **CALIB)
+    model = None
+    if spec.needs_calibration:  # once for every layout, as build_engine calibrates once
+        model = calibrate(_fresh(hf_dir), spec, calib_file.read_text(encoding="utf-8"),
+                          tokenizer=byte_tokenizer, progress=False)
+    for tp, moe_tp, moe_ep in LAYOUTS:
+        out = tmp_path / f"ours_{tp}_{moe_tp}_{moe_ep}"
+        cfg = convert_checkpoint(hf_dir, out, tp=tp, moe_tp=moe_tp, moe_ep=moe_ep,
+                                 dtype="float16", quant=spec, calibrated_model=model,
+                                 progress=False)
+        mt, me = moe_tp or tp, moe_ep or 1
+        for r in range(tp):
+            assert_rank_equal(load_file(out / f"rank{r}.safetensors"),
+                              expected(root, tp, mt, me, r), f"tp {tp} moe {mt}x{me} rank {r}")
+        theirs = json.loads((root / f"tp{tp}" / "config.json").read_text())["quantization"]
+        ours = dict(cfg["quantization"])
+        if mo_algo:  # modelopt lists lm_head, the routers and shared-expert gates as a set
+            assert sorted(ours.pop("exclude_modules")) == sorted(theirs.pop("exclude_modules"))
+            assert ours == theirs
+        else:  # weight-only: TensorRT-LLM's defaults, which hold both gates; KV only: none
+            assert ours["quant_algo"] == algo and ours["kv_cache_quant_algo"] == \
+                theirs["kv_cache_quant_algo"]
+            if algo:
+                assert {"*router", "*shared_expert_gate"} <= set(ours["exclude_modules"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe",
+                                    pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+def test_fp8_reader_near_hf(tmp_path, qmodels, calib_text, family):
+    """FP8 experts, shared expert and attention through the reference reader at tp 4 (moe_tp 2 x
+    moe_ep 2): quantized (not float), within FP8's bound of the HF model."""
+    from verify.reference import verify
+
+    hf_dir, model = qmodels[family]
+    spec = QuantSpec.create("FP8", **CALIB)
+    calibrated = calibrate(_fresh(hf_dir), spec, calib_text, tokenizer=byte_tokenizer,
+                           progress=False)
+    cfg = convert_checkpoint(hf_dir, tmp_path / "ck", tp=4, moe_tp=2, moe_ep=2, dtype="float16",
+                             quant=spec, calibrated_model=calibrated, progress=False)
+    if family == "qwen2_moe":
+        assert "transformer.layers.1.mlp.shared_expert_gate" in cfg["quantization"][
+            "exclude_modules"]
+    ref = trtllm_semantics(model) if family == "qwen3_moe" else model
+    ids = torch.tensor([byte_tokenizer(calib_text[:200])])
+    report, ok = verify(tmp_path / "ck", ref, input_ids=ids)
+    assert ok and 1e-3 < report["rel_err"] < 0.3, report
+
+
+@pytest.mark.parametrize("flag,expect", [
+    (["--awq"], "qwen2_moe with W4A16_AWQ"),
+    (["--smoothquant", "--sq-recipe", "modelopt"], "qwen2_moe with"),
+    (["--target", "pytorch", "--fp8"], "qwen2_moe with FP8 on --target pytorch"),
+])
+def test_unproven_formats_refused(tmp_path, qmodels, flag, expect):
+    hf_dir, _ = qmodels["qwen2_moe"]
+    out = tmp_path / "out"
+    rc, _, err = run_cli("--model", hf_dir, "--output", out, "--checkpoint-only", *flag)
+    assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
