@@ -203,3 +203,72 @@ def test_single_linears_match_modelopt_nvfp4_qtensor(exported, calib_text):
         rel = float((got - want).norm() / want.norm())
         print(f"\nNVFP4 {hf_name}: rel err vs NVFP4QTensor {rel:.2e}")
         assert rel < 1e-5, (hf_name, rel)
+
+
+# ---------------------------------------------------------------------------------------------
+# build_engine check: TensorRT-LLM 1.2's FP4Linear after preprocess_weights; the GPU rule
+# ---------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_pass_check_at_tp1_and_tp2_and_modelopts_export_too(tmp_path, calib_text,
+                                                                         exported):
+    from check import check_dir
+    from examples.tiny import make_tiny_model
+
+    spec = spec_for("NVFP4", "fp8")
+    hf_dir = tmp_path / "hf"
+    make_tiny_model(hf_dir, **TINY)
+    store = lw(tmp_path, calib_text)
+    for tp in (1, 2):
+        out = tmp_path / f"tp{tp}"
+        convert_checkpoint(hf_dir, out, tp=tp, dtype="float16", progress=False, quant=spec,
+                           calibration=store)
+        result = check_dir(out)
+        assert result.exit_code == 0 and not result.findings, result.summary()
+    for tp, ckpt in exported[2].items():
+        result = check_dir(ckpt)
+        assert result.exit_code == 0 and not result.findings, result.summary()
+
+
+def test_check_declares_fp4linear_and_the_preprocessed_names():
+    from check.declared import declared_rank
+    from check.preprocess import preprocess
+    from check.formats import scheme_for
+
+    config = {"architecture": "LlamaForCausalLM", "dtype": "float16", "hidden_size": 576,
+              "num_hidden_layers": 1, "num_attention_heads": 12, "num_key_value_heads": 4,
+              "head_size": 64, "intermediate_size": 1536, "vocab_size": 49152,
+              "mapping": {"world_size": 2, "tp_size": 2, "pp_size": 1},
+              "quantization": {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}}
+    d = declared_rank(config, 1)
+    qkv = "transformer.layers.0.attention.qkv"
+    # per rank (6 q + 2 k + 2 v heads) x 64 = 640 rows, 576 inputs: 288 bytes, 36 blocks
+    assert d[qkv + ".weight"].shape == (640, 288) and d[qkv + ".weight"].dtype == "uint8"
+    assert d[qkv + ".weights_block_scaling_factor"].shape == (640, 36)
+    assert d[qkv + ".weights_block_scaling_factor_interleaved"].shape == (640, 36)
+    proj = "transformer.layers.0.mlp.proj"  # row: in 768 per rank, out 576
+    assert d[proj + ".weights_block_scaling_factor_interleaved"].shape == (640, 48)
+    assert d[proj + ".alpha"].shape == (1,) and d["lm_head.weight"].dtype == "float16"
+    header = {proj + ".weight": ((576, 384), "uint8"),
+              proj + ".weights_scaling_factor": ((576, 48), "float8_e4m3fn"),
+              proj + ".weights_scaling_factor_2": ((), "float32"),
+              proj + ".activation_scaling_factor": ((), "float32")}
+    got, err = preprocess(header, config, scheme_for("NVFP4"))
+    assert err is None and got == {
+        proj + ".weight": ((576, 384), "uint8"),
+        proj + ".weights_block_scaling_factor": ((576, 48), "float8_e4m3fn"),
+        proj + ".weights_block_scaling_factor_interleaved": ((640, 48), "float8_e4m3fn"),
+        proj + ".weights_global_scaling_factor": ((), "float32"),
+        proj + ".activation_global_scaling_factor": ((), "float32"),
+        proj + ".alpha": ((), "float32")}
+
+
+def test_gpu_rule_nvfp4_needs_blackwell():
+    from check.gpu import refusals
+
+    def what(kv, sm):
+        return [w for w, _ in refusals({"quantization": {"quant_algo": "NVFP4",
+                                                         "kv_cache_quant_algo": kv}}, sm)]
+
+    assert what(None, 90) == ["NVFP4 GEMMs need Blackwell (SM 100) or newer"]
+    assert what("FP8", 100) == [] and what(None, 120) == []
