@@ -81,7 +81,7 @@ FP8_ROWWISE = "FP8_PER_CHANNEL_PER_TOKEN"
 NVFP4 = "NVFP4"
 WEIGHT_ONLY_ALGOS = (W8A16, W4A16)
 #: quant_algo values whose tensors modelopt computes (calibration + extract_quant_state).
-MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ)
+MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ, NVFP4)
 #: every quant_algo this project can write
 ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ, FP8_ROWWISE, NVFP4)
 

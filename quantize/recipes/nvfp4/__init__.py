@@ -25,8 +25,9 @@ from ..parts import LinearExport, MemoryModel
 #: the block size (elements of a row per E4M3 scale): config.json's ``group_size``
 BLOCK = 16
 #: the families whose NVFP4 TensorRT-LLM checkpoint is written here (their tensors are tested
-#: against modelopt 0.47's export): the Llama family spec (LlamaForCausalLM, MistralForCausalLM)
-ENGINE_FAMILIES = ("llama",)
+#: against modelopt 0.47's export): the Llama family spec (LlamaForCausalLM, MistralForCausalLM);
+#: Mixtral's attention is Llama's, its experts are refused by :attr:`Nvfp4.moe` (the reason named)
+ENGINE_FAMILIES = ("llama", "mixtral")
 
 
 class Nvfp4(Recipe):
