@@ -27,7 +27,7 @@ from .recipes import RECIPES
 
 Tensor = torch.Tensor
 
-__all__ = ["extract_quant_state", "shard_quant_state", "quant_state_names"]
+__all__ = ["extract_quant_state", "shard_quant_state", "quant_state_names", "own_export"]
 
 #: The decoder layout these recipes calibrate (names, fusion, shard rules): the Llama family's
 #: spec; a Mixtral layer's experts are quantize/moe.py's.
@@ -234,7 +234,7 @@ def _linear_state(prefix: str, linears: dict, spec: QuantSpec, dtype: torch.dtyp
     for h, lin in lins.items():
         p = f"{prefix}.{h}"
         if export.codec not in WEIGHT_CODECS:  # the recipe encodes its linears itself (NVFP4)
-            out.update({f"{p}.{k}": v.cpu() for k, v in _own_export(spec, lin).items()})
+            out.update({f"{p}.{k}": v.cpu() for k, v in own_export(spec, lin).items()})
             continue
         wsf = weight_scale(lin, block)
         out[f"{p}.weight"] = quantize_weight(lin, wsf, export.codec, block).cpu()
@@ -247,7 +247,7 @@ def _linear_state(prefix: str, linears: dict, spec: QuantSpec, dtype: torch.dtyp
     return out
 
 
-def _own_export(spec: QuantSpec, lin: Lin) -> dict[str, Tensor]:
+def own_export(spec: QuantSpec, lin: Lin) -> dict[str, Tensor]:
     """``Recipe.export_linear`` of one linear: its weight, its (fused) weight amax as modelopt
     reads it (``_amax``, unsanitised) and its (fused) input amax as ``export_amax`` gives it."""
     weight_amax = lin.fused_weight_amax if lin.fused_weight_amax is not None else lin.wq.amax

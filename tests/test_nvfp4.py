@@ -313,8 +313,6 @@ def test_flag_and_refusals():
                   "against modelopt 0.47's export here; use --fp8 or --awq"),
     ("mixtral", [], "--nvfp4 is not supported for mixture-of-experts models yet (its expert tensors "
                     "are not written here); use --fp8 or --awq"),
-    ("llama", ["--target", "pytorch"], "--target pytorch: --nvfp4 --target pytorch is not written yet "
-                                       "(modelopt's unified NVFP4 checkpoint); use --target engine"),
     ("llama", ["--tp", "4"], "--nvfp4: mlp.proj has 40 input features per rank, not a "
                              "multiple of the NVFP4 block size 16"),
 ])
@@ -358,3 +356,32 @@ def test_cli_build_calibrates_checks_and_gates_quality(tmp_path, tiny_model, cap
     record = json.loads((out / "build.json").read_text())
     assert record["options"]["nvfp4"] is True
     assert record["options"]["quantization"]["quality_gate"]["passed"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# --target pytorch: modelopt's unified NVFP4 checkpoint (export_hf_checkpoint)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv", [None, "fp8"], ids=["nvfp4", "nvfp4_kv_fp8"])
+def test_unified_checkpoint_equals_export_hf_checkpoint(tmp_path, calib_text, kv):
+    """Whole-model (calibrated in memory) and layer by layer from the calibration store: both
+    equal modelopt 0.47's export_hf_checkpoint tensor for tensor, with its hf_quant_config.json
+    and quantization_config."""
+    from quantize.run import CalibrationRun
+    from quantize.unified import write_unified_checkpoint
+    from test_pytorch_target import assert_same_checkpoint as same_unified
+    from test_pytorch_target import make_model, modelopt_unified
+
+    hf_dir, model = make_model(tmp_path)
+    spec = spec_for("NVFP4", kv)
+    assert spec.format.unified_layerwise(spec)
+    run = CalibrationRun(store=tmp_path / "calibration", device="cpu", calib_text=calib_text,
+                         tokenizer=byte_tokenizer)
+    write_unified_checkpoint(hf_dir, tmp_path / "store", spec, calibration=run, progress=False)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    write_unified_checkpoint(hf_dir, tmp_path / "whole", spec, calibrated_model=model, progress=False)
+    theirs = modelopt_unified(model, tmp_path / "modelopt", torch.float32)
+    for ours in ("store", "whole"):
+        tensors = same_unified(tmp_path / ours, theirs)
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8

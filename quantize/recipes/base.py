@@ -223,6 +223,12 @@ class Recipe:
         weight; ``weight_amax`` / ``input_amax``: its fused, sanitised per-tensor maxima)."""
         raise NotImplementedError(f"{self.quant_algo} has no linear export of its own")
 
+    def unified_linear(self, trtllm: dict, weight) -> dict:
+        """One linear's unified tensors from its TensorRT-LLM ones and its float ``weight`` in
+        the checkpoint dtype, for a ``unified.weight`` that quantize/unified/tensors.py's
+        ``ENCODE`` does not encode."""
+        raise NotImplementedError(f"{self.quant_algo} has no unified linear of its own")
+
     def kv_cache_bits(self, spec):
         """modelopt num_bits of the KV cache's quantizers (None: not quantized)."""
         return KV_CACHE_BITS.get(spec.kv_cache_quant_algo)

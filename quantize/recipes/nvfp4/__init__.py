@@ -20,7 +20,7 @@ from common.errors import UserError
 from ...algos import MODELOPT_EXCLUDE_MODULES, NVFP4
 from ..base import MAX, Recipe
 from ..moe import MoeRefused
-from ..parts import LinearExport, MemoryModel
+from ..parts import LinearExport, MemoryModel, UnifiedFormat
 
 #: the block size (elements of a row per E4M3 scale): config.json's ``group_size``
 BLOCK = 16
@@ -42,7 +42,17 @@ class Nvfp4(Recipe):
     memory = MemoryModel(weight_bytes=0.5625, layer_factor=1.0, hooks=True)
     moe = MoeRefused("--nvfp4 is not supported for mixture-of-experts models yet (its expert "
                      "tensors are not written here); use --fp8 or --awq")
-    unified = None
+    #: modelopt's unified NVFP4 (``export_hf_checkpoint``): per linear ``weight`` uint8
+    #: [out, in/2], ``weight_scale`` E4M3 [out, in/16], 0-dim ``weight_scale_2`` / ``input_scale``,
+    #: q/k/v and gate/up sharing their globals; layer by layer from the calibration store (the
+    #: TensorRT-LLM form there holds the same block scales and globals, :meth:`unified_linear`)
+    unified = UnifiedFormat(weight="nvfp4", fuse_shared_inputs=True, layerwise=True,
+                            quantization_config_extra=(("config_groups", {"group_0": {
+                                "input_activations": {"dynamic": False, "num_bits": 4,
+                                                      "type": "float", "group_size": BLOCK},
+                                "weights": {"dynamic": False, "num_bits": 4, "type": "float",
+                                            "group_size": BLOCK},
+                                "targets": ["Linear"]}}),))
     linear_export = LinearExport("nvfp4", (2, 1), ("qkv", "gate_up"),
                                  ("weight", "weights_scaling_factor", "activation_scaling_factor",
                                   "weights_scaling_factor_2"))
@@ -70,9 +80,10 @@ class Nvfp4(Recipe):
                     f"are not tested against modelopt 0.47's export here; use --fp8 or --awq")
         return proven
 
-    def unified_refusal(self, spec) -> str | None:
-        return ("--nvfp4 --target pytorch is not written yet (modelopt's unified NVFP4 checkpoint); "
-                "use --target engine")
+    def unified_store_entries(self, spec) -> tuple[bool, bool]:
+        """No smoothing entries (the store's TensorRT-LLM form holds every NVFP4 scale the unified
+        form needs); the raw k/v amax with a KV cache."""
+        return False, spec.kv_cache_quant_algo is not None
 
     def _modelopt_weights(self, spec, mtq) -> dict:
         import copy
@@ -81,6 +92,20 @@ class Nvfp4(Recipe):
 
     def _block_extras(self, spec) -> dict:
         return {"group_size": BLOCK}
+
+    def unified_linear(self, trtllm: dict, weight) -> dict:
+        """One linear's unified tensors from its TensorRT-LLM ones (``export_linear``'s, or the
+        calibration store's): the scales renamed, the weight re-encoded from ``weight`` in the
+        checkpoint dtype (modelopt's ``_export_quantized_weight``: block scales from the weight
+        as calibrated, E2M1 codes from ``weight.to(dtype)``)."""
+        from .weights import quantize
+
+        wsf2 = trtllm["weights_scaling_factor_2"].reshape(())
+        out = {"weight": quantize(weight, trtllm["weights_scaling_factor"], wsf2),
+               "weight_scale": trtllm["weights_scaling_factor"], "weight_scale_2": wsf2}
+        if "activation_scaling_factor" in trtllm:
+            out["input_scale"] = trtllm["activation_scaling_factor"].reshape(())
+        return out
 
     def export_linear(self, weight, weight_amax, input_amax) -> dict:
         """One linear's tensors (modelopt's export): packed E2M1 ``weight`` uint8 [out, in/2],
