@@ -32,6 +32,20 @@ def test_nvfp4_checkpoint_equals_modelopt_export(tmp_path, calib_text, kv):
         assert_same_checkpoint(ours, modelopt_export(model, tmp_path / f"modelopt_tp{tp}", tp))
 
 
+def test_kv_heads_duplicated_across_ranks_equal_modelopt_export(tmp_path, calib_text):
+    """tp 4 over 2 kv heads: k/v rows (packed bytes and block scales) duplicated per head as
+    modelopt's dup_kv_weight does, the 0-dim globals replicated."""
+    from examples.tiny import make_tiny_model
+
+    hf_dir = tmp_path / "hf"
+    model = make_tiny_model(hf_dir, **dict(TINY, num_key_value_heads=2)).float().eval()
+    spec = spec_for("NVFP4")
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    convert_checkpoint(hf_dir, tmp_path / "ours", tp=4, dtype="float16", progress=False,
+                       quant=spec, calibration=lw(tmp_path, calib_text))
+    assert_same_checkpoint(tmp_path / "ours", modelopt_export(model, tmp_path / "modelopt", 4))
+
+
 # ---------------------------------------------------------------------------------------------
 # The arithmetic: ours vs modelopt's NVFP4QTensor, the reader's vs TensorRT-LLM's formulas
 # ---------------------------------------------------------------------------------------------
