@@ -349,6 +349,7 @@ def main_cli(argv):
     return main(argv)
 
 
+@pytest.mark.slow  # the whole CLI: calibration, checkpoint, check, quality gate
 def test_cli_build_calibrates_checks_and_gates_quality(tmp_path, tiny_model, capsys):
     """--nvfp4 end to end on a tiny model with a real tokenizer: calibrated layer by layer, the
     checkpoint passes check, the quality gate measures it through the NVFP4 reader kernel."""
@@ -377,6 +378,7 @@ def test_cli_build_calibrates_checks_and_gates_quality(tmp_path, tiny_model, cap
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # three calibrations and four checkpoints per case (~20 s idle)
 @pytest.mark.parametrize("kv", [None, "fp8"], ids=["nvfp4", "nvfp4_kv_fp8"])
 def test_unified_checkpoint_equals_export_hf_checkpoint(tmp_path, calib_text, kv):
     """Whole-model (calibrated in memory) and layer by layer from the calibration store: both
