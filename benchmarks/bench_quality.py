@@ -61,6 +61,8 @@ ROWS = [
     ("fp16 + FP8 KV cache", None, "fp8", None, None),
     ("FP8 rowwise, MLP only (`--fp8-rowwise`)", "FP8_PER_CHANNEL_PER_TOKEN", None, None, None),
     ("FP8 rowwise, Meta's recipe (`--fp8-rowwise meta`)", "FP8_PER_CHANNEL_PER_TOKEN", None, None, None),
+    ("NVFP4 (`--nvfp4`)", "NVFP4", None, None, None),
+    ("NVFP4 + FP8 KV cache", "NVFP4", "fp8", None, None),
 ]
 #: a row's recipe option (QuantSpec.recipe_option), by label
 RECIPE_OPTIONS = {"FP8 rowwise, MLP only (`--fp8-rowwise`)": "mlp",

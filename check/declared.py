@@ -293,7 +293,8 @@ class _Context:
     def emit(self, module, params, o, i, e, row, out, owner, float_dtype=None) -> None:
         fl = flags(self.scheme, self.q, row)
         sym = {"out": o, "in": i, "E": e, "1": 1, "in/g": i // self.group, "out/4": o // 4,
-               "out*b/8": o * self.scheme.bits // 8}
+               "out*b/8": o * self.scheme.bits // 8, "in/2": i // 2, "in/16": i // 16,
+               "pad128(out)": _round_up(o, 128), "pad4(in/16)": _round_up(i // 16, 4)}
         for p in params:
             if p.when is not None and p.when not in fl:
                 continue

@@ -133,6 +133,21 @@ FP8_ROWWISE = (Param("weight", ("out", "in"), "float8_e4m3fn"),
 ROWWISE_ALWAYS_EXCLUDE = ("*ln_f", "*ln_embed", "*lm_head")
 ROWWISE_META_EXCLUDE = ("*input_layernorm", "*attention")
 
+#: NVFP4 (``fp4_quantize``: ColumnLinear → ``FP4Linear``, RowLinear → ``FP4RowLinear``,
+#: ``quantization/layers.py``) after ``preprocess_weights`` (check/preprocess.py ``nvfp4``):
+#: ``weight`` is ``Parameter(trt.fp4, (out, in))``, whose value setter (``parameter.py``) takes
+#: ``[out, in / 2]`` of uint8 (two E2M1 per byte); block scales ``[out, in / 16]`` e4m3 and their
+#: 128 x 4 swizzled copy ``[pad_up(out, 128), pad_up(in / 16, 4)]``; three float32 [1] globals
+#: (a 0-dim value fills a [1] parameter: the setter reshapes a scalar). ``FP4Linear`` asserts
+#: ``in % 16 == 0`` and pads nothing.
+NVFP4 = (Param("weight", ("out", "in/2"), "uint8"),
+         Param("weights_block_scaling_factor", ("out", "in/16"), "float8_e4m3fn"),
+         Param("weights_block_scaling_factor_interleaved", ("pad128(out)", "pad4(in/16)"),
+               "float8_e4m3fn"),
+         Param("weights_global_scaling_factor", ("1",), "float32"),
+         Param("activation_global_scaling_factor", ("1",), "float32"),
+         Param("alpha", ("1",), "float32"))
+
 #: kv_cache_quantize: every Attention (1.x: both scales; 1.0-era trees declare only the first,
 #: preprocess_weights then adds the reciprocal anyway)
 KV_CACHE = (Param("kv_cache_scaling_factor", ("1",), "float32"),
@@ -155,6 +170,7 @@ SCHEMES: dict[str | None, Scheme] = {
     "FP8_PER_CHANNEL_PER_TOKEN": Scheme("Fp8RowwiseGatedMLP / Fp8RowwiseAttention (Fp8RowwiseLinear "
                                         "/ Fp8RowwiseRowLinear)", FP8_ROWWISE, None, bits=8,
                                         rowwise=True, preprocess="fp8_rowwise"),
+    "NVFP4": Scheme("FP4Linear / FP4RowLinear", NVFP4, None, bits=4, preprocess="nvfp4"),
     "W8A8_SQ_PER_CHANNEL": Scheme("Int8SmoothQuantLinear / Int8SmoothQuantRowLinear", INT8_SQ,
                                   None, bits=8),
     "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": Scheme(_SQ, SQ_PLUGIN, None, bits=8, per_channel=True,

@@ -14,6 +14,8 @@ Rules (format × SM), with where they live:
 - Multi-head latent attention (``DeepseekV2ForCausalLM``, whatever the format): TensorRT-LLM 1.2's
   MLA engine kernels are Hopper's (SM 90; the DeepSeek-V2 example of the engine flow,
   ``examples/models/contrib/deepseek_v2``, runs on Hopper only).
+- NVFP4 needs SM >= 100 (Blackwell): the FP4 tensor-core GEMMs (``fp4_gemm``) exist from SM 100;
+  NVIDIA's support matrix lists NVFP4 for Blackwell only.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ RULES = (
             source="TensorRT-LLM support matrix"),
     GpuRule("moe_quant_algo", ("FP8",), min_sm=89, what="FP8 mixture of experts needs SM 89 or newer",
             source="tensorrt_llm/builder.py build() (issue 28)"),
+    GpuRule("quant_algo", ("NVFP4",), min_sm=100, what="NVFP4 GEMMs need Blackwell (SM 100) or "
+            "newer", source="TensorRT-LLM support matrix (NVFP4: Blackwell); modelopt support "
+            "matrix"),
     GpuRule("quant_algo", _SQ, below_sm=100, what="SmoothQuant (INT8) engines are refused on "
             "Blackwell (SM 100) and newer", source="tensorrt_llm/builder.py build() (issue 28)"),
     GpuRule("quant_algo", ("W4A16_AWQ", "W4A8_AWQ"), below_sm=100, what="INT4 AWQ engines are "

@@ -18,6 +18,8 @@ Read in NVIDIA/TensorRT-LLM ``tensorrt_llm/models/modeling_utils.py``:
   weights['lm_head.weight'].dtype == str_dtype_to_torch(model_config.dtype)`` (a bare
   AssertionError: the head must be written in the model dtype); ``lm_head.weights_scaling_factor``
   / ``activation_scaling_factor`` dropped;
+- NVFP4: see :func:`nvfp4` (the block scales renamed and interleaved, the globals renamed,
+  ``alpha`` added);
 - W8A16 / W4A16: ``models/convert_utils.py`` ``weight_only_quantize_dict`` quantizes every
   non-int8 tensor whose name contains ``qkv.weight``, ``dense.weight``, ``fc.weight``,
   ``proj.weight`` or ``gate.weight`` (and matches no ``exclude_modules`` pattern, fnmatch on the
@@ -95,8 +97,30 @@ def weight_only(h: Header, config: dict, scheme) -> None:
             h[name.replace(".weight", ".per_channel_scale")] = ((*shape[:-2], shape[-2]), dtype)
 
 
+def nvfp4(h: Header, config: dict, scheme) -> None:
+    """NVFP4: ``*weights_scaling_factor`` [out, in/16] becomes ``*weights_block_scaling_factor``
+    and ``*weights_block_scaling_factor_interleaved`` ([pad_up(out, 128), pad_up(in/16, 4)],
+    ``block_scale_interleave``: quantize/recipes/nvfp4/weights.py restates it);
+    ``*weights_scaling_factor_2`` → ``*weights_global_scaling_factor``,
+    ``*activation_scaling_factor`` → ``*activation_global_scaling_factor``, and ``*alpha`` (their
+    product, the activation global's shape) beside every weight global; the weight is untouched."""
+    for name, (shape, dtype) in list(h.items()):
+        if name.endswith("weights_scaling_factor") and len(shape) == 2:
+            base = name[: -len("weights_scaling_factor")] + "weights_block_scaling_factor"
+            h[base] = h.pop(name)
+            h[base + "_interleaved"] = ((-(-shape[0] // 128) * 128, -(-shape[1] // 4) * 4), dtype)
+        elif name.endswith("weights_scaling_factor_2"):
+            h[name[: -len("weights_scaling_factor_2")] + "weights_global_scaling_factor"] = h.pop(name)
+        elif name.endswith("activation_scaling_factor"):
+            h[name[: -len("activation_scaling_factor")] + "activation_global_scaling_factor"] = h.pop(name)
+    for name in [n for n in h if n.endswith("weights_global_scaling_factor")]:
+        act = name.replace("weights_global_scaling_factor", "activation_global_scaling_factor")
+        if act in h:
+            h[name.replace("weights_global_scaling_factor", "alpha")] = h[act]
+
+
 TRANSFORMS = {"awq": awq, "fp8": fp8, "fp8_rowwise": fp8_rowwise, "weight_only": weight_only,
-              None: None}
+              "nvfp4": nvfp4, None: None}
 
 
 def preprocess(header: Header, config: dict, scheme) -> tuple[Header, str | None]:

@@ -76,11 +76,14 @@ W4A16_AWQ = "W4A16_AWQ"
 #: FP8 rowwise: fp8 weights per output channel, fp8 activations per token (dynamic); TensorRT-LLM's
 #: convert_checkpoint.py --use_fp8_rowwise (quantize/recipes/fp8_rowwise/)
 FP8_ROWWISE = "FP8_PER_CHANNEL_PER_TOKEN"
+#: NVFP4: E2M1 weights in blocks of 16 with E4M3 block scales and a float32 global scale,
+#: activations the same at run time from a calibrated global scale (quantize/recipes/nvfp4/)
+NVFP4 = "NVFP4"
 WEIGHT_ONLY_ALGOS = (W8A16, W4A16)
 #: quant_algo values whose tensors modelopt computes (calibration + extract_quant_state).
-MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ)
+MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ, NVFP4)
 #: every quant_algo this project can write
-ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ, FP8_ROWWISE)
+ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ, FP8_ROWWISE, NVFP4)
 
 KV_CACHE_DTYPES = {"int8": "INT8", "fp8": "FP8"}
 
@@ -92,4 +95,5 @@ WEIGHT_FLAGS = (
     ("int4_weight_only", W4A16, "--int4-weight-only"),
     ("awq", W4A16_AWQ, "--awq"),
     ("fp8_rowwise", FP8_ROWWISE, "--fp8-rowwise"),
+    ("nvfp4", NVFP4, "--nvfp4"),
 )

@@ -67,6 +67,9 @@ def _add_format_flags(g) -> None:
                         "activations per token (dynamic), no calibration; the MLP linears are quantized. "
                         "mlp (default): every layer's MLP; meta: Meta's Llama 3.1 recipe, also the first "
                         "and last layers unquantized.")
+    g.add_argument("--nvfp4", action="store_true", default=argparse.SUPPRESS,
+                   help="NVFP4 (Blackwell, SM 100+): E2M1 weights in blocks of 16 with FP8 block scales "
+                        "and a global scale, activations the same at run time (calibrated global scale).")
     g.add_argument("--kv-cache-dtype", choices=sorted(KV_CACHE_DTYPES), default=None,
                    help="Quantize the KV cache (calibrated per-layer scales).")
 

@@ -33,6 +33,7 @@ from .unified.store_entries import store_entries
 Tensor = torch.Tensor
 
 _FP8_BITS = NUM_BITS[FP8]
+_E2M1_BITS = (2, 1)  # modelopt's num_bits of NVFP4's E2M1 quantizers
 
 
 class MaxRecord:
@@ -51,9 +52,12 @@ class MaxRecord:
 
     @property
     def maxbound(self) -> float:
-        """TensorQuantizer.maxbound: the largest E4M3 value for FP8, 2^(bits-1) - 1 for ints."""
+        """TensorQuantizer.maxbound: the largest E4M3 value for FP8, E2M1's 6 for NVFP4's (2, 1),
+        2^(bits-1) - 1 for ints."""
         if self.num_bits == _FP8_BITS:
             return float(torch.finfo(torch.float8_e4m3fn).max)
+        if self.num_bits == _E2M1_BITS:
+            return 6.0
         return float((1 << (self.num_bits - 1)) - 1)
 
     def collect(self, x: Tensor) -> None:
@@ -83,11 +87,11 @@ def _linears(layer) -> dict[str, torch.nn.Module]:
 
 
 @contextmanager
-def _input_records(linears: dict[str, torch.nn.Module], prefix: str):
+def _input_records(linears: dict[str, torch.nn.Module], prefix: str, num_bits):
     """Every linear's input maximum (``input_quantizer``), collected by a forward pre-hook."""
     handles = []
     for name, mod in linears.items():
-        rec = MaxRecord(_FP8_BITS, f"{prefix}.{name}'s input")
+        rec = MaxRecord(num_bits, f"{prefix}.{name}'s input")
         mod.input_quantizer = rec
         handles.append(mod.register_forward_pre_hook(lambda _m, args, r=rec: r.collect(args[0])))
     try:
@@ -139,15 +143,16 @@ def calibrate_max_layer(runner, i: int, spec: QuantSpec,
     layer = runner.materialise(i)
     recipe = spec.format  # FP8 records its linears; any recipe its quantized KV cache
     linears = _linears(layer) if recipe.max_linears else {}
+    bits = recipe.linear_export.num_bits if linears else None  # FP8's (4, 3), NVFP4's (2, 1)
     kv_bits = recipe.kv_cache_bits(spec)
     with ExitStack() as stack:
         if linears:
-            stack.enter_context(_input_records(linears, prefix))
+            stack.enter_context(_input_records(linears, prefix, bits))
         if kv_bits is not None:
             stack.enter_context(_kv_records(layer.self_attn, kv_bits, prefix))
         outputs = runner.forward(layer, i, passes_in[0])
     for name, mod in linears.items():
-        w = MaxRecord(_FP8_BITS, f"{prefix}.{name}.weight")
+        w = MaxRecord(bits, f"{prefix}.{name}.weight")
         w.collect(mod.weight)  # the weight quantizer sees the same weight on every batch
         mod.weight_quantizer = w
     shell = runner.named(i, layer)

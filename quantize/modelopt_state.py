@@ -27,7 +27,7 @@ from .recipes import RECIPES
 
 Tensor = torch.Tensor
 
-__all__ = ["extract_quant_state", "shard_quant_state", "quant_state_names"]
+__all__ = ["extract_quant_state", "shard_quant_state", "quant_state_names", "own_export"]
 
 #: The decoder layout these recipes calibrate (names, fusion, shard rules): the Llama family's
 #: spec; a Mixtral layer's experts are quantize/moe.py's.
@@ -244,6 +244,9 @@ def _linear_state(prefix: str, linears: dict, spec: QuantSpec, dtype: torch.dtyp
     out = {}
     for h, lin in lins.items():
         p = f"{prefix}.{h}"
+        if export.codec not in WEIGHT_CODECS:  # the recipe encodes its linears itself (NVFP4)
+            out.update({f"{p}.{k}": v.cpu() for k, v in own_export(spec, lin).items()})
+            continue
         wsf = weight_scale(lin, block)
         out[f"{p}.weight"] = quantize_weight(lin, wsf, export.codec, block).cpu()
         out[f"{p}.weights_scaling_factor"] = wsf.cpu()
@@ -253,6 +256,16 @@ def _linear_state(prefix: str, linears: dict, spec: QuantSpec, dtype: torch.dtyp
         if lin.pqs is not None:
             out[f"{p}.prequant_scaling_factor"] = lin.pqs.squeeze().to(dtype).cpu()
     return out
+
+
+def own_export(spec: QuantSpec, lin: Lin) -> dict[str, Tensor]:
+    """``Recipe.export_linear`` of one linear: its weight, its (fused) weight amax as modelopt
+    reads it (``_amax``, unsanitised) and its (fused) input amax as ``export_amax`` gives it."""
+    weight_amax = lin.fused_weight_amax if lin.fused_weight_amax is not None else lin.wq.amax
+    input_amax = None
+    if lin.input_amax is not None:
+        input_amax = sanitize_amax(lin.input_amax, float(lin.iq.maxbound))
+    return spec.format.export_linear(lin.weight, weight_amax.detach(), input_amax)
 
 
 def _kv_state(model, prefix: str, spec: QuantSpec) -> dict:
@@ -356,7 +369,7 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
             if f"{src}.{lin.hf[0]}.weight" not in state:  # a MoE layer's experts: quantize/moe.py
                 continue
             for suffix in ("weight", "weights_scaling_factor", "activation_scaling_factor",
-                           "prequant_scaling_factor"):
+                           "prequant_scaling_factor", "weights_scaling_factor_2"):
                 if suffix in ("weight", "weights_scaling_factor") or f"{src}.{lin.hf[0]}.{suffix}" in state:
                     out[f"{dst}.{lin.name}.{suffix}"] = _rank_tensor(state, src, lin, suffix, **kw)
         for name in KV_SCALES:

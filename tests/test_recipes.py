@@ -12,14 +12,14 @@ import pytest
 from model.families import FAMILIES
 
 from common.errors import UserError
-from quantize.algos import (ALL_ALGOS, FP8, FP8_ROWWISE, MODELOPT_ALGOS, SMOOTHQUANT, SQ_PLUGIN, W4A16_AWQ,
-                            WEIGHT_FLAGS, WEIGHT_ONLY_ALGOS)
+from quantize.algos import (ALL_ALGOS, FP8, FP8_ROWWISE, MODELOPT_ALGOS, NVFP4, SMOOTHQUANT, SQ_PLUGIN,
+                            W4A16_AWQ, WEIGHT_FLAGS, WEIGHT_ONLY_ALGOS)
 from quantize.formats import QuantSpec
 from quantize.recipes import MAX, MODELOPT, RECIPES, SQ_HOOKS, Recipe, find_recipe, recipe_for
 
 SPECS = [QuantSpec.create(algo, kv_cache_dtype=kv)
          for algo in (None, *ALL_ALGOS) for kv in (None, "int8", "fp8")
-         if not (algo == FP8 and kv == "int8") and not (algo in SQ_PLUGIN and kv == "fp8")
+         if not (algo in (FP8, NVFP4) and kv == "int8") and not (algo in SQ_PLUGIN and kv == "fp8")
          and not (algo == FP8_ROWWISE and kv is not None)]
 
 
@@ -31,9 +31,9 @@ def test_table_covers_every_format_in_order():
 
 
 def test_unknown_format_is_refused_naming_the_table():
-    with pytest.raises(UserError, match=r"^unknown quant_algo 'NVFP4'; supported: None, W8A8_SQ_PER_CHANNEL, "):
-        recipe_for("NVFP4")
-    assert find_recipe("NVFP4") is None and find_recipe(["not", "hashable"]) is None
+    with pytest.raises(UserError, match=r"^unknown quant_algo 'MXFP4'; supported: None, W8A8_SQ_PER_CHANNEL, "):
+        recipe_for("MXFP4")
+    assert find_recipe("MXFP4") is None and find_recipe(["not", "hashable"]) is None
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
@@ -51,7 +51,7 @@ def test_predicates_keep_their_meaning(spec):
                       else MAX if needs else None)
     block = spec.to_trtllm_quantization()
     assert (block["quant_algo"], block["kv_cache_quant_algo"]) == (algo, kv)
-    assert ("group_size" in block) == (algo in (W4A16_AWQ, FP8_ROWWISE) or plugin)
+    assert ("group_size" in block) == (algo in (W4A16_AWQ, FP8_ROWWISE, NVFP4) or plugin)
 
 
 def test_moe_support_per_format():

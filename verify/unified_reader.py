@@ -25,6 +25,9 @@ reproduced here where the formats need it:
 * W4A16_AWQ: packed int4 [out/2, in] concatenated along out (even row counts keep the nibble pairs);
   the q/k/v and gate/up pre_quant_scale was folded into the norms by the export, so those linears get
   a pre_quant_scale of ones.
+* NVFP4: packed E2M1 [out, in/2] and E4M3 block scales [out, in/16] concatenated along out;
+  q/k/v (and gate/up) share ``weight_scale_2`` and ``input_scale`` (modelopt fused them), checked
+  here; the NVFP4 kernel (verify/reference_nvfp4.py) runs them.
 * FP8 KV cache: ``kv_cache_scaling_factor`` = max(k_scale, v_scale) (the single scale of the
   TRT-LLM checkpoint form, as modelopt's TRT-LLM export computes it).
 """
@@ -44,7 +47,8 @@ from quantize.recipes import find_recipe
 Tensor = torch.Tensor
 
 SUFFIXES = {"weight": "weight", "bias": "bias", "weight_scale": "weights_scaling_factor",
-            "input_scale": "activation_scaling_factor", "pre_quant_scale": "prequant_scaling_factor"}
+            "input_scale": "activation_scaling_factor", "pre_quant_scale": "prequant_scaling_factor",
+            "weight_scale_2": "weights_scaling_factor_2"}
 #: the Llama-family layout (model.families) the unified checkpoints of this project use
 LAYOUT = FAMILIES["llama"]
 QKV = LAYOUT.linear("attention.qkv")
@@ -65,7 +69,7 @@ GLOBAL_NAMES = LAYOUT.global_names()
 def _module(name: str, prefix: str) -> str:
     return name[len(prefix):].removesuffix(".weight")
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.([a-z_]+)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.([a-z_]+(?:_\d+)?)$")
 
 
 def is_unified_checkpoint(d) -> bool:
@@ -139,6 +143,9 @@ def _fuse(parts: list[dict], fmt, dtype: torch.dtype, where: str) -> dict:
     a = _shared(parts, "input_scale", where)
     if a is not None:
         out["activation_scaling_factor"] = a.float().reshape(1)
+    g = _shared(parts, "weight_scale_2", where)  # NVFP4's global weight scale, shared by the group
+    if g is not None:
+        out["weights_scaling_factor_2"] = g.float().reshape(1)
     pqs = _shared(parts, "pre_quant_scale", where)
     if pqs is not None:
         out["prequant_scaling_factor"] = pqs

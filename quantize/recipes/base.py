@@ -224,6 +224,18 @@ class Recipe:
         forward-loop pass when the passes' outputs differ (KV quantizers on), else one shared."""
         return self.memory.passes if self.kv_cache_bits(spec) is not None else 1
 
+    def export_linear(self, weight, weight_amax, input_amax) -> dict:
+        """One calibrated linear's tensors by suffix, for a ``linear_export.codec`` that
+        quantize/modelopt_state.py's ``WEIGHT_CODECS`` does not encode (``weight``: the float
+        weight; ``weight_amax`` / ``input_amax``: its fused, sanitised per-tensor maxima)."""
+        raise NotImplementedError(f"{self.quant_algo} has no linear export of its own")
+
+    def unified_linear(self, trtllm: dict, weight) -> dict:
+        """One linear's unified tensors from its TensorRT-LLM ones and its float ``weight`` in
+        the checkpoint dtype, for a ``unified.weight`` that quantize/unified/tensors.py's
+        ``ENCODE`` does not encode."""
+        raise NotImplementedError(f"{self.quant_algo} has no unified linear of its own")
+
     def kv_cache_bits(self, spec):
         """modelopt num_bits of the KV cache's quantizers (None: not quantized)."""
         return KV_CACHE_BITS.get(spec.kv_cache_quant_algo)

@@ -26,6 +26,9 @@ W4A16_AWQ            uint8 [out/2, in] (two int4 along out, low nibble = even ro
                      pre_quant_scale [in]
 W8A16                int8 [out, in], weight_scale f32 [out] = row absmax / 127 — needs no
                      calibration, so it streams from the float weights (modelopt: INT8_WEIGHT_ONLY_CFG)
+NVFP4                uint8 [out, in/2] (two E2M1 along in, low nibble = even input), weight_scale
+                     E4M3 [out, in/16], weight_scale_2 / input_scale f32 [] (global / (6 * 448));
+                     q/k/v and gate/up share their globals (the recipe's ``unified_linear``)
 KV cache FP8         k_scale / v_scale f32 = k/v_bmm_quantizer amax / 448
 ==================== ====================================================================
 
@@ -181,7 +184,7 @@ def _quant_tensors(model_dir: Path, source, spec, dtype, calibrated_model, calib
         timings["calibration"] = time.perf_counter() - t0
     computed = model_tensors(model, spec, dtype)
     for name in computed:
-        if name not in source and not name.endswith(("_scale",)):
+        if name not in source and not name.endswith(("_scale", "_scale_2")):
             raise UserError(f"{name} is not in {model_dir}: the calibrated model does not match the "
                             "source checkpoint")
     return computed, None

@@ -97,6 +97,8 @@ class StoreLayers:
         if self.fmt.weight is not None and not self.fmt.from_float_weights:
             if self.fmt.per_tensor_weight_scale:
                 self._fp8(i, state, out)
+            elif self.fmt.weight not in ENCODE:  # the recipe's own (NVFP4)
+                self._own(i, state, out)
             else:
                 layer_tensors(_Norms(self.source, self.compute_dtype), prefix,
                               self._smoothed(i, state), self.spec, self.dtype, out)
@@ -126,6 +128,17 @@ class StoreLayers:
             out[f"{p}.weight_scale"] = scale
             act = self._entry(state, i, f"{p}.activation_scaling_factor")
             out[f"{p}.input_scale"] = act.reshape(())
+
+    def _own(self, i: int, state: dict, out: dict) -> None:
+        """A recipe that encodes its linears itself: its unified tensors from the store's
+        TensorRT-LLM ones of each linear and the source weight in the checkpoint dtype."""
+        for h in LAYOUT.hf_linears():
+            p = f"model.layers.{i}.{h}"
+            trtllm = {k: self._entry(state, i, f"{p}.{k}")
+                      for k in self.spec.format.linear_export.tensors if k != "weight"}
+            w = read_tensor(self.source, f"{p}.weight").to(self.dtype)
+            for k, v in self.spec.format.unified_linear(trtllm, w).items():
+                out[f"{p}.{k}"] = v
 
     def _smoothed(self, i: int, state: dict) -> dict:
         """Layer ``i``'s linears as modelopt's smoothing left them (stand-ins, by full name)."""

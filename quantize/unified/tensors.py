@@ -9,8 +9,8 @@ import torch
 from common.errors import UserError
 from model.families import FAMILIES
 
-from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes,
-                              linear_modules, pack_int4, sanitize_amax, weight_scale)
+from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes, linear_modules,
+                              own_export, pack_int4, sanitize_amax, weight_scale)
 from ..torch_io import read_tensor
 
 Tensor = torch.Tensor
@@ -94,6 +94,11 @@ def layer_tensors(model, prefix: str, linears: dict, spec, dtype, out: dict) -> 
                             f"calibrated for {spec.name}?")
     folded = _fuse_groups(model, prefix, lins, fmt, spec.group_size, dtype, out)
     for s, lin in lins.items():
+        if fmt.weight not in ENCODE:  # the recipe encodes its linears itself (NVFP4)
+            trtllm = own_export(spec, lin)
+            for k, v in spec.format.unified_linear(trtllm, lin.weight.to(dtype)).items():
+                out[f"{prefix}.{s}.{k}"] = v
+            continue
         _linear_tensors(f"{prefix}.{s}", lin, fmt, spec.group_size, dtype, s in folded, out)
 
 
