@@ -69,6 +69,8 @@ SQ_PLUGIN_ALGOS = {
 SQ_PLUGIN = tuple(SQ_PLUGIN_ALGOS.values())
 #: --sq-recipe values: "trtllm" = the plugin formats above, "modelopt" = W8A8_SQ_PER_CHANNEL.
 SQ_RECIPES = ("trtllm", "modelopt")
+#: --awq-act values: the activations of an AWQ build (fp8: W4A8_AWQ; absent: W4A16_AWQ)
+AWQ_ACTIVATIONS = ("fp8",)
 FP8 = "FP8"
 W8A16 = "W8A16"
 W4A16 = "W4A16"
@@ -76,11 +78,14 @@ W4A16_AWQ = "W4A16_AWQ"
 #: FP8 rowwise: fp8 weights per output channel, fp8 activations per token (dynamic); TensorRT-LLM's
 #: convert_checkpoint.py --use_fp8_rowwise (quantize/recipes/fp8_rowwise/)
 FP8_ROWWISE = "FP8_PER_CHANNEL_PER_TOKEN"
+#: INT4 AWQ weights with FP8 (e4m3) activations: modelopt's W4A8_AWQ_BETA_CFG, ``--awq --awq-act fp8``
+#: (quantize/recipes/w4a8_awq/)
+W4A8_AWQ = "W4A8_AWQ"
 WEIGHT_ONLY_ALGOS = (W8A16, W4A16)
 #: quant_algo values whose tensors modelopt computes (calibration + extract_quant_state).
 MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ)
 #: every quant_algo this project can write
-ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ, FP8_ROWWISE)
+ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ, FP8_ROWWISE, W4A8_AWQ)
 
 KV_CACHE_DTYPES = {"int8": "INT8", "fp8": "FP8"}
 
