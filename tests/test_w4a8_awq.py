@@ -4,10 +4,17 @@ whole-model ``mtq.quantize`` with W4A8_AWQ_BETA_CFG, every tensor of every rank,
 the flags, refusals and the padding rule (max(128, group) x tp)."""
 from __future__ import annotations
 
-import pytest
-from safetensors.torch import load_file
+import re
+import shutil
 
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from check import check_dir
 from convert_helper import convert_checkpoint
+from quantize.run import CalibrationRun
+from verify.reference import ReferenceModel, compare_with_hf
 from quantize.calibrate import calibrate
 from quant_common import TINY, byte_tokenizer
 from test_quantize_convert import assert_same_checkpoint, lw, modelopt_export, spec_for
@@ -33,3 +40,83 @@ def test_w4a8_checkpoint_equals_modelopt_export(tmp_path, calib_text, block, ove
         for lin in ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj"):
             for suffix in ("weights_scaling_factor_2", "activation_scaling_factor"):
                 assert names[f"transformer.layers.1.{lin}.{suffix}"].shape == (1,)
+
+
+# --- the padding rule, TensorRT-LLM's declared parameters, the reader ---------------------------
+
+
+@pytest.fixture(scope="module")
+def w4a8_ckpts(tmp_path_factory, calib_text):
+    """{tp: checkpoint} of one tiny model whose intermediate size (640) is a multiple of 128 (tp 1)
+    but not of max(128, group 128) x 2 = 256 (tp 2: padded to 768), and the HF directory."""
+    from examples.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("w4a8")
+    make_tiny_model(root / "hf", **dict(TINY, intermediate_size=640))
+    spec = spec_for("W4A8_AWQ")
+    run = CalibrationRun(store=root / "calibration", temporary=False, device="cpu",
+                         calib_text=calib_text, tokenizer=byte_tokenizer)
+    for tp in (1, 2):
+        convert_checkpoint(root / "hf", root / f"tp{tp}", tp=tp, dtype="float16", progress=False,
+                           quant=spec, calibration=run)
+    return {tp: root / f"tp{tp}" for tp in (1, 2)}, root / "hf"
+
+
+def test_padding_is_max_128_group_times_tp_and_exact(w4a8_ckpts, calib_text):
+    """tp 2 pads the MLP's intermediate features 640 -> 768 (W4A16 would keep 640: max(64, 128) x 2
+    = 256 as well, but at group 64, 128 divides 640); the padded checkpoint reads as the unpadded
+    tp-1 one (zero rows and columns add nothing)."""
+    ckpts, _ = w4a8_ckpts
+    r0 = load_file(ckpts[2] / "rank0.safetensors")
+    assert r0["transformer.layers.0.mlp.fc.weight"].shape == (768 // 2 // 2, 256)   # packed int4
+    assert r0["transformer.layers.0.mlp.proj.weight"].shape == (256 // 2, 768 // 2)
+    assert r0["transformer.layers.0.mlp.proj.weights_scaling_factor"].shape == (256, 768 // 2 // 128)
+    assert load_file(ckpts[1] / "rank0.safetensors")["transformer.layers.0.mlp.fc.weight"].shape == (
+        640 // 2, 256)
+    ids = torch.tensor([byte_tokenizer(calib_text[3000:3064])])
+    a = ReferenceModel(ckpts[1]).forward(ids)
+    b = ReferenceModel(ckpts[2]).forward(ids)
+    assert float((a - b).norm() / a.norm()) < 1e-3
+
+
+def test_check_passes_with_tensorrt_llm_w4a8_parameters(w4a8_ckpts):
+    """``check`` interprets config.json as TensorRT-LLM declares W4A8_AWQ (alpha on every groupwise
+    linear, activation_scaling_factor on the row linears, features padded to 128 x tp) and applies
+    preprocess_weights' W4A8 step: both checkpoints pass; the only warnings are the activation
+    scales preprocess_weights puts back on the column linears, which declare none."""
+    ckpts, _ = w4a8_ckpts
+    for tp, ckpt in ckpts.items():
+        result = check_dir(ckpt)
+        assert result.exit_code == 0, result.summary()
+        other = [f for f in result.findings if f.kind not in ("dtype", "extra")]
+        assert not other, result.summary()
+        warnings = [f.message for f in result.findings if f.kind == "extra"]  # one a rank
+        assert len(warnings) == tp
+        extra = {n.split(".", 3)[-1] for w in warnings for n in re.findall(r"'([^']+)'", w)}
+        assert extra == {"attention.qkv.activation_scaling_factor", "mlp.fc.activation_scaling_factor",
+                         "mlp.gate.activation_scaling_factor"}, extra
+
+
+def test_check_refuses_a_w4a8_checkpoint_without_its_second_weight_scale(w4a8_ckpts, tmp_path):
+    ckpts, _ = w4a8_ckpts
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpts[1], bad)
+    t = load_file(bad / "rank0.safetensors")
+    del t["transformer.layers.1.mlp.proj.weights_scaling_factor_2"]
+    save_file(t, bad / "rank0.safetensors")
+    result = check_dir(bad)
+    assert result.exit_code == 1
+    assert ("KeyError in preprocess_weights (W4A8_AWQ): "
+            "transformer.layers.1.mlp.proj.weights_scaling_factor_2 is missing") in result.summary()
+
+
+def test_reader_and_quality_gate_report_w4a8(w4a8_ckpts, calib_text):
+    """The reader runs the checkpoint (int4 weights, e4m3 inputs) near the float model, further
+    from it than the W4A16 rounding alone would be; the quality gate measures it."""
+    from verify.quality_gate import measure
+
+    ckpts, hf_dir = w4a8_ckpts
+    r = compare_with_hf(ckpts[2], hf_dir, input_ids=torch.tensor([byte_tokenizer(calib_text[3000:3064])]))
+    assert r["rel_err"] < 0.6 and r["argmax_agreement"] >= 0.3, r
+    m = measure(ckpts[2], hf_dir, byte_tokenizer(calib_text[:4000]), seq_len=64)
+    assert m["ppl"] > 0 and m["float_ppl"] > 0 and 0 <= m["top1_agreement"] <= 1, m
