@@ -3,6 +3,7 @@
 anything is written); the stages below take the plan's typed fields, never the Namespace."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,9 @@ class BuildPlan:
     engine_options: object = None
     triton_options: object = None
     padding_layout: dict | None = None
+    #: the capability table's warnings / note (pipeline.preflight.gpu_capability), printed once
+    #: every refusal has passed
+    gpu_notes: tuple = ()
 
 
 def make_plan(args) -> BuildPlan:
@@ -69,8 +73,12 @@ def make_plan(args) -> BuildPlan:
     if args.smoothquant == "default":  # build.json records the alpha the recipe used
         args.smoothquant = quant.smoothquant_alpha
     if getattr(args, "target", "engine") == "pytorch":
-        return _checked(_pytorch_plan(args, quant), args)
-    return _checked(_engine_plan(args, quant), args)
+        plan = _checked(_pytorch_plan(args, quant), args)
+    else:
+        plan = _checked(_engine_plan(args, quant), args)
+    for note in plan.gpu_notes:
+        print(note, file=sys.stderr)
+    return plan
 
 
 def _checked(plan: BuildPlan, args) -> BuildPlan:
@@ -171,6 +179,7 @@ def _engine_plan(args, quant) -> BuildPlan:
 
     model = ModelSource.open(args.model)
     preflight.family_formats(quant, model, "engine")
+    gpu_notes = tuple(preflight.gpu_capability(args, quant, model, "engine"))
     layout = plan_layout(model, tp=args.tp, pp=args.pp, quant=quant, moe_tp=args.moe_tp,
                          moe_ep=args.moe_ep, pad_heads=args.pad_heads or model.pads_heads)
     padding_layout = {**(preflight.head_padding(args, layout.shape) or {}),
@@ -194,7 +203,8 @@ def _engine_plan(args, quant) -> BuildPlan:
     return BuildPlan(target="engine", options=dict(vars(args)), model=model, quant=quant,
                      layout=layout, ranks=ranks, tokenizer=tokenizer, calibration=calibration,
                      own_calibration_store=own_store, ppl_text=ppl_text,
-                     padding_layout=padding_layout, **_common(args), **stages)
+                     padding_layout=padding_layout, gpu_notes=gpu_notes, **_common(args),
+                     **stages)
 
 
 def _pytorch_plan(args, quant) -> BuildPlan:
@@ -211,6 +221,7 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     options_from_args(args)  # the LLM(...) size limits among them: their ranges, always
     model = ModelSource.open(args.model)
     preflight.family_formats(quant, model, "pytorch")
+    gpu_notes = tuple(preflight.gpu_capability(args, quant, model, "pytorch"))
     preflight.refuse_padding_for_pytorch(args, model, args.pad_heads or model.pads_heads)
     triton = args.triton_target != "none" and not args.checkpoint_only
     pytorch_preflight(model, Path(args.output), quant, tp=args.tp, pp=args.pp,
@@ -235,7 +246,7 @@ def _pytorch_plan(args, quant) -> BuildPlan:
         options.update({k: getattr(args, k) for k in LLM_SIZE_FLAGS})
     return BuildPlan(target="pytorch", options=dict(vars(args)), model=model, quant=quant,
                      layout=_Split(args.tp, args.pp), tokenizer=tokenizer, triton_options=options,
-                     calibration=calibration,
+                     calibration=calibration, gpu_notes=gpu_notes,
                      **{**_common(args), "triton_target": args.triton_target if triton else "none"})
 
 

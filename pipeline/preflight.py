@@ -37,6 +37,45 @@ def family_formats(quant, model, target: str) -> None:
         raise UserError(why)
 
 
+def gpu_capability(args, quant, model, target: str) -> list[str]:
+    """The capability table (check/gpu.py) for this run, before any work: a refused cell is one
+    line (UserError); returns the warning / note lines to print once the plan is made. The GPU
+    is --gpu's, else this host's; build.json records it (options.target_gpu) when one is known."""
+    from check.gpu import REFUSE, Run, broken, line, parse_gpu
+    from model.families import FAMILIES
+
+    given = getattr(args, "gpu", None)
+    label, sm = parse_gpu(given) if given is not None else _host_gpu()
+    family = FAMILIES[model.shape.family] if model is not None else None
+    run = Run(quant.quant_algo, quant.kv_cache_quant_algo,
+              moe=model is not None and model.shape.experts > 0, lora=bool(getattr(args, "lora", None)),
+              family=family.name if family is not None else None, target=target, sm=sm)
+    cells = broken(run)
+    for cell in cells:
+        if cell.level == REFUSE:
+            raise UserError(line(cell, label, sm))
+    notes = [f"build_engine: warning: {line(c, label, sm)}" for c in cells]
+    if sm is None and quant.format.quantized(quant):
+        notes.append("build_engine: note: no --gpu and no GPU on this host: the GPU rows of the "
+                     "capability table (check/gpu.py) were not applied; give --gpu NAME|sm_XX")
+    if sm is not None:
+        args.target_gpu = {"name": label, "sm": sm, "from": "--gpu" if given else "this host"}
+    return notes
+
+
+def _host_gpu() -> tuple[str | None, int | None]:
+    """(name, SM) of this host's first CUDA device, or (None, None)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, None
+        major, minor = torch.cuda.get_device_capability(0)
+        return torch.cuda.get_device_name(0), 10 * major + minor
+    except Exception:  # no usable CUDA runtime: no GPU here
+        return None, None
+
+
 def refuse_padding_for_pytorch(args, model, pad_heads: bool) -> None:
     """--target pytorch writes a Hugging Face checkpoint that TensorRT-LLM's PyTorch backend
     splits over tp itself when it loads it: a padded layout is not ours to choose there."""

@@ -57,7 +57,7 @@ class W4A8Awq(Awq):
         return max(128, spec.group_size)
 
     def feature_fix(self, spec) -> str:
-        return "choose another --tp, or --fp8"
+        return "use --awq alone (W4A16_AWQ pads to a multiple of max(64, group) x tp) or --fp8"
 
     def _modelopt_weights(self, spec, mtq) -> dict:
         cfg = copy.deepcopy(mtq.W4A8_AWQ_BETA_CFG)
