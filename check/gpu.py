@@ -7,8 +7,9 @@ cells (:func:`refusals`), and README's GPU table is generated from it
 (``tools/support_matrix.py``, kept equal by ``tests/test_capability.py``).
 
 A :class:`Cell` selects runs by ``field`` (``quant_algo``, ``kv_cache_quant_algo``,
-``moe_quant_algo``: a mixture-of-experts model's format, ``lora``: the run serves LoRA adapters,
-a plain boolean until a flag sets it, with ``formats``; or ``any``: every run) and ``values``, optionally narrowed to
+``moe_quant_algo``: a mixture-of-experts model's format, ``lora_quant_algo``: the format of a
+run that serves LoRA adapters (``Run.lora``, a plain boolean until a flag sets it), or ``any``:
+every run) and ``values``, optionally narrowed to
 ``targets`` and to the families it does NOT hold for (``except_families``); its condition is a
 GPU range (``min_sm`` <= SM < ``below_sm``, which only a known GPU can break) or, with no range,
 the combination itself. ``level``: ``refuse`` (impossible) or ``warn`` (untested / not
@@ -57,8 +58,6 @@ class Cell:
     level: str = REFUSE
     targets: tuple[str, ...] = (ENGINE, PYTORCH)
     except_families: tuple[str, ...] | None = None
-    #: a ``lora`` cell holds for these formats (quant_algo) only
-    formats: tuple | None = None
 
     @property
     def gpu(self) -> bool:
@@ -112,18 +111,16 @@ CELLS = (
          what="TensorRT-LLM 1.x is not tested before Ampere (SM 80)",
          source=f"{_CUTLASS_MOE} (unquantized: SM >= 80)", fix="use an Ampere or newer GPU"),
     # --- LoRA (a plain boolean until a flag sets it) ---
-    Cell("lora", (True,), what="LoRA does not combine with SmoothQuant (SmoothQuantAttention "
+    Cell("lora_quant_algo", SQ, what="LoRA does not combine with SmoothQuant (SmoothQuantAttention "
          "asserts lora_layer_params is None)", source="tensorrt_llm/quantization/layers.py; "
          "NVIDIA/TensorRT-LLM#2604, #12703", fix="use --fp8 or --awq with LoRA",
-         targets=(ENGINE,), formats=SQ),
-    Cell("lora", (True,), what="LoRA does not combine with FP8 rowwise (Fp8RowwiseAttention "
+         targets=(ENGINE,)),
+    Cell("lora_quant_algo", ("FP8_PER_CHANNEL_PER_TOKEN",), what="LoRA does not combine with FP8 rowwise (Fp8RowwiseAttention "
          "asserts lora_layer_params is None)", source="tensorrt_llm/quantization/layers.py; "
-         "NVIDIA/TensorRT-LLM#2603, PR #10320", fix="use --fp8 with LoRA", targets=(ENGINE,),
-         formats=("FP8_PER_CHANNEL_PER_TOKEN",)),
-    Cell("lora", (True,), what="LoRA does not combine with NVFP4 (FP4Linear asserts "
+         "NVIDIA/TensorRT-LLM#2603, PR #10320", fix="use --fp8 with LoRA", targets=(ENGINE,)),
+    Cell("lora_quant_algo", ("NVFP4",), what="LoRA does not combine with NVFP4 (FP4Linear asserts "
          "lora_runtime_params is None)", source="tensorrt_llm/quantization/layers.py; "
-         "NVIDIA/TensorRT-LLM PR #12229 (closed)", fix="use --fp8 with LoRA", targets=(ENGINE,),
-         formats=("NVFP4",)),
+         "NVIDIA/TensorRT-LLM PR #12229 (closed)", fix="use --fp8 with LoRA", targets=(ENGINE,)),
     # --- family x target ---
     Cell("quant_algo", ("NVFP4",), what="TensorRT-LLM 1.2's engine flow builds NVFP4 for Llama "
          "and Mixtral only", source="issue 27 (TensorRT-LLM 1.2 examples/quantization)",
@@ -161,13 +158,13 @@ class Run:
             return True
         if field == "moe_quant_algo":
             return self.quant_algo if self.moe else None
+        if field == "lora_quant_algo":
+            return self.quant_algo if self.lora else None
         return getattr(self, field)
 
 
 def _selects(cell: Cell, run: Run) -> bool:
     if run.target not in cell.targets or run.value(cell.field) not in cell.values:
-        return False
-    if cell.formats is not None and run.quant_algo not in cell.formats:
         return False
     return cell.except_families is None or run.family not in cell.except_families
 

@@ -83,7 +83,7 @@ FP8_ROWWISE = "FP8_PER_CHANNEL_PER_TOKEN"
 W4A8_AWQ = "W4A8_AWQ"
 WEIGHT_ONLY_ALGOS = (W8A16, W4A16)
 #: quant_algo values whose tensors modelopt computes (calibration + extract_quant_state).
-MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ)
+MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ, W4A8_AWQ)
 #: every quant_algo this project can write
 ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ, FP8_ROWWISE, W4A8_AWQ)
 

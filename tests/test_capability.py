@@ -21,8 +21,8 @@ import support_matrix  # noqa: E402
 def _breaking_run(cell) -> Run:
     """A run that breaks ``cell`` (a GPU outside its range, else the combination itself)."""
     kw = dict(target=cell.targets[0])
-    if cell.field == "lora":
-        kw.update(lora=True, quant_algo=cell.formats[0])
+    if cell.field == "lora_quant_algo":
+        kw.update(lora=True, quant_algo=cell.values[0])
     elif cell.field == "moe_quant_algo":
         kw.update(moe=True, quant_algo=cell.values[0])
     elif cell.field != "any":
@@ -39,7 +39,7 @@ def _holding_run(cell) -> Run:
     run = _breaking_run(cell)
     if cell.gpu:
         return Run(**{**run.__dict__, "sm": cell.min_sm or cell.below_sm - 1})
-    if cell.field == "lora":
+    if cell.field == "lora_quant_algo":
         return Run(**{**run.__dict__, "lora": False})
     return Run(**{**run.__dict__, "family": cell.except_families[0]})
 
@@ -76,7 +76,7 @@ def test_the_issue_s_combinations_are_refused_in_one_line():
     assert REFUSE in {c.level for c in broken(Run("NVFP4", sm=90))}
     assert broken(Run("NVFP4", sm=100, family="llama")) == []
     for algo in ("W8A8_SQ_PER_CHANNEL", "FP8_PER_CHANNEL_PER_TOKEN", "NVFP4"):
-        assert [c.field for c in broken(Run(algo, lora=True, family="llama"))] == ["lora"]
+        assert [c.field for c in broken(Run(algo, lora=True, family="llama"))] == ["lora_quant_algo"]
     assert broken(Run("FP8", lora=True)) == [] and broken(Run("W4A16_AWQ", lora=True)) == []
 
 
@@ -90,7 +90,7 @@ KV_FLAGS = {"INT8": ["--kv-cache-dtype", "int8"], "FP8": ["--kv-cache-dtype", "f
 
 def _cli_cases():
     for i, cell in enumerate(CELLS):
-        if not (cell.gpu and cell.level == REFUSE) or cell.field in ("moe_quant_algo", "lora"):
+        if not (cell.gpu and cell.level == REFUSE) or cell.field in ("moe_quant_algo", "lora_quant_algo"):
             continue
         table = FLAGS if cell.field == "quant_algo" else KV_FLAGS
         algo = next((v for v in cell.values if v in table), None)

@@ -41,7 +41,7 @@ class W4A8Awq(Awq):
     """W4A8_AWQ: INT4 AWQ group-wise weights, FP8 activations with one static scale per linear."""
 
     quant_algo = W4A8_AWQ
-    flag = "--awq --awq-act fp8"
+    flag = "--awq"  # with --awq-act fp8 (Awq.resolve_flags picks this recipe)
     moe = MoeRefused("--awq --awq-act fp8 (W4A8_AWQ) is not supported for mixture-of-experts models "
                      "yet (its expert tensors are not modelled); use --awq or --fp8")
     #: no unified form written here yet (modelopt 0.47's export_hf_checkpoint has one)
