@@ -16,6 +16,7 @@ from convert_helper import convert_checkpoint
 from quantize.run import CalibrationRun
 from verify.reference import ReferenceModel, compare_with_hf
 from quantize.calibrate import calibrate
+from quantize.formats import QuantSpec
 from quant_common import TINY, byte_tokenizer
 from test_quantize_convert import assert_same_checkpoint, lw, modelopt_export, spec_for
 
@@ -120,3 +121,64 @@ def test_reader_and_quality_gate_report_w4a8(w4a8_ckpts, calib_text):
     assert r["rel_err"] < 0.6 and r["argmax_agreement"] >= 0.3, r
     m = measure(ckpts[2], hf_dir, byte_tokenizer(calib_text[:4000]), seq_len=64)
     assert m["ppl"] > 0 and m["float_ppl"] > 0 and 0 <= m["top1_agreement"] <= 1, m
+
+
+# --- flags and refusals ---------------------------------------------------------------------------
+
+
+def _spec(*argv):
+    from builders.cli_args import build_parser
+
+    return QuantSpec.from_args(build_parser().parse_args(["--output", "o", *argv]))
+
+
+def test_flags_select_w4a8_and_its_modelopt_config():
+    spec = _spec("--awq", "--awq-act", "fp8", "--awq-block-size", "64")
+    assert (spec.quant_algo, spec.group_size, spec.name) == ("W4A8_AWQ", 64, "W4A8_AWQ (group 64)")
+    assert spec.to_trtllm_quantization() == {  # modelopt 0.47's process_layer_quant_config keys
+        "quant_algo": "W4A8_AWQ", "kv_cache_quant_algo": None, "group_size": 64,
+        "has_zero_point": False, "pre_quant_scale": True, "exclude_modules": ["lm_head"]}
+    assert _spec("--awq").quant_algo == "W4A16_AWQ"
+    cfg = spec.format.modelopt_config(spec)
+    wq = next(e for e in cfg["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer")
+    assert wq["cfg"][0]["block_sizes"][-1] == 64 and wq["cfg"][1] == {"num_bits": (4, 3), "axis": None}
+    assert cfg["algorithm"] == "awq_lite"
+    assert spec.format.feature_multiple(spec) == 128 and _spec("--awq").format.feature_multiple(
+        _spec("--awq")) == 128  # W4A16 at group 128: max(64, 128)
+    assert spec.format.feature_multiple(_spec("--awq", "--awq-block-size", "64")) == 128
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--awq-act", "fp8"], "--awq-act applies to --awq; add it or drop the flag"),
+    (["--smoothquant", "--awq-act", "fp8"], "--awq-act applies to --awq; add it or drop the flag"),
+    (["--awq", "--awq-act", "fp8", "--sq-recipe", "modelopt"],
+     "--sq-recipe applies to --smoothquant; add it or drop the flag"),
+    (["--awq", "--awq-act", "fp8", "--awq-block-size", "32"],
+     "--awq-block-size 32 is not supported by TensorRT-LLM's INT4 group-wise kernels; use one of 64, 128"),
+])
+def test_flag_refusals(argv, message):
+    from common.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        _spec(*argv)
+    assert str(e.value) == message
+
+
+def test_target_pytorch_and_experts_refused_in_one_line(tmp_path, tiny_model, capsys):
+    from builders.cli import main
+
+    hf_dir, _ = tiny_model()
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["--model", str(hf_dir), "--output", str(out), "--target", "pytorch",
+                 "--awq", "--awq-act", "fp8"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "build_engine: error: --target pytorch: --awq --awq-act fp8 (W4A8_AWQ) has no unified "
+        "checkpoint here yet; use --target engine, or --awq / --fp8 for --target pytorch"]
+    assert not out.exists()
+    from common.errors import UserError
+
+    spec = spec_for("W4A8_AWQ")
+    with pytest.raises(UserError, match=r"^--awq --awq-act fp8 \(W4A8_AWQ\) is not supported for "
+                                        r"mixture-of-experts models yet"):
+        spec.format.moe.preflight(spec, None, None)
