@@ -164,21 +164,31 @@ def test_flag_refusals(argv, message):
     assert str(e.value) == message
 
 
-def test_target_pytorch_and_experts_refused_in_one_line(tmp_path, tiny_model, capsys):
-    from builders.cli import main
-
-    hf_dir, _ = tiny_model()
-    out = tmp_path / "out"
-    capsys.readouterr()
-    assert main(["--model", str(hf_dir), "--output", str(out), "--target", "pytorch",
-                 "--awq", "--awq-act", "fp8"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "build_engine: error: --target pytorch: --awq --awq-act fp8 (W4A8_AWQ) has no unified "
-        "checkpoint here yet; use --target engine, or --awq / --fp8 for --target pytorch"]
-    assert not out.exists()
+def test_experts_refused_in_one_line():
     from common.errors import UserError
 
     spec = spec_for("W4A8_AWQ")
     with pytest.raises(UserError, match=r"^--awq --awq-act fp8 \(W4A8_AWQ\) is not supported for "
                                         r"mixture-of-experts models yet"):
         spec.format.moe.preflight(spec, None, None)
+
+
+# --- --target pytorch: modelopt's unified checkpoint ----------------------------------------------
+
+
+@pytest.mark.parametrize("kv", [None, "fp8"])
+def test_unified_checkpoint_equals_modelopt_export_hf_checkpoint(tmp_path, calib_text, kv):
+    """``--target pytorch``: the unified checkpoint (whole model calibrated in memory) equals
+    modelopt 0.47's export_hf_checkpoint: packed int4 ``weight``, ``weight_scale`` per group,
+    ``weight_scale_2`` and ``input_scale`` (FP8), q/k/v and gate/up pre-quant scales folded into
+    the norms, hf_quant_config.json and config.json's quantization_config."""
+    from quantize.unified.checkpoint import write_unified_checkpoint
+    from test_pytorch_target import assert_same_checkpoint as same_unified, make_model, modelopt_unified
+
+    hf_dir, model = make_model(tmp_path)
+    spec = spec_for("W4A8_AWQ", kv)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    write_unified_checkpoint(hf_dir, tmp_path / "ours", spec, calibrated_model=model, progress=False)
+    ours = same_unified(tmp_path / "ours", modelopt_unified(model, tmp_path / "modelopt", torch.float32))
+    assert ours["model.layers.0.mlp.down_proj.weight_scale_2"].shape == ()
+    assert ours["model.layers.0.self_attn.q_proj.input_scale"].shape == ()

@@ -181,7 +181,7 @@ def _quant_tensors(model_dir: Path, source, spec, dtype, calibrated_model, calib
         timings["calibration"] = time.perf_counter() - t0
     computed = model_tensors(model, spec, dtype)
     for name in computed:
-        if name not in source and not name.endswith(("_scale",)):
+        if name not in source and not name.endswith(("_scale", "_scale_2")):
             raise UserError(f"{name} is not in {model_dir}: the calibrated model does not match the "
                             "source checkpoint")
     return computed, None

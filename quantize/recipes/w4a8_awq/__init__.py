@@ -30,7 +30,7 @@ import copy
 from ...algos import W4A8_AWQ
 from ..modelopt import Awq, set_awq_block_size
 from ..moe import MoeRefused
-from ..parts import LinearExport
+from ..parts import LinearExport, UnifiedFormat
 
 #: the tensors modelopt's TensorRT-LLM export writes per W4A8_AWQ linear
 W4A8_TENSORS = ("weight", "weights_scaling_factor", "weights_scaling_factor_2",
@@ -44,8 +44,10 @@ class W4A8Awq(Awq):
     flag = "--awq"  # with --awq-act fp8 (Awq.resolve_flags picks this recipe)
     moe = MoeRefused("--awq --awq-act fp8 (W4A8_AWQ) is not supported for mixture-of-experts models "
                      "yet (its expert tensors are not modelled); use --awq or --fp8")
-    #: no unified form written here yet (modelopt 0.47's export_hf_checkpoint has one)
-    unified = None
+    #: modelopt's unified W4A8 AWQ: AWQ's (q/k/v and gate/up fused, their pre_quant_scale folded
+    #: into the norms) plus ``weight_scale_2`` and ``input_scale``; from the whole model calibrated
+    #: in memory (the calibration store keeps no second weight stage)
+    unified = UnifiedFormat(weight="int4", fuse_shared_inputs=True, fold_into_norm=True)
     linear_export = LinearExport("int4", 4, ("qkv",), W4A8_TENSORS)
 
     def resolve_flags(self, args) -> str:
@@ -63,7 +65,3 @@ class W4A8Awq(Awq):
         cfg = copy.deepcopy(mtq.W4A8_AWQ_BETA_CFG)
         set_awq_block_size(cfg, spec.group_size)
         return cfg
-
-    def unified_refusal(self, spec) -> str | None:
-        return ("--awq --awq-act fp8 (W4A8_AWQ) has no unified checkpoint here yet; use "
-                "--target engine, or --awq / --fp8 for --target pytorch")
