@@ -25,6 +25,8 @@ reproduced here where the formats need it:
 * W4A16_AWQ: packed int4 [out/2, in] concatenated along out (even row counts keep the nibble pairs);
   the q/k/v and gate/up pre_quant_scale was folded into the norms by the export, so those linears get
   a pre_quant_scale of ones.
+* W4A8_AWQ: as W4A16_AWQ, with ``weight_scale_2`` -> ``weights_scaling_factor_2`` and
+  ``input_scale`` [1], shared by the fused linears (modelopt's fusion unified them).
 * FP8 KV cache: ``kv_cache_scaling_factor`` = max(k_scale, v_scale) (the single scale of the
   TRT-LLM checkpoint form, as modelopt's TRT-LLM export computes it).
 """
@@ -44,7 +46,10 @@ from quantize.recipes import find_recipe
 Tensor = torch.Tensor
 
 SUFFIXES = {"weight": "weight", "bias": "bias", "weight_scale": "weights_scaling_factor",
-            "input_scale": "activation_scaling_factor", "pre_quant_scale": "prequant_scaling_factor"}
+            "input_scale": "activation_scaling_factor", "pre_quant_scale": "prequant_scaling_factor",
+            "weight_scale_2": "weights_scaling_factor_2"}
+#: per-tensor scales of a linear, [] in the unified checkpoint, [1] in the TRT-LLM form
+SCALARS = ("input_scale", "weight_scale_2")
 #: the Llama-family layout (model.families) the unified checkpoints of this project use
 LAYOUT = FAMILIES["llama"]
 QKV = LAYOUT.linear("attention.qkv")
@@ -68,7 +73,7 @@ MOE = FAMILIES["mixtral"]
 def _module(name: str, prefix: str) -> str:
     return name[len(prefix):].removesuffix(".weight")
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.([a-z_]+)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.([a-z_]+(?:_2)?)$")
 
 
 def is_unified_checkpoint(d) -> bool:
@@ -139,9 +144,10 @@ def _fuse(parts: list[dict], fmt, dtype: torch.dtype, where: str) -> dict:
         out["bias"] = [p["bias"] for p in parts]
     if "weight_scale" in parts[0]:
         out["weights_scaling_factor"] = [p["weight_scale"] for p in parts]
-    a = _shared(parts, "input_scale", where)
-    if a is not None:
-        out["activation_scaling_factor"] = a.float().reshape(1)
+    for key in SCALARS:  # W4A8_AWQ's weight_scale_2 too: modelopt unified them over the group
+        a = _shared(parts, key, where)
+        if a is not None:
+            out[SUFFIXES[key]] = a.float().reshape(1)
     pqs = _shared(parts, "pre_quant_scale", where)
     if pqs is not None:
         out["prequant_scaling_factor"] = pqs
@@ -157,7 +163,7 @@ def _single(p: dict, fmt, dtype: torch.dtype) -> dict:
             continue
         if k not in SUFFIXES:
             raise UserError(f"unexpected tensor suffix {k!r} in a unified checkpoint")
-        out[SUFFIXES[k]] = v.float().reshape(1) if k == "input_scale" or (
+        out[SUFFIXES[k]] = v.float().reshape(1) if k in SCALARS or (
             k == "weight_scale" and fmt.per_tensor_weight_scale) else v
     if fmt.fold_into_norm and "prequant_scaling_factor" not in out and "weight" in out \
             and not out["weight"].is_floating_point():
