@@ -63,7 +63,7 @@ def make_plan(args) -> BuildPlan:
         raise UserError(f"--workers must be >= 1 (got {args.workers})")
     defaults_from_other_flags(args)
     if args.from_checkpoint:
-        return _checked(_from_checkpoint_plan(args), args)
+        return _noted(_checked(_from_checkpoint_plan(args), args))
     if not args.model:
         raise UserError("--model is required: a local HF model dir or a bundled example name "
                         "(or --from-checkpoint CKPT_DIR)")
@@ -73,9 +73,12 @@ def make_plan(args) -> BuildPlan:
     if args.smoothquant == "default":  # build.json records the alpha the recipe used
         args.smoothquant = quant.smoothquant_alpha
     if getattr(args, "target", "engine") == "pytorch":
-        plan = _checked(_pytorch_plan(args, quant), args)
-    else:
-        plan = _checked(_engine_plan(args, quant), args)
+        return _noted(_checked(_pytorch_plan(args, quant), args))
+    return _noted(_checked(_engine_plan(args, quant), args))
+
+
+def _noted(plan: BuildPlan) -> BuildPlan:
+    """Print the capability table's warnings / note once every refusal has passed."""
     for note in plan.gpu_notes:
         print(note, file=sys.stderr)
     return plan
@@ -164,9 +167,10 @@ def _from_checkpoint_plan(args) -> BuildPlan:
                         "--from-checkpoint checkpoint keeps its own quantization (drop them)")
     _refuse_unfinished(Path(args.from_checkpoint))
     config = _checkpoint_config(args.from_checkpoint)
+    gpu_notes = tuple(preflight.checkpoint_gpu_capability(args, config))
     preflight.check_triton_args(args, None, config.get("vocab_size"))
     stages = _stage_options(args, (config.get("quantization") or {}).get("quant_algo"))
-    return BuildPlan(target="engine", options=dict(vars(args)),
+    return BuildPlan(target="engine", options=dict(vars(args)), gpu_notes=gpu_notes,
                      from_checkpoint=Path(args.from_checkpoint), **_common(args), **stages)
 
 

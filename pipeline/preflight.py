@@ -41,21 +41,37 @@ def gpu_capability(args, quant, model, target: str) -> list[str]:
     """The capability table (check/gpu.py) for this run, before any work: a refused cell is one
     line (UserError); returns the warning / note lines to print once the plan is made. The GPU
     is --gpu's, else this host's; build.json records it (options.target_gpu) when one is known."""
-    from check.gpu import REFUSE, Run, broken, line, parse_gpu
     from model.families import FAMILIES
+
+    family = FAMILIES[model.shape.family].name
+    return _capability(args, quant.quant_algo, quant.kv_cache_quant_algo, model.shape.experts > 0,
+                       family, target, quant.format.quantized(quant))
+
+
+def checkpoint_gpu_capability(args, config: dict) -> list[str]:
+    """:func:`gpu_capability` for --from-checkpoint: the checkpoint's own format and family."""
+    from model.families import ARCHITECTURES
+
+    q = config.get("quantization") or {}
+    algo, kv = q.get("quant_algo"), q.get("kv_cache_quant_algo")
+    return _capability(args, algo, kv, bool(config.get("moe")),
+                       ARCHITECTURES.get(config.get("architecture")), "engine",
+                       algo is not None or kv is not None)
+
+
+def _capability(args, algo, kv, moe: bool, family, target: str, quantized: bool) -> list[str]:
+    from check.gpu import REFUSE, Run, broken, line, parse_gpu
 
     given = getattr(args, "gpu", None)
     label, sm = parse_gpu(given) if given is not None else _host_gpu()
-    family = FAMILIES[model.shape.family] if model is not None else None
-    run = Run(quant.quant_algo, quant.kv_cache_quant_algo,
-              moe=model is not None and model.shape.experts > 0, lora=bool(getattr(args, "lora", None)),
-              family=family.name if family is not None else None, target=target, sm=sm)
+    run = Run(algo, kv, moe=moe, lora=bool(getattr(args, "lora", None)), family=family,
+              target=target, sm=sm)
     cells = broken(run)
     for cell in cells:
         if cell.level == REFUSE:
             raise UserError(line(cell, label, sm))
     notes = [f"build_engine: warning: {line(c, label, sm)}" for c in cells]
-    if sm is None and quant.format.quantized(quant):
+    if sm is None and quantized:
         notes.append("build_engine: note: no --gpu and no GPU on this host: the GPU rows of the "
                      "capability table (check/gpu.py) were not applied; give --gpu NAME|sm_XX")
     if sm is not None:

@@ -176,3 +176,18 @@ def test_readme_gpu_matrix_is_generated_from_the_table():
     assert support_matrix.readme_block(text) == support_matrix.render(), \
         "README's capability table is stale: run python tools/support_matrix.py --write"
     assert parse_gpu("H100") == ("H100", 90) and parse_gpu("sm_120") == ("sm_120", 120)
+
+
+def test_from_checkpoint_is_checked_with_the_checkpoint_s_format(tmp_path, tiny_model, capsys):
+    """--from-checkpoint: the table is asked about the checkpoint's own format and family (here a
+    float one on a Volta: the pre-Ampere warning, before the engine stage)."""
+    from convert_helper import convert_checkpoint
+
+    hf_dir, _ = tiny_model()
+    convert_checkpoint(hf_dir, tmp_path / "ckpt", tp=1, dtype="float16", progress=False)
+    capsys.readouterr()
+    main(["--from-checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "out"),
+          "--gpu", "sm_70", "--triton-target", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("build_engine: warning: TensorRT-LLM 1.x is not tested before Ampere "
+                             "(SM 80) on sm_70 (SM 70): use an Ampere or newer GPU"), err
