@@ -21,8 +21,9 @@ from quant_common import TINY, byte_tokenizer
 from test_quantize_convert import assert_same_checkpoint, lw, modelopt_export, spec_for
 
 
-@pytest.mark.parametrize("block,overrides", [(None, {}), (64, {"intermediate_size": 768})],
-                         ids=["group128", "group64_inter768"])
+@pytest.mark.parametrize("block,overrides", [
+    (None, {}), pytest.param(64, {"intermediate_size": 768}, marks=pytest.mark.slow)],
+    ids=["group128", "group64_inter768"])
 def test_w4a8_checkpoint_equals_modelopt_export(tmp_path, calib_text, block, overrides):
     from examples.tiny import make_tiny_model
 
@@ -176,7 +177,7 @@ def test_experts_refused_in_one_line():
 # --- --target pytorch: modelopt's unified checkpoint ----------------------------------------------
 
 
-@pytest.mark.parametrize("kv", [None, "fp8"])
+@pytest.mark.parametrize("kv", [None, pytest.param("fp8", marks=pytest.mark.slow)])
 def test_unified_checkpoint_equals_modelopt_export_hf_checkpoint(tmp_path, calib_text, kv):
     """``--target pytorch``: the unified checkpoint (whole model calibrated in memory) equals
     modelopt 0.47's export_hf_checkpoint: packed int4 ``weight``, ``weight_scale`` per group,
