@@ -83,6 +83,12 @@ def _add_stage_arguments(p: argparse.ArgumentParser) -> None:
                    help="engine (default): TRT-LLM checkpoint + engines (TensorRT-LLM <= 1.2.x); "
                         "pytorch: modelopt unified HF checkpoint in DIR/hf_quantized + LLM-API "
                         "Triton repository, for TensorRT-LLM's PyTorch backend")
+    # default SUPPRESS: a run without the flag records no key for it in build.json's options
+    s.add_argument("--gpu", metavar="NAME|sm_XX", default=argparse.SUPPRESS,
+                   help="the GPU the engines / the PyTorch backend will run on (h100, l4, a100, "
+                        "b200, sm_89, ...; default: this host's GPU, if any): the format x GPU x "
+                        "LoRA x family x target table (check/gpu.py) is checked before any work "
+                        "(impossible: one line, exit 2; untested: a warning)")
     s.add_argument("--checkpoint-only", action="store_true",
                    help="stop after writing DIR/checkpoint")
     s.add_argument("--verify", action="store_true",

@@ -83,6 +83,12 @@ GROUPWISE_EXPERTS = (Param("weight", ("E", "in", "out/4"), "dtype"),
                      Param("prequant_scaling_factor", ("1", "in"), "dtype", when="pre_quant_scale"),
                      Param("zero", ("E", "in/g", "out"), "dtype", when="zero"))
 
+#: the same with ``use_w4a8_awq`` (W4A8_AWQ): ``alpha`` [1] float32 on both, the row linear also
+#: ``activation_scaling_factor`` [1] float32 (it dequantizes an input that arrives in fp8); features
+#: padded to a multiple of max(128, group) x tp
+GROUPWISE_W4A8 = GROUPWISE + (Param("alpha", ("1",), "float32"),
+                              Param("activation_scaling_factor", ("1",), "float32", when="row"))
+
 #: FP8Linear / FP8RowLinear; MOEWeightWrapper with fp8_qdq: weight scale per expert [E, 1]
 FP8 = (Param("weight", ("out", "in"), "float8_e4m3fn"),
        Param("weights_scaling_factor", ("1",), "float32"),
@@ -164,8 +170,8 @@ SCHEMES: dict[str | None, Scheme] = {
     "W4A16_AWQ": Scheme("WeightOnlyGroupwiseQuantColumnLinear / WeightOnlyGroupwiseQuantRowLinear",
                         GROUPWISE, GROUPWISE_EXPERTS, pad=64, groupwise=True, bits=4,
                         preprocess="awq"),
-    "W4A8_AWQ": Scheme("WeightOnlyGroupwiseQuantColumnLinear / RowLinear (W4A8)", GROUPWISE, None,
-                       pad=128, groupwise=True, bits=4, preprocess="awq"),
+    "W4A8_AWQ": Scheme("WeightOnlyGroupwiseQuantColumnLinear / RowLinear (use_w4a8_awq)",
+                       GROUPWISE_W4A8, None, pad=128, groupwise=True, bits=4, preprocess="w4a8_awq"),
     "FP8": Scheme("FP8Linear / FP8RowLinear", FP8, FP8_EXPERTS, bits=8, preprocess="fp8"),
     "FP8_PER_CHANNEL_PER_TOKEN": Scheme("Fp8RowwiseGatedMLP / Fp8RowwiseAttention (Fp8RowwiseLinear "
                                         "/ Fp8RowwiseRowLinear)", FP8_ROWWISE, None, bits=8,

@@ -12,6 +12,11 @@ Read in NVIDIA/TensorRT-LLM ``tensorrt_llm/models/modeling_utils.py``:
   float16 otherwise) → ``[in, out/4]``; ``*weights_scaling_factor`` transposed (``[out, in/g]`` →
   ``[in/g, out]``) and cast to the model dtype; ``*prequant_scaling_factor`` reshaped to
   ``[1, in]`` (a 2-D MoE one keeps its first row), dtype unchanged;
+- W4A8_AWQ, after the AWQ step: per ``*weights_scaling_factor``, its ``activation_scaling_factor``
+  and ``weights_scaling_factor_2`` are popped (a missing one: KeyError), the group scales divided
+  by the second (float16 viewed as the model dtype: the same shape and dtype name), the pre-quant
+  scale divided in place by the first (its dtype kept), ``alpha`` [1] float32 added and the
+  activation scale put back (1.1/1.2-era tree; a column linear declares none: a warning);
 - FP8: int8 ``*weight`` viewed as float8_e4m3fn; a non-FP8 ``lm_head.weight`` loses
   ``lm_head.weights_scaling_factor`` / ``activation_scaling_factor``;
 - FP8_PER_CHANNEL_PER_TOKEN: int8 ``*weight`` viewed as float8_e4m3fn; ``assert
@@ -60,6 +65,19 @@ def awq(h: Header, config: dict, scheme) -> None:
             h[name] = (_t(shape), config["dtype"])
         elif name.endswith("prequant_scaling_factor"):
             h[name] = ((1, shape[-1]), dtype)
+
+
+def w4a8_awq(h: Header, config: dict, scheme) -> str | None:
+    awq(h, config, scheme)
+    for name in [n for n in h if n.endswith(".weights_scaling_factor")]:
+        act = name.replace("weights_scaling_factor", "activation_scaling_factor")
+        wsf2 = name.replace("weights_scaling_factor", "weights_scaling_factor_2")
+        for needed in (act, wsf2):
+            if needed not in h:
+                return f"KeyError in preprocess_weights (W4A8_AWQ): {needed} is missing"
+        h.pop(wsf2)
+        h[name.replace("weights_scaling_factor", "alpha")] = ((1,), "float32")
+    return None
 
 
 def fp8(h: Header, config: dict, scheme) -> None:
@@ -119,8 +137,8 @@ def nvfp4(h: Header, config: dict, scheme) -> None:
             h[name.replace("weights_global_scaling_factor", "alpha")] = h[act]
 
 
-TRANSFORMS = {"awq": awq, "fp8": fp8, "fp8_rowwise": fp8_rowwise, "weight_only": weight_only,
-              "nvfp4": nvfp4, None: None}
+TRANSFORMS = {"awq": awq, "w4a8_awq": w4a8_awq, "fp8": fp8, "fp8_rowwise": fp8_rowwise,
+              "weight_only": weight_only, "nvfp4": nvfp4, None: None}
 
 
 def preprocess(header: Header, config: dict, scheme) -> tuple[Header, str | None]:

@@ -3,6 +3,7 @@
 anything is written); the stages below take the plan's typed fields, never the Namespace."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,9 @@ class BuildPlan:
     engine_options: object = None
     triton_options: object = None
     padding_layout: dict | None = None
+    #: the capability table's warnings / note (pipeline.preflight.gpu_capability), printed once
+    #: every refusal has passed
+    gpu_notes: tuple = ()
 
 
 def make_plan(args) -> BuildPlan:
@@ -59,7 +63,7 @@ def make_plan(args) -> BuildPlan:
         raise UserError(f"--workers must be >= 1 (got {args.workers})")
     defaults_from_other_flags(args)
     if args.from_checkpoint:
-        return _checked(_from_checkpoint_plan(args), args)
+        return _noted(_checked(_from_checkpoint_plan(args), args))
     if not args.model:
         raise UserError("--model is required: a local HF model dir or a bundled example name "
                         "(or --from-checkpoint CKPT_DIR)")
@@ -69,8 +73,15 @@ def make_plan(args) -> BuildPlan:
     if args.smoothquant == "default":  # build.json records the alpha the recipe used
         args.smoothquant = quant.smoothquant_alpha
     if getattr(args, "target", "engine") == "pytorch":
-        return _checked(_pytorch_plan(args, quant), args)
-    return _checked(_engine_plan(args, quant), args)
+        return _noted(_checked(_pytorch_plan(args, quant), args))
+    return _noted(_checked(_engine_plan(args, quant), args))
+
+
+def _noted(plan: BuildPlan) -> BuildPlan:
+    """Print the capability table's warnings / note once every refusal has passed."""
+    for note in plan.gpu_notes:
+        print(note, file=sys.stderr)
+    return plan
 
 
 def _checked(plan: BuildPlan, args) -> BuildPlan:
@@ -156,9 +167,10 @@ def _from_checkpoint_plan(args) -> BuildPlan:
                         "--from-checkpoint checkpoint keeps its own quantization (drop them)")
     _refuse_unfinished(Path(args.from_checkpoint))
     config = _checkpoint_config(args.from_checkpoint)
+    gpu_notes = tuple(preflight.checkpoint_gpu_capability(args, config))
     preflight.check_triton_args(args, None, config.get("vocab_size"))
     stages = _stage_options(args, (config.get("quantization") or {}).get("quant_algo"))
-    return BuildPlan(target="engine", options=dict(vars(args)),
+    return BuildPlan(target="engine", options=dict(vars(args)), gpu_notes=gpu_notes,
                      from_checkpoint=Path(args.from_checkpoint), **_common(args), **stages)
 
 
@@ -178,6 +190,7 @@ def _engine_plan(args, quant) -> BuildPlan:
     model = ModelSource.open(args.model)
     quant = preflight.source_quantization(quant, model, reads_float=_reads_float(args))
     preflight.family_formats(quant, model, "engine")
+    gpu_notes = tuple(preflight.gpu_capability(args, quant, model, "engine"))
     layout = plan_layout(model, tp=args.tp, pp=args.pp, quant=quant, moe_tp=args.moe_tp,
                          moe_ep=args.moe_ep, pad_heads=args.pad_heads or model.pads_heads)
     padding_layout = {**(preflight.head_padding(args, layout.shape) or {}),
@@ -201,7 +214,8 @@ def _engine_plan(args, quant) -> BuildPlan:
     return BuildPlan(target="engine", options=dict(vars(args)), model=model, quant=quant,
                      layout=layout, ranks=ranks, tokenizer=tokenizer, calibration=calibration,
                      own_calibration_store=own_store, ppl_text=ppl_text,
-                     padding_layout=padding_layout, **_common(args), **stages)
+                     padding_layout=padding_layout, gpu_notes=gpu_notes, **_common(args),
+                     **stages)
 
 
 def _pytorch_plan(args, quant) -> BuildPlan:
@@ -219,6 +233,7 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     model = ModelSource.open(args.model)
     quant = preflight.source_quantization(quant, model, "pytorch", _reads_float(args))
     preflight.family_formats(quant, model, "pytorch")
+    gpu_notes = tuple(preflight.gpu_capability(args, quant, model, "pytorch"))
     preflight.refuse_padding_for_pytorch(args, model, args.pad_heads or model.pads_heads)
     triton = args.triton_target != "none" and not args.checkpoint_only
     pytorch_preflight(model, Path(args.output), quant, tp=args.tp, pp=args.pp,
@@ -243,7 +258,7 @@ def _pytorch_plan(args, quant) -> BuildPlan:
         options.update({k: getattr(args, k) for k in LLM_SIZE_FLAGS})
     return BuildPlan(target="pytorch", options=dict(vars(args)), model=model, quant=quant,
                      layout=_Split(args.tp, args.pp), tokenizer=tokenizer, triton_options=options,
-                     calibration=calibration,
+                     calibration=calibration, gpu_notes=gpu_notes,
                      **{**_common(args), "triton_target": args.triton_target if triton else "none"})
 
 

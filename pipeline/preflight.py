@@ -63,6 +63,61 @@ def family_formats(quant, model, target: str) -> None:
         raise UserError(why)
 
 
+def gpu_capability(args, quant, model, target: str) -> list[str]:
+    """The capability table (check/gpu.py) for this run, before any work: a refused cell is one
+    line (UserError); returns the warning / note lines to print once the plan is made. The GPU
+    is --gpu's, else this host's; build.json records it (options.target_gpu) when one is known."""
+    from model.families import FAMILIES
+
+    family = FAMILIES[model.shape.family].name
+    return _capability(args, quant.quant_algo, quant.kv_cache_quant_algo, model.shape.experts > 0,
+                       family, target, quant.format.quantized(quant))
+
+
+def checkpoint_gpu_capability(args, config: dict) -> list[str]:
+    """:func:`gpu_capability` for --from-checkpoint: the checkpoint's own format and family."""
+    from model.families import ARCHITECTURES
+
+    q = config.get("quantization") or {}
+    algo, kv = q.get("quant_algo"), q.get("kv_cache_quant_algo")
+    return _capability(args, algo, kv, bool(config.get("moe")),
+                       ARCHITECTURES.get(config.get("architecture")), "engine",
+                       algo is not None or kv is not None)
+
+
+def _capability(args, algo, kv, moe: bool, family, target: str, quantized: bool) -> list[str]:
+    from check.gpu import REFUSE, Run, broken, line, parse_gpu
+
+    given = getattr(args, "gpu", None)
+    label, sm = parse_gpu(given) if given is not None else _host_gpu()
+    run = Run(algo, kv, moe=moe, lora=bool(getattr(args, "lora", None)), family=family,
+              target=target, sm=sm)
+    cells = broken(run)
+    for cell in cells:
+        if cell.level == REFUSE:
+            raise UserError(line(cell, label, sm))
+    notes = [f"build_engine: warning: {line(c, label, sm)}" for c in cells]
+    if sm is None and quantized:
+        notes.append("build_engine: note: no --gpu and no GPU on this host: the GPU rows of the "
+                     "capability table (check/gpu.py) were not applied; give --gpu NAME|sm_XX")
+    if sm is not None:
+        args.target_gpu = {"name": label, "sm": sm, "from": "--gpu" if given else "this host"}
+    return notes
+
+
+def _host_gpu() -> tuple[str | None, int | None]:
+    """(name, SM) of this host's first CUDA device, or (None, None)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, None
+        major, minor = torch.cuda.get_device_capability(0)
+        return torch.cuda.get_device_name(0), 10 * major + minor
+    except Exception:  # no usable CUDA runtime: no GPU here
+        return None, None
+
+
 def refuse_padding_for_pytorch(args, model, pad_heads: bool) -> None:
     """--target pytorch writes a Hugging Face checkpoint that TensorRT-LLM's PyTorch backend
     splits over tp itself when it loads it: a padded layout is not ours to choose there."""

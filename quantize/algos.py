@@ -69,6 +69,8 @@ SQ_PLUGIN_ALGOS = {
 SQ_PLUGIN = tuple(SQ_PLUGIN_ALGOS.values())
 #: --sq-recipe values: "trtllm" = the plugin formats above, "modelopt" = W8A8_SQ_PER_CHANNEL.
 SQ_RECIPES = ("trtllm", "modelopt")
+#: --awq-act values: the activations of an AWQ build (fp8: W4A8_AWQ; absent: W4A16_AWQ)
+AWQ_ACTIVATIONS = ("fp8",)
 FP8 = "FP8"
 W8A16 = "W8A16"
 W4A16 = "W4A16"
@@ -79,11 +81,14 @@ FP8_ROWWISE = "FP8_PER_CHANNEL_PER_TOKEN"
 #: NVFP4: E2M1 weights in blocks of 16 with E4M3 block scales and a float32 global scale,
 #: activations the same at run time from a calibrated global scale (quantize/recipes/nvfp4/)
 NVFP4 = "NVFP4"
+#: INT4 AWQ weights with FP8 (e4m3) activations: modelopt's W4A8_AWQ_BETA_CFG, ``--awq --awq-act fp8``
+#: (quantize/recipes/w4a8_awq/)
+W4A8_AWQ = "W4A8_AWQ"
 WEIGHT_ONLY_ALGOS = (W8A16, W4A16)
 #: quant_algo values whose tensors modelopt computes (calibration + extract_quant_state).
-MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ, NVFP4)
+MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ, NVFP4, W4A8_AWQ)
 #: every quant_algo this project can write
-ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ, FP8_ROWWISE, NVFP4)
+ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ, FP8_ROWWISE, NVFP4, W4A8_AWQ)
 
 KV_CACHE_DTYPES = {"int8": "INT8", "fp8": "FP8"}
 

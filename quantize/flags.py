@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.errors import UserError
 
-from .algos import (AWQ_GROUP_SIZES, DEFAULT_AWQ_GROUP_SIZE, DEFAULT_CALIB_BATCH_SIZE, DEFAULT_CALIB_SEQ_LEN,
+from .algos import (AWQ_ACTIVATIONS, AWQ_GROUP_SIZES, DEFAULT_AWQ_GROUP_SIZE, DEFAULT_CALIB_BATCH_SIZE, DEFAULT_CALIB_SEQ_LEN,
                     DEFAULT_CALIB_SIZE, DEFAULT_SMOOTHQUANT_ALPHA, DEFAULT_SQ_PLUGIN_ALPHA, KV_CACHE_DTYPES,
                     SMOOTHQUANT, SQ_PLUGIN_ALGOS, SQ_RECIPES)
 
@@ -60,6 +60,9 @@ def _add_format_flags(g) -> None:
     g.add_argument("--awq-block-size", type=int, default=None, metavar="N",
                    help=f"AWQ group size, one of {', '.join(map(str, AWQ_GROUP_SIZES))} "
                         f"(default {DEFAULT_AWQ_GROUP_SIZE}).")
+    g.add_argument("--awq-act", choices=AWQ_ACTIVATIONS, default=argparse.SUPPRESS, metavar="fp8",
+                   help="with --awq: fp8 = FP8 (e4m3) activations with one static scale per linear "
+                        "(W4A8_AWQ; Ada/Hopper, SM 89/90), as modelopt's W4A8_AWQ_BETA_CFG.")
     # default SUPPRESS: a run without the flag records no key for it in build.json's options
     g.add_argument("--fp8-rowwise", nargs="?", const="mlp", default=argparse.SUPPRESS, choices=("mlp", "meta"),
                    metavar="mlp|meta",
@@ -113,6 +116,8 @@ def _alpha(text: str) -> float | str:
 def sq_algo(args) -> str:
     """quant_algo of --smoothquant with --sq-recipe / --sq-activations / --sq-weights (--target pytorch:
     modelopt's recipe, the only SmoothQuant of a unified checkpoint)."""
+    if getattr(args, "awq_act", None) is not None:
+        raise UserError("--awq-act applies to --awq; add it or drop the flag")
     recipe, acts, wts = (getattr(args, k, None) for k in ("sq_recipe", "sq_activations", "sq_weights"))
     pytorch = getattr(args, "target", "engine") == "pytorch"
     if pytorch and (recipe == "trtllm" or acts or wts):

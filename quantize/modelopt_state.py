@@ -89,7 +89,11 @@ class Lin:
         self.weight = module.weight.detach()
         iq = getattr(module, "input_quantizer", None)
         self.iq = iq
-        self.wq = getattr(module, "weight_quantizer", None)
+        wq = getattr(module, "weight_quantizer", None)
+        # a SequentialQuantizer (W4A8_AWQ): the INT4 block stage, then one FP8 per-tensor stage
+        self.wq, self.wq2 = (wq[0], wq[-1]) if isinstance(wq, torch.nn.Sequential) else (wq, None)
+        self.weight2_amax = (self.wq2.amax.detach() if enabled(self.wq2) and self.wq2.amax is not None
+                             else None)
         pqs = getattr(iq, "_pre_quant_scale", None) if iq is not None else None
         self.pqs_enabled = iq is not None and iq.pre_quant_scale is not None
         self.pqs = pqs.detach() if pqs is not None else None
@@ -112,10 +116,16 @@ def fuse(group: list[Lin], block: int | None) -> None:
                             / avg.to(torch.float32)).to(dt)
                 g.pqs = avg.to(g.pqs.dtype)
                 g.weight_amax = weight_absmax(g.weight, g.wq, block)
+                if g.weight2_amax is not None:  # the per-tensor stage re-collected too
+                    g.weight2_amax = g.weight.abs().amax()
     if head.input_amax is not None:
         amax = torch.max(torch.stack([g.input_amax for g in group]))
         for g in group:
             g.input_amax = amax
+    if head.weight2_amax is not None:  # W4A8: the FP8 stage's amax, the group's largest
+        amax = torch.max(torch.stack([g.weight2_amax for g in group]))
+        for g in group:
+            g.weight2_amax = amax
     if enabled(head.wq) and head.wq.amax is not None and head.wq.amax.numel() == 1:
         amax = torch.max(torch.stack([g.wq.amax.detach() for g in group]))
         for g in group:
@@ -201,7 +211,8 @@ def extract_quant_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float
     * FP8: ``P.weight`` float8_e4m3fn [out, in], ``P.weights_scaling_factor`` f32 [1],
       ``P.activation_scaling_factor`` f32 [1]
     * AWQ: ``P.weight`` int8 [out/2, in] (packed int4), ``P.weights_scaling_factor`` f32
-      [out, in/group], ``P.prequant_scaling_factor`` ``dtype`` [in]
+      [out, in/group], ``P.prequant_scaling_factor`` ``dtype`` [in]; W4A8_AWQ adds
+      ``P.weights_scaling_factor_2`` and ``P.activation_scaling_factor`` f32 [1] (FP8 stages)
     * KV cache (any format): ``A.k_cache_scaling_factor``, ``A.v_cache_scaling_factor``,
       ``A.kv_cache_scaling_factor`` f32 [1]
 
@@ -250,6 +261,10 @@ def _linear_state(prefix: str, linears: dict, spec: QuantSpec, dtype: torch.dtyp
         wsf = weight_scale(lin, block)
         out[f"{p}.weight"] = quantize_weight(lin, wsf, export.codec, block).cpu()
         out[f"{p}.weights_scaling_factor"] = wsf.cpu()
+        if lin.weight2_amax is not None:  # W4A8_AWQ's per-tensor FP8 stage
+            mb = float(lin.wq2.maxbound)
+            out[f"{p}.weights_scaling_factor_2"] = (sanitize_amax(lin.weight2_amax, mb).reshape(1).float()
+                                                    / mb).cpu()
         a = act_scale(lin)
         if a is not None:
             out[f"{p}.activation_scaling_factor"] = a.cpu()
@@ -368,8 +383,8 @@ def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads
         for lin in family.dense_linears() if export is not None else ():
             if f"{src}.{lin.hf[0]}.weight" not in state:  # a MoE layer's experts: quantize/moe.py
                 continue
-            for suffix in ("weight", "weights_scaling_factor", "activation_scaling_factor",
-                           "prequant_scaling_factor", "weights_scaling_factor_2"):
+            for suffix in ("weight", "weights_scaling_factor", "weights_scaling_factor_2",
+                           "activation_scaling_factor", "prequant_scaling_factor"):
                 if suffix in ("weight", "weights_scaling_factor") or f"{src}.{lin.hf[0]}.{suffix}" in state:
                     out[f"{dst}.{lin.name}.{suffix}"] = _rank_tensor(state, src, lin, suffix, **kw)
         for name in KV_SCALES:

@@ -284,7 +284,7 @@ def test_gpu_rule_nvfp4_needs_blackwell():
         return [w for w, _ in refusals({"quantization": {"quant_algo": "NVFP4",
                                                          "kv_cache_quant_algo": kv}}, sm)]
 
-    assert what(None, 90) == ["NVFP4 GEMMs need Blackwell (SM 100) or newer"]
+    assert what(None, 90) == ["NVFP4 needs Blackwell (SM 100) or newer"]
     assert what("FP8", 100) == [] and what(None, 120) == []
 
 

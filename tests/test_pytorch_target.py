@@ -127,6 +127,7 @@ READER_CASES = {
     "sq": ("W8A8_SQ_PER_CHANNEL", None, 4e-2, 0.9),
     "fp8_kv": ("FP8", "fp8", 1.2e-1, 0.75),
     "awq": ("W4A16_AWQ", None, 5e-3, 0.98),
+    "w4a8": ("W4A8_AWQ", None, 1.2e-1, 0.8),  # its FP8 inputs, as the TRT-LLM form's (6.8e-2)
 }
 
 

@@ -13,7 +13,7 @@ from model.families import FAMILIES
 
 from common.errors import UserError
 from quantize.algos import (ALL_ALGOS, FP8, FP8_ROWWISE, MODELOPT_ALGOS, NVFP4, SMOOTHQUANT, SQ_PLUGIN,
-                            W4A16_AWQ, WEIGHT_FLAGS, WEIGHT_ONLY_ALGOS)
+                            W4A16_AWQ, W4A8_AWQ, WEIGHT_FLAGS, WEIGHT_ONLY_ALGOS)
 from quantize.formats import QuantSpec
 from quantize.recipes import MAX, MODELOPT, RECIPES, SQ_HOOKS, Recipe, find_recipe, recipe_for
 
@@ -45,13 +45,14 @@ def test_predicates_keep_their_meaning(spec):
     assert spec.is_weight_only == (algo in WEIGHT_ONLY_ALGOS)
     assert spec.is_sq_plugin == plugin
     assert spec.needs_calibration == needs
-    assert spec.is_max_calibrated == (needs and not plugin and algo not in (SMOOTHQUANT, W4A16_AWQ))
+    modelopt = (SMOOTHQUANT, W4A16_AWQ, W4A8_AWQ)
+    assert spec.is_max_calibrated == (needs and not plugin and algo not in modelopt)
     method = spec.format.calibration(spec)
-    assert method == (SQ_HOOKS if plugin else MODELOPT if algo in (SMOOTHQUANT, W4A16_AWQ)
+    assert method == (SQ_HOOKS if plugin else MODELOPT if algo in modelopt
                       else MAX if needs else None)
     block = spec.to_trtllm_quantization()
     assert (block["quant_algo"], block["kv_cache_quant_algo"]) == (algo, kv)
-    assert ("group_size" in block) == (algo in (W4A16_AWQ, FP8_ROWWISE, NVFP4) or plugin)
+    assert ("group_size" in block) == (algo in (W4A16_AWQ, W4A8_AWQ, FP8_ROWWISE, NVFP4) or plugin)
 
 
 def test_moe_support_per_format():

@@ -58,6 +58,7 @@ QUANT_TOLERANCE = {
     "W4A16_AWQ": (0.6, 0.3),
     "FP8_PER_CHANNEL_PER_TOKEN": (0.3, 0.6),
     "NVFP4": (0.6, 0.3),
+    "W4A8_AWQ": (0.6, 0.3),
 }
 KV_TOLERANCE = {"INT8": (0.05, 0.85), "FP8": (0.1, 0.8)}
 

@@ -72,3 +72,4 @@ from . import reference_quant  # noqa: E402,F401  (registers the quantized kerne
 from . import reference_sq  # noqa: E402,F401  (TensorRT-LLM's SmoothQuant plugin kernels)
 from . import reference_fp8_rowwise  # noqa: E402,F401  (FP8_PER_CHANNEL_PER_TOKEN)
 from . import reference_nvfp4  # noqa: E402,F401  (NVFP4)
+from . import reference_w4a8  # noqa: E402,F401  (W4A8_AWQ)

@@ -28,6 +28,8 @@ reproduced here where the formats need it:
 * NVFP4: packed E2M1 [out, in/2] and E4M3 block scales [out, in/16] concatenated along out;
   q/k/v (and gate/up) share ``weight_scale_2`` and ``input_scale`` (modelopt fused them), checked
   here; the NVFP4 kernel (verify/reference_nvfp4.py) runs them.
+* W4A8_AWQ: as W4A16_AWQ, with ``weight_scale_2`` -> ``weights_scaling_factor_2`` and
+  ``input_scale`` [1], shared by the fused linears (modelopt's fusion unified them).
 * FP8 KV cache: ``kv_cache_scaling_factor`` = max(k_scale, v_scale) (the single scale of the
   TRT-LLM checkpoint form, as modelopt's TRT-LLM export computes it).
 """
@@ -49,6 +51,8 @@ Tensor = torch.Tensor
 SUFFIXES = {"weight": "weight", "bias": "bias", "weight_scale": "weights_scaling_factor",
             "input_scale": "activation_scaling_factor", "pre_quant_scale": "prequant_scaling_factor",
             "weight_scale_2": "weights_scaling_factor_2"}
+#: per-tensor scales of a linear, [] in the unified checkpoint, [1] in the TRT-LLM form
+SCALARS = ("input_scale", "weight_scale_2")
 #: the Llama-family layout (model.families) the unified checkpoints of this project use
 LAYOUT = FAMILIES["llama"]
 QKV = LAYOUT.linear("attention.qkv")
@@ -140,12 +144,10 @@ def _fuse(parts: list[dict], fmt, dtype: torch.dtype, where: str) -> dict:
         out["bias"] = [p["bias"] for p in parts]
     if "weight_scale" in parts[0]:
         out["weights_scaling_factor"] = [p["weight_scale"] for p in parts]
-    a = _shared(parts, "input_scale", where)
-    if a is not None:
-        out["activation_scaling_factor"] = a.float().reshape(1)
-    g = _shared(parts, "weight_scale_2", where)  # NVFP4's global weight scale, shared by the group
-    if g is not None:
-        out["weights_scaling_factor_2"] = g.float().reshape(1)
+    for key in SCALARS:  # W4A8_AWQ's weight_scale_2 too: modelopt unified them over the group
+        a = _shared(parts, key, where)
+        if a is not None:
+            out[SUFFIXES[key]] = a.float().reshape(1)
     pqs = _shared(parts, "pre_quant_scale", where)
     if pqs is not None:
         out["prequant_scaling_factor"] = pqs
@@ -161,7 +163,7 @@ def _single(p: dict, fmt, dtype: torch.dtype) -> dict:
             continue
         if k not in SUFFIXES:
             raise UserError(f"unexpected tensor suffix {k!r} in a unified checkpoint")
-        out[SUFFIXES[k]] = v.float().reshape(1) if k == "input_scale" or (
+        out[SUFFIXES[k]] = v.float().reshape(1) if k in SCALARS or (
             k == "weight_scale" and fmt.per_tensor_weight_scale) else v
     if fmt.fold_into_norm and "prequant_scaling_factor" not in out and "weight" in out \
             and not out["weight"].is_floating_point():

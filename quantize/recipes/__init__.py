@@ -11,6 +11,7 @@ max/                max-calibrated: FP8 (and, in base.py, a KV cache alone)
 weight_only/        W8A16, W4A16 (trtllm-build quantizes the float weights)
 fp8_rowwise/        FP8_PER_CHANNEL_PER_TOKEN (quantized from the weights alone, no calibration)
 nvfp4/              NVFP4 (max-calibrated like FP8; E2M1 blocks of 16, E4M3 block scales)
+w4a8_awq/           W4A8_AWQ (modelopt-calibrated INT4 AWQ weights, FP8 activations)
 moe/                what each format does for mixture-of-experts models (``Recipe.moe``)
 ==================  ====================================================================
 
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 from common.errors import UserError
 
-from ..algos import FP8, FP8_ROWWISE, NVFP4, SMOOTHQUANT, SQ_PLUGIN_ALGOS, W4A16, W4A16_AWQ, W8A16
+from ..algos import (FP8, FP8_ROWWISE, NVFP4, SMOOTHQUANT, SQ_PLUGIN_ALGOS, W4A16, W4A16_AWQ, W4A8_AWQ,
+                     W8A16)
 from .base import KV_CACHE_BITS, MAX, MODELOPT, SQ_HOOKS, Recipe, kv_cache_algo  # noqa: F401
 from .parts import MemoryModel  # noqa: F401
 from .fp8_rowwise import Fp8Rowwise
@@ -28,6 +30,7 @@ from .max import Fp8
 from .modelopt import Awq, ModeloptSmoothQuant
 from .nvfp4 import Nvfp4
 from .sq_plugin import SqPlugin
+from .w4a8_awq import W4A8Awq
 from .weight_only import WeightOnly
 
 #: quant_algo -> recipe; the key order is the order ``supported:`` lists them in
@@ -42,6 +45,7 @@ RECIPES: dict[str | None, Recipe] = {
     W4A16_AWQ: Awq(),
     FP8_ROWWISE: Fp8Rowwise(),
     NVFP4: Nvfp4(),
+    W4A8_AWQ: W4A8Awq(),
 }
 
 

@@ -126,9 +126,7 @@ class Recipe:
 
     def resolve_flags(self, args) -> str | None:
         """The final quant_algo from the parsed flags (SmoothQuant's sub-flags pick a variant)."""
-        for flag in ("sq_recipe", "sq_activations", "sq_weights"):
-            if getattr(args, flag, None) is not None:
-                raise UserError(f"--{flag.replace('_', '-')} applies to --smoothquant; add it or drop the flag")
+        refuse_subflags(args, SQ_SUBFLAGS + AWQ_SUBFLAGS)
         return self.quant_algo
 
     def flag_option(self, args) -> str | None:
@@ -358,6 +356,19 @@ class Recipe:
     def words(self, spec) -> str | None:
         """The SmoothQuant recipe in words (None: not SmoothQuant)."""
         return None
+
+
+#: the sub-flags of one weight flag (args attribute, the flag they apply to)
+SQ_SUBFLAGS = (("sq_recipe", "--smoothquant"), ("sq_activations", "--smoothquant"),
+               ("sq_weights", "--smoothquant"))
+AWQ_SUBFLAGS = (("awq_act", "--awq"),)
+
+
+def refuse_subflags(args, subflags) -> None:
+    """UserError naming the first sub-flag given without the weight flag it applies to."""
+    for attr, parent in subflags:
+        if getattr(args, attr, None) is not None:
+            raise UserError(f"--{attr.replace('_', '-')} applies to {parent}; add it or drop the flag")
 
 
 def kv_cache_algo(kv_cache_dtype: str | None) -> str | None:

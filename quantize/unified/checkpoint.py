@@ -24,6 +24,8 @@ W4A16_AWQ            uint8 [out/2, in] (two int4 along out, low nibble = even ro
                      [out, in/group]; q/k/v and gate/up fused, then their pre_quant_scale is
                      folded into input_layernorm / post_attention_layernorm; o_proj / down_proj keep
                      pre_quant_scale [in]
+W4A8_AWQ             as W4A16_AWQ, + weight_scale_2 f32 [] (the FP8 stage) and input_scale f32 [];
+                     from the whole calibrated model (no store path)
 W8A16                int8 [out, in], weight_scale f32 [out] = row absmax / 127 — needs no
                      calibration, so it streams from the float weights (modelopt: INT8_WEIGHT_ONLY_CFG)
 NVFP4                uint8 [out, in/2] (two E2M1 along in, low nibble = even input), weight_scale

@@ -70,6 +70,9 @@ def _linear_tensors(p: str, lin, fmt, block, dtype, folded: bool, out: dict) -> 
         scale = weight_scale(lin, block)
     out[f"{p}.weight"] = ENCODE[fmt.weight](w, scale, block)
     out[f"{p}.weight_scale"] = scale
+    if lin.weight2_amax is not None:  # W4A8_AWQ: the FP8 stage of a SequentialQuantizer
+        mb = float(lin.wq2.maxbound)
+        out[f"{p}.weight_scale_2"] = (sanitize_amax(lin.weight2_amax, mb).float() / mb).reshape(())
     a = act_scale(lin)
     if a is not None:
         out[f"{p}.input_scale"] = a.reshape(())

@@ -9,8 +9,8 @@ from typing import Mapping
 from common.errors import UserError
 
 from ...algos import (AWQ_GROUP_SIZES, DEFAULT_AWQ_GROUP_SIZE, DEFAULT_SMOOTHQUANT_ALPHA, MODELOPT_EXCLUDE_MODULES,
-                      SMOOTHQUANT, W4A16_AWQ)
-from ..base import MODELOPT, Recipe
+                      SMOOTHQUANT, W4A16_AWQ, W4A8_AWQ)
+from ..base import MODELOPT, SQ_SUBFLAGS, Recipe, refuse_subflags
 from ..parts import LinearExport, MemoryModel, UnifiedFormat
 from ..moe import SMOOTHQUANT_REFUSED, MoeAwq
 from ..sq_plugin import check_alpha, check_smoothquant_tp
@@ -93,6 +93,11 @@ class Awq(Recipe):
     linear_export = LinearExport("int4", 4, ("qkv",), ("weight", "weights_scaling_factor",
                                                        "prequant_scaling_factor"))
 
+    def resolve_flags(self, args) -> str:
+        """--awq alone: W4A16_AWQ; with --awq-act fp8: W4A8_AWQ (quantize/recipes/w4a8_awq)."""
+        refuse_subflags(args, SQ_SUBFLAGS)
+        return W4A8_AWQ if getattr(args, "awq_act", None) == "fp8" else self.quant_algo
+
     def group_size(self, awq_block_size: int | None) -> int:
         group_size = DEFAULT_AWQ_GROUP_SIZE if awq_block_size is None else int(awq_block_size)
         if group_size not in AWQ_GROUP_SIZES:
@@ -120,7 +125,7 @@ class Awq(Recipe):
 
     def _modelopt_weights(self, spec, mtq) -> dict:
         cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
-        _set_awq_block_size(cfg, spec.group_size)
+        set_awq_block_size(cfg, spec.group_size)
         return cfg
 
     def _block_extras(self, spec) -> dict:
@@ -153,7 +158,7 @@ def check_awq_divisibility(in_dims_per_rank, group_size: int = DEFAULT_AWQ_GROUP
                             f"size {group_size}; {hint}")
 
 
-def _set_awq_block_size(cfg: dict, group_size: int) -> None:
+def set_awq_block_size(cfg: dict, group_size: int) -> None:
     found = False
     for entry in cfg["quant_cfg"]:
         if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
