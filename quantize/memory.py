@@ -123,7 +123,8 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
         write_host = WRITE_BASE + 2.5 * extracted  # a layer loaded, sharded, in the writer
         fmt = getattr(recipe, "unified", None) if unified else None
         if fmt is not None and fmt.writer_layers is not None:  # --target pytorch, from the store
-            write_host = max(write_host, HOST_BASE + p_lin * 4 * fmt.writer_layers)
+            write_host = max(write_host, HOST_BASE + p_lin * 4 * fmt.writer_layers
+                             + shape.vocab * shape.hidden * 4 * fmt.writer_embedding)
     else:
         write_host = WRITE_BASE
     # the calibration stage's disk is its store (OUTPUT/calibration); the checkpoint's, its ranks

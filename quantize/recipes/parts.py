@@ -39,8 +39,9 @@ class UnifiedFormat:
     TensorRT-LLM's PyTorch backend re-quantizes to the max of a fused group (FP8);
     ``layerwise``: written layer by layer from the calibration store (else from the whole model
     calibrated in memory); ``quantization_config_extra``: convert_hf_quant_config_format's extra
-    keys; ``writer_layers``: the layer-by-layer writer's working memory in float32 copies of a
-    decoder layer's linears (quantize/memory.py; fitted to measured peaks)."""
+    keys; ``writer_layers`` / ``writer_embedding``: the layer-by-layer writer's working memory in
+    float32 copies of a decoder layer's linears / of the embedding table (quantize/memory.py;
+    fitted to measured peaks)."""
 
     weight: str | None = None
     fuse_shared_inputs: bool = False
@@ -50,6 +51,7 @@ class UnifiedFormat:
     layerwise: bool = False
     quantization_config_extra: tuple = ()
     writer_layers: float | None = None
+    writer_embedding: float = 0.0
     #: printed (stderr) after writing it: what a user of the checkpoint should know
     note: str | None = None
 

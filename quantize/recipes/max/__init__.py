@@ -29,9 +29,9 @@ class Fp8(Recipe):
     #: modelopt's unified FP8: no fusion (each linear keeps its own scales), written layer by
     #: layer from the calibration store (the q/k/v and gate/up inputs are one tensor, so the
     #: store's fused input scale is each linear's; weight scales come from the weights)
-    #: writer: fitted to FP8 + FP8 KV, 8B-shaped, 4 / 16 layers: 1.79 / 1.83 GB peak RSS
+    #: writer: fitted to FP8 + FP8 KV (8B- and 1B-shaped peaks, BENCHMARKS.md "--target pytorch")
     unified = UnifiedFormat(weight="fp8", per_tensor_weight_scale=True, layerwise=True,
-                            writer_layers=1.45,
+                            writer_layers=0.3, writer_embedding=1.3,
                             quantization_config_extra=(("config_groups", {"group_0": {
                                 "input_activations": {"dynamic": False, "num_bits": 8,
                                                       "type": "float"},

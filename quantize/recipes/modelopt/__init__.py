@@ -27,10 +27,10 @@ class ModeloptSmoothQuant(Recipe):
     moe = SMOOTHQUANT_REFUSED
     #: q/k/v and gate/up fused (averaged pre_quant_scale, re-smoothed weights, max input amax),
     #: layer by layer from the store's per-linear pre_quant_scale, smoothing factor and input amax
-    #: writer: the seven weights rebuilt smoothed in float32 + the fused copies (fitted: 8B-shaped,
-    #: 4 / 16 layers, peak RSS 2.77 / 2.92 GB, BENCHMARKS.md "--target pytorch")
+    #: writer: the seven weights rebuilt smoothed in float32 + the fused copies, and the float32
+    #: embedding (fitted: 8B- and 1B-shaped peaks, BENCHMARKS.md "--target pytorch")
     unified = UnifiedFormat(weight="int8_rows", fuse_shared_inputs=True, layerwise=True,
-                            writer_layers=2.75, note=(
+                            writer_layers=1.65, writer_embedding=1.5, note=(
         "build_engine: note: --target pytorch writes SmoothQuant as modelopt's recipe "
         "(W8A8_SQ_PER_CHANNEL, the only one a unified checkpoint has), and TensorRT-LLM's PyTorch "
         "backend has no INT8 SmoothQuant method "
@@ -83,9 +83,9 @@ class Awq(Recipe):
     moe = MoeAwq()
     #: q/k/v and gate/up fused, their pre_quant_scale folded into the norms (layer by layer from
     #: the store's own pre_quant_scale and smoothing factor per linear)
-    #: writer: fitted as SmoothQuant's (8B-shaped, 4 / 16 layers: 3.57 / 3.86 GB)
+    #: writer: fitted as SmoothQuant's
     unified = UnifiedFormat(weight="int4", fuse_shared_inputs=True, fold_into_norm=True,
-                            layerwise=True, writer_layers=3.8)
+                            layerwise=True, writer_layers=3.0, writer_embedding=1.1)
     #: modelopt's AWQ export pads the vocabulary to a multiple of 64 (the padded rows are zero)
     vocab_multiple = 64
     gemm_multiples = (64, 64)  # TensorRT-LLM's W4A16 group-wise GEMM, as for W4A16
