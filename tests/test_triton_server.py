@@ -171,9 +171,9 @@ class Server:
 
 # --- repositories -----------------------------------------------------------------------------
 
-def _build(out: Path, *flags) -> Path:
+def _build(out: Path, *flags, model: str = "smollm2") -> Path:
     """build_engine as a user runs it here (no TensorRT-LLM: exit 3 with checkpoint + triton)."""
-    res = subprocess.run([sys.executable, "-m", "builders", "--model", "smollm2", "--output",
+    res = subprocess.run([sys.executable, "-m", "builders", "--model", model, "--output",
                           str(out), "--no-progress", *flags], cwd=REPO, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode in (0, 3), res.stderr[-3000:]
@@ -293,5 +293,31 @@ def test_llmapi_repository_on_real_tritonserver(tmp_path, smollm2_dir, decoupled
             assert "".join(pieces) == expected, pieces
         else:
             assert server.generate("tensorrt_llm", body)["text_output"] == expected
+    finally:
+        server.stop()
+
+
+def test_gemma3_engine_repository_on_real_tritonserver(tmp_path):
+    """A family added on the spec structure (issue 24): the real Gemma-3-270M (bundled ``gemma3``
+    example), its repository carrying the per-layer attention windows, served through the
+    ensemble with the CPU stand-in (which runs Gemma's semantics from the checkpoint): the HF
+    greedy text."""
+    from builders.triton import parse_config
+    from examples.gemma3 import prepare_gemma3
+
+    hf_dir = prepare_gemma3()
+    out = tmp_path / "out"
+    repo = _build(out, "--max-batch-size", "2", model="gemma3")
+    cfg = parse_config((repo / "tensorrt_llm" / "config.pbtxt").read_text())
+    windows = cfg.parameters["max_attention_window_size"].string_value.split(",")
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    assert len(windows) == hf_cfg["num_hidden_layers"] and len(set(windows)) == 2, windows
+    served = _serve_copy_with_standin(repo, out / "checkpoint", tmp_path / "served")
+    expected = _hf_greedy(hf_dir, PROMPT, NEW_TOKENS)
+    assert expected.strip()
+    server = Server(served, tmp_path)
+    try:
+        assert server.generate("ensemble", {"text_input": PROMPT, "max_tokens": NEW_TOKENS})[
+            "text_output"] == expected
     finally:
         server.stop()
