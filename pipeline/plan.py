@@ -49,6 +49,7 @@ class BuildPlan:
     engine_options: object = None
     triton_options: object = None
     padding_layout: dict | None = None
+    lora: object = None  # pipeline.lora.LoraPlan (--lora)
 
 
 def make_plan(args) -> BuildPlan:
@@ -154,10 +155,19 @@ def _from_checkpoint_plan(args) -> BuildPlan:
     if quant.format.quantized(quant):  # a checkpoint is quantized when converted
         raise UserError("quantization flags apply when converting with --model; a "
                         "--from-checkpoint checkpoint keeps its own quantization (drop them)")
+    if getattr(args, "lora", None):
+        raise UserError("--lora needs --model (each adapter is checked against the HF model and "
+                        "laid out as its checkpoint); for an existing output: build_engine lora "
+                        "OUTPUT --lora DIR ...")
     _refuse_unfinished(Path(args.from_checkpoint))
     config = _checkpoint_config(args.from_checkpoint)
     preflight.check_triton_args(args, None, config.get("vocab_size"))
     stages = _stage_options(args, (config.get("quantization") or {}).get("quant_algo"))
+    from .lora import from_checkpoint_options
+
+    lora_options = from_checkpoint_options(args, stages.get("engine_options"), config)
+    if lora_options is not None:
+        stages["engine_options"] = lora_options
     return BuildPlan(target="engine", options=dict(vars(args)),
                      from_checkpoint=Path(args.from_checkpoint), **_common(args), **stages)
 
@@ -173,6 +183,9 @@ def _engine_plan(args, quant) -> BuildPlan:
     preflight.family_formats(quant, model, "engine")
     layout = plan_layout(model, tp=args.tp, pp=args.pp, quant=quant, moe_tp=args.moe_tp,
                          moe_ep=args.moe_ep, pad_heads=args.pad_heads or model.pads_heads)
+    from .lora import engine_options, plan_lora
+
+    lora = plan_lora(args, model, layout, quant)
     padding_layout = {**(preflight.head_padding(args, layout.shape) or {}),
                       **(preflight.hidden_padding(args, layout.shape, quant) or {})} or None
     preflight.check_triton_args(args, model.directory, model.shape.vocab)
@@ -191,10 +204,12 @@ def _engine_plan(args, quant) -> BuildPlan:
         calibration = calibration_run(calibration, quant, layout.shape, Path(args.output))
     own_store = None if args.calibration else Path(args.output) / "calibration"
     stages = _stage_options(args, quant.quant_algo if quant.format.quantized(quant) else None)
+    if "engine_options" in stages:
+        stages["engine_options"] = engine_options(stages["engine_options"], lora)
     return BuildPlan(target="engine", options=dict(vars(args)), model=model, quant=quant,
                      layout=layout, ranks=ranks, tokenizer=tokenizer, calibration=calibration,
                      own_calibration_store=own_store, ppl_text=ppl_text,
-                     padding_layout=padding_layout, **_common(args), **stages)
+                     padding_layout=padding_layout, lora=lora, **_common(args), **stages)
 
 
 def _pytorch_plan(args, quant) -> BuildPlan:
@@ -206,6 +221,11 @@ def _pytorch_plan(args, quant) -> BuildPlan:
 
     from builders.engine_options import options_from_args
 
+    if any(getattr(args, k, None) for k in ("lora", "lora_plugin", "lora_target_modules",
+                                           "max_lora_rank")):
+        raise UserError("--lora is not supported with --target pytorch yet: TensorRT-LLM's LLM "
+                        "API loads PEFT adapters itself (LoraConfig(lora_dir=...)); use --target "
+                        "engine")
     layerwise = quant.format.unified_layerwise(quant)  # from a calibration store
     preflight.refuse_engine_only_flags(args, reuses_calibration=layerwise)
     options_from_args(args)  # the LLM(...) size limits among them: their ranges, always

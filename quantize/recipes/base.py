@@ -118,6 +118,9 @@ class Recipe:
     #: the converter quantizes the linears :meth:`quantizes_linear` names from each rank's float
     #: weight with :meth:`quantize_weight` (no calibration; quantize/from_weights.py)
     from_weights = False
+    #: why TensorRT-LLM 1.2's LoRA plugin cannot run on this format's linears (None: it can:
+    #: float, weight-only / AWQ and FP8 per-tensor linears take a LoRA branch)
+    lora_refusal: str | None = None
 
     # ----- flags ------------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ CLAMP_VAL = (-1200.0, 1200.0)
 
 class Fp8Rowwise(Recipe):
     """fp8 weights per output channel, fp8 activations per token (dynamic); MLP linears."""
+    lora_refusal = ("TensorRT-LLM's FP8 rowwise layers have no LoRA branch (the engine "
+                    "build fails: NVIDIA/TensorRT-LLM #2603)")
 
     quant_algo = FP8_ROWWISE
     flag = "--fp8-rowwise"

@@ -18,6 +18,8 @@ from ..sq_plugin import check_alpha, check_smoothquant_tp
 
 class ModeloptSmoothQuant(Recipe):
     """W8A8_SQ_PER_CHANNEL: int8 weights per channel, one static int8 scale per activation tensor."""
+    lora_refusal = ("TensorRT-LLM builds SmoothQuant checkpoints with its SmoothQuant "
+                    "layers, which have no LoRA branch (NVIDIA/TensorRT-LLM #2604)")
 
     quant_algo = SMOOTHQUANT
     flag = "--smoothquant"

@@ -30,6 +30,8 @@ def check_alpha(alpha: float) -> float:
 class SqPlugin(Recipe):
     unified = None  # TensorRT-LLM's own tensors: no modelopt unified form
     """One of TensorRT-LLM's W8A8_SQ_*_PLUGIN formats."""
+    lora_refusal = ("TensorRT-LLM's SmoothQuant attention and MLP layers have no LoRA "
+                    "branch (NVIDIA/TensorRT-LLM #2604)")
 
     flag = "--smoothquant"
     trtllm_plugin = True
