@@ -195,6 +195,18 @@ def test_cli_lora_verify_tp2(base, adapters, tmp_path, capsys):
     assert [a["rank"] for a in rec["adapters"]] == [8, 4]
     assert rec["adapters"][1]["use_rslora"] and rec["adapters"][1]["scale"] == 6.0
     assert not (out / "lora.partial").exists()
+    # build_engine lora OUTPUT: more adapters for these engines, next task id; above their
+    # max_lora_rank: one line, exit 2, nothing written
+    assert main(["lora", str(out), "--lora", str(adapters["a4"])]) == 0
+    assert (out / "lora" / "3" / "model.lora_weights.npy").is_file()
+    big = make_adapter(base, tmp_path / "r16", r=16, alpha=16)
+    capsys.readouterr()
+    assert main(["lora", str(out), "--lora", str(big)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"rank 16 is above --max-lora-rank 8", err[0]), err
+    assert sorted(p.name for p in (out / "lora").iterdir()) == ["1", "2", "3"]
+    [(report, ok)] = verify_adapters(out / "checkpoint", base, out / "lora", [(3, adapters["a4"])])
+    assert ok, report
 
 
 def test_engine_options_reach_trtllm(base, adapters, tmp_path, fake_trtllm):
