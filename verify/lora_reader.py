@@ -65,7 +65,12 @@ class LoraReferenceModel(ReferenceModel):
 
     def _rows(self, task_dir) -> dict:
         """{(global layer, module): (A [r, in], B [out, r])} of the adapter's rows."""
-        weights, config = read_lora(task_dir)
+        return self.rows_of(*read_lora(task_dir), where=task_dir)
+
+    def rows_of(self, weights: torch.Tensor, config: np.ndarray, where="lora_config") -> dict:
+        """As ``_rows``, from a request's tensors (weights [rows, max row] as float32, config
+        [rows, 3]); set ``self.lora`` to the result to run with that adapter."""
+        task_dir = where
         dt = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.config.get("dtype"))
         out = {}
         for row, (mod_id, layer, r) in zip(weights, config[:, :3].tolist()):
