@@ -12,7 +12,7 @@ kv head repeated) one after the other, with the shard rules' head layout (conver
 
 The weights are in the engine's dtype; bfloat16 keeps its bits (numpy has no bfloat16: the array is
 ``|V2``, TensorRT-LLM's ``torch_to_numpy`` form), never a float16 cast. Memory: one module's A and
-B in float32 at a time; the output is written through a memory map.
+B in float32 at a time, and one output row; rows are appended to the file in order.
 """
 from __future__ import annotations
 
@@ -102,26 +102,25 @@ def convert_adapter(adapter, family, shape, tp: int, dtype: DType, out_dir: Path
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = rows(adapter, family)
     width = max(adapter.rank * sum(module_dims(m, shape, tp)) for _, m, _ in plan)
-    weights = np.lib.format.open_memmap(out_dir / WEIGHTS, mode="w+",
-                                        dtype=NPY_DTYPE[dtype.torch_name],
-                                        shape=(1, len(plan), width))
     config = np.zeros((1, len(plan), 3), np.int32)
-    bits = weights.view(UINT[dtype.itemsize])
     r = adapter.rank
-    for i, (layer, module, hf) in enumerate(plan):
-        fin, fout = module_dims(module, shape, tp)
-        if hf is None:
-            a, b = np.zeros((r, fin), np.float32), np.zeros((fout, r), np.float32)
-        else:
-            a_name, b_name = adapter.tensors[(layer, hf)]
-            b = _read(adapter, b_name) * np.float32(adapter.scale)
-            a, b = engine_layout(module, _read(adapter, a_name), b, shape, tp)
-        row = bits[0, i]
-        float32_into(np.ascontiguousarray(a).reshape(-1), dtype, row[:r * fin])
-        float32_into(np.ascontiguousarray(b).reshape(-1), dtype, row[r * fin:r * (fin + fout)])
-        config[0, i] = (MODULE_IDS[module], layer, r)
-    weights.flush()
-    del weights, bits
+    row = np.zeros(width, UINT[dtype.itemsize])
+    with open(out_dir / WEIGHTS, "wb") as f:  # rows appended in order: one row in memory
+        np.lib.format.write_array_header_2_0(f, {
+            "descr": np.lib.format.dtype_to_descr(NPY_DTYPE[dtype.torch_name]),
+            "fortran_order": False, "shape": (1, len(plan), width)})
+        for i, (layer, module, hf) in enumerate(plan):
+            fin, fout = module_dims(module, shape, tp)
+            row[:] = 0
+            if hf is not None:
+                a_name, b_name = adapter.tensors[(layer, hf)]
+                b = _read(adapter, b_name) * np.float32(adapter.scale)
+                a, b = engine_layout(module, _read(adapter, a_name), b, shape, tp)
+                float32_into(np.ascontiguousarray(a).reshape(-1), dtype, row[:r * fin])
+                float32_into(np.ascontiguousarray(b).reshape(-1), dtype,
+                             row[r * fin:r * (fin + fout)])
+            f.write(row.tobytes())
+            config[0, i] = (MODULE_IDS[module], layer, r)
     np.save(out_dir / CONFIG, config)
     record = {**adapter.record(), "engine_dtype": dtype.torch_name, "rows": len(plan),
               "max_row": width, "tp": tp}
