@@ -310,3 +310,37 @@ def test_mixed_dtypes_refused(base, adapters, tmp_path):
                                         r"\(got F16, F32\)"):
         read_adapter(d, 1, LLAMA, shape)
     assert ALL  # the helper's module list covers q/k/v/o + gate/up/down
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_triton_config_of_a_lora_engine(base, tmp_path, dtype):
+    """The tensorrt_llm model of a LoRA engine: lora_weights in the engine dtype, the LoRA inputs
+    routed from the ensemble, lora_cache_* from max_lora_rank and the adapters' bytes (one rank's
+    q, k, v rows at r 8: 8 x (64 + 64/2) + 2 x 8 x (64 + 32/2) values x 2 layers x 2 bytes x 2
+    adapters, rounded up to 1 MiB), lora_prefetch_dir only where TensorRT-LLM's loadNpy reads the
+    dtype (not bfloat16)."""
+    from builders.engine_options import EngineOptions
+    from builders.triton.engine_config import engine_config_from_checkpoint, read_engine_config
+    from builders.triton.inflight_batcher import engine_model_configs
+    from builders.triton.options import TritonOptions
+
+    _convert(base, [], tmp_path, 2, dtype)
+    ckpt = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    opts = EngineOptions(lora_plugin=dtype, max_lora_rank=8,
+                         lora_target_modules=("attn_q", "attn_k", "attn_v"))
+    engine = read_engine_config(engine_config_from_checkpoint(ckpt, opts))
+    assert engine.lora["adapter_bytes"] == (8 * 96 + 2 * 8 * 80) * 2 * 2
+    cfgs = engine_model_configs(engine=engine, opts=TritonOptions(), engine_path="/e",
+                                tokenizer_path="/t", batch=4, lora_adapters=2, lora_dir="/o/lora")
+    llm = cfgs["tensorrt_llm"]
+    want = {"bfloat16": "TYPE_BF16", "float16": "TYPE_FP16"}[dtype]
+    assert [t["data_type"] for t in llm["input"] if t["name"] == "lora_weights"] == [want]
+    params = {k: v["string_value"] for k, v in llm["parameters"].items()}
+    assert params["lora_cache_max_adapter_size"] == params["lora_cache_optimal_adapter_size"] == "8"
+    assert params["lora_cache_host_memory_bytes"] == str(1 << 20)
+    assert params.get("lora_prefetch_dir") == (None if dtype == "bfloat16" else "/o/lora")
+    ens = cfgs["ensemble"]
+    assert {t["name"]: t["data_type"] for t in ens["input"] if t["name"].startswith("lora")} == \
+        {"lora_task_id": "TYPE_UINT64", "lora_weights": want, "lora_config": "TYPE_INT32"}
+    llm_step = ens["ensemble_scheduling"]["step"][1]["input_map"]
+    assert llm_step["lora_weights"] == "lora_weights" and llm_step["lora_task_id"] == "lora_task_id"

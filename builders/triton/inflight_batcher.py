@@ -157,7 +157,7 @@ _PRE_TO_LLM = (("INPUT_ID", "input_ids"), ("REQUEST_INPUT_LEN", "input_lengths")
 
 def engine_model_configs(*, engine: EngineInfo, opts: TritonOptions, engine_path: str,
                          tokenizer_path: str, batch: int, tokens: dict | None = None,
-                         lora_adapters: int = 0) -> dict[str, dict]:
+                         lora_adapters: int = 0, lora_dir: str | None = None) -> dict[str, dict]:
     """The config dicts (ModelConfig field names) of the engine repository's models; ``tokens``:
     :func:`builders.triton.tokens.special_token_ids` of the model (the preprocessing model's
     defaults for END_ID / PAD_ID and its default stop words)."""
@@ -165,7 +165,7 @@ def engine_model_configs(*, engine: EngineInfo, opts: TritonOptions, engine_path
     lt = engine.logits_type
     cfgs = {PREPROCESSING: _preprocessing(engine, opts, tokenizer_path, batch, tokens),
             TENSORRT_LLM: _tensorrt_llm(engine, opts, engine_path, tokenizer_path, batch,
-                                        lora_adapters),
+                                        (lora_adapters, lora_dir)),
             POSTPROCESSING: _postprocessing(lt, opts, tokenizer_path, batch),
             ENSEMBLE: _ensemble(lt, batch, _CLIENT_INPUTS + lora.client_inputs(engine))}
     if opts.triton_bls:
@@ -191,7 +191,7 @@ def _preprocessing(engine: EngineInfo, opts: TritonOptions, tokenizer_path: str,
 
 
 def _tensorrt_llm(engine: EngineInfo, opts: TritonOptions, engine_path: str, tokenizer_path: str,
-                  batch: int, lora_adapters: int = 0) -> dict:
+                  batch: int, lora_adapters: tuple = (0, None)) -> dict:
     lt = engine.logits_type
     llm_params = {
         "gpt_model_type": opts.batching_strategy,
@@ -215,7 +215,7 @@ def _tensorrt_llm(engine: EngineInfo, opts: TritonOptions, engine_path: str, tok
         # one KV window per layer (Gemma's sliding layers): the C++ backend reads a comma-separated
         # list (model_instance_state.cc getKvCacheConfigFromParams, GetParameter<std::vector<int32_t>>)
         llm_params["max_attention_window_size"] = ",".join(map(str, engine.attention_windows))
-    llm_params.update(lora.cache_params(engine, lora_adapters))
+    llm_params.update(lora.cache_params(engine, *lora_adapters))
     inputs = [t if t[0] != "lora_weights" else (t[0], lora.weights_type(engine), *t[2:])
               for t in _TRTLLM_INPUTS]
     return {
@@ -283,7 +283,7 @@ def _bls(lt, opts: TritonOptions, batch: int, client=_CLIENT_INPUTS) -> dict:
 
 
 def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict | None,
-                      options=None, lora_adapters: int = 0) -> Path:
+                      options=None, lora_adapters: int = 0, lora_dir=None) -> Path:
     """Write the filled inflight_batcher_llm repository for ``engine_dir`` into ``out_dir``.
 
     ``engine_config``: the engine's config.json as a dict, or :func:`engine_config_from_checkpoint`
@@ -307,7 +307,8 @@ def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict
     tokens = special_token_ids(tok_dir)
     cfgs = engine_model_configs(engine=engine, opts=opts, engine_path=engine_path,
                                 tokenizer_path=tokenizer_path, batch=batch, tokens=tokens,
-                                lora_adapters=lora_adapters)
+                                lora_adapters=lora_adapters,
+                                lora_dir=paths.serve(lora_dir) if lora_adapters else None)
     repo = paths.repo
 
     def build(tmp: Path) -> None:

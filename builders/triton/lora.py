@@ -66,13 +66,18 @@ def client_inputs(engine) -> tuple:
             ("lora_config", "TYPE_INT32", [-1, 3], "o", ("llm", "lora_config")))
 
 
-def cache_params(engine, adapters: int) -> dict:
+def cache_params(engine, adapters: int, prefetch_dir: str | None = None) -> dict:
     """The backend's lora_cache_* parameters: adapter sizes = max_lora_rank, host memory for
-    every converted adapter (at least one) at max rank, rounded up to MiB."""
+    every converted adapter (at least one) at max rank, rounded up to MiB; ``lora_prefetch_dir``
+    (OUTPUT/lora, one <task id>/ per adapter) for float16 / float32 engines only: the backend
+    reads it with TensorRT-LLM's C++ ``loadNpy``, which knows no bfloat16 (numpyUtils.cpp)."""
     if not engine.lora:
         return {}
     need = engine.lora["adapter_bytes"] * max(adapters, 1)
-    return {"lora_cache_optimal_adapter_size": engine.lora["max_rank"],
-            "lora_cache_max_adapter_size": engine.lora["max_rank"],
-            "lora_cache_gpu_memory_fraction": GPU_MEMORY_FRACTION,
-            "lora_cache_host_memory_bytes": -(-need // MIB) * MIB}
+    out = {"lora_cache_optimal_adapter_size": engine.lora["max_rank"],
+           "lora_cache_max_adapter_size": engine.lora["max_rank"],
+           "lora_cache_gpu_memory_fraction": GPU_MEMORY_FRACTION,
+           "lora_cache_host_memory_bytes": -(-need // MIB) * MIB}
+    if prefetch_dir and adapters and engine.lora["dtype"] != "bfloat16":
+        out["lora_prefetch_dir"] = prefetch_dir
+    return out
