@@ -33,16 +33,17 @@ class LoraPlan:
 
 def refuse_layout(model, layout, quant) -> None:
     """What the LoRA rows cannot be laid out for: experts, padded MLP / hidden features, the
-    formats whose TensorRT-LLM linears have no LoRA branch (the recipe's ``lora_refusal``)."""
+    formats whose TensorRT-LLM linears have no LoRA branch (the recipe's ``lora_refusal``);
+    ``layout`` None: the PyTorch target (TensorRT-LLM splits the HF checkpoint itself)."""
     why = quant.format.lora_refusal
     if why is not None:
         raise UserError(f"--lora with {quant.name}: {why}; LoRA runs on float, weight-only / "
                         f"AWQ and FP8 (per-tensor) engines")
-    shape = layout.shape
+    shape = model.shape if layout is None else layout.shape
     if shape.experts:
         raise UserError(f"--lora: {model.shape.family} is a mixture of experts; TensorRT-LLM's "
                         f"expert LoRA modules are not supported here (dense models only)")
-    if shape.padded_inter or shape.padded_hidden:
+    if layout is not None and (shape.padded_inter or shape.padded_hidden):
         raise UserError(f"--lora with {quant.name} at tp {layout.tp}: the checkpoint pads the "
                         f"MLP / hidden features for TensorRT-LLM's weight-only GEMMs, which the "
                         f"engine's LoRA modules do not; use a --tp that needs no padding, or "
@@ -77,7 +78,7 @@ def plan_lora(args, model, layout, quant) -> LoraPlan | None:
     family = FAMILIES[model.shape.family]
     adapters = tuple(read_adapter(d, i, family, model.shape, max_rank)
                      for i, d in enumerate(dirs, 1))
-    if getattr(args, "verify", False):
+    if getattr(args, "verify", False) and layout is not None:
         _need_peft()
     rank = max_rank if max_rank is not None else max(a.rank for a in adapters)
     return LoraPlan(adapters, resolve_dtype(args.dtype, model.config), rank,
@@ -170,3 +171,34 @@ def put_in_place(staged: Path) -> Path:
     ownership.forget(staged)
     ownership.mark_finished(final)
     return final
+
+
+def copy_step(lora: LoraPlan, out: Path) -> Path:
+    """--target pytorch: each adapter as TensorRT-LLM's LLM API loads it (a PEFT directory:
+    adapter_config.json + adapter_model.safetensors, as given) into ``out``/lora.partial/<task
+    id>/; put in place with :func:`put_in_place`."""
+    import shutil
+
+    from common import ownership
+
+    staged = Path(out) / (LORA_DIR + ".partial")
+    ownership.remove_owned(staged)
+    staged.mkdir(parents=True)
+    ownership.mark_stage(staged)
+    for a in lora.adapters:
+        d = staged / str(a.task_id)
+        d.mkdir()
+        shutil.copy2(a.directory / "adapter_config.json", d / "adapter_config.json")
+        shutil.copy2(a.weights, d / "adapter_model.safetensors")
+    print(f"lora: {len(lora.adapters)} PEFT adapter(s) laid out for the LLM API (LoraConfig "
+          f"max_lora_rank {lora.max_rank}, max_loras {len(lora.adapters)})")
+    return staged
+
+
+def llm_api_lora_config(lora: LoraPlan, out: Path) -> dict:
+    """model.yaml's ``lora_config`` (TensorRT-LLM's LoraConfig: lora_dir, max_lora_rank,
+    max_loras, max_cpu_loras): every adapter resident."""
+    n = len(lora.adapters)
+    return {"lora_dir": [str((Path(out) / LORA_DIR / str(a.task_id)).absolute())
+                         for a in lora.adapters],
+            "max_lora_rank": lora.max_rank, "max_loras": n, "max_cpu_loras": n}

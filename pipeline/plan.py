@@ -221,16 +221,14 @@ def _pytorch_plan(args, quant) -> BuildPlan:
 
     from builders.engine_options import options_from_args
 
-    if any(getattr(args, k, None) for k in ("lora", "lora_plugin", "lora_target_modules",
-                                           "max_lora_rank")):
-        raise UserError("--lora is not supported with --target pytorch yet: TensorRT-LLM's LLM "
-                        "API loads PEFT adapters itself (LoraConfig(lora_dir=...)); use --target "
-                        "engine")
     layerwise = quant.format.unified_layerwise(quant)  # from a calibration store
     preflight.refuse_engine_only_flags(args, reuses_calibration=layerwise)
     options_from_args(args)  # the LLM(...) size limits among them: their ranges, always
     model = ModelSource.open(args.model)
     preflight.family_formats(quant, model, "pytorch")
+    from .lora import llm_api_lora_config, plan_lora
+
+    lora = plan_lora(args, model, None, quant)  # PEFT directories for the LLM API
     preflight.refuse_padding_for_pytorch(args, model, args.pad_heads or model.pads_heads)
     triton = args.triton_target != "none" and not args.checkpoint_only
     pytorch_preflight(model, Path(args.output), quant, tp=args.tp, pp=args.pp,
@@ -253,9 +251,11 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     if triton:  # the Triton options and the LLM(...) size limits the engine flags give
         options = TritonOptions.from_any(args).as_dict()
         options.update({k: getattr(args, k) for k in LLM_SIZE_FLAGS})
+        if lora is not None:
+            options["lora_config"] = llm_api_lora_config(lora, Path(args.output))
     return BuildPlan(target="pytorch", options=dict(vars(args)), model=model, quant=quant,
                      layout=_Split(args.tp, args.pp), tokenizer=tokenizer, triton_options=options,
-                     calibration=calibration,
+                     calibration=calibration, lora=lora,
                      **{**_common(args), "triton_target": args.triton_target if triton else "none"})
 
 

@@ -272,7 +272,8 @@ def test_refusals(base, adapters, tiny_model, tmp_path, capsys):
         (["--lora", str(a8), str(a8)], r"given twice"),
         (["--lora", str(a8), "--smoothquant"], r"--lora with .*SmoothQuant.*no LoRA branch"),
         (["--lora", str(a8), "--fp8-rowwise"], r"--lora with .*FP8 rowwise layers have no LoRA"),
-        (["--lora", str(a8), "--target", "pytorch"], r"not supported with --target pytorch"),
+        (["--lora", str(a8), "--target", "pytorch", "--smoothquant"],
+         r"--lora with .*SmoothQuant.*no LoRA branch"),
         (["--lora", str(a8), "--kv-cache-type", "continuous"], r"--kv-cache-type paged"),
         (["--lora", str(tmp_path / "nowhere")], r"not a directory"),
     ]
@@ -344,3 +345,23 @@ def test_triton_config_of_a_lora_engine(base, tmp_path, dtype):
         {"lora_task_id": "TYPE_UINT64", "lora_weights": want, "lora_config": "TYPE_INT32"}
     llm_step = ens["ensemble_scheduling"]["step"][1]["input_map"]
     assert llm_step["lora_weights"] == "lora_weights" and llm_step["lora_task_id"] == "lora_task_id"
+
+
+def test_pytorch_target_lays_out_peft_adapters(base, adapters, tmp_path):
+    """--target pytorch: the adapters, checked as for the engine, are copied as PEFT directories
+    to OUTPUT/lora/<task id>/ and named in the LLM-API model.yaml's lora_config (TensorRT-LLM's
+    LoraConfig: lora_dir, max_lora_rank, max_loras, max_cpu_loras)."""
+    import filecmp
+
+    import yaml
+
+    out = tmp_path / "out"
+    assert main(["--model", str(base), "--target", "pytorch", "--lora", str(adapters["a8"]),
+                 str(adapters["a4rs"]), "--output", str(out), "--no-progress"]) == 0
+    for task, name in ((1, "a8"), (2, "a4rs")):
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            assert filecmp.cmp(adapters[name] / f, out / "lora" / str(task) / f, shallow=False)
+    text = (out / "triton" / "tensorrt_llm" / "1" / "model.yaml").read_text()
+    assert yaml.safe_load(text)["lora_config"] == {
+        "lora_dir": [str(out / "lora" / "1"), str(out / "lora" / "2")], "max_lora_rank": 8,
+        "max_loras": 2, "max_cpu_loras": 2}
