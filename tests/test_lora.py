@@ -365,3 +365,27 @@ def test_pytorch_target_lays_out_peft_adapters(base, adapters, tmp_path):
     assert yaml.safe_load(text)["lora_config"] == {
         "lora_dir": [str(out / "lora" / "1"), str(out / "lora" / "2")], "max_lora_rank": 8,
         "max_loras": 2, "max_cpu_loras": 2}
+
+
+@pytest.mark.slow
+def test_done_when_command_on_smollm2(smollm2_dir, tmp_path, capsys):
+    """The issue's command as typed, on the real SmolLM2-135M (`llama`: 9 -> 12 heads, 3 -> 4 KV
+    heads padded for tp 2): `build_engine --model llama --tp 2 --lora A B --output out
+    --verify` (with --dtype bfloat16: the rows as bfloat16 bits); A: r 8 on every module
+    (float32), B: r 16 rsLoRA on attention only (bfloat16)."""
+    a = make_adapter(smollm2_dir, tmp_path / "A", r=8, alpha=16, std=0.02, seed=1)
+    b = make_adapter(smollm2_dir, tmp_path / "B", r=16, alpha=8, rslora=True, std=0.02, seed=2,
+                     targets=["q_proj", "k_proj", "v_proj", "o_proj"], dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    rc = main(["--model", "llama", "--tp", "2", "--lora", str(a), str(b), "--output", str(out),
+               "--verify", "--no-progress", "--dtype", "bfloat16"])  # a bfloat16 engine
+    got = capsys.readouterr()
+    text = got.out + got.err
+    assert rc == 3, text  # everything but the engines (no TensorRT-LLM here)
+    assert "padded 9 -> 12 heads" in text
+    for task in (1, 2):
+        assert re.search(rf"verify: lora task {task} .*: PASS .*dtype bfloat16 tp 2", text), text
+    rec = json.loads((out / "build.json").read_text())["options"]["lora"]
+    assert rec["max_lora_rank"] == 16 and rec["dtype"] == "bfloat16"
+    w = np.load(out / "lora" / "2" / "model.lora_weights.npy")
+    assert w.dtype == np.dtype("V2") and w.shape[1] == 30 * 4  # 30 layers x q, k, v, o
