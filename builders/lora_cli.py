@@ -57,6 +57,9 @@ def add_adapters(out: Path, dirs) -> list[dict]:
 
     data = _build_record(out)
     options, lora = data["options"], data["options"]["lora"]
+    if options.get("target", "engine") != "engine":
+        raise UserError(f"{out} is a --target {options.get('target')} output: the LLM API loads "
+                        f"PEFT directories itself; list them in its model.yaml lora_config")
     root = out / lora.get("dir", "lora")
     if ownership.foreign(root) is not None:
         raise UserError(f"{ownership.foreign(root)}: build_engine will not add to it")
