@@ -110,6 +110,28 @@ def verify_step(ckpt: Path, model_dir, quant, tokenizer, timings: dict, shown=No
     return passed
 
 
+def lora_verify_step(ckpt: Path, model_dir, lora_root: Path, lora, quant, tokenizer,
+                     timings: dict, shown=None) -> bool:
+    """--verify with --lora: each converted adapter run by the reference reader as TensorRT-LLM's
+    runtime applies it, against HF + PEFT (verify/lora_reader.py); False on a mismatch."""
+    import time
+
+    from verify.lora_reader import verify_adapters
+    from verify.reference import summary_line
+
+    t0 = time.perf_counter()
+    ids = None
+    if quant.format.quantized(quant):  # real text, as the base check of a quantized checkpoint
+        ids = tokenizer(quant.read_calib_text()[:2000], return_tensors="pt")["input_ids"]
+    reports = verify_adapters(ckpt, model_dir, lora_root,
+                              [(a.task_id, a.directory) for a in lora.adapters], input_ids=ids)
+    timings["verify_lora"] = time.perf_counter() - t0
+    for report, _ in reports:
+        print(f"verify: lora task {report['task_id']} ({report['adapter']}, vs HF + PEFT): "
+              f"{summary_line(report, ckpt if shown is None else shown)}")
+    return all(ok for _, ok in reports)
+
+
 def eval_ppl_step(ckpt: Path, model_dir, text: str, timings: dict) -> None:
     """--eval-ppl: the checkpoint's and the HF model's perplexity on the user's text."""
     import time

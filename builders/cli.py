@@ -26,6 +26,10 @@ def main(argv=None) -> int:
         from builders.check_cli import main as check_main
 
         return check_main(argv[1:])
+    if argv[:1] == ["lora"]:  # `build_engine lora OUTPUT --lora DIR ...` (builders/lora_cli.py)
+        from builders.lora_cli import main as lora_main
+
+        return lora_main(argv[1:])
     args = build_parser().parse_args(argv)
     interrupt.install()
     try:

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_safety_arguments(g)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_stage_arguments(p)
+    _add_lora_arguments(p)
     # engine_options, not builders.engine: a --checkpoint-only run never loads the engine stage
     from builders.engine_options import add_engine_arguments
     from builders.triton import add_triton_arguments
@@ -74,6 +75,28 @@ def _add_safety_arguments(g) -> None:
                    help="keep a calibrated checkpoint whose quality gate shows a broken model "
                         "(top-1 agreement with the float model under 50%%, perplexity over 4x the "
                         "float model's or not finite; default: the run fails, exit 1)")
+
+
+def _add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    """LoRA adapters (pipeline/lora.py); absent from the Namespace unless given, so build.json
+    of a run without them reads as before."""
+    g = p.add_argument_group("LoRA adapters")
+    g.add_argument("--lora", nargs="+", type=Path, metavar="DIR", default=argparse.SUPPRESS,
+                   help="PEFT LoRA adapter directories (adapter_config.json + "
+                        "adapter_model.safetensors): the engine gets TensorRT-LLM's LoRA plugin "
+                        "for their modules and ranks, and each is converted to OUTPUT/lora/<task "
+                        "id>/ (task ids 1, 2, ... in this order); --verify checks each against "
+                        "HF + PEFT")
+    g.add_argument("--max-lora-rank", type=int, metavar="N", default=argparse.SUPPRESS,
+                   help="the engine's max_lora_rank (default: the largest adapter rank); an "
+                        "adapter of a higher rank is refused")
+    g.add_argument("--lora-plugin", choices=("float16", "bfloat16", "float32"),
+                   default=argparse.SUPPRESS,
+                   help="with --from-checkpoint: build the engines with TensorRT-LLM's LoRA "
+                        "plugin in this dtype (the checkpoint's), as a --lora run prints it")
+    g.add_argument("--lora-target-modules", nargs="+", metavar="MODULE", default=argparse.SUPPRESS,
+                   help="with --from-checkpoint and --lora-plugin: TensorRT-LLM's LoRA module "
+                        "names (attn_q attn_k attn_v attn_dense mlp_h_to_4h mlp_gate mlp_4h_to_h)")
 
 
 def _add_stage_arguments(p: argparse.ArgumentParser) -> None:

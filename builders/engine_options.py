@@ -118,6 +118,12 @@ class EngineOptions:
     multiple_profiles: str = "disable"
     log_level: str = "info"
     build_workers: int = 1
+    #: LoRA (set from --lora's adapters by pipeline.lora, never a flag of their own): the LoRA
+    #: plugin's dtype (the engine's), BuildConfig.lora_config's lora_target_modules (TensorRT-LLM
+    #: module names) and max_lora_rank; None / (): no LoRA plugin
+    lora_plugin: str | None = None
+    lora_target_modules: tuple = ()
+    max_lora_rank: int | None = None
 
     @property
     def paged_kv_cache(self) -> str:
@@ -152,12 +158,29 @@ class EngineOptions:
             elif spec.choices is not None and value not in spec.choices:
                 raise UserError(f"{spec.flag} must be one of {', '.join(spec.choices)} "
                                 f"(got {value!r})")
+        self._validate_lora()
         if self.gemm_swiglu_plugin == "fp8" and self.use_fused_mlp != "enable":
             raise UserError("--gemm-swiglu-plugin fp8 needs --use-fused-mlp enable "
                             "(TensorRT-LLM refuses the GEMM+SwiGLU plugin without the fused MLP)")
 
+    def _validate_lora(self) -> None:
+        """The settings TensorRT-LLM's LoRA plugin needs: packed input and a paged KV cache
+        (the in-flight batcher's per-request adapters), a float plugin dtype."""
+        if self.lora_plugin is None:
+            return
+        if self.lora_plugin not in ("float16", "bfloat16", "float32"):
+            raise UserError(f"the LoRA plugin dtype must be the engine's float16, bfloat16 or "
+                            f"float32 (got {self.lora_plugin!r})")
+        if self.kv_cache_type != "paged" or self.remove_input_padding != "enable":
+            raise UserError("--lora needs --kv-cache-type paged and --remove-input-padding enable "
+                            "(per-request adapters are served by the in-flight batcher)")
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.lora_plugin is None:  # the options of a run without LoRA read as before
+            for k in ("lora_plugin", "lora_target_modules", "max_lora_rank"):
+                out.pop(k)
+        return out
 
     def cli_flags(self, only_changed: bool = True) -> list[str]:
         """``--flag value`` pairs for build_engine (by default only those that differ from the
@@ -168,6 +191,9 @@ class EngineOptions:
             if value is None or (only_changed and value == spec.default):
                 continue
             out += [spec.flag, str(value)]
+        if self.lora_plugin is not None:  # --from-checkpoint's LoRA flags (trtllm-build's)
+            out += ["--lora-plugin", self.lora_plugin, "--max-lora-rank", str(self.max_lora_rank),
+                    "--lora-target-modules", *self.lora_target_modules]
         return out
 
 
@@ -269,6 +295,9 @@ def trtllm_build_args(options: EngineOptions) -> dict:
         if value is None and spec.target == _PLUGIN:
             continue
         out[spec.name] = value
+    if options.lora_plugin is not None:  # BuildConfig.lora_config + PluginConfig.lora_plugin
+        out.update(lora_plugin=options.lora_plugin, max_lora_rank=options.max_lora_rank,
+                   lora_target_modules=list(options.lora_target_modules))
     return out
 
 

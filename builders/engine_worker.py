@@ -30,6 +30,9 @@ import typing
 
 from builders.engine_options import BUILD_KEYS, PLUGIN_KEYS
 
+#: PluginConfig's LoRA field (set only with --lora; builders.engine_options.trtllm_build_args)
+LORA_PLUGIN = ("lora_plugin",)
+
 # Passed as trtllm-build passes them: no opt_num_tokens (its default), strongly typed, and no
 # timing-cache file (trtllm-build would drop model.cache into the working directory).
 _FIXED = {"opt_num_tokens": None, "strongly_typed": True, "input_timing_cache": None,
@@ -73,6 +76,17 @@ def _accepts_none(field) -> bool:
     return annotation is None or type(None) in typing.get_args(annotation)
 
 
+def lora_config(args: dict):
+    """BuildConfig.lora_config as trtllm-build makes it (tensorrt_llm/commands/build.py): no
+    lora_dir (adapters come per request, so no modules_to_save is written into the engine), the
+    target modules and the largest rank. build_model calls ``model.use_lora(lora_config)`` when
+    the plugin is set, which adds the missing q/k/v modules."""
+    from tensorrt_llm.lora_manager import LoraConfig
+
+    return LoraConfig(lora_dir=[], lora_ckpt_source="hf", max_lora_rank=args["max_lora_rank"],
+                      lora_target_modules=list(args["lora_target_modules"]))
+
+
 def build_one_rank(rank: int, checkpoint_dir: str, output_dir: str, trtllm_args: dict) -> None:
     import tensorrt_llm
     from tensorrt_llm.builder import BuildConfig
@@ -90,11 +104,13 @@ def build_one_rank(rank: int, checkpoint_dir: str, output_dir: str, trtllm_args:
     # Plugin flags keep trtllm-build's string values: PluginConfig turns "enable"/"disable"
     # into booleans / None itself.
     plugin_config = PluginConfig.from_arguments(
-        argparse.Namespace(**{k: args[k] for k in PLUGIN_KEYS if k in args}))
+        argparse.Namespace(**{k: args[k] for k in PLUGIN_KEYS + LORA_PLUGIN if k in args}))
     plugin_config.validate()
     sizes = {k: args.get(k) for k in BUILD_KEYS if k != "kv_cache_type"}
     build_config = make_build_config(BuildConfig, sizes, args.get("kv_cache_type", "paged"),
                                      plugin_config)
+    if args.get("lora_plugin") is not None:
+        build_config.lora_config = lora_config(args)
     model_config = PretrainedConfig.from_json_file(os.path.join(checkpoint_dir, "config.json"))
 
     # trtllm-build turns the fused MLP off in build_model's kwargs for quantized checkpoints

@@ -133,6 +133,13 @@ CELLS = (
 )
 
 
+def lora_cell(quant_algo) -> Cell | None:
+    """The table's LoRA cell of a format in the engine flow (None: TensorRT-LLM's LoRA plugin runs
+    on its linears)."""
+    return next((c for c in broken(Run(quant_algo, lora=True)) if c.field == "lora_quant_algo"),
+                None)
+
+
 def parse_gpu(text: str) -> tuple[str, int]:
     """(label, SM) of ``--gpu NAME|sm_XX``; ``UserError`` naming the known names otherwise."""
     key = re.sub(r"[\s_\-]", "", text.lower())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from . import lora as lora_step
 from .plan import BuildPlan
 from .result import EXIT_MISMATCH, BuildResult
 
@@ -31,10 +32,16 @@ def run_engine_target(plan: BuildPlan) -> BuildResult:
         ckpt, done = checkpoint_step(plan, result)
         subset = ckpt.name.endswith(".partial") and not done.staged  # --ranks: some ranks only
         loadable_step(ckpt, plan.ranks_text if subset else None)
-        if not _checks(plan, ckpt, done.report, result):
+        lora = None if plan.lora is None else lora_step.convert_step(
+            plan.lora, plan.model, plan.layout, plan.out, result.timings)
+        if not _checks(plan, ckpt, done.report, result, lora):
             _discard_staged(plan, done, ckpt)
             return BuildResult(exit_code=EXIT_MISMATCH, manifest=False)
         ckpt = _put_in_place(plan, done, ckpt, result)
+        if lora is not None:
+            lora_step.put_in_place(lora)
+            result.outputs.append(lora_step.LORA_DIR)
+            result.extra["lora"] = plan.lora.record()
     if plan.checkpoint_only:
         return result
     from .engines import engines_and_triton, engine_record
@@ -116,9 +123,9 @@ def loadable_step(ckpt, ranks_text: str | None) -> None:
     print(result.summary())
 
 
-def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
-    """The quality gate of a calibrated run, --verify and --eval-ppl; False on a --verify
-    mismatch."""
+def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult, lora=None) -> bool:
+    """The quality gate of a calibrated run, --verify (with --lora: every adapter too, from
+    ``lora``, the converted adapters' directory) and --eval-ppl; False on a --verify mismatch."""
     from builders import checks
 
     quant = plan.quant
@@ -134,6 +141,10 @@ def _checks(plan: BuildPlan, ckpt, report: dict, result: BuildResult) -> bool:
                                         "source": quant.source_quant.words}
     if plan.verify and not checks.verify_step(ckpt, model_dir, quant, plan.tokenizer, timings,
                                               shown=plan.out / "checkpoint"):
+        return False
+    if plan.verify and lora is not None and not checks.lora_verify_step(
+            ckpt, model_dir, lora, plan.lora, quant, plan.tokenizer, timings,
+            shown=plan.out / "checkpoint"):
         return False
     if plan.ppl_text is not None:
         checks.eval_ppl_step(ckpt, model_dir, plan.ppl_text, timings)

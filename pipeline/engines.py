@@ -71,6 +71,8 @@ def write_triton(plan: BuildPlan, ckpt, *, engines_built: bool):
     model_dir = plan.model.directory if plan.model is not None else None
     repo = write_engine_repo(plan.out / "triton", engine_dir=plan.out / "engines",
                              tokenizer_dir=plan.tokenizer_dir or model_dir,
-                             engine_config=engine_config, options=plan.triton_options)
+                             engine_config=engine_config, options=plan.triton_options,
+                             lora_adapters=0 if plan.lora is None else len(plan.lora.adapters),
+                             lora_dir=plan.out / "lora")
     validate_repo(repo)
     return repo

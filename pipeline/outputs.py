@@ -12,7 +12,7 @@ from common.errors import UserError
 from common.ownership import foreign, inside, refuse_foreign, remove_owned
 
 #: built from a checkpoint: stale once another checkpoint replaces it
-DERIVED = ("engines", "engines.partial", "triton")
+DERIVED = ("engines", "engines.partial", "triton", "lora")
 MANIFEST = "build.json"
 
 
@@ -29,6 +29,9 @@ def replaced(plan) -> tuple[list[str], list[str]]:
         cal = plan.calibration
         if cal is not None and not cal.reuse and inside(cal.store, plan.out):
             deletes.append(os.path.relpath(cal.store, plan.out))
+    if getattr(plan, "lora", None) is not None:
+        writes.append("lora")
+        deletes.append("lora.partial")
     if plan.target == "engine" and not plan.checkpoint_only:
         writes.append("engines")
         deletes.append("engines.partial")

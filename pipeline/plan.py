@@ -53,6 +53,7 @@ class BuildPlan:
     #: the capability table's warnings / note (pipeline.preflight.gpu_capability), printed once
     #: every refusal has passed
     gpu_notes: tuple = ()
+    lora: object = None  # pipeline.lora.LoraPlan (--lora)
 
 
 def make_plan(args) -> BuildPlan:
@@ -165,11 +166,20 @@ def _from_checkpoint_plan(args) -> BuildPlan:
     if quant.format.quantized(quant):  # a checkpoint is quantized when converted
         raise UserError("quantization flags apply when converting with --model; a "
                         "--from-checkpoint checkpoint keeps its own quantization (drop them)")
+    if getattr(args, "lora", None):
+        raise UserError("--lora needs --model (each adapter is checked against the HF model and "
+                        "laid out as its checkpoint); for an existing output: build_engine lora "
+                        "OUTPUT --lora DIR ...")
     _refuse_unfinished(Path(args.from_checkpoint))
     config = _checkpoint_config(args.from_checkpoint)
     gpu_notes = tuple(preflight.checkpoint_gpu_capability(args, config))
     preflight.check_triton_args(args, None, config.get("vocab_size"))
     stages = _stage_options(args, (config.get("quantization") or {}).get("quant_algo"))
+    from .lora import from_checkpoint_options
+
+    lora_options = from_checkpoint_options(args, stages.get("engine_options"), config)
+    if lora_options is not None:
+        stages["engine_options"] = lora_options
     return BuildPlan(target="engine", options=dict(vars(args)), gpu_notes=gpu_notes,
                      from_checkpoint=Path(args.from_checkpoint), **_common(args), **stages)
 
@@ -193,6 +203,9 @@ def _engine_plan(args, quant) -> BuildPlan:
     gpu_notes = tuple(preflight.gpu_capability(args, quant, model, "engine"))
     layout = plan_layout(model, tp=args.tp, pp=args.pp, quant=quant, moe_tp=args.moe_tp,
                          moe_ep=args.moe_ep, pad_heads=args.pad_heads or model.pads_heads)
+    from .lora import engine_options, plan_lora
+
+    lora = plan_lora(args, model, layout, quant)
     padding_layout = {**(preflight.head_padding(args, layout.shape) or {}),
                       **(preflight.hidden_padding(args, layout.shape, quant) or {})} or None
     preflight.check_triton_args(args, model.directory, model.shape.vocab)
@@ -211,11 +224,13 @@ def _engine_plan(args, quant) -> BuildPlan:
         calibration = calibration_run(calibration, quant, layout.shape, Path(args.output))
     own_store = None if args.calibration else Path(args.output) / "calibration"
     stages = _stage_options(args, quant.quant_algo if quant.format.quantized(quant) else None)
+    if "engine_options" in stages:
+        stages["engine_options"] = engine_options(stages["engine_options"], lora)
     return BuildPlan(target="engine", options=dict(vars(args)), model=model, quant=quant,
                      layout=layout, ranks=ranks, tokenizer=tokenizer, calibration=calibration,
                      own_calibration_store=own_store, ppl_text=ppl_text,
-                     padding_layout=padding_layout, gpu_notes=gpu_notes, **_common(args),
-                     **stages)
+                     padding_layout=padding_layout, gpu_notes=gpu_notes, lora=lora,
+                     **_common(args), **stages)
 
 
 def _pytorch_plan(args, quant) -> BuildPlan:
@@ -234,6 +249,9 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     quant = preflight.source_quantization(quant, model, "pytorch", _reads_float(args))
     preflight.family_formats(quant, model, "pytorch")
     gpu_notes = tuple(preflight.gpu_capability(args, quant, model, "pytorch"))
+    from .lora import llm_api_lora_config, plan_lora
+
+    lora = plan_lora(args, model, None, quant)  # PEFT directories for the LLM API
     preflight.refuse_padding_for_pytorch(args, model, args.pad_heads or model.pads_heads)
     triton = args.triton_target != "none" and not args.checkpoint_only
     pytorch_preflight(model, Path(args.output), quant, tp=args.tp, pp=args.pp,
@@ -256,9 +274,11 @@ def _pytorch_plan(args, quant) -> BuildPlan:
     if triton:  # the Triton options and the LLM(...) size limits the engine flags give
         options = TritonOptions.from_any(args).as_dict()
         options.update({k: getattr(args, k) for k in LLM_SIZE_FLAGS})
+        if lora is not None:
+            options["lora_config"] = llm_api_lora_config(lora, Path(args.output))
     return BuildPlan(target="pytorch", options=dict(vars(args)), model=model, quant=quant,
                      layout=_Split(args.tp, args.pp), tokenizer=tokenizer, triton_options=options,
-                     calibration=calibration, gpu_notes=gpu_notes,
+                     calibration=calibration, gpu_notes=gpu_notes, lora=lora,
                      **{**_common(args), "triton_target": args.triton_target if triton else "none"})
 
 

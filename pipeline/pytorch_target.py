@@ -46,6 +46,12 @@ def run_pytorch_target(plan: BuildPlan) -> BuildResult:
         return BuildResult(exit_code=EXIT_MISMATCH, manifest=False)
     put_in_place(plan.out, result.digests, triton=triton)
     result.outputs.append(ckpt.name)
+    if plan.lora is not None:
+        from . import lora as lora_step
+
+        lora_step.put_in_place(lora_step.copy_step(plan.lora, plan.out))
+        result.outputs.append(lora_step.LORA_DIR)
+        result.extra["lora"] = plan.lora.record()
     if triton:
         t0 = time.perf_counter()
         repo = write_repo(plan.out, tp=plan.layout.tp, pp=plan.layout.pp,

@@ -321,3 +321,50 @@ def test_gemma3_engine_repository_on_real_tritonserver(tmp_path):
             "text_output"] == expected
     finally:
         server.stop()
+
+
+def _hf_peft_greedy(model_dir: Path, adapter: Path, prompt: str, new_tokens: int) -> str:
+    """HF + PEFT's greedy completion (fp32), decoded as postprocessing does."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lora_helper import peft_model
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = peft_model(model_dir, adapter)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False,
+                             attention_mask=torch.ones_like(ids))
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_lora_requests_on_real_tritonserver(tmp_path, smollm2_dir):
+    """--lora A B: requests with adapter 1's tensors, adapter 2's tensors, task 1 alone (cached)
+    and none return HF + PEFT's greedy text per adapter (and HF's without); a task id the server
+    has not seen, without weights, is Triton's error answer and the server goes on serving.
+    The client is examples/lora_client.py (binary tensors over KServe v2 HTTP)."""
+    from examples.lora_client import infer
+    from lora_helper import make_adapter
+
+    a = make_adapter(smollm2_dir, tmp_path / "a", r=8, alpha=16, std=0.02, seed=1)
+    b = make_adapter(smollm2_dir, tmp_path / "b", r=4, alpha=8, std=0.03, seed=3, rslora=True,
+                     targets=["q_proj", "v_proj", "up_proj", "down_proj"])
+    out = tmp_path / "out"
+    repo = _build(out, "--lora", str(a), str(b), "--max-batch-size", "4")
+    served = _serve_copy_with_standin(repo, out / "checkpoint", tmp_path / "served")
+    want = {1: _hf_peft_greedy(smollm2_dir, a, PROMPT, NEW_TOKENS),
+            2: _hf_peft_greedy(smollm2_dir, b, PROMPT, NEW_TOKENS),
+            None: _hf_greedy(smollm2_dir, PROMPT, NEW_TOKENS)}
+    assert len(set(want.values())) == 3, want  # each adapter changes the text
+    server = Server(served, tmp_path)
+    url = f"127.0.0.1:{server.http}"
+    try:
+        for task in (1, 2):
+            assert infer(url, PROMPT, NEW_TOKENS, task, out / "lora" / str(task)) == want[task]
+        assert infer(url, PROMPT, NEW_TOKENS, 1) == want[1]  # from the cache
+        with pytest.raises(RuntimeError, match="LoRA task 7 not found in cache"):
+            infer(url, PROMPT, NEW_TOKENS, 7)
+        assert infer(url, PROMPT, NEW_TOKENS) == want[None]  # and the server still serves
+    finally:
+        server.stop()

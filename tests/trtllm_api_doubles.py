@@ -47,6 +47,19 @@ _COMMON = {
                     return cls(json.load(f))
     ''',
     "tensorrt_llm/commands/__init__.py": "",
+    "tensorrt_llm/lora_manager.py": '''
+        import dataclasses
+        from typing import List
+
+        @dataclasses.dataclass
+        class LoraConfig:  # tensorrt_llm/lora_manager.py (1.0-1.2): the fields the worker sets
+            lora_dir: List[str] = dataclasses.field(default_factory=list)
+            lora_ckpt_source: str = "hf"
+            max_lora_rank: int = 64
+            lora_target_modules: List[str] = dataclasses.field(default_factory=list)
+            max_loras: int = 4
+            max_cpu_loras: int = 4
+    ''',
     "tensorrt_llm/commands/build.py": '''
         import json
         import os
@@ -136,6 +149,7 @@ LEGACY_1_0 = dict(_COMMON, **{
             input_timing_cache: str = None
             output_timing_cache: str = "model.cache"
             plugin_config: PluginConfig = dataclasses.field(default_factory=PluginConfig)
+            lora_config: object = None  # tensorrt_llm.lora_manager.LoraConfig
 
             @classmethod
             def from_dict(cls, config, plugin_config=None):
@@ -159,6 +173,10 @@ LEGACY_1_0 = dict(_COMMON, **{
         def record_of(build_config):
             d = {f.name: getattr(build_config, f.name)
                  for f in dataclasses.fields(build_config) if f.name != "plugin_config"}
+            if d["lora_config"] is None:  # the records of builds without LoRA read as before
+                d.pop("lora_config")
+            else:
+                d["lora_config"] = dataclasses.asdict(d["lora_config"])
             assert isinstance(d["kv_cache_type"], KVCacheType), d["kv_cache_type"]
             d["kv_cache_type"] = d["kv_cache_type"].name
             plugin = dict(build_config.plugin_config.kwargs,
@@ -200,6 +218,7 @@ PYDANTIC_1_2 = dict(_COMMON, **{
             use_fp8_context_fmha: bool = True
             use_fused_mlp: bool = True
             multiple_profiles: bool = False
+            lora_plugin: Optional[str] = None  # the LoRA plugin's dtype (None: no plugin)
             _validated: bool = PrivateAttr(default=False)
 
             @field_validator("*", mode="before")
@@ -224,6 +243,7 @@ PYDANTIC_1_2 = dict(_COMMON, **{
         from pydantic import BaseModel, ConfigDict, Field
 
         from .llmapi.kv_cache_type import KVCacheType
+        from .lora_manager import LoraConfig
         from .plugin import PluginConfig
 
         class BuildConfig(BaseModel):
@@ -239,12 +259,17 @@ PYDANTIC_1_2 = dict(_COMMON, **{
             input_timing_cache: Optional[str] = None
             output_timing_cache: str = "model.cache"
             plugin_config: PluginConfig = Field(default_factory=PluginConfig)
+            lora_config: Optional[LoraConfig] = None
 
         def record_of(build_config):
             d = build_config.model_dump(exclude={"plugin_config"})
+            if d["lora_config"] is None:  # the records of builds without LoRA read as before
+                d.pop("lora_config")
             assert isinstance(build_config.kv_cache_type, KVCacheType), d["kv_cache_type"]
             d["kv_cache_type"] = build_config.kv_cache_type.name
             plugin = build_config.plugin_config.model_dump(exclude={"dtype"})
+            if plugin["lora_plugin"] is None:
+                plugin.pop("lora_plugin")
             plugin["validated"] = build_config.plugin_config._validated
             return d, plugin
     ''',

@@ -60,6 +60,9 @@ def linear(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec, module: str
         y = kernel(x, params, qcfg)
     except UserError as e:
         raise UserError(f"{module}: {e}") from None
+    if "lora" in params:  # verify/lora_reader.py: the LoRA plugin's x A^T B^T per module
+        y = y + torch.cat([(x @ a.T.to(x.dtype)) @ b.T.to(x.dtype) if a is not None else
+                           x.new_zeros(*x.shape[:-1], b) for a, b in params["lora"]], -1).to(y.dtype)
     if add_bias and "bias" in params:
         y = y + params["bias"].to(y.dtype)
     return y

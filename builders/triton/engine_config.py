@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from builders.engine_options import deduced_max_seq_len
 from common.errors import UserError
+
+from .lora import lora_info
 from model.families.gemma import trtllm_windows
 
 # trtllm-build's defaults in TensorRT-LLM 1.2 (BuildConfig), used when a value is not given
@@ -61,6 +63,12 @@ def engine_config_from_checkpoint(checkpoint_config: dict, build_options=None) -
             build_option(build_options, "remove_input_padding", "enable") != "disable",
         "gpt_attention_plugin": build_option(build_options, "gpt_attention_plugin", "auto"),
     }
+    lora = build_option(build_options, "lora_plugin", None)
+    if lora:  # as trtllm-build writes a LoRA engine's config.json
+        plugin["lora_plugin"] = lora
+        build["lora_config"] = {
+            "max_lora_rank": build_option(build_options, "max_lora_rank", 64),
+            "lora_target_modules": list(build_option(build_options, "lora_target_modules", ()))}
     build["plugin_config"] = plugin
     return {"version": None, "pretrained_config": checkpoint_config, "build_config": build}
 
@@ -82,6 +90,8 @@ class EngineInfo:
     #: per layer, the KV window the engine must run with (``max_attention_window_size``); None:
     #: every layer attends to the whole sequence (no parameter written)
     attention_windows: tuple[int, ...] | None = None
+    #: the LoRA plugin's settings (builders.triton.lora.lora_info); None: no LoRA
+    lora: dict | None = None
 
 
 def read_engine_config(engine_config: dict) -> EngineInfo:
@@ -118,7 +128,8 @@ def read_engine_config(engine_config: dict) -> EngineInfo:
         max_beam_width=int(build.get("max_beam_width") or 1),
         max_input_len=build.get("max_input_len"), max_seq_len=build.get("max_seq_len"),
         plugin=plugin, architecture=pre.get("architecture"), dtype=pre.get("dtype"),
-        attention_windows=_windows(pre, build.get("max_seq_len")))
+        attention_windows=_windows(pre, build.get("max_seq_len")),
+        lora=lora_info(pre, build, plugin))
 
 
 def _windows(pre: dict, max_seq_len) -> tuple[int, ...] | None:

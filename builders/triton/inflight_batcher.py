@@ -5,6 +5,7 @@ import json
 import posixpath
 from pathlib import Path
 
+from builders.triton import lora
 from builders.triton.engine_config import EngineInfo, check_batching, read_engine_config
 from builders.triton.launch import (ENGINE_CURL, ENGINE_CURL_STREAM, launch_command,
                                     launch_script, slurm_launch_command)
@@ -155,19 +156,20 @@ _PRE_TO_LLM = (("INPUT_ID", "input_ids"), ("REQUEST_INPUT_LEN", "input_lengths")
 
 
 def engine_model_configs(*, engine: EngineInfo, opts: TritonOptions, engine_path: str,
-                         tokenizer_path: str, batch: int, tokens: dict | None = None
-                         ) -> dict[str, dict]:
+                         tokenizer_path: str, batch: int, tokens: dict | None = None,
+                         lora_adapters: int = 0, lora_dir: str | None = None) -> dict[str, dict]:
     """The config dicts (ModelConfig field names) of the engine repository's models; ``tokens``:
     :func:`builders.triton.tokens.special_token_ids` of the model (the preprocessing model's
     defaults for END_ID / PAD_ID and its default stop words)."""
     tokens = tokens or {"end_id": -1, "pad_id": 0, "stop_token_ids": []}
     lt = engine.logits_type
     cfgs = {PREPROCESSING: _preprocessing(engine, opts, tokenizer_path, batch, tokens),
-            TENSORRT_LLM: _tensorrt_llm(engine, opts, engine_path, tokenizer_path, batch),
+            TENSORRT_LLM: _tensorrt_llm(engine, opts, engine_path, tokenizer_path, batch,
+                                        (lora_adapters, lora_dir)),
             POSTPROCESSING: _postprocessing(lt, opts, tokenizer_path, batch),
-            ENSEMBLE: _ensemble(lt, batch)}
+            ENSEMBLE: _ensemble(lt, batch, _CLIENT_INPUTS + lora.client_inputs(engine))}
     if opts.triton_bls:
-        cfgs[BLS] = _bls(lt, opts, batch)
+        cfgs[BLS] = _bls(lt, opts, batch, _CLIENT_INPUTS + lora.client_inputs(engine))
     return cfgs
 
 
@@ -189,7 +191,7 @@ def _preprocessing(engine: EngineInfo, opts: TritonOptions, tokenizer_path: str,
 
 
 def _tensorrt_llm(engine: EngineInfo, opts: TritonOptions, engine_path: str, tokenizer_path: str,
-                  batch: int) -> dict:
+                  batch: int, lora_adapters: tuple = (0, None)) -> dict:
     lt = engine.logits_type
     llm_params = {
         "gpt_model_type": opts.batching_strategy,
@@ -213,11 +215,14 @@ def _tensorrt_llm(engine: EngineInfo, opts: TritonOptions, engine_path: str, tok
         # one KV window per layer (Gemma's sliding layers): the C++ backend reads a comma-separated
         # list (model_instance_state.cc getKvCacheConfigFromParams, GetParameter<std::vector<int32_t>>)
         llm_params["max_attention_window_size"] = ",".join(map(str, engine.attention_windows))
+    llm_params.update(lora.cache_params(engine, *lora_adapters))
+    inputs = [t if t[0] != "lora_weights" else (t[0], lora.weights_type(engine), *t[2:])
+              for t in _TRTLLM_INPUTS]
     return {
         "name": TENSORRT_LLM, "backend": "tensorrtllm", "max_batch_size": batch,
         "model_transaction_policy": {"decoupled": opts.decoupled},
         "dynamic_batching": dynamic_batching(batch, opts),
-        "input": [tensor(t, lt) for t in _TRTLLM_INPUTS],
+        "input": [tensor(t, lt) for t in inputs],
         "output": [tensor(t, lt) for t in _TRTLLM_OUTPUTS],
         "instance_group": cpu_instances(1),
         "parameters": string_params(llm_params),
@@ -236,7 +241,7 @@ def _postprocessing(lt, opts: TritonOptions, tokenizer_path: str, batch: int) ->
     }
 
 
-def _ensemble(lt, batch: int) -> dict:
+def _ensemble(lt, batch: int, client=_CLIENT_INPUTS) -> dict:
     """preprocessing -> tensorrt_llm -> postprocessing, the client's tensors routed to each step."""
     pre_step = {"model_name": PREPROCESSING, "model_version": -1, "input_map": {},
                 "output_map": {o[0]: "_" + o[0] for o in _PRE_OUTPUTS}}
@@ -244,7 +249,7 @@ def _ensemble(lt, batch: int) -> dict:
                 "input_map": {llm: "_" + pre for pre, llm in _PRE_TO_LLM},
                 "output_map": {"output_ids": "_TOKENS_BATCH",
                                "sequence_length": "_SEQUENCE_LENGTH"}}
-    for name, _, _, _, (model, key) in _CLIENT_INPUTS:
+    for name, _, _, _, (model, key) in client:
         (pre_step if model == "pre" else llm_step)["input_map"][key] = name
     for t in _RESULT_OUTPUTS + _PERF_OUTPUTS:
         llm_step["output_map"][t[0]] = t[0]
@@ -254,17 +259,17 @@ def _ensemble(lt, batch: int) -> dict:
                  "output_map": {"OUTPUT": "text_output"}}
     return {
         "name": ENSEMBLE, "platform": "ensemble", "max_batch_size": batch,
-        "input": [tensor(t, lt) for t in _CLIENT_INPUTS],
+        "input": [tensor(t, lt) for t in client],
         "output": [tensor(t, lt) for t in _CLIENT_OUTPUTS],
         "ensemble_scheduling": {"step": [pre_step, llm_step, post_step]},
     }
 
 
-def _bls(lt, opts: TritonOptions, batch: int) -> dict:
+def _bls(lt, opts: TritonOptions, batch: int, client=_CLIENT_INPUTS) -> dict:
     return {
         "name": BLS, "backend": "python", "max_batch_size": batch,
         "model_transaction_policy": {"decoupled": opts.decoupled},
-        "input": [tensor(t, lt) for t in _CLIENT_INPUTS],
+        "input": [tensor(t, lt) for t in client],
         "output": [tensor(t, lt) for t in _CLIENT_OUTPUTS],
         "instance_group": cpu_instances(opts.triton_instance_count),
         "parameters": string_params({
@@ -272,13 +277,13 @@ def _bls(lt, opts: TritonOptions, batch: int) -> dict:
             "tensorrt_llm_model_name": TENSORRT_LLM,
             "postprocessing_model_name": POSTPROCESSING,
             # BLS tensor name -> (model, that model's tensor name), read by its model.py
-            "input_routes": json.dumps({n: list(r) for n, _, _, _, r in _CLIENT_INPUTS},
+            "input_routes": json.dumps({n: list(r) for n, _, _, _, r in client},
                                        sort_keys=True)}),
     }
 
 
 def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict | None,
-                      options=None) -> Path:
+                      options=None, lora_adapters: int = 0, lora_dir=None) -> Path:
     """Write the filled inflight_batcher_llm repository for ``engine_dir`` into ``out_dir``.
 
     ``engine_config``: the engine's config.json as a dict, or :func:`engine_config_from_checkpoint`
@@ -301,7 +306,9 @@ def write_engine_repo(out_dir, *, engine_dir, tokenizer_dir, engine_config: dict
         tokenizer_path = paths.serve(tok_dir)
     tokens = special_token_ids(tok_dir)
     cfgs = engine_model_configs(engine=engine, opts=opts, engine_path=engine_path,
-                                tokenizer_path=tokenizer_path, batch=batch, tokens=tokens)
+                                tokenizer_path=tokenizer_path, batch=batch, tokens=tokens,
+                                lora_adapters=lora_adapters,
+                                lora_dir=paths.serve(lora_dir) if lora_adapters else None)
     repo = paths.repo
 
     def build(tmp: Path) -> None:

@@ -65,6 +65,17 @@ def _llm_size_limits(options) -> dict:
     return llm_args
 
 
+def _llm_args(options, paths) -> dict:
+    """LLM(...)'s size limits, and with --lora TensorRT-LLM's LoraConfig (the adapters'
+    directories as served)."""
+    llm_args = _llm_size_limits(options)
+    lora = build_option(options if not isinstance(options, TritonOptions) else None,
+                        "lora_config", None)
+    if lora:
+        llm_args["lora_config"] = {**lora, "lora_dir": [paths.serve(d) for d in lora["lora_dir"]]}
+    return llm_args
+
+
 def write_llmapi_repo(out_dir, *, model_dir, tokenizer_dir=None, tp: int = 1, pp: int = 1,
                       options=None) -> Path:
     """Write the LLM-API (PyTorch backend) repository serving ``model_dir`` (a HF or unified
@@ -83,7 +94,7 @@ def write_llmapi_repo(out_dir, *, model_dir, tokenizer_dir=None, tp: int = 1, pp
     paths = ServePaths(Path(out_dir).expanduser().absolute(), opts.triton_model_root)
     model_path = paths.serve(model)
     tokenizer_path = paths.serve(tok_dir) if tok_dir is not None else None
-    llm_args = _llm_size_limits(options)
+    llm_args = _llm_args(options, paths)
     data = llmapi_model_yaml(model_path=model_path, tokenizer_path=tokenizer_path, tp=tp, pp=pp,
                              opts=opts, llm_args=llm_args)
     check_llmapi_model_yaml(data, "model.yaml")

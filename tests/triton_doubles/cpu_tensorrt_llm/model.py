@@ -15,7 +15,10 @@ word of ``stop_words_list`` (returned, as TensorRT-LLM does). Outputs:
 when ``exclude_input_in_output`` (the request's value, else the model parameter). In decoupled
 mode with ``streaming``, one response per new token, the last flagged final. Sampling, beams,
 bad words, logits and the perf outputs are not implemented (they are not requested by the
-tests).
+tests). LoRA: a request's ``lora_task_id`` with ``lora_weights`` / ``lora_config`` runs with that
+adapter (applied by verify/lora_reader.py as TensorRT-LLM's runtime applies them) and keeps it
+under the task id; the task id alone reuses it; an unknown one without weights is an error
+response with TensorRT-LLM's message.
 """
 import json
 
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from verify.reference import ReferenceModel
+from verify.lora_reader import LoraReferenceModel
 
 
 def _scalar(request, name, default=None):
@@ -66,7 +69,9 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.model = _fp32_once(ReferenceModel(params["standin_checkpoint_dir"]))
+        self.model = _fp32_once(LoraReferenceModel(params["standin_checkpoint_dir"], None,
+                                                   lazy=False))
+        self.adapters = {}  # the LoRA cache: task id -> the reader's rows
         self.cap = int(params.get("standin_max_new_tokens_cap", "64"))
         self.exclude_default = params.get("exclude_input_in_output", "true") == "true"
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
@@ -85,6 +90,23 @@ class TritonPythonModel:
                 yield token
                 if any(ids[-len(w):] == w for w in stop_words):
                     return
+
+    def _adapter(self, request):
+        """The request's LoRA rows (verify/lora_reader.py, TensorRT-LLM's runtime rules): its
+        tensors, kept under its task id, or the task id's cached ones; {} without a task id."""
+        task = _scalar(request, "lora_task_id")
+        if task is None:
+            return {}
+        weights = pb_utils.get_input_tensor_by_name(request, "lora_weights")
+        config = pb_utils.get_input_tensor_by_name(request, "lora_config")
+        if weights is not None and config is not None:
+            w = torch.from_numpy(np.asarray(weights.as_numpy()[0], np.float32))
+            c = np.asarray(config.as_numpy()[0], np.int32)
+            self.adapters[task] = self.model.rows_of(w, c, where=f"LoRA task {task}")
+        elif task not in self.adapters:  # TensorRT-LLM's PeftCacheManager message
+            raise ValueError(f"LoRA task {task} not found in cache. Please send LoRA weights "
+                             f"with request")
+        return self.adapters[task]
 
     @staticmethod
     def _response(tokens):
@@ -105,6 +127,16 @@ class TritonPythonModel:
             end_id = _scalar(request, "end_id")
             exclude = bool(_scalar(request, "exclude_input_in_output", self.exclude_default))
             streaming = bool(_scalar(request, "streaming", False))
+            try:
+                self.model.lora = self._adapter(request)
+            except ValueError as e:
+                error = pb_utils.InferenceResponse(output_tensors=[],
+                                                   error=pb_utils.TritonError(str(e)))
+                if self.decoupled:
+                    request.get_response_sender().send(error, flags=final)
+                else:
+                    responses.append(error)
+                continue
             stop_words = _word_list(pb_utils.get_input_tensor_by_name(request,
                                                                       "stop_words_list"))
             tokens = self._greedy(prompt, max_new, end_id, stop_words)
