@@ -27,6 +27,7 @@ import fnmatch
 import math
 from dataclasses import dataclass
 
+from model.conditions import LayerConditions
 from model.families import FAMILIES
 from model.spec import (COLUMN_PARALLEL, DIMS, EXPERT_COLUMN, EXPERT_ROW, QKV, REPLICATED,
                         TRT_LAYER, VOCAB, MlaDims, applies)
@@ -81,7 +82,7 @@ def pp_layers(layers: int, pp: int, pp_rank: int) -> range:
     return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
-class ConfigShape:
+class ConfigShape(LayerConditions):
     """The sizes a family spec names (model.spec.DIMS), read off a TensorRT-LLM config.json."""
 
     def __init__(self, config: dict, inter_key: str = "intermediate_size"):
@@ -105,20 +106,6 @@ class ConfigShape:
                                int(config["v_head_dim"]))
         # DeepseekV2DecoderLayer: MoE where ``layer_idx > 0`` (layer 0 dense)
         self.first_dense = 1 if self.mla else 0
-
-    def moe_layer(self, layer: int) -> bool:
-        return bool(self.experts) and layer >= self.first_dense
-
-    def dense_layer(self, layer: int) -> bool:
-        return not self.moe_layer(layer)
-
-    @property
-    def q_lora(self) -> bool:
-        return bool(self.mla and self.mla.q_lora)
-
-    @property
-    def no_q_lora(self) -> bool:
-        return bool(self.mla) and not self.mla.q_lora
 
     def vocab_rank(self, tp: int) -> int:
         """Rows of the parallel embedding / lm_head on one rank: ceil(vocab / tp)."""

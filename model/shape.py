@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from common.errors import UserError
 
+from .conditions import LayerConditions
 from .config import SUPPORTED_ARCHITECTURES
 from .families import FAMILIES
 from .spec import MlaDims
@@ -71,7 +72,7 @@ def choose_padding(heads: int, kv_heads: int, tp: int, *, no_kv_duplication: boo
 
 
 @dataclass(frozen=True)
-class Shape:
+class Shape(LayerConditions):
     """The numbers that decide how a model can be split."""
 
     family: str
@@ -115,22 +116,6 @@ class Shape:
     def expert_inter(self) -> int:
         """The routed experts' intermediate size (what --moe-tp splits)."""
         return self.moe_inter or self.inter
-
-    def moe_layer(self, layer: int) -> bool:
-        """Layer ``layer`` (global index) has routed experts."""
-        return bool(self.experts) and layer >= self.first_dense
-
-    def dense_layer(self, layer: int) -> bool:
-        return not self.moe_layer(layer)
-
-    @property
-    def q_lora(self) -> bool:
-        """MLA with a low-rank q projection (DeepSeek-V2), not one q_proj (V2-Lite)."""
-        return bool(self.mla and self.mla.q_lora)
-
-    @property
-    def no_q_lora(self) -> bool:
-        return bool(self.mla) and not self.mla.q_lora
 
     @property
     def tp_heads(self) -> int:
