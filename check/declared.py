@@ -91,14 +91,15 @@ class ConfigShape(LayerConditions):
         self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
         self.head_size = int(config.get("head_size") or self.hidden // self.heads)
         self.inter = int(config.get(inter_key) or 4 * self.hidden)
-        self.shared_inter = int(config.get("moe_shared_expert_intermediate_size") or 0)
         self.vocab = int(config["vocab_size"])
         moe = config.get("moe") or {}
         self.experts = int(moe.get("num_experts", 0))
         self.dtype = config["dtype"]
         self.layers = int(config["num_hidden_layers"])
         self.expert_inter = int(config.get("moe_inter_size") or self.inter)
-        self.shared_inter = int(moe.get("shared_expert_intermediate_size") or 0)
+        # Qwen2-MoE: in the moe block; DeepSeek-V2: its own key
+        self.shared_inter = int(moe.get("shared_expert_intermediate_size")
+                                or config.get("moe_shared_expert_intermediate_size") or 0)
         self.mla = None
         if config.get("kv_lora_rank"):  # DeepSeekV2Config's MLA sizes
             self.mla = MlaDims(int(config.get("q_lora_rank") or 0), int(config["kv_lora_rank"]),

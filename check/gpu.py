@@ -47,6 +47,14 @@ _CUTLASS_MOE = ("tensorrt_llm/_torch/modules/fused_moe/fused_moe_cutlass.py "
                 "CutlassFusedMoE._QUANT_SUPPORT_TABLE")
 
 
+def sm_of_name(name: str) -> int | None:
+    """The SM of a GPU's marketing name (``NVIDIA H100 80GB HBM3``): the longest name of the
+    table it contains; None: not in the table."""
+    key = re.sub(r"[\s_\-]", "", name.lower())
+    hits = [k for k in GPUS if k in key]
+    return GPUS[max(hits, key=len)] if hits else None
+
+
 @dataclass(frozen=True)
 class Cell:
     field: str                 # quant_algo, kv_cache_quant_algo, moe_quant_algo or lora

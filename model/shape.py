@@ -194,8 +194,8 @@ def _tp_problem(shape: Shape, tp: int) -> str | None:
         return f"{kv} key/value heads cannot be split over tp {tp} (need kv % tp == 0 or tp % kv == 0)"
     if shape.inter % tp and (not shape.experts or shape.first_dense):  # experts: by moe_tp
         return f"intermediate size {shape.inter} is not divisible by tp {tp}"
-    if shape.shared_inter % tp:
-        return f"the shared experts' intermediate size {shape.shared_inter} is not divisible by tp {tp}"
+    if shape.shared_inter % tp:  # the shared expert is a tp-split MLP (layers/moe.py SharedMoE)
+        return f"shared expert intermediate size {shape.shared_inter} is not divisible by tp {tp}"
     q_rank, kv_rank = shape.tp_heads // tp, max(kv // tp, 1)
     if FAMILIES[shape.family].qk_norms and q_rank == kv_rank > 1:
         # TensorRT-LLM's Attention.forward (layers/attention.py) views a rank's qkv as

@@ -79,9 +79,10 @@ def make_plan(args) -> BuildPlan:
 
 
 def _noted(plan: BuildPlan) -> BuildPlan:
-    """Print the capability table's warnings / note once every refusal has passed."""
+    """Print the capability table's warnings (stderr) / its "gpu:" line (stdout, with the plan's
+    other lines) once every refusal has passed."""
     for note in plan.gpu_notes:
-        print(note, file=sys.stderr)
+        print(note, file=sys.stdout if note.startswith("gpu:") else sys.stderr)
     return plan
 
 

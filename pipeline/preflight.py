@@ -98,24 +98,25 @@ def _capability(args, algo, kv, moe: bool, family, target: str, quantized: bool)
             raise UserError(line(cell, label, sm))
     notes = [f"build_engine: warning: {line(c, label, sm)}" for c in cells]
     if sm is None and quantized:
-        notes.append("build_engine: note: no --gpu and no GPU on this host: the GPU rows of the "
-                     "capability table (check/gpu.py) were not applied; give --gpu NAME|sm_XX")
+        notes.append("gpu: no --gpu and no GPU on this host: the GPU rows of the capability "
+                     "table (check/gpu.py) were not applied; give --gpu NAME|sm_XX")
     if sm is not None:
         args.target_gpu = {"name": label, "sm": sm, "from": "--gpu" if given else "this host"}
     return notes
 
 
-def _host_gpu() -> tuple[str | None, int | None]:
-    """(name, SM) of this host's first CUDA device, or (None, None)."""
-    try:
-        import torch
+def _host_gpu(proc: Path = Path("/proc/driver/nvidia/gpus")) -> tuple[str | None, int | None]:
+    """(name, SM) of this host's first NVIDIA GPU as its driver names it, or (None, None): read
+    from the driver's /proc entry, not through torch (the float path imports no torch, and no
+    CUDA context is made for a table lookup); a name the table does not know gives no SM."""
+    from check.gpu import sm_of_name
 
-        if not torch.cuda.is_available():
-            return None, None
-        major, minor = torch.cuda.get_device_capability(0)
-        return torch.cuda.get_device_name(0), 10 * major + minor
-    except Exception:  # no usable CUDA runtime: no GPU here
-        return None, None
+    for info in sorted(proc.glob("*/information")):
+        for line in info.read_text(errors="replace").splitlines():
+            if line.startswith("Model:"):
+                name = line.split(":", 1)[1].strip()
+                return name, sm_of_name(name)
+    return None, None
 
 
 def refuse_padding_for_pytorch(args, model, pad_heads: bool) -> None:

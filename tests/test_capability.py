@@ -165,9 +165,10 @@ def test_without_a_gpu_the_table_is_not_applied_and_a_note_says_so(tmp_path, tin
     capsys.readouterr()
     assert main(["--model", str(hf_dir), "--output", str(out), "--checkpoint-only", "--no-progress",
                  "--int8-weight-only"]) == 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["build_engine: note: no --gpu and no GPU on this host: the GPU rows of the "
-                   "capability table (check/gpu.py) were not applied; give --gpu NAME|sm_XX"]
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ""  # a plan line, not a warning: stderr stays for errors
+    assert ("gpu: no --gpu and no GPU on this host: the GPU rows of the capability table "
+            "(check/gpu.py) were not applied; give --gpu NAME|sm_XX") in captured.out.splitlines()
     assert "target_gpu" not in json.loads((out / "build.json").read_text())["options"]
 
 
@@ -191,3 +192,18 @@ def test_from_checkpoint_is_checked_with_the_checkpoint_s_format(tmp_path, tiny_
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("build_engine: warning: TensorRT-LLM 1.x is not tested before Ampere "
                              "(SM 80) on sm_70 (SM 70): use an Ampere or newer GPU"), err
+
+
+def test_host_gpu_is_read_from_the_driver_without_torch(tmp_path):
+    """The default --gpu: the driver's /proc entry (no torch import on the float path), its
+    marketing name matched to the table by the longest known name it contains."""
+    from check.gpu import sm_of_name
+    from pipeline.preflight import _host_gpu
+
+    assert _host_gpu(tmp_path / "none") == (None, None)
+    gpu = tmp_path / "gpus" / "0000:17:00.0"
+    gpu.mkdir(parents=True)
+    (gpu / "information").write_text("Model: \t\t NVIDIA H100 80GB HBM3\nIRQ:   \t 17\n")
+    assert _host_gpu(tmp_path / "gpus") == ("NVIDIA H100 80GB HBM3", 90)
+    assert sm_of_name("NVIDIA A100-SXM4-80GB") == 80 and sm_of_name("NVIDIA A10G") == 86
+    assert sm_of_name("NVIDIA L40S") == 89 and sm_of_name("Tesla K80") is None

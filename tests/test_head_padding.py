@@ -152,7 +152,10 @@ def test_padded_heads_that_are_not_zero_are_caught(tmp_path, tiny_model):
 # on the 9-head model; weight-only and AWQ now run on SMOL_ATTN_WO (3 heads padded to 4), where
 # W4A16's perplexity ratio reached 3.6e-2.
 QUANT_CASES = {
-    "sq": ("W8A8_SQ_PER_CHANNEL", None, None, 1e-4),
+    # static int8 activations: each rank's partial is rounded to fp16 before the all-reduce, so
+    # tp 4 (padded) vs tp 1 flips a few activation codes: measured 2.0e-3 on an AMD EPYC (this
+    # reader accumulates int8 codes exactly since stop 17; the split's rounding remains)
+    "sq": ("W8A8_SQ_PER_CHANNEL", None, None, 1e-2),
     "sq_plugin_token": ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", None, None, None),
     "sq_plugin_static_kv_int8": ("W8A8_SQ_PER_TENSOR_PLUGIN", "int8", None, 1e-4),
     # a quantized KV cache on top of quantized activations: the padded layout changes the
@@ -270,16 +273,18 @@ def test_padded_smoothquant_pipeline_stages(tmp_path, tiny_model, calib_text):
     assert float((got - base).norm() / base.norm()) < 1e-4
 
 
-def test_awq_group_wider_than_the_real_dense_input_is_refused(tmp_path, tiny_model):
-    """AWQ calibrates the unpadded model, whose dense input (3 heads x 64 = 192) a group of 128
-    does not divide: refused before any work, although the padded layout (4 heads: dense 256,
-    q/k/v 768, hidden 768) is whole under TensorRT-LLM's 128 x 2 padding rule."""
+def test_awq_group_wider_than_the_real_dense_input_calibrates_on_padded_heads(tiny_model):
+    """The unpadded dense input (3 heads x 64 = 192) is not whole groups of 128, the padded layout
+    (4 heads: dense 256, q/k/v 768, hidden 768) is under TensorRT-LLM's 128 x 2 padding rule: the
+    calibration runs on the padded heads (quantize.calib_padding; tests/test_calib_padding.py
+    checks such a checkpoint's logits against a model padded by hand)."""
+    from convert_helper import preflight_conversion
+
     hf_dir, _ = tiny_model(**dict(SMOL_ATTN, hidden_size=768, num_attention_heads=3,
                                   num_key_value_heads=3, head_dim=64))
-    with pytest.raises(UserError, match="attention.dense \\(unpadded\\) input size per rank 192"):
-        convert_checkpoint(hf_dir, tmp_path / "ck", tp=2, pad_heads=True, progress=False,
-                           quant=_spec("W4A16_AWQ", None, 128))
-    assert not (tmp_path / "ck").exists()
+    _, shape = preflight_conversion(hf_dir, tp=2, quant=_spec("W4A16_AWQ", None, 128),
+                                    pad_heads=True)
+    assert (shape.tp_heads, shape.calib_heads, shape.calib_hidden) == (4, True, None)
 
 
 def test_pytorch_target_refuses_padding_in_one_line(tmp_path, tiny_model, capsys):

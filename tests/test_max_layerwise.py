@@ -41,8 +41,8 @@ def test_fp8_kv_on_eager_attention_equals_modelopt_export(tmp_path, calib_text, 
 
     real = layerwise.meta_model
 
-    def eager_meta(hf_dir, dtype):
-        model = real(hf_dir, dtype)
+    def eager_meta(hf_dir, dtype, pad=None):
+        model = real(hf_dir, dtype, pad)
         model.config._attn_implementation = "eager"
         return model
 

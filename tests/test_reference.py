@@ -353,10 +353,10 @@ def test_bad_inputs_are_user_errors(tmp_path, fp16_tp2):
 
 def test_unsupported_quant_algo_and_dynamic_rope(tmp_path, fp16_tp2):
     _, good = fp16_tp2
-    # (FP8, AWQ, SmoothQuant, weight-only and INT8/FP8 KV kernels exist: tests/test_reference_quant.py)
-    w4a8 = edit_copy(good, tmp_path / "w4a8", edit_config=lambda c: c["quantization"].update(quant_algo="W4A8_AWQ"))
-    with pytest.raises(UserError, match="quant_algo W4A8_AWQ is not supported by the reference reader yet"):
-        ReferenceModel(w4a8)
+    # (FP8, AWQ, W4A8 AWQ, NVFP4, SmoothQuant, weight-only and INT8/FP8 KV kernels exist)
+    mx = edit_copy(good, tmp_path / "mx", edit_config=lambda c: c["quantization"].update(quant_algo="W4A8_MXFP4_FP8"))
+    with pytest.raises(UserError, match="quant_algo W4A8_MXFP4_FP8 is not supported by the reference reader yet"):
+        ReferenceModel(mx)
     kv = edit_copy(good, tmp_path / "kv", edit_config=lambda c: c["quantization"].update(kv_cache_quant_algo="NVFP4"))
     with pytest.raises(UserError, match="kv_cache_quant_algo NVFP4 is not supported"):
         ReferenceModel(kv)
