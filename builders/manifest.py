@@ -75,9 +75,10 @@ def _digest_of(path: Path, digests: Digests | None, scan: bool = False) -> tuple
 
 
 def _jsonable(value):
-    """Options and inputs as plain JSON (paths → str, dataclasses/Namespaces → dicts)."""
+    """Options and inputs as plain JSON (paths → str, dataclasses/Namespaces → dicts; a dataclass
+    with its own ``as_dict``, such as EngineOptions without LoRA, as it reads itself)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
+        value = value.as_dict() if hasattr(value, "as_dict") else dataclasses.asdict(value)
     elif isinstance(value, argparse.Namespace):
         value = vars(value)
     if isinstance(value, dict):
