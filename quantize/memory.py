@@ -84,6 +84,10 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
     every calibration (``VERIFY_TOKENS``, ``EVAL_PPL_TOKENS``). ``workers``: rank files written
     at once, each by its own process with its own writer (``--workers``). ``unified``: the
     output is modelopt's unified checkpoint (``--target pytorch``)."""
+    # sized as the checkpoint lays the features out (hidden / MLP padding for TensorRT-LLM's
+    # weight-only / AWQ linears: quantize.apply.pad_features)
+    shape = replace(shape, hidden=getattr(shape, "tp_hidden", shape.hidden),
+                    inter=getattr(shape, "tp_inter", shape.inter))
     p_lin = _layer_linear_params(shape)
     recipe = spec.format if spec is not None else recipe_for(None)
     mem = memory_model(recipe, unified)
