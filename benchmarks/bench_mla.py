@@ -22,16 +22,15 @@ import argparse
 import platform
 import shutil
 import sys
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import timed, write_shards  # noqa: E402  (the same /usr/bin/time + /proc tree sampler)
+from bench_convert import timed  # noqa: E402  (the same /usr/bin/time + /proc tree sampler)
 from bench_report import write_md  # noqa: E402
+from synth_model import write_repeated  # noqa: E402
 
 SHAPE = dict(hidden=5120, heads=128, q_lora=1536, kv_lora=512, nope=128, rope=64, v=128,
              inter=12288, moe_inter=1536, experts=64, shared=2, top_k=6, vocab=102400)
@@ -75,37 +74,7 @@ def write_deepseek(out: Path, moe_layers: int, shard_gb: float = 2.0) -> int:
     import torch
     from transformers import AutoConfig
 
-    from convert.writer import nbytes
-
-    @dataclass
-    class T:
-        name: str
-        shape: tuple
-        dtype: object = torch.bfloat16
-
-    shards, cur, size_now = [], [], 0
-    for name, shape in hf_tensors(SHAPE, moe_layers):
-        size = nbytes(shape, torch.bfloat16)
-        if cur and size_now + size > shard_gb * 2**30:
-            shards.append(cur)
-            cur, size_now = [], 0
-        cur.append(T(name, tuple(shape)))
-        size_now += size
-    shards.append(cur)
-    block = torch.randn(8 * 2**20).mul_(0.02).to(torch.bfloat16)  # one 16 MB block, repeated
-
-    def produce(t):
-        if len(t.shape) == 1:
-            yield torch.ones(t.shape, dtype=torch.bfloat16)
-            return
-        rows, cols = t.shape
-        shift = zlib.crc32(t.name.encode()) % 4096
-        step = max(1, (block.numel() - shift) // cols)
-        for a in range(0, rows, step):
-            n = min(step, rows - a)
-            yield block[shift:shift + n * cols].view(n, cols)
-
-    total = write_shards(out, shards, produce)
+    total = write_repeated(out, hf_tensors(SHAPE, moe_layers), torch.bfloat16, shard_gb)
     p = SHAPE
     yarn = dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
                 beta_slow=1, mscale=0.707, mscale_all_dim=0.707)

@@ -21,16 +21,15 @@ import argparse
 import platform
 import shutil
 import sys
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import timed, write_shards  # noqa: E402  (the same /usr/bin/time + /proc tree sampler)
+from bench_convert import timed  # noqa: E402  (the same /usr/bin/time + /proc tree sampler)
 from bench_report import write_md  # noqa: E402
+from synth_model import write_repeated  # noqa: E402
 
 SHAPE = dict(hidden=4096, inter=14336, experts=8, top_k=2, heads=32, kv=8, vocab=32000,
              theta=1e6)
@@ -65,38 +64,7 @@ def write_mixtral(out: Path, layers: int, shard_gb: float = 2.0) -> int:
     import torch
     from transformers import MixtralConfig
 
-    from convert.writer import nbytes
-
-    @dataclass
-    class T:
-        name: str
-        shape: tuple
-        dtype: object = torch.float16
-
-    shards, cur, size_now = [], [], 0
-    for name, shape in hf_tensors(SHAPE, layers):
-        size = nbytes(shape, torch.float16)
-        if cur and size_now + size > shard_gb * 2**30:
-            shards.append(cur)
-            cur, size_now = [], 0
-        cur.append(T(name, tuple(shape)))
-        size_now += size
-    shards.append(cur)
-    # one random 16 MB block per tensor, repeated: generating 6 GB of normals would take minutes
-    block = torch.randn(8 * 2**20).mul_(0.02).to(torch.float16)
-
-    def produce(t):
-        if len(t.shape) == 1:
-            yield torch.ones(t.shape, dtype=torch.float16)
-            return
-        rows, cols = t.shape
-        shift = zlib.crc32(t.name.encode()) % 4096
-        step = max(1, (block.numel() - shift) // cols)
-        for a in range(0, rows, step):
-            n = min(step, rows - a)
-            yield block[shift:shift + n * cols].view(n, cols)
-
-    total = write_shards(out, shards, produce)
+    total = write_repeated(out, hf_tensors(SHAPE, layers), torch.float16, shard_gb)
     p = SHAPE
     MixtralConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["inter"],
                   num_hidden_layers=layers, num_attention_heads=p["heads"],

@@ -108,3 +108,44 @@ def write_model(out: Path, preset: str, layers: int, dtype: str, shard_gb: float
         architectures=["LlamaForCausalLM"], dtype=dtype,
     ).save_pretrained(out)
     return total
+
+
+def write_repeated(out: Path, tensors, dtype, shard_gb: float = 2.0) -> int:
+    """Write ``tensors`` ((name, shape) pairs) of ``dtype`` as a sharded HF model into ``out``:
+    1-D tensors ones, the others rows of one random 16 MB block repeated from a per-name offset
+    (generating gigabytes of normals would take minutes); return the bytes written."""
+    import torch
+
+    from convert.writer import nbytes
+
+    elem = dtype  # a class body sees the enclosing function's names, but not one it assigns
+
+    @dataclass
+    class T:
+        name: str
+        shape: tuple
+        dtype: object = elem
+
+    shards, cur, size_now = [], [], 0
+    for name, shape in tensors:
+        size = nbytes(shape, dtype)
+        if cur and size_now + size > shard_gb * 2**30:
+            shards.append(cur)
+            cur, size_now = [], 0
+        cur.append(T(name, tuple(shape)))
+        size_now += size
+    shards.append(cur)
+    block = torch.randn(8 * 2**20).mul_(0.02).to(dtype)
+
+    def produce(t):
+        if len(t.shape) == 1:
+            yield torch.ones(t.shape, dtype=dtype)
+            return
+        rows, cols = t.shape
+        shift = zlib.crc32(t.name.encode()) % 4096
+        step = max(1, (block.numel() - shift) // cols)
+        for a in range(0, rows, step):
+            n = min(step, rows - a)
+            yield block[shift:shift + n * cols].view(n, cols)
+
+    return write_shards(out, shards, produce)
