@@ -84,10 +84,7 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
     every calibration (``VERIFY_TOKENS``, ``EVAL_PPL_TOKENS``). ``workers``: rank files written
     at once, each by its own process with its own writer (``--workers``). ``unified``: the
     output is modelopt's unified checkpoint (``--target pytorch``)."""
-    # sized as the checkpoint lays the features out (hidden / MLP padding for TensorRT-LLM's
-    # weight-only / AWQ linears: quantize.apply.pad_features)
-    shape = replace(shape, hidden=getattr(shape, "tp_hidden", shape.hidden),
-                    inter=getattr(shape, "tp_inter", shape.inter))
+    shape = _laid_out(shape)
     p_lin = _layer_linear_params(shape)
     recipe = spec.format if spec is not None else recipe_for(None)
     mem = memory_model(recipe, unified)
@@ -125,10 +122,8 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
             stages.append(Stage("calibration", base + acts + rows + extracted + smoothing,
                                 CUDA_CONTEXT + work, store_disk))
         write_host = WRITE_BASE + 2.5 * extracted  # a layer loaded, sharded, in the writer
-        fmt = getattr(recipe, "unified", None) if unified else None
-        if fmt is not None and fmt.writer_layers is not None:  # --target pytorch, from the store
-            write_host = max(write_host, HOST_BASE + p_lin * 4 * fmt.writer_layers
-                             + shape.vocab * shape.hidden * 4 * fmt.writer_embedding)
+        if unified:
+            write_host = max(write_host, unified_writer_host(recipe, shape, p_lin))
     else:
         write_host = WRITE_BASE
     # the calibration stage's disk is its store (OUTPUT/calibration); the checkpoint's, its ranks
@@ -138,6 +133,24 @@ def plan(shape, spec, *, tp: int, pp: int, device: str, out_dtype_bytes: int = 2
     if checks:
         stages.append(verify_stage(shape, recipe.quant_algo, tp=tp, out_dtype_bytes=out_dtype_bytes, checks=checks))
     return stages
+
+
+def _laid_out(shape):
+    """``shape`` sized as the checkpoint lays the features out (hidden / MLP padding for
+    TensorRT-LLM's weight-only / AWQ linears: quantize.apply.pad_features)."""
+    return replace(shape, hidden=getattr(shape, "tp_hidden", shape.hidden),
+                   inter=getattr(shape, "tp_inter", shape.inter))
+
+
+def unified_writer_host(recipe, shape, p_lin: int) -> float:
+    """--target pytorch's layer-by-layer unified writer (from the calibration store): the
+    process base, float32 copies of a layer's linears and of the embedding table, as many as the
+    recipe's fitted ``UnifiedFormat.writer_layers`` / ``writer_embedding``; 0 without them."""
+    fmt = getattr(recipe, "unified", None)
+    if fmt is None or fmt.writer_layers is None:
+        return 0.0
+    return (HOST_BASE + p_lin * 4 * fmt.writer_layers
+            + shape.vocab * shape.hidden * 4 * fmt.writer_embedding)
 
 
 #: what a run writes besides the tensors (build.json and the config files, ~5-10 KB; the Triton
