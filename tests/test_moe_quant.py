@@ -92,26 +92,10 @@ def test_quantized_equals_modelopt_export(tmp_path, mixtral_q, calib_file, algo,
     """AWQ: ours calibrates transformers 5's experts unfused into transformers 4's per-expert
     linears (quantize/moe_blocks.py), modelopt's reference a real transformers-4.57 model."""
     hf_dir, _ = mixtral_q
-    cmd_q = (["--quant", mo_algo] if mo_algo else []) + (["--kv", mo_kv] if mo_kv else []) + (
-        ["--awq-block-size", str(group)] if group else [])
-    root = hf4_export(hf_dir, tmp_path / "modelopt", sorted({tp for tp, _, _ in layouts}),
-                      extra=cmd_q + ["--calib-text", str(calib_file)])
     spec = QuantSpec.create(algo, kv_cache_dtype=kv, awq_block_size=group, **CALIB)
-    model = None
-    if spec.needs_calibration:  # once for every layout, as build_engine calibrates once
-        model = calibrate(_fresh(hf_dir), spec, calib_file.read_text(encoding="utf-8"),
-                          tokenizer=byte_tokenizer, progress=False)
-    for tp, moe_tp, moe_ep in layouts:
-        out = tmp_path / f"ours_{tp}_{moe_tp}_{moe_ep}"
-        cfg = convert_checkpoint(hf_dir, out, tp=tp, moe_tp=moe_tp, moe_ep=moe_ep,
-                                 dtype="float16", quant=spec, calibrated_model=model,
-                                 progress=False)
-        mt, me = moe_tp or tp, moe_ep or 1
-        for r in range(tp):
-            assert_rank_equal(load_file(out / f"rank{r}.safetensors"),
-                              expected(root, tp, mt, me, r), f"tp {tp} moe {mt}x{me} rank {r}")
-        theirs = json.loads((root / f"tp{tp}" / "config.json").read_text())["quantization"]
-        ours = dict(cfg["quantization"])
+    extra = ["--awq-block-size", str(group)] if group else []
+    for ours, theirs in ranks_equal_modelopt(hf_dir, tmp_path, calib_file, spec, mo_algo, mo_kv,
+                                             layouts, extra):
         if mo_algo:  # modelopt lists lm_head and the routers as a set
             assert sorted(ours.pop("exclude_modules")) == sorted(theirs.pop("exclude_modules"))
             assert ours == theirs
@@ -185,6 +169,33 @@ def dequantized_awq_model(hf_dir, ckpt):
             layer.mlp.experts.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
             layer.mlp.experts.down_proj.copy_(weight(f"{p}.mlp.proj"))
     return model
+
+
+def ranks_equal_modelopt(hf_dir, tmp_path, calib_file, spec, mo_algo, mo_kv, layouts, extra=()):
+    """Our checkpoint at each (tp, moe_tp, moe_ep) of ``layouts`` (calibrated once, as
+    build_engine calibrates once) equals modelopt's export (quant ``mo_algo``, kv ``mo_kv``, its
+    ``extra`` flags) rank for rank, bit for bit; returns each layout's (ours, theirs) config.json
+    quantization block for the caller's checks."""
+    cmd_q = (["--quant", mo_algo] if mo_algo else []) + (["--kv", mo_kv] if mo_kv else [])
+    root = hf4_export(hf_dir, tmp_path / "modelopt", sorted({tp for tp, _, _ in layouts}),
+                      extra=cmd_q + list(extra) + ["--calib-text", str(calib_file)])
+    model = None
+    if spec.needs_calibration:
+        model = calibrate(_fresh(hf_dir), spec, calib_file.read_text(encoding="utf-8"),
+                          tokenizer=byte_tokenizer, progress=False)
+    blocks = []
+    for tp, moe_tp, moe_ep in layouts:
+        out = tmp_path / f"ours_{tp}_{moe_tp}_{moe_ep}"
+        cfg = convert_checkpoint(hf_dir, out, tp=tp, moe_tp=moe_tp, moe_ep=moe_ep,
+                                 dtype="float16", quant=spec, calibrated_model=model,
+                                 progress=False)
+        mt, me = moe_tp or tp, moe_ep or 1
+        for r in range(tp):
+            assert_rank_equal(load_file(out / f"rank{r}.safetensors"),
+                              expected(root, tp, mt, me, r), f"tp {tp} moe {mt}x{me} rank {r}")
+        theirs = json.loads((root / f"tp{tp}" / "config.json").read_text())["quantization"]
+        blocks.append((dict(cfg["quantization"]), theirs))
+    return blocks
 
 
 def _fresh(hf_dir):

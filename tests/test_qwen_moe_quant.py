@@ -10,18 +10,16 @@ modelopt does. The reader runs the FP8 checkpoints within the format's bound of 
 SmoothQuant are refused (the family's formats say why)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from convert_helper import convert_checkpoint
 from quant_common import TINY, byte_tokenizer
 from quantize.calibrate import calibrate
 from quantize.formats import QuantSpec
-from test_moe import LAYOUTS, hf4_export, needs_hf4, run_cli
-from test_moe_quant import CALIB, _fresh, assert_rank_equal, expected
+from test_moe import LAYOUTS, needs_hf4, run_cli
+from test_moe_quant import CALIB, _fresh, ranks_equal_modelopt
 from test_qwen3 import trtllm_semantics
 
 #: weight-only- and FP8-friendly shapes: experts 256 wide, the shared expert 512, Qwen3-MoE's
@@ -64,25 +62,9 @@ CASES = [("qwen2_moe", "FP8", None, "FP8", None),
 def test_quantized_equals_modelopt_export(tmp_path, qmodels, calib_file, family, algo, kv,
                                           mo_algo, mo_kv):
     hf_dir, _ = qmodels[family]
-    cmd_q = (["--quant", mo_algo] if mo_algo else []) + (["--kv", mo_kv] if mo_kv else [])
-    root = hf4_export(hf_dir, tmp_path / "modelopt", sorted({tp for tp, _, _ in LAYOUTS}),
-                      extra=cmd_q + ["--calib-text", str(calib_file), "--decoder-type", "qwen"])
     spec = QuantSpec.create(algo, kv_cache_dtype=kv, **CALIB)
-    model = None
-    if spec.needs_calibration:  # once for every layout, as build_engine calibrates once
-        model = calibrate(_fresh(hf_dir), spec, calib_file.read_text(encoding="utf-8"),
-                          tokenizer=byte_tokenizer, progress=False)
-    for tp, moe_tp, moe_ep in LAYOUTS:
-        out = tmp_path / f"ours_{tp}_{moe_tp}_{moe_ep}"
-        cfg = convert_checkpoint(hf_dir, out, tp=tp, moe_tp=moe_tp, moe_ep=moe_ep,
-                                 dtype="float16", quant=spec, calibrated_model=model,
-                                 progress=False)
-        mt, me = moe_tp or tp, moe_ep or 1
-        for r in range(tp):
-            assert_rank_equal(load_file(out / f"rank{r}.safetensors"),
-                              expected(root, tp, mt, me, r), f"tp {tp} moe {mt}x{me} rank {r}")
-        theirs = json.loads((root / f"tp{tp}" / "config.json").read_text())["quantization"]
-        ours = dict(cfg["quantization"])
+    for ours, theirs in ranks_equal_modelopt(hf_dir, tmp_path, calib_file, spec, mo_algo, mo_kv,
+                                             LAYOUTS, ["--decoder-type", "qwen"]):
         if mo_algo:  # modelopt lists lm_head, the routers and shared-expert gates as a set
             assert sorted(ours.pop("exclude_modules")) == sorted(theirs.pop("exclude_modules"))
             assert ours == theirs
