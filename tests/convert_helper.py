@@ -110,3 +110,20 @@ def interrupt_before_rank(monkeypatch, stop: int = 1):
     monkeypatch.setattr(cc, "_write_rank", stop_at)
     return real
 
+
+def refused(capsys, argv, out: Path, *patterns) -> str:
+    """Run the CLI; assert exit 2, one line on stderr matching every pattern, nothing written;
+    return the line."""
+    import re
+
+    from builders.cli import main
+
+    capsys.readouterr()
+    rc = main([*argv, "--output", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("build_engine: error: "), err
+    for p in patterns:
+        assert re.search(p, err[0]), (p, err[0])
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    return err[0]

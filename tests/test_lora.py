@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from builders.cli import main
+from convert_helper import refused
 from common.dtypes import BY_NAME
 from convert.lora import convert_adapter
 from lora_helper import ALL, make_adapter, peft_model
@@ -232,17 +233,6 @@ def test_engine_options_reach_trtllm(base, adapters, tmp_path, fake_trtllm):
 
 # --- refusals -----------------------------------------------------------------------------------
 
-def _refused(capsys, argv, out: Path, *patterns) -> str:
-    capsys.readouterr()
-    rc = main([*argv, "--output", str(out), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("build_engine: error: "), err
-    for p in patterns:
-        assert re.search(p, err[0]), (p, err[0])
-    assert not out.exists()
-    return err[0]
-
 
 def _edit_config(src: Path, dst: Path, **changes) -> Path:
     shutil.copytree(src, dst)
@@ -280,20 +270,20 @@ def test_refusals(base, adapters, tiny_model, tmp_path, capsys):
         (["--lora", str(tmp_path / "nowhere")], r"not a directory"),
     ]
     for extra, pattern in cases:
-        _refused(capsys, [*m, *extra], out, pattern)
+        refused(capsys, [*m, *extra], out, pattern)
     other, _ = tiny_model(hidden_size=32)  # an adapter of another model
     wrong = make_adapter(other, tmp_path / "wrong", r=4)
-    _refused(capsys, [*m, "--lora", str(wrong)], out,
-             r"down_proj.lora_B.weight has shape \[32, 4\], the base model needs \[64, 4\] "
+    refused(capsys, [*m, "--lora", str(wrong)], out,
+            r"down_proj.lora_B.weight has shape \[32, 4\], the base model needs \[64, 4\] "
              r"\(r 4; is this adapter for another model\?\)")
     head = make_adapter(base, tmp_path / "head", r=4, targets=["q_proj", "lm_head"])
-    _refused(capsys, [*m, "--lora", str(head)], out, r"not a LoRA A/B weight of a decoder layer")
+    refused(capsys, [*m, "--lora", str(head)], out, r"not a LoRA A/B weight of a decoder layer")
     ckpt = tmp_path / "ck"
     assert main([*m, "--output", str(ckpt), "--checkpoint-only", "--no-progress"]) == 0
-    _refused(capsys, ["--from-checkpoint", str(ckpt / "checkpoint"), "--lora", str(a8)], out,
-             r"--lora needs --model.*build_engine lora")
-    _refused(capsys, ["--from-checkpoint", str(ckpt / "checkpoint"), "--lora-plugin",
-                      "bfloat16", "--lora-target-modules", "attn_q", "--max-lora-rank", "8",
+    refused(capsys, ["--from-checkpoint", str(ckpt / "checkpoint"), "--lora", str(a8)], out,
+            r"--lora needs --model.*build_engine lora")
+    refused(capsys, ["--from-checkpoint", str(ckpt / "checkpoint"), "--lora-plugin",
+                     "bfloat16", "--lora-target-modules", "attn_q", "--max-lora-rank", "8",
                       "--triton-target", "none"],
              out, r"--lora-plugin bfloat16 differs from the checkpoint's dtype float16")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from builders.cli import main
+from convert_helper import refused
 
 CAL = ["--calib-size", "2", "--calib-seq-len", "16"]
 
@@ -48,19 +49,6 @@ def _config(model_dir, **changes) -> str:
     raw = json.loads((model_dir / "config.json").read_text())
     raw.update(changes)
     return json.dumps(raw)
-
-
-def _refused(capsys, argv, out: Path, *patterns) -> str:
-    """Run the CLI; assert exit 2, one line on stderr matching every pattern, nothing written."""
-    capsys.readouterr()
-    rc = main([*argv, "--output", str(out), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("build_engine: error: "), err
-    for p in patterns:
-        assert re.search(p, err[0]), (p, err[0])
-    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
-    return err[0]
 
 
 # (files replaced in the model dir, flags, what the line must say); the tokenizer's files are read
@@ -114,7 +102,7 @@ def test_malformed_model_files(case, model_dir, tmp_path, capsys):
     files, flags, pattern = MODEL_CASES[case]
     files = {k: _config(model_dir, **v) if isinstance(v, dict) else v for k, v in files.items()}
     d = _copy(model_dir, tmp_path / "model", files)
-    _refused(capsys, ["--model", str(d), *flags], tmp_path / "out", re.escape(str(d)), pattern)
+    refused(capsys, ["--model", str(d), *flags], tmp_path / "out", re.escape(str(d)), pattern)
 
 
 CHECKPOINT_CASES = {
@@ -132,8 +120,8 @@ def test_malformed_checkpoint_config(case, built, tmp_path, capsys):
         cfg["mapping"]["tp_size"] = "abc"
         text = json.dumps(cfg)
     ck = _copy(built / "float" / "checkpoint", tmp_path / "checkpoint", {"config.json": text})
-    _refused(capsys, ["--from-checkpoint", str(ck), "--triton-target", "none"], tmp_path / "out",
-             re.escape(str(ck / "config.json")), pattern)
+    refused(capsys, ["--from-checkpoint", str(ck), "--triton-target", "none"], tmp_path / "out",
+            re.escape(str(ck / "config.json")), pattern)
 
 
 @pytest.mark.parametrize("text", ["{x", "[]", '"calibration"', "LAYERS"],
@@ -144,8 +132,8 @@ def test_malformed_calibration_manifest(text, built, model_dir, tmp_path, capsys
         man = json.loads((store / "calibration.json").read_text())
         text = json.dumps({**man, "layers_done": "abc"})
     st = _copy(store, tmp_path / "calibration", {"calibration.json": text})
-    _refused(capsys, ["--model", str(model_dir), "--fp8", *CAL, "--checkpoint-only",
-                      "--calibration", str(st)], tmp_path / "out",
+    refused(capsys, ["--model", str(model_dir), "--fp8", *CAL, "--checkpoint-only",
+                     "--calibration", str(st)], tmp_path / "out",
              re.escape(str(st / "calibration.json")),
              r"is not a calibration manifest as build_engine writes it .*drop --calibration")
 
@@ -162,7 +150,6 @@ def test_malformed_config_in_a_subprocess(model_dir, tmp_path):
     assert p.returncode == 2 and len(err) == 1, p.stderr
     assert "Traceback" not in p.stderr and str(d / "config.json") in err[0]
     assert not out.exists()
-
 
 
 # --- the calibration text (issue 29's weak spots) ------------------------------------------------
@@ -186,8 +173,8 @@ def test_unusable_calibration_text(case, model_dir, tmp_path, capsys):
     data, flags, pattern = CALIB_CASES[case]
     text = tmp_path / "calib.txt"
     text.write_bytes(data)
-    _refused(capsys, ["--model", str(model_dir), "--fp8", "--checkpoint-only", "--calib-data",
-                      str(text), *flags], tmp_path / "out", re.escape(str(text)), pattern)
+    refused(capsys, ["--model", str(model_dir), "--fp8", "--checkpoint-only", "--calib-data",
+                     str(text), *flags], tmp_path / "out", re.escape(str(text)), pattern)
 
 
 def test_calibration_text_of_one_sample_is_enough(model_dir, tmp_path, capsys):
@@ -205,5 +192,5 @@ def test_calibration_text_of_one_sample_is_enough(model_dir, tmp_path, capsys):
     text.write_text(" ".join(words[:n - 1]))
     short = len(tok.encode(text.read_text(), add_special_tokens=False))
     assert short < 15
-    _refused(capsys, ["--model", str(model_dir), "--fp8", "--checkpoint-only", "--calib-data",
-                      str(text), *CAL], tmp_path / "out2", rf"holds {short} tokens")
+    refused(capsys, ["--model", str(model_dir), "--fp8", "--checkpoint-only", "--calib-data",
+                     str(text), *CAL], tmp_path / "out2", rf"holds {short} tokens")
