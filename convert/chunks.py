@@ -242,6 +242,6 @@ def _fast_chunks(source, piece, dtype: DType, start, rest, max_bytes, allow_nonf
                 yield ByteChunk(out[:n].reshape(-1).data, dtype)
             infs.done()
 
-    if cols is None and same:
+    if cols is None and same and source.stored(piece.source):
         return copy_spans()
     return converted()

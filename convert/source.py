@@ -65,6 +65,11 @@ class SourceCheckpoint:
     def dtype(self, name: str) -> DType:
         return self.meta[name][2]
 
+    def stored(self, name: str) -> bool:
+        """Whether ``name``'s bytes are in a file as they are read (a span can copy them);
+        False for a tensor computed when read (convert/block_fp8.py)."""
+        return True
+
     def span(self, name: str) -> tuple[int, int]:
         """(open read-only fd, absolute offset) of ``name``'s bytes (row-major, its dtype)."""
         return self._fd(self.meta[name][0]), self._offsets[name]

@@ -38,9 +38,21 @@ DEEPSEEK_V2_QLORA = dict(
     routed_scaling_factor=2.0,
     rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32,
                       beta_slow=1, mscale=1.0, mscale_all_dim=0.8))
+#: DeepSeek-V3 / R1 in miniature: q-LoRA, noaux_tc routing (sigmoid scores, the correction bias,
+#: 4 groups of 2 experts, the best 2 groups kept, renormalised and scaled by 2.5), 1 dense + 2 MoE
+#: layers of 8 routed + 1 shared expert; hidden 192 and expert width 160: dims that are not
+#: multiples of the FP8 variant's 128 blocks, so partial blocks are read
+_DEEPSEEK_V3 = dict(
+    hidden_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+    intermediate_size=320, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
+    qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
+    num_experts_per_tok=2, moe_intermediate_size=160, first_k_dense_replace=1, n_group=4,
+    topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+    architectures=["DeepseekV3ForCausalLM"])
 #: what a family's tiny model sets beyond _BASE
 _FAMILY_BASE = {
     "deepseek_v2": _DEEPSEEK_V2_LITE,
+    "deepseek_v3": _DEEPSEEK_V3,
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3": dict(head_dim=16),
     # experts narrower than the dense width (which the MoE layers do not use), as released

@@ -12,7 +12,10 @@
   ``tiny-qwen3`` (q/k norms, head_dim 16 != hidden / heads), ``tiny-gemma3``, ``tiny-gemma2``,
   ``tiny-phi3`` (partial rotary, LongRoPE), ``tiny-deepseek-v2-lite`` (MLA without q-LoRA, 1
   dense + 2 MoE layers of 8 routed + 2 shared experts), ``tiny-deepseek-v2`` (the same with
-  q-LoRA and group-limited routing), ``tiny-qwen2-moe`` (4 experts, top 2, a shared expert),
+  q-LoRA and group-limited routing), ``tiny-deepseek-v3`` (q-LoRA, ``noaux_tc`` routing with
+  ``e_score_correction_bias``, 1 dense + 2 MoE layers of 8 routed + 1 shared expert; --target
+  pytorch only), ``tiny-deepseek-v3-fp8`` (the same in DeepSeek-V3's release format: FP8 weights
+  with 128 x 128 ``weight_scale_inv`` blocks), ``tiny-qwen2-moe`` (4 experts, top 2, a shared expert),
   ``tiny-qwen3-moe`` (4 experts, top 2, normalised top-k, q/k norms): tiny random models of each family, for trying flags in seconds (their logits are noise; use them to exercise the pipeline, not for quality).
 """
 from __future__ import annotations
@@ -65,9 +68,23 @@ EXAMPLES = {
     "tiny-phi3": lambda: _tiny("phi3"),
     "tiny-deepseek-v2-lite": lambda: _tiny("deepseek_v2", "tiny-deepseek-v2-lite"),
     "tiny-deepseek-v2": lambda: _tiny("deepseek_v2", "tiny-deepseek-v2", **_qlora()),
+    "tiny-deepseek-v3": lambda: _tiny("deepseek_v3", "tiny-deepseek-v3"),
+    "tiny-deepseek-v3-fp8": lambda: _block_fp8(),
     "tiny-qwen2-moe": lambda: _tiny("qwen2_moe"),
     "tiny-qwen3-moe": lambda: _tiny("qwen3_moe"),
 }
+
+
+def _block_fp8() -> Path:
+    """tiny-deepseek-v3 in DeepSeek-V3's release format (FP8, 128 x 128 block scales)."""
+    from examples.block_fp8 import make_block_fp8
+
+    d = cache_root() / "tiny-deepseek-v3-fp8"
+    if not (d / "config.json").is_file():
+        tmp = d.with_name(d.name + f".tmp{os.getpid()}")
+        make_block_fp8(EXAMPLES["tiny-deepseek-v3"](), tmp)
+        os.replace(tmp, d) if not d.exists() else None
+    return d
 
 
 def _qlora() -> dict:

@@ -237,6 +237,9 @@ class Family:
     #: target, as TensorRT-LLM names them (None: unquantized); None: every recipe's own rules.
     #: Asked through quantize.recipes' ``family_refusal``, before any work.
     formats: dict | None = None
+    #: target -> why the family cannot be written for that target at all, with the way out
+    #: (DeepSeek-V3: no TensorRT engine class); asked before ``formats``
+    target_refusals: dict | None = None
     #: the embedding is a plain nn.Embedding, which modelopt 0.47 wraps with (disabled) quantizers
     #: and so lists in the unified export's exclude_modules; Gemma's scaled-embedding subclass is
     #: not wrapped, hence not listed

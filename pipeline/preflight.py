@@ -35,6 +35,10 @@ def source_quantization(quant, model, target: str = "engine", reads_float=()):
     from convert.prequant.scheme import read_source_quant
     from quantize.formats import QuantSpec
 
+    from convert.block_fp8 import block_size
+
+    if target == "pytorch" and block_size(model.raw) is not None:
+        return quant  # block-scaled fp8: read as its float model (convert/block_fp8.py)
     sq = read_source_quant(model.raw)
     if sq is None:
         return quant

@@ -270,8 +270,8 @@ def test_fp8_reader_logits_close_to_hf_with_the_dequantized_weights(tmp_path, ti
      "the model's quantization_config has block-scaled fp8 weights (weight_block_size [128, 128], "
      "weight_scale_inv: FP8_BLOCK_SCALES, which TensorRT-LLM 1.2 runs on its PyTorch backend "
      "only, _torch/modules/linear.py; the engine flow's quantization/layers.py has no such "
-     "linear); convert its float model instead, or serve the directory with TensorRT-LLM's "
-     "PyTorch backend"),
+     "linear); use --target pytorch (which reads the weights dequantized, convert/block_fp8.py), "
+     "or convert its float model"),
 ])
 def test_fp8_refusals(qc, message):
     with pytest.raises(UserError) as e:

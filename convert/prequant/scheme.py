@@ -69,8 +69,8 @@ def read_source_quant(raw: dict) -> SourceQuant | None:
                       f"{qc.get('weight_block_size')}, weight_scale_inv: FP8_BLOCK_SCALES, which "
                       f"TensorRT-LLM 1.2 runs on its PyTorch backend only, "
                       f"_torch/modules/linear.py; the engine flow's quantization/layers.py has no "
-                      f"such linear)", "convert its float model instead, or serve the directory "
-                      "with TensorRT-LLM's PyTorch backend")
+                      f"such linear)", "use --target pytorch (which reads the weights dequantized, "
+                      "convert/block_fp8.py), or convert its float model")
     if method not in METHODS:
         raise _refuse(f"has quant_method {method!r}; supported pre-quantized inputs: "
                       f"{', '.join(METHODS)}")

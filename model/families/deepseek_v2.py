@@ -195,13 +195,3 @@ DEEPSEEK_V2 = Family(
     extra=MLA + (ROUTER,), trtllm_config=trtllm_fields, formats=FORMATS,
     hidden_padding="TensorRT-LLM's MLA projections and MoE experts are not padded",
     shape_fields=shape_fields, rotary=rotary, layerwise=False, unquantized=("*fused_a",))
-
-#: architectures of the DeepSeek family this project refuses, and why (model.config)
-REFUSED = {
-    "DeepseekV3ForCausalLM": (
-        "DeepseekV3ForCausalLM (DeepSeek-V3 / R1) has no TensorRT engine in TensorRT-LLM 1.2 "
-        "(no engine model class; NVIDIA/TensorRT-LLM #2831, #2845): it runs on the PyTorch "
-        "backend from a unified checkpoint, i.e. --target pytorch, which this tool does not "
-        "write for DeepSeek-V3 yet either; use TensorRT-LLM's PyTorch flow "
-        "(trtllm-serve / LLM API) on the Hugging Face checkpoint directly"),
-}

@@ -281,6 +281,8 @@ class Recipe:
         or "pytorch"), asked before any work: here, the family lists the formats it is proven for
         (``Family.formats``); a recipe adds what TensorRT-LLM has no such recipe for (a family
         capability it cannot take: the SmoothQuant plugin and ``qk_norms``)."""
+        if target in (family.target_refusals or {}):
+            return family.target_refusals[target]
         proven = None if family.formats is None else family.formats.get(target, ())
         if proven is None or (spec.quant_algo, spec.kv_cache_quant_algo) in proven:
             return None

@@ -65,6 +65,7 @@ from common.atomic import write_text
 from common.errors import IO_ERRNOS, UserError, io_error, naming
 from common.staged import StagedOutput
 from convert.convert import refuse_nonfinite
+from convert.block_fp8 import block_size, open_source
 from convert.source import SourceCheckpoint
 from convert.source_files import declared_dtype
 from convert.writer import write_file
@@ -82,6 +83,9 @@ HF_QUANT_CONFIG = "hf_quant_config.json"
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
                 "added_tokens.json", "chat_template.jinja")
+#: tensors a checkpoint keeps in float32 beside a bf16 model (DeepSeek-V3's router correction
+#: bias, as released): not the model's dtype
+FLOAT32_BUFFERS = (".e_score_correction_bias",)
 _LINEAR = re.compile(r"^(model\.layers\.\d+)\.(" + "|".join(map(re.escape, LAYOUT.hf_linears()))
                      + r")\.weight$")
 
@@ -131,7 +135,8 @@ def _family(config: dict):
 
 
 def _check_source_dtype(source: SourceCheckpoint) -> torch.dtype:
-    dtypes = {d for _, _, d in source.meta.values() if d.is_floating_point}
+    dtypes = {d for n, (_, _, d) in source.meta.items()
+              if d.is_floating_point and not n.endswith(FLOAT32_BUFFERS)}
     if len(dtypes) != 1:
         raise UserError(f"{source.dir}: float tensors in several dtypes ({sorted(map(str, dtypes))}); "
                         "save the model in one dtype first")
@@ -249,7 +254,9 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
         write_prequantized_unified(model_dir, out_dir, spec, hf_quant, config, force=force,
                                    digests=digests, promote=promote)
         return hf_quant
-    source = SourceCheckpoint(model_dir, declared_dtype=declared_dtype(config))
+    source = open_source(model_dir, config, declared_dtype(config))  # block fp8: dequantized
+    if block_size(config) is not None:  # written as the float model it encodes
+        config.pop("quantization_config")
     dtype = _check_source_dtype(source)
     computed, layers = {}, None
     scan = source.scan()  # in the background, while the tensors are computed and written
