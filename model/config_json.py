@@ -5,7 +5,8 @@ a conversion that otherwise moves bytes at disk speed; see BENCHMARKS.md).
 Only what ``model.config`` and ``convert.hf_config`` read is reproduced, for the supported
 ``model_type``s, from
 ``transformers/models/<type>/configuration_<type>.py`` (class defaults, ``head_dim`` and
-``num_key_value_heads`` filled in ``__post_init__``, Mixtral's and Qwen3-MoE's expert-count
+``num_key_value_heads`` filled in ``__post_init__``, DeepSeek's MLA ``head_dim`` (= ``qk_rope_head_dim``)
+and yarn, Mixtral's and Qwen3-MoE's expert-count
 aliases, the MoE families' ``mlp_only_layers``) and
 ``modeling_rope_utils.py`` (``rope_scaling`` before ``rope_parameters``, ``rope_theta`` and the
 class's default theta moved into the dict, ``type`` -> ``rope_type``, llama3's
@@ -53,16 +54,38 @@ DEFAULTS = {
                       use_sliding_window=False, decoder_sparse_step=1, moe_intermediate_size=768,
                       num_experts_per_tok=8, num_experts=128, norm_topk_prob=False,
                       mlp_only_layers=None),
+    # MLA: head_dim is always qk_rope_head_dim (__post_init__, below); V3 routes noaux_tc
+    # whatever the config says (transformers 5 keeps topk_method / scoring_func as plain keys)
+    "deepseek_v2": dict(_COMMON, vocab_size=102400, intermediate_size=11008,
+                        num_key_value_heads=None, max_position_embeddings=2048,
+                        attention_bias=False, mlp_bias=False, first_k_dense_replace=0,
+                        kv_lora_rank=512, q_lora_rank=1536, n_group=None, n_routed_experts=64,
+                        n_shared_experts=2, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        routed_scaling_factor=1.0, topk_group=None, topk_method="greedy",
+                        norm_topk_prob=False, v_head_dim=128, num_experts_per_tok=None,
+                        moe_intermediate_size=1407),
+    "deepseek_v3": dict(_COMMON, vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                        moe_intermediate_size=2048, num_hidden_layers=61,
+                        num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+                        n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512,
+                        q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128,
+                        qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
+                        first_k_dense_replace=3, norm_topk_prob=True,
+                        max_position_embeddings=4096, attention_bias=False),
 }
+#: model types whose __post_init__ sets head_dim = qk_rope_head_dim and qk_head_dim (MLA)
+_MLA = ("deepseek_v2", "deepseek_v3")
 DEFAULT_THETA = {"mixtral": 1e6}  # RotaryEmbeddingConfigMixin.default_theta otherwise: 10000
-_ROPE_REQUIRED = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
+_ROPE_REQUIRED = {"default": (), "linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
                   "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                              "original_max_position_embeddings")}
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
 _INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
          "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
          "num_experts_per_tok", "num_local_experts", "num_experts", "moe_intermediate_size",
-         "shared_expert_intermediate_size", "decoder_sparse_step")
+         "shared_expert_intermediate_size", "decoder_sparse_step", "kv_lora_rank", "q_lora_rank",
+         "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+         "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group")
 _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window",
           "norm_topk_prob", "qkv_bias")
 #: model_type -> (the config.json key, the attribute transformers 5 keeps it under): Mixtral's
@@ -100,6 +123,9 @@ def normalised_config(raw: dict):
     heads, hidden = fields["num_attention_heads"], fields["hidden_size"]
     if heads <= 0 or hidden % heads:
         return None  # transformers refuses it (validate_architecture): its message
+    if model_type in _MLA:  # __post_init__
+        fields["qk_head_dim"] = fields["qk_nope_head_dim"] + fields["qk_rope_head_dim"]
+        fields["head_dim"] = fields["qk_rope_head_dim"]
     if "head_dim" in DEFAULTS[model_type] and fields["head_dim"] is None:
         fields["head_dim"] = hidden // heads
     if fields["num_key_value_heads"] is None:
@@ -156,9 +182,9 @@ def _rope_parameters(fields: dict, model_type: str) -> dict | None:
     rope.setdefault("rope_theta", theta)
     rope.setdefault("rope_type", rope.get("type", "default"))
     kind = rope["rope_type"]
-    if kind not in _ROPE_REQUIRED:
+    if kind not in _ROPE_REQUIRED or (kind == "yarn" and model_type not in _MLA):
         return None
-    if kind == "llama3":
+    if kind in ("llama3", "yarn"):
         rope.setdefault("original_max_position_embeddings", fields["max_position_embeddings"])
     if any(k not in rope for k in _ROPE_REQUIRED[kind]):
         return None  # transformers raises its KeyError naming the missing keys

@@ -223,6 +223,28 @@ _CONFIGS = {
     "qwen3_moe_minimal_local_experts": {"architectures": ["Qwen3MoeForCausalLM"],
                                         "model_type": "qwen3_moe", "num_local_experts": 8,
                                         "num_experts_per_tok": 2, "mlp_only_layers": None},
+    # DeepSeek-V2-Lite's released config.json (yarn as rope_scaling "type", q-LoRA off)
+    "deepseek_v2_lite": {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                         "hidden_size": 2048, "intermediate_size": 10944,
+                         "moe_intermediate_size": 1408, "num_attention_heads": 16,
+                         "num_key_value_heads": 16, "num_hidden_layers": 27, "vocab_size": 102400,
+                         "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                         "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64,
+                         "n_shared_experts": 2, "num_experts_per_tok": 6,
+                         "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 1,
+                         "topk_group": 1, "topk_method": "greedy", "norm_topk_prob": False,
+                         "routed_scaling_factor": 1.0, "scoring_func": "softmax",
+                         "max_position_embeddings": 163840, "rope_theta": 10000,
+                         "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40,
+                                          "mscale": 0.707, "mscale_all_dim": 0.707,
+                                          "original_max_position_embeddings": 4096,
+                                          "type": "yarn"},
+                         "torch_dtype": "bfloat16", "rms_norm_eps": 1e-6,
+                         "tie_word_embeddings": False, "attention_bias": False},
+    "deepseek_v2_minimal": {"architectures": ["DeepseekV2ForCausalLM"],
+                            "model_type": "deepseek_v2", "num_experts_per_tok": 6,
+                            "moe_intermediate_size": 1408,
+                            "first_k_dense_replace": 1},
     "mixtral_minimal_num_experts": {"architectures": ["MixtralForCausalLM"],
                                     "model_type": "mixtral", "num_experts": 4,
                                     "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
@@ -296,3 +318,39 @@ def test_conversion_does_not_import_transformers(tmp_path, tiny_model):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     assert (tmp_path / "out" / "rank1.safetensors").is_file()
+
+
+#: DeepSeek-V3's released config.json (its auto_map dropped: a local directory without the remote
+#: code) and R1's differences; a minimal one on the class defaults
+_V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+       "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+       "num_attention_heads": 128, "num_key_value_heads": 128, "num_hidden_layers": 61,
+       "vocab_size": 129280, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+       "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+       "num_experts_per_tok": 8, "first_k_dense_replace": 3, "moe_layer_freq": 1, "n_group": 8,
+       "topk_group": 4, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+       "norm_topk_prob": True, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 1,
+       "max_position_embeddings": 163840, "rope_theta": 10000,
+       "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                        "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                        "type": "yarn"},
+       "torch_dtype": "bfloat16", "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+       "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+                               "quant_method": "fp8", "weight_block_size": [128, 128]}}
+
+
+@pytest.mark.parametrize("raw", [_V3, {"architectures": ["DeepseekV3ForCausalLM"],
+                                       "model_type": "deepseek_v3"}], ids=["v3", "v3_minimal"])
+def test_deepseek_v3_config_without_transformers_equals_autoconfig(tmp_path, raw):
+    """DeepSeek-V3 (no engine config: --target pytorch) takes the fast path too: the shape and
+    every attribute the family reads equal AutoConfig's."""
+    from transformers import PreTrainedConfig
+
+    fast, auto = _both(tmp_path, raw)
+    assert not isinstance(fast, PreTrainedConfig) and isinstance(auto, PreTrainedConfig)
+    assert model_shape(fast) == model_shape(auto)
+    for key in ("head_dim", "qk_head_dim", "rope_parameters", "q_lora_rank", "n_group",
+                "topk_group", "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace",
+                "max_position_embeddings", "rms_norm_eps", "n_shared_experts"):
+        assert getattr(fast, key) == getattr(auto, key), key
+
