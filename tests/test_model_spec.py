@@ -12,7 +12,7 @@ from model.spec import (PER_BLOCK, PER_INPUT, PER_OUTPUT, PER_TENSOR, MlaDims, a
 
 
 def _shape(family: str, heads=8, kv=2, tp=1, pad=False) -> Shape:
-    if family == "deepseek_v2":  # MLA: one latent KV head, its own dims; a dense layer 0
+    if family in ("deepseek_v2", "deepseek_v3"):  # MLA: one latent KV head, its own dims; a dense layer 0
         mla = MlaDims(q_lora=16 if kv == 2 else 0, kv_lora=16, nope=8, rope=8, v=8)
         return Shape(family=family, layers=2, heads=heads, kv_heads=1, head_size=24,
                      hidden=heads * 8, inter=96, vocab=100, tied=False, attn_bias=False,
@@ -54,7 +54,8 @@ def test_registry_maps_every_architecture_to_its_family():
                              "Qwen2ForCausalLM": "qwen2", "MixtralForCausalLM": "mixtral",
                              "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3",
                              "Gemma2ForCausalLM": "gemma2", "Phi3ForCausalLM": "phi3",
-                             "DeepseekV2ForCausalLM": "deepseek_v2", "Qwen2MoeForCausalLM": "qwen2_moe",
+                             "DeepseekV2ForCausalLM": "deepseek_v2", "DeepseekV3ForCausalLM": "deepseek_v3",
+                             "Qwen2MoeForCausalLM": "qwen2_moe",
                              "Qwen3MoeForCausalLM": "qwen3_moe"}
     assert dict(FAMILIES["qwen2"].flags) == {"attn_bias": True, "dense_bias": False}
     assert dict(FAMILIES["qwen3"].flags) == {"attn_bias": False, "dense_bias": False}
