@@ -103,6 +103,9 @@ def make_tiny_model(path, family: str = "llama", seed: int = 0, dtype=torch.floa
                 p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0, 0.1)
             else:
                 p.normal_(0, 0.05)
+        for name, b in model.named_buffers():  # DeepSeek-V3's router correction bias (zeros)
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)
     model = model.to(dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,10 @@
 * a block-scaled FP8 source (DeepSeek-V3's release format, examples/block_fp8.py) gives the same
   checkpoint, byte for byte, as its dequantized bf16 copy; its reader (convert/block_fp8.py, numpy)
   equals torch's dequantization on row slices across partial blocks;
+* the reference reader runs the unified checkpoint (verify/unified_planned.py: the family's plan
+  into TensorRT-LLM's MLA form, verify/mla.py, noaux_tc routing in verify/reference_moe.py):
+  float32 logits = HF's within 1e-5 on both MLA paths, and a reader without the correction bias
+  is caught; ``--verify`` passes;
 * the refusals: --target engine (no TensorRT engine class), quantized formats, malformed scales.
 """
 from __future__ import annotations
@@ -149,3 +153,36 @@ def test_malformed_block_scales_are_refused(tmp_path, capsys, v3, tokenizer_dir)
             r"model\.layers\.0\.self_attn\.o_proj\.weight_scale_inv in .* is F32 \[1, 1\]; "
             r"weight \[192, 128\] in blocks of \[128, 128\] has float32 \[2, 1\] scales; "
             r"re-download the model$")
+
+
+IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _rel(got, want) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def test_reader_fp32_logits_equal_hf_on_both_mla_paths(tmp_path, v3, tokenizer_dir,
+                                                       monkeypatch):
+    from dataclasses import replace
+
+    import verify.reference_moe as moe
+    from verify.model import ReferenceModel
+
+    ck = _pytorch_target(v3["f32"], tmp_path / "out", tokenizer_dir, "--triton-target", "none")
+    with torch.no_grad():
+        want = v3["model"](IDS).logits
+    ref = ReferenceModel(ck)
+    assert ref.moe.noaux and ref.mla.first_dense == 1
+    for path in ("absorbed", "context"):
+        ref.mla = replace(ref.mla, path=path)
+        assert _rel(ref(IDS), want) < 1e-5, path
+    route = moe.route  # the correction bias matters: routing without it is caught
+    monkeypatch.setattr(moe, "route", lambda x, w, spec, bias=None: route(x, w, spec, bias * 0))
+    assert _rel(ref(IDS), want) > 1e-3
+
+
+def test_cli_verify_passes(tmp_path, v3, tokenizer_dir, capsys):
+    _pytorch_target(v3["fp8"], tmp_path / "out", tokenizer_dir, "--verify", "--triton-target", "none")
+    assert "verify: PASS" in capsys.readouterr().out
+

@@ -69,7 +69,9 @@ def load_checkpoint(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
 
     d = _checked_dir(ckpt_dir)
     if is_unified_checkpoint(d):
-        return load_unified(d)
+        from .unified_planned import is_planned, load_planned  # MLA: through the family's plan
+
+        return load_planned(d) if is_planned(d) else load_unified(d)
     config = read_config(d)
     ranks = []
     for p in _rank_paths(d, config):
@@ -85,8 +87,10 @@ def open_checkpoint(ckpt_dir, lazy: bool = False) -> tuple[dict, list["RankTenso
     module is asked for (a unified checkpoint: its decoder layer, verify/unified_lazy.py)."""
     from .unified_reader import UnifiedMap, is_unified_checkpoint
 
+    from .unified_planned import is_planned
+
     d = _checked_dir(ckpt_dir)
-    if not lazy:
+    if not lazy or is_unified_checkpoint(d) and is_planned(d):
         config, ranks = load_checkpoint(d)
         return config, [RankTensors(tensors=r) for r in ranks]
     if is_unified_checkpoint(d):

@@ -33,10 +33,42 @@ def load_hf(hf_model_or_dir):
     d = _hf_dir(hf_model_or_dir)
     from transformers import AutoModelForCausalLM
 
+    from convert.block_fp8 import block_size
+
+    if block_size(_config(d)) is not None:
+        return _dequantized_hf(d)
     try:
         return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the Hugging Face model from {d}: {' '.join(str(e).split())[:300]}") from None
+
+
+def _dequantized_hf(d: Path):
+    """A block-scaled fp8 directory (DeepSeek-V3's release format) as the float model it
+    encodes, in float32: transformers' fp8 loading needs a GPU, so the weights, read dequantized
+    (convert/block_fp8.py), are saved with the config less its ``quantization_config`` in a
+    temporary directory that transformers loads (its Hub-layout conversions apply)."""
+    import json
+    import tempfile
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from convert.block_fp8 import open_source
+    from convert.source_files import declared_dtype
+    from quantize.torch_io import read_tensor
+
+    config = dict(_config(d))
+    config.pop("quantization_config")
+    source = open_source(d, _config(d), declared_dtype(_config(d)))
+    with tempfile.TemporaryDirectory(prefix="dequantized-") as tmp:
+        try:
+            save_file({n: read_tensor(source, n) for n in source.meta},
+                      str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        finally:
+            source.close()
+        (Path(tmp) / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
 
 
 def _hf_dir(path) -> Path:

@@ -11,6 +11,12 @@ semantics (``tensorrt_llm/layers/moe.py`` ``MixtureOfExperts``; docs/trtllm-form
   silu(second half) * first half, ``mlp.proj.weight`` [E_local, H, I/moe_tp];
 * each rank's routed, weighted sum over its own experts and slices is a partial result; the ranks'
   partials are summed (all-reduce), as for a row-parallel linear;
+* DeepSeek-V3's ``noaux_tc`` (config ``topk_method``; TensorRT-LLM PyTorch backend's
+  ``Deepseekv3RoutingImpl``, transformers 5 ``DeepseekV3MoE.route_tokens_to_experts``): sigmoid
+  scores; for the choice only, plus ``mlp.router.e_score_correction_bias``, groups ranked by the
+  sum of their two best, the best ``topk_group`` kept, top-k of those; the weights are the chosen
+  sigmoid scores, renormalised (mode 4, DEVICE_LIMITED_RENORM: ``norm_topk_prob``) and times
+  ``device_limited_routed_scaling_factor``;
 * Qwen2-MoE (``qwen_type`` qwen2_moe: ``SharedMoE`` with ``use_shared_gate``): a shared expert
   that every token takes, a tp-split MLP ``mlp.shared_expert.fc`` [2*S/tp, H] = [up; gate] per
   rank, swiglu, ``mlp.shared_expert.proj`` [H, S/tp] (row-parallel, no all-reduce of its own),
@@ -49,6 +55,7 @@ class MoeSpec:
     topk_group: int = 0
     scaling: float = 1.0
     shared_expert: bool = False  # Qwen2-MoE's gated shared expert (SharedMoE)
+    noaux: bool = False          # DeepSeek-V3's noaux_tc routing (sigmoid, correction bias)
 
     @classmethod
     def from_config(cls, c: dict, tp: int, where) -> "MoeSpec | None":
@@ -60,7 +67,8 @@ class MoeSpec:
         top_k = int(moe.get("top_k", c.get("moe_top_k", 0)) or 0)
         mode = moe.get("normalization_mode", c.get("moe_normalization_mode", 1))
         mode = 1 if mode is None else int(mode)
-        if mode not in NORMALIZATION_MODES:
+        noaux = c.get("topk_method") == "noaux_tc"
+        if mode not in NORMALIZATION_MODES and not (noaux and mode == 4):
             raise UserError(f"{where}: moe.normalization_mode {mode} is not supported by the "
                             f"reference reader (supported: 0 NONE, 1 RENORMALIZE, "
                             f"3 DEVICE_LIMITED)")
@@ -75,7 +83,7 @@ class MoeSpec:
         return cls(experts, top_k, mode, moe_tp, moe_ep, int(moe.get("device_limited_n_group") or 0),
                    int(moe.get("device_limited_topk_group") or 0),
                    float(moe.get("device_limited_routed_scaling_factor") or 1.0),
-                   shared_expert=c.get("qwen_type") == "qwen2_moe")
+                   shared_expert=c.get("qwen_type") == "qwen2_moe", noaux=noaux)
 
     def local_experts(self, t: int) -> range:
         per = self.num_experts // self.moe_ep
@@ -83,9 +91,13 @@ class MoeSpec:
         return range(ep_rank * per, (ep_rank + 1) * per)
 
 
-def route(x: Tensor, router_w: Tensor, spec: MoeSpec) -> tuple[Tensor, Tensor]:
-    """(expert ids [tokens, k], weights [tokens, k] float32) for ``x`` [tokens, hidden]."""
+def route(x: Tensor, router_w: Tensor, spec: MoeSpec,
+          bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(expert ids [tokens, k], weights [tokens, k] float32) for ``x`` [tokens, hidden];
+    ``bias``: noaux_tc's e_score_correction_bias."""
     logits = x.float() @ router_w.float().t()
+    if spec.noaux:
+        return _noaux_tc(logits, bias, spec)
     if spec.normalization_mode == 1:  # RENORMALIZE: top-k, then softmax over the k
         top, ids = torch.topk(logits, spec.top_k, dim=-1)
         return ids, torch.softmax(top, dim=-1)
@@ -97,6 +109,24 @@ def route(x: Tensor, router_w: Tensor, spec: MoeSpec) -> tuple[Tensor, Tensor]:
         probs = probs.masked_fill(~mask.repeat_interleave(groups.shape[-1], dim=1), 0.0)
     top, ids = torch.topk(probs, spec.top_k, dim=-1)
     return ids, top * spec.scaling if spec.normalization_mode == 3 else top
+
+
+def _noaux_tc(logits: Tensor, bias: Tensor | None, spec: MoeSpec) -> tuple[Tensor, Tensor]:
+    """DeepSeek-V3's routing (module docstring)."""
+    if bias is None:
+        raise UserError("topk_method noaux_tc needs mlp.router.e_score_correction_bias")
+    scores = torch.sigmoid(logits)
+    choice = scores + bias.float()
+    if spec.n_group:
+        groups = choice.view(-1, spec.n_group, spec.num_experts // spec.n_group)
+        keep = torch.topk(groups.topk(2, dim=-1).values.sum(-1), spec.topk_group, dim=-1).indices
+        mask = torch.zeros_like(groups[..., 0]).scatter_(1, keep, 1.0).bool()
+        choice = choice.masked_fill(~mask.repeat_interleave(groups.shape[-1], dim=1), 0.0)
+    ids = torch.topk(choice, spec.top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if spec.normalization_mode == 4:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * spec.scaling
 
 
 def expert_params(params: Mapping[str, Tensor], j: int, e_local: int) -> dict[str, Tensor]:
@@ -123,7 +153,7 @@ def moe_partial(x: Tensor, params: Mapping[str, Mapping[str, Tensor]], spec: Moe
                         f"num_experts {spec.num_experts}")
     b, s, h = x.shape
     flat = x.reshape(-1, h)
-    ids, weights = route(flat, router, spec)
+    ids, weights = route(flat, router, spec, params["router"].get("e_score_correction_bias"))
     experts = spec.local_experts(t)
     fc, proj = params["fc"], params["proj"]
     for name, mod in (("fc", fc), ("proj", proj)):

@@ -165,8 +165,15 @@ def trtllm_fields(hf, shape, tp: int) -> dict:
     experts and the device-limited routing, and the fields transformers 5's DeepseekV2Config
     lacks (``moe_layer_freq`` 1, ``scoring_func`` softmax: TensorRT-LLM reads them, spelling
     the latter ``coring_func``)."""
+    return mla_fields(hf, shape, _routing(hf), getattr(hf, "topk_method", "greedy"),
+                      getattr(hf, "scoring_func", None) or "softmax")
+
+
+def mla_fields(hf, shape, routing: tuple, topk_method: str, scoring: str) -> dict:
+    """:func:`trtllm_fields` with the routing given ((mode, n_group, topk_group, scale),
+    ``topk_method``, ``scoring_func``): DeepSeek-V3's for the reader."""
     m = shape.mla
-    mode, n_group, topk_group, scale = _routing(hf)
+    mode, n_group, topk_group, scale = routing
     return {
         "hidden_act": "swiglu", "mlp_bias": False, "attn_bias": False, "residual_mlp": False,
         "disable_weight_only_quant_plugin": False, "fc_after_embed": False,
@@ -178,10 +185,10 @@ def trtllm_fields(hf, shape, tp: int) -> dict:
                 "device_limited_routed_scaling_factor": scale},
         "kv_lora_rank": m.kv_lora, "q_lora_rank": m.q_lora or None,
         "qk_nope_head_dim": m.nope, "qk_rope_head_dim": m.rope, "v_head_dim": m.v,
-        "topk_method": getattr(hf, "topk_method", "greedy"),
+        "topk_method": topk_method,
         "first_k_dense_replace": shape.first_dense,
         "moe_layer_freq": int(getattr(hf, "moe_layer_freq", 1) or 1),
-        "coring_func": getattr(hf, "scoring_func", None) or "softmax",
+        "coring_func": scoring,
         "fp8_format": False,
     }
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from model.spec import HF_LAYER, REPLICATED, TRT_LAYER, Family, MlaDims, Rule
 
-from .deepseek_v2 import ATTENTION, DENSE_MLP, MLA, MOE, ROUTER
+from .deepseek_v2 import (ATTENTION, DENSE_MLP, DEVICE_LIMITED, DEVICE_LIMITED_RENORM, MLA, MOE,
+                          ROUTER, mla_fields, rotary)
 from .llama import EMBED, HEAD, NORMS
 
 #: the noaux_tc router's correction bias (float32 in the released checkpoints)
@@ -44,6 +45,17 @@ def shape_fields(hf) -> dict:
                 attn_bias=False, dense_bias=False)
 
 
+def reader_fields(hf, shape, tp: int) -> dict:
+    """The TensorRT-LLM-form config keys the CPU reader runs the checkpoint with (DeepSeek-V2's,
+    verify/mla.py; no engine is built from them): routing ``noaux_tc`` with sigmoid scores,
+    normalisation DEVICE_LIMITED_RENORM (``norm_topk_prob``) or DEVICE_LIMITED, the groups and
+    the scaling factor (verify/reference_moe.py)."""
+    renorm = shape.top_k > 1 and bool(getattr(hf, "norm_topk_prob", True))
+    routing = (DEVICE_LIMITED_RENORM if renorm else DEVICE_LIMITED, int(hf.n_group or 0),
+               int(hf.topk_group or 0), float(getattr(hf, "routed_scaling_factor", 1.0) or 1.0))
+    return mla_fields(hf, shape, routing, "noaux_tc", "sigmoid")
+
+
 #: proven here (tests/test_deepseek_v3.py): the float unified checkpoint (bf16 / the source's
 #: dtype, a block-scaled FP8 source dequantized) for --target pytorch; no engine
 FORMATS = {"engine": (), "pytorch": ((None, None),)}
@@ -59,4 +71,5 @@ DEEPSEEK_V3 = Family(
     "deepseek_v3", ("DeepseekV3ForCausalLM",), EMBED, ATTENTION + DENSE_MLP + MOE, NORMS, HEAD,
     extra=MLA + (ROUTER, SCORE_BIAS), formats=FORMATS, target_refusals=TARGET_REFUSALS,
     hidden_padding="TensorRT-LLM's MLA projections and MoE experts are not padded",
-    shape_fields=shape_fields, layerwise=False, unquantized=("*fused_a",))
+    shape_fields=shape_fields, rotary=rotary, trtllm_config=reader_fields, layerwise=False,
+    unquantized=("*fused_a",))
