@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from model.config import config_dict
+
 BLOCK = (128, 128)
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "weight_block_size": list(BLOCK)}
@@ -71,8 +73,7 @@ def make_block_fp8(src, dst) -> Path:
         else:
             keep = name.endswith("e_score_correction_bias")
             out[name] = t.to(torch.float32 if keep else torch.bfloat16).contiguous()
-    config = json.loads((src / "config.json").read_text())
-    config.update(dtype="bfloat16", quantization_config=QUANTIZATION_CONFIG)
+    config = dict(config_dict(src), dtype="bfloat16", quantization_config=QUANTIZATION_CONFIG)
     _copy_dir(src, dst, out, config)
     return dst
 
@@ -87,7 +88,7 @@ def dequantized_copy(src, dst) -> Path:
     out = {n: (dequantize(v, t[n[:-len("weight")] + "weight_scale_inv"])
                if v.dtype == torch.float8_e4m3fn else v)
            for n, v in t.items() if not n.endswith("weight_scale_inv")}
-    config = json.loads((src / "config.json").read_text())
+    config = dict(config_dict(src))
     config.pop("quantization_config")
     _copy_dir(src, dst, out, config)
     return dst

@@ -52,7 +52,6 @@ def _dequantized_hf(d: Path):
     import tempfile
 
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
     from convert.block_fp8 import open_source
     from convert.source_files import declared_dtype
@@ -68,7 +67,7 @@ def _dequantized_hf(d: Path):
         finally:
             source.close()
         (Path(tmp) / "config.json").write_text(json.dumps(config), encoding="utf-8")
-        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        return load_hf(Path(tmp))
 
 
 def _hf_dir(path) -> Path:

@@ -26,21 +26,19 @@ Tensor = torch.Tensor
 _DTYPES = ("float16", "bfloat16", "float32")
 
 
-def _family_shape(d: Path):
-    from model.config import read_hf_config
-    from model.shape import model_shape
-
-    hf = read_hf_config(d)
-    return hf, model_shape(hf)
-
-
 def is_planned(d) -> bool:
-    """Whether unified checkpoint ``d`` is read through its family's plan (an MLA family)."""
+    """Whether unified checkpoint ``d`` is read through its family's plan: a family whose layer
+    holds tensors the plan computes (MLA's absorbed projection, convert.compute)."""
+    from convert.compute import COMPUTED
+    from model.config import config_dict
+    from model.families import ARCHITECTURES, FAMILIES
+
     try:
-        _, shape = _family_shape(Path(d))
-    except UserError:
+        arch = (config_dict(d).get("architectures") or [None])[0]
+    except (OSError, ValueError, AttributeError):
         return False
-    return shape.mla is not None
+    family = FAMILIES.get(ARCHITECTURES.get(arch)) if isinstance(arch, str) else None
+    return family is not None and any(r.shard in COMPUTED for r in family.layer)
 
 
 def _bytes(chunk) -> bytes:
@@ -67,12 +65,14 @@ def load_planned(ckpt_dir) -> tuple[dict, list[dict[str, Tensor]]]:
     from convert.hf_config import from_hugging_face
     from convert.plan import rank_plan
     from convert.source import SourceCheckpoint
+    from model.source import ModelSource
 
     d = Path(ckpt_dir)
     if (d / "hf_quant_config.json").is_file():
         raise UserError(f"{d}: quantized unified checkpoints of multi-head latent attention "
                         f"are not supported by the reference reader")
-    hf, shape = _family_shape(d)
+    model = ModelSource.open(d)
+    hf, shape = model.config, model.shape
     declared = str(getattr(hf, "dtype", None) or "").removeprefix("torch.")
     config = from_hugging_face(hf, dtype=declared if declared in _DTYPES else "auto", tp=1, pp=1)
     source = SourceCheckpoint(d)

@@ -134,6 +134,15 @@ def _family(config: dict):
     return FAMILIES.get(name)
 
 
+def _open_float_source(model_dir: Path, config: dict) -> SourceCheckpoint:
+    """The source as a float model: a block-scaled fp8 one dequantized when read, and written
+    as that float model (its ``quantization_config`` dropped from ``config``)."""
+    source = open_source(model_dir, config, declared_dtype(config))
+    if block_size(config) is not None:
+        config.pop("quantization_config")
+    return source
+
+
 def _check_source_dtype(source: SourceCheckpoint) -> torch.dtype:
     dtypes = {d for n, (_, _, d) in source.meta.items()
               if d.is_floating_point and not n.endswith(FLOAT32_BUFFERS)}
@@ -254,9 +263,7 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
         write_prequantized_unified(model_dir, out_dir, spec, hf_quant, config, force=force,
                                    digests=digests, promote=promote)
         return hf_quant
-    source = open_source(model_dir, config, declared_dtype(config))  # block fp8: dequantized
-    if block_size(config) is not None:  # written as the float model it encodes
-        config.pop("quantization_config")
+    source = _open_float_source(model_dir, config)
     dtype = _check_source_dtype(source)
     computed, layers = {}, None
     scan = source.scan()  # in the background, while the tensors are computed and written
