@@ -118,6 +118,10 @@ class BlockFp8Source(SourceCheckpoint):
         s = np.repeat(np.repeat(scales, bo, axis=0)[start - b0 * bo:start - b0 * bo + n],
                       bi, axis=1)[:, :cols]
         x = to_float32(codes, E4M3) * s
+        if not np.isfinite(x).all():  # e4m3's NaN codes, or a non-finite scale
+            raise UserError(f"{name} has {int((~np.isfinite(x)).sum())} non-finite values in rows "
+                            f"{start}..{start + n - 1} once dequantized (NaN fp8 codes or "
+                            f"scales); the file is corrupt: re-download the model")
         out = np.frombuffer(buf, dtype=UINT[dtype.itemsize]).reshape(n, cols)
         float32_into(x, dtype, out)
 

@@ -186,3 +186,24 @@ def test_cli_verify_passes(tmp_path, v3, tokenizer_dir, capsys):
     _pytorch_target(v3["fp8"], tmp_path / "out", tokenizer_dir, "--verify", "--triton-target", "none")
     assert "verify: PASS" in capsys.readouterr().out
 
+
+def test_nan_codes_are_refused_when_read(tmp_path, v3):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from common.errors import UserError
+    from convert.block_fp8 import BlockFp8Source
+
+    d = tmp_path / "nan"
+    shutil.copytree(v3["fp8"], d)
+    t = load_file(d / "model.safetensors")
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    t[name].view(torch.uint8)[130, 5] = 0x7F  # e4m3 NaN
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    src = BlockFp8Source(d, (128, 128), "bfloat16")
+    src.read_bits(name, (slice(0, 128),))  # the rows asked for only
+    with pytest.raises(UserError, match=rf"^{name} has 1 non-finite values in rows 128\.\.191 "):
+        src.read_bits(name, (slice(128, 192),))
+    src.close()
+
