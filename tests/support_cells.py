@@ -40,6 +40,7 @@ class T(NamedTuple):
 
 QC = "test_quantize_convert.py::"
 PT = "test_pytorch_target.py::"
+GC = "test_grid_cells.py::"
 
 TESTS = (
     # --- Llama (engine) ---
@@ -75,6 +76,22 @@ TESTS = (
     # --- Mistral ---
     T("mistral", "float", "engine", "modelopt", "test_convert_vs_modelopt.py::test_fp16_matches_modelopt_export[mistral-2-2-1000-False]"),
     T("mistral", "float", "engine", "HF", "test_convert_logits.py::test_other_families_fp32_and_fp16[mistral]"),
+    T("mistral", "sq_modelopt", "engine", "modelopt", GC + "test_engine_cell_equals_modelopt_export[mistral_sq_kv_int8]"),
+    T("mistral", "kv_int8", "engine", "modelopt", GC + "test_engine_cell_equals_modelopt_export[mistral_sq_kv_int8]"),
+    T("mistral", "fp8", "engine", "modelopt", GC + "test_engine_cell_equals_modelopt_export[mistral_fp8_kv_fp8]"),
+    T("mistral", "kv_fp8", "engine", "modelopt", GC + "test_engine_cell_equals_modelopt_export[mistral_fp8_kv_fp8]"),
+    T("mistral", "awq", "engine", "modelopt", GC + "test_engine_cell_equals_modelopt_export[mistral_awq128]"),
+    T("mistral", "nvfp4", "engine", "modelopt", GC + "test_engine_cell_equals_modelopt_export[mistral_nvfp4]"),
+    T("mistral", "int8_wo", "engine", "formula", GC + "test_engine_weight_only_is_the_float_checkpoint[mistral]"),
+    T("mistral", "int4_wo", "engine", "formula", GC + "test_engine_weight_only_is_the_float_checkpoint[mistral]"),
+    T("mistral", "float", "pytorch", "export_hf", GC + "test_pytorch_float_and_int8_weight_only_equal_export_hf_checkpoint[mistral]"),
+    T("mistral", "int8_wo", "pytorch", "export_hf", GC + "test_pytorch_float_and_int8_weight_only_equal_export_hf_checkpoint[mistral]"),
+    T("mistral", "sq", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[mistral_sq]"),
+    T("mistral", "sq_modelopt", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[mistral_sq]"),
+    T("mistral", "fp8", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[mistral_fp8_kv_fp8]"),
+    T("mistral", "kv_fp8", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[mistral_fp8_kv_fp8]"),
+    T("mistral", "awq", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[mistral_awq]"),
+    T("mistral", "nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[mistral_nvfp4]"),
     # --- Qwen2 ---
     T("qwen2", "float", "engine", "modelopt", "test_convert_vs_modelopt.py::test_fp16_matches_modelopt_export[qwen2-2-2-1000-False]"),
     T("qwen2", "float", "engine", "HF", "test_convert_logits.py::test_other_families_fp32_and_fp16[qwen2]"),
@@ -84,6 +101,17 @@ TESTS = (
     T("qwen2", "awq", "engine", "modelopt", QC + "test_qwen2_with_qkv_bias_equals_modelopt_export[awq128_kv_fp8]"),
     T("qwen2", "kv_int8", "engine", "modelopt", QC + "test_qwen2_with_qkv_bias_equals_modelopt_export[sq_kv_int8]"),
     T("qwen2", "kv_fp8", "engine", "modelopt", QC + "test_qwen2_with_qkv_bias_equals_modelopt_export[awq128_kv_fp8]"),
+    T("qwen2", "fp8", "engine", "modelopt", GC + "test_engine_cell_equals_modelopt_export[qwen2_fp8]"),
+    T("qwen2", "int8_wo", "engine", "formula", GC + "test_engine_weight_only_is_the_float_checkpoint[qwen2]"),
+    T("qwen2", "int4_wo", "engine", "formula", GC + "test_engine_weight_only_is_the_float_checkpoint[qwen2]"),
+    T("qwen2", "float", "pytorch", "export_hf", GC + "test_pytorch_float_and_int8_weight_only_equal_export_hf_checkpoint[qwen2]"),
+    T("qwen2", "int8_wo", "pytorch", "export_hf", GC + "test_pytorch_float_and_int8_weight_only_equal_export_hf_checkpoint[qwen2]"),
+    T("qwen2", "sq", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen2_sq]"),
+    T("qwen2", "sq_modelopt", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen2_sq]"),
+    T("qwen2", "fp8", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen2_fp8_kv_fp8]"),
+    T("qwen2", "kv_fp8", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen2_fp8_kv_fp8]"),
+    T("qwen2", "awq", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen2_awq]"),
+    T("qwen2", "nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen2_nvfp4]"),
     # --- Qwen3 ---
     T("qwen3", "float", "engine", "modelopt", "test_qwen3.py::test_float_equals_modelopt_export"),
     T("qwen3", "float", "engine", "HF", "test_qwen3.py::test_fp32_logits_equal_hf"),
@@ -101,10 +129,13 @@ TESTS = (
     T("qwen3", "awq", "pytorch", "export_hf", "test_qwen3.py::test_unified_checkpoint_equals_modelopt_export[awq]"),
     T("qwen3", "int8_wo", "pytorch", "export_hf", "test_qwen3.py::test_unified_weight_only_int8_equals_modelopt"),
     T("qwen3", "kv_fp8", "pytorch", "export_hf", "test_qwen3.py::test_unified_checkpoint_equals_modelopt_export[kv_fp8_only]"),
+    T("qwen3", "nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen3_nvfp4]"),
     # --- Gemma 2 / Gemma 3 ---
     T("gemma2", "float", "engine", "HF", "test_gemma.py::test_float_logits_equal_hf[gemma2-2-1]"),
     T("gemma2", "fp8", "engine", "modelopt", "test_gemma.py::test_calibrated_checkpoint_equals_modelopt_tensors[gemma2-FP8-fp8]"),
     T("gemma2", "kv_fp8", "engine", "modelopt", "test_gemma.py::test_calibrated_checkpoint_equals_modelopt_tensors[gemma2-FP8-fp8]"),
+    T("gemma2", "int8_wo", "engine", "formula", GC + "test_engine_weight_only_is_the_float_checkpoint[gemma2]"),
+    T("gemma2", "int4_wo", "engine", "formula", GC + "test_engine_weight_only_is_the_float_checkpoint[gemma2]"),
     T("gemma2", "float", "pytorch", "export_hf", "test_gemma.py::test_pytorch_target_equals_modelopt_export[gemma2]"),
     T("gemma2", "int8_wo", "pytorch", "export_hf", "test_gemma.py::test_pytorch_target_equals_modelopt_export[gemma2]"),
     T("gemma3", "float", "engine", "HF", "test_gemma.py::test_float_logits_equal_hf[gemma3-1-1]"),
@@ -159,23 +190,14 @@ TESTS = (
 #: shows them as "untested". The list only shrinks (tests/test_support_grid.py fails on an entry
 #: whose cell has a test or is refused).
 UNTESTED = {
-    **{("mistral", f, t): "the Llama family's code path (MistralForCausalLM is model/families/"
-       "llama.py's)" for t, fs in (
-           ("engine", ("sq", "sq_modelopt", "fp8", "fp8_rowwise", "awq", "w4a8_awq", "nvfp4",
-                       "int8_wo", "int4_wo", "kv_int8", "kv_fp8")),
-           ("pytorch", ("float", "sq", "sq_modelopt", "fp8", "awq", "w4a8_awq", "nvfp4",
-                        "int8_wo", "kv_fp8"))) for f in fs},
-    **{("qwen2", f, "engine"): "Llama's recipe on Qwen2's spec (q/k/v bias streamed as SmoothQuant "
-       "/ AWQ tests show)" for f in ("fp8", "fp8_rowwise", "w4a8_awq", "int8_wo", "int4_wo")},
-    **{("qwen2", f, "pytorch"): "the unified writer of Llama's tests on Qwen2's spec"
-       for f in ("float", "sq", "sq_modelopt", "fp8", "awq", "w4a8_awq", "nvfp4", "int8_wo",
-                 "kv_fp8")},
-    **{("qwen3", f, "engine"): "Llama's recipe on Qwen3's spec" for f in ("fp8_rowwise",
-                                                                          "w4a8_awq")},
-    **{("qwen3", f, "pytorch"): "the unified writer of Llama's tests on Qwen3's spec"
-       for f in ("w4a8_awq", "nvfp4")},
+    **{("mistral", f, "engine"): "the Llama family's recipe (MistralForCausalLM is model/families/"
+       "llama.py's)" for f in ("sq", "fp8_rowwise", "w4a8_awq")},
+    **{(fam, f, "engine"): "Llama's recipe on the family's spec" for fam in ("qwen2", "qwen3")
+       for f in ("fp8_rowwise", "w4a8_awq")},
+    **{(fam, "w4a8_awq", "pytorch"): "the unified writer of Llama's W4A8 test on the family's spec"
+       for fam in ("mistral", "qwen2", "qwen3")},
     **{("gemma2", f, "engine"): "Gemma 3's code path (model/families/gemma.py, one FORMATS)"
-       for f in ("sq_modelopt", "int8_wo", "int4_wo", "kv_int8")},
+       for f in ("sq_modelopt", "kv_int8")},
     ("qwen2_moe", "int4_wo", "engine"): "Qwen3-MoE's W4A16 test on the same experts' writer",
     ("qwen3_moe", "int8_wo", "engine"): "Qwen2-MoE's W8A16 test on the same experts' writer",
     ("qwen3_moe", "kv_int8", "engine"): "Qwen2-MoE's INT8 KV test on the same attention",
