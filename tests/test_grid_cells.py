@@ -134,7 +134,7 @@ def test_pytorch_cell_equals_export_hf_checkpoint(tmp_path, calib_text, family, 
     from quantize.unified import write_unified_checkpoint
 
     hf_dir, model = _model(tmp_path, family)
-    spec = small(algo, kv)
+    spec = QuantSpec.create(algo, kv_cache_dtype=kv, **CALIB)
     calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
     write_unified_checkpoint(hf_dir, tmp_path / "ours", spec, calibrated_model=model,
                              progress=False)
