@@ -46,25 +46,36 @@ def calib_file(tmp_path_factory, calib_text):
     return p
 
 
-# (family, our quant_algo, kv, modelopt's quant / kv: weight-only = a float export)
-CASES = [("qwen2_moe", "FP8", None, "FP8", None),
-         ("qwen3_moe", "FP8", "fp8", "FP8", "fp8"),
-         ("qwen2_moe", "W8A16", "int8", None, "int8"),
-         ("qwen3_moe", "W4A16", None, None, None),
-         ("qwen2_moe", None, "fp8", None, "fp8")]
+# (family, our quant_algo, kv, AWQ group, modelopt's quant / kv: weight-only = a float export,
+# layouts). AWQ 128 stops at tp 2: at tp 4 attention.dense has 64 inputs per rank, fewer than a
+# group (refused by our preflight, and modelopt's export fails on it)
+CASES = [("qwen2_moe", "FP8", None, None, "FP8", None, LAYOUTS),
+         ("qwen3_moe", "FP8", "fp8", None, "FP8", "fp8", LAYOUTS),
+         ("qwen2_moe", "W8A16", "int8", None, None, "int8", LAYOUTS),
+         ("qwen3_moe", "W4A16", None, None, None, None, LAYOUTS),
+         ("qwen2_moe", None, "fp8", None, None, "fp8", LAYOUTS),
+         ("qwen2_moe", "W4A16_AWQ", "int8", 128, "W4A16_AWQ", "int8", LAYOUTS[:3]),
+         ("qwen2_moe", "W4A16_AWQ", None, 64, "W4A16_AWQ", None, LAYOUTS),
+         ("qwen3_moe", "W4A16_AWQ", "fp8", 64, "W4A16_AWQ", "fp8", LAYOUTS),
+         ("qwen3_moe", "W4A16_AWQ", None, 128, "W4A16_AWQ", None, LAYOUTS[:3])]
 
 
 @pytest.mark.slow
 @needs_hf4
-@pytest.mark.parametrize("family,algo,kv,mo_algo,mo_kv", CASES,
+@pytest.mark.parametrize("family,algo,kv,group,mo_algo,mo_kv,layouts", CASES,
                          ids=["q2_fp8", "q3_fp8_kv_fp8", "q2_w8a16_kv_int8", "q3_w4a16",
-                              "q2_kv_fp8"])
-def test_quantized_equals_modelopt_export(tmp_path, qmodels, calib_file, family, algo, kv,
-                                          mo_algo, mo_kv):
+                              "q2_kv_fp8", "q2_awq128_kv_int8", "q2_awq64", "q3_awq64_kv_fp8",
+                              "q3_awq128"])
+def test_quantized_equals_modelopt_export(tmp_path, qmodels, calib_file, family, algo, kv, group,
+                                          mo_algo, mo_kv, layouts):
+    """AWQ: ours calibrates transformers 5's experts unfused into transformers 4's per-expert
+    linears named by the family spec (quantize/moe_blocks.py), modelopt's reference a real
+    transformers-4.57 model with its shared expert and gate (Qwen2-MoE) or q/k norms (Qwen3-MoE)."""
     hf_dir, _ = qmodels[family]
-    spec = QuantSpec.create(algo, kv_cache_dtype=kv, **CALIB)
+    spec = QuantSpec.create(algo, kv_cache_dtype=kv, awq_block_size=group, **CALIB)
+    extra = ["--awq-block-size", str(group)] if group else []
     for ours, theirs in ranks_equal_modelopt(hf_dir, tmp_path, calib_file, spec, mo_algo, mo_kv,
-                                             LAYOUTS, ["--decoder-type", "qwen"]):
+                                             layouts, ["--decoder-type", "qwen", *extra]):
         if mo_algo:  # modelopt lists lm_head, the routers and shared-expert gates as a set
             assert sorted(ours.pop("exclude_modules")) == sorted(theirs.pop("exclude_modules"))
             assert ours == theirs
