@@ -80,6 +80,7 @@ def test_reader_near_hf_and_check_passes(tmp_path, mixtral_fp4, calib_text):
     report, ok = verify(out, model, input_ids=ids)
     print(f"\nNVFP4 Mixtral tp 4 (2 x 2): reader vs HF rel err {report['rel_err']:.3g}")
     assert ok and 1e-3 < report["rel_err"] < 0.5, report
+    _moe_layer_equals_modelopt_fake_quantization(out)
     result = check_dir(out)  # the experts' weight globals: provided, not declared (a warning)
     assert result.exit_code == 0, result.summary()
     assert result.findings and all(
@@ -127,3 +128,47 @@ def test_nvfp4_cli_with_quality_gate(tmp_path, smollm2_dir):
     assert len(gate) == 1 and "NVFP4" in gate[0] and "PASS" in gate[0], gate
     cfg = json.loads((out / "checkpoint" / "config.json").read_text())
     assert cfg["quantization"]["quant_algo"] == "NVFP4" and cfg["mapping"]["moe_ep_size"] == 2
+
+
+def _moe_layer_equals_modelopt_fake_quantization(ckpt):
+    """Every rank's MoE partial of layer 0 (the reader, verify/reference_moe.py) summed over the
+    ranks equals the same layer computed independently: HF's renormalised top-k routing, and per
+    routed expert modelopt's NVFP4QTensor fake quantization of its input and weights from the
+    tp-sharded tensors (tests/test_nvfp4.py ``_modelopt_fake_linear``)."""
+    import torch.nn.functional as F
+
+    from test_nvfp4 import _modelopt_fake_linear
+    from verify.kernel_table import QuantSpec as ReaderSpec
+    from verify.kernels import linear
+    from verify.reference_moe import MoeSpec, expert_params, moe_partial
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    tp = cfg["mapping"]["tp_size"]
+    spec = MoeSpec.from_config(cfg, tp, "test")
+    qcfg = ReaderSpec.from_config(cfg)
+    torch.manual_seed(0)
+    x = torch.randn(1, 7, cfg["hidden_size"])  # float32: no activation rounding to compare
+    got = torch.zeros(7, cfg["hidden_size"], dtype=torch.float32)
+    want = torch.zeros_like(got)
+    p = "transformer.layers.0.mlp."
+    for t in range(tp):
+        rank = load_file(ckpt / f"rank{t}.safetensors")
+        mods = {m: {k[len(p) + len(m) + 1:]: v for k, v in rank.items() if k.startswith(p + m + ".")}
+                for m in ("router", "fc", "proj")}
+        got += moe_partial(x, mods, spec, t, linear, qcfg, "layer0").reshape(7, -1).float()
+        logits = x.reshape(7, -1).float() @ mods["router"]["weight"].float().t()
+        top, ids = torch.topk(torch.softmax(logits, -1), spec.top_k, dim=-1)
+        top = top / top.sum(-1, keepdim=True)
+        experts = spec.local_experts(t)
+        for j, e in enumerate(experts):
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            if tok.numel():
+                xe = x.reshape(7, -1)[tok].float()
+                up, gate = _modelopt_fake_linear(xe, expert_params(mods["fc"], j, len(experts))
+                                                 ).chunk(2, dim=-1)
+                ye = _modelopt_fake_linear(F.silu(gate) * up,
+                                           expert_params(mods["proj"], j, len(experts)))
+                want.index_add_(0, tok, ye * top[tok, slot, None])
+    rel = float((got - want).norm() / want.norm())
+    print(f"NVFP4 MoE layer: reader vs modelopt NVFP4QTensor rel err {rel:.2e}")
+    assert rel < 1e-5, rel
