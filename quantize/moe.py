@@ -1,4 +1,5 @@
-"""Quantized mixture-of-experts layers (Mixtral, Qwen-MoE): which formats, and the calibrated expert tensors.
+"""Quantized mixture-of-experts layers (Mixtral, Qwen-MoE): which formats, and the calibrated
+expert tensors.
 
 What nvidia-modelopt 0.47's ``export_tensorrt_llm_checkpoint`` writes for a calibrated Mixtral
 (``modelopt/torch/export/layer_utils.py``: ``build_stacked_experts``, ``_build_stacked_linear``),

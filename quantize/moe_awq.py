@@ -1,4 +1,5 @@
-"""INT4-AWQ for a mixture-of-experts model's experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the stacked expert tensors nvidia-modelopt 0.47's
+"""INT4-AWQ for a mixture-of-experts model's experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the stacked
+expert tensors nvidia-modelopt 0.47's
 ``export_tensorrt_llm_checkpoint`` writes, from a model calibrated on transformers 4's per-expert
 layout (quantize/moe_blocks.py says why and how). tests/test_moe_quant.py compares them with
 modelopt's export of a transformers-4.57 calibration, bit for bit.
@@ -54,8 +55,9 @@ def extract_awq_experts(model, spec: QuantSpec, dtype: torch.dtype) -> dict[str,
         for e, group in enumerate(lins):
             for k, lin in group.items():
                 if not enabled(lin.wq) or lin.wq.num_bits != 4 or not lin.pqs_enabled:
-                    raise UserError(f"layer {i}: expert {e} {k} has no calibrated AWQ quantizer; "
-                                    f"was the model calibrated for {spec.name}?")
+                    name = dict(zip(("w1", "w2", "w3"), (gate, down, up)))[k]
+                    raise UserError(f"layer {i}: expert {e} {name} has no calibrated AWQ "
+                                    f"quantizer; was the model calibrated for {spec.name}?")
         fuse([g["w2"] for g in lins], block_size)  # resmooth_only: no input amax for W4A16
         fuse([g[k] for g in lins for k in ("w1", "w3")], block_size)
         p = f"transformer.layers.{i}.mlp"

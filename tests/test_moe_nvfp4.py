@@ -153,8 +153,8 @@ def _moe_layer_equals_modelopt_fake_quantization(ckpt):
     p = "transformer.layers.0.mlp."
     for t in range(tp):
         rank = load_file(ckpt / f"rank{t}.safetensors")
-        mods = {m: {k[len(p) + len(m) + 1:]: v for k, v in rank.items() if k.startswith(p + m + ".")}
-                for m in ("router", "fc", "proj")}
+        mods = {m: {k[len(p) + len(m) + 1:]: v for k, v in rank.items()
+                    if k.startswith(p + m + ".")} for m in ("router", "fc", "proj")}
         got += moe_partial(x, mods, spec, t, linear, qcfg, "layer0").reshape(7, -1).float()
         logits = x.reshape(7, -1).float() @ mods["router"]["weight"].float().t()
         top, ids = torch.topk(torch.softmax(logits, -1), spec.top_k, dim=-1)
