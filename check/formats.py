@@ -154,6 +154,18 @@ NVFP4 = (Param("weight", ("out", "in/2"), "uint8"),
          Param("activation_global_scaling_factor", ("1",), "float32"),
          Param("alpha", ("1",), "float32"))
 
+#: MOEWeightWrapper with nvfp4 (``layers/moe.py``) after preprocess_weights: the block scales and
+#: their interleaved copy both declared [E, out, in/16] (the interleave pads nothing there:
+#: quantize/recipes/moe ``MoeNvfp4`` refuses the shapes that would need it), one activation
+#: global [1], ``alpha`` [E]; the per-expert weight globals are not declared (preprocess_weights
+#: renames them to ``weights_global_scaling_factor``: provided, not required)
+NVFP4_EXPERTS = (Param("weight", ("E", "out", "in/2"), "uint8"),
+                 Param("weights_block_scaling_factor", ("E", "out", "in/16"), "float8_e4m3fn"),
+                 Param("weights_block_scaling_factor_interleaved", ("E", "out", "in/16"),
+                       "float8_e4m3fn"),
+                 Param("activation_global_scaling_factor", ("1",), "float32"),
+                 Param("alpha", ("E",), "float32"))
+
 #: kv_cache_quantize: every Attention (1.x: both scales; 1.0-era trees declare only the first,
 #: preprocess_weights then adds the reciprocal anyway)
 KV_CACHE = (Param("kv_cache_scaling_factor", ("1",), "float32"),
@@ -176,7 +188,7 @@ SCHEMES: dict[str | None, Scheme] = {
     "FP8_PER_CHANNEL_PER_TOKEN": Scheme("Fp8RowwiseGatedMLP / Fp8RowwiseAttention (Fp8RowwiseLinear "
                                         "/ Fp8RowwiseRowLinear)", FP8_ROWWISE, None, bits=8,
                                         rowwise=True, preprocess="fp8_rowwise"),
-    "NVFP4": Scheme("FP4Linear / FP4RowLinear", NVFP4, None, bits=4, preprocess="nvfp4"),
+    "NVFP4": Scheme("FP4Linear / FP4RowLinear", NVFP4, NVFP4_EXPERTS, bits=4, preprocess="nvfp4"),
     "W8A8_SQ_PER_CHANNEL": Scheme("Int8SmoothQuantLinear / Int8SmoothQuantRowLinear", INT8_SQ,
                                   None, bits=8),
     "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": Scheme(_SQ, SQ_PLUGIN, None, bits=8, per_channel=True,

@@ -121,12 +121,15 @@ def nvfp4(h: Header, config: dict, scheme) -> None:
     ``block_scale_interleave``: quantize/recipes/nvfp4/weights.py restates it);
     ``*weights_scaling_factor_2`` → ``*weights_global_scaling_factor``,
     ``*activation_scaling_factor`` → ``*activation_global_scaling_factor``, and ``*alpha`` (their
-    product, the activation global's shape) beside every weight global; the weight is untouched."""
+    product, the broadcast of both shapes: [E] for MoE experts) beside every weight global; the
+    weight is untouched. MoE experts' block scales [E, out, in/16] are interleaved per expert
+    (``block_scale_interleave`` takes a leading experts dim: NVIDIA/TensorRT-LLM #6073, in 1.2)."""
     for name, (shape, dtype) in list(h.items()):
-        if name.endswith("weights_scaling_factor") and len(shape) == 2:
+        if name.endswith("weights_scaling_factor") and len(shape) in (2, 3):
             base = name[: -len("weights_scaling_factor")] + "weights_block_scaling_factor"
             h[base] = h.pop(name)
-            h[base + "_interleaved"] = ((-(-shape[0] // 128) * 128, -(-shape[1] // 4) * 4), dtype)
+            h[base + "_interleaved"] = ((*shape[:-2], -(-shape[-2] // 128) * 128,
+                                        -(-shape[-1] // 4) * 4), dtype)
         elif name.endswith("weights_scaling_factor_2"):
             h[name[: -len("weights_scaling_factor_2")] + "weights_global_scaling_factor"] = h.pop(name)
         elif name.endswith("activation_scaling_factor"):
@@ -134,7 +137,15 @@ def nvfp4(h: Header, config: dict, scheme) -> None:
     for name in [n for n in h if n.endswith("weights_global_scaling_factor")]:
         act = name.replace("weights_global_scaling_factor", "activation_global_scaling_factor")
         if act in h:
-            h[name.replace("weights_global_scaling_factor", "alpha")] = h[act]
+            shape = _broadcast(tuple(h[name][0]), tuple(h[act][0]))
+            h[name.replace("weights_global_scaling_factor", "alpha")] = (shape, h[act][1])
+
+
+def _broadcast(a: tuple, b: tuple) -> tuple:
+    """The shape of ``a * b`` (torch's broadcasting: right-aligned, 1 stretches)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    return tuple(x if y == 1 else y for x, y in zip(a, b))
 
 
 TRANSFORMS = {"awq": awq, "w4a8_awq": w4a8_awq, "fp8": fp8, "fp8_rowwise": fp8_rowwise,

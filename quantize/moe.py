@@ -1,4 +1,5 @@
-"""Quantized mixture-of-experts layers (Mixtral): which formats, and the calibrated expert tensors.
+"""Quantized mixture-of-experts layers (Mixtral, Qwen-MoE): which formats, and the calibrated
+expert tensors.
 
 What nvidia-modelopt 0.47's ``export_tensorrt_llm_checkpoint`` writes for a calibrated Mixtral
 (``modelopt/torch/export/layer_utils.py``: ``build_stacked_experts``, ``_build_stacked_linear``),
@@ -14,6 +15,13 @@ read from its export of a transformers-4 model (tests/test_moe_quant.py compares
   3-D expert weights itself (``weight_only_quantize`` transposes the last two dims for dim > 2).
 * W4A16_AWQ: ``mlp.fc`` / ``mlp.proj`` packed int4 per expert, group scales and pre-quant scales
   stacked on dim 0 (quantize/moe_awq.py); the routers listed in ``exclude_modules`` as for FP8.
+* NVFP4: per expert as a dense NVFP4 linear (``export_linear``): ``mlp.fc.weight`` uint8
+  [E, 2I, H/2] = [w3; w1] packed E2M1 under ONE per-expert global (w1/w3 pre-fused: the max of
+  their amaxes), ``weights_scaling_factor`` E4M3 [E, 2I, H/16], ``weights_scaling_factor_2`` f32
+  [E]; ``activation_scaling_factor`` f32 [1] per module, the max over the experts; ``mlp.proj``
+  alike for w2. TensorRT-LLM 1.2's ``MOEWeightWrapper`` (layers/moe.py) declares the block scales
+  and their interleaved copy [E, out, in/16], ``activation_global_scaling_factor`` [1] and
+  ``alpha`` [E] (preprocess_weights: activation global x each expert's weight global).
 * INT8 / FP8 KV cache: attention only, as for dense models.
 
 Calibration runs on transformers 5, where modelopt wraps the fused ``MixtralExperts``
@@ -43,6 +51,7 @@ import torch
 from common.errors import UserError
 
 from .formats import QuantSpec
+from .modelopt_state import sanitize_amax
 from .moe_awq import extract_awq_experts
 
 if TYPE_CHECKING:  # the converter's expert layout; only its attributes are read here
@@ -130,8 +139,47 @@ def _extract_fp8_experts(model, spec: QuantSpec, dtype: torch.dtype) -> dict[str
     return out
 
 
+def _extract_linear_experts(model, spec: QuantSpec, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Experts exported one by one with the recipe's ``export_linear`` (NVFP4), stacked on dim 0
+    (a 0-dim per-linear global becomes [E]), as modelopt 0.47's ``_build_stacked_linear`` stacks
+    a transformers-4 model's per-expert tensors; each expert's weight amax is its quantizer's
+    (w1/w3 fused: their max, modelopt's ``preprocess_linear_fusion``), or its weight's abs max
+    where calibration routed it no token; the activation global is one [1] per module from the
+    shared input amax (the max over the experts, as that export takes it)."""
+    out: dict[str, Tensor] = {}
+    for i, mod in sorted(_experts_modules(model).items()):
+        gate_up = getattr(mod, "gate_up_proj", None)
+        if not isinstance(gate_up, Tensor) or gate_up.dim() != 3:
+            raise UserError(f"layer {i}: experts are not transformers 5's fused experts")
+        inter = gate_up.shape[1] // 2
+        for trt, weight, stem in (("mlp.fc", torch.cat([gate_up[:, inter:], gate_up[:, :inter]],
+                                                       dim=1), "gate_up_proj"),
+                                  ("mlp.proj", mod.down_proj, "down_proj")):
+            iq = getattr(mod, f"{stem}_input_quantizer", None)
+            if _amax(iq) is None:
+                raise UserError(f"layer {i}: no calibration token reached its experts "
+                                f"({stem} has no activation amax); calibrate with more text "
+                                f"(--calib-size) or another --calib-data")
+            act = sanitize_amax(iq.amax.detach().float(), float(iq.maxbound))
+            wqs = getattr(mod, f"{stem}_weight_quantizers", None)
+            parts = []
+            for e in range(weight.shape[0]):
+                amax = _amax(wqs[e]) if wqs is not None else None
+                parts.append(spec.format.export_linear(
+                    weight[e].detach().float(),
+                    weight[e].detach().abs().amax().float() if amax is None else amax, act))
+            p = f"transformer.layers.{i}.{trt}"
+            for key in parts[0]:
+                if key == "activation_scaling_factor":
+                    out[f"{p}.{key}"] = parts[0][key].reshape(1).cpu()
+                else:
+                    out[f"{p}.{key}"] = torch.stack([t[key] for t in parts]).cpu()
+    return out
+
+
 #: the recipes' ``moe.experts`` -> the extractor of their expert tensors
-_EXTRACTORS = {"fp8": _extract_fp8_experts, "awq": extract_awq_experts}
+_EXTRACTORS = {"fp8": _extract_fp8_experts, "awq": extract_awq_experts,
+               "linear": _extract_linear_experts}
 
 
 def shard_moe_state(state: dict[str, Tensor], layout: MoeLayout, tp_rank: int,
@@ -144,8 +192,8 @@ def shard_moe_state(state: dict[str, Tensor], layout: MoeLayout, tp_rank: int,
     block = layout.experts(num_experts, tp_rank)
     out = {}
     for name, t in state.items():
-        if t.dim() >= 2:  # per expert (activation scales are one [1] per module)
-            t = t[block.start:block.stop]
+        if not name.endswith("activation_scaling_factor"):  # per expert (activation scales:
+            t = t[block.start:block.stop]                    # one [1] per module)
         if t.dim() == 3 and ".fc." in name:
             up, gate = t.chunk(2, dim=1)
             t = torch.cat([up.chunk(layout.moe_tp, dim=1)[moe_tp_rank],

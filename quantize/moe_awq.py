@@ -1,4 +1,5 @@
-"""INT4-AWQ for Mixtral's experts: the stacked expert tensors nvidia-modelopt 0.47's
+"""INT4-AWQ for a mixture-of-experts model's experts (Mixtral, Qwen2-MoE, Qwen3-MoE): the stacked
+expert tensors nvidia-modelopt 0.47's
 ``export_tensorrt_llm_checkpoint`` writes, from a model calibrated on transformers 4's per-expert
 layout (quantize/moe_blocks.py says why and how). tests/test_moe_quant.py compares them with
 modelopt's export of a transformers-4.57 calibration, bit for bit.
@@ -6,8 +7,9 @@ modelopt's export of a transformers-4.57 calibration, bit for bit.
 What the export does (``layer_utils.build_stacked_experts``), reproduced by
 :func:`extract_awq_experts` without touching the modules:
 
-* ``w2`` of every expert re-smoothed to one pre-quant scale (the mean of the experts' scales), then
-  ``w1``/``w3`` of every expert to one scale (the mean over [e0.w1, e0.w3, e1.w1, ...]); a
+* ``w2`` (down) of every expert re-smoothed to one pre-quant scale (the mean of the experts'
+  scales), then ``w1``/``w3`` (gate / up) of every expert to one scale (the mean over [e0.w1,
+  e0.w3, e1.w1, ...], each expert's linears in the HF module's order: gate before up); a
   re-smoothed weight's block amax is collected again (``preprocess_linear_fusion``);
 * per expert, INT4 packed along the output dim as for a dense linear; ``mlp.fc`` = [w3; w1]:
   ``weight`` int8 [E, I, H] (two int4 per byte), ``weights_scaling_factor`` f32 [E, 2I, H/g],
@@ -47,12 +49,15 @@ def extract_awq_experts(model, spec: QuantSpec, dtype: torch.dtype) -> dict[str,
             raise UserError(f"--awq: layer {i}: experts {', '.join(map(str, unrouted))} saw no "
                             f"calibration token, so AWQ cannot calibrate them; calibrate with more "
                             f"text (--calib-size) or another --calib-data")
-        lins = [{k: Lin(getattr(ex, k)) for k in ("w1", "w2", "w3")} for ex in block.experts]
+        gate, up, down = block.names  # Mixtral's w1 / w3 / w2 (quantize/moe_blocks.py)
+        lins = [{k: Lin(getattr(ex, n)) for k, n in (("w1", gate), ("w2", down), ("w3", up))}
+                for ex in block.experts]
         for e, group in enumerate(lins):
             for k, lin in group.items():
                 if not enabled(lin.wq) or lin.wq.num_bits != 4 or not lin.pqs_enabled:
-                    raise UserError(f"layer {i}: expert {e} {k} has no calibrated AWQ quantizer; "
-                                    f"was the model calibrated for {spec.name}?")
+                    name = dict(zip(("w1", "w2", "w3"), (gate, down, up)))[k]
+                    raise UserError(f"layer {i}: expert {e} {name} has no calibrated AWQ "
+                                    f"quantizer; was the model calibrated for {spec.name}?")
         fuse([g["w2"] for g in lins], block_size)  # resmooth_only: no input amax for W4A16
         fuse([g[k] for g in lins for k in ("w1", "w3")], block_size)
         p = f"transformer.layers.{i}.mlp"

@@ -203,6 +203,10 @@ TESTS = (
     T("deepseek_v2", "float", "engine", "HF", "test_deepseek_v2.py::test_fp32_logits_equal_hf_on_both_mla_paths"),
     T("deepseek_v2", "int8_wo", "engine", "formula", "test_deepseek_v2.py::test_weight_only_reader_equals_independent_dequantization[--int8-weight-only-W8A16-8-lite]"),
     T("deepseek_v2", "int4_wo", "engine", "formula", "test_deepseek_v2.py::test_weight_only_reader_equals_independent_dequantization[--int4-weight-only-W4A16-4-lite]"),
+    # --- moeq (merge): Qwen-MoE AWQ, Mixtral NVFP4 ---
+    T("qwen2_moe", "awq", "engine", "modelopt", "test_qwen_moe_quant.py::test_quantized_equals_modelopt_export[q2_awq128_kv_int8]"),
+    T("qwen3_moe", "awq", "engine", "modelopt", "test_qwen_moe_quant.py::test_quantized_equals_modelopt_export[q3_awq128]"),
+    T("mixtral", "nvfp4", "engine", "modelopt", "test_moe_nvfp4.py::test_nvfp4_equals_modelopt_export_at_every_moe_layout"),
     # --- DeepSeek-V3 ---
     T("deepseek_v3", "float", "pytorch", "export_hf", "test_deepseek_v3.py::test_float_unified_equals_modelopt_export"),
 )

@@ -51,7 +51,8 @@ def _bits(t):
 
 def expected(root, tp, moe_tp, moe_ep, r):
     """modelopt's rank r for (tp, moe_tp, moe_ep): experts from its tp = moe_tp export, rank
-    tp_rank // moe_ep, cut to expert block tp_rank % moe_ep (per-expert tensors have E rows)."""
+    tp_rank // moe_ep, cut to expert block tp_rank % moe_ep (per-expert tensors have E rows;
+    NVFP4's per-expert weight globals are [E]; an activation scale is one [1] per module)."""
     want = load_file(root / f"tp{tp}" / f"rank{r}.safetensors")
     src = load_file(root / f"tp{moe_tp}" / f"rank{r // moe_ep}.safetensors")
     per = EXPERTS // moe_ep
@@ -59,7 +60,9 @@ def expected(root, tp, moe_tp, moe_ep, r):
     for name in want:
         if ".mlp.fc." in name or ".mlp.proj." in name:
             t = src[name]
-            want[name] = t[lo:lo + per] if t.dim() >= 2 and t.shape[0] == EXPERTS else t
+            per_expert = t.dim() >= 1 and t.shape[0] == EXPERTS and \
+                not name.endswith("activation_scaling_factor")
+            want[name] = t[lo:lo + per] if per_expert else t
     return want
 
 

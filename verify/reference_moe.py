@@ -130,11 +130,13 @@ def _noaux_tc(logits: Tensor, bias: Tensor | None, spec: MoeSpec) -> tuple[Tenso
 
 
 def expert_params(params: Mapping[str, Tensor], j: int, e_local: int) -> dict[str, Tensor]:
-    """Expert ``j``'s tensors out of a stacked module's (first dim = experts on this rank);
-    tensors shared by the experts (e.g. FP8's per-tensor activation scale) as they are."""
+    """Expert ``j``'s tensors out of a stacked module's (first dim = experts on this rank, NVFP4's
+    weight globals [E] included); the activation scale, one [1] shared by the experts (FP8,
+    NVFP4: the plugin quantizes every expert's input alike), as it is."""
     out = {}
     for k, v in params.items():
-        per_expert = v.dim() >= 2 and v.shape[0] == e_local or k == "weight"
+        per_expert = k == "weight" or (k != "activation_scaling_factor" and v.dim() >= 1
+                                       and v.shape[0] == e_local)
         out[k] = v[j] if per_expert else v
     return out
 

@@ -1,4 +1,4 @@
-"""What each format does for a mixture-of-experts model (Mixtral): refusals before any work, the
+"""What each format does for a mixture-of-experts model (Mixtral, Qwen-MoE): refusals before any work, the
 ``exclude_modules`` it writes, and which expert tensors calibration extracts (the extractors
 themselves are in quantize/moe.py and quantize/moe_awq.py, keyed by :attr:`MoeSupport.experts`).
 
@@ -92,6 +92,25 @@ class MoeAwq(MoeCalibrated):
                                 f"AWQ group size {g}; choose {fix}"
                                 + (f", or --awq-block-size {alt[0]}" if alt else ""))
         MoeWeightOnly(*spec.format.gemm_multiples).preflight(spec, shape, layout)
+
+
+class MoeNvfp4(MoeCalibrated):
+    """NVFP4 experts, exported expert by expert as dense NVFP4 linears (quantize/moe.py). TensorRT-LLM
+    1.2's ``MOEWeightWrapper`` declares ``weights_block_scaling_factor_interleaved`` with the
+    block scales' own shape [E, out, in/16], while ``block_scale_interleave`` (run by
+    ``preprocess_weights``) pads each expert to [pad_up(out, 128), pad_up(in/16, 4)]: the two meet
+    only when nothing is padded, so every expert GEMM must have a multiple of 128 outputs and of
+    64 inputs per rank."""
+
+    experts = "linear"
+
+    def preflight(self, spec, shape, layout) -> None:
+        for name, (k, n) in _gemms(shape, layout).items():
+            if n % 128 or k % 64:
+                raise UserError(f"--nvfp4: {name} has {k} input and {n} output features per rank; "
+                                f"TensorRT-LLM 1.2's NVFP4 MoE layer needs multiples of 64 and 128 "
+                                f"(its interleaved block scales are not padded); choose another "
+                                f"--moe-tp or format")
 
 
 #: TensorRT-LLM's MoE layer has no INT8 SmoothQuant GEMM and modelopt 0.47 cannot export it

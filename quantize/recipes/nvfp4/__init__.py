@@ -19,14 +19,15 @@ from common.errors import UserError
 
 from ...algos import MODELOPT_EXCLUDE_MODULES, NVFP4
 from ..base import MAX, Recipe
-from ..moe import MoeRefused
+from ..moe import MoeNvfp4
 from ..parts import LinearExport, MemoryModel, UnifiedFormat
 
 #: the block size (elements of a row per E4M3 scale): config.json's ``group_size``
 BLOCK = 16
 #: the families whose NVFP4 TensorRT-LLM checkpoint is written here (their tensors are tested
-#: against modelopt 0.47's export): the Llama family spec (LlamaForCausalLM, MistralForCausalLM);
-#: Mixtral's attention is Llama's, its experts are refused by :attr:`Nvfp4.moe` (the reason named)
+#: against modelopt 0.47's export): the Llama family spec (LlamaForCausalLM, MistralForCausalLM)
+#: and Mixtral (its attention is Llama's, its experts stacked as modelopt exports them:
+#: tests/test_moe_nvfp4.py)
 ENGINE_FAMILIES = ("llama", "mixtral")
 
 
@@ -40,8 +41,9 @@ class Nvfp4(Recipe):
     max_linears = True
     #: 4-bit weights plus one E4M3 scale per 16 (0.5 + 1/16 bytes per weight); calibration as FP8's
     memory = MemoryModel(weight_bytes=0.5625, layer_factor=1.0, hooks=True)
-    moe = MoeRefused("--nvfp4 is not supported for mixture-of-experts models yet (its expert "
-                     "tensors are not written here); use --fp8 or --awq")
+    #: experts as modelopt's export stacks them (quantize/moe.py); the shapes TensorRT-LLM 1.2's
+    #: NVFP4 MoE layer can load (MoeNvfp4.preflight)
+    moe = MoeNvfp4()
     #: modelopt's unified NVFP4 (``export_hf_checkpoint``): per linear ``weight`` uint8
     #: [out, in/2], ``weight_scale`` E4M3 [out, in/16], 0-dim ``weight_scale_2`` / ``input_scale``,
     #: q/k/v and gate/up sharing their globals; layer by layer from the calibration store (the
@@ -76,7 +78,7 @@ class Nvfp4(Recipe):
         proven = super().family_refusal(spec, family, target)
         if proven is None and target == "engine" and family.name not in ENGINE_FAMILIES:
             return (f"--nvfp4 engines are written for Llama-family models (LlamaForCausalLM, "
-                    f"MistralForCausalLM) only, not {family.architectures[0]}: its NVFP4 tensors "
+                    f"MistralForCausalLM, MixtralForCausalLM) only, not {family.architectures[0]}: its NVFP4 tensors "
                     f"are not tested against modelopt 0.47's export here; use --fp8 or --awq")
         return proven
 
