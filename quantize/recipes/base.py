@@ -49,7 +49,7 @@ SQ_HOOKS = "sq_hooks"
 MAX = "max"
 MODELOPT = "modelopt"
 #: modelopt's ``num_bits`` of a KV cache's quantizers, by kv_cache_quant_algo (FP8: e4m3)
-KV_CACHE_BITS = {"FP8": (4, 3), "INT8": 8}
+KV_CACHE_BITS = {"FP8": (4, 3), "INT8": 8, "NVFP4": (2, 1)}
 
 
 #: --kv-cache-dtype values without a unified form (modelopt 0.47's unified export asserts
@@ -63,6 +63,15 @@ UNIFIED_KV_REFUSED = {
 #: the KV-cache scales' lower bound by kv_cache_quant_algo (modelopt clamps FP8 KV scales to >= 1)
 KV_SCALE_FLOOR = {"FP8": 1.0}
 
+#: --kv-cache-dtype nvfp4 pairs with these weight formats only: TensorRT-LLM 1.2's PyTorch backend
+#: (the one target that takes an NVFP4 KV cache) loads its K/V scales in the FP8 and NVFP4 linear
+#: methods (tensorrt_llm/_torch/modules/linear.py, ``load_kv_scales`` of FP8QDQLinearMethod and
+#: NVFP4LinearMethod, "used for NVFP4 KV cache"); the recipes of these formats accept it
+#: (their ``check_kv``), :meth:`Recipe.check_kv` refuses it for every other one
+NVFP4_KV_REFUSED = ("--kv-cache-dtype nvfp4 pairs with --nvfp4 or --fp8 only, not {name}: "
+                    "TensorRT-LLM 1.2's PyTorch backend loads NVFP4 KV-cache scales in its FP8 and "
+                    "NVFP4 linears only; add --nvfp4 or --fp8, or use --kv-cache-dtype fp8")
+
 
 def kv_entries(spec) -> list:
     """modelopt ``quant_cfg`` entries of the spec's KV cache (FP8: modelopt's FP8_KV_CFG; INT8:
@@ -73,6 +82,9 @@ def kv_entries(spec) -> list:
         return copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
     if kv == "INT8":
         return [{"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": 8, "axis": None}}]
+    if kv == "NVFP4":  # modelopt's NVFP4_KV_CFG: E2M1 blocks of 16 (head_dim), dynamic E4M3 scales
+        import modelopt.torch.quantization as mtq
+        return copy.deepcopy(mtq.NVFP4_KV_CFG["quant_cfg"])
     return []
 
 
@@ -142,7 +154,10 @@ class Recipe:
         return None
 
     def check_kv(self, kv: str | None) -> None:
-        """Refuse a KV-cache quant_algo this format has no TensorRT-LLM recipe with."""
+        """Refuse a KV-cache quant_algo this format has no TensorRT-LLM recipe with (here: an
+        NVFP4 KV cache, which only the FP8 and NVFP4 recipes accept)."""
+        if kv == "NVFP4":
+            raise UserError(NVFP4_KV_REFUSED.format(name=self.flag or "the float format"))
 
     def alpha(self, value, kv: str | None) -> tuple[float | None, bool]:
         """(SmoothQuant alpha, searched per layer) from the flag's value."""
@@ -339,6 +354,8 @@ class Recipe:
             out["quant_algo"] = self.quant_algo
         if spec.kv_cache_quant_algo == "FP8":
             out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+        elif spec.kv_cache_quant_algo == "NVFP4":  # convert_hf_quant_config_format: the name
+            out["kv_cache_scheme"] = "NVFP4"
         out["producer"] = hf_quant["producer"]
         out["quant_method"] = "modelopt"
         return out
@@ -374,5 +391,6 @@ def refuse_subflags(args, subflags) -> None:
 def kv_cache_algo(kv_cache_dtype: str | None) -> str | None:
     """The KV cache's quant_algo of ``--kv-cache-dtype`` (None: not quantized)."""
     if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise UserError(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported; choose int8 or fp8")
+        raise UserError(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported; choose int8, fp8 "
+                        f"or nvfp4")
     return KV_CACHE_DTYPES.get(kv_cache_dtype) if kv_cache_dtype else None
