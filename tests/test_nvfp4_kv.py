@@ -186,11 +186,14 @@ def test_flag_pairs_with_nvfp4_and_fp8_only():
     (["--target", "pytorch", "--gpu", "h100"],
      "build_engine: error: an NVFP4 KV cache needs Blackwell (SM 100) or newer on h100 (SM 90): "
      "use --kv-cache-dtype fp8 ("),
-], ids=["engine", "pytorch_on_hopper"])
+    (["--target", "pytorch"], "build_engine: error: --kv-cache-dtype nvfp4 needs a head_dim that is "
+                              "a multiple of 16 (its blocks of 16 along head_dim), this model has 8; "
+                              "use --kv-cache-dtype fp8"),
+], ids=["engine", "pytorch_on_hopper", "head_dim_8"])
 def test_cli_refusals_exit_2_nothing_written(tmp_path, tiny_model, capsys, extra, message):
     from builders.cli import main
 
-    hf_dir, _ = tiny_model()
+    hf_dir, _ = tiny_model(**({} if message.endswith("fp8") else {"head_dim": 16}))
     out = tmp_path / "out"
     rc = main(["--model", str(hf_dir), "--output", str(out), "--checkpoint-only", "--no-progress",
                "--fp8", "--kv-cache-dtype", "nvfp4", *extra])
@@ -215,3 +218,30 @@ def test_capability_cells():
     assert [verdict("kv_cache_quant_algo", "NVFP4", sm, t) for sm, t in
             ((90, PYTORCH), (100, PYTORCH), (100, ENGINE))] == ["refused", "yes", "refused"]
     assert verdict("kv_cache_quant_algo", "FP8", 100, ENGINE) == "yes"  # unchanged
+
+
+@pytest.mark.slow  # the whole CLI: layer-wise calibration, the unified checkpoint, the quality gate
+def test_cli_target_pytorch_builds_and_gates_quality(tmp_path, tiny_model, capsys):
+    """``--target pytorch --nvfp4 --kv-cache-dtype nvfp4 --gpu b200`` end to end: the unified
+    checkpoint declares the NVFP4 KV cache, the quality gate measures it through the reader's
+    NVFP4 cache kernel, build.json records the GPU."""
+    import shutil
+    from pathlib import Path
+
+    from builders.cli import main
+
+    hf_dir, _ = tiny_model(head_dim=16)
+    for f in (Path(__file__).resolve().parent / "golden" / "tokenizer").iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    out = tmp_path / "out"
+    assert main(["--model", str(hf_dir), "--output", str(out), "--target", "pytorch",
+                 "--no-progress", "--nvfp4", "--kv-cache-dtype", "nvfp4", "--gpu", "b200",
+                 "--calib-size", "4", "--calib-seq-len", "64", "--max-ppl-increase", "1000"]) == 0
+    printed = capsys.readouterr().out
+    assert "quality gate (NVFP4 + NVFP4 KV cache)" in printed, printed
+    record = json.loads((out / "build.json").read_text())
+    assert record["options"]["target_gpu"]["sm"] == 100
+    assert record["options"]["quantization"]["quality_gate"]["passed"] is True
+    ckpt = next(p.parent for p in out.rglob("hf_quant_config.json"))
+    q = json.loads((ckpt / "hf_quant_config.json").read_text())["quantization"]
+    assert (q["quant_algo"], q["kv_cache_quant_algo"]) == ("NVFP4", "NVFP4")

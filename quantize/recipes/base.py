@@ -308,6 +308,16 @@ class Recipe:
         return (f"{family.name} with {spec.name} on --target {target} is not supported yet; "
                 f"supported: {names}")
 
+    def head_refusal(self, spec, head_size: int) -> str | None:
+        """Why the model's ``head_size`` cannot take ``spec``'s KV cache (None: it can): an NVFP4
+        KV cache is cut in blocks of 16 along head_dim (modelopt's NVFP4_KV_CFG; TensorRT-LLM's
+        E2M1 cache and its block-scale pool)."""
+        if spec.kv_cache_quant_algo == "NVFP4" and head_size % 16:
+            return (f"--kv-cache-dtype nvfp4 needs a head_dim that is a multiple of 16 (its "
+                    f"blocks of 16 along head_dim), this model has {head_size}; use "
+                    f"--kv-cache-dtype fp8")
+        return None
+
     def unified_moe_refusal(self, spec) -> str | None:
         """Why a mixture-of-experts model has no unified checkpoint in ``spec`` (None: it has)."""
         if not self.quantized(spec):
