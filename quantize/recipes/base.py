@@ -39,6 +39,8 @@ from common.errors import UserError
 
 from ..algos import KV_CACHE_DTYPES
 
+from .kv_cache import (KV_CACHE_BITS, KV_CACHE_SCHEME, KV_PAIRING_REFUSED, KV_SCALE_FLOOR,
+                       UNIFIED_KV_REFUSED, head_refusal, kv_entries)
 from .moe import MoeSupport
 from .parts import LinearExport, MemoryModel, UnifiedFormat  
 
@@ -48,46 +50,6 @@ from .parts import LinearExport, MemoryModel, UnifiedFormat
 SQ_HOOKS = "sq_hooks"
 MAX = "max"
 MODELOPT = "modelopt"
-#: modelopt's ``num_bits`` of a KV cache's quantizers, by kv_cache_quant_algo (FP8: e4m3)
-KV_CACHE_BITS = {"FP8": (4, 3), "INT8": 8, "NVFP4": (2, 1)}
-
-
-#: --kv-cache-dtype values without a unified form (modelopt 0.47's unified export asserts
-#: "Invalid KV cache quantization format" on INT8)
-UNIFIED_KV_REFUSED = {
-    "INT8": "--kv-cache-dtype int8 has no modelopt unified-checkpoint format (modelopt 0.47 exports "
-            "FP8 KV-cache scales only); use --kv-cache-dtype fp8, or --target engine",
-}
-
-
-#: the KV-cache scales' lower bound by kv_cache_quant_algo (modelopt clamps FP8 KV scales to >= 1)
-KV_SCALE_FLOOR = {"FP8": 1.0}
-
-#: --kv-cache-dtype nvfp4 pairs with these weight formats only: TensorRT-LLM 1.2's PyTorch backend
-#: (the one target that takes an NVFP4 KV cache) loads its K/V scales in the FP8 and NVFP4 linear
-#: methods (tensorrt_llm/_torch/modules/linear.py, ``load_kv_scales`` of FP8QDQLinearMethod and
-#: NVFP4LinearMethod, "used for NVFP4 KV cache"); the recipes of these formats accept it
-#: (their ``check_kv``), :meth:`Recipe.check_kv` refuses it for every other one
-NVFP4_KV_REFUSED = ("--kv-cache-dtype nvfp4 pairs with --nvfp4 or --fp8 only, not {name}: "
-                    "TensorRT-LLM 1.2's PyTorch backend loads NVFP4 KV-cache scales in its FP8 and "
-                    "NVFP4 linears only; add --nvfp4 or --fp8, or use --kv-cache-dtype fp8")
-
-
-def kv_entries(spec) -> list:
-    """modelopt ``quant_cfg`` entries of the spec's KV cache (FP8: modelopt's FP8_KV_CFG; INT8:
-    the same with num_bits 8; none: [])."""
-    kv = spec.kv_cache_quant_algo
-    if kv == "FP8":
-        import modelopt.torch.quantization as mtq
-        return copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
-    if kv == "INT8":
-        return [{"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": 8, "axis": None}}]
-    if kv == "NVFP4":  # modelopt's NVFP4_KV_CFG: E2M1 blocks of 16 (head_dim), dynamic E4M3 scales
-        import modelopt.torch.quantization as mtq
-        return copy.deepcopy(mtq.NVFP4_KV_CFG["quant_cfg"])
-    return []
-
-
 def as_list(quant_cfg) -> list:
     if isinstance(quant_cfg, dict):  # older modelopt: {pattern: cfg}
         return [{"quantizer_name": k, **({"cfg": v} if "enable" not in v else v)} for k, v in quant_cfg.items()]
@@ -154,10 +116,12 @@ class Recipe:
         return None
 
     def check_kv(self, kv: str | None) -> None:
-        """Refuse a KV-cache quant_algo this format has no TensorRT-LLM recipe with (here: an
-        NVFP4 KV cache, which only the FP8 and NVFP4 recipes accept)."""
-        if kv == "NVFP4":
-            raise UserError(NVFP4_KV_REFUSED.format(name=self.flag or "the float format"))
+        """Refuse a KV-cache quant_algo this format has no TensorRT-LLM recipe with (here: one
+        that pairs with a few recipes only, kv_cache.py's ``KV_PAIRING_REFUSED``: an NVFP4 KV
+        cache, which the FP8 and NVFP4 recipes accept in their own ``check_kv``)."""
+        why = KV_PAIRING_REFUSED.get(kv)
+        if why is not None:
+            raise UserError(why.format(name=self.flag or "the float format"))
 
     def alpha(self, value, kv: str | None) -> tuple[float | None, bool]:
         """(SmoothQuant alpha, searched per layer) from the flag's value."""
@@ -264,7 +228,7 @@ class Recipe:
         import modelopt.torch.quantization as mtq
 
         cfg = self._modelopt_weights(spec, mtq)
-        cfg["quant_cfg"] = as_list(cfg["quant_cfg"]) + kv_entries(spec)
+        cfg["quant_cfg"] = as_list(cfg["quant_cfg"]) + kv_entries(spec.kv_cache_quant_algo)
         return cfg
 
     def calibration_fingerprint(self, spec) -> str | None:
@@ -310,13 +274,8 @@ class Recipe:
 
     def head_refusal(self, spec, head_size: int) -> str | None:
         """Why the model's ``head_size`` cannot take ``spec``'s KV cache (None: it can): an NVFP4
-        KV cache is cut in blocks of 16 along head_dim (modelopt's NVFP4_KV_CFG; TensorRT-LLM's
-        E2M1 cache and its block-scale pool)."""
-        if spec.kv_cache_quant_algo == "NVFP4" and head_size % 16:
-            return (f"--kv-cache-dtype nvfp4 needs a head_dim that is a multiple of 16 (its "
-                    f"blocks of 16 along head_dim), this model has {head_size}; use "
-                    f"--kv-cache-dtype fp8")
-        return None
+        KV cache is cut in blocks of 16 along head_dim."""
+        return head_refusal(spec.kv_cache_quant_algo, head_size)
 
     def unified_moe_refusal(self, spec) -> str | None:
         """Why a mixture-of-experts model has no unified checkpoint in ``spec`` (None: it has)."""
@@ -362,10 +321,9 @@ class Recipe:
         out["ignore"] = hf_quant["quantization"].get("exclude_modules") or []
         if self.quant_algo:
             out["quant_algo"] = self.quant_algo
-        if spec.kv_cache_quant_algo == "FP8":
-            out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
-        elif spec.kv_cache_quant_algo == "NVFP4":  # convert_hf_quant_config_format: the name
-            out["kv_cache_scheme"] = "NVFP4"
+        scheme = KV_CACHE_SCHEME.get(spec.kv_cache_quant_algo)
+        if scheme is not None:
+            out["kv_cache_scheme"] = copy.deepcopy(scheme)
         out["producer"] = hf_quant["producer"]
         out["quant_method"] = "modelopt"
         return out
