@@ -26,14 +26,14 @@ A :class:`Recipe` answers every format-dependent question of a build for one ``q
   registered by quant_algo in verify/kernel_table.py's tables;
 * **words**: :meth:`label` (``QuantSpec.name``) and :meth:`words` (the recipe in words).
 
-A KV-cache dtype combines with any recipe; its effects (calibration, modelopt entries, the
-label) are handled here, in the base class, once. ``spec`` arguments are
+A KV-cache dtype combines with any recipe (an NVFP4 one with FP8 and NVFP4 only); its effects
+(calibration, modelopt entries, the label, the unified scheme, the head_dim rule) are handled
+here, in the base class, once, from the tables of kv_cache.py. ``spec`` arguments are
 :class:`quantize.formats.QuantSpec` objects (duck-typed: recipes import no spec).
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 from common.errors import UserError
 
