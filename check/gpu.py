@@ -39,8 +39,10 @@ ENGINE, PYTORCH = "engine", "pytorch"
 SQ = ("W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
       "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
       "W8A8_SQ_PER_TENSOR_PLUGIN")
-#: TensorRT-LLM 1.x's engine flow builds NVFP4 for these families (issue 27; another recipe's)
-NVFP4_ENGINE_FAMILIES = ("llama", "mixtral")
+#: the families whose NVFP4 engine checkpoints are written here, tensor for tensor modelopt 0.47's
+#: export (TensorRT-LLM 1.2's ``fp4_quantize`` swaps every ColumnLinear / RowLinear of any model
+#: class; quantize/recipes/nvfp4 ``ENGINE_FAMILIES``)
+NVFP4_ENGINE_FAMILIES = ("llama", "mixtral", "qwen2", "qwen3")
 
 _BUILDER = "tensorrt_llm/builder.py build() (issue 28)"
 _CUTLASS_MOE = ("tensorrt_llm/_torch/modules/fused_moe/fused_moe_cutlass.py "
@@ -113,6 +115,10 @@ CELLS = (
          fix="use --fp8"),
     Cell("quant_algo", ("NVFP4",), min_sm=100, what="NVFP4 needs Blackwell (SM 100) or newer",
          source=f"{_CUTLASS_MOE} (NVFP4: SM 100, 103, 120, 121)", fix="use --fp8 or --awq"),
+    Cell("kv_cache_quant_algo", ("NVFP4",), min_sm=100,
+         what="an NVFP4 KV cache needs Blackwell (SM 100) or newer",
+         source="TensorRT-LLM docs, features/quantization.md (NVFP4 KV cache); cpp/tensorrt_llm/"
+         "common/attentionOp.cpp (E2M1 KV cache: DATA_TYPE_E2M1)", fix="use --kv-cache-dtype fp8"),
     Cell("quant_algo", SQ + ("W4A16_AWQ",), min_sm=80, what="INT8 SmoothQuant and INT4 AWQ "
          "need Ampere (SM 80) or newer", source="nvidia-modelopt support matrix (INT8 SmoothQuant, "
          "W4A16 AWQ: Ampere and later)", fix="use a weight-only format (--int8-weight-only)"),
@@ -130,9 +136,16 @@ CELLS = (
     Cell("lora_quant_algo", ("NVFP4",), what="LoRA does not combine with NVFP4 (FP4Linear asserts "
          "lora_runtime_params is None)", source="tensorrt_llm/quantization/layers.py; "
          "NVIDIA/TensorRT-LLM PR #12229 (closed)", fix="use --fp8 with LoRA", targets=(ENGINE,)),
+    # --- format x target ---
+    Cell("kv_cache_quant_algo", ("NVFP4",), what="TensorRT-LLM 1.2 takes an NVFP4 KV cache on its "
+         "PyTorch backend only (its engine flow's quantization offers an INT8 or FP8 KV cache)",
+         source="examples/quantization/quantize.py --kv_cache_dtype int8|fp8; "
+         "tensorrt_llm/_torch/modules/linear.py load_kv_scales (NVFP4 KV cache)",
+         fix="use --target pytorch, or --kv-cache-dtype fp8", targets=(ENGINE,)),
     # --- family x target ---
-    Cell("quant_algo", ("NVFP4",), what="TensorRT-LLM 1.2's engine flow builds NVFP4 for Llama "
-         "and Mixtral only", source="issue 27 (TensorRT-LLM 1.2 examples/quantization)",
+    Cell("quant_algo", ("NVFP4",), what="NVFP4 engine checkpoints are written for the Llama / "
+         "Mistral, Qwen2, Qwen3 and Mixtral families only (those tested against modelopt 0.47's "
+         "export)", source="tensorrt_llm/quantization/quantize.py fp4_quantize; issue 27",
          fix="use --target pytorch", targets=(ENGINE,), except_families=NVFP4_ENGINE_FAMILIES),
     Cell("family", ("deepseek_v2",), min_sm=90, what="multi-head latent attention (DeepSeek-V2) "
          "engines need TensorRT-LLM's MLA kernels: Hopper (SM 90)", source="examples/models/"
@@ -219,5 +232,7 @@ def refusals(config: dict, sm: int) -> list[tuple[str, str]]:
 def verdict(algo_field: str, value, sm: int, target: str = ENGINE) -> str:
     """README's cell for one format on one SM: "yes", "refused" or "untested"."""
     kw = {"quant_algo": None, "kv_cache_quant_algo": None, algo_field: value}
-    levels = {c.level for c in broken(Run(**kw, target=target, sm=sm)) if c.gpu}
+    # the GPU cells, and a format's own cells on a target (an NVFP4 KV cache on engines)
+    levels = {c.level for c in broken(Run(**kw, target=target, sm=sm))
+              if c.gpu or (c.field == algo_field and c.except_families is None)}
     return "refused" if REFUSE in levels else "untested" if WARN in levels else "yes"

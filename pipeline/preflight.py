@@ -63,6 +63,8 @@ def family_formats(quant, model, target: str) -> None:
     from model.families import FAMILIES
 
     why = quant.format.family_refusal(quant, FAMILIES[model.shape.family], target)
+    if why is None:  # the model's attention heads (an NVFP4 KV cache's blocks of 16)
+        why = quant.format.head_refusal(quant, model.shape.head_size)
     if why is not None:
         raise UserError(why)
 

@@ -90,7 +90,7 @@ MODELOPT_ALGOS = (SMOOTHQUANT, FP8, W4A16_AWQ, NVFP4, W4A8_AWQ)
 #: every quant_algo this project can write
 ALL_ALGOS = (SMOOTHQUANT, *SQ_PLUGIN, FP8, W8A16, W4A16, W4A16_AWQ, FP8_ROWWISE, NVFP4, W4A8_AWQ)
 
-KV_CACHE_DTYPES = {"int8": "INT8", "fp8": "FP8"}
+KV_CACHE_DTYPES = {"int8": "INT8", "fp8": "FP8", "nvfp4": "NVFP4"}
 
 # flag attribute -> (quant_algo, flag as typed)
 WEIGHT_FLAGS = (

@@ -4,7 +4,7 @@ README's grid (tools/support_grid.py), and against what.
 One line per (cell, test): ``T(family, format, target, oracle, node)``.
 - family: examples/tiny.py's family (tools/support_grid.py ``ROWS``); format: a column id of
   tools/support_grid.py ``FORMATS`` ("float", "sq", "sq_modelopt", "fp8", "fp8_rowwise", "awq",
-  "w4a8_awq", "nvfp4", "int8_wo", "int4_wo", "kv_int8", "kv_fp8"); target: "engine" / "pytorch".
+  "w4a8_awq", "nvfp4", "int8_wo", "int4_wo", "kv_int8", "kv_fp8", "nvfp4_kv_nvfp4"); target: "engine" / "pytorch".
 - oracle: a key of ``ORACLES``: what the test compares our output with.
 - node: a pytest node id under tests/ ("test_x.py::test_y" covers every parameter of it,
   "test_x.py::test_y[id]" one of them).
@@ -99,7 +99,7 @@ TESTS = (
     T("mistral", "fp8_rowwise", "engine", "formula", GC + "test_fp8_rowwise_equals_trtllm_restatement[mistral]"),
     T("mistral", "w4a8_awq", "engine", "modelopt", GC + "test_engine_cell_equals_modelopt_export[mistral_w4a8]"),
     T("mistral", "w4a8_awq", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[mistral_w4a8]"),
-    T("mistral", "nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[mistral_nvfp4]"),
+    T("mistral", "nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[mistral_nvfp4_kv_nvfp4]"),
     # --- Qwen2 ---
     T("qwen2", "float", "engine", "modelopt", "test_convert_vs_modelopt.py::test_fp16_matches_modelopt_export[qwen2-2-2-1000-False]"),
     T("qwen2", "float", "engine", "HF", "test_convert_logits.py::test_other_families_fp32_and_fp16[qwen2]"),
@@ -122,7 +122,7 @@ TESTS = (
     T("qwen2", "fp8_rowwise", "engine", "formula", GC + "test_fp8_rowwise_equals_trtllm_restatement[qwen2]"),
     T("qwen2", "w4a8_awq", "engine", "modelopt", GC + "test_engine_cell_equals_modelopt_export[qwen2_w4a8]"),
     T("qwen2", "w4a8_awq", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen2_w4a8]"),
-    T("qwen2", "nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen2_nvfp4]"),
+    T("qwen2", "nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen2_nvfp4_kv_nvfp4]"),
     # --- Qwen3 ---
     T("qwen3", "float", "engine", "modelopt", "test_qwen3.py::test_float_equals_modelopt_export"),
     T("qwen3", "float", "engine", "HF", "test_qwen3.py::test_fp32_logits_equal_hf"),
@@ -143,7 +143,7 @@ TESTS = (
     T("qwen3", "fp8_rowwise", "engine", "formula", GC + "test_fp8_rowwise_equals_trtllm_restatement[qwen3]"),
     T("qwen3", "w4a8_awq", "engine", "modelopt", GC + "test_engine_cell_equals_modelopt_export[qwen3_w4a8]"),
     T("qwen3", "w4a8_awq", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen3_w4a8]"),
-    T("qwen3", "nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen3_nvfp4]"),
+    T("qwen3", "nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen3_nvfp4_kv_nvfp4]"),
     # --- Gemma 2 / Gemma 3 ---
     T("gemma2", "float", "engine", "HF", "test_gemma.py::test_float_logits_equal_hf[gemma2-2-1]"),
     T("gemma2", "fp8", "engine", "modelopt", "test_gemma.py::test_calibrated_checkpoint_equals_modelopt_tensors[gemma2-FP8-fp8]"),
@@ -207,6 +207,14 @@ TESTS = (
     T("qwen2_moe", "awq", "engine", "modelopt", "test_qwen_moe_quant.py::test_quantized_equals_modelopt_export[q2_awq128_kv_int8]"),
     T("qwen3_moe", "awq", "engine", "modelopt", "test_qwen_moe_quant.py::test_quantized_equals_modelopt_export[q3_awq128]"),
     T("mixtral", "nvfp4", "engine", "modelopt", "test_moe_nvfp4.py::test_nvfp4_equals_modelopt_export_at_every_moe_layout"),
+    # --- nvfp4x (merge): NVFP4 for Mistral / Qwen2 / Qwen3, the NVFP4 KV cache ---
+    T("mistral", "nvfp4", "engine", "modelopt", "test_nvfp4_families.py::test_engine_checkpoint_equals_modelopt_export[mistral-fp8-tps2]"),
+    T("qwen2", "nvfp4", "engine", "modelopt", "test_nvfp4_families.py::test_engine_checkpoint_equals_modelopt_export[qwen2-None-tps0]"),
+    T("qwen3", "nvfp4", "engine", "modelopt", "test_nvfp4_families.py::test_engine_checkpoint_equals_modelopt_export[qwen3-None-tps1]"),
+    T("llama", "nvfp4_kv_nvfp4", "pytorch", "export_hf", "test_nvfp4_kv.py::test_unified_checkpoint_equals_export_hf_checkpoint[NVFP4]"),
+    T("mistral", "nvfp4_kv_nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[mistral_nvfp4_kv_nvfp4]"),
+    T("qwen2", "nvfp4_kv_nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen2_nvfp4_kv_nvfp4]"),
+    T("qwen3", "nvfp4_kv_nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen3_nvfp4_kv_nvfp4]"),
     # --- DeepSeek-V3 ---
     T("deepseek_v3", "float", "pytorch", "export_hf", "test_deepseek_v3.py::test_float_unified_equals_modelopt_export"),
 )

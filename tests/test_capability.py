@@ -41,6 +41,8 @@ def _holding_run(cell) -> Run:
         return Run(**{**run.__dict__, "sm": cell.min_sm or cell.below_sm - 1})
     if cell.field == "lora_quant_algo":
         return Run(**{**run.__dict__, "lora": False})
+    if cell.except_families is None:  # a format's cell of one target: it holds on the other
+        return Run(**{**run.__dict__, "target": "pytorch" if cell.targets == ("engine",) else "engine"})
     return Run(**{**run.__dict__, "family": cell.except_families[0]})
 
 

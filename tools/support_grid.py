@@ -69,6 +69,7 @@ FORMATS = (
     ("int4_wo", "`--int4-weight-only`", ("--int4-weight-only",)),
     ("kv_int8", "`--kv-cache-dtype int8`", ("--kv-cache-dtype", "int8")),
     ("kv_fp8", "`--kv-cache-dtype fp8`", ("--kv-cache-dtype", "fp8")),
+    ("nvfp4_kv_nvfp4", "`--nvfp4 --kv-cache-dtype nvfp4`", ("--nvfp4", "--kv-cache-dtype", "nvfp4")),
 )
 FORMAT_FLAGS = {fid: flags for fid, _, flags in FORMATS}
 

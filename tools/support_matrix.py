@@ -37,6 +37,7 @@ ROWS = (
     ("NVFP4 (`NVFP4`)", "quant_algo", "NVFP4"),
     ("INT8 KV cache", "kv_cache_quant_algo", "INT8"),
     ("FP8 KV cache", "kv_cache_quant_algo", "FP8"),
+    ("NVFP4 KV cache", "kv_cache_quant_algo", "NVFP4"),
 )
 
 

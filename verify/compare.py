@@ -60,7 +60,7 @@ QUANT_TOLERANCE = {
     "NVFP4": (0.6, 0.3),
     "W4A8_AWQ": (0.6, 0.3),
 }
-KV_TOLERANCE = {"INT8": (0.05, 0.85), "FP8": (0.1, 0.8)}
+KV_TOLERANCE = {"INT8": (0.05, 0.85), "FP8": (0.1, 0.8), "NVFP4": (0.2, 0.6)}
 
 
 def tolerance_for(config: dict) -> tuple[float, float]:

@@ -19,6 +19,16 @@ byte, the even input in the low nibble; ``weights_scaling_factor`` E4M3 [out, in
 
 Simulated here in float64 (E2M1 x E4M3 products and their sums are exact there, so the result
 does not depend on the summation order or the tp split), times alpha, cast to the model dtype.
+
+An NVFP4 KV cache (``--target pytorch`` only; TensorRT-LLM 1.2's PyTorch backend, ``XQA`` /
+FMHA kernels with an E2M1 cache and a pool of E4M3 block scales beside it): every token's key
+and value of a head, in blocks of 16 along head_dim, stored as E2M1 codes with an E4M3 block
+scale ``amax(block) / 6 / global`` and read back as code * scale * global (:func:`_kv_nvfp4`).
+The global scale is the calibrated one of modelopt's ``NVFP4_KV_CFG`` quantizers, ``amax / (6 *
+448)`` = the checkpoint's ``k_scale`` (``amax / 448``) / 6: the reader equals modelopt's fake
+quantization of the cache. TensorRT-LLM loads ``k_scale`` / ``v_scale`` into its own global
+scales (``kv_scales``; identity when ``TRTLLM_LOAD_KV_SCALES`` is off): a different global moves
+only where the E4M3 block scales round, not the E2M1 grid.
 """
 from __future__ import annotations
 
@@ -28,7 +38,7 @@ import torch
 
 from common.errors import UserError
 
-from .kernel_table import QuantSpec, register_linear, require
+from .kernel_table import QuantSpec, register_kv_cache, register_linear, require
 
 Tensor = torch.Tensor
 
@@ -111,3 +121,23 @@ def _linear_nvfp4(x: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec) -> T
     xq, x_sf = quantize_activation(x, a_global)
     xs = (xq.reshape(*x_sf.shape, SF_VEC) * x_sf.unsqueeze(-1)).reshape(x.shape)
     return ((xs @ wq.t()) * alpha).to(x.dtype)
+
+
+def _fake_nvfp4_cache(t: Tensor, k_scale: Tensor) -> Tensor:
+    """``t`` [batch, heads, seq, head_dim] through an NVFP4 cache with global ``k_scale / 6``."""
+    if t.shape[-1] % SF_VEC:
+        raise UserError(f"an NVFP4 KV cache needs head_dim a multiple of {SF_VEC}, got {t.shape[-1]}")
+    g = k_scale.double() / 6.0
+    codes, sf = quantize_activation(t, g)
+    return (codes.reshape(*sf.shape, SF_VEC) * (sf * g).unsqueeze(-1)).reshape(t.shape).to(t.dtype)
+
+
+@register_kv_cache("NVFP4")
+def _kv_nvfp4(k: Tensor, v: Tensor, params: Mapping[str, Tensor], qcfg: QuantSpec):
+    scales = []
+    for name in ("k_cache_scaling_factor", "v_cache_scaling_factor"):
+        s = require(params, name, "attention").float().reshape(-1)
+        if s.numel() != 1 or not float(s) > 0:
+            raise UserError(f"attention.{name} must be one value > 0, got {s.tolist()}")
+        scales.append(s.reshape(()))
+    return _fake_nvfp4_cache(k, scales[0]), _fake_nvfp4_cache(v, scales[1])

@@ -292,7 +292,9 @@ def _read_tensors(d: Path) -> dict[str, Tensor]:
 
 
 def _kv_scale(mods: dict, quant: dict, d: Path, i: int) -> dict[str, Tensor]:
-    """Layer ``i``'s ``kv_cache_scaling_factor`` = max(k_scale, v_scale) (none: no KV cache)."""
+    """Layer ``i``'s ``kv_cache_scaling_factor`` = max(k_scale, v_scale) (none: no KV cache), and
+    ``k_cache_scaling_factor`` / ``v_cache_scaling_factor`` = k_scale / v_scale (an NVFP4 KV cache
+    quantizes K and V with their own global scales)."""
     if quant["kv_cache_quant_algo"] is None:
         return {}
     ks = mods.get(QKV.hf[1], {}).get("k_scale")
@@ -300,8 +302,10 @@ def _kv_scale(mods: dict, quant: dict, d: Path, i: int) -> dict[str, Tensor]:
     if ks is None or vs is None:
         raise UserError(f"{d}: layer {i} lacks k_proj.k_scale / v_proj.v_scale for the "
                         f"{quant['kv_cache_quant_algo']} KV cache")
-    return {f"transformer.layers.{i}.attention.kv_cache_scaling_factor": torch.maximum(
-        ks.float().reshape(1), vs.float().reshape(1))}
+    a = f"transformer.layers.{i}.attention"
+    return {f"{a}.kv_cache_scaling_factor": torch.maximum(ks.float().reshape(1), vs.float().reshape(1)),
+            f"{a}.k_cache_scaling_factor": ks.float().reshape(1),
+            f"{a}.v_cache_scaling_factor": vs.float().reshape(1)}
 
 
 def _moe_layer(mods: dict, fmt, d: Path, i: int, family) -> dict[str, Tensor]:

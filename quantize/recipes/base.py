@@ -26,19 +26,21 @@ A :class:`Recipe` answers every format-dependent question of a build for one ``q
   registered by quant_algo in verify/kernel_table.py's tables;
 * **words**: :meth:`label` (``QuantSpec.name``) and :meth:`words` (the recipe in words).
 
-A KV-cache dtype combines with any recipe; its effects (calibration, modelopt entries, the
-label) are handled here, in the base class, once. ``spec`` arguments are
+A KV-cache dtype combines with any recipe (an NVFP4 one with FP8 and NVFP4 only); its effects
+(calibration, modelopt entries, the label, the unified scheme, the head_dim rule) are handled
+here, in the base class, once, from the tables of kv_cache.py. ``spec`` arguments are
 :class:`quantize.formats.QuantSpec` objects (duck-typed: recipes import no spec).
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 from common.errors import UserError
 
 from ..algos import KV_CACHE_DTYPES
 
+from .kv_cache import (KV_CACHE_BITS, KV_CACHE_SCHEME, KV_PAIRING_REFUSED, KV_SCALE_FLOOR,
+                       UNIFIED_KV_REFUSED, head_refusal, kv_entries)
 from .moe import MoeSupport
 from .parts import LinearExport, MemoryModel, UnifiedFormat  
 
@@ -48,34 +50,6 @@ from .parts import LinearExport, MemoryModel, UnifiedFormat
 SQ_HOOKS = "sq_hooks"
 MAX = "max"
 MODELOPT = "modelopt"
-#: modelopt's ``num_bits`` of a KV cache's quantizers, by kv_cache_quant_algo (FP8: e4m3)
-KV_CACHE_BITS = {"FP8": (4, 3), "INT8": 8}
-
-
-#: --kv-cache-dtype values without a unified form (modelopt 0.47's unified export asserts
-#: "Invalid KV cache quantization format" on INT8)
-UNIFIED_KV_REFUSED = {
-    "INT8": "--kv-cache-dtype int8 has no modelopt unified-checkpoint format (modelopt 0.47 exports "
-            "FP8 KV-cache scales only); use --kv-cache-dtype fp8, or --target engine",
-}
-
-
-#: the KV-cache scales' lower bound by kv_cache_quant_algo (modelopt clamps FP8 KV scales to >= 1)
-KV_SCALE_FLOOR = {"FP8": 1.0}
-
-
-def kv_entries(spec) -> list:
-    """modelopt ``quant_cfg`` entries of the spec's KV cache (FP8: modelopt's FP8_KV_CFG; INT8:
-    the same with num_bits 8; none: [])."""
-    kv = spec.kv_cache_quant_algo
-    if kv == "FP8":
-        import modelopt.torch.quantization as mtq
-        return copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
-    if kv == "INT8":
-        return [{"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": 8, "axis": None}}]
-    return []
-
-
 def as_list(quant_cfg) -> list:
     if isinstance(quant_cfg, dict):  # older modelopt: {pattern: cfg}
         return [{"quantizer_name": k, **({"cfg": v} if "enable" not in v else v)} for k, v in quant_cfg.items()]
@@ -142,7 +116,12 @@ class Recipe:
         return None
 
     def check_kv(self, kv: str | None) -> None:
-        """Refuse a KV-cache quant_algo this format has no TensorRT-LLM recipe with."""
+        """Refuse a KV-cache quant_algo this format has no TensorRT-LLM recipe with (here: one
+        that pairs with a few recipes only, kv_cache.py's ``KV_PAIRING_REFUSED``: an NVFP4 KV
+        cache, which the FP8 and NVFP4 recipes accept in their own ``check_kv``)."""
+        why = KV_PAIRING_REFUSED.get(kv)
+        if why is not None:
+            raise UserError(why.format(name=self.flag or "the float format"))
 
     def alpha(self, value, kv: str | None) -> tuple[float | None, bool]:
         """(SmoothQuant alpha, searched per layer) from the flag's value."""
@@ -249,7 +228,7 @@ class Recipe:
         import modelopt.torch.quantization as mtq
 
         cfg = self._modelopt_weights(spec, mtq)
-        cfg["quant_cfg"] = as_list(cfg["quant_cfg"]) + kv_entries(spec)
+        cfg["quant_cfg"] = as_list(cfg["quant_cfg"]) + kv_entries(spec.kv_cache_quant_algo)
         return cfg
 
     def calibration_fingerprint(self, spec) -> str | None:
@@ -295,6 +274,11 @@ class Recipe:
         return (f"{family.name} with {spec.name} on --target {target} is not supported yet; "
                 f"supported: {names}")
 
+    def head_refusal(self, spec, head_size: int) -> str | None:
+        """Why the model's ``head_size`` cannot take ``spec``'s KV cache (None: it can): an NVFP4
+        KV cache is cut in blocks of 16 along head_dim."""
+        return head_refusal(spec.kv_cache_quant_algo, head_size)
+
     def unified_moe_refusal(self, spec) -> str | None:
         """Why a mixture-of-experts model has no unified checkpoint in ``spec`` (None: it has)."""
         if not self.quantized(spec):
@@ -339,8 +323,9 @@ class Recipe:
         out["ignore"] = hf_quant["quantization"].get("exclude_modules") or []
         if self.quant_algo:
             out["quant_algo"] = self.quant_algo
-        if spec.kv_cache_quant_algo == "FP8":
-            out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+        scheme = KV_CACHE_SCHEME.get(spec.kv_cache_quant_algo)
+        if scheme is not None:
+            out["kv_cache_scheme"] = copy.deepcopy(scheme)
         out["producer"] = hf_quant["producer"]
         out["quant_method"] = "modelopt"
         return out
@@ -376,5 +361,6 @@ def refuse_subflags(args, subflags) -> None:
 def kv_cache_algo(kv_cache_dtype: str | None) -> str | None:
     """The KV cache's quant_algo of ``--kv-cache-dtype`` (None: not quantized)."""
     if kv_cache_dtype is not None and kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise UserError(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported; choose int8 or fp8")
+        raise UserError(f"--kv-cache-dtype {kv_cache_dtype!r} is not supported; choose int8, fp8 "
+                        f"or nvfp4")
     return KV_CACHE_DTYPES.get(kv_cache_dtype) if kv_cache_dtype else None

@@ -41,6 +41,7 @@ class Fp8(Recipe):
                                  ("weight", "weights_scaling_factor", "activation_scaling_factor"))
 
     def check_kv(self, kv: str | None) -> None:
+        """An INT8 KV cache is refused; FP8 and NVFP4 (``--target pytorch``) KV caches pair."""
         if kv == "INT8":
             raise UserError(
                 "--fp8 with --kv-cache-dtype int8 is not supported: TensorRT-LLM's FP8 recipe pairs "

@@ -25,10 +25,13 @@ from ..parts import LinearExport, MemoryModel, UnifiedFormat
 #: the block size (elements of a row per E4M3 scale): config.json's ``group_size``
 BLOCK = 16
 #: the families whose NVFP4 TensorRT-LLM checkpoint is written here (their tensors are tested
-#: against modelopt 0.47's export): the Llama family spec (LlamaForCausalLM, MistralForCausalLM)
-#: and Mixtral (its attention is Llama's, its experts stacked as modelopt exports them:
-#: tests/test_moe_nvfp4.py)
-ENGINE_FAMILIES = ("llama", "mixtral")
+#: against modelopt 0.47's export, decoder types llama / qwen): the Llama family spec
+#: (LlamaForCausalLM, MistralForCausalLM), Qwen2 (q/k/v bias: float, beside the FP4 qkv),
+#: Qwen3 (q/k norms: float) and Mixtral (its attention is Llama's, its experts stacked as modelopt
+#: exports them: tests/test_moe_nvfp4.py). TensorRT-LLM 1.2's ``fp4_quantize``
+#: (quantization/quantize.py) swaps every ColumnLinear / RowLinear for FP4Linear / FP4RowLinear
+#: whatever the model class, so the rule is "tested here", not an upstream limit
+ENGINE_FAMILIES = ("llama", "mixtral", "qwen2", "qwen3")
 
 
 class Nvfp4(Recipe):
@@ -60,6 +63,7 @@ class Nvfp4(Recipe):
                                   "weights_scaling_factor_2"))
 
     def check_kv(self, kv: str | None) -> None:
+        """An INT8 KV cache is refused; FP8 and NVFP4 (``--target pytorch``) KV caches pair."""
         if kv == "INT8":
             raise UserError("--nvfp4 with --kv-cache-dtype int8 is not supported: NVFP4 needs "
                             "Blackwell (SM 100) and TensorRT-LLM 1.2 refuses an INT8 KV cache there; "
@@ -77,9 +81,10 @@ class Nvfp4(Recipe):
     def family_refusal(self, spec, family, target: str) -> str | None:
         proven = super().family_refusal(spec, family, target)
         if proven is None and target == "engine" and family.name not in ENGINE_FAMILIES:
-            return (f"--nvfp4 engines are written for Llama-family models (LlamaForCausalLM, "
-                    f"MistralForCausalLM, MixtralForCausalLM) only, not {family.architectures[0]}: its NVFP4 tensors "
-                    f"are not tested against modelopt 0.47's export here; use --fp8 or --awq")
+            return (f"--nvfp4 engines are written for the Llama / Mistral, Mixtral, Qwen2 and "
+                    f"Qwen3 families only, not {family.architectures[0]}: its NVFP4 tensors are "
+                    f"not tested against modelopt 0.47's export here; use --target pytorch, --fp8 "
+                    f"or --awq")
         return proven
 
     def unified_store_entries(self, spec) -> tuple[bool, bool]:
