@@ -9,6 +9,9 @@ Run by tests/test_moe.py in a subprocess with the private transformers 4 copy fi
         [--quant ALGO] [--kv int8|fp8] [--awq-block-size G] [--calib-text FILE] [--unified]
         [--decoder-type llama|qwen]
 
+(``--quant W8A16 --unified``: modelopt's INT8_WEIGHT_ONLY_CFG on the weights alone, as
+``--target pytorch`` writes it; the TensorRT-LLM exports are then of that model.)
+
 writes ``OUT_ROOT/tp{N}/`` (config.json + rank*.safetensors) per tp, and with ``--ids`` the
 float32 logits of the transformers-4 model on those ids to ``OUT_ROOT/logits.pt`` (so a test can
 check that both transformers versions read the same weights). With ``--quant``/``--kv`` the model
@@ -83,6 +86,10 @@ def main() -> None:
 
         spec = QuantSpec.create(a.quant, kv_cache_dtype=a.kv, awq_block_size=a.awq_block_size,
                                 calib_size=4, calib_seq_len=64, calib_batch_size=2)
+        if a.quant == "W8A16" and a.unified:  # modelopt's weight-only INT8: the weights alone
+            import modelopt.torch.quantization as mtq
+
+            model = mtq.quantize(model, copy.deepcopy(mtq.INT8_WEIGHT_ONLY_CFG), None)
         if spec.needs_calibration:
             text = Path(a.calib_text).read_text(encoding="utf-8")
             calibrate(model, spec, text, tokenizer=byte_tokenizer, progress=False)

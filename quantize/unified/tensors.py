@@ -9,7 +9,7 @@ import torch
 from common.errors import UserError
 from model.families import FAMILIES
 
-from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes, linear_modules,
+from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes, linear_modules, model_family,
                               own_export, pack_int4, sanitize_amax, weight_scale)
 from ..torch_io import read_tensor
 
@@ -80,12 +80,14 @@ def _linear_tensors(p: str, lin, fmt, block, dtype, folded: bool, out: dict) -> 
         out[f"{p}.pre_quant_scale"] = lin.pqs.squeeze().to(dtype)
 
 
-def layer_tensors(model, prefix: str, linears: dict, spec, dtype, out: dict) -> None:
+def layer_tensors(model, prefix: str, linears: dict, spec, dtype, out: dict,
+                  family=LAYOUT) -> None:
     """Decoder layer ``prefix``'s unified linear tensors into ``out``: ``linears`` by full name
     (modules with modelopt's quantizers, or quantize/unified/from_store.py's stand-ins), ``model``
-    whatever gives the norms AWQ folds into (``get_submodule``)."""
+    whatever gives the norms AWQ folds into (``get_submodule``); ``family``'s dense linears (a
+    mixture of experts: its attention and shared expert; the experts: quantize/unified/experts.py)."""
     fmt = spec.format.unified
-    lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in LAYOUT.hf_linears()}
+    lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in family.hf_linears()}
     if fmt.from_float_weights:  # W8A16: scales from the (unmodified) float weights
         for s, lin in lins.items():
             p = f"{prefix}.{s}"
@@ -127,10 +129,15 @@ def model_tensors(model, spec, dtype: torch.dtype) -> dict[str, Tensor]:
     layers = layer_prefixes(model)
     if not layers:
         raise UserError("no decoder layers named '*.layers.N.self_attn' found: not a Llama-family model")
+    family = model_family(model)
     if spec.format.unified.weight is not None:
         linears = linear_modules(model)
         for prefix in layers:
-            layer_tensors(model, prefix, linears, spec, dtype, out)
+            layer_tensors(model, prefix, linears, spec, dtype, out, family)
+        if family.moe is not None:
+            from .experts import moe_tensors
+
+            out.update(moe_tensors(model, spec, family, dtype))
     if spec.kv_cache_quant_algo is not None:
         _kv_scales(model, layers, spec, out)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
