@@ -137,11 +137,12 @@ def _shared(parts: list[dict], key: str, where: str) -> Tensor | None:
 
 def _fuse(parts: list[dict], fmt, dtype: torch.dtype, where: str) -> dict:
     """One TRT-LLM module from linears that share an input (q/k/v; gate and up for FP8)."""
-    if fmt.per_tensor_weight_scale:
-        return _fp8_fuse(parts, dtype)
-    out = {"weight": [p["weight"] for p in parts]}
-    if "bias" in parts[0]:
+    out = _fp8_fuse(parts, dtype) if fmt.per_tensor_weight_scale else \
+        {"weight": [p["weight"] for p in parts]}
+    if "bias" in parts[0]:  # q/k/v biases (Qwen2, Qwen2-MoE): float, fused as the weights
         out["bias"] = [p["bias"] for p in parts]
+    if fmt.per_tensor_weight_scale:
+        return out
     if "weight_scale" in parts[0]:
         out["weights_scaling_factor"] = [p["weight_scale"] for p in parts]
     for key in SCALARS:  # W4A8_AWQ's weight_scale_2 too: modelopt unified them over the group
