@@ -100,7 +100,7 @@ def test_fp8_reader_near_hf(tmp_path, qmodels, calib_text, family):
 @pytest.mark.parametrize("flag,expect", [
     (["--awq"], "qwen2_moe with W4A16_AWQ"),
     (["--smoothquant", "--sq-recipe", "modelopt"], "qwen2_moe with"),
-    (["--target", "pytorch", "--fp8"], "qwen2_moe with FP8 on --target pytorch"),
+    (["--target", "pytorch", "--awq"], "qwen2_moe with W4A16_AWQ (group 128) on --target pytorch"),
 ])
 def test_unproven_formats_refused(tmp_path, qmodels, flag, expect):
     hf_dir, _ = qmodels["qwen2_moe"]

@@ -73,7 +73,7 @@ FORMATS = {"engine": ((None, None), ("FP8", None), ("FP8", "FP8"), ("W8A16", Non
                       ("W8A16", "INT8"), ("W4A16", None), ("W4A16", "INT8"), (None, "INT8"),
                       (None, "FP8")),
            "pytorch": ((None, None), ("FP8", None), ("FP8", "FP8"), ("W8A16", None),
-                       ("W8A16", "FP8"), (None, "FP8"))}
+                       (None, "FP8"))}
 
 _WINDOW = ("use_sliding_window", True, "TensorRT-LLM 1.2's Qwen converter writes no sliding "
                                        "attention window")
