@@ -98,7 +98,9 @@ def main() -> None:
     if a.unified:
         from modelopt.torch.export import export_hf_checkpoint
 
-        export_hf_checkpoint(model, dtype=torch.float32, export_dir=out / "unified")
+        # on a copy: the export packs the weights in place (AWQ), which the exports below read
+        export_hf_checkpoint(copy.deepcopy(model), dtype=torch.float32,
+                             export_dir=out / "unified")
     for tp in a.tp:  # on a copy: the export re-smooths and pads (AWQ vocab) the model in place
         export_tensorrt_llm_checkpoint(copy.deepcopy(model), decoder_type=a.decoder_type,
                                        dtype=getattr(torch, a.dtype), export_dir=out / f"tp{tp}",

@@ -3,7 +3,7 @@ unified checkpoint equals nvidia-modelopt 0.47's ``export_hf_checkpoint`` of an 
 calibration (transformers 4.57.1 in a subprocess, tests/hf4_export.py ``--unified``: modelopt's
 export walks transformers 4's per-expert modules) tensor for tensor, bit for bit, with the same
 hf_quant_config.json and config.json ``quantization_config``, for the formats that export writes
-for them: FP8 (+ FP8 KV cache), INT8 weight-only, an FP8 KV cache alone
+for them: FP8 (+ FP8 KV cache), INT8 weight-only, INT4 AWQ (Mixtral), an FP8 KV cache alone
 (quantize/unified/experts.py says what it writes). The reference reader runs each checkpoint
 within the format's bound of the float model; build_engine calibrates, gates and verifies it."""
 from __future__ import annotations
@@ -23,11 +23,13 @@ from test_moe_quant import CALIB, _bits, _fresh, calib_file, mixtral_q  # noqa: 
 from test_qwen3 import trtllm_semantics
 from test_qwen_moe_quant import qmodels  # noqa: F401 (fixture)
 
-# (family, quant_algo, kv, the reader's bound on the relative logit error: measured 0.16 / 0.04 /
-# 0.06 / 0.11 / 0.21 / 0.03)
-CASES = [("mixtral", "FP8", "fp8", 0.3), ("mixtral", "W8A16", None, 0.1),
-         ("mixtral", None, "fp8", 0.15), ("qwen2_moe", "FP8", None, 0.3),
-         ("qwen3_moe", "FP8", "fp8", 0.3), ("qwen2_moe", "W8A16", None, 0.1)]
+# (family, quant_algo, kv, AWQ group, the reader's bound on the relative logit error: measured
+# 0.16 / 0.04 / 0.06 / 0.33 / 0.11 / 0.21 / 0.03; INT4 on this random model: as the engine
+# target's 0.34, tests/test_moe_quant.py)
+CASES = [("mixtral", "FP8", "fp8", None, 0.3), ("mixtral", "W8A16", None, None, 0.1),
+         ("mixtral", None, "fp8", None, 0.15), ("mixtral", "W4A16_AWQ", None, 64, 0.5),
+         ("qwen2_moe", "FP8", None, None, 0.3), ("qwen3_moe", "FP8", "fp8", None, 0.3),
+         ("qwen2_moe", "W8A16", None, None, 0.1)]
 
 
 @pytest.fixture(scope="module")
@@ -35,25 +37,27 @@ def moe_models(mixtral_q, qmodels):  # noqa: F811
     return {"mixtral": mixtral_q, **qmodels}
 
 
-def _flags(algo, kv):
-    return (["--quant", algo] if algo else []) + (["--kv", kv] if kv else [])
+def _flags(algo, kv, group):
+    return (["--quant", algo] if algo else []) + (["--kv", kv] if kv else []) + (
+        ["--awq-block-size", str(group)] if group else [])
 
 
 @needs_hf4
-@pytest.mark.parametrize("family,algo,kv,bound", [
+@pytest.mark.parametrize("family,algo,kv,group,bound", [
     pytest.param(*c, marks=[pytest.mark.slow] if i else []) for i, c in enumerate(CASES)],
-    ids=["mixtral_fp8_kv_fp8", "mixtral_w8a16", "mixtral_kv_fp8", "q2_fp8", "q3_fp8_kv_fp8",
-         "q2_w8a16"])
+    ids=["mixtral_fp8_kv_fp8", "mixtral_w8a16", "mixtral_kv_fp8", "mixtral_awq64", "q2_fp8",
+         "q3_fp8_kv_fp8", "q2_w8a16"])
 def test_unified_equals_modelopt_export(tmp_path, moe_models, calib_file, family, algo,  # noqa: F811
-                                        kv, bound):
+                                        kv, group, bound):
     from quantize.unified.checkpoint import write_unified_checkpoint
     from verify.reference import verify
 
     hf_dir, model = moe_models[family]
     qwen = ["--decoder-type", "qwen"] if family != "mixtral" else []
     root = hf4_export(hf_dir, tmp_path / "modelopt", [1], dtype="float32",
-                      extra=_flags(algo, kv) + qwen + ["--unified", "--calib-text", calib_file])
-    spec = QuantSpec.create(algo, kv_cache_dtype=kv, **CALIB)
+                      extra=_flags(algo, kv, group) + qwen
+                      + ["--unified", "--calib-text", calib_file])
+    spec = QuantSpec.create(algo, kv_cache_dtype=kv, awq_block_size=group, **CALIB)
     calibrated = None
     if spec.needs_calibration:
         calibrated = calibrate(_fresh(hf_dir), spec, calib_file.read_text(encoding="utf-8"),
@@ -135,8 +139,7 @@ def test_cli_fp8_gated_and_verified(tmp_path, mixtral_q, tokenizer_dir):  # noqa
 
 
 @pytest.mark.parametrize("family,flags,expect", [
-    ("mixtral", ["--awq"], "--target pytorch with W4A16_AWQ (group 128) is not supported for "
-                           "mixture-of-experts models yet"),
+    ("mixtral", ["--smoothquant"], "--target pytorch with W8A8_SQ_PER_CHANNEL"),
     ("qwen2_moe", ["--awq"], "qwen2_moe with W4A16_AWQ (group 128) on --target pytorch"),
     ("mixtral", ["--fp8", "--moe-ep", "2", "--tp", "2"],
      "the PyTorch backend takes moe_tensor_parallel_size / moe_expert_parallel_size when it "

@@ -298,8 +298,8 @@ class Recipe:
         if not self.quantized(spec) or self.unified is not None and self.unified.moe:
             return None
         return (f"--target pytorch with {spec.name} is not supported for mixture-of-experts models "
-                f"yet (supported there: FP8, INT8 weight-only, an FP8 KV cache); use --target "
-                f"engine or another format")
+                f"yet (supported there: FP8, INT8 weight-only, INT4 AWQ, an FP8 KV cache); use "
+                f"--target engine or another format")
 
     def unified_layerwise(self, spec) -> bool:
         """Whether the unified tensors come layer by layer from the calibration store: the

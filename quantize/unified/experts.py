@@ -30,9 +30,10 @@ import torch
 from common.errors import UserError
 from model.spec import HF_LAYER
 
-from ..modelopt_state import sanitize_amax
+from ..modelopt_state import Lin, fuse, sanitize_amax
 from ..moe import fp8_experts
-from .tensors import ENCODE
+from ..moe_blocks import unfused_blocks
+from .tensors import ENCODE, linear_tensors
 
 Tensor = torch.Tensor
 
@@ -116,4 +117,52 @@ def moe_tensors(model, spec, family, dtype: torch.dtype) -> dict[str, Tensor]:
         return {}
     if fmt.per_tensor_weight_scale:
         return fp8_expert_tensors(model, family, dtype)
+    if fmt.weight == "int4":
+        return awq_expert_tensors(model, family, spec, dtype)
     raise UserError(f"--target pytorch: {spec.name} experts have no unified form here")
+
+
+def _block_amax(lin: Lin) -> Tensor:
+    """A linear's per-block weight amax [out, in / group] as its quantizer holds it now."""
+    if lin.weight_amax is not None:
+        return lin.weight_amax
+    return lin.wq.amax.detach().reshape(lin.weight.shape[0], -1)
+
+
+@torch.no_grad()
+def awq_expert_tensors(model, family, spec, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The INT4-AWQ experts of a model calibrated on transformers 4's per-expert block
+    (quantize/moe_blocks.py), by unified name. modelopt 0.47's export
+    (``requantize_resmooth_fused_llm_layers``): each projection's pre_quant_scale averaged over
+    the layer's experts (``get_experts_list``: w1, w2, w3 each on its own), then each expert's
+    gate and up averaged together (they read one input), each weight re-smoothed in float32 and
+    its block amax re-collected; then ``sync_moe_gate_up_amax`` gives gate and up the element-wise
+    maximum of their block amaxes. An expert no calibration token reached is refused (AWQ has no
+    search for it), naming the layer and the experts, as on the engine target."""
+    (gate, up), down = expert_names(family)
+    names = {"gate": gate, "down": down, "up": up}  # get_experts_list's order (w1, w2, w3)
+    blocks = unfused_blocks(model)
+    if not blocks:
+        raise UserError("--awq: the experts were not calibrated per expert (transformers 4 "
+                        "layout); calibrate with quantize.calibrate.calibrate")
+    fmt, group = spec.format.unified, spec.group_size
+    out: dict[str, Tensor] = {}
+    for i, block in sorted(blocks.items()):
+        unrouted = [e for e, n in enumerate(block.tokens_seen) if n == 0]
+        if unrouted:
+            raise UserError(f"--awq: layer {i}: experts {', '.join(map(str, unrouted))} saw no "
+                            f"calibration token, so AWQ cannot calibrate them; calibrate with "
+                            f"more text (--calib-size) or another --calib-data")
+        lins = [{k: Lin(getattr(ex, t.split("{e}.")[1])) for k, t in names.items()}
+                for ex in block.experts]
+        for k in names:
+            fuse([g[k] for g in lins], group)
+        for g in lins:
+            fuse([g["gate"], g["up"]], group)
+            shared = torch.maximum(_block_amax(g["gate"]), _block_amax(g["up"]))
+            g["gate"].weight_amax, g["up"].weight_amax = shared, shared.clone()
+        for e, g in enumerate(lins):
+            for k, template in names.items():
+                linear_tensors(HF_LAYER.format(i=i) + template.format(e=e), g[k], fmt, group,
+                               dtype, False, out)
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
