@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quant_common import byte_tokenizer
+from quant_common import TINY, byte_tokenizer
 from quantize.calibrate import calibrate
 from quantize.formats import QuantSpec
 from test_moe import hf4_export, needs_hf4, run_cli
-from test_moe_quant import CALIB, _bits, _fresh, calib_file, mixtral_q  # noqa: F401 (fixtures)
+from test_moe_quant import CALIB, _bits, _fresh
 from test_qwen3 import trtllm_semantics
-from test_qwen_moe_quant import qmodels  # noqa: F401 (fixture)
+from test_qwen_moe_quant import SHAPES
 
 # (family, quant_algo, kv, AWQ group, the reader's bound on the relative logit error: measured
 # 0.16 / 0.04 / 0.06 / 0.33 / 0.11 / 0.21 / 0.03; INT4 on this random model: as the engine
@@ -33,8 +33,25 @@ CASES = [("mixtral", "FP8", "fp8", None, 0.3), ("mixtral", "W8A16", None, None, 
 
 
 @pytest.fixture(scope="module")
-def moe_models(mixtral_q, qmodels):  # noqa: F811
-    return {"mixtral": mixtral_q, **qmodels}
+def moe_models(tmp_path_factory):
+    """Tiny random models of each family: {family: (dir, float32 HF model)}, the shapes of
+    tests/test_moe_quant.py's and tests/test_qwen_moe_quant.py's."""
+    from examples.tiny import make_tiny_model
+
+    out = {}
+    for fam, extra in (("mixtral", dict(TINY)),
+                       ("qwen2_moe", dict(SHAPES, shared_expert_intermediate_size=512)),
+                       ("qwen3_moe", dict(SHAPES, head_dim=32))):
+        d = tmp_path_factory.mktemp("hf_" + fam)
+        out[fam] = d, make_tiny_model(d, family=fam, **extra).float().eval()
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory, calib_text):
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(calib_text, encoding="utf-8")
+    return p
 
 
 def _flags(algo, kv, group):
@@ -47,7 +64,7 @@ def _flags(algo, kv, group):
     pytest.param(*c, marks=[pytest.mark.slow] if i else []) for i, c in enumerate(CASES)],
     ids=["mixtral_fp8_kv_fp8", "mixtral_w8a16", "mixtral_kv_fp8", "mixtral_awq64", "q2_fp8",
          "q3_fp8_kv_fp8", "q2_w8a16"])
-def test_unified_equals_modelopt_export(tmp_path, moe_models, calib_file, family, algo,  # noqa: F811
+def test_unified_equals_modelopt_export(tmp_path, moe_models, calib_file, family, algo,
                                         kv, group, bound):
     from quantize.unified.checkpoint import write_unified_checkpoint
     from verify.reference import verify
@@ -56,7 +73,7 @@ def test_unified_equals_modelopt_export(tmp_path, moe_models, calib_file, family
     qwen = ["--decoder-type", "qwen"] if family != "mixtral" else []
     root = hf4_export(hf_dir, tmp_path / "modelopt", [1], dtype="float32",
                       extra=_flags(algo, kv, group) + qwen
-                      + ["--unified", "--calib-text", calib_file])
+                      + ["--unified-only", "--calib-text", calib_file])
     spec = QuantSpec.create(algo, kv_cache_dtype=kv, awq_block_size=group, **CALIB)
     calibrated = None
     if spec.needs_calibration:
@@ -83,7 +100,7 @@ def test_unified_equals_modelopt_export(tmp_path, moe_models, calib_file, family
 
 
 def test_unrouted_expert_gets_the_weights_scale_and_an_unrouted_layer_is_refused(
-        mixtral_q, calib_file):  # noqa: F811
+        moe_models, calib_file):
     """An expert no calibration token reached (simulated: its weight quantizer's amax zeroed, as
     max calibration leaves it) gets its weight's absolute maximum as weight scale and the layer's
     input scale, what modelopt's export gives it (sync_moe_expert_amax); a layer whose experts saw
@@ -92,7 +109,7 @@ def test_unrouted_expert_gets_the_weights_scale_and_an_unrouted_layer_is_refused
     from model.families import FAMILIES
     from quantize.unified.experts import fp8_expert_tensors
 
-    hf_dir, _ = mixtral_q
+    hf_dir, _ = moe_models["mixtral"]
     spec = QuantSpec.create("FP8", **CALIB)
     model = calibrate(_fresh(hf_dir), spec, calib_file.read_text(encoding="utf-8"),
                       tokenizer=byte_tokenizer, progress=False)
@@ -115,11 +132,11 @@ def test_unrouted_expert_gets_the_weights_scale_and_an_unrouted_layer_is_refused
 
 
 @pytest.mark.slow
-def test_cli_fp8_gated_and_verified(tmp_path, mixtral_q, tokenizer_dir):  # noqa: F811
+def test_cli_fp8_gated_and_verified(tmp_path, moe_models, tokenizer_dir):
     """The user's command: build_engine --target pytorch --fp8 --kv-cache-dtype fp8 --verify on a
     Mixtral calibrates (the whole model, as the engine target does for MoE: no store), writes the
     unified checkpoint, and its quality gate and --verify pass through the reference reader."""
-    src, _ = mixtral_q
+    src, _ = moe_models["mixtral"]
     hf_dir = tmp_path / "hf"
     shutil.copytree(src, hf_dir)
     for f in tokenizer_dir.iterdir():

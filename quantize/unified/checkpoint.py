@@ -72,7 +72,8 @@ from model.families import ARCHITECTURES, FAMILIES
 
 from ..torch_io import read_tensor, torch_chunks
 from .config import hf_quant_config, quantization_config
-from .experts import expert_linear_pattern, partner_weight, weight_only_pair
+from ..modelopt_state import model_family
+from .experts import expert_linear_pattern, moe_tensors, partner_weight, weight_only_pair
 from .from_store import StoreLayers
 from .tensors import model_tensors, weight_only_int8
 
@@ -201,6 +202,9 @@ def _quant_tensors(model_dir: Path, source, spec, dtype, calibrated_model, calib
                           progress=progress)
         timings["calibration"] = time.perf_counter() - t0
     computed = model_tensors(model, spec, dtype)
+    family = model_family(model)
+    if family.moe is not None and spec.format.unified.weight is not None:
+        computed.update(moe_tensors(model, spec, family, dtype))
     for name in computed:
         if name not in source and not name.endswith(("_scale", "_scale_2")):
             raise UserError(f"{name} is not in {model_dir}: the calibrated model does not match the "

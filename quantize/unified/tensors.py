@@ -130,15 +130,11 @@ def model_tensors(model, spec, dtype: torch.dtype) -> dict[str, Tensor]:
     layers = layer_prefixes(model)
     if not layers:
         raise UserError("no decoder layers named '*.layers.N.self_attn' found: not a Llama-family model")
-    family = model_family(model)
+    family = model_family(model)  # a mixture's experts: quantize/unified/experts.py
     if spec.format.unified.weight is not None:
         linears = linear_modules(model)
         for prefix in layers:
             layer_tensors(model, prefix, linears, spec, dtype, out, family)
-        if family.moe is not None:
-            from .experts import moe_tensors
-
-            out.update(moe_tensors(model, spec, family, dtype))
     if spec.kv_cache_quant_algo is not None:
         _kv_scales(model, layers, spec, out)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
