@@ -161,7 +161,7 @@ def test_cli_fp8_gated_and_verified(tmp_path, moe_models, tokenizer_dir):
     ("mixtral", ["--fp8", "--moe-ep", "2", "--tp", "2"],
      "the PyTorch backend takes moe_tensor_parallel_size / moe_expert_parallel_size when it "
      "loads the model"),
-])
+], ids=["mixtral_smoothquant", "qwen2_moe_awq", "mixtral_moe_ep"])
 def test_refused_in_one_line(tmp_path, moe_models, family, flags, expect):
     hf_dir, _ = moe_models[family]
     out = tmp_path / "out"
