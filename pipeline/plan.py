@@ -243,10 +243,11 @@ def _pytorch_plan(args, quant) -> BuildPlan:
 
     from builders.engine_options import options_from_args
 
-    layerwise = quant.format.unified_layerwise(quant)  # from a calibration store
+    model = ModelSource.open(args.model)
+    # from a calibration store; a mixture of experts calibrates whole (as on the engine target)
+    layerwise = quant.format.unified_layerwise(quant) and not model.shape.experts
     preflight.refuse_engine_only_flags(args, reuses_calibration=layerwise)
     options_from_args(args)  # the LLM(...) size limits among them: their ranges, always
-    model = ModelSource.open(args.model)
     quant = preflight.source_quantization(quant, model, "pytorch", _reads_float(args))
     preflight.family_formats(quant, model, "pytorch")
     gpu_notes = tuple(preflight.gpu_capability(args, quant, model, "pytorch"))

@@ -44,6 +44,7 @@ Mixtral's stacked experts, and TensorRT-LLM's MoE plugin has no INT8 SmoothQuant
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -112,8 +113,20 @@ def extract_moe_state(model, spec: QuantSpec, dtype: torch.dtype = torch.float16
     return {} if extract is None else extract(model, spec, dtype)
 
 
-def _extract_fp8_experts(model, spec: QuantSpec, dtype: torch.dtype) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
+@dataclass(frozen=True)
+class Fp8Projection:
+    """One projection of a layer's calibrated fused experts: ``weight`` [E, out, in] as
+    transformers 5 holds it (gate_up = [gate; up]), ``weight_scales`` [E, 1] (max over the
+    projection, as modelopt's gate/up fusion gives), ``input_scale`` [1] shared by the experts."""
+
+    weight: Tensor
+    weight_scales: Tensor
+    input_scale: Tensor
+
+
+def fp8_experts(model):
+    """(layer, {"gate_up": Fp8Projection, "down": Fp8Projection}) of a model calibrated for FP8
+    on transformers 5's fused experts, layer by layer (see the module docstring)."""
     experts = _experts_modules(model)
     if not experts:
         raise UserError("no '*.layers.N.mlp.experts' modules found: not a Mixtral model")
@@ -121,21 +134,31 @@ def _extract_fp8_experts(model, spec: QuantSpec, dtype: torch.dtype) -> dict[str
         gate_up = getattr(mod, "gate_up_proj", None)
         if not isinstance(gate_up, Tensor) or gate_up.dim() != 3:
             raise UserError(f"layer {i}: experts are not transformers 5's fused MixtralExperts")
-        inter = gate_up.shape[1] // 2
-        w1, w3 = gate_up[:, :inter], gate_up[:, inter:]
-        for trt, weight, stem in (("mlp.fc", torch.cat([w3, w1], dim=1), "gate_up_proj"),
-                                  ("mlp.proj", mod.down_proj, "down_proj")):
-            iq = getattr(mod, f"{stem}_input_quantizer", None)
-            act = _amax(iq)
+        layer = {}
+        for stem, weight in (("gate_up", gate_up), ("down", mod.down_proj)):
+            act = _amax(getattr(mod, f"{stem}_proj_input_quantizer", None))
             if act is None:
                 raise UserError(f"layer {i}: no calibration token reached its experts "
-                                f"({stem} has no activation amax); calibrate with more text "
+                                f"({stem}_proj has no activation amax); calibrate with more text "
                                 f"(--calib-size) or another --calib-data")
-            wsf = _weight_scales(weight, getattr(mod, f"{stem}_weight_quantizers", None))
+            wsf = _weight_scales(weight, getattr(mod, f"{stem}_proj_weight_quantizers", None))
+            layer[stem] = Fp8Projection(weight, wsf, (act / FP8_MAX).reshape(1))
+        yield i, layer
+
+
+def _extract_fp8_experts(model, spec: QuantSpec, dtype: torch.dtype) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for i, layer in fp8_experts(model):
+        gate_up = layer["gate_up"]
+        inter = gate_up.weight.shape[1] // 2
+        w1, w3 = gate_up.weight[:, :inter], gate_up.weight[:, inter:]
+        for trt, weight, proj in (("mlp.fc", torch.cat([w3, w1], dim=1), gate_up),
+                                  ("mlp.proj", layer["down"].weight, layer["down"])):
             p = f"transformer.layers.{i}.{trt}"
+            wsf = proj.weight_scales
             out[f"{p}.weight"] = (weight / wsf[:, :, None]).to(torch.float8_e4m3fn).cpu()
             out[f"{p}.weights_scaling_factor"] = wsf.cpu()
-            out[f"{p}.activation_scaling_factor"] = (act / FP8_MAX).reshape(1).cpu()
+            out[f"{p}.activation_scaling_factor"] = proj.input_scale.cpu()
     return out
 
 

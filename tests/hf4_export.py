@@ -7,7 +7,10 @@ Run by tests/test_moe.py in a subprocess with the private transformers 4 copy fi
 
     python tests/hf4_export.py HF_DIR OUT_ROOT --tp 1 2 4 [--dtype float16] [--ids IDS.pt]
         [--quant ALGO] [--kv int8|fp8] [--awq-block-size G] [--calib-text FILE] [--unified]
-        [--decoder-type llama|qwen]
+        [--decoder-type llama|qwen] [--unified-only]
+
+(``--quant W8A16 --unified``: modelopt's INT8_WEIGHT_ONLY_CFG on the weights alone, as
+``--target pytorch`` writes it; the TensorRT-LLM exports are then of that model.)
 
 writes ``OUT_ROOT/tp{N}/`` (config.json + rank*.safetensors) per tp, and with ``--ids`` the
 float32 logits of the transformers-4 model on those ids to ``OUT_ROOT/logits.pt`` (so a test can
@@ -50,6 +53,8 @@ def main() -> None:
                     help="modelopt's decoder_type (qwen: Qwen2-MoE / Qwen3-MoE)")
     ap.add_argument("--unified", action="store_true",
                     help="also export_hf_checkpoint (float32) to OUT_ROOT/unified")
+    ap.add_argument("--unified-only", action="store_true",
+                    help="export_hf_checkpoint only (no TensorRT-LLM export)")
     a = ap.parse_args()
     assert transformers.__version__.startswith("4."), transformers.__version__
     model = AutoModelForCausalLM.from_pretrained(a.hf_dir, dtype=torch.float32).eval()
@@ -83,16 +88,23 @@ def main() -> None:
 
         spec = QuantSpec.create(a.quant, kv_cache_dtype=a.kv, awq_block_size=a.awq_block_size,
                                 calib_size=4, calib_seq_len=64, calib_batch_size=2)
+        if a.quant == "W8A16" and (a.unified or a.unified_only):  # modelopt's INT8_WEIGHT_ONLY
+            # _CFG: the weights alone
+            import modelopt.torch.quantization as mtq
+
+            model = mtq.quantize(model, copy.deepcopy(mtq.INT8_WEIGHT_ONLY_CFG), None)
         if spec.needs_calibration:
             text = Path(a.calib_text).read_text(encoding="utf-8")
             calibrate(model, spec, text, tokenizer=byte_tokenizer, progress=False)
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    if a.unified:
+    if a.unified or a.unified_only:
         from modelopt.torch.export import export_hf_checkpoint
 
-        export_hf_checkpoint(model, dtype=torch.float32, export_dir=out / "unified")
-    for tp in a.tp:  # on a copy: the export re-smooths and pads (AWQ vocab) the model in place
+        # on a copy: the export packs the weights in place (AWQ), which the exports below read
+        export_hf_checkpoint(copy.deepcopy(model), dtype=torch.float32,
+                             export_dir=out / "unified")
+    for tp in [] if a.unified_only else a.tp:  # on a copy: the export re-smooths and pads (AWQ vocab) the model in place
         export_tensorrt_llm_checkpoint(copy.deepcopy(model), decoder_type=a.decoder_type,
                                        dtype=getattr(torch, a.dtype), export_dir=out / f"tp{tp}",
                                        inference_tensor_parallel=tp)

@@ -215,6 +215,18 @@ TESTS = (
     T("mistral", "nvfp4_kv_nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[mistral_nvfp4_kv_nvfp4]"),
     T("qwen2", "nvfp4_kv_nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen2_nvfp4_kv_nvfp4]"),
     T("qwen3", "nvfp4_kv_nvfp4", "pytorch", "export_hf", GC + "test_pytorch_cell_equals_export_hf_checkpoint[qwen3_nvfp4_kv_nvfp4]"),
+    # --- moept (merge): quantized --target pytorch for mixture-of-experts ---
+    T("mixtral", "fp8", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[mixtral_fp8_kv_fp8]"),
+    T("mixtral", "kv_fp8", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[mixtral_fp8_kv_fp8]"),
+    T("mixtral", "kv_fp8", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[mixtral_kv_fp8]"),
+    T("mixtral", "int8_wo", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[mixtral_w8a16]"),
+    T("mixtral", "awq", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[mixtral_awq64]"),
+    T("qwen2_moe", "fp8", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[q2_fp8_kv_fp8]"),
+    T("qwen2_moe", "kv_fp8", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[q2_fp8_kv_fp8]"),
+    T("qwen3_moe", "int8_wo", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[q3_w8a16]"),
+    T("qwen2_moe", "int8_wo", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[q2_w8a16]"),
+    T("qwen3_moe", "fp8", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[q3_fp8_kv_fp8]"),
+    T("qwen3_moe", "kv_fp8", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[q3_fp8_kv_fp8]"),
     # --- DeepSeek-V3 ---
     T("deepseek_v3", "float", "pytorch", "export_hf", "test_deepseek_v3.py::test_float_unified_equals_modelopt_export"),
 )

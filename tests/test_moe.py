@@ -216,7 +216,7 @@ def test_target_pytorch_equals_modelopt_unified_export(tmp_path, mixtral, modelo
 
 def test_target_pytorch_refuses_quantized_moe_and_moe_flags(tmp_path, mixtral):
     hf_dir, _ = mixtral
-    for flags, expect in ((["--int8-weight-only"], "not supported for mixture-of-experts"),
+    for flags, expect in ((["--smoothquant"], "not supported for mixture-of-experts"),
                           (["--moe-ep", "2", "--tp", "2"], "--moe-tp/--moe-ep split a TRT-LLM")):
         out = tmp_path / "out"
         rc, _, err = run_cli("--model", hf_dir, "--output", out, "--target", "pytorch",

@@ -116,7 +116,7 @@ def test_reader_near_hf(tmp_path, qmodels, calib_text, family, algo, group, boun
 @pytest.mark.parametrize("flag,expect", [
     (["--nvfp4"], "qwen2_moe with NVFP4 on --target engine is not supported yet"),
     (["--smoothquant", "--sq-recipe", "modelopt"], "qwen2_moe with"),
-    (["--target", "pytorch", "--fp8"], "qwen2_moe with FP8 on --target pytorch"),
+    (["--target", "pytorch", "--awq"], "qwen2_moe with W4A16_AWQ (group 128) on --target pytorch"),
 ])
 def test_unproven_formats_refused(tmp_path, qmodels, flag, expect):
     hf_dir, _ = qmodels["qwen2_moe"]

@@ -137,11 +137,12 @@ def _shared(parts: list[dict], key: str, where: str) -> Tensor | None:
 
 def _fuse(parts: list[dict], fmt, dtype: torch.dtype, where: str) -> dict:
     """One TRT-LLM module from linears that share an input (q/k/v; gate and up for FP8)."""
-    if fmt.per_tensor_weight_scale:
-        return _fp8_fuse(parts, dtype)
-    out = {"weight": [p["weight"] for p in parts]}
-    if "bias" in parts[0]:
+    out = _fp8_fuse(parts, dtype) if fmt.per_tensor_weight_scale else \
+        {"weight": [p["weight"] for p in parts]}
+    if "bias" in parts[0]:  # q/k/v biases (Qwen2, Qwen2-MoE): float, fused as the weights
         out["bias"] = [p["bias"] for p in parts]
+    if fmt.per_tensor_weight_scale:
+        return out
     if "weight_scale" in parts[0]:
         out["weights_scaling_factor"] = [p["weight_scale"] for p in parts]
     for key in SCALARS:  # W4A8_AWQ's weight_scale_2 too: modelopt unified them over the group
@@ -196,8 +197,12 @@ class UnifiedMap:
         self.dir = d = Path(ckpt_dir)
         self.quant = _trtllm_quantization(d)
         hf = read_hf_config(d)
-        self.config = from_hugging_face(hf, dtype="auto", tp=1, pp=1, quantization=self.quant)
         self.family = FAMILIES[ARCHITECTURES[hf.architectures[0]]]
+        if self.family.moe is not None and "exclude_modules" in self.quant:
+            # the routers and Qwen2-MoE's shared_expert_gate stay float (modelopt lists them)
+            self.quant["exclude_modules"] += ["*" + _module(r.target, TRT_LAYER) for r in
+                                              self.family.extra]
+        self.config = from_hugging_face(hf, dtype="auto", tp=1, pp=1, quantization=self.quant)
         self.qkv = self.family.linear("attention.qkv")
         # fused HF modules whose parts the TRT-LLM linear takes in another order (Phi-3's
         # gate_up_proj [gate; up] -> mlp.fc [up; gate]): {module: (part sizes, order)}
@@ -244,7 +249,7 @@ class UnifiedMap:
         qkv = [mods.get(h) for h in self.qkv.hf]
         if any(p is None or "weight" not in p for p in qkv):
             raise UserError(f"{d}: layer {i} lacks {'/'.join(self.qkv.hf)} weights")
-        moe = _moe_layer(mods, fmt, d, i, self.family)  # router + stacked experts, else {}
+        moe = _moe_layer(mods, fmt, d, i, self.family, dtype)  # router + stacked experts, else {}
         out.update({f"{pre}.{k}": v for k, v in moe.items()})
         fused_mlp = fmt.per_tensor_weight_scale and not moe
         if fused_mlp:  # TRT-LLM fuses gate/up into one module under FP8: shared scales
@@ -308,41 +313,52 @@ def _kv_scale(mods: dict, quant: dict, d: Path, i: int) -> dict[str, Tensor]:
             f"{a}.v_cache_scaling_factor": vs.float().reshape(1)}
 
 
-def _moe_layer(mods: dict, fmt, d: Path, i: int, family) -> dict[str, Tensor]:
+def _moe_layer(mods: dict, fmt, d: Path, i: int, family, dtype) -> dict[str, Tensor]:
     """A mixture-of-experts layer (``family.moe``: Mixtral, Qwen2-MoE, Qwen3-MoE) in the TRT-LLM
     checkpoint form the reader runs: the router (float32), the experts stacked, ``mlp.fc`` =
     [up; gate] per expert as the family's spec fuses them, ``mlp.proj`` = down, and the family's
     other MoE tensors (Qwen2-MoE's shared expert, fc = [up; gate] at tp 1, and its gate) as its
-    spec names them (float unified checkpoints only; quantized MoE is refused by
-    ``--target pytorch``). {} for a dense family."""
+    spec names them. Quantized experts (quantize/unified/experts.py) load as TensorRT-LLM's
+    PyTorch backend loads its fused MoE: each expert's up and gate fused as a dense linear's
+    (FP8: their maximum weight scale, re-quantized), one input scale per projection, the
+    experts' maximum. {} for a dense family."""
     if family.moe is None:
         return {}
     router_rule = next(r for r in family.extra if r.dtype == "float32")
     router = mods.get(_module(router_rule.sources[0], HF_LAYER))
     if router is None:
         raise UserError(f"{d}: layer {i} lacks {_module(router_rule.sources[0], HF_LAYER)}")
-    if fmt.weight is not None:
-        raise UserError(f"{d}: quantized mixture-of-experts unified checkpoints are not supported "
-                        f"by the reference reader")
     fc, proj = family.linear("mlp.fc"), family.linear("mlp.proj")
     index = re.compile("^" + re.escape(fc.hf[-1]).replace(r"\{e\}", r"(\d+)") + "$")
     experts = sorted(int(m.group(1)) for k in mods if (m := index.match(k)))
     if experts != list(range(len(experts))) or not experts:
         raise UserError(f"{d}: layer {i} has experts {experts}, expected 0..N-1")
 
-    def w(hf, e=None):
-        got = mods.get(hf.format(e=e), {}).get("weight")
-        if got is None:
-            raise UserError(f"{d}: layer {i} lacks {hf.format(e=e)}.weight")
+    def parts(names, e=None):
+        got = [mods.get(h.format(e=e), {}) for h in names]
+        for h, p in zip(names, got):
+            if "weight" not in p:
+                raise UserError(f"{d}: layer {i} lacks {h.format(e=e)}.weight")
         return got
 
-    out = {_module(router_rule.target, TRT_LAYER) + ".weight": router["weight"].float(),
-           f"{fc.name}.weight": torch.stack([torch.cat([w(h, e) for h in fc.hf]) for e in experts]),
-           f"{proj.name}.weight": torch.stack([w(proj.hf[0], e) for e in experts])}
-    for lin in family.dense_linears():  # the shared expert (tp 1: fused sources concatenated)
+    def linear(names, e=None):  # one TRT-LLM linear of these unified modules (tp 1)
+        if len(names) == 1:
+            return _single(parts(names, e)[0], fmt, dtype)
+        f = _fuse(parts(names, e), fmt, dtype, f"layer {i} {names[0].format(e=e)}")
+        return {k: torch.cat(v) if isinstance(v, list) else v for k, v in f.items()}
+
+    out = {_module(router_rule.target, TRT_LAYER) + ".weight": router["weight"].float()}
+    for lin in (fc, proj):
+        per = [linear(lin.hf, e) for e in experts]
+        for k in per[0]:
+            shared = k == "activation_scaling_factor"  # one per projection: the experts' max
+            out[f"{lin.name}.{k}"] = torch.stack([p[k] for p in per]).amax(0) if shared else \
+                torch.stack([p[k] for p in per])
+    for lin in family.dense_linears():  # the shared expert
         if lin.name.startswith("mlp."):
-            out[f"{lin.name}.weight"] = torch.cat([w(h) for h in lin.hf])
+            out.update({f"{lin.name}.{k}": v for k, v in linear(lin.hf).items()})
     for rule in family.extra:  # the shared expert's gate
         if rule is not router_rule:
-            out[_module(rule.target, TRT_LAYER) + ".weight"] = w(_module(rule.sources[0], HF_LAYER))
+            out[_module(rule.target, TRT_LAYER) + ".weight"] = \
+                parts([_module(rule.sources[0], HF_LAYER)])[0]["weight"]
     return out

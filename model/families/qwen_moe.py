@@ -65,14 +65,16 @@ SHARED_GATE = Rule(TRT_LAYER + "mlp.shared_expert_gate.weight",
 
 #: (quant_algo, kv_cache_quant_algo) proven per target (tests/test_qwen_moe.py,
 #: tests/test_qwen_moe_quant.py: tensor for tensor modelopt 0.47's export); refused before any
-#: work otherwise (Family.formats): SmoothQuant (as for every MoE, quantize/moe.py), quantized
-#: --target pytorch (as for every MoE). INT4-AWQ calibrates the experts on transformers 4's
-#: per-expert block built from this spec (quantize/moe_blocks.py)
+#: work otherwise (Family.formats): SmoothQuant (as for every MoE, quantize/moe.py). INT4-AWQ
+#: calibrates the experts on transformers 4's per-expert block built from this spec
+#: (quantize/moe_blocks.py); on --target pytorch what modelopt's unified export writes for MoE and
+#: tests/test_moe_pytorch_target.py compares with it
 FORMATS = {"engine": ((None, None), ("FP8", None), ("FP8", "FP8"), ("W8A16", None),
                       ("W8A16", "INT8"), ("W4A16", None), ("W4A16", "INT8"), (None, "INT8"),
                       (None, "FP8"), ("W4A16_AWQ", None), ("W4A16_AWQ", "INT8"),
                       ("W4A16_AWQ", "FP8")),
-           "pytorch": ((None, None),)}
+           "pytorch": ((None, None), ("FP8", None), ("FP8", "FP8"), ("W8A16", None),
+                       (None, "FP8"))}
 
 _WINDOW = ("use_sliding_window", True, "TensorRT-LLM 1.2's Qwen converter writes no sliding "
                                        "attention window")

@@ -88,7 +88,7 @@ class Recipe:
     memory = MemoryModel()
     moe = MoeSupport()
     #: the unified checkpoint's form (the float one: weights copied; None: no unified form)
-    unified: UnifiedFormat | None = UnifiedFormat(from_float_weights=True)
+    unified: UnifiedFormat | None = UnifiedFormat(from_float_weights=True, moe=True)
     #: the converter quantizes the linears :meth:`quantizes_linear` names from each rank's float
     #: weight with :meth:`quantize_weight` (no calibration; quantize/from_weights.py)
     from_weights = False
@@ -281,11 +281,11 @@ class Recipe:
 
     def unified_moe_refusal(self, spec) -> str | None:
         """Why a mixture-of-experts model has no unified checkpoint in ``spec`` (None: it has)."""
-        if not self.quantized(spec):
+        if not self.quantized(spec) or self.unified is not None and self.unified.moe:
             return None
         return (f"--target pytorch with {spec.name} is not supported for mixture-of-experts models "
-                f"yet (the unified checkpoint is written unquantized only); use --target engine or "
-                f"drop the quantization flags")
+                f"yet (supported there: FP8, INT8 weight-only, INT4 AWQ, an FP8 KV cache); use "
+                f"--target engine or another format")
 
     def unified_layerwise(self, spec) -> bool:
         """Whether the unified tensors come layer by layer from the calibration store: the

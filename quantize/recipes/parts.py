@@ -54,6 +54,9 @@ class UnifiedFormat:
     writer_embedding: float = 0.0
     #: printed (stderr) after writing it: what a user of the checkpoint should know
     note: str | None = None
+    #: its export of a mixture-of-experts model is reproduced too (the experts' tensors:
+    #: quantize/unified/experts.py; calibrated with the whole model in memory)
+    moe: bool = False
 
 
 @dataclass(frozen=True)

@@ -69,13 +69,17 @@ from convert.block_fp8 import block_size, open_source
 from convert.source import SourceCheckpoint
 from convert.source_files import declared_dtype
 from convert.writer import write_file
+from model.families import ARCHITECTURES, FAMILIES
 
 from ..torch_io import read_tensor, torch_chunks
 from .config import hf_quant_config, quantization_config
+from ..modelopt_state import model_family
+from .experts import expert_linear_pattern, moe_tensors, partner_weight, weight_only_pair
 from .from_store import StoreLayers
-from .tensors import LAYOUT, model_tensors, weight_only_int8
+from .tensors import model_tensors, weight_only_int8
 
 Tensor = torch.Tensor
+LLAMA = FAMILIES["llama"]
 
 SAFETENSORS = "model.safetensors"
 HF_QUANT_CONFIG = "hf_quant_config.json"
@@ -86,8 +90,15 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
 #: tensors a checkpoint keeps in float32 beside a bf16 model (DeepSeek-V3's router correction
 #: bias, as released): not the model's dtype
 FLOAT32_BUFFERS = (".e_score_correction_bias",)
-_LINEAR = re.compile(r"^(model\.layers\.\d+)\.(" + "|".join(map(re.escape, LAYOUT.hf_linears()))
-                     + r")\.weight$")
+
+
+def _linears(family):
+    """Whether a source tensor is a quantized linear's weight: the family's dense linears and
+    its experts' (a mixture of experts)."""
+    dense = re.compile(r"^(model\.layers\.\d+)\.(" + "|".join(map(re.escape, family.hf_linears()))
+                       + r")\.weight$")
+    experts = expert_linear_pattern(family) if family.moe is not None else None
+    return lambda name: bool(dense.match(name) or experts is not None and experts.match(name))
 
 
 @dataclass(frozen=True)
@@ -98,25 +109,31 @@ class _Entry:
     source: str | None = None      # copy this source tensor as it is
     tensor: Tensor | None = None   # or write this one
     weight_only: bool = False      # or quantize this source weight (W8A16), part 0 = weight
+    partner: str | None = None     # W8A16: the expert weight it shares its row amax with
     layer: int | None = None       # or this layer's tensor from the calibration store
 
 
-def _plan(source: SourceCheckpoint, computed: dict[str, Tensor], spec, layers=None) -> list[_Entry]:
+def _plan(source: SourceCheckpoint, computed: dict[str, Tensor], spec, layers=None,
+          family=None) -> list[_Entry]:
     entries: dict[str, _Entry] = {}
+    family = family or LLAMA
+    is_linear = _linears(family)
     fmt = spec.format.unified
-    wo = fmt.from_float_weights and fmt.weight is not None and \
-        not any(k.endswith(".weight_scale") for k in computed)
+    # W8A16: the linears not computed (all, or a mixture's experts beside a KV calibration)
+    wo = fmt.from_float_weights and fmt.weight is not None
     streamed = {}
     for i in range(layers.num_layers if layers is not None else 0):
         streamed.update({n: (i, sh, dt) for n, (sh, dt) in layers.names(i).items()})
     for name, (_, shape, dtype) in source.meta.items():
         if name in computed or name in streamed:
             continue
-        if wo and _LINEAR.match(name):
-            out_dim = shape[0]
-            entries[name] = _Entry(name, shape, torch.int8, source=name, weight_only=True)
+        if wo and is_linear(name):
+            out_dim, partner = shape[0], partner_weight(family, name) if family.moe else None
+            entries[name] = _Entry(name, shape, torch.int8, source=name, weight_only=True,
+                                   partner=partner)
             sname = name[: -len("weight")] + "weight_scale"
-            entries[sname] = _Entry(sname, (out_dim,), torch.float32, source=name, weight_only=True)
+            entries[sname] = _Entry(sname, (out_dim,), torch.float32, source=name, weight_only=True,
+                                    partner=partner)
         else:
             entries[name] = _Entry(name, shape, dtype, source=name)
     for name, t in computed.items():
@@ -128,8 +145,6 @@ def _plan(source: SourceCheckpoint, computed: dict[str, Tensor], spec, layers=No
 
 def _family(config: dict):
     """The model.spec.Family of a source config.json (None: not a registered architecture)."""
-    from model.families import ARCHITECTURES, FAMILIES
-
     name = ARCHITECTURES.get((config.get("architectures") or [None])[0])
     return FAMILIES.get(name)
 
@@ -164,7 +179,9 @@ def _write_tensors(path: Path, source: SourceCheckpoint, entries: list[_Entry], 
         elif e.weight_only:
             if e.source not in cache:
                 cache.clear()
-                cache[e.source] = weight_only_int8(read_tensor(source, e.source))
+                w = read_tensor(source, e.source)
+                cache[e.source] = weight_only_int8(w) if e.partner is None else \
+                    weight_only_pair(w, read_tensor(source, e.partner))
             yield cache[e.source][0 if e.dtype == torch.int8 else 1]
         else:
             yield read_tensor(source, e.source)
@@ -199,6 +216,9 @@ def _quant_tensors(model_dir: Path, source, spec, dtype, calibrated_model, calib
                           progress=progress)
         timings["calibration"] = time.perf_counter() - t0
     computed = model_tensors(model, spec, dtype)
+    family = model_family(model)
+    if family.moe is not None and spec.format.unified.weight is not None:
+        computed.update(moe_tensors(model, spec, family, dtype))
     for name in computed:
         if name not in source and not name.endswith(("_scale", "_scale_2")):
             raise UserError(f"{name} is not in {model_dir}: the calibrated model does not match the "
@@ -278,8 +298,9 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
             source.close()
             raise
     try:
-        entries = _plan(source, computed, spec, layers)
-        hf_quant = hf_quant_config(spec, _family(config))
+        family = _family(config)
+        entries = _plan(source, computed, spec, layers, family)
+        hf_quant = hf_quant_config(spec, family, _num_layers(source))
         if hf_quant is not None:
             config["quantization_config"] = quantization_config(spec, hf_quant)
         _stage(StagedOutput(out_dir), model_dir, source, entries, layers, config, hf_quant,

@@ -32,14 +32,20 @@ def _producer() -> dict:
             "version": dist_version("nvidia-modelopt") or MODELOPT_FORMAT_VERSION}
 
 
-def hf_quant_config(spec, family=None) -> dict | None:
+def hf_quant_config(spec, family=None, num_layers: int = 0) -> dict | None:
     """``hf_quant_config.json`` as modelopt 0.47 writes it (None: unquantized, no file) for a
-    model of ``family`` (model.spec.Family; None: Llama-like)."""
+    model of ``family`` (model.spec.Family; None: Llama-like) with ``num_layers`` decoder layers
+    (a mixture of experts lists each layer's router: quantize/unified/experts.py)."""
+    from .experts import unquantized_modules
+
     q = spec.format.unified_quantization(spec)
     if q is None:
         return None
     if family is not None and not family.modelopt_embedding and "exclude_modules" in q:
         q["exclude_modules"] = [m for m in q["exclude_modules"] if m != "model.embed_tokens"]
+    if family is not None and family.moe is not None and "exclude_modules" in q:
+        q["exclude_modules"] = sorted(q["exclude_modules"]
+                                      + unquantized_modules(family, num_layers))
     return {"producer": _producer(), "quantization": q}
 
 

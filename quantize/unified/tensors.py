@@ -9,7 +9,7 @@ import torch
 from common.errors import UserError
 from model.families import FAMILIES
 
-from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes, linear_modules,
+from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes, linear_modules, model_family,
                               own_export, pack_int4, sanitize_amax, weight_scale)
 from ..torch_io import read_tensor
 
@@ -43,14 +43,15 @@ def weight_only_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     return _int8_rows(w, scale), scale
 
 
-def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict) -> set:
+def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict,
+                 family=LAYOUT) -> set:
     """modelopt's preprocess_linear_fusion on the linears sharing an input (and AWQ's folding of
     their pre_quant_scale into the norm that feeds them); the linears folded."""
     folded: set = set()
     if not fmt.fuse_shared_inputs:
         return folded
-    for names in LAYOUT.fusion_groups().values():
-        norm = LAYOUT.linear_of(names[0])[0].norm
+    for names in family.fusion_groups().values():
+        norm = family.linear_of(names[0])[0].norm
         fuse([lins[n] for n in names], block)
         head = lins[names[0]]
         if fmt.fold_into_norm and head.pqs is not None:
@@ -60,7 +61,7 @@ def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict) -
     return folded
 
 
-def _linear_tensors(p: str, lin, fmt, block, dtype, folded: bool, out: dict) -> None:
+def linear_tensors(p: str, lin, fmt, block, dtype, folded: bool, out: dict) -> None:
     w = lin.weight.to(dtype)
     if fmt.per_tensor_weight_scale:  # FP8: the weight quantizer's amax / maxbound
         amax = lin.wq.amax.detach().float()
@@ -80,12 +81,14 @@ def _linear_tensors(p: str, lin, fmt, block, dtype, folded: bool, out: dict) -> 
         out[f"{p}.pre_quant_scale"] = lin.pqs.squeeze().to(dtype)
 
 
-def layer_tensors(model, prefix: str, linears: dict, spec, dtype, out: dict) -> None:
+def layer_tensors(model, prefix: str, linears: dict, spec, dtype, out: dict,
+                  family=LAYOUT) -> None:
     """Decoder layer ``prefix``'s unified linear tensors into ``out``: ``linears`` by full name
     (modules with modelopt's quantizers, or quantize/unified/from_store.py's stand-ins), ``model``
-    whatever gives the norms AWQ folds into (``get_submodule``)."""
+    whatever gives the norms AWQ folds into (``get_submodule``); ``family``'s dense linears (a
+    mixture of experts: its attention and shared expert; the experts: quantize/unified/experts.py)."""
     fmt = spec.format.unified
-    lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in LAYOUT.hf_linears()}
+    lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in family.hf_linears()}
     if fmt.from_float_weights:  # W8A16: scales from the (unmodified) float weights
         for s, lin in lins.items():
             p = f"{prefix}.{s}"
@@ -95,14 +98,14 @@ def layer_tensors(model, prefix: str, linears: dict, spec, dtype, out: dict) -> 
         if lin.wq is None or not lin.wq.is_enabled:
             raise UserError(f"{prefix}: {s} has no enabled weight quantizer; was the model "
                             f"calibrated for {spec.name}?")
-    folded = _fuse_groups(model, prefix, lins, fmt, spec.group_size, dtype, out)
+    folded = _fuse_groups(model, prefix, lins, fmt, spec.group_size, dtype, out, family)
     for s, lin in lins.items():
         if fmt.weight not in ENCODE:  # the recipe encodes its linears itself (NVFP4)
             trtllm = own_export(spec, lin)
             for k, v in spec.format.unified_linear(trtllm, lin.weight.to(dtype)).items():
                 out[f"{prefix}.{s}.{k}"] = v
             continue
-        _linear_tensors(f"{prefix}.{s}", lin, fmt, spec.group_size, dtype, s in folded, out)
+        linear_tensors(f"{prefix}.{s}", lin, fmt, spec.group_size, dtype, s in folded, out)
 
 
 def _kv_scales(model, layers: list[str], spec, out: dict) -> None:
@@ -127,10 +130,11 @@ def model_tensors(model, spec, dtype: torch.dtype) -> dict[str, Tensor]:
     layers = layer_prefixes(model)
     if not layers:
         raise UserError("no decoder layers named '*.layers.N.self_attn' found: not a Llama-family model")
+    family = model_family(model)  # a mixture's experts: quantize/unified/experts.py
     if spec.format.unified.weight is not None:
         linears = linear_modules(model)
         for prefix in layers:
-            layer_tensors(model, prefix, linears, spec, dtype, out)
+            layer_tensors(model, prefix, linears, spec, dtype, out, family)
     if spec.kv_cache_quant_algo is not None:
         _kv_scales(model, layers, spec, out)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}

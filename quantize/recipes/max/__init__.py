@@ -31,7 +31,7 @@ class Fp8(Recipe):
     #: store's fused input scale is each linear's; weight scales come from the weights)
     #: writer: fitted to FP8 + FP8 KV (8B- and 1B-shaped peaks, BENCHMARKS.md "--target pytorch")
     unified = UnifiedFormat(weight="fp8", per_tensor_weight_scale=True, layerwise=True,
-                            writer_layers=0.3, writer_embedding=1.3,
+                            writer_layers=0.3, writer_embedding=1.3, moe=True,
                             quantization_config_extra=(("config_groups", {"group_0": {
                                 "input_activations": {"dynamic": False, "num_bits": 8,
                                                       "type": "float"},

@@ -84,7 +84,7 @@ class Awq(Recipe):
     #: q/k/v and gate/up fused, their pre_quant_scale folded into the norms (layer by layer from
     #: the store's own pre_quant_scale and smoothing factor per linear)
     #: writer: fitted as SmoothQuant's
-    unified = UnifiedFormat(weight="int4", fuse_shared_inputs=True, fold_into_norm=True,
+    unified = UnifiedFormat(weight="int4", fuse_shared_inputs=True, fold_into_norm=True, moe=True,
                             layerwise=True, writer_layers=3.0, writer_embedding=1.1)
     #: modelopt's AWQ export pads the vocabulary to a multiple of 64 (the padded rows are zero)
     vocab_multiple = 64

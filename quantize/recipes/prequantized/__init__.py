@@ -22,6 +22,8 @@ source's ``(q - zero_point) * scale``.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from common.errors import UserError
 
 from ...algos import FP8_ROWWISE, W4A16_AWQ
@@ -99,7 +101,7 @@ class PrequantizedFp8(Prequantized):
     exclude_modules = None
     memory = MemoryModel(weight_bytes=1.0)
     #: --target pytorch (per-tensor weight and static input scales): modelopt's unified FP8
-    unified = Fp8.unified
+    unified = replace(Fp8.unified, moe=False)
 
     def check_linear_shapes(self, spec, in_dims, out_dims, unpadded_in=None) -> None:
         """Fp8RowwiseLinear pads nothing."""

@@ -43,7 +43,7 @@ class WeightOnly(Recipe):
         self.moe = MoeWeightOnly(*gemm_multiples)  # the experts' GEMMs, the same kernels
         # INT8: modelopt's INT8_WEIGHT_ONLY_CFG, streamed from the float weights; INT4 per channel
         # has no unified form (INT4 there is group-wise AWQ)
-        self.unified = UnifiedFormat(weight="int8_rows", from_float_weights=True) \
+        self.unified = UnifiedFormat(weight="int8_rows", from_float_weights=True, moe=True) \
             if gemm_multiples == (64, 32) else None
 
     def feature_multiple(self, spec) -> int:
