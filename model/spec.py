@@ -237,6 +237,9 @@ class Family:
     #: target, as TensorRT-LLM names them (None: unquantized); None: every recipe's own rules.
     #: Asked through quantize.recipes' ``family_refusal``, before any work.
     formats: dict | None = None
+    #: (quant_algos, why): formats the family's TensorRT-LLM converter cannot make, refused on
+    #: every target with the upstream reason in one clause (checked before ``formats``)
+    format_refusals: tuple[tuple[tuple[str, ...], str], ...] = ()
     #: the embedding is a plain nn.Embedding, which modelopt 0.47 wraps with (disabled) quantizers
     #: and so lists in the unified export's exclude_modules; Gemma's scaled-embedding subclass is
     #: not wrapped, hence not listed

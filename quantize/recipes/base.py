@@ -281,6 +281,9 @@ class Recipe:
         or "pytorch"), asked before any work: here, the family lists the formats it is proven for
         (``Family.formats``); a recipe adds what TensorRT-LLM has no such recipe for (a family
         capability it cannot take: the SmoothQuant plugin and ``qk_norms``)."""
+        for algos, why in family.format_refusals:
+            if spec.quant_algo in algos:
+                return f"{self.flag or spec.name} is not supported for {family.architectures[0]}: {why}"
         proven = None if family.formats is None else family.formats.get(target, ())
         if proven is None or (spec.quant_algo, spec.kv_cache_quant_algo) in proven:
             return None
