@@ -39,8 +39,9 @@ ENGINE, PYTORCH = "engine", "pytorch"
 SQ = ("W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
       "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
       "W8A8_SQ_PER_TENSOR_PLUGIN")
-#: TensorRT-LLM 1.x's engine flow builds NVFP4 for these families (issue 27; another recipe's)
-NVFP4_ENGINE_FAMILIES = ("llama", "mixtral")
+#: the families whose NVFP4 engine checkpoints are written (tested against modelopt 0.47's export;
+#: TensorRT-LLM 1.2's fp4_quantize swaps every Linear whatever the model class)
+NVFP4_ENGINE_FAMILIES = ("llama", "mixtral", "gemma2", "gemma3")
 
 _BUILDER = "tensorrt_llm/builder.py build() (issue 28)"
 _CUTLASS_MOE = ("tensorrt_llm/_torch/modules/fused_moe/fused_moe_cutlass.py "
@@ -131,8 +132,8 @@ CELLS = (
          "lora_runtime_params is None)", source="tensorrt_llm/quantization/layers.py; "
          "NVIDIA/TensorRT-LLM PR #12229 (closed)", fix="use --fp8 with LoRA", targets=(ENGINE,)),
     # --- family x target ---
-    Cell("quant_algo", ("NVFP4",), what="TensorRT-LLM 1.2's engine flow builds NVFP4 for Llama "
-         "and Mixtral only", source="issue 27 (TensorRT-LLM 1.2 examples/quantization)",
+    Cell("quant_algo", ("NVFP4",), what="NVFP4 engine checkpoints are written for Llama, Mixtral, "
+         "Gemma 2 and Gemma 3 only", source="issue 27 (TensorRT-LLM 1.2 examples/quantization)",
          fix="use --target pytorch", targets=(ENGINE,), except_families=NVFP4_ENGINE_FAMILIES),
     Cell("family", ("deepseek_v2",), min_sm=90, what="multi-head latent attention (DeepSeek-V2) "
          "engines need TensorRT-LLM's MLA kernels: Hopper (SM 90)", source="examples/models/"

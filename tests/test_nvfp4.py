@@ -322,8 +322,9 @@ def test_flag_and_refusals():
 
 
 @pytest.mark.parametrize("family,extra,message", [
-    ("qwen2", [], "--nvfp4 engines are written for Llama-family models (LlamaForCausalLM, "
-                  "MistralForCausalLM) only, not Qwen2ForCausalLM: its NVFP4 tensors are not tested "
+    ("qwen2", [], "--nvfp4 engines are written for Llama-family and Gemma 2 / 3 models "
+                  "(LlamaForCausalLM, MistralForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM) "
+                  "only, not Qwen2ForCausalLM: its NVFP4 tensors are not tested "
                   "against modelopt 0.47's export here; use --fp8 or --awq"),
     ("mixtral", [], "--nvfp4 is not supported for mixture-of-experts models yet (its expert tensors "
                     "are not written here); use --fp8 or --awq"),

@@ -143,7 +143,7 @@ def gemma2_fields(hf, shape, tp: int) -> dict:
 #: --target pytorch's calibrated unified formats.
 FORMATS = {"engine": ((None, None), ("W8A16", None), ("W4A16", None), ("FP8", None), ("FP8", "FP8"),
                       ("W8A8_SQ_PER_CHANNEL", None), ("W8A8_SQ_PER_CHANNEL", "INT8"),
-                      ("W4A16_AWQ", None), ("W4A8_AWQ", None),
+                      ("W4A16_AWQ", None), ("W4A8_AWQ", None), ("NVFP4", None), ("NVFP4", "FP8"),
                       (None, "FP8"), (None, "INT8")),
            "pytorch": ((None, None), ("W8A16", None))}
 

@@ -25,9 +25,10 @@ from ..parts import LinearExport, MemoryModel, UnifiedFormat
 #: the block size (elements of a row per E4M3 scale): config.json's ``group_size``
 BLOCK = 16
 #: the families whose NVFP4 TensorRT-LLM checkpoint is written here (their tensors are tested
-#: against modelopt 0.47's export): the Llama family spec (LlamaForCausalLM, MistralForCausalLM);
+#: against modelopt 0.47's export): the Llama family spec (LlamaForCausalLM, MistralForCausalLM),
+#: Gemma 2 / 3 (tests/test_gemma_quant.py);
 #: Mixtral's attention is Llama's, its experts are refused by :attr:`Nvfp4.moe` (the reason named)
-ENGINE_FAMILIES = ("llama", "mixtral")
+ENGINE_FAMILIES = ("llama", "mixtral", "gemma2", "gemma3")
 
 
 class Nvfp4(Recipe):
@@ -75,8 +76,9 @@ class Nvfp4(Recipe):
     def family_refusal(self, spec, family, target: str) -> str | None:
         proven = super().family_refusal(spec, family, target)
         if proven is None and target == "engine" and family.name not in ENGINE_FAMILIES:
-            return (f"--nvfp4 engines are written for Llama-family models (LlamaForCausalLM, "
-                    f"MistralForCausalLM) only, not {family.architectures[0]}: its NVFP4 tensors "
+            return (f"--nvfp4 engines are written for Llama-family and Gemma 2 / 3 models "
+                    f"(LlamaForCausalLM, MistralForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM) "
+                    f"only, not {family.architectures[0]}: its NVFP4 tensors "
                     f"are not tested against modelopt 0.47's export here; use --fp8 or --awq")
         return proven
 
