@@ -290,8 +290,7 @@ def test_sq_plugin_refused_with_the_upstream_reason(tmp_path, tiny_model, capsys
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("target,flag", [("pytorch", "--awq"),
-                                         ("pytorch", "--fp8")])
+@pytest.mark.parametrize("target,flag", [("engine", "--fp8-rowwise"), ("pytorch", "--fp8-rowwise")])
 def test_calibrated_formats_are_refused_before_any_work(tmp_path, tiny_model, capsys, target,
                                                         flag):
     from builders.cli import main

@@ -129,3 +129,62 @@ def test_nvfp4_equals_modelopt_export(gemma_calibrated, calib_text, family, kv, 
     # W4A16 AWQ checkpoints lie 0.8 from it too); no CPU fake-quant model to hold it to (modelopt's
     # NVFP4 activation quantizer needs CUDA)
     assert 0 < r["rel_err"] < 1.5 and r["tokens"] == 128, r
+
+
+# --- --target pytorch: modelopt's unified checkpoint ------------------------------------------------
+
+@pytest.mark.parametrize("family,algo,kv", [("gemma3", "FP8", "fp8"), ("gemma3", "W4A16_AWQ", None),
+                                           ("gemma3", "W8A8_SQ_PER_CHANNEL", None),
+                                           ("gemma3", "NVFP4", None), ("gemma2", "W4A16_AWQ", None),
+                                           ("gemma3", None, "fp8")])
+def test_unified_equals_export_hf_checkpoint(tmp_path, calib_text, family, algo, kv):
+    """--target pytorch, calibrated layer by layer from the calibration store (the production
+    path) and from a whole calibrated model: both equal modelopt 0.47's export_hf_checkpoint
+    tensor for tensor, with its hf_quant_config.json and quantization_config. AWQ folds the fused
+    pre_quant_scale into Gemma's (1 + w) norms as modelopt does, ``(w + 1) * s - 1``, the MLP's
+    into pre_feedforward_layernorm; the reader runs every one (AWQ: equal to modelopt's fake
+    quant as its export re-smooths it, within fp16 rounding; FP8 / SmoothQuant: within this
+    random Gemma's amplification of activation-code flips, see above)."""
+    import copy
+
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+    from examples.tiny import make_tiny_model
+    from quant_common import byte_tokenizer
+    from quantize.calibrate import calibrate
+    from quantize.run import CalibrationRun
+    from quantize.unified import write_unified_checkpoint
+    from test_pytorch_target import assert_same_checkpoint, modelopt_unified, small
+    from test_reference_quant import eval_ids
+    from verify.reference import compare_with_hf
+
+    hf_dir = tmp_path / "hf"
+    model = make_tiny_model(hf_dir, family=family, **SHAPE).float().eval()
+    float_model = copy.deepcopy(model)
+    spec = small(algo, kv)
+    assert spec.format.unified_layerwise(spec)
+    run = CalibrationRun(store=tmp_path / "calibration", device="cpu", calib_text=calib_text,
+                         tokenizer=byte_tokenizer)
+    write_unified_checkpoint(hf_dir, tmp_path / "store", spec, calibration=run, progress=False)
+    calibrate(model, spec, calib_text, tokenizer=byte_tokenizer, progress=False)
+    write_unified_checkpoint(hf_dir, tmp_path / "whole", spec, calibrated_model=model,
+                             progress=False)
+    theirs = modelopt_unified(model, tmp_path / "modelopt", torch.float32)
+    for ours in ("store", "whole"):
+        tensors = assert_same_checkpoint(tmp_path / ours, theirs)
+    if algo == "W4A16_AWQ":  # the folded norms differ from the source's
+        source = load_file(hf_dir / "model.safetensors")
+        name = "model.layers.0.pre_feedforward_layernorm.weight"
+        assert not torch.equal(tensors[name], source[name])
+    ids = eval_ids(calib_text)
+    if algo == "NVFP4":  # modelopt's NVFP4 fake quant needs CUDA: the reader runs it
+        r = compare_with_hf(tmp_path / "store", trtllm_semantics(float_model), input_ids=ids)
+        print(f"\n{family} NVFP4 unified: reader vs float {r['rel_err']:.3e}")
+        assert 0 < r["rel_err"] < 1.5, r
+        return
+    fake = copy.deepcopy(model)  # modelopt's fake quant as the export re-smooths and folds it
+    with torch.no_grad():
+        requantize_resmooth_fused_llm_layers(fake)
+    r = compare_with_hf(tmp_path / "store", trtllm_semantics(fake), input_ids=ids)
+    print(f"\n{family} {algo} kv {kv} unified: reader vs fake quant {r['rel_err']:.3e}")
+    assert r["rel_err"] < (2e-2 if algo == "W4A16_AWQ" else 0.6), r

@@ -145,7 +145,8 @@ FORMATS = {"engine": ((None, None), ("W8A16", None), ("W4A16", None), ("FP8", No
                       ("W8A8_SQ_PER_CHANNEL", None), ("W8A8_SQ_PER_CHANNEL", "INT8"),
                       ("W4A16_AWQ", None), ("W4A8_AWQ", None), ("NVFP4", None), ("NVFP4", "FP8"),
                       (None, "FP8"), (None, "INT8")),
-           "pytorch": ((None, None), ("W8A16", None))}
+           "pytorch": ((None, None), ("W8A16", None), ("FP8", None), ("FP8", "FP8"), (None, "FP8"),
+                       ("NVFP4", None), ("W4A16_AWQ", None), ("W8A8_SQ_PER_CHANNEL", None))}
 
 #: TensorRT-LLM 1.2's Gemma converter (models/gemma/convert.py non_modelopt_quantize_if_needed)
 #: makes its SmoothQuant plugin checkpoints by rebuilding the weights as a transformers Llama

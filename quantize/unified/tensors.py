@@ -43,19 +43,38 @@ def weight_only_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     return _int8_rows(w, scale), scale
 
 
+def family_of(model):
+    """The family spec of ``model`` (anything with ``config.architectures``: the calibrated HF
+    model, from_store's norm reader); the Llama layout where it names no family read here."""
+    from model.families import ARCHITECTURES
+
+    archs = getattr(getattr(model, "config", None), "architectures", None) or [None]
+    return FAMILIES.get(ARCHITECTURES.get(archs[0]), LAYOUT)
+
+
+def _norm_offset(family, norm: str) -> float:
+    """The ``offset`` of the family's norm rule for HF norm ``norm`` (Gemma's (1 + w): 1)."""
+    return next((r.offset for r in family.norms if r.sources[0].endswith(f".{norm}.weight")), 0.0)
+
+
 def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict) -> set:
     """modelopt's preprocess_linear_fusion on the linears sharing an input (and AWQ's folding of
-    their pre_quant_scale into the norm that feeds them); the linears folded."""
+    their pre_quant_scale into the norm that feeds them, the family's: Gemma's MLP is fed by
+    pre_feedforward_layernorm; a ``(1 + w)`` norm folds as modelopt's fuse_prequant_layernorm
+    does, ``(w + 1) * s - 1``); the linears folded."""
     folded: set = set()
     if not fmt.fuse_shared_inputs:
         return folded
-    for names in LAYOUT.fusion_groups().values():
-        norm = LAYOUT.linear_of(names[0])[0].norm
+    family = family_of(model)
+    for names in family.fusion_groups().values():
+        norm = family.linear_of(names[0])[0].norm
         fuse([lins[n] for n in names], block)
         head = lins[names[0]]
         if fmt.fold_into_norm and head.pqs is not None:
             w = model.get_submodule(f"{prefix}.{norm}").weight.detach()
-            out[f"{prefix}.{norm}.weight"] = (w * head.pqs.to(w.device)).to(w.dtype).to(dtype)
+            pqs, off = head.pqs.to(w.device), _norm_offset(family, norm)
+            fused = (w + off) * pqs - off if off else w * pqs
+            out[f"{prefix}.{norm}.weight"] = fused.to(w.dtype).to(dtype)
             folded.update(names)
     return folded
 
