@@ -79,10 +79,10 @@ def assert_equal_but_lm_head(ours_dir, theirs_dir, tp, vocab=1024):
 # the fake-quant model's embedding and norms to fp16 moves its logits by 0.20); the W4A8 kernel
 # itself is held to 2e-2 on single linears (test_reference_quant.py)
 @pytest.mark.parametrize("family,algo,block,tp,tol", [
-    ("gemma3", "W4A16_AWQ", 128, 1, 2e-2),
+    pytest.param("gemma3", "W4A16_AWQ", 128, 1, 2e-2, marks=pytest.mark.slow),
     ("gemma3", "W4A16_AWQ", 64, 2, 2e-2),
-    ("gemma2", "W4A16_AWQ", 64, 2, 2e-2),
-    ("gemma3", "W4A8_AWQ", 128, 1, 0.45),
+    pytest.param("gemma2", "W4A16_AWQ", 64, 2, 2e-2, marks=pytest.mark.slow),
+    pytest.param("gemma3", "W4A8_AWQ", 128, 1, 0.45, marks=pytest.mark.slow),
 ])
 def test_awq_equals_modelopt_export_and_reads_as_its_fake_quant(gemma_calibrated, calib_text,
                                                                 family, algo, block, tp, tol):
@@ -107,8 +107,9 @@ def test_awq_equals_modelopt_export_and_reads_as_its_fake_quant(gemma_calibrated
         r["rel_err"]
 
 
-@pytest.mark.parametrize("family,kv,tp", [("gemma3", None, 2), ("gemma3", "fp8", 1),
-                                          ("gemma2", None, 1)])
+@pytest.mark.parametrize("family,kv,tp", [
+    ("gemma3", None, 2), pytest.param("gemma3", "fp8", 1, marks=pytest.mark.slow),
+    pytest.param("gemma2", None, 1, marks=pytest.mark.slow)])
 def test_nvfp4_equals_modelopt_export(gemma_calibrated, calib_text, family, kv, tp):
     """NVFP4 (+ FP8 KV): E2M1 weights, E4M3 block scales, the float32 globals shared across q/k/v
     and fc/gate, Gemma's (1 + w) norms; tp 2 duplicates the KV head; ``check`` passes (FP4Linear's
@@ -133,10 +134,12 @@ def test_nvfp4_equals_modelopt_export(gemma_calibrated, calib_text, family, kv, 
 
 # --- --target pytorch: modelopt's unified checkpoint ------------------------------------------------
 
-@pytest.mark.parametrize("family,algo,kv", [("gemma3", "FP8", "fp8"), ("gemma3", "W4A16_AWQ", None),
-                                           ("gemma3", "W8A8_SQ_PER_CHANNEL", None),
-                                           ("gemma3", "NVFP4", None), ("gemma2", "W4A16_AWQ", None),
-                                           ("gemma3", None, "fp8")])
+@pytest.mark.parametrize("family,algo,kv", [
+    ("gemma3", "FP8", "fp8"), ("gemma3", "W4A16_AWQ", None),
+    pytest.param("gemma3", "W8A8_SQ_PER_CHANNEL", None, marks=pytest.mark.slow),
+    pytest.param("gemma3", "NVFP4", None, marks=pytest.mark.slow),
+    pytest.param("gemma2", "W4A16_AWQ", None, marks=pytest.mark.slow),
+    pytest.param("gemma3", None, "fp8", marks=pytest.mark.slow)])
 def test_unified_equals_export_hf_checkpoint(tmp_path, calib_text, family, algo, kv):
     """--target pytorch, calibrated layer by layer from the calibration store (the production
     path) and from a whole calibrated model: both equal modelopt 0.47's export_hf_checkpoint
