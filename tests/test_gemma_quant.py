@@ -191,3 +191,20 @@ def test_unified_equals_export_hf_checkpoint(tmp_path, calib_text, family, algo,
     r = compare_with_hf(tmp_path / "store", trtllm_semantics(fake), input_ids=ids)
     print(f"\n{family} {algo} kv {kv} unified: reader vs fake quant {r['rel_err']:.3e}")
     assert r["rel_err"] < (2e-2 if algo == "W4A16_AWQ" else 0.6), r
+
+
+@pytest.mark.slow  # prepares the real Gemma-3-270M once (cached)
+def test_real_gemma3_w4a8_at_tp2_is_refused_naming_tp1(tmp_path, capsys):
+    """W4A8 AWQ pads features to 128 x tp: Gemma-3-270M's hidden 640 meets it at tp 1 only, and
+    Gemma's hidden size cannot be padded (its sqrt(hidden) embedding scale): one line, exit 2,
+    nothing written."""
+    from builders.cli import main
+
+    out = tmp_path / "out"
+    assert main(["--model", "gemma3", "--tp", "2", "--awq", "--awq-act", "fp8",
+                 "--checkpoint-only", "--no-progress", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "attention.qkv's 640 input features would not meet the model's (the " \
+        "hidden size cannot be padded: TensorRT-LLM's Gemma scales the embedding by " \
+        "sqrt(hidden_size)" in err[0] and err[0].endswith("valid --tp values: 1"), err
+    assert not out.exists()
