@@ -42,7 +42,7 @@ SQ = ("W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
 #: the families whose NVFP4 engine checkpoints are written here, tensor for tensor modelopt 0.47's
 #: export (TensorRT-LLM 1.2's ``fp4_quantize`` swaps every ColumnLinear / RowLinear of any model
 #: class; quantize/recipes/nvfp4 ``ENGINE_FAMILIES``)
-NVFP4_ENGINE_FAMILIES = ("llama", "mixtral", "qwen2", "qwen3")
+NVFP4_ENGINE_FAMILIES = ("llama", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 _BUILDER = "tensorrt_llm/builder.py build() (issue 28)"
 _CUTLASS_MOE = ("tensorrt_llm/_torch/modules/fused_moe/fused_moe_cutlass.py "
@@ -144,8 +144,9 @@ CELLS = (
          fix="use --target pytorch, or --kv-cache-dtype fp8", targets=(ENGINE,)),
     # --- family x target ---
     Cell("quant_algo", ("NVFP4",), what="NVFP4 engine checkpoints are written for the Llama / "
-         "Mistral, Qwen2, Qwen3 and Mixtral families only (those tested against modelopt 0.47's "
-         "export)", source="tensorrt_llm/quantization/quantize.py fp4_quantize; issue 27",
+         "Mistral, Qwen2, Qwen3, Gemma 2 / 3, Phi-3 and Mixtral families only (those tested "
+         "against modelopt 0.47's export)", source="tensorrt_llm/quantization/quantize.py "
+         "fp4_quantize; issue 27",
          fix="use --target pytorch", targets=(ENGINE,), except_families=NVFP4_ENGINE_FAMILIES),
     Cell("family", ("deepseek_v2",), min_sm=90, what="multi-head latent attention (DeepSeek-V2) "
          "engines need TensorRT-LLM's MLA kernels: Hopper (SM 90)", source="examples/models/"

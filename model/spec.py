@@ -240,6 +240,9 @@ class Family:
     #: target -> why the family cannot be written for that target at all, with the way out
     #: (DeepSeek-V3: no TensorRT engine class); asked before ``formats``
     target_refusals: dict | None = None
+    #: (quant_algos, why): formats the family's TensorRT-LLM converter cannot make, refused on
+    #: every target with the upstream reason in one clause (checked before ``formats``)
+    format_refusals: tuple[tuple[tuple[str, ...], str], ...] = ()
     #: the embedding is a plain nn.Embedding, which modelopt 0.47 wraps with (disabled) quantizers
     #: and so lists in the unified export's exclude_modules; Gemma's scaled-embedding subclass is
     #: not wrapped, hence not listed

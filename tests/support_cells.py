@@ -227,14 +227,33 @@ TESTS = (
     T("qwen2_moe", "int8_wo", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[q2_w8a16]"),
     T("qwen3_moe", "fp8", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[q3_fp8_kv_fp8]"),
     T("qwen3_moe", "kv_fp8", "pytorch", "export_hf", "test_moe_pytorch_target.py::test_unified_equals_modelopt_export[q3_fp8_kv_fp8]"),
+    # --- gemmaq (merge): Gemma AWQ / W4A8 / NVFP4, --target pytorch formats ---
+    T("gemma3", "awq", "engine", "modelopt", "test_gemma_quant.py::test_awq_equals_modelopt_export_and_reads_as_its_fake_quant[gemma3-W4A16_AWQ-64-2-0.02]"),
+    T("gemma2", "awq", "engine", "modelopt", "test_gemma_quant.py::test_awq_equals_modelopt_export_and_reads_as_its_fake_quant[gemma2-W4A16_AWQ-64-2-0.02]"),
+    T("gemma3", "w4a8_awq", "engine", "modelopt", "test_gemma_quant.py::test_awq_equals_modelopt_export_and_reads_as_its_fake_quant[gemma3-W4A8_AWQ-128-1-0.45]"),
+    T("gemma3", "nvfp4", "engine", "modelopt", "test_gemma_quant.py::test_nvfp4_equals_modelopt_export[gemma3-None-2]"),
+    T("gemma2", "nvfp4", "engine", "modelopt", "test_gemma_quant.py::test_nvfp4_equals_modelopt_export[gemma2-None-1]"),
+    T("gemma3", "fp8", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma3-FP8-fp8]"),
+    T("gemma3", "kv_fp8", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma3-None-fp8]"),
+    T("gemma3", "awq", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma3-W4A16_AWQ-None]"),
+    T("gemma2", "awq", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma2-W4A16_AWQ-None]"),
+    T("gemma3", "sq_modelopt", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma3-W8A8_SQ_PER_CHANNEL-None]"),
+    T("gemma3", "sq", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma3-W8A8_SQ_PER_CHANNEL-None]"),
+    T("gemma3", "nvfp4", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma3-NVFP4-None]"),
     # --- DeepSeek-V3 ---
     T("deepseek_v3", "float", "pytorch", "export_hf", "test_deepseek_v3.py::test_float_unified_equals_modelopt_export"),
 )
 
 #: accepted cells without a test of their own, each with why it is believed to work: README shows
-#: them as "untested". Empty today; at a merge, a cell that is accepted before its test lands goes
-#: here (tests/test_support_grid.py fails on an entry whose cell has a test or is refused).
-UNTESTED: dict[tuple[str, str, str], str] = {}
+#: them as "untested" (tests/test_support_grid.py fails on an entry whose cell has a test or is
+#: refused).
+_GEMMA2 = ("Gemma 2's spec is Gemma 3's code path (model/families/gemma.py: the same linears, "
+           "norms and writers; Gemma 2 adds soft-capping, which no format touches); Gemma 3's cell "
+           "is tested")
+UNTESTED: dict[tuple[str, str, str], str] = {
+    ("gemma2", "w4a8_awq", "engine"): _GEMMA2,
+    **{("gemma2", f, "pytorch"): _GEMMA2 for f in ("sq", "sq_modelopt", "fp8", "nvfp4", "kv_fp8")},
+}
 
 
 def by_cell() -> dict[tuple[str, str, str], tuple[T, ...]]:

@@ -27,8 +27,10 @@ def _breaking_run(cell) -> Run:
         kw.update(moe=True, quant_algo=cell.values[0])
     elif cell.field != "any":
         kw[cell.field] = cell.values[0]
-    if cell.except_families is not None:
-        kw["family"] = "gemma3"
+    if cell.except_families is not None:  # a registered family outside the exception
+        from model.families import FAMILIES
+
+        kw["family"] = next(f for f in sorted(FAMILIES) if f not in cell.except_families)
     if cell.gpu:
         kw["sm"] = cell.min_sm - 1 if cell.min_sm else cell.below_sm
     return Run(**kw)

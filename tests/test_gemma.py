@@ -188,17 +188,22 @@ def test_pytorch_target_equals_modelopt_export(tmp_path, tiny_model, family):
     assert r8["rel_err"] < 1e-5 and r8["argmax_agreement"] == 1.0, r8
 
 
-def modelopt_gemma_export(model, out_dir, tp):
-    """modelopt 0.47's TensorRT-LLM export of a calibrated Gemma model. Test double: modelopt
-    builds Gemma 2/3's tensors (norms + 1, scales) but its config step raises NotImplementedError
-    for decoder types gemma2/gemma3, so that one call runs as for "gemma" (whose config fields
-    this project writes itself and does not compare)."""
-    import copy
+def modelopt_gemma_export(model, out_dir, tp, keep=False):
+    """modelopt 0.47's TensorRT-LLM export of a calibrated Gemma model (of a deep copy; ``keep``:
+    return (out_dir, that copy as the export left it: modelopt's fake-quant model at the exported
+    scales)). Test double of two modelopt calls, both outside the tensors' math:
 
+    * modelopt builds Gemma 2/3's tensors (norms + 1, scales) but its config step raises
+      NotImplementedError for decoder types gemma2/gemma3, so that one call runs as for "gemma"
+      (whose config fields this project writes itself and does not compare);
+    * ``postprocess.pad_embedding_lm_head`` (AWQ's vocabulary padding to a multiple of 64) tests
+      ``hasattr(model_config, "lm_head")``, true on the dataclass even when a tied model has
+      ``lm_head = None``, and raises AttributeError on ``None.weight``; the double pads only the
+      embedding and the vocabulary size then, with zeros, as modelopt's own function does."""
     import modelopt.torch.export.model_config_export as mce
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    real = mce.convert_to_tensorrt_llm_config
+    real, real_pad = mce.convert_to_tensorrt_llm_config, mce.pad_embedding_lm_head
 
     def config_as_gemma(model_config, *args, **kwargs):
         first = model_config.layers[0]
@@ -208,14 +213,26 @@ def modelopt_gemma_export(model, out_dir, tp):
         finally:
             first.decoder_type = kind
 
-    mce.convert_to_tensorrt_llm_config = config_as_gemma
+    def pad_tied(model_config, padding_factor=64):
+        if model_config.lm_head is not None:
+            return real_pad(model_config, padding_factor)
+        vocab = model_config.vocab_size
+        padded = -(-vocab // padding_factor) * padding_factor
+        emb = model_config.vocab_embedding
+        emb.weight = torch.nn.functional.pad(emb.weight, (0, 0, 0, padded - vocab))
+        model_config.vocab_size = padded
+
+    mce.convert_to_tensorrt_llm_config, mce.pad_embedding_lm_head = config_as_gemma, pad_tied
+    m = copy.deepcopy(model)
+    vocab = m.config.vocab_size
     try:
-        export_tensorrt_llm_checkpoint(copy.deepcopy(model), decoder_type=model.config.model_type
+        export_tensorrt_llm_checkpoint(m, decoder_type=model.config.model_type
                                        .removesuffix("_text"), dtype=torch.float16,
                                        export_dir=out_dir, inference_tensor_parallel=tp)
     finally:
-        mce.convert_to_tensorrt_llm_config = real
-    return out_dir
+        mce.convert_to_tensorrt_llm_config, mce.pad_embedding_lm_head = real, real_pad
+    m.config.vocab_size = vocab  # the AWQ export writes its padded vocabulary here
+    return (out_dir, m) if keep else out_dir
 
 
 @pytest.mark.parametrize("family,algo,kv", [("gemma3", "FP8", "fp8"),
@@ -254,8 +271,26 @@ def test_calibrated_checkpoint_equals_modelopt_tensors(tmp_path, calib_text, fam
 
 
 
-@pytest.mark.parametrize("target,flag", [("engine", "--smoothquant"), ("engine", "--awq"), ("pytorch", "--awq"),
-                                         ("pytorch", "--fp8")])
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_sq_plugin_refused_with_the_upstream_reason(tmp_path, tiny_model, capsys, family):
+    """TensorRT-LLM 1.2's Gemma converter smooths a Llama rebuilt from the weights: refused in one
+    line naming that, exit 2, nothing written (modelopt's SmoothQuant is the way out)."""
+    from builders.cli import main
+
+    hf_dir, _ = tiny_model(family)
+    capsys.readouterr()
+    assert main(["--model", str(hf_dir), "--output", str(tmp_path / "out"), "--smoothquant"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        f"--smoothquant is not supported for {family.capitalize()}ForCausalLM: TensorRT-LLM 1.2's "
+        "Gemma converter makes SmoothQuant plugin checkpoints by rebuilding the model as a Llama "
+        "(models/gemma/smoothquant.py create_model_from_config), without Gemma 2/3's feed-forward "
+        "norms, q/k norms, soft-capping and sliding windows; use --smoothquant --sq-recipe "
+        "modelopt, --fp8 or --awq"), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target,flag", [("engine", "--fp8-rowwise"), ("pytorch", "--fp8-rowwise")])
 def test_calibrated_formats_are_refused_before_any_work(tmp_path, tiny_model, capsys, target,
                                                         flag):
     from builders.cli import main

@@ -137,18 +137,34 @@ def gemma2_fields(hf, shape, tp: int) -> dict:
     return fields
 
 
-#: what this project has proven for Gemma (tests/test_gemma.py: calibrated formats equal modelopt's
-#: tensors). Not yet: the TensorRT-LLM SmoothQuant plugin recipe (it folds its smoothers into
-#: Llama's norms), AWQ (modelopt 0.47's export of a Gemma fails on its vocabulary padding / block
-#: checks, so there is no reference yet), --target pytorch's calibrated unified formats.
+#: what this project has proven for Gemma (tests/test_gemma.py, tests/test_gemma_quant.py:
+#: calibrated formats equal modelopt 0.47's tensors; its AWQ export of a tied Gemma needs one
+#: fix outside the tensors' math, described at test_gemma.modelopt_gemma_export). Not yet:
+#: --target pytorch's calibrated unified formats.
 FORMATS = {"engine": ((None, None), ("W8A16", None), ("W4A16", None), ("FP8", None), ("FP8", "FP8"),
                       ("W8A8_SQ_PER_CHANNEL", None), ("W8A8_SQ_PER_CHANNEL", "INT8"),
+                      ("W4A16_AWQ", None), ("W4A8_AWQ", None), ("NVFP4", None), ("NVFP4", "FP8"),
                       (None, "FP8"), (None, "INT8")),
-           "pytorch": ((None, None), ("W8A16", None))}
+           "pytorch": ((None, None), ("W8A16", None), ("FP8", None), ("FP8", "FP8"), (None, "FP8"),
+                       ("NVFP4", None), ("W4A16_AWQ", None), ("W8A8_SQ_PER_CHANNEL", None))}
+
+#: TensorRT-LLM 1.2's Gemma converter (models/gemma/convert.py non_modelopt_quantize_if_needed)
+#: makes its SmoothQuant plugin checkpoints by rebuilding the weights as a transformers Llama
+#: model (models/gemma/smoothquant.py create_model_from_config, smooth_model), so it smooths and
+#: calibrates a model without Gemma 2/3's feed-forward norms, q/k norms, soft-capping and windows
+SQ_PLUGIN_REFUSAL = (("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+                      "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
+                      "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_TENSOR_PLUGIN"),
+                     "TensorRT-LLM 1.2's Gemma converter makes SmoothQuant plugin checkpoints by "
+                     "rebuilding the model as a Llama (models/gemma/smoothquant.py "
+                     "create_model_from_config), without Gemma 2/3's feed-forward norms, q/k norms, "
+                     "soft-capping and sliding windows; use --smoothquant --sq-recipe modelopt, "
+                     "--fp8 or --awq")
 
 GEMMA3 = Family("gemma3", ("Gemma3ForCausalLM",), EMBED, ATTENTION + _mlp(), NORMS, GEMMA_HEAD,
                 qk_norms=QK_NORMS, trtllm_config=gemma3_fields, formats=FORMATS,
+                format_refusals=(SQ_PLUGIN_REFUSAL,),
                 modelopt_embedding=False, layerwise=False, hidden_padding=HIDDEN_PADDING)
 GEMMA2 = Family("gemma2", ("Gemma2ForCausalLM",), EMBED, ATTENTION + _mlp(), NORMS, GEMMA_HEAD,
-                trtllm_config=gemma2_fields, formats=FORMATS,
+                trtllm_config=gemma2_fields, formats=FORMATS, format_refusals=(SQ_PLUGIN_REFUSAL,),
                 modelopt_embedding=False, layerwise=False, hidden_padding=HIDDEN_PADDING)

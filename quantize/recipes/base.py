@@ -262,6 +262,9 @@ class Recipe:
         capability it cannot take: the SmoothQuant plugin and ``qk_norms``)."""
         if target in (family.target_refusals or {}):
             return family.target_refusals[target]
+        for algos, why in family.format_refusals:
+            if spec.quant_algo in algos:
+                return f"{self.flag or spec.name} is not supported for {family.architectures[0]}: {why}"
         proven = None if family.formats is None else family.formats.get(target, ())
         if proven is None or (spec.quant_algo, spec.kv_cache_quant_algo) in proven:
             return None

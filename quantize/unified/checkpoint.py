@@ -203,8 +203,9 @@ def _quant_tensors(model_dir: Path, source, spec, dtype, calibrated_model, calib
     if calibrated_model is None and calibration is not None:
         load_layer = calibration.calibrate(model_dir, source, spec, progress=progress,
                                            timings=timings)
+        arch = (_read_config(model_dir).get("architectures") or [None])[0]
         return {}, StoreLayers(load_layer, source, spec, dtype, calibration.compute_dtype,
-                               _num_layers(source))
+                               _num_layers(source), architecture=arch)
     model = calibrated_model
     if model is None:
         import time

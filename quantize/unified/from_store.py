@@ -50,8 +50,9 @@ class _Norms:
     """``get_submodule(name).weight``: a decoder norm from the source, in the compute dtype (what
     AWQ folds the fused pre_quant_scale into)."""
 
-    def __init__(self, source, dtype: torch.dtype):
+    def __init__(self, source, dtype: torch.dtype, architecture: str | None = None):
         self.source, self.dtype = source, dtype
+        self.config = SimpleNamespace(architectures=[architecture])  # modelopt_state.model_family reads it
 
     def get_submodule(self, name: str):
         return SimpleNamespace(weight=read_tensor(self.source, f"{name}.weight").to(self.dtype))
@@ -63,8 +64,9 @@ class StoreLayers:
     whose recipe has :meth:`Recipe.unified_layerwise`."""
 
     def __init__(self, load_layer, source, spec, dtype: torch.dtype, compute_dtype: torch.dtype,
-                 num_layers: int):
+                 num_layers: int, architecture: str | None = None):
         self.load_layer, self.source, self.spec = load_layer, source, spec
+        self.architecture = architecture  # the HF architecture (the family's norms AWQ folds into)
         self.num_layers = num_layers
         self.dtype, self.compute_dtype = dtype, compute_dtype
         self.fmt = spec.format.unified
@@ -100,7 +102,7 @@ class StoreLayers:
             elif self.fmt.weight not in ENCODE:  # the recipe's own (NVFP4)
                 self._own(i, state, out)
             else:
-                layer_tensors(_Norms(self.source, self.compute_dtype), prefix,
+                layer_tensors(_Norms(self.source, self.compute_dtype, self.architecture), prefix,
                               self._smoothed(i, state), self.spec, self.dtype, out)
         if kept(self.spec)[1]:  # the raw k/v amax
             attn = LAYOUT.attention[0]

@@ -11,7 +11,6 @@ from model.families import FAMILIES
 
 from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes, linear_modules, model_family,
                               own_export, pack_int4, sanitize_amax, weight_scale)
-from ..torch_io import read_tensor
 
 Tensor = torch.Tensor
 
@@ -43,10 +42,16 @@ def weight_only_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     return _int8_rows(w, scale), scale
 
 
-def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict,
-                 family=LAYOUT) -> set:
+def _norm_offset(family, norm: str) -> float:
+    """The ``offset`` of the family's norm rule for HF norm ``norm`` (Gemma's (1 + w): 1)."""
+    return next((r.offset for r in family.norms if r.sources[0].endswith(f".{norm}.weight")), 0.0)
+
+
+def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict, family) -> set:
     """modelopt's preprocess_linear_fusion on the linears sharing an input (and AWQ's folding of
-    their pre_quant_scale into the norm that feeds them); the linears folded."""
+    their pre_quant_scale into the norm that feeds them, the family's: Gemma's MLP is fed by
+    pre_feedforward_layernorm; a ``(1 + w)`` norm folds as modelopt's fuse_prequant_layernorm
+    does, ``(w + 1) * s - 1``); the linears folded."""
     folded: set = set()
     if not fmt.fuse_shared_inputs:
         return folded
@@ -56,7 +61,9 @@ def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict,
         head = lins[names[0]]
         if fmt.fold_into_norm and head.pqs is not None:
             w = model.get_submodule(f"{prefix}.{norm}").weight.detach()
-            out[f"{prefix}.{norm}.weight"] = (w * head.pqs.to(w.device)).to(w.dtype).to(dtype)
+            pqs, off = head.pqs.to(w.device), _norm_offset(family, norm)
+            fused = (w + off) * pqs - off if off else w * pqs
+            out[f"{prefix}.{norm}.weight"] = fused.to(w.dtype).to(dtype)
             folded.update(names)
     return folded
 
@@ -82,12 +89,13 @@ def linear_tensors(p: str, lin, fmt, block, dtype, folded: bool, out: dict) -> N
 
 
 def layer_tensors(model, prefix: str, linears: dict, spec, dtype, out: dict,
-                  family=LAYOUT) -> None:
+                  family=None) -> None:
     """Decoder layer ``prefix``'s unified linear tensors into ``out``: ``linears`` by full name
     (modules with modelopt's quantizers, or quantize/unified/from_store.py's stand-ins), ``model``
     whatever gives the norms AWQ folds into (``get_submodule``); ``family``'s dense linears (a
     mixture of experts: its attention and shared expert; the experts: quantize/unified/experts.py)."""
     fmt = spec.format.unified
+    family = family or model_family(model)
     lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in family.hf_linears()}
     if fmt.from_float_weights:  # W8A16: scales from the (unmodified) float weights
         for s, lin in lins.items():
