@@ -25,12 +25,13 @@ PhiMoE (``PhiMoEForCausalLM``, not part of this family) are other architectures,
 from __future__ import annotations
 
 from common.errors import UserError
-from model.spec import COLUMN, DENSE, QKV, REPLICATED, ROW, Family, Linear, Rule
+from model.spec import COLUMN, DENSE, QKV, ROW, WHOLE_VOCAB, Family, Linear, Rule
 
 from .llama import HEAD, NORMS
 
-#: Phi3Model's Embedding has no tp_size: whole on every rank
-EMBED = (Rule("transformer.vocab_embedding.weight", ("model.embed_tokens.weight",), REPLICATED,
+#: Phi3Model's Embedding has no tp_size: whole on every rank, Embedding(config.vocab_size) rows
+#: (AWQ's vocab_size is padded to a multiple of 64, as modelopt's export writes it)
+EMBED = (Rule("transformer.vocab_embedding.weight", ("model.embed_tokens.weight",), WHOLE_VOCAB,
               shapes=(("vocab", "hidden"),)),)
 
 LINEARS = (

@@ -82,8 +82,12 @@ HF_QUANT_CONFIG = "hf_quant_config.json"
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
                 "added_tokens.json", "chat_template.jinja")
-_LINEAR = re.compile(r"^(model\.layers\.\d+)\.(" + "|".join(map(re.escape, LAYOUT.hf_linears()))
-                     + r")\.weight$")
+
+
+def _linear_pattern(family) -> re.Pattern:
+    """The weights of a family's dense decoder linears (the Llama layout's when None)."""
+    names = (family or LAYOUT).hf_linears()
+    return re.compile(r"^(model\.layers\.\d+)\.(" + "|".join(map(re.escape, names)) + r")\.weight$")
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,10 @@ class _Entry:
     layer: int | None = None       # or this layer's tensor from the calibration store
 
 
-def _plan(source: SourceCheckpoint, computed: dict[str, Tensor], spec, layers=None) -> list[_Entry]:
+def _plan(source: SourceCheckpoint, computed: dict[str, Tensor], spec, layers=None,
+          family=None) -> list[_Entry]:
     entries: dict[str, _Entry] = {}
+    linear = _linear_pattern(family)
     fmt = spec.format.unified
     wo = fmt.from_float_weights and fmt.weight is not None and \
         not any(k.endswith(".weight_scale") for k in computed)
@@ -108,7 +114,7 @@ def _plan(source: SourceCheckpoint, computed: dict[str, Tensor], spec, layers=No
     for name, (_, shape, dtype) in source.meta.items():
         if name in computed or name in streamed:
             continue
-        if wo and _LINEAR.match(name):
+        if wo and linear.match(name):
             out_dim = shape[0]
             entries[name] = _Entry(name, shape, torch.int8, source=name, weight_only=True)
             sname = name[: -len("weight")] + "weight_scale"
@@ -167,13 +173,13 @@ def _read_config(model_dir: Path) -> dict:
 
 
 def _quant_tensors(model_dir: Path, source, spec, dtype, calibrated_model, calibration, calib_text,
-                   tokenizer, device, progress, timings):
+                   tokenizer, device, progress, timings, family=None):
     """(tensors computed whole, the layers streamed from the calibration store or None)."""
     if calibrated_model is None and calibration is not None:
         load_layer = calibration.calibrate(model_dir, source, spec, progress=progress,
                                            timings=timings)
         return {}, StoreLayers(load_layer, source, spec, dtype, calibration.compute_dtype,
-                               _num_layers(source))
+                               _num_layers(source), family or LAYOUT)
     model = calibrated_model
     if model is None:
         import time
@@ -259,12 +265,13 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
                 refuse_nonfinite(scan)
             computed, layers = _quant_tensors(model_dir, source, spec, dtype, calibrated_model,
                                               calibration, calib_text, tokenizer, device,
-                                              progress, {} if timings is None else timings)
+                                              progress, {} if timings is None else timings,
+                                              _family(config))
         except BaseException:
             source.close()
             raise
     try:
-        entries = _plan(source, computed, spec, layers)
+        entries = _plan(source, computed, spec, layers, _family(config))
         hf_quant = hf_quant_config(spec, _family(config))
         if hf_quant is not None:
             config["quantization_config"] = quantization_config(spec, hf_quant)

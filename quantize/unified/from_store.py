@@ -63,8 +63,9 @@ class StoreLayers:
     whose recipe has :meth:`Recipe.unified_layerwise`."""
 
     def __init__(self, load_layer, source, spec, dtype: torch.dtype, compute_dtype: torch.dtype,
-                 num_layers: int):
+                 num_layers: int, family=LAYOUT):
         self.load_layer, self.source, self.spec = load_layer, source, spec
+        self.family = family  # the spec naming the layers' HF linears
         self.num_layers = num_layers
         self.dtype, self.compute_dtype = dtype, compute_dtype
         self.fmt = spec.format.unified
@@ -101,7 +102,7 @@ class StoreLayers:
                 self._own(i, state, out)
             else:
                 layer_tensors(_Norms(self.source, self.compute_dtype), prefix,
-                              self._smoothed(i, state), self.spec, self.dtype, out)
+                              self._smoothed(i, state), self.spec, self.dtype, out, self.family)
         if kept(self.spec)[1]:  # the raw k/v amax
             attn = LAYOUT.attention[0]
             for x, entry in KV_AMAX.items():
@@ -119,7 +120,7 @@ class StoreLayers:
         return t
 
     def _fp8(self, i: int, state: dict, out: dict) -> None:
-        for h in LAYOUT.hf_linears():
+        for h in self.family.hf_linears():
             p = f"model.layers.{i}.{h}"
             w = read_tensor(self.source, f"{p}.weight").to(self.dtype)
             amax = w.to(self.compute_dtype).abs().amax().float()
@@ -132,7 +133,7 @@ class StoreLayers:
     def _own(self, i: int, state: dict, out: dict) -> None:
         """A recipe that encodes its linears itself: its unified tensors from the store's
         TensorRT-LLM ones of each linear and the source weight in the checkpoint dtype."""
-        for h in LAYOUT.hf_linears():
+        for h in self.family.hf_linears():
             p = f"model.layers.{i}.{h}"
             trtllm = {k: self._entry(state, i, f"{p}.{k}")
                       for k in self.spec.format.linear_export.tensors if k != "weight"}
@@ -144,7 +145,7 @@ class StoreLayers:
         """Layer ``i``'s linears as modelopt's smoothing left them (stand-ins, by full name)."""
         bits = self.spec.format.linear_export.num_bits
         linears = {}
-        for h in LAYOUT.hf_linears():
+        for h in self.family.hf_linears():
             p = f"model.layers.{i}.{h}"
             w = read_tensor(self.source, f"{p}.weight").to(self.compute_dtype)
             factor = self._entry(state, i, f"{p}.{SMOOTHING}")

@@ -9,13 +9,14 @@ import torch
 from common.errors import UserError
 from model.families import FAMILIES
 
-from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes, linear_modules,
+from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes, linear_modules, model_family,
                               own_export, pack_int4, sanitize_amax, weight_scale)
 from ..torch_io import read_tensor
 
 Tensor = torch.Tensor
 
-#: the Llama-family layout modelopt's unified export quantizes (the family spec's dense linears)
+#: the layout modelopt's unified export quantizes when no family is named (the Llama spec's
+#: dense linears; a family's own: its spec's HF modules, Phi-3's fused qkv_proj / gate_up_proj)
 LAYOUT = FAMILIES["llama"]
 KV_MAXBOUND = 448.0  # modelopt: "kv cache scale as amax / 448 for both FP8 and NVFP4"
 FP8_MAXBOUND = float(torch.finfo(torch.float8_e4m3fn).max)
@@ -43,14 +44,15 @@ def weight_only_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     return _int8_rows(w, scale), scale
 
 
-def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict) -> set:
+def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict,
+                 family=LAYOUT) -> set:
     """modelopt's preprocess_linear_fusion on the linears sharing an input (and AWQ's folding of
     their pre_quant_scale into the norm that feeds them); the linears folded."""
     folded: set = set()
     if not fmt.fuse_shared_inputs:
         return folded
-    for names in LAYOUT.fusion_groups().values():
-        norm = LAYOUT.linear_of(names[0])[0].norm
+    for names in family.fusion_groups().values():
+        norm = family.linear_of(names[0])[0].norm
         fuse([lins[n] for n in names], block)
         head = lins[names[0]]
         if fmt.fold_into_norm and head.pqs is not None:
@@ -80,12 +82,14 @@ def _linear_tensors(p: str, lin, fmt, block, dtype, folded: bool, out: dict) -> 
         out[f"{p}.pre_quant_scale"] = lin.pqs.squeeze().to(dtype)
 
 
-def layer_tensors(model, prefix: str, linears: dict, spec, dtype, out: dict) -> None:
+def layer_tensors(model, prefix: str, linears: dict, spec, dtype, out: dict,
+                  family=LAYOUT) -> None:
     """Decoder layer ``prefix``'s unified linear tensors into ``out``: ``linears`` by full name
     (modules with modelopt's quantizers, or quantize/unified/from_store.py's stand-ins), ``model``
-    whatever gives the norms AWQ folds into (``get_submodule``)."""
+    whatever gives the norms AWQ folds into (``get_submodule``); ``family``: the spec naming
+    the layer's HF linears."""
     fmt = spec.format.unified
-    lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in LAYOUT.hf_linears()}
+    lins = {h: Lin(linears[f"{prefix}.{h}"]) for h in family.hf_linears()}
     if fmt.from_float_weights:  # W8A16: scales from the (unmodified) float weights
         for s, lin in lins.items():
             p = f"{prefix}.{s}"
@@ -95,7 +99,7 @@ def layer_tensors(model, prefix: str, linears: dict, spec, dtype, out: dict) -> 
         if lin.wq is None or not lin.wq.is_enabled:
             raise UserError(f"{prefix}: {s} has no enabled weight quantizer; was the model "
                             f"calibrated for {spec.name}?")
-    folded = _fuse_groups(model, prefix, lins, fmt, spec.group_size, dtype, out)
+    folded = _fuse_groups(model, prefix, lins, fmt, spec.group_size, dtype, out, family)
     for s, lin in lins.items():
         if fmt.weight not in ENCODE:  # the recipe encodes its linears itself (NVFP4)
             trtllm = own_export(spec, lin)
@@ -130,7 +134,7 @@ def model_tensors(model, spec, dtype: torch.dtype) -> dict[str, Tensor]:
     if spec.format.unified.weight is not None:
         linears = linear_modules(model)
         for prefix in layers:
-            layer_tensors(model, prefix, linears, spec, dtype, out)
+            layer_tensors(model, prefix, linears, spec, dtype, out, model_family(model))
     if spec.kv_cache_quant_algo is not None:
         _kv_scales(model, layers, spec, out)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
