@@ -52,6 +52,8 @@ def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict,
     if not fmt.fuse_shared_inputs:
         return folded
     for names in family.fusion_groups().values():
+        if len(names) < 2:  # one (fused) HF module: modelopt fuses only several sharing an input
+            continue
         norm = family.linear_of(names[0])[0].norm
         fuse([lins[n] for n in names], block)
         head = lins[names[0]]
