@@ -157,25 +157,33 @@ def test_quantized_reader_can_fail(tmp_path, calib_text):
 
 # --- --target pytorch: modelopt's export_hf_checkpoint ----------------------------------------
 
-@pytest.mark.parametrize("algo,kv,shape", [
-    ("FP8", "fp8", {}),
-    ("FP8", None, {}),
-    (None, "fp8", {}),
-    ("W4A16_AWQ", None, MID),
-    ("NVFP4", "fp8", MID),
-    ("NVFP4", None, MID),
+@pytest.mark.parametrize("algo,kv,shape,tol", [
+    ("FP8", "fp8", {}, 0.15),
+    ("FP8", None, {}, 0.15),
+    (None, "fp8", {}, 0.15),
+    ("W4A16_AWQ", None, MID, 0.15),
+    ("NVFP4", "fp8", MID, 0.6),
+    ("NVFP4", None, MID, 0.6),
 ], ids=["fp8_kv_fp8", "fp8", "kv_fp8_only", "awq", "nvfp4_kv_fp8", "nvfp4"])
-def test_unified_equals_modelopt_export(tmp_path, calib_text, algo, kv, shape):
+def test_unified_equals_modelopt_export(tmp_path, calib_text, capsys, algo, kv, shape, tol):
+    """And the reader on it (verify/unified_reader: TensorRT-LLM's PyTorch-backend loading)
+    against modelopt's fake quant (NVFP4: the float model), tolerances as on the engine target."""
     from quantize.unified import write_unified_checkpoint
     from test_pytorch_target import assert_same_checkpoint, modelopt_unified, small
+    from verify.reference import compare_with_hf
 
     quant = small(algo, kv)
-    hf_dir, model, _ = calibrated(tmp_path, calib_text, quant, **shape)
+    hf_dir, model, hf = calibrated(tmp_path, calib_text, quant, **shape)
     write_unified_checkpoint(hf_dir, tmp_path / "ours", quant, progress=False,
                              calibration=store(tmp_path, calib_text))  # layer by layer
     ours = assert_same_checkpoint(tmp_path / "ours", modelopt_unified(model, tmp_path / "mo",
                                                                       torch.float32))
     assert any(".qkv_proj." in n for n in ours)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    r = compare_with_hf(tmp_path / "ours", hf if algo == "NVFP4" else model, input_ids=ids)
+    with capsys.disabled():
+        print(f"\nphi3 unified {algo} kv {kv} reader: {r['rel_err']:.3e}")
+    assert r["rel_err"] < tol, r
 
 
 def test_unified_weight_only_int8_equals_modelopt(tmp_path):
@@ -191,3 +199,29 @@ def test_unified_weight_only_int8_equals_modelopt(tmp_path):
     ours = assert_same_checkpoint(tmp_path / "ours",
                                   modelopt_unified(ref, tmp_path / "mo", torch.float32))
     assert ours["model.layers.0.mlp.gate_up_proj.weight"].dtype == torch.int8
+
+
+@pytest.mark.parametrize("target,flags", [
+    ("engine", ["--fp8", "--kv-cache-dtype", "fp8"]),
+    ("pytorch", ["--awq", "--awq-block-size", "64"]),
+], ids=["engine_fp8_kv_fp8", "pytorch_awq64"])
+def test_cli_builds_phi3_calibrated(tmp_path, tiny_model, tokenizer_dir, target, flags):
+    """The command line, preflight to the written checkpoint (calibrated layer by layer on the
+    shipped text; the engine target's checkpoint passes check before it is kept)."""
+    import json
+    import shutil
+
+    hf_dir, _ = tiny_model("phi3", **MID)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    out = tmp_path / "out"
+    assert main(["--model", str(hf_dir), "--output", str(out), "--target", target, "--tp", "2",
+                 "--checkpoint-only", "--no-progress", "--calib-size", "4", "--calib-seq-len", "64",
+                 *flags]) == 0
+    if target == "engine":
+        cfg = json.loads((out / "checkpoint" / "config.json").read_text())
+        assert cfg["quantization"]["quant_algo"] == "FP8" and cfg["architecture"] == "Phi3ForCausalLM"
+        assert main(["check", str(out / "checkpoint")]) == 0
+    else:
+        hq = json.loads(next(out.rglob("hf_quant_config.json")).read_text())
+        assert hq["quantization"]["quant_algo"] == "W4A16_AWQ"
