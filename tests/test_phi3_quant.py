@@ -159,11 +159,11 @@ def test_quantized_reader_can_fail(tmp_path, calib_text):
 
 @pytest.mark.parametrize("algo,kv,shape,tol", [
     ("FP8", "fp8", {}, 0.15),
-    ("FP8", None, {}, 0.15),
+    pytest.param("FP8", None, {}, 0.15, marks=pytest.mark.slow),
     (None, "fp8", {}, 0.15),
     ("W4A16_AWQ", None, MID, 0.15),
     ("NVFP4", "fp8", MID, 0.6),
-    ("NVFP4", None, MID, 0.6),
+    pytest.param("NVFP4", None, MID, 0.6, marks=pytest.mark.slow),
 ], ids=["fp8_kv_fp8", "fp8", "kv_fp8_only", "awq", "nvfp4_kv_fp8", "nvfp4"])
 def test_unified_equals_modelopt_export(tmp_path, calib_text, capsys, algo, kv, shape, tol):
     """And the reader on it (verify/unified_reader: TensorRT-LLM's PyTorch-backend loading)
@@ -201,6 +201,7 @@ def test_unified_weight_only_int8_equals_modelopt(tmp_path):
     assert ours["model.layers.0.mlp.gate_up_proj.weight"].dtype == torch.int8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target,flags", [
     ("engine", ["--fp8", "--kv-cache-dtype", "fp8"]),
     ("pytorch", ["--awq", "--awq-block-size", "64"]),
