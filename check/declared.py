@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from model.conditions import LayerConditions
 from model.families import FAMILIES
 from model.spec import (COLUMN_PARALLEL, DIMS, EXPERT_COLUMN, EXPERT_ROW, QKV, REPLICATED,
-                        TRT_LAYER, VOCAB, MlaDims, applies)
+                        TRT_LAYER, VOCAB, WHOLE_VOCAB, MlaDims, applies)
 
 from .formats import (DEFAULT_EXCLUDE, KV_ALGOS, ROWWISE_ALWAYS_EXCLUDE, ROWWISE_META_EXCLUDE,
                       SQ_BLOCK, SQ_NORM, flags, scheme_for)
@@ -203,7 +203,7 @@ class _Context:
             s = self.shape
             dtype = "int8" if self.scheme.embedding and not self.excluded(name[:-7]) else self.dtype
             out[name] = Declared((s.vocab_rank(self.lay.tp), s.hidden), dtype, "Embedding")
-        elif rule.shard == REPLICATED and name.endswith("vocab_embedding.weight"):
+        elif rule.shard in (REPLICATED, WHOLE_VOCAB) and name.endswith("vocab_embedding.weight"):
             out[name] = Declared((self.shape.vocab, self.shape.hidden), self.dtype, "Embedding")
         elif rule.dtype == "float32":  # the MoE router: RowLinear(hidden, experts), tp 1, float32
             self.router(name[: -len(".weight")], out)

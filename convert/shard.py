@@ -152,6 +152,14 @@ def vocab(names, shapes, ctx):
     return pieces
 
 
+def whole_vocab(names, shapes, ctx):
+    """The whole vocabulary on every rank (an embedding without tensor parallelism: Phi3Model's
+    ``Embedding(config.vocab_size, hidden)``), zero rows up to the config's padded vocab_size."""
+    full = shapes[0]
+    pad = padded_vocab(full[0], 1, ctx.shape.vocab_multiple) - full[0]
+    return [Piece(names[0], (), full)] + ([Piece(None, (), (pad, *full[1:]))] if pad else [])
+
+
 def expert_column(names, shapes, ctx):
     """One expert's fc: each source's (w3, then w1) rows of this moe_tp rank, one after the other."""
     pieces = []
@@ -185,7 +193,7 @@ def pad_hidden(pieces: list[Piece], rule, shape: Shape) -> list[Piece]:
 
 
 RULES = {"replicated": replicated, "column": column, "row": row, "dense": dense, "qkv": qkv,
-         "vocab": vocab, "expert_column": expert_column, "expert_row": expert_row,
+         "vocab": vocab, "whole_vocab": whole_vocab, "expert_column": expert_column, "expert_row": expert_row,
          "mla_kv_b": mla_kv_b, "mla_absorb": mla_absorb}
 
 

@@ -16,6 +16,8 @@ Shard rules (implemented by ``convert.shard``):
 - ``qkv``: fuse q, k, v per rank: [this rank's q heads; its k heads; its v heads], with kv heads
   duplicated when there are fewer kv heads than ranks, and zero rows for padded heads
 - ``vocab``: split dim 0 after padding the vocabulary to a multiple of tp (embedding, lm_head)
+- ``whole_vocab``: the whole vocabulary on every rank, padded with zero rows as the config's
+  ``vocab_size`` is (AWQ's multiple of 64): an embedding without tensor parallelism (Phi-3)
 - ``expert_column`` / ``expert_row``: ``column`` / ``row`` of one expert over the moe_tp ranks
 
 Quantized companions are placed by rule (:func:`companion_axis`): output-side tensors follow a
@@ -36,6 +38,7 @@ ConfigKeys, FromHF = config_keys.ConfigKeys, config_keys.FromHF  # re-exported: 
 
 REPLICATED, COLUMN, ROW, DENSE, QKV, VOCAB = "replicated", "column", "row", "dense", "qkv", "vocab"
 EXPERT_COLUMN, EXPERT_ROW = "expert_column", "expert_row"
+WHOLE_VOCAB = "whole_vocab"
 #: split the output features (dim 0) / the input features (dim 1) over the tensor-parallel ranks
 COLUMN_PARALLEL = frozenset({COLUMN, QKV, VOCAB, EXPERT_COLUMN})
 ROW_PARALLEL = frozenset({ROW, DENSE, EXPERT_ROW})

@@ -83,7 +83,7 @@ def modelopt_shards(store, load_layer, shape, quant, config, report, dtype):
     layer's state read back, calibrated on the real heads and MLP, then padded, cut per rank."""
     return LayerShards(lambda i: padded_state(load_layer(i, dtype), shape), quant,
                        num_heads=shape.tp_heads, num_kv_heads=shape.tp_kv_heads,
-                       tp=config["mapping"]["tp_size"])
+                       tp=config["mapping"]["tp_size"], family=FAMILIES[shape.family])
 
 
 def padded_state(state: dict, shape) -> dict:

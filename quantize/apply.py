@@ -213,11 +213,12 @@ class LayerShards:
     """One tp rank's TensorRT-LLM tensors of one layer, from the calibration store, the last one
     asked for kept (the writer goes through a rank's layers in order). ``shard(i, layer, tp_rank)``
     cuts what ``load_layer(i)`` returns into a rank's tensors (global layer names); default:
-    modelopt's formats (:func:`quantize.modelopt_state.shard_quant_state`)."""
+    modelopt's formats (:func:`quantize.modelopt_state.shard_quant_state`) laid out by
+    ``family``'s spec (default Llama's)."""
 
     def __init__(self, load_layer, spec: QuantSpec, *, num_heads: int, num_kv_heads: int, tp: int,
-                 shard=None):
-        self.load_layer, self.spec, self.tp = load_layer, spec, tp
+                 shard=None, family=None):
+        self.load_layer, self.spec, self.tp, self.family = load_layer, spec, tp, family
         self.heads = (num_heads, num_kv_heads)
         self.shard = shard or self._modelopt_shard
         self._key, self._value = None, None
@@ -225,8 +226,9 @@ class LayerShards:
     def _modelopt_shard(self, i: int, state, tp_rank: int) -> dict[str, torch.Tensor]:
         from .modelopt_state import shard_quant_state
 
+        family = {} if self.family is None else {"family": self.family}
         return shard_quant_state(state, self.spec, num_heads=self.heads[0],
-                                 num_kv_heads=self.heads[1], tp=self.tp, rank=tp_rank)
+                                 num_kv_heads=self.heads[1], tp=self.tp, rank=tp_rank, **family)
 
     def get(self, layer: int, tp_rank: int) -> dict[str, torch.Tensor]:
         if self._key != (layer, tp_rank):

@@ -45,7 +45,7 @@ from common.fileio import reusing_buffers
 from common.heap import release_memory
 
 from .calibrate import bos_if_added, make_calib_batches, tokenize_text
-from .modelopt_state import extract_quant_state
+from .modelopt_state import extract_quant_state, model_family
 from .formats import QuantSpec
 from .recipes import MAX, SQ_HOOKS
 from .torch_io import read_tensor
@@ -194,10 +194,12 @@ def materialise(layer_meta, source, prefix: str, device: torch.device, dtype: to
     return layer.eval()
 
 
-def _shell(layers_name: str, index: int, layer) -> torch.nn.Module:
+def _shell(layers_name: str, index: int, layer, family=None) -> torch.nn.Module:
     """A container giving ``layer`` its whole-model name (``model.layers.5``), so that modelopt's
-    wildcards and extract_quant_state's names match the whole model's."""
+    wildcards and extract_quant_state's names match the whole model's, and its family spec
+    (``family_spec``: which HF modules are its linears, quantize.modelopt_state.model_family)."""
     root = torch.nn.Module()
+    root.family_spec = family
     node = root
     parts = layers_name.split(".")
     for part in parts[:-1]:
@@ -262,6 +264,7 @@ class LayerRunner:
         self.dtype = compute_dtype(device, config_dtype(Path(hf_dir)))
         model = meta_model(Path(hf_dir), self.dtype, pad)
         self.config = model.config
+        self.family = model_family(model)  # the spec of its linears (Phi-3's fused modules)
         if modelopt:  # not for range hooks (plugin SmoothQuant) nor a float run (verify/): its import is ~5 s
             _register_attentions(model)
         #: the first layer's inputs per batch; per layer per batch the model's keyword arguments
@@ -281,7 +284,7 @@ class LayerRunner:
 
     def named(self, i: int, layer) -> torch.nn.Module:
         """``layer`` (layer ``i``) in a shell giving it its whole-model name (``model.layers.5``)."""
-        return _shell(self.layers_name, i, layer)
+        return _shell(self.layers_name, i, layer, self.family)
 
     @torch.no_grad()
     def forward(self, layer, i: int, inputs: list[Tensor]) -> list[Tensor]:

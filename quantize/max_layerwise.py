@@ -26,8 +26,7 @@ import torch
 from common.errors import UserError
 
 from .formats import FP8, QuantSpec
-from .modelopt_state import (HF_LINEARS, NUM_BITS, extract_quant_state,
-                             sanitize_amax)
+from .modelopt_state import NUM_BITS, extract_quant_state, sanitize_amax
 from .unified.store_entries import store_entries
 
 Tensor = torch.Tensor
@@ -73,15 +72,16 @@ class MaxRecord:
         return sanitize_amax(self.amax, self.maxbound).unsqueeze(0)
 
 
-def _linears(layer) -> dict[str, torch.nn.Module]:
+def _linears(layer, family) -> dict[str, torch.nn.Module]:
+    """The layer's dense linears by the family spec's HF module names (Phi-3: the fused ones)."""
     found = {}
-    for name in HF_LINEARS:
+    for name in family.hf_linears():
         sub, n = name.rsplit(".", 1)
         parent = getattr(layer, sub, None)
         mod = getattr(parent, n, None) if parent is not None else None
         if not isinstance(mod, torch.nn.Linear):
             raise UserError(f"decoder layer has no Linear {sub}.{n}; layer-wise max "
-                            f"calibration knows Llama-family layers only")
+                            f"calibration knows the layers of the {family.name} spec only")
         found[name] = mod
     return found
 
@@ -142,7 +142,7 @@ def calibrate_max_layer(runner, i: int, spec: QuantSpec,
     prefix = runner.prefix(i)
     layer = runner.materialise(i)
     recipe = spec.format  # FP8 records its linears; any recipe its quantized KV cache
-    linears = _linears(layer) if recipe.max_linears else {}
+    linears = _linears(layer, runner.family) if recipe.max_linears else {}
     bits = recipe.linear_export.num_bits if linears else None  # FP8's (4, 3), NVFP4's (2, 1)
     kv_bits = recipe.kv_cache_bits(spec)
     with ExitStack() as stack:

@@ -6,35 +6,30 @@
   exactly the values modelopt's export writes, including its fusion pre-processing (q/k/v
   re-smoothed to one pre_quant_scale and sharing one activation scale; FP8 gate/up sharing
   scales). It does not modify the model.
-* :func:`shard_quant_state` is the reference for naming and splitting them into one TP rank's
-  TensorRT-LLM tensors (``transformer.layers.{i}.attention.qkv.*`` ...), as modelopt's export does.
+* :func:`shard_quant_state` (quantize/state_shard.py, re-exported here) is the reference for
+  naming and splitting them into one TP rank's TensorRT-LLM tensors
+  (``transformer.layers.{i}.attention.qkv.*`` ...), as modelopt's export does.
 
 See quantize/NOTES.md for the per-format table (tensors, how computed, how split).
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
 
 import torch
 
 from common.errors import UserError
 from model.families import ARCHITECTURES, FAMILIES
-from model.spec import PER_BLOCK, QKV, Linear, companion_axis, companion_layout
 
 from .formats import QuantSpec
 from .recipes import RECIPES
+from .state_shard import (HF_ATTENTION, KV_SCALES, LAYOUT, quant_state_names,  # noqa: F401
+                          shard_quant_state)
 
 Tensor = torch.Tensor
 
 __all__ = ["extract_quant_state", "shard_quant_state", "quant_state_names", "own_export"]
 
-#: The decoder layout these recipes calibrate (names, fusion, shard rules): the Llama family's
-#: spec; a Mixtral layer's experts are quantize/moe.py's.
-LAYOUT = FAMILIES["llama"]
-HF_LINEARS = LAYOUT.hf_linears()  # "self_attn.q_proj", ..., "mlp.down_proj"
-HF_ATTENTION, TRT_ATTENTION = LAYOUT.attention
-KV_SCALES = ("k_cache_scaling_factor", "v_cache_scaling_factor", "kv_cache_scaling_factor")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,8 +53,12 @@ def enabled(q) -> bool:
 
 
 def model_family(model):
-    """The family spec of a HF model (its config's architecture), the Llama layout when unknown:
-    the dense linears of a MoE family include its shared expert (Qwen2-MoE)."""
+    """The family spec of a HF model (its config's architecture; a layer-wise calibration's
+    shell: the ``family_spec`` its runner gave it), the Llama layout when unknown: the dense
+    linears of a MoE family include its shared expert (Qwen2-MoE), Phi-3's are fused modules."""
+    given = getattr(model, "family_spec", None)
+    if given is not None:
+        return given
     archs = getattr(getattr(model, "config", None), "architectures", None) or [""]
     return FAMILIES.get(ARCHITECTURES.get(archs[0], ""), LAYOUT)
 
@@ -300,101 +299,3 @@ def _kv_state(model, prefix: str, spec: QuantSpec) -> dict:
     k, v = scales
     names = (f"{prefix}.{HF_ATTENTION}.{n}" for n in KV_SCALES)
     return dict(zip(names, (k, v, torch.maximum(v, k))))
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference sharding: HF per-module state -> one TP rank's TensorRT-LLM tensors
-# ---------------------------------------------------------------------------------------------
-
-
-def _chunk(t: Tensor, tp: int, rank: int, dim: int) -> Tensor:
-    if t.shape[dim] % tp:
-        raise UserError(f"cannot split a dimension of size {t.shape[dim]} across {tp} ranks")
-    return torch.chunk(t, tp, dim=dim)[rank].contiguous()
-
-
-def _dup_kv(t: Tensor, rows_per_head: int, num_kv_heads: int, tp: int) -> Tensor:
-    """modelopt's dup_kv_weight: repeat each kv head's rows so that every rank gets its head."""
-    if tp <= num_kv_heads:
-        return t
-    reps = tp // num_kv_heads
-    shape = t.shape
-    return t.reshape(num_kv_heads, rows_per_head, *shape[1:]).repeat_interleave(reps, dim=0).reshape(
-        num_kv_heads * reps * rows_per_head, *shape[1:])
-
-
-def _qkv_rank(state: Mapping[str, Tensor], src: str, lin: Linear, suffix: str,
-              num_heads: int, num_kv_heads: int, tp: int, rank: int) -> Tensor:
-    """Rank ``rank``'s [q_r; k_r; v_r] of the tensor ``suffix`` (weight, or per-row scales) of the
-    layer ``src``'s q/k/v projections, k/v heads duplicated first when tp > kv heads."""
-    rows_per_head = state[f"{src}.{lin.hf[0]}.{suffix}"].shape[0] // num_heads
-    parts = []
-    for j, hf in enumerate(lin.hf):
-        t = state[f"{src}.{hf}.{suffix}"]
-        if j:
-            t = _dup_kv(t, rows_per_head, num_kv_heads, tp)
-        parts.append(_chunk(t, tp, rank, 0))
-    return torch.cat(parts)
-
-
-def _rank_tensor(state: Mapping[str, Tensor], src: str, lin: Linear, suffix: str, *,
-                 num_heads: int, num_kv_heads: int, tp: int, rank: int) -> Tensor:
-    """One rank's ``suffix`` tensor of ``lin``, placed by the spec's companion rule: the weight
-    and per-block scales as the weight's shard, per-output / per-input tensors along the split
-    side, per-tensor ones replicated (model.spec.companion_axis)."""
-    t = state[f"{src}.{lin.hf[0]}.{suffix}"]
-    layout = PER_BLOCK if suffix == "weight" else companion_layout(suffix, t.dim(), t.numel())
-    axis = companion_axis(lin.shard, layout)
-    if axis is None:
-        return t.clone()
-    if lin.shard != QKV and axis == 0 and len(lin.hf) > 1:  # fused sources: each split, then cat
-        return torch.cat([_chunk(state[f"{src}.{h}.{suffix}"], tp, rank, 0) for h in lin.hf])
-    if lin.shard != QKV:
-        return _chunk(t, tp, rank, axis)
-    if suffix != "weight" and tp > num_kv_heads and t.dim() == 1:
-        raise UserError("SmoothQuant cannot duplicate per-channel k/v scales for kv heads < tp")
-    return _qkv_rank(state, src, lin, suffix, num_heads, num_kv_heads, tp, rank)
-
-
-def shard_quant_state(state: Mapping[str, Tensor], spec: QuantSpec, *, num_heads: int, num_kv_heads: int,
-                      tp: int, rank: int, layer_prefix: str = "model.layers",
-                      family=LAYOUT) -> dict[str, Tensor]:
-    """One TP rank's quantization tensors with TensorRT-LLM names, from :func:`extract_quant_state`.
-
-    Split rules (modelopt 0.47 ``postprocess._split_model_config_for_tp`` + ``build_qkv``), as
-    the family spec places companions: column-parallel (q/k/v per head, mlp.fc, mlp.gate): weight
-    rows (packed int4: rows/2), per-channel / per-group weight scales split on dim 0; prequant and
-    activation scales replicated. Row-parallel (attention.dense, mlp.proj): weight and AWQ group
-    scales split on dim 1, prequant split on dim 0, SmoothQuant per-channel weight scales (one
-    per output row) and activation scales replicated. Per-tensor (FP8) and KV scales replicated.
-    kv heads < tp: k/v rows duplicated per head first (modelopt refuses this for SmoothQuant).
-    The float parts (biases, norms, embeddings, lm_head) are the converter's; only weight, the
-    scaling factors and the KV scales are returned. ``family``: the spec whose dense linears the
-    state holds (a MoE family's shared expert: fc = [up; gate], each split, per rank).
-    """
-    export = spec.format.linear_export
-    kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, tp=tp, rank=rank)
-    out: dict[str, Tensor] = {}
-    idx = sorted({int(m.group(1)) for k in state
-                  for m in [re.match(re.escape(layer_prefix) + r"\.(\d+)\.", k)] if m})
-    for i in idx:
-        src = f"{layer_prefix}.{i}"
-        dst = f"transformer.layers.{i}"
-        for lin in family.dense_linears() if export is not None else ():
-            if f"{src}.{lin.hf[0]}.weight" not in state:  # a MoE layer's experts: quantize/moe.py
-                continue
-            for suffix in ("weight", "weights_scaling_factor", "weights_scaling_factor_2",
-                           "activation_scaling_factor", "prequant_scaling_factor"):
-                if suffix in ("weight", "weights_scaling_factor") or f"{src}.{lin.hf[0]}.{suffix}" in state:
-                    out[f"{dst}.{lin.name}.{suffix}"] = _rank_tensor(state, src, lin, suffix, **kw)
-        for name in KV_SCALES:
-            key = f"{src}.{HF_ATTENTION}.{name}"
-            if key in state:
-                out[f"{dst}.{TRT_ATTENTION}.{name}"] = state[key].clone()
-    return out
-
-
-def quant_state_names(spec: QuantSpec) -> Iterable[str]:
-    """Suffixes each quantized TensorRT-LLM linear carries for ``spec`` (besides bias)."""
-    export = spec.format.linear_export
-    return () if export is None else export.tensors

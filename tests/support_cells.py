@@ -240,6 +240,17 @@ TESTS = (
     T("gemma3", "sq_modelopt", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma3-W8A8_SQ_PER_CHANNEL-None]"),
     T("gemma3", "sq", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma3-W8A8_SQ_PER_CHANNEL-None]"),
     T("gemma3", "nvfp4", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma3-NVFP4-None]"),
+    # --- phi3q (merge): Phi-3 calibrated formats ---
+    T("phi3", "fp8", "engine", "modelopt", "test_phi3_quant.py::test_calibrated_equals_modelopt_and_runs[fp8_kv_fp8]"),
+    T("phi3", "kv_fp8", "engine", "modelopt", "test_phi3_quant.py::test_calibrated_equals_modelopt_and_runs[fp8_kv_fp8]"),
+    T("phi3", "awq", "engine", "modelopt", "test_phi3_quant.py::test_calibrated_equals_modelopt_and_runs[awq128]"),
+    T("phi3", "w4a8_awq", "engine", "modelopt", "test_phi3_quant.py::test_calibrated_equals_modelopt_and_runs[w4a8_awq]"),
+    T("phi3", "nvfp4", "engine", "modelopt", "test_phi3_quant.py::test_calibrated_equals_modelopt_and_runs[nvfp4_kv_fp8]"),
+    T("phi3", "fp8", "pytorch", "export_hf", "test_phi3_quant.py::test_unified_equals_modelopt_export[fp8]"),
+    T("phi3", "kv_fp8", "pytorch", "export_hf", "test_phi3_quant.py::test_unified_equals_modelopt_export[kv_fp8_only]"),
+    T("phi3", "awq", "pytorch", "export_hf", "test_phi3_quant.py::test_unified_equals_modelopt_export[awq]"),
+    T("phi3", "nvfp4", "pytorch", "export_hf", "test_phi3_quant.py::test_unified_equals_modelopt_export[nvfp4]"),
+    T("phi3", "int8_wo", "pytorch", "export_hf", "test_phi3_quant.py::test_unified_weight_only_int8_equals_modelopt"),
     # --- DeepSeek-V3 ---
     T("deepseek_v3", "float", "pytorch", "export_hf", "test_deepseek_v3.py::test_float_unified_equals_modelopt_export"),
 )

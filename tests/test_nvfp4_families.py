@@ -105,8 +105,8 @@ def test_engine_family_rule_admits_qwen2_qwen3():
         assert broken(Run("NVFP4", family=name, sm=100)) == []
     other = dataclasses.replace(FAMILIES["llama"], name="other", architectures=("OtherForCausalLM",))
     assert spec.format.family_refusal(spec, other, "engine") == (
-        "--nvfp4 engines are written for the Llama / Mistral, Qwen2 and Qwen3 families only, not "
-        "OtherForCausalLM: its NVFP4 tensors are not tested against modelopt 0.47's export here; "
-        "use --target pytorch, --fp8 or --awq")
+        "--nvfp4 engines are written for the Llama / Mistral, Mixtral, Qwen2, Qwen3, Gemma 2 / 3 and "
+        "Phi-3 families only, not OtherForCausalLM: its NVFP4 tensors are not tested against "
+        "modelopt 0.47's export here; use --target pytorch, --fp8 or --awq")
     assert spec.format.family_refusal(spec, other, "pytorch") is None
     assert [c.fix for c in broken(Run("NVFP4", family="other", sm=100))] == ["use --target pytorch"]

@@ -11,7 +11,8 @@ split per rank, partial rotary, LongRoPE, an embedding that is not split.
   of the HF tensors instead.
 - --target pytorch float: modelopt's export_hf_checkpoint tensor for tensor, and HF's logits.
 - Weight-only: the float checkpoint's bytes with the quant_algo; KV-cache-only INT8 / FP8: the
-  scales equal modelopt's; other formats refused in one line.
+  scales equal modelopt's (the calibrated formats: tests/test_phi3_quant.py); SmoothQuant
+  refused in one line.
 """
 from __future__ import annotations
 
@@ -281,12 +282,13 @@ def test_pytorch_target_float_equals_modelopt_export(tmp_path, tiny_model):
     assert r["rel_err"] < 1e-5 and r["argmax_agreement"] == 1.0, r
 
 
-ENGINE = "float, W8A16, W4A16, KV FP8, KV INT8"
+ENGINE = ("float, W8A16, W4A16, KV FP8, KV INT8, FP8, FP8+KV FP8, W4A16_AWQ, W4A16_AWQ+KV FP8, "
+          "W4A8_AWQ, NVFP4, NVFP4+KV FP8")
+PYTORCH = "float, FP8, FP8+KV FP8, KV FP8, W4A16_AWQ, W8A16, NVFP4, NVFP4+KV FP8"
 
 
 @pytest.mark.parametrize("target,flag,supported", [
-    ("engine", "--fp8", ENGINE), ("engine", "--smoothquant", ENGINE), ("engine", "--awq", ENGINE),
-    ("pytorch", "--int8-weight-only", "float")])
+    ("engine", "--smoothquant", ENGINE), ("pytorch", "--smoothquant", PYTORCH)])
 def test_unproven_formats_are_refused_before_any_work(tmp_path, tiny_model, capsys, target, flag,
                                                       supported):
     hf_dir, _ = tiny_model("phi3")

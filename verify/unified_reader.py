@@ -56,7 +56,6 @@ SCALARS = ("input_scale", "weight_scale_2")
 #: the Llama-family layout (model.families) the unified checkpoints of this project use
 LAYOUT = FAMILIES["llama"]
 QKV = LAYOUT.linear("attention.qkv")
-GATE_UP = LAYOUT.fusion_groups()["gate_up"]  # TRT-LLM fuses them into one module under FP8
 
 
 def names_of(family) -> dict[str, str]:
@@ -251,27 +250,36 @@ class UnifiedMap:
             raise UserError(f"{d}: layer {i} lacks {'/'.join(self.qkv.hf)} weights")
         moe = _moe_layer(mods, fmt, d, i, self.family, dtype)  # router + stacked experts, else {}
         out.update({f"{pre}.{k}": v for k, v in moe.items()})
-        fused_mlp = fmt.per_tensor_weight_scale and not moe
-        if fused_mlp:  # TRT-LLM fuses gate/up into one module under FP8: shared scales
-            f = _fuse([mods[h] for h in GATE_UP], fmt, dtype, f"layer {i} mlp")
-            for j, tn in enumerate(NAMES[h] for h in GATE_UP):
+        gate_up = self.family.fusion_groups().get("gate_up", ())
+        # TRT-LLM fuses separate gate/up modules into one under FP8: shared scales (one fused HF
+        # module, Phi-3's gate_up_proj, already has one)
+        fused_mlp = fmt.per_tensor_weight_scale and not moe and len(gate_up) > 1
+        if fused_mlp:
+            f = _fuse([mods[h] for h in gate_up], fmt, dtype, f"layer {i} mlp")
+            for j, tn in enumerate(self.names[h] for h in gate_up):
                 for k, v in f.items():
                     out[f"{pre}.{tn}.{k}"] = v[j] if isinstance(v, list) else v
         if len(qkv) > 1:  # one HF module (Phi-3's qkv_proj) maps as any single linear
             for k, v in _fuse(qkv, fmt, dtype, f"layer {i} {QKV.name}").items():
                 out[f"{pre}.{QKV.name}.{k}"] = torch.cat(v) if isinstance(v, list) else v
         for un, tn in self.names.items():
-            if un in GATE_UP and fused_mlp or moe and tn.startswith("mlp."):
+            if un in gate_up and fused_mlp or moe and tn.startswith("mlp."):
                 continue
             if un not in mods:
                 raise UserError(f"{d}: layer {i} lacks {un}")
             for k, v in _single(mods[un], fmt, dtype).items():
-                if un in self.reorder and k in ("weight", "bias"):
-                    sizes, order = self.reorder[un]
-                    v = torch.cat([v.split(sizes)[j] for j in order])
+                if un in self.reorder and k in ("weight", "bias", "weight_scale") and v.numel() > 1:
+                    v = _reordered(v, *self.reorder[un])
                 out[f"{pre}.{tn}.{k}"] = _offset(v, self.family.norm_offset) if un in self.norms else v
         out.update(_kv_scale(mods, self.quant, d, i))
         return out
+
+
+def _reordered(v: Tensor, sizes: list[int], order) -> Tensor:
+    """A fused module's output-side tensor (weight, packed int4 weight, per-row / per-group
+    scales, bias) with its parts' rows, in proportion to ``sizes``, taken in ``order``."""
+    rows = [s * v.shape[0] // sum(sizes) for s in sizes]
+    return torch.cat([v.split(rows)[j] for j in order])
 
 
 def _offset(w: Tensor, offset: float) -> Tensor:

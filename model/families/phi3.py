@@ -25,12 +25,13 @@ PhiMoE (``PhiMoEForCausalLM``, not part of this family) are other architectures,
 from __future__ import annotations
 
 from common.errors import UserError
-from model.spec import COLUMN, DENSE, QKV, REPLICATED, ROW, Family, Linear, Rule
+from model.spec import COLUMN, DENSE, QKV, ROW, WHOLE_VOCAB, Family, Linear, Rule
 
 from .llama import HEAD, NORMS
 
-#: Phi3Model's Embedding has no tp_size: whole on every rank
-EMBED = (Rule("transformer.vocab_embedding.weight", ("model.embed_tokens.weight",), REPLICATED,
+#: Phi3Model's Embedding has no tp_size: whole on every rank, Embedding(config.vocab_size) rows
+#: (AWQ's vocab_size is padded to a multiple of 64, as modelopt's export writes it)
+EMBED = (Rule("transformer.vocab_embedding.weight", ("model.embed_tokens.weight",), WHOLE_VOCAB,
               shapes=(("vocab", "hidden"),)),)
 
 LINEARS = (
@@ -122,9 +123,15 @@ def trtllm_fields(hf, shape, tp: int) -> dict:
     return fields
 
 
-#: what this project has proven for Phi-3 (tests/test_phi3.py)
-FORMATS = {"engine": ((None, None), ("W8A16", None), ("W4A16", None), (None, "FP8"), (None, "INT8")),
-           "pytorch": ((None, None),)}
+#: what this project has proven for Phi-3 (tests/test_phi3.py; calibrated: tests/test_phi3_quant.py,
+#: against modelopt 0.47's export for decoder "phi3"). Not listed, refused: SmoothQuant (TensorRT-LLM
+#: 1.2's Phi-3 converter has none), an INT8 KV cache beside a quantized GEMM format, W4A8-AWQ on
+#: --target pytorch.
+FORMATS = {"engine": ((None, None), ("W8A16", None), ("W4A16", None), (None, "FP8"), (None, "INT8"),
+                      ("FP8", None), ("FP8", "FP8"), ("W4A16_AWQ", None), ("W4A16_AWQ", "FP8"),
+                      ("W4A8_AWQ", None), ("NVFP4", None), ("NVFP4", "FP8")),
+           "pytorch": ((None, None), ("FP8", None), ("FP8", "FP8"), (None, "FP8"),
+                       ("W4A16_AWQ", None), ("W8A16", None), ("NVFP4", None), ("NVFP4", "FP8"))}
 
 PHI3 = Family(
     "phi3", ("Phi3ForCausalLM",), EMBED, LINEARS, NORMS, HEAD,

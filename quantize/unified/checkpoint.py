@@ -198,14 +198,13 @@ def _read_config(model_dir: Path) -> dict:
 
 
 def _quant_tensors(model_dir: Path, source, spec, dtype, calibrated_model, calibration, calib_text,
-                   tokenizer, device, progress, timings):
+                   tokenizer, device, progress, timings, family=None):
     """(tensors computed whole, the layers streamed from the calibration store or None)."""
     if calibrated_model is None and calibration is not None:
         load_layer = calibration.calibrate(model_dir, source, spec, progress=progress,
                                            timings=timings)
-        arch = (_read_config(model_dir).get("architectures") or [None])[0]
         return {}, StoreLayers(load_layer, source, spec, dtype, calibration.compute_dtype,
-                               _num_layers(source), architecture=arch)
+                               _num_layers(source), family or LLAMA)
     model = calibrated_model
     if model is None:
         import time
@@ -294,7 +293,8 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
                 refuse_nonfinite(scan)
             computed, layers = _quant_tensors(model_dir, source, spec, dtype, calibrated_model,
                                               calibration, calib_text, tokenizer, device,
-                                              progress, {} if timings is None else timings)
+                                              progress, {} if timings is None else timings,
+                                              _family(config))
         except BaseException:
             source.close()
             raise

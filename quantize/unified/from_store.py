@@ -50,9 +50,8 @@ class _Norms:
     """``get_submodule(name).weight``: a decoder norm from the source, in the compute dtype (what
     AWQ folds the fused pre_quant_scale into)."""
 
-    def __init__(self, source, dtype: torch.dtype, architecture: str | None = None):
+    def __init__(self, source, dtype: torch.dtype):
         self.source, self.dtype = source, dtype
-        self.config = SimpleNamespace(architectures=[architecture])  # modelopt_state.model_family reads it
 
     def get_submodule(self, name: str):
         return SimpleNamespace(weight=read_tensor(self.source, f"{name}.weight").to(self.dtype))
@@ -64,9 +63,9 @@ class StoreLayers:
     whose recipe has :meth:`Recipe.unified_layerwise`."""
 
     def __init__(self, load_layer, source, spec, dtype: torch.dtype, compute_dtype: torch.dtype,
-                 num_layers: int, architecture: str | None = None):
+                 num_layers: int, family=LAYOUT):
         self.load_layer, self.source, self.spec = load_layer, source, spec
-        self.architecture = architecture  # the HF architecture (the family's norms AWQ folds into)
+        self.family = family  # the spec naming the layers' HF linears
         self.num_layers = num_layers
         self.dtype, self.compute_dtype = dtype, compute_dtype
         self.fmt = spec.format.unified
@@ -102,8 +101,8 @@ class StoreLayers:
             elif self.fmt.weight not in ENCODE:  # the recipe's own (NVFP4)
                 self._own(i, state, out)
             else:
-                layer_tensors(_Norms(self.source, self.compute_dtype, self.architecture), prefix,
-                              self._smoothed(i, state), self.spec, self.dtype, out)
+                layer_tensors(_Norms(self.source, self.compute_dtype), prefix,
+                              self._smoothed(i, state), self.spec, self.dtype, out, self.family)
         if kept(self.spec)[1]:  # the raw k/v amax
             attn = LAYOUT.attention[0]
             for x, entry in KV_AMAX.items():
@@ -121,7 +120,7 @@ class StoreLayers:
         return t
 
     def _fp8(self, i: int, state: dict, out: dict) -> None:
-        for h in LAYOUT.hf_linears():
+        for h in self.family.hf_linears():
             p = f"model.layers.{i}.{h}"
             w = read_tensor(self.source, f"{p}.weight").to(self.dtype)
             amax = w.to(self.compute_dtype).abs().amax().float()
@@ -134,7 +133,7 @@ class StoreLayers:
     def _own(self, i: int, state: dict, out: dict) -> None:
         """A recipe that encodes its linears itself: its unified tensors from the store's
         TensorRT-LLM ones of each linear and the source weight in the checkpoint dtype."""
-        for h in LAYOUT.hf_linears():
+        for h in self.family.hf_linears():
             p = f"model.layers.{i}.{h}"
             trtllm = {k: self._entry(state, i, f"{p}.{k}")
                       for k in self.spec.format.linear_export.tensors if k != "weight"}
@@ -146,7 +145,7 @@ class StoreLayers:
         """Layer ``i``'s linears as modelopt's smoothing left them (stand-ins, by full name)."""
         bits = self.spec.format.linear_export.num_bits
         linears = {}
-        for h in LAYOUT.hf_linears():
+        for h in self.family.hf_linears():
             p = f"model.layers.{i}.{h}"
             w = read_tensor(self.source, f"{p}.weight").to(self.compute_dtype)
             factor = self._entry(state, i, f"{p}.{SMOOTHING}")

@@ -24,6 +24,7 @@ import torch
 
 from common.errors import UserError
 
+from ..modelopt_state import model_family
 from .tensors import LAYOUT
 
 PRE_QUANT_SCALE = "unified_pre_quant_scale"
@@ -70,7 +71,7 @@ def store_entries(root, prefix: str, spec, smoothing: dict | None = None) -> dic
     linears, kv = kept(spec)
     out: dict[str, torch.Tensor] = {}
     if linears:
-        for h in LAYOUT.hf_linears():
+        for h in model_family(root).hf_linears():
             mod = root.get_submodule(f"{prefix}.{h}")
             iq, p = mod.input_quantizer, f"{prefix}.{h}"
             factor = (smoothing or {}).get(mod)

@@ -14,7 +14,8 @@ from ..modelopt_state import (Lin, act_scale, fuse, layer_prefixes, linear_modul
 
 Tensor = torch.Tensor
 
-#: the Llama-family layout modelopt's unified export quantizes (the family spec's dense linears)
+#: the layout modelopt's unified export quantizes when no family is named (the Llama spec's
+#: dense linears; a family's own: its spec's HF modules, Phi-3's fused qkv_proj / gate_up_proj)
 LAYOUT = FAMILIES["llama"]
 KV_MAXBOUND = 448.0  # modelopt: "kv cache scale as amax / 448 for both FP8 and NVFP4"
 FP8_MAXBOUND = float(torch.finfo(torch.float8_e4m3fn).max)
@@ -56,6 +57,8 @@ def _fuse_groups(model, prefix: str, lins: dict, fmt, block, dtype, out: dict, f
     if not fmt.fuse_shared_inputs:
         return folded
     for names in family.fusion_groups().values():
+        if len(names) < 2:  # one (fused) HF module: modelopt fuses only several sharing an input
+            continue
         norm = family.linear_of(names[0])[0].norm
         fuse([lins[n] for n in names], block)
         head = lins[names[0]]

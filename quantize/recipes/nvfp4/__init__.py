@@ -27,12 +27,13 @@ BLOCK = 16
 #: the families whose NVFP4 TensorRT-LLM checkpoint is written here (their tensors are tested
 #: against modelopt 0.47's export, decoder types llama / qwen / gemma): the Llama family spec
 #: (LlamaForCausalLM, MistralForCausalLM), Qwen2 (q/k/v bias: float, beside the FP4 qkv),
-#: Qwen3 (q/k norms: float), Gemma 2 / 3 (tests/test_gemma_quant.py) and Mixtral (its attention
+#: Qwen3 (q/k norms: float), Gemma 2 / 3 (tests/test_gemma_quant.py), Phi-3
+#: (tests/test_phi3_quant.py) and Mixtral (its attention
 #: is Llama's, its experts stacked as modelopt exports them: tests/test_moe_nvfp4.py).
 #: TensorRT-LLM 1.2's ``fp4_quantize`` (quantization/quantize.py) swaps every ColumnLinear /
 #: RowLinear for FP4Linear / FP4RowLinear whatever the model class, so the rule is "tested here",
 #: not an upstream limit
-ENGINE_FAMILIES = ("llama", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3")
+ENGINE_FAMILIES = ("llama", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 
 class Nvfp4(Recipe):
@@ -82,8 +83,8 @@ class Nvfp4(Recipe):
     def family_refusal(self, spec, family, target: str) -> str | None:
         proven = super().family_refusal(spec, family, target)
         if proven is None and target == "engine" and family.name not in ENGINE_FAMILIES:
-            return (f"--nvfp4 engines are written for the Llama / Mistral, Mixtral, Qwen2, Qwen3 "
-                    f"and Gemma 2 / 3 families only, not {family.architectures[0]}: its NVFP4 "
+            return (f"--nvfp4 engines are written for the Llama / Mistral, Mixtral, Qwen2, Qwen3, "
+                    f"Gemma 2 / 3 and Phi-3 families only, not {family.architectures[0]}: its NVFP4 "
                     f"tensors are not tested against modelopt 0.47's export here; use --target "
                     f"pytorch, --fp8 or --awq")
         return proven
