@@ -274,15 +274,10 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists: choose another --output or pass --force to replace it")
     config = _read_config(model_dir)
+    family = _family(config)
     if spec.source_quant is not None:  # a pre-quantized input: its codes and scales as they are
-        from ..recipes.prequantized.unified import write_prequantized_unified
-
-        config.pop("quantization_config", None)
-        hf_quant = hf_quant_config(spec, _family(config))
-        config["quantization_config"] = quantization_config(spec, hf_quant)
-        write_prequantized_unified(model_dir, out_dir, spec, hf_quant, config, force=force,
+        return _write_prequantized(model_dir, out_dir, spec, config, family, force=force,
                                    digests=digests, promote=promote)
-        return hf_quant
     source = _open_float_source(model_dir, config)
     dtype = _check_source_dtype(source)
     computed, layers = {}, None
@@ -294,12 +289,11 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
             computed, layers = _quant_tensors(model_dir, source, spec, dtype, calibrated_model,
                                               calibration, calib_text, tokenizer, device,
                                               progress, {} if timings is None else timings,
-                                              _family(config))
+                                              family)
         except BaseException:
             source.close()
             raise
     try:
-        family = _family(config)
         entries = _plan(source, computed, spec, layers, family)
         hf_quant = hf_quant_config(spec, family, _num_layers(source))
         if hf_quant is not None:
@@ -308,6 +302,19 @@ def write_unified_checkpoint(model_dir, out_dir, spec, *, calibrated_model=None,
                digests, None if allow_nonfinite else scan, promote)
     finally:
         source.close()
+    return hf_quant
+
+
+def _write_prequantized(model_dir: Path, out_dir: Path, spec, config: dict, family, *, force,
+                        digests, promote) -> dict:
+    """A pre-quantized input's unified checkpoint: its codes and scales as they are."""
+    from ..recipes.prequantized.unified import write_prequantized_unified
+
+    config.pop("quantization_config", None)
+    hf_quant = hf_quant_config(spec, family)
+    config["quantization_config"] = quantization_config(spec, hf_quant)
+    write_prequantized_unified(model_dir, out_dir, spec, hf_quant, config, force=force,
+                               digests=digests, promote=promote)
     return hf_quant
 
 
