@@ -69,6 +69,7 @@ class Cell:
     level: str = REFUSE
     targets: tuple[str, ...] = (ENGINE, PYTORCH)
     except_families: tuple[str, ...] | None = None
+    families: tuple[str, ...] | None = None   # the cell holds for these families only
 
     @property
     def gpu(self) -> bool:
@@ -148,6 +149,12 @@ CELLS = (
          "against modelopt 0.47's export)", source="tensorrt_llm/quantization/quantize.py "
          "fp4_quantize; issue 27",
          fix="use --target pytorch", targets=(ENGINE,), except_families=NVFP4_ENGINE_FAMILIES),
+    Cell("quant_algo", ("NVFP4",), level=WARN, targets=(ENGINE,), families=("gemma2", "gemma3"),
+         what="TensorRT-LLM 1.2's own Gemma flow does not make NVFP4 checkpoints (it allows "
+         "weight-only, SmoothQuant, FP8 and INT4 / W4A8 AWQ); its engine builder has no such check "
+         "(fp4_quantize swaps every linear) but no NVIDIA build of an NVFP4 Gemma engine is known",
+         source="tensorrt_llm/models/gemma/model.py GemmaForCausalLM.assert_valid_quant_algo",
+         fix="prefer --target pytorch for NVFP4 Gemma"),
     Cell("family", ("deepseek_v2",), min_sm=90, what="multi-head latent attention (DeepSeek-V2) "
          "engines need TensorRT-LLM's MLA kernels: Hopper (SM 90)", source="examples/models/"
          "contrib/deepseek_v2 (Hopper); cpp/tensorrt_llm/kernels/mlaKernels.cu",
@@ -200,6 +207,8 @@ class Run:
 def _selects(cell: Cell, run: Run) -> bool:
     if run.target not in cell.targets or run.value(cell.field) not in cell.values:
         return False
+    if cell.families is not None and run.family not in cell.families:
+        return False
     return cell.except_families is None or run.family not in cell.except_families
 
 
@@ -235,5 +244,6 @@ def verdict(algo_field: str, value, sm: int, target: str = ENGINE) -> str:
     kw = {"quant_algo": None, "kv_cache_quant_algo": None, algo_field: value}
     # the GPU cells, and a format's own cells on a target (an NVFP4 KV cache on engines)
     levels = {c.level for c in broken(Run(**kw, target=target, sm=sm))
-              if c.gpu or (c.field == algo_field and c.except_families is None)}
+              if c.gpu or (c.field == algo_field and c.except_families is None
+                           and c.families is None)}
     return "refused" if REFUSE in levels else "untested" if WARN in levels else "yes"
