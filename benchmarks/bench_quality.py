@@ -1,6 +1,16 @@
-"""Quality of each quantization format on SmolLM2-135M: perplexity through the CPU reference reader.
+"""Quality of each quantization format on a real model (SmolLM2-135M, Gemma-3-270M): perplexity through
+the CPU reference reader.
 
     python benchmarks/bench_quality.py --write-md BENCHMARKS.md      # ~15-25 min on 2 CPU cores
+    python benchmarks/bench_quality.py --model gemma3 --calib-size 8 --results r.jsonl \
+        --cli-row= --cli-row=--fp8 --cli-row="--int4-weight-only"    # rows build_engine writes
+    python benchmarks/bench_quality.py --table-from r.jsonl --write-md BENCHMARKS.md --md-block gemma3
+
+``--model``: a HF directory, or ``smollm2`` / ``gemma3`` (examples/smollm2.py, examples/gemma3.py).
+``--cli-row FLAGS`` (benchmarks/quality_cli.py): any model and format ``build_engine`` takes, each
+row's checkpoint written by ``build_engine --checkpoint-only`` itself (its dtype, tp and padding),
+reported as perplexity, ratio to the float model and top-1 agreement with it, one JSON line per row.
+The formats table below writes fp16 tp-1 checkpoints of SmolLM2 through the converter's API.
 
 Calibration: ``--calib-file`` (default: tests/data/shakespeare.txt, the public-domain Shakespeare
 text shipped with the tests, 20,000 characters, about 6,000 SmolLM2 tokens), ``--calib-size`` x
@@ -30,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import shutil
 import sys
@@ -40,6 +49,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
@@ -204,7 +214,7 @@ def write_block(path, begin, end, table):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="HF dir (default: the cached SmolLM2-135M)")
+    ap.add_argument("--model", default=None, help="HF dir, or smollm2 / gemma3 (the examples' real models; default smollm2)")
     ap.add_argument("--calib-file", default=str(TEXTS / "shakespeare.txt"))
     ap.add_argument("--eval-file", default=str(TEXTS / "austen.txt"))
     ap.add_argument("--eval-offset", type=int, default=100_000, help="first character of the eval slice")
@@ -216,14 +226,36 @@ def main(argv=None) -> int:
     ap.add_argument("--write-md", default=None, help="markdown file whose quality block is replaced")
     ap.add_argument("--smoothquant-table", action="store_true",
                     help="the SmoothQuant recipes table instead of the formats table")
+    ap.add_argument("--cli-row", action="append", default=None, metavar="FLAGS",
+                    help="instead of the formats table: one row whose checkpoint build_engine writes "
+                         "with these flags ('' = float); repeatable (benchmarks/quality_cli.py)")
+    ap.add_argument("--results", default="quality_results.jsonl",
+                    help="--cli-row: JSON-lines file each measured row is appended to")
+    ap.add_argument("--code-label", default="main", help="--cli-row: the code the rows ran (e.g. a commit)")
+    ap.add_argument("--prebuilt", default=None,
+                    help="--cli-row (one): measure this build_engine output dir instead of building")
+    ap.add_argument("--float-cache", default=None,
+                    help="--cli-row: file keeping the float model's side (perplexity, top-1 ids) of "
+                         "these windows: read when present, else computed and written")
+    ap.add_argument("--table-from", default=None, help="render a --results file as a markdown table")
+    ap.add_argument("--table-model", default=None, help="--table-from: only this model's rows")
+    ap.add_argument("--md-block", default="gemma3", help="--table-from --write-md: the block's name")
     args = ap.parse_args(argv)
 
+    import quality_cli
+
+    if args.table_from:
+        return quality_cli.render(args, write_block)
     from transformers import AutoTokenizer
 
-    if args.model is None:
+    if args.model in (None, "smollm2"):
         from examples.smollm2 import prepare_smollm2
 
         args.model = str(prepare_smollm2())
+    elif args.model == "gemma3":
+        from examples.gemma3 import prepare_gemma3
+
+        args.model = str(prepare_gemma3())
     tok = AutoTokenizer.from_pretrained(args.model)
     calib_text = Path(args.calib_file).read_text(encoding="utf-8")
     raw = Path(args.eval_file).read_text(encoding="utf-8")[args.eval_offset:]
@@ -232,6 +264,14 @@ def main(argv=None) -> int:
     n_tok = windows(tokenize(eval_text, tok), args.ppl_seq_len, args.ppl_tokens).numel()
     kw = dict(seq_len=args.ppl_seq_len, max_tokens=args.ppl_tokens)
 
+    if args.cli_row is not None:
+        work = Path(tempfile.mkdtemp(prefix="bench_quality_cli_", dir=REPO.parent))
+        try:
+            wins = windows(tokenize(eval_text, tok), args.ppl_seq_len, args.ppl_tokens)
+            quality_cli.run_rows(args, args.model, [w[None] for w in wins], work, log)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     t0 = time.time()
     hf = hf_ppl(args.model, eval_text, tok, **kw)
     log(f"HF: {hf['perplexity']:.4f} over {hf['tokens']} tokens")
