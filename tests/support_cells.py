@@ -251,6 +251,12 @@ TESTS = (
     T("phi3", "awq", "pytorch", "export_hf", "test_phi3_quant.py::test_unified_equals_modelopt_export[awq]"),
     T("phi3", "nvfp4", "pytorch", "export_hf", "test_phi3_quant.py::test_unified_equals_modelopt_export[nvfp4]"),
     T("phi3", "int8_wo", "pytorch", "export_hf", "test_phi3_quant.py::test_unified_weight_only_int8_equals_modelopt"),
+    T("gemma2", "w4a8_awq", "engine", "modelopt", "test_gemma_quant.py::test_awq_equals_modelopt_export_and_reads_as_its_fake_quant[gemma2-W4A8_AWQ-128-1-0.45]"),
+    T("gemma2", "fp8", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma2-FP8-fp8]"),
+    T("gemma2", "kv_fp8", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma2-FP8-fp8]"),
+    T("gemma2", "sq", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma2-W8A8_SQ_PER_CHANNEL-None]"),
+    T("gemma2", "sq_modelopt", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma2-W8A8_SQ_PER_CHANNEL-None]"),
+    T("gemma2", "nvfp4", "pytorch", "export_hf", "test_gemma_quant.py::test_unified_equals_export_hf_checkpoint[gemma2-NVFP4-None]"),
     # --- DeepSeek-V3 ---
     T("deepseek_v3", "float", "pytorch", "export_hf", "test_deepseek_v3.py::test_float_unified_equals_modelopt_export"),
 )
@@ -258,13 +264,7 @@ TESTS = (
 #: accepted cells without a test of their own, each with why it is believed to work: README shows
 #: them as "untested" (tests/test_support_grid.py fails on an entry whose cell has a test or is
 #: refused).
-_GEMMA2 = ("Gemma 2's spec is Gemma 3's code path (model/families/gemma.py: the same linears, "
-           "norms and writers; Gemma 2 adds soft-capping, which no format touches); Gemma 3's cell "
-           "is tested")
-UNTESTED: dict[tuple[str, str, str], str] = {
-    ("gemma2", "w4a8_awq", "engine"): _GEMMA2,
-    **{("gemma2", f, "pytorch"): _GEMMA2 for f in ("sq", "sq_modelopt", "fp8", "nvfp4", "kv_fp8")},
-}
+UNTESTED: dict[tuple[str, str, str], str] = {}
 
 
 def by_cell() -> dict[tuple[str, str, str], tuple[T, ...]]:

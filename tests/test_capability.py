@@ -31,6 +31,8 @@ def _breaking_run(cell) -> Run:
         from model.families import FAMILIES
 
         kw["family"] = next(f for f in sorted(FAMILIES) if f not in cell.except_families)
+    if cell.families is not None:  # a family the cell names
+        kw["family"] = cell.families[0]
     if cell.gpu:
         kw["sm"] = cell.min_sm - 1 if cell.min_sm else cell.below_sm
     return Run(**kw)
@@ -43,6 +45,8 @@ def _holding_run(cell) -> Run:
         return Run(**{**run.__dict__, "sm": cell.min_sm or cell.below_sm - 1})
     if cell.field == "lora_quant_algo":
         return Run(**{**run.__dict__, "lora": False})
+    if cell.families is not None:  # a family it does not name
+        return Run(**{**run.__dict__, "family": "llama"})
     if cell.except_families is None:  # a format's cell of one target: it holds on the other
         return Run(**{**run.__dict__, "target": "pytorch" if cell.targets == ("engine",) else "engine"})
     return Run(**{**run.__dict__, "family": cell.except_families[0]})

@@ -83,6 +83,7 @@ def assert_equal_but_lm_head(ours_dir, theirs_dir, tp, vocab=1024):
     ("gemma3", "W4A16_AWQ", 64, 2, 2e-2),
     pytest.param("gemma2", "W4A16_AWQ", 64, 2, 2e-2, marks=pytest.mark.slow),
     pytest.param("gemma3", "W4A8_AWQ", 128, 1, 0.45, marks=pytest.mark.slow),
+    pytest.param("gemma2", "W4A8_AWQ", 128, 1, 0.45, marks=pytest.mark.slow),
 ])
 def test_awq_equals_modelopt_export_and_reads_as_its_fake_quant(gemma_calibrated, calib_text,
                                                                 family, algo, block, tp, tol):
@@ -139,7 +140,10 @@ def test_nvfp4_equals_modelopt_export(gemma_calibrated, calib_text, family, kv, 
     pytest.param("gemma3", "W8A8_SQ_PER_CHANNEL", None, marks=pytest.mark.slow),
     pytest.param("gemma3", "NVFP4", None, marks=pytest.mark.slow),
     pytest.param("gemma2", "W4A16_AWQ", None, marks=pytest.mark.slow),
-    pytest.param("gemma3", None, "fp8", marks=pytest.mark.slow)])
+    pytest.param("gemma3", None, "fp8", marks=pytest.mark.slow),
+    pytest.param("gemma2", "FP8", "fp8", marks=pytest.mark.slow),
+    pytest.param("gemma2", "W8A8_SQ_PER_CHANNEL", None, marks=pytest.mark.slow),
+    pytest.param("gemma2", "NVFP4", None, marks=pytest.mark.slow)])
 def test_unified_equals_export_hf_checkpoint(tmp_path, calib_text, family, algo, kv):
     """--target pytorch, calibrated layer by layer from the calibration store (the production
     path) and from a whole calibrated model: both equal modelopt 0.47's export_hf_checkpoint
