@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from check import check_dir
-from check.gpu import REFUSE, Run, broken
+from check.gpu import REFUSE, WARN, Run, broken
 from convert_helper import convert_checkpoint
 from test_gemma import modelopt_gemma_export, trtllm_semantics
 
@@ -123,8 +123,9 @@ def test_nvfp4_equals_modelopt_export(gemma_calibrated, calib_text, family, kv, 
     assert_equal_but_lm_head(ours, theirs, tp, vocab=1000)
     result = check_dir(ours)
     assert result.exit_code == 0, result.summary()
-    # the capability table takes a Blackwell Gemma NVFP4 engine (and only Blackwell)
-    assert broken(Run("NVFP4", sm=100, family=family)) == []
+    # the capability table takes a Blackwell Gemma NVFP4 engine (and only Blackwell), with its one
+    # warning: TensorRT-LLM 1.2's own Gemma flow does not make NVFP4 checkpoints
+    assert [c.level for c in broken(Run("NVFP4", sm=100, family=family))] == [WARN]
     assert REFUSE in {c.level for c in broken(Run("NVFP4", sm=90, family=family))}
     r = compare_with_hf(ours, trtllm_semantics(float_model), input_ids=eval_ids(calib_text))
     # measured 0.48..0.86 from the float model: this random Gemma amplifies 4-bit noise (its
