@@ -44,7 +44,8 @@ class CalibPad:
     def fingerprint(self) -> dict:
         h = self.heads
         return {"hidden": [self.real, self.padded],
-                **({"heads": [h.heads, h.padded_heads, h.kv_heads, h.padded_kv_heads]} if h else {})}
+                **({"heads": [h.heads, h.padded_heads, h.kv_heads, h.padded_kv_heads]} if h else {}),
+                "padded_smoothing": 1}  # stores from before neutral_smoothing are not reused
 
     def config(self, config) -> None:
         """Pad the HF config in place: hidden size, the head size pinned (transformers derives it
@@ -75,6 +76,42 @@ class CalibPad:
                 raise ValueError(f"{name}: {tuple(t.shape)} cannot be padded to {tuple(shape)}")
             pads += [0, want - have]
         return torch.nn.functional.pad(t, pads)
+
+
+    def neutral_smoothing(self, state: dict) -> dict:
+        """``state`` (a calibrated layer's TensorRT-LLM tensors) with every ``prequant_scaling_factor``
+        of a padded input feature set to 1: AWQ's search leaves a degenerate scale there (no
+        activation ever reaches it; e.g. 190 against 0.006 on the real features), harmless times a
+        zero activation until W4A8's preprocessing divides it by the activation scale in the
+        model's dtype, where it overflows to inf and 0 x inf is NaN. The padded features' weights
+        and activations are 0, so 1 changes no output; it is the value feature padding writes
+        beyond the calibration's width (quantize.feature_padding)."""
+        out = dict(state)
+        for name, t in state.items():
+            if not name.endswith(".prequant_scaling_factor"):
+                continue
+            first = self._first_padded_input(name, t.shape[-1])
+            if first is not None and first < t.shape[-1]:
+                t = t.clone()
+                t[..., first:] = 1
+                out[name] = t
+        return out
+
+    def _first_padded_input(self, name: str, width: int) -> int | None:
+        """The first padded input feature of HF linear ``name``'s ``prequant_scaling_factor`` (None:
+        its inputs are not padded): hidden inputs from the real hidden size, the attention
+        output's from the real heads (padded heads come last, quantize.head_padding)."""
+        module = name[:-len(".prequant_scaling_factor")]
+        for lin in FAMILIES[self.family].linears:
+            for hf, (_, din) in zip(lin.hf * len(lin.shapes) if lin.fused else lin.hf, lin.shapes):
+                if not module.endswith("." + hf):
+                    continue
+                if din == "hidden" and width == self.padded:
+                    return self.real
+                if din == "q" and self.heads is not None:
+                    return width // self.heads.padded_heads * self.heads.heads
+                return None
+        return None
 
 
 def calib_pad(shape) -> CalibPad | None:

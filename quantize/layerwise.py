@@ -305,6 +305,8 @@ def _modelopt_layer(runner: LayerRunner, i: int, spec: QuantSpec,
     # prequant scales kept in the calibration's precision; cast when sharded (store.py); and
     # what the unified checkpoint (--target pytorch) needs beside them
     state = extract_quant_state(shell, spec, dtype=runner.dtype)
+    if runner.pad is not None:
+        state = runner.pad.neutral_smoothing(state)
     state.update(store_entries(shell, runner.prefix(i), spec, smoothing))
     return state, passes_out
 

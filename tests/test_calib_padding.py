@@ -19,6 +19,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from check.report import check_dir
 from convert_helper import convert_checkpoint
@@ -95,6 +96,29 @@ def test_awq128_padded_calibration_equals_the_hand_padded_model(tmp_path, smol_s
     logits = ReferenceModel(ck).forward(ids)[..., :1000]
     rel = float((logits - base).norm() / base.norm())
     assert rel < 1e-5, rel
+
+
+def test_w4a8_padded_features_get_a_neutral_prequant_scale(tmp_path, smol_shaped, calib_text):
+    """W4A8 at tp 2 on the SmolLM2-shaped model (hidden and heads padded for the calibration):
+    AWQ's search leaves a degenerate scale (~190) on the padded features, which W4A8's
+    preprocessing divides by the activation scale in fp16 -- inf, and 0 x inf = NaN logits (found
+    on the real SmolLM2). Padded features get 1 instead; the real ones are untouched."""
+    from quantize.formats import QuantSpec
+
+    hf_dir, _ = smol_shaped
+    spec = QuantSpec.create("W4A8_AWQ", awq_block_size=128, calib_size=4, calib_seq_len=64,
+                            calib_batch_size=2)
+    ck = tmp_path / "w4a8"
+    convert_checkpoint(hf_dir, ck, tp=2, dtype="float16", progress=False, quant=spec,
+                       pad_heads=True, calibration=_run(tmp_path / "store", calib_text))
+    rank0 = load_file(ck / "rank0.safetensors")
+    for lin, real in (("attention.qkv", 288), ("mlp.fc", 288), ("attention.dense", 6 * 64)):
+        pqs = rank0[f"transformer.layers.0.{lin}.prequant_scaling_factor"].float()
+        act = rank0[f"transformer.layers.0.{lin}.activation_scaling_factor"].float()
+        assert torch.all(pqs[real:] == 1) and not torch.all(pqs[:real] == 1), lin
+        assert torch.isfinite((pqs / act).half()).all(), lin  # preprocess_weights' fp16 division
+    ids = torch.tensor([byte_tokenizer(calib_text[5000:5032])])
+    assert torch.isfinite(ReferenceModel(ck).forward(ids)).all()
 
 
 def test_tp1_is_refused_naming_the_group_that_fits(tmp_path, smol_shaped):
