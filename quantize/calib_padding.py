@@ -79,7 +79,7 @@ class CalibPad:
 
 
     def neutral_smoothing(self, state: dict) -> dict:
-        """``state`` (a calibrated layer's TensorRT-LLM tensors) with every ``prequant_scaling_factor``
+        """``state`` (a calibrated layer's tensors, by HF module) with every ``prequant_scaling_factor``
         of a padded input feature set to 1: AWQ's search leaves a degenerate scale there (no
         activation ever reaches it; e.g. 190 against 0.006 on the real features), harmless times a
         zero activation until W4A8's preprocessing divides it by the activation scale in the
@@ -108,8 +108,10 @@ class CalibPad:
                     continue
                 if din == "hidden" and width == self.padded:
                     return self.real
-                if din == "q" and self.heads is not None:
-                    return width // self.heads.padded_heads * self.heads.heads
+                h = self.heads  # padded q heads come last when whole KV groups are added
+                whole_groups = h is not None and h.padded_heads * h.kv_heads == h.heads * h.padded_kv_heads
+                if din == "q" and whole_groups:
+                    return width // h.padded_heads * h.heads
                 return None
         return None
 
